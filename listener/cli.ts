@@ -1,0 +1,145 @@
+#!/usr/bin/env node
+/**
+ * erp-cloud: the command line. Verbs: migrate, listen, status, replay, sim.
+ * -c/--connection defaults to DATABASE_URL; any failure exits with code 1.
+ */
+import os from 'node:os';
+import { Command, Option } from 'commander';
+import pg from 'pg';
+import { ConfigError, loadConfig, redactUrl } from './config.js';
+import { createPool, migrate } from './db.js';
+import { describePgError } from './errors.js';
+import { formatTable } from './format.js';
+import { closeAgents } from './http.js';
+import { createLogger } from './logger.js';
+import { createMetrics } from './metrics.js';
+import { sql } from './queries.js';
+import { startOpsServer } from './server.js';
+import { startSim, webhookRoutes } from './sim/index.js';
+import { Worker } from './worker.js';
+
+class UsageError extends Error {}
+
+function connectionOf(cmd: Command): string {
+  const url = cmd.optsWithGlobals().connection as string | undefined;
+  if (!url) throw new UsageError('no database: pass -c/--connection postgres://… or set DATABASE_URL');
+  return url;
+}
+
+async function withClient<T>(url: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
+  const client = new pg.Client({ connectionString: url, application_name: 'erp-cloud cli' });
+  await client.connect();
+  try {
+    return await fn(client);
+  } finally {
+    await client.end();
+  }
+}
+
+const program = new Command()
+  .name('erp-cloud')
+  .description('Deliver ERP outbox messages to cloud APIs (e-invoicing, supplier collaboration).')
+  .addOption(new Option('-c, --connection <url>', 'PostgreSQL connection URL').env('DATABASE_URL'))
+  .showHelpAfterError()
+  .configureOutput({ outputError: (s, write) => write(s) });
+
+program
+  .command('migrate')
+  .description('apply the numbered SQL migrations (safe to run twice, or concurrently)')
+  .action(async (_opts, cmd: Command) => {
+    const url = connectionOf(cmd);
+    const applied = await migrate(url, (m) => console.log(m));
+    console.log(applied.length ? `migrated ${redactUrl(url)}: ${applied.length} migration(s) applied` : `migrated ${redactUrl(url)}: already current`);
+  });
+
+program
+  .command('listen')
+  .description('run the listener: claim messages, call the clouds, record results (config from ERP_CLOUD_* variables)')
+  .action(async (_opts, cmd: Command) => {
+    const config = loadConfig(process.env, { DATABASE_URL: connectionOf(cmd) });
+    const log = createLogger(config.ERP_CLOUD_LOG_LEVEL);
+    const pool = createPool(config.DATABASE_URL, config.ERP_CLOUD_POOL_SIZE, log);
+    const metrics = createMetrics(pool);
+    const worker = new Worker(config, pool, log, metrics);
+    await worker.start();
+    const ops = config.ERP_CLOUD_HTTP_PORT >= 0 ? await startOpsServer(config.ERP_CLOUD_HTTP_HOST, config.ERP_CLOUD_HTTP_PORT, worker, metrics) : null;
+    if (ops) log.info({ url: ops.url }, 'health and metrics');
+    await new Promise<void>((resolve) => {
+      const shutdown = (signal: string) => {
+        log.info({ signal }, 'shutdown requested');
+        resolve();
+      };
+      process.once('SIGTERM', () => shutdown('SIGTERM'));
+      process.once('SIGINT', () => shutdown('SIGINT'));
+    });
+    await worker.stop();
+    await ops?.close();
+    await pool.end();
+    closeAgents();
+  });
+
+program
+  .command('status')
+  .description('print messages by endpoint and status, and parked ordering keys')
+  .option('--json', 'print JSON instead of a table')
+  .action(async (opts: { json?: boolean }, cmd: Command) => {
+    await withClient(connectionOf(cmd), async (c) => {
+      const endpoints = (await c.query(sql.endpointStatus)).rows;
+      const parked = (await c.query(sql.parkedKeys)).rows;
+      if (opts.json) {
+        console.log(JSON.stringify({ endpoints, parked_keys: parked }, null, 2));
+        return;
+      }
+      console.log(formatTable(endpoints, ['endpoint', 'enabled', 'pending', 'due', 'in_flight', 'failed', 'dead', 'parked_keys', 'oldest_pending_age_s', 'last_error']));
+      if (parked.length) {
+        console.log('\nparked ordering keys (replay or skip the head message):');
+        console.log(formatTable(parked, ['endpoint', 'ordering_key', 'head_request_id', 'status', 'waiting', 'last_error']));
+      }
+    });
+  });
+
+program
+  .command('replay')
+  .description('send a failed or dead message again with the same request_id (audited)')
+  .argument('[request_id]', 'the message to replay')
+  .option('--dead', 'replay every dead message of --endpoint')
+  .option('--endpoint <name>', 'endpoint whose dead letters to replay (with --dead)')
+  .requiredOption('--reason <text>', 'why (kept in cloud.replay_audit)')
+  .option('--actor <name>', 'who (kept in cloud.replay_audit)', os.userInfo().username)
+  .action(async (requestId: string | undefined, opts: { dead?: boolean; endpoint?: string; reason: string; actor: string }, cmd: Command) => {
+    if (opts.dead ? !opts.endpoint || requestId : !requestId) {
+      throw new UsageError('give either a request_id, or --dead --endpoint NAME');
+    }
+    await withClient(connectionOf(cmd), async (c) => {
+      if (opts.dead) {
+        const { rows } = await c.query(sql.replayDead, [opts.endpoint, opts.reason, opts.actor]);
+        console.log(`replayed ${rows[0].replayed} dead message(s) of ${opts.endpoint}`);
+      } else {
+        await c.query(sql.replayOne, [requestId, opts.reason, opts.actor]);
+        console.log(`replayed ${requestId}`);
+      }
+    });
+  });
+
+program
+  .command('sim')
+  .description('run the cloud simulator (generic webhook cloud) on 127.0.0.1 for demos and tests')
+  .option('--port <n>', 'port (0 = any free port)', '8089')
+  .option('--host <addr>', 'address to bind', '127.0.0.1')
+  .action(async (opts: { port: string; host: string }) => {
+    const sim = await startSim({ port: Number(opts.port), host: opts.host, routes: webhookRoutes(), name: 'webhook' });
+    console.log(JSON.stringify({ sim: 'webhook', url: sim.url }));
+    await new Promise<void>((resolve) => {
+      process.once('SIGTERM', resolve);
+      process.once('SIGINT', resolve);
+    });
+    await sim.close();
+  });
+
+try {
+  await program.parseAsync(process.argv);
+} catch (err) {
+  if (err instanceof ConfigError || err instanceof UsageError) console.error(`erp-cloud: ${err.message}`);
+  else console.error(`erp-cloud: ${describePgError(err)}`);
+  process.exit(1);
+}

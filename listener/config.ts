@@ -1,0 +1,56 @@
+/**
+ * Listener configuration: environment → typed, validated config. A bad value
+ * stops the process with a message that names the variable.
+ */
+import os from 'node:os';
+import { z } from 'zod';
+
+const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
+
+const schema = z.object({
+  DATABASE_URL: z.string().regex(/^postgres(ql)?:\/\//, 'must be a postgres:// connection URL'),
+  ERP_CLOUD_WORKER_ID: z.string().min(1).max(120).default(`${os.hostname()}-${process.pid}`),
+  ERP_CLOUD_ENDPOINTS: z
+    .string()
+    .optional()
+    .transform((s) => (s ? s.split(',').map((x) => x.trim()).filter(Boolean) : null)),
+  ERP_CLOUD_CONCURRENCY: int(1, 1000).default(64),
+  ERP_CLOUD_BATCH_SIZE: int(1, 1000).default(100),
+  ERP_CLOUD_POLL_MS: int(10, 60_000).default(500),
+  ERP_CLOUD_MAINTENANCE_MS: int(100, 600_000).default(5000),
+  ERP_CLOUD_LEASE_MARGIN_MS: int(0, 600_000).default(5000),
+  ERP_CLOUD_SHUTDOWN_GRACE_MS: int(0, 600_000).default(10_000),
+  ERP_CLOUD_POOL_SIZE: int(2, 100).default(8),
+  ERP_CLOUD_HTTP_HOST: z.string().default('127.0.0.1'),
+  ERP_CLOUD_HTTP_PORT: int(-1, 65535).default(9464),
+  ERP_CLOUD_LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  ERP_CLOUD_LOG_BODY_BYTES: int(0, 10 * 1024 * 1024).default(64 * 1024),
+});
+
+export type Config = z.infer<typeof schema>;
+
+export class ConfigError extends Error {}
+
+/** Parses the environment. Throws ConfigError naming every bad variable. */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Partial<Record<keyof Config, string>> = {}): Config {
+  const input: Record<string, string | undefined> = {};
+  for (const key of Object.keys(schema.shape)) {
+    const value = overrides[key as keyof Config] ?? env[key];
+    input[key] = value === '' ? undefined : value;
+  }
+  const parsed = schema.safeParse(input);
+  if (!parsed.success) {
+    const lines = parsed.error.issues.map((i) => {
+      const name = String(i.path[0]);
+      const got = input[name];
+      return `${name}: ${got === undefined ? 'is required' : `${i.message} (got ${JSON.stringify(redactUrl(got))})`}`;
+    });
+    throw new ConfigError(`invalid configuration:\n  ${lines.join('\n  ')}`);
+  }
+  return parsed.data;
+}
+
+/** A connection URL with its password replaced, for messages and logs. */
+export function redactUrl(s: string): string {
+  return s.replace(/(postgres(?:ql)?:\/\/[^:/@]+:)[^@]*@/, '$1***@');
+}

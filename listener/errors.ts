@@ -1,0 +1,27 @@
+/**
+ * Our SQLSTATEs, mirrored from the registry at the top of
+ * sql/migrations/0001_cloud_delivery_engine.sql. Tests assert these codes,
+ * never message text.
+ */
+export const SqlState = {
+  unknownEndpoint: 'EC001',
+  invalidOperation: 'EC002',
+  invalidPayload: 'EC003',
+  duplicateRequestId: 'EC004',
+  messageNotFound: 'EC005',
+  messageNotReplayable: 'EC006',
+  reasonRequired: 'EC007',
+  invalidEndpointSetting: 'EC008',
+  messageNotSkippable: 'EC009',
+} as const;
+
+export type SqlStateName = keyof typeof SqlState;
+
+/** A PostgreSQL error as a one-line message a DBA can act on (message, then hint). */
+export function describePgError(err: unknown): string {
+  const e = err as { code?: string; message?: string; hint?: string; detail?: string };
+  const parts = [e.code ? `[${e.code}] ${e.message ?? ''}` : String(e.message ?? err)];
+  if (e.detail) parts.push(e.detail);
+  if (e.hint) parts.push(`Hint: ${e.hint}`);
+  return parts.join(' — ');
+}

@@ -1,0 +1,153 @@
+/**
+ * One HTTP call per attempt: the `got` instance (keep-alive, per-endpoint
+ * timeout, its own retries off because the outbox owns them), the
+ * Request_ID headers, redaction, and the attempt record for cloud.log.
+ */
+import http from 'node:http';
+import https from 'node:https';
+import { got, RequestError } from 'got';
+import { adapterFor, type ClaimedMessage, type OutgoingRequest, type Verdict } from './providers/index.js';
+
+/** The JSON shape of cloud.attempt_result (one cloud.log row + the verdict). */
+export interface AttemptResult {
+  request_id: string;
+  attempt: number;
+  outcome: Verdict['outcome'];
+  method: string | null;
+  url: string | null;
+  request_headers: Record<string, string> | null;
+  request_body: string | null;
+  http_status: number | null;
+  response_headers: Record<string, unknown> | null;
+  response_body: string | null;
+  response: unknown;
+  duration_ms: number;
+  error_class: string | null;
+  error_message: string | null;
+  retry_after_ms: number | null;
+  started_at: string;
+}
+
+/** Header names whose values never reach cloud.log. */
+const SECRET_HEADERS = /^(authorization|proxy-authorization|cookie|set-cookie|x-api-key|api-key|accesstoken|access-token|x-nuonuo-sign|x-signature|x-erp-cloud-signature)$/i;
+
+const agents = {
+  http: new http.Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 10_000 }),
+  https: new https.Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 10_000 }),
+};
+
+const client = got.extend({
+  retry: { limit: 0 },
+  throwHttpErrors: false,
+  followRedirect: false,
+  decompress: true,
+  responseType: 'text',
+  agent: agents,
+});
+
+export function redactHeaders(headers: Record<string, unknown>, secrets: string[] = []): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const [k, v] of Object.entries(headers)) {
+    if (v === undefined) continue;
+    out[k] = SECRET_HEADERS.test(k) ? '[redacted]' : redactText(Array.isArray(v) ? v.join(', ') : String(v), secrets);
+  }
+  return out;
+}
+
+export function redactText(text: string, secrets: string[] = []): string {
+  let s = text;
+  for (const secret of secrets) if (secret && secret.length >= 4) s = s.split(secret).join('[redacted]');
+  return s;
+}
+
+function cap(text: string, maxBytes: number): string {
+  if (Buffer.byteLength(text) <= maxBytes) return text;
+  return `${Buffer.from(text).subarray(0, maxBytes).toString('utf8')}…[truncated]`;
+}
+
+function networkVerdict(err: unknown, timeoutMs: number): Verdict {
+  if (err instanceof RequestError) {
+    if (err.name === 'TimeoutError') return { outcome: 'retryable', errorClass: 'timeout', message: `no answer within ${timeoutMs} ms` };
+    return { outcome: 'retryable', errorClass: err.code ? err.code.toLowerCase() : 'network', message: err.message };
+  }
+  return { outcome: 'retryable', errorClass: 'network', message: err instanceof Error ? err.message : String(err) };
+}
+
+export interface AttemptOptions {
+  logBodyBytes: number;
+  signal?: AbortSignal;
+}
+
+/** Sends one attempt for a claimed message and returns its record; never throws. */
+export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions): Promise<AttemptResult> {
+  const startedAt = new Date();
+  const t0 = performance.now();
+  const base = {
+    request_id: msg.request_id,
+    attempt: msg.attempt,
+    started_at: startedAt.toISOString(),
+  };
+  const adapter = adapterFor(msg.provider);
+  if (!adapter) {
+    return {
+      ...base, outcome: 'permanent', method: null, url: null, request_headers: null, request_body: null, http_status: null,
+      response_headers: null, response_body: null, response: null, duration_ms: 0, error_class: 'unknown_provider',
+      error_message: `endpoint ${msg.endpoint} names provider "${msg.provider}", which this listener does not have`, retry_after_ms: null,
+    };
+  }
+  let req: OutgoingRequest;
+  try {
+    req = await adapter.buildRequest(msg);
+  } catch (err) {
+    return {
+      ...base, outcome: 'permanent', method: null, url: null, request_headers: null, request_body: null, http_status: null,
+      response_headers: null, response_body: null, response: null, duration_ms: performance.now() - t0, error_class: 'build_request',
+      error_message: err instanceof Error ? err.message : String(err), retry_after_ms: null,
+    };
+  }
+  const headers = { ...req.headers, 'x-request-id': msg.request_id, 'idempotency-key': msg.request_id };
+  const secrets = req.secrets ?? [];
+  const logged = {
+    method: req.method,
+    url: redactText(req.url, secrets),
+    request_headers: redactHeaders(headers, secrets),
+    request_body: req.body === undefined ? null : cap(redactText(req.body, secrets), opts.logBodyBytes),
+  };
+  let verdict: Verdict;
+  let status: number | null = null;
+  let responseHeaders: Record<string, unknown> | null = null;
+  let responseBody: string | null = null;
+  try {
+    const res = await client(req.url, {
+      method: req.method,
+      headers,
+      body: req.body,
+      timeout: { request: msg.timeout_ms },
+      signal: opts.signal,
+    });
+    status = res.statusCode;
+    responseHeaders = res.headers;
+    responseBody = res.body;
+    verdict = adapter.classify({ status: res.statusCode, headers: res.headers, body: res.body }, msg);
+  } catch (err) {
+    verdict = networkVerdict(err, msg.timeout_ms);
+  }
+  return {
+    ...base,
+    ...logged,
+    outcome: verdict.outcome,
+    http_status: status,
+    response_headers: responseHeaders ? redactHeaders(responseHeaders, secrets) : null,
+    response_body: responseBody === null ? null : cap(redactText(responseBody, secrets), opts.logBodyBytes),
+    response: verdict.outcome === 'ok' ? verdict.response ?? null : verdict.response ?? null,
+    duration_ms: Math.round((performance.now() - t0) * 1000) / 1000,
+    error_class: verdict.outcome === 'ok' ? null : verdict.errorClass,
+    error_message: verdict.outcome === 'ok' ? null : redactText(verdict.message, secrets),
+    retry_after_ms: verdict.outcome === 'retryable' ? verdict.retryAfterMs ?? null : null,
+  };
+}
+
+export function closeAgents(): void {
+  agents.http.destroy();
+  agents.https.destroy();
+}

@@ -1,0 +1,62 @@
+/** Prometheus metrics (prom-client), one registry per worker so several can share a process in tests. */
+import client from 'prom-client';
+import type pg from 'pg';
+import { sql } from './queries.js';
+
+export interface Metrics {
+  registry: client.Registry;
+  deliveries: client.Counter<'endpoint' | 'outcome'>;
+  attemptSeconds: client.Histogram<'endpoint' | 'outcome'>;
+}
+
+export function createMetrics(pool: pg.Pool): Metrics {
+  const registry = new client.Registry();
+  client.collectDefaultMetrics({ register: registry, prefix: 'erp_cloud_' });
+  const deliveries = new client.Counter({
+    name: 'erp_cloud_deliveries_total',
+    help: 'Attempts by endpoint and the message status they led to (sent, pending = will retry, failed, dead, lease_lost).',
+    labelNames: ['endpoint', 'outcome'] as const,
+    registers: [registry],
+  });
+  const attemptSeconds = new client.Histogram({
+    name: 'erp_cloud_attempt_duration_seconds',
+    help: 'HTTP attempt latency by endpoint and verdict (ok, retryable, permanent).',
+    labelNames: ['endpoint', 'outcome'] as const,
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+    registers: [registry],
+  });
+  // queue figures are read from cloud.endpoint_status when Prometheus scrapes;
+  // both gauges share one query per scrape
+  let snapshot: { at: number; rows: Promise<Array<Record<string, unknown>>> } | null = null;
+  const endpointRows = () => {
+    if (!snapshot || Date.now() - snapshot.at > 500) {
+      snapshot = { at: Date.now(), rows: pool.query(sql.endpointStatus).then((r) => r.rows) };
+    }
+    return snapshot.rows;
+  };
+  new client.Gauge({
+    name: 'erp_cloud_queue_depth',
+    help: 'Unfinished messages by endpoint and status (due = pending and due now; parked_keys = ordering keys held by a failed or dead head).',
+    labelNames: ['endpoint', 'status'] as const,
+    registers: [registry],
+    async collect() {
+      this.reset();
+      for (const r of await endpointRows()) {
+        for (const status of ['pending', 'due', 'in_flight', 'failed', 'dead', 'parked_keys']) {
+          this.set({ endpoint: String(r.endpoint), status }, Number(r[status]));
+        }
+      }
+    },
+  });
+  new client.Gauge({
+    name: 'erp_cloud_oldest_pending_age_seconds',
+    help: 'Age of the oldest pending message by endpoint (0 when none).',
+    labelNames: ['endpoint'] as const,
+    registers: [registry],
+    async collect() {
+      this.reset();
+      for (const r of await endpointRows()) this.set({ endpoint: String(r.endpoint) }, Number(r.oldest_pending_age_s ?? 0));
+    },
+  });
+  return { registry, deliveries, attemptSeconds };
+}

@@ -1,0 +1,15 @@
+/** The provider adapters by name (cloud.endpoint.provider). Later clouds register here. */
+import type { ProviderAdapter } from './types.js';
+import { webhookAdapter } from './webhook.js';
+
+const adapters = new Map<string, ProviderAdapter>([[webhookAdapter.name, webhookAdapter]]);
+
+export function adapterFor(name: string): ProviderAdapter | undefined {
+  return adapters.get(name);
+}
+
+export function registerAdapter(adapter: ProviderAdapter): void {
+  adapters.set(adapter.name, adapter);
+}
+
+export type { ProviderAdapter, ClaimedMessage, OutgoingRequest, HttpAnswer, Verdict } from './types.js';

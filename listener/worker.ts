@@ -1,0 +1,247 @@
+/**
+ * The claim loop. Wakes on NOTIFY, on a timer set to the earliest retry, and
+ * on a short poll; claims a batch (cloud.claim_messages), runs up to
+ * `concurrency` HTTP attempts at once, and reports results in batches
+ * (cloud.record_attempts), which also writes cloud.log. No transaction is
+ * open while an HTTP call is in flight: the lease in the outbox row is the
+ * only claim on a message.
+ */
+import os from 'node:os';
+import type pg from 'pg';
+import type { Config } from './config.js';
+import { createListenConnection, type ListenConnection } from './db.js';
+import { attemptDelivery, type AttemptResult } from './http.js';
+import type { Logger } from './logger.js';
+import type { Metrics } from './metrics.js';
+import type { ClaimedMessage } from './providers/index.js';
+import { sql } from './queries.js';
+
+const FLUSH_BATCH = 500;
+
+interface Finished {
+  endpoint: string;
+  result: AttemptResult;
+}
+
+export class Worker {
+  readonly id: string;
+  private readonly inflight = new Map<string, AbortController>();
+  private finished: Finished[] = [];
+  private pumping = false;
+  private rewake = false;
+  private flushing: Promise<void> | null = null;
+  private stopping = false;
+  private listen: ListenConnection | null = null;
+  private channels: string[] = [];
+  private timers: NodeJS.Timeout[] = [];
+  private dueTimer: NodeJS.Timeout | null = null;
+  private dueAt = Infinity;
+  private retryTimer: NodeJS.Timeout | null = null;
+  private cronScheduled = false;
+  private dbOk = true;
+  private lastDbError: string | null = null;
+
+  constructor(
+    private readonly config: Config,
+    private readonly pool: pg.Pool,
+    private readonly log: Logger,
+    private readonly metrics?: Metrics,
+  ) {
+    this.id = config.ERP_CLOUD_WORKER_ID;
+  }
+
+  async start(): Promise<void> {
+    this.channels = await this.loadChannels();
+    await this.pool.query(sql.listenerStart, [this.id, this.channels, this.config.ERP_CLOUD_ENDPOINTS, os.hostname(), process.pid]);
+    this.listen = await createListenConnection(this.config.DATABASE_URL, () => this.wake(), this.log);
+    await this.listen.listenTo(this.channels);
+    this.timers.push(setInterval(() => this.wake(), this.config.ERP_CLOUD_POLL_MS));
+    this.timers.push(setInterval(() => void this.maintain(), this.config.ERP_CLOUD_MAINTENANCE_MS));
+    await this.maintain();
+    this.log.info({ worker: this.id, channels: this.channels, concurrency: this.config.ERP_CLOUD_CONCURRENCY }, 'listener started');
+    this.wake();
+  }
+
+  /** Health for /healthz: the LISTEN connection is up and the last database call worked. */
+  health(): { ok: boolean; worker: string; listen: boolean; database: boolean; inflight: number; lastDbError: string | null } {
+    const listen = this.listen?.connected() ?? false;
+    return { ok: listen && this.dbOk, worker: this.id, listen, database: this.dbOk, inflight: this.inflight.size, lastDbError: this.lastDbError };
+  }
+
+  /** Asks the loop to claim now. Cheap and safe to call often: concurrent calls coalesce. */
+  wake(): void {
+    if (this.stopping) return;
+    if (this.pumping) {
+      this.rewake = true;
+      return;
+    }
+    void this.pump();
+  }
+
+  private async pump(): Promise<void> {
+    this.pumping = true;
+    try {
+      do {
+        this.rewake = false;
+        while (!this.stopping) {
+          const room = this.config.ERP_CLOUD_CONCURRENCY - this.inflight.size;
+          if (room <= 0) break;
+          const want = Math.min(room, this.config.ERP_CLOUD_BATCH_SIZE);
+          const { rows } = await this.pool.query<ClaimedMessage>(sql.claim, [
+            this.id, want, this.config.ERP_CLOUD_ENDPOINTS, this.config.ERP_CLOUD_LEASE_MARGIN_MS,
+          ]);
+          this.markDb(null);
+          for (const msg of rows) this.dispatch(msg);
+          if (rows.length === 0) await this.armDueTimer();
+          if (rows.length < want) break;
+        }
+      } while (this.rewake && !this.stopping);
+    } catch (err) {
+      this.markDb(err);
+      this.log.warn({ err: errText(err) }, 'claim failed; retrying');
+      this.retryLater();
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  private dispatch(msg: ClaimedMessage): void {
+    const abort = new AbortController();
+    this.inflight.set(msg.request_id, abort);
+    void attemptDelivery(msg, { logBodyBytes: this.config.ERP_CLOUD_LOG_BODY_BYTES, signal: abort.signal }).then((result) => {
+      this.inflight.delete(msg.request_id);
+      if (abort.signal.aborted && result.outcome !== 'ok') {
+        result.error_class = 'shutdown';
+        result.error_message = `aborted: listener ${this.id} shut down before the cloud answered`;
+      }
+      this.metrics?.attemptSeconds.observe({ endpoint: msg.endpoint, outcome: result.outcome }, result.duration_ms / 1000);
+      this.finished.push({ endpoint: msg.endpoint, result });
+      void this.flush();
+    });
+  }
+
+  /** Reports finished attempts in batches; while one report is running the next batch accumulates. */
+  private flush(): Promise<void> {
+    if (this.flushing) return this.flushing;
+    this.flushing = (async () => {
+      try {
+        while (this.finished.length > 0) {
+          const batch = this.finished.splice(0, FLUSH_BATCH);
+          try {
+            const { rows } = await this.pool.query<{ request_id: string; status: string }>(sql.recordAttempts, [
+              this.id, JSON.stringify(batch.map((f) => f.result)),
+            ]);
+            this.markDb(null);
+            if (this.metrics) {
+              const endpointOf = new Map(batch.map((f) => [f.result.request_id, f.endpoint]));
+              for (const r of rows) this.metrics.deliveries.inc({ endpoint: endpointOf.get(r.request_id) ?? '?', outcome: r.status });
+            }
+          } catch (err) {
+            // keep the results: the database may be restarting; the leases protect the messages meanwhile
+            this.finished.unshift(...batch);
+            this.markDb(err);
+            this.log.warn({ err: errText(err), pending: this.finished.length }, 'recording attempts failed; retrying');
+            await sleep(250 + Math.random() * 750);
+            if (this.stopping && this.shutdownDeadline < Date.now()) return;
+          }
+        }
+      } finally {
+        this.flushing = null;
+      }
+      this.wake(); // room for more work, and ordering keys may have moved on
+    })();
+    return this.flushing;
+  }
+
+  private async armDueTimer(): Promise<void> {
+    const { rows } = await this.pool.query<{ at: Date | null }>(sql.nextDue, [this.config.ERP_CLOUD_ENDPOINTS]);
+    const at = rows[0]?.at?.getTime();
+    if (at === undefined || at >= this.dueAt) return;
+    if (this.dueTimer) clearTimeout(this.dueTimer);
+    this.dueAt = at;
+    this.dueTimer = setTimeout(() => {
+      this.dueTimer = null;
+      this.dueAt = Infinity;
+      this.wake();
+    }, Math.max(0, at - Date.now()) + 2);
+  }
+
+  private retryLater(): void {
+    if (this.retryTimer || this.stopping) return;
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = null;
+      this.wake();
+    }, 500 + Math.random() * 1000);
+  }
+
+  /** Heartbeat, lease reaping, and the pg_cron jobs' work when pg_cron is not there. */
+  private async maintain(): Promise<void> {
+    if (this.stopping) return;
+    try {
+      const channels = await this.loadChannels();
+      await this.pool.query(sql.listenerHeartbeat, [this.id, channels]);
+      if (channels.some((c) => !this.channels.includes(c))) {
+        await this.listen?.listenTo(channels);
+        this.channels = channels;
+      }
+      const { rows } = await this.pool.query<{ scheduled: boolean }>(sql.cronScheduled);
+      this.cronScheduled = rows[0]?.scheduled ?? false;
+      // reaping is cheap and makes recovery from a dead listener take seconds, not a cron minute
+      const reaped = await this.pool.query<{ reaped: number }>(sql.reap);
+      if (!this.cronScheduled) await this.pool.query(sql.maintenance);
+      this.markDb(null);
+      if ((reaped.rows[0]?.reaped ?? 0) > 0) this.wake();
+    } catch (err) {
+      this.markDb(err);
+      this.log.warn({ err: errText(err) }, 'maintenance failed');
+    }
+  }
+
+  private async loadChannels(): Promise<string[]> {
+    const { rows } = await this.pool.query<{ wake_channel: string }>(sql.channels, [this.config.ERP_CLOUD_ENDPOINTS]);
+    return rows.map((r) => r.wake_channel);
+  }
+
+  private markDb(err: unknown): void {
+    this.dbOk = err === null;
+    if (err !== null) this.lastDbError = errText(err);
+  }
+
+  private shutdownDeadline = Infinity;
+
+  /**
+   * SIGTERM: stop claiming, let in-flight calls finish within the grace period,
+   * abort the rest, report everything, give back what could not be reported.
+   */
+  async stop(): Promise<void> {
+    if (this.stopping) return;
+    this.stopping = true;
+    this.shutdownDeadline = Date.now() + this.config.ERP_CLOUD_SHUTDOWN_GRACE_MS;
+    for (const t of this.timers) clearInterval(t);
+    if (this.dueTimer) clearTimeout(this.dueTimer);
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.log.info({ inflight: this.inflight.size }, 'stopping: no more claims, finishing in-flight calls');
+    while (this.inflight.size > 0 && Date.now() < this.shutdownDeadline) await sleep(20);
+    for (const abort of this.inflight.values()) abort.abort();
+    while (this.inflight.size > 0) await sleep(5);
+    this.shutdownDeadline = Date.now() + Math.max(2000, this.config.ERP_CLOUD_SHUTDOWN_GRACE_MS / 2);
+    while ((this.finished.length > 0 || this.flushing) && Date.now() < this.shutdownDeadline) await this.flush();
+    const unreported = this.finished.map((f) => f.result.request_id);
+    try {
+      if (unreported.length > 0) await this.pool.query(sql.release, [this.id, unreported]);
+      await this.pool.query(sql.listenerStop, [this.id]);
+    } catch (err) {
+      this.log.warn({ err: errText(err), unreported: unreported.length }, 'could not release leases; they expire on their own');
+    }
+    await this.listen?.close();
+    this.log.info('stopped');
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+function errText(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
