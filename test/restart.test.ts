@@ -1,0 +1,75 @@
+/**
+ * The listener survives a PostgreSQL restart. This file starts a cluster of
+ * its own (scripts/pg.sh with its own directory and port), so restarting it
+ * cannot disturb the other test files.
+ */
+import { execFile } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { migrate } from '../listener/db.js';
+import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
+import { statusCounts, waitFor } from './helpers/db.js';
+import { spawnListener, type ChildListener } from './helpers/listener.js';
+
+const run = promisify(execFile);
+const dir = mkdtempSync(path.join(os.tmpdir(), 'erp-cloud-restart-'));
+const port = String(20000 + Math.floor(Math.random() * 20000));
+const env = { PATH: process.env.PATH, ERP_CLOUD_PGDIR: dir, ERP_CLOUD_PGPORT: port };
+const url = `postgres://postgres@127.0.0.1:${port}/erp_cloud`;
+const pgsh = (verb: string) => run('bash', ['scripts/pg.sh', verb], { env });
+
+let sim: SimServer;
+let pool: pg.Pool;
+let listener: ChildListener | undefined;
+
+beforeAll(async () => {
+  await pgsh('start');
+  await migrate(url);
+  sim = await startSim({ routes: webhookRoutes() });
+  pool = new pg.Pool({ connectionString: url, max: 2 });
+  pool.on('error', () => undefined);
+  await pool.query(`select cloud.put_endpoint('hook', $1, p_timeout_ms => 1000, p_backoff_base_ms => 100, p_backoff_cap_ms => 1000)`, [`${sim.url}/webhook`]);
+}, 60_000);
+
+afterAll(async () => {
+  listener?.proc.kill('SIGKILL');
+  await pool?.end().catch(() => undefined);
+  await sim?.close();
+  await pgsh('stop').catch(() => undefined);
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe('PostgreSQL restart', () => {
+  it('the listener survives a PostgreSQL restart and delivers what was enqueued before and after it', async () => {
+    // a one-minute poll: everything below must come from NOTIFY, the retry timer and the reconnect wake-up
+    listener = spawnListener(url, { ERP_CLOUD_WORKER_ID: 'survivor', ERP_CLOUD_LOG_LEVEL: 'warn', ERP_CLOUD_POLL_MS: '60000' });
+    await pool.query(`select cloud.enqueue_message('hook', 'demo.ping', jsonb_build_object('n', g)) from generate_series(1, 50) g`);
+    await waitFor(async () => (await statusCounts(pool)).sent === 50, { what: 'first 50 sent' });
+
+    await run('bash', ['scripts/pg.sh', 'stop'], { env });
+    await new Promise((r) => setTimeout(r, 1500)); // the listener sees the database gone
+    await pgsh('start');
+
+    await waitFor(async () => {
+      try {
+        await pool.query(`select cloud.enqueue_message('hook', 'demo.ping', jsonb_build_object('n', g)) from generate_series(51, 100) g`);
+        return true;
+      } catch {
+        return false;
+      }
+    }, { what: 'database back' });
+    await waitFor(async () => (await statusCounts(pool)).sent === 100, { timeoutMs: 30_000, what: 'all 100 sent after the restart' });
+    expect(listener.proc.exitCode).toBeNull();
+    expect(sim.ledger()).toHaveLength(100);
+    // LISTEN came back too: an idle listener is woken by NOTIFY again, well before the poll would find the row
+    await waitFor(async () => (await pool.query(`select idle from cloud.listener where worker_id = 'survivor'`)).rows[0]?.idle === true, { what: 'idle again' });
+    const t0 = Date.now();
+    await pool.query(`select cloud.enqueue_message('hook', 'demo.ping', '{"n":101}')`);
+    await waitFor(async () => sim.ledger().length === 101, { what: 'woken by NOTIFY' });
+    expect(Date.now() - t0).toBeLessThan(2000);
+  }, 90_000);
+});
