@@ -41,6 +41,9 @@ export class Worker {
   private dbOk = true;
   private lastDbError: string | null = null;
 
+  /** Free slots that justify a claim before the running report finishes. */
+  private readonly refillAt: number;
+
   constructor(
     private readonly config: Config,
     private readonly pool: pg.Pool,
@@ -48,6 +51,7 @@ export class Worker {
     private readonly metrics?: Metrics,
   ) {
     this.id = config.ERP_CLOUD_WORKER_ID;
+    this.refillAt = Math.max(1, Math.min(config.ERP_CLOUD_BATCH_SIZE, Math.ceil(config.ERP_CLOUD_CONCURRENCY / 2)));
   }
 
   async start(): Promise<void> {
@@ -117,6 +121,9 @@ export class Worker {
       this.metrics?.attemptSeconds.observe({ endpoint: msg.endpoint, outcome: result.outcome }, result.duration_ms / 1000);
       this.finished.push({ endpoint: msg.endpoint, result });
       void this.flush();
+      // claim again as soon as a worthwhile batch fits, without waiting for the report:
+      // HTTP calls and database round trips then overlap instead of taking turns
+      if (this.config.ERP_CLOUD_CONCURRENCY - this.inflight.size >= this.refillAt) this.wake();
     });
   }
 

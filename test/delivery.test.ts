@@ -4,6 +4,8 @@
  * parks ordering keys, and logs every attempt.
  */
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { createMetrics } from '../listener/metrics.js';
+import { startOpsServer } from '../listener/server.js';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
 import { createTestDb, statusCounts, waitFor, type TestDb } from './helpers/db.js';
 import { startListener, type InProcessListener } from './helpers/listener.js';
@@ -169,5 +171,30 @@ describe('delivery', () => {
     expect((await db.pool.query(`select status, attempts from cloud.outbox`)).rows).toEqual([{ status: 'pending', attempts: 0 }]);
     await db.pool.query(`update cloud.endpoint set enabled = true`);
     await waitFor(async () => (await statusOf(id)) === 'sent', { what: 'sent once enabled' });
+  });
+
+  it('/healthz answers 200 and /metrics exports deliveries, attempt latency, queue depth and oldest pending age', async () => {
+    const l = await listen();
+    const metrics = createMetrics(db.pool);
+    const ops = await startOpsServer('127.0.0.1', 0, l.worker, metrics);
+    try {
+      const id = await enqueue({ n: 1 });
+      await waitFor(async () => (await statusOf(id)) === 'sent', { what: 'sent' });
+      const health = await fetch(`${ops.url}/healthz`, { signal: AbortSignal.timeout(2000) });
+      expect(health.status).toBe(200);
+      expect(await health.json()).toMatchObject({ ok: true, listen: true, database: true });
+      // the worker's own registry counts its deliveries; this one reads queue figures from the database
+      const own = await l.metrics.registry.metrics();
+      expect(own).toMatch(/erp_cloud_deliveries_total\{endpoint="hook",outcome="sent"\} 1/);
+      expect(own).toMatch(/erp_cloud_attempt_duration_seconds_count\{endpoint="hook",outcome="ok"\} 1/);
+      await db.pool.query(`update cloud.endpoint set enabled = false`);
+      await enqueue({ n: 2 });
+      const text = await (await fetch(`${ops.url}/metrics`, { signal: AbortSignal.timeout(2000) })).text();
+      expect(text).toMatch(/erp_cloud_queue_depth\{endpoint="hook",status="pending"\} 1/);
+      expect(text).toMatch(/erp_cloud_oldest_pending_age_seconds\{endpoint="hook"\} \d/);
+      expect((await fetch(`${ops.url}/nope`, { signal: AbortSignal.timeout(2000) })).status).toBe(404);
+    } finally {
+      await ops.close();
+    }
   });
 });

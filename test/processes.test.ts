@@ -125,9 +125,17 @@ describe('the CLI', () => {
     const again = await cli('replay', id, '--reason', 'twice');
     expect(again.code).toBe(1);
     expect(again.stderr).toContain('EC006');
-    const dead = await cli('replay', '--dead', '--endpoint', 'nope', '--reason', 'x');
-    expect(dead.code).toBe(1);
-    expect(dead.stderr).toContain('EC001');
+    const unknown = await cli('replay', '--dead', '--endpoint', 'nope', '--reason', 'x');
+    expect(unknown.code).toBe(1);
+    expect(unknown.stderr).toContain('EC001');
+
+    // the replayed message dies again; --dead replays every dead letter of the endpoint
+    await db.pool.query(`select cloud.claim_messages('w', 10)`);
+    await db.pool.query(`select cloud.record_attempts('w', $1::jsonb)`, [JSON.stringify([{ request_id: id, attempt: 1, outcome: 'retryable', error_message: 'HTTP 503', started_at: new Date().toISOString() }])]);
+    const all = await cli('replay', '--dead', '--endpoint', 'hook', '--reason', 'cloud back for good');
+    expect(all).toMatchObject({ code: 0, stdout: expect.stringContaining('replayed 1 dead message(s) of hook') });
+    const audit = await db.pool.query(`select actor, reason from cloud.replay_audit order by id`);
+    expect(audit.rows).toEqual([{ actor: 'dba', reason: 'cloud back' }, { actor: expect.any(String), reason: 'cloud back for good' }]);
   });
 
   it('any failure exits with code 1: no database, an unreachable database, an unknown verb', async () => {

@@ -4,11 +4,12 @@ import { randomBytes } from 'node:crypto';
 import { loadConfig, type Config } from '../../listener/config.js';
 import { createPool } from '../../listener/db.js';
 import { createLogger } from '../../listener/logger.js';
-import { createMetrics } from '../../listener/metrics.js';
+import { createMetrics, type Metrics } from '../../listener/metrics.js';
 import { Worker } from '../../listener/worker.js';
 
 export interface InProcessListener {
   worker: Worker;
+  metrics: Metrics;
   stop(): Promise<void>;
 }
 
@@ -25,10 +26,12 @@ export async function startListener(url: string, env: Record<string, string> = {
   });
   const log = createLogger(config.ERP_CLOUD_LOG_LEVEL);
   const pool = createPool(config.DATABASE_URL, config.ERP_CLOUD_POOL_SIZE, log);
-  const worker = new Worker(config, pool, log, createMetrics(pool));
+  const metrics = createMetrics(pool);
+  const worker = new Worker(config, pool, log, metrics);
   await worker.start();
   return {
     worker,
+    metrics,
     async stop() {
       await worker.stop();
       await pool.end();

@@ -1,0 +1,87 @@
+/**
+ * The benchmark's databases: each figure creates its own `bench_*` database
+ * on the server named by DATABASE_URL, and every one created is dropped at the
+ * end (WITH (FORCE)), also after a failure.
+ */
+import { randomBytes } from 'node:crypto';
+import pg from 'pg';
+import { migrate } from '../../listener/db.js';
+
+export function withDatabase(url: string, db: string): string {
+  const u = new URL(url);
+  u.pathname = `/${db}`;
+  return u.toString();
+}
+
+/**
+ * A small pool for the bench's own queries. Errors on idle connections are
+ * ignored: cleanup drops databases WITH (FORCE), which ends those connections.
+ */
+export function benchPool(url: string, name: string, max = 2): pg.Pool {
+  const pool = new pg.Pool({ connectionString: url, max, application_name: `bench ${name}` });
+  pool.on('error', () => undefined);
+  return pool;
+}
+
+/** A single connection for the bench (same error policy as benchPool); call connect() on it. */
+export function benchClient(url: string, name: string): pg.Client {
+  const c = new pg.Client({ connectionString: url, application_name: `bench ${name}` });
+  c.on('error', () => undefined);
+  return c;
+}
+
+export async function adminQuery<T extends pg.QueryResultRow = pg.QueryResultRow>(serverUrl: string, text: string, values?: unknown[]): Promise<pg.QueryResult<T>> {
+  const c = benchClient(withDatabase(serverUrl, 'postgres'), 'admin');
+  await c.connect();
+  try {
+    return await c.query<T>(text, values);
+  } finally {
+    await c.end();
+  }
+}
+
+export interface BenchDb {
+  name: string;
+  url: string;
+}
+
+export class DbRegistry {
+  private readonly created = new Set<string>();
+  private readonly tag = randomBytes(3).toString('hex');
+
+  constructor(readonly serverUrl: string) {}
+
+  /** A new empty database bench_<label>_<run tag>. */
+  async create(label: string): Promise<BenchDb> {
+    const name = `bench_${label.replace(/[^a-z0-9]/gi, '_').toLowerCase()}_${this.tag}`;
+    await adminQuery(this.serverUrl, `drop database if exists ${name} with (force)`);
+    this.created.add(name);
+    await adminQuery(this.serverUrl, `create database ${name}`);
+    return { name, url: withDatabase(this.serverUrl, name) };
+  }
+
+  /** A new database with the erp-cloud migrations applied. */
+  async createMigrated(label: string): Promise<BenchDb> {
+    const db = await this.create(label);
+    await migrate(db.url);
+    return db;
+  }
+
+  async drop(name: string): Promise<void> {
+    await adminQuery(this.serverUrl, `drop database if exists ${name} with (force)`);
+    this.created.delete(name);
+  }
+
+  /** Drops every database this run created; reports (does not throw) what could not be dropped. */
+  async dropAll(): Promise<string[]> {
+    const failed: string[] = [];
+    for (const name of [...this.created]) {
+      try {
+        await this.drop(name);
+      } catch (err) {
+        failed.push(`${name}: ${err instanceof Error ? err.message : String(err)}`);
+      }
+    }
+    return failed;
+  }
+}

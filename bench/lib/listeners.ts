@@ -1,0 +1,60 @@
+/**
+ * erp-cloud listeners as real processes (`node dist/listener/cli.js listen`),
+ * exactly as an operator runs them, with the bench's fixed settings on top of
+ * the listener's defaults. The settings used are recorded in the results.
+ */
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import pg from 'pg';
+import { spawnChild, stopChild, type Child } from './procs.js';
+import { waitFor } from './util.js';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+/** dist/listener/cli.js, found from dist/bench/lib/. */
+export const listenerCli = path.resolve(here, '..', '..', 'listener', 'cli.js');
+
+/**
+ * What the bench sets; everything else (concurrency 64, batch 100, pool 8, poll
+ * 500 ms) is the listener's default. BENCH_LISTENER_ENV="K=V,K=V" (a tuning
+ * aid) adds settings to every listener; they are recorded with the results.
+ */
+export const LISTENER_ENV: Record<string, string> = {
+  ERP_CLOUD_HTTP_PORT: '-1',
+  ERP_CLOUD_LOG_LEVEL: 'warn',
+  ERP_CLOUD_SHUTDOWN_GRACE_MS: '3000',
+  ...Object.fromEntries(
+    (process.env.BENCH_LISTENER_ENV ?? '')
+      .split(',')
+      .map((kv) => kv.trim())
+      .filter((kv) => /^ERP_CLOUD_[A-Z_]+=/.test(kv))
+      .map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]),
+  ),
+};
+
+export interface ListenerProc extends Child {
+  workerId: string;
+}
+
+export function spawnListener(dbUrl: string, workerId: string, extraEnv: Record<string, string> = {}): ListenerProc {
+  const child = spawnChild(`listener ${workerId}`, process.execPath, [listenerCli, 'listen'], {
+    env: { PATH: process.env.PATH, DATABASE_URL: dbUrl, ERP_CLOUD_WORKER_ID: workerId, ...LISTENER_ENV, ...extraEnv },
+  });
+  return Object.assign(child, { workerId });
+}
+
+/** SIGTERM (the listener finishes in-flight calls and reports them), SIGKILL after the grace period. */
+export async function stopListener(l: ListenerProc): Promise<number | null> {
+  return stopChild(l, 10_000);
+}
+
+/** Waits until the listener has registered and declared itself idle (its first claim came back empty). */
+export async function waitListenerIdle(pool: pg.Pool, l: ListenerProc, timeoutMs = 20_000): Promise<void> {
+  await waitFor(
+    async () => {
+      if (l.proc.exitCode !== null) throw new Error(`listener exited early (${l.proc.exitCode}): ${l.output()}`);
+      const { rows } = await pool.query<{ idle: boolean }>('select idle from cloud.listener where worker_id = $1', [l.workerId]);
+      return rows[0]?.idle === true;
+    },
+    { timeoutMs, intervalMs: 50, what: `listener ${l.workerId} to be idle` },
+  );
+}

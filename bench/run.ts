@@ -1,0 +1,218 @@
+/**
+ * erp-cloud benchmark: `make bench` (node dist/bench/run.js, DATABASE_URL set).
+ *
+ * Measures, side by side in one run, on 127.0.0.1 only:
+ *   1. delivery_per_s vs graphile_worker_per_s  (figures/delivery.ts)
+ *   2. latency_p50_ms / latency_p99_ms           (figures/latency.ts)
+ *   3. erp_insert_ratio, naive_notify_ratio      (figures/erp-insert.ts)
+ *   4. claim_after_1m_ratio                      (figures/claim.ts)
+ * and writes bench/results/latest.json (and a copy, latest-quick.json or
+ * latest-full.json) plus a table on stdout. Targets are
+ * informational: the exit code is non-zero only when something failed.
+ *
+ * BENCH_QUICK=1   a reduced version of every figure (same keys, < 90 s).
+ * BENCH_ONLY=a,b  development aid: run only these figures (delivery, latency,
+ *                 erp_insert, claim); results go to bench/results/partial.json.
+ *
+ * Every child process and every bench_* database created is removed at the
+ * end, also on failure or SIGINT/SIGTERM.
+ */
+import { mkdirSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { claimFigure } from './figures/claim.js';
+import { deliveryFigure } from './figures/delivery.js';
+import { erpInsertFigure } from './figures/erp-insert.js';
+import { latencyFigure } from './figures/latency.js';
+import type { BenchContext } from './lib/context.js';
+import { machineTicks } from './lib/cpu.js';
+import { adminQuery, DbRegistry } from './lib/db.js';
+import { killAllChildrenSync, stopAllChildren } from './lib/procs.js';
+import { startSink, type Sink } from './lib/sink-client.js';
+import { errText, progress, sleep, textTable } from './lib/util.js';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+/** bench/results, found from dist/bench/. */
+const resultsDir = path.resolve(here, '..', '..', 'bench', 'results');
+
+interface Target {
+  key: string;
+  label: string;
+  op: '>=' | '<=';
+  target: number | null;
+  unit: string;
+}
+
+const TARGETS: Target[] = [
+  { key: 'delivery_per_s', label: 'erp-cloud delivery', op: '>=', target: null, unit: 'msg/s' },
+  { key: 'graphile_worker_per_s', label: 'graphile-worker delivery', op: '>=', target: null, unit: 'msg/s' },
+  { key: 'delivery_ratio', label: 'delivery ratio (erp-cloud / graphile-worker)', op: '>=', target: 1.0, unit: '' },
+  { key: 'latency_p50_ms', label: 'commit-to-sink latency p50', op: '<=', target: 5, unit: 'ms' },
+  { key: 'latency_p99_ms', label: 'commit-to-sink latency p99', op: '<=', target: 25, unit: 'ms' },
+  { key: 'erp_insert_ratio', label: 'ERP insert tps with trigger / without', op: '>=', target: 0.75, unit: '' },
+  { key: 'naive_notify_ratio', label: 'naive insert+NOTIFY trigger / without (context)', op: '>=', target: null, unit: '' },
+  { key: 'erp_insert.trigger_only_ratio', label: 'integration trigger, no listener / without (diagnostic)', op: '>=', target: null, unit: '' },
+  { key: 'claim_fresh_per_s', label: 'claim+record cycle, fresh database', op: '>=', target: null, unit: 'msg/s' },
+  { key: 'claim_after_1m_per_s', label: 'claim+record cycle, after the push', op: '>=', target: null, unit: 'msg/s' },
+  { key: 'claim_after_1m_ratio', label: 'claim cycle after 1M / fresh', op: '>=', target: 0.9, unit: '' },
+  { key: 'claim_after_1m_vs_analyzed_ratio', label: 'claim cycle after 1M / fresh+ANALYZE (control)', op: '>=', target: null, unit: '' },
+];
+
+/** A value from the results by dotted path ('erp_insert.trigger_only_ratio'). */
+function lookup(results: Record<string, unknown>, key: string): unknown {
+  let v: unknown = results;
+  for (const part of key.split('.')) v = v && typeof v === 'object' ? (v as Record<string, unknown>)[part] : undefined;
+  return v;
+}
+
+const FIGURES = {
+  delivery: deliveryFigure,
+  latency: latencyFigure,
+  erp_insert: erpInsertFigure,
+  claim: claimFigure,
+} as const;
+type FigureName = keyof typeof FIGURES;
+
+const serverUrl = process.env.DATABASE_URL;
+if (!serverUrl) {
+  console.error('bench: DATABASE_URL is required (make bench sets it)');
+  process.exit(2);
+}
+const quick = process.env.BENCH_QUICK === '1' || process.env.BENCH_QUICK === 'true';
+const only = process.env.BENCH_ONLY ? (process.env.BENCH_ONLY.split(',').map((s) => s.trim()) as FigureName[]) : null;
+for (const f of only ?? []) {
+  if (!(f in FIGURES)) {
+    console.error(`bench: unknown figure in BENCH_ONLY: ${f} (known: ${Object.keys(FIGURES).join(', ')})`);
+    process.exit(2);
+  }
+}
+
+const dbs = new DbRegistry(serverUrl);
+let sink: Sink | null = null;
+let cleaning: Promise<void> | null = null;
+
+/** Ends every child and drops every bench database; safe to call more than once. */
+function cleanup(): Promise<void> {
+  cleaning ??= (async () => {
+    await sink?.stop().catch(() => undefined);
+    await stopAllChildren();
+    const failed = await dbs.dropAll();
+    for (const f of failed) console.error(`bench: could not drop database ${f}`);
+  })();
+  return cleaning;
+}
+
+for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(sig, () => {
+    progress(`${sig}: cleaning up`);
+    void cleanup().finally(() => process.exit(130));
+  });
+}
+process.on('exit', killAllChildrenSync);
+
+async function machine(): Promise<Record<string, unknown>> {
+  const { rows } = await adminQuery<{ v: string; full: string }>(serverUrl!, 'select current_setting(\'server_version\') v, version() full');
+  return {
+    cpus: os.cpus().length,
+    cpu_model: os.cpus()[0]?.model ?? null,
+    memory_gb: Math.round(os.totalmem() / 2 ** 30),
+    node: process.version,
+    pg: rows[0]?.v ?? null,
+    pg_full: rows[0]?.full ?? null,
+    platform: `${os.platform()} ${os.release()}`,
+  };
+}
+
+/**
+ * How busy the machine is while the bench itself does nothing (1 s sample of
+ * /proc/stat): anything well above 0 means another workload shared the CPUs
+ * and the figures of this run are disturbed.
+ */
+async function backgroundBusyPct(): Promise<number | null> {
+  const a = machineTicks();
+  await sleep(1000);
+  const b = machineTicks();
+  return a && b ? Math.round((1000 * (b.busy - a.busy)) / Math.max(1, b.total - a.total)) / 10 : null;
+}
+
+function fmt(v: unknown, unit: string): string {
+  if (typeof v !== 'number' || Number.isNaN(v)) return 'n/a';
+  return `${v}${unit ? ` ${unit}` : ''}`;
+}
+
+function verdict(t: Target, v: unknown): string {
+  if (t.target === null) return '';
+  if (typeof v !== 'number' || Number.isNaN(v)) return 'n/a';
+  return (t.op === '>=' ? v >= t.target : v <= t.target) ? 'pass' : 'FAIL';
+}
+
+async function main(): Promise<number> {
+  const started = Date.now();
+  const results: Record<string, unknown> = {
+    date: new Date().toISOString(),
+    quick,
+    machine: await machine(),
+  };
+  for (const t of TARGETS) if (!t.key.includes('.')) results[t.key] = null;
+  const errors: Record<string, string> = {};
+  let plansText = '';
+  const machineInfo = results.machine as Record<string, unknown>;
+  machineInfo.background_busy_pct_before = await backgroundBusyPct();
+
+  sink = await startSink();
+  const ctx: BenchContext = { serverUrl: serverUrl!, quick, dbs, sink };
+  progress(`${quick ? 'quick' : 'full'} run; sink at ${sink.url}`);
+
+  for (const name of Object.keys(FIGURES) as FigureName[]) {
+    if (only && !only.includes(name)) continue;
+    try {
+      const r = await FIGURES[name](ctx);
+      if ('plansText' in r) {
+        plansText = r.plansText;
+        const { plansText: _omit, ...rest } = r;
+        Object.assign(results, rest);
+      } else Object.assign(results, r);
+    } catch (err) {
+      errors[name] = errText(err);
+      progress(`figure ${name} FAILED: ${errText(err)}`);
+      if (err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
+    }
+  }
+
+  machineInfo.background_busy_pct_after = await backgroundBusyPct();
+  progress(`background CPU load (bench idle): before ${String(machineInfo.background_busy_pct_before)} %, after ${String(machineInfo.background_busy_pct_after)} %`);
+  results.targets = Object.fromEntries(TARGETS.filter((t) => t.target !== null).map((t) => [t.key, `${t.op} ${t.target}`]));
+  results.errors = errors;
+  results.duration_s = Math.round((Date.now() - started) / 100) / 10;
+
+  mkdirSync(resultsDir, { recursive: true });
+  const file = path.join(resultsDir, only ? 'partial.json' : 'latest.json');
+  writeFileSync(file, `${JSON.stringify(results, null, 2)}\n`);
+  // a copy per mode, so a quick run does not hide the last full one
+  if (!only) writeFileSync(path.join(resultsDir, `latest-${quick ? 'quick' : 'full'}.json`), `${JSON.stringify(results, null, 2)}\n`);
+  if (plansText) writeFileSync(path.join(resultsDir, only ? 'claim-plans-partial.txt' : 'claim-plans.txt'), plansText);
+
+  const rows = TARGETS.map((t) => {
+    const v = lookup(results, t.key);
+    return [t.label, fmt(v, t.unit), t.target === null ? '' : `${t.op} ${t.target}`, verdict(t, v)];
+  });
+  console.log(`\nerp-cloud bench (${quick ? 'quick' : 'full'}, ${results.duration_s} s) → ${path.relative(process.cwd(), file)}\n`);
+  console.log(textTable(['figure', 'value', 'target', 'vs target'], rows));
+  if (Object.keys(errors).length) {
+    console.log('\nerrors:');
+    for (const [k, v] of Object.entries(errors)) console.log(`  ${k}: ${v}`);
+  }
+  return Object.keys(errors).length ? 1 : 0;
+}
+
+let code = 1;
+try {
+  code = await main();
+} catch (err) {
+  console.error(`bench: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+  code = 1;
+} finally {
+  await cleanup();
+}
+process.exit(code);
