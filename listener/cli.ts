@@ -90,7 +90,13 @@ program
         console.log(JSON.stringify({ endpoints, parked_keys: parked }, null, 2));
         return;
       }
-      console.log(formatTable(endpoints, ['endpoint', 'enabled', 'pending', 'due', 'in_flight', 'failed', 'dead', 'parked_keys', 'oldest_pending_age_s', 'last_error']));
+      console.log(formatTable(endpoints, [
+        'endpoint', 'enabled', 'pending', 'due', 'in_flight', 'failed', 'dead', 'parked_keys', 'oldest_pending_age_s',
+        'rate_per_s', 'circuit_state', 'paused_until', 'last_error',
+      ]));
+      for (const e of endpoints.filter((x) => x.circuit_state !== 'closed' || x.paused_until)) {
+        console.log(`\n${e.endpoint}: ${[e.circuit_reason && `circuit ${e.circuit_state} since ${e.circuit_opened_at?.toISOString?.() ?? e.circuit_opened_at}: ${e.circuit_reason}`, e.pause_reason].filter(Boolean).join('; ')}`);
+      }
       if (parked.length) {
         console.log('\nparked ordering keys (replay or skip the head message):');
         console.log(formatTable(parked, ['endpoint', 'ordering_key', 'head_request_id', 'status', 'waiting', 'last_error']));

@@ -13,6 +13,7 @@ export const SqlState = {
   reasonRequired: 'EC007',
   invalidEndpointSetting: 'EC008',
   messageNotSkippable: 'EC009',
+  invalidLimitSetting: 'EC010',
 } as const;
 
 export type SqlStateName = keyof typeof SqlState;

@@ -58,5 +58,26 @@ export function createMetrics(pool: pg.Pool): Metrics {
       for (const r of await endpointRows()) this.set({ endpoint: String(r.endpoint) }, Number(r.oldest_pending_age_s ?? 0));
     },
   });
+  new client.Gauge({
+    name: 'erp_cloud_circuit_state',
+    help: 'Circuit breaker by endpoint: 0 closed, 1 half-open (a probe is out), 2 open.',
+    labelNames: ['endpoint'] as const,
+    registers: [registry],
+    async collect() {
+      this.reset();
+      const code: Record<string, number> = { closed: 0, half_open: 1, open: 2 };
+      for (const r of await endpointRows()) this.set({ endpoint: String(r.endpoint) }, code[String(r.circuit_state)] ?? 0);
+    },
+  });
+  new client.Gauge({
+    name: 'erp_cloud_endpoint_paused',
+    help: '1 while an endpoint is paused by a 429 from its cloud (for all listeners), else 0.',
+    labelNames: ['endpoint'] as const,
+    registers: [registry],
+    async collect() {
+      this.reset();
+      for (const r of await endpointRows()) this.set({ endpoint: String(r.endpoint) }, r.paused_until ? 1 : 0);
+    },
+  });
   return { registry, deliveries, attemptSeconds };
 }

@@ -17,6 +17,8 @@ import type { ClaimedMessage } from './providers/index.js';
 import { sql } from './queries.js';
 
 const FLUSH_BATCH = 500;
+/** A retry due in weeks is looked at again within the hour (setTimeout caps at 2^31-1 ms anyway). */
+const MAX_TIMER_MS = 3_600_000;
 
 interface Finished {
   endpoint: string;
@@ -170,7 +172,7 @@ export class Worker {
       this.dueTimer = null;
       this.dueAt = Infinity;
       this.wake();
-    }, Math.max(0, at - Date.now()) + 2);
+    }, Math.min(Math.max(0, at - Date.now()) + 2, MAX_TIMER_MS));
   }
 
   private retryLater(): void {

@@ -23,27 +23,26 @@
 -- Roles (cluster-wide, so created only when missing; concurrent migrations of
 -- two databases may race here, hence the exception handlers).
 ------------------------------------------------------------------------------
-do $$ begin
-  if not exists (select from pg_catalog.pg_roles where rolname = 'erp_cloud_app') then
-    create role erp_cloud_app nologin;
-  end if;
-exception when duplicate_object or unique_violation then null;
+do $$
+declare
+  v_role record;
+begin
+  for v_role in
+    select * from (values
+      ('erp_cloud_app', 'The ERP application: may enqueue through cloud.enqueue_message (the triggers), nothing else in schema cloud.'),
+      ('erp_cloud_listener', 'The erp-cloud listener: claims, completes and fails messages, writes cloud.log, reads endpoint config.'),
+      ('erp_cloud_operator', 'Operators (DBAs): read the outbox, log and views; replay or skip messages; manage endpoints.')
+    ) as r(name, description)
+  loop
+    begin
+      if not exists (select from pg_catalog.pg_roles where rolname = v_role.name) then
+        execute format('create role %I nologin', v_role.name);
+        execute format('comment on role %I is %L', v_role.name, v_role.description);
+      end if;
+    exception when duplicate_object or unique_violation then null;
+    end;
+  end loop;
 end $$;
-do $$ begin
-  if not exists (select from pg_catalog.pg_roles where rolname = 'erp_cloud_listener') then
-    create role erp_cloud_listener nologin;
-  end if;
-exception when duplicate_object or unique_violation then null;
-end $$;
-do $$ begin
-  if not exists (select from pg_catalog.pg_roles where rolname = 'erp_cloud_operator') then
-    create role erp_cloud_operator nologin;
-  end if;
-exception when duplicate_object or unique_violation then null;
-end $$;
-comment on role erp_cloud_app is 'The ERP application: may enqueue through cloud.enqueue_message (the triggers), nothing else in schema cloud.';
-comment on role erp_cloud_listener is 'The erp-cloud listener: claims, completes and fails messages, writes cloud.log, reads endpoint config.';
-comment on role erp_cloud_operator is 'Operators (DBAs): read the outbox, log and views; replay or skip messages; manage endpoints.';
 
 alter default privileges revoke execute on functions from public;
 

@@ -1,0 +1,188 @@
+/**
+ * The egress guard: a token bucket per endpoint shared by every listener, 429
+ * pauses for all listeners, and a circuit breaker that keeps a cloud outage
+ * from costing attempts (or the ERP anything).
+ */
+import pg from 'pg';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { SqlState } from '../listener/errors.js';
+import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
+import { createTestDb, sqlstateOf, statusCounts, waitFor, type TestDb } from './helpers/db.js';
+import { startListener, type InProcessListener } from './helpers/listener.js';
+
+let db: TestDb;
+let q: pg.Pool['query'];
+let sim: SimServer;
+let listeners: InProcessListener[] = [];
+
+beforeAll(async () => {
+  db = await createTestDb('egress');
+  q = db.pool.query.bind(db.pool) as pg.Pool['query'];
+  sim = await startSim({ routes: webhookRoutes() });
+});
+afterAll(async () => {
+  await Promise.all(listeners.map((l) => l.stop()));
+  await sim.close();
+  await db.drop();
+});
+beforeEach(async () => {
+  await Promise.all(listeners.map((l) => l.stop()));
+  listeners = [];
+  sim.reset();
+  await q(`truncate cloud.outbox, cloud.log, cloud.listener`);
+  await q(`delete from cloud.endpoint`);
+  await q(`select cloud.put_endpoint('hook', $1, p_timeout_ms => 500, p_backoff_base_ms => 100, p_backoff_cap_ms => 1000, p_max_attempts => 20)`, [`${sim.url}/webhook`]);
+});
+
+const T0 = Date.parse('2030-01-01T00:00:00Z');
+const at = (ms: number) => new Date(T0 + ms).toISOString();
+const enqueueMany = (n: number) => q(`select cloud.enqueue_message('hook', 'demo.ping', jsonb_build_object('n', g), p_not_before => '2020-01-01') from generate_series(1, $1) g`, [n]);
+const claim = async (worker: string, ms: number, limit = 100) =>
+  (await q<{ request_id: string }>(`select request_id from cloud.claim_messages($1, $2, null, '5 seconds', $3)`, [worker, limit, at(ms)])).rows.map((r) => r.request_id);
+const report = (worker: string, ms: number, results: Array<{ request_id: string; outcome: string; http_status?: number | null; retry_after_ms?: number }>) =>
+  q(`select * from cloud.record_attempts($1, $2::jsonb, $3)`, [worker, JSON.stringify(results.map((r) => ({ attempt: 1, error_message: `HTTP ${r.http_status}`, ...r }))), at(ms)]);
+const endpoint = async () => (await q(`select * from cloud.endpoint_status where endpoint = 'hook'`)).rows[0];
+
+describe('rate limit', () => {
+  it('bad limits are refused with EC010, an unknown endpoint with EC001', async () => {
+    expect(await sqlstateOf(q(`select cloud.put_endpoint_limits('hook', 0)`))).toBe(SqlState.invalidLimitSetting);
+    expect(await sqlstateOf(q(`select cloud.put_endpoint_limits('hook', 5, 0)`))).toBe(SqlState.invalidLimitSetting);
+    expect(await sqlstateOf(q(`select cloud.put_endpoint_limits('hook', 5, 1, 0)`))).toBe(SqlState.invalidLimitSetting);
+    expect(await sqlstateOf(q(`select cloud.put_endpoint_limits('nope', 5)`))).toBe(SqlState.unknownEndpoint);
+  });
+
+  it('the token bucket lets a burst go at once, then the rate per second, however many listeners claim', async () => {
+    await q(`select cloud.put_endpoint_limits('hook', 10, 5)`);
+    await q(`update cloud.endpoint set tokens = 5, tokens_at = $1`, [at(0)]);
+    await enqueueMany(100);
+    expect(await claim('a', 0)).toHaveLength(5);
+    expect(await claim('b', 0)).toHaveLength(0);
+    expect(await claim('b', 300)).toHaveLength(3);
+    expect(await claim('a', 400)).toHaveLength(1);
+    expect(await claim('a', 60_000)).toHaveLength(5); // a quiet minute refills only up to the burst
+    const { rows } = await q(`select extract(epoch from cloud.next_due_at(null, $1) - $1)::float8 as wait`, [at(60_000)]);
+    expect(rows[0].wait).toBeCloseTo(0.1, 5); // one token every 100 ms
+  });
+
+  it('a listener never sends a rate-limited endpoint more than its rate, across two listeners', async () => {
+    await q(`select cloud.put_endpoint_limits('hook', 20, 2)`);
+    await enqueueMany(50);
+    listeners.push(await startListener(db.url), await startListener(db.url));
+    await waitFor(async () => (await statusCounts(db.pool)).sent === 50, { timeoutMs: 15_000, what: 'all sent' });
+    const times = sim.requests().map((r) => r.at).sort((a, b) => a - b);
+    expect(times).toHaveLength(50);
+    // in any one-second window: at most the rate plus the burst
+    const busiest = Math.max(...times.map((t) => times.filter((u) => u >= t && u < t + 1000).length));
+    expect(busiest).toBeLessThanOrEqual(22);
+    expect((times.at(-1)! - times[0]!) / 1000).toBeGreaterThanOrEqual((50 - 2) / 20 - 0.1);
+  });
+});
+
+describe('429 pause', () => {
+  it('a 429 pauses the endpoint for every listener until Retry-After, and the status view says why', async () => {
+    await enqueueMany(10);
+    const [first] = await claim('a', 0, 1);
+    await report('a', 10, [{ request_id: first!, outcome: 'retryable', http_status: 429, retry_after_ms: 3000 }]);
+    expect(await claim('b', 20)).toEqual([]);
+    expect(await claim('b', 2900)).toEqual([]);
+    const { rows } = await q(`select paused_until, pause_reason from cloud.endpoint`);
+    expect(new Date(rows[0].paused_until).getTime()).toBe(T0 + 3010);
+    expect(rows[0].pause_reason).toMatch(/429/);
+    const wait = await q(`select extract(epoch from cloud.next_due_at(null, $1) - $1)::float8 as s`, [at(20)]);
+    expect(wait.rows[0].s).toBeCloseTo(2.99, 5);
+    expect((await claim('b', 3100)).length).toBeGreaterThan(0);
+  });
+
+  it('erp-cloud status shows the pause and its reason, and the circuit', async () => {
+    await q(`update cloud.endpoint set paused_until = now() + interval '1 minute', pause_reason = 'HTTP 429 from the cloud', circuit_state = 'open', circuit_opened_at = now(), circuit_reason = '5 consecutive failures; last: HTTP 503'`);
+    const { execFile } = await import('node:child_process');
+    const out = await new Promise<string>((resolve, reject) =>
+      execFile(process.execPath, ['dist/listener/cli.js', '-c', db.url, 'status'], (err, stdout) => (err ? reject(err) : resolve(stdout))),
+    );
+    expect(out).toMatch(/circuit_state\s+paused_until/);
+    expect(out).toMatch(/^hook\s.*\sopen\s+20\d\d-/m);
+    expect(out).toMatch(/hook: circuit open since .*5 consecutive failures; last: HTTP 503; HTTP 429 from the cloud/);
+  });
+});
+
+describe('circuit breaker', () => {
+  beforeEach(async () => {
+    await q(`select cloud.put_endpoint_limits('hook', null, 1, 3, 10000)`);
+  });
+
+  it('consecutive cloud failures open the circuit: the rest stay pending without burning attempts', async () => {
+    await enqueueMany(20);
+    const batch = await claim('a', 0, 3);
+    await report('a', 100, batch.map((id) => ({ request_id: id, outcome: 'retryable', http_status: 503 })));
+    const ep = await endpoint();
+    expect(ep).toMatchObject({ circuit_state: 'open', circuit_failures: 3 });
+    expect(ep.circuit_reason).toMatch(/3 consecutive failures/);
+    expect(await claim('b', 5000)).toEqual([]);
+    const attempts = await q(`select sum(attempts)::int n from cloud.outbox`);
+    expect(attempts.rows[0].n).toBe(3);
+  });
+
+  it('after the cool-down exactly one probe goes; its success closes the circuit and the backlog drains', async () => {
+    await enqueueMany(20);
+    const batch = await claim('a', 0, 3);
+    await report('a', 100, batch.map((id) => ({ request_id: id, outcome: 'retryable', http_status: 502 })));
+    const probe = await claim('a', 10_200);
+    expect(probe).toHaveLength(1);
+    expect((await endpoint()).circuit_state).toBe('half_open');
+    expect(await claim('b', 10_300)).toEqual([]);
+    await report('a', 10_400, [{ request_id: probe[0]!, outcome: 'ok', http_status: 200 }]);
+    expect(await endpoint()).toMatchObject({ circuit_state: 'closed', circuit_failures: 0 });
+    expect(await claim('b', 20_000)).toHaveLength(19); // 20 - the probe (the three failed ones are due again)
+  });
+
+  it('a failed probe re-opens the circuit for another cool-down', async () => {
+    await enqueueMany(5);
+    const batch = await claim('a', 0, 3);
+    await report('a', 100, batch.map((id) => ({ request_id: id, outcome: 'retryable', http_status: null })));
+    const probe = await claim('a', 10_200);
+    await report('a', 10_300, [{ request_id: probe[0]!, outcome: 'retryable', http_status: 504 }]);
+    const ep = await endpoint();
+    expect(ep.circuit_state).toBe('open');
+    expect(new Date(ep.circuit_opened_at).getTime()).toBe(T0 + 10_300);
+    expect(await claim('a', 15_000)).toEqual([]);
+    expect(await claim('a', 20_400)).toHaveLength(1);
+  });
+
+  it('a lost probe (its listener died) does not leave the circuit half-open forever', async () => {
+    await enqueueMany(5);
+    const batch = await claim('a', 0, 3);
+    await report('a', 100, batch.map((id) => ({ request_id: id, outcome: 'retryable', http_status: 500 })));
+    await claim('dies', 10_200);
+    await q(`select cloud.reap_expired_leases($1)`, [at(30_000)]);
+    expect((await endpoint()).circuit_state).toBe('open');
+    expect(await claim('a', 40_100)).toHaveLength(1);
+  });
+
+  it("4xx answers are the message's problem, not the cloud's: they never open the circuit", async () => {
+    await enqueueMany(10);
+    const batch = await claim('a', 0, 10);
+    await report('a', 100, batch.map((id) => ({ request_id: id, outcome: 'permanent', http_status: 400 })));
+    expect(await endpoint()).toMatchObject({ circuit_state: 'closed', circuit_failures: 0 });
+  });
+
+  it('a cloud outage costs the ERP nothing: 5,000 documents wait behind the open circuit and are delivered once after recovery', async () => {
+    await q(`select cloud.put_endpoint_limits('hook', null, 1, 5, 500)`);
+    sim.setFaults({ fault: { kind: 'status', status: 503 } });
+    listeners.push(await startListener(db.url));
+    for (let i = 0; i < 10; i++) {
+      // the ERP keeps committing during the outage, 500 documents a transaction
+      await q(`select cloud.enqueue_message('hook', 'demo.ping', jsonb_build_object('batch', $1::int, 'n', g)) from generate_series(1, 500) g`, [i]);
+    }
+    await waitFor(async () => (await endpoint()).circuit_state !== 'closed', { what: 'circuit open' });
+    await new Promise((r) => setTimeout(r, 2500)); // several cool-downs and probes into the outage
+    const during = await q(`select count(*) filter (where attempts > 0)::int touched, max(attempts)::int most from cloud.outbox`);
+    expect(during.rows[0].touched).toBeLessThan(200); // the first batch in flight plus probes, not 5,000
+    sim.setFaults(null);
+    await waitFor(async () => (await statusCounts(db.pool)).sent === 5000, { timeoutMs: 40_000, what: '5,000 sent after recovery' });
+    expect(sim.ledger()).toHaveLength(5000);
+    const after = await q(`select max(attempts)::int most, avg(attempts)::float8 mean from cloud.outbox`);
+    expect(after.rows[0].most).toBeLessThanOrEqual(6);
+    expect(after.rows[0].mean).toBeLessThan(1.2);
+    expect((await endpoint()).circuit_state).toBe('closed');
+  });
+});
