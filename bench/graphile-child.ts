@@ -10,6 +10,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { Logger, run, type Runner, type Task } from 'graphile-worker';
+import type { EgressPolicy } from '../listener/egress.js';
 import { attemptDelivery, closeAgents } from '../listener/http.js';
 import type { ClaimedMessage } from '../listener/providers/index.js';
 
@@ -20,6 +21,8 @@ const env = (k: string, d?: string): string => {
 };
 
 const sinkUrl = env('SINK_URL');
+/** The same egress check the listener makes, with the sink's loopback address allowed as the bench endpoint allows it. */
+const SINK_POLICY: EgressPolicy = { endpoint: 'sink', baseHost: new URL(sinkUrl).hostname, allowHosts: [], allowCidrs: [], allowPrivate: true };
 const quiet = new Logger(() => (level, message) => {
   if (level === 'error') process.stderr.write(`graphile-worker ${level}: ${message}\n`);
 });
@@ -40,7 +43,7 @@ const deliver: Task = async (payload, helpers) => {
     endpoint_config: {},
     locked_until: new Date(Date.now() + 15_000),
   };
-  const result = await attemptDelivery(msg, { logBodyBytes: 64 * 1024 });
+  const result = await attemptDelivery(msg, { logBodyBytes: 64 * 1024, policy: SINK_POLICY });
   if (result.outcome !== 'ok') throw new Error(`${result.error_class}: ${result.error_message}`);
 };
 

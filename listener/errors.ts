@@ -14,6 +14,7 @@ export const SqlState = {
   invalidEndpointSetting: 'EC008',
   messageNotSkippable: 'EC009',
   invalidLimitSetting: 'EC010',
+  invalidAllowlistSetting: 'EC011',
 } as const;
 
 export type SqlStateName = keyof typeof SqlState;

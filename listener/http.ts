@@ -6,6 +6,7 @@
 import http from 'node:http';
 import https from 'node:https';
 import { got, RequestError } from 'got';
+import { assertUrlAllowed, guardedLookup, type EgressPolicy } from './egress.js';
 import { adapterFor, type ClaimedMessage, type OutgoingRequest, type Verdict } from './providers/index.js';
 
 /** The JSON shape of cloud.attempt_result (one cloud.log row + the verdict). */
@@ -66,6 +67,10 @@ function cap(text: string, maxBytes: number): string {
 }
 
 function networkVerdict(err: unknown, timeoutMs: number): Verdict {
+  if ((err as { code?: string }).code === 'EEGRESS') {
+    // a forbidden address stays forbidden: retrying cannot help
+    return { outcome: 'permanent', errorClass: 'egress_refused', message: (err as Error).message };
+  }
   if (err instanceof RequestError) {
     if (err.name === 'TimeoutError') return { outcome: 'retryable', errorClass: 'timeout', message: `no answer within ${timeoutMs} ms` };
     return { outcome: 'retryable', errorClass: err.code ? err.code.toLowerCase() : 'network', message: err.message };
@@ -75,35 +80,24 @@ function networkVerdict(err: unknown, timeoutMs: number): Verdict {
 
 export interface AttemptOptions {
   logBodyBytes: number;
+  /** Where this endpoint may connect (cloud.endpoint allow_*); see egress.ts. */
+  policy: EgressPolicy;
   signal?: AbortSignal;
 }
 
 /** Sends one attempt for a claimed message and returns its record; never throws. */
 export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions): Promise<AttemptResult> {
-  const startedAt = new Date();
   const t0 = performance.now();
-  const base = {
-    request_id: msg.request_id,
-    attempt: msg.attempt,
-    started_at: startedAt.toISOString(),
-  };
+  const base = { request_id: msg.request_id, attempt: msg.attempt, started_at: new Date().toISOString() };
   const adapter = adapterFor(msg.provider);
   if (!adapter) {
-    return {
-      ...base, outcome: 'permanent', method: null, url: null, request_headers: null, request_body: null, http_status: null,
-      response_headers: null, response_body: null, response: null, duration_ms: 0, error_class: 'unknown_provider',
-      error_message: `endpoint ${msg.endpoint} names provider "${msg.provider}", which this listener does not have`, retry_after_ms: null,
-    };
+    return notSent(msg, 'permanent', 'unknown_provider', `endpoint ${msg.endpoint} names provider "${msg.provider}", which this listener does not have`);
   }
   let req: OutgoingRequest;
   try {
     req = await adapter.buildRequest(msg);
   } catch (err) {
-    return {
-      ...base, outcome: 'permanent', method: null, url: null, request_headers: null, request_body: null, http_status: null,
-      response_headers: null, response_body: null, response: null, duration_ms: performance.now() - t0, error_class: 'build_request',
-      error_message: err instanceof Error ? err.message : String(err), retry_after_ms: null,
-    };
+    return notSent(msg, 'permanent', 'build_request', err instanceof Error ? err.message : String(err), performance.now() - t0);
   }
   const headers = { ...req.headers, 'x-request-id': msg.request_id, 'idempotency-key': msg.request_id };
   const secrets = req.secrets ?? [];
@@ -118,7 +112,9 @@ export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions)
   let responseHeaders: Record<string, unknown> | null = null;
   let responseBody: string | null = null;
   try {
+    assertUrlAllowed(req.url, opts.policy);
     const res = await client(req.url, {
+      dnsLookup: guardedLookup(opts.policy) as never,
       method: req.method,
       headers,
       body: req.body,
@@ -144,6 +140,15 @@ export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions)
     error_class: verdict.outcome === 'ok' ? null : verdict.errorClass,
     error_message: verdict.outcome === 'ok' ? null : redactText(verdict.message, secrets),
     retry_after_ms: verdict.outcome === 'retryable' ? verdict.retryAfterMs ?? null : null,
+  };
+}
+
+/** The record of an attempt that never reached the network (no adapter, no request, no policy). */
+export function notSent(msg: ClaimedMessage, outcome: 'retryable' | 'permanent', errorClass: string, message: string, durationMs = 0): AttemptResult {
+  return {
+    request_id: msg.request_id, attempt: msg.attempt, outcome, method: null, url: null, request_headers: null, request_body: null,
+    http_status: null, response_headers: null, response_body: null, response: null, duration_ms: durationMs,
+    error_class: errorClass, error_message: message, retry_after_ms: null, started_at: new Date().toISOString(),
   };
 }
 

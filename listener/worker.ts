@@ -10,7 +10,8 @@ import os from 'node:os';
 import type pg from 'pg';
 import type { Config } from './config.js';
 import { createListenConnection, type ListenConnection } from './db.js';
-import { attemptDelivery, type AttemptResult } from './http.js';
+import { policyOf, type EgressPolicy } from './egress.js';
+import { attemptDelivery, notSent, type AttemptResult } from './http.js';
 import type { Logger } from './logger.js';
 import type { Metrics } from './metrics.js';
 import type { ClaimedMessage } from './providers/index.js';
@@ -40,6 +41,7 @@ export class Worker {
   private dueAt = Infinity;
   private retryTimer: NodeJS.Timeout | null = null;
   private cronScheduled = false;
+  private policies = new Map<string, EgressPolicy>();
   private dbOk = true;
   private lastDbError: string | null = null;
 
@@ -114,7 +116,7 @@ export class Worker {
   private dispatch(msg: ClaimedMessage): void {
     const abort = new AbortController();
     this.inflight.set(msg.request_id, abort);
-    void attemptDelivery(msg, { logBodyBytes: this.config.ERP_CLOUD_LOG_BODY_BYTES, signal: abort.signal }).then((result) => {
+    void this.attempt(msg, abort.signal).then((result) => {
       this.inflight.delete(msg.request_id);
       if (abort.signal.aborted && result.outcome !== 'ok') {
         result.error_class = 'shutdown';
@@ -127,6 +129,17 @@ export class Worker {
       // HTTP calls and database round trips then overlap instead of taking turns
       if (this.config.ERP_CLOUD_CONCURRENCY - this.inflight.size >= this.refillAt) this.wake();
     });
+  }
+
+  private async attempt(msg: ClaimedMessage, signal: AbortSignal): Promise<AttemptResult> {
+    let policy: EgressPolicy;
+    try {
+      policy = await this.policyFor(msg.endpoint);
+    } catch (err) {
+      // nothing went out: an attempt that could not learn where it may go
+      return notSent(msg, 'retryable', 'egress_policy_unavailable', `could not load the allowlist of endpoint ${msg.endpoint}: ${errText(err)}`);
+    }
+    return attemptDelivery(msg, { logBodyBytes: this.config.ERP_CLOUD_LOG_BODY_BYTES, signal, policy });
   }
 
   /** Reports finished attempts in batches; while one report is running the next batch accumulates. */
@@ -188,6 +201,7 @@ export class Worker {
     if (this.stopping) return;
     try {
       const channels = await this.loadChannels();
+      await this.loadPolicies();
       await this.pool.query(sql.listenerHeartbeat, [this.id, channels]);
       if (channels.some((c) => !this.channels.includes(c))) {
         await this.listen?.listenTo(channels);
@@ -204,6 +218,18 @@ export class Worker {
       this.markDb(err);
       this.log.warn({ err: errText(err) }, 'maintenance failed');
     }
+  }
+
+  /** The endpoint's allowlist, refreshed with every maintenance tick; a new endpoint is loaded on first use. */
+  private async policyFor(endpoint: string): Promise<EgressPolicy> {
+    if (!this.policies.has(endpoint)) await this.loadPolicies();
+    // an endpoint deleted meanwhile: nothing but its own host, no private addresses
+    return this.policies.get(endpoint) ?? { endpoint, baseHost: '', allowHosts: [], allowCidrs: [], allowPrivate: false };
+  }
+
+  private async loadPolicies(): Promise<void> {
+    const { rows } = await this.pool.query(sql.egressPolicies);
+    this.policies = new Map(rows.map((r) => [r.name as string, policyOf(r)]));
   }
 
   private async loadChannels(): Promise<string[]> {

@@ -29,6 +29,8 @@ curl -fsS -X POST "$sim_url/__sim/faults" -H 'content-type: application/json' \
 echo "== 3. a sample ERP table whose approval is sent to the cloud (trigger → outbox, handler → write-back)"
 PGOPTIONS='-c client_min_messages=warning' psql_ -o /dev/null <<SQL
 select cloud.put_endpoint('demo_webhook', '$sim_url/webhook', p_timeout_ms => 2000, p_backoff_base_ms => 500, p_backoff_cap_ms => 5000);
+-- the simulator runs on 127.0.0.1: private addresses must be allowed explicitly
+select cloud.put_endpoint_allowlist('demo_webhook', '{}', '{}', true);
 create schema if not exists demo;
 create table if not exists demo.sales_order (
   id bigint generated always as identity primary key,

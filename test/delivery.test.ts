@@ -29,6 +29,7 @@ beforeEach(async () => {
   await db.pool.query(`truncate cloud.outbox, cloud.log, cloud.replay_audit, cloud.listener`);
   await db.pool.query(`delete from cloud.endpoint`);
   await db.pool.query(`select cloud.put_endpoint('hook', $1, p_timeout_ms => 1000, p_max_attempts => 5, p_backoff_base_ms => 1000, p_backoff_cap_ms => 60000)`, [`${sim.url}/webhook`]);
+  await db.pool.query(`select cloud.put_endpoint_allowlist('hook', '{}', '{}', true)`); // the simulator is on 127.0.0.1
 });
 
 async function listen(env: Record<string, string> = {}): Promise<InProcessListener> {

@@ -5,6 +5,7 @@
  */
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { assertAddressAllowed, assertUrlAllowed, classifyAddress, EgressRefused, type EgressPolicy } from '../listener/egress.js';
 import { SqlState } from '../listener/errors.js';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
 import { createTestDb, sqlstateOf, statusCounts, waitFor, type TestDb } from './helpers/db.js';
@@ -32,6 +33,7 @@ beforeEach(async () => {
   await q(`truncate cloud.outbox, cloud.log, cloud.listener`);
   await q(`delete from cloud.endpoint`);
   await q(`select cloud.put_endpoint('hook', $1, p_timeout_ms => 500, p_backoff_base_ms => 100, p_backoff_cap_ms => 1000, p_max_attempts => 20)`, [`${sim.url}/webhook`]);
+  await q(`select cloud.put_endpoint_allowlist('hook', '{}', '{}', true)`); // the simulator is on 127.0.0.1
 });
 
 const T0 = Date.parse('2030-01-01T00:00:00Z');
@@ -184,5 +186,71 @@ describe('circuit breaker', () => {
     expect(after.rows[0].most).toBeLessThanOrEqual(6);
     expect(after.rows[0].mean).toBeLessThan(1.2);
     expect((await endpoint()).circuit_state).toBe('closed');
+  });
+});
+
+describe('allowlist and SSRF', () => {
+  const policy = (over: Partial<EgressPolicy> = {}): EgressPolicy => ({
+    endpoint: 'tax', baseHost: 'api.tax.example', allowHosts: ['*.files.example'], allowCidrs: [], allowPrivate: false, ...over,
+  });
+
+  it('addresses are classified: loopback, private, link-local, metadata, mapped IPv6', () => {
+    expect(['127.0.0.1', '10.1.2.3', '172.20.0.1', '192.168.1.1', '100.64.0.1', '169.254.1.1', '169.254.169.254', '100.100.100.200', '::1', 'fe80::1', 'fd12::1', '::ffff:10.0.0.1', '0.0.0.0', '8.8.8.8', '2001:4860:4860::8888']
+      .map(classifyAddress)).toEqual(['loopback', 'private', 'private', 'private', 'private', 'link-local', 'metadata', 'metadata', 'loopback', 'link-local', 'private', 'private', 'unspecified', 'public', 'public']);
+  });
+
+  it('only the endpoint host and its allowed hosts pass, and never with credentials or another scheme', () => {
+    expect(() => assertUrlAllowed('https://api.tax.example/v1', policy())).not.toThrow();
+    expect(() => assertUrlAllowed('https://pdf.files.example/a.pdf', policy())).not.toThrow();
+    for (const url of ['https://files.example.evil.test/x', 'https://evil.test/x', 'https://api.tax.example@evil.test/x', 'ftp://api.tax.example/x', 'file:///etc/passwd', 'http://user:pw@api.tax.example/']) {
+      expect(() => assertUrlAllowed(url, policy()), url).toThrow(EgressRefused);
+    }
+  });
+
+  it('metadata addresses are refused even where private addresses are allowed; ranges restrict further', () => {
+    expect(() => assertAddressAllowed('169.254.169.254', policy({ allowPrivate: true }))).toThrow(/metadata/);
+    expect(() => assertAddressAllowed('10.0.0.5', policy())).toThrow(/private/);
+    expect(() => assertAddressAllowed('10.0.0.5', policy({ allowPrivate: true }))).not.toThrow();
+    expect(() => assertAddressAllowed('8.8.8.8', policy({ allowCidrs: ['203.0.113.0/24'] }))).toThrow(/outside the address ranges/);
+    expect(() => assertAddressAllowed('203.0.113.9', policy({ allowCidrs: ['203.0.113.0/24'] }))).not.toThrow();
+  });
+
+  it('an endpoint on a loopback address is refused unless it allows private addresses: failed, logged, nothing sent', async () => {
+    await q(`select cloud.put_endpoint_allowlist('hook', '{}', '{}', false)`);
+    listeners.push(await startListener(db.url));
+    const { rows } = await q(`select cloud.enqueue_message('hook', 'demo.ping', '{}') as id`);
+    await waitFor(async () => (await q(`select status from cloud.outbox`)).rows[0]?.status === 'failed', { what: 'failed' });
+    const log = await q(`select outcome, error_class, error_message from cloud.log where request_id = $1`, [rows[0].id]);
+    expect(log.rows).toEqual([{ outcome: 'permanent', error_class: 'egress_refused', error_message: expect.stringMatching(/127\.0\.0\.1 is a loopback address/) }]);
+    expect(sim.requests()).toEqual([]);
+  });
+
+  it('a URL bent to another host (user-info trick toward the metadata service) is refused, not retried', async () => {
+    await q(`select cloud.put_endpoint('hook', $1, p_config => '{"path":"@169.254.169.254/latest/meta-data"}', p_max_attempts => 5)`, [sim.url]);
+    listeners.push(await startListener(db.url));
+    await q(`select cloud.enqueue_message('hook', 'demo.ping', '{}')`);
+    await waitFor(async () => (await q(`select status from cloud.outbox`)).rows[0]?.status === 'failed', { what: 'failed' });
+    const { rows } = await q(`select attempts, last_error_class, last_error from cloud.outbox`);
+    expect(rows[0]).toMatchObject({ attempts: 1, last_error_class: 'egress_refused' });
+    expect(rows[0].last_error).toMatch(/credentials in the URL|not allowed/);
+    expect(sim.requests()).toEqual([]);
+  });
+
+  it('a name that resolves to an address outside the allowed ranges is refused at connect time', async () => {
+    await q(`select cloud.put_endpoint('hook', $1)`, [`http://localhost:${new URL(sim.url).port}/webhook`]);
+    await q(`select cloud.put_endpoint_allowlist('hook', '{}', '{203.0.113.0/24}', true)`);
+    listeners.push(await startListener(db.url));
+    await q(`select cloud.enqueue_message('hook', 'demo.ping', '{}')`);
+    await waitFor(async () => (await q(`select status from cloud.outbox`)).rows[0]?.status === 'failed', { what: 'failed' });
+    expect((await q(`select last_error from cloud.outbox`)).rows[0].last_error).toMatch(/outside the address ranges allowed for endpoint hook/);
+    await q(`select cloud.put_endpoint_allowlist('hook', '{}', '{127.0.0.0/8,::1/128}', true)`);
+    await new Promise((r) => setTimeout(r, 800)); // listeners pick allowlist changes up on their maintenance tick (500 ms here)
+    await q(`select cloud.enqueue_message('hook', 'demo.ping', '{}')`);
+    await waitFor(async () => (await statusCounts(db.pool)).sent === 1, { timeoutMs: 10_000, what: 'sent once the range allows it' });
+  });
+
+  it('a bad allowed host is refused with EC011', async () => {
+    expect(await sqlstateOf(q(`select cloud.put_endpoint_allowlist('hook', '{"https://x.example/"}')`))).toBe(SqlState.invalidAllowlistSetting);
+    expect(await sqlstateOf(q(`select cloud.put_endpoint_allowlist('nope', '{}')`))).toBe(SqlState.unknownEndpoint);
   });
 });

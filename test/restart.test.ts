@@ -33,6 +33,7 @@ beforeAll(async () => {
   pool = new pg.Pool({ connectionString: url, max: 2 });
   pool.on('error', () => undefined);
   await pool.query(`select cloud.put_endpoint('hook', $1, p_timeout_ms => 1000, p_backoff_base_ms => 100, p_backoff_cap_ms => 1000)`, [`${sim.url}/webhook`]);
+  await pool.query(`select cloud.put_endpoint_allowlist('hook', '{}', '{}', true)`);
 }, 60_000);
 
 afterAll(async () => {

@@ -17,6 +17,7 @@
 import pg from 'pg';
 import type { BenchContext } from '../lib/context.js';
 import { benchClient } from '../lib/db.js';
+import { enqueueBenchMessages } from '../lib/outbox.js';
 import { progress, round, sleep } from '../lib/util.js';
 
 const WORKER = 'bench';
@@ -69,12 +70,9 @@ export interface ClaimResult {
   plansText: string;
 }
 
+/** n messages in one statement (n <= ENQUEUE_CHUNK everywhere below). */
 async function enqueue(c: pg.Client, n: number): Promise<void> {
-  await c.query(
-    `select count(cloud.enqueue_message('sink', 'bench.ping', jsonb_build_object('i', g, 'note', 'benchmark message')))
-       from generate_series(1, $1::int) g`,
-    [n],
-  );
+  await enqueueBenchMessages(c, n, ENQUEUE_CHUNK);
 }
 
 /** One claim + record cycle; returns how many messages it moved. */

@@ -8,7 +8,7 @@
  * from spawn until the job table is empty. Both systems include their process
  * start-up in the time, and both databases are ANALYZEd after the load.
  * Each run also records the CPU seconds its worker process(es), its database
- * backends and the sink used, per message.
+ * backends (the bench's own connections excluded) and the sink used, per message.
  */
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -16,8 +16,9 @@ import { runMigrations, Logger } from 'graphile-worker';
 import pg from 'pg';
 import type { BenchContext } from '../lib/context.js';
 import { benchPool } from '../lib/db.js';
-import { backendPids, machineTicks, procCpuSeconds, sumCpu } from '../lib/cpu.js';
-import { LISTENER_ENV, spawnListener, stopListener, type ListenerProc } from '../lib/listeners.js';
+import { cpuMark, cpuSince, type CpuScope, type CpuUse } from '../lib/cpu.js';
+import { listenerSettings, spawnListener, stopListener, type ListenerProc } from '../lib/listeners.js';
+import { enqueueBenchMessages } from '../lib/outbox.js';
 import { forkChild, stopChild } from '../lib/procs.js';
 import { epochMs, progress, round, waitFor } from '../lib/util.js';
 
@@ -42,46 +43,9 @@ export interface RunResult {
   config: Record<string, unknown>;
 }
 
-export interface CpuUse {
-  worker_s: number | null;
-  worker_ms_per_msg: number | null;
-  db_backends_s: number | null;
-  db_ms_per_msg: number | null;
-  sink_s: number | null;
-  machine_busy_pct: number | null;
-}
-
-interface CpuMark {
-  backends: Map<number, number>;
-  sink: number | null;
-  machine: { busy: number; total: number } | null;
-}
-
-async function cpuMark(ctx: BenchContext, pool: pg.Pool, db: string): Promise<CpuMark> {
-  const backends = new Map<number, number>();
-  for (const pid of await backendPids(pool, db)) backends.set(pid, procCpuSeconds(pid) ?? 0);
-  return { backends, sink: procCpuSeconds(ctx.sink.child.proc.pid), machine: machineTicks() };
-}
-
-/** CPU used since `start` by the worker processes, the database's backends (minus what the bench's own had used) and the sink. */
-async function cpuSince(ctx: BenchContext, pool: pg.Pool, db: string, start: CpuMark, workerPids: Array<number | undefined>, n: number): Promise<CpuUse> {
-  const worker = workerPids.some((p) => procCpuSeconds(p) !== null) ? sumCpu(workerPids) : null;
-  let dbCpu: number | null = null;
-  for (const pid of await backendPids(pool, db)) {
-    const now = procCpuSeconds(pid);
-    if (now !== null) dbCpu = (dbCpu ?? 0) + now - (start.backends.get(pid) ?? 0);
-  }
-  const sinkNow = procCpuSeconds(ctx.sink.child.proc.pid);
-  const m = machineTicks();
-  const perMsg = (x: number | null) => (x === null ? null : round((x * 1000) / n, 3));
-  return {
-    worker_s: worker === null ? null : round(worker, 2),
-    worker_ms_per_msg: perMsg(worker),
-    db_backends_s: dbCpu === null ? null : round(dbCpu, 2),
-    db_ms_per_msg: perMsg(dbCpu),
-    sink_s: sinkNow !== null && start.sink !== null ? round(sinkNow - start.sink, 2) : null,
-    machine_busy_pct: m && start.machine ? round((100 * (m.busy - start.machine.busy)) / Math.max(1, m.total - start.machine.total), 1) : null,
-  };
+/** The CPU a run's system took: its worker process(es), its database backends (not the bench's own), the sink. */
+function cpuScope(ctx: BenchContext, pool: pg.Pool, db: string, workerPids: Array<number | undefined>): CpuScope {
+  return { pool, db, workerPids, sinkPid: ctx.sink.child.proc.pid };
 }
 
 export interface DeliveryResult {
@@ -115,17 +79,12 @@ async function erpCloudRun(ctx: BenchContext, n: number, listeners: number, time
   const procs: ListenerProc[] = [];
   try {
     await pool.query(`select cloud.put_endpoint('sink', $1)`, [`${ctx.sink.url}/webhook`]);
-    for (let from = 1; from <= n; from += CHUNK) {
-      await pool.query(
-        `select count(cloud.enqueue_message('sink', 'bench.ping', jsonb_build_object('i', g, 'note', 'benchmark message')))
-           from generate_series($1::int, $2::int) g`,
-        [from, Math.min(n, from + CHUNK - 1)],
-      );
-    }
+    await pool.query(`select cloud.put_endpoint_allowlist('sink', '{}', '{}', true)`); // the sink is on 127.0.0.1
+    await enqueueBenchMessages(pool, n, CHUNK);
     if (ANALYZE) await pool.query('analyze cloud.outbox');
     await ctx.sink.reset();
 
-    const mark = await cpuMark(ctx, pool, db.name);
+    const mark = await cpuMark(cpuScope(ctx, pool, db.name, []));
     const t0 = epochMs();
     for (let i = 0; i < listeners; i++) procs.push(spawnListener(db.url, `bench-deliv-${i + 1}`));
     const alive = () => {
@@ -145,7 +104,7 @@ async function erpCloudRun(ctx: BenchContext, n: number, listeners: number, time
       { timeoutMs: 30_000, intervalMs: 20, what: 'every outbox row to be sent' },
     );
     const seconds = (epochMs() - t0) / 1000;
-    const cpu = await cpuSince(ctx, pool, db.name, mark, procs.map((p) => p.proc.pid), n);
+    const cpu = await cpuSince(cpuScope(ctx, pool, db.name, procs.map((p) => p.proc.pid)), mark, n);
     const logRows = (await pool.query<{ n: number }>('select count(*)::int n from cloud.log')).rows[0]!.n;
     const result: RunResult = {
       system: `erp-cloud x${listeners}`,
@@ -155,7 +114,7 @@ async function erpCloudRun(ctx: BenchContext, n: number, listeners: number, time
       ...(await sinkRates(ctx, n)),
       log_rows: logRows,
       cpu,
-      config: { listeners, analyzed_after_load: ANALYZE, ...LISTENER_ENV, listener_defaults: 'ERP_CLOUD_* not listed here: CONCURRENCY=64 BATCH_SIZE=100 POOL_SIZE=8 POLL_MS=500' },
+      config: { ...listenerSettings(listeners), analyzed_after_load: ANALYZE },
     };
     progress(`  ${result.system}: ${n} msgs in ${result.seconds}s = ${result.per_s}/s (sink window ${result.sink_window_per_s}/s) cpu ${JSON.stringify(cpu)}`);
     return result;
@@ -184,7 +143,7 @@ async function graphileRun(ctx: BenchContext, n: number, timeoutMs: number): Pro
     if (ANALYZE) await pool.query('analyze graphile_worker._private_jobs');
     await ctx.sink.reset();
 
-    const mark = await cpuMark(ctx, pool, db.name);
+    const mark = await cpuMark(cpuScope(ctx, pool, db.name, []));
     const t0 = epochMs();
     const c = forkChild('graphile-worker', path.join(here, '..', 'graphile-child.js'), {
       env: {
@@ -213,7 +172,7 @@ async function graphileRun(ctx: BenchContext, n: number, timeoutMs: number): Pro
       { timeoutMs: 30_000, intervalMs: 20, what: 'graphile-worker to finish every job' },
     );
     const seconds = (epochMs() - t0) / 1000;
-    const cpu = await cpuSince(ctx, pool, db.name, mark, [c.proc.pid], n);
+    const cpu = await cpuSince(cpuScope(ctx, pool, db.name, [c.proc.pid]), mark, n);
     const result: RunResult = {
       system: 'graphile-worker',
       messages: n,

@@ -8,7 +8,7 @@
 import pg from 'pg';
 import type { BenchContext } from '../lib/context.js';
 import { benchClient, benchPool } from '../lib/db.js';
-import { LISTENER_ENV, spawnListener, stopListener, waitListenerIdle, type ListenerProc } from '../lib/listeners.js';
+import { listenerSettings, spawnListener, stopListener, waitListenerIdle, type ListenerProc } from '../lib/listeners.js';
 import { epochMs, percentile, progress, round, sleep, waitFor } from '../lib/util.js';
 
 export interface LatencyResult {
@@ -61,6 +61,7 @@ export async function latencyFigure(ctx: BenchContext): Promise<LatencyResult> {
   let listener: ListenerProc | null = null;
   try {
     await pool.query(`select cloud.put_endpoint('sink', $1)`, [`${ctx.sink.url}/webhook`]);
+    await pool.query(`select cloud.put_endpoint_allowlist('sink', '{}', '{}', true)`); // the sink is on 127.0.0.1
     await client.connect();
     listener = spawnListener(db.url, 'bench-latency');
     await waitListenerIdle(pool, listener);
@@ -96,7 +97,7 @@ export async function latencyFigure(ctx: BenchContext): Promise<LatencyResult> {
         min_ms: round(Math.min(...lat), 2),
         over_100ms: lat.filter((x) => x > 100).length,
         warmup_messages: warmup,
-        config: { listeners: 1, ...LISTENER_ENV, listener_defaults: 'ERP_CLOUD_* not listed here: CONCURRENCY=64 BATCH_SIZE=100 POOL_SIZE=8 POLL_MS=500' },
+        config: listenerSettings(1),
       },
     };
     progress(`  p50 ${result.latency_p50_ms} ms, p99 ${result.latency_p99_ms} ms, max ${result.latency.max_ms} ms`);

@@ -1,7 +1,8 @@
 /**
  * CPU accounting from /proc (Linux; elsewhere every figure is null): CPU
  * seconds used by a process, and by the PostgreSQL backends connected to one
- * database. Used to show where the CPU of a 2-core box goes per message.
+ * database, between a mark and now. Used to show where the CPU of a 2-core box
+ * goes per message (figures 1 and 3).
  */
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
@@ -34,19 +35,89 @@ export function procCpuSeconds(pid: number | undefined): number | null {
   }
 }
 
-/** Pids of the client backends connected to database `db` (excluding the asking session), optionally only those whose application_name starts with `app`. */
+/**
+ * Pids of the client backends connected to database `db`, optionally only those
+ * whose application_name starts with `app`. The asking session and the bench's
+ * own connections (application_name 'bench …', pgbench included) never count.
+ */
 export async function backendPids(pool: pg.Pool, db: string, app = ''): Promise<number[]> {
   const { rows } = await pool.query<{ pid: number }>(
     `select pid from pg_stat_activity
-      where datname = $1 and backend_type = 'client backend' and pid <> pg_backend_pid() and application_name like $2 || '%'`,
+      where datname = $1 and backend_type = 'client backend' and pid <> pg_backend_pid()
+        and application_name like $2 || '%' and application_name not like 'bench %'`,
     [db, app],
   );
   return rows.map((r) => r.pid);
 }
 
-/** Sum of CPU seconds over pids (missing ones count 0). */
-export function sumCpu(pids: Array<number | undefined>): number {
-  return pids.reduce<number>((a, pid) => a + (procCpuSeconds(pid) ?? 0), 0);
+/** Which processes a CPU measurement covers: worker processes by pid, database backends by application_name prefix, the sink. */
+export interface CpuScope {
+  pool: pg.Pool;
+  db: string;
+  /** Backends whose application_name starts with this ('' = every non-bench backend of the database). */
+  app?: string;
+  workerPids: Array<number | undefined>;
+  sinkPid: number | undefined;
+}
+
+export interface CpuMark {
+  workers: Map<number, number>;
+  backends: Map<number, number>;
+  sink: number | null;
+  machine: { busy: number; total: number } | null;
+}
+
+/** Where the CPU went during a measurement (Linux /proc; null elsewhere). */
+export interface CpuUse {
+  worker_s: number | null;
+  worker_ms_per_msg: number | null;
+  db_backends_s: number | null;
+  db_ms_per_msg: number | null;
+  sink_s: number | null;
+  machine_busy_pct: number | null;
+}
+
+function cpuByPid(pids: Array<number | undefined>): Map<number, number> {
+  const m = new Map<number, number>();
+  for (const pid of pids) {
+    const s = pid ? procCpuSeconds(pid) : null;
+    if (pid && s !== null) m.set(pid, s);
+  }
+  return m;
+}
+
+/** CPU counters at the start of a measurement. Workers or backends that appear later count from zero. */
+export async function cpuMark(scope: CpuScope): Promise<CpuMark> {
+  return {
+    workers: cpuByPid(scope.workerPids),
+    backends: cpuByPid(await backendPids(scope.pool, scope.db, scope.app ?? '')),
+    sink: procCpuSeconds(scope.sinkPid),
+    machine: machineTicks(),
+  };
+}
+
+/**
+ * CPU used since `start` by the worker processes, the database's backends in
+ * scope, and the sink; per message over `messages`. A backend that connected
+ * and disconnected in between is not seen (the systems measured keep theirs).
+ */
+export async function cpuSince(scope: CpuScope, start: CpuMark, messages: number): Promise<CpuUse> {
+  const delta = (now: Map<number, number>, then: Map<number, number>): number | null =>
+    now.size === 0 ? null : [...now].reduce((a, [pid, s]) => a + s - (then.get(pid) ?? 0), 0);
+  const worker = delta(cpuByPid(scope.workerPids), start.workers);
+  const dbCpu = delta(cpuByPid(await backendPids(scope.pool, scope.db, scope.app ?? '')), start.backends);
+  const sinkNow = procCpuSeconds(scope.sinkPid);
+  const m = machineTicks();
+  const perMsg = (x: number | null) => (x === null || messages <= 0 ? null : Math.round((x * 1e6) / messages) / 1000);
+  const r2 = (x: number) => Math.round(x * 100) / 100;
+  return {
+    worker_s: worker === null ? null : r2(worker),
+    worker_ms_per_msg: perMsg(worker),
+    db_backends_s: dbCpu === null ? null : r2(dbCpu),
+    db_ms_per_msg: perMsg(dbCpu),
+    sink_s: sinkNow !== null && start.sink !== null ? r2(sinkNow - start.sink) : null,
+    machine_busy_pct: m && start.machine ? Math.round((1000 * (m.busy - start.machine.busy)) / Math.max(1, m.total - start.machine.total)) / 10 : null,
+  };
 }
 
 /** Whole-machine busy and total jiffies (first line of /proc/stat). */

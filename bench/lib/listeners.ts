@@ -6,6 +6,7 @@
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
+import { loadConfig } from '../../listener/config.js';
 import { spawnChild, stopChild, type Child } from './procs.js';
 import { waitFor } from './util.js';
 
@@ -30,6 +31,20 @@ export const LISTENER_ENV: Record<string, string> = {
       .map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]),
   ),
 };
+
+/**
+ * The settings of a bench run's listeners, for the results: what the bench
+ * sets (LISTENER_ENV) and the effective values of the main knobs, read through
+ * the listener's own config parser (so its defaults are never copied by hand).
+ */
+export function listenerSettings(listeners: number): Record<string, unknown> {
+  const c = loadConfig({ DATABASE_URL: 'postgres://127.0.0.1/unused', ...LISTENER_ENV });
+  return {
+    listeners,
+    ...LISTENER_ENV,
+    effective: `CONCURRENCY=${c.ERP_CLOUD_CONCURRENCY} BATCH_SIZE=${c.ERP_CLOUD_BATCH_SIZE} POOL_SIZE=${c.ERP_CLOUD_POOL_SIZE} POLL_MS=${c.ERP_CLOUD_POLL_MS} MAINTENANCE_MS=${c.ERP_CLOUD_MAINTENANCE_MS} LEASE_MARGIN_MS=${c.ERP_CLOUD_LEASE_MARGIN_MS}`,
+  };
+}
 
 export interface ListenerProc extends Child {
   workerId: string;
