@@ -295,6 +295,18 @@ describe('cloud simulator framework', () => {
     expect(sim.requests()).toEqual([]);
   });
 
+  it('a gateway rate limit answers 429 with Retry-After past its burst, and produces no effect', async () => {
+    expect((await control(base, 'POST', 'rate-limit', { perSecond: 0.001, burst: 2 })).status).toBe(200);
+    const statuses = [];
+    for (const k of ['r1', 'r2', 'r3']) statuses.push((await post(base, '/webhook', {}, k)).status);
+    expect(statuses).toEqual([200, 200, 429]);
+    expect(sim.requests()[2]).toMatchObject({ key: 'r3', fault: 'rate_limited', status: 429 });
+    expect(sim.ledger().map((e) => e.key)).toEqual(['r1', 'r2']);
+    expect((await control(base, 'POST', 'rate-limit', { perSecond: -1 })).status).toBe(400);
+    sim.setRateLimit(null);
+    expect((await post(base, '/webhook', {}, 'r4')).status).toBe(200);
+  });
+
   it('close() does not wait for held timeout sockets', async () => {
     const held = await startSim({ routes: webhookRoutes() });
     held.setFaults({ fault: { kind: 'timeout' } });

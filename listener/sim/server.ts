@@ -129,6 +129,14 @@ export interface SimOptions {
   maxBodyBytes?: number;
   /** Random source for rate-based faults (default Math.random); inject one for deterministic tests. */
   random?: () => number;
+  /** Enforce a request rate like a real cloud gateway: over it, 429 with Retry-After. */
+  rateLimit?: RateLimit | null;
+}
+
+/** A cloud's own rate limit: a token bucket of `burst` refilled at `perSecond`. */
+export interface RateLimit {
+  perSecond: number;
+  burst: number;
 }
 
 export interface SimServer {
@@ -138,6 +146,7 @@ export interface SimServer {
   ledger(): LedgerEntry[];
   requests(): RequestRecord[];
   setFaults(plan: FaultPlan | null): void;
+  setRateLimit(limit: RateLimit | null): void;
   reset(): void;
 }
 
@@ -477,6 +486,29 @@ function formatUrl(host: string, port: number): string {
   return `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
 }
 
+/** The simulated gateway's token bucket (null = no limit). */
+class RateGate {
+  private tokens = 0;
+  private at = now();
+  constructor(private limit: RateLimit | null) {
+    this.set(limit);
+  }
+  set(limit: RateLimit | null): void {
+    this.limit = limit;
+    this.tokens = limit?.burst ?? 0;
+    this.at = now();
+  }
+  admit(): boolean {
+    if (!this.limit) return true;
+    const t = now();
+    this.tokens = Math.min(this.limit.burst, this.tokens + ((t - this.at) / 1000) * this.limit.perSecond);
+    this.at = t;
+    if (this.tokens < 1) return false;
+    this.tokens -= 1;
+    return true;
+  }
+}
+
 export async function startSim(opts: SimOptions = {}): Promise<SimServer> {
   const host = opts.host ?? '127.0.0.1';
   const routes = opts.routes ?? [];
@@ -484,6 +516,7 @@ export async function startSim(opts: SimOptions = {}): Promise<SimServer> {
   const maxBodyBytes = opts.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES;
 
   const faults = new FaultInjector(opts.random ?? Math.random);
+  const gate = new RateGate(opts.rateLimit ?? null);
   const ledger = new IdempotencyLedger();
   const requestLog: RequestRecord[] = [];
   const sockets = new Set<Socket>();
@@ -528,6 +561,14 @@ export async function startSim(opts: SimOptions = {}): Promise<SimServer> {
       case 'DELETE faults':
         faults.set(null);
         return jsonAnswer(200, { ok: true });
+      case 'POST rate-limit': {
+        const limit = body as RateLimit | null;
+        if (limit !== null && !(isRecord(limit) && limit.perSecond > 0 && limit.burst >= 1)) {
+          return jsonAnswer(400, { error: 'invalid_rate_limit', message: 'give {perSecond > 0, burst >= 1} or null' });
+        }
+        gate.set(limit);
+        return jsonAnswer(200, { ok: true });
+      }
       case 'POST reset':
         reset();
         return jsonAnswer(200, { ok: true });
@@ -611,6 +652,11 @@ export async function startSim(opts: SimOptions = {}): Promise<SimServer> {
     const fault = faults.next(key, path);
     record.fault = fault?.kind ?? null;
     if (fault && (await applyFault(fault, req, res, record))) return;
+    if (!gate.admit()) {
+      record.fault = 'rate_limited';
+      send(res, record, jsonAnswer(429, { error: 'rate_limited' }, { 'retry-after': '1' }));
+      return;
+    }
 
     const ctx: RouteContext = { key, body: parseBody(raw), rawBody: raw, headers: req.headers, method, path, query: url.searchParams };
     await serveRoute(ctx, res, record);
@@ -650,6 +696,7 @@ export async function startSim(opts: SimOptions = {}): Promise<SimServer> {
     ledger: () => ledger.entriesSnapshot(),
     requests: () => requestLog.map((record) => ({ ...record })),
     setFaults: (plan) => faults.set(plan),
+    setRateLimit: (limit) => gate.set(limit),
     reset,
   };
 }
