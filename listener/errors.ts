@@ -15,6 +15,16 @@ export const SqlState = {
   messageNotSkippable: 'EC009',
   invalidLimitSetting: 'EC010',
   invalidAllowlistSetting: 'EC011',
+  invalidQuotaSetting: 'EC012',
+  invalidSetting: 'EC013',
+  // System_Vault (sql/migrations/0004_vault.sql)
+  secretNotFound: 'EC020',
+  vaultKeyMismatch: 'EC021',
+  vaultKeyInvalid: 'EC022',
+  invalidSecretName: 'EC023',
+  secretValueEmpty: 'EC024',
+  secretUndecryptable: 'EC025',
+  vaultKeyUnchanged: 'EC026',
 } as const;
 
 export type SqlStateName = keyof typeof SqlState;

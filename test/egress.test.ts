@@ -30,7 +30,7 @@ beforeEach(async () => {
   await Promise.all(listeners.map((l) => l.stop()));
   listeners = [];
   sim.reset();
-  await q(`truncate cloud.outbox, cloud.log, cloud.listener`);
+  await q(`truncate cloud.outbox, cloud.log, cloud.listener, cloud.endpoint_usage`);
   await q(`delete from cloud.endpoint`);
   await q(`select cloud.put_endpoint('hook', $1, p_timeout_ms => 500, p_backoff_base_ms => 100, p_backoff_cap_ms => 1000, p_max_attempts => 20)`, [`${sim.url}/webhook`]);
   await q(`select cloud.put_endpoint_allowlist('hook', '{}', '{}', true)`); // the simulator is on 127.0.0.1
@@ -107,6 +107,48 @@ describe('429 pause', () => {
     expect(out).toMatch(/circuit_state\s+paused_until/);
     expect(out).toMatch(/^hook\s.*\sopen\s+20\d\d-/m);
     expect(out).toMatch(/hook: circuit open since .*5 consecutive failures; last: HTTP 503; HTTP 429 from the cloud/);
+  });
+});
+
+describe('quotas and retention settings', () => {
+  it('a daily quota stops claims when used up and pauses the endpoint until local midnight, saying why', async () => {
+    await q(`select cloud.put_endpoint_quotas('hook', 5, null, 'Asia/Shanghai')`);
+    await enqueueMany(12);
+    expect(await claim('a', 0)).toHaveLength(5); // 2030-01-01 08:00 in Shanghai
+    expect(await claim('b', 1000)).toEqual([]);
+    const { rows } = await q(`select paused_until, pause_reason from cloud.endpoint`);
+    expect(new Date(rows[0].paused_until).toISOString()).toBe('2030-01-01T16:00:00.000Z'); // midnight in Shanghai
+    expect(rows[0].pause_reason).toMatch(/daily quota of 5 calls used up/);
+    expect(await claim('b', 16 * 3600_000 - 1000)).toEqual([]);
+    expect(await claim('b', 16 * 3600_000 + 1000)).toHaveLength(5);
+    const usage = await q(`select period, period_start::text, calls from cloud.endpoint_usage order by period, period_start`);
+    expect(usage.rows).toEqual([
+      { period: 'day', period_start: '2030-01-01', calls: 5 },
+      { period: 'day', period_start: '2030-01-02', calls: 5 },
+      { period: 'month', period_start: '2030-01-01', calls: 10 },
+    ]);
+  });
+
+  it('a monthly quota holds across days, and bad quotas are refused with EC012', async () => {
+    await q(`select cloud.put_endpoint_quotas('hook', null, 3, 'UTC')`);
+    await enqueueMany(5);
+    expect(await claim('a', 0)).toHaveLength(3);
+    expect(await claim('a', 5 * 86400_000)).toEqual([]);
+    expect((await q(`select pause_reason from cloud.endpoint`)).rows[0].pause_reason).toMatch(/monthly quota of 3 calls used up; resumes 2030-02-01/);
+    expect(await claim('a', 31 * 86400_000 + 1000)).toHaveLength(2);
+    expect(await sqlstateOf(q(`select cloud.put_endpoint_quotas('hook', 0)`))).toBe(SqlState.invalidQuotaSetting);
+    expect(await sqlstateOf(q(`select cloud.put_endpoint_quotas('hook', 10, null, 'Mars/Olympus')`))).toBe(SqlState.invalidQuotaSetting);
+  });
+
+  it('retention periods come from cloud.setting, which an operator can change', async () => {
+    await q(`select cloud.ensure_log_partitions(0, now() - interval '200 days')`); // a month long gone
+    await q(`select cloud.put_setting('log_retention', '400 days')`);
+    expect((await q(`select cloud.age_out_log() as n`)).rows[0].n).toBe(0);
+    await q(`select cloud.put_setting('log_retention', '30 days')`);
+    expect((await q(`select cloud.age_out_log() as n`)).rows[0].n).toBeGreaterThanOrEqual(1);
+    expect(await sqlstateOf(q(`select cloud.put_setting('nope', '1 day')`))).toBe(SqlState.invalidSetting);
+    expect(await sqlstateOf(q(`select cloud.put_setting('log_retention', '5 minutes')`))).toBe(SqlState.invalidSetting);
+    await q(`select cloud.put_setting('log_retention', '90 days')`);
   });
 });
 
