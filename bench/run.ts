@@ -15,6 +15,10 @@
  * BENCH_ONLY=a,b  development aid: run only these figures (delivery, latency,
  *                 erp_insert, claim); results go to bench/results/partial.json.
  *
+ * The results also record which engine ran (migrations and built listener,
+ * hashed) and, since the server may be shared, whether other sessions used
+ * it during each figure (shared_server; a warning is printed when they did).
+ *
  * Every child process and every bench_* database created is removed at the
  * end, also on failure or SIGINT/SIGTERM.
  */
@@ -29,6 +33,8 @@ import { latencyFigure } from './figures/latency.js';
 import type { BenchContext } from './lib/context.js';
 import { machineTicks } from './lib/cpu.js';
 import { adminQuery, DbRegistry } from './lib/db.js';
+import { engineFingerprint } from './lib/engine.js';
+import { ForeignActivityMonitor } from './lib/monitor.js';
 import { killAllChildrenSync, stopAllChildren } from './lib/procs.js';
 import { startSink, type Sink } from './lib/sink-client.js';
 import { errText, progress, sleep, textTable } from './lib/util.js';
@@ -96,11 +102,13 @@ for (const f of only ?? []) {
 const dbs = new DbRegistry(serverUrl);
 let sink: Sink | null = null;
 let cleaning: Promise<void> | null = null;
+const monitor = new ForeignActivityMonitor(serverUrl);
 
 /** Ends every child and drops every bench database; safe to call more than once. */
 function cleanup(): Promise<void> {
   cleaning ??= (async () => {
     await sink?.stop().catch(() => undefined);
+    await monitor.stop().catch(() => undefined);
     await stopAllChildren();
     const failed = await dbs.dropAll();
     for (const f of failed) console.error(`bench: could not drop database ${f}`);
@@ -159,19 +167,24 @@ async function main(): Promise<number> {
     date: new Date().toISOString(),
     quick,
     machine: await machine(),
+    engine: engineFingerprint(),
   };
+  const stale = (results.engine as ReturnType<typeof engineFingerprint>).stale_build;
+  if (stale.length) progress(`WARNING: listener sources newer than dist/ (run npx tsc first): ${stale.join(', ')}`);
   for (const t of TARGETS) if (!t.key.includes('.')) results[t.key] = null;
   const errors: Record<string, string> = {};
   let plansText = '';
   const machineInfo = results.machine as Record<string, unknown>;
   machineInfo.background_busy_pct_before = await backgroundBusyPct();
 
+  monitor.start();
   sink = await startSink();
   const ctx: BenchContext = { serverUrl: serverUrl!, quick, dbs, sink };
   progress(`${quick ? 'quick' : 'full'} run; sink at ${sink.url}`);
 
   for (const name of Object.keys(FIGURES) as FigureName[]) {
     if (only && !only.includes(name)) continue;
+    monitor.mark(name);
     try {
       const r = await FIGURES[name](ctx);
       if ('plansText' in r) {
@@ -186,7 +199,15 @@ async function main(): Promise<number> {
     }
   }
 
+  monitor.mark('end');
   machineInfo.background_busy_pct_after = await backgroundBusyPct();
+  const shared = await monitor.stop();
+  results.shared_server = shared;
+  const disturbed = Object.entries(shared.by_figure).filter(([, r]) => r.with_foreign_activity > 0 || r.failed_samples > 0);
+  for (const [k, r] of disturbed) {
+    progress(`WARNING: during ${k}, ${r.with_foreign_activity} of ${r.samples} 1-s samples saw other sessions on the server (${r.foreign_databases.join(', ')}); ${r.failed_samples} samples failed`);
+  }
+  if (shared.postmaster_start_first !== shared.postmaster_start_last) progress(`WARNING: the server restarted during the run (${shared.postmaster_start_first} → ${shared.postmaster_start_last})`);
   progress(`background CPU load (bench idle): before ${String(machineInfo.background_busy_pct_before)} %, after ${String(machineInfo.background_busy_pct_after)} %`);
   results.targets = Object.fromEntries(TARGETS.filter((t) => t.target !== null).map((t) => [t.key, `${t.op} ${t.target}`]));
   results.errors = errors;

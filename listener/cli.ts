@@ -1,13 +1,14 @@
 #!/usr/bin/env node
 /**
- * erp-cloud: the command line. Verbs: migrate, listen, status, replay, sim.
+ * erp-cloud: the command line. Verbs: migrate, listen, status, replay, sim, vault, doctor, tail.
  * -c/--connection defaults to DATABASE_URL; any failure exits with code 1.
  */
 import os from 'node:os';
-import { Command, Option } from 'commander';
+import { Command, InvalidArgumentError, Option } from 'commander';
 import pg from 'pg';
 import { ConfigError, loadConfig, redactUrl } from './config.js';
 import { createPool, migrate } from './db.js';
+import { formatChecks, overallStatus, runDoctor } from './doctor.js';
 import { describePgError } from './errors.js';
 import { formatTable } from './format.js';
 import { closeAgents } from './http.js';
@@ -16,6 +17,8 @@ import { createMetrics } from './metrics.js';
 import { sql } from './queries.js';
 import { startOpsServer } from './server.js';
 import { startSim, webhookRoutes } from './sim/index.js';
+import { tailLog } from './tail.js';
+import { checkVaultKey, loadVaultKey, vaultSql } from './vault.js';
 import { Worker } from './worker.js';
 
 class UsageError extends Error {}
@@ -24,6 +27,15 @@ function connectionOf(cmd: Command): string {
   const url = cmd.optsWithGlobals().connection as string | undefined;
   if (!url) throw new UsageError('no database: pass -c/--connection postgres://… or set DATABASE_URL');
   return url;
+}
+
+/** A commander argParser for an integer option in [min, max]. */
+function intArg(name: string, min: number, max: number) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < min || n > max) throw new InvalidArgumentError(`${name} must be an integer from ${min} to ${max}`);
+    return n;
+  };
 }
 
 async function withClient<T>(url: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
@@ -140,6 +152,107 @@ program
       process.once('SIGINT', resolve);
     });
     await sim.close();
+  });
+
+program
+  .command('doctor')
+  .description('check the database, maintenance, grants, the vault key and every endpoint (DNS, allowlist, TCP, TLS); exit 1 on any failure')
+  .option('--json', 'print JSON instead of a table')
+  .action(async (opts: { json?: boolean }, cmd: Command) => {
+    const lines = await runDoctor(connectionOf(cmd));
+    const status = overallStatus(lines);
+    console.log(opts.json ? JSON.stringify({ status, checks: lines }, null, 2) : formatChecks(lines));
+    if (status === 'fail') process.exitCode = 1;
+  });
+
+program
+  .command('tail')
+  .description('follow cloud.log: one line per attempt (never bodies or headers); Ctrl-C stops')
+  .addOption(new Option('-n, --lines <n>', 'start with the last N attempts').default(20).argParser(intArg('--lines', 0, 100_000)))
+  .addOption(new Option('--interval <ms>', 'poll interval').default(500).argParser(intArg('--interval', 50, 3_600_000)))
+  .option('--endpoint <name>', 'only this endpoint')
+  .option('--request-id <uuid>', 'only this message', (v: string) => {
+    if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(v)) throw new InvalidArgumentError('--request-id must be a UUID');
+    return v;
+  })
+  .option('--json', 'print JSON lines')
+  .option('--once', 'print the last N attempts and exit')
+  .action(async (opts: { lines: number; interval: number; endpoint?: string; requestId?: string; json?: boolean; once?: boolean }, cmd: Command) => {
+    const stop = new AbortController();
+    process.once('SIGINT', () => stop.abort());
+    process.once('SIGTERM', () => stop.abort());
+    await withClient(connectionOf(cmd), (c) => tailLog(c, {
+      lines: opts.lines, intervalMs: opts.interval, endpoint: opts.endpoint ?? null, requestId: opts.requestId ?? null,
+      json: opts.json ?? false, once: opts.once ?? false, signal: stop.signal,
+    }));
+  });
+
+// System_Vault. Values come from stdin, never argv (argv shows in `ps`); the
+// master key from ERP_CLOUD_VAULT_KEY / _FILE; both go to SQL as $n only.
+async function readSecretFromStdin(): Promise<string> {
+  if (process.stdin.isTTY) {
+    throw new UsageError('give the value on standard input, e.g.: read -rs V && printf %s "$V" | erp-cloud vault put NAME');
+  }
+  const chunks: Buffer[] = [];
+  for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks).toString('utf8').replace(/\r?\n$/, ''); // what `echo` adds is not part of the value
+}
+
+function vaultKeyFor(cmd: Command): { url: string; key: string } {
+  const url = connectionOf(cmd);
+  return { url, key: loadVaultKey(loadConfig(process.env, { DATABASE_URL: url })) };
+}
+
+const vault = program.command('vault').description('System_Vault: named secrets encrypted in the database (master key from ERP_CLOUD_VAULT_KEY or ERP_CLOUD_VAULT_KEY_FILE)');
+
+vault
+  .command('put')
+  .description('create a secret or replace its value; the value is read from standard input')
+  .argument('<name>', 'secret name, e.g. nuonuo.app_secret')
+  .option('--description <text>', 'what it is and where it comes from')
+  .action(async (name: string, opts: { description?: string }, cmd: Command) => {
+    const { url, key } = vaultKeyFor(cmd);
+    const value = await readSecretFromStdin();
+    await withClient(url, async (c) => {
+      const { rows } = await c.query(vaultSql.put, [name, value, key, opts.description ?? null]);
+      console.log(`stored ${name} (version ${rows[0].version}, key id ${rows[0].key_id})`);
+    });
+  });
+
+vault
+  .command('rotate')
+  .description('give an existing secret a new value, read from standard input')
+  .argument('<name>', 'secret name')
+  .action(async (name: string, _opts, cmd: Command) => {
+    const { url, key } = vaultKeyFor(cmd);
+    const value = await readSecretFromStdin();
+    await withClient(url, async (c) => {
+      const { rows } = await c.query(vaultSql.rotate, [name, value, key]);
+      console.log(`rotated ${name} (version ${rows[0].version}); listeners pick it up within ERP_CLOUD_SECRET_TTL_MS`);
+    });
+  });
+
+vault
+  .command('list')
+  .description('names, versions and dates of the secrets (never values)')
+  .option('--json', 'print JSON instead of a table')
+  .action(async (opts: { json?: boolean }, cmd: Command) => {
+    await withClient(connectionOf(cmd), async (c) => {
+      const { rows } = await c.query(vaultSql.list);
+      console.log(opts.json ? JSON.stringify(rows, null, 2) : formatTable(rows, ['name', 'version', 'key_id', 'created_at', 'rotated_at', 'rekeyed_at', 'description']));
+    });
+  });
+
+vault
+  .command('rekey')
+  .description('re-encrypt every secret under the key in ERP_CLOUD_VAULT_NEW_KEY (all or nothing)')
+  .action(async (_opts, cmd: Command) => {
+    const { url, key } = vaultKeyFor(cmd);
+    const newKey = checkVaultKey('ERP_CLOUD_VAULT_NEW_KEY', process.env.ERP_CLOUD_VAULT_NEW_KEY);
+    await withClient(url, async (c) => {
+      const { rows } = await c.query(vaultSql.rekey, [key, newKey]);
+      console.log(`re-encrypted ${rows[0].rekeyed} secret(s) under the new key: give every listener the new ERP_CLOUD_VAULT_KEY and restart it`);
+    });
   });
 
 try {

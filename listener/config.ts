@@ -25,7 +25,14 @@ const schema = z.object({
   ERP_CLOUD_HTTP_PORT: int(-1, 65535).default(9464),
   ERP_CLOUD_LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   ERP_CLOUD_LOG_BODY_BYTES: int(0, 10 * 1024 * 1024).default(64 * 1024),
+  // System_Vault (listener/vault.ts): the master key, or a file holding it; never both
+  ERP_CLOUD_VAULT_KEY: z.string().min(16, 'must be at least 16 characters').optional(),
+  ERP_CLOUD_VAULT_KEY_FILE: z.string().min(1).optional(),
+  ERP_CLOUD_SECRET_TTL_MS: int(0, 86_400_000).default(60_000),
 });
+
+/** Variables whose value never appears in a message, not even when it is wrong. */
+const SECRET_VARIABLES: ReadonlySet<string> = new Set(['ERP_CLOUD_VAULT_KEY']);
 
 export type Config = z.infer<typeof schema>;
 
@@ -43,7 +50,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     const lines = parsed.error.issues.map((i) => {
       const name = String(i.path[0]);
       const got = input[name];
-      return `${name}: ${got === undefined ? 'is required' : `${i.message} (got ${JSON.stringify(redactUrl(got))})`}`;
+      if (got === undefined) return `${name}: is required`;
+      return SECRET_VARIABLES.has(name) ? `${name}: ${i.message} (value not shown)` : `${name}: ${i.message} (got ${JSON.stringify(redactUrl(got))})`;
     });
     throw new ConfigError(`invalid configuration:\n  ${lines.join('\n  ')}`);
   }
@@ -52,5 +60,5 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
 
 /** A connection URL with its password replaced, for messages and logs. */
 export function redactUrl(s: string): string {
-  return s.replace(/(postgres(?:ql)?:\/\/[^:/@]+:)[^@]*@/, '$1***@');
+  return s.replace(/(postgres(?:ql)?:\/\/[^:/@]+:)[^@]*@/, '$1***@').replace(/([?&](?:password|sslpassword)=)[^&]*/gi, '$1***');
 }

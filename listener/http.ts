@@ -7,7 +7,7 @@ import http from 'node:http';
 import https from 'node:https';
 import { got, RequestError } from 'got';
 import { assertUrlAllowed, guardedLookup, type EgressPolicy } from './egress.js';
-import { adapterFor, type ClaimedMessage, type OutgoingRequest, type Verdict } from './providers/index.js';
+import { adapterFor, type ClaimedMessage, type OutgoingRequest, type ProviderContext, type Verdict } from './providers/index.js';
 
 /** The JSON shape of cloud.attempt_result (one cloud.log row + the verdict). */
 export interface AttemptResult {
@@ -61,10 +61,20 @@ export function redactText(text: string, secrets: string[] = []): string {
   return s;
 }
 
+/** A parsed answer with secret values blanked out (a cloud may quote a token back). */
+function redactValue(value: unknown, secrets: string[]): unknown {
+  if (secrets.length === 0 || value === null) return value;
+  return JSON.parse(redactText(JSON.stringify(value), secrets.map((v) => JSON.stringify(v).slice(1, -1))));
+}
+
 function cap(text: string, maxBytes: number): string {
   if (Buffer.byteLength(text) <= maxBytes) return text;
   return `${Buffer.from(text).subarray(0, maxBytes).toString('utf8')}…[truncated]`;
 }
+
+const NO_SECRETS: ProviderContext = {
+  secret: (name) => Promise.reject(Object.assign(new Error(`secret ${name}: this listener has no secret resolver`), { secretName: name })),
+};
 
 function networkVerdict(err: unknown, timeoutMs: number): Verdict {
   if ((err as { code?: string }).code === 'EEGRESS') {
@@ -82,6 +92,8 @@ export interface AttemptOptions {
   logBodyBytes: number;
   /** Where this endpoint may connect (cloud.endpoint allow_*); see egress.ts. */
   policy: EgressPolicy;
+  /** Secrets by name, for adapters whose endpoint config names some. */
+  context?: ProviderContext;
   signal?: AbortSignal;
 }
 
@@ -95,9 +107,12 @@ export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions)
   }
   let req: OutgoingRequest;
   try {
-    req = await adapter.buildRequest(msg);
+    req = await adapter.buildRequest(msg, opts.context ?? NO_SECRETS);
   } catch (err) {
-    return notSent(msg, 'permanent', 'build_request', err instanceof Error ? err.message : String(err), performance.now() - t0);
+    // a secret that cannot be had now (vault down, variable not yet set) may be there later
+    const secretMissing = (err as { secretName?: string; code?: string }).secretName !== undefined || /^EC02/.test(String((err as { code?: string }).code));
+    return notSent(msg, secretMissing ? 'retryable' : 'permanent', secretMissing ? 'secret_unavailable' : 'build_request',
+      err instanceof Error ? err.message : String(err), performance.now() - t0);
   }
   const headers = { ...req.headers, 'x-request-id': msg.request_id, 'idempotency-key': msg.request_id };
   const secrets = req.secrets ?? [];
@@ -135,7 +150,7 @@ export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions)
     http_status: status,
     response_headers: responseHeaders ? redactHeaders(responseHeaders, secrets) : null,
     response_body: responseBody === null ? null : cap(redactText(responseBody, secrets), opts.logBodyBytes),
-    response: verdict.outcome === 'ok' ? verdict.response ?? null : verdict.response ?? null,
+    response: redactValue(verdict.response ?? null, secrets),
     duration_ms: Math.round((performance.now() - t0) * 1000) / 1000,
     error_class: verdict.outcome === 'ok' ? null : verdict.errorClass,
     error_message: verdict.outcome === 'ok' ? null : redactText(verdict.message, secrets),

@@ -17,3 +17,67 @@ export const sql = {
   replayOne: 'select cloud.replay_message($1, $2, $3) as request_id',
   replayDead: 'select cloud.replay_dead_messages($1, $2, $3) as replayed',
 } as const;
+
+/**
+ * What `erp-cloud doctor` asks (listener/doctor.ts). Read-only; besides cloud.*
+ * it reads the catalogs, the migrations table and pg_cron's tables, because
+ * those are what it checks.
+ */
+export const doctorSql = {
+  server: `select current_setting('server_version_num')::int as num, current_setting('server_version') as version, current_database() as database, current_user as role`,
+  migrationsTable: `select to_regclass('migrations') is not null as present`,
+  migrationRows: 'select id, name, hash from migrations order by id',
+  cronScheduled: 'select cloud.cron_jobs_scheduled() as scheduled',
+  cronJobs: `
+    select j.jobname, j.schedule, j.active, r.status as last_status, r.return_message as last_message, r.at as last_at,
+           s.at as last_success_at, coalesce(s.at > now() - interval '10 minutes', false) as recent_success
+      from cron.job j
+      left join lateral (select d.status, d.return_message, coalesce(d.end_time, d.start_time) as at
+                           from cron.job_run_details d where d.jobid = j.jobid order by d.runid desc limit 1) r on true
+      left join lateral (select max(coalesce(d.end_time, d.start_time)) as at
+                           from cron.job_run_details d where d.jobid = j.jobid and d.status = 'succeeded') s on true
+     where j.jobname like 'erp-cloud: %'
+     order by j.jobname`,
+  heartbeat: `
+    select count(*)::int as listeners, max(heartbeat_at) as last,
+           coalesce(max(heartbeat_at) > now() - interval '1 minute', false) as fresh,
+           round(extract(epoch from now() - max(heartbeat_at)))::int as age_s
+      from cloud.listener`,
+  roleExists: 'select exists (select from pg_catalog.pg_roles where rolname = $1) as present',
+  functionPrivilege: `select has_function_privilege($1::text, $2::text, 'execute') as granted`,
+  columnPrivilege: 'select has_any_column_privilege($1::text, $2::text, $3::text) as granted',
+  publicExecutable: `
+    select p.oid::regprocedure::text as fn
+      from pg_catalog.pg_proc p
+     where p.pronamespace = 'cloud'::regnamespace
+       and exists (select from aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+                    where a.grantee = 0 and a.privilege_type = 'EXECUTE')
+     order by 1`,
+  vaultInstalled: `select to_regnamespace('vault') is not null as installed`,
+  vaultKeyIds: 'select key_id, count(*)::int as secrets from vault.list_secrets() group by key_id order by 2 desc, 1',
+  endpoints: `
+    select e.name, e.base_url, e.enabled, e.allow_hosts, e.allow_cidrs::text[] as allow_cidrs, e.allow_private,
+           s.circuit_state, s.circuit_opened_at, s.circuit_reason, s.paused_until, s.pause_reason
+      from cloud.endpoint e
+      left join cloud.endpoint_status s on s.endpoint = e.name
+     order by e.name`,
+} as const;
+
+/**
+ * What `erp-cloud tail` asks (listener/tail.ts): only the columns it prints,
+ * never bodies, headers or the URL (they may carry business data).
+ * $1 endpoint or null, $2 request_id or null.
+ */
+const tailColumns = `started_at, (extract(epoch from started_at) * 1000000)::bigint::text as started_us, endpoint, request_id,
+  attempt, outcome, http_status, duration_ms::float8 as duration_ms, error_class, left(error_message, 500) as error_message`;
+const tailFilter = `($1::text is null or endpoint = $1) and ($2::uuid is null or request_id = $2)`;
+export const tailSql = {
+  /** How late an attempt can be recorded after it started: the longest endpoint timeout. */
+  longestTimeout: 'select coalesce(max(timeout_ms), 10000)::int as timeout_ms from cloud.endpoint',
+  /** The newest $3 attempts, newest first. */
+  last: `select ${tailColumns} from cloud.log where ${tailFilter} order by started_at desc, request_id desc, attempt desc limit $3`,
+  /** Every attempt that started at most $4 seconds before the cursor $3 (epoch µs; null = all), oldest first. */
+  window: `select ${tailColumns} from cloud.log
+            where ${tailFilter} and ($3::bigint is null or started_at >= to_timestamp($3::float8 / 1000000) - make_interval(secs => $4::float8))
+            order by started_at, request_id, attempt`,
+} as const;

@@ -16,6 +16,7 @@ import type { Logger } from './logger.js';
 import type { Metrics } from './metrics.js';
 import type { ClaimedMessage } from './providers/index.js';
 import { sql } from './queries.js';
+import { loadVaultKey, SecretResolver } from './vault.js';
 
 const FLUSH_BATCH = 500;
 /** A retry due in weeks is looked at again within the hour (setTimeout caps at 2^31-1 ms anyway). */
@@ -42,6 +43,7 @@ export class Worker {
   private retryTimer: NodeJS.Timeout | null = null;
   private cronScheduled = false;
   private policies = new Map<string, EgressPolicy>();
+  private readonly secrets: SecretResolver;
   private dbOk = true;
   private lastDbError: string | null = null;
 
@@ -56,6 +58,7 @@ export class Worker {
   ) {
     this.id = config.ERP_CLOUD_WORKER_ID;
     this.refillAt = Math.max(1, Math.min(config.ERP_CLOUD_BATCH_SIZE, Math.ceil(config.ERP_CLOUD_CONCURRENCY / 2)));
+    this.secrets = new SecretResolver({ pool, masterKey: loadVaultKey(config, { optional: true }), ttlMs: config.ERP_CLOUD_SECRET_TTL_MS });
   }
 
   async start(): Promise<void> {
@@ -139,7 +142,10 @@ export class Worker {
       // nothing went out: an attempt that could not learn where it may go
       return notSent(msg, 'retryable', 'egress_policy_unavailable', `could not load the allowlist of endpoint ${msg.endpoint}: ${errText(err)}`);
     }
-    return attemptDelivery(msg, { logBodyBytes: this.config.ERP_CLOUD_LOG_BODY_BYTES, signal, policy });
+    return attemptDelivery(msg, {
+      logBodyBytes: this.config.ERP_CLOUD_LOG_BODY_BYTES, signal, policy,
+      context: { secret: (name) => this.secrets.resolve(name) },
+    });
   }
 
   /** Reports finished attempts in batches; while one report is running the next batch accumulates. */

@@ -1,8 +1,9 @@
 /**
  * Figure 4: does the queue stay healthy? The claim/complete cycle
  * (cloud.claim_messages + cloud.record_attempts, no HTTP) is timed over a
- * 20,000-message window on a fresh database; then 1,000,000 messages (quick:
- * 100,000) are pushed through the same cycle as fast as possible; after a
+ * 20,000-message window (quick: 5,000) on a fresh database; then 1,000,000
+ * messages (quick: 100,000; time budget 300 s, quick 15 s) are pushed through
+ * the same cycle as fast as possible; after a
  * short pause in which autovacuum may run (no manual VACUUM: the point is
  * whether the table stays healthy on its own), the same window is timed again.
  * A brand-new table has no planner statistics (autoanalyze has not run yet),
@@ -21,7 +22,9 @@ import { enqueueBenchMessages } from '../lib/outbox.js';
 import { progress, round, sleep } from '../lib/util.js';
 
 const WORKER = 'bench';
+/** Messages per measured window and per enqueue within it (full; quick uses QUICK_WINDOW in one chunk). */
 const WINDOW = 20_000;
+const QUICK_WINDOW = 5_000;
 const ENQUEUE_CHUNK = 10_000;
 
 export interface WindowResult {
@@ -56,6 +59,8 @@ export interface ClaimResult {
     push_seconds: number;
     push_per_s: number;
     push_claim_batch: number;
+    push_chunk: number;
+    push_budget_s: number;
     autovacuum_wait_s: number;
     autovacuum_finished_during_wait: boolean;
     autovacuum_during_after_window: boolean;
@@ -108,20 +113,21 @@ async function drain(c: pg.Client, n: number, batch: number): Promise<number[]> 
   return times;
 }
 
-/** The measured window: enqueue 10,000 (untimed), claim+record them in batches of 100 (timed); twice. */
-async function measureWindow(c: pg.Client): Promise<WindowResult> {
+/** The measured window: enqueue `chunk` (untimed), claim+record them in batches of 100 (timed); until `window` are done. */
+async function measureWindow(c: pg.Client, window: number): Promise<WindowResult> {
   const batch = 100;
+  const chunk = Math.min(window, ENQUEUE_CHUNK);
   const times: number[] = [];
-  for (let done = 0; done < WINDOW; done += ENQUEUE_CHUNK) {
-    await enqueue(c, ENQUEUE_CHUNK);
-    times.push(...(await drain(c, ENQUEUE_CHUNK, batch)));
+  for (let done = 0; done < window; done += chunk) {
+    await enqueue(c, chunk);
+    times.push(...(await drain(c, chunk, batch)));
   }
   const ms = times.reduce((a, b) => a + b, 0);
   const sorted = [...times].sort((a, b) => a - b);
   return {
-    messages: WINDOW,
+    messages: window,
     seconds: round(ms / 1000, 3),
-    per_s: round(WINDOW / (ms / 1000), 1),
+    per_s: round(window / (ms / 1000), 1),
     batch,
     batches: times.length,
     batch_ms_p50: round(sorted[Math.floor(sorted.length / 2)]!, 2),
@@ -192,9 +198,12 @@ async function explainCycle(c: pg.Client, label: string): Promise<{ text: string
 
 export async function claimFigure(ctx: BenchContext): Promise<ClaimResult> {
   const pushTarget = ctx.quick ? 100_000 : 1_000_000;
-  const pushBudgetMs = ctx.quick ? 40_000 : 300_000;
+  const pushBudgetMs = ctx.quick ? 15_000 : 300_000;
+  const window = ctx.quick ? QUICK_WINDOW : WINDOW;
   const autovacWaitMs = ctx.quick ? 4_000 : 20_000;
   const pushBatch = 1000;
+  /** Messages enqueued, then drained, per push step; the time budget is checked between steps. */
+  const pushChunk = ctx.quick ? 5_000 : ENQUEUE_CHUNK;
   progress(`figure 4: claim/complete cycle fresh vs after ${pushTarget.toLocaleString('en')} messages`);
   const db = await ctx.dbs.createMigrated('claim');
   const c = benchClient(db.url, 'claim');
@@ -203,12 +212,12 @@ export async function claimFigure(ctx: BenchContext): Promise<ClaimResult> {
     // never called: claims here are reported ok without any HTTP
     await c.query(`select cloud.put_endpoint('sink', 'http://127.0.0.1:9/unused')`);
 
-    const fresh = await measureWindow(c);
+    const fresh = await measureWindow(c, window);
     progress(`  fresh: ${fresh.per_s} msg/s (batch p50 ${fresh.batch_ms_p50} ms)`);
     // control: a fresh table has no planner statistics until autoanalyze gets to it;
     // measure a second window right after ANALYZE so the comparison is not only about that
     await c.query('analyze cloud.outbox');
-    const freshAnalyzed = await measureWindow(c);
+    const freshAnalyzed = await measureWindow(c, window);
     progress(`  fresh, analyzed: ${freshAnalyzed.per_s} msg/s (batch p50 ${freshAnalyzed.batch_ms_p50} ms)`);
     const explainFresh = await explainCycle(c, 'fresh database (analyzed)');
     const sizesFresh = await sizes(c);
@@ -218,7 +227,7 @@ export async function claimFigure(ctx: BenchContext): Promise<ClaimResult> {
     let pushed = 0;
     let nextReport = 100_000;
     while (pushed < pushTarget && performance.now() - t0 < pushBudgetMs) {
-      const n = Math.min(ENQUEUE_CHUNK, pushTarget - pushed);
+      const n = Math.min(pushChunk, pushTarget - pushed);
       await enqueue(c, n);
       await drain(c, n, pushBatch);
       pushed += n;
@@ -248,7 +257,7 @@ export async function claimFigure(ctx: BenchContext): Promise<ClaimResult> {
 
     const avCountBefore = Number((await outboxStats(c)).autovacuum_count ?? 0);
     const runningAtStart = await vacuumRunning(c);
-    const after = await measureWindow(c);
+    const after = await measureWindow(c, window);
     const autovacuumDuringAfter = runningAtStart || (await vacuumRunning(c)) || Number((await outboxStats(c)).autovacuum_count ?? 0) > avCountBefore;
     progress(`  after: ${after.per_s} msg/s (batch p50 ${after.batch_ms_p50} ms)`);
     const explainAfter = await explainCycle(c, `after ${pushed} messages`);
@@ -268,6 +277,8 @@ export async function claimFigure(ctx: BenchContext): Promise<ClaimResult> {
         push_seconds: round(pushSeconds, 1),
         push_per_s: round(pushed / pushSeconds, 0),
         push_claim_batch: pushBatch,
+        push_chunk: pushChunk,
+        push_budget_s: pushBudgetMs / 1000,
         autovacuum_wait_s: round(waited, 1),
         autovacuum_finished_during_wait: vacuumedDuringWait,
         autovacuum_during_after_window: autovacuumDuringAfter,

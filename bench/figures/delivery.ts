@@ -18,7 +18,7 @@ import type { BenchContext } from '../lib/context.js';
 import { benchPool } from '../lib/db.js';
 import { cpuMark, cpuSince, type CpuScope, type CpuUse } from '../lib/cpu.js';
 import { listenerSettings, spawnListener, stopListener, type ListenerProc } from '../lib/listeners.js';
-import { enqueueBenchMessages } from '../lib/outbox.js';
+import { enqueueBenchMessages, putSinkEndpoint } from '../lib/outbox.js';
 import { forkChild, stopChild } from '../lib/procs.js';
 import { epochMs, progress, round, waitFor } from '../lib/util.js';
 
@@ -78,8 +78,7 @@ async function erpCloudRun(ctx: BenchContext, n: number, listeners: number, time
   const pool = benchPool(db.url, 'delivery');
   const procs: ListenerProc[] = [];
   try {
-    await pool.query(`select cloud.put_endpoint('sink', $1)`, [`${ctx.sink.url}/webhook`]);
-    await pool.query(`select cloud.put_endpoint_allowlist('sink', '{}', '{}', true)`); // the sink is on 127.0.0.1
+    await putSinkEndpoint(pool, ctx.sink.url);
     await enqueueBenchMessages(pool, n, CHUNK);
     if (ANALYZE) await pool.query('analyze cloud.outbox');
     await ctx.sink.reset();

@@ -54,7 +54,7 @@ import type { BenchContext } from '../lib/context.js';
 import { benchClient, benchPool } from '../lib/db.js';
 import { cpuMark, cpuSince, type CpuScope, type CpuUse } from '../lib/cpu.js';
 import { listenerSettings, spawnListener, stopListener, type ListenerProc } from '../lib/listeners.js';
-import { enqueueBenchMessages, outboxCounts } from '../lib/outbox.js';
+import { enqueueBenchMessages, putSinkEndpoint, outboxCounts } from '../lib/outbox.js';
 import { adopt } from '../lib/procs.js';
 import { progress, round, sleep, waitFor } from '../lib/util.js';
 
@@ -271,8 +271,7 @@ export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResul
   let listener: ListenerProc | null = null;
   const warnings: string[] = [];
   try {
-    await pool.query(`select cloud.put_endpoint('sink', $1)`, [`${ctx.sink.url}/webhook`]);
-    await pool.query(`select cloud.put_endpoint_allowlist('sink', '{}', '{}', true)`); // the sink is on 127.0.0.1
+    await putSinkEndpoint(pool, ctx.sink.url);
     await pool.query(SETUP);
     const channel = (await pool.query<{ ch: string }>(`select wake_channel ch from cloud.endpoint where name = 'sink'`)).rows[0]!.ch;
     const fresh = async (trigger?: 'doc_to_cloud' | 'doc_naive') => {

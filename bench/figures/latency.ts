@@ -9,6 +9,7 @@ import pg from 'pg';
 import type { BenchContext } from '../lib/context.js';
 import { benchClient, benchPool } from '../lib/db.js';
 import { listenerSettings, spawnListener, stopListener, waitListenerIdle, type ListenerProc } from '../lib/listeners.js';
+import { putSinkEndpoint } from '../lib/outbox.js';
 import { epochMs, percentile, progress, round, sleep, waitFor } from '../lib/util.js';
 
 export interface LatencyResult {
@@ -60,8 +61,7 @@ export async function latencyFigure(ctx: BenchContext): Promise<LatencyResult> {
   const client = benchClient(db.url, 'latency erp');
   let listener: ListenerProc | null = null;
   try {
-    await pool.query(`select cloud.put_endpoint('sink', $1)`, [`${ctx.sink.url}/webhook`]);
-    await pool.query(`select cloud.put_endpoint_allowlist('sink', '{}', '{}', true)`); // the sink is on 127.0.0.1
+    await putSinkEndpoint(pool, ctx.sink.url);
     await client.connect();
     listener = spawnListener(db.url, 'bench-latency');
     await waitListenerIdle(pool, listener);

@@ -1,12 +1,23 @@
 /**
- * The bench's messages and the outbox's state: enqueue n identical benchmark
- * messages in chunks (one statement per chunk), and count outbox rows by status.
+ * The bench's endpoint, messages and outbox state: register the sink as
+ * endpoint 'sink', enqueue n identical benchmark messages in chunks (one
+ * statement per chunk), and count outbox rows by status.
  */
 import type pg from 'pg';
 
 /** A pg.Pool or a connected pg.Client. */
 export interface Queryable {
   query<R extends pg.QueryResultRow>(text: string, values?: unknown[]): Promise<pg.QueryResult<R>>;
+}
+
+/**
+ * Registers endpoint 'sink' (provider webhook) at the bench's HTTP sink. The
+ * sink listens on 127.0.0.1, which the listener's egress guard refuses unless
+ * the endpoint allows private addresses: this one does.
+ */
+export async function putSinkEndpoint(q: Queryable, sinkUrl: string): Promise<void> {
+  await q.query(`select cloud.put_endpoint('sink', $1)`, [`${sinkUrl}/webhook`]);
+  await q.query(`select cloud.put_endpoint_allowlist('sink', '{}', '{}', true)`);
 }
 
 /** Enqueues `n` 'bench.ping' messages for endpoint 'sink' through cloud.enqueue_message, `chunk` per statement. */

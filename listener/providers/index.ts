@@ -12,4 +12,4 @@ export function registerAdapter(adapter: ProviderAdapter): void {
   adapters.set(adapter.name, adapter);
 }
 
-export type { ProviderAdapter, ClaimedMessage, OutgoingRequest, HttpAnswer, Verdict } from './types.js';
+export type { ProviderAdapter, ProviderContext, ClaimedMessage, OutgoingRequest, HttpAnswer, Verdict } from './types.js';

@@ -42,8 +42,15 @@ export type Verdict =
   | { outcome: 'retryable'; errorClass: string; message: string; retryAfterMs?: number; response?: unknown }
   | { outcome: 'permanent'; errorClass: string; message: string; response?: unknown };
 
+/** What an adapter may ask of the listener while it builds a request. */
+export interface ProviderContext {
+  /** A secret's value by name (endpoint config names them): the environment, else System_Vault. */
+  secret(name: string): Promise<string>;
+}
+
 export interface ProviderAdapter {
   readonly name: string;
-  buildRequest(msg: ClaimedMessage): OutgoingRequest | Promise<OutgoingRequest>;
+  /** Put every secret value the request carries in `secrets`, so nothing logged can show it. */
+  buildRequest(msg: ClaimedMessage, ctx: ProviderContext): OutgoingRequest | Promise<OutgoingRequest>;
   classify(answer: HttpAnswer, msg: ClaimedMessage): Verdict;
 }

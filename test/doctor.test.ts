@@ -1,0 +1,400 @@
+/**
+ * `erp-cloud doctor` and `erp-cloud tail` as an operator runs them: real
+ * processes against this file's own database, endpoints on 127.0.0.1 servers
+ * started here (plain HTTP, a closed port, a self-signed short-lived TLS
+ * certificate) and a name that cannot resolve (.invalid).
+ */
+import { execFile, execFileSync, spawn } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import http from 'node:http';
+import https from 'node:https';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { createTestDb, waitFor, type TestDb } from './helpers/db.js';
+
+const run = promisify(execFile);
+let db: TestDb;
+let httpServer: http.Server;
+let httpsServer: https.Server;
+let httpPort: number;
+let httpsPort: number;
+let closedPort: number;
+let certDir: string;
+
+interface Check {
+  check: string;
+  target: string;
+  status: 'ok' | 'warn' | 'fail';
+  detail: string;
+}
+
+function listen(server: net.Server): Promise<number> {
+  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve((server.address() as net.AddressInfo).port)));
+}
+
+function close(server: net.Server | undefined): Promise<void> {
+  return new Promise((resolve) => (server ? server.close(() => resolve()) : resolve()));
+}
+
+beforeAll(async () => {
+  db = await createTestDb('doctor');
+  httpServer = http.createServer((_req, res) => res.end('ok'));
+  httpPort = await listen(httpServer);
+  // a port nobody listens on: bind one, then let it go
+  const probe = net.createServer();
+  closedPort = await listen(probe);
+  await close(probe);
+  // a self-signed certificate that expires in 5 days (valid for 127.0.0.1 by name, so only trust and age are wrong)
+  certDir = mkdtempSync(path.join(os.tmpdir(), 'erp-cloud-doctor-'));
+  execFileSync('openssl', [
+    'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '5', '-subj', '/CN=localhost',
+    '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost',
+    '-keyout', path.join(certDir, 'key.pem'), '-out', path.join(certDir, 'cert.pem'),
+  ], { stdio: 'ignore', timeout: 30_000 });
+  httpsServer = https.createServer({ key: readFileSync(path.join(certDir, 'key.pem')), cert: readFileSync(path.join(certDir, 'cert.pem')) }, (_req, res) => res.end('ok'));
+  httpsPort = await listen(httpsServer);
+});
+
+afterAll(async () => {
+  httpServer?.closeAllConnections();
+  httpsServer?.closeAllConnections();
+  await close(httpServer);
+  await close(httpsServer);
+  if (certDir) rmSync(certDir, { recursive: true, force: true });
+  await db?.drop();
+});
+
+beforeEach(async () => {
+  await db.pool.query(`truncate cloud.outbox, cloud.log, cloud.listener`);
+  await db.pool.query(`delete from cloud.endpoint`);
+});
+
+function cli(args: string[], env: Record<string, string> = {}) {
+  return run(process.execPath, ['dist/listener/cli.js', '-c', db.url, ...args], { env: { PATH: process.env.PATH, ...env }, timeout: 30_000 }).then(
+    (r) => ({ code: 0, stdout: r.stdout, stderr: r.stderr }),
+    (e: { code: number; stdout: string; stderr: string }) => ({ code: e.code, stdout: e.stdout, stderr: e.stderr }),
+  );
+}
+
+async function doctor(env: Record<string, string> = {}): Promise<{ code: number; checks: Check[]; stderr: string; stdout: string }> {
+  const r = await cli(['doctor', '--json'], env);
+  const parsed = JSON.parse(r.stdout) as { status: string; checks: Check[] };
+  return { code: r.code, checks: parsed.checks, stderr: r.stderr, stdout: r.stdout };
+}
+
+const find = (checks: Check[], check: string, target?: string) => checks.filter((c) => c.check === check && (target === undefined || c.target === target));
+const one = (checks: Check[], check: string, target?: string) => {
+  const found = find(checks, check, target);
+  expect(found, `${check} ${target ?? ''}`).toHaveLength(1);
+  return found[0]!;
+};
+
+async function endpoint(name: string, url: string, allowPrivate = true): Promise<void> {
+  await db.pool.query(`select cloud.put_endpoint($1, $2)`, [name, url]);
+  if (allowPrivate) await db.pool.query(`select cloud.put_endpoint_allowlist($1, '{}', '{}', true)`, [name]);
+}
+
+describe('erp-cloud doctor', () => {
+  it('a healthy setup exits 0: database, migrations, roles and grants are ok, and a local endpoint passes DNS, allowlist, TCP and circuit', async () => {
+    await endpoint('hook', `http://127.0.0.1:${httpPort}/webhook`);
+    await db.pool.query(`insert into cloud.listener (worker_id) values ('doctor-test')`); // a live heartbeat
+
+    const { code, checks } = await doctor();
+    expect(checks.filter((c) => c.status === 'fail')).toEqual([]);
+    expect(code).toBe(0);
+    for (const name of ['database connection', 'server version', 'migrations current', 'listener heartbeat']) expect(one(checks, name).status).toBe('ok');
+    expect(one(checks, 'pg_cron')).toMatchObject({ status: 'warn', detail: "pg_cron absent here: the listener's fallback timer runs maintenance" });
+    expect(find(checks, 'role exists').map((c) => [c.target, c.status])).toEqual([
+      ['erp_cloud_app', 'ok'], ['erp_cloud_listener', 'ok'], ['erp_cloud_operator', 'ok'],
+    ]);
+    expect(find(checks, 'grants')).toHaveLength(6);
+    expect(find(checks, 'grants').every((c) => c.status === 'ok')).toBe(true);
+    expect(one(checks, 'dns', 'hook')).toMatchObject({ status: 'ok', detail: expect.stringContaining('127.0.0.1') });
+    expect(one(checks, 'allowlist', 'hook')).toMatchObject({ status: 'ok', detail: '127.0.0.1 allowed' });
+    expect(one(checks, 'tcp', 'hook')).toMatchObject({ status: 'ok', detail: expect.stringContaining(`127.0.0.1:${httpPort}`) });
+    expect(one(checks, 'circuit', 'hook').status).toBe('ok');
+    expect(find(checks, 'tls')).toEqual([]); // plain http: no handshake to check
+
+    // the table form says the same, one line per check
+    const table = await cli(['doctor']);
+    expect(table.code).toBe(0);
+    expect(table.stdout).toMatch(/^check\s+target\s+status\s+detail$/m);
+    expect(table.stdout).toMatch(/^tcp\s+hook\s+ok\s+connected to 127\.0\.0\.1:\d+/m);
+    expect(table.stdout).toMatch(/\d+ ok, \d+ warning\(s\), 0 failure\(s\)/);
+  });
+
+  it('without pg_cron and without a live listener it warns that nothing runs maintenance, but does not fail', async () => {
+    const { code, checks } = await doctor();
+    expect(code).toBe(0);
+    expect(one(checks, 'listener heartbeat')).toMatchObject({ status: 'warn', detail: expect.stringContaining('nothing runs maintenance') });
+    expect(one(checks, 'endpoints')).toMatchObject({ status: 'warn' }); // none configured
+  });
+
+  it('an endpoint whose host does not resolve fails the DNS line and exits 1', async () => {
+    await endpoint('ghost', 'http://nothing.invalid/');
+    const { code, checks } = await doctor();
+    expect(code).toBe(1);
+    expect(one(checks, 'dns', 'ghost')).toMatchObject({ status: 'fail', detail: expect.stringContaining('nothing.invalid') });
+    expect(find(checks, 'tcp', 'ghost')).toEqual([]); // nothing to connect to
+  });
+
+  it('an endpoint on 127.0.0.1 without allow_private fails the allowlist line with the refusal reason and is never connected to', async () => {
+    await endpoint('private', `http://127.0.0.1:${httpPort}/`, false);
+    let connections = 0;
+    const count = () => connections++;
+    httpServer.on('connection', count);
+    const { code, checks } = await doctor().finally(() => httpServer.off('connection', count));
+    expect(code).toBe(1);
+    expect(one(checks, 'allowlist', 'private')).toMatchObject({
+      status: 'fail',
+      detail: 'egress refused: 127.0.0.1 is a loopback address and endpoint private does not allow private addresses',
+    });
+    expect(find(checks, 'tcp', 'private')).toEqual([]);
+    expect(connections).toBe(0);
+  });
+
+  it('an endpoint whose addresses fall outside its allowed ranges (白名单) fails the allowlist line', async () => {
+    await endpoint('ranged', `http://127.0.0.1:${httpPort}/`, false);
+    await db.pool.query(`select cloud.put_endpoint_allowlist('ranged', '{}', '{203.0.113.0/24}', true)`);
+    const { code, checks } = await doctor();
+    expect(code).toBe(1);
+    expect(one(checks, 'allowlist', 'ranged')).toMatchObject({ status: 'fail', detail: expect.stringContaining('outside the address ranges allowed') });
+  });
+
+  it('credentials in a base URL fail the allowlist line, and the doctor does not print them', async () => {
+    await endpoint('creds', `http://clerk:s3cr3t-pw@127.0.0.1:${httpPort}/?token=t0k3n`);
+    const { code, checks, stdout } = await doctor();
+    expect(code).toBe(1);
+    expect(one(checks, 'allowlist', 'creds')).toMatchObject({ status: 'fail', detail: expect.stringContaining('credentials in the URL') });
+    expect(stdout).not.toMatch(/s3cr3t-pw|t0k3n/);
+  });
+
+  it('a closed port fails the TCP line', async () => {
+    await endpoint('closed', `http://127.0.0.1:${closedPort}/`);
+    const { code, checks } = await doctor();
+    expect(code).toBe(1);
+    expect(one(checks, 'allowlist', 'closed').status).toBe('ok');
+    expect(one(checks, 'tcp', 'closed')).toMatchObject({ status: 'fail', detail: expect.stringContaining('connection refused') });
+  });
+
+  it('a self-signed certificate fails the TLS line as untrusted, and one that expires in 5 days warns with the days left', async () => {
+    await endpoint('tls', `https://127.0.0.1:${httpsPort}/`);
+    const { code, checks } = await doctor();
+    expect(code).toBe(1);
+    expect(one(checks, 'tcp', 'tls').status).toBe('ok');
+    expect(one(checks, 'tls', 'tls')).toMatchObject({ status: 'fail', detail: expect.stringMatching(/^self-signed \/ untrusted: self-signed certificate/) });
+    const cert = one(checks, 'certificate', 'tls');
+    expect(cert.status).toBe('warn');
+    expect(cert.detail).toMatch(/^issuer CN=localhost; [45] days left/);
+  });
+
+  it('a disabled endpoint gets one warning line and is not probed', async () => {
+    await endpoint('off', 'http://nothing.invalid/');
+    await db.pool.query(`update cloud.endpoint set enabled = false where name = 'off'`);
+    const { code, checks } = await doctor();
+    expect(code).toBe(0);
+    expect(checks.filter((c) => c.target === 'off')).toEqual([{ check: 'endpoint', target: 'off', status: 'warn', detail: expect.stringContaining('disabled') }]);
+  });
+
+  it('an open circuit or a 429 pause is a warning on the endpoint', async () => {
+    await endpoint('tripped', `http://127.0.0.1:${httpPort}/`);
+    await db.pool.query(`update cloud.endpoint set circuit_state = 'open', circuit_opened_at = now(), circuit_reason = '5 failures in a row',
+                           paused_until = now() + interval '1 minute', pause_reason = 'HTTP 429' where name = 'tripped'`);
+    const { code, checks } = await doctor();
+    expect(code).toBe(0);
+    expect(one(checks, 'circuit', 'tripped')).toMatchObject({ status: 'warn', detail: expect.stringMatching(/circuit open since .*5 failures in a row; paused until .*HTTP 429/) });
+  });
+
+  it('a migration file without a row in the migrations table fails "migrations current" and names the file', async () => {
+    const { rows } = await db.pool.query(`select * from migrations order by id desc limit 1`);
+    const last = rows[0];
+    await db.pool.query(`delete from migrations where id = $1`, [last.id]);
+    try {
+      const { code, checks } = await doctor();
+      expect(code).toBe(1);
+      const m = one(checks, 'migrations current');
+      expect(m.status).toBe('fail');
+      expect(m.detail).toMatch(new RegExp(`not applied: ${String(last.id).padStart(4, '0')}_${last.name}\\.sql`));
+    } finally {
+      await db.pool.query(`insert into migrations (id, name, hash, executed_at) values ($1, $2, $3, $4)`, [last.id, last.name, last.hash, last.executed_at]);
+    }
+    // an applied migration this checkout does not know is only a warning
+    await db.pool.query(`insert into migrations (id, name, hash) values (9999, 'from_the_future', 'x')`);
+    try {
+      const m = one((await doctor()).checks, 'migrations current');
+      expect(m).toMatchObject({ status: 'warn', detail: expect.stringContaining('9999 from_the_future') });
+    } finally {
+      await db.pool.query(`delete from migrations where id = 9999`);
+    }
+  });
+
+  it('a grant the ERP role must not have, or a function executable by PUBLIC, fails its grants line', async () => {
+    // table and function privileges live in this database only, so other test files never see them
+    await db.pool.query(`grant select on cloud.log to erp_cloud_app`);
+    await db.pool.query(`grant execute on function cloud.reap_expired_leases(timestamptz) to public`);
+    try {
+      const { code, checks } = await doctor();
+      expect(code).toBe(1);
+      expect(one(checks, 'grants', 'erp_cloud_app select cloud.log')).toMatchObject({ status: 'fail', detail: expect.stringContaining('revoke select on cloud.log from erp_cloud_app') });
+      expect(one(checks, 'grants', 'PUBLIC execute cloud.*')).toMatchObject({ status: 'fail', detail: expect.stringContaining('cloud.reap_expired_leases(timestamp with time zone)') });
+      expect(one(checks, 'grants', 'erp_cloud_app execute cloud.enqueue_message').status).toBe('ok');
+    } finally {
+      await db.pool.query(`revoke select on cloud.log from erp_cloud_app`);
+      await db.pool.query(`revoke execute on function cloud.reap_expired_leases(timestamptz) from public`);
+    }
+    expect((await doctor()).code).toBe(0);
+  });
+
+  it('with pg_cron scheduled, each erp-cloud job is checked: a failed last run fails with its message, no run yet warns', async () => {
+    // pg_cron lives in another database of this cluster, so this database gets stand-ins for its two tables
+    await db.pool.query(`
+      create schema cron;
+      create table cron.job (jobid bigint primary key, schedule text, command text, database text, username text, active boolean, jobname text);
+      create table cron.job_run_details (jobid bigint, runid bigint, status text, return_message text, start_time timestamptz, end_time timestamptz);
+      insert into cron.job values
+        (1, '* * * * *', 'select 1', current_database(), 'postgres', true, 'erp-cloud: reap expired leases'),
+        (2, '* * * * *', 'select 1', current_database(), 'postgres', true, 'erp-cloud: wake due retries'),
+        (3, '7 * * * *', 'select 1', current_database(), 'postgres', true, 'erp-cloud: log partitions'),
+        (4, '17 * * * *', 'select 1', current_database(), 'postgres', true, 'erp-cloud: purge finished');
+      insert into cron.job_run_details values
+        (1, 10, 'succeeded', '1 row', now() - interval '61 seconds', now() - interval '60 seconds'),
+        (2, 11, 'succeeded', '1 row', now() - interval '2 minutes', now() - interval '2 minutes'),
+        (2, 12, 'failed', 'ERROR:  permission denied for table outbox', now() - interval '1 minute', now() - interval '1 minute'),
+        (4, 13, 'succeeded', '1 row', now() - interval '30 minutes', now() - interval '30 minutes');`);
+    try {
+      const { code, checks } = await doctor();
+      expect(code).toBe(1);
+      expect(find(checks, 'pg_cron')).toEqual([]);
+      expect(one(checks, 'pg_cron job', 'erp-cloud: reap expired leases').status).toBe('ok');
+      expect(one(checks, 'pg_cron job', 'erp-cloud: wake due retries')).toMatchObject({ status: 'fail', detail: expect.stringContaining('permission denied for table outbox') });
+      expect(one(checks, 'pg_cron job', 'erp-cloud: log partitions').status).toBe('warn');
+      expect(one(checks, 'pg_cron job', 'erp-cloud: purge finished').status).toBe('ok');
+
+      // an every-minute job whose last success is old means pg_cron is not running it
+      await db.pool.query(`update cron.job_run_details set start_time = start_time - interval '1 hour', end_time = end_time - interval '1 hour' where jobid = 1`);
+      expect(one((await doctor()).checks, 'pg_cron job', 'erp-cloud: reap expired leases')).toMatchObject({ status: 'fail', detail: expect.stringContaining('last succeeded at') });
+    } finally {
+      await db.pool.query(`drop schema cron cascade`);
+    }
+  });
+
+  it('the vault key is compared by fingerprint only: a matching key is ok, another key fails, and neither is ever printed', async () => {
+    const { rows } = await db.pool.query(`select to_regnamespace('vault') is not null as installed`);
+    if (!rows[0].installed) {
+      expect(one((await doctor()).checks, 'vault key')).toMatchObject({ status: 'warn', detail: 'vault not installed' });
+      return;
+    }
+    const right = `right-key-${randomUUID()}`;
+    const wrong = `wrong-key-${randomUUID()}`;
+    expect(one((await doctor()).checks, 'vault key').status).toBe('warn'); // no key, no secrets
+    await db.pool.query(`select vault.put_secret('doctor.test', 'the-value', $1)`, [right]);
+    try {
+      const good = await doctor({ ERP_CLOUD_VAULT_KEY: right });
+      expect(one(good.checks, 'vault key')).toMatchObject({ status: 'ok', detail: expect.stringContaining('matches key id') });
+      const bad = await doctor({ ERP_CLOUD_VAULT_KEY: wrong });
+      expect(bad.code).toBe(1);
+      expect(one(bad.checks, 'vault key')).toMatchObject({ status: 'fail', detail: expect.stringContaining('does not match') });
+      const none = await doctor();
+      expect(one(none.checks, 'vault key')).toMatchObject({ status: 'fail', detail: expect.stringContaining('1 secret(s)') });
+      for (const r of [good, bad, none]) {
+        expect(r.stdout + r.stderr).not.toContain(right);
+        expect(r.stdout + r.stderr).not.toContain(wrong);
+        expect(r.stdout + r.stderr).not.toContain('the-value');
+      }
+    } finally {
+      await db.pool.query(`truncate vault.secret, vault.secret_version`);
+    }
+  });
+
+  it('an unreachable database is one failing line and exit code 1', async () => {
+    const r = await run(process.execPath, ['dist/listener/cli.js', '-c', 'postgres://postgres:hunter2@127.0.0.1:1/none', 'doctor', '--json'], { env: { PATH: process.env.PATH } }).catch((e) => e);
+    expect(r.code).toBe(1);
+    const { checks } = JSON.parse(r.stdout) as { checks: Check[] };
+    expect(checks).toEqual([{ check: 'database connection', target: '127.0.0.1:1/none', status: 'fail', detail: expect.stringContaining('ECONNREFUSED') }]);
+    expect(r.stdout).not.toContain('hunter2');
+  });
+});
+
+// ─── tail ───────────────────────────────────────────────────────────────────
+
+const BODY_MARK = 'BODY-MUST-NOT-SHOW';
+
+async function logAttempt(a: { endpoint: string; requestId?: string; attempt?: number; outcome?: string; status?: number | null; startedAt: string; error?: string | null }): Promise<string> {
+  const id = a.requestId ?? randomUUID();
+  await db.pool.query(
+    `insert into cloud.log (request_id, attempt, endpoint, operation, worker_id, method, url, request_headers, request_body,
+                            http_status, response_headers, response_body, duration_ms, outcome, error_class, error_message, started_at)
+     values ($1, $2, $3, 'demo.ping', 'w1', 'POST', $4, $5, $6, $7, $5, $6, 12.5, $8, $9, $10, $11::timestamptz)`,
+    [id, a.attempt ?? 1, a.endpoint, `http://127.0.0.1/${BODY_MARK}`, JSON.stringify({ authorization: BODY_MARK }), `{"invoice":"${BODY_MARK}"}`,
+      a.status === undefined ? 200 : a.status, a.outcome ?? 'ok', a.error ? 'http_5xx' : null, a.error ?? null, a.startedAt],
+  );
+  return id;
+}
+
+describe('erp-cloud tail', () => {
+  it('tail --once prints the last attempts oldest first, one line each, without bodies, headers or URLs, and filters by endpoint and request_id', async () => {
+    const t = Date.now() - 60_000;
+    const at = (s: number) => new Date(t + s * 1000).toISOString();
+    const a1 = await logAttempt({ endpoint: 'tax', startedAt: at(1) });
+    const b1 = await logAttempt({ endpoint: 'scm', startedAt: at(2), outcome: 'retryable', status: 503, error: 'HTTP 503 Service Unavailable' });
+    const a2 = await logAttempt({ endpoint: 'tax', startedAt: at(3) });
+    const b2 = await logAttempt({ endpoint: 'scm', requestId: b1, attempt: 2, startedAt: at(4) });
+
+    const all = await cli(['tail', '--once']);
+    expect(all.code).toBe(0);
+    const lines = all.stdout.trim().split('\n');
+    expect(lines.map((l) => l.split(/\s+/)[2])).toEqual([a1, b1, a2, b2]);
+    expect(lines[1]).toMatch(new RegExp(`^${at(2).replace(/\./g, '\\.')}\\s+scm\\s+${b1}\\s+#1\\s+retryable\\s+503\\s+13ms\\s+http_5xx: HTTP 503 Service Unavailable$`));
+    expect(all.stdout).not.toContain(BODY_MARK);
+
+    const two = await cli(['tail', '--once', '--lines', '2']);
+    expect(two.stdout.trim().split('\n').map((l) => l.split(/\s+/)[2])).toEqual([a2, b2]);
+
+    const tax = await cli(['tail', '--once', '--endpoint', 'tax', '--json']);
+    const rows = tax.stdout.trim().split('\n').map((l) => JSON.parse(l));
+    expect(rows.map((r) => r.request_id)).toEqual([a1, a2]);
+    expect(Object.keys(rows[0]).sort()).toEqual(['attempt', 'duration_ms', 'endpoint', 'error_class', 'error_message', 'http_status', 'outcome', 'request_id', 'started_at']);
+    expect(tax.stdout).not.toContain(BODY_MARK);
+
+    const one_ = await cli(['tail', '--once', '--request-id', b1, '--json']);
+    expect(one_.stdout.trim().split('\n').map((l) => JSON.parse(l).attempt)).toEqual([1, 2]);
+
+    expect((await cli(['tail', '--once', '--request-id', 'not-a-uuid'])).code).toBe(1);
+    expect((await cli(['tail', '--once', '--lines', '-3'])).code).toBe(1);
+  });
+
+  it('tail follows new attempts live: each exactly once, including ones sharing a timestamp and one recorded late, and stops on SIGINT with exit 0', async () => {
+    const first = await logAttempt({ endpoint: 'tax', startedAt: new Date(Date.now() - 30_000).toISOString() });
+    const proc = spawn(process.execPath, ['dist/listener/cli.js', '-c', db.url, 'tail', '--lines', '1', '--interval', '100', '--json'], {
+      env: { PATH: process.env.PATH }, stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let out = '';
+    proc.stdout.on('data', (d) => (out += d));
+    proc.stderr.on('data', (d) => (out += d));
+    const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
+    const printed = () => out.trim().split('\n').filter(Boolean).map((l) => JSON.parse(l).request_id as string);
+    try {
+      await waitFor(async () => printed().includes(first), { timeoutMs: 10_000, what: 'the last attempt' });
+      const now = Date.now();
+      const newer = await logAttempt({ endpoint: 'tax', startedAt: new Date(now - 1000).toISOString() });
+      await waitFor(async () => printed().includes(newer), { timeoutMs: 10_000, what: 'a new attempt' });
+      // two attempts that started in the same microsecond, and one whose result came back late (started before `newer`)
+      const same = new Date(now - 500).toISOString();
+      const twinA = await logAttempt({ endpoint: 'scm', startedAt: same });
+      const twinB = await logAttempt({ endpoint: 'scm', startedAt: same });
+      const late = await logAttempt({ endpoint: 'tax', startedAt: new Date(now - 5000).toISOString(), outcome: 'retryable', status: null, error: 'timeout' });
+      await waitFor(async () => [twinA, twinB, late].every((id) => printed().includes(id)), { timeoutMs: 10_000, what: 'twins and the late attempt' });
+      await new Promise((r) => setTimeout(r, 400)); // a few more polls: nothing may repeat
+      expect(printed().sort()).toEqual([first, newer, twinA, twinB, late].sort());
+      expect(out).not.toContain(BODY_MARK);
+      proc.kill('SIGINT');
+      expect(await exited).toBe(0);
+    } finally {
+      proc.kill('SIGKILL');
+    }
+  });
+});
