@@ -63,7 +63,8 @@ export function classifyAddress(address: string): string {
   return 'public';
 }
 
-function inRanges(address: string, cidrs: string[]): boolean {
+/** Whether an address (IPv4, IPv6 or IPv4-mapped) is inside one of the CIDR ranges. */
+export function inRanges(address: string, cidrs: string[]): boolean {
   const { ip, family } = normalise(address);
   const list = new net.BlockList();
   for (const c of cidrs) {
