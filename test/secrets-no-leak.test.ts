@@ -77,7 +77,12 @@ describe('secrets', () => {
       'cloud.endpoint': JSON.stringify((await db.pool.query(`select * from cloud.endpoint`)).rows),
       'vault.secret': JSON.stringify((await db.pool.query(`select name, encode(ciphertext, 'escape') as c from vault.secret`)).rows),
       status: (await run(process.execPath, ['dist/listener/cli.js', '-c', db.url, 'status', '--json'])).stdout,
+      doctor: await run(process.execPath, ['dist/listener/cli.js', '-c', db.url, 'doctor', '--json'], {
+        env: { PATH: process.env.PATH, ERP_CLOUD_VAULT_KEY: masterKey },
+      }).then((r) => r.stdout + r.stderr, (e: { stdout: string; stderr: string }) => e.stdout + e.stderr),
+      tail: (await run(process.execPath, ['dist/listener/cli.js', '-c', db.url, 'tail', '--once', '--lines', '100', '--json'])).stdout,
     };
+    expect(outputs.doctor).toMatch(/vault/i); // doctor did check the vault key, and printed no key
     const metricsUrl = /"url":"(http:\/\/127\.0\.0\.1:\d+)","msg":"health and metrics"/.exec(listener.output())?.[1];
     expect(metricsUrl).toBeTruthy();
     outputs.metrics = await (await fetch(`${metricsUrl}/metrics`, { signal: AbortSignal.timeout(3000) })).text();
