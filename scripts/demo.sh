@@ -62,6 +62,7 @@ select cloud.put_operation_handler('demo.order_approved', 'demo.record_order_sen
 truncate demo.sales_order;
 SQL
 
+started=$(psql_ -tAc "select now()")
 echo "== 4. start the listener"
 ERP_CLOUD_LOG_LEVEL=warn ERP_CLOUD_HTTP_PORT=0 node dist/listener/cli.js listen & pids+=($!)
 sleep 1
@@ -79,7 +80,7 @@ psql_ -c "begin; update demo.sales_order set status = 'approved' where order_no 
 
 echo "== 6. wait for delivery (retries included)"
 for _ in $(seq 100); do
-  left=$(psql_ -tAc "select count(*) from cloud.outbox where endpoint = 'demo_webhook' and status <> 'sent'")
+  left=$(psql_ -tAc "select count(*) from cloud.outbox where endpoint = 'demo_webhook' and status <> 'sent' and created_at >= '$started'")
   [ "$left" = 0 ] && break; sleep 0.2
 done
 
@@ -88,7 +89,7 @@ echo "== result: the ERP's orders after the round trip"
 psql_ -c "select order_no, customer, amount, status, cloud_status, cloud_ref from demo.sales_order order by id limit 6"
 psql_ -c "select status, count(*) from demo.sales_order group by status order by status"
 echo "== cloud.log: every attempt"
-psql_ -c "select outcome, http_status, error_class, count(*), round(avg(duration_ms), 2) as avg_ms from cloud.log where endpoint = 'demo_webhook' group by 1, 2, 3 order by 1 desc"
+psql_ -c "select outcome, http_status, error_class, count(*), round(avg(duration_ms), 2) as avg_ms from cloud.log where endpoint = 'demo_webhook' and started_at >= '$started' group by 1, 2, 3 order by 1 desc"
 echo "== erp-cloud status"
 cli status
 echo "== the simulator's ledger: effects per request_id"
