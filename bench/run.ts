@@ -102,7 +102,7 @@ for (const f of only ?? []) {
 const dbs = new DbRegistry(serverUrl);
 let sink: Sink | null = null;
 let cleaning: Promise<void> | null = null;
-const monitor = new ForeignActivityMonitor(serverUrl);
+const monitor = new ForeignActivityMonitor(serverUrl, dbs.tag);
 
 /** Ends every child and drops every bench database; safe to call more than once. */
 function cleanup(): Promise<void> {

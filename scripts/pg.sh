@@ -111,6 +111,9 @@ cron.database_name = '$dbname'
 cron.use_background_workers = on
 cron.max_running_jobs = 8
 log_min_messages = warning
+# the outbox is a queue: its dead index entries must be vacuumed away within
+# seconds, not the default minute (recommended for production too: README)
+autovacuum_naptime = 10s
 CONF
   fi
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then

@@ -14,8 +14,8 @@
  *      a backlog enqueued before it started. Sizing: BACKLOG_RATE × (T + 5)
  *      messages up front; once the listener has delivered WARMUP of them, its
  *      unloaded rate r is measured over 1 s, and if fewer than 1.5 × r × (T + 3)
- *      are still pending the backlog is topped up to that (an unloaded
- *      listener is faster than one sharing the CPUs with pgbench).
+ *      (at most MAX_BACKLOG) are still pending the backlog is topped up to that
+ *      (an unloaded listener is faster than one sharing the CPUs with pgbench).
  *   3. integration: the AFTER INSERT trigger calling cloud.enqueue_message; the
  *      same listener, still running, now busy with what pgbench enqueues plus
  *      what is left of the backlog.
@@ -223,7 +223,7 @@ async function countNotifies(url: string, pool: pg.Pool, channel: string): Promi
   await c.query(`listen ${c.escapeIdentifier(channel)}`);
   return {
     async stop() {
-      await c.query('select 1'); // notifications sent before now have arrived
+      await c.query('select 1').catch(() => undefined); // notifications sent before now have arrived
       await c.end().catch(() => undefined);
       const count: NotifyCount = { from_erp_transactions: 0, from_listener: 0, other: 0 };
       for (const [pid, k] of byPid) {
@@ -249,7 +249,7 @@ function sampleSink(ctx: BenchContext, intervalMs: number, maxMs: number): { sto
       if (stopped) break; // a partial last interval is not a sample
       counts.push((await ctx.sink.stats()).count);
     }
-  })();
+  })().catch(() => undefined); // the sink gone (cleanup after a failure): the samples end there
   return {
     async stop() {
       stopped = true;
@@ -297,7 +297,14 @@ export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResul
       const sink0 = (await ctx.sink.stats()).count;
       const mark = await cpuMark(scope);
       const samples = sampleSink(ctx, SAMPLE_MS, (seconds + 60) * 1000);
-      const run = await bench(label);
+      let run: PgbenchRun;
+      try {
+        run = await bench(label);
+      } catch (err) {
+        await samples.stop();
+        await notifies.stop();
+        throw err;
+      }
       const counts = await samples.stop();
       const after = await outboxCounts(pool);
       const sink1 = (await ctx.sink.stats()).count;

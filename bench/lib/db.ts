@@ -47,7 +47,8 @@ export interface BenchDb {
 
 export class DbRegistry {
   private readonly created = new Set<string>();
-  private readonly tag = randomBytes(3).toString('hex');
+  /** This run's suffix on every database it creates (another run's bench_* databases carry another). */
+  readonly tag = randomBytes(3).toString('hex');
 
   constructor(readonly serverUrl: string) {}
 

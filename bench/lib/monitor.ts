@@ -1,7 +1,8 @@
 /**
- * The box may be shared: once a second while the bench runs, count the client
- * backends on the server that are not the bench's (another session's tests,
- * say) and note server restarts, attributed to the figure running at the time.
+ * The box may be shared: once a second while the bench runs, look for client
+ * backends on the server that are not this run's (another session's tests,
+ * another bench run) and note server restarts, attributed to the figure
+ * running at the time.
  * A figure measured while others used the server is disturbed.
  */
 import type pg from 'pg';
@@ -25,7 +26,13 @@ export class ForeignActivityMonitor {
   private client: pg.Client | null = null;
   startedAt: string | null = null;
 
-  constructor(private readonly serverUrl: string, private readonly intervalMs = 1000, private readonly maxMs = 3_600_000) {}
+  /** `runTag`: the suffix of this run's databases (DbRegistry.tag); everything else on the server is foreign. */
+  constructor(
+    private readonly serverUrl: string,
+    private readonly runTag: string,
+    private readonly intervalMs = 1000,
+    private readonly maxMs = 3_600_000,
+  ) {}
 
   /** Attributes the following samples to `label` (a figure name). */
   mark(label: string): void {
@@ -61,10 +68,14 @@ export class ForeignActivityMonitor {
         const { rows } = await c.query<{ t: Date }>('select pg_postmaster_start_time() t');
         this.startedAt ??= rows[0]!.t.toISOString();
       }
+      // foreign: any session but this run's own, which work in its bench_*_<tag> databases
+      // (or briefly in 'postgres' as 'bench admin'); another bench run counts as foreign
       const { rows } = await this.client.query<{ datname: string }>(
         `select distinct datname from pg_stat_activity
           where backend_type = 'client backend' and pid <> pg_backend_pid() and datname is not null
-            and datname not like 'bench\\_%' and application_name not like 'bench %'`,
+            and datname not like ('bench\\_%\\_' || $1)
+            and not (datname = 'postgres' and application_name = 'bench admin')`,
+        [this.runTag],
       );
       e.samples++;
       if (rows.length > 0) e.with_foreign_activity++;
