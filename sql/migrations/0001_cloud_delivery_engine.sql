@@ -181,6 +181,7 @@ create table cloud.log (
   started_at       timestamptz not null
 ) partition by range (started_at);
 create index log_request on cloud.log (request_id, attempt);
+create index log_started_brin on cloud.log using brin (started_at);  -- tail, "the last N attempts"
 create table cloud.log_default partition of cloud.log default;
 comment on table cloud.log is 'Cloud_Log: one row per HTTP attempt, secrets redacted, bodies size-capped. Partitioned by month (cloud.log_pYYYYMM); old months are dropped by cloud.age_out_log.';
 
@@ -484,18 +485,27 @@ declare
   v_handled uuid[];
   v_failed  uuid[] := '{}';
 begin
-  with done as (
-    update cloud.outbox o
-       set status = 'sent', response = x.response, last_http_status = x.http_status, sent_at = p_now,
-           locked_by = null, locked_until = null, updated_at = p_now
+  with target as materialized (
+    -- one primary-key lookup per result (LATERAL): a status predicate in the join
+    -- lets the planner walk outbox_active instead, which statistics taken while
+    -- the queue was empty make look free and a backlog makes ruinous
+    select x.request_id, x.response, x.http_status
       from unnest(p_results) x
-     where o.request_id = x.request_id
-       -- a lease reaped but not yet re-claimed is still ours to finish
-       and ((o.status = 'in_flight' and o.locked_by = p_worker) or o.status = 'pending')
+      cross join lateral (select o.status, o.locked_by from cloud.outbox o where o.request_id = x.request_id for update) o
+     -- a lease reaped but not yet re-claimed is still ours to finish
+     where (o.status = 'in_flight' and o.locked_by = p_worker) or o.status = 'pending'
+  ), done as (
+    update cloud.outbox o
+       set status = 'sent', response = t.response, last_http_status = t.http_status, sent_at = p_now,
+           locked_by = null, locked_until = null, updated_at = p_now
+      from target t
+     where o.request_id = t.request_id
     returning o.request_id, o.operation
-  ), with_handler as (
-    select op.operation from (select distinct d.operation from done d) op
-     where (cloud._handler_for(op.operation)).on_complete is not null
+  ), operations as materialized (
+    select distinct d.operation from done d
+  ), with_handler as materialized (
+    -- once per operation in the batch, not once per message
+    select o.operation from operations o where (cloud._handler_for(o.operation)).on_complete is not null
   )
   select coalesce(array_agg(d.request_id), '{}'),
          coalesce(array_agg(d.request_id) filter (where d.operation in (select operation from with_handler)), '{}')
@@ -537,13 +547,17 @@ declare
   v_out   cloud.attempt_outcome[];
   v_final uuid[];
 begin
-  with f as (
+  if cardinality(p_results) = 0 then
+    return;
+  end if;
+  with f as materialized (
+    -- one primary-key lookup per result, as in complete_messages
     select x.*, e.max_attempts, e.backoff_base_ms, e.backoff_cap_ms, o.attempts as tries
       from unnest(p_results) x
-      join cloud.outbox o on o.request_id = x.request_id
+      cross join lateral (select o.status, o.locked_by, o.attempts, o.endpoint from cloud.outbox o
+                           where o.request_id = x.request_id for update) o
       join cloud.endpoint e on e.name = o.endpoint
      where o.status = 'in_flight' and o.locked_by = p_worker
-       for update of o
   ), failed as (
     update cloud.outbox o
        set status = case when f.outcome = 'permanent' then 'failed'
@@ -827,17 +841,17 @@ end $$;
 comment on function cloud.schedule_maintenance_jobs is 'Registers (or updates) the named pg_cron jobs that keep the engine running unattended. Returns the number of jobs; 0 when pg_cron is absent.';
 
 create function cloud.cron_jobs_scheduled() returns boolean
-language plpgsql stable as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   v_n integer;
 begin
-  if to_regclass('cron.job') is null then
+  if pg_catalog.to_regclass('cron.job') is null then
     return false;
   end if;
   execute $q$select count(*) from cron.job where jobname like 'erp-cloud: %' and active$q$ into v_n;
   return v_n >= 4;
 end $$;
-comment on function cloud.cron_jobs_scheduled is 'True when pg_cron runs the maintenance jobs in this database; otherwise the listener runs cloud.run_maintenance on its own timer.';
+comment on function cloud.cron_jobs_scheduled is 'True when pg_cron runs the maintenance jobs in this database (whoever asks: runs as its owner, since cron.job shows each role only its own jobs); otherwise the listener runs cloud.run_maintenance on its own timer.';
 
 ------------------------------------------------------------------------------
 -- Operators: replay, skip, views
