@@ -42,6 +42,7 @@ const deliver: Task = async (payload, helpers) => {
     timeout_ms: 10_000,
     endpoint_config: {},
     locked_until: new Date(Date.now() + 15_000),
+    send_at: new Date(),
   };
   const result = await attemptDelivery(msg, { logBodyBytes: 64 * 1024, policy: SINK_POLICY });
   if (result.outcome !== 'ok') throw new Error(`${result.error_class}: ${result.error_message}`);

@@ -7,13 +7,14 @@
  *   3. erp_insert_ratio (trigger ÷ no trigger, a busy listener in both),
  *      erp_insert_ratio_vs_quiet_baseline, naive_notify_ratio (figures/erp-insert.ts)
  *   4. claim_after_1m_ratio                      (figures/claim.ts)
+ *   5. rate_limit_accuracy, rate_limit_429s      (figures/rate-limit.ts)
  * and writes bench/results/latest.json (and a copy, latest-quick.json or
  * latest-full.json) plus a table on stdout. Targets are
  * informational: the exit code is non-zero only when something failed.
  *
  * BENCH_QUICK=1   a reduced version of every figure (same keys, < 90 s).
  * BENCH_ONLY=a,b  development aid: run only these figures (delivery, latency,
- *                 erp_insert, claim); results go to bench/results/partial.json.
+ *                 erp_insert, claim, rate_limit); results go to bench/results/partial.json.
  *
  * The results also record which engine ran (migrations and built listener,
  * hashed) and, since the server may be shared, whether other sessions used
@@ -30,6 +31,7 @@ import { claimFigure } from './figures/claim.js';
 import { deliveryFigure } from './figures/delivery.js';
 import { erpInsertFigure } from './figures/erp-insert.js';
 import { latencyFigure } from './figures/latency.js';
+import { rateLimitFigure } from './figures/rate-limit.js';
 import type { BenchContext } from './lib/context.js';
 import { machineTicks } from './lib/cpu.js';
 import { adminQuery, DbRegistry } from './lib/db.js';
@@ -46,8 +48,9 @@ const resultsDir = path.resolve(here, '..', '..', 'bench', 'results');
 interface Target {
   key: string;
   label: string;
-  op: '>=' | '<=';
-  target: number | null;
+  /** 'in': target is [low, high], both inclusive. */
+  op: '>=' | '<=' | '=' | 'in';
+  target: number | [number, number] | null;
   unit: string;
 }
 
@@ -68,7 +71,16 @@ const TARGETS: Target[] = [
   { key: 'claim_after_1m_per_s', label: 'claim+record cycle, after the push', op: '>=', target: null, unit: 'msg/s' },
   { key: 'claim_after_1m_ratio', label: 'claim cycle after 1M / fresh', op: '>=', target: 0.9, unit: '' },
   { key: 'claim_after_1m_vs_analyzed_ratio', label: 'claim cycle after 1M / fresh+ANALYZE (control)', op: '>=', target: null, unit: '' },
+  { key: 'rate_limit_delivered_per_s', label: 'delivered rate, 3 listeners, endpoint limited to 50/s', op: '>=', target: null, unit: 'req/s' },
+  { key: 'rate_limit_accuracy', label: 'rate-limit accuracy (delivered rate / 50)', op: 'in', target: [0.95, 1.0], unit: '' },
+  { key: 'rate_limit_429s', label: '429s seen by the simulator (gateway 55/s, burst 5)', op: '=', target: 0, unit: '' },
+  { key: 'rate_limit_max_1s', label: 'most requests in any 1-s sliding window (limit 50/s, burst 1)', op: '<=', target: null, unit: '' },
 ];
+
+function targetText(t: Target): string {
+  if (t.target === null) return '';
+  return Array.isArray(t.target) ? `${t.op} [${t.target[0]}, ${t.target[1]}]` : `${t.op} ${t.target}`;
+}
 
 /** A value from the results by dotted path ('erp_insert.trigger_only_ratio'). */
 function lookup(results: Record<string, unknown>, key: string): unknown {
@@ -82,6 +94,7 @@ const FIGURES = {
   latency: latencyFigure,
   erp_insert: erpInsertFigure,
   claim: claimFigure,
+  rate_limit: rateLimitFigure,
 } as const;
 type FigureName = keyof typeof FIGURES;
 
@@ -158,7 +171,9 @@ function fmt(v: unknown, unit: string): string {
 function verdict(t: Target, v: unknown): string {
   if (t.target === null) return '';
   if (typeof v !== 'number' || Number.isNaN(v)) return 'n/a';
-  return (t.op === '>=' ? v >= t.target : v <= t.target) ? 'pass' : 'FAIL';
+  const g = t.target;
+  const ok = Array.isArray(g) ? v >= g[0] && v <= g[1] : t.op === '>=' ? v >= g : t.op === '<=' ? v <= g : v === g;
+  return ok ? 'pass' : 'FAIL';
 }
 
 async function main(): Promise<number> {
@@ -209,7 +224,7 @@ async function main(): Promise<number> {
   }
   if (shared.postmaster_start_first !== shared.postmaster_start_last) progress(`WARNING: the server restarted during the run (${shared.postmaster_start_first} → ${shared.postmaster_start_last})`);
   progress(`background CPU load (bench idle): before ${String(machineInfo.background_busy_pct_before)} %, after ${String(machineInfo.background_busy_pct_after)} %`);
-  results.targets = Object.fromEntries(TARGETS.filter((t) => t.target !== null).map((t) => [t.key, `${t.op} ${t.target}`]));
+  results.targets = Object.fromEntries(TARGETS.filter((t) => t.target !== null).map((t) => [t.key, targetText(t)]));
   results.errors = errors;
   results.duration_s = Math.round((Date.now() - started) / 100) / 10;
 
@@ -222,7 +237,7 @@ async function main(): Promise<number> {
 
   const rows = TARGETS.map((t) => {
     const v = lookup(results, t.key);
-    return [t.label, fmt(v, t.unit), t.target === null ? '' : `${t.op} ${t.target}`, verdict(t, v)];
+    return [t.label, fmt(v, t.unit), targetText(t), verdict(t, v)];
   });
   console.log(`\nerp-cloud bench (${quick ? 'quick' : 'full'}, ${results.duration_s} s) → ${path.relative(process.cwd(), file)}\n`);
   console.log(textTable(['figure', 'value', 'target', 'vs target'], rows));

@@ -42,6 +42,7 @@ export class Worker {
   private dueAt = Infinity;
   private retryTimer: NodeJS.Timeout | null = null;
   private cronScheduled = false;
+  private maintaining = false;
   private policies = new Map<string, EgressPolicy>();
   private readonly secrets: SecretResolver;
   private dbOk = true;
@@ -142,6 +143,9 @@ export class Worker {
       // nothing went out: an attempt that could not learn where it may go
       return notSent(msg, 'retryable', 'egress_policy_unavailable', `could not load the allowlist of endpoint ${msg.endpoint}: ${errText(err)}`);
     }
+    // a rate-limited message waits for its slot (at most ~100 ms: see cloud._take_budget)
+    const wait = msg.send_at.getTime() - Date.now();
+    if (wait > 0) await sleep(wait);
     return attemptDelivery(msg, {
       logBodyBytes: this.config.ERP_CLOUD_LOG_BODY_BYTES, signal, policy,
       context: { secret: (name) => this.secrets.resolve(name) },
@@ -204,7 +208,8 @@ export class Worker {
 
   /** Heartbeat, lease reaping, and the pg_cron jobs' work when pg_cron is not there. */
   private async maintain(): Promise<void> {
-    if (this.stopping) return;
+    if (this.stopping || this.maintaining) return; // a slow round is not overtaken by the next tick
+    this.maintaining = true;
     try {
       const channels = await this.loadChannels();
       await this.loadPolicies();
@@ -223,6 +228,8 @@ export class Worker {
     } catch (err) {
       this.markDb(err);
       this.log.warn({ err: errText(err) }, 'maintenance failed');
+    } finally {
+      this.maintaining = false;
     }
   }
 

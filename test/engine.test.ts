@@ -241,6 +241,24 @@ describe('replay, skip and leases', () => {
     expect((await q(`select status, locked_by from cloud.outbox`)).rows).toEqual([{ status: 'in_flight', locked_by: 'w2' }]);
   });
 
+  it('two reapers at once (pg_cron and a listener) log and retry each expired lease once', async () => {
+    await q(`select cloud.enqueue_message('hook', 'demo.ping', jsonb_build_object('n', g)) from generate_series(1, 20) g`);
+    await claim('gone');
+    const later = `clock_timestamp() + interval '1 hour'`;
+    const a = await db.pool.connect();
+    try {
+      await a.query('begin');
+      expect((await a.query(`select cloud.reap_expired_leases(${later}) as n`)).rows[0].n).toBe(20);
+      // the second reaper runs while the first still holds the rows: it skips them
+      expect((await q(`select cloud.reap_expired_leases(${later}) as n`)).rows[0].n).toBe(0);
+      await a.query('commit');
+    } finally {
+      a.release();
+    }
+    expect((await q(`select count(*)::int n from cloud.log where error_class = 'lease_expired'`)).rows[0].n).toBe(20);
+    expect((await q(`select max(attempts)::int m from cloud.outbox`)).rows[0].m).toBe(1);
+  });
+
   it('SKIP LOCKED: two sessions claiming at once never get the same message', async () => {
     await q(`select cloud.enqueue_message('hook', 'demo.ping', jsonb_build_object('n', g)) from generate_series(1, 500) g`);
     const [a, b] = await Promise.all([

@@ -20,13 +20,13 @@ export async function putSinkEndpoint(q: Queryable, sinkUrl: string): Promise<vo
   await q.query(`select cloud.put_endpoint_allowlist('sink', '{}', '{}', true)`);
 }
 
-/** Enqueues `n` 'bench.ping' messages for endpoint 'sink' through cloud.enqueue_message, `chunk` per statement. */
-export async function enqueueBenchMessages(q: Queryable, n: number, chunk = 5000): Promise<void> {
+/** Enqueues `n` 'bench.ping' messages for `endpoint` (default 'sink') through cloud.enqueue_message, `chunk` per statement. */
+export async function enqueueBenchMessages(q: Queryable, n: number, chunk = 5000, endpoint = 'sink'): Promise<void> {
   for (let from = 1; from <= n; from += chunk) {
     await q.query(
-      `select count(cloud.enqueue_message('sink', 'bench.ping', jsonb_build_object('i', g, 'note', 'benchmark message')))
+      `select count(cloud.enqueue_message($3::text, 'bench.ping', jsonb_build_object('i', g, 'note', 'benchmark message')))
          from generate_series($1::int, $2::int) g`,
-      [from, Math.min(n, from + chunk - 1)],
+      [from, Math.min(n, from + chunk - 1), endpoint],
     );
   }
 }

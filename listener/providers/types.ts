@@ -19,6 +19,8 @@ export interface ClaimedMessage {
   timeout_ms: number;
   endpoint_config: Record<string, unknown>;
   locked_until: Date;
+  /** Not before this time: a rate-limited message's slot (claims may run slightly ahead of the bucket). */
+  send_at: Date;
 }
 
 export interface OutgoingRequest {

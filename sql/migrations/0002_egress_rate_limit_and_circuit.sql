@@ -70,6 +70,20 @@ begin
 end $$;
 comment on function cloud.put_endpoint_limits is 'Sets an endpoint''s rate limit (token bucket shared by all listeners) and circuit breaker; EC010 names a bad setting.';
 
+-- when a rate-limited message may go (claims may run up to 100 ms ahead of the bucket)
+alter type cloud.claimed_message add attribute send_at timestamptz;
+comment on type cloud.claimed_message is 'A leased message with what the provider adapter needs to send it, and when it may be sent (send_at: now, or its rate-limit slot).';
+
+create function cloud._tokens_available(
+  e     cloud.endpoint,  -- the endpoint row
+  p_now timestamptz
+) returns double precision
+language sql immutable as $$
+  -- negative while claims have run ahead of the bucket
+  select least(e.burst::double precision, e.tokens + extract(epoch from p_now - e.tokens_at) * e.rate_per_s);
+$$;
+comment on function cloud._tokens_available is 'Internal: the token bucket''s level now (refilled at rate_per_s, capped at burst; negative when claims ran ahead).';
+
 create function cloud._take_budget(
   p_endpoint text,         -- endpoint to claim for
   p_want     integer,      -- how many messages the listener could take
@@ -98,8 +112,10 @@ begin
     return 0;     -- the probe is still out
   end if;
   if e.rate_per_s is not null then
-    p_want := least(p_want, floor(least(e.burst::double precision,
-                e.tokens + extract(epoch from p_now - e.tokens_at) * e.rate_per_s))::integer);
+    -- tokens due within the next 100 ms may be taken now: claim_messages gives
+    -- each such message its send time, so the cloud sees the exact rate even
+    -- though listeners wake a little late (a bucket of one cannot bank lateness)
+    p_want := least(p_want, floor(cloud._tokens_available(e, p_now) + e.rate_per_s * 0.1)::integer);
   end if;
   return greatest(p_want, 0);
 end $$;
@@ -111,10 +127,9 @@ create function cloud._spend_budget(
   p_now      timestamptz
 ) returns void
 language sql as $$
-  update cloud.endpoint
+  update cloud.endpoint ep
      set tokens = case when rate_per_s is null then tokens
-                       else least(burst::double precision, tokens + extract(epoch from p_now - tokens_at) * rate_per_s)
-                            - cardinality(p_claimed) end,
+                       else cloud._tokens_available(ep, p_now) - cardinality(p_claimed) end,
          tokens_at = p_now,
          circuit_state = case when circuit_state = 'open' then 'half_open' else circuit_state end,
          circuit_probe = case when circuit_state = 'open' then p_claimed[1] else circuit_probe end
@@ -139,6 +154,8 @@ declare
   v_endpoint text;
   v_budget   integer;
   v_ids      uuid[];
+  v_avail    double precision;
+  v_rate     double precision;
   v_left     integer := p_limit;
 begin
   -- no "has due work?" pre-check: after millions of messages the front of the
@@ -175,11 +192,15 @@ begin
     )
     select coalesce(array_agg(request_id), '{}') into v_ids from leased;
     continue when cardinality(v_ids) = 0;
+    select cloud._tokens_available(e, p_now), e.rate_per_s into v_avail, v_rate from cloud.endpoint e where e.name = v_endpoint;
     perform cloud._spend_budget(v_endpoint, v_ids, p_now);
     v_left := v_left - cardinality(v_ids);
     return query
       select o.request_id, o.endpoint, o.operation, o.payload, o.attempts, o.aggregate_type, o.aggregate_id,
-             o.ordering_key, e.provider, e.base_url, e.timeout_ms, e.config, o.locked_until
+             o.ordering_key, e.provider, e.base_url, e.timeout_ms, e.config, o.locked_until,
+             -- the k-th message takes the k-th token: it goes when that token is due
+             case when v_rate is null then p_now
+                  else p_now + make_interval(secs => greatest(0, (row_number() over (order by o.id) - v_avail) / v_rate)) end
         from cloud.outbox o join cloud.endpoint e on e.name = o.endpoint
        where o.request_id = any (v_ids)
        order by o.id;
@@ -286,12 +307,15 @@ begin
     select distinct o.locked_by from cloud.outbox o where o.status = 'in_flight' and o.locked_until < p_now
   loop
     -- an expired lease is a failed attempt whose result never came back: log it, retry it with backoff
+    -- locked first, so two reapers at once (pg_cron and a listener) never log one expiry twice
     select array_agg(row(o.request_id, o.attempts, 'retryable', null, null, null, null, null, null, null, null, null,
                          'lease_expired', format('no result from worker %s before its lease expired at %s', v_worker, o.locked_until),
                          null, p_now)::cloud.attempt_result)
       into v_results
-      from cloud.outbox o
-     where o.status = 'in_flight' and o.locked_by = v_worker and o.locked_until < p_now;
+      from (select request_id, attempts, locked_until from cloud.outbox
+             where status = 'in_flight' and locked_by = v_worker and locked_until < p_now
+               for update skip locked) o;
+    continue when v_results is null;
     insert into cloud.log (request_id, attempt, endpoint, operation, worker_id, outcome, error_class, error_message, started_at)
     select r.request_id, r.attempt, o.endpoint, o.operation, v_worker, r.outcome, r.error_class, r.error_message, p_now
       from unnest(v_results) r join cloud.outbox o on o.request_id = r.request_id;
@@ -320,8 +344,8 @@ language sql stable as $$
     -- due messages held back by a limit: when the limit lets the next one go
     select case when e.paused_until > p_now then e.paused_until
                 when e.circuit_state = 'open' then e.circuit_opened_at + make_interval(secs => e.circuit_cooldown_ms / 1000.0)
-                when e.rate_per_s is not null
-                then e.tokens_at + make_interval(secs => greatest(0, 1 - e.tokens) / e.rate_per_s)
+                when e.rate_per_s is not null  -- a claim may run 100 ms ahead of the bucket
+                then e.tokens_at + make_interval(secs => greatest(0, 1 - e.rate_per_s * 0.1 - e.tokens) / e.rate_per_s)
            end
       from cloud.endpoint e
      where e.enabled and (p_endpoints is null or e.name = any (p_endpoints))
@@ -378,6 +402,7 @@ revoke execute on all functions in schema cloud from public;
 grant execute on function
   cloud._take_budget(text, integer, timestamptz),
   cloud._spend_budget(text, uuid[], timestamptz),
+  cloud._tokens_available(cloud.endpoint, timestamptz),
   cloud._record_endpoint_health(cloud.attempt_result[], timestamptz)
   to erp_cloud_listener;
 grant update (tokens, tokens_at, paused_until, pause_reason, circuit_state, circuit_failures, circuit_opened_at,

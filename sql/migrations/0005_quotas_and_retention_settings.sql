@@ -146,8 +146,10 @@ begin
     return 0;     -- the probe is still out
   end if;
   if e.rate_per_s is not null then
-    p_want := least(p_want, floor(least(e.burst::double precision,
-                e.tokens + extract(epoch from p_now - e.tokens_at) * e.rate_per_s))::integer);
+    -- tokens due within the next 100 ms may be taken now: claim_messages gives
+    -- each such message its send time, so the cloud sees the exact rate even
+    -- though listeners wake a little late (a bucket of one cannot bank lateness)
+    p_want := least(p_want, floor(cloud._tokens_available(e, p_now) + e.rate_per_s * 0.1)::integer);
   end if;
   select * into q from cloud._quota_left(e, p_now);
   if found then
@@ -175,10 +177,9 @@ language plpgsql as $$
 declare
   e cloud.endpoint;
 begin
-  update cloud.endpoint
+  update cloud.endpoint ep
      set tokens = case when rate_per_s is null then tokens
-                       else least(burst::double precision, tokens + extract(epoch from p_now - tokens_at) * rate_per_s)
-                            - cardinality(p_claimed) end,
+                       else cloud._tokens_available(ep, p_now) - cardinality(p_claimed) end,
          tokens_at = p_now,
          circuit_state = case when circuit_state = 'open' then 'half_open' else circuit_state end,
          circuit_probe = case when circuit_state = 'open' then p_claimed[1] else circuit_probe end
