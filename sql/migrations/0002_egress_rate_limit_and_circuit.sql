@@ -79,8 +79,9 @@ create function cloud._tokens_available(
   p_now timestamptz
 ) returns double precision
 language sql immutable as $$
-  -- negative while claims have run ahead of the bucket
-  select least(e.burst::double precision, e.tokens + extract(epoch from p_now - e.tokens_at) * e.rate_per_s);
+  -- negative while claims have run ahead of the bucket; a claim whose clock reading is older
+  -- than the last refill (it queued on the row lock) must not count that time twice
+  select least(e.burst::double precision, e.tokens + greatest(0, extract(epoch from p_now - e.tokens_at)) * e.rate_per_s);
 $$;
 comment on function cloud._tokens_available is 'Internal: the token bucket''s level now (refilled at rate_per_s, capped at burst; negative when claims ran ahead).';
 
@@ -130,7 +131,7 @@ language sql as $$
   update cloud.endpoint ep
      set tokens = case when rate_per_s is null then tokens
                        else cloud._tokens_available(ep, p_now) - cardinality(p_claimed) end,
-         tokens_at = p_now,
+         tokens_at = greatest(tokens_at, p_now),
          circuit_state = case when circuit_state = 'open' then 'half_open' else circuit_state end,
          circuit_probe = case when circuit_state = 'open' then p_claimed[1] else circuit_probe end
    where name = p_endpoint
@@ -156,6 +157,7 @@ declare
   v_ids      uuid[];
   v_avail    double precision;
   v_rate     double precision;
+  v_slot0    timestamptz;
   v_left     integer := p_limit;
 begin
   -- no "has due work?" pre-check: after millions of messages the front of the
@@ -192,7 +194,8 @@ begin
     )
     select coalesce(array_agg(request_id), '{}') into v_ids from leased;
     continue when cardinality(v_ids) = 0;
-    select cloud._tokens_available(e, p_now), e.rate_per_s into v_avail, v_rate from cloud.endpoint e where e.name = v_endpoint;
+    select cloud._tokens_available(e, p_now), e.rate_per_s, greatest(p_now, e.tokens_at)
+      into v_avail, v_rate, v_slot0 from cloud.endpoint e where e.name = v_endpoint;
     perform cloud._spend_budget(v_endpoint, v_ids, p_now);
     v_left := v_left - cardinality(v_ids);
     return query
@@ -200,7 +203,7 @@ begin
              o.ordering_key, e.provider, e.base_url, e.timeout_ms, e.config, o.locked_until,
              -- the k-th message takes the k-th token: it goes when that token is due
              case when v_rate is null then p_now
-                  else p_now + make_interval(secs => greatest(0, (row_number() over (order by o.id) - v_avail) / v_rate)) end
+                  else v_slot0 + make_interval(secs => greatest(0, (row_number() over (order by o.id) - v_avail) / v_rate)) end
         from cloud.outbox o join cloud.endpoint e on e.name = o.endpoint
        where o.request_id = any (v_ids)
        order by o.id;

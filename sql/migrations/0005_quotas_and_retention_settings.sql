@@ -180,7 +180,7 @@ begin
   update cloud.endpoint ep
      set tokens = case when rate_per_s is null then tokens
                        else cloud._tokens_available(ep, p_now) - cardinality(p_claimed) end,
-         tokens_at = p_now,
+         tokens_at = greatest(tokens_at, p_now),
          circuit_state = case when circuit_state = 'open' then 'half_open' else circuit_state end,
          circuit_probe = case when circuit_state = 'open' then p_claimed[1] else circuit_probe end
    where name = p_endpoint
