@@ -491,7 +491,8 @@ begin
     -- the queue was empty make look free and a backlog makes ruinous
     select x.request_id, x.response, x.http_status
       from unnest(p_results) x
-      cross join lateral (select o.status, o.locked_by from cloud.outbox o where o.request_id = x.request_id for update) o
+      -- OFFSET 0 keeps the status test out of this subquery, so only the primary key can serve it
+      cross join lateral (select o.status, o.locked_by from cloud.outbox o where o.request_id = x.request_id offset 0 for update) o
      -- a lease reaped but not yet re-claimed is still ours to finish
      where (o.status = 'in_flight' and o.locked_by = p_worker) or o.status = 'pending'
   ), done as (
@@ -555,7 +556,7 @@ begin
     select x.*, e.max_attempts, e.backoff_base_ms, e.backoff_cap_ms, o.attempts as tries
       from unnest(p_results) x
       cross join lateral (select o.status, o.locked_by, o.attempts, o.endpoint from cloud.outbox o
-                           where o.request_id = x.request_id for update) o
+                           where o.request_id = x.request_id offset 0 for update) o
       join cloud.endpoint e on e.name = o.endpoint
      where o.status = 'in_flight' and o.locked_by = p_worker
   ), failed as (
