@@ -41,8 +41,7 @@ begin
    where name = p_name
   returning * into v_row;
   if not found then
-    raise exception using errcode = 'EC001', message = format('unknown cloud endpoint %L', p_name),
-      hint = 'Create it first with cloud.put_endpoint(...).';
+    perform cloud._raise_unknown_endpoint(p_name);
   end if;
   return v_row;
 end $$;
