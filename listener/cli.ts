@@ -16,7 +16,9 @@ import { createLogger } from './logger.js';
 import { createMetrics } from './metrics.js';
 import { sql } from './queries.js';
 import { startOpsServer } from './server.js';
-import { startSim, webhookRoutes } from './sim/index.js';
+import { startInboundServer } from './inbound-server.js';
+import './inbound-routes.js';
+import { startSimCloud } from './sim/clouds.js';
 import { tailLog } from './tail.js';
 import { checkVaultKey, loadVaultKey, vaultSql } from './vault.js';
 import { Worker } from './worker.js';
@@ -76,6 +78,12 @@ program
     await worker.start();
     const ops = config.ERP_CLOUD_HTTP_PORT >= 0 ? await startOpsServer(config.ERP_CLOUD_HTTP_HOST, config.ERP_CLOUD_HTTP_PORT, worker, metrics) : null;
     if (ops) log.info({ url: ops.url }, 'health and metrics');
+    const inbound = config.ERP_CLOUD_INBOUND_PORT >= 0
+      ? await startInboundServer(config.ERP_CLOUD_INBOUND_HOST, config.ERP_CLOUD_INBOUND_PORT, {
+        pool, log, env: process.env, secret: (name) => worker.secret(name),
+      })
+      : null;
+    if (inbound) log.info({ url: inbound.url }, 'inbound receivers');
     await new Promise<void>((resolve) => {
       const shutdown = (signal: string) => {
         log.info({ signal }, 'shutdown requested');
@@ -84,6 +92,7 @@ program
       process.once('SIGTERM', () => shutdown('SIGTERM'));
       process.once('SIGINT', () => shutdown('SIGINT'));
     });
+    await inbound?.close();
     await worker.stop();
     await ops?.close();
     await pool.end();
@@ -141,12 +150,13 @@ program
 
 program
   .command('sim')
-  .description('run the cloud simulator (generic webhook cloud) on 127.0.0.1 for demos and tests')
+  .description('run a cloud simulator on 127.0.0.1 for demos and tests (prints {"sim", "url"} as JSON)')
+  .option('--cloud <name>', 'which cloud (webhook, or one a later module registers)', 'webhook')
   .option('--port <n>', 'port (0 = any free port)', '8089')
   .option('--host <addr>', 'address to bind', '127.0.0.1')
-  .action(async (opts: { port: string; host: string }) => {
-    const sim = await startSim({ port: Number(opts.port), host: opts.host, routes: webhookRoutes(), name: 'webhook' });
-    console.log(JSON.stringify({ sim: 'webhook', url: sim.url }));
+  .action(async (opts: { cloud: string; port: string; host: string }) => {
+    const sim = await startSimCloud(opts.cloud, { port: Number(opts.port), host: opts.host });
+    console.log(JSON.stringify({ sim: opts.cloud, url: sim.url }));
     await new Promise<void>((resolve) => {
       process.once('SIGTERM', resolve);
       process.once('SIGINT', resolve);

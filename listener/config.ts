@@ -23,6 +23,9 @@ const schema = z.object({
   ERP_CLOUD_POOL_SIZE: int(2, 100).default(8),
   ERP_CLOUD_HTTP_HOST: z.string().default('127.0.0.1'),
   ERP_CLOUD_HTTP_PORT: int(-1, 65535).default(9464),
+  // the inbound door clouds push to (listener/inbound-server.ts); -1 = off
+  ERP_CLOUD_INBOUND_HOST: z.string().default('0.0.0.0'),
+  ERP_CLOUD_INBOUND_PORT: int(-1, 65535).default(-1),
   ERP_CLOUD_LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   ERP_CLOUD_LOG_BODY_BYTES: int(0, 10 * 1024 * 1024).default(64 * 1024),
   // System_Vault (listener/vault.ts): the master key, or a file holding it; never both

@@ -17,6 +17,7 @@ export const SqlState = {
   invalidAllowlistSetting: 'EC011',
   invalidQuotaSetting: 'EC012',
   invalidSetting: 'EC013',
+  invalidProviderToken: 'EC014',
   // System_Vault (sql/migrations/0004_vault.sql)
   secretNotFound: 'EC020',
   vaultKeyMismatch: 'EC021',

@@ -7,7 +7,7 @@ import http from 'node:http';
 import https from 'node:https';
 import { got, RequestError } from 'got';
 import { assertUrlAllowed, guardedLookup, type EgressPolicy } from './egress.js';
-import { adapterFor, type ClaimedMessage, type OutgoingRequest, type ProviderContext, type Verdict } from './providers/index.js';
+import { AdapterError, adapterFor, type AuxAnswer, type AuxRequest, type ClaimedMessage, type OutgoingRequest, type ProviderContext, type Verdict } from './providers/index.js';
 
 /** The JSON shape of cloud.attempt_result (one cloud.log row + the verdict). */
 export interface AttemptResult {
@@ -42,7 +42,7 @@ const client = got.extend({
   throwHttpErrors: false,
   followRedirect: false,
   decompress: true,
-  responseType: 'text',
+  responseType: 'buffer',
   agent: agents,
 });
 
@@ -72,9 +72,48 @@ function cap(text: string, maxBytes: number): string {
   return `${Buffer.from(text).subarray(0, maxBytes).toString('utf8')}…[truncated]`;
 }
 
-const NO_SECRETS: ProviderContext = {
+const NO_CONTEXT: ProviderContext = {
   secret: (name) => Promise.reject(Object.assign(new Error(`secret ${name}: this listener has no secret resolver`), { secretName: name })),
+  fetch: () => Promise.reject(new AdapterError('permanent', 'no_context', 'this caller gave the adapter no HTTP context')),
+  token: () => Promise.reject(new AdapterError('permanent', 'no_context', 'this caller gave the adapter no token cache')),
+  forgetToken: () => Promise.resolve(),
 };
+
+/**
+ * An adapter's auxiliary call (token, gateway discovery, download) under the
+ * endpoint's egress guard: same host allowlist and address check as the attempt,
+ * no redirects, a size cap. Throws on network errors and refusals.
+ */
+export async function auxFetch(req: AuxRequest, policy: EgressPolicy, defaultTimeoutMs: number, signal?: AbortSignal): Promise<AuxAnswer> {
+  assertUrlAllowed(req.url, policy);
+  const maxBytes = req.maxBytes ?? 1024 * 1024;
+  const stream = client.stream(req.url, {
+    dnsLookup: guardedLookup(policy) as never,
+    method: req.method,
+    headers: req.headers,
+    body: req.body,
+    timeout: { request: req.timeoutMs ?? defaultTimeoutMs },
+    signal,
+  });
+  const chunks: Buffer[] = [];
+  let size = 0;
+  let headers: Record<string, string | string[] | undefined> = {};
+  let status = 0;
+  stream.once('response', (res: { statusCode: number; headers: Record<string, string | string[] | undefined> }) => {
+    status = res.statusCode;
+    headers = res.headers;
+  });
+  for await (const chunk of stream as AsyncIterable<Buffer>) {
+    size += chunk.length;
+    if (size > maxBytes) {
+      stream.destroy();
+      throw Object.assign(new Error(`${req.url}: the answer exceeds ${maxBytes} bytes`), { code: 'EAUXTOOLARGE' });
+    }
+    chunks.push(chunk);
+  }
+  const body = Buffer.concat(chunks);
+  return { status, headers, body, text: () => body.toString('utf8') };
+}
 
 function networkVerdict(err: unknown, timeoutMs: number): Verdict {
   if ((err as { code?: string }).code === 'EEGRESS') {
@@ -107,8 +146,17 @@ export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions)
   }
   let req: OutgoingRequest;
   try {
-    req = await adapter.buildRequest(msg, opts.context ?? NO_SECRETS);
+    req = await adapter.buildRequest(msg, opts.context ?? NO_CONTEXT);
   } catch (err) {
+    if (err instanceof AdapterError) {
+      const r = notSent(msg, err.outcome, err.errorClass, err.message, performance.now() - t0);
+      return { ...r, retry_after_ms: err.outcome === 'retryable' ? err.retryAfterMs ?? null : null };
+    }
+    if ((err as { code?: string }).code === 'EEGRESS' || err instanceof RequestError) {
+      // an auxiliary call (token, discovery) failed on the network or was refused by the egress guard
+      const v = networkVerdict(err, msg.timeout_ms);
+      return notSent(msg, v.outcome as 'retryable' | 'permanent', v.outcome === 'ok' ? 'network' : v.errorClass, v.outcome === 'ok' ? '' : v.message, performance.now() - t0);
+    }
     // a secret that cannot be had now (vault down, variable not yet set) may be there later
     const secretMissing = (err as { secretName?: string; code?: string }).secretName !== undefined || /^EC02/.test(String((err as { code?: string }).code));
     return notSent(msg, secretMissing ? 'retryable' : 'permanent', secretMissing ? 'secret_unavailable' : 'build_request',
@@ -135,11 +183,13 @@ export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions)
       body: req.body,
       timeout: { request: msg.timeout_ms },
       signal: opts.signal,
+      responseType: 'buffer',
     });
     status = res.statusCode;
     responseHeaders = res.headers;
-    responseBody = res.body;
-    verdict = adapter.classify({ status: res.statusCode, headers: res.headers, body: res.body }, msg);
+    const text = res.body.toString('utf8');
+    responseBody = req.binaryResponse ? `[binary: ${res.body.length} bytes, ${res.headers['content-type'] ?? 'no content-type'}]` : text;
+    verdict = adapter.classify({ status: res.statusCode, headers: res.headers, body: text, raw: res.body }, msg);
   } catch (err) {
     verdict = networkVerdict(err, msg.timeout_ms);
   }

@@ -16,6 +16,10 @@ export const sql = {
   parkedKeys: 'select * from cloud.parked_keys order by endpoint, ordering_key',
   replayOne: 'select cloud.replay_message($1, $2, $3) as request_id',
   replayDead: 'select cloud.replay_dead_messages($1, $2, $3) as replayed',
+  validProviderToken: 'select (t).token, (t).expires_at from cloud.valid_provider_token($1, $2, make_interval(secs => $3::float8 / 1000)) t',
+  lockProviderToken: 'select cloud.lock_provider_token($1, $2)',
+  storeProviderToken: 'select cloud.store_provider_token($1, $2, $3, $4)',
+  forgetProviderToken: 'select cloud.forget_provider_token($1, $2, $3)',
 } as const;
 
 /**

@@ -12,6 +12,7 @@ import type { Config } from './config.js';
 import { createListenConnection, type ListenConnection } from './db.js';
 import { policyOf, type EgressPolicy } from './egress.js';
 import { attemptDelivery, notSent, type AttemptResult } from './http.js';
+import { providerContext } from './provider-context.js';
 import type { Logger } from './logger.js';
 import type { Metrics } from './metrics.js';
 import type { ClaimedMessage } from './providers/index.js';
@@ -148,7 +149,10 @@ export class Worker {
     if (wait > 0) await sleep(wait);
     return attemptDelivery(msg, {
       logBodyBytes: this.config.ERP_CLOUD_LOG_BODY_BYTES, signal, policy,
-      context: { secret: (name) => this.secrets.resolve(name) },
+      context: providerContext({
+        pool: this.pool, endpoint: msg.endpoint, policy, timeoutMs: msg.timeout_ms, signal,
+        secret: (name) => this.secrets.resolve(name),
+      }),
     });
   }
 
@@ -234,6 +238,11 @@ export class Worker {
   }
 
   /** The endpoint's allowlist, refreshed with every maintenance tick; a new endpoint is loaded on first use. */
+  /** A secret by name through this listener's resolver (the inbound receivers use it for signing keys). */
+  secret(name: string): Promise<string> {
+    return this.secrets.resolve(name);
+  }
+
   private async policyFor(endpoint: string): Promise<EgressPolicy> {
     if (!this.policies.has(endpoint)) await this.loadPolicies();
     // an endpoint deleted meanwhile: nothing but its own host, no private addresses

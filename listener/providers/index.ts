@@ -12,4 +12,5 @@ export function registerAdapter(adapter: ProviderAdapter): void {
   adapters.set(adapter.name, adapter);
 }
 
-export type { ProviderAdapter, ProviderContext, ClaimedMessage, OutgoingRequest, HttpAnswer, Verdict } from './types.js';
+export type { AuxAnswer, AuxRequest, ProviderAdapter, ProviderContext, ClaimedMessage, OutgoingRequest, HttpAnswer, Verdict } from './types.js';
+export { AdapterError } from './types.js';

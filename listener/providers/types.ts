@@ -30,12 +30,33 @@ export interface OutgoingRequest {
   body?: string;
   /** Literal values (tokens, keys) to blank out of anything that is logged. */
   secrets?: string[];
+  /** The answer is binary (a PDF): cloud.log records its size and type, not its bytes. */
+  binaryResponse?: boolean;
 }
 
 export interface HttpAnswer {
   status: number;
   headers: Record<string, string | string[] | undefined>;
+  /** The body as UTF-8 text. */
   body: string;
+  /** The body's bytes, for binary answers. */
+  raw: Buffer;
+}
+
+/**
+ * What an adapter throws from buildRequest when it cannot build the request now
+ * (its token call failed, the gateway lookup answered nonsense): the attempt is
+ * recorded with this verdict and nothing is sent.
+ */
+export class AdapterError extends Error {
+  constructor(
+    readonly outcome: 'retryable' | 'permanent',
+    readonly errorClass: string,
+    message: string,
+    readonly retryAfterMs?: number,
+  ) {
+    super(message);
+  }
 }
 
 /** Errors are values at the edge: the adapter's verdict, never an exception. */
@@ -44,10 +65,43 @@ export type Verdict =
   | { outcome: 'retryable'; errorClass: string; message: string; retryAfterMs?: number; response?: unknown }
   | { outcome: 'permanent'; errorClass: string; message: string; response?: unknown };
 
+/** An auxiliary call an adapter makes besides the attempt itself: a token, a gateway lookup, a file download. */
+export interface AuxRequest {
+  method: 'GET' | 'POST';
+  url: string;
+  headers?: Record<string, string>;
+  body?: string;
+  /** Default: the endpoint's timeout_ms. */
+  timeoutMs?: number;
+  /** The answer's body is refused (error code EAUXTOOLARGE) beyond this many bytes. Default 1 MiB. */
+  maxBytes?: number;
+}
+
+export interface AuxAnswer {
+  status: number;
+  headers: Record<string, string | string[] | undefined>;
+  body: Buffer;
+  text(): string;
+}
+
 /** What an adapter may ask of the listener while it builds a request. */
 export interface ProviderContext {
   /** A secret's value by name (endpoint config names them): the environment, else System_Vault. */
   secret(name: string): Promise<string>;
+  /**
+   * One auxiliary HTTP call under the same endpoint's egress guard (host allowlist, address
+   * ranges, checked inside the socket's DNS lookup) with no redirects followed. Network errors
+   * and refusals throw (an EgressRefused has code 'EEGRESS'); HTTP statuses are returned.
+   */
+  fetch(req: AuxRequest): Promise<AuxAnswer>;
+  /**
+   * A token cached in cloud.provider_token for (this endpoint, key), shared by every listener.
+   * `obtain` runs only when no token stays valid for `marginMs` (default 5 min), and at most
+   * once at a time across all listeners (an advisory lock); its result is stored for the others.
+   */
+  token(key: string, obtain: () => Promise<{ token: string; expiresAt: Date }>, opts?: { marginMs?: number }): Promise<string>;
+  /** Forgets a cached token the cloud refused (only if it is still the cached value). */
+  forgetToken(key: string, token: string): Promise<void>;
 }
 
 export interface ProviderAdapter {

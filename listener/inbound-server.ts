@@ -1,0 +1,100 @@
+/**
+ * The listener's inbound door: the HTTP server clouds push to (webhooks,
+ * invoice callbacks). Each cloud registers its routes (registerInboundRoute);
+ * this server only matches the route, refuses oversized bodies (413) and hands
+ * the raw bytes to the route, which checks the source range (inbound.ts), the
+ * signature and the body, and calls the SQL function that ingests it.
+ * Off unless ERP_CLOUD_INBOUND_PORT is set: it is the one port the outside reaches.
+ */
+import http, { type IncomingMessage, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import type pg from 'pg';
+import type { Logger } from './logger.js';
+
+export interface InboundDeps {
+  pool: pg.Pool;
+  log: Logger;
+  /** A secret by name: the environment, else System_Vault. */
+  secret(name: string): Promise<string>;
+  env: NodeJS.ProcessEnv;
+}
+
+export interface InboundRoute {
+  /** For log lines, e.g. 'scm.asn_webhook'. */
+  name: string;
+  method: 'POST' | 'GET';
+  path: string;
+  /** Bodies larger than this are refused with 413 before they are read whole. Default 256 KiB. */
+  maxBytes?: number;
+  handle(req: IncomingMessage, res: ServerResponse, body: Buffer, deps: InboundDeps): Promise<void>;
+}
+
+const routes: InboundRoute[] = [];
+
+export function registerInboundRoute(route: InboundRoute): void {
+  const i = routes.findIndex((r) => r.method === route.method && r.path === route.path);
+  if (i >= 0) routes.splice(i, 1, route);
+  else routes.push(route);
+}
+
+export function inboundRoutes(): readonly InboundRoute[] {
+  return routes;
+}
+
+function json(res: ServerResponse, status: number, body: unknown): void {
+  if (!res.headersSent) res.writeHead(status, { 'content-type': 'application/json' });
+  res.end(JSON.stringify(body));
+}
+
+/** Reads the body up to `max` bytes; null when it is larger (the request is then answered 413). */
+function readBody(req: IncomingMessage, max: number): Promise<Buffer | null> {
+  return new Promise((resolve, reject) => {
+    const declared = Number(req.headers['content-length'] ?? '0');
+    if (declared > max) return resolve(null);
+    const chunks: Buffer[] = [];
+    let size = 0;
+    req.on('data', (c: Buffer) => {
+      size += c.length;
+      if (size > max) {
+        req.removeAllListeners('data');
+        req.resume();
+        resolve(null);
+      } else chunks.push(c);
+    });
+    req.on('end', () => resolve(Buffer.concat(chunks)));
+    req.on('error', reject);
+  });
+}
+
+export async function startInboundServer(host: string, port: number, deps: InboundDeps): Promise<{ url: string; close(): Promise<void> }> {
+  const server = http.createServer((req, res) => {
+    void (async () => {
+      const path = (req.url ?? '/').split('?')[0];
+      const route = routes.find((r) => r.path === path && r.method === req.method);
+      if (!route) return json(res, 404, { error: 'not_found' });
+      const max = route.maxBytes ?? 256 * 1024;
+      try {
+        const body = await readBody(req, max);
+        if (body === null) {
+          deps.log.warn({ receiver: route.name, remote: req.socket.remoteAddress, max }, 'inbound request refused: body too large');
+          return json(res, 413, { error: 'body_too_large', max_bytes: max });
+        }
+        await route.handle(req, res, body, deps);
+      } catch (err) {
+        deps.log.error({ receiver: route.name, err: err instanceof Error ? err.message : String(err) }, 'inbound request failed');
+        json(res, 500, { error: 'internal_error' });
+      }
+    })();
+  });
+  server.requestTimeout = 15_000;
+  server.headersTimeout = 10_000;
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => resolve());
+  });
+  const addr = server.address() as AddressInfo;
+  return {
+    url: `http://${host.includes(':') ? `[${host}]` : host}:${addr.port}`,
+    close: () => new Promise((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
+  };
+}

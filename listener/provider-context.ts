@@ -1,0 +1,90 @@
+/**
+ * What the listener gives an adapter while it builds a request: secrets by
+ * name, auxiliary HTTP calls under the endpoint's egress guard, and access
+ * tokens cached in cloud.provider_token (shared by every listener, obtained
+ * once at a time across all of them).
+ */
+import type pg from 'pg';
+import type { EgressPolicy } from './egress.js';
+import { auxFetch } from './http.js';
+import type { ProviderContext } from './providers/index.js';
+import { sql } from './queries.js';
+
+interface Cached { token: string; expiresAt: number }
+
+/** Tokens this process has seen, so most calls skip the database; keyed by endpoint and token key. */
+const memo = new Map<string, Cached>();
+const pending = new Map<string, Promise<string>>();
+
+export interface ContextOptions {
+  pool: pg.Pool;
+  endpoint: string;
+  policy: EgressPolicy;
+  timeoutMs: number;
+  secret(name: string): Promise<string>;
+  signal?: AbortSignal;
+}
+
+const DEFAULT_MARGIN_MS = 5 * 60_000;
+
+export function providerContext(o: ContextOptions): ProviderContext {
+  return {
+    secret: o.secret,
+    fetch: (req) => auxFetch(req, o.policy, o.timeoutMs, o.signal),
+    token(key, obtain, opts) {
+      const margin = opts?.marginMs ?? DEFAULT_MARGIN_MS;
+      const id = `${o.endpoint}\u0000${key}`;
+      const hit = memo.get(id);
+      if (hit && hit.expiresAt - margin > Date.now()) return Promise.resolve(hit.token);
+      let p = pending.get(id);
+      if (!p) {
+        p = cachedOrObtain(o.pool, o.endpoint, key, margin, obtain)
+          .then((c) => { memo.set(id, c); return c.token; })
+          .finally(() => pending.delete(id));
+        pending.set(id, p);
+      }
+      return p;
+    },
+    async forgetToken(key, token) {
+      const id = `${o.endpoint}\u0000${key}`;
+      if (memo.get(id)?.token === token) memo.delete(id);
+      await o.pool.query(sql.forgetProviderToken, [o.endpoint, key, token]);
+    },
+  };
+}
+
+async function cachedOrObtain(pool: pg.Pool, endpoint: string, key: string, marginMs: number,
+  obtain: () => Promise<{ token: string; expiresAt: Date }>): Promise<Cached> {
+  const valid = async (q: pg.Pool | pg.PoolClient): Promise<Cached | null> => {
+    const { rows } = await q.query<{ token: string | null; expires_at: Date | null }>(sql.validProviderToken, [endpoint, key, marginMs]);
+    const r = rows[0];
+    return r?.token && r.expires_at ? { token: r.token, expiresAt: r.expires_at.getTime() } : null;
+  };
+  const found = await valid(pool);
+  if (found) return found;
+  const client = await pool.connect();
+  try {
+    await client.query('begin');
+    await client.query(sql.lockProviderToken, [endpoint, key]);
+    // another listener may have obtained one while this one waited for the lock
+    const meanwhile = await valid(client);
+    if (meanwhile) {
+      await client.query('commit');
+      return meanwhile;
+    }
+    const fresh = await obtain();
+    await client.query(sql.storeProviderToken, [endpoint, key, fresh.token, fresh.expiresAt]);
+    await client.query('commit');
+    return { token: fresh.token, expiresAt: fresh.expiresAt.getTime() };
+  } catch (err) {
+    await client.query('rollback').catch(() => undefined);
+    throw err;
+  } finally {
+    client.release();
+  }
+}
+
+/** Forgets every token this process remembers (tests that reset the database use it). */
+export function clearTokenMemo(): void {
+  memo.clear();
+}

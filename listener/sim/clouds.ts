@@ -1,0 +1,29 @@
+/**
+ * The simulated clouds `erp-cloud sim --cloud NAME` can start. Each cloud's
+ * simulator module registers itself here (registerSimCloud) and is imported
+ * at the bottom of this file.
+ */
+import { startSim, webhookRoutes, type SimServer } from './server.js';
+
+export interface SimStartOptions {
+  port: number;
+  host: string;
+}
+
+const clouds = new Map<string, (o: SimStartOptions) => Promise<SimServer>>();
+
+export function registerSimCloud(name: string, start: (o: SimStartOptions) => Promise<SimServer>): void {
+  clouds.set(name, start);
+}
+
+export function simCloudNames(): string[] {
+  return [...clouds.keys()].sort();
+}
+
+export function startSimCloud(name: string, o: SimStartOptions): Promise<SimServer> {
+  const start = clouds.get(name);
+  if (!start) throw new Error(`no simulated cloud "${name}"; there are: ${simCloudNames().join(', ')}`);
+  return start(o);
+}
+
+registerSimCloud('webhook', (o) => startSim({ port: o.port, host: o.host, routes: webhookRoutes(), name: 'webhook' }));
