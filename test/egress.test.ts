@@ -30,6 +30,7 @@ beforeEach(async () => {
   await Promise.all(listeners.map((l) => l.stop()));
   listeners = [];
   sim.reset();
+  sim.setRateLimit(null); // a test that failed before clearing its gateway limit must not fail the next one
   await q(`truncate cloud.outbox, cloud.log, cloud.listener, cloud.endpoint_usage`);
   await q(`delete from cloud.endpoint`);
   await q(`select cloud.put_endpoint('hook', $1, p_timeout_ms => 500, p_backoff_base_ms => 100, p_backoff_cap_ms => 1000, p_max_attempts => 20)`, [`${sim.url}/webhook`]);
