@@ -56,15 +56,15 @@ export const approve = (pool: pg.Pool, id: number) => pool.query(`update erp.set
 export const post = (pool: pg.Pool, id: number) => pool.query(`update erp.shipment set status = 'posted' where id = $1`, [id]);
 
 /** The tax endpoint on the simulator, and the seller's settings. */
-export async function configureTax(pool: pg.Pool, baseUrl: string, appKey: string, o: { timeoutMs?: number; firstPollMs?: number; callbackUrl?: string | null; maxAmount?: number | null; maxLines?: number; maxPolls?: number } = {}): Promise<void> {
+export async function configureTax(pool: pg.Pool, baseUrl: string, appKey: string, o: { timeoutMs?: number; firstPollMs?: number; callbackUrl?: string | null; maxAmount?: number | null; maxLines?: number; maxPolls?: number; pollCapMs?: number; backoffBaseMs?: number } = {}): Promise<void> {
   await pool.query(`select cloud.put_endpoint('nuonuo', $1, 'nuonuo', 'invoice_request', p_timeout_ms => $2, p_max_attempts => 8,
-                      p_backoff_base_ms => 100, p_backoff_cap_ms => 500, p_config => $3)`,
-  [`${baseUrl}/open/v1/services`, o.timeoutMs ?? 2000, JSON.stringify({ app_key: appKey, app_secret_name: 'nuonuo.app_secret' })]);
+                      p_backoff_base_ms => $4, p_backoff_cap_ms => greatest($4, 500), p_config => $3)`,
+  [`${baseUrl}/open/v1/services`, o.timeoutMs ?? 2000, JSON.stringify({ app_key: appKey, app_secret_name: 'nuonuo.app_secret' }), o.backoffBaseMs ?? 100]);
   await pool.query(`select cloud.put_endpoint_allowlist('nuonuo', '{}', '{}', true)`);
   await pool.query(`select tax.put_config(p_seller_tax_id => '339902999999789113', p_seller_name => '浙江诺诺网络科技', p_clerk => '张三',
-                      p_max_invoice_amount => $1, p_max_invoice_lines => $2, p_first_poll_ms => $3, p_poll_cap_ms => 1000, p_max_polls => $4,
+                      p_max_invoice_amount => $1, p_max_invoice_lines => $2, p_first_poll_ms => $3, p_poll_cap_ms => $6, p_max_polls => $4,
                       p_callback_url => $5)`,
-  [o.maxAmount ?? null, o.maxLines ?? 200, o.firstPollMs ?? 200, o.maxPolls ?? 30, o.callbackUrl ?? null]);
+  [o.maxAmount ?? null, o.maxLines ?? 200, o.firstPollMs ?? 200, o.maxPolls ?? 30, o.callbackUrl ?? null, o.pollCapMs ?? Math.max(1000, o.firstPollMs ?? 200)]);
 }
 
 export interface InvoiceRow {
