@@ -228,6 +228,26 @@ describe('the invoice event log', () => {
   });
 });
 
+describe('roles', () => {
+  it('the ERP role approves (which issues) with no privilege on schema tax or the outbox, and cannot write invoices itself', async () => {
+    const c = await customer(db.pool);
+    const s = await settlement(db.pool, c, [good]);
+    const client = await db.pool.connect();
+    try {
+      await client.query('set role erp_cloud_app');
+      await client.query(`update erp.settlement set status = 'approved' where id = $1`, [s.id]);
+      expect(await sqlstateOf(client.query(`select * from tax.config`))).toBe('42501');
+      expect(await sqlstateOf(client.query(`select count(*) from cloud.outbox`))).toBe('42501');
+      expect(await sqlstateOf(client.query(`update erp.ar_invoice set invoice_no = '26352000000000000009'`))).toBe('42501');
+      expect(await sqlstateOf(client.query(`select tax.issue_invoices('settlement', $1)`, [s.id]))).toBe('42501');
+    } finally {
+      await client.query('reset role');
+      client.release();
+    }
+    expect(await invoicesOf(db.pool, s.id)).toHaveLength(1);
+  });
+});
+
 describe('the schema', () => {
   it('every function, table and type in schema tax and every erp table has a comment; nothing in tax is executable by PUBLIC', async () => {
     const { rows } = await db.pool.query(`
