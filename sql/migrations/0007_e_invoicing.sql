@@ -219,6 +219,7 @@ create table erp.ar_invoice (
   ofd_url            text,
   xml_url            text,
   polls              integer not null default 0,
+  next_query_id      uuid,
   tax_cloud_response jsonb not null default '{}',
   tax_id_warning     text,
   error_code         text,
@@ -234,6 +235,7 @@ create unique index ar_invoice_shipment_part on erp.ar_invoice (shipment_id, par
 create index ar_invoice_original on erp.ar_invoice (original_invoice_id) where original_invoice_id is not null;
 comment on table erp.ar_invoice is 'AR invoices issued through the tax cloud. invoice_status: pending → issuing → issued, or failed (error_code / error_message say why), and reversed after a red invoice. tax_cloud_response keeps each step''s raw answer (submit, query, pdf).';
 comment on column erp.ar_invoice.order_no is 'Nuonuo orderNo: the request_id without dashes, so a retry after a timeout can never issue twice (E9106 = already submitted).';
+comment on column erp.ar_invoice.next_query_id is 'The request_id of the latest result query enqueued for this invoice (a callback moves it up).';
 comment on column erp.ar_invoice.invoice_no is 'The 20-digit 数电 invoice number (allElectronicInvoiceNumber). Every change is logged in tax.invoice_event.';
 
 create table erp.ar_invoice_line (
@@ -692,12 +694,18 @@ create function tax._enqueue_query(
   p_by    text,            -- 'serial' or 'order'
   p_delay_ms bigint
 ) returns uuid
-language sql as $$
-  select cloud.enqueue_message((select endpoint from tax.config), 'tax.query',
-           case when p_by = 'serial' then jsonb_build_object('serialNos', jsonb_build_array(p_inv.invoice_serial_no), 'isOfferInvoiceDetail', '0')
-                else jsonb_build_object('orderNos', jsonb_build_array(p_inv.order_no), 'isOfferInvoiceDetail', '0') end,
-           'erp.ar_invoice', p_inv.id::text, null, null, clock_timestamp() + make_interval(secs => p_delay_ms / 1000.0))
-$$;
+language plpgsql as $$
+declare
+  v_id uuid;
+begin
+  v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.query',
+            case when p_by = 'serial' then jsonb_build_object('serialNos', jsonb_build_array(p_inv.invoice_serial_no), 'isOfferInvoiceDetail', '0')
+                 else jsonb_build_object('orderNos', jsonb_build_array(p_inv.order_no), 'isOfferInvoiceDetail', '0') end,
+            'erp.ar_invoice', p_inv.id::text, null, null, clock_timestamp() + make_interval(secs => p_delay_ms / 1000.0));
+  -- remembered so a callback finds the pending query by primary key
+  update erp.ar_invoice set next_query_id = v_id where id = p_inv.id;
+  return v_id;
+end $$;
 comment on function tax._enqueue_query is 'Internal: enqueues the next queryInvoiceResult for an invoice, by serial no. or by orderNo, after a delay.';
 
 create function tax._poll_delay_ms(p_poll integer) returns bigint
@@ -866,8 +874,7 @@ begin
   end if;
   -- the callback is unsigned: it only moves the next scheduled query to now
   update cloud.outbox set next_attempt_at = clock_timestamp(), updated_at = clock_timestamp()
-   where aggregate_type = 'erp.ar_invoice' and aggregate_id = v_inv.id::text and operation = 'tax.query'
-     and status = 'pending' and next_attempt_at > clock_timestamp();
+   where request_id = v_inv.next_query_id and status = 'pending' and next_attempt_at > clock_timestamp();
   get diagnostics v_n = row_count;
   if v_n > 0 then
     perform cloud._wake_listeners((select e.wake_channel from cloud.endpoint e join tax.config c on c.endpoint = e.name));
