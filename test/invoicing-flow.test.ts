@@ -148,6 +148,17 @@ describe('when the cloud fails', () => {
     expect(await queries()).toBe(n);
     expect(await attachmentOf(inv!.id)).toHaveLength(0);
     expect(simInvoicesFor(inv!.order_no)).toMatchObject([{ status: '22' }]);
+
+    // the clerk corrects the buyer's tax id; the operator issues it again under a new orderNo
+    await db.pool.query(`update erp.customer set tax_id = $1 where id = $2`, [USCC_OK[3], c]);
+    await db.pool.query(`select tax.reissue_invoice($1)`, [inv!.id]);
+    const [again] = await settled(s.id);
+    expect(again).toMatchObject({ id: inv!.id, invoice_status: 'issued', error_code: null });
+    expect(again!.order_no).not.toBe(inv!.order_no);
+    expect((again!.tax_cloud_response as { previous: { query: unknown } }).previous.query).toBeTruthy();
+    expect(simInvoicesFor(again!.order_no)).toMatchObject([{ status: '2', buyerTaxNum: USCC_OK[3] }]);
+    // an issued invoice cannot be re-issued
+    expect(await sqlstateOf(db.pool.query(`select tax.reissue_invoice($1)`, [inv!.id]))).toBe(SqlState.reversalInvoiceNotIssued);
   });
 
   it('timeouts and 5xx during submit and query still give exactly one invoice in the simulator', async () => {

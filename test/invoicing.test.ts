@@ -76,6 +76,25 @@ describe('approving a settlement', () => {
     expect(await outboxCount()).toBe(before);
   });
 
+  it('by two clerks at the same moment issues once', async () => {
+    const c = await customer(db.pool);
+    const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 500 }]);
+    const [a, b] = [await db.pool.connect(), await db.pool.connect()];
+    try {
+      await a.query('begin');
+      await b.query('begin');
+      await a.query(`update erp.settlement set status = 'approved' where id = $1`, [s.id]);
+      const second = b.query(`update erp.settlement set status = 'approved' where id = $1`, [s.id]); // waits for a
+      await a.query('commit');
+      await second;
+      await b.query('commit');
+    } finally {
+      a.release();
+      b.release();
+    }
+    expect(await invoicesOf(db.pool, s.id)).toHaveLength(1);
+  });
+
   it('for a customer invoiced on shipment issues nothing; posting the shipment issues it', async () => {
     const c = await customer(db.pool, { invoiceOn: 'shipment', name: '苏州精密制造' });
     const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 200 }]);

@@ -115,6 +115,29 @@ describe('the simulated platform', () => {
   });
 });
 
+describe('gateway answers', () => {
+  const msg = (operation: string): ClaimedMessage => ({
+    request_id: '00000000-0000-4000-8000-000000000002', endpoint: 'nuonuo', operation, payload: {}, attempt: 1,
+    aggregate_type: null, aggregate_id: null, ordering_key: null, provider: 'nuonuo', base_url: 'https://sdk.nuonuo.example/open/v1/services',
+    timeout_ms: 1000, endpoint_config: { app_key: 'k' }, locked_until: new Date(), send_at: new Date(),
+  });
+  const answer = (body: unknown, status = 200) => ({ status, headers: {}, body: JSON.stringify(body), raw: Buffer.from(JSON.stringify(body)) });
+
+  it('are classified: E0000 ok, E9106 ok (already submitted), token refusals and quota retried, signature and business errors permanent', () => {
+    expect(nuonuoAdapter.classify(answer({ code: 'E0000', result: { invoiceSerialNum: 's' } }), msg('tax.issue'))).toMatchObject({ outcome: 'ok' });
+    expect(nuonuoAdapter.classify(answer({ code: 'E9106', describe: '订单编号或流水号不能重复' }), msg('tax.issue')))
+      .toMatchObject({ outcome: 'ok', response: { code: 'E9106', duplicate: true } });
+    expect(nuonuoAdapter.classify(answer({ code: 'E9500' }), msg('tax.query'))).toMatchObject({ outcome: 'ok' });
+    expect(nuonuoAdapter.classify(answer({ code: 'E9500' }), msg('tax.issue'))).toMatchObject({ outcome: 'permanent', errorClass: 'nuonuo_E9500' });
+    expect(nuonuoAdapter.classify(answer({ code: '070305' }), msg('tax.issue'))).toMatchObject({ outcome: 'retryable', errorClass: 'token_refused' });
+    expect(nuonuoAdapter.classify(answer({ code: '070306' }), msg('tax.issue'))).toMatchObject({ outcome: 'retryable', errorClass: 'token_quota', retryAfterMs: 900_000 });
+    expect(nuonuoAdapter.classify(answer({ code: '070601' }), msg('tax.issue'))).toMatchObject({ outcome: 'permanent', errorClass: 'sign_mismatch' });
+    expect(nuonuoAdapter.classify(answer({ code: 'E9999', describe: '参数错误' }), msg('tax.issue'))).toMatchObject({ outcome: 'permanent', message: 'E9999 参数错误' });
+    expect(nuonuoAdapter.classify(answer({ error: 'x' }, 503), msg('tax.issue'))).toMatchObject({ outcome: 'retryable', errorClass: 'http_503' });
+    expect(nuonuoAdapter.classify({ status: 200, headers: {}, body: '<html>', raw: Buffer.from('<html>') }, msg('tax.query'))).toMatchObject({ outcome: 'retryable' });
+  });
+});
+
 describe('the PDF download', () => {
   const msg = (url: string): ClaimedMessage => ({
     request_id: '00000000-0000-4000-8000-000000000001', endpoint: 'nuonuo', operation: 'tax.download_pdf',

@@ -857,6 +857,36 @@ begin
 end $$;
 comment on function tax.requery_invoice is 'Operator: asks the platform again about an invoice that gave up polling (error_code poll_limit).';
 
+create function tax.reissue_invoice(p_invoice_id bigint) returns uuid
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+  v_inv  erp.ar_invoice;
+  v_cust erp.customer;
+  v_cfg  tax.config;
+  v_req  uuid := gen_random_uuid();
+begin
+  select * into v_inv from erp.ar_invoice where id = p_invoice_id for update;
+  if not found or v_inv.invoice_status <> 'failed' or v_inv.invoice_type <> 'blue' or v_inv.error_code = 'poll_limit' then
+    raise exception using errcode = 'EI013', message = format('invoice %s is not a failed blue invoice that can be issued again', p_invoice_id),
+      hint = 'Only a blue invoice the platform refused can be re-issued; one that gave up polling is asked again with tax.requery_invoice.';
+  end if;
+  select c.* into v_cust from erp.customer c
+   where c.id = (select coalesce(s.customer_id, sh.customer_id) from erp.ar_invoice i
+                   left join erp.settlement s on s.id = i.settlement_id left join erp.shipment sh on sh.id = i.shipment_id where i.id = p_invoice_id);
+  v_cfg := tax._config();
+  -- the corrected buyer (tax id, name) is checked again; a refused invoice needs a new orderNo
+  update erp.ar_invoice
+     set request_id = v_req, order_no = tax.order_no_for(v_req), invoice_status = 'pending', invoice_serial_no = null,
+         buyer_name = v_cust.name, buyer_tax_id = nullif(v_cust.tax_id, ''),
+         tax_id_warning = tax.validate_buyer(v_cust, v_inv.invoice_kind, format('invoice %s', p_invoice_id)),
+         polls = 0, error_code = null, error_message = null,
+         tax_cloud_response = jsonb_build_object('previous', v_inv.tax_cloud_response), updated_at = now()
+   where id = p_invoice_id;
+  perform cloud.enqueue_message(v_cfg.endpoint, 'tax.issue', tax.build_invoice_payload(p_invoice_id), 'erp.ar_invoice', p_invoice_id::text, null, v_req);
+  return v_req;
+end $$;
+comment on function tax.reissue_invoice is 'Operator: issues a refused (failed) blue invoice again under a new orderNo, with the customer''s current name and tax id (checked again); the previous answers are kept under tax_cloud_response.previous.';
+
 create function tax.accept_invoice_callback(
   p_order_no text,   -- orderno of the callback
   p_content  jsonb   -- its content (a hint only: never booked)
@@ -1026,7 +1056,7 @@ grant execute on function tax.record_issue_submitted(cloud.outbox, jsonb), tax.r
   tax.record_red_confirm_submitted(cloud.outbox, jsonb), tax.record_red_confirm_status(cloud.outbox, jsonb),
   tax.accept_invoice_callback(text, jsonb) to erp_cloud_listener;
 grant execute on function tax.put_config(text, text, text, text, text, text, text, numeric, integer, integer, integer, integer, integer, text),
-  tax.requery_invoice(bigint) to erp_cloud_operator;
+  tax.requery_invoice(bigint), tax.reissue_invoice(bigint) to erp_cloud_operator;
 grant execute on function tax.order_no_for(uuid), tax.decimal_text(numeric), tax.uscc_check_digit_ok(text), tax.tax_rate_in_use(numeric),
   tax.separate_price_tax(numeric, numeric, numeric), tax.build_invoice_payload(bigint)
   to erp_cloud_app, erp_cloud_listener, erp_cloud_operator;
