@@ -3,8 +3,11 @@
  * process; every settlement approval runs the whole chain (validate, split,
  * payload, enqueue → requestBillingNew → queryInvoiceResult → PDF download →
  * erp.attachment). Two measurements:
- *   - invoices_per_s: N settlements approved back to back (4 ERP sessions),
- *     divided by the time until the last PDF is attached;
+ *   - invoices_per_s: N settlements approved (4 ERP sessions, one approval per
+ *     transaction) while no listener runs, then one listener starts: N divided
+ *     by the time from its start until the last PDF is attached (each invoice
+ *     is three cloud calls: issue, query, download). approvals_per_s is the
+ *     ERP side alone (validation, split, payload, enqueue);
  *   - approval_to_pdf_ms: approvals paced 250 ms apart, each from its commit
  *     (settlement.approved_at) to its PDF attachment (attachment.created_at),
  *     both database clocks. It includes the platform's issuing time and the
@@ -55,7 +58,7 @@ export async function invoicingFigure(ctx: BenchContext): Promise<InvoicingResul
   const appKey = 'bench-app';
   const appSecret = randomBytes(16).toString('hex');
   const sim = await startNuonuoSim({ appKey, appSecret, issueDelayMs: ISSUE_DELAY_MS, tokenQuota: 5 });
-  const listener = spawnListener(db.url, 'bench-invoicing', { ERP_CLOUD_SECRET_NUONUO_APP_SECRET: appSecret });
+  let listener: ReturnType<typeof spawnListener> | null = null;
   try {
     await pool.query(`select cloud.put_endpoint('nuonuo', $1, 'nuonuo', 'invoice_request', p_timeout_ms => 5000, p_config => $2)`,
       [`${sim.url}/open/v1/services`, JSON.stringify({ app_key: appKey })]);
@@ -64,17 +67,20 @@ export async function invoicingFigure(ctx: BenchContext): Promise<InvoicingResul
                         p_first_poll_ms => $1, p_poll_cap_ms => 2000)`, [FIRST_POLL_MS]);
     await createSettlements(pool, 'B-', n);
     await createSettlements(pool, 'P-', paced);
-    await waitListenerIdle(pool, listener);
 
-    // throughput: 4 ERP sessions approve everything, one settlement per transaction
+    // the ERP side: 4 sessions approve everything, one settlement per transaction
     const t0 = performance.now();
     let next = 1;
     await Promise.all(Array.from({ length: 4 }, async () => {
       for (let i = next++; i <= n; i = next++) await pool.query(`update erp.settlement set status = 'approved' where settlement_no = $1`, [`B-${i}`]);
     }));
     const approvedMs = performance.now() - t0;
+    // the cloud side: one listener drains the backlog through issue → query → PDF
+    const t1 = performance.now();
+    listener = spawnListener(db.url, 'bench-invoicing', { ERP_CLOUD_SECRET_NUONUO_APP_SECRET: appSecret });
     await waitFor(async () => (await attachedCount(pool, 'B-')) >= n, { timeoutMs: 600_000, intervalMs: 100, what: `${n} PDFs attached` });
-    const totalS = (performance.now() - t0) / 1000;
+    const totalS = (performance.now() - t1) / 1000;
+    await waitListenerIdle(pool, listener);
 
     // latency: paced approvals on an otherwise idle system
     for (let i = 1; i <= paced; i++) {
@@ -96,7 +102,7 @@ export async function invoicingFigure(ctx: BenchContext): Promise<InvoicingResul
       invoicing: {
         invoices: n,
         approvals_per_s: round(n / (approvedMs / 1000), 1),
-        total_s: round(totalS, 2),
+        drain_s: round(totalS, 2),
         paced_samples: lat.length,
         approval_to_pdf_min_ms: round(Math.min(...lat), 0),
         approval_to_pdf_max_ms: round(Math.max(...lat), 0),
@@ -106,7 +112,7 @@ export async function invoicingFigure(ctx: BenchContext): Promise<InvoicingResul
       },
     };
   } finally {
-    await stopListener(listener);
+    if (listener) await stopListener(listener);
     await sim.close();
     await pool.end();
   }
