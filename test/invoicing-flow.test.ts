@@ -49,7 +49,7 @@ async function settled(settlementId: number, n = 1, source: 'settlement' | 'ship
     const { rows: open } = await db.pool.query(`select count(*)::int n from cloud.outbox where aggregate_type = 'erp.ar_invoice'
         and aggregate_id = any ($1::text[]) and status in ('pending', 'in_flight')`, [rows.map((r) => r.id)]);
     return open[0].n === 0 ? rows : null;
-  }, { timeoutMs: 30_000, what: `invoices of ${source} ${settlementId} to settle` });
+  }, { timeoutMs: 30_000, intervalMs: 100, what: `invoices of ${source} ${settlementId} to settle` });
 }
 
 async function attachmentOf(invoiceId: string) {
@@ -162,10 +162,10 @@ describe('when the cloud fails', () => {
   });
 
   it('timeouts and 5xx during submit and query still give exactly one invoice in the simulator', async () => {
-    await configureTax(db.pool, sim.url, APP_KEY, { timeoutMs: 500 });
+    await configureTax(db.pool, sim.url, APP_KEY, { timeoutMs: 1500 });
     // gateway faults in arrival order: submit times out, then 503, then goes through; the first query 500s, the next times out
-    sim.setFaults({ pathPrefix: '/open/v1/services', schedule: [{ kind: 'timeout', ms: 2000 }, { kind: 'status', status: 503 }, { kind: 'ok' },
-      { kind: 'status', status: 500 }, { kind: 'timeout', ms: 2000 }] });
+    sim.setFaults({ pathPrefix: '/open/v1/services', schedule: [{ kind: 'timeout', ms: 5000 }, { kind: 'status', status: 503 }, { kind: 'ok' },
+      { kind: 'status', status: 500 }, { kind: 'timeout', ms: 5000 }] });
     const c = await customer(db.pool);
     const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 212 }]);
     await approve(db.pool, s.id);
@@ -180,9 +180,9 @@ describe('when the cloud fails', () => {
 
   it('a submit whose answer is lost (the platform issued it) is reconciled through E9106 and a query by orderNo', async () => {
     // the retry comes well after the platform finished the first submit
-    await configureTax(db.pool, sim.url, APP_KEY, { timeoutMs: 300, backoffBaseMs: 1500 });
+    await configureTax(db.pool, sim.url, APP_KEY, { timeoutMs: 1000, backoffBaseMs: 3000 });
     // the platform takes the order but answers after the client gave up
-    sim.setFaults({ pathPrefix: '/open/v1/services', schedule: [{ kind: 'slow', ms: 600 }] });
+    sim.setFaults({ pathPrefix: '/open/v1/services', schedule: [{ kind: 'slow', ms: 2000 }] });
     const c = await customer(db.pool);
     const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 318 }]);
     await approve(db.pool, s.id);
@@ -347,7 +347,7 @@ describe('the Nuonuo callback', () => {
     try {
       // first query a minute after submit: only the callback can make it sooner
       await configureTax(db.pool, sim.url, APP_KEY, { firstPollMs: 60_000, callbackUrl: `${inbound.url}/callbacks/nuonuo` });
-      sim.configure({ issueDelayMs: 3000 });
+      sim.configure({ issueDelayMs: 5000 });
       const c = await customer(db.pool);
       const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 636 }]);
       await approve(db.pool, s.id);

@@ -85,6 +85,7 @@ describe('the simulated platform', () => {
 
   it('issues asynchronously (20, then 2 with a PDF), and answers a resubmitted orderNo with E9106', async () => {
     sim.reset();
+    sim.configure({ issueDelayMs: 2000 }); // long enough to see status 20 however slow this machine is today
     const token = String((await tokenCall(appSecret)).body.access_token);
     const order = { orderNo: 'order-1', buyerName: '买方', salerTaxNum: '339902999999789113',
       invoiceDetail: [{ goodsName: '服务', goodsCode: '3040201030000000000', taxRate: '0.06', taxExcludedAmount: '100.00', tax: '6.00', taxIncludedAmount: '106.00' }] };
@@ -94,8 +95,11 @@ describe('the simulated platform', () => {
     const q = JSON.stringify({ orderNos: ['order-1'], isOfferInvoiceDetail: '0' });
     expect((await gateway({ token, body: q })).result).toMatchObject([{ status: '20' }]);
     expect((await gateway({ token, body, method: 'nuonuo.OpeMplatform.requestBillingNew' })).code).toBe('E9106');
-    await new Promise((r) => setTimeout(r, 300));
-    const done = (await gateway({ token, body: q })).result as Array<{ status: string; pdfUrl: string; allElectronicInvoiceNumber: string }>;
+    let done: Array<{ status: string; pdfUrl: string; allElectronicInvoiceNumber: string }> = [];
+    for (let i = 0; i < 100 && done[0]?.status !== '2'; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      done = (await gateway({ token, body: q })).result as typeof done;
+    }
     expect(done[0]).toMatchObject({ status: '2' });
     expect(done[0]!.allElectronicInvoiceNumber).toMatch(/^\d{20}$/);
     const pdf = Buffer.from(await (await fetch(done[0]!.pdfUrl)).arrayBuffer());
@@ -105,12 +109,16 @@ describe('the simulated platform', () => {
 
   it('fails an invoice whose line tax is more than 0.06 off (22 with the cause)', async () => {
     sim.reset();
+    sim.configure({ issueDelayMs: 50 });
     const token = String((await tokenCall(appSecret)).body.access_token);
     const order = { orderNo: 'order-bad', buyerName: '买方', salerTaxNum: '339902999999789113',
       invoiceDetail: [{ goodsName: '服务', goodsCode: '3040201030000000000', taxRate: '0.06', taxExcludedAmount: '100.00', tax: '6.07', taxIncludedAmount: '106.07' }] };
     await gateway({ token, body: JSON.stringify({ order }), method: 'nuonuo.OpeMplatform.requestBillingNew' });
-    await new Promise((r) => setTimeout(r, 300));
-    const res = (await gateway({ token, body: JSON.stringify({ orderNos: ['order-bad'] }) })).result as Array<{ status: string; failCause: string }>;
+    let res: Array<{ status: string; failCause: string }> = [];
+    for (let i = 0; i < 100 && res[0]?.status !== '22'; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      res = (await gateway({ token, body: JSON.stringify({ orderNos: ['order-bad'] }) })).result as typeof res;
+    }
     expect(res[0]).toMatchObject({ status: '22', failCause: expect.stringContaining('6分钱') });
   });
 });
