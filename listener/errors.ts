@@ -26,6 +26,24 @@ export const SqlState = {
   secretValueEmpty: 'EC024',
   secretUndecryptable: 'EC025',
   vaultKeyUnchanged: 'EC026',
+  // E-invoicing (sql/migrations/0007_e_invoicing.sql)
+  invoiceTaxIdMalformed: 'EI001',
+  invoiceTaxIdCheckDigit: 'EI002',
+  invoiceTaxCodeInvalid: 'EI003',
+  invoiceTaxRateInvalid: 'EI004',
+  invoiceLineAmountInvalid: 'EI005',
+  invoiceLinesMissingOrTooMany: 'EI006',
+  invoiceLineTaxTolerance: 'EI007',
+  invoiceTotalTaxTolerance: 'EI008',
+  invoiceBuyerNameMissing: 'EI009',
+  invoiceSpecialNeedsTaxId: 'EI010',
+  invoiceLineOverLimit: 'EI011',
+  invoicingNotConfigured: 'EI012',
+  reversalInvoiceNotIssued: 'EI013',
+  reversalReasonInvalid: 'EI014',
+  reversalLineUnknown: 'EI015',
+  reversalAlreadyUnderway: 'EI016',
+  invoicingSettingInvalid: 'EI017',
 } as const;
 
 export type SqlStateName = keyof typeof SqlState;

@@ -1,8 +1,9 @@
 /** The provider adapters by name (cloud.endpoint.provider). Later clouds register here. */
 import type { ProviderAdapter } from './types.js';
+import { nuonuoAdapter } from './nuonuo.js';
 import { webhookAdapter } from './webhook.js';
 
-const adapters = new Map<string, ProviderAdapter>([[webhookAdapter.name, webhookAdapter]]);
+const adapters = new Map<string, ProviderAdapter>([[webhookAdapter.name, webhookAdapter], [nuonuoAdapter.name, nuonuoAdapter]]);
 
 export function adapterFor(name: string): ProviderAdapter | undefined {
   return adapters.get(name);

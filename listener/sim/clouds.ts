@@ -27,3 +27,12 @@ export function startSimCloud(name: string, o: SimStartOptions): Promise<SimServ
 }
 
 registerSimCloud('webhook', (o) => startSim({ port: o.port, host: o.host, routes: webhookRoutes(), name: 'webhook' }));
+
+import { startNuonuoSim } from './nuonuo.js';
+// the simulated platform's app key and secret come from the environment, like the listener's
+registerSimCloud('nuonuo', (o) => {
+  const appKey = process.env.ERP_CLOUD_SIM_NUONUO_APP_KEY;
+  const appSecret = process.env.ERP_CLOUD_SIM_NUONUO_APP_SECRET;
+  if (!appKey || !appSecret) throw new Error('sim --cloud nuonuo needs ERP_CLOUD_SIM_NUONUO_APP_KEY and ERP_CLOUD_SIM_NUONUO_APP_SECRET');
+  return startNuonuoSim({ port: o.port, host: o.host, appKey, appSecret });
+});

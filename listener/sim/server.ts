@@ -105,6 +105,8 @@ export interface RouteContext {
 export interface RouteResult {
   status: number;
   body?: unknown;
+  /** A binary answer (a PDF): sent as these bytes instead of JSON. */
+  raw?: Buffer;
   headers?: Record<string, string>;
 }
 
@@ -225,6 +227,7 @@ interface Answer {
   status: number;
   text: string;
   headers: Record<string, string>;
+  raw?: Buffer;
 }
 
 function toAnswer(result: RouteResult): Answer {
@@ -232,6 +235,7 @@ function toAnswer(result: RouteResult): Answer {
     status: result.status,
     text: result.body === undefined ? '' : JSON.stringify(result.body),
     headers: result.headers ?? {},
+    raw: result.raw,
   };
 }
 
@@ -242,6 +246,12 @@ function jsonAnswer(status: number, body: unknown, headers: Record<string, strin
 function writeAnswer(res: ServerResponse, answer: Answer): void {
   if (res.headersSent || res.destroyed) return;
   const headers: Record<string, string | number> = { ...answer.headers };
+  if (answer.raw) {
+    headers['content-length'] = answer.raw.length;
+    res.writeHead(answer.status, headers);
+    res.end(answer.raw);
+    return;
+  }
   if (answer.text !== '') headers['content-type'] ??= 'application/json; charset=utf-8';
   headers['content-length'] = Buffer.byteLength(answer.text);
   res.writeHead(answer.status, headers);
