@@ -1,3 +1,3 @@
 // The inbound receivers each cloud registers (listener/inbound-server.ts).
 // Each cloud's module calls registerInboundRoute when imported; list it here.
-export {};
+import './inbound/asn-webhook.js';

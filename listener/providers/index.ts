@@ -1,8 +1,9 @@
 /** The provider adapters by name (cloud.endpoint.provider). Later clouds register here. */
 import type { ProviderAdapter } from './types.js';
 import { webhookAdapter } from './webhook.js';
+import { yonbipAdapter } from './yonbip.js';
 
-const adapters = new Map<string, ProviderAdapter>([[webhookAdapter.name, webhookAdapter]]);
+const adapters = new Map<string, ProviderAdapter>([[webhookAdapter.name, webhookAdapter], [yonbipAdapter.name, yonbipAdapter]]);
 
 export function adapterFor(name: string): ProviderAdapter | undefined {
   return adapters.get(name);

@@ -27,3 +27,5 @@ export function startSimCloud(name: string, o: SimStartOptions): Promise<SimServ
 }
 
 registerSimCloud('webhook', (o) => startSim({ port: o.port, host: o.host, routes: webhookRoutes(), name: 'webhook' }));
+import { startYonbipSim } from './yonbip.js';
+registerSimCloud('yonbip', (o) => startYonbipSim(o));

@@ -20,7 +20,7 @@
 --   ES004  ASN document malformed (not stored: the sender must fix it)
 --   ES005  shared-database (postgres_fdw) setup refused
 --   ES006  invalid ASN pull setting
---   ES007  a supplier-portal submission for another supplier (42501 is raised for RLS itself)
+--   (ES007 unused: a portal submission for another supplier raises 42501, as RLS does)
 --   ES008  unknown supplier (portal)
 --   ES010..ES016 are ASN rejection reasons, stored on the ASN (asn_document.reject_code), never raised:
 --   ES010  unknown supplier
