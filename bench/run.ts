@@ -8,13 +8,14 @@
  *      erp_insert_ratio_vs_quiet_baseline, naive_notify_ratio (figures/erp-insert.ts)
  *   4. claim_after_1m_ratio                      (figures/claim.ts)
  *   5. rate_limit_accuracy, rate_limit_429s      (figures/rate-limit.ts)
+ *   6. asn_search_speedup, asn_search_p50_ms     (figures/asn-search.ts)
  * and writes bench/results/latest.json (and a copy, latest-quick.json or
  * latest-full.json) plus a table on stdout. Targets are
  * informational: the exit code is non-zero only when something failed.
  *
  * BENCH_QUICK=1   a reduced version of every figure (same keys, < 90 s).
  * BENCH_ONLY=a,b  development aid: run only these figures (delivery, latency,
- *                 erp_insert, claim, rate_limit); results go to bench/results/partial.json.
+ *                 erp_insert, claim, rate_limit, asn_search); results go to bench/results/partial.json.
  *
  * The results also record which engine ran (migrations and built listener,
  * hashed) and, since the server may be shared, whether other sessions used
@@ -27,6 +28,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { asnSearchFigure } from './figures/asn-search.js';
 import { claimFigure } from './figures/claim.js';
 import { deliveryFigure } from './figures/delivery.js';
 import { erpInsertFigure } from './figures/erp-insert.js';
@@ -74,6 +76,8 @@ const TARGETS: Target[] = [
   { key: 'rate_limit_delivered_per_s', label: 'delivered rate, 3 listeners, endpoint limited to 50/s', op: '>=', target: null, unit: 'req/s' },
   { key: 'rate_limit_accuracy', label: 'rate-limit accuracy (delivered rate / 50)', op: 'in', target: [0.95, 1.0], unit: '' },
   { key: 'rate_limit_429s', label: '429s seen by the simulator (gateway 55/s, burst 5)', op: '=', target: 0, unit: '' },
+  { key: 'asn_search_speedup', label: 'ASN search by material + batch over 1M lines, no index / GIN index (p50)', op: '>=', target: 100, unit: '×' },
+  { key: 'asn_search_p50_ms', label: 'ASN search with the GIN index, p50', op: '<=', target: 2, unit: 'ms' },
   { key: 'rate_limit_max_1s', label: 'most requests in any 1-s sliding window (limit 50/s, burst 1)', op: '<=', target: null, unit: '' },
 ];
 
@@ -95,6 +99,7 @@ const FIGURES = {
   erp_insert: erpInsertFigure,
   claim: claimFigure,
   rate_limit: rateLimitFigure,
+  asn_search: asnSearchFigure,
 } as const;
 type FigureName = keyof typeof FIGURES;
 
