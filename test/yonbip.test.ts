@@ -199,6 +199,22 @@ describe('purchase order rules in the ERP', () => {
     expect(await sqlstateOf(db.pool.query(`update erp.purchase_order set status = 'changed' where po_no = 'PO-FINAL'`))).toBe(SqlState.poStatusChangeNotAllowed);
   });
 
+  it("the ERP's own role (erp_cloud_app) enters and approves a PO, and its publication is enqueued", async () => {
+    const c = await db.pool.connect();
+    try {
+      await c.query('begin');
+      await c.query('set local role erp_cloud_app');
+      const { rows } = await c.query(`insert into erp.purchase_order (po_no, supplier_id, status) values ('PO-APP', $1, 'approved') returning id`, [suppliers.s1]);
+      await c.query(`insert into erp.purchase_order_line (po_id, line_no, material_code, material_name, quantity, price) values ($1, 1, 'M-1', 'x', 1, 1)`, [rows[0].id]);
+      await c.query('commit');
+      expect(await outboxOf(Number(rows[0].id))).toEqual([{ operation: 'scm.po_publish', status: 'pending' }]);
+      expect(await sqlstateOf(c.query(`set role erp_cloud_app; select * from cloud.outbox`))).toBe('42501');
+    } finally {
+      await c.query('reset role');
+      c.release();
+    }
+  });
+
   it('a draft cancelled before approval never reaches the cloud', async () => {
     const id = await addPo(db.pool, 'PO-NEVER', suppliers.s1, 'draft');
     await db.pool.query(`update erp.purchase_order set status = 'cancelled' where id = $1`, [id]);
