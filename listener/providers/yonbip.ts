@@ -19,7 +19,7 @@ import { AdapterError, type ClaimedMessage, type OutgoingRequest, type ProviderA
 
 export const YONBIP_PATHS = {
   discovery: '/open-auth/dataCenter/getGatewayAddress',
-  token: '/iuap-api-auth/open-auth/selfAppAuth/base/v1/getAccessToken',
+  selfAppAuth: '/iuap-api-auth/open-auth/selfAppAuth/base/v1/getAccessToken',
   'scm.po_publish': '/yonbip/cpu/puorder/pubOrderToYC',
   'scm.po_revise': '/yonbip/cpu/puorder/revisedOrderToYC',
   'scm.po_close': '/yonbip/cpu/puorder/finalCloseOrderToYC',
@@ -140,7 +140,7 @@ async function accessToken(msg: ClaimedMessage, ctx: ProviderContext, tenant: st
     const ts = String(Date.now());
     // the token host may sit under a path prefix (…/iuap-api-auth): the API path carries its own
     const base = tokenUrl.endsWith('/iuap-api-auth') ? tokenUrl.slice(0, -'/iuap-api-auth'.length) : tokenUrl;
-    const body = await auxJson(ctx, `${base}${YONBIP_PATHS.token}?${tokenQuery(appKey, ts, signTokenRequest(appKey, ts, appSecret))}`, 'token');
+    const body = await auxJson(ctx, `${base}${YONBIP_PATHS.selfAppAuth}?${tokenQuery(appKey, ts, signTokenRequest(appKey, ts, appSecret))}`, 'token');
     const data = body.data as Record<string, unknown> | undefined;
     if (String(body.code) !== '00000' || typeof data?.access_token !== 'string' || data.access_token === '') {
       throw new AdapterError('permanent', 'token_refused', `token for app ${appKey}: ${String(body.message ?? 'no access_token')} (check app_key and the app secret)`);

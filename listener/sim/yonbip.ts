@@ -171,7 +171,7 @@ export async function startYonbipSim(o: { port?: number; host?: string } = {}): 
     },
     {
       method: 'GET',
-      path: YONBIP_PATHS.token,
+      path: YONBIP_PATHS.selfAppAuth,
       idempotent: false,
       handler: (ctx) => {
         const appKey = ctx.query.get('appKey') ?? '';
