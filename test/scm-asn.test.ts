@@ -103,6 +103,20 @@ describe('ASN ingest (the one door)', () => {
     expect(await lineCount()).toBe(1);
   });
 
+  it('two ASNs racing for the same open quantity: one is accepted, the other rejected with ES015', async () => {
+    const a = new pg.Client({ connectionString: db.url });
+    const b = new pg.Client({ connectionString: db.url });
+    await Promise.all([a.connect(), b.connect()]);
+    try {
+      const q = (c: pg.Client, code: string) => c.query(`select status, reject_code from scm.ingest_asn($1::jsonb, 'push')`, [JSON.stringify(asnDoc(code, 'PO-A', [{ line: 1, qty: 60 }]))]);
+      const results = await Promise.all([q(a, 'RACE-1'), q(b, 'RACE-2')]);
+      expect(results.map((r) => r.rows[0].status).sort()).toEqual(['accepted', 'rejected']);
+      expect(results.map((r) => r.rows[0].reject_code).filter(Boolean)).toEqual(['ES015']);
+    } finally {
+      await Promise.all([a.end(), b.end()]);
+    }
+  });
+
   it.each([
     ['an unknown supplier', asnDoc('R-1', 'PO-A', [{ line: 1, qty: 1 }], 'S999'), 'ES010'],
     ['an unknown purchase order', asnDoc('R-2', 'PO-NONE', [{ line: 1, qty: 1 }]), 'ES011'],

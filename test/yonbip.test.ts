@@ -167,6 +167,22 @@ describe('purchase orders to the procurement cloud', () => {
     expect(sim.poLedger()).toEqual([]);
   });
 
+  it('a gateway discovery that fails (503) is retried without sending anything; a missing tenant is a permanent config error', async () => {
+    sim.setFaults({ pathPrefix: YONBIP_PATHS.discovery, schedule: [{ kind: 'status', status: 503 }] });
+    await listen();
+    const id = await addPo(db.pool, 'PO-2026-0009', suppliers.s1);
+    await waitFor(async () => (await po(id))?.cloud_status === 'published', { what: 'published after the retry' });
+    const log = await db.pool.query(`select outcome, error_class, http_status from cloud.log where endpoint = 'yonbip' order by started_at`);
+    expect(log.rows.map((r) => [r.outcome, r.error_class])).toEqual([['retryable', 'gateway_discovery_http_503'], ['ok', null]]);
+    expect(sim.poLedger()).toHaveLength(1);
+
+    await db.pool.query(`update cloud.endpoint set config = config - 'tenant_id' where name = 'yonbip'`);
+    const other = await addPo(db.pool, 'PO-2026-0010', suppliers.s1);
+    await waitFor(async () => (await po(other))?.cloud_status === 'rejected', { what: 'rejected for config' });
+    expect((await po(other)).cloud_error).toMatch(/config\.tenant_id is missing/);
+    expect(sim.poLedger()).toHaveLength(1);
+  });
+
   it('a wrong app secret fails the token call: nothing is published and the PO says why', async () => {
     process.env.ERP_CLOUD_SECRET_YONBIP_APP_SECRET = 'not-the-app-secret-at-all'; // secret-scan: allow
     try {
