@@ -251,9 +251,9 @@ describe('the ASN pull (delivery list by watermark)', () => {
     await sim.ship({ asn: asnDoc('ASN-L1', 'PO-A', [{ line: 1, qty: 10 }]), via: 'list', ts: '2026-11-24 09:00:00' });
     await sim.ship({ asn: asnDoc('ASN-L2', 'PO-A', [{ line: 1, qty: 10 }]), via: 'list', ts: '2026-11-24 09:05:00' });
     await sim.ship({ asn: asnDoc('ASN-L3', 'PO-A', [{ line: 2, qty: 10 }]), via: 'list', ts: '2026-11-24 09:10:00' });
-    listener = await startListener(db.url);
     expect((await db.pool.query(`select scm.enqueue_asn_pulls() n`)).rows[0].n).toBe(1);
     expect((await db.pool.query(`select scm.enqueue_asn_pulls() n`)).rows[0].n).toBe(0); // one at a time per endpoint
+    listener = await startListener(db.url);
     await waitFor(async () => (await asnCount()) === 3 && (await pullDone()), { what: 'three ASNs pulled' });
     const { rows } = await db.pool.query(`select asn_no, status, source from erp.asn_document order by asn_no`);
     expect(rows).toEqual(['ASN-L1', 'ASN-L2', 'ASN-L3'].map((n) => ({ asn_no: n, status: 'accepted', source: 'pull' })));
