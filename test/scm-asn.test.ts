@@ -97,7 +97,8 @@ describe('ASN ingest (the one door)', () => {
     } finally {
       await Promise.all([a.end(), b.end()]);
     }
-    expect(await ingest({ ...doc, code: 'ASN-OTHER-NUMBER' }, 'push', 'ev-a')).toMatchObject({ status: 'duplicate' });
+    const winner = (await db.pool.query(`select cloud_event_id from erp.asn_document`)).rows[0].cloud_event_id as string;
+    expect(await ingest({ ...doc, code: 'ASN-OTHER-NUMBER' }, 'push', winner)).toMatchObject({ status: 'duplicate' });
     expect(await ingest(doc, 'pull', null)).toMatchObject({ status: 'duplicate' });
     expect(await asnCount()).toBe(1);
     expect(await lineCount()).toBe(1);
