@@ -9,13 +9,14 @@
  *   4. claim_after_1m_ratio                      (figures/claim.ts)
  *   5. rate_limit_accuracy, rate_limit_429s      (figures/rate-limit.ts)
  *   6. invoices_per_s, approval_to_pdf_p50_ms    (figures/invoicing.ts)
+ *   7. asn_search_speedup, asn_search_p50_ms     (figures/asn-search.ts)
  * and writes bench/results/latest.json (and a copy, latest-quick.json or
  * latest-full.json) plus a table on stdout. Targets are
  * informational: the exit code is non-zero only when something failed.
  *
  * BENCH_QUICK=1   a reduced version of every figure (same keys, < 90 s).
  * BENCH_ONLY=a,b  development aid: run only these figures (delivery, latency,
- *                 erp_insert, claim, rate_limit, invoicing); results go to bench/results/partial.json.
+ *                 erp_insert, claim, rate_limit, invoicing, asn_search); results go to bench/results/partial.json.
  *
  * The results also record which engine ran (migrations and built listener,
  * hashed) and, since the server may be shared, whether other sessions used
@@ -28,6 +29,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { asnSearchFigure } from './figures/asn-search.js';
 import { claimFigure } from './figures/claim.js';
 import { deliveryFigure } from './figures/delivery.js';
 import { erpInsertFigure } from './figures/erp-insert.js';
@@ -79,6 +81,8 @@ const TARGETS: Target[] = [
   { key: 'invoices_per_s', label: 'e-invoices issued end to end through the Nuonuo simulator (PDF attached)', op: '>=', target: null, unit: 'inv/s' },
   { key: 'approval_to_pdf_p50_ms', label: 'settlement approval to PDF attached, p50 (first poll 200 ms, issuing 100 ms)', op: '<=', target: null, unit: 'ms' },
   { key: 'approval_to_pdf_p99_ms', label: 'settlement approval to PDF attached, p99', op: '<=', target: null, unit: 'ms' },
+  { key: 'asn_search_speedup', label: 'ASN search by material + batch over 1M lines, no index / GIN index (p50)', op: '>=', target: 100, unit: '×' },
+  { key: 'asn_search_p50_ms', label: 'ASN search with the GIN index, p50', op: '<=', target: 2, unit: 'ms' },
   { key: 'rate_limit_max_1s', label: 'most requests in any 1-s sliding window (limit 50/s, burst 1)', op: '<=', target: null, unit: '' },
 ];
 
@@ -101,6 +105,7 @@ const FIGURES = {
   claim: claimFigure,
   rate_limit: rateLimitFigure,
   invoicing: invoicingFigure,
+  asn_search: asnSearchFigure,
 } as const;
 type FigureName = keyof typeof FIGURES;
 

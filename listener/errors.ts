@@ -44,6 +44,22 @@ export const SqlState = {
   reversalLineUnknown: 'EI015',
   reversalAlreadyUnderway: 'EI016',
   invoicingSettingInvalid: 'EI017',
+  // supplier collaboration (sql/migrations/0008_supplier_collaboration.sql)
+  poStatusChangeNotAllowed: 'ES001',
+  poWithoutLines: 'ES002',
+  poFinal: 'ES003',
+  asnMalformed: 'ES004',
+  sharedDbSetupRefused: 'ES005',
+  invalidAsnPullSetting: 'ES006',
+  unknownPortalSupplier: 'ES008',
+  // ASN rejection reasons (erp.asn_document.reject_code), stored, never raised
+  asnUnknownSupplier: 'ES010',
+  asnUnknownPurchaseOrder: 'ES011',
+  asnOtherSuppliersOrder: 'ES012',
+  asnLineMismatch: 'ES013',
+  asnQuantityNotPositive: 'ES014',
+  asnQuantityOverOpen: 'ES015',
+  asnOrderNotOpen: 'ES016',
 } as const;
 
 export type SqlStateName = keyof typeof SqlState;

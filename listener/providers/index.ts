@@ -2,8 +2,13 @@
 import type { ProviderAdapter } from './types.js';
 import { nuonuoAdapter } from './nuonuo.js';
 import { webhookAdapter } from './webhook.js';
+import { yonbipAdapter } from './yonbip.js';
 
-const adapters = new Map<string, ProviderAdapter>([[webhookAdapter.name, webhookAdapter], [nuonuoAdapter.name, nuonuoAdapter]]);
+const adapters = new Map<string, ProviderAdapter>([
+  [webhookAdapter.name, webhookAdapter],
+  [nuonuoAdapter.name, nuonuoAdapter],
+  [yonbipAdapter.name, yonbipAdapter],
+]);
 
 export function adapterFor(name: string): ProviderAdapter | undefined {
   return adapters.get(name);

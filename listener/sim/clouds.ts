@@ -36,3 +36,6 @@ registerSimCloud('nuonuo', (o) => {
   if (!appKey || !appSecret) throw new Error('sim --cloud nuonuo needs ERP_CLOUD_SIM_NUONUO_APP_KEY and ERP_CLOUD_SIM_NUONUO_APP_SECRET');
   return startNuonuoSim({ port: o.port, host: o.host, appKey, appSecret });
 });
+
+import { startYonbipSim } from './yonbip.js';
+registerSimCloud('yonbip', (o) => startYonbipSim(o));

@@ -1,0 +1,320 @@
+/**
+ * ASNs into the ERP: the one ingest function's rules, the webhook (push) with
+ * its refusals, the pull through the YonBIP adapter, and idempotency across
+ * the paths.
+ */
+import { Writable } from 'node:stream';
+import pg from 'pg';
+import { pino } from 'pino';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { SqlState } from '../listener/errors.js';
+import { ASN_WEBHOOK_PATH } from '../listener/inbound/asn-webhook.js';
+import { startInboundServer } from '../listener/inbound-server.js';
+import { clearTokenMemo } from '../listener/provider-context.js';
+import { signWebhookBody } from '../listener/providers/webhook.js';
+import { clearYonbipCaches } from '../listener/providers/yonbip.js';
+import { startYonbipSim, type YonbipSim } from '../listener/sim/yonbip.js';
+import { createTestDb, sqlstateOf, waitFor, type TestDb } from './helpers/db.js';
+import { startListener, type InProcessListener } from './helpers/listener.js';
+import { addPo, addSuppliers, asnDoc, setupYonbip } from './helpers/scm.js';
+
+const WEBHOOK_SECRET = 'asn-webhook-shared-secret-for-tests'; // secret-scan: allow (a test fixture)
+
+let db: TestDb;
+let sim: YonbipSim;
+let listener: InProcessListener | null = null;
+let suppliers: { s1: number; s2: number };
+let poId: number;
+let inbound: { url: string; close(): Promise<void> };
+let inboundEnv: Record<string, string>;
+const logLines: Array<{ msg: string; level: number }> = [];
+
+beforeAll(async () => {
+  db = await createTestDb('scm_asn');
+  sim = await startYonbipSim();
+  const sink = new Writable({ write(chunk, _enc, cb) { for (const l of String(chunk).trim().split('\n')) logLines.push(JSON.parse(l)); cb(); } });
+  inboundEnv = { ERP_CLOUD_ASN_WEBHOOK_CIDRS: '127.0.0.0/8' };
+  inbound = await startInboundServer('127.0.0.1', 0, {
+    pool: db.pool,
+    log: pino({ level: 'info' }, sink),
+    env: inboundEnv,
+    secret: async (name) => {
+      if (name === 'scm.asn_webhook_secret' && inboundEnv.SECRET_SET !== 'no') return WEBHOOK_SECRET;
+      throw new Error(`no secret ${name}`);
+    },
+  });
+});
+afterAll(async () => {
+  await listener?.stop();
+  await inbound.close();
+  await sim.close();
+  await db.drop();
+});
+beforeEach(async () => {
+  await listener?.stop();
+  listener = null;
+  sim.reset();
+  clearTokenMemo();
+  clearYonbipCaches();
+  logLines.length = 0;
+  inboundEnv.ERP_CLOUD_ASN_WEBHOOK_CIDRS = '127.0.0.0/8';
+  delete inboundEnv.SECRET_SET;
+  await db.pool.query(`truncate cloud.outbox, cloud.log, cloud.provider_token, erp.asn_line, erp.asn_document, erp.purchase_order_line, erp.purchase_order, scm.asn_pull cascade`);
+  await setupYonbip(db.pool, sim);
+  suppliers = await addSuppliers(db.pool);
+  poId = await addPo(db.pool, 'PO-A', suppliers.s1);
+});
+
+const ingest = async (doc: unknown, source = 'push', eventId: string | null = null) =>
+  (await db.pool.query(`select * from scm.ingest_asn($1::jsonb, $2, $3)`, [JSON.stringify(doc), source, eventId])).rows[0];
+const asnCount = async () => (await db.pool.query(`select count(*)::int n from erp.asn_document`)).rows[0].n as number;
+const lineCount = async () => (await db.pool.query(`select count(*)::int n from erp.asn_line`)).rows[0].n as number;
+
+describe('ASN ingest (the one door)', () => {
+  it('an ASN against an open PO line is accepted with its lines and the original document', async () => {
+    const doc = asnDoc('ASN-1', 'PO-A', [{ line: 1, qty: 60, batch: 'B1' }, { line: 1, qty: 40, batch: 'B2' }, { line: 2, qty: 50 }]);
+    expect(await ingest(doc, 'push', 'ev-1')).toMatchObject({ asn_no: 'ASN-1', status: 'accepted', reject_code: null });
+    const { rows } = await db.pool.query(`select supplier_id, po_id, ship_date::text, eta::text, carrier, tracking_no, detail, source, cloud_event_id from erp.asn_document`);
+    expect(rows[0]).toMatchObject({ supplier_id: String(suppliers.s1), po_id: String(poId), ship_date: '2026-11-25', eta: '2026-11-27', carrier: '顺丰速运', source: 'push', cloud_event_id: 'ev-1' });
+    expect(rows[0].detail).toEqual(doc);
+    const lines = await db.pool.query(`select po_line_no, material_code, batch_no, quantity::float8 q from erp.asn_line order by line_no`);
+    expect(lines.rows).toEqual([
+      { po_line_no: 1, material_code: 'M-100', batch_no: 'B1', q: 60 },
+      { po_line_no: 1, material_code: 'M-100', batch_no: 'B2', q: 40 },
+      { po_line_no: 2, material_code: 'M-200', batch_no: 'B-ASN-1-3', q: 50 },
+    ]);
+  });
+
+  it('the same event or the same ASN number again changes nothing, even from two sessions at once', async () => {
+    const doc = asnDoc('ASN-2', 'PO-A', [{ line: 1, qty: 10 }]);
+    const a = new pg.Client({ connectionString: db.url });
+    const b = new pg.Client({ connectionString: db.url });
+    await Promise.all([a.connect(), b.connect()]);
+    try {
+      const q = (c: pg.Client, ev: string) => c.query(`select status from scm.ingest_asn($1::jsonb, 'push', $2)`, [JSON.stringify(doc), ev]);
+      const results = await Promise.all([q(a, 'ev-a'), q(b, 'ev-b')]);
+      expect(results.map((r) => r.rows[0].status).sort()).toEqual(['accepted', 'duplicate']);
+    } finally {
+      await Promise.all([a.end(), b.end()]);
+    }
+    const winner = (await db.pool.query(`select cloud_event_id from erp.asn_document`)).rows[0].cloud_event_id as string;
+    expect(await ingest({ ...doc, code: 'ASN-OTHER-NUMBER' }, 'push', winner)).toMatchObject({ status: 'duplicate' });
+    expect(await ingest(doc, 'pull', null)).toMatchObject({ status: 'duplicate' });
+    expect(await asnCount()).toBe(1);
+    expect(await lineCount()).toBe(1);
+  });
+
+  it('two ASNs racing for the same open quantity: one is accepted, the other rejected with ES015', async () => {
+    const a = new pg.Client({ connectionString: db.url });
+    const b = new pg.Client({ connectionString: db.url });
+    await Promise.all([a.connect(), b.connect()]);
+    try {
+      const q = (c: pg.Client, code: string) => c.query(`select status, reject_code from scm.ingest_asn($1::jsonb, 'push')`, [JSON.stringify(asnDoc(code, 'PO-A', [{ line: 1, qty: 60 }]))]);
+      const results = await Promise.all([q(a, 'RACE-1'), q(b, 'RACE-2')]);
+      expect(results.map((r) => r.rows[0].status).sort()).toEqual(['accepted', 'rejected']);
+      expect(results.map((r) => r.rows[0].reject_code).filter(Boolean)).toEqual(['ES015']);
+    } finally {
+      await Promise.all([a.end(), b.end()]);
+    }
+  });
+
+  it.each([
+    ['an unknown supplier', asnDoc('R-1', 'PO-A', [{ line: 1, qty: 1 }], 'S999'), 'ES010'],
+    ['an unknown purchase order', asnDoc('R-2', 'PO-NONE', [{ line: 1, qty: 1 }]), 'ES011'],
+    ["another supplier's purchase order", asnDoc('R-3', 'PO-A', [{ line: 1, qty: 1 }], 'S002'), 'ES012'],
+    ['a line the PO does not have', asnDoc('R-4', 'PO-A', [{ line: 9, qty: 1 }]), 'ES013'],
+    ['a material that differs from the PO line', asnDoc('R-5', 'PO-A', [{ line: 1, material: 'M-999', qty: 1 }]), 'ES013'],
+    ['a zero quantity', asnDoc('R-6', 'PO-A', [{ line: 1, qty: 0 }]), 'ES014'],
+    ['a negative quantity', asnDoc('R-7', 'PO-A', [{ line: 2, qty: -5 }]), 'ES014'],
+    ['more than the line orders', asnDoc('R-8', 'PO-A', [{ line: 1, qty: 60 }, { line: 1, qty: 41 }]), 'ES015'],
+  ])('an ASN naming %s is kept as rejected, with its reason, and ships nothing', async (_what, doc, code) => {
+    expect(await ingest(doc)).toMatchObject({ status: 'rejected', reject_code: code });
+    const { rows } = await db.pool.query(`select status, reject_code, reject_reason, detail from erp.asn_document`);
+    expect(rows).toHaveLength(1);
+    expect(rows[0]).toMatchObject({ status: 'rejected', reject_code: code });
+    expect(rows[0].reject_reason.length).toBeGreaterThan(10);
+    expect(rows[0].detail).toEqual(doc);
+    // nothing of the line's open quantity was used: the full line still ships
+    expect(await ingest(asnDoc('OK-AFTER', 'PO-A', [{ line: 1, qty: 100 }]))).toMatchObject({ status: 'accepted' });
+  });
+
+  it('the open quantity counts earlier accepted ASNs, and a closed PO takes no deliveries', async () => {
+    expect(await ingest(asnDoc('Q-1', 'PO-A', [{ line: 2, qty: 30 }]))).toMatchObject({ status: 'accepted' });
+    expect(await ingest(asnDoc('Q-2', 'PO-A', [{ line: 2, qty: 21 }]))).toMatchObject({ status: 'rejected', reject_code: 'ES015' });
+    expect(await ingest(asnDoc('Q-3', 'PO-A', [{ line: 2, qty: 20 }]))).toMatchObject({ status: 'accepted' });
+    await db.pool.query(`update erp.purchase_order set status = 'closed' where id = $1`, [poId]);
+    expect(await ingest(asnDoc('Q-4', 'PO-A', [{ line: 1, qty: 1 }]))).toMatchObject({ status: 'rejected', reject_code: 'ES016' });
+  });
+
+  it.each([
+    ['not an object', [1, 2]],
+    ['no ASN number', { ...asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }]), code: '' }],
+    ['no supplier', { ...asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }]), supplierCode: null }],
+    ['no lines', { ...asnDoc('X', 'PO-A', []) }],
+    ['a quantity that is not a number', asnDoc('X', 'PO-A', [{ line: 1, qty: 'ten' as unknown as number }])],
+    ['an impossible date', { ...asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }]), deliveryDate: '2026-02-31' }],
+  ])('a malformed ASN (%s) is refused with ES004 and nothing is written', async (_what, doc) => {
+    expect(await sqlstateOf(ingest(doc))).toBe(SqlState.asnMalformed);
+    expect(await asnCount()).toBe(0);
+  });
+});
+
+async function push(body: string, opts: { secret?: string; at?: number; eventId?: string } = {}): Promise<Response> {
+  const at = opts.at ?? Math.floor(Date.now() / 1000);
+  return fetch(inbound.url + ASN_WEBHOOK_PATH, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', 'x-scm-signature': signWebhookBody(opts.secret ?? WEBHOOK_SECRET, body, at), ...(opts.eventId ? { 'x-scm-event-id': opts.eventId } : {}) },
+    body,
+    signal: AbortSignal.timeout(5000),
+  });
+}
+const lastLog = () => logLines.at(-1)?.msg;
+
+describe('the ASN webhook (push)', () => {
+  it('a supplier ships and the cloud pushes the ASN: it is in the ERP, and the same push again changes nothing', async () => {
+    const shipped = await sim.ship({ asn: asnDoc('ASN-P1', 'PO-A', [{ line: 1, qty: 5 }]), via: 'push', webhookUrl: inbound.url + ASN_WEBHOOK_PATH, webhookSecret: WEBHOOK_SECRET });
+    expect(shipped).toMatchObject({ status: 200, body: 'success' });
+    const { rows } = await db.pool.query(`select asn_no, status, source, cloud_event_id from erp.asn_document`);
+    expect(rows).toEqual([{ asn_no: 'ASN-P1', status: 'accepted', source: 'push', cloud_event_id: shipped.eventId }]);
+    const body = JSON.stringify({ eventId: shipped.eventId, asn: asnDoc('ASN-P1', 'PO-A', [{ line: 1, qty: 5 }]) });
+    const again = await push(body, { eventId: shipped.eventId });
+    expect(again.status).toBe(200);
+    expect(again.headers.get('x-scm-asn-status')).toBe('duplicate');
+    expect(await asnCount()).toBe(1);
+  });
+
+  it('a bad signature is 401, a stale timestamp is 401, each with its own log line, and nothing is written', async () => {
+    const body = JSON.stringify({ eventId: 'e1', asn: asnDoc('ASN-S', 'PO-A', [{ line: 1, qty: 5 }]) });
+    const bad = await push(body, { secret: 'some-other-secret-value' });
+    expect(bad.status).toBe(401);
+    expect(await bad.json()).toEqual({ error: 'bad_signature' });
+    expect(lastLog()).toBe('ASN webhook refused: bad signature');
+    const unsigned = await fetch(inbound.url + ASN_WEBHOOK_PATH, { method: 'POST', body, signal: AbortSignal.timeout(5000) });
+    expect(unsigned.status).toBe(401);
+    const stale = await push(body, { at: Math.floor(Date.now() / 1000) - 600 });
+    expect(stale.status).toBe(401);
+    expect(await stale.json()).toEqual({ error: 'stale_timestamp' });
+    expect(lastLog()).toBe('ASN webhook refused: stale timestamp (replay?)');
+    // the body signed, then changed in transit
+    const tampered = await fetch(inbound.url + ASN_WEBHOOK_PATH, {
+      method: 'POST', body: body.replace('"purchaseNum":5', '"purchaseNum":50'),
+      headers: { 'x-scm-signature': signWebhookBody(WEBHOOK_SECRET, body, Math.floor(Date.now() / 1000)) }, signal: AbortSignal.timeout(5000),
+    });
+    expect(tampered.status).toBe(401);
+    expect(await asnCount()).toBe(0);
+  });
+
+  it('an unknown source is 403, an oversized body 413, a malformed body 400 or 422: each logged, nothing written', async () => {
+    const good = JSON.stringify({ eventId: 'e2', asn: asnDoc('ASN-Z', 'PO-A', [{ line: 1, qty: 5 }]) });
+    inboundEnv.ERP_CLOUD_ASN_WEBHOOK_CIDRS = '203.0.113.0/24';
+    const foreign = await push(good);
+    expect(foreign.status).toBe(403);
+    expect(lastLog()).toBe('inbound request refused: source address not allowed');
+    inboundEnv.ERP_CLOUD_ASN_WEBHOOK_CIDRS = '';
+    expect((await push(good)).status).toBe(403); // no ranges configured: nobody gets in
+    inboundEnv.ERP_CLOUD_ASN_WEBHOOK_CIDRS = '127.0.0.0/8';
+
+    const huge = JSON.stringify({ eventId: 'e3', asn: { ...asnDoc('ASN-H', 'PO-A', [{ line: 1, qty: 5 }]), pad: 'x'.repeat(300 * 1024) } });
+    const big = await push(huge);
+    expect(big.status).toBe(413);
+    expect(lastLog()).toBe('inbound request refused: body too large');
+
+    const notJson = await push('{"eventId": "e4", "asn": ');
+    expect(notJson.status).toBe(400);
+    expect(lastLog()).toBe('ASN webhook refused: malformed body (not JSON)');
+    const noAsn = await push('{"eventId": "e5"}');
+    expect(noAsn.status).toBe(400);
+    const badAsn = await push(JSON.stringify({ eventId: 'e6', asn: { code: 'ASN-Q', supplierCode: 'S001', details: [] } }));
+    expect(badAsn.status).toBe(422);
+    expect(await badAsn.json()).toMatchObject({ error: 'malformed_asn', code: 'ES004' });
+    expect(lastLog()).toBe('ASN webhook refused: malformed ASN');
+
+    inboundEnv.SECRET_SET = 'no';
+    const unconfigured = await push(good);
+    expect(unconfigured.status).toBe(503);
+    expect(lastLog()).toBe('ASN webhook refused: shared secret not configured');
+    expect(await asnCount()).toBe(0);
+  });
+
+  it('a rejected ASN is still answered success (the cloud must not retry it) and kept with its reason', async () => {
+    const res = await sim.ship({ asn: asnDoc('ASN-R', 'PO-A', [{ line: 1, qty: 500 }]), via: 'push', webhookUrl: inbound.url + ASN_WEBHOOK_PATH, webhookSecret: WEBHOOK_SECRET });
+    expect(res.status).toBe(200);
+    const { rows } = await db.pool.query(`select status, reject_code from erp.asn_document`);
+    expect(rows).toEqual([{ status: 'rejected', reject_code: 'ES015' }]);
+  });
+});
+
+describe('the ASN pull (delivery list by watermark)', () => {
+  const pullDone = async () => (await db.pool.query(`select count(*)::int n from cloud.outbox where operation = 'scm.asn_pull' and status <> 'sent'`)).rows[0].n === 0;
+
+  it('the pull job fetches new deliveries page by page through the adapter, ingests them and advances the watermark', async () => {
+    await db.pool.query(`select scm.put_asn_pull('yonbip', p_page_size => 2)`);
+    await sim.ship({ asn: asnDoc('ASN-L1', 'PO-A', [{ line: 1, qty: 10 }]), via: 'list', ts: '2026-11-24 09:00:00' });
+    await sim.ship({ asn: asnDoc('ASN-L2', 'PO-A', [{ line: 1, qty: 10 }]), via: 'list', ts: '2026-11-24 09:05:00' });
+    await sim.ship({ asn: asnDoc('ASN-L3', 'PO-A', [{ line: 2, qty: 10 }]), via: 'list', ts: '2026-11-24 09:10:00' });
+    expect((await db.pool.query(`select scm.enqueue_asn_pulls() n`)).rows[0].n).toBe(1);
+    expect((await db.pool.query(`select scm.enqueue_asn_pulls() n`)).rows[0].n).toBe(0); // one at a time per endpoint
+    listener = await startListener(db.url);
+    await waitFor(async () => (await asnCount()) === 3 && (await pullDone()), { what: 'three ASNs pulled' });
+    const { rows } = await db.pool.query(`select asn_no, status, source from erp.asn_document order by asn_no`);
+    expect(rows).toEqual(['ASN-L1', 'ASN-L2', 'ASN-L3'].map((n) => ({ asn_no: n, status: 'accepted', source: 'pull' })));
+    const wm = await db.pool.query(`select to_char(watermark at time zone 'Asia/Shanghai', 'YYYY-MM-DD HH24:MI:SS') w from scm.asn_pull`);
+    expect(wm.rows[0].w).toBe('2026-11-24 09:10:00');
+    const pages = await db.pool.query(`select payload->>'pageIndex' p, payload->>'ts' ts from cloud.outbox where operation = 'scm.asn_pull' order by id`);
+    expect(pages.rows).toEqual([{ p: '1', ts: '2000-01-01 08:00:00' }, { p: '2', ts: '2000-01-01 08:00:00' }]);
+
+    // the next run asks from the watermark: only the newer delivery is new, the re-listed one changes nothing
+    await sim.ship({ asn: asnDoc('ASN-L4', 'PO-A', [{ line: 2, qty: 5 }]), via: 'list', ts: '2026-11-24 10:00:00' });
+    expect((await db.pool.query(`select scm.enqueue_asn_pulls() n`)).rows[0].n).toBe(1);
+    await waitFor(async () => (await asnCount()) === 4 && (await pullDone()), { what: 'fourth ASN pulled' });
+    const last = await db.pool.query(`select payload->>'ts' ts from cloud.outbox where operation = 'scm.asn_pull' order by id desc limit 1`);
+    expect(last.rows[0].ts).toBe('2026-11-24 09:10:00');
+    expect(await lineCount()).toBe(4);
+  });
+
+  it('an ASN that was pushed and is then listed for the pull is ingested once', async () => {
+    await db.pool.query(`select scm.put_asn_pull('yonbip')`);
+    const shipped = await sim.ship({ asn: asnDoc('ASN-B', 'PO-A', [{ line: 1, qty: 7 }]), via: 'push', webhookUrl: inbound.url + ASN_WEBHOOK_PATH, webhookSecret: WEBHOOK_SECRET });
+    expect(shipped.status).toBe(200);
+    listener = await startListener(db.url);
+    await db.pool.query(`select scm.enqueue_asn_pulls()`);
+    await waitFor(pullDone, { what: 'pull finished' });
+    expect(await asnCount()).toBe(1);
+    expect((await db.pool.query(`select source from erp.asn_document`)).rows[0].source).toBe('push');
+  });
+
+  it('the pull is refused by the cloud without its required date range: the message fails and no watermark moves', async () => {
+    await db.pool.query(`select scm.put_asn_pull('yonbip')`);
+    sim.setFaults({ pathPrefix: '/iuap-api-gateway/yonbip/cpu/deliveryOrderApi', schedule: [{ kind: 'status', status: 200, body: { code: '999', message: 'deliveryDateStart is required' } }] });
+    listener = await startListener(db.url);
+    await db.pool.query(`select scm.enqueue_asn_pulls()`);
+    await waitFor(async () => (await db.pool.query(`select status from cloud.outbox where operation = 'scm.asn_pull'`)).rows[0]?.status === 'failed', { what: 'failed' });
+    const wm = await db.pool.query(`select watermark = '2000-01-01 00:00:00+00' as unchanged from scm.asn_pull`);
+    expect(wm.rows[0].unchanged).toBe(true);
+    expect(await sqlstateOf(db.pool.query(`select scm.put_asn_pull('yonbip', p_page_size => 51)`))).toBe(SqlState.invalidAsnPullSetting);
+    expect(await sqlstateOf(db.pool.query(`select scm.put_asn_pull('nowhere')`))).toBe(SqlState.unknownEndpoint);
+  });
+});
+
+describe('supplier-collaboration schema', () => {
+  it('every function, table and type in schema scm and every supplier table in erp has a comment; nothing is executable by PUBLIC', async () => {
+    const { rows } = await db.pool.query(`
+      select 'function ' || p.oid::regprocedure::text as obj from pg_proc p
+       where (p.pronamespace = 'scm'::regnamespace or (p.pronamespace = 'erp'::regnamespace and p.proname ~ '^tg_(supplier|purchase_order|asn)'))
+         and obj_description(p.oid, 'pg_proc') is null
+      union all
+      select 'relation ' || c.oid::regclass::text from pg_class c
+       where (c.relnamespace = 'scm'::regnamespace or c.oid in ('erp.supplier'::regclass, 'erp.purchase_order'::regclass,
+              'erp.purchase_order_line'::regclass, 'erp.asn_document'::regclass, 'erp.asn_line'::regclass))
+         and c.relkind in ('r', 'v', 'p') and obj_description(c.oid, 'pg_class') is null
+      union all
+      select 'type ' || t.typname from pg_type t
+       where t.typnamespace = 'scm'::regnamespace and t.typtype = 'c' and t.typrelid in (select oid from pg_class where relkind = 'c')
+         and obj_description(t.oid, 'pg_type') is null`);
+    expect(rows).toEqual([]);
+    const pub = await db.pool.query(`select p.oid::regprocedure::text fn from pg_proc p
+       where (p.pronamespace = 'scm'::regnamespace or (p.pronamespace = 'erp'::regnamespace and p.proname ~ '^tg_(supplier|purchase_order|asn)'))
+         and has_function_privilege('public', p.oid, 'execute')`);
+    expect(pub.rows).toEqual([]);
+  });
+});

@@ -1,0 +1,184 @@
+/**
+ * The supplier portal sees and writes only its own supplier's rows, chosen by
+ * a transaction-local setting; without one it sees nothing. Attacked here:
+ * another supplier's id, a missing or malformed setting, RESET ROLE / SET
+ * ROLE, rows moved to another supplier.
+ */
+import { randomBytes } from 'node:crypto';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createTestDb, sqlstateOf, urlFor, type TestDb } from './helpers/db.js';
+import { addPo, addSuppliers, asnDoc } from './helpers/scm.js';
+
+let db: TestDb;
+let portal: pg.Client;
+const role = `portal_${randomBytes(4).toString('hex')}`;
+let s1: number;
+let s2: number;
+
+async function admin(sql: string): Promise<void> {
+  const c = new pg.Client({ connectionString: urlFor('postgres') });
+  await c.connect();
+  try {
+    await c.query(sql);
+  } finally {
+    await c.end();
+  }
+}
+
+beforeAll(async () => {
+  db = await createTestDb('scm_rls');
+  await admin(`create role ${role} login noinherit`);
+  await admin(`grant erp_cloud_supplier_portal to ${role}`);
+  ({ s1, s2 } = await addSuppliers(db.pool));
+  await db.pool.query(`select cloud.put_endpoint('yonbip', 'http://127.0.0.1:9', 'yonbip')`);
+  const a = await addPo(db.pool, 'PO-S1', s1);
+  const b = await addPo(db.pool, 'PO-S2', s2);
+  expect(a && b).toBeTruthy();
+  const ingest = (doc: unknown) => db.pool.query(`select scm.ingest_asn($1::jsonb, 'push')`, [JSON.stringify(doc)]);
+  await ingest(asnDoc('ASN-S1', 'PO-S1', [{ line: 1, qty: 5, batch: 'LOT-7' }]));
+  await ingest(asnDoc('ASN-S2', 'PO-S2', [{ line: 1, qty: 5, batch: 'LOT-7' }], 'S002'));
+  const u = new URL(db.url);
+  u.username = role;
+  portal = new pg.Client({ connectionString: u.toString() });
+  await portal.connect();
+  // the portal's login role holds erp_cloud_supplier_portal without inheriting it: it must SET ROLE, as the portal does
+  await portal.query('set role erp_cloud_supplier_portal');
+});
+afterAll(async () => {
+  await portal?.end();
+  await db.drop();
+  await admin(`drop role if exists ${role}`);
+});
+
+/** Runs fn in a portal transaction acting for `supplierCode` (or with no setting), then rolls back. */
+async function asSupplier<T>(supplierCode: string | null, fn: () => Promise<T>): Promise<T> {
+  await portal.query('begin');
+  try {
+    if (supplierCode) await portal.query('select scm.act_as_supplier($1)', [supplierCode]);
+    return await fn();
+  } finally {
+    await portal.query('rollback');
+  }
+}
+const q = async (sql: string, params: unknown[] = []) => (await portal.query(sql, params)).rows;
+
+describe('supplier portal isolation', () => {
+  it('row-level security is on for every table that holds supplier data', async () => {
+    const { rows } = await db.pool.query(`select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace
+      where n.nspname = 'erp' and c.relkind = 'r' and c.relrowsecurity and c.relname in ('supplier', 'purchase_order', 'purchase_order_line', 'asn_document', 'asn_line') order by 1`);
+    expect(rows.map((r) => r.relname)).toEqual(['asn_document', 'asn_line', 'purchase_order', 'purchase_order_line', 'supplier']);
+    const policies = await db.pool.query(`select policyname from pg_policies where schemaname = 'erp' and 'erp_cloud_supplier_portal' = any (roles)`);
+    expect(policies.rows.length).toBeGreaterThanOrEqual(9);
+    for (const p of policies.rows) expect(p.policyname).toMatch(/^Suppliers( [A-Za-z]+){3,}$/); // sentences
+  });
+
+  it('a supplier sees only its own supplier record, purchase orders, lines, ASNs and ASN lines', async () => {
+    await asSupplier('S001', async () => {
+      expect(await q(`select code from erp.supplier`)).toEqual([{ code: 'S001' }]);
+      expect(await q(`select po_no from erp.purchase_order`)).toEqual([{ po_no: 'PO-S1' }]);
+      expect((await q(`select distinct po_id from erp.purchase_order_line`))).toHaveLength(1);
+      expect(await q(`select asn_no from erp.asn_document`)).toEqual([{ asn_no: 'ASN-S1' }]);
+      expect(await q(`select count(*)::int n from erp.asn_line`)).toEqual([{ n: 1 }]);
+      // asking for the other supplier's rows by id finds nothing
+      expect(await q(`select po_no from erp.purchase_order where supplier_id = $1`, [s2])).toEqual([]);
+      // the search is bound by the same policies
+      expect((await q(`select asn_no from scm.search_asn_lines('M-100', 'LOT-7')`)).map((r) => r.asn_no)).toEqual(['ASN-S1']);
+    });
+  });
+
+  it('with no setting, or an empty or malformed one, the portal sees nothing (fails closed), without an error', async () => {
+    for (const value of [null, '', 'abc', `${s1} or true`, '-1', `${s1},${s2}`]) {
+      await asSupplier(null, async () => {
+        if (value !== null) await portal.query(`select set_config('scm.supplier_id', $1, true)`, [value]);
+        expect(await q(`select count(*)::int n from erp.purchase_order`)).toEqual([{ n: 0 }]);
+        expect(await q(`select count(*)::int n from erp.asn_document`)).toEqual([{ n: 0 }]);
+        expect(await q(`select count(*)::int n from erp.supplier`)).toEqual([{ n: 0 }]);
+      });
+    }
+  });
+
+  it('the setting lasts one transaction: the next one sees nothing until it sets its own', async () => {
+    await portal.query('begin');
+    await portal.query(`select scm.act_as_supplier('S001')`);
+    await portal.query('commit');
+    expect(await q(`select count(*)::int n from erp.purchase_order`)).toEqual([{ n: 0 }]);
+  });
+
+  it("writing a row for another supplier is refused with 42501: a new ASN, a moved ASN, a moved PO", async () => {
+    // the policies hold even where a DBA widened the portal's grants
+    await db.pool.query(`grant insert on erp.asn_document to erp_cloud_supplier_portal; grant update (supplier_id) on erp.asn_document to erp_cloud_supplier_portal`);
+    try {
+      await asSupplier('S001', async () => {
+        const insert = portal.query(`insert into erp.asn_document (asn_no, supplier_code, supplier_id, status, detail, source) values ('FAKE', 'S002', $1, 'accepted', '{}', 'portal')`, [s2]);
+        expect(await sqlstateOf(insert)).toBe('42501');
+      });
+      await asSupplier('S001', async () => {
+        expect(await sqlstateOf(portal.query(`update erp.asn_document set supplier_id = $1 where asn_no = 'ASN-S1'`, [s2]))).toBe('42501');
+      });
+      await asSupplier('S001', async () => {
+        // another supplier's row is invisible, so an update of it changes nothing
+        const r = await portal.query(`update erp.asn_document set tracking_no = 'HACKED' where asn_no = 'ASN-S2'`);
+        expect(r.rowCount).toBe(0);
+      });
+      await asSupplier('S001', async () => {
+        expect(await sqlstateOf(portal.query(`update erp.purchase_order set supplier_id = $1 where po_no = 'PO-S1'`, [s2]))).toBe('42501');
+      });
+      await asSupplier('S001', async () => {
+        const mine = await portal.query(`update erp.purchase_order set supplier_confirmed_at = now() where po_no in ('PO-S1', 'PO-S2')`);
+        expect(mine.rowCount).toBe(1);
+      });
+    } finally {
+      await db.pool.query(`revoke insert on erp.asn_document from erp_cloud_supplier_portal; revoke update (supplier_id) on erp.asn_document from erp_cloud_supplier_portal`);
+    }
+    const { rows } = await db.pool.query(`select asn_no, supplier_id, tracking_no from erp.asn_document order by asn_no`);
+    expect(rows.map((r) => [r.asn_no, Number(r.supplier_id)])).toEqual([['ASN-S1', s1], ['ASN-S2', s2]]);
+    expect(rows.every((r) => r.tracking_no !== 'HACKED')).toBe(true);
+  });
+
+  it('an ASN filed through the portal goes in only under the supplier the transaction acts for', async () => {
+    await asSupplier('S001', async () => {
+      expect(await sqlstateOf(portal.query(`select scm.submit_asn($1::jsonb)`, [JSON.stringify(asnDoc('ASN-X', 'PO-S2', [{ line: 1, qty: 1 }], 'S002'))]))).toBe('42501');
+    });
+    await asSupplier(null, async () => {
+      expect(await sqlstateOf(portal.query(`select scm.submit_asn($1::jsonb)`, [JSON.stringify(asnDoc('ASN-Y', 'PO-S1', [{ line: 1, qty: 1 }]))]))).toBe('42501');
+    });
+    await asSupplier('S001', async () => {
+      const r = await q(`select (scm.submit_asn($1::jsonb)).status`, [JSON.stringify(asnDoc('ASN-Z', 'PO-S1', [{ line: 1, qty: 1 }]))]);
+      expect(r).toEqual([{ status: 'accepted' }]);
+    });
+    expect(await sqlstateOf(portal.query(`select scm.act_as_supplier('S404')`))).toBe('ES008');
+  });
+
+  it('RESET ROLE and SET ROLE do not get the portal out: no other role is reachable, and the login role itself sees nothing', async () => {
+    for (const target of ['erp_cloud_app', 'erp_cloud_operator', 'postgres']) {
+      expect(await sqlstateOf(portal.query(`set role ${target}`))).toBe('42501');
+    }
+    expect(await sqlstateOf(portal.query('set session authorization postgres'))).toBe('42501');
+    await portal.query('reset role');
+    try {
+      await portal.query('begin');
+      await portal.query(`select set_config('scm.supplier_id', $1, true)`, [String(s2)]);
+      // without the portal role (noinherit), the login role has no privileges on the tables at all
+      expect(await sqlstateOf(portal.query(`select * from erp.asn_document`))).toBe('42501');
+      await portal.query('rollback');
+    } finally {
+      await portal.query('set role erp_cloud_supplier_portal');
+    }
+  });
+
+  it('the ERP and operators still see every supplier', async () => {
+    const u = new URL(db.url);
+    const c = new pg.Client({ connectionString: u.toString() });
+    await c.connect();
+    try {
+      for (const r of ['erp_cloud_app', 'erp_cloud_operator']) {
+        await c.query(`set role ${r}`);
+        expect((await c.query(`select count(*)::int n from erp.asn_document`)).rows[0].n).toBeGreaterThanOrEqual(2);
+        await c.query('reset role');
+      }
+    } finally {
+      await c.end();
+    }
+  });
+});

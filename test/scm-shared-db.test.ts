@@ -1,0 +1,112 @@
+/**
+ * The shared-database path: the cloud's middle database (here a second
+ * database in the private cluster) over postgres_fdw, copied by watermark
+ * through the same ingest function; and the pg_cron jobs of the pull and the copy.
+ */
+import pg from 'pg';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { migrate } from '../listener/db.js';
+import { SqlState } from '../listener/errors.js';
+import { startYonbipSim, type YonbipSim } from '../listener/sim/yonbip.js';
+import { createTestDb, sqlstateOf, urlFor, type TestDb } from './helpers/db.js';
+import { addPo, addSuppliers, asnDoc } from './helpers/scm.js';
+
+let db: TestDb;
+let middle: TestDb;
+let sim: YonbipSim;
+
+beforeAll(async () => {
+  db = await createTestDb('scm_shared');
+  middle = await createTestDb('scm_middle', { template: null });
+  // the cloud's table: an identity column the ERP side only reads
+  await middle.pool.query(`create table public.asn_outbox (id bigint generated always as identity primary key, event_id text,
+                             doc jsonb not null, created_at timestamptz not null default now())`);
+  sim = await startYonbipSim();
+  const u = new URL(db.url);
+  await db.pool.query(`select scm.create_shared_asn_server('yonbip_middle', $1, $2, $3)`, [u.hostname, Number(u.port || 5432), middle.name]);
+  await db.pool.query(`select scm.create_shared_asn_user_mapping('yonbip_middle', $1)`, [decodeURIComponent(u.username) || 'postgres']);
+  const { rows } = await db.pool.query(`select scm.create_shared_asn_foreign_table('yonbip_middle')::text t`);
+  expect(rows[0].t).toBe('scm_middle.asn_outbox');
+  const { s1 } = await addSuppliers(db.pool);
+  await db.pool.query(`select cloud.put_endpoint('yonbip', 'http://127.0.0.1:9', 'yonbip')`);
+  await addPo(db.pool, 'PO-M', s1);
+});
+afterAll(async () => {
+  await sim.close();
+  await db.drop(); // first: its fdw connections hold the middle database open
+  await middle.drop();
+});
+beforeEach(async () => {
+  await middle.pool.query('truncate public.asn_outbox restart identity');
+  await db.pool.query('truncate erp.asn_line, erp.asn_document cascade');
+  await db.pool.query('update scm.shared_asn_source set last_id = 0');
+});
+
+const ship = (code: string, qty: number, eventId?: string) =>
+  sim.ship({ asn: asnDoc(code, 'PO-M', [{ line: 1, qty }]), via: 'middle', middleDbUrl: middle.url, eventId });
+const copy = async () => (await db.pool.query(`select scm.copy_all_shared_asns() n`)).rows[0].n as number;
+const asns = async () => (await db.pool.query(`select asn_no, status, source from erp.asn_document order by asn_no`)).rows;
+
+describe('ASNs from the cloud\'s middle database (postgres_fdw)', () => {
+  it('new rows are copied through the ingest function by watermark; copying again changes nothing', async () => {
+    await ship('ASN-M1', 10);
+    await ship('ASN-M2', 20);
+    expect(await copy()).toBe(2);
+    expect(await asns()).toEqual([
+      { asn_no: 'ASN-M1', status: 'accepted', source: 'shared_db' },
+      { asn_no: 'ASN-M2', status: 'accepted', source: 'shared_db' },
+    ]);
+    expect((await db.pool.query(`select last_id from scm.shared_asn_source`)).rows[0].last_id).toBe('2');
+    await copy(); // re-reads the overlap below the watermark: harmless
+    await ship('ASN-M3', 500); // more than the line orders: kept, rejected
+    await copy();
+    expect(await asns()).toHaveLength(3);
+    expect((await asns())[2]).toMatchObject({ asn_no: 'ASN-M3', status: 'rejected' });
+    expect((await db.pool.query(`select count(*)::int n from erp.asn_line`)).rows[0].n).toBe(3);
+  });
+
+  it('the same event written twice to the middle database is one ASN; a malformed row is skipped, the rest copied', async () => {
+    await ship('ASN-D', 5, 'ev-dup');
+    await ship('ASN-D', 5, 'ev-dup');
+    await middle.pool.query(`insert into public.asn_outbox (event_id, doc) values ('ev-bad', '{"code": ""}')`);
+    await ship('ASN-E', 5);
+    expect(await copy()).toBe(4);
+    expect((await asns()).map((a) => a.asn_no)).toEqual(['ASN-D', 'ASN-E']);
+    expect((await db.pool.query(`select last_id from scm.shared_asn_source`)).rows[0].last_id).toBe('4');
+  });
+
+  it('setup refuses what postgres_fdw would refuse later: odd names, a password-less mapping made by a non-superuser', async () => {
+    expect(await sqlstateOf(db.pool.query(`select scm.create_shared_asn_server('Bad Name', 'h', 5432, 'd')`))).toBe(SqlState.sharedDbSetupRefused);
+    expect(await sqlstateOf(db.pool.query(`select scm.create_shared_asn_foreign_table('yonbip_middle', 'x; drop table erp.supplier')`))).toBe(SqlState.sharedDbSetupRefused);
+    const c = await db.pool.connect();
+    try {
+      await c.query('set role erp_cloud_operator');
+      expect(await sqlstateOf(c.query(`select scm.create_shared_asn_user_mapping('yonbip_middle', 'cloud_reader')`))).toBe(SqlState.sharedDbSetupRefused);
+    } finally {
+      await c.query('reset role');
+      c.release();
+    }
+  });
+});
+
+describe('pg_cron jobs of supplier collaboration', () => {
+  it('the pull and the shared-database copy are scheduled every minute in the cron database', async () => {
+    const admin = new pg.Client({ connectionString: urlFor('postgres') });
+    await admin.connect();
+    const cronDb = (await admin.query(`select current_setting('cron.database_name', true) as d`)).rows[0].d as string | null;
+    await admin.end();
+    expect(cronDb, 'the server must preload pg_cron (scripts/pg.sh configures it)').toBeTruthy();
+    await migrate(urlFor(cronDb!));
+    const c = new pg.Client({ connectionString: urlFor(cronDb!) });
+    await c.connect();
+    try {
+      const { rows } = await c.query(`select jobname, schedule, command, active from cron.job where jobname like 'erp-cloud scm: %' order by jobname`);
+      expect(rows).toEqual([
+        { jobname: 'erp-cloud scm: copy shared-database ASNs', schedule: '* * * * *', command: 'select scm.copy_all_shared_asns()', active: true },
+        { jobname: 'erp-cloud scm: pull ASNs', schedule: '* * * * *', command: 'select scm.enqueue_asn_pulls()', active: true },
+      ]);
+    } finally {
+      await c.end();
+    }
+  });
+});

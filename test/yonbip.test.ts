@@ -1,0 +1,239 @@
+/**
+ * Purchase orders out to the YonBIP procurement cloud: the token signature
+ * (the reference's test vector), discovery and tokens per tenant, publish /
+ * revise / close in order under faults, the write-back, refusals.
+ */
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { SqlState } from '../listener/errors.js';
+import { clearTokenMemo } from '../listener/provider-context.js';
+import type { ClaimedMessage } from '../listener/providers/types.js';
+import { businessBody, clearYonbipCaches, resubmitCheckKey, signTokenRequest, tokenQuery, YONBIP_PATHS } from '../listener/providers/yonbip.js';
+import { startYonbipSim, type YonbipSim } from '../listener/sim/yonbip.js';
+import { createTestDb, sqlstateOf, waitFor, type TestDb } from './helpers/db.js';
+import { startListener, type InProcessListener } from './helpers/listener.js';
+import { addPo, addSuppliers, setupYonbip } from './helpers/scm.js';
+
+describe('the YonBIP self-built-app token signature', () => {
+  it('matches the reference test vector and is URL-encoded exactly once', () => {
+    const sig = signTokenRequest('41832a3d2df94989b500da6a22268747', '1568098531823', 'secret');
+    expect(sig).toBe('H8cSr2Q0WF/TYdKqbd85nYzjFWiK5a2PHUyIK1tbRfc=');
+    const q = tokenQuery('41832a3d2df94989b500da6a22268747', '1568098531823', sig);
+    expect(q).toBe('appKey=41832a3d2df94989b500da6a22268747&timestamp=1568098531823&signature=H8cSr2Q0WF%2FTYdKqbd85nYzjFWiK5a2PHUyIK1tbRfc%3D');
+    expect(new URLSearchParams(q).get('signature')).toBe(sig); // one decode gives the base64 back
+  });
+
+  it('resubmitCheckKey is the request_id in 32 characters, and array fields go out as JSON strings', () => {
+    const id = '0b9e1f7c-2a34-4c1d-9e8f-123456789abc';
+    expect(resubmitCheckKey(id)).toBe('0b9e1f7c2a344c1d9e8f123456789abc');
+    expect(resubmitCheckKey(id)).toHaveLength(32);
+    const msg = { request_id: id, operation: 'scm.po_publish', payload: { orderdatas: [{ orderno: 'PO-1' }], revision: 0 } } as unknown as ClaimedMessage;
+    expect(businessBody(msg)).toEqual({ resubmitCheckKey: resubmitCheckKey(id), orderdatas: '[{"orderno":"PO-1"}]', revision: 0 });
+  });
+});
+
+let db: TestDb;
+let sim: YonbipSim;
+let listener: InProcessListener | null = null;
+let suppliers: { s1: number; s2: number };
+
+beforeAll(async () => {
+  db = await createTestDb('yonbip');
+  sim = await startYonbipSim();
+});
+afterAll(async () => {
+  await listener?.stop();
+  await sim.close();
+  await db.drop();
+});
+beforeEach(async () => {
+  await listener?.stop();
+  listener = null;
+  sim.reset();
+  clearTokenMemo();
+  clearYonbipCaches();
+  await db.pool.query(`truncate cloud.outbox, cloud.log, cloud.provider_token, erp.asn_line, erp.asn_document, erp.purchase_order_line, erp.purchase_order cascade`);
+  await setupYonbip(db.pool, sim);
+  suppliers = await addSuppliers(db.pool);
+});
+
+async function listen(): Promise<void> {
+  listener = await startListener(db.url);
+}
+
+const po = async (id: number) => (await db.pool.query(`select status, cloud_status, cloud_ref, cloud_error, cloud_revision from erp.purchase_order where id = $1`, [id])).rows[0];
+const outboxOf = async (id: number) => (await db.pool.query(`select operation, status from cloud.outbox where aggregate_id = $1 order by id`, [String(id)])).rows;
+const allSent = async (id: number) => {
+  const rows = await outboxOf(id);
+  return rows.length > 0 && rows.every((r) => r.status === 'sent');
+};
+
+describe('purchase orders to the procurement cloud', () => {
+  it('an approved PO is published with string-packed arrays, and its cloud reference and status are written back', async () => {
+    await listen();
+    const id = await addPo(db.pool, 'PO-2026-0001', suppliers.s1);
+    await waitFor(async () => (await po(id))?.cloud_status === 'published', { what: 'published' });
+    const [effect] = sim.poLedger();
+    expect(effect).toMatchObject({ op: 'publish', orderno: 'PO-2026-0001', revision: 0, lines: 2 });
+    const order = sim.orders()[0]!;
+    expect(order.items).toEqual([
+      expect.objectContaining({ lineNum: 1, materialCode: 'M-100', purchaseNum: 100, price: 1.5, taxPrice: 1.695, taxrate: 13 }),
+      expect.objectContaining({ lineNum: 2, materialCode: 'M-200', purchaseNum: 50 }),
+    ]);
+    expect(await po(id)).toMatchObject({ cloud_status: 'published', cloud_ref: order.orderId, cloud_error: null });
+    // the body really carried strings, and the resubmitCheckKey is the request_id
+    const { rows } = await db.pool.query(`select request_id, request_body from cloud.log where endpoint = 'yonbip' and outcome = 'ok'`);
+    const body = JSON.parse(rows[0].request_body);
+    expect(typeof body.orderdatas).toBe('string');
+    expect(body.resubmitCheckKey).toBe(String(rows[0].request_id).replace(/-/g, ''));
+  });
+
+  it('a draft is not sent; editing an approved PO sends one revision per committed change, and closing sends the close', async () => {
+    await listen();
+    const id = await addPo(db.pool, 'PO-2026-0002', suppliers.s1, 'draft');
+    expect(await outboxOf(id)).toEqual([]);
+    await db.pool.query(`update erp.purchase_order set status = 'approved' where id = $1`, [id]);
+    await waitFor(() => allSent(id), { what: 'publish sent' });
+    // header and two lines changed in one transaction: one revision, built from the final rows
+    const c = await db.pool.connect();
+    await c.query('begin');
+    await c.query(`update erp.purchase_order set status = 'changed', note = '加急' where id = $1`, [id]);
+    await c.query(`update erp.purchase_order_line set quantity = 120 where po_id = $1 and line_no = 1`, [id]);
+    await c.query(`insert into erp.purchase_order_line (po_id, line_no, material_code, material_name, quantity, price) values ($1, 3, 'M-300', '弹簧垫圈', 10, 0.1)`, [id]);
+    await c.query('commit');
+    c.release();
+    // a change the cloud would not see (the supplier's confirmation) sends nothing
+    await db.pool.query(`update erp.purchase_order set supplier_confirmed_at = now() where id = $1`, [id]);
+    await db.pool.query(`update erp.purchase_order set status = 'closed' where id = $1`, [id]);
+    await waitFor(async () => (await po(id))?.cloud_status === 'closed', { what: 'closed' });
+    expect((await outboxOf(id)).map((r) => r.operation)).toEqual(['scm.po_publish', 'scm.po_revise', 'scm.po_close']);
+    expect(sim.poLedger().map((e) => [e.op, e.revision, e.lines])).toEqual([['publish', 0, 2], ['revise', 1, 3], ['close', null, 0]]);
+    expect(sim.orders()[0]).toMatchObject({ status: 'closed', revision: 1 });
+  });
+
+  it('publish, revision and close reach the cloud in order and once each, although the cloud fails, drops and rate-limits', async () => {
+    sim.setFaults({
+      pathPrefix: '/iuap-api-gateway/yonbip/cpu/puorder',
+      schedule: [{ kind: 'status', status: 500 }, { kind: 'drop' }, { kind: 'status', status: 503 }, { kind: 'ok' },
+        { kind: 'status', status: 429, retryAfter: 0 }, { kind: 'drop' }, { kind: 'ok' }, { kind: 'status', status: 502 }],
+    });
+    const id = await addPo(db.pool, 'PO-2026-0003', suppliers.s1);
+    await db.pool.query(`update erp.purchase_order_line set quantity = 90 where po_id = $1 and line_no = 2`, [id]);
+    await db.pool.query(`update erp.purchase_order set status = 'cancelled' where id = $1`, [id]);
+    await listen(); // all three are waiting before the first call
+    await waitFor(() => allSent(id), { timeoutMs: 30_000, what: 'all three sent' });
+    expect(sim.poLedger().map((e) => e.op)).toEqual(['publish', 'revise', 'close']);
+    const keys = sim.poLedger().map((e) => e.resubmitCheckKey);
+    expect(new Set(keys).size).toBe(3);
+    expect((await po(id)).cloud_status).toBe('closed');
+    const failures = await db.pool.query(`select count(*)::int n from cloud.log where endpoint = 'yonbip' and outcome <> 'ok'`);
+    expect(failures.rows[0].n).toBeGreaterThanOrEqual(5);
+  });
+
+  it('one discovery and one token serve every call of a tenant; the long token with + / = is URL-encoded once', async () => {
+    await listen();
+    const a = await addPo(db.pool, 'PO-2026-0004', suppliers.s1);
+    const b = await addPo(db.pool, 'PO-2026-0005', suppliers.s2);
+    await waitFor(async () => (await allSent(a)) && (await allSent(b)), { what: 'both sent' });
+    expect(sim.tokensIssued()).toBe(1);
+    expect(sim.requests().filter((r) => r.path === YONBIP_PATHS.discovery)).toHaveLength(1);
+    const token = (await db.pool.query(`select token from cloud.provider_token where endpoint = 'yonbip'`)).rows[0].token as string;
+    expect(token).toMatch(/[+/=]/);
+    // the token never reaches cloud.log
+    const logged = await db.pool.query(`select count(*)::int n from cloud.log where url like '%' || $1 || '%' or url like '%' || $2 || '%'`, [token, encodeURIComponent(token)]);
+    expect(logged.rows[0].n).toBe(0);
+  });
+
+  it('a token the cloud stops accepting is forgotten and a new one obtained; the PO still goes exactly once', async () => {
+    await listen();
+    const id = await addPo(db.pool, 'PO-2026-0006', suppliers.s1);
+    await waitFor(() => allSent(id), { what: 'publish' });
+    sim.revokeTokens();
+    await db.pool.query(`update erp.purchase_order set status = 'closed' where id = $1`, [id]);
+    await waitFor(async () => (await po(id))?.cloud_status === 'closed', { what: 'closed with a new token' });
+    expect(sim.tokensIssued()).toBe(2);
+    const classes = await db.pool.query(`select error_class from cloud.log where endpoint = 'yonbip' and outcome <> 'ok'`);
+    expect(classes.rows.map((r) => r.error_class)).toEqual(['token_rejected']);
+    expect(sim.poLedger().map((e) => e.op)).toEqual(['publish', 'close']);
+  });
+
+  it("a business rejection (code other than '200') writes the cloud's reason on the PO and parks its later messages", async () => {
+    sim.setFaults({ pathPrefix: '/iuap-api-gateway/yonbip/cpu/puorder/pubOrderToYC', schedule: [{ kind: 'status', status: 200, body: { code: '999', message: '供应商 S001 未在云采注册' } }] });
+    await listen();
+    const id = await addPo(db.pool, 'PO-2026-0007', suppliers.s1);
+    await waitFor(async () => (await po(id))?.cloud_status === 'rejected', { what: 'rejected' });
+    expect((await po(id)).cloud_error).toBe('供应商 S001 未在云采注册');
+    await db.pool.query(`update erp.purchase_order set status = 'closed' where id = $1`, [id]);
+    expect((await outboxOf(id)).map((r) => [r.operation, r.status])).toEqual([['scm.po_publish', 'failed'], ['scm.po_close', 'pending']]);
+    expect(sim.poLedger()).toEqual([]);
+  });
+
+  it('a gateway discovery that fails (503) is retried without sending anything; a missing tenant is a permanent config error', async () => {
+    sim.setFaults({ pathPrefix: YONBIP_PATHS.discovery, schedule: [{ kind: 'status', status: 503 }] });
+    await listen();
+    const id = await addPo(db.pool, 'PO-2026-0009', suppliers.s1);
+    await waitFor(async () => (await po(id))?.cloud_status === 'published', { what: 'published after the retry' });
+    const log = await db.pool.query(`select outcome, error_class, http_status from cloud.log where endpoint = 'yonbip' order by started_at`);
+    expect(log.rows.map((r) => [r.outcome, r.error_class])).toEqual([['retryable', 'gateway_discovery_http_503'], ['ok', null]]);
+    expect(sim.poLedger()).toHaveLength(1);
+
+    await db.pool.query(`update cloud.endpoint set config = config - 'tenant_id' where name = 'yonbip'`);
+    const other = await addPo(db.pool, 'PO-2026-0010', suppliers.s1);
+    await waitFor(async () => (await po(other))?.cloud_status === 'rejected', { what: 'rejected for config' });
+    expect((await po(other)).cloud_error).toMatch(/config\.tenant_id is missing/);
+    expect(sim.poLedger()).toHaveLength(1);
+  });
+
+  it('a wrong app secret fails the token call: nothing is published and the PO says why', async () => {
+    process.env.ERP_CLOUD_SECRET_YONBIP_APP_SECRET = 'not-the-app-secret-at-all'; // secret-scan: allow
+    try {
+      await listen();
+      const id = await addPo(db.pool, 'PO-2026-0008', suppliers.s1);
+      await waitFor(async () => (await po(id))?.cloud_status === 'rejected', { what: 'rejected' });
+      expect((await po(id)).cloud_error).toMatch(/token.*signature invalid/);
+      expect(sim.poLedger()).toEqual([]);
+      expect(sim.tokensIssued()).toBe(0);
+    } finally {
+      process.env.ERP_CLOUD_SECRET_YONBIP_APP_SECRET = undefined;
+      delete process.env.ERP_CLOUD_SECRET_YONBIP_APP_SECRET;
+    }
+  });
+});
+
+describe('purchase order rules in the ERP', () => {
+  it('approving a PO without lines is refused at commit with ES002, and nothing is enqueued', async () => {
+    const { rows } = await db.pool.query(`insert into erp.purchase_order (po_no, supplier_id) values ('PO-EMPTY', $1) returning id`, [suppliers.s1]);
+    expect(await sqlstateOf(db.pool.query(`update erp.purchase_order set status = 'approved' where id = $1`, [rows[0].id]))).toBe(SqlState.poWithoutLines);
+    expect((await po(Number(rows[0].id))).status).toBe('draft');
+    expect(await outboxOf(Number(rows[0].id))).toEqual([]);
+  });
+
+  it('closed orders are final: reopening is ES001, changing a line is ES003', async () => {
+    const id = await addPo(db.pool, 'PO-FINAL', suppliers.s1);
+    await db.pool.query(`update erp.purchase_order set status = 'closed' where id = $1`, [id]);
+    expect(await sqlstateOf(db.pool.query(`update erp.purchase_order set status = 'approved' where id = $1`, [id]))).toBe(SqlState.poStatusChangeNotAllowed);
+    expect(await sqlstateOf(db.pool.query(`update erp.purchase_order_line set quantity = 1 where po_id = $1`, [id]))).toBe(SqlState.poFinal);
+    expect(await sqlstateOf(db.pool.query(`update erp.purchase_order set status = 'changed' where po_no = 'PO-FINAL'`))).toBe(SqlState.poStatusChangeNotAllowed);
+  });
+
+  it("the ERP's own role (erp_cloud_app) enters and approves a PO, and its publication is enqueued", async () => {
+    const c = await db.pool.connect();
+    try {
+      await c.query('begin');
+      await c.query('set local role erp_cloud_app');
+      const { rows } = await c.query(`insert into erp.purchase_order (po_no, supplier_id, status) values ('PO-APP', $1, 'approved') returning id`, [suppliers.s1]);
+      await c.query(`insert into erp.purchase_order_line (po_id, line_no, material_code, material_name, quantity, price) values ($1, 1, 'M-1', 'x', 1, 1)`, [rows[0].id]);
+      await c.query('commit');
+      expect(await outboxOf(Number(rows[0].id))).toEqual([{ operation: 'scm.po_publish', status: 'pending' }]);
+      expect(await sqlstateOf(c.query(`set role erp_cloud_app; select * from cloud.outbox`))).toBe('42501');
+    } finally {
+      await c.query('reset role');
+      c.release();
+    }
+  });
+
+  it('a draft cancelled before approval never reaches the cloud', async () => {
+    const id = await addPo(db.pool, 'PO-NEVER', suppliers.s1, 'draft');
+    await db.pool.query(`update erp.purchase_order set status = 'cancelled' where id = $1`, [id]);
+    expect(await outboxOf(id)).toEqual([]);
+  });
+});
