@@ -1,9 +1,11 @@
 /**
  * The simulated clouds `erp-cloud sim --cloud NAME` can start. Each cloud's
- * simulator module registers itself here (registerSimCloud) and is imported
- * at the bottom of this file.
+ * simulator is started by a registerSimCloud call at the bottom of this file
+ * (not by the module itself, which would run before this file has loaded).
  */
+import { startNuonuoSim } from './nuonuo.js';
 import { startSim, webhookRoutes, type SimServer } from './server.js';
+import { startYonbipSim } from './yonbip.js';
 
 export interface SimStartOptions {
   port: number;
@@ -28,7 +30,6 @@ export function startSimCloud(name: string, o: SimStartOptions): Promise<SimServ
 
 registerSimCloud('webhook', (o) => startSim({ port: o.port, host: o.host, routes: webhookRoutes(), name: 'webhook' }));
 
-import { startNuonuoSim } from './nuonuo.js';
 // the simulated platform's app key and secret come from the environment, like the listener's
 registerSimCloud('nuonuo', (o) => {
   const appKey = process.env.ERP_CLOUD_SIM_NUONUO_APP_KEY;
@@ -37,5 +38,4 @@ registerSimCloud('nuonuo', (o) => {
   return startNuonuoSim({ port: o.port, host: o.host, appKey, appSecret });
 });
 
-import { startYonbipSim } from './yonbip.js';
 registerSimCloud('yonbip', (o) => startYonbipSim(o));
