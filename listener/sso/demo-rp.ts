@@ -23,6 +23,12 @@ export interface BrowserResponse {
   location: string | null;
 }
 
+function hiddenInputs(html: string): Record<string, string> {
+  const form: Record<string, string> = {};
+  for (const m of html.matchAll(/<input[^>]*type="hidden"[^>]*name="([^"]+)"[^>]*value="([^"]*)"/g)) form[m[1]!] = m[2]!;
+  return form;
+}
+
 /** A browser stand-in: follows redirects (at most 20) and keeps cookies. */
 export class Browser {
   readonly jar = new CookieJar();
@@ -48,11 +54,21 @@ export class Browser {
    */
   async get(url: string, opts: { stopAt?: string } = {}): Promise<BrowserResponse> {
     let next = url;
+    let form: Record<string, string> | undefined;
     for (let hop = 0; hop < 20; hop++) {
       if (opts.stopAt && next.startsWith(opts.stopAt)) return { url: next, status: 0, body: '', location: next };
-      const res = await this.request(next);
-      if (res.status < 300 || res.status >= 400 || !res.location) return res;
-      next = res.location;
+      const res = await this.request(next, form ? { method: 'POST', form } : {});
+      form = undefined;
+      if (res.status >= 300 && res.status < 400 && res.location) {
+        next = res.location;
+        continue;
+      }
+      // a page that submits itself on load (oidc-provider ends the previous
+      // user's session this way when another user signs in): do what a browser's script would
+      const auto = res.status === 200 && res.body.includes('document.forms[0].submit()') ? /<form method="post" action="([^"]+)"/.exec(res.body) : null;
+      if (!auto) return res;
+      form = hiddenInputs(res.body);
+      next = new URL(auto[1]!.replace(/&amp;/g, '&'), res.url).toString();
     }
     throw new Error(`more than 20 redirects from ${url}`);
   }
@@ -61,8 +77,7 @@ export class Browser {
   async confirmLogout(page: BrowserResponse): Promise<BrowserResponse> {
     const action = /<form[^>]*id="op.logoutForm"[^>]*action="([^"]+)"/.exec(page.body)?.[1] ?? /<form[^>]*action="([^"]+)"[^>]*id="op.logoutForm"/.exec(page.body)?.[1];
     if (!action) throw new Error('no logout form on the page');
-    const form: Record<string, string> = { logout: 'yes' };
-    for (const m of page.body.matchAll(/<input[^>]*type="hidden"[^>]*name="([^"]+)"[^>]*value="([^"]*)"/g)) form[m[1]!] = m[2]!;
+    const form: Record<string, string> = { ...hiddenInputs(page.body), logout: 'yes' };
     let res = await this.request(new URL(action, page.url).toString(), { method: 'POST', form });
     for (let hop = 0; hop < 10 && res.status >= 300 && res.status < 400 && res.location; hop++) res = await this.request(res.location);
     return res;

@@ -62,6 +62,19 @@ function sha256Hex(s: string): string {
   return createHash('sha256').update(s, 'utf8').digest('hex');
 }
 
+/** The client id of an HTTP Basic client authentication (for auditing an unknown or disabled client). */
+function basicClientId(header: string): string | null {
+  const m = /^Basic\s+([A-Za-z0-9+/=]+)$/i.exec(header ?? '');
+  if (!m) return null;
+  const decoded = Buffer.from(m[1]!, 'base64').toString('utf8');
+  const i = decoded.indexOf(':');
+  try {
+    return i > 0 ? decodeURIComponent(decoded.slice(0, i)).slice(0, 100) : null;
+  } catch {
+    return null;
+  }
+}
+
 export function buildProvider(opts: ProviderOptions): Provider {
   const { config, pool, audit } = opts;
 
@@ -158,16 +171,33 @@ export function buildProvider(opts: ProviderOptions): Provider {
     return expected.length === given.length && timingSafeEqual(expected, given);
   };
 
-  // every protocol error leaves an audit row: who (if known), which client, from where
+  // every protocol error leaves an audit row: who (if known), which client,
+  // from where. Events are synchronous, so the writes are collected on the
+  // request and awaited before the answer goes out (the row exists when the
+  // browser or platform sees the error).
+  provider.use(async (ctx, next) => {
+    const writes: Array<Promise<void>> = [];
+    ctx.state.auditWrites = writes;
+    await next();
+    await Promise.all(writes);
+  });
   const failure = (where: string) => (ctx: KoaContextWithOIDC, err: { error?: string; error_description?: string; message?: string }) => {
-    const oidc = ctx.oidc;
-    const entities = (oidc?.entities ?? {}) as Record<string, { accountId?: string } | undefined>;
-    const userId = entities.AuthorizationCode?.accountId ?? entities.AccessToken?.accountId ?? entities.Account?.accountId ?? oidc?.session?.accountId ?? null;
-    const clientId = oidc?.client?.clientId ?? (typeof oidc?.params?.client_id === 'string' ? oidc.params.client_id : null);
-    void audit.record('failure', {
-      clientId, userId, source: ctx.ip, code: err.error ?? 'server_error',
-      detail: `${where}: ${err.error_description ?? err.message ?? ''}`,
-    });
+    const write = (async () => {
+      const oidc = ctx.oidc;
+      const entities = (oidc?.entities ?? {}) as Record<string, { accountId?: string } | undefined>;
+      let userId = entities.AuthorizationCode?.accountId ?? entities.AccessToken?.accountId ?? entities.Account?.accountId ?? oidc?.session?.accountId ?? null;
+      const code = oidc?.params?.code;
+      if (!userId && typeof code === 'string') {
+        // e.g. a wrong PKCE verifier is refused before the code becomes an entity
+        userId = (await provider.AuthorizationCode.find(code, { ignoreExpiration: true }).catch(() => undefined))?.accountId ?? null;
+      }
+      const clientId = oidc?.client?.clientId ?? (typeof oidc?.params?.client_id === 'string' ? oidc.params.client_id : null) ?? basicClientId(ctx.get('authorization'));
+      await audit.record('failure', {
+        clientId, userId, source: ctx.ip, code: err.error ?? 'server_error',
+        detail: `${where}: ${err.error_description ?? err.message ?? ''}`,
+      });
+    })();
+    (ctx.state?.auditWrites as Array<Promise<void>> | undefined)?.push(write);
   };
   for (const event of ['authorization.error', 'grant.error', 'userinfo.error', 'end_session.error', 'end_session_confirm.error',
     'introspection.error', 'revocation.error', 'jwks.error', 'discovery.error'] as const) {
@@ -178,7 +208,8 @@ export function buildProvider(opts: ProviderOptions): Provider {
     failure('server')(ctx, { error: 'server_error', error_description: err.message });
   });
   provider.on('end_session.success', (ctx: KoaContextWithOIDC) => {
-    void audit.record('logout', { clientId: ctx.oidc.client?.clientId ?? null, userId: ctx.oidc.session?.accountId ?? null, source: ctx.ip });
+    const write = audit.record('logout', { clientId: ctx.oidc.client?.clientId ?? null, userId: ctx.oidc.session?.accountId ?? null, source: ctx.ip });
+    (ctx.state?.auditWrites as Array<Promise<void>> | undefined)?.push(write);
   });
   return provider;
 }

@@ -505,7 +505,7 @@ create type sso.jump_outcome as (
 );
 comment on type sso.jump_outcome is 'What became of a presented jump ticket.';
 
-create function sso.peek_jump_ticket(p_ticket text, p_now timestamptz default now()) returns sso.jump_outcome
+create function sso.peek_jump_ticket(p_ticket text, p_now timestamptz default now()) returns setof sso.jump_outcome
 language sql stable set search_path = '' as $$
   -- which client a ticket leads to, without using it (the /jump step);
   -- refusals are left to consume, which audits them
