@@ -1,0 +1,127 @@
+/**
+ * The provider's keys and storage: signing keys rotate without breaking a
+ * token (published before they sign, kept until their tokens expire, private
+ * halves only in the vault), and the provider keeps working across a restart
+ * because sessions, interactions and grants live in PostgreSQL.
+ */
+import * as oidc from 'openid-client';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Browser, completeJump, startDemoRp } from '../listener/sso/demo-rp.js';
+import { rotateSigningKey, SIGNING_KEYS_SECRET } from '../listener/sso/keys.js';
+import { sqlstateOf } from './helpers/db.js';
+import { discoverProvider, kidOf, startSsoWorld, verifiesAgainstJwks, type SsoWorld } from './helpers/sso.js';
+
+let w: SsoWorld;
+beforeAll(async () => {
+  w = await startSsoWorld('sso_keys');
+});
+afterAll(async () => {
+  await w?.close();
+});
+
+async function jwksKids(): Promise<string[]> {
+  return ((await (await fetch(`${w.issuer}/jwks`)).json()) as { keys: Array<{ kid: string }> }).keys.map((k) => k.kid);
+}
+
+async function vaultKids(): Promise<string[]> {
+  const { rows } = await w.db.pool.query('select vault.read_secret($1, $2) as v', [SIGNING_KEYS_SECRET, w.masterKey]);
+  return Object.keys(JSON.parse(rows[0].v)).sort();
+}
+
+/** The relying party as it is after its JWKS cache expired: the same platform, restarted with an empty cache. */
+async function renewRpJwksCache(): Promise<void> {
+  const port = Number(new URL(w.rp.url).port);
+  await w.rp.close();
+  w.rp = await startDemoRp({ issuer: w.issuer, clientId: 'procurement', clientSecret: w.rpSecret, port });
+}
+
+async function jumpIdToken(): Promise<string> {
+  const r = await completeJump(await w.issue('zhang.wei', 'procurement'));
+  expect(r.error_description ?? null).toBeNull();
+  return r.id_token!;
+}
+
+describe('signing keys', () => {
+  it('the first key was made on first start; its private half is only in the vault, encrypted', async () => {
+    const { rows } = await w.db.pool.query(`select kid, state, public_jwk from sso.signing_key_status`);
+    expect(rows).toHaveLength(1);
+    expect(rows[0].state).toBe('signing');
+    expect(Object.keys(rows[0].public_jwk).sort()).toEqual(['alg', 'e', 'kid', 'kty', 'n', 'use']);
+    expect(await vaultKids()).toEqual([rows[0].kid]);
+    const raw = await w.db.pool.query(`select position(convert_to($1, 'UTF8') in ciphertext) as at from vault.secret where name = $2`, ['"d":', SIGNING_KEYS_SECRET]);
+    expect(raw.rows[0].at).toBe(0);
+  });
+
+  it('tokens keep verifying across a rotation: the new key is published before it signs, the old one stays until its tokens expire', async () => {
+    const [first] = await jwksKids();
+    const t1 = await jumpIdToken();
+    expect(kidOf(t1)).toBe(first);
+
+    const next = await rotateSigningKey(w.db.pool, w.masterKey, { publishLeadS: 600, tokenLifetimeS: 3600 });
+    expect(await sqlstateOf(rotateSigningKey(w.db.pool, w.masterKey, { publishLeadS: 600, tokenLifetimeS: 3600 }))).toBe('EO009');
+    expect(await w.op.refreshKeys()).toBe(true);
+    // published, not signing yet
+    expect(await jwksKids()).toEqual([first, next.kid]);
+    const t2 = await jumpIdToken();
+    expect(kidOf(t2)).toBe(first);
+
+    // the publish lead has passed: the new key signs, the old one still verifies.
+    // The platform's JWKS cache (openid-client keeps one at most 5 minutes)
+    // has renewed within that lead: a fresh relying party stands for it
+    w.clock.offsetMs = 601_000;
+    await renewRpJwksCache();
+    expect(await w.op.refreshKeys()).toBe(true);
+    expect(await jwksKids()).toEqual([next.kid, first]);
+    const t3 = await jumpIdToken();
+    expect(kidOf(t3)).toBe(next.kid);
+    for (const t of [t1, t2, t3]) expect(await verifiesAgainstJwks(t, w.issuer)).toBe(true);
+
+    // the old key's tokens have all expired: it leaves the JWKS and the vault
+    w.clock.offsetMs = 601_000 + 3_601_000;
+    expect(await w.op.refreshKeys()).toBe(true);
+    expect(await jwksKids()).toEqual([next.kid]);
+    expect(await vaultKids()).toEqual([next.kid]);
+    expect(await verifiesAgainstJwks(t3, w.issuer)).toBe(true);
+    expect(await verifiesAgainstJwks(t1, w.issuer)).toBe(false);
+    expect((await w.db.pool.query(`select kid, state from sso.signing_keys_at(now() + interval '4202 seconds')`)).rows).toEqual([{ kid: next.kid, state: 'signing' }]);
+  });
+});
+
+describe('restart', () => {
+  it('a sign-in started on one provider instance finishes on a new one, and the session carries on there', async () => {
+    const browser = new Browser();
+    const hop = await browser.get(await w.issue('zhang.wei', 'procurement'), { stopAt: `${w.issuer}/interaction/` });
+    expect(hop.location).toMatch(/\/interaction\/[A-Za-z0-9_-]+$/);
+
+    // the first instance goes away; a new one starts on the same database (and address)
+    await w.op.close();
+    w.op = await w.startOp();
+
+    const done = JSON.parse((await browser.get(hop.location!)).body);
+    expect(done).toMatchObject({ ok: true, claims: { preferred_username: 'zhang.wei', iss: w.issuer } });
+    // the session made before is known to the new instance: no ticket needed
+    const again = JSON.parse((await browser.get(w.rp.loginUrl)).body);
+    expect(again).toMatchObject({ ok: true, claims: { preferred_username: 'zhang.wei' } });
+    const stored = await w.db.pool.query(`select model, count(*)::int n from sso.oidc_payload where model in ('Session', 'Grant', 'AuthorizationCode') group by 1 order by 1`);
+    expect(stored.rows.map((r) => r.model)).toEqual(['AuthorizationCode', 'Grant', 'Session']);
+  });
+
+  it('an authorization code is single use, also across instances', async () => {
+    const browser = new Browser();
+    await browser.get(await w.issue('zhang.wei', 'procurement'), { stopAt: w.rp.loginUrl });
+    const config = await discoverProvider(w.issuer, 'procurement', w.rpSecret);
+    const verifier = oidc.randomPKCECodeVerifier();
+    const state = oidc.randomState();
+    const url = oidc.buildAuthorizationUrl(config, {
+      redirect_uri: w.rp.callbackUrl, scope: 'openid', state,
+      code_challenge: await oidc.calculatePKCECodeChallenge(verifier), code_challenge_method: 'S256',
+    });
+    const back = new URL((await browser.get(url.toString(), { stopAt: w.rp.callbackUrl })).location!);
+    await oidc.authorizationCodeGrant(config, back, { pkceCodeVerifier: verifier, expectedState: state });
+    await w.op.close();
+    w.op = await w.startOp();
+    const since = await w.lastAuditId();
+    await expect(oidc.authorizationCodeGrant(config, back, { pkceCodeVerifier: verifier, expectedState: state })).rejects.toMatchObject({ error: 'invalid_grant' });
+    expect((await w.audit(since)).map((a) => [a.event, a.code])).toEqual([['failure', 'invalid_grant']]);
+  });
+});
