@@ -21,9 +21,7 @@ import './inbound-routes.js';
 import { startSimCloud } from './sim/clouds.js';
 import { tailLog } from './tail.js';
 import { loadSsoConfig } from './sso/config.js';
-import { Browser, completeJump, startDemoRp } from './sso/demo-rp.js';
 import { rotateSigningKey } from './sso/keys.js';
-import { startSsoServer } from './sso/server.js';
 import { checkVaultKey, loadVaultKey, vaultSql } from './vault.js';
 import { Worker } from './worker.js';
 
@@ -269,7 +267,9 @@ vault
     });
   });
 
-// Single sign-on: erp-cloud as the OpenID Provider (listener/sso/).
+// Single sign-on: erp-cloud as the OpenID Provider (listener/sso/). oidc-provider
+// and openid-client are imported only by the commands that use them, so the
+// other verbs start as fast as before (and without oidc-provider's runtime notice).
 const sso = program.command('sso').description('single sign-on: the OpenID Provider the procurement platform trusts (config from ERP_CLOUD_SSO_* variables)');
 
 sso
@@ -278,6 +278,7 @@ sso
   .action(async (_opts, cmd: Command) => {
     const config = loadSsoConfig(process.env, { DATABASE_URL: connectionOf(cmd) });
     const masterKey = loadVaultKey(config);
+    const { startSsoServer } = await import('./sso/server.js');
     const log = createLogger(config.ERP_CLOUD_LOG_LEVEL, 'erp-cloud-sso');
     const pool = createPool(config.DATABASE_URL, config.ERP_CLOUD_SSO_POOL_SIZE, log);
     const server = await startSsoServer({ config, pool, log, masterKey });
@@ -351,6 +352,7 @@ sso
   .action(async (opts: { issuer: string; clientId: string; port: number; jump?: string }) => {
     const secret = process.env.ERP_CLOUD_SSO_DEMO_CLIENT_SECRET;
     if (!secret) throw new UsageError('set ERP_CLOUD_SSO_DEMO_CLIENT_SECRET to the client\'s secret');
+    const { Browser, completeJump, startDemoRp } = await import('./sso/demo-rp.js');
     const rp = await startDemoRp({ issuer: opts.issuer, clientId: opts.clientId, clientSecret: secret, port: opts.port });
     try {
       if (opts.jump) {
