@@ -37,6 +37,13 @@ async function authorize(browser: Browser, config: oidc.Configuration, redirectU
   return { res, verifier, state, nonce };
 }
 
+/** With a signed-in browser: one more sign-in at the platform, done by hand to keep the access token. */
+async function completeJumpTokens(browser: Browser): Promise<{ access_token: string; sub: string }> {
+  const a = await authorize(browser, w.rp.config, w.rp.callbackUrl);
+  const tokens = await oidc.authorizationCodeGrant(w.rp.config, new URL(a.res.location!), { pkceCodeVerifier: a.verifier, expectedState: a.state, expectedNonce: a.nonce });
+  return { access_token: tokens.access_token, sub: tokens.claims()!.sub };
+}
+
 describe('the jump from the ERP', () => {
   it('a signed-in ERP user lands on the platform signed in: verified ID token with name, email, company and role, userinfo, audit', async () => {
     const since = await w.lastAuditId();
@@ -252,6 +259,21 @@ describe('sign-in started at the platform, sessions and logout', () => {
     expect(JSON.parse(done.body)).toMatchObject({ logged_out: true });
     expect((await w.audit(since)).map((a) => [a.event, a.client_id, a.user_id])).toEqual([['logout', 'procurement', await w.userId('zhang.wei')]]);
     expect((await browser.get(w.rp.loginUrl)).body).toContain('Please start from the ERP');
+  });
+
+  it('a user deactivated after signing in can no longer pass through the session, nor read userinfo with an earlier token', async () => {
+    const browser = new Browser();
+    const first = await completeJump(await w.issue('li.na', 'procurement'), browser);
+    expect(first.ok).toBe(true);
+    const callback = await completeJumpTokens(browser);
+    await w.db.pool.query(`update erp.app_user set active = false where login = 'li.na'`);
+    try {
+      const page = await browser.get(w.rp.loginUrl);
+      expect(page.body).toContain('Please start from the ERP');
+      await expect(oidc.fetchUserInfo(w.rp.config, callback.access_token, callback.sub)).rejects.toSatisfy(isOAuthError('invalid_token'));
+    } finally {
+      await w.db.pool.query(`update erp.app_user set active = true where login = 'li.na'`);
+    }
   });
 
   it('a jump for another user replaces the session of the user signed in before', async () => {

@@ -85,6 +85,13 @@ export function buildProvider(opts: ProviderOptions): Provider {
     'erp_jump_pending', 'a jump from the ERP is waiting to be used',
     (ctx: KoaContextWithOIDC) => Boolean(ctx.cookies.get(JUMP_COOKIE, { signed: false })),
   ));
+  // a session whose user findAccount no longer returns (deactivated in the
+  // ERP) is no sign-in: without this, oidc-provider would go on to consent
+  // with no account at all
+  policy.get('login')!.checks.push(new interactionPolicy.Check(
+    'erp_account_inactive', 'the signed-in ERP user is inactive',
+    (ctx: KoaContextWithOIDC) => Boolean(ctx.oidc.session?.accountId && !ctx.oidc.account),
+  ));
 
   const configuration: Configuration = {
     adapter: (name: string) => new PgAdapter(name, pool),
