@@ -4,6 +4,8 @@
  * halves only in the vault), and the provider keeps working across a restart
  * because sessions, interactions and grants live in PostgreSQL.
  */
+import { execFile, spawn } from 'node:child_process';
+import { promisify } from 'node:util';
 import * as oidc from 'openid-client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Browser, completeJump, startDemoRp } from '../listener/sso/demo-rp.js';
@@ -123,5 +125,46 @@ describe('restart', () => {
     const since = await w.lastAuditId();
     await expect(oidc.authorizationCodeGrant(config, back, { pkceCodeVerifier: verifier, expectedState: state })).rejects.toMatchObject({ error: 'invalid_grant' });
     expect((await w.audit(since)).map((a) => [a.event, a.code])).toEqual([['failure', 'invalid_grant']]);
+  });
+});
+
+describe('erp-cloud sso serve', () => {
+  const cli = (args: string[], env: Record<string, string>) => promisify(execFile)(process.execPath, ['dist/listener/cli.js', ...args], {
+    env: { PATH: process.env.PATH, DATABASE_URL: w.db.url, ...env },
+  }).then(() => ({ code: 0, stderr: '' }), (e: { code: number; stderr: string }) => ({ code: e.code, stderr: e.stderr }));
+
+  it('refuses a bad issuer or a missing vault key, naming the variable and never the key', async () => {
+    const badIssuer = await cli(['sso', 'serve'], { ERP_CLOUD_SSO_ISSUER: 'https://sso.example.com/', ERP_CLOUD_VAULT_KEY: w.masterKey });
+    expect(badIssuer.code).toBe(1);
+    expect(badIssuer.stderr).toContain('ERP_CLOUD_SSO_ISSUER');
+    expect(badIssuer.stderr).not.toContain(w.masterKey);
+    const noKey = await cli(['sso', 'serve'], { ERP_CLOUD_SSO_ISSUER: 'https://sso.example.com' });
+    expect(noKey).toMatchObject({ code: 1, stderr: expect.stringContaining('ERP_CLOUD_VAULT_KEY') });
+  });
+
+  it('serves discovery for its issuer and stops cleanly on SIGTERM', async () => {
+    const proc = spawn(process.execPath, ['dist/listener/cli.js', 'sso', 'serve'], {
+      env: { PATH: process.env.PATH, DATABASE_URL: w.db.url, ERP_CLOUD_SSO_ISSUER: 'https://sso.erp.example.com', ERP_CLOUD_SSO_PORT: '0',
+        ERP_CLOUD_VAULT_KEY: w.masterKey, ERP_CLOUD_LOG_LEVEL: 'warn' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let out = '';
+    let err = '';
+    proc.stdout!.on('data', (d) => (out += d));
+    proc.stderr!.on('data', (d) => (err += d));
+    const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
+    try {
+      const deadline = Date.now() + 20_000;
+      while (!out.includes('"url"') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      expect(out, err).toContain('"url"');
+      const { url, issuer } = JSON.parse(out.split('\n')[0]!) as { url: string; issuer: string };
+      expect(issuer).toBe('https://sso.erp.example.com');
+      const meta = await (await fetch(`${url}/.well-known/openid-configuration`)).json();
+      // endpoint URLs follow the request's host (the proxy forwards the public one)
+      expect(meta).toMatchObject({ issuer, jwks_uri: `${url}/jwks`, end_session_endpoint: `${url}/session/end`, code_challenge_methods_supported: ['S256'] });
+    } finally {
+      proc.kill('SIGTERM');
+    }
+    expect(await exited).toBe(0);
   });
 });
