@@ -7,11 +7,14 @@
 import { execFile, spawn } from 'node:child_process';
 import { promisify } from 'node:util';
 import * as oidc from 'openid-client';
+import pg from 'pg';
+import { loadSsoConfig } from '../listener/sso/config.js';
+import { startSsoServer } from '../listener/sso/server.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Browser, completeJump, startDemoRp } from '../listener/sso/demo-rp.js';
 import { rotateSigningKey, SIGNING_KEYS_SECRET } from '../listener/sso/keys.js';
 import { sqlstateOf } from './helpers/db.js';
-import { discoverProvider, kidOf, startSsoWorld, verifiesAgainstJwks, type SsoWorld } from './helpers/sso.js';
+import { discoverProvider, freePort, kidOf, startSsoWorld, verifiesAgainstJwks, type SsoWorld } from './helpers/sso.js';
 
 let w: SsoWorld;
 beforeAll(async () => {
@@ -28,6 +31,19 @@ async function jwksKids(): Promise<string[]> {
 async function vaultKids(): Promise<string[]> {
   const { rows } = await w.db.pool.query('select vault.read_secret($1, $2) as v', [SIGNING_KEYS_SECRET, w.masterKey]);
   return Object.keys(JSON.parse(rows[0].v)).sort();
+}
+
+/** The platform's relying party, pointed at another provider instance (same client, same callback port is taken: a new one is not needed). */
+async function startDemoRpFor(issuer: string) {
+  const port = Number(new URL(w.rp.url).port);
+  await w.rp.close();
+  const rp = await startDemoRp({ issuer, clientId: 'procurement', clientSecret: w.rpSecret, port });
+  return {
+    async close() {
+      await rp.close();
+      w.rp = await startDemoRp({ issuer: w.issuer, clientId: 'procurement', clientSecret: w.rpSecret, port });
+    },
+  };
 }
 
 /** The relying party as it is after its JWKS cache expired: the same platform, restarted with an empty cache. */
@@ -166,5 +182,48 @@ describe('erp-cloud sso serve', () => {
       proc.kill('SIGTERM');
     }
     expect(await exited).toBe(0);
+  });
+});
+
+describe('roles', () => {
+  it('the provider runs as a login holding only erp_cloud_sso, the ERP issues tickets with only erp_cloud_app, operators manage clients with only erp_cloud_operator', async () => {
+    const suffix = Math.random().toString(36).slice(2, 8);
+    const ssoLogin = `sso_login_${suffix}`;
+    const erpLogin = `erp_login_${suffix}`;
+    const opLogin = `op_login_${suffix}`;
+    await w.db.pool.query(`create role ${ssoLogin} login in role erp_cloud_sso`);
+    await w.db.pool.query(`create role ${erpLogin} login in role erp_cloud_app`);
+    await w.db.pool.query(`create role ${opLogin} login in role erp_cloud_operator`);
+    const as = (role: string) => {
+      const u = new URL(w.db.url);
+      u.username = role;
+      return new pg.Pool({ connectionString: u.toString(), max: 4 });
+    };
+    const ssoPool = as(ssoLogin);
+    const erpPool = as(erpLogin);
+    const opPool = as(opLogin);
+    const port = await freePort();
+    const config = loadSsoConfig({ DATABASE_URL: w.db.url, ERP_CLOUD_SSO_ISSUER: `http://127.0.0.1:${port}`, ERP_CLOUD_SSO_PORT: String(port), ERP_CLOUD_VAULT_KEY: w.masterKey, ERP_CLOUD_LOG_LEVEL: 'silent' });
+    const provider = await startSsoServer({ config, pool: ssoPool, log: w.log, masterKey: w.masterKey, env: {} });
+    const rp = await startDemoRpFor(`http://127.0.0.1:${port}`);
+    try {
+      expect(await provider.refreshKeys()).toBe(false);
+      const { rows } = await erpPool.query(`select sso.issue_jump_ticket('zhang.wei', 'procurement') as url`);
+      const result = await completeJump(rows[0].url);
+      expect(result.error_description ?? null).toBeNull();
+      expect(result.claims).toMatchObject({ preferred_username: 'zhang.wei', iss: `http://127.0.0.1:${port}` });
+      expect(await sqlstateOf(erpPool.query('select * from sso.audit'))).toBe('42501');
+      expect(await sqlstateOf(erpPool.query(`select * from sso.consume_jump_ticket('x', 'procurement')`))).toBe('42501');
+    } finally {
+      await rp.close();
+      await provider.close();
+      await ssoPool.end();
+      await erpPool.end();
+      await opPool.end();
+      await w.db.pool.query(`select sso.record_issuer($1)`, [w.issuer]);
+      await w.db.pool.query(`drop role ${opLogin}`);
+      await w.db.pool.query(`drop role ${ssoLogin}`);
+      await w.db.pool.query(`drop role ${erpLogin}`);
+    }
   });
 });

@@ -296,7 +296,9 @@ describe('the sso schema', () => {
                                  has_table_privilege('erp_cloud_app', 'sso.jump_ticket', 'select') as tickets,
                                  has_table_privilege('erp_cloud_app', 'sso.audit', 'select') as audit,
                                  has_table_privilege('erp_cloud_sso', 'sso.oidc_payload', 'insert') as sso_storage,
-                                 has_function_privilege('erp_cloud_sso', 'vault.read_secret(text, text)', 'execute') as sso_vault`)).rows[0];
-    expect(app).toEqual({ issue: true, consume: false, tickets: false, audit: false, sso_storage: true, sso_vault: true });
+                                 has_function_privilege('erp_cloud_sso', 'vault.read_secret(text, text)', 'execute')
+                                   and has_function_privilege('erp_cloud_sso', 'vault.put_secret(text, text, text, text)', 'execute') as sso_vault,
+                                 has_function_privilege('erp_cloud_sso', 'vault.rekey_secrets(text, text)', 'execute') as sso_rekey`)).rows[0];
+    expect(app).toEqual({ issue: true, consume: false, tickets: false, audit: false, sso_storage: true, sso_vault: true, sso_rekey: false });
   });
 });

@@ -82,6 +82,7 @@ revoke all on schema sso from public;
 grant usage on schema sso to erp_cloud_app, erp_cloud_sso, erp_cloud_operator;
 
 -- random bytes from pgcrypto, qualified with the schema it lives in (known only now)
+-- (0001's default privileges keep pgcrypto's functions from PUBLIC, hence the definer)
 create extension if not exists pgcrypto;
 do $$
 declare
@@ -91,11 +92,11 @@ declare
 begin
   execute format($f$
     create function sso._random_token() returns text
-    language sql volatile set search_path = '' as
+    language sql volatile security definer set search_path = '' as
     $b$ select pg_catalog.translate(pg_catalog.rtrim(pg_catalog.encode(%1$I.gen_random_bytes(32), 'base64'), '='), '+/', '-_') $b$
   $f$, v_schema);
 end $$;
-comment on function sso._random_token is 'Internal: 32 random bytes (pgcrypto) as base64url: client secrets and jump tickets.';
+comment on function sso._random_token is 'Internal: 32 random bytes (pgcrypto) as base64url: client secrets and jump tickets. SECURITY DEFINER so its callers need no grant on pgcrypto (whose functions are not PUBLIC here).';
 
 create function sso._sha256(p_text text) returns bytea
 language sql immutable strict set search_path = '' as $$
@@ -601,18 +602,20 @@ grant execute on function
   sso.schedule_signing_key(text, jsonb, interval, interval, timestamptz), sso.signing_keys_at(timestamptz),
   sso.retire_signing_keys(timestamptz), sso.record_event(text, text, bigint, inet, text, text, timestamptz),
   sso.peek_jump_ticket(text, timestamptz), sso.consume_jump_ticket(text, text, inet, timestamptz),
-  sso.purge_expired(timestamptz)
+  sso.purge_expired(timestamptz), sso._sha256(text)
   to erp_cloud_sso;
 
 -- operators: clients, keys, audit
 grant select on sso.client_status, sso.signing_key_status, sso.audit, sso.setting, erp.app_user to erp_cloud_operator;
-grant insert, update, delete on sso.client to erp_cloud_operator;
+-- (sso.client holds secret hashes only: SHA-256 of 256-bit random secrets)
+grant select, insert, update, delete on sso.client to erp_cloud_operator;
 grant select, insert, update, delete on sso.signing_key to erp_cloud_operator;
 grant execute on function
   sso.register_client(text, text, text[], text[], text), sso.rotate_client_secret(text),
   sso.disable_client(text), sso.enable_client(text), sso.lock_signing_keys(),
   sso.schedule_signing_key(text, jsonb, interval, interval, timestamptz), sso.signing_keys_at(timestamptz),
-  sso.retire_signing_keys(timestamptz)
+  sso.retire_signing_keys(timestamptz),
+  sso._random_token(), sso._sha256(text), sso._check_uris(text, text[]), sso._client(text)
   to erp_cloud_operator;
 
 -- the private halves of the signing keys and the cookie keys are vault
