@@ -286,6 +286,28 @@ describe('sign-in started at the platform, sessions and logout', () => {
 });
 
 describe('the sso schema', () => {
+  it('bad registrations and jump requests are refused with their own SQLSTATE', async () => {
+    const q = (sql: string, params: unknown[] = []) => w.db.pool.query(sql, params);
+    expect(await sqlstateOf(q(`select sso.register_client('Bad Id', 'x', array['https://x.example.com/cb'])`))).toBe('EO004');
+    expect(await sqlstateOf(q(`select sso.register_client('no-name', ' ', array['https://x.example.com/cb'])`))).toBe('EO004');
+    expect(await sqlstateOf(q(`select sso.register_client('no-uris', 'x', '{}')`))).toBe('EO003');
+    expect(await sqlstateOf(q(`select sso.register_client('procurement', 'x', array['https://x.example.com/cb'])`))).toBe('EO002');
+    await q(`select sso.register_client('no-login-uri', 'x', array['https://x.example.com/cb'])`);
+    expect(await sqlstateOf(w.issue('zhang.wei', 'no-login-uri'))).toBe('EO008');
+    expect(await sqlstateOf(w.issue('zhang.wei', 'procurement', { ttl: '1 hour' }))).toBe('EO010');
+    expect(await sqlstateOf(w.issue('zhang.wei', 'no-such-client'))).toBe('EO001');
+    const client = await w.db.pool.connect();
+    try {
+      await client.query('begin');
+      await client.query(`delete from sso.setting where name = 'issuer'`);
+      expect(await sqlstateOf(client.query(`select sso.issue_jump_ticket('zhang.wei', 'procurement')`))).toBe('EO011');
+    } finally {
+      await client.query('rollback');
+      client.release();
+    }
+    expect(await sqlstateOf(q(`select sso.schedule_signing_key('kid-12345', '{"kty":"RSA","d":"private"}')`))).toBe('EO010');
+  });
+
   it('nothing is executable by PUBLIC, every public function, table and view has a comment, and the ERP role may only issue tickets', async () => {
     const q = (s: string) => w.db.pool.query(s);
     expect((await q(`select p.proname from pg_proc p where p.pronamespace = 'sso'::regnamespace and has_function_privilege('public', p.oid, 'execute')`)).rows).toEqual([]);
