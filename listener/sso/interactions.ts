@@ -68,7 +68,10 @@ function jumpCookie(config: SsoConfig, value: string, maxAge: number): string {
 }
 
 function send(res: ServerResponse, status: number, html: string): void {
-  res.writeHead(status, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
+  res.writeHead(status, {
+    'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store', 'referrer-policy': 'no-referrer',
+    'x-frame-options': 'DENY', 'content-security-policy': "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+  });
   res.end(html);
 }
 
@@ -95,7 +98,10 @@ async function jump(ctx: InteractionContext, req: IncomingMessage, res: ServerRe
   }
   const target = new URL(live.initiate_login_uri!);
   target.searchParams.set('iss', ctx.config.ERP_CLOUD_SSO_ISSUER);
-  res.writeHead(303, { location: target.toString(), 'set-cookie': jumpCookie(ctx.config, ticket, JUMP_COOKIE_MAX_AGE_S), 'cache-control': 'no-store' });
+  res.writeHead(303, {
+    location: target.toString(), 'set-cookie': jumpCookie(ctx.config, ticket, JUMP_COOKIE_MAX_AGE_S),
+    'cache-control': 'no-store', 'referrer-policy': 'no-referrer',
+  });
   res.end();
 }
 
