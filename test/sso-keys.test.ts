@@ -124,6 +124,22 @@ describe('restart', () => {
     expect(stored.rows.map((r) => r.model)).toEqual(['AuthorizationCode', 'Grant', 'Session']);
   });
 
+  it('two instances serve one issuer side by side: a sign-in started on one finishes on the other', async () => {
+    const port = await freePort();
+    const config = loadSsoConfig({ DATABASE_URL: w.db.url, ERP_CLOUD_SSO_ISSUER: w.issuer, ERP_CLOUD_SSO_PORT: String(port), ERP_CLOUD_VAULT_KEY: w.masterKey, ERP_CLOUD_LOG_LEVEL: 'silent' });
+    const second = await startSsoServer({ config, pool: w.db.pool, log: w.log, masterKey: w.masterKey, env: {} });
+    try {
+      const browser = new Browser();
+      const hop = await browser.get(await w.issue('li.na', 'procurement'), { stopAt: `${w.issuer}/interaction/` });
+      // the load balancer sends the next request to the other instance
+      const elsewhere = hop.location!.replace(w.issuer, second.url);
+      const done = JSON.parse((await browser.get(elsewhere)).body);
+      expect(done).toMatchObject({ ok: true, claims: { preferred_username: 'li.na', iss: w.issuer } });
+    } finally {
+      await second.close();
+    }
+  });
+
   it('an authorization code is single use, also across instances', async () => {
     const browser = new Browser();
     await browser.get(await w.issue('zhang.wei', 'procurement'), { stopAt: w.rp.loginUrl });
