@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * erp-cloud: the command line. Verbs: migrate, listen, status, replay, sim, vault, doctor, tail.
+ * erp-cloud: the command line. Verbs: migrate, listen, status, replay, sim, vault, doctor, tail, sso.
  * -c/--connection defaults to DATABASE_URL; any failure exits with code 1.
  */
 import os from 'node:os';
@@ -20,6 +20,8 @@ import { startInboundServer } from './inbound-server.js';
 import './inbound-routes.js';
 import { startSimCloud } from './sim/clouds.js';
 import { tailLog } from './tail.js';
+import { loadSsoConfig } from './sso/config.js';
+import { rotateSigningKey } from './sso/keys.js';
 import { checkVaultKey, loadVaultKey, vaultSql } from './vault.js';
 import { Worker } from './worker.js';
 
@@ -263,6 +265,110 @@ vault
       const { rows } = await c.query(vaultSql.rekey, [key, newKey]);
       console.log(`re-encrypted ${rows[0].rekeyed} secret(s) under the new key: give every listener the new ERP_CLOUD_VAULT_KEY and restart it`);
     });
+  });
+
+// Single sign-on: erp-cloud as the OpenID Provider (listener/sso/). oidc-provider
+// and openid-client are imported only by the commands that use them, so the
+// other verbs start as fast as before (and without oidc-provider's runtime notice).
+const sso = program.command('sso').description('single sign-on: the OpenID Provider the procurement platform trusts (config from ERP_CLOUD_SSO_* variables)');
+
+sso
+  .command('serve')
+  .description('run the OpenID Provider (prints {"sso", "issuer", "url"} as JSON once it listens)')
+  .action(async (_opts, cmd: Command) => {
+    const config = loadSsoConfig(process.env, { DATABASE_URL: connectionOf(cmd) });
+    const masterKey = loadVaultKey(config);
+    const { startSsoServer } = await import('./sso/server.js');
+    const log = createLogger(config.ERP_CLOUD_LOG_LEVEL, 'erp-cloud-sso');
+    const pool = createPool(config.DATABASE_URL, config.ERP_CLOUD_SSO_POOL_SIZE, log);
+    const server = await startSsoServer({ config, pool, log, masterKey });
+    console.log(JSON.stringify({ sso: 'serve', issuer: server.issuer, url: server.url }));
+    await new Promise<void>((resolve) => {
+      process.once('SIGTERM', resolve);
+      process.once('SIGINT', resolve);
+    });
+    await server.close();
+    await pool.end();
+  });
+
+sso
+  .command('rotate-keys')
+  .description('schedule a new ID-token signing key: published now, signing after --lead; the current key stays verifiable for --token-lifetime after that')
+  .addOption(new Option('--lead <seconds>', 'how long the new key is published before it signs (ERP_CLOUD_SSO_KEY_PUBLISH_LEAD_S)').argParser(intArg('--lead', 0, 30 * 86_400)))
+  .addOption(new Option('--token-lifetime <seconds>', 'the longest ID-token lifetime (ERP_CLOUD_SSO_ID_TOKEN_TTL_S)').argParser(intArg('--token-lifetime', 0, 86_400)))
+  .action(async (opts: { lead?: number; tokenLifetime?: number }, cmd: Command) => {
+    const url = connectionOf(cmd);
+    const env = { ERP_CLOUD_SSO_ISSUER: 'http://unused.invalid', ...process.env };
+    const config = loadSsoConfig(env, { DATABASE_URL: url });
+    const pool = createPool(url, 2);
+    try {
+      const key = await rotateSigningKey(pool, loadVaultKey(config), {
+        publishLeadS: opts.lead ?? config.ERP_CLOUD_SSO_KEY_PUBLISH_LEAD_S,
+        tokenLifetimeS: opts.tokenLifetime ?? config.ERP_CLOUD_SSO_ID_TOKEN_TTL_S,
+      });
+      console.log(`new signing key ${key.kid}: published now, signs from ${key.signs_from.toISOString()}; providers pick it up within ERP_CLOUD_SSO_KEY_CHECK_MS`);
+    } finally {
+      await pool.end();
+    }
+  });
+
+sso
+  .command('keys')
+  .description('the signing keys in the JWKS now: state (published, signing, verifying) and schedule')
+  .option('--json', 'print JSON instead of a table')
+  .action(async (opts: { json?: boolean }, cmd: Command) => {
+    await withClient(connectionOf(cmd), async (c) => {
+      const { rows } = await c.query('select kid, state, signs_from, signs_until, verify_until from sso.signing_key_status');
+      console.log(opts.json ? JSON.stringify(rows, null, 2) : formatTable(rows, ['kid', 'state', 'signs_from', 'signs_until', 'verify_until']));
+    });
+  });
+
+const collect = (v: string, prev: string[] = []) => [...prev, v];
+sso
+  .command('register-client')
+  .description('register a relying party (sso.register_client); prints its secret once')
+  .argument('<client_id>', 'e.g. procurement')
+  .requiredOption('--name <text>', 'display name')
+  .requiredOption('--redirect-uri <uri>', 'callback URL (repeat for several)', collect)
+  .option('--post-logout-uri <uri>', 'allowed post-logout redirect (repeatable)', collect)
+  .option('--login-uri <uri>', 'the platform\'s login-initiation URL (needed for jumps)')
+  .option('--json', 'print {"client_id", "client_secret"} as JSON')
+  .action(async (clientId: string, opts: { name: string; redirectUri: string[]; postLogoutUri?: string[]; loginUri?: string; json?: boolean }, cmd: Command) => {
+    await withClient(connectionOf(cmd), async (c) => {
+      const { rows } = await c.query('select * from sso.register_client($1, $2, $3, $4, $5)',
+        [clientId, opts.name, opts.redirectUri, opts.postLogoutUri ?? [], opts.loginUri ?? null]);
+      if (opts.json) console.log(JSON.stringify(rows[0]));
+      else console.log(`registered ${clientId}; its secret (shown once, store it in the platform): ${rows[0].client_secret}`);
+    });
+  });
+
+sso
+  .command('demo-rp')
+  .description('a built-in test relying party (openid-client); with --jump, completes one jump and prints the verified ID-token claims')
+  .requiredOption('--issuer <url>', 'the provider\'s issuer URL')
+  .requiredOption('--client-id <id>', 'the registered client id (secret from ERP_CLOUD_SSO_DEMO_CLIENT_SECRET)')
+  .addOption(new Option('--port <n>', 'port (the one registered in the redirect URI)').default(0).argParser(intArg('--port', 0, 65535)))
+  .option('--jump <url>', 'a jump URL from sso.issue_jump_ticket: follow it like a browser, print the result and exit')
+  .action(async (opts: { issuer: string; clientId: string; port: number; jump?: string }) => {
+    const secret = process.env.ERP_CLOUD_SSO_DEMO_CLIENT_SECRET;
+    if (!secret) throw new UsageError('set ERP_CLOUD_SSO_DEMO_CLIENT_SECRET to the client\'s secret');
+    const { Browser, completeJump, startDemoRp } = await import('./sso/demo-rp.js');
+    const rp = await startDemoRp({ issuer: opts.issuer, clientId: opts.clientId, clientSecret: secret, port: opts.port });
+    try {
+      if (opts.jump) {
+        const result = await completeJump(opts.jump, new Browser());
+        console.log(JSON.stringify(result.ok ? { ok: true, claims: result.claims, userinfo: result.userinfo } : result, null, 2));
+        if (!result.ok) process.exitCode = 1;
+        return;
+      }
+      console.log(JSON.stringify({ rp: 'demo', login: rp.loginUrl, callback: rp.callbackUrl, logout: rp.logoutUrl }));
+      await new Promise<void>((resolve) => {
+        process.once('SIGTERM', resolve);
+        process.once('SIGINT', resolve);
+      });
+    } finally {
+      await rp.close();
+    }
   });
 
 try {

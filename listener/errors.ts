@@ -60,6 +60,22 @@ export const SqlState = {
   asnQuantityNotPositive: 'ES014',
   asnQuantityOverOpen: 'ES015',
   asnOrderNotOpen: 'ES016',
+  // single sign-on (sql/migrations/0009_sso.sql)
+  ssoUnknownClient: 'EO001',
+  ssoClientExists: 'EO002',
+  ssoInvalidUri: 'EO003',
+  ssoInvalidClient: 'EO004',
+  ssoClientDisabled: 'EO005',
+  ssoUnknownUser: 'EO006',
+  ssoUserInactive: 'EO007',
+  ssoNoLoginUri: 'EO008',
+  ssoRotationPending: 'EO009',
+  ssoInvalidKey: 'EO010',
+  ssoIssuerUnknown: 'EO011',
+  ssoTicketUnknown: 'EO020',
+  ssoTicketUsed: 'EO021',
+  ssoTicketExpired: 'EO022',
+  ssoTicketOtherClient: 'EO023',
 } as const;
 
 export type SqlStateName = keyof typeof SqlState;

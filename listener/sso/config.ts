@@ -1,0 +1,56 @@
+/**
+ * Configuration of the OpenID Provider (erp-cloud sso serve): environment →
+ * typed, validated config, in the style of listener/config.ts. A bad value
+ * stops the process with a message naming the variable.
+ */
+import { z } from 'zod';
+import { ConfigError, redactUrl } from '../config.js';
+
+const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
+const bool = z.enum(['true', 'false', '1', '0', 'yes', 'no']).transform((v) => ['true', '1', 'yes'].includes(v));
+
+const schema = z.object({
+  DATABASE_URL: z.string().regex(/^postgres(ql)?:\/\//, 'must be a postgres:// connection URL'),
+  // the URL browsers and relying parties reach; https in production, no trailing slash
+  // (an origin: the provider's routes are served at the root of its host)
+  ERP_CLOUD_SSO_ISSUER: z.string().regex(/^https?:\/\/[^\s/?#]+$/, 'must be an http(s) origin such as https://sso.erp.example.com (no path, no trailing slash)'),
+  ERP_CLOUD_SSO_HOST: z.string().default('127.0.0.1'),
+  ERP_CLOUD_SSO_PORT: int(0, 65535).default(8090),
+  // behind a TLS-terminating proxy: trust X-Forwarded-Proto / -For
+  ERP_CLOUD_SSO_PROXY: bool.default(false),
+  ERP_CLOUD_SSO_ID_TOKEN_TTL_S: int(60, 86_400).default(3600),
+  ERP_CLOUD_SSO_ACCESS_TOKEN_TTL_S: int(60, 86_400).default(3600),
+  ERP_CLOUD_SSO_SESSION_TTL_S: int(60, 30 * 86_400).default(8 * 3600),
+  ERP_CLOUD_SSO_KEY_PUBLISH_LEAD_S: int(0, 30 * 86_400).default(600),
+  ERP_CLOUD_SSO_KEY_CHECK_MS: int(100, 3_600_000).default(30_000),
+  // where the "start from the ERP" page sends people (optional)
+  ERP_CLOUD_SSO_ERP_URL: z.string().url().optional(),
+  ERP_CLOUD_SSO_POOL_SIZE: int(2, 100).default(4),
+  ERP_CLOUD_LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  ERP_CLOUD_VAULT_KEY: z.string().min(16, 'must be at least 16 characters').optional(),
+  ERP_CLOUD_VAULT_KEY_FILE: z.string().min(1).optional(),
+});
+
+export type SsoConfig = z.infer<typeof schema>;
+
+const SECRET_VARIABLES: ReadonlySet<string> = new Set(['ERP_CLOUD_VAULT_KEY']);
+
+/** Parses the environment for the SSO server. Throws ConfigError naming every bad variable. */
+export function loadSsoConfig(env: NodeJS.ProcessEnv = process.env, overrides: Partial<Record<keyof SsoConfig, string>> = {}): SsoConfig {
+  const input: Record<string, string | undefined> = {};
+  for (const key of Object.keys(schema.shape)) {
+    const value = overrides[key as keyof SsoConfig] ?? env[key];
+    input[key] = value === '' ? undefined : value;
+  }
+  const parsed = schema.safeParse(input);
+  if (!parsed.success) {
+    const lines = parsed.error.issues.map((i) => {
+      const name = String(i.path[0]);
+      const got = input[name];
+      if (got === undefined) return `${name}: is required`;
+      return SECRET_VARIABLES.has(name) ? `${name}: ${i.message} (value not shown)` : `${name}: ${i.message} (got ${JSON.stringify(redactUrl(got))})`;
+    });
+    throw new ConfigError(`invalid SSO configuration:\n  ${lines.join('\n  ')}`);
+  }
+  return parsed.data;
+}

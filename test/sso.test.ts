@@ -1,0 +1,326 @@
+/**
+ * Single sign-on: an ERP user clicks "open the procurement platform" and lands
+ * there signed in. The platform is played by openid-client (listener/sso/demo-rp.ts),
+ * the browser by an HTTP client that follows redirects and keeps cookies.
+ */
+import { createHash } from 'node:crypto';
+import * as oidc from 'openid-client';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Browser, completeJump } from '../listener/sso/demo-rp.js';
+import { sqlstateOf } from './helpers/db.js';
+import { discoverProvider, startSsoWorld, verifiesAgainstJwks, type SsoWorld } from './helpers/sso.js';
+
+let w: SsoWorld;
+beforeAll(async () => {
+  w = await startSsoWorld('sso');
+});
+afterAll(async () => {
+  await w?.close();
+});
+
+/** openid-client reports a 401 with WWW-Authenticate as a challenge error; either way the OAuth error code is there. */
+function isOAuthError(code: string) {
+  return (err: unknown) => {
+    const e = err as { error?: string; cause?: Array<{ parameters?: { error?: string } }> };
+    return (e.error ?? e.cause?.[0]?.parameters?.error) === code;
+  };
+}
+
+/** An authorization request of our own (for the cases the demo RP does not make), followed until it comes back to redirectUri. */
+async function authorize(browser: Browser, config: oidc.Configuration, redirectUri: string, opts: { pkce?: boolean; redirect?: string } = {}) {
+  const verifier = oidc.randomPKCECodeVerifier();
+  const state = oidc.randomState();
+  const nonce = oidc.randomNonce();
+  const params: Record<string, string> = { redirect_uri: opts.redirect ?? redirectUri, scope: 'openid profile', state, nonce };
+  if (opts.pkce !== false) Object.assign(params, { code_challenge: await oidc.calculatePKCECodeChallenge(verifier), code_challenge_method: 'S256' });
+  const res = await browser.get(oidc.buildAuthorizationUrl(config, params).toString(), { stopAt: redirectUri });
+  return { res, verifier, state, nonce };
+}
+
+/** With a signed-in browser: one more sign-in at the platform, done by hand to keep the access token. */
+async function completeJumpTokens(browser: Browser): Promise<{ access_token: string; sub: string }> {
+  const a = await authorize(browser, w.rp.config, w.rp.callbackUrl);
+  const tokens = await oidc.authorizationCodeGrant(w.rp.config, new URL(a.res.location!), { pkceCodeVerifier: a.verifier, expectedState: a.state, expectedNonce: a.nonce });
+  return { access_token: tokens.access_token, sub: tokens.claims()!.sub };
+}
+
+describe('the jump from the ERP', () => {
+  it('a signed-in ERP user lands on the platform signed in: verified ID token with name, email, company and role, userinfo, audit', async () => {
+    const since = await w.lastAuditId();
+    const jumpUrl = await w.issue('zhang.wei', 'procurement');
+    expect(jumpUrl).toMatch(new RegExp(`^${w.issuer}/jump\\?ticket=[A-Za-z0-9_-]{43}$`));
+    const ticket = new URL(jumpUrl).searchParams.get('ticket')!;
+    // only the hash is stored
+    const stored = await w.db.pool.query(`select count(*)::int n, bool_or(row_to_json(t)::text like '%' || $2 || '%') leaked
+                                            from sso.jump_ticket t where encode(ticket_sha256, 'hex') = $1`,
+    [createHash('sha256').update(ticket).digest('hex'), ticket]);
+    expect(stored.rows[0]).toEqual({ n: 1, leaked: false });
+
+    const result = await completeJump(jumpUrl);
+    expect(result.error_description ?? null).toBeNull();
+    expect(result.ok).toBe(true);
+    const sub = await w.userId('zhang.wei');
+    expect(result.claims).toMatchObject({
+      iss: w.issuer, aud: 'procurement', sub, name: '张伟', preferred_username: 'zhang.wei', email: 'zhang.wei@example.com',
+      company: 'C001', company_name: '华东机电有限公司', scm_role: 'buyer',
+    });
+    expect(typeof result.claims!.nonce).toBe('string');
+    expect(result.userinfo).toMatchObject({ sub, email: 'zhang.wei@example.com', company: 'C001' });
+    expect(await verifiesAgainstJwks(result.id_token!, w.issuer)).toBe(true);
+
+    const audit = await w.audit(since);
+    expect(audit.map((a) => [a.event, a.user_id, a.client_id, a.code])).toEqual([
+      ['ticket_issued', sub, 'procurement', null],
+      ['ticket_consumed', sub, 'procurement', null],
+      ['login', sub, 'procurement', 'jump'],
+    ]);
+    expect(audit[0]!.source_addr).toBe('203.0.113.7');
+    expect(audit[1]!.source_addr).toBe('127.0.0.1');
+  });
+
+  it('discovery offers the code flow with S256 PKCE only, and the JWKS has public keys only', async () => {
+    const meta = await (await fetch(`${w.issuer}/.well-known/openid-configuration`)).json();
+    expect(meta).toMatchObject({ issuer: w.issuer, response_types_supported: ['code'], code_challenge_methods_supported: ['S256'] });
+    expect(meta.claims_supported).toEqual(expect.arrayContaining(['company', 'scm_role', 'email', 'name']));
+    const jwks = await (await fetch(`${w.issuer}/jwks`)).json();
+    expect(jwks.keys.length).toBeGreaterThan(0);
+    for (const k of jwks.keys) expect(Object.keys(k).filter((x) => ['d', 'p', 'q', 'dp', 'dq', 'qi'].includes(x))).toEqual([]);
+  });
+});
+
+describe('refusals: each one a protocol error and an audit row', () => {
+  it('a ticket used twice: opening the link again is refused, and a second browser racing the first gets access_denied', async () => {
+    const jumpUrl = await w.issue('zhang.wei', 'procurement');
+    // a second browser opens the link too, but only gets as far as the platform's login page
+    const late = new Browser();
+    const hop = await late.get(jumpUrl, { stopAt: w.rp.loginUrl });
+    expect(hop.location).toContain(`${w.rp.loginUrl}?iss=`);
+    expect((await completeJump(jumpUrl)).ok).toBe(true);
+    const since = await w.lastAuditId();
+
+    const again = await new Browser().get(jumpUrl);
+    expect(again.status).toBe(400);
+    expect(again.body).toContain('already used');
+    const raced = await late.get(hop.location!);
+    expect(JSON.parse(raced.body)).toMatchObject({ error: 'access_denied', error_description: 'the jump link was already used' });
+    // our reason, then the protocol error the platform received
+    expect((await w.audit(since)).filter((a) => a.event === 'failure').map((a) => [a.code, a.client_id, a.user_id]))
+      .toEqual([['EO021', 'procurement', await w.userId('zhang.wei')], ['EO021', 'procurement', await w.userId('zhang.wei')], ['access_denied', 'procurement', null]]);
+  });
+
+  it('an expired ticket is refused: at the jump, and as access_denied when it expires on the way', async () => {
+    const since = await w.lastAuditId();
+    const stale = await w.issue('zhang.wei', 'procurement', { now: new Date(Date.now() - 120_000).toISOString() });
+    const page = await new Browser().get(stale);
+    expect(page.status).toBe(400);
+    expect(page.body).toContain('expired');
+
+    // valid for one more second: it expires between the jump and the platform's request
+    const { rows } = await w.db.pool.query(`select now() - interval '59 seconds' as t`);
+    const short = await w.issue('zhang.wei', 'procurement', { now: rows[0].t.toISOString() });
+    const browser = new Browser();
+    const hop = await browser.get(short, { stopAt: w.rp.loginUrl });
+    expect(hop.location).toBeTruthy();
+    await new Promise((r) => setTimeout(r, 1200));
+    const answer = JSON.parse((await browser.get(hop.location!)).body);
+    expect(answer).toMatchObject({ error: 'access_denied', error_description: 'the jump link has expired' });
+    expect((await w.audit(since)).filter((a) => a.event === 'failure').map((a) => a.code)).toEqual(['EO022', 'EO022', 'access_denied']);
+  });
+
+  it('a ticket for another client is refused as access_denied at that client, and is used up', async () => {
+    const other = await w.registerClient('other-platform');
+    const otherConfig = await discoverProvider(w.issuer, 'other-platform', other.secret);
+    const jumpUrl = await w.issue('zhang.wei', 'procurement');
+    const browser = new Browser();
+    await browser.get(jumpUrl, { stopAt: w.rp.loginUrl });
+    const since = await w.lastAuditId();
+    const { res, state } = await authorize(browser, otherConfig, other.redirectUri);
+    const back = new URL(res.location!);
+    expect(back.searchParams.get('error')).toBe('access_denied');
+    expect(back.searchParams.get('state')).toBe(state);
+    await expect(oidc.authorizationCodeGrant(otherConfig, back, { expectedState: state })).rejects.toMatchObject({ error: 'access_denied' });
+    const failures = (await w.audit(since)).filter((a) => a.event === 'failure');
+    expect(failures.map((a) => [a.code, a.client_id])).toEqual([['EO023', 'other-platform'], ['access_denied', 'other-platform']]);
+    expect(failures[0]!.detail).toContain('issued for procurement');
+    expect((await completeJump(jumpUrl)).ok).toBeFalsy();
+  });
+
+  it('an inactive user gets no ticket, and a ticket issued before the user was deactivated is refused as access_denied', async () => {
+    const jumpUrl = await w.issue('li.na', 'procurement');
+    await w.db.pool.query(`update erp.app_user set active = false where login = 'li.na'`);
+    try {
+      expect(await sqlstateOf(w.issue('li.na', 'procurement'))).toBe('EO007');
+      const since = await w.lastAuditId();
+      const answer = await completeJump(jumpUrl);
+      expect(answer).toMatchObject({ error: 'access_denied', error_description: 'the ERP user is inactive' });
+      expect((await w.audit(since)).filter((a) => a.event === 'failure').map((a) => [a.code, a.user_id]))
+        .toEqual([['EO007', await w.userId('li.na')], ['access_denied', null]]);
+    } finally {
+      await w.db.pool.query(`update erp.app_user set active = true where login = 'li.na'`);
+    }
+    expect(await sqlstateOf(w.issue('nobody', 'procurement'))).toBe('EO006');
+  });
+
+  it('a disabled client gets no tickets, its authorization requests end in invalid_client, and its codes no longer exchange', async () => {
+    // a code obtained while the client was enabled
+    const browser = new Browser();
+    await browser.get(await w.issue('zhang.wei', 'procurement'), { stopAt: w.rp.loginUrl });
+    const before = await authorize(browser, w.rp.config, w.rp.callbackUrl);
+    expect(new URL(before.res.location!).searchParams.get('code')).toBeTruthy();
+
+    await w.db.pool.query(`select sso.disable_client('procurement')`);
+    try {
+      const since = await w.lastAuditId();
+      expect(await sqlstateOf(w.issue('zhang.wei', 'procurement'))).toBe('EO005');
+      const page = await new Browser().get(w.rp.loginUrl);
+      expect(page.status).toBe(400);
+      expect(page.body).toContain('invalid_client');
+      await expect(oidc.authorizationCodeGrant(w.rp.config, new URL(before.res.location!), { pkceCodeVerifier: before.verifier, expectedState: before.state, expectedNonce: before.nonce }))
+        .rejects.toSatisfy(isOAuthError('invalid_client'));
+      const failures = (await w.audit(since)).filter((a) => a.event === 'failure');
+      expect(failures.map((a) => [a.code, a.client_id])).toEqual([['invalid_client', 'procurement'], ['invalid_client', 'procurement']]);
+    } finally {
+      await w.db.pool.query(`select sso.enable_client('procurement')`);
+    }
+    expect(await sqlstateOf(w.db.pool.query(`select sso.disable_client('no-such-client')`))).toBe('EO001');
+  });
+
+  it('an unregistered redirect URI is refused on the provider\'s page and never redirected to; bad URIs cannot be registered', async () => {
+    const since = await w.lastAuditId();
+    const { res } = await authorize(new Browser(), w.rp.config, w.rp.callbackUrl, { redirect: 'http://127.0.0.1:9/steal' });
+    expect(res.status).toBe(400);
+    expect(res.location).toBeNull();
+    expect(res.body).toContain('invalid_redirect_uri');
+    expect((await w.audit(since)).map((a) => [a.event, a.code, a.client_id])).toEqual([['failure', 'invalid_redirect_uri', 'procurement']]);
+    for (const uri of ['http://platform.example.com/callback', 'https://platform.example.com/cb#frag', 'javascript:alert(1)']) {
+      expect(await sqlstateOf(w.db.pool.query(`select sso.register_client('bad-uri', 'x', $1)`, [[uri]]))).toBe('EO003');
+    }
+  });
+
+  it('an authorization request without PKCE is refused with invalid_request, and a wrong verifier with invalid_grant', async () => {
+    const since = await w.lastAuditId();
+    const browser = new Browser();
+    await browser.get(await w.issue('zhang.wei', 'procurement'), { stopAt: w.rp.loginUrl });
+    const noPkce = await authorize(browser, w.rp.config, w.rp.callbackUrl, { pkce: false });
+    const back = new URL(noPkce.res.location!);
+    expect(back.searchParams.get('error')).toBe('invalid_request');
+    expect(back.searchParams.get('error_description')).toMatch(/PKCE/);
+
+    const ok = await authorize(browser, w.rp.config, w.rp.callbackUrl);
+    await expect(oidc.authorizationCodeGrant(w.rp.config, new URL(ok.res.location!), {
+      pkceCodeVerifier: oidc.randomPKCECodeVerifier(), expectedState: ok.state, expectedNonce: ok.nonce,
+    })).rejects.toMatchObject({ error: 'invalid_grant' });
+    const failures = (await w.audit(since)).filter((a) => a.event === 'failure');
+    expect(failures.map((a) => [a.code, a.client_id])).toEqual([['invalid_request', 'procurement'], ['invalid_grant', 'procurement']]);
+    expect(failures[1]!.user_id).toBe(await w.userId('zhang.wei'));
+  });
+
+  it('a wrong client secret is refused with invalid_client, and a rotated secret works at once', async () => {
+    const browser = new Browser();
+    await browser.get(await w.issue('zhang.wei', 'procurement'), { stopAt: w.rp.loginUrl });
+    const a = await authorize(browser, w.rp.config, w.rp.callbackUrl);
+    const wrong = await discoverProvider(w.issuer, 'procurement', 'not-the-secret');
+    await expect(oidc.authorizationCodeGrant(wrong, new URL(a.res.location!), { pkceCodeVerifier: a.verifier, expectedState: a.state, expectedNonce: a.nonce }))
+      .rejects.toSatisfy(isOAuthError('invalid_client'));
+    const other = await w.registerClient('rotating');
+    const { rows } = await w.db.pool.query(`select * from sso.rotate_client_secret('rotating')`);
+    expect(rows[0].client_secret).not.toBe(other.secret);
+    const stored = await w.db.pool.query(`select row_to_json(c)::text like '%' || $1 || '%' as leaked from sso.client c where client_id = 'rotating'`, [rows[0].client_secret]);
+    expect(stored.rows[0].leaked).toBe(false);
+  });
+});
+
+describe('sign-in started at the platform, sessions and logout', () => {
+  it('without a jump and without a session the provider shows "start from the ERP", and going back gives the platform login_required', async () => {
+    const since = await w.lastAuditId();
+    const browser = new Browser();
+    const page = await browser.get(w.rp.loginUrl);
+    expect(page.status).toBe(401);
+    expect(page.body).toContain('Please start from the ERP');
+    expect(page.body).toContain('https://erp.example.com/');
+    const abort = /href="(\/interaction\/[^"]+\/abort)"/.exec(page.body)![1]!;
+    const answer = JSON.parse((await browser.get(new URL(abort, w.issuer).toString())).body);
+    expect(answer).toMatchObject({ error: 'login_required' });
+    // the page, then the protocol error the platform received
+    expect((await w.audit(since)).map((a) => [a.event, a.code, a.client_id]))
+      .toEqual([['failure', 'login_required', 'procurement'], ['failure', 'login_required', 'procurement']]);
+  });
+
+  it('after a jump the platform can sign the user in again without a ticket; RP-initiated logout ends the provider session', async () => {
+    const browser = new Browser();
+    expect((await completeJump(await w.issue('zhang.wei', 'procurement'), browser)).ok).toBe(true);
+    const again = JSON.parse((await browser.get(w.rp.loginUrl)).body);
+    expect(again).toMatchObject({ ok: true, claims: { sub: await w.userId('zhang.wei') } });
+
+    const since = await w.lastAuditId();
+    const confirm = await browser.get(w.rp.logoutUrl);
+    expect(confirm.body).toContain('op.logoutForm');
+    const done = await browser.confirmLogout(confirm);
+    expect(JSON.parse(done.body)).toMatchObject({ logged_out: true });
+    expect((await w.audit(since)).map((a) => [a.event, a.client_id, a.user_id])).toEqual([['logout', 'procurement', await w.userId('zhang.wei')]]);
+    expect((await browser.get(w.rp.loginUrl)).body).toContain('Please start from the ERP');
+  });
+
+  it('a user deactivated after signing in can no longer pass through the session, nor read userinfo with an earlier token', async () => {
+    const browser = new Browser();
+    const first = await completeJump(await w.issue('li.na', 'procurement'), browser);
+    expect(first.ok).toBe(true);
+    const callback = await completeJumpTokens(browser);
+    await w.db.pool.query(`update erp.app_user set active = false where login = 'li.na'`);
+    try {
+      const page = await browser.get(w.rp.loginUrl);
+      expect(page.body).toContain('Please start from the ERP');
+      await expect(oidc.fetchUserInfo(w.rp.config, callback.access_token, callback.sub)).rejects.toSatisfy(isOAuthError('invalid_token'));
+    } finally {
+      await w.db.pool.query(`update erp.app_user set active = true where login = 'li.na'`);
+    }
+  });
+
+  it('a jump for another user replaces the session of the user signed in before', async () => {
+    const browser = new Browser();
+    expect((await completeJump(await w.issue('zhang.wei', 'procurement'), browser)).claims!.preferred_username).toBe('zhang.wei');
+    const second = await completeJump(await w.issue('li.na', 'procurement'), browser);
+    expect(second.error_description ?? null).toBeNull();
+    expect(second.claims).toMatchObject({ preferred_username: 'li.na', sub: await w.userId('li.na'), scm_role: 'viewer' });
+  });
+});
+
+describe('the sso schema', () => {
+  it('bad registrations and jump requests are refused with their own SQLSTATE', async () => {
+    const q = (sql: string, params: unknown[] = []) => w.db.pool.query(sql, params);
+    expect(await sqlstateOf(q(`select sso.register_client('Bad Id', 'x', array['https://x.example.com/cb'])`))).toBe('EO004');
+    expect(await sqlstateOf(q(`select sso.register_client('no-name', ' ', array['https://x.example.com/cb'])`))).toBe('EO004');
+    expect(await sqlstateOf(q(`select sso.register_client('no-uris', 'x', '{}')`))).toBe('EO003');
+    expect(await sqlstateOf(q(`select sso.register_client('procurement', 'x', array['https://x.example.com/cb'])`))).toBe('EO002');
+    await q(`select sso.register_client('no-login-uri', 'x', array['https://x.example.com/cb'])`);
+    expect(await sqlstateOf(w.issue('zhang.wei', 'no-login-uri'))).toBe('EO008');
+    expect(await sqlstateOf(w.issue('zhang.wei', 'procurement', { ttl: '1 hour' }))).toBe('EO010');
+    expect(await sqlstateOf(w.issue('zhang.wei', 'no-such-client'))).toBe('EO001');
+    const client = await w.db.pool.connect();
+    try {
+      await client.query('begin');
+      await client.query(`delete from sso.setting where name = 'issuer'`);
+      expect(await sqlstateOf(client.query(`select sso.issue_jump_ticket('zhang.wei', 'procurement')`))).toBe('EO011');
+    } finally {
+      await client.query('rollback');
+      client.release();
+    }
+    expect(await sqlstateOf(q(`select sso.schedule_signing_key('kid-12345', '{"kty":"RSA","d":"private"}')`))).toBe('EO010');
+  });
+
+  it('nothing is executable by PUBLIC, every public function, table and view has a comment, and the ERP role may only issue tickets', async () => {
+    const q = (s: string) => w.db.pool.query(s);
+    expect((await q(`select p.proname from pg_proc p where p.pronamespace = 'sso'::regnamespace and has_function_privilege('public', p.oid, 'execute')`)).rows).toEqual([]);
+    expect((await q(`select p.proname from pg_proc p where p.pronamespace = 'sso'::regnamespace and obj_description(p.oid, 'pg_proc') is null`)).rows).toEqual([]);
+    expect((await q(`select c.relname from pg_class c where c.relnamespace = 'sso'::regnamespace and c.relkind in ('r', 'v') and obj_description(c.oid, 'pg_class') is null`)).rows).toEqual([]);
+    const app = (await q(`select has_function_privilege('erp_cloud_app', 'sso.issue_jump_ticket(text, text, inet, interval, timestamptz)', 'execute') as issue,
+                                 has_function_privilege('erp_cloud_app', 'sso.consume_jump_ticket(text, text, inet, timestamptz)', 'execute') as consume,
+                                 has_table_privilege('erp_cloud_app', 'sso.jump_ticket', 'select') as tickets,
+                                 has_table_privilege('erp_cloud_app', 'sso.audit', 'select') as audit,
+                                 has_table_privilege('erp_cloud_sso', 'sso.oidc_payload', 'insert') as sso_storage,
+                                 has_function_privilege('erp_cloud_sso', 'vault.read_secret(text, text)', 'execute')
+                                   and has_function_privilege('erp_cloud_sso', 'vault.put_secret(text, text, text, text)', 'execute') as sso_vault,
+                                 has_function_privilege('erp_cloud_sso', 'vault.rekey_secrets(text, text)', 'execute') as sso_rekey`)).rows[0];
+    expect(app).toEqual({ issue: true, consume: false, tickets: false, audit: false, sso_storage: true, sso_vault: true, sso_rekey: false });
+  });
+});
