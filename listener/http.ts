@@ -5,7 +5,7 @@
  */
 import http from 'node:http';
 import https from 'node:https';
-import { got, RequestError } from 'got';
+import { got, RequestError, type OptionsInit } from 'got';
 import { assertUrlAllowed, guardedLookup, type EgressPolicy } from './egress.js';
 import { AdapterError, adapterFor, type AuxAnswer, type AuxRequest, type ClaimedMessage, type OutgoingRequest, type ProviderContext, type Verdict } from './providers/index.js';
 
@@ -86,36 +86,48 @@ const NO_CONTEXT: ProviderContext = {
  */
 export async function auxFetch(req: AuxRequest, policy: EgressPolicy, defaultTimeoutMs: number, signal?: AbortSignal): Promise<AuxAnswer> {
   assertUrlAllowed(req.url, policy);
-  const maxBytes = req.maxBytes ?? 1024 * 1024;
-  const stream = client.stream(req.url, {
+  const res = await sendCapped(req.url, {
     dnsLookup: guardedLookup(policy) as never,
     method: req.method,
     headers: req.headers,
     body: req.body,
     timeout: { request: req.timeoutMs ?? defaultTimeoutMs },
     signal,
-  });
+  }, req.maxBytes ?? 1024 * 1024);
+  const body = res.body;
+  return { status: res.statusCode, headers: res.headers, body, text: () => body.toString('utf8') };
+}
+
+type StreamOptions = Omit<OptionsInit, 'isStream' | 'responseType'>;
+
+/** A request whose answer is read as a stream and refused (code ETOOLARGE) once it passes `maxBytes`. */
+async function sendCapped(url: string, options: StreamOptions, maxBytes: number):
+  Promise<{ statusCode: number; headers: Record<string, string | string[] | undefined>; body: Buffer }> {
+  const stream = client.stream(url, options);
   const chunks: Buffer[] = [];
   let size = 0;
   let headers: Record<string, string | string[] | undefined> = {};
-  let status = 0;
+  let statusCode = 0;
   stream.once('response', (res: { statusCode: number; headers: Record<string, string | string[] | undefined> }) => {
-    status = res.statusCode;
+    statusCode = res.statusCode;
     headers = res.headers;
   });
   for await (const chunk of stream as AsyncIterable<Buffer>) {
     size += chunk.length;
     if (size > maxBytes) {
       stream.destroy();
-      throw Object.assign(new Error(`${req.url}: the answer exceeds ${maxBytes} bytes`), { code: 'EAUXTOOLARGE' });
+      throw Object.assign(new Error(`${url}: the answer exceeds ${maxBytes} bytes`), { code: 'ETOOLARGE' });
     }
     chunks.push(chunk);
   }
-  const body = Buffer.concat(chunks);
-  return { status, headers, body, text: () => body.toString('utf8') };
+  return { statusCode, headers, body: Buffer.concat(chunks) };
 }
 
 function networkVerdict(err: unknown, timeoutMs: number): Verdict {
+  if ((err as { code?: string }).code === 'ETOOLARGE') {
+    // the same answer will be just as large next time
+    return { outcome: 'permanent', errorClass: 'response_too_large', message: (err as Error).message };
+  }
   if ((err as { code?: string }).code === 'EEGRESS') {
     // a forbidden address stays forbidden: retrying cannot help
     return { outcome: 'permanent', errorClass: 'egress_refused', message: (err as Error).message };
@@ -176,15 +188,17 @@ export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions)
   let responseBody: string | null = null;
   try {
     assertUrlAllowed(req.url, opts.policy);
-    const res = await client(req.url, {
+    const options = {
       dnsLookup: guardedLookup(opts.policy) as never,
       method: req.method,
       headers,
       body: req.body,
       timeout: { request: msg.timeout_ms },
       signal: opts.signal,
-      responseType: 'buffer',
-    });
+    };
+    const res = req.maxResponseBytes === undefined
+      ? await client(req.url, { ...options, responseType: 'buffer' })
+      : await sendCapped(req.url, options, req.maxResponseBytes);
     status = res.statusCode;
     responseHeaders = res.headers;
     const text = res.body.toString('utf8');

@@ -62,25 +62,24 @@ async function cachedOrObtain(pool: pg.Pool, endpoint: string, key: string, marg
   };
   const found = await valid(pool);
   if (found) return found;
+  // a session-level lock on a connection of its own: no transaction stays open during the token call
   const client = await pool.connect();
+  let broken = false;
   try {
-    await client.query('begin');
     await client.query(sql.lockProviderToken, [endpoint, key]);
-    // another listener may have obtained one while this one waited for the lock
-    const meanwhile = await valid(client);
-    if (meanwhile) {
-      await client.query('commit');
-      return meanwhile;
+    try {
+      // another listener may have obtained one while this one waited for the lock
+      const meanwhile = await valid(client);
+      if (meanwhile) return meanwhile;
+      const fresh = await obtain();
+      await client.query(sql.storeProviderToken, [endpoint, key, fresh.token, fresh.expiresAt]);
+      return { token: fresh.token, expiresAt: fresh.expiresAt.getTime() };
+    } finally {
+      // a connection that cannot say unlock is closed, which releases the lock with the session
+      await client.query(sql.unlockProviderToken, [endpoint, key]).catch(() => { broken = true; });
     }
-    const fresh = await obtain();
-    await client.query(sql.storeProviderToken, [endpoint, key, fresh.token, fresh.expiresAt]);
-    await client.query('commit');
-    return { token: fresh.token, expiresAt: fresh.expiresAt.getTime() };
-  } catch (err) {
-    await client.query('rollback').catch(() => undefined);
-    throw err;
   } finally {
-    client.release();
+    client.release(broken);
   }
 }
 

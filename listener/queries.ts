@@ -18,6 +18,7 @@ export const sql = {
   replayDead: 'select cloud.replay_dead_messages($1, $2, $3) as replayed',
   validProviderToken: 'select (t).token, (t).expires_at from cloud.valid_provider_token($1, $2, make_interval(secs => $3::float8 / 1000)) t',
   lockProviderToken: 'select cloud.lock_provider_token($1, $2)',
+  unlockProviderToken: 'select cloud.unlock_provider_token($1, $2)',
   storeProviderToken: 'select cloud.store_provider_token($1, $2, $3, $4)',
   forgetProviderToken: 'select cloud.forget_provider_token($1, $2, $3)',
 } as const;

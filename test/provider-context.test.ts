@@ -8,6 +8,8 @@ import type { AddressInfo } from 'node:net';
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { policyOf } from '../listener/egress.js';
+import { attemptDelivery } from '../listener/http.js';
+import { registerAdapter, type ClaimedMessage } from '../listener/providers/index.js';
 import { SqlState } from '../listener/errors.js';
 import { clearTokenMemo, providerContext } from '../listener/provider-context.js';
 import { createTestDb, sqlstateOf, type TestDb } from './helpers/db.js';
@@ -84,6 +86,20 @@ describe('provider tokens', () => {
     expect((await db.pool.query(`select count(*)::int as n from cloud.provider_token`)).rows[0].n).toBe(0);
   });
 
+  it('are readable by the listener role only: an operator may only make one be obtained again', async () => {
+    await db.pool.query(`select cloud.store_provider_token('tax', 'k', 'secret-token-value', now() + interval '1 hour')`);
+    const c = await db.pool.connect();
+    try {
+      await c.query('begin; set local role erp_cloud_operator');
+      expect(await sqlstateOf(c.query(`select cloud.valid_provider_token('tax', 'k')`))).toBe('42501');
+      await c.query('rollback; begin; set local role erp_cloud_operator');
+      expect((await c.query(`select cloud.forget_provider_token('tax', 'k') as gone`)).rows[0].gone).toBe(true);
+    } finally {
+      await c.query('rollback');
+      c.release();
+    }
+  });
+
   it('are readable by the listener role only, never by the ERP', async () => {
     const c = await db.pool.connect();
     try {
@@ -111,6 +127,34 @@ describe('auxiliary calls', () => {
   });
 
   it('refuse an answer larger than the cap', async () => {
-    await expect(ctxFor(db.pool, true).fetch({ method: 'GET', url: `${url}/big`, maxBytes: 1000 })).rejects.toMatchObject({ code: 'EAUXTOOLARGE' });
+    await expect(ctxFor(db.pool, true).fetch({ method: 'GET', url: `${url}/big`, maxBytes: 1000 })).rejects.toMatchObject({ code: 'ETOOLARGE' });
+  });
+});
+
+describe('binary answers', () => {
+  registerAdapter({
+    name: 'test_download',
+    buildRequest: (msg) => ({ method: 'GET', url: `${url}${(msg.payload as { path: string }).path}`, headers: {}, binaryResponse: true, maxResponseBytes: 1000 }),
+    classify: (answer) => ({ outcome: 'ok', response: { bytes: answer.raw.length } }),
+  });
+  const msg = (path: string): ClaimedMessage => ({
+    request_id: '00000000-0000-4000-8000-000000000001', endpoint: 'tax', operation: 'download', payload: { path }, attempt: 1,
+    aggregate_type: null, aggregate_id: null, ordering_key: null, provider: 'test_download', base_url: `${url}/api`, timeout_ms: 2000,
+    endpoint_config: {}, locked_until: new Date(Date.now() + 10_000), send_at: new Date(),
+  });
+  const policy = () => policyOf({ name: 'tax', base_url: `${url}/api`, allow_hosts: [], allow_cidrs: [], allow_private: true });
+
+  it('are refused while they download once they pass the cap, as a permanent failure', async () => {
+    const r = await attemptDelivery(msg('/big'), { logBodyBytes: 1000, policy: policy() });
+    expect(r.outcome).toBe('permanent');
+    expect(r.error_class).toBe('response_too_large');
+    expect(r.error_message).toMatch(/exceeds 1000 bytes/);
+  });
+
+  it('under the cap reach the adapter whole, and cloud.log gets their size instead of their bytes', async () => {
+    const r = await attemptDelivery(msg('/file'), { logBodyBytes: 1000, policy: policy() });
+    expect(r.outcome).toBe('ok');
+    expect(r.response).toEqual({ bytes: 5 });
+    expect(r.response_body).toMatch(/^\[binary: 5 bytes, text\/plain\]$/);
   });
 });

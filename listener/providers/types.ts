@@ -32,6 +32,11 @@ export interface OutgoingRequest {
   secrets?: string[];
   /** The answer is binary (a PDF): cloud.log records its size and type, not its bytes. */
   binaryResponse?: boolean;
+  /**
+   * Refuse an answer longer than this while it downloads (permanent, error class
+   * `response_too_large`), so one huge answer cannot exhaust the listener's memory.
+   */
+  maxResponseBytes?: number;
 }
 
 export interface HttpAnswer {
@@ -73,7 +78,7 @@ export interface AuxRequest {
   body?: string;
   /** Default: the endpoint's timeout_ms. */
   timeoutMs?: number;
-  /** The answer's body is refused (error code EAUXTOOLARGE) beyond this many bytes. Default 1 MiB. */
+  /** The answer's body is refused (error code ETOOLARGE) beyond this many bytes. Default 1 MiB. */
   maxBytes?: number;
 }
 

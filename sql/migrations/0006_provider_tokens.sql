@@ -6,7 +6,8 @@
 -- listener must serve every listener until shortly before it expires, and two
 -- listeners that find none at the same moment must not both ask for one.
 -- Adapters reach this through the listener's ProviderContext.token(); the
--- single-flight is a transaction-scoped advisory lock per (endpoint, key).
+-- single-flight is a session-level advisory lock per (endpoint, key): no
+-- transaction stays open while the listener waits for the token endpoint.
 --
 -- SQLSTATEs added (mirrored in listener/errors.ts):
 --   EC014  invalid provider token (empty, or already expired when stored)
@@ -31,9 +32,18 @@ create function cloud.lock_provider_token(
   p_token_key text   -- the token's key within the endpoint
 ) returns void
 language sql security definer set search_path = pg_catalog, pg_temp as $$
-  select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('cloud.provider_token:' || p_endpoint || ':' || p_token_key, 0))
+  select pg_catalog.pg_advisory_lock(pg_catalog.hashtextextended('cloud.provider_token:' || p_endpoint || ':' || p_token_key, 0))
 $$;
-comment on function cloud.lock_provider_token is 'Serialises obtaining one token across listeners until the caller''s transaction ends: the second listener then finds the first one''s token.';
+comment on function cloud.lock_provider_token is 'Serialises obtaining one token across listeners: a session-level lock (no transaction stays open during the token call), held until cloud.unlock_provider_token or the end of the session; the second listener then finds the first one''s token.';
+
+create function cloud.unlock_provider_token(
+  p_endpoint  text,
+  p_token_key text
+) returns boolean
+language sql security definer set search_path = pg_catalog, pg_temp as $$
+  select pg_catalog.pg_advisory_unlock(pg_catalog.hashtextextended('cloud.provider_token:' || p_endpoint || ':' || p_token_key, 0))
+$$;
+comment on function cloud.unlock_provider_token is 'Releases the lock cloud.lock_provider_token took in this session; false when this session did not hold it.';
 
 create function cloud.valid_provider_token(
   p_endpoint  text,
@@ -85,8 +95,12 @@ language sql security definer set search_path = pg_catalog, pg_temp as $$
 $$;
 comment on function cloud.forget_provider_token is 'Drops a cached token the cloud refused, so the next call obtains a new one. Returns whether a row was dropped.';
 
-revoke all on function cloud.lock_provider_token(text, text), cloud.valid_provider_token(text, text, interval),
-  cloud.store_provider_token(text, text, text, timestamptz), cloud.forget_provider_token(text, text, text) from public;
-grant execute on function cloud.lock_provider_token(text, text), cloud.valid_provider_token(text, text, interval),
-  cloud.store_provider_token(text, text, text, timestamptz), cloud.forget_provider_token(text, text, text)
-  to erp_cloud_listener, erp_cloud_operator;
+revoke all on function cloud.lock_provider_token(text, text), cloud.unlock_provider_token(text, text),
+  cloud.valid_provider_token(text, text, interval), cloud.store_provider_token(text, text, text, timestamptz),
+  cloud.forget_provider_token(text, text, text) from public;
+-- the token itself only ever reaches the listener; an operator may only make it be obtained again
+grant execute on function cloud.lock_provider_token(text, text), cloud.unlock_provider_token(text, text),
+  cloud.valid_provider_token(text, text, interval), cloud.store_provider_token(text, text, text, timestamptz),
+  cloud.forget_provider_token(text, text, text)
+  to erp_cloud_listener;
+grant execute on function cloud.forget_provider_token(text, text, text) to erp_cloud_operator;
