@@ -19,6 +19,8 @@ import type { ClaimedMessage } from './providers/index.js';
 import { sql } from './queries.js';
 import { loadVaultKey, SecretResolver } from './vault.js';
 
+/** See Worker.waitForSlot. */
+const MAX_PACING_LAG_MS = 1000;
 const FLUSH_BATCH = 500;
 /** A retry due in weeks is looked at again within the hour (setTimeout caps at 2^31-1 ms anyway). */
 const MAX_TIMER_MS = 3_600_000;
@@ -45,6 +47,8 @@ export class Worker {
   private cronScheduled = false;
   private maintaining = false;
   private policies = new Map<string, EgressPolicy>();
+  /** Per endpoint: the slot and the real send time of this listener's last rate-limited send. */
+  private readonly paced = new Map<string, { slot: number; sentAt: number }>();
   private readonly secrets: SecretResolver;
   private dbOk = true;
   private lastDbError: string | null = null;
@@ -144,9 +148,7 @@ export class Worker {
       // nothing went out: an attempt that could not learn where it may go
       return notSent(msg, 'retryable', 'egress_policy_unavailable', `could not load the allowlist of endpoint ${msg.endpoint}: ${errText(err)}`);
     }
-    // a rate-limited message waits for its slot (at most ~100 ms: see cloud._take_budget)
-    const wait = msg.send_at.getTime() - Date.now();
-    if (wait > 0) await sleep(wait);
+    await this.waitForSlot(msg);
     return attemptDelivery(msg, {
       logBodyBytes: this.config.ERP_CLOUD_LOG_BODY_BYTES, signal, policy,
       context: providerContext({
@@ -154,6 +156,31 @@ export class Worker {
         secret: (name) => this.secrets.resolve(name),
       }),
     });
+  }
+
+  /**
+   * A rate-limited message waits for its slot (at most ~100 ms ahead: see
+   * cloud._take_budget). Timers that fire late together (a busy event loop)
+   * keep the gaps their slots had after this listener's previous send, so a
+   * stall delays sends instead of bunching them into a burst over the rate.
+   * The lag this carries forward is capped at MAX_PACING_LAG_MS: after a
+   * longer stall, sends follow their slots again rather than let leases run out.
+   * Messages whose slot has passed when they get here (no rate limit: the
+   * slot is the claim time) go at once.
+   */
+  private async waitForSlot(msg: ClaimedMessage): Promise<void> {
+    const slot = msg.send_at.getTime();
+    if (slot <= Date.now()) return;
+    for (let i = 0; i < 20; i++) {
+      const prev = this.paced.get(msg.endpoint);
+      const lag = prev ? prev.sentAt - prev.slot : 0;
+      const at = prev && slot > prev.slot && lag <= MAX_PACING_LAG_MS ? Math.max(slot, prev.sentAt + (slot - prev.slot)) : slot;
+      const wait = at - Date.now();
+      if (wait <= 0) break;
+      await sleep(wait);
+    }
+    const prev = this.paced.get(msg.endpoint);
+    if (!prev || slot > prev.slot) this.paced.set(msg.endpoint, { slot, sentAt: Date.now() });
   }
 
   /** Reports finished attempts in batches; while one report is running the next batch accumulates. */
