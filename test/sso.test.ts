@@ -89,39 +89,56 @@ describe('the jump from the ERP', () => {
 });
 
 describe('refusals: each one a protocol error and an audit row', () => {
-  it('a ticket used twice: opening the link again is refused, and a second browser racing the first gets access_denied', async () => {
+  it('a leaked jump link works in one browser only: of two browsers racing to open it, the second is refused at /jump, and the link is single use', async () => {
     const jumpUrl = await w.issue('zhang.wei', 'procurement');
-    // a second browser opens the link too, but only gets as far as the platform's login page
-    const late = new Browser();
-    const hop = await late.get(jumpUrl, { stopAt: w.rp.loginUrl });
-    expect(hop.location).toContain(`${w.rp.loginUrl}?iss=`);
-    expect((await completeJump(jumpUrl)).ok).toBe(true);
     const since = await w.lastAuditId();
+    const [a, b] = [new Browser(), new Browser()];
+    const hops = await Promise.all([a.get(jumpUrl, { stopAt: w.rp.loginUrl }), b.get(jumpUrl, { stopAt: w.rp.loginUrl })]);
+    const winner = hops[0]!.location ? 0 : 1;
+    const loser = 1 - winner;
+    expect(hops[winner]!.location).toContain(`${w.rp.loginUrl}?iss=`);
+    expect(hops[loser]).toMatchObject({ status: 400, location: null });
+    expect(hops[loser]!.body).toContain('already opened in another browser');
 
+    // the losing browser, even carrying the ticket in a cookie of its own, is refused
+    const thief = [a, b][loser]!;
+    await thief.jar.setCookie(`erp_jump=${new URL(jumpUrl).searchParams.get('ticket')}.${'x'.repeat(43)}; Path=/`, w.issuer);
+    const stolen = await thief.get(w.rp.loginUrl);
+    expect(JSON.parse(stolen.body)).toMatchObject({ error: 'access_denied', error_description: 'the jump link was opened in another browser' });
+    // which used the ticket up: the first browser can no longer finish either
+    const late = await [a, b][winner]!.get(hops[winner]!.location!);
+    expect(JSON.parse(late.body)).toMatchObject({ error: 'access_denied', error_description: 'the jump link was already used' });
     const again = await new Browser().get(jumpUrl);
     expect(again.status).toBe(400);
     expect(again.body).toContain('already used');
-    const raced = await late.get(hop.location!);
-    expect(JSON.parse(raced.body)).toMatchObject({ error: 'access_denied', error_description: 'the jump link was already used' });
-    // our reason, then the protocol error the platform received
-    expect((await w.audit(since)).filter((a) => a.event === 'failure').map((a) => [a.code, a.client_id, a.user_id]))
-      .toEqual([['EO021', 'procurement', await w.userId('zhang.wei')], ['EO021', 'procurement', await w.userId('zhang.wei')], ['access_denied', 'procurement', null]]);
+    const user = await w.userId('zhang.wei');
+    expect((await w.audit(since)).filter((a) => a.event === 'failure').map((a) => [a.code, a.client_id, a.user_id])).toEqual([
+      ['EO024', 'procurement', user], ['EO024', 'procurement', user], ['access_denied', 'procurement', null],
+      ['EO021', 'procurement', user], ['access_denied', 'procurement', null], ['EO021', 'procurement', user]]);
+  });
+
+  it('the browser that opened the jump link signs in with it; the same link opened again is refused', async () => {
+    const jumpUrl = await w.issue('zhang.wei', 'procurement');
+    expect((await completeJump(jumpUrl)).ok).toBe(true);
+    const again = await new Browser().get(jumpUrl);
+    expect(again.status).toBe(400);
+    expect(again.body).toContain('already used');
   });
 
   it('an expired ticket is refused: at the jump, and as access_denied when it expires on the way', async () => {
     const since = await w.lastAuditId();
-    const stale = await w.issue('zhang.wei', 'procurement', { now: new Date(Date.now() - 120_000).toISOString() });
+    const stale = await w.issue('zhang.wei', 'procurement');
+    await w.ageTicket(stale, 120);
     const page = await new Browser().get(stale);
     expect(page.status).toBe(400);
     expect(page.body).toContain('expired');
 
-    // valid for one more second: it expires between the jump and the platform's request
-    const { rows } = await w.db.pool.query(`select now() - interval '59 seconds' as t`);
-    const short = await w.issue('zhang.wei', 'procurement', { now: rows[0].t.toISOString() });
+    // it expires between the jump and the platform's request
+    const short = await w.issue('zhang.wei', 'procurement');
     const browser = new Browser();
     const hop = await browser.get(short, { stopAt: w.rp.loginUrl });
     expect(hop.location).toBeTruthy();
-    await new Promise((r) => setTimeout(r, 1200));
+    await w.ageTicket(short, 61);
     const answer = JSON.parse((await browser.get(hop.location!)).body);
     expect(answer).toMatchObject({ error: 'access_denied', error_description: 'the jump link has expired' });
     expect((await w.audit(since)).filter((a) => a.event === 'failure').map((a) => a.code)).toEqual(['EO022', 'EO022', 'access_denied']);
@@ -313,14 +330,14 @@ describe('the sso schema', () => {
     expect((await q(`select p.proname from pg_proc p where p.pronamespace = 'sso'::regnamespace and has_function_privilege('public', p.oid, 'execute')`)).rows).toEqual([]);
     expect((await q(`select p.proname from pg_proc p where p.pronamespace = 'sso'::regnamespace and obj_description(p.oid, 'pg_proc') is null`)).rows).toEqual([]);
     expect((await q(`select c.relname from pg_class c where c.relnamespace = 'sso'::regnamespace and c.relkind in ('r', 'v') and obj_description(c.oid, 'pg_class') is null`)).rows).toEqual([]);
-    const app = (await q(`select has_function_privilege('erp_cloud_app', 'sso.issue_jump_ticket(text, text, inet, interval, timestamptz)', 'execute') as issue,
-                                 has_function_privilege('erp_cloud_app', 'sso.consume_jump_ticket(text, text, inet, timestamptz)', 'execute') as consume,
+    const app = (await q(`select has_function_privilege('erp_cloud_app', 'sso.issue_jump_ticket(text, text, inet, interval)', 'execute') as issue,
+                                 has_function_privilege('erp_cloud_app', 'sso.consume_jump_ticket(text, text, inet, text, timestamptz)', 'execute') as consume,
                                  has_table_privilege('erp_cloud_app', 'sso.jump_ticket', 'select') as tickets,
                                  has_table_privilege('erp_cloud_app', 'sso.audit', 'select') as audit,
                                  has_table_privilege('erp_cloud_sso', 'sso.oidc_payload', 'insert') as sso_storage,
                                  has_function_privilege('erp_cloud_sso', 'vault.read_secret(text, text)', 'execute')
-                                   and has_function_privilege('erp_cloud_sso', 'vault.put_secret(text, text, text, text)', 'execute') as sso_vault,
+                                   or has_function_privilege('erp_cloud_sso', 'vault.put_secret(text, text, text, text)', 'execute') as sso_vault,
                                  has_function_privilege('erp_cloud_sso', 'vault.rekey_secrets(text, text)', 'execute') as sso_rekey`)).rows[0];
-    expect(app).toEqual({ issue: true, consume: false, tickets: false, audit: false, sso_storage: true, sso_vault: true, sso_rekey: false });
+    expect(app).toEqual({ issue: true, consume: false, tickets: false, audit: false, sso_storage: true, sso_vault: false, sso_rekey: false });
   });
 });
