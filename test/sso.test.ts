@@ -8,7 +8,9 @@ import * as oidc from 'openid-client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Browser, completeJump } from '../listener/sso/demo-rp.js';
 import { sqlstateOf } from './helpers/db.js';
-import { discoverProvider, startSsoWorld, verifiesAgainstJwks, type SsoWorld } from './helpers/sso.js';
+import { loadSsoConfig } from '../listener/sso/config.js';
+import { startSsoServer } from '../listener/sso/server.js';
+import { discoverProvider, freePort, startSsoWorld, verifiesAgainstJwks, type SsoWorld } from './helpers/sso.js';
 
 let w: SsoWorld;
 beforeAll(async () => {
@@ -232,6 +234,35 @@ describe('refusals: each one a protocol error and an audit row', () => {
     expect(failures[1]!.user_id).toBe(await w.userId('zhang.wei'));
   });
 
+  it('an authorization code redeemed by several token requests at once gives tokens to exactly one of them', async () => {
+    const browser = new Browser();
+    await browser.get(await w.issue('zhang.wei', 'procurement'), { stopAt: w.rp.loginUrl });
+    const a = await authorize(browser, w.rp.config, w.rp.callbackUrl);
+    const redeem = () => oidc.authorizationCodeGrant(w.rp.config, new URL(a.res.location!), { pkceCodeVerifier: a.verifier, expectedState: a.state, expectedNonce: a.nonce });
+    const results = await Promise.allSettled([redeem(), redeem(), redeem()]);
+    expect(results.filter((r) => r.status === 'fulfilled')).toHaveLength(1);
+    for (const r of results) if (r.status === 'rejected') expect(r.reason).toMatchObject({ error: 'invalid_grant' });
+  });
+
+  it('behind the proxy, the audit keeps the address the proxy saw, not one the browser put in X-Forwarded-For', async () => {
+    const port = await freePort();
+    const config = loadSsoConfig({ DATABASE_URL: w.db.url, ERP_CLOUD_SSO_ISSUER: w.issuer, ERP_CLOUD_SSO_PORT: String(port), ERP_CLOUD_SSO_PROXY: 'true',
+      ERP_CLOUD_VAULT_KEY: w.masterKey, ERP_CLOUD_LOG_LEVEL: 'silent', ERP_CLOUD_SSO_KEY_CHECK_MS: '3600000' });
+    const proxied = await startSsoServer({ config, pool: w.db.pool, log: w.log, masterKey: w.masterKey, env: {} });
+    try {
+      // the browser forged the first entry; our proxy appended the address it really saw
+      const headers = { 'x-forwarded-for': '198.51.100.66, 192.0.2.44' };
+      const since = await w.lastAuditId();
+      expect((await fetch(`${proxied.url}/jump?ticket=not-a-ticket`, { headers })).status).toBe(400);
+      const auth = new URL(`${proxied.url}/auth`);
+      auth.search = new URLSearchParams({ client_id: 'procurement', redirect_uri: 'http://127.0.0.1:9/steal', response_type: 'code', scope: 'openid' }).toString();
+      expect((await fetch(auth, { headers, redirect: 'manual' })).status).toBe(400);
+      expect((await w.audit(since)).map((a) => [a.code, a.source_addr])).toEqual([['EO020', '192.0.2.44'], ['invalid_redirect_uri', '192.0.2.44']]);
+    } finally {
+      await proxied.close();
+    }
+  });
+
   it('a wrong client secret is refused with invalid_client, and a rotated secret works at once', async () => {
     const browser = new Browser();
     await browser.get(await w.issue('zhang.wei', 'procurement'), { stopAt: w.rp.loginUrl });
@@ -276,6 +307,15 @@ describe('sign-in started at the platform, sessions and logout', () => {
     expect(JSON.parse(done.body)).toMatchObject({ logged_out: true });
     expect((await w.audit(since)).map((a) => [a.event, a.client_id, a.user_id])).toEqual([['logout', 'procurement', await w.userId('zhang.wei')]]);
     expect((await browser.get(w.rp.loginUrl)).body).toContain('Please start from the ERP');
+  });
+
+  it('a platform login answered from the existing session, without any page of ours, is audited as a login', async () => {
+    const browser = new Browser();
+    expect((await completeJump(await w.issue('zhang.wei', 'procurement'), browser)).ok).toBe(true);
+    const since = await w.lastAuditId();
+    expect(JSON.parse((await browser.get(w.rp.loginUrl)).body)).toMatchObject({ ok: true });
+    expect((await w.audit(since)).map((a) => [a.event, a.client_id, a.user_id, a.code, a.source_addr]))
+      .toEqual([['login', 'procurement', await w.userId('zhang.wei'), 'session', '127.0.0.1']]);
   });
 
   it('a user deactivated after signing in can no longer pass through the session, nor read userinfo with an earlier token', async () => {
