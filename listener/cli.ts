@@ -293,7 +293,7 @@ sso
 
 sso
   .command('rotate-keys')
-  .description('schedule a new ID-token signing key: published now, signing after --lead; the current key stays verifiable for --token-lifetime after that')
+  .description('schedule a new ID-token signing key: published now, signing after --lead; the current key stays verifiable for --token-lifetime (or the servers\' recorded ID-token lifetime, if longer) after that. Run it with the provider\'s database login (erp_cloud_sso) and vault key')
   .addOption(new Option('--lead <seconds>', 'how long the new key is published before it signs (ERP_CLOUD_SSO_KEY_PUBLISH_LEAD_S)').argParser(intArg('--lead', 0, 30 * 86_400)))
   .addOption(new Option('--token-lifetime <seconds>', 'the longest ID-token lifetime (ERP_CLOUD_SSO_ID_TOKEN_TTL_S)').argParser(intArg('--token-lifetime', 0, 86_400)))
   .action(async (opts: { lead?: number; tokenLifetime?: number }, cmd: Command) => {
@@ -307,6 +307,11 @@ sso
         tokenLifetimeS: opts.tokenLifetime ?? config.ERP_CLOUD_SSO_ID_TOKEN_TTL_S,
       });
       console.log(`new signing key ${key.kid}: published now, signs from ${key.signs_from.toISOString()}; providers pick it up within ERP_CLOUD_SSO_KEY_CHECK_MS`);
+    } catch (err) {
+      if ((err as { code?: string }).code === '42501') {
+        throw new Error('rotate-keys needs the provider\'s database login (a member of erp_cloud_sso): a signing key changes only together with its private half in the vault');
+      }
+      throw err;
     } finally {
       await pool.end();
     }

@@ -72,10 +72,12 @@ export const SqlState = {
   ssoRotationPending: 'EO009',
   ssoInvalidKey: 'EO010',
   ssoIssuerUnknown: 'EO011',
+  ssoVaultNameNotSso: 'EO012',
   ssoTicketUnknown: 'EO020',
   ssoTicketUsed: 'EO021',
   ssoTicketExpired: 'EO022',
   ssoTicketOtherClient: 'EO023',
+  ssoTicketOtherBrowser: 'EO024',
 } as const;
 
 export type SqlStateName = keyof typeof SqlState;

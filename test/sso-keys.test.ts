@@ -202,7 +202,7 @@ describe('erp-cloud sso serve', () => {
 });
 
 describe('roles', () => {
-  it('the provider runs as a login holding only erp_cloud_sso, the ERP issues tickets with only erp_cloud_app, operators manage clients with only erp_cloud_operator', async () => {
+  it('the provider runs, purges and rotates keys as a login holding only erp_cloud_sso (its own vault secrets only), the ERP issues tickets with only erp_cloud_app at the database\'s clock, operators manage clients through the URI-checking functions with only erp_cloud_operator', async () => {
     const suffix = Math.random().toString(36).slice(2, 8);
     const ssoLogin = `sso_login_${suffix}`;
     const erpLogin = `erp_login_${suffix}`;
@@ -230,6 +230,56 @@ describe('roles', () => {
       expect(result.claims).toMatchObject({ preferred_username: 'zhang.wei', iss: `http://127.0.0.1:${port}` });
       expect(await sqlstateOf(erpPool.query('select * from sso.audit'))).toBe('42501');
       expect(await sqlstateOf(erpPool.query(`select * from sso.consume_jump_ticket('x', 'procurement')`))).toBe('42501');
+      // the ERP cannot choose the ticket's clock (a lifetime or audit time of its own)
+      expect(await sqlstateOf(erpPool.query(`select sso.issue_jump_ticket('zhang.wei', 'procurement', null, '60 seconds', now() + interval '1 day')`))).toBe('42883');
+
+      // operators manage clients through the functions, which check every URI; no raw writes
+      const reg = await opPool.query(`select * from sso.register_client('op-client', 'Operator''s client', array['https://op.example.com/cb'])`);
+      expect(reg.rows[0].client_secret).toMatch(/^[A-Za-z0-9_-]{43}$/);
+      await opPool.query(`select sso.set_client_uris('op-client', array['https://op.example.com/cb2'], '{}', 'https://op.example.com/login')`);
+      expect((await opPool.query(`select redirect_uris, initiate_login_uri from sso.client_status where client_id = 'op-client'`)).rows[0])
+        .toEqual({ redirect_uris: ['https://op.example.com/cb2'], initiate_login_uri: 'https://op.example.com/login' });
+      expect(await sqlstateOf(opPool.query(`select sso.set_client_uris('op-client', array['javascript:alert(1)'], '{}', null)`))).toBe('EO003');
+      expect(await sqlstateOf(opPool.query(`update sso.client set redirect_uris = array['http://evil.example.com/cb'] where client_id = 'op-client'`))).toBe('42501');
+      expect(await sqlstateOf(opPool.query(`insert into sso.client (client_id, display_name, redirect_uris, secret_sha256) values ('raw', 'x', array['http://evil.example.com/'], '\\x00')`))).toBe('42501');
+      // even the owner's raw writes pass the URI check
+      expect(await sqlstateOf(w.db.pool.query(`update sso.client set initiate_login_uri = 'http://evil.example.com/' where client_id = 'op-client'`))).toBe('EO003');
+      await opPool.query(`select sso.disable_client('op-client')`);
+
+      // signing keys change only with their private halves: operators read the schedule, the provider's login rotates
+      expect((await opPool.query('select count(*)::int n from sso.signing_key_status')).rows[0].n).toBeGreaterThan(0);
+      expect(await sqlstateOf(opPool.query(`update sso.signing_key set signs_until = now()`))).toBe('42501');
+      expect(await sqlstateOf(opPool.query(`select sso.schedule_signing_key('kid-op-12345', '{"kty":"RSA","n":"x","e":"AQAB"}')`))).toBe('42501');
+      const later = new Date(Date.now() + 10_000_000);
+      expect(await sqlstateOf(rotateSigningKey(opPool, w.masterKey, { publishLeadS: 60, tokenLifetimeS: 60, now: later }))).toBe('42501');
+      // the rotation keeps the retiring key as long as the servers' recorded ID-token lifetime (3600 s), not the 60 s asked
+      expect((await ssoPool.query(`select value from sso.setting where name = 'id_token_ttl_s'`)).rows[0].value).toBe('3600');
+      const rotated = await rotateSigningKey(ssoPool, w.masterKey, { publishLeadS: 60, tokenLifetimeS: 60, now: later });
+      const kept = await ssoPool.query(`select extract(epoch from verify_until - signs_until)::int s from sso.signing_key where signs_until = $1`, [rotated.signs_from]);
+      expect(kept.rows).toEqual([{ s: 3600 }]);
+
+      // the provider's vault: only its own sso.* secrets
+      await w.db.pool.query(`select vault.put_secret('nuonuo.app_secret', 'another-service-secret', $1)`, [w.masterKey]);
+      expect(await sqlstateOf(ssoPool.query(`select sso.read_vault_secret('nuonuo.app_secret', $1)`, [w.masterKey]))).toBe('EO012');
+      expect(await sqlstateOf(ssoPool.query(`select sso.put_vault_secret('nuonuo.app_secret', 'overwritten', $1)`, [w.masterKey]))).toBe('EO012');
+      expect(await sqlstateOf(ssoPool.query(`select vault.read_secret('nuonuo.app_secret', $1)`, [w.masterKey]))).toBe('42501');
+      expect(await sqlstateOf(ssoPool.query(`select vault.put_secret('sso.signing_keys', '{}', $1)`, [w.masterKey]))).toBe('42501');
+      expect(Object.keys(JSON.parse((await ssoPool.query(`select sso.read_vault_secret('sso.signing_keys', $1) as v`, [w.masterKey])).rows[0].v)))
+        .toContain(rotated.kid);
+
+      // the provider's purge removes expired storage and old tickets under its own role
+      await w.db.pool.query(`insert into sso.oidc_payload (model, id, payload, expires_at) values
+        ('Session', 'purge-old', '{}', now() - interval '1 second'), ('Session', 'purge-live', '{}', now() + interval '1 hour')`);
+      const oldTicket = await w.issue('zhang.wei', 'procurement');
+      await w.ageTicket(oldTicket, 2 * 86_400);
+      const liveTicket = await w.issue('zhang.wei', 'procurement');
+      const purged = await ssoPool.query('select sso.purge_expired() as n');
+      expect(purged.rows[0].n).toBeGreaterThanOrEqual(2);
+      expect((await w.db.pool.query(`select id from sso.oidc_payload where id like 'purge-%'`)).rows).toEqual([{ id: 'purge-live' }]);
+      const tickets = await w.db.pool.query(`select count(*) filter (where ticket_sha256 = sha256(convert_to($1, 'UTF8')))::int old,
+                                                    count(*) filter (where ticket_sha256 = sha256(convert_to($2, 'UTF8')))::int live from sso.jump_ticket`,
+      [new URL(oldTicket).searchParams.get('ticket'), new URL(liveTicket).searchParams.get('ticket')]);
+      expect(tickets.rows[0]).toEqual({ old: 0, live: 1 });
     } finally {
       await rp.close();
       await provider.close();

@@ -8,7 +8,9 @@ import * as oidc from 'openid-client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Browser, completeJump } from '../listener/sso/demo-rp.js';
 import { sqlstateOf } from './helpers/db.js';
-import { discoverProvider, startSsoWorld, verifiesAgainstJwks, type SsoWorld } from './helpers/sso.js';
+import { loadSsoConfig } from '../listener/sso/config.js';
+import { startSsoServer } from '../listener/sso/server.js';
+import { discoverProvider, freePort, startSsoWorld, verifiesAgainstJwks, type SsoWorld } from './helpers/sso.js';
 
 let w: SsoWorld;
 beforeAll(async () => {
@@ -89,39 +91,56 @@ describe('the jump from the ERP', () => {
 });
 
 describe('refusals: each one a protocol error and an audit row', () => {
-  it('a ticket used twice: opening the link again is refused, and a second browser racing the first gets access_denied', async () => {
+  it('a leaked jump link works in one browser only: of two browsers racing to open it, the second is refused at /jump, and the link is single use', async () => {
     const jumpUrl = await w.issue('zhang.wei', 'procurement');
-    // a second browser opens the link too, but only gets as far as the platform's login page
-    const late = new Browser();
-    const hop = await late.get(jumpUrl, { stopAt: w.rp.loginUrl });
-    expect(hop.location).toContain(`${w.rp.loginUrl}?iss=`);
-    expect((await completeJump(jumpUrl)).ok).toBe(true);
     const since = await w.lastAuditId();
+    const [a, b] = [new Browser(), new Browser()];
+    const hops = await Promise.all([a.get(jumpUrl, { stopAt: w.rp.loginUrl }), b.get(jumpUrl, { stopAt: w.rp.loginUrl })]);
+    const winner = hops[0]!.location ? 0 : 1;
+    const loser = 1 - winner;
+    expect(hops[winner]!.location).toContain(`${w.rp.loginUrl}?iss=`);
+    expect(hops[loser]).toMatchObject({ status: 400, location: null });
+    expect(hops[loser]!.body).toContain('already opened in another browser');
 
+    // the losing browser, even carrying the ticket in a cookie of its own, is refused
+    const thief = [a, b][loser]!;
+    await thief.jar.setCookie(`erp_jump=${new URL(jumpUrl).searchParams.get('ticket')}.${'x'.repeat(43)}; Path=/`, w.issuer);
+    const stolen = await thief.get(w.rp.loginUrl);
+    expect(JSON.parse(stolen.body)).toMatchObject({ error: 'access_denied', error_description: 'the jump link was opened in another browser' });
+    // which used the ticket up: the first browser can no longer finish either
+    const late = await [a, b][winner]!.get(hops[winner]!.location!);
+    expect(JSON.parse(late.body)).toMatchObject({ error: 'access_denied', error_description: 'the jump link was already used' });
     const again = await new Browser().get(jumpUrl);
     expect(again.status).toBe(400);
     expect(again.body).toContain('already used');
-    const raced = await late.get(hop.location!);
-    expect(JSON.parse(raced.body)).toMatchObject({ error: 'access_denied', error_description: 'the jump link was already used' });
-    // our reason, then the protocol error the platform received
-    expect((await w.audit(since)).filter((a) => a.event === 'failure').map((a) => [a.code, a.client_id, a.user_id]))
-      .toEqual([['EO021', 'procurement', await w.userId('zhang.wei')], ['EO021', 'procurement', await w.userId('zhang.wei')], ['access_denied', 'procurement', null]]);
+    const user = await w.userId('zhang.wei');
+    expect((await w.audit(since)).filter((a) => a.event === 'failure').map((a) => [a.code, a.client_id, a.user_id])).toEqual([
+      ['EO024', 'procurement', user], ['EO024', 'procurement', user], ['access_denied', 'procurement', null],
+      ['EO021', 'procurement', user], ['access_denied', 'procurement', null], ['EO021', 'procurement', user]]);
+  });
+
+  it('the browser that opened the jump link signs in with it; the same link opened again is refused', async () => {
+    const jumpUrl = await w.issue('zhang.wei', 'procurement');
+    expect((await completeJump(jumpUrl)).ok).toBe(true);
+    const again = await new Browser().get(jumpUrl);
+    expect(again.status).toBe(400);
+    expect(again.body).toContain('already used');
   });
 
   it('an expired ticket is refused: at the jump, and as access_denied when it expires on the way', async () => {
     const since = await w.lastAuditId();
-    const stale = await w.issue('zhang.wei', 'procurement', { now: new Date(Date.now() - 120_000).toISOString() });
+    const stale = await w.issue('zhang.wei', 'procurement');
+    await w.ageTicket(stale, 120);
     const page = await new Browser().get(stale);
     expect(page.status).toBe(400);
     expect(page.body).toContain('expired');
 
-    // valid for one more second: it expires between the jump and the platform's request
-    const { rows } = await w.db.pool.query(`select now() - interval '59 seconds' as t`);
-    const short = await w.issue('zhang.wei', 'procurement', { now: rows[0].t.toISOString() });
+    // it expires between the jump and the platform's request
+    const short = await w.issue('zhang.wei', 'procurement');
     const browser = new Browser();
     const hop = await browser.get(short, { stopAt: w.rp.loginUrl });
     expect(hop.location).toBeTruthy();
-    await new Promise((r) => setTimeout(r, 1200));
+    await w.ageTicket(short, 61);
     const answer = JSON.parse((await browser.get(hop.location!)).body);
     expect(answer).toMatchObject({ error: 'access_denied', error_description: 'the jump link has expired' });
     expect((await w.audit(since)).filter((a) => a.event === 'failure').map((a) => a.code)).toEqual(['EO022', 'EO022', 'access_denied']);
@@ -215,6 +234,35 @@ describe('refusals: each one a protocol error and an audit row', () => {
     expect(failures[1]!.user_id).toBe(await w.userId('zhang.wei'));
   });
 
+  it('an authorization code redeemed by several token requests at once gives tokens to exactly one of them', async () => {
+    const browser = new Browser();
+    await browser.get(await w.issue('zhang.wei', 'procurement'), { stopAt: w.rp.loginUrl });
+    const a = await authorize(browser, w.rp.config, w.rp.callbackUrl);
+    const redeem = () => oidc.authorizationCodeGrant(w.rp.config, new URL(a.res.location!), { pkceCodeVerifier: a.verifier, expectedState: a.state, expectedNonce: a.nonce });
+    const results = await Promise.allSettled([redeem(), redeem(), redeem()]);
+    expect(results.filter((r) => r.status === 'fulfilled')).toHaveLength(1);
+    for (const r of results) if (r.status === 'rejected') expect(r.reason).toMatchObject({ error: 'invalid_grant' });
+  });
+
+  it('behind the proxy, the audit keeps the address the proxy saw, not one the browser put in X-Forwarded-For', async () => {
+    const port = await freePort();
+    const config = loadSsoConfig({ DATABASE_URL: w.db.url, ERP_CLOUD_SSO_ISSUER: w.issuer, ERP_CLOUD_SSO_PORT: String(port), ERP_CLOUD_SSO_PROXY: 'true',
+      ERP_CLOUD_VAULT_KEY: w.masterKey, ERP_CLOUD_LOG_LEVEL: 'silent', ERP_CLOUD_SSO_KEY_CHECK_MS: '3600000' });
+    const proxied = await startSsoServer({ config, pool: w.db.pool, log: w.log, masterKey: w.masterKey, env: {} });
+    try {
+      // the browser forged the first entry; our proxy appended the address it really saw
+      const headers = { 'x-forwarded-for': '198.51.100.66, 192.0.2.44' };
+      const since = await w.lastAuditId();
+      expect((await fetch(`${proxied.url}/jump?ticket=not-a-ticket`, { headers })).status).toBe(400);
+      const auth = new URL(`${proxied.url}/auth`);
+      auth.search = new URLSearchParams({ client_id: 'procurement', redirect_uri: 'http://127.0.0.1:9/steal', response_type: 'code', scope: 'openid' }).toString();
+      expect((await fetch(auth, { headers, redirect: 'manual' })).status).toBe(400);
+      expect((await w.audit(since)).map((a) => [a.code, a.source_addr])).toEqual([['EO020', '192.0.2.44'], ['invalid_redirect_uri', '192.0.2.44']]);
+    } finally {
+      await proxied.close();
+    }
+  });
+
   it('a wrong client secret is refused with invalid_client, and a rotated secret works at once', async () => {
     const browser = new Browser();
     await browser.get(await w.issue('zhang.wei', 'procurement'), { stopAt: w.rp.loginUrl });
@@ -259,6 +307,15 @@ describe('sign-in started at the platform, sessions and logout', () => {
     expect(JSON.parse(done.body)).toMatchObject({ logged_out: true });
     expect((await w.audit(since)).map((a) => [a.event, a.client_id, a.user_id])).toEqual([['logout', 'procurement', await w.userId('zhang.wei')]]);
     expect((await browser.get(w.rp.loginUrl)).body).toContain('Please start from the ERP');
+  });
+
+  it('a platform login answered from the existing session, without any page of ours, is audited as a login', async () => {
+    const browser = new Browser();
+    expect((await completeJump(await w.issue('zhang.wei', 'procurement'), browser)).ok).toBe(true);
+    const since = await w.lastAuditId();
+    expect(JSON.parse((await browser.get(w.rp.loginUrl)).body)).toMatchObject({ ok: true });
+    expect((await w.audit(since)).map((a) => [a.event, a.client_id, a.user_id, a.code, a.source_addr]))
+      .toEqual([['login', 'procurement', await w.userId('zhang.wei'), 'session', '127.0.0.1']]);
   });
 
   it('a user deactivated after signing in can no longer pass through the session, nor read userinfo with an earlier token', async () => {
@@ -313,14 +370,14 @@ describe('the sso schema', () => {
     expect((await q(`select p.proname from pg_proc p where p.pronamespace = 'sso'::regnamespace and has_function_privilege('public', p.oid, 'execute')`)).rows).toEqual([]);
     expect((await q(`select p.proname from pg_proc p where p.pronamespace = 'sso'::regnamespace and obj_description(p.oid, 'pg_proc') is null`)).rows).toEqual([]);
     expect((await q(`select c.relname from pg_class c where c.relnamespace = 'sso'::regnamespace and c.relkind in ('r', 'v') and obj_description(c.oid, 'pg_class') is null`)).rows).toEqual([]);
-    const app = (await q(`select has_function_privilege('erp_cloud_app', 'sso.issue_jump_ticket(text, text, inet, interval, timestamptz)', 'execute') as issue,
-                                 has_function_privilege('erp_cloud_app', 'sso.consume_jump_ticket(text, text, inet, timestamptz)', 'execute') as consume,
+    const app = (await q(`select has_function_privilege('erp_cloud_app', 'sso.issue_jump_ticket(text, text, inet, interval)', 'execute') as issue,
+                                 has_function_privilege('erp_cloud_app', 'sso.consume_jump_ticket(text, text, inet, text, timestamptz)', 'execute') as consume,
                                  has_table_privilege('erp_cloud_app', 'sso.jump_ticket', 'select') as tickets,
                                  has_table_privilege('erp_cloud_app', 'sso.audit', 'select') as audit,
                                  has_table_privilege('erp_cloud_sso', 'sso.oidc_payload', 'insert') as sso_storage,
                                  has_function_privilege('erp_cloud_sso', 'vault.read_secret(text, text)', 'execute')
-                                   and has_function_privilege('erp_cloud_sso', 'vault.put_secret(text, text, text, text)', 'execute') as sso_vault,
+                                   or has_function_privilege('erp_cloud_sso', 'vault.put_secret(text, text, text, text)', 'execute') as sso_vault,
                                  has_function_privilege('erp_cloud_sso', 'vault.rekey_secrets(text, text)', 'execute') as sso_rekey`)).rows[0];
-    expect(app).toEqual({ issue: true, consume: false, tickets: false, audit: false, sso_storage: true, sso_vault: true, sso_rekey: false });
+    expect(app).toEqual({ issue: true, consume: false, tickets: false, audit: false, sso_storage: true, sso_vault: false, sso_rekey: false });
   });
 });

@@ -9,7 +9,7 @@
  * findByUserCode) is oidc-provider's Adapter; expiresIn is in seconds, consume
  * marks a one-time artefact used (the provider reads `consumed` back).
  */
-import type { Adapter, AdapterPayload } from 'oidc-provider';
+import { errors, type Adapter, type AdapterPayload } from 'oidc-provider';
 import type pg from 'pg';
 
 export const adapterSql = {
@@ -23,7 +23,8 @@ export const adapterSql = {
                where model = $1 and uid = $2 and (expires_at is null or expires_at > now())`,
   findByUserCode: `select payload, extract(epoch from consumed_at)::bigint as consumed from sso.oidc_payload
                     where model = $1 and user_code = $2 and (expires_at is null or expires_at > now())`,
-  consume: `update sso.oidc_payload set consumed_at = now() where model = $1 and id = $2`,
+  // only the first of concurrent redemptions marks it; the others find no row
+  consume: `update sso.oidc_payload set consumed_at = now() where model = $1 and id = $2 and consumed_at is null`,
   destroy: `delete from sso.oidc_payload where model = $1 and id = $2`,
   revokeByGrantId: `delete from sso.oidc_payload where model = $1 and grant_id = $2`,
   clientMetadata: `select sso.client_metadata($1) as metadata`,
@@ -67,7 +68,10 @@ export class PgAdapter implements Adapter {
   }
 
   async consume(id: string): Promise<void> {
-    await this.pool.query(adapterSql.consume, [this.model, id]);
+    const { rowCount } = await this.pool.query(adapterSql.consume, [this.model, id]);
+    // two token requests for one code both passed the provider's "consumed?"
+    // check: only the one whose update marked it goes on to get tokens
+    if (!rowCount) throw new errors.InvalidGrant(`${this.model === 'AuthorizationCode' ? 'authorization code' : this.model} already used`);
   }
 
   async destroy(id: string): Promise<void> {

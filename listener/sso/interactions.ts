@@ -1,8 +1,10 @@
 /**
  * The provider's own pages, around oidc-provider:
  *
- *   GET /jump?ticket=…            the URL the ERP's button opens (sso.issue_jump_ticket). Keeps the
- *                                 ticket in a short-lived cookie and sends the browser to the platform's
+ *   GET /jump?ticket=…            the URL the ERP's button opens (sso.issue_jump_ticket). Binds the ticket
+ *                                 to this browser (sso.open_jump_ticket: a random value, kept in the
+ *                                 HttpOnly cookie with the ticket, its hash with the ticket; a second
+ *                                 browser opening the same link is refused), and sends the browser to the platform's
  *                                 login-initiation URL (?iss=issuer), so the platform starts a normal
  *                                 authorization request with its own state, nonce and PKCE.
  *   GET /interaction/:uid         where oidc-provider sends the browser when it needs a login or consent:
@@ -12,6 +14,7 @@
  *                                 session: the "start from the ERP" page.
  *   GET /interaction/:uid/abort   that page's way back: login_required to the platform.
  */
+import { randomBytes } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type Provider from 'oidc-provider';
 import type { InteractionResults } from 'oidc-provider';
@@ -22,8 +25,8 @@ import { esc, htmlPage } from './pages.js';
 import { JUMP_COOKIE, sourceAddress, type Audit } from './provider.js';
 
 export const interactionSql = {
-  peek: 'select * from sso.peek_jump_ticket($1)',
-  consume: 'select * from sso.consume_jump_ticket($1, $2, $3)',
+  open: 'select * from sso.open_jump_ticket($1, $2, $3)',
+  consume: 'select * from sso.consume_jump_ticket($1, $2, $3, $4)',
 } as const;
 
 interface JumpOutcome {
@@ -45,13 +48,25 @@ export interface InteractionContext {
 /** How long the ticket may wait in its cookie for the platform to come back (the ticket's own expiry still applies). */
 const JUMP_COOKIE_MAX_AGE_S = 120;
 
+/**
+ * The browser's address: the socket peer, or behind the proxy
+ * (ERP_CLOUD_SSO_PROXY) the rightmost X-Forwarded-For entry, the one our
+ * proxy appended; anything left of it came from the browser and may be forged.
+ * Same rule as provider.maxIpsCount = 1 for oidc-provider's ctx.ip.
+ */
 export function remoteAddress(req: IncomingMessage, proxy: boolean): string | null {
   if (proxy) {
     const xff = req.headers['x-forwarded-for'];
-    const first = (Array.isArray(xff) ? xff[0] : xff)?.split(',')[0]?.trim();
-    if (first) return sourceAddress(first);
+    const last = (Array.isArray(xff) ? xff.join(',') : xff)?.split(',').pop()?.trim();
+    if (last) return sourceAddress(last);
   }
   return sourceAddress(req.socket.remoteAddress);
+}
+
+/** The jump cookie holds the ticket and this browser's binding value: `ticket.binding` (both base64url). */
+function splitJumpCookie(value: string): { ticket: string; binding: string | null } {
+  const i = value.indexOf('.');
+  return i < 0 ? { ticket: value, binding: null } : { ticket: value.slice(0, i), binding: value.slice(i + 1) };
 }
 
 function readCookie(req: IncomingMessage, name: string): string | null {
@@ -88,18 +103,24 @@ async function jump(ctx: InteractionContext, req: IncomingMessage, res: ServerRe
     send(res, 400, refusalPage('No jump ticket', 'This address needs the link the ERP makes when you click "open the platform"', ctx.config.ERP_CLOUD_SSO_ERP_URL));
     return;
   }
-  const { rows } = await ctx.pool.query<JumpOutcome>(interactionSql.peek, [ticket]);
+  const binding = randomBytes(32).toString('base64url');
+  const { rows } = await ctx.pool.query<JumpOutcome>(interactionSql.open, [ticket, binding, source]);
   const live = rows[0];
   if (!live) {
     // not usable: consume records why (unknown, used, expired, client disabled)
-    const outcome = (await ctx.pool.query<JumpOutcome>(interactionSql.consume, [ticket, null, source])).rows[0]!;
+    const outcome = (await ctx.pool.query<JumpOutcome>(interactionSql.consume, [ticket, null, source, null])).rows[0]!;
     send(res, 400, refusalPage('This jump link cannot be used', outcome.reason ?? 'the jump link is not valid', ctx.config.ERP_CLOUD_SSO_ERP_URL));
+    return;
+  }
+  if (live.code) {
+    // EO024: another browser opened it first (audited by sso.open_jump_ticket)
+    send(res, 400, refusalPage('This jump link cannot be used', live.reason ?? 'the jump link was already opened', ctx.config.ERP_CLOUD_SSO_ERP_URL));
     return;
   }
   const target = new URL(live.initiate_login_uri!);
   target.searchParams.set('iss', ctx.config.ERP_CLOUD_SSO_ISSUER);
   res.writeHead(303, {
-    location: target.toString(), 'set-cookie': jumpCookie(ctx.config, ticket, JUMP_COOKIE_MAX_AGE_S),
+    location: target.toString(), 'set-cookie': jumpCookie(ctx.config, `${ticket}.${binding}`, JUMP_COOKIE_MAX_AGE_S),
     'cache-control': 'no-store', 'referrer-policy': 'no-referrer',
   });
   res.end();
@@ -129,10 +150,11 @@ async function interaction(ctx: InteractionContext, req: IncomingMessage, res: S
     return;
   }
 
-  const ticket = readCookie(req, JUMP_COOKIE);
-  if (ticket) {
+  const cookie = readCookie(req, JUMP_COOKIE);
+  if (cookie) {
     res.setHeader('set-cookie', jumpCookie(ctx.config, '', 0));
-    const outcome = (await ctx.pool.query<JumpOutcome>(interactionSql.consume, [ticket, clientId, source])).rows[0]!;
+    const { ticket, binding } = splitJumpCookie(cookie);
+    const outcome = (await ctx.pool.query<JumpOutcome>(interactionSql.consume, [ticket, clientId, source, binding])).rows[0]!;
     if (outcome.code) {
       // audited by sso.consume_jump_ticket; the platform gets a proper OAuth error
       await finish({ error: 'access_denied', error_description: outcome.reason ?? 'the jump link cannot be used' });

@@ -12,7 +12,7 @@
  */
 import { createHash, generateKeyPairSync, randomBytes } from 'node:crypto';
 import type pg from 'pg';
-import { secretEnvName, vaultSql } from '../vault.js';
+import { secretEnvName } from '../vault.js';
 
 export const SIGNING_KEYS_SECRET = 'sso.signing_keys';
 export const COOKIE_KEYS_SECRET = 'sso.cookie_keys';
@@ -22,6 +22,9 @@ export const keySql = {
   schedule: 'select * from sso.schedule_signing_key($1, $2, make_interval(secs => $3), make_interval(secs => $4), $5)',
   at: 'select * from sso.signing_keys_at($1)',
   retire: 'select k as kid from sso.retire_signing_keys($1) k',
+  // the vault, limited to secrets named sso.* (migration 0009)
+  readVault: 'select sso.read_vault_secret($1, $2) as value',
+  putVault: 'select * from sso.put_vault_secret($1, $2, $3, $4)',
 } as const;
 
 export type Jwk = Record<string, string>;
@@ -65,7 +68,7 @@ async function inTransaction<T>(pool: pg.Pool, fn: (c: pg.PoolClient) => Promise
 async function readVault(c: pg.ClientBase, name: string, masterKey: string): Promise<string | null> {
   await c.query('savepoint sso_read_vault');
   try {
-    const { rows } = await c.query<{ value: string }>(vaultSql.read, [name, masterKey]);
+    const { rows } = await c.query<{ value: string }>(keySql.readVault, [name, masterKey]);
     await c.query('release savepoint sso_read_vault');
     return rows[0]!.value;
   } catch (err) {
@@ -76,7 +79,7 @@ async function readVault(c: pg.ClientBase, name: string, masterKey: string): Pro
 }
 
 async function putVault(c: pg.ClientBase, name: string, value: string, masterKey: string, description: string): Promise<void> {
-  await c.query(vaultSql.put, [name, value, masterKey, description]);
+  await c.query(keySql.putVault, [name, value, masterKey, description]);
 }
 
 async function readPrivateKeys(c: pg.ClientBase, masterKey: string): Promise<Record<string, Jwk>> {

@@ -22,7 +22,7 @@ export const providerSql = {
   recordEvent: 'select sso.record_event($1, $2, $3, $4, $5, $6)',
 } as const;
 
-/** The browser's address: the socket peer, or with proxy trust the first X-Forwarded-For entry. */
+/** An address as the audit keeps it (IPv4-mapped IPv6 shortened), or null when it is not an address. */
 export function sourceAddress(ip: string | undefined): string | null {
   if (!ip) return null;
   const s = ip.replace(/^::ffff:/, '');
@@ -169,6 +169,9 @@ export function buildProvider(opts: ProviderOptions): Provider {
 
   const provider = new Provider(config.ERP_CLOUD_SSO_ISSUER, configuration);
   provider.proxy = config.ERP_CLOUD_SSO_PROXY;
+  // behind the proxy, ctx.ip is the X-Forwarded-For entry our proxy appended
+  // (the rightmost); entries to its left come from the browser and may be forged
+  provider.maxIpsCount = 1;
 
   // only the SHA-256 of a client secret is stored (sso.client.secret_sha256);
   // the metadata's client_secret carries that hash
@@ -213,6 +216,14 @@ export function buildProvider(opts: ProviderOptions): Provider {
   provider.on('server_error', (ctx: KoaContextWithOIDC, err: Error) => {
     opts.log.error({ err }, 'SSO provider error');
     failure('server')(ctx, { error: 'server_error', error_description: err.message });
+  });
+  // a platform login answered from an existing session and grant never
+  // reaches /interaction: audit it here. After an interaction (route resume)
+  // the interaction already recorded the login.
+  provider.on('authorization.success', (ctx: KoaContextWithOIDC) => {
+    if (ctx.oidc.route !== 'authorization') return;
+    const write = audit.record('login', { clientId: ctx.oidc.client?.clientId ?? null, userId: ctx.oidc.session?.accountId ?? null, source: ctx.ip, code: 'session' });
+    (ctx.state?.auditWrites as Array<Promise<void>> | undefined)?.push(write);
   });
   provider.on('end_session.success', (ctx: KoaContextWithOIDC) => {
     const write = audit.record('logout', { clientId: ctx.oidc.client?.clientId ?? null, userId: ctx.oidc.session?.accountId ?? null, source: ctx.ip });

@@ -19,6 +19,7 @@ import { buildProvider, createAudit } from './provider.js';
 
 export const serverSql = {
   recordIssuer: 'select sso.record_issuer($1)',
+  recordIdTokenTtl: 'select sso.record_id_token_ttl($1)',
   purge: 'select sso.purge_expired() as purged',
 } as const;
 
@@ -51,6 +52,8 @@ export async function startSsoServer(opts: SsoServerOptions): Promise<SsoServer>
   const audit = createAudit(pool, log);
 
   await pool.query(serverSql.recordIssuer, [config.ERP_CLOUD_SSO_ISSUER]);
+  // a key rotation (from any process) keeps the old key at least this long
+  await pool.query(serverSql.recordIdTokenTtl, [config.ERP_CLOUD_SSO_ID_TOKEN_TTL_S]);
   if (await ensureSigningKey(pool, masterKey, clock())) log.info('SSO: generated the first signing key (kept encrypted in the vault)');
   const cookieKeys = await loadCookieKeys(pool, masterKey, opts.env ?? process.env);
 
@@ -96,13 +99,17 @@ export async function startSsoServer(opts: SsoServerOptions): Promise<SsoServer>
     timer = setTimeout(async () => {
       try {
         await refreshKeys();
-        if (Date.now() - lastPurge > PURGE_EVERY_MS) {
-          lastPurge = Date.now();
-          const { rows } = await pool.query(serverSql.purge);
-          if (rows[0].purged) log.debug({ purged: rows[0].purged }, 'SSO: expired storage removed');
-        }
       } catch (err) {
         log.error({ err }, 'SSO: key refresh failed (the current keys stay in use)');
+      }
+      if (Date.now() - lastPurge > PURGE_EVERY_MS) {
+        lastPurge = Date.now();
+        try {
+          const { rows } = await pool.query(serverSql.purge);
+          if (rows[0].purged) log.debug({ purged: rows[0].purged }, 'SSO: expired storage removed');
+        } catch (err) {
+          log.error({ err }, 'SSO: purging expired sessions, codes and tickets failed (sso.purge_expired)');
+        }
       }
       schedule();
     }, delay);

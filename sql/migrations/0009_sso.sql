@@ -25,11 +25,13 @@
 --   EO009  a signing-key rotation is already scheduled
 --   EO010  invalid signing key or rotation setting
 --   EO011  the SSO issuer is not known yet (start erp-cloud sso serve once)
+--   EO012  the SSO service asked the vault for a secret outside sso.*
 --   EO020  jump ticket unknown
 --   EO021  jump ticket already used
 --   EO022  jump ticket expired
 --   EO023  jump ticket issued for another client
--- EO020..EO023 (and EO005, EO007 at consumption) are not raised: consuming a
+--   EO024  jump ticket opened in another browser
+-- EO020..EO024 (and EO005, EO007 at consumption) are not raised: consuming a
 -- ticket must leave an audit row even when it fails, so sso.consume_jump_ticket
 -- records the failure and returns its code instead of rolling back.
 create schema if not exists erp;
@@ -108,9 +110,9 @@ create table sso.setting (
   name       text primary key,
   value      text not null,
   updated_at timestamptz not null default now(),
-  constraint setting_name_known check (name in ('issuer'))
+  constraint setting_name_known check (name in ('issuer', 'id_token_ttl_s'))
 );
-comment on table sso.setting is 'SSO settings. issuer: the OpenID Provider''s issuer URL, recorded by erp-cloud sso serve at start; jump URLs are built from it.';
+comment on table sso.setting is 'SSO settings, recorded by erp-cloud sso serve at start. issuer: the OpenID Provider''s issuer URL; jump URLs are built from it. id_token_ttl_s: the ID-token lifetime the servers use (seconds); a key rotation keeps the old key at least this long.';
 
 create function sso.record_issuer(p_issuer text) returns void
 language plpgsql set search_path = '' as $$
@@ -123,6 +125,19 @@ begin
   on conflict (name) do update set value = excluded.value, updated_at = pg_catalog.now()
    where sso.setting.value is distinct from excluded.value;
 end $$;
+create function sso.record_id_token_ttl(p_seconds integer) returns void
+language plpgsql set search_path = '' as $$
+begin
+  if p_seconds is null or p_seconds < 0 then
+    raise exception using errcode = 'EO010', message = format('ID-token lifetime %s is not valid', p_seconds),
+      hint = 'Set ERP_CLOUD_SSO_ID_TOKEN_TTL_S to a number of seconds (60 to 86400).';
+  end if;
+  insert into sso.setting (name, value) values ('id_token_ttl_s', p_seconds::text)
+  on conflict (name) do update set value = excluded.value, updated_at = pg_catalog.now()
+   where sso.setting.value is distinct from excluded.value;
+end $$;
+comment on function sso.record_id_token_ttl(integer) is 'Records the ID-token lifetime (seconds) the provider issues tokens with (called by erp-cloud sso serve at start); sso.schedule_signing_key keeps a retiring key at least this long, whatever the caller passes. EO010 for a negative value.';
+
 comment on function sso.record_issuer(text) is 'Records the issuer URL the provider serves (called by erp-cloud sso serve at start); jump URLs start with it. EO003 for a malformed URL.';
 
 ------------------------------------------------------------------------------
@@ -168,6 +183,18 @@ begin
 end $$;
 comment on function sso._check_uris is 'Internal: EO003 unless every URI is absolute https (or http on the loopback) without a fragment.';
 
+create function sso._client_uris_valid() returns trigger
+language plpgsql set search_path = '' as $$
+begin
+  perform sso._check_uris('redirect URI', new.redirect_uris);
+  perform sso._check_uris('post-logout redirect URI', new.post_logout_redirect_uris);
+  perform sso._check_uris('login-initiation URI', case when new.initiate_login_uri is null then '{}'::text[] else array[new.initiate_login_uri] end);
+  return new;
+end $$;
+comment on function sso._client_uris_valid() is 'Internal (trigger on sso.client): every write of a client''s URIs passes sso._check_uris, whoever makes it (EO003).';
+create trigger client_uris_valid before insert or update of redirect_uris, post_logout_redirect_uris, initiate_login_uri on sso.client
+  for each row execute function sso._client_uris_valid();
+
 create function sso._client(p_client_id text) returns sso.client
 language plpgsql stable set search_path = '' as $$
 declare
@@ -189,7 +216,7 @@ create function sso.register_client(
   p_post_logout_redirect_uris text[] default '{}',-- where the platform may send the browser after logout
   p_initiate_login_uri        text default null   -- the platform's login-initiation URL (needed for jumps)
 ) returns sso.client_credentials
-language plpgsql set search_path = '' as $$
+language plpgsql security definer set search_path = '' as $$
 declare
   v_secret text := sso._random_token();
 begin
@@ -218,7 +245,7 @@ comment on function sso.register_client(text, text, text[], text[], text) is 'Re
 create function sso.rotate_client_secret(
   p_client_id text  -- the client whose secret changes
 ) returns sso.client_credentials
-language plpgsql set search_path = '' as $$
+language plpgsql security definer set search_path = '' as $$
 declare
   v_secret text := sso._random_token();
 begin
@@ -230,7 +257,7 @@ end $$;
 comment on function sso.rotate_client_secret(text) is 'Gives a client a new secret and returns it, once. The old secret stops working at commit: change it on the platform in the same maintenance window. EO001 for an unknown client.';
 
 create function sso.disable_client(p_client_id text) returns void
-language plpgsql set search_path = '' as $$
+language plpgsql security definer set search_path = '' as $$
 begin
   perform sso._client(p_client_id);
   update sso.client set enabled = false, disabled_at = pg_catalog.now() where client_id = p_client_id and enabled;
@@ -238,12 +265,33 @@ end $$;
 comment on function sso.disable_client(text) is 'Stops a client at once on every provider instance: no new logins, no code exchange, no jumps. EO001 for an unknown client.';
 
 create function sso.enable_client(p_client_id text) returns void
-language plpgsql set search_path = '' as $$
+language plpgsql security definer set search_path = '' as $$
 begin
   perform sso._client(p_client_id);
   update sso.client set enabled = true, disabled_at = null where client_id = p_client_id and not enabled;
 end $$;
 comment on function sso.enable_client(text) is 'Lets a disabled client sign users in again. EO001 for an unknown client.';
+
+create function sso.set_client_uris(
+  p_client_id                 text,    -- the client whose URIs change
+  p_redirect_uris             text[],  -- the complete new list of redirect URIs (at least one)
+  p_post_logout_redirect_uris text[],  -- the complete new list ('{}' for none)
+  p_initiate_login_uri        text     -- the login-initiation URL (null: no jumps to this client)
+) returns void
+language plpgsql security definer set search_path = '' as $$
+begin
+  perform sso._client(p_client_id);
+  if coalesce(cardinality(p_redirect_uris), 0) = 0 then
+    raise exception using errcode = 'EO003', message = format('client %s needs at least one redirect URI', p_client_id),
+      hint = 'Pass the complete list of the platform''s callback URLs, e.g. array[''https://saas.example.com/oidc/callback''].';
+  end if;
+  -- the trigger client_uris_valid checks every URI (EO003)
+  update sso.client
+     set redirect_uris = p_redirect_uris, post_logout_redirect_uris = coalesce(p_post_logout_redirect_uris, '{}'),
+         initiate_login_uri = p_initiate_login_uri
+   where client_id = p_client_id;
+end $$;
+comment on function sso.set_client_uris(text, text[], text[], text) is 'Replaces a client''s redirect, post-logout and login-initiation URIs (each list complete, as registered). Applies on the next request on every instance. EO001 unknown client, EO003 bad or missing URI.';
 
 create function sso.client_metadata(p_client_id text) returns jsonb
 language sql stable set search_path = '' as $$
@@ -328,15 +376,19 @@ create function sso.schedule_signing_key(
 ) returns sso.signing_key
 language plpgsql set search_path = '' as $$
 declare
-  v_pending sso.signing_key;
-  v_row     sso.signing_key;
-  v_current boolean;
+  v_pending  sso.signing_key;
+  v_row      sso.signing_key;
+  v_current  boolean;
+  v_lifetime interval;
 begin
   if p_publish_lead is null or p_publish_lead < interval '0' or p_token_lifetime is null or p_token_lifetime < interval '0' then
     raise exception using errcode = 'EO010', message = 'the publish lead and token lifetime must be zero or more',
       hint = 'Pass intervals such as ''10 minutes'' and ''1 hour''.';
   end if;
   perform sso.lock_signing_keys();
+  -- the servers' own ID-token lifetime (recorded at serve start) wins when it is longer
+  v_lifetime := greatest(p_token_lifetime,
+    (select pg_catalog.make_interval(secs => s.value::double precision) from sso.setting s where s.name = 'id_token_ttl_s'));
   select * into v_pending from sso.signing_key k where k.signs_from > p_now order by k.signs_from limit 1;
   if found then
     raise exception using errcode = 'EO009', message = format('signing key %s is already scheduled to start signing at %s', v_pending.kid, v_pending.signs_from),
@@ -354,11 +406,11 @@ begin
   -- the key signing now hands over when the new one starts, and stays
   -- verifiable until the last token it signed has expired
   update sso.signing_key k
-     set signs_until = v_row.signs_from, verify_until = v_row.signs_from + p_token_lifetime
+     set signs_until = v_row.signs_from, verify_until = v_row.signs_from + v_lifetime
    where k.signs_until is null and k.kid <> v_row.kid;
   return v_row;
 end $$;
-comment on function sso.schedule_signing_key(text, jsonb, interval, interval, timestamptz) is 'Adds a signing key. The first key signs at once; a later one is published now and signs after the publish lead, when the current key stops signing and stays verifiable for the token lifetime. EO009 while another rotation is pending, EO010 for bad input.';
+comment on function sso.schedule_signing_key(text, jsonb, interval, interval, timestamptz) is 'Adds a signing key. The first key signs at once; a later one is published now and signs after the publish lead, when the current key stops signing and stays verifiable for the token lifetime (p_token_lifetime or the servers'' recorded ID-token lifetime, whichever is longer). EO009 while another rotation is pending, EO010 for bad input.';
 
 create type sso.signing_key_state as (
   kid          text,
@@ -442,18 +494,20 @@ create table sso.jump_ticket (
   issued_at     timestamptz not null,
   expires_at    timestamptz not null,
   issued_from   inet,
+  opened_at     timestamptz,
+  bound_sha256  bytea,
   consumed_at   timestamptz,
   consumed_from inet
 );
-comment on table sso.jump_ticket is 'One-time tickets for the ERP''s jump button: for one (user, client), about a minute, single use. Only the SHA-256 of the ticket is kept.';
+comment on table sso.jump_ticket is 'One-time tickets for the ERP''s jump button: for one (user, client), about a minute, single use, bound to the first browser that opens it. Only the SHA-256 of the ticket is kept.';
+comment on column sso.jump_ticket.bound_sha256 is 'SHA-256 of the random value the first browser to open the jump link got in its HttpOnly cookie: only that browser can use the ticket.';
 create index jump_ticket_expires_at on sso.jump_ticket (expires_at);
 
 create function sso.issue_jump_ticket(
   p_login       text,                          -- the ERP user signed in to the ERP
   p_client_id   text,                          -- the platform to open
   p_source_addr inet default null,             -- the user's browser address as the ERP saw it
-  p_ttl         interval default interval '60 seconds',
-  p_now         timestamptz default now()
+  p_ttl         interval default interval '60 seconds'
 ) returns text
 language plpgsql security definer set search_path = '' as $$
 declare
@@ -462,6 +516,7 @@ declare
   v_issuer text;
   v_ticket text := sso._random_token();
   v_source inet := coalesce(p_source_addr, pg_catalog.inet_client_addr());
+  v_now    timestamptz := pg_catalog.now();  -- never the caller's clock: the lifetime and audit time are ours
 begin
   select * into v_user from erp.app_user u where u.login = p_login;
   if not found then
@@ -479,7 +534,7 @@ begin
   end if;
   if v_client.initiate_login_uri is null then
     raise exception using errcode = 'EO008', message = format('SSO client %s has no login-initiation URI', p_client_id),
-      hint = 'Register the platform''s login-initiation URL (update sso.client set initiate_login_uri = ...), or let users start at the platform''s login page.';
+      hint = 'Set the platform''s login-initiation URL with sso.set_client_uris (erp-cloud sso register-client shows the lists), or let users start at the platform''s login page.';
   end if;
   select s.value into v_issuer from sso.setting s where s.name = 'issuer';
   if v_issuer is null then
@@ -491,36 +546,63 @@ begin
       hint = 'Use a lifetime above zero and at most 10 minutes; the default (60 seconds) suits a button click.';
   end if;
   insert into sso.jump_ticket (ticket_sha256, user_id, client_id, issued_at, expires_at, issued_from)
-  values (sso._sha256(v_ticket), v_user.id, p_client_id, p_now, p_now + p_ttl, v_source);
-  perform sso.record_event('ticket_issued', p_client_id, v_user.id, v_source, null, format('valid until %s', p_now + p_ttl), p_now);
+  values (sso._sha256(v_ticket), v_user.id, p_client_id, v_now, v_now + p_ttl, v_source);
+  perform sso.record_event('ticket_issued', p_client_id, v_user.id, v_source, null, format('valid until %s', v_now + p_ttl), v_now);
   return v_issuer || '/jump?ticket=' || v_ticket;
 end $$;
-comment on function sso.issue_jump_ticket(text, text, inet, interval, timestamptz) is 'For the ERP, while the user is signed in: issues a one-time ticket for (user, client), valid p_ttl, and returns the jump URL the ERP''s button opens. Audited. EO006 unknown user, EO007 inactive user, EO001 / EO005 unknown or disabled client, EO008 client without login-initiation URI, EO011 issuer unknown.';
+comment on function sso.issue_jump_ticket(text, text, inet, interval) is 'For the ERP, while the user is signed in: issues a one-time ticket for (user, client), valid p_ttl from the database''s clock, and returns the jump URL the ERP''s button opens. Audited. EO006 unknown user, EO007 inactive user, EO001 / EO005 unknown or disabled client, EO008 client without login-initiation URI, EO011 issuer unknown.';
 
 create type sso.jump_outcome as (
   user_id            bigint,  -- the user signed in (null on failure)
   client_id          text,    -- the client the ticket was issued for
-  initiate_login_uri text,    -- where the jump continues (sso.peek_jump_ticket)
-  code               text,    -- null on success, else EO005 / EO007 / EO020..EO023
+  initiate_login_uri text,    -- where the jump continues (sso.open_jump_ticket)
+  code               text,    -- null on success, else EO005 / EO007 / EO020..EO024
   reason             text     -- one line for a person (and the OAuth error_description)
 );
 comment on type sso.jump_outcome is 'What became of a presented jump ticket.';
 
-create function sso.peek_jump_ticket(p_ticket text, p_now timestamptz default now()) returns setof sso.jump_outcome
-language sql stable set search_path = '' as $$
-  -- which client a ticket leads to, without using it (the /jump step);
-  -- refusals are left to consume, which audits them
-  select t.user_id, t.client_id, c.initiate_login_uri, null::text, null::text
-    from sso.jump_ticket t join sso.client c using (client_id)
-   where t.ticket_sha256 = sso._sha256(p_ticket)
-     and t.consumed_at is null and t.expires_at > p_now and c.enabled
-$$;
-comment on function sso.peek_jump_ticket(text, timestamptz) is 'The client and login-initiation URI a live ticket leads to, without consuming it; no row when the ticket is unknown, used, expired or its client disabled.';
+create function sso.open_jump_ticket(
+  p_ticket      text,              -- the ticket as presented at /jump
+  p_binding     text,              -- a random value the provider puts in this browser's HttpOnly cookie
+  p_source_addr inet default null  -- the browser's address
+) returns setof sso.jump_outcome
+language plpgsql set search_path = '' as $$
+declare
+  v_t sso.jump_ticket;
+  v_c sso.client;
+begin
+  -- the /jump step: binds a live ticket to the first browser that opens it.
+  -- No row when the ticket is unknown, used, expired or its client disabled
+  -- (sso.consume_jump_ticket then records why); EO024 for a second browser.
+  select * into v_t from sso.jump_ticket t where t.ticket_sha256 = sso._sha256(p_ticket) for update;
+  if not found or v_t.consumed_at is not null or v_t.expires_at <= pg_catalog.now() then
+    return;
+  end if;
+  select * into v_c from sso.client c where c.client_id = v_t.client_id;
+  if not v_c.enabled then
+    return;
+  end if;
+  if v_t.bound_sha256 is not null then
+    perform sso.record_event('failure', v_t.client_id, v_t.user_id, p_source_addr, 'EO024',
+                             format('the jump link was already opened in another browser at %s', v_t.opened_at));
+    return next (null, v_t.client_id, null, 'EO024', 'the jump link was already opened in another browser')::sso.jump_outcome;
+    return;
+  end if;
+  if p_binding is null or pg_catalog.length(p_binding) < 32 then
+    raise exception using errcode = 'EO010', message = 'a jump binding needs at least 32 characters of randomness',
+      hint = 'The provider passes a fresh random value per browser (listener/sso/interactions.ts).';
+  end if;
+  update sso.jump_ticket set opened_at = pg_catalog.now(), bound_sha256 = sso._sha256(p_binding)
+   where ticket_sha256 = v_t.ticket_sha256;
+  return next (v_t.user_id, v_t.client_id, v_c.initiate_login_uri, null, null)::sso.jump_outcome;
+end $$;
+comment on function sso.open_jump_ticket(text, text, inet) is 'The /jump step: binds a live ticket to the browser holding p_binding (only its SHA-256 is kept) and returns the client and login-initiation URI, without consuming it. No row when the ticket is unknown, used, expired or its client disabled; EO024 (audited) when another browser opened it first.';
 
 create function sso.consume_jump_ticket(
   p_ticket      text,              -- the ticket as presented
   p_client_id   text,              -- the client whose authorization request it is presented to
   p_source_addr inet default null, -- the browser's address
+  p_binding     text default null, -- the value in the browser's jump cookie (sso.open_jump_ticket)
   p_now         timestamptz default now()
 ) returns sso.jump_outcome
 language plpgsql set search_path = '' as $$
@@ -548,6 +630,9 @@ begin
     elsif p_client_id is null or v_t.client_id <> p_client_id then
       -- null: presented outside an authorization request (the /jump step after a failed peek)
       v_code := 'EO023'; v_reason := 'the jump link was issued for another application';
+    elsif v_t.bound_sha256 is null or p_binding is null or v_t.bound_sha256 <> sso._sha256(p_binding) then
+      -- not opened at /jump, or opened there by another browser: a copied cookie or link
+      v_code := 'EO024'; v_reason := 'the jump link was opened in another browser';
     end if;
   end if;
   -- a presented ticket is used up whatever happens next
@@ -562,21 +647,57 @@ begin
                            v_reason || case when v_code = 'EO023' then format(' (issued for %s)', v_t.client_id) else '' end, p_now);
   return (null, v_t.client_id, null, v_code, v_reason)::sso.jump_outcome;
 end $$;
-comment on function sso.consume_jump_ticket(text, text, inet, timestamptz) is 'For the provider''s interaction: uses a ticket up (single use, also when refused) and returns the user to sign in, or the refusal code (EO020 unknown, EO021 used, EO022 expired, EO023 other client, EO005 client disabled, EO007 user inactive). Every outcome leaves an audit row.';
+comment on function sso.consume_jump_ticket(text, text, inet, text, timestamptz) is 'For the provider''s interaction: uses a ticket up (single use, also when refused) and returns the user to sign in, or the refusal code (EO020 unknown, EO021 used, EO022 expired, EO023 other client, EO024 not the browser that opened it, EO005 client disabled, EO007 user inactive). Every outcome leaves an audit row.';
 
-create function sso.purge_expired(p_now timestamptz default now()) returns integer
-language plpgsql set search_path = '' as $$
+create function sso.purge_expired() returns integer
+language plpgsql security definer set search_path = '' as $$
 declare
   v_a integer;
   v_b integer;
 begin
-  delete from sso.oidc_payload where expires_at <= p_now;
+  -- SECURITY DEFINER: the provider may not delete tickets itself; the clock is the database's
+  delete from sso.oidc_payload where expires_at <= pg_catalog.now();
   get diagnostics v_a = row_count;
-  delete from sso.jump_ticket where expires_at <= p_now - interval '1 day';
+  delete from sso.jump_ticket where expires_at <= pg_catalog.now() - interval '1 day';
   get diagnostics v_b = row_count;
   return v_a + v_b;
 end $$;
-comment on function sso.purge_expired(timestamptz) is 'Removes expired provider storage rows and jump tickets older than a day past expiry (the audit keeps their story); returns how many. The provider runs it periodically.';
+comment on function sso.purge_expired() is 'Removes expired provider storage rows and jump tickets older than a day past expiry (the audit keeps their story); returns how many. The provider runs it periodically (SECURITY DEFINER: erp_cloud_sso cannot delete tickets otherwise).';
+
+------------------------------------------------------------------------------
+-- The vault, narrowed to the SSO secrets
+------------------------------------------------------------------------------
+-- The provider keeps the private halves of its signing keys and its cookie
+-- keys as vault secrets sso.signing_keys and sso.cookie_keys (it makes them
+-- on first start and rotates them, so it may put as well as read). It gets
+-- these two wrappers, not vault.read_secret / vault.put_secret, so it can
+-- never read or overwrite another service's secret. They are owned by
+-- erp_cloud_vault_owner (who runs the vault's own functions).
+create function sso._vault_name_is_sso(p_name text) returns void
+language plpgsql immutable set search_path = '' as $$
+begin
+  if p_name is null or pg_catalog.left(p_name, 4) <> 'sso.' then
+    raise exception using errcode = 'EO012', message = format('the SSO service may not use vault secret %L', p_name),
+      hint = 'The OpenID Provider only keeps secrets named sso.* (sso.signing_keys, sso.cookie_keys); other secrets belong to other services.';
+  end if;
+end $$;
+comment on function sso._vault_name_is_sso(text) is 'Internal: EO012 unless the secret name starts with sso.';
+
+create function sso.read_vault_secret(p_name text, p_master_key text) returns text
+language plpgsql security definer set search_path = '' as $$
+begin
+  perform sso._vault_name_is_sso(p_name);
+  return vault.read_secret(p_name, p_master_key);
+end $$;
+comment on function sso.read_vault_secret(text, text) is 'vault.read_secret for the OpenID Provider, limited to secrets named sso.* (EO012 for any other; EC020 when missing, EC021 wrong key).';
+
+create function sso.put_vault_secret(p_name text, p_value text, p_master_key text, p_description text default null) returns vault.secret_summary
+language plpgsql security definer set search_path = '' as $$
+begin
+  perform sso._vault_name_is_sso(p_name);
+  return vault.put_secret(p_name, p_value, p_master_key, p_description);
+end $$;
+comment on function sso.put_vault_secret(text, text, text, text) is 'vault.put_secret for the OpenID Provider, limited to secrets named sso.* (EO012 for any other).';
 
 ------------------------------------------------------------------------------
 -- Privileges: nothing for PUBLIC
@@ -587,9 +708,10 @@ revoke all on erp.app_user from public;
 
 -- the ERP: its users, and the jump
 grant select, insert, update on erp.app_user to erp_cloud_app;
-grant execute on function sso.issue_jump_ticket(text, text, inet, interval, timestamptz) to erp_cloud_app;
+grant execute on function sso.issue_jump_ticket(text, text, inet, interval) to erp_cloud_app;
 
--- the provider
+-- the provider (erp-cloud sso serve, and erp-cloud sso rotate-keys, which
+-- needs the provider's vault key and so runs with the provider's login)
 grant usage on schema erp to erp_cloud_app, erp_cloud_sso, erp_cloud_operator;
 grant select on erp.app_user to erp_cloud_sso;
 grant select on sso.client, sso.setting, sso.signing_key, sso.client_status, sso.signing_key_status to erp_cloud_sso;
@@ -598,30 +720,31 @@ grant select, insert, update, delete on sso.signing_key, sso.setting to erp_clou
 grant select, update on sso.jump_ticket to erp_cloud_sso;
 grant select, insert on sso.audit to erp_cloud_sso;
 grant execute on function
-  sso.record_issuer(text), sso.client_metadata(text), sso.lock_signing_keys(),
+  sso.record_issuer(text), sso.record_id_token_ttl(integer), sso.client_metadata(text), sso.lock_signing_keys(),
   sso.schedule_signing_key(text, jsonb, interval, interval, timestamptz), sso.signing_keys_at(timestamptz),
   sso.retire_signing_keys(timestamptz), sso.record_event(text, text, bigint, inet, text, text, timestamptz),
-  sso.peek_jump_ticket(text, timestamptz), sso.consume_jump_ticket(text, text, inet, timestamptz),
-  sso.purge_expired(timestamptz), sso._sha256(text)
+  sso.open_jump_ticket(text, text, inet), sso.consume_jump_ticket(text, text, inet, text, timestamptz),
+  sso.purge_expired(), sso._sha256(text),
+  sso.read_vault_secret(text, text), sso.put_vault_secret(text, text, text, text)
   to erp_cloud_sso;
 
--- operators: clients, keys, audit
-grant select on sso.client_status, sso.signing_key_status, sso.audit, sso.setting, erp.app_user to erp_cloud_operator;
--- (sso.client holds secret hashes only: SHA-256 of 256-bit random secrets)
-grant select, insert, update, delete on sso.client to erp_cloud_operator;
-grant select, insert, update, delete on sso.signing_key to erp_cloud_operator;
+-- operators: clients through the functions only (they check the URIs and
+-- never show a secret twice); keys and audit read-only. Signing keys change
+-- only with their private halves, i.e. by the provider's login.
+grant select on sso.client_status, sso.signing_key_status, sso.signing_key, sso.audit, sso.setting, erp.app_user to erp_cloud_operator;
 grant execute on function
   sso.register_client(text, text, text[], text[], text), sso.rotate_client_secret(text),
-  sso.disable_client(text), sso.enable_client(text), sso.lock_signing_keys(),
-  sso.schedule_signing_key(text, jsonb, interval, interval, timestamptz), sso.signing_keys_at(timestamptz),
-  sso.retire_signing_keys(timestamptz),
-  sso._random_token(), sso._sha256(text), sso._check_uris(text, text[]), sso._client(text)
+  sso.disable_client(text), sso.enable_client(text), sso.set_client_uris(text, text[], text[], text),
+  sso.signing_keys_at(timestamptz)
   to erp_cloud_operator;
 
--- the private halves of the signing keys and the cookie keys are vault
--- secrets (sso.signing_keys, sso.cookie_keys): the provider generates them
--- on first start and rotates them, so it may put as well as read
+-- the wrappers run as the vault's owner, which may call the vault's functions
 set local role erp_cloud_vault_owner;
 grant usage on schema vault to erp_cloud_sso;
-grant execute on function vault.read_secret(text, text), vault.put_secret(text, text, text, text) to erp_cloud_sso;
 reset role;
+grant create on schema sso to erp_cloud_vault_owner;
+alter function sso.read_vault_secret(text, text) owner to erp_cloud_vault_owner;
+alter function sso.put_vault_secret(text, text, text, text) owner to erp_cloud_vault_owner;
+revoke create on schema sso from erp_cloud_vault_owner;
+grant usage on schema sso to erp_cloud_vault_owner;
+grant execute on function sso._vault_name_is_sso(text) to erp_cloud_vault_owner;

@@ -32,7 +32,9 @@ export interface SsoWorld {
   startOp(): Promise<SsoServer>;
   registerClient(id: string, opts?: { loginUri?: boolean }): Promise<{ secret: string; port: number; redirectUri: string }>;
   userId(login: string): Promise<string>;
-  issue(login: string, clientId: string, opts?: { ttl?: string; now?: string }): Promise<string>;
+  issue(login: string, clientId: string, opts?: { ttl?: string }): Promise<string>;
+  /** Moves a ticket's issue and expiry back in time (as the superuser: the ERP cannot choose the clock). */
+  ageTicket(jumpUrl: string, seconds: number): Promise<void>;
   audit(sinceId: number): Promise<Array<{ id: number; event: string; user_id: string | null; client_id: string | null; source_addr: string | null; code: string | null; detail: string | null }>>;
   lastAuditId(): Promise<number>;
   close(): Promise<void>;
@@ -73,9 +75,15 @@ export async function startSsoWorld(label: string): Promise<SsoWorld> {
       return String((await db.pool.query('select id from erp.app_user where login = $1', [login])).rows[0].id);
     },
     async issue(login, clientId, opts = {}) {
-      const { rows } = await db.pool.query(`select sso.issue_jump_ticket($1, $2, '203.0.113.7', coalesce($3::interval, '60 seconds'), coalesce($4::timestamptz, now())) as url`,
-        [login, clientId, opts.ttl ?? null, opts.now ?? null]);
+      const { rows } = await db.pool.query(`select sso.issue_jump_ticket($1, $2, '203.0.113.7', coalesce($3::interval, '60 seconds')) as url`,
+        [login, clientId, opts.ttl ?? null]);
       return rows[0].url as string;
+    },
+    async ageTicket(jumpUrl, seconds) {
+      const ticket = new URL(jumpUrl).searchParams.get('ticket')!;
+      const { rowCount } = await db.pool.query(`update sso.jump_ticket set issued_at = issued_at - make_interval(secs => $2), expires_at = expires_at - make_interval(secs => $2)
+                                                 where ticket_sha256 = sha256(convert_to($1, 'UTF8'))`, [ticket, seconds]);
+      if (rowCount !== 1) throw new Error('no such ticket');
     },
     async audit(sinceId) {
       const { rows } = await db.pool.query('select id, event, user_id::text, client_id, host(source_addr) as source_addr, code, detail from sso.audit where id > $1 order by id', [sinceId]);
