@@ -98,7 +98,9 @@ describe('ASN ingest (the one door)', () => {
       await Promise.all([a.end(), b.end()]);
     }
     const winner = (await db.pool.query(`select cloud_event_id from erp.asn_document`)).rows[0].cloud_event_id as string;
-    expect(await ingest({ ...doc, code: 'ASN-OTHER-NUMBER' }, 'push', winner)).toMatchObject({ status: 'duplicate' });
+    // the same event id with another ASN is a conflict, not a silent duplicate: nothing is stored
+    expect(await sqlstateOf(ingest({ ...doc, code: 'ASN-OTHER-NUMBER' }, 'push', winner))).toBe('ES017');
+    expect(await sqlstateOf(ingest({ ...doc, supplier: 'S002' }, 'push', winner))).toBe('ES017');
     expect(await ingest(doc, 'pull', null)).toMatchObject({ status: 'duplicate' });
     expect(await asnCount()).toBe(1);
     expect(await lineCount()).toBe(1);
@@ -149,7 +151,7 @@ describe('ASN ingest (the one door)', () => {
   it.each([
     ['not an object', [1, 2]],
     ['no ASN number', { ...asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }]), code: '' }],
-    ['no supplier', { ...asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }]), supplierCode: null }],
+    ['no supplier', { ...asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }]), supplier: null }],
     ['no lines', { ...asnDoc('X', 'PO-A', []) }],
     ['a quantity that is not a number', asnDoc('X', 'PO-A', [{ line: 1, qty: 'ten' as unknown as number }])],
     ['an impossible date', { ...asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }]), deliveryDate: '2026-02-31' }],
@@ -224,7 +226,7 @@ describe('the ASN webhook (push)', () => {
     expect(lastLog()).toBe('ASN webhook refused: malformed body (not JSON)');
     const noAsn = await push('{"eventId": "e5"}');
     expect(noAsn.status).toBe(400);
-    const badAsn = await push(JSON.stringify({ eventId: 'e6', asn: { code: 'ASN-Q', supplierCode: 'S001', details: [] } }));
+    const badAsn = await push(JSON.stringify({ eventId: 'e6', asn: { code: 'ASN-Q', supplier: 'S001', details: [] } }));
     expect(badAsn.status).toBe(422);
     expect(await badAsn.json()).toMatchObject({ error: 'malformed_asn', code: 'ES004' });
     expect(lastLog()).toBe('ASN webhook refused: malformed ASN');
