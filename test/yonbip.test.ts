@@ -129,6 +129,21 @@ describe('purchase orders to the procurement cloud', () => {
     expect(failures.rows[0].n).toBeGreaterThanOrEqual(5);
   });
 
+  it('a publish the cloud applies but answers too late is retried with the same resubmitCheckKey, and the cloud holds one order', async () => {
+    // the first answer comes after the endpoint's 2 s timeout (the cloud still applies it); the retry is answered in time
+    sim.setFaults({ pathPrefix: '/iuap-api-gateway/yonbip/cpu/puorder', schedule: [{ kind: 'slow', ms: 2600 }, { kind: 'slow', ms: 1000 }] });
+    await listen();
+    const id = await addPo(db.pool, 'PO-2026-SLOW', suppliers.s1);
+    await waitFor(async () => (await po(id))?.cloud_status === 'published', { timeoutMs: 20_000, what: 'published after a timeout' });
+    const attempts = await db.pool.query(`select outcome, request_id from cloud.log where endpoint = 'yonbip' and operation = 'scm.po_publish' order by started_at, attempt`);
+    expect(attempts.rows.length).toBeGreaterThanOrEqual(2);
+    expect(attempts.rows[0].outcome).not.toBe('ok');
+    expect(new Set(attempts.rows.map((r) => r.request_id)).size).toBe(1); // one message, so one resubmitCheckKey
+    expect(sim.poLedger().map((e) => [e.op, e.orderno])).toEqual([['publish', 'PO-2026-SLOW']]);
+    expect(sim.orders()).toHaveLength(1);
+    expect((await po(id)).cloud_ref).toBe(sim.orders()[0]!.orderId);
+  });
+
   it('one discovery and one token serve every call of a tenant; the long token with + / = is URL-encoded once', async () => {
     await listen();
     const a = await addPo(db.pool, 'PO-2026-0004', suppliers.s1);
@@ -229,6 +244,46 @@ describe('purchase order rules in the ERP', () => {
       await c.query('reset role');
       c.release();
     }
+  });
+
+  it('neither the ERP nor the portal can call the internal sync function (it locks any PO); the triggers still run it', async () => {
+    const id = await addPo(db.pool, 'PO-SYNC', suppliers.s1);
+    const c = await db.pool.connect();
+    try {
+      for (const role of ['erp_cloud_app', 'erp_cloud_supplier_portal', 'erp_cloud_listener']) {
+        await c.query(`set role ${role}`);
+        expect(await sqlstateOf(c.query(`select scm._sync_purchase_order($1)`, [id])), role).toBe('42501');
+        await c.query('reset role');
+      }
+    } finally {
+      await c.query('reset role');
+      c.release();
+    }
+    const { rows } = await db.pool.query(`select p.prosecdef, p.proconfig from pg_proc p where p.proname in ('tg_purchase_order__500_enqueue', 'tg_purchase_order__500_enqueue_header')`);
+    expect(rows).toEqual([{ prosecdef: true, proconfig: ['search_path=""'] }, { prosecdef: true, proconfig: ['search_path=""'] }]);
+  });
+
+  it('a published PO keeps its number and supplier (ES003), and only a draft can be deleted (ES009)', async () => {
+    const id = await addPo(db.pool, 'PO-ID', suppliers.s1);
+    expect((await po(id)).cloud_revision).toBe(0);
+    expect(await sqlstateOf(db.pool.query(`update erp.purchase_order set po_no = 'PO-ID-2' where id = $1`, [id]))).toBe(SqlState.poFinal);
+    expect(await sqlstateOf(db.pool.query(`update erp.purchase_order set supplier_id = $2 where id = $1`, [id, suppliers.s2]))).toBe(SqlState.poFinal);
+    const c = await db.pool.connect();
+    try {
+      await c.query('set role erp_cloud_app');
+      expect(await sqlstateOf(c.query(`delete from erp.purchase_order where id = $1`, [id]))).toBe(SqlState.poDeleteNotAllowed);
+      await c.query(`update erp.purchase_order set status = 'cancelled' where id = $1`, [id]);
+      expect(await sqlstateOf(c.query(`delete from erp.purchase_order where id = $1`, [id]))).toBe(SqlState.poDeleteNotAllowed);
+    } finally {
+      await c.query('reset role');
+      c.release();
+    }
+    expect((await po(id))).toMatchObject({ status: 'cancelled' });
+    expect((await outboxOf(id)).map((r) => r.operation)).toEqual(['scm.po_publish', 'scm.po_close']);
+    // a draft is still the ERP's to rename, move or delete
+    const draft = await addPo(db.pool, 'PO-DRAFT', suppliers.s1, 'draft');
+    await db.pool.query(`update erp.purchase_order set po_no = 'PO-DRAFT-2', supplier_id = $2 where id = $1`, [draft, suppliers.s2]);
+    expect((await db.pool.query(`delete from erp.purchase_order where id = $1`, [draft])).rowCount).toBe(1);
   });
 
   it('a draft cancelled before approval never reaches the cloud', async () => {
