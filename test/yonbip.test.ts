@@ -11,7 +11,7 @@ import { businessBody, clearYonbipCaches, resubmitCheckKey, signTokenRequest, to
 import { startYonbipSim, type YonbipSim } from '../listener/sim/yonbip.js';
 import { createTestDb, sqlstateOf, waitFor, type TestDb } from './helpers/db.js';
 import { startListener, type InProcessListener } from './helpers/listener.js';
-import { addPo, addSuppliers, setupYonbip } from './helpers/scm.js';
+import { addPo, addSuppliers, asnDoc, setupYonbip } from './helpers/scm.js';
 
 describe('the YonBIP self-built-app token signature', () => {
   it('matches the reference test vector and is URL-encoded exactly once', () => {
@@ -80,6 +80,10 @@ describe('purchase orders to the procurement cloud', () => {
       expect.objectContaining({ lineNum: 2, materialCode: 'M-200', purchaseNum: 50 }),
     ]);
     expect(await po(id)).toMatchObject({ cloud_status: 'published', cloud_ref: order.orderId, cloud_error: null });
+    // a delivery against it carries what 发货单 lines carry: the cloud's order id beside orderCode and orderDetailId
+    await sim.ship({ asn: asnDoc('ASN-REF', 'PO-2026-0001', [{ line: 1, qty: 1 }]), via: 'list' });
+    expect(sim.deliveries()[0]).toMatchObject({ code: 'ASN-REF', supplier: 'S001', status: 1,
+      details: [expect.objectContaining({ orderId: order.orderId, orderCode: 'PO-2026-0001', orderDetailId: 1 })] });
     // the body really carried strings, and the resubmitCheckKey is the request_id
     const { rows } = await db.pool.query(`select request_id, request_body from cloud.log where endpoint = 'yonbip' and outcome = 'ok'`);
     const body = JSON.parse(rows[0].request_body);
@@ -284,6 +288,18 @@ describe('purchase order rules in the ERP', () => {
     const draft = await addPo(db.pool, 'PO-DRAFT', suppliers.s1, 'draft');
     await db.pool.query(`update erp.purchase_order set po_no = 'PO-DRAFT-2', supplier_id = $2 where id = $1`, [draft, suppliers.s2]);
     expect((await db.pool.query(`delete from erp.purchase_order where id = $1`, [draft])).rowCount).toBe(1);
+  });
+
+  it('the publication written back while a revision is still queued leaves the PO queued; the revision makes it revised', async () => {
+    const id = await addPo(db.pool, 'PO-QUEUED', suppliers.s1);
+    await db.pool.query(`update erp.purchase_order_line set quantity = 80 where po_id = $1 and line_no = 1`, [id]);
+    expect((await outboxOf(id)).map((r) => r.operation)).toEqual(['scm.po_publish', 'scm.po_revise']);
+    const writeBack = (op: string) => db.pool.query(`select scm.record_po_delivered(o, '{"code":"200","data":{"orderId":"YC77"}}') from cloud.outbox o where aggregate_id = $1 and operation = $2`, [String(id), op]);
+    await writeBack('scm.po_publish');
+    expect(await po(id)).toMatchObject({ cloud_status: 'queued', cloud_ref: 'YC77' });
+    await db.pool.query(`update cloud.outbox set status = 'sent', locked_until = null where aggregate_id = $1`, [String(id)]);
+    await writeBack('scm.po_revise');
+    expect(await po(id)).toMatchObject({ cloud_status: 'revised', cloud_ref: 'YC77' });
   });
 
   it('a draft cancelled before approval never reaches the cloud', async () => {

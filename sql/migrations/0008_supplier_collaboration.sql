@@ -365,13 +365,18 @@ create function scm.record_po_delivered(
 language plpgsql security definer set search_path = '' as $$
 begin
   update erp.purchase_order
-     set cloud_status = case p_msg.operation when 'scm.po_publish' then 'published' when 'scm.po_revise' then 'revised' else 'closed' end,
+     set cloud_status = case
+           -- a later message of this PO (a revision, the close) is still on its way: the PO is not yet as the cloud has it
+           when exists (select from cloud.outbox o where o.ordering_key = p_msg.ordering_key and o.id > p_msg.id
+                           and o.status in ('pending', 'in_flight')) then 'queued'
+           when p_msg.operation = 'scm.po_publish' then 'published'
+           when p_msg.operation = 'scm.po_revise' then 'revised' else 'closed' end,
          cloud_ref = coalesce(p_response #>> '{data,orderId}', p_response #>> '{data,id}', cloud_ref),
          cloud_error = null,
          cloud_synced_at = pg_catalog.now()
    where id = p_msg.aggregate_id::bigint;
 end $$;
-comment on function scm.record_po_delivered is 'Write-back: the cloud accepted a publish / revision / close; records its order id and status on the PO.';
+comment on function scm.record_po_delivered is 'Write-back: the cloud accepted a publish / revision / close; records its order id and status on the PO (status stays queued while a later message of the PO is pending).';
 
 create function scm.record_po_refused(
   p_msg   cloud.outbox,  -- the message, failed or dead
