@@ -289,4 +289,15 @@ describe('a portal login bound to its supplier', () => {
       expect(await bq(`select po_no from erp.purchase_order where po_no = 'PO-S2'`)).toEqual([]);
     });
   });
+
+  it('a supplier a login is bound to cannot be deleted, so the login never becomes a shared one', async () => {
+    const { rows } = await db.pool.query(`insert into erp.supplier (code, name) values ('S-TMP', 'temp') returning id`);
+    await db.pool.query(`select scm.bind_portal_login($1, 'S-TMP')`, [role]);
+    try {
+      expect(await sqlstateOf(db.pool.query(`delete from erp.supplier where id = $1`, [rows[0].id]))).toBe('23503');
+    } finally {
+      await db.pool.query(`select scm.bind_portal_login($1, null)`, [role]);
+      await db.pool.query(`delete from erp.supplier where id = $1`, [rows[0].id]);
+    }
+  });
 });

@@ -954,7 +954,8 @@ end $$;
 ------------------------------------------------------------------------------
 create table scm.portal_login (
   login_role  name primary key,
-  supplier_id bigint not null references erp.supplier (id) on delete cascade,
+  -- no cascade: deleting the supplier must not turn a bound login into a shared one that may choose any supplier
+  supplier_id bigint not null references erp.supplier (id),
   bound_at    timestamptz not null default now()
 );
 comment on table scm.portal_login is 'Portal login roles bound to one supplier: a bound login (session_user) can only ever act as that supplier, whatever scm.supplier_id says. A login that is not listed is the shared portal login: the portal app (trusted) chooses the supplier per transaction with scm.act_as_supplier.';
