@@ -52,6 +52,8 @@ export const SqlState = {
   sharedDbSetupRefused: 'ES005',
   invalidAsnPullSetting: 'ES006',
   unknownPortalSupplier: 'ES008',
+  poDeleteNotAllowed: 'ES009',
+  asnEventIdConflict: 'ES017',
   // ASN rejection reasons (erp.asn_document.reject_code), stored, never raised
   asnUnknownSupplier: 'ES010',
   asnUnknownPurchaseOrder: 'ES011',

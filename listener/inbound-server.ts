@@ -24,8 +24,10 @@ export interface InboundRoute {
   name: string;
   method: 'POST' | 'GET';
   path: string;
-  /** Bodies larger than this are refused with 413 before they are read whole. Default 256 KiB. */
-  maxBytes?: number;
+  /** Bodies larger than this are refused with 413 before they are read whole. Default 256 KiB. A function reads it from deps.env per request. */
+  maxBytes?: number | ((env: NodeJS.ProcessEnv) => number);
+  /** Optional: runs before the body is read; false answers 403 unread (e.g. a source outside the allowed ranges). */
+  admit?(req: IncomingMessage, deps: InboundDeps): boolean;
   handle(req: IncomingMessage, res: ServerResponse, body: Buffer, deps: InboundDeps): Promise<void>;
 }
 
@@ -72,8 +74,12 @@ export async function startInboundServer(host: string, port: number, deps: Inbou
       const path = (req.url ?? '/').split('?')[0];
       const route = routes.find((r) => r.path === path && r.method === req.method);
       if (!route) return json(res, 404, { error: 'not_found' });
-      const max = route.maxBytes ?? 256 * 1024;
+      const max = (typeof route.maxBytes === 'function' ? route.maxBytes(deps.env) : route.maxBytes) ?? 256 * 1024;
       try {
+        if (route.admit && !route.admit(req, deps)) {
+          req.resume();
+          return json(res, 403, { error: 'forbidden' });
+        }
         const body = await readBody(req, max);
         if (body === null) {
           deps.log.warn({ receiver: route.name, remote: req.socket.remoteAddress, max }, 'inbound request refused: body too large');

@@ -98,7 +98,9 @@ describe('ASN ingest (the one door)', () => {
       await Promise.all([a.end(), b.end()]);
     }
     const winner = (await db.pool.query(`select cloud_event_id from erp.asn_document`)).rows[0].cloud_event_id as string;
-    expect(await ingest({ ...doc, code: 'ASN-OTHER-NUMBER' }, 'push', winner)).toMatchObject({ status: 'duplicate' });
+    // the same event id with another ASN is a conflict, not a silent duplicate: nothing is stored
+    expect(await sqlstateOf(ingest({ ...doc, code: 'ASN-OTHER-NUMBER' }, 'push', winner))).toBe('ES017');
+    expect(await sqlstateOf(ingest({ ...doc, supplier: 'S002' }, 'push', winner))).toBe('ES017');
     expect(await ingest(doc, 'pull', null)).toMatchObject({ status: 'duplicate' });
     expect(await asnCount()).toBe(1);
     expect(await lineCount()).toBe(1);
@@ -149,15 +151,46 @@ describe('ASN ingest (the one door)', () => {
   it.each([
     ['not an object', [1, 2]],
     ['no ASN number', { ...asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }]), code: '' }],
-    ['no supplier', { ...asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }]), supplierCode: null }],
+    ['no supplier', { ...asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }]), supplier: null }],
     ['no lines', { ...asnDoc('X', 'PO-A', []) }],
     ['a quantity that is not a number', asnDoc('X', 'PO-A', [{ line: 1, qty: 'ten' as unknown as number }])],
     ['an impossible date', { ...asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }]), deliveryDate: '2026-02-31' }],
+    ['a line number that is not a number', withLine(asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }]), 0, { lineno: 'one' })],
+    ['a line number used twice', withLine(asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }, { line: 2, qty: 1 }]), 1, { lineno: 1 })],
+    ['a line number that repeats another line\'s position', withLine(withLine(asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }, { line: 2, qty: 1 }]), 0, { lineno: undefined }), 1, { lineno: 1 })],
+    ['a line without its PO line (orderDetailId)', withLine(asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }]), 0, { orderDetailId: 'first' })],
+    ['an impossible planned arrival on a line', withLine(asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }]), 0, { planArrivalDate: '2026-13-01' })],
   ])('a malformed ASN (%s) is refused with ES004 and nothing is written', async (_what, doc) => {
     expect(await sqlstateOf(ingest(doc))).toBe(SqlState.asnMalformed);
     expect(await asnCount()).toBe(0);
   });
+
+  it('ES004 names the field in its DETAIL', async () => {
+    const doc = withLine(asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }, { line: 2, qty: 1 }]), 1, { planArrivalDate: 'soon' });
+    await expect(ingest(doc)).rejects.toMatchObject({ code: 'ES004', detail: 'field: details[2].planArrivalDate' });
+    await expect(ingest(withLine(asnDoc('X', 'PO-A', [{ line: 1, qty: 1 }]), 0, { lineno: '1.5' }))).rejects.toMatchObject({ detail: 'field: details[1].lineno' });
+  });
+
+  it("reads the reference's 发货单 fields: supplier, orderCode, orderDetailId; statuses that are no shipment are not ingested", async () => {
+    const doc = asnDoc('REF-1', 'PO-A', [{ line: 2, qty: 3 }]);
+    expect(Object.keys(doc)).toContain('supplier');
+    expect(await ingest({ ...doc, status: 1 })).toMatchObject({ status: 'accepted' });
+    expect((await db.pool.query(`select po_line_no from erp.asn_line`)).rows).toEqual([{ po_line_no: 2 }]);
+    // 0 待发布, 4 拒签, 9 正在发布, 10 发布失败
+    for (const status of [0, 4, 9, 10, '10']) {
+      expect(await ingest({ ...asnDoc(`REF-S${status}`, 'PO-A', [{ line: 1, qty: 1 }]), status })).toMatchObject({ status: 'not_shipped', asn_id: null });
+    }
+    expect(await asnCount()).toBe(1);
+    // the old, unlisted names are not read
+    const old = { ...asnDoc('REF-OLD', 'PO-A', [{ line: 1, qty: 1 }]), supplier: undefined, supplierCode: 'S001' };
+    expect(await sqlstateOf(ingest(old))).toBe(SqlState.asnMalformed);
+  });
 });
+
+function withLine(doc: Record<string, unknown>, i: number, patch: Record<string, unknown>): Record<string, unknown> {
+  const details = (doc.details as Array<Record<string, unknown>>).map((d, j) => (j === i ? { ...d, ...patch } : d));
+  return { ...doc, details: JSON.parse(JSON.stringify(details)) };
+}
 
 async function push(body: string, opts: { secret?: string; at?: number; eventId?: string } = {}): Promise<Response> {
   const at = opts.at ?? Math.floor(Date.now() / 1000);
@@ -224,7 +257,7 @@ describe('the ASN webhook (push)', () => {
     expect(lastLog()).toBe('ASN webhook refused: malformed body (not JSON)');
     const noAsn = await push('{"eventId": "e5"}');
     expect(noAsn.status).toBe(400);
-    const badAsn = await push(JSON.stringify({ eventId: 'e6', asn: { code: 'ASN-Q', supplierCode: 'S001', details: [] } }));
+    const badAsn = await push(JSON.stringify({ eventId: 'e6', asn: { code: 'ASN-Q', supplier: 'S001', details: [] } }));
     expect(badAsn.status).toBe(422);
     expect(await badAsn.json()).toMatchObject({ error: 'malformed_asn', code: 'ES004' });
     expect(lastLog()).toBe('ASN webhook refused: malformed ASN');
@@ -234,6 +267,58 @@ describe('the ASN webhook (push)', () => {
     expect(unconfigured.status).toBe(503);
     expect(lastLog()).toBe('ASN webhook refused: shared secret not configured');
     expect(await asnCount()).toBe(0);
+  });
+
+  it('the event id is the signed one in the body: a header cannot change it, and a known event id with another ASN is 409', async () => {
+    const body = JSON.stringify({ eventId: 'ev-signed', asn: asnDoc('ASN-E1', 'PO-A', [{ line: 1, qty: 5 }]) });
+    expect((await push(body, { eventId: 'ev-from-header' })).status).toBe(200);
+    expect((await db.pool.query(`select cloud_event_id from erp.asn_document`)).rows).toEqual([{ cloud_event_id: 'ev-signed' }]);
+    const other = JSON.stringify({ eventId: 'ev-signed', asn: asnDoc('ASN-E2', 'PO-A', [{ line: 1, qty: 5 }]) });
+    const conflict = await push(other);
+    expect(conflict.status).toBe(409);
+    expect(await conflict.json()).toMatchObject({ error: 'event_conflict', code: 'ES017' });
+    expect(lastLog()).toBe('ASN webhook refused: event id already used for another ASN');
+    expect(await asnCount()).toBe(1);
+  });
+
+  it('an unlisted source is refused before its body is read; the size limit is read from the environment per request', async () => {
+    inboundEnv.ERP_CLOUD_ASN_WEBHOOK_CIDRS = '203.0.113.0/24';
+    // an oversized body from outside: 403 (the source check runs first), not 413
+    const huge = JSON.stringify({ eventId: 'e-big', asn: { ...asnDoc('ASN-H', 'PO-A', [{ line: 1, qty: 5 }]), pad: 'x'.repeat(300 * 1024) } });
+    const res = await push(huge);
+    expect(res.status).toBe(403);
+    expect(lastLog()).toBe('inbound request refused: source address not allowed');
+    inboundEnv.ERP_CLOUD_ASN_WEBHOOK_CIDRS = '127.0.0.0/8';
+    inboundEnv.ERP_CLOUD_ASN_WEBHOOK_MAX_BYTES = '1024';
+    try {
+      const small = JSON.stringify({ eventId: 'e-2k', asn: { ...asnDoc('ASN-K', 'PO-A', [{ line: 1, qty: 5 }]), pad: 'x'.repeat(2048) } });
+      expect((await push(small)).status).toBe(413);
+    } finally {
+      delete inboundEnv.ERP_CLOUD_ASN_WEBHOOK_MAX_BYTES;
+    }
+    expect(await asnCount()).toBe(0);
+  });
+
+  it('a push that waits on a locked purchase order is answered 503 with Retry-After, and succeeds once the lock is gone', async () => {
+    inboundEnv.ERP_CLOUD_ASN_WEBHOOK_LOCK_TIMEOUT_MS = '200';
+    const holder = await db.pool.connect();
+    try {
+      await holder.query('begin');
+      await holder.query(`select id from erp.purchase_order where id = $1 for update`, [poId]);
+      const body = JSON.stringify({ eventId: 'ev-locked', asn: asnDoc('ASN-LOCK', 'PO-A', [{ line: 1, qty: 5 }]) });
+      const busy = await push(body);
+      expect(busy.status).toBe(503);
+      expect(busy.headers.get('retry-after')).toBe('5');
+      expect(lastLog()).toBe('ASN webhook deferred: purchase order locked');
+      await holder.query('rollback');
+      const later = await push(body);
+      expect(later.status).toBe(200);
+      expect(later.headers.get('x-scm-asn-status')).toBe('accepted');
+    } finally {
+      await holder.query('rollback').catch(() => undefined);
+      holder.release();
+      delete inboundEnv.ERP_CLOUD_ASN_WEBHOOK_LOCK_TIMEOUT_MS;
+    }
   });
 
   it('a rejected ASN is still answered success (the cloud must not retry it) and kept with its reason', async () => {
@@ -270,6 +355,25 @@ describe('the ASN pull (delivery list by watermark)', () => {
     const last = await db.pool.query(`select payload->>'ts' ts from cloud.outbox where operation = 'scm.asn_pull' order by id desc limit 1`);
     expect(last.rows[0].ts).toBe('2026-11-24 09:10:00');
     expect(await lineCount()).toBe(4);
+  });
+
+  it('a malformed record in a page goes to quarantine with the reason; the rest is ingested and the watermark moves on', async () => {
+    await db.pool.query('truncate scm.asn_quarantine');
+    await db.pool.query(`select scm.put_asn_pull('yonbip')`);
+    const bad = withLine(asnDoc('ASN-QB', 'PO-A', [{ line: 1, qty: 1 }, { line: 2, qty: 1 }]), 1, { lineno: 1 });
+    await sim.ship({ asn: bad, via: 'list', ts: '2026-11-24 08:00:00' });
+    await sim.ship({ asn: { ...asnDoc('ASN-Q0', 'PO-A', [{ line: 1, qty: 1 }]), status: 0 }, via: 'list', ts: '2026-11-24 08:30:00' });
+    await sim.ship({ asn: asnDoc('ASN-QG', 'PO-A', [{ line: 1, qty: 2 }]), via: 'list', ts: '2026-11-24 09:00:00' });
+    listener = await startListener(db.url);
+    await db.pool.query(`select scm.enqueue_asn_pulls()`);
+    await waitFor(pullDone, { what: 'pull finished' });
+    expect((await db.pool.query(`select status from cloud.outbox where operation = 'scm.asn_pull'`)).rows).toEqual([{ status: 'sent' }]);
+    expect((await db.pool.query(`select asn_no, detail -> 'details' -> 0 ->> 'orderId' order_id from erp.asn_document`)).rows)
+      .toEqual([{ asn_no: 'ASN-QG', order_id: null }]); // (PO-A was not yet published when shipped: no cloud order id to add)
+    const q = await db.pool.query(`select source, sqlstate, reason, doc ->> 'code' code from scm.asn_quarantine`);
+    expect(q.rows).toEqual([{ source: 'pull', sqlstate: 'ES004', reason: expect.stringMatching(/lineno/), code: 'ASN-QB' }]);
+    const wm = await db.pool.query(`select to_char(watermark at time zone 'Asia/Shanghai', 'YYYY-MM-DD HH24:MI:SS') w from scm.asn_pull`);
+    expect(wm.rows[0].w).toBe('2026-11-24 09:00:00');
   });
 
   it('an ASN that was pushed and is then listed for the pull is ingested once', async () => {

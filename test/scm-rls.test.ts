@@ -1,8 +1,9 @@
 /**
  * The supplier portal sees and writes only its own supplier's rows, chosen by
- * a transaction-local setting; without one it sees nothing. Attacked here:
- * another supplier's id, a missing or malformed setting, RESET ROLE / SET
- * ROLE, rows moved to another supplier.
+ * a transaction-local setting (the shared portal login) or by the binding of
+ * its login role (scm.portal_login); without either it sees nothing. Attacked
+ * here: another supplier's id, a missing or malformed setting, RESET ROLE /
+ * SET ROLE, rows moved to another supplier, a bound login naming another supplier.
  */
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
@@ -12,7 +13,9 @@ import { addPo, addSuppliers, asnDoc } from './helpers/scm.js';
 
 let db: TestDb;
 let portal: pg.Client;
+let bound: pg.Client;
 const role = `portal_${randomBytes(4).toString('hex')}`;
+const boundRole = `portal_s1_${randomBytes(4).toString('hex')}`;
 let s1: number;
 let s2: number;
 
@@ -30,10 +33,13 @@ beforeAll(async () => {
   db = await createTestDb('scm_rls');
   await admin(`create role ${role} login noinherit`);
   await admin(`grant erp_cloud_supplier_portal to ${role}`);
+  await admin(`create role ${boundRole} login noinherit`);
+  await admin(`grant erp_cloud_supplier_portal to ${boundRole}`);
   ({ s1, s2 } = await addSuppliers(db.pool));
   await db.pool.query(`select cloud.put_endpoint('yonbip', 'http://127.0.0.1:9', 'yonbip')`);
   const a = await addPo(db.pool, 'PO-S1', s1);
   const b = await addPo(db.pool, 'PO-S2', s2);
+  await addPo(db.pool, 'PO-S1-DRAFT', s1, 'draft');
   expect(a && b).toBeTruthy();
   const ingest = (doc: unknown) => db.pool.query(`select scm.ingest_asn($1::jsonb, 'push')`, [JSON.stringify(doc)]);
   await ingest(asnDoc('ASN-S1', 'PO-S1', [{ line: 1, qty: 5, batch: 'LOT-7' }]));
@@ -44,11 +50,26 @@ beforeAll(async () => {
   await portal.connect();
   // the portal's login role holds erp_cloud_supplier_portal without inheriting it: it must SET ROLE, as the portal does
   await portal.query('set role erp_cloud_supplier_portal');
+  // a second login, bound to S001 by an operator
+  const op = await db.pool.connect();
+  try {
+    await op.query('set role erp_cloud_operator');
+    await op.query('select scm.bind_portal_login($1, $2)', [boundRole, 'S001']);
+  } finally {
+    await op.query('reset role');
+    op.release();
+  }
+  u.username = boundRole;
+  bound = new pg.Client({ connectionString: u.toString() });
+  await bound.connect();
+  await bound.query('set role erp_cloud_supplier_portal');
 });
 afterAll(async () => {
   await portal?.end();
+  await bound?.end();
   await db.drop();
   await admin(`drop role if exists ${role}`);
+  await admin(`drop role if exists ${boundRole}`);
 });
 
 /** Runs fn in a portal transaction acting for `supplierCode` (or with no setting), then rolls back. */
@@ -76,8 +97,8 @@ describe('supplier portal isolation', () => {
   it('a supplier sees only its own supplier record, purchase orders, lines, ASNs and ASN lines', async () => {
     await asSupplier('S001', async () => {
       expect(await q(`select code from erp.supplier`)).toEqual([{ code: 'S001' }]);
-      expect(await q(`select po_no from erp.purchase_order`)).toEqual([{ po_no: 'PO-S1' }]);
-      expect((await q(`select distinct po_id from erp.purchase_order_line`))).toHaveLength(1);
+      expect(await q(`select po_no from erp.purchase_order order by po_no`)).toEqual([{ po_no: 'PO-S1' }, { po_no: 'PO-S1-DRAFT' }]);
+      expect((await q(`select distinct po_id from erp.purchase_order_line`))).toHaveLength(2);
       expect(await q(`select asn_no from erp.asn_document`)).toEqual([{ asn_no: 'ASN-S1' }]);
       expect(await q(`select count(*)::int n from erp.asn_line`)).toEqual([{ n: 1 }]);
       // asking for the other supplier's rows by id finds nothing
@@ -121,11 +142,19 @@ describe('supplier portal isolation', () => {
         const r = await portal.query(`update erp.asn_document set tracking_no = 'HACKED' where asn_no = 'ASN-S2'`);
         expect(r.rowCount).toBe(0);
       });
-      await asSupplier('S001', async () => {
-        expect(await sqlstateOf(portal.query(`update erp.purchase_order set supplier_id = $1 where po_no = 'PO-S1'`, [s2]))).toBe('42501');
-      });
+      // with the column granted, moving one's own (draft) PO to another supplier meets the policy's WITH CHECK
+      await db.pool.query(`grant update (supplier_id) on erp.purchase_order to erp_cloud_supplier_portal`);
+      try {
+        await asSupplier('S001', async () => {
+          const moved = portal.query(`update erp.purchase_order set supplier_id = $1 where po_no = 'PO-S1-DRAFT'`, [s2]);
+          await expect(moved).rejects.toMatchObject({ code: '42501', message: expect.stringMatching(/row-level security policy/) });
+        });
+      } finally {
+        await db.pool.query(`revoke update (supplier_id) on erp.purchase_order from erp_cloud_supplier_portal`);
+      }
       await asSupplier('S001', async () => {
         const mine = await portal.query(`update erp.purchase_order set supplier_confirmed_at = now() where po_no in ('PO-S1', 'PO-S2')`);
+        // (PO-S2 is invisible: only PO-S1 is confirmed)
         expect(mine.rowCount).toBe(1);
       });
     } finally {
@@ -148,6 +177,17 @@ describe('supplier portal isolation', () => {
       expect(r).toEqual([{ status: 'accepted' }]);
     });
     expect(await sqlstateOf(portal.query(`select scm.act_as_supplier('S404')`))).toBe('ES008');
+  });
+
+  it("the portal cannot tell another supplier's purchase order from one that does not exist, and its rejected ASN keeps no link to it", async () => {
+    const submit = (code: string, po: string) => q(`select (r).status, (r).reject_code, (r).reason from scm.submit_asn($1::jsonb) r`, [JSON.stringify(asnDoc(code, po, [{ line: 1, qty: 1 }]))]);
+    await asSupplier('S001', async () => {
+      const [other] = await submit('ASN-PEEK-1', 'PO-S2');
+      const [none] = await submit('ASN-PEEK-2', 'PO-NONE');
+      expect(other).toEqual({ status: 'rejected', reject_code: 'ES011', reason: 'purchase order PO-S2 does not exist' });
+      expect(none).toEqual({ status: 'rejected', reject_code: 'ES011', reason: 'purchase order PO-NONE does not exist' });
+      expect(await q(`select po_id from erp.asn_document where asn_no = 'ASN-PEEK-1'`)).toEqual([{ po_id: null }]);
+    });
   });
 
   it('RESET ROLE and SET ROLE do not get the portal out: no other role is reachable, and the login role itself sees nothing', async () => {
@@ -179,6 +219,85 @@ describe('supplier portal isolation', () => {
       }
     } finally {
       await c.end();
+    }
+  });
+});
+
+describe('a portal login bound to its supplier', () => {
+  const bq = async (sql: string, params: unknown[] = []) => (await bound.query(sql, params)).rows;
+  async function inTx<T>(fn: () => Promise<T>): Promise<T> {
+    await bound.query('begin');
+    try {
+      return await fn();
+    } finally {
+      await bound.query('rollback');
+    }
+  }
+
+  it('sees only its own supplier, with or without naming it', async () => {
+    await inTx(async () => {
+      expect(await bq(`select po_no from erp.purchase_order order by po_no`)).toEqual([{ po_no: 'PO-S1' }, { po_no: 'PO-S1-DRAFT' }]);
+    });
+    await inTx(async () => {
+      expect(await bq(`select scm.act_as_supplier('S001') id`)).toEqual([{ id: String(s1) }]);
+      expect(await bq(`select code from erp.supplier`)).toEqual([{ code: 'S001' }]);
+    });
+  });
+
+  it("set_config to another supplier's id is refused with 42501, not obeyed", async () => {
+    for (const value of [String(s2), `${s2}`, 'abc']) {
+      await inTx(async () => {
+        await bound.query(`select set_config('scm.supplier_id', $1, true)`, [value]);
+        expect(await sqlstateOf(bound.query(`select po_no from erp.purchase_order`))).toBe('42501');
+      });
+    }
+    // session-wide too
+    await bound.query(`select set_config('scm.supplier_id', $1, false)`, [String(s2)]);
+    try {
+      expect(await sqlstateOf(bound.query(`select * from erp.asn_document`))).toBe('42501');
+    } finally {
+      await bound.query(`reset scm.supplier_id`);
+    }
+  });
+
+  it('act_as_supplier with another code is 42501, the same for a code that does not exist', async () => {
+    for (const code of ['S002', 'S404']) {
+      await inTx(async () => {
+        await expect(bound.query(`select scm.act_as_supplier($1)`, [code])).rejects.toMatchObject({
+          code: '42501', message: 'this portal login may only act for the supplier it is bound to' });
+      });
+    }
+    await inTx(async () => {
+      expect(await sqlstateOf(bound.query(`select scm.submit_asn($1::jsonb)`, [JSON.stringify(asnDoc('ASN-B2', 'PO-S2', [{ line: 1, qty: 1 }], 'S002'))]))).toBe('42501');
+    });
+  });
+
+  it('SET ROLE and RESET ROLE do not unbind it, and it cannot rebind itself', async () => {
+    for (const target of ['erp_cloud_app', 'erp_cloud_operator', 'postgres', role]) {
+      expect(await sqlstateOf(bound.query(`set role ${target}`))).toBe('42501');
+    }
+    await bound.query('reset role');
+    try {
+      expect(await sqlstateOf(bound.query(`select * from erp.purchase_order`))).toBe('42501');
+      expect(await sqlstateOf(bound.query(`select scm.bind_portal_login(session_user, 'S002')`))).toBe('42501');
+    } finally {
+      await bound.query('set role erp_cloud_supplier_portal');
+    }
+    expect(await sqlstateOf(bound.query(`select scm.bind_portal_login(session_user, 'S002')`))).toBe('42501');
+    expect(await sqlstateOf(bound.query(`delete from scm.portal_login`))).toBe('42501');
+    await inTx(async () => {
+      expect(await bq(`select po_no from erp.purchase_order where po_no = 'PO-S2'`)).toEqual([]);
+    });
+  });
+
+  it('a supplier a login is bound to cannot be deleted, so the login never becomes a shared one', async () => {
+    const { rows } = await db.pool.query(`insert into erp.supplier (code, name) values ('S-TMP', 'temp') returning id`);
+    await db.pool.query(`select scm.bind_portal_login($1, 'S-TMP')`, [role]);
+    try {
+      expect(await sqlstateOf(db.pool.query(`delete from erp.supplier where id = $1`, [rows[0].id]))).toBe('23503');
+    } finally {
+      await db.pool.query(`select scm.bind_portal_login($1, null)`, [role]);
+      await db.pool.query(`delete from erp.supplier where id = $1`, [rows[0].id]);
     }
   });
 });

@@ -11,8 +11,8 @@ beforeAll(async () => {
   await db.pool.query(`
     insert into erp.asn_document (asn_no, supplier_code, supplier_id, status, detail, source)
     select 'ASN-' || g, 'S001', (select id from erp.supplier), 'accepted',
-           jsonb_build_object('code', 'ASN-' || g, 'supplierCode', 'S001', 'details',
-             (select jsonb_agg(jsonb_build_object('lineno', l, 'orderCode', 'PO-' || g, 'orderLineNum', l,
+           jsonb_build_object('code', 'ASN-' || g, 'supplier', 'S001', 'details',
+             (select jsonb_agg(jsonb_build_object('lineno', l, 'orderCode', 'PO-' || g, 'orderDetailId', l,
                                                   'material', 'M-' || ((g * 5 + l) % 500), 'batchNo', 'B-' || g || '-' || l, 'purchaseNum', 10))
                 from generate_series(1, 5) l)), 'pull'
       from generate_series(1, 4000) g`);

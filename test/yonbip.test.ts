@@ -11,7 +11,7 @@ import { businessBody, clearYonbipCaches, resubmitCheckKey, signTokenRequest, to
 import { startYonbipSim, type YonbipSim } from '../listener/sim/yonbip.js';
 import { createTestDb, sqlstateOf, waitFor, type TestDb } from './helpers/db.js';
 import { startListener, type InProcessListener } from './helpers/listener.js';
-import { addPo, addSuppliers, setupYonbip } from './helpers/scm.js';
+import { addPo, addSuppliers, asnDoc, setupYonbip } from './helpers/scm.js';
 
 describe('the YonBIP self-built-app token signature', () => {
   it('matches the reference test vector and is URL-encoded exactly once', () => {
@@ -80,6 +80,10 @@ describe('purchase orders to the procurement cloud', () => {
       expect.objectContaining({ lineNum: 2, materialCode: 'M-200', purchaseNum: 50 }),
     ]);
     expect(await po(id)).toMatchObject({ cloud_status: 'published', cloud_ref: order.orderId, cloud_error: null });
+    // a delivery against it carries what 发货单 lines carry: the cloud's order id beside orderCode and orderDetailId
+    await sim.ship({ asn: asnDoc('ASN-REF', 'PO-2026-0001', [{ line: 1, qty: 1 }]), via: 'list' });
+    expect(sim.deliveries()[0]).toMatchObject({ code: 'ASN-REF', supplier: 'S001', status: 1,
+      details: [expect.objectContaining({ orderId: order.orderId, orderCode: 'PO-2026-0001', orderDetailId: 1 })] });
     // the body really carried strings, and the resubmitCheckKey is the request_id
     const { rows } = await db.pool.query(`select request_id, request_body from cloud.log where endpoint = 'yonbip' and outcome = 'ok'`);
     const body = JSON.parse(rows[0].request_body);
@@ -127,6 +131,21 @@ describe('purchase orders to the procurement cloud', () => {
     expect((await po(id)).cloud_status).toBe('closed');
     const failures = await db.pool.query(`select count(*)::int n from cloud.log where endpoint = 'yonbip' and outcome <> 'ok'`);
     expect(failures.rows[0].n).toBeGreaterThanOrEqual(5);
+  });
+
+  it('a publish the cloud applies but answers too late is retried with the same resubmitCheckKey, and the cloud holds one order', async () => {
+    // the first answer comes after the endpoint's 2 s timeout (the cloud still applies it); the retry is answered in time
+    sim.setFaults({ pathPrefix: '/iuap-api-gateway/yonbip/cpu/puorder', schedule: [{ kind: 'slow', ms: 2600 }, { kind: 'slow', ms: 1000 }] });
+    await listen();
+    const id = await addPo(db.pool, 'PO-2026-SLOW', suppliers.s1);
+    await waitFor(async () => (await po(id))?.cloud_status === 'published', { timeoutMs: 20_000, what: 'published after a timeout' });
+    const attempts = await db.pool.query(`select outcome, request_id from cloud.log where endpoint = 'yonbip' and operation = 'scm.po_publish' order by started_at, attempt`);
+    expect(attempts.rows.length).toBeGreaterThanOrEqual(2);
+    expect(attempts.rows[0].outcome).not.toBe('ok');
+    expect(new Set(attempts.rows.map((r) => r.request_id)).size).toBe(1); // one message, so one resubmitCheckKey
+    expect(sim.poLedger().map((e) => [e.op, e.orderno])).toEqual([['publish', 'PO-2026-SLOW']]);
+    expect(sim.orders()).toHaveLength(1);
+    expect((await po(id)).cloud_ref).toBe(sim.orders()[0]!.orderId);
   });
 
   it('one discovery and one token serve every call of a tenant; the long token with + / = is URL-encoded once', async () => {
@@ -229,6 +248,58 @@ describe('purchase order rules in the ERP', () => {
       await c.query('reset role');
       c.release();
     }
+  });
+
+  it('neither the ERP nor the portal can call the internal sync function (it locks any PO); the triggers still run it', async () => {
+    const id = await addPo(db.pool, 'PO-SYNC', suppliers.s1);
+    const c = await db.pool.connect();
+    try {
+      for (const role of ['erp_cloud_app', 'erp_cloud_supplier_portal', 'erp_cloud_listener']) {
+        await c.query(`set role ${role}`);
+        expect(await sqlstateOf(c.query(`select scm._sync_purchase_order($1)`, [id])), role).toBe('42501');
+        await c.query('reset role');
+      }
+    } finally {
+      await c.query('reset role');
+      c.release();
+    }
+    const { rows } = await db.pool.query(`select p.prosecdef, p.proconfig from pg_proc p where p.proname in ('tg_purchase_order__500_enqueue', 'tg_purchase_order__500_enqueue_header')`);
+    expect(rows).toEqual([{ prosecdef: true, proconfig: ['search_path=""'] }, { prosecdef: true, proconfig: ['search_path=""'] }]);
+  });
+
+  it('a published PO keeps its number and supplier (ES003), and only a draft can be deleted (ES009)', async () => {
+    const id = await addPo(db.pool, 'PO-ID', suppliers.s1);
+    expect((await po(id)).cloud_revision).toBe(0);
+    expect(await sqlstateOf(db.pool.query(`update erp.purchase_order set po_no = 'PO-ID-2' where id = $1`, [id]))).toBe(SqlState.poFinal);
+    expect(await sqlstateOf(db.pool.query(`update erp.purchase_order set supplier_id = $2 where id = $1`, [id, suppliers.s2]))).toBe(SqlState.poFinal);
+    const c = await db.pool.connect();
+    try {
+      await c.query('set role erp_cloud_app');
+      expect(await sqlstateOf(c.query(`delete from erp.purchase_order where id = $1`, [id]))).toBe(SqlState.poDeleteNotAllowed);
+      await c.query(`update erp.purchase_order set status = 'cancelled' where id = $1`, [id]);
+      expect(await sqlstateOf(c.query(`delete from erp.purchase_order where id = $1`, [id]))).toBe(SqlState.poDeleteNotAllowed);
+    } finally {
+      await c.query('reset role');
+      c.release();
+    }
+    expect((await po(id))).toMatchObject({ status: 'cancelled' });
+    expect((await outboxOf(id)).map((r) => r.operation)).toEqual(['scm.po_publish', 'scm.po_close']);
+    // a draft is still the ERP's to rename, move or delete
+    const draft = await addPo(db.pool, 'PO-DRAFT', suppliers.s1, 'draft');
+    await db.pool.query(`update erp.purchase_order set po_no = 'PO-DRAFT-2', supplier_id = $2 where id = $1`, [draft, suppliers.s2]);
+    expect((await db.pool.query(`delete from erp.purchase_order where id = $1`, [draft])).rowCount).toBe(1);
+  });
+
+  it('the publication written back while a revision is still queued leaves the PO queued; the revision makes it revised', async () => {
+    const id = await addPo(db.pool, 'PO-QUEUED', suppliers.s1);
+    await db.pool.query(`update erp.purchase_order_line set quantity = 80 where po_id = $1 and line_no = 1`, [id]);
+    expect((await outboxOf(id)).map((r) => r.operation)).toEqual(['scm.po_publish', 'scm.po_revise']);
+    const writeBack = (op: string) => db.pool.query(`select scm.record_po_delivered(o, '{"code":"200","data":{"orderId":"YC77"}}') from cloud.outbox o where aggregate_id = $1 and operation = $2`, [String(id), op]);
+    await writeBack('scm.po_publish');
+    expect(await po(id)).toMatchObject({ cloud_status: 'queued', cloud_ref: 'YC77' });
+    await db.pool.query(`update cloud.outbox set status = 'sent', locked_until = null where aggregate_id = $1`, [String(id)]);
+    await writeBack('scm.po_revise');
+    expect(await po(id)).toMatchObject({ cloud_status: 'revised', cloud_ref: 'YC77' });
   });
 
   it('a draft cancelled before approval never reaches the cloud', async () => {

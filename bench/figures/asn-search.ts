@@ -50,9 +50,9 @@ export async function asnSearchFigure(ctx: BenchContext): Promise<AsnSearchResul
       await c.query(`
         insert into erp.asn_document (asn_no, supplier_code, supplier_id, status, detail, source)
         select 'ASN-' || g, 'S001', s.id, 'accepted',
-               jsonb_build_object('code', 'ASN-' || g, 'supplierCode', 'S001', 'deliveryDate', '2026-11-24',
+               jsonb_build_object('code', 'ASN-' || g, 'supplier', 'S001', 'deliveryDate', '2026-11-24',
                  'logisticalComp', 'SF', 'logisticalCode', 'SF' || g, 'details',
-                 (select jsonb_agg(jsonb_build_object('lineno', l, 'orderCode', 'PO-' || (g / 3), 'orderLineNum', l,
+                 (select jsonb_agg(jsonb_build_object('lineno', l, 'orderCode', 'PO-' || (g / 3), 'orderDetailId', l,
                           'material', 'M-' || ((g * 7919 + l * 104729) % $3), 'batchNo', 'B-' || g || '-' || l,
                           'purchaseNum', 10 + l, 'productionDate', '2026-11-01'))
                     from generate_series(1, ${LINES_PER_DOC}) l)), 'pull'

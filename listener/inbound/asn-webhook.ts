@@ -4,11 +4,14 @@
  *
  *   POST /scm/asn   body {eventId, eventType, asn: {...}}
  *   X-Scm-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">   (the shared secret)
- *   X-Scm-Event-Id:  the cloud's event id (else body.eventId): duplicates change nothing
+ *   The event id is body.eventId only (inside the signature); the same event again changes nothing,
+ *   the same event id with another ASN is a conflict (409, ES017).
  *
  * Refusals write nothing and each has its own status and log line:
- *   403 source address outside ERP_CLOUD_ASN_WEBHOOK_CIDRS (the 白名单; none configured = nobody)
+ *   403 source address outside ERP_CLOUD_ASN_WEBHOOK_CIDRS (the 白名单; none configured = nobody), before the body is read
  *   413 body over ERP_CLOUD_ASN_WEBHOOK_MAX_BYTES (default 256 KiB; the inbound server refuses it unread)
+ *   409 the event id was already used for another ASN (ES017)
+ *   503 + Retry-After the PO or ASN is locked for longer than ERP_CLOUD_ASN_WEBHOOK_LOCK_TIMEOUT_MS (default 2000)
  *   401 signature missing or wrong (bad_signature), or older than ERP_CLOUD_ASN_WEBHOOK_MAX_AGE_S (stale_timestamp, default 300)
  *   400 body not JSON or no asn object (malformed); 422 ASN fields unusable (ES004)
  *   503 the shared secret is not configured
@@ -18,7 +21,7 @@
  */
 import { createHmac, timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { admitSource } from '../inbound.js';
+import { sourceAllowed } from '../inbound.js';
 import { registerInboundRoute, type InboundDeps } from '../inbound-server.js';
 
 export const ASN_WEBHOOK_PATH = '/scm/asn';
@@ -43,9 +46,16 @@ function answer(res: ServerResponse, status: number, body: unknown, headers: Rec
   res.writeHead(status, { 'content-type': typeof body === 'string' ? 'text/plain; charset=utf-8' : 'application/json', ...headers }).end(text);
 }
 
-async function handle(req: IncomingMessage, res: ServerResponse, body: Buffer, deps: InboundDeps): Promise<void> {
+/** Runs before the body is read: only the configured source ranges get in. */
+function admit(req: IncomingMessage, deps: InboundDeps): boolean {
   const cidrs = (deps.env.ERP_CLOUD_ASN_WEBHOOK_CIDRS ?? '').split(',').map((s) => s.trim()).filter(Boolean);
-  if (!admitSource(req, res, { name: NAME, allowCidrs: cidrs }, deps.log)) return;
+  if (sourceAllowed(req.socket.remoteAddress, { name: NAME, allowCidrs: cidrs })) return true;
+  deps.log.warn({ receiver: NAME, remote: req.socket.remoteAddress, path: req.url }, 'inbound request refused: source address not allowed');
+  return false;
+}
+
+async function handle(req: IncomingMessage, res: ServerResponse, body: Buffer, deps: InboundDeps): Promise<void> {
+  if (!admit(req, deps)) return answer(res, 403, { error: 'source_not_allowed' });
   const remote = req.socket.remoteAddress;
 
   let secret: string;
@@ -81,22 +91,38 @@ async function handle(req: IncomingMessage, res: ServerResponse, body: Buffer, d
     deps.log.warn({ receiver: NAME, remote }, 'ASN webhook refused: malformed body (no asn object)');
     return answer(res, 400, { error: 'malformed', detail: 'body needs an asn object' });
   }
-  const eventHeader = req.headers['x-scm-event-id'];
-  const eventId = (Array.isArray(eventHeader) ? eventHeader[0] : eventHeader) || (typeof parsed.eventId === 'string' ? parsed.eventId : null);
+  // only the signed body names the event: a header could be changed in transit without breaking the signature
+  const eventId = typeof parsed.eventId === 'string' && parsed.eventId !== '' ? parsed.eventId : null;
+  const lockTimeoutMs = envInt(deps.env, 'ERP_CLOUD_ASN_WEBHOOK_LOCK_TIMEOUT_MS', 2000);
 
+  const client = await deps.pool.connect();
   try {
-    const { rows } = await deps.pool.query<{ asn_id: string; status: string; reject_code: string | null }>(
+    await client.query('begin');
+    await client.query(`select set_config('lock_timeout', $1, true)`, [`${lockTimeoutMs}ms`]);
+    const { rows } = await client.query<{ asn_id: string; status: string; reject_code: string | null }>(
       'select asn_id, status, reject_code from scm.ingest_asn($1::jsonb, $2, $3)', [JSON.stringify(asn), 'push', eventId]);
+    await client.query('commit');
     const r = rows[0]!;
     deps.log.info({ receiver: NAME, event_id: eventId, asn_id: r.asn_id, status: r.status, reject_code: r.reject_code }, 'ASN received');
     return answer(res, 200, 'success', { 'x-scm-asn-status': r.status });
   } catch (err) {
-    const e = err as { code?: string; message?: string };
+    await client.query('rollback').catch(() => undefined);
+    const e = err as { code?: string; message?: string; detail?: string };
     if (e.code === 'ES004') {
-      deps.log.warn({ receiver: NAME, remote, event_id: eventId, reason: e.message }, 'ASN webhook refused: malformed ASN');
-      return answer(res, 422, { error: 'malformed_asn', code: e.code, detail: e.message });
+      deps.log.warn({ receiver: NAME, remote, event_id: eventId, reason: e.message, detail: e.detail }, 'ASN webhook refused: malformed ASN');
+      return answer(res, 422, { error: 'malformed_asn', code: e.code, detail: e.message, field: e.detail });
+    }
+    if (e.code === 'ES017') {
+      deps.log.warn({ receiver: NAME, remote, event_id: eventId, reason: e.message }, 'ASN webhook refused: event id already used for another ASN');
+      return answer(res, 409, { error: 'event_conflict', code: e.code, detail: e.message });
+    }
+    if (e.code === '55P03') {
+      deps.log.warn({ receiver: NAME, remote, event_id: eventId, lock_timeout_ms: lockTimeoutMs }, 'ASN webhook deferred: purchase order locked');
+      return answer(res, 503, { error: 'busy' }, { 'retry-after': '5' });
     }
     throw err; // the inbound server answers 500 and logs it; the cloud retries
+  } finally {
+    client.release();
   }
 }
 
@@ -104,6 +130,7 @@ registerInboundRoute({
   name: NAME,
   method: 'POST',
   path: ASN_WEBHOOK_PATH,
-  maxBytes: envInt(process.env, 'ERP_CLOUD_ASN_WEBHOOK_MAX_BYTES', 256 * 1024),
+  maxBytes: (env) => envInt(env, 'ERP_CLOUD_ASN_WEBHOOK_MAX_BYTES', 256 * 1024),
+  admit,
   handle,
 });

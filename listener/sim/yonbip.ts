@@ -37,7 +37,7 @@ export interface SimOrder {
 }
 
 export interface ShipRequest {
-  /** The ASN (发货单) as the supplier entered it: code, supplierCode, deliveryDate, details[…]. */
+  /** The ASN (发货单) as the supplier entered it, in 发货单保存's shape: code, supplier, status, deliveryDate, details[{lineno, orderCode, orderDetailId, material, purchaseNum, …}]. The sim adds details[].orderId for orders it knows. */
   asn: Record<string, unknown>;
   via: 'push' | 'list' | 'middle';
   webhookUrl?: string;
@@ -251,15 +251,23 @@ export async function startYonbipSim(o: { port?: number; host?: string } = {}): 
     if (!req || typeof req.asn !== 'object' || req.asn === null) throw new Error('ship needs {asn, via}');
     const eventId = req.eventId ?? randomUUID();
     const ts = req.ts ?? shanghaiTime();
-    const record = { id: `DO${deliveries.length + 5000}`, status: 1, ts, eventId, ...req.asn };
+    // the cloud's own order id on each line, as 发货单 details carry it (orderId), for orders it knows
+    const details = Array.isArray(req.asn.details)
+      ? (req.asn.details as Array<Record<string, unknown>>).map((d) => {
+          const order = orders.get(String(d.orderCode));
+          return order && d.orderId === undefined ? { ...d, orderId: order.orderId } : d;
+        })
+      : req.asn.details;
+    const asn = { status: 1, ...req.asn, ...(details === undefined ? {} : { details }) };
+    const record = { id: `DO${deliveries.length + 5000}`, ts, eventId, ...asn };
     deliveries.push(record);
     if (req.via === 'list') return { eventId, ts };
     if (req.via === 'push') {
       if (!req.webhookUrl || !req.webhookSecret) throw new Error('push needs webhookUrl and webhookSecret');
-      const body = JSON.stringify({ eventId, eventType: 'scm.asn.created', asn: req.asn });
+      const body = JSON.stringify({ eventId, eventType: 'scm.asn.created', asn });
       const res = await fetch(req.webhookUrl, {
         method: 'POST',
-        headers: { 'content-type': 'application/json', 'x-scm-signature': signWebhookBody(req.webhookSecret, body, Math.floor(Date.now() / 1000)), 'x-scm-event-id': eventId },
+        headers: { 'content-type': 'application/json', 'x-scm-signature': signWebhookBody(req.webhookSecret, body, Math.floor(Date.now() / 1000)) },
         body,
         signal: AbortSignal.timeout(5000),
       });
@@ -272,7 +280,7 @@ export async function startYonbipSim(o: { port?: number; host?: string } = {}): 
       const c = new pg.Client({ connectionString: req.middleDbUrl });
       await c.connect();
       try {
-        await c.query(`insert into ${table} (event_id, doc) values ($1, $2)`, [eventId, JSON.stringify(req.asn)]);
+        await c.query(`insert into ${table} (event_id, doc) values ($1, $2)`, [eventId, JSON.stringify(asn)]);
       } finally {
         await c.end();
       }

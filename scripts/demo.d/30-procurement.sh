@@ -48,9 +48,9 @@ psql_ -c "select po_no, status, cloud_status, cloud_ref, cloud_revision from erp
 echo "== procurement: the supplier ships part of it; the cloud pushes the ASN to the listener's webhook ($inbound_url/scm/asn)"
 local doc
 doc=$(cat <<JSON
-{"code":"$asn-1","supplierCode":"SUP-SZ01","deliveryDate":"$(date +%F)","planArrivalDate":"$(date -d '+2 days' +%F)","logisticalComp":"顺丰速运","logisticalCode":"SF1400$procurement_run_id",
- "details":[{"lineno":1,"orderCode":"$po","orderLineNum":1,"material":"M-100","purchaseNum":600,"batchNo":"LOT-2611-A","productionDate":"$(date +%F)"},
-            {"lineno":2,"orderCode":"$po","orderLineNum":2,"material":"M-200","purchaseNum":2000,"batchNo":"LOT-2611-B","productionDate":"$(date +%F)"}]}
+{"code":"$asn-1","supplier":"SUP-SZ01","deliveryDate":"$(date +%F)","planArrivalDate":"$(date -d '+2 days' +%F)","logisticalComp":"顺丰速运","logisticalCode":"SF1400$procurement_run_id",
+ "details":[{"lineno":1,"orderCode":"$po","orderDetailId":1,"material":"M-100","purchaseNum":600,"batchNo":"LOT-2611-A","productionDate":"$(date +%F)"},
+            {"lineno":2,"orderCode":"$po","orderDetailId":2,"material":"M-200","purchaseNum":2000,"batchNo":"LOT-2611-B","productionDate":"$(date +%F)"}]}
 JSON
 )
 curl -fsS -X POST "$yonbip_sim_url/__yonbip/ship" -H 'content-type: application/json' \
@@ -59,8 +59,8 @@ curl -fsS -X POST "$yonbip_sim_url/__yonbip/ship" -H 'content-type: application/
 
 echo "== procurement: the rest ships later and is only listed by the cloud; the pull (pg_cron every minute, run now) fetches it (the pushed ASN is listed too and changes nothing)"
 doc2=$(cat <<JSON
-{"code":"$asn-2","supplierCode":"SUP-SZ01","deliveryDate":"$(date +%F)","logisticalComp":"顺丰速运","logisticalCode":"SF1401$procurement_run_id",
- "details":[{"lineno":1,"orderCode":"$po","orderLineNum":1,"material":"M-100","purchaseNum":600,"batchNo":"LOT-2611-C","productionDate":"$(date +%F)"}]}
+{"code":"$asn-2","supplier":"SUP-SZ01","deliveryDate":"$(date +%F)","logisticalComp":"顺丰速运","logisticalCode":"SF1401$procurement_run_id",
+ "details":[{"lineno":1,"orderCode":"$po","orderDetailId":1,"material":"M-100","purchaseNum":600,"batchNo":"LOT-2611-C","productionDate":"$(date +%F)"}]}
 JSON
 )
 curl -fsS -X POST "$yonbip_sim_url/__yonbip/ship" -H 'content-type: application/json' -d "{\"via\":\"list\",\"asn\":$doc2}" >/dev/null

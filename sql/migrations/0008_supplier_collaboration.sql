@@ -16,12 +16,14 @@
 -- SQLSTATE registry (class ES; mirrored in listener/errors.ts):
 --   ES001  purchase order status change not allowed
 --   ES002  a purchase order needs at least one line to be approved
---   ES003  lines of a closed or cancelled purchase order cannot change
+--   ES003  a closed or cancelled purchase order (or its lines) cannot change; a published one keeps its number and supplier
 --   ES004  ASN document malformed (not stored: the sender must fix it)
 --   ES005  shared-database (postgres_fdw) setup refused
 --   ES006  invalid ASN pull setting
 --   (ES007 unused: a portal submission for another supplier raises 42501, as RLS does)
---   ES008  unknown supplier (portal)
+--   ES008  unknown supplier (portal, shared login)
+--   ES009  a purchase order that left draft cannot be deleted (cancel it)
+--   ES017  an event id already used for another ASN (conflict)
 --   ES010..ES016 are ASN rejection reasons, stored on the ASN (asn_document.reject_code), never raised:
 --   ES010  unknown supplier
 --   ES011  unknown purchase order
@@ -183,12 +185,32 @@ begin
     raise exception using errcode = 'ES003', message = format('purchase order %s is %s and cannot change', old.po_no, old.status),
       hint = 'Create a new purchase order.';
   end if;
+  if tg_op = 'UPDATE' and old.cloud_revision is not null and
+     (new.po_no, new.supplier_id) is distinct from (old.po_no, old.supplier_id) then
+    raise exception using errcode = 'ES003',
+      message = format('purchase order %s was published to the procurement cloud: its number and supplier cannot change', old.po_no),
+      hint = 'Cancel it (the cloud gets a close) and create a new purchase order for the other number or supplier.';
+  end if;
   new.updated_at := now();
   return new;
 end $$;
-comment on function erp.tg_purchase_order__100_validate is 'Trigger: allowed status changes (ES001), closed and cancelled orders are final (ES003).';
+comment on function erp.tg_purchase_order__100_validate is 'Trigger: allowed status changes (ES001), closed and cancelled orders are final, a published order keeps its number and supplier (ES003).';
 create trigger purchase_order_100_validate before insert or update on erp.purchase_order
   for each row execute function erp.tg_purchase_order__100_validate();
+
+create function erp.tg_purchase_order__100_refuse_delete() returns trigger
+language plpgsql as $$
+begin
+  if old.status <> 'draft' or old.cloud_revision is not null then
+    raise exception using errcode = 'ES009',
+      message = format('purchase order %s is %s and cannot be deleted', old.po_no, old.status),
+      hint = 'Only drafts are deleted. Cancel an approved order instead: the procurement cloud then gets a close.';
+  end if;
+  return old;
+end $$;
+comment on function erp.tg_purchase_order__100_refuse_delete is 'Trigger: only drafts that never reached the cloud can be deleted (ES009); others are cancelled, so the cloud hears of it.';
+create trigger purchase_order_100_refuse_delete before delete on erp.purchase_order
+  for each row execute function erp.tg_purchase_order__100_refuse_delete();
 
 create function erp.tg_purchase_order_line__100_validate() returns trigger
 language plpgsql as $$
@@ -313,7 +335,7 @@ end $$;
 comment on function scm.put_po_endpoint is 'Chooses the endpoint approved purchase orders are published to (EC001 when it does not exist).';
 
 create function erp.tg_purchase_order__500_enqueue() returns trigger
-language plpgsql as $$
+language plpgsql security definer set search_path = '' as $$
 begin
   perform scm._sync_purchase_order(case when tg_op = 'DELETE' then old.po_id else new.po_id end);
   return null;
@@ -321,7 +343,7 @@ end $$;
 comment on function erp.tg_purchase_order__500_enqueue is 'Deferred trigger on PO lines: at commit, send the cloud what changed.';
 
 create function erp.tg_purchase_order__500_enqueue_header() returns trigger
-language plpgsql as $$
+language plpgsql security definer set search_path = '' as $$
 begin
   perform scm._sync_purchase_order(new.id);
   return null;
@@ -343,13 +365,18 @@ create function scm.record_po_delivered(
 language plpgsql security definer set search_path = '' as $$
 begin
   update erp.purchase_order
-     set cloud_status = case p_msg.operation when 'scm.po_publish' then 'published' when 'scm.po_revise' then 'revised' else 'closed' end,
+     set cloud_status = case
+           -- a later message of this PO (a revision, the close) is still on its way: the PO is not yet as the cloud has it
+           when exists (select from cloud.outbox o where o.ordering_key = p_msg.ordering_key and o.id > p_msg.id
+                           and o.status in ('pending', 'in_flight')) then 'queued'
+           when p_msg.operation = 'scm.po_publish' then 'published'
+           when p_msg.operation = 'scm.po_revise' then 'revised' else 'closed' end,
          cloud_ref = coalesce(p_response #>> '{data,orderId}', p_response #>> '{data,id}', cloud_ref),
          cloud_error = null,
          cloud_synced_at = pg_catalog.now()
    where id = p_msg.aggregate_id::bigint;
 end $$;
-comment on function scm.record_po_delivered is 'Write-back: the cloud accepted a publish / revision / close; records its order id and status on the PO.';
+comment on function scm.record_po_delivered is 'Write-back: the cloud accepted a publish / revision / close; records its order id and status on the PO (status stays queued while a later message of the PO is pending).';
 
 create function scm.record_po_refused(
   p_msg   cloud.outbox,  -- the message, failed or dead
@@ -375,19 +402,23 @@ select cloud.put_operation_handler('scm.po_close', 'scm.record_po_delivered(clou
 create type scm.asn_ingest_result as (
   asn_id      bigint,
   asn_no      text,
-  status      text,   -- accepted | rejected | duplicate
+  status      text,   -- accepted | rejected | duplicate | not_shipped
   reject_code text,
   reason      text
 );
-comment on type scm.asn_ingest_result is 'What scm.ingest_asn did with a document: accepted, rejected (kept, with the reason) or duplicate (changed nothing).';
+comment on type scm.asn_ingest_result is 'What scm.ingest_asn did with a document: accepted, rejected (kept, with the reason), duplicate (changed nothing) or not_shipped (a delivery status that is no shipment: 0 待发布, 4 拒签, 9 正在发布, 10 发布失败; nothing stored).';
 
-create function scm._malformed_asn(p_what text) returns void
+create function scm._malformed_asn(
+  p_what  text,  -- what is wrong, for the message
+  p_field text   -- the field, as a JSON path (e.g. details[2].lineno), for the DETAIL
+) returns void
 language plpgsql as $$
 begin
   raise exception using errcode = 'ES004', message = 'ASN document is malformed: ' || p_what,
-    hint = 'The sender must send a JSON object with code, supplierCode and a non-empty details array (orderCode, orderLineNum, material, purchaseNum per line); nothing was stored.';
+    detail = 'field: ' || p_field,
+    hint = 'The sender must send a JSON object with code, supplier and a non-empty details array (lineno, orderCode, orderDetailId, material, purchaseNum per line, as 发货单保存 defines them); nothing was stored.';
 end $$;
-comment on function scm._malformed_asn is 'Internal: raises ES004 naming what is wrong with an ASN document.';
+comment on function scm._malformed_asn is 'Internal: raises ES004 naming what is wrong with an ASN document, and the field in the DETAIL.';
 
 create function scm._is_date(p_text text) returns boolean
 language plpgsql immutable as $$
@@ -409,41 +440,91 @@ language plpgsql as $$
 declare
   d jsonb;
   i integer := 0;
+  v_linenos text[] := '{}';
 begin
   if p_doc is null or jsonb_typeof(p_doc) <> 'object' then
-    perform scm._malformed_asn('not a JSON object');
+    perform scm._malformed_asn('not a JSON object', '$');
   end if;
   if coalesce(p_doc ->> 'code', '') !~ '^[^\s].{0,63}$' then
-    perform scm._malformed_asn('code (the ASN number) is missing or longer than 64 characters');
+    perform scm._malformed_asn('code (the ASN number) is missing or longer than 64 characters', 'code');
   end if;
-  if coalesce(p_doc ->> 'supplierCode', '') = '' then
-    perform scm._malformed_asn('supplierCode is missing');
+  if coalesce(p_doc ->> 'supplier', '') = '' or jsonb_typeof(p_doc -> 'supplier') not in ('string', 'number') then
+    perform scm._malformed_asn('supplier (the supplier code) is missing', 'supplier');
   end if;
   if jsonb_typeof(p_doc -> 'details') is distinct from 'array' or jsonb_array_length(p_doc -> 'details') = 0 then
-    perform scm._malformed_asn('details must be a non-empty array');
+    perform scm._malformed_asn('details must be a non-empty array', 'details');
   end if;
   for d in select value from jsonb_array_elements(p_doc -> 'details') loop
     i := i + 1;
     if jsonb_typeof(d) <> 'object' then
-      perform scm._malformed_asn(format('details[%s] is not an object', i));
-    elsif coalesce(d ->> 'orderCode', '') = '' or coalesce(d ->> 'material', '') = '' then
-      perform scm._malformed_asn(format('details[%s] needs orderCode and material', i));
-    elsif coalesce(d ->> 'orderLineNum', '') !~ '^[0-9]{1,9}$' then
-      perform scm._malformed_asn(format('details[%s].orderLineNum must be a line number', i));
+      perform scm._malformed_asn(format('details[%s] is not an object', i), format('details[%s]', i));
+    elsif coalesce(d ->> 'orderCode', '') = '' then
+      perform scm._malformed_asn(format('details[%s] needs orderCode (the purchase order number)', i), format('details[%s].orderCode', i));
+    elsif coalesce(d ->> 'material', '') = '' then
+      perform scm._malformed_asn(format('details[%s] needs material', i), format('details[%s].material', i));
+    elsif coalesce(d ->> 'orderDetailId', '') !~ '^[0-9]{1,9}$' then
+      perform scm._malformed_asn(format('details[%s].orderDetailId must be the purchase order line number', i), format('details[%s].orderDetailId', i));
+    elsif d ? 'lineno' and coalesce(d ->> 'lineno', '') !~ '^[0-9]{1,9}$' then
+      perform scm._malformed_asn(format('details[%s].lineno must be a line number', i), format('details[%s].lineno', i));
+    elsif (d ->> 'lineno') = any (v_linenos) then
+      perform scm._malformed_asn(format('details[%s].lineno %s is used twice', i, d ->> 'lineno'), format('details[%s].lineno', i));
     elsif coalesce(d ->> 'purchaseNum', '') !~ '^-?[0-9]{1,14}(\.[0-9]{1,4})?$' then
-      perform scm._malformed_asn(format('details[%s].purchaseNum must be a number with at most 4 decimals', i));
+      perform scm._malformed_asn(format('details[%s].purchaseNum must be a number with at most 4 decimals', i), format('details[%s].purchaseNum', i));
     elsif d ? 'productionDate' and not scm._is_date(d ->> 'productionDate') then
-      perform scm._malformed_asn(format('details[%s].productionDate must be yyyy-MM-dd', i));
+      perform scm._malformed_asn(format('details[%s].productionDate must be yyyy-MM-dd', i), format('details[%s].productionDate', i));
+    elsif d ? 'planArrivalDate' and not scm._is_date(d ->> 'planArrivalDate') then
+      perform scm._malformed_asn(format('details[%s].planArrivalDate must be yyyy-MM-dd', i), format('details[%s].planArrivalDate', i));
     end if;
+    -- an implicit line number (its position) must not collide with an explicit one either
+    v_linenos := v_linenos || coalesce(d ->> 'lineno', i::text);
   end loop;
+  if (select count(*) <> count(distinct x::integer) from unnest(v_linenos) x) then
+    perform scm._malformed_asn('details: a lineno repeats a line''s position', 'details[].lineno');
+  end if;
   if p_doc ? 'deliveryDate' and not scm._is_date(p_doc ->> 'deliveryDate') then
-    perform scm._malformed_asn('deliveryDate must be yyyy-MM-dd');
+    perform scm._malformed_asn('deliveryDate must be yyyy-MM-dd', 'deliveryDate');
   end if;
   if p_doc ? 'planArrivalDate' and not scm._is_date(p_doc ->> 'planArrivalDate') then
-    perform scm._malformed_asn('planArrivalDate must be yyyy-MM-dd');
+    perform scm._malformed_asn('planArrivalDate must be yyyy-MM-dd', 'planArrivalDate');
   end if;
 end $$;
-comment on function scm._check_asn_shape is 'Internal: ES004 unless the ASN has the fields ingest needs, in usable formats.';
+comment on function scm._check_asn_shape is 'Internal: ES004 (DETAIL names the field) unless the ASN has the fields ingest needs, in usable formats: code, supplier, details[] with orderCode, orderDetailId, material, purchaseNum, unique lineno, real dates.';
+
+create function scm._is_shipment(
+  p_doc jsonb  -- the ASN document
+) returns boolean
+language sql immutable as $$
+  -- 发货单 status: 0 待发布, 4 拒签, 9 正在发布, 10 发布失败 are not (or no longer) shipments; no status: a push of a shipment
+  select coalesce(p_doc ->> 'status', '') not in ('0', '4', '9', '10')
+$$;
+comment on function scm._is_shipment is 'Internal: whether an ASN''s delivery status (reference 4.4) is a shipment: everything but 0 待发布, 4 拒签, 9 正在发布, 10 发布失败.';
+
+create table scm.asn_quarantine (
+  id          bigint generated always as identity primary key,
+  source      text not null,
+  event_id    text,
+  doc         jsonb,
+  sqlstate    text not null,
+  reason      text not null,
+  received_at timestamptz not null default now(),
+  doc_md5     text generated always as (md5(coalesce(doc::text, ''))) stored,
+  unique (source, doc_md5)
+);
+comment on table scm.asn_quarantine is 'ASN records the pull and the shared-database copy could not ingest (ES004 malformed, ES017 event conflict, bad data), kept as received with the reason so the watermark moves on and nothing is lost. An operator fixes the sender and re-ingests with scm.ingest_asn(doc, source, event_id).';
+
+create function scm._quarantine_asn(
+  p_doc      jsonb,  -- the record as received
+  p_source   text,   -- pull | shared_db
+  p_event_id text,   -- its event id, if any
+  p_sqlstate text,   -- why ingest refused it
+  p_reason   text
+) returns void
+language sql as $$
+  insert into scm.asn_quarantine (source, event_id, doc, sqlstate, reason)
+  values (p_source, p_event_id, p_doc, p_sqlstate, left(p_reason, 2000))
+  on conflict (source, doc_md5) do update set reason = excluded.reason, sqlstate = excluded.sqlstate, received_at = excluded.received_at
+$$;
+comment on function scm._quarantine_asn is 'Internal: keeps a record ingest refused in scm.asn_quarantine (once per source and document).';
 
 create function scm._asn_rejection(
   p_doc      jsonb,                  -- the ASN document (shape already checked)
@@ -459,7 +540,7 @@ declare
   t record;
 begin
   if p_supplier.id is null then
-    return array['ES010', format('supplier %s is not known to the ERP', p_doc ->> 'supplierCode')];
+    return array['ES010', format('supplier %s is not known to the ERP', p_doc ->> 'supplier')];
   end if;
   if (select count(distinct value ->> 'orderCode') from jsonb_array_elements(p_doc -> 'details')) > 1 then
     return array['ES013', 'the lines name more than one purchase order: send one ASN per order'];
@@ -474,9 +555,9 @@ begin
     return array['ES016', format('purchase order %s is %s and takes no deliveries', p_po.po_no, p_po.status)];
   end if;
   for d in select value from jsonb_array_elements(p_doc -> 'details') loop
-    select * into v_line from erp.purchase_order_line l where l.po_id = p_po.id and l.line_no = (d ->> 'orderLineNum')::integer;
+    select * into v_line from erp.purchase_order_line l where l.po_id = p_po.id and l.line_no = (d ->> 'orderDetailId')::integer;
     if not found then
-      return array['ES013', format('purchase order %s has no line %s', p_po.po_no, d ->> 'orderLineNum')];
+      return array['ES013', format('purchase order %s has no line %s', p_po.po_no, d ->> 'orderDetailId')];
     elsif v_line.material_code <> d ->> 'material' then
       return array['ES013', format('line %s of %s is material %s, not %s', v_line.line_no, p_po.po_no, v_line.material_code, d ->> 'material')];
     end if;
@@ -486,7 +567,7 @@ begin
     end if;
   end loop;
   -- per PO line, everything this ASN ships (a line may be split over batches) against what is still open
-  for t in select (value ->> 'orderLineNum')::integer as line_no, sum((value ->> 'purchaseNum')::numeric) as qty
+  for t in select (value ->> 'orderDetailId')::integer as line_no, sum((value ->> 'purchaseNum')::numeric) as qty
              from jsonb_array_elements(p_doc -> 'details') group by 1 order by 1 loop
     select l.quantity - scm._shipped_quantity(p_po.id, l.line_no) into v_open
       from erp.purchase_order_line l where l.po_id = p_po.id and l.line_no = t.line_no;
@@ -510,13 +591,14 @@ $$;
 comment on function scm._shipped_quantity is 'Internal: quantity of a PO line on accepted ASNs.';
 
 create function scm.ingest_asn(
-  p_doc      jsonb,               -- the ASN document (友云采 发货单 fields: code, supplierCode, deliveryDate, details[...])
+  p_doc      jsonb,               -- the ASN document (友云采 发货单 fields: code, supplier, deliveryDate, status, details[...])
   p_source   text,                -- push | pull | shared_db | portal
   p_event_id text default null    -- the cloud's event id, when it has one (deduplication)
 ) returns scm.asn_ingest_result
 language plpgsql security definer set search_path = '' as $$
 declare
   v_asn_no text;
+  v_supplier_code text;
   v_supplier erp.supplier;
   v_po erp.purchase_order;
   v_reject text[];
@@ -526,31 +608,48 @@ begin
   perform scm._check_asn_shape(p_doc);
   if p_source is null or p_source not in ('push', 'pull', 'shared_db', 'portal') then
     raise exception using errcode = 'ES004', message = format('ASN source %L is not known', p_source),
-      hint = 'Use push, pull, shared_db or portal.';
+      detail = 'field: source', hint = 'Use push, pull, shared_db or portal.';
   end if;
   v_asn_no := p_doc ->> 'code';
-  -- one ingest at a time per ASN number, so concurrent duplicates (a push and a pull of the same ASN) see each other
-  perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('scm.asn:' || (p_doc ->> 'supplierCode') || ':' || v_asn_no, 0));
+  v_supplier_code := p_doc ->> 'supplier';
+  if not scm._is_shipment(p_doc) then
+    return (null, v_asn_no, 'not_shipped', null, format('delivery status %s is not a shipment', p_doc ->> 'status'))::scm.asn_ingest_result;
+  end if;
+  -- one ingest at a time per ASN number and per event id, so concurrent duplicates (a push and a pull of the same ASN) see each other
+  perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('scm.asn:' || v_supplier_code || ':' || v_asn_no, 0));
   if p_event_id is not null then
-    select id, asn_no, status, reject_code, reject_reason into v_existing from erp.asn_document where cloud_event_id = p_event_id;
+    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('scm.asn_event:' || p_event_id, 0));
+    select id, asn_no, supplier_code, status, reject_code, reject_reason into v_existing from erp.asn_document where cloud_event_id = p_event_id;
     if found then
+      if (v_existing.supplier_code, v_existing.asn_no) is distinct from (v_supplier_code, v_asn_no) then
+        raise exception using errcode = 'ES017',
+          message = format('event %s was already used for ASN %s of supplier %s, not %s of %s', p_event_id,
+                           v_existing.asn_no, v_existing.supplier_code, v_asn_no, v_supplier_code),
+          hint = 'The sender reuses event ids: each ASN needs its own. Nothing was stored.';
+      end if;
       return (v_existing.id, v_existing.asn_no, 'duplicate', v_existing.reject_code, v_existing.reject_reason)::scm.asn_ingest_result;
     end if;
   end if;
   select id, asn_no, status, reject_code, reject_reason into v_existing from erp.asn_document
-   where supplier_code = p_doc ->> 'supplierCode' and asn_no = v_asn_no;
+   where supplier_code = v_supplier_code and asn_no = v_asn_no;
   if found then
     return (v_existing.id, v_existing.asn_no, 'duplicate', v_existing.reject_code, v_existing.reject_reason)::scm.asn_ingest_result;
   end if;
 
-  select * into v_supplier from erp.supplier where code = p_doc ->> 'supplierCode';
+  select * into v_supplier from erp.supplier where code = v_supplier_code;
   -- lock the PO: two ASNs against one line must not both take its open quantity
   select * into v_po from erp.purchase_order where po_no = p_doc #>> '{details,0,orderCode}' for update;
   v_reject := scm._asn_rejection(p_doc, v_supplier, v_po);
+  if p_source = 'portal' and v_reject[1] = 'ES012' then
+    -- the portal must not learn whether another supplier's PO exists: the same answer as for no such PO
+    v_reject := array['ES011', format('purchase order %s does not exist', p_doc #>> '{details,0,orderCode}')];
+  end if;
 
   insert into erp.asn_document (asn_no, supplier_code, supplier_id, po_no, po_id, ship_date, eta, carrier, tracking_no,
                                 status, reject_code, reject_reason, detail, source, cloud_event_id)
-  values (v_asn_no, p_doc ->> 'supplierCode', v_supplier.id, p_doc #>> '{details,0,orderCode}', v_po.id,
+  values (v_asn_no, v_supplier_code, v_supplier.id, p_doc #>> '{details,0,orderCode}',
+          -- a rejected ASN keeps no link to a PO of another supplier
+          case when v_po.supplier_id = v_supplier.id then v_po.id end,
           left(p_doc ->> 'deliveryDate', 10)::date,
           coalesce(left(p_doc ->> 'planArrivalDate', 10), left(p_doc #>> '{details,0,planArrivalDate}', 10))::date,
           p_doc ->> 'logisticalComp', p_doc ->> 'logisticalCode',
@@ -558,12 +657,12 @@ begin
           p_doc, p_source, p_event_id)
   returning id into v_id;
   insert into erp.asn_line (asn_id, line_no, po_line_no, material_code, batch_no, quantity, production_date)
-  select v_id, coalesce((d.value ->> 'lineno')::integer, d.n::integer), (d.value ->> 'orderLineNum')::integer, d.value ->> 'material',
+  select v_id, coalesce((d.value ->> 'lineno')::integer, d.n::integer), (d.value ->> 'orderDetailId')::integer, d.value ->> 'material',
          d.value ->> 'batchNo', (d.value ->> 'purchaseNum')::numeric, left(d.value ->> 'productionDate', 10)::date
     from jsonb_array_elements(p_doc -> 'details') with ordinality d(value, n);
   return (v_id, v_asn_no, case when v_reject is null then 'accepted' else 'rejected' end, v_reject[1], v_reject[2])::scm.asn_ingest_result;
 end $$;
-comment on function scm.ingest_asn is 'The one door for ASNs (webhook push, pull, shared database, portal): idempotent by cloud event id and by (supplier, ASN number); checks PO, supplier, lines and open quantities; stores accepted and rejected ASNs (with reason) and the original as detail. ES004 when the document is malformed (nothing stored).';
+comment on function scm.ingest_asn is 'The one door for ASNs (webhook push, pull, shared database, portal): idempotent by cloud event id and by (supplier, ASN number), ES017 when a known event id comes with another ASN; delivery statuses that are no shipment are skipped (not_shipped); checks PO, supplier, lines and open quantities; stores accepted and rejected ASNs (with reason) and the original as detail. ES004 when the document is malformed (nothing stored).';
 
 ------------------------------------------------------------------------------
 -- Pull: pg_cron enqueues an incremental fetch of the delivery list
@@ -655,9 +754,9 @@ begin
   for r in select value from jsonb_array_elements(coalesce(p_response #> '{data,recordList}', '[]')) loop
     begin
       perform scm.ingest_asn(r, 'pull', nullif(r ->> 'eventId', ''));
-    exception when sqlstate 'ES004' then
-      -- a malformed record cannot be stored; the rest of the page still is
-      raise warning 'ASN pull from %: record skipped: %', p_msg.endpoint, sqlerrm;
+    exception when sqlstate 'ES004' or sqlstate 'ES017' or data_exception or integrity_constraint_violation then
+      -- a record that cannot be stored goes to quarantine, so the page (and the watermark) moves on without losing it
+      perform scm._quarantine_asn(r, 'pull', nullif(r ->> 'eventId', ''), sqlstate, sqlerrm);
     end;
     if r ->> 'ts' ~ '^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}' then
       v_newest := greatest(v_newest, (left(replace(r ->> 'ts', 'T', ' '), 19)::timestamp at time zone 'Asia/Shanghai'));
@@ -672,7 +771,7 @@ begin
       p_msg.payload || jsonb_build_object('pageIndex', v_page + 1), 'scm.asn_pull', p_msg.endpoint, p_msg.ordering_key);
   end if;
 end $$;
-comment on function scm.record_asn_pull is 'Write-back of a delivery-list page: every record through scm.ingest_asn (source pull), the watermark advanced to the newest ts, the next page enqueued.';
+comment on function scm.record_asn_pull is 'Write-back of a delivery-list page: every record through scm.ingest_asn (source pull; records it refuses go to scm.asn_quarantine), the watermark advanced to the newest ts, the next page enqueued.';
 
 select cloud.put_operation_handler('scm.asn_pull', 'scm.record_asn_pull(cloud.outbox, jsonb)', null);
 
@@ -800,8 +899,8 @@ begin
            using greatest(s.last_id - s.overlap, 0), p_limit loop
     begin
       perform scm.ingest_asn(r.doc, 'shared_db', r.event_id);
-    exception when sqlstate 'ES004' then
-      raise warning 'shared-database ASN % from % skipped: %', r.id, s.foreign_table, sqlerrm;
+    exception when sqlstate 'ES004' or sqlstate 'ES017' or data_exception or integrity_constraint_violation then
+      perform scm._quarantine_asn(r.doc, 'shared_db', r.event_id, sqlstate, format('%s (row %s of %s)', sqlerrm, r.id, s.foreign_table));
     end;
     v_max := greatest(v_max, r.id);
     n := n + 1;
@@ -853,12 +952,61 @@ end $$;
 ------------------------------------------------------------------------------
 -- The supplier portal: row-level security
 ------------------------------------------------------------------------------
+create table scm.portal_login (
+  login_role  name primary key,
+  -- no cascade: deleting the supplier must not turn a bound login into a shared one that may choose any supplier
+  supplier_id bigint not null references erp.supplier (id),
+  bound_at    timestamptz not null default now()
+);
+comment on table scm.portal_login is 'Portal login roles bound to one supplier: a bound login (session_user) can only ever act as that supplier, whatever scm.supplier_id says. A login that is not listed is the shared portal login: the portal app (trusted) chooses the supplier per transaction with scm.act_as_supplier.';
+
+create function scm.bind_portal_login(
+  p_login_role    name, -- a login role that holds erp_cloud_supplier_portal
+  p_supplier_code text  -- the supplier it may act for, or null to unbind it
+) returns void
+language plpgsql security definer set search_path = '' as $$
+declare
+  v_id bigint;
+begin
+  if p_supplier_code is null then
+    delete from scm.portal_login where login_role = p_login_role;
+    return;
+  end if;
+  select id into v_id from erp.supplier where code = p_supplier_code;
+  if not found then
+    raise exception using errcode = 'ES008', message = format('supplier %s is not known', p_supplier_code),
+      hint = 'Bind the login to an existing supplier code (erp.supplier.code).';
+  end if;
+  insert into scm.portal_login (login_role, supplier_id) values (p_login_role, v_id)
+  on conflict (login_role) do update set supplier_id = excluded.supplier_id, bound_at = pg_catalog.now();
+end $$;
+comment on function scm.bind_portal_login is 'Operator: binds a portal login role to one supplier (null code unbinds it). ES008 when the supplier is not known.';
+
+create function scm._refuse_other_supplier() returns void
+language plpgsql as $$
+begin
+  raise exception using errcode = '42501', message = 'this portal login may only act for the supplier it is bound to',
+    hint = 'The login is bound in scm.portal_login; sign in with the login of the supplier you work for.';
+end $$;
+comment on function scm._refuse_other_supplier is 'Internal: the one 42501 a bound portal login gets for any other supplier (the same whether that supplier exists or not).';
+
 create function scm.current_supplier_id() returns bigint
-language sql stable as $$
-  select case when current_setting('scm.supplier_id', true) ~ '^[0-9]{1,18}$'
-              then current_setting('scm.supplier_id', true)::bigint end
-$$;
-comment on function scm.current_supplier_id is 'The supplier the portal acts for in this transaction (set_config(''scm.supplier_id'', id, true)), or null: no setting, an empty or malformed one all mean nobody.';
+language plpgsql stable security definer set search_path = '' as $$
+declare
+  v_setting text := pg_catalog.current_setting('scm.supplier_id', true);
+  v_bound bigint;
+begin
+  -- session_user is the login: SET ROLE does not change it, SET SESSION AUTHORIZATION needs a superuser
+  select supplier_id into v_bound from scm.portal_login where login_role = session_user;
+  if v_bound is not null then
+    if coalesce(v_setting, '') <> '' and v_setting <> v_bound::text then
+      perform scm._refuse_other_supplier();
+    end if;
+    return v_bound;
+  end if;
+  return case when v_setting ~ '^[0-9]{1,18}$' then v_setting::bigint end;
+end $$;
+comment on function scm.current_supplier_id is 'The supplier the portal acts for: for a login bound in scm.portal_login always its own supplier (42501 when scm.supplier_id names another); for the shared portal login the transaction-local setting (set_config(''scm.supplier_id'', id, true)), or null: no setting, an empty or malformed one all mean nobody.';
 
 create function scm.act_as_supplier(
   p_supplier_code text  -- the supplier the portal user signed in for
@@ -866,16 +1014,21 @@ create function scm.act_as_supplier(
 language plpgsql security definer set search_path = '' as $$
 declare
   v_id bigint;
+  v_bound bigint;
 begin
+  select supplier_id into v_bound from scm.portal_login where login_role = session_user;
   select id into v_id from erp.supplier where code = p_supplier_code;
-  if not found then
+  if v_bound is not null and v_id is distinct from v_bound then
+    perform scm._refuse_other_supplier();  -- before ES008: a bound login learns nothing about other codes
+  end if;
+  if v_id is null then
     raise exception using errcode = 'ES008', message = format('supplier %s is not known', p_supplier_code),
       hint = 'Check the supplier code the portal user is bound to.';
   end if;
   perform pg_catalog.set_config('scm.supplier_id', v_id::text, true);  -- transaction-local: gone at commit or rollback
   return v_id;
 end $$;
-comment on function scm.act_as_supplier is 'The portal''s first call in each transaction: sets scm.supplier_id for this transaction only and returns it (ES008 unknown code).';
+comment on function scm.act_as_supplier is 'The portal''s first call in each transaction: sets scm.supplier_id for this transaction only and returns it. A bound login (scm.portal_login) gets 42501 for any code but its own supplier''s; the shared login gets ES008 for an unknown code.';
 
 create function scm.submit_asn(
   p_doc jsonb  -- an ASN the supplier enters in the portal
@@ -883,7 +1036,7 @@ create function scm.submit_asn(
 language plpgsql security definer set search_path = '' as $$
 begin
   if scm.current_supplier_id() is null
-     or not exists (select from erp.supplier where id = scm.current_supplier_id() and code = p_doc ->> 'supplierCode') then
+     or not exists (select from erp.supplier where id = scm.current_supplier_id() and code = p_doc ->> 'supplier') then
     raise exception using errcode = '42501', message = 'an ASN can only be submitted for the supplier this session acts for',
       hint = 'Call scm.act_as_supplier(code) in this transaction, and send ASNs in that supplier''s name only.';
   end if;
@@ -955,24 +1108,26 @@ create policy "Suppliers add lines only to their own ASNs" on erp.asn_line for i
 -- Privileges
 ------------------------------------------------------------------------------
 revoke all on erp.supplier, erp.purchase_order, erp.purchase_order_line, erp.asn_document, erp.asn_line from public;
-revoke all on scm.setting, scm.asn_pull, scm.shared_asn_source from public;
+revoke all on scm.setting, scm.asn_pull, scm.shared_asn_source, scm.portal_login, scm.asn_quarantine from public;
 revoke execute on all functions in schema scm from public;
-revoke execute on function erp.tg_purchase_order__100_validate(), erp.tg_purchase_order_line__100_validate(),
+revoke execute on function erp.tg_purchase_order__100_validate(), erp.tg_purchase_order_line__100_validate(), erp.tg_purchase_order__100_refuse_delete(),
   erp.tg_purchase_order__500_enqueue(), erp.tg_purchase_order__500_enqueue_header() from public;
 
 grant select, insert, update, delete on erp.supplier, erp.purchase_order, erp.purchase_order_line to erp_cloud_app;
 grant select, update on erp.asn_document to erp_cloud_app;
 grant select on erp.asn_line to erp_cloud_app;
 grant select on erp.supplier, erp.purchase_order, erp.purchase_order_line, erp.asn_document, erp.asn_line to erp_cloud_operator;
-grant select on scm.asn_pull, scm.shared_asn_source, scm.setting to erp_cloud_operator;
+grant select on scm.asn_pull, scm.shared_asn_source, scm.setting, scm.asn_quarantine to erp_cloud_operator;
+grant delete on scm.asn_quarantine to erp_cloud_operator;
 grant select on erp.supplier, erp.purchase_order, erp.purchase_order_line, erp.asn_document, erp.asn_line to erp_cloud_supplier_portal;
 grant update (supplier_confirmed_at) on erp.purchase_order to erp_cloud_supplier_portal;
 grant update (carrier, tracking_no, eta) on erp.asn_document to erp_cloud_supplier_portal;
 
 grant execute on function erp.tg_purchase_order__100_validate(), erp.tg_purchase_order_line__100_validate(),
-  erp.tg_purchase_order__500_enqueue(), erp.tg_purchase_order__500_enqueue_header()
+  erp.tg_purchase_order__100_refuse_delete(), erp.tg_purchase_order__500_enqueue(), erp.tg_purchase_order__500_enqueue_header()
   to erp_cloud_app, erp_cloud_supplier_portal;
-grant execute on function scm._sync_purchase_order(bigint), scm.current_supplier_id() to erp_cloud_app, erp_cloud_supplier_portal;
+grant execute on function scm.bind_portal_login(name, text) to erp_cloud_operator;
+grant select on scm.portal_login to erp_cloud_operator;
 grant execute on function scm.build_po_publish_payload(bigint), scm.build_po_close_payload(bigint) to erp_cloud_app, erp_cloud_operator;
 grant execute on function scm.search_asn_lines(text, text), scm.current_supplier_id()
   to erp_cloud_app, erp_cloud_operator, erp_cloud_supplier_portal;

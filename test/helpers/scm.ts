@@ -49,7 +49,7 @@ export async function addPo(pool: pg.Pool, poNo: string, supplierId: number, sta
 export function asnDoc(code: string, poNo: string, lines: Array<{ line: number; material?: string; qty: number; batch?: string }>, supplierCode = 'S001'): Record<string, unknown> {
   return {
     code,
-    supplierCode,
+    supplier: supplierCode,
     deliveryDate: '2026-11-25',
     planArrivalDate: '2026-11-27',
     logisticalComp: '顺丰速运',
@@ -57,7 +57,7 @@ export function asnDoc(code: string, poNo: string, lines: Array<{ line: number; 
     details: lines.map((l, i) => ({
       lineno: i + 1,
       orderCode: poNo,
-      orderLineNum: l.line,
+      orderDetailId: l.line,
       material: l.material ?? (l.line === 1 ? 'M-100' : 'M-200'),
       purchaseNum: l.qty,
       batchNo: l.batch ?? `B-${code}-${i + 1}`,
