@@ -1084,25 +1084,25 @@ create policy "Operators see every ASN" on erp.asn_document for select to erp_cl
 create policy "Operators see every ASN line" on erp.asn_line for select to erp_cloud_operator using (true);
 
 create policy "Suppliers see only their own supplier record" on erp.supplier for select to erp_cloud_supplier_portal
-  using (id = scm.current_supplier_id());
+  using (id = (select scm.current_supplier_id()));
 create policy "Suppliers see only their own purchase orders" on erp.purchase_order for select to erp_cloud_supplier_portal
-  using (supplier_id = scm.current_supplier_id());
+  using (supplier_id = (select scm.current_supplier_id()));
 create policy "Suppliers change only their own purchase orders and cannot hand one to another supplier" on erp.purchase_order
   for update to erp_cloud_supplier_portal
-  using (supplier_id = scm.current_supplier_id()) with check (supplier_id = scm.current_supplier_id());
+  using (supplier_id = (select scm.current_supplier_id())) with check (supplier_id = (select scm.current_supplier_id()));
 create policy "Suppliers see only the lines of their own purchase orders" on erp.purchase_order_line for select to erp_cloud_supplier_portal
-  using (exists (select from erp.purchase_order po where po.id = po_id and po.supplier_id = scm.current_supplier_id()));
+  using (exists (select from erp.purchase_order po where po.id = po_id and po.supplier_id = (select scm.current_supplier_id())));
 create policy "Suppliers see only their own ASNs" on erp.asn_document for select to erp_cloud_supplier_portal
-  using (supplier_id = scm.current_supplier_id());
+  using (supplier_id = (select scm.current_supplier_id()));
 create policy "Suppliers file ASNs only in their own name" on erp.asn_document for insert to erp_cloud_supplier_portal
-  with check (supplier_id = scm.current_supplier_id());
+  with check (supplier_id = (select scm.current_supplier_id()));
 create policy "Suppliers change only their own ASNs and cannot move one to another supplier" on erp.asn_document
   for update to erp_cloud_supplier_portal
-  using (supplier_id = scm.current_supplier_id()) with check (supplier_id = scm.current_supplier_id());
+  using (supplier_id = (select scm.current_supplier_id())) with check (supplier_id = (select scm.current_supplier_id()));
 create policy "Suppliers see only the lines of their own ASNs" on erp.asn_line for select to erp_cloud_supplier_portal
-  using (exists (select from erp.asn_document d where d.id = asn_id and d.supplier_id = scm.current_supplier_id()));
+  using (exists (select from erp.asn_document d where d.id = asn_id and d.supplier_id = (select scm.current_supplier_id())));
 create policy "Suppliers add lines only to their own ASNs" on erp.asn_line for insert to erp_cloud_supplier_portal
-  with check (exists (select from erp.asn_document d where d.id = asn_id and d.supplier_id = scm.current_supplier_id()));
+  with check (exists (select from erp.asn_document d where d.id = asn_id and d.supplier_id = (select scm.current_supplier_id())));
 
 ------------------------------------------------------------------------------
 -- Privileges
