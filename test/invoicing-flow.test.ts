@@ -48,7 +48,8 @@ async function settled(settlementId: number, n = 1, source: 'settlement' | 'ship
     // the PDF step runs after the issued write-back: wait for it to finish too
     const { rows: open } = await db.pool.query(`select count(*)::int n from cloud.outbox where aggregate_type = 'erp.ar_invoice'
         and aggregate_id = any ($1::text[]) and status in ('pending', 'in_flight')`, [rows.map((r) => r.id)]);
-    return open[0].n === 0 ? rows : null;
+    // read the invoices again: the last step may have written them back between the two queries above
+    return open[0].n === 0 ? invoicesOf(db.pool, settlementId, source) : null;
   }, { timeoutMs: 30_000, intervalMs: 100, what: `invoices of ${source} ${settlementId} to settle` });
 }
 

@@ -250,6 +250,48 @@ describe('operator recovery', () => {
   });
 });
 
+describe('what a failure proves', () => {
+  it('only a permanent error on the only attempt, or a business refusal of this orderNo, proves nothing was created', async () => {
+    const c = await customer(db.pool);
+    const s = await settlement(db.pool, c, [good]);
+    await approve(db.pool, s.id);
+    const [inv] = await invoicesOf(db.pool, s.id);
+    const refused = async (attempts: number, e: unknown) => {
+      await db.pool.query(`update cloud.outbox set attempts = $2 where operation = 'tax.issue' and aggregate_id = $1`, [inv!.id, attempts]);
+      const { rows } = await db.pool.query(`select tax._issue_refused(o, $2::jsonb) r from cloud.outbox o where operation = 'tax.issue' and aggregate_id = $1`, [inv!.id, JSON.stringify(e)]);
+      return rows[0].r;
+    };
+    expect(await refused(8, { status: 'dead', error_class: 'http_503', http_status: 503 })).toBe(false);
+    expect(await refused(8, { status: 'dead', error_class: 'timeout', http_status: null })).toBe(false);
+    expect(await refused(1, { status: 'failed', error_class: 'sign_mismatch', http_status: 200, response: { code: '070601' } })).toBe(true);
+    expect(await refused(3, { status: 'failed', error_class: 'nuonuo_E9999', http_status: 200, response: { code: 'E9999' } })).toBe(true);
+    // an earlier attempt may have got through, and the last one was not answered by the platform
+    expect(await refused(3, { status: 'failed', error_class: 'config', http_status: null, response: { code: 'E9999' } })).toBe(false);
+    expect(await refused(3, { status: 'failed', error_class: 'http_400', http_status: 400 })).toBe(false);
+  });
+
+  it('max_polls answers of E9500 by orderNo (never E9106) let a new orderNo issue it; after E9106 it stays a poll_limit', async () => {
+    const c = await customer(db.pool);
+    for (const submit of [{}, { submit: { code: 'E9106', duplicate: true } }]) {
+      const s = await settlement(db.pool, c, [good]);
+      await approve(db.pool, s.id);
+      const [inv] = await invoicesOf(db.pool, s.id);
+      await db.pool.query(`update erp.ar_invoice set invoice_status = 'issuing', polls = 29, tax_cloud_response = $2 where id = $1`, [inv!.id, JSON.stringify(submit)]);
+      await db.pool.query(`select tax.record_invoice_result(o, '{"code": "E9500", "describe": "发票不存在"}') from cloud.outbox o
+                            where operation = 'tax.issue' and aggregate_id = $1`, [inv!.id]);
+      const after = (await invoicesOf(db.pool, s.id))[0]!;
+      if ('submit' in submit) {
+        expect(after.error_code).toBe('poll_limit');
+        expect(await sqlstateOf(db.pool.query(`select tax.reissue_invoice($1)`, [inv!.id]))).toBe(SqlState.invoiceReissueRefused);
+      } else {
+        expect(after.error_code).toBe('nuonuo_E9500');
+        await db.pool.query(`select tax.reissue_invoice($1)`, [inv!.id]);
+        expect((await invoicesOf(db.pool, s.id))[0]).toMatchObject({ invoice_status: 'pending', error_code: null });
+      }
+    }
+  });
+});
+
 describe('tax ids', () => {
   it('the GB 32100 check digit accepts the reference examples and refuses a wrong one', async () => {
     const { rows } = await db.pool.query(`select c, tax.uscc_check_digit_ok(c) ok from unnest($1::text[]) c`,

@@ -910,8 +910,8 @@ begin
     update erp.ar_invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
      where a.id = v_inv.id;
   elsif v_inv.polls + 1 >= v_cfg.max_polls then
-    if r->>'code' = 'E9500' and v_inv.invoice_serial_no is null then
-      -- never seen under this orderNo after max_polls queries: nothing was created, a new orderNo is safe
+    if r->>'code' = 'E9500' and v_inv.invoice_serial_no is null and coalesce(v_inv.tax_cloud_response #>> '{submit,code}', '') <> 'E9106' then
+      -- never seen under this orderNo after max_polls queries (and never answered E9106): nothing was created, a new orderNo is safe
       update erp.ar_invoice a
          set invoice_status = 'failed', error_code = 'nuonuo_E9500',
              error_message = format('the platform has no invoice under orderNo %s after %s queries; tax.reissue_invoice(%s) issues it again', a.order_no, v_inv.polls + 1, v_inv.id),
