@@ -44,6 +44,8 @@ export const SqlState = {
   reversalLineUnknown: 'EI015',
   reversalAlreadyUnderway: 'EI016',
   invoicingSettingInvalid: 'EI017',
+  invoiceReissueRefused: 'EI018',
+  invoiceRequeryRefused: 'EI019',
   // supplier collaboration (sql/migrations/0008_supplier_collaboration.sql)
   poStatusChangeNotAllowed: 'ES001',
   poWithoutLines: 'ES002',

@@ -37,7 +37,7 @@ afterAll(async () => {
 });
 beforeEach(async () => {
   sim.setFaults(null);
-  sim.configure({ pdfUrlOverride: null, pdfRedirectTo: null, rejectBuyers: {}, issueDelayMs: 300 });
+  sim.configure({ pdfUrlOverride: null, pdfRedirectTo: null, rejectBuyers: {}, issueDelayMs: 300, signFailBuyers: [], redAwaitBuyer: false });
   await configureTax(db.pool, sim.url, APP_KEY);
 });
 
@@ -48,7 +48,8 @@ async function settled(settlementId: number, n = 1, source: 'settlement' | 'ship
     // the PDF step runs after the issued write-back: wait for it to finish too
     const { rows: open } = await db.pool.query(`select count(*)::int n from cloud.outbox where aggregate_type = 'erp.ar_invoice'
         and aggregate_id = any ($1::text[]) and status in ('pending', 'in_flight')`, [rows.map((r) => r.id)]);
-    return open[0].n === 0 ? rows : null;
+    // read the invoices again: the last step may have written them back between the two queries above
+    return open[0].n === 0 ? invoicesOf(db.pool, settlementId, source) : null;
   }, { timeoutMs: 30_000, intervalMs: 100, what: `invoices of ${source} ${settlementId} to settle` });
 }
 
@@ -158,7 +159,7 @@ describe('when the cloud fails', () => {
     expect((again!.tax_cloud_response as { previous: { query: unknown } }).previous.query).toBeTruthy();
     expect(simInvoicesFor(again!.order_no)).toMatchObject([{ status: '2', buyerTaxNum: USCC_OK[3] }]);
     // an issued invoice cannot be re-issued
-    expect(await sqlstateOf(db.pool.query(`select tax.reissue_invoice($1)`, [inv!.id]))).toBe(SqlState.reversalInvoiceNotIssued);
+    expect(await sqlstateOf(db.pool.query(`select tax.reissue_invoice($1)`, [inv!.id]))).toBe(SqlState.invoiceReissueRefused);
   });
 
   it('timeouts and 5xx during submit and query still give exactly one invoice in the simulator', async () => {
@@ -233,17 +234,96 @@ describe('when the cloud fails', () => {
   });
 });
 
+describe('when the outcome is unknown', () => {
+  // these tests fail many attempts in a row on purpose: the circuit breaker must not open (and delay the tests after)
+  beforeEach(async () => {
+    await db.pool.query(`select cloud.put_endpoint_limits('nuonuo', null, 1, 1000, 30000)`);
+  });
+  afterAll(async () => {
+    await db.pool.query(`select cloud.put_endpoint_limits('nuonuo', null, 1, 5, 30000)`);
+  });
+  const final = (id: string) => waitFor(async () => {
+    const r = (await db.pool.query(`select * from erp.ar_invoice where id = $1`, [id])).rows[0];
+    return r.invoice_status === 'pending' || r.invoice_status === 'issuing' ? null : r;
+  }, { timeoutMs: 30_000, intervalMs: 100, what: `invoice ${id} to end` });
+
+  it('a submit that reached the platform and then only met 5xx is unknown_outcome, never re-issued; its replay books the one invoice', async () => {
+    await configureTax(db.pool, sim.url, APP_KEY, { timeoutMs: 1000 });
+    // the first submit is taken but answered too late; every retry meets a 503 until the attempts run out
+    sim.setFaults({ pathPrefix: '/open/v1/services', schedule: [{ kind: 'slow', ms: 2000 }, { kind: 'status', status: 503 }], persist: true });
+    const c = await customer(db.pool);
+    const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 742 }]);
+    await approve(db.pool, s.id);
+    const [pending] = await invoicesOf(db.pool, s.id);
+    const failed = await final(pending!.id);
+    expect(failed).toMatchObject({ invoice_status: 'failed', error_code: 'unknown_outcome' });
+    expect(failed.error_message).toContain(`tax.requery_invoice(${pending!.id})`);
+    expect(simInvoicesFor(pending!.order_no)).toHaveLength(1); // the platform has it
+    // a new orderNo would issue it twice: refused
+    expect(await sqlstateOf(db.pool.query(`select tax.reissue_invoice($1)`, [pending!.id]))).toBe(SqlState.invoiceReissueRefused);
+    sim.setFaults(null);
+    // the operator replays the submit: E9106 is booked although the invoice was marked failed
+    const m = (await db.pool.query(`select request_id from cloud.outbox where operation = 'tax.issue' and aggregate_id = $1`, [pending!.id])).rows[0];
+    await db.pool.query(`select cloud.replay_message($1, 'platform back: reconcile the lost submit')`, [m.request_id]);
+    const [inv] = await settled(s.id);
+    expect(inv).toMatchObject({ invoice_status: 'issued', order_no: pending!.order_no, error_code: null });
+    expect(simInvoicesFor(inv!.order_no)).toMatchObject([{ status: '2', submits: 2 }]);
+    expect(sim.invoices().filter((i) => i.invoiceNo === inv!.invoice_no)).toHaveLength(1);
+  });
+
+  it('a result query that keeps failing is unknown_outcome; requery asks again under the same orderNo and books it', async () => {
+    // the submit goes through, every query then meets a 503
+    sim.setFaults({ pathPrefix: '/open/v1/services', schedule: [{ kind: 'ok' }, { kind: 'status', status: 503 }], persist: true });
+    const c = await customer(db.pool);
+    const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 848 }]);
+    await approve(db.pool, s.id);
+    const [pending] = await invoicesOf(db.pool, s.id);
+    const failed = await final(pending!.id);
+    expect(failed).toMatchObject({ invoice_status: 'failed', error_code: 'unknown_outcome' });
+    expect(await sqlstateOf(db.pool.query(`select tax.reissue_invoice($1)`, [pending!.id]))).toBe(SqlState.invoiceReissueRefused);
+    sim.setFaults(null);
+    await db.pool.query(`select tax.requery_invoice($1)`, [pending!.id]);
+    const [inv] = await settled(s.id);
+    expect(inv).toMatchObject({ invoice_status: 'issued', order_no: pending!.order_no });
+    expect(simInvoicesFor(inv!.order_no)).toHaveLength(1);
+    expect(await attachmentOf(inv!.id)).toHaveLength(1);
+    // an issued invoice is not waiting for an answer
+    expect(await sqlstateOf(db.pool.query(`select tax.requery_invoice($1)`, [inv!.id]))).toBe(SqlState.invoiceRequeryRefused);
+  });
+
+  it('status 24 (issued, signing failed) keeps the invoice issuing: reInvoice on the same serial no., never a new orderNo', async () => {
+    const buyer = USCC_OK[1]!;
+    sim.configure({ signFailBuyers: [buyer] });
+    const c = await customer(db.pool, { taxId: buyer });
+    const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 954 }]);
+    await approve(db.pool, s.id);
+    const [inv] = await settled(s.id);
+    expect(inv).toMatchObject({ invoice_status: 'issued', error_code: null });
+    const [one, ...none] = simInvoicesFor(inv!.order_no);
+    expect(none).toHaveLength(0);
+    expect(one).toMatchObject({ status: '2', reinvoices: 1, invoiceNo: inv!.invoice_no });
+    const re = await db.pool.query(`select payload, status from cloud.outbox where operation = 'tax.reinvoice' and aggregate_id = $1`, [inv!.id]);
+    expect(re.rows).toEqual([{ payload: { fpqqlsh: one!.serialNo, orderno: inv!.order_no }, status: 'sent' }]);
+    expect(await attachmentOf(inv!.id)).toHaveLength(1);
+  });
+});
+
 describe('the PDF download', () => {
-  const cases: Array<[string, Partial<{ pdfUrlOverride: string; pdfRedirectTo: string }>, string]> = [
-    ['a cloud metadata address', { pdfUrlOverride: 'http://169.254.169.254/latest/meta-data/iam.pdf' }, 'egress_refused'],
-    ['a private-range host that is not allowed', { pdfUrlOverride: 'http://10.20.30.40/invoice.pdf' }, 'egress_refused'],
-    ['a link-local address', { pdfUrlOverride: 'http://169.254.1.1/invoice.pdf' }, 'egress_refused'],
-    ["a host name other than the endpoint's", { pdfUrlOverride: 'http://localhost.localdomain:1/x.pdf' }, 'egress_refused'],
-    ['a redirect to loopback', { pdfRedirectTo: 'http://127.0.0.1:9/admin.pdf' }, 'redirect_refused'],
-    ['a redirect to the metadata service', { pdfRedirectTo: 'http://169.254.169.254/latest/meta-data/' }, 'redirect_refused'],
+  // The address cases name their host in allow_hosts, so only the address check can refuse them: loopback is
+  // allowed for the simulator, but only 127.0.0.1 (allow_cidrs); the refusal kind is asserted from the message.
+  const ADDRESS_HOSTS = ['169.254.169.254', '10.20.30.40', '169.254.1.1', '127.0.0.2'];
+  const cases: Array<[string, Partial<{ pdfUrlOverride: string; pdfRedirectTo: string }>, string, string]> = [
+    ['a cloud metadata address (allowed by host)', { pdfUrlOverride: 'http://169.254.169.254/latest/meta-data/iam.pdf' }, 'egress_refused', 'is a cloud metadata address'],
+    ['a private-range address (allowed by host)', { pdfUrlOverride: 'http://10.20.30.40/invoice.pdf' }, 'egress_refused', '10.20.30.40 is outside the address ranges allowed'],
+    ['a link-local address (allowed by host)', { pdfUrlOverride: 'http://169.254.1.1/invoice.pdf' }, 'egress_refused', '169.254.1.1 is outside the address ranges allowed'],
+    ['another loopback address (allowed by host)', { pdfUrlOverride: 'http://127.0.0.2/invoice.pdf' }, 'egress_refused', '127.0.0.2 is outside the address ranges allowed'],
+    ["a host name other than the endpoint's", { pdfUrlOverride: 'http://localhost.localdomain:1/x.pdf' }, 'egress_refused', 'host localhost.localdomain is not allowed'],
+    ['a redirect to loopback', { pdfRedirectTo: 'http://127.0.0.1:9/admin.pdf' }, 'redirect_refused', 'redirects to http://127.0.0.1:9/admin.pdf'],
+    ['a redirect to the metadata service', { pdfRedirectTo: 'http://169.254.169.254/latest/meta-data/' }, 'redirect_refused', 'redirects to http://169.254.169.254/'],
   ];
-  for (const [what, settings, errorClass] of cases) {
+  for (const [what, settings, errorClass, why] of cases) {
     it(`from ${what} is refused and logged; the invoice stays issued without an attachment`, async () => {
+      await db.pool.query(`select cloud.put_endpoint_allowlist('nuonuo', $1, '{127.0.0.1/32}', true)`, [ADDRESS_HOSTS]);
       sim.configure(settings);
       const c = await customer(db.pool);
       const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 106 }]);
@@ -251,6 +331,7 @@ describe('the PDF download', () => {
       const [inv] = await settled(s.id);
       expect(inv).toMatchObject({ invoice_status: 'issued', error_code: 'pdf_download' });
       expect(inv!.error_message).toContain(errorClass);
+      expect(inv!.error_message).toContain(why);
       expect(await attachmentOf(inv!.id)).toHaveLength(0);
       const log = await db.pool.query(`select l.outcome, l.error_class, l.attempt from cloud.log l join cloud.outbox o using (request_id)
                                         where o.aggregate_id = $1 and o.operation = 'tax.download_pdf'`, [inv!.id]);
@@ -259,7 +340,9 @@ describe('the PDF download', () => {
   }
 
   it('refuses an answer that is not a PDF, and one over the size cap', async () => {
-    await db.pool.query(`update tax.config set max_pdf_bytes = 200`);
+    // the cap cannot go below 1 KiB, not even by a direct UPDATE (CHECK constraint); the simulator's PDFs are a little over
+    expect(await sqlstateOf(db.pool.query(`update tax.config set max_pdf_bytes = 200`))).toBe('23514');
+    await db.pool.query(`select tax.put_config(p_max_pdf_bytes => 1024)`);
     const c = await customer(db.pool);
     const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 106 }]);
     await approve(db.pool, s.id);
@@ -320,6 +403,43 @@ describe('red-letter reversal (红冲)', () => {
     expect(payload).toMatchObject({ blueElecInvoiceNumber: blue!.invoice_no, redReason: '1', blueInvoiceLine: 'pc',
       detail: [{ blueDetailIndex: '1', goodsCode: OATS, taxRate: '0.13', num: '-2', taxExcludedAmount: '-100.00', taxAmount: '-13.00', taxExcludedPrice: '50' }] });
     expect(sim.invoices().find((i) => i.invoiceNo === red.invoice_no)).toMatchObject({ orderAmount: '-113.00' });
+    // line 2 is not reversed: the invoice is partially reversed, line 1 cannot be reversed again, line 2 still can
+    const statusOf = async () => (await db.pool.query(`select invoice_status from erp.ar_invoice where id = $1`, [blue!.id])).rows[0].invoice_status;
+    expect(await statusOf()).toBe('partially_reversed');
+    const ins = (lines: number[] | null) => db.pool.query(`insert into erp.invoice_reversal_request (ar_invoice_id, reason, line_nos) values ($1, '2', $2) returning id`, [blue!.id, lines]);
+    expect(await sqlstateOf(ins([1]))).toBe(SqlState.reversalAlreadyUnderway);
+    expect(await sqlstateOf(ins(null))).toBe(SqlState.reversalAlreadyUnderway);
+    const second = (await ins([2])).rows[0];
+    const req2 = await waitFor(async () => {
+      const r = (await db.pool.query(`select * from erp.invoice_reversal_request where id = $1`, [second.id])).rows[0];
+      return r.status === 'issued' || r.status === 'failed' ? r : null;
+    }, { timeoutMs: 30_000, what: 'the second reversal' });
+    expect(req2.status).toBe('issued');
+    expect(await statusOf()).toBe('reversed');
+    expect(await sqlstateOf(ins([2]))).toBe(SqlState.reversalAlreadyUnderway);
+  });
+
+  it('a 专票 form the buyer never confirms is given up after 72 hours with the reason written back, not polled for ever', async () => {
+    sim.configure({ redAwaitBuyer: true });
+    const c = await customer(db.pool);
+    const s = await settlement(db.pool, c, [{ item: '燕麦', code: OATS, rate: 0.13, amount: 226 }], 'special');
+    await approve(db.pool, s.id);
+    const [blue] = await settled(s.id);
+    const { rows } = await db.pool.query(`insert into erp.invoice_reversal_request (ar_invoice_id, reason) values ($1, '1') returning id`, [blue!.id]);
+    await waitFor(async () => (await db.pool.query(`select bill_status from erp.invoice_reversal_request where id = $1`, [rows[0].id])).rows[0].bill_status === '02',
+      { what: 'the form awaiting the buyer' });
+    // the polling goes on while the buyer may still confirm; 73 hours later (moved back here) it stops
+    await db.pool.query(`update erp.invoice_reversal_request set requested_at = now() - interval '74 hours' where id = $1`, [rows[0].id]);
+    const req = await waitFor(async () => {
+      const r = (await db.pool.query(`select * from erp.invoice_reversal_request where id = $1`, [rows[0].id])).rows[0];
+      return r.status === 'failed' ? r : null;
+    }, { timeoutMs: 30_000, what: 'the reversal to be given up' });
+    expect(req.error_message).toContain('72 hours');
+    const red = (await db.pool.query(`select invoice_status, error_code from erp.ar_invoice where id = $1`, [req.red_invoice_id])).rows[0];
+    expect(red).toEqual({ invoice_status: 'failed', error_code: 'red_deadline' });
+    const open = await db.pool.query(`select count(*)::int n from cloud.outbox where aggregate_id = $1 and status in ('pending', 'in_flight')`, [String(req.red_invoice_id)]);
+    expect(open.rows[0].n).toBe(0);
+    expect((await db.pool.query(`select invoice_status from erp.ar_invoice where id = $1`, [blue!.id])).rows[0].invoice_status).toBe('issued');
   });
 
   it('refuses a reversal of an invoice that is not issued, with a bad reason, or naming a line the invoice does not have', async () => {
@@ -333,6 +453,8 @@ describe('red-letter reversal (红冲)', () => {
     const [issued] = await settled(s.id);
     expect(await sqlstateOf(ins(issued!.id, '5'))).toBe(SqlState.reversalReasonInvalid);
     expect(await sqlstateOf(ins(issued!.id, '2', [7]))).toBe(SqlState.reversalLineUnknown);
+    // services cannot be returned (销货退回); goods cannot be a service stopped (服务中止)
+    expect(await sqlstateOf(ins(issued!.id, '1'))).toBe(SqlState.reversalReasonInvalid);
     const n = await db.pool.query(`select count(*)::int n from erp.invoice_reversal_request where ar_invoice_id = $1`, [issued!.id]);
     expect(n.rows[0].n).toBe(0);
   });
@@ -370,6 +492,34 @@ describe('the Nuonuo callback', () => {
       expect(inv!.invoice_status).toBe('issued');
       expect(inv!.invoice_no).not.toBe('99999999999999999999');
       expect(inv!.invoice_no).toBe(simInvoicesFor(inv!.order_no)[0]!.invoiceNo);
+    } finally {
+      await inbound.close();
+    }
+  });
+
+  it('redConfirmCallback is a hint too: it makes the red form query run now', async () => {
+    const log = createLogger('silent');
+    const inbound = await startInboundServer('127.0.0.1', 0, {
+      pool: db.pool, log, secret: async () => '', env: { ERP_CLOUD_NUONUO_CALLBACK_CIDRS: '127.0.0.1/32' },
+    });
+    try {
+      const c = await customer(db.pool);
+      const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 530 }]);
+      await approve(db.pool, s.id);
+      const [blue] = await settled(s.id);
+      // form queries a minute apart: only the callback makes the first one sooner
+      await configureTax(db.pool, sim.url, APP_KEY, { firstPollMs: 60_000, pollCapMs: 60_000 });
+      const { rows } = await db.pool.query(`insert into erp.invoice_reversal_request (ar_invoice_id, reason) values ($1, '2') returning id, bill_id`, [blue!.id]);
+      const red = await waitFor(async () => {
+        const r = (await db.pool.query(`select a.* from erp.ar_invoice a join erp.invoice_reversal_request q on q.red_invoice_id = a.id where q.id = $1`, [rows[0].id])).rows[0];
+        return r.invoice_status === 'issuing' ? r : null;
+      }, { what: 'the red form submitted' });
+      const formQueries = async () => (await db.pool.query(`select count(*)::int n from cloud.log l join cloud.outbox o using (request_id) where o.operation = 'tax.red_query' and o.aggregate_id = $1`, [red.id])).rows[0].n;
+      expect(await formQueries()).toBe(0);
+      const body = new URLSearchParams({ operater: 'redConfirmCallback', orderno: red.order_no, content: JSON.stringify({ billId: rows[0].bill_id, billStatus: '04' }) });
+      const answer = await fetch(`${inbound.url}/callbacks/nuonuo`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: body.toString() });
+      expect(await answer.json()).toEqual({ status: '0000', message: '同步成功' });
+      await waitFor(async () => (await formQueries()) >= 1 ? true : null, { what: 'the form query the callback moved up' });
     } finally {
       await inbound.close();
     }

@@ -206,6 +206,89 @@ describe('validation stops the approval with its SQLSTATE; nothing is enqueued a
   it('bad settings are refused with EI017', async () => {
     expect(await sqlstateOf(db.pool.query(`select tax.put_config(p_max_invoice_lines => 0)`))).toBe(SqlState.invoicingSettingInvalid);
     expect(await sqlstateOf(db.pool.query(`select tax.put_config(p_seller_tax_id => 'abc')`))).toBe(SqlState.invoicingSettingInvalid);
+    // no hot loop: the first poll is at least 50 ms
+    expect(await sqlstateOf(db.pool.query(`select tax.put_config(p_first_poll_ms => 0)`))).toBe(SqlState.invoicingSettingInvalid);
+    expect(await sqlstateOf(db.pool.query(`select tax.put_config(p_max_pdf_bytes => 200)`))).toBe(SqlState.invoicingSettingInvalid);
+  });
+
+  it('a setting left out keeps its value; only p_unset clears an optional one; the limits hold for a direct UPDATE too', async () => {
+    await db.pool.query(`select tax.put_config(p_max_invoice_amount => 5000, p_max_pdf_bytes => 2048, p_callback_url => 'http://127.0.0.1:9/cb')`);
+    const cfg = (await db.pool.query(`select * from tax.put_config(p_max_polls => 7)`)).rows[0];
+    expect(cfg).toMatchObject({ max_polls: 7, max_invoice_amount: '5000.00', max_pdf_bytes: 2048, callback_url: 'http://127.0.0.1:9/cb',
+      seller_tax_id: '339902999999789113', clerk: '张三', first_poll_ms: 200, endpoint: 'nuonuo' });
+    const cleared = (await db.pool.query(`select * from tax.put_config(p_unset => '{max_invoice_amount,callback_url}')`)).rows[0];
+    expect(cleared).toMatchObject({ max_invoice_amount: null, callback_url: null, max_pdf_bytes: 2048 });
+    expect(await sqlstateOf(db.pool.query(`select tax.put_config(p_unset => '{seller_tax_id}')`))).toBe(SqlState.invoicingSettingInvalid);
+    for (const sql of [`update tax.config set max_pdf_bytes = 200`, `update tax.config set first_poll_ms = 0`,
+      `update tax.config set poll_cap_ms = 10`, `update tax.config set max_polls = 0`, `update tax.config set max_invoice_lines = 0`]) {
+      expect(await sqlstateOf(db.pool.query(sql)), sql).toBe('23514');
+    }
+  });
+
+  it('the wait between queries doubles up to the cap and never overflows, however many polls', async () => {
+    await db.pool.query(`select tax.put_config(p_first_poll_ms => 3000, p_poll_cap_ms => 60000)`);
+    const { rows } = await db.pool.query(`select p, tax._poll_delay_ms(p)::int ms from unnest(array[1, 2, 3, 5, 6, 53, 64, 1000, 2147483647]) p order by p`);
+    expect(rows.map((r) => r.ms)).toEqual([3000, 6000, 12000, 48000, 60000, 60000, 60000, 60000, 60000]);
+  });
+});
+
+describe('operator recovery', () => {
+  it('requery is refused (EI019) for an invoice not waiting for an answer, reissue (EI018) for one not refused for certain', async () => {
+    const c = await customer(db.pool);
+    const s = await settlement(db.pool, c, [good]);
+    await approve(db.pool, s.id);
+    const [inv] = await invoicesOf(db.pool, s.id);
+    expect(await sqlstateOf(db.pool.query(`select tax.requery_invoice($1)`, [inv!.id]))).toBe(SqlState.invoiceRequeryRefused);
+    expect(await sqlstateOf(db.pool.query(`select tax.reissue_invoice($1)`, [inv!.id]))).toBe(SqlState.invoiceReissueRefused);
+    for (const code of ['unknown_outcome', 'poll_limit']) {
+      await db.pool.query(`update erp.ar_invoice set invoice_status = 'failed', error_code = $2 where id = $1`, [inv!.id, code]);
+      expect(await sqlstateOf(db.pool.query(`select tax.reissue_invoice($1)`, [inv!.id])), code).toBe(SqlState.invoiceReissueRefused);
+    }
+    await db.pool.query(`select tax.requery_invoice($1)`, [inv!.id]);
+    const q = await db.pool.query(`select payload from cloud.outbox where operation = 'tax.query' and aggregate_id = $1`, [inv!.id]);
+    expect(q.rows).toEqual([{ payload: { orderNos: [inv!.order_no], isOfferInvoiceDetail: '0' } }]);
+  });
+});
+
+describe('what a failure proves', () => {
+  it('only a permanent error on the only attempt, or a business refusal of this orderNo, proves nothing was created', async () => {
+    const c = await customer(db.pool);
+    const s = await settlement(db.pool, c, [good]);
+    await approve(db.pool, s.id);
+    const [inv] = await invoicesOf(db.pool, s.id);
+    const refused = async (attempts: number, e: unknown) => {
+      await db.pool.query(`update cloud.outbox set attempts = $2 where operation = 'tax.issue' and aggregate_id = $1`, [inv!.id, attempts]);
+      const { rows } = await db.pool.query(`select tax._issue_refused(o, $2::jsonb) r from cloud.outbox o where operation = 'tax.issue' and aggregate_id = $1`, [inv!.id, JSON.stringify(e)]);
+      return rows[0].r;
+    };
+    expect(await refused(8, { status: 'dead', error_class: 'http_503', http_status: 503 })).toBe(false);
+    expect(await refused(8, { status: 'dead', error_class: 'timeout', http_status: null })).toBe(false);
+    expect(await refused(1, { status: 'failed', error_class: 'sign_mismatch', http_status: 200, response: { code: '070601' } })).toBe(true);
+    expect(await refused(3, { status: 'failed', error_class: 'nuonuo_E9999', http_status: 200, response: { code: 'E9999' } })).toBe(true);
+    // an earlier attempt may have got through, and the last one was not answered by the platform
+    expect(await refused(3, { status: 'failed', error_class: 'config', http_status: null, response: { code: 'E9999' } })).toBe(false);
+    expect(await refused(3, { status: 'failed', error_class: 'http_400', http_status: 400 })).toBe(false);
+  });
+
+  it('max_polls answers of E9500 by orderNo (never E9106) let a new orderNo issue it; after E9106 it stays a poll_limit', async () => {
+    const c = await customer(db.pool);
+    for (const submit of [{}, { submit: { code: 'E9106', duplicate: true } }]) {
+      const s = await settlement(db.pool, c, [good]);
+      await approve(db.pool, s.id);
+      const [inv] = await invoicesOf(db.pool, s.id);
+      await db.pool.query(`update erp.ar_invoice set invoice_status = 'issuing', polls = 29, tax_cloud_response = $2 where id = $1`, [inv!.id, JSON.stringify(submit)]);
+      await db.pool.query(`select tax.record_invoice_result(o, '{"code": "E9500", "describe": "发票不存在"}') from cloud.outbox o
+                            where operation = 'tax.issue' and aggregate_id = $1`, [inv!.id]);
+      const after = (await invoicesOf(db.pool, s.id))[0]!;
+      if ('submit' in submit) {
+        expect(after.error_code).toBe('poll_limit');
+        expect(await sqlstateOf(db.pool.query(`select tax.reissue_invoice($1)`, [inv!.id]))).toBe(SqlState.invoiceReissueRefused);
+      } else {
+        expect(after.error_code).toBe('nuonuo_E9500');
+        await db.pool.query(`select tax.reissue_invoice($1)`, [inv!.id]);
+        expect((await invoicesOf(db.pool, s.id))[0]).toMatchObject({ invoice_status: 'pending', error_code: null });
+      }
+    }
   });
 });
 
@@ -259,6 +342,16 @@ describe('roles', () => {
       expect(await sqlstateOf(client.query(`select count(*) from cloud.outbox`))).toBe('42501');
       expect(await sqlstateOf(client.query(`update erp.ar_invoice set invoice_no = '26352000000000000009'`))).toBe('42501');
       expect(await sqlstateOf(client.query(`select tax.issue_invoices('settlement', $1)`, [s.id]))).toBe('42501');
+      // a reversal request: the ERP names the invoice, reason and lines; status, form and red invoice are not its to write
+      const [inv] = await invoicesOf(db.pool, s.id);
+      for (const col of ['status', 'bill_status', 'red_invoice_id', 'bill_id', 'finished_at']) {
+        const v = col === 'red_invoice_id' ? inv!.id : col === 'finished_at' ? 'now()' : "'issued'";
+        expect(await sqlstateOf(client.query(`insert into erp.invoice_reversal_request (ar_invoice_id, reason, ${col}) values ($1, '2', ${col === 'red_invoice_id' ? '$1' : v})`, [inv!.id])), col).toBe('42501');
+      }
+      // the allowed columns pass the privilege check and reach the trigger (the invoice is not issued yet: EI013)
+      expect(await sqlstateOf(client.query(`insert into erp.invoice_reversal_request (ar_invoice_id, reason, line_nos) values ($1, '2', '{1}')`, [inv!.id])))
+        .toBe(SqlState.reversalInvoiceNotIssued);
+      expect(await sqlstateOf(client.query(`select tax.requery_invoice($1)`, [inv!.id]))).toBe('42501');
     } finally {
       await client.query('reset role');
       client.release();

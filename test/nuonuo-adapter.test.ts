@@ -7,7 +7,7 @@
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { attemptDelivery } from '../listener/http.js';
-import { nuonuoAdapter, nuonuoSign, orderNoFor } from '../listener/providers/nuonuo.js';
+import { nuonuoAdapter, nuonuoSign, orderNoFor, rememberedTokens, TOKEN_OF_MAX } from '../listener/providers/nuonuo.js';
 import type { ClaimedMessage, ProviderContext } from '../listener/providers/index.js';
 import { startNuonuoSim, type NuonuoSim } from '../listener/sim/nuonuo.js';
 
@@ -143,6 +143,42 @@ describe('gateway answers', () => {
     expect(nuonuoAdapter.classify(answer({ code: 'E9999', describe: '参数错误' }), msg('tax.issue'))).toMatchObject({ outcome: 'permanent', message: 'E9999 参数错误' });
     expect(nuonuoAdapter.classify(answer({ error: 'x' }, 503), msg('tax.issue'))).toMatchObject({ outcome: 'retryable', errorClass: 'http_503' });
     expect(nuonuoAdapter.classify({ status: 200, headers: {}, body: '<html>', raw: Buffer.from('<html>') }, msg('tax.query'))).toMatchObject({ outcome: 'retryable' });
+  });
+});
+
+describe('gateway requests', () => {
+  const msg = (requestId: string, operation: string, payload: Record<string, unknown>, config: Record<string, unknown> = {}): ClaimedMessage => ({
+    request_id: requestId, endpoint: 'nuonuo', operation, payload, attempt: 1,
+    aggregate_type: 'erp.ar_invoice', aggregate_id: '1', ordering_key: null, provider: 'nuonuo', base_url: 'https://sdk.nuonuo.example/open/v1/services',
+    timeout_ms: 1000, endpoint_config: { app_key: 'k', ...config }, locked_until: new Date(), send_at: new Date(),
+  });
+  const forgotten: string[] = [];
+  const ctx = {
+    secret: async () => 'secret', token: async () => 'tok', forgetToken: async (_k: string, t: string) => { forgotten.push(t); },
+    fetch: async () => { throw new Error('no auxiliary call expected'); },
+  } as unknown as ProviderContext;
+  const rid = (n: number) => `00000000-0000-4000-8000-${String(n).padStart(12, '0')}`;
+
+  it("send the orderNo SQL built into the payload, not one recomputed from the request_id", async () => {
+    const req = await nuonuoAdapter.buildRequest(msg(rid(1), 'tax.issue', { order: { orderNo: 'ab12cd34ab12cd34ab12cd34ab12cd34', buyerName: 'x' } }), ctx);
+    expect(JSON.parse(req.body as string)).toEqual({ order: { orderNo: 'ab12cd34ab12cd34ab12cd34ab12cd34', buyerName: 'x' } });
+    await expect(nuonuoAdapter.buildRequest(msg(rid(2), 'tax.issue', { order: { buyerName: 'x' } }), ctx)).rejects.toMatchObject({ outcome: 'permanent', errorClass: 'no_order_no' });
+  });
+
+  it('retry signing (reInvoice) on 诺税通 only', async () => {
+    const req = await nuonuoAdapter.buildRequest(msg(rid(3), 'tax.reinvoice', { fpqqlsh: 's1', orderno: 'o1' }), ctx);
+    expect(req.headers?.method).toBe('nuonuo.OpeMplatform.reInvoice');
+    await expect(nuonuoAdapter.buildRequest(msg(rid(4), 'tax.reinvoice', { fpqqlsh: 's1' }, { method_prefix: 'nuonuo.ElectronInvoice' }), ctx))
+      .rejects.toMatchObject({ outcome: 'permanent', errorClass: 'unsupported' });
+  });
+
+  it('remember the token of at most TOKEN_OF_MAX requests, evicting the oldest, so a refusal of a recent one still forgets its token', async () => {
+    for (let i = 0; i < TOKEN_OF_MAX + 200; i++) await nuonuoAdapter.buildRequest(msg(rid(1000 + i), 'tax.query', { orderNos: ['o'] }), ctx);
+    expect(rememberedTokens()).toBe(TOKEN_OF_MAX);
+    const last = msg(rid(1000 + TOKEN_OF_MAX + 199), 'tax.query', {});
+    expect(nuonuoAdapter.classify({ status: 200, headers: {}, body: '{"code":"070305"}', raw: Buffer.alloc(0) }, last)).toMatchObject({ errorClass: 'token_refused' });
+    await nuonuoAdapter.buildRequest(msg(rid(9), 'tax.query', { orderNos: ['o'] }), ctx);
+    expect(forgotten).toEqual(['tok']);
   });
 });
 

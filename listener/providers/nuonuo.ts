@@ -5,8 +5,9 @@
  * for its lifetime (token calls are quota-limited).
  *
  * Operations (the SQL chain in migration 0007 enqueues them):
- *   tax.issue        → <prefix>.requestBillingNew      ({"order": …}; orderNo = request_id without dashes)
+ *   tax.issue        → <prefix>.requestBillingNew      ({"order": …}; the payload's orderNo, sent as built in SQL)
  *   tax.query        → <prefix>.queryInvoiceResult     ({"serialNos"|"orderNos": […]})
+ *   tax.reinvoice    → nuonuo.OpeMplatform.reInvoice     ({"fpqqlsh", "orderno"}: retry signing of a status-24 invoice)
  *   tax.red_confirm  → nuonuo.OpeMplatform.saveInvoiceRedConfirm
  *   tax.red_query    → nuonuo.OpeMplatform.queryInvoiceRedConfirm
  *   tax.download_pdf → GET the invoice's pdfUrl (binary; only hosts allowed for the endpoint,
@@ -52,10 +53,26 @@ const TOKEN_QUOTA = '070306';
 /** The ERP's data is at fault: a person must correct it (other business codes too). */
 const SIGN_MISMATCH = '070601';
 
-/** Tokens a cloud refused, by endpoint: classify() has no context, so the next buildRequest forgets them. */
+/** Tokens a cloud refused, by endpoint (one entry per endpoint): classify() has no context, so the next buildRequest forgets them. */
 const refusedTokens = new Map<string, string>();
 /** The token each in-flight request carries (request_id → token), for the refusal above. */
 const tokenOf = new Map<string, string>();
+/** In-flight requests are few (a claim batch); entries of attempts that never reached classify (network errors) are evicted oldest first. */
+export const TOKEN_OF_MAX = 1024;
+
+/** Remembers the token a request carries; drops the oldest entries (Map keeps insertion order) beyond TOKEN_OF_MAX. */
+export function rememberToken(requestId: string, token: string): void {
+  tokenOf.delete(requestId);
+  tokenOf.set(requestId, token);
+  while (tokenOf.size > TOKEN_OF_MAX) {
+    const oldest = tokenOf.keys().next().value;
+    if (oldest === undefined) break;
+    tokenOf.delete(oldest);
+  }
+}
+
+/** How many tokens are remembered (tests). */
+export const rememberedTokens = (): number => tokenOf.size;
 
 interface Cfg {
   appKey: string;
@@ -83,6 +100,9 @@ function methodFor(operation: string, prefix: string): string {
   switch (operation) {
     case 'tax.issue': return `${prefix}.requestBillingNew`;
     case 'tax.query': return `${prefix}.queryInvoiceResult`;
+    case 'tax.reinvoice':
+      if (prefix !== 'nuonuo.OpeMplatform') throw new AdapterError('permanent', 'unsupported', `${prefix} has no reInvoice (only nuonuo.OpeMplatform)`);
+      return 'nuonuo.OpeMplatform.reInvoice';
     case 'tax.red_confirm': return 'nuonuo.OpeMplatform.saveInvoiceRedConfirm';
     case 'tax.red_query': return 'nuonuo.OpeMplatform.queryInvoiceRedConfirm';
     default: throw new AdapterError('permanent', 'unknown_operation', `the nuonuo adapter has no method for operation ${operation}`);
@@ -119,13 +139,13 @@ async function gatewayRequest(msg: ClaimedMessage, ctx: ProviderContext, cfg: Cf
     await ctx.forgetToken(cfg.appKey, refused);
   }
   const token = await ctx.token(cfg.appKey, () => obtainToken(ctx, cfg, appSecret), { marginMs: 10 * 60_000 });
-  if (tokenOf.size > 10_000) tokenOf.clear(); // attempts that never reached classify (network errors)
-  tokenOf.set(msg.request_id, token);
-  let payload = msg.payload as Record<string, unknown>;
+  const payload = msg.payload as Record<string, unknown>;
   if (msg.operation === 'tax.issue') {
-    const order = { ...((payload.order ?? {}) as Record<string, unknown>), orderNo: orderNoFor(msg.request_id) };
-    payload = { ...payload, order };
+    // the orderNo is the one SQL stored on the invoice and built into the payload: never recomputed here
+    const orderNo = (payload.order as Record<string, unknown> | undefined)?.orderNo;
+    if (typeof orderNo !== 'string' || orderNo === '') throw new AdapterError('permanent', 'no_order_no', 'the tax.issue payload has no order.orderNo');
   }
+  rememberToken(msg.request_id, token);
   // the exact string signed is the exact string sent
   const body = JSON.stringify(payload);
   const senid = randomBytes(16).toString('hex');

@@ -7,12 +7,15 @@
  *                            (070601) checked; methods by the `method` header:
  *     *.requestBillingNew          orderNo is the idempotency key (E9106 on a resubmit); issues asynchronously:
  *                                  status 20 for issueDelayMs, then 2 (number, PDF) or 22 with a fail cause
- *                                  when the data is wrong (tax error over 0.06, totals, a buyer the bureau refuses)
+ *                                  when the data is wrong (tax error over 0.06, totals, a buyer the bureau refuses),
+ *                                  or 24 (signing failed) for signFailBuyers until reInvoice
+ *     nuonuo.OpeMplatform.reInvoice retries the signature of a 24 invoice by serial no. (fpqqlsh)
  *     *.queryInvoiceResult         by serialNos or orderNos (E9500 when none is known)
  *     *.saveInvoiceRedConfirm      数电 red-confirmation form (billId unique: E9106); after issueDelayMs the form
- *     *.queryInvoiceRedConfirm     is 04 and the red invoice is issued
+ *     *.queryInvoiceRedConfirm     is 04 and the red invoice is issued (or 02 forever with redAwaitBuyer);
+ *                                  forms of one blue invoice must not overlap in lines
  *   GET  /files/<no>.pdf     the invoice's PDF (made with pdf-lib, carrying the invoice number)
- *   POST /__nuonuo/settings  {issueDelayMs, rejectBuyers: {taxNum: cause}, pdfUrlOverride, pdfRedirectTo}
+ *   POST /__nuonuo/settings  {issueDelayMs, rejectBuyers: {taxNum: cause}, pdfUrlOverride, pdfRedirectTo, signFailBuyers, redAwaitBuyer}
  *   GET  /__nuonuo/invoices  the invoices issued (the "ledger" tests count)
  * When an order carries callBackUrl, the simulator posts the form-encoded callback there once the result is final.
  */
@@ -40,13 +43,19 @@ export interface NuonuoSimSettings {
   pdfUrlOverride: string | null;
   /** Answer PDF downloads with a 302 to here (SSRF tests). */
   pdfRedirectTo: string | null;
+  /** Buyer tax numbers whose invoice ends 24 (开票成功签章失败) until reInvoice is called for it. */
+  signFailBuyers: string[];
+  /** Red-confirmation forms stay 02 (销方录入待购方确认): the buyer never confirms. */
+  redAwaitBuyer: boolean;
 }
 
 export interface SimInvoice {
   orderNo: string;
   serialNo: string;
-  status: '20' | '2' | '22';
+  status: '20' | '2' | '22' | '24';
   failCause: string;
+  /** reInvoice calls received for it. */
+  reinvoices: number;
   invoiceNo: string;
   invoiceTime: number;
   red: boolean;
@@ -72,6 +81,8 @@ interface RedForm {
   blueNo: string;
   redSerial: string | null;
   redInvoiceNo: string | null;
+  /** The blue lines it reverses (blueDetailIndex), or null for all. */
+  lines: string[] | null;
 }
 
 type Obj = Record<string, unknown>;
@@ -108,7 +119,7 @@ async function makePdf(inv: SimInvoice): Promise<Buffer> {
 }
 
 export async function startNuonuoSim(o: NuonuoSimOptions): Promise<NuonuoSim> {
-  const settings: NuonuoSimSettings = { issueDelayMs: o.issueDelayMs ?? 300, rejectBuyers: {}, pdfUrlOverride: null, pdfRedirectTo: null };
+  const settings: NuonuoSimSettings = { issueDelayMs: o.issueDelayMs ?? 300, rejectBuyers: {}, pdfUrlOverride: null, pdfRedirectTo: null, signFailBuyers: [], redAwaitBuyer: false };
   const tokenQuota = o.tokenQuota ?? 50;
   const tokenTtlS = o.tokenTtlS ?? 86400;
   const tokens = new Map<string, number>();
@@ -140,7 +151,7 @@ export async function startNuonuoSim(o: NuonuoSimOptions): Promise<NuonuoSim> {
 
   async function sendCallback(url: string, inv: SimInvoice): Promise<void> {
     const content = {
-      c_status: inv.status === '2' ? '1' : '2', c_fpqqlsh: inv.serialNo, c_orderno: inv.orderNo, c_fpdm: '', c_fphm: inv.invoiceNo,
+      c_status: inv.status === '2' ? '1' : inv.status === '24' ? '3' : '2', c_fpqqlsh: inv.serialNo, c_orderno: inv.orderNo, c_fpdm: '', c_fphm: inv.invoiceNo,
       c_kprq: inv.invoiceTime, c_bhsje: inv.exTaxAmount, c_hjse: inv.taxAmount, c_url: `${baseUrl}/files/${inv.invoiceNo}.pdf`,
       c_errorMessage: inv.failCause,
     };
@@ -161,8 +172,13 @@ export async function startNuonuoSim(o: NuonuoSimOptions): Promise<NuonuoSim> {
       inv.invoiceNo = nextNumber();
       inv.invoiceTime = Date.now();
       byNumber.set(inv.invoiceNo, inv);
-      pdfs.set(inv.invoiceNo, await makePdf(inv));
-      inv.status = '2';
+      if (inv.buyerTaxNum && settings.signFailBuyers.includes(inv.buyerTaxNum) && inv.reinvoices === 0) {
+        inv.status = '24'; // issued, the signature failed: reInvoice retries it
+        inv.failCause = '签章失败';
+      } else {
+        pdfs.set(inv.invoiceNo, await makePdf(inv));
+        inv.status = '2';
+      }
     }
     if (callBackUrl) void sendCallback(callBackUrl, inv);
   }
@@ -192,7 +208,7 @@ export async function startNuonuoSim(o: NuonuoSimOptions): Promise<NuonuoSim> {
     }
     const sum = (k: string) => money(details.reduce((s, d) => s + cents(d[k]), 0));
     const inv: SimInvoice = {
-      orderNo, serialNo: serial(), status: '20', failCause: '', invoiceNo: '', invoiceTime: 0, red: false, blueInvoiceNo: null,
+      orderNo, serialNo: serial(), status: '20', failCause: '', reinvoices: 0, invoiceNo: '', invoiceTime: 0, red: false, blueInvoiceNo: null,
       buyerTaxNum: typeof order.buyerTaxNum === 'string' ? order.buyerTaxNum : null,
       exTaxAmount: sum('taxExcludedAmount'), taxAmount: sum('tax'), orderAmount: sum('taxIncludedAmount'), submits: 1,
     };
@@ -208,7 +224,7 @@ export async function startNuonuoSim(o: NuonuoSimOptions): Promise<NuonuoSim> {
     const done = inv.status === '2';
     return {
       serialNo: inv.serialNo, orderNo: inv.orderNo, status: inv.status,
-      statusMsg: { '20': '开票中', '2': '开票完成（最终状态）', '22': '开票失败' }[inv.status], failCause: inv.failCause,
+      statusMsg: { '20': '开票中', '2': '开票完成（最终状态）', '22': '开票失败', '24': '开票成功签章失败' }[inv.status], failCause: inv.failCause,
       pdfUrl: done ? settings.pdfUrlOverride ?? `${baseUrl}/files/${inv.invoiceNo}.pdf` : '',
       ofdUrl: done ? `${baseUrl}/files/${inv.invoiceNo}.ofd` : '', xmlUrl: done ? `${baseUrl}/files/${inv.invoiceNo}.xml` : '',
       invoiceTime: done ? inv.invoiceTime : null, invoiceCode: '', invoiceNo: inv.invoiceNo, allElectronicInvoiceNumber: inv.invoiceNo,
@@ -232,17 +248,24 @@ export async function startNuonuoSim(o: NuonuoSimOptions): Promise<NuonuoSim> {
     if (forms.has(billId)) return err('E9106', '单据编号不能重复');
     const blue = byNumber.get(String(body.blueElecInvoiceNumber ?? ''));
     if (!blue || blue.red) return err('E9999', '蓝字发票不存在');
-    if ([...forms.values()].some((f) => f.blueNo === blue.invoiceNo && f.billStatus !== '16')) return err('E9999', '该蓝票已存在红字确认单');
-    if (!['1', '2', '3', '4'].includes(String(body.redReason))) return err('E9999', '冲红原因不合法');
-    const form: RedForm = { billId, billNo: `${Date.now()}${seq}`.slice(0, 20), billStatus: '15', blueNo: blue.invoiceNo, redSerial: null, redInvoiceNo: null };
-    forms.set(billId, form);
     const detail = Array.isArray(body.detail) ? (body.detail as Obj[]) : null;
+    const lines = detail ? detail.map((d) => String(d.blueDetailIndex)) : null;
+    // a line is reversed once: a full form excludes any other, partial forms must not overlap
+    const overlaps = (f: RedForm): boolean => f.lines === null || lines === null || f.lines.some((l) => lines.includes(l));
+    if ([...forms.values()].some((f) => f.blueNo === blue.invoiceNo && !['16', '07'].includes(f.billStatus) && overlaps(f))) return err('E9999', '该蓝票已存在红字确认单');
+    if (!['1', '2', '3', '4'].includes(String(body.redReason))) return err('E9999', '冲红原因不合法');
+    const form: RedForm = { billId, billNo: `${Date.now()}${seq}`.slice(0, 20), billStatus: '15', blueNo: blue.invoiceNo, redSerial: null, redInvoiceNo: null, lines };
+    forms.set(billId, form);
     later(settings.issueDelayMs, () => {
+      if (settings.redAwaitBuyer) {
+        form.billStatus = '02'; // 销方录入待购方确认: waits for a buyer who never answers
+        return;
+      }
       void (async () => {
         const exC = detail ? detail.reduce((s, d) => s + cents(d.taxExcludedAmount), 0) : -cents(blue.exTaxAmount);
         const taxC = detail ? detail.reduce((s, d) => s + cents(d.taxAmount), 0) : -cents(blue.taxAmount);
         const red: SimInvoice = {
-          orderNo: String(body.orderNo ?? billId), serialNo: serial(), status: '20', failCause: '', invoiceNo: '', invoiceTime: 0,
+          orderNo: String(body.orderNo ?? billId), serialNo: serial(), status: '20', failCause: '', reinvoices: 0, invoiceNo: '', invoiceTime: 0,
           red: true, blueInvoiceNo: blue.invoiceNo, buyerTaxNum: blue.buyerTaxNum,
           exTaxAmount: money(exC), taxAmount: money(taxC), orderAmount: money(exC + taxC), submits: 1,
         };
@@ -255,6 +278,23 @@ export async function startNuonuoSim(o: NuonuoSimOptions): Promise<NuonuoSim> {
       })();
     });
     return ok(billId, '红字确认单提交成功');
+  }
+
+  /** reInvoice {fpqqlsh, orderno}: retries the signature of a 24 invoice (at most 20 per day: E9613). */
+  function reInvoice(body: Obj): RouteResult {
+    const inv = bySerial.get(String(body.fpqqlsh ?? ''));
+    if (!inv) return err('E9500', '发票不存在');
+    if (inv.status !== '24') return err('E9999', '发票状态不是开票成功签章失败');
+    if (inv.reinvoices >= 20) return err('E9613', '重试次数超过限制');
+    inv.reinvoices += 1;
+    later(settings.issueDelayMs, () => {
+      void (async () => {
+        pdfs.set(inv.invoiceNo, await makePdf(inv));
+        inv.status = '2';
+        inv.failCause = '';
+      })();
+    });
+    return ok(null, '重新开票提交成功');
   }
 
   function redQuery(body: Obj): RouteResult {
@@ -283,6 +323,7 @@ export async function startNuonuoSim(o: NuonuoSimOptions): Promise<NuonuoSim> {
     if (method.endsWith('.queryInvoiceResult')) return query(body);
     if (method === 'nuonuo.OpeMplatform.saveInvoiceRedConfirm') return redConfirm(body);
     if (method === 'nuonuo.OpeMplatform.queryInvoiceRedConfirm') return redQuery(body);
+    if (method === 'nuonuo.OpeMplatform.reInvoice') return reInvoice(body);
     return err('070201', `method ${method} 不存在`);
   }
 

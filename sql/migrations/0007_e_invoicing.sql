@@ -12,11 +12,14 @@
 --   tax.issue    write-back: serial no. → enqueue tax.query (after first_poll)
 --   tax.query    write-back: 2 → issued (invoice_no, date, raw) → enqueue tax.download_pdf
 --                            20/21/E9500 → enqueue the next query (backing off)
---                            22/24 → failed with the platform's fail cause
+--                            22 → failed with the platform's fail cause (a new orderNo may re-issue it)
+--                            24 (issued, signing failed) → reInvoice on the serial no., keep polling
+--   timeouts / 5xx until the attempts run out, or a failed query → failed, error_code
+--                            unknown_outcome: only tax.requery_invoice (same orderNo), never a new one
 --   tax.download_pdf write-back: %PDF checked, size capped, sha256 → erp.attachment
 --   erp.invoice_reversal_request insert → red ar_invoice → tax.red_confirm
---           → tax.red_query (backing off) → tax.query of the red invoice → issued,
---           original marked reversed.
+--           → tax.red_query (backing off, at most 73 h) → tax.query of the red invoice → issued,
+--           original marked reversed (every line) or partially_reversed.
 --
 -- Why in SQL: the ERP's approval and the message that issues the invoice
 -- commit together or not at all, invalid data stops the approval with a
@@ -41,6 +44,8 @@
 --   EI015  reversal: a line number is not on the invoice
 --   EI016  reversal: the invoice is already reversed or has a reversal under way
 --   EI017  invalid e-invoicing setting
+--   EI018  reissue refused: the invoice was not refused for certain (outcome unknown, or not failed)
+--   EI019  requery refused: the invoice is not waiting for a final answer
 
 create schema if not exists erp;
 comment on schema erp is 'The ERP''s own documents (the reference model erp-cloud reacts to): customers, settlements, shipments, invoices, suppliers, purchase orders, ASNs, users.';
@@ -70,52 +75,76 @@ create table tax.config (
   max_polls           integer not null default 30,
   max_pdf_bytes       integer not null default 5242880,
   callback_url        text,
-  updated_at          timestamptz not null default now()
+  updated_at          timestamptz not null default now(),
+  -- the limits live here, so a direct UPDATE cannot break them either
+  constraint config_seller_tax_id check (seller_tax_id is null or seller_tax_id ~ '^[A-Z0-9]{15}$|^[A-Z0-9]{17,18}$|^[A-Z0-9]{20}$'),
+  constraint config_max_invoice_amount check (max_invoice_amount is null or max_invoice_amount > 0),
+  constraint config_max_invoice_lines check (max_invoice_lines between 1 and 2000),
+  constraint config_max_parts check (max_parts between 1 and 1000),
+  -- 50 ms is the floor (tests and benchmarks poll a fast simulator); production uses seconds (default 3000)
+  constraint config_first_poll_ms check (first_poll_ms between 50 and 600000),
+  constraint config_poll_cap_ms check (poll_cap_ms between first_poll_ms and 3600000),
+  constraint config_max_polls check (max_polls between 1 and 1000),
+  constraint config_max_pdf_bytes check (max_pdf_bytes between 1024 and 104857600)
 );
-comment on table tax.config is 'The one row of e-invoicing settings: which endpoint issues, the seller, splitting limits, polling schedule, PDF size cap, callback URL. Change with tax.put_config.';
+comment on table tax.config is 'The one row of e-invoicing settings: which endpoint issues, the seller, splitting limits, polling schedule, PDF size cap, callback URL. Change with tax.put_config; the CHECK constraints hold the limits (first poll 50 ms–10 min, cap up to 1 h, 1–1000 polls, PDF cap 1 KiB–100 MiB, 1–2000 lines).';
 insert into tax.config default values;
 
 create function tax.put_config(
-  p_endpoint            text    default 'nuonuo',  -- cloud.endpoint that issues invoices
-  p_seller_tax_id       text    default null,      -- 销方税号 (salerTaxNum)
+  p_endpoint            text    default null,  -- cloud.endpoint that issues invoices
+  p_seller_tax_id       text    default null,  -- 销方税号 (salerTaxNum)
   p_seller_name         text    default null,
   p_seller_address      text    default null,
   p_seller_phone        text    default null,
   p_seller_bank_account text    default null,
-  p_clerk               text    default null,      -- 开票人: must match the e-tax bureau login user for 数电
-  p_max_invoice_amount  numeric default null,      -- split above this tax-inclusive amount; null = no ceiling
-  p_max_invoice_lines   integer default 200,       -- split above this many lines
-  p_first_poll_ms       integer default 3000,      -- first result query after submit
-  p_poll_cap_ms         integer default 60000,     -- longest wait between queries
-  p_max_polls           integer default 30,        -- queries before the invoice is marked failed (requery with tax.requery_invoice)
-  p_max_pdf_bytes       integer default 5242880,   -- larger PDFs are refused
-  p_callback_url        text    default null       -- callBackUrl sent with each order (the listener's inbound door)
+  p_clerk               text    default null,  -- 开票人: must match the e-tax bureau login user for 数电
+  p_max_invoice_amount  numeric default null,  -- split above this tax-inclusive amount (p_unset => '{max_invoice_amount}' for no ceiling)
+  p_max_invoice_lines   integer default null,  -- split above this many lines
+  p_first_poll_ms       integer default null,  -- first result query after submit (50 ms floor; use seconds in production)
+  p_poll_cap_ms         integer default null,  -- longest wait between queries
+  p_max_polls           integer default null,  -- queries before the invoice is marked failed (requery with tax.requery_invoice)
+  p_max_pdf_bytes       integer default null,  -- larger PDFs are refused
+  p_callback_url        text    default null,  -- callBackUrl sent with each order (the listener's inbound door)
+  p_unset               text[]  default '{}'   -- optional settings to clear: seller_address, seller_phone, seller_bank_account, clerk, max_invoice_amount, callback_url
 ) returns tax.config
 language plpgsql as $$
 declare
   v_row tax.config;
+  v_bad text;
 begin
-  if p_endpoint is null or p_max_invoice_lines is null or p_max_invoice_lines not between 1 and 2000
-     or coalesce(p_max_invoice_amount, 1) <= 0 or p_first_poll_ms not between 0 and 600000
-     or p_poll_cap_ms < p_first_poll_ms or p_max_polls not between 1 and 1000 or p_max_pdf_bytes not between 1024 and 104857600 then
-    raise exception using errcode = 'EI017', message = 'invalid e-invoicing setting',
-      detail = format('endpoint %s, max lines %s, max amount %s, polls %s ms / cap %s ms × %s, pdf cap %s bytes',
-                      p_endpoint, p_max_invoice_lines, p_max_invoice_amount, p_first_poll_ms, p_poll_cap_ms, p_max_polls, p_max_pdf_bytes),
-      hint = 'Lines 1–2000, amount above 0 or null, first poll 0–600000 ms and the cap at least that, 1–1000 polls, PDF cap 1 KiB–100 MiB.';
+  -- a setting not given keeps its value; a nullable one is cleared only by naming it in p_unset
+  select u into v_bad from unnest(coalesce(p_unset, '{}')) u
+   where u not in ('seller_address', 'seller_phone', 'seller_bank_account', 'clerk', 'max_invoice_amount', 'callback_url') limit 1;
+  if v_bad is not null then
+    raise exception using errcode = 'EI017', message = format('setting %L cannot be cleared', v_bad),
+      hint = 'p_unset takes seller_address, seller_phone, seller_bank_account, clerk, max_invoice_amount, callback_url.';
   end if;
-  if p_seller_tax_id is not null and p_seller_tax_id !~ '^[A-Z0-9]{15}$|^[A-Z0-9]{17,18}$|^[A-Z0-9]{20}$' then
-    raise exception using errcode = 'EI017', message = format('seller tax id %L is not 15, 17, 18 or 20 letters and digits', p_seller_tax_id),
-      hint = 'Use the seller''s 统一社会信用代码 / 纳税人识别号 in capitals.';
-  end if;
-  update tax.config set endpoint = p_endpoint, seller_tax_id = p_seller_tax_id, seller_name = p_seller_name,
-         seller_address = p_seller_address, seller_phone = p_seller_phone, seller_bank_account = p_seller_bank_account,
-         clerk = p_clerk, max_invoice_amount = p_max_invoice_amount, max_invoice_lines = p_max_invoice_lines,
-         first_poll_ms = p_first_poll_ms, poll_cap_ms = p_poll_cap_ms, max_polls = p_max_polls,
-         max_pdf_bytes = p_max_pdf_bytes, callback_url = p_callback_url, updated_at = now()
+  update tax.config c
+     set endpoint = coalesce(p_endpoint, c.endpoint),
+         seller_tax_id = coalesce(p_seller_tax_id, c.seller_tax_id),
+         seller_name = coalesce(p_seller_name, c.seller_name),
+         seller_address = case when 'seller_address' = any (p_unset) then null else coalesce(p_seller_address, c.seller_address) end,
+         seller_phone = case when 'seller_phone' = any (p_unset) then null else coalesce(p_seller_phone, c.seller_phone) end,
+         seller_bank_account = case when 'seller_bank_account' = any (p_unset) then null else coalesce(p_seller_bank_account, c.seller_bank_account) end,
+         clerk = case when 'clerk' = any (p_unset) then null else coalesce(p_clerk, c.clerk) end,
+         max_invoice_amount = case when 'max_invoice_amount' = any (p_unset) then null else coalesce(p_max_invoice_amount, c.max_invoice_amount) end,
+         max_invoice_lines = coalesce(p_max_invoice_lines, c.max_invoice_lines),
+         first_poll_ms = coalesce(p_first_poll_ms, c.first_poll_ms),
+         poll_cap_ms = coalesce(p_poll_cap_ms, c.poll_cap_ms),
+         max_polls = coalesce(p_max_polls, c.max_polls),
+         max_pdf_bytes = coalesce(p_max_pdf_bytes, c.max_pdf_bytes),
+         callback_url = case when 'callback_url' = any (p_unset) then null else coalesce(p_callback_url, c.callback_url) end,
+         updated_at = now()
   returning * into v_row;
   return v_row;
+exception when check_violation then
+  get stacked diagnostics v_bad = constraint_name;
+  raise exception using errcode = 'EI017', message = format('invalid e-invoicing setting (%s)', v_bad),
+    detail = format('endpoint %s, seller tax id %s, max lines %s, max amount %s, polls %s ms / cap %s ms × %s, pdf cap %s bytes',
+                    p_endpoint, p_seller_tax_id, p_max_invoice_lines, p_max_invoice_amount, p_first_poll_ms, p_poll_cap_ms, p_max_polls, p_max_pdf_bytes),
+    hint = 'Seller tax id 15, 17, 18 or 20 capitals and digits; lines 1–2000; amount above 0; first poll 50–600000 ms and the cap at least that (≤ 1 h); 1–1000 polls; PDF cap 1 KiB–100 MiB.';
 end $$;
-comment on function tax.put_config is 'Sets the e-invoicing settings (seller, endpoint, splitting limits, polling, PDF cap, callback URL); EI017 names a bad one.';
+comment on function tax.put_config is 'Sets the e-invoicing settings given (the others keep their values; p_unset clears optional ones): seller, endpoint, splitting limits, polling, PDF cap, callback URL. EI017 names the broken limit (the CHECK constraints of tax.config).';
 
 ------------------------------------------------------------------------------
 -- The ERP's documents (reference model)
@@ -210,7 +239,7 @@ create table erp.ar_invoice (
   buyer_tax_id       text,
   invoice_serial_no  text,
   invoice_no         text,
-  invoice_status     text not null default 'pending' check (invoice_status in ('pending', 'issuing', 'issued', 'failed', 'reversed')),
+  invoice_status     text not null default 'pending' check (invoice_status in ('pending', 'issuing', 'issued', 'failed', 'partially_reversed', 'reversed')),
   invoice_date       timestamptz,
   amount_excl_tax    numeric(16, 2) not null,
   tax_amount         numeric(16, 2) not null,
@@ -233,7 +262,7 @@ create table erp.ar_invoice (
 create unique index ar_invoice_settlement_part on erp.ar_invoice (settlement_id, part_no) where settlement_id is not null and invoice_type = 'blue';
 create unique index ar_invoice_shipment_part on erp.ar_invoice (shipment_id, part_no) where shipment_id is not null and invoice_type = 'blue';
 create index ar_invoice_original on erp.ar_invoice (original_invoice_id) where original_invoice_id is not null;
-comment on table erp.ar_invoice is 'AR invoices issued through the tax cloud. invoice_status: pending → issuing → issued, or failed (error_code / error_message say why), and reversed after a red invoice. tax_cloud_response keeps each step''s raw answer (submit, query, pdf).';
+comment on table erp.ar_invoice is 'AR invoices issued through the tax cloud. invoice_status: pending → issuing → issued, or failed (error_code / error_message say why: unknown_outcome and poll_limit mean the platform may still have issued it, so only tax.requery_invoice applies; any other code is a definite refusal that tax.reissue_invoice may issue again), then partially_reversed while some lines have an issued red invoice, and reversed when every line has. tax_cloud_response keeps each step''s raw answer (submit, query, pdf).';
 comment on column erp.ar_invoice.order_no is 'Nuonuo orderNo: the request_id without dashes, so a retry after a timeout can never issue twice (E9106 = already submitted).';
 comment on column erp.ar_invoice.next_query_id is 'The request_id of the latest result query enqueued for this invoice (a callback moves it up).';
 comment on column erp.ar_invoice.invoice_no is 'The 20-digit 数电 invoice number (allElectronicInvoiceNumber). Every change is logged in tax.invoice_event.';
@@ -710,21 +739,42 @@ comment on function tax._enqueue_query is 'Internal: enqueues the next queryInvo
 
 create function tax._poll_delay_ms(p_poll integer) returns bigint
 language sql stable as $$
-  select least(c.poll_cap_ms::bigint, c.first_poll_ms::bigint * (2 ^ greatest(p_poll - 1, 0))::bigint) from tax.config c
+  -- the exponent stops at 30 (first × 2^30 fits a bigint), so poll 53 or 5000 waits the cap instead of overflowing
+  select least(c.poll_cap_ms::bigint, c.first_poll_ms::bigint * (2::bigint ^ least(greatest(p_poll - 1, 0), 30))::bigint) from tax.config c
 $$;
-comment on function tax._poll_delay_ms is 'Internal: the wait before query number p_poll + 1: first_poll_ms, doubling, capped at poll_cap_ms.';
+comment on function tax._poll_delay_ms is 'Internal: the wait before query number p_poll + 1: first_poll_ms, doubling (exponent capped at 30), capped at poll_cap_ms.';
+
+create function tax._outcome_unknown(p_inv erp.ar_invoice) returns boolean
+language sql immutable as $$
+  select p_inv.invoice_status = 'failed' and p_inv.error_code in ('unknown_outcome', 'poll_limit')
+$$;
+comment on function tax._outcome_unknown is 'Internal: whether a failed invoice may still have been issued by the platform (error_code unknown_outcome or poll_limit): only tax.requery_invoice applies, and a late answer is still booked.';
+
+create function tax._issue_refused(m cloud.outbox, e jsonb) returns boolean
+language sql immutable as $$
+  -- definite only when the message ended on a permanent error and either it made one attempt only
+  -- (nothing earlier can have got through), or the platform itself answered this orderNo with a
+  -- business refusal (had an earlier attempt got through, the answer would be E9106)
+  select e->>'status' = 'failed'
+         and (m.attempts <= 1
+              or (coalesce((e->>'http_status')::integer, 0) between 200 and 299
+                  and coalesce(e #>> '{response,code}', '') not in ('', 'E0000', 'E9106')))
+$$;
+comment on function tax._issue_refused is 'Internal: whether a failed tax.issue / tax.red_confirm proves the platform created nothing (a permanent error on the only attempt, or a business refusal of this orderNo). Timeouts and 5xx until the attempts ran out (status dead) prove nothing.';
 
 create function tax.record_issue_submitted(m cloud.outbox, r jsonb) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
   v_inv erp.ar_invoice;
 begin
+  -- a failed invoice of unknown outcome still takes the answer (a replay of its submit, E9106)
   update erp.ar_invoice a
      set invoice_status = 'issuing',
          invoice_serial_no = coalesce(r #>> '{result,invoiceSerialNum}', a.invoice_serial_no),
+         error_code = null, error_message = null,
          tax_cloud_response = a.tax_cloud_response || jsonb_build_object('submit', r),
          updated_at = now()
-   where a.id = m.aggregate_id::bigint and a.invoice_status in ('pending', 'issuing')
+   where a.id = m.aggregate_id::bigint and (a.invoice_status in ('pending', 'issuing') or tax._outcome_unknown(a))
   returning * into v_inv;
   if not found then
     return;
@@ -733,23 +783,77 @@ begin
   perform tax._enqueue_query(v_inv, case when v_inv.invoice_serial_no is null then 'order' else 'serial' end,
                              (select first_poll_ms from tax.config));
 end $$;
-comment on function tax.record_issue_submitted is 'Write-back of tax.issue: keeps the serial no. and the raw answer, marks the invoice issuing and enqueues the first result query (by orderNo after E9106).';
+comment on function tax.record_issue_submitted is 'Write-back of tax.issue: keeps the serial no. and the raw answer, marks the invoice issuing (also one failed with an unknown outcome) and enqueues the first result query (by orderNo after E9106).';
 
 create function tax.record_issue_failed(m cloud.outbox, e jsonb) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+  v_why text := coalesce(e #>> '{response,describe}', e->>'error');
 begin
+  if tax._issue_refused(m, e) then
+    update erp.ar_invoice a
+       set invoice_status = 'failed',
+           error_code = coalesce(e #>> '{response,code}', e->>'error_class'),
+           error_message = v_why,
+           tax_cloud_response = a.tax_cloud_response || jsonb_build_object(split_part(m.operation, '.', 2), e),
+           updated_at = now()
+     where a.id = m.aggregate_id::bigint and a.invoice_status in ('pending', 'issuing');
+    update erp.invoice_reversal_request q
+       set status = 'failed', error_message = v_why, finished_at = now()
+     where q.red_invoice_id = m.aggregate_id::bigint and q.status in ('pending', 'confirming');
+  else
+    -- the platform may have it: never a new orderNo, only a query under the same one
+    update erp.ar_invoice a
+       set invoice_status = 'failed', error_code = 'unknown_outcome',
+           error_message = format('%s gave up (%s: %s); the platform may have issued it: run tax.requery_invoice(%s)',
+                                  m.operation, e->>'error_class', v_why, a.id),
+           tax_cloud_response = a.tax_cloud_response || jsonb_build_object(split_part(m.operation, '.', 2), e),
+           updated_at = now()
+     where a.id = m.aggregate_id::bigint and a.invoice_status in ('pending', 'issuing');
+    -- the reversal stays under way (its lines stay blocked) until the outcome is known
+    update erp.invoice_reversal_request q
+       set error_message = format('outcome unknown (%s); run tax.requery_invoice(%s)', v_why, q.red_invoice_id)
+     where q.red_invoice_id = m.aggregate_id::bigint and q.status in ('pending', 'confirming');
+  end if;
+end $$;
+comment on function tax.record_issue_failed is 'on_fail of tax.issue and tax.red_confirm: a definite refusal (tax._issue_refused) fails the invoice with the cloud''s code and message; otherwise (timeouts / 5xx until the attempts ran out) it is failed with error_code unknown_outcome, which only tax.requery_invoice resolves.';
+
+create function tax.record_query_failed(m cloud.outbox, e jsonb) returns void
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+begin
+  -- a query that fails says nothing about the invoice: its outcome is unknown
   update erp.ar_invoice a
-     set invoice_status = 'failed',
-         error_code = coalesce(e #>> '{response,code}', e->>'error_class'),
-         error_message = coalesce(e #>> '{response,describe}', e->>'error'),
+     set invoice_status = 'failed', error_code = 'unknown_outcome',
+         error_message = format('%s gave up (%s: %s); run tax.requery_invoice(%s) to ask again',
+                                m.operation, e->>'error_class', coalesce(e #>> '{response,describe}', e->>'error'), a.id),
          tax_cloud_response = a.tax_cloud_response || jsonb_build_object(split_part(m.operation, '.', 2), e),
          updated_at = now()
    where a.id = m.aggregate_id::bigint and a.invoice_status in ('pending', 'issuing');
   update erp.invoice_reversal_request q
-     set status = 'failed', error_message = coalesce(e #>> '{response,describe}', e->>'error'), finished_at = now()
+     set error_message = format('outcome unknown; run tax.requery_invoice(%s)', q.red_invoice_id)
    where q.red_invoice_id = m.aggregate_id::bigint and q.status in ('pending', 'confirming');
 end $$;
-comment on function tax.record_issue_failed is 'on_fail of tax.issue and tax.query: the invoice is failed with the cloud''s code and message (or the delivery error).';
+comment on function tax.record_query_failed is 'on_fail of tax.query and tax.red_query: the invoice is failed with error_code unknown_outcome (never a refusal: only tax.requery_invoice applies to it).';
+
+create function tax._mark_original_reversed(p_original bigint) returns void
+language sql as $$
+  update erp.ar_invoice o
+     set invoice_status = case when exists (
+           select from erp.ar_invoice_line l where l.ar_invoice_id = o.id and l.line_no not in (
+             select rl.line_no from erp.ar_invoice r join erp.ar_invoice_line rl on rl.ar_invoice_id = r.id
+              where r.original_invoice_id = o.id and r.invoice_type = 'red' and r.invoice_status = 'issued'))
+           then 'partially_reversed' else 'reversed' end,
+         updated_at = now()
+   where o.id = p_original and o.invoice_status in ('issued', 'partially_reversed')
+$$;
+comment on function tax._mark_original_reversed is 'Internal: after a red invoice is issued, its original is reversed when every line has an issued red line, else partially_reversed.';
+
+create function tax._reinvoice_supported() returns boolean
+language sql stable as $$
+  select e.provider = 'nuonuo' and coalesce(nullif(e.config->>'method_prefix', ''), 'nuonuo.OpeMplatform') = 'nuonuo.OpeMplatform'
+    from cloud.endpoint e join tax.config c on c.endpoint = e.name
+$$;
+comment on function tax._reinvoice_supported is 'Internal: whether the issuing endpoint can retry signing (nuonuo.OpeMplatform.reInvoice; the classic ElectronInvoice product has no such method).';
 
 create function tax.record_invoice_result(m cloud.outbox, r jsonb) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -759,9 +863,15 @@ declare
   v_st   text := r #>> '{result,0,status}';
   v_no   text;
   v_cfg  tax.config;
+  v_unknown boolean;
+  v_n    integer;
 begin
   select * into v_inv from erp.ar_invoice a where a.id = m.aggregate_id::bigint for update;
-  if not found or v_inv.invoice_status <> 'issuing' then
+  if not found then
+    return;
+  end if;
+  v_unknown := tax._outcome_unknown(v_inv);
+  if v_inv.invoice_status <> 'issuing' and not v_unknown then
     return;  -- a hint-triggered query raced a scheduled one: the first final answer wins
   end if;
   select * into v_cfg from tax.config;
@@ -777,37 +887,69 @@ begin
            updated_at = now()
      where a.id = v_inv.id;
     if v_inv.invoice_type = 'red' then
-      update erp.ar_invoice set invoice_status = 'reversed', updated_at = now() where id = v_inv.original_invoice_id;
-      update erp.invoice_reversal_request set status = 'issued', finished_at = now()
-       where red_invoice_id = v_inv.id and status in ('pending', 'confirming');
+      update erp.invoice_reversal_request set status = 'issued', finished_at = now(), error_message = null
+       where red_invoice_id = v_inv.id and status in ('pending', 'confirming', 'failed');
+      perform tax._mark_original_reversed(v_inv.original_invoice_id);
     end if;
     if coalesce(v_res->>'pdfUrl', '') <> '' then
       perform cloud.enqueue_message(v_cfg.endpoint, 'tax.download_pdf',
         jsonb_build_object('url', v_res->>'pdfUrl', 'max_bytes', v_cfg.max_pdf_bytes, 'invoice_no', v_no),
         'erp.ar_invoice', v_inv.id::text);
     end if;
-  elsif v_st in ('22', '24') then
+  elsif v_st = '22' then
+    -- 开票失败: a definite refusal; a new orderNo (tax.reissue_invoice) may issue it
     update erp.ar_invoice a
-       set invoice_status = 'failed', error_code = 'nuonuo_' || v_st,
+       set invoice_status = 'failed', error_code = 'nuonuo_22',
            error_message = coalesce(nullif(v_res->>'failCause', ''), v_res->>'statusMsg', 'the platform failed the invoice'),
            polls = a.polls + 1, tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
      where a.id = v_inv.id;
     update erp.invoice_reversal_request set status = 'failed', error_message = v_res->>'failCause', finished_at = now()
      where red_invoice_id = v_inv.id and status in ('pending', 'confirming');
-  elsif v_inv.polls + 1 >= v_cfg.max_polls then
-    update erp.ar_invoice a
-       set invoice_status = 'failed', error_code = 'poll_limit',
-           error_message = format('no final answer after %s queries (last status %s); run tax.requery_invoice(%s) to ask again', v_inv.polls + 1, coalesce(v_st, r->>'code'), v_inv.id),
-           polls = a.polls + 1, tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
+  elsif v_unknown then
+    -- a late non-final answer for an invoice that gave up: kept; the operator's requery polls again
+    update erp.ar_invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
      where a.id = v_inv.id;
+  elsif v_inv.polls + 1 >= v_cfg.max_polls then
+    if r->>'code' = 'E9500' and v_inv.invoice_serial_no is null and coalesce(v_inv.tax_cloud_response #>> '{submit,code}', '') <> 'E9106' then
+      -- never seen under this orderNo after max_polls queries (and never answered E9106): nothing was created, a new orderNo is safe
+      update erp.ar_invoice a
+         set invoice_status = 'failed', error_code = 'nuonuo_E9500',
+             error_message = format('the platform has no invoice under orderNo %s after %s queries; tax.reissue_invoice(%s) issues it again', a.order_no, v_inv.polls + 1, v_inv.id),
+             polls = a.polls + 1, tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
+       where a.id = v_inv.id;
+    else
+      update erp.ar_invoice a
+         set invoice_status = 'failed', error_code = 'poll_limit',
+             error_message = format('no final answer after %s queries (last status %s); run tax.requery_invoice(%s) to ask again', v_inv.polls + 1, coalesce(v_st, r->>'code'), v_inv.id),
+             polls = a.polls + 1, tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
+       where a.id = v_inv.id;
+    end if;
   else
-    -- 20 开票中, 21 签章中, or E9500 (not visible yet): ask again later
+    -- 20 开票中, 21 签章中, 24 开票成功签章失败 (issued, not signed: never a new orderNo), or E9500 (not visible yet)
     update erp.ar_invoice a set polls = a.polls + 1, tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
      where a.id = v_inv.id returning * into v_inv;
+    if v_st = '24' and coalesce(v_res->>'serialNo', v_inv.invoice_serial_no) is not null and tax._reinvoice_supported() then
+      v_n := coalesce((v_inv.tax_cloud_response->>'reinvoices')::integer, 0);
+      if v_n < 20 then  -- the platform allows 20 per serial no. per day (E9613)
+        update erp.ar_invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('reinvoices', v_n + 1) where a.id = v_inv.id;
+        perform cloud.enqueue_message(v_cfg.endpoint, 'tax.reinvoice',
+          jsonb_build_object('fpqqlsh', coalesce(v_res->>'serialNo', v_inv.invoice_serial_no), 'orderno', v_inv.order_no),
+          'erp.ar_invoice', v_inv.id::text);
+      end if;
+    end if;
     perform tax._enqueue_query(v_inv, case when v_inv.invoice_serial_no is null then 'order' else 'serial' end, tax._poll_delay_ms(v_inv.polls));
   end if;
 end $$;
-comment on function tax.record_invoice_result is 'Write-back of tax.query: status 2 → issued (20-digit number, date, URLs, raw answer) and the PDF download enqueued; 22/24 → failed with the fail cause; still issuing → the next query, backing off, up to max_polls.';
+comment on function tax.record_invoice_result is 'Write-back of tax.query: status 2 → issued (20-digit number, date, URLs, raw answer), the PDF download enqueued, a red invoice marks its original (partially) reversed; 22 → failed with the fail cause; 24 (issued, signing failed) → signing retried with reInvoice (same serial no.) and polled; still issuing → the next query, backing off, up to max_polls. An invoice failed with an unknown outcome still takes a final answer.';
+
+create function tax.record_reinvoice_answer(m cloud.outbox, r jsonb) returns void
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+begin
+  -- the result queries go on either way; the answer is kept for the operator
+  update erp.ar_invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('reinvoice', r), updated_at = now()
+   where a.id = m.aggregate_id::bigint;
+end $$;
+comment on function tax.record_reinvoice_answer is 'Write-back (on_complete and on_fail) of tax.reinvoice, the signing retry of a status-24 invoice: keeps the answer; the scheduled result queries decide the invoice.';
 
 create function tax.record_pdf(m cloud.outbox, r jsonb) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -844,18 +986,29 @@ comment on function tax.record_pdf_failed is 'on_fail of tax.download_pdf: the i
 create function tax.requery_invoice(p_invoice_id bigint) returns uuid
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
-  v_inv erp.ar_invoice;
+  v_inv  erp.ar_invoice;
+  v_bill text;
+  v_id   uuid;
 begin
+  select * into v_inv from erp.ar_invoice where id = p_invoice_id for update;
+  if not found or not tax._outcome_unknown(v_inv) then
+    raise exception using errcode = 'EI019', message = format('invoice %s is not waiting for a final answer (%s%s)', p_invoice_id,
+                                                            coalesce(v_inv.invoice_status, 'no such invoice'), coalesce(', ' || v_inv.error_code, '')),
+      hint = 'Only an invoice failed with error_code unknown_outcome or poll_limit can be queried again; one the platform refused is issued again with tax.reissue_invoice.';
+  end if;
   update erp.ar_invoice set invoice_status = 'issuing', polls = 0, error_code = null, error_message = null, updated_at = now()
-   where id = p_invoice_id and invoice_status = 'failed' and error_code = 'poll_limit'
-  returning * into v_inv;
-  if not found then
-    raise exception using errcode = 'EI013', message = format('invoice %s is not waiting for a final answer', p_invoice_id),
-      hint = 'Only an invoice failed with error_code poll_limit can be queried again.';
+   where id = p_invoice_id returning * into v_inv;
+  if v_inv.invoice_type = 'red' and v_inv.invoice_serial_no is null then
+    -- the red-confirmation form may or may not exist: read it back by its billId
+    select bill_id into v_bill from erp.invoice_reversal_request where red_invoice_id = v_inv.id;
+    v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.red_query', jsonb_build_object('identity', '0', 'billId', v_bill),
+                                  'erp.ar_invoice', v_inv.id::text);
+    update erp.ar_invoice set next_query_id = v_id where id = v_inv.id;
+    return v_id;
   end if;
   return tax._enqueue_query(v_inv, case when v_inv.invoice_serial_no is null then 'order' else 'serial' end, 0);
 end $$;
-comment on function tax.requery_invoice is 'Operator: asks the platform again about an invoice that gave up polling (error_code poll_limit).';
+comment on function tax.requery_invoice is 'Operator: asks the platform again, under the same orderNo / serial no. / billId, about an invoice whose outcome is unknown (error_code unknown_outcome or poll_limit); EI019 for any other.';
 
 create function tax.reissue_invoice(p_invoice_id bigint) returns uuid
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -866,9 +1019,10 @@ declare
   v_req  uuid := gen_random_uuid();
 begin
   select * into v_inv from erp.ar_invoice where id = p_invoice_id for update;
-  if not found or v_inv.invoice_status <> 'failed' or v_inv.invoice_type <> 'blue' or v_inv.error_code = 'poll_limit' then
-    raise exception using errcode = 'EI013', message = format('invoice %s is not a failed blue invoice that can be issued again', p_invoice_id),
-      hint = 'Only a blue invoice the platform refused can be re-issued; one that gave up polling is asked again with tax.requery_invoice.';
+  if not found or v_inv.invoice_status <> 'failed' or v_inv.invoice_type <> 'blue' or v_inv.error_code is null or tax._outcome_unknown(v_inv) then
+    raise exception using errcode = 'EI018', message = format('invoice %s is not a blue invoice the platform refused (%s%s)', p_invoice_id,
+                                                            coalesce(v_inv.invoice_status, 'no such invoice'), coalesce(', ' || v_inv.error_code, '')),
+      hint = 'Only a blue invoice refused for certain (status 22, or a permanent error proving nothing was created) gets a new orderNo; one whose outcome is unknown (unknown_outcome, poll_limit) is asked again with tax.requery_invoice.';
   end if;
   select c.* into v_cust from erp.customer c
    where c.id = (select coalesce(s.customer_id, sh.customer_id) from erp.ar_invoice i
@@ -885,7 +1039,26 @@ begin
   perform cloud.enqueue_message(v_cfg.endpoint, 'tax.issue', tax.build_invoice_payload(p_invoice_id), 'erp.ar_invoice', p_invoice_id::text, null, v_req);
   return v_req;
 end $$;
-comment on function tax.reissue_invoice is 'Operator: issues a refused (failed) blue invoice again under a new orderNo, with the customer''s current name and tax id (checked again); the previous answers are kept under tax_cloud_response.previous.';
+comment on function tax.reissue_invoice is 'Operator: issues a refused blue invoice again under a new orderNo, with the customer''s current name and tax id (checked again); the previous answers are kept under tax_cloud_response.previous. EI018 when the refusal is not certain (unknown_outcome, poll_limit) or the invoice did not fail.';
+
+create function tax._query_now(p_inv erp.ar_invoice) returns text
+language plpgsql as $$
+declare
+  v_n integer;
+begin
+  if p_inv.invoice_status <> 'issuing' then
+    return 'final';
+  end if;
+  -- the callback is unsigned: it only moves the next scheduled query to now
+  update cloud.outbox set next_attempt_at = clock_timestamp(), updated_at = clock_timestamp()
+   where request_id = p_inv.next_query_id and status = 'pending' and next_attempt_at > clock_timestamp();
+  get diagnostics v_n = row_count;
+  if v_n > 0 then
+    perform cloud._wake_listeners((select e.wake_channel from cloud.endpoint e join tax.config c on c.endpoint = e.name));
+  end if;
+  return 'query_now';
+end $$;
+comment on function tax._query_now is 'Internal: makes an issuing invoice''s pending query (next_query_id: result query or red-form query) due now.';
 
 create function tax.accept_invoice_callback(
   p_order_no text,   -- orderno of the callback
@@ -894,24 +1067,31 @@ create function tax.accept_invoice_callback(
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
   v_inv erp.ar_invoice;
-  v_n   integer;
 begin
   select * into v_inv from erp.ar_invoice where order_no = p_order_no;
   if not found then
     return 'unknown';
-  elsif v_inv.invoice_status <> 'issuing' then
-    return 'final';
   end if;
-  -- the callback is unsigned: it only moves the next scheduled query to now
-  update cloud.outbox set next_attempt_at = clock_timestamp(), updated_at = clock_timestamp()
-   where request_id = v_inv.next_query_id and status = 'pending' and next_attempt_at > clock_timestamp();
-  get diagnostics v_n = row_count;
-  if v_n > 0 then
-    perform cloud._wake_listeners((select e.wake_channel from cloud.endpoint e join tax.config c on c.endpoint = e.name));
-  end if;
-  return 'query_now';
+  return tax._query_now(v_inv);
 end $$;
 comment on function tax.accept_invoice_callback is 'The Nuonuo callback receiver''s SQL side: a callback is a hint, so it only makes the invoice''s pending result query due now; the query''s answer is what gets booked.';
+
+create function tax.accept_red_confirm_callback(
+  p_bill_id text,    -- billId of the red-confirmation form (also the red invoice''s orderNo)
+  p_content jsonb    -- the callback content (a hint only: never booked)
+) returns text       -- 'query_now', 'final', 'unknown'
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+  v_inv erp.ar_invoice;
+begin
+  -- the billId is the red invoice's orderNo (unique)
+  select * into v_inv from erp.ar_invoice where order_no = p_bill_id and invoice_type = 'red';
+  if not found then
+    return 'unknown';
+  end if;
+  return tax._query_now(v_inv);
+end $$;
+comment on function tax.accept_red_confirm_callback is 'The redConfirmCallback side: a hint that the red-confirmation form changed, so the red invoice''s pending form (or result) query is made due now.';
 
 ------------------------------------------------------------------------------
 -- Red-letter (红冲)
@@ -924,14 +1104,21 @@ declare
   v_red  bigint;
   v_req  uuid := gen_random_uuid();
   v_bad  integer;
+  v_taken integer[];
+  v_kinds text[];
 begin
   select * into v_orig from erp.ar_invoice where id = new.ar_invoice_id for update;
-  if v_orig.invoice_status = 'reversed' or exists (
-       select from erp.invoice_reversal_request q where q.ar_invoice_id = new.ar_invoice_id and q.id <> new.id and q.status in ('pending', 'confirming', 'issued')) then
-    raise exception using errcode = 'EI016', message = format('invoice %s is already reversed or has a reversal under way', v_orig.invoice_no),
-      hint = 'See erp.invoice_reversal_request for this invoice.';
+  -- lines with an issued red invoice, or one under way (its outcome may be unknown)
+  select coalesce(array_agg(distinct rl.line_no), '{}') into v_taken
+    from erp.invoice_reversal_request q
+    join erp.ar_invoice_line rl on rl.ar_invoice_id = q.red_invoice_id
+   where q.ar_invoice_id = new.ar_invoice_id and q.id <> new.id and q.status in ('pending', 'confirming', 'issued');
+  if v_orig.invoice_status = 'reversed' or (new.line_nos is null and cardinality(v_taken) > 0) or new.line_nos && v_taken then
+    raise exception using errcode = 'EI016', message = format('invoice %s: line(s) %s already reversed or with a reversal under way', v_orig.invoice_no,
+                                                            coalesce(array_to_string(array(select unnest(v_taken) intersect select unnest(coalesce(new.line_nos, v_taken)) order by 1), ', '), 'all')),
+      hint = 'See erp.invoice_reversal_request for this invoice; reverse only the other lines (line_nos), a full reversal is possible only while no line is reversed.';
   end if;
-  if v_orig.invoice_status <> 'issued' or v_orig.invoice_type <> 'blue' then
+  if v_orig.invoice_status not in ('issued', 'partially_reversed') or v_orig.invoice_type <> 'blue' then
     raise exception using errcode = 'EI013', message = format('invoice %s (%s) is not an issued blue invoice and cannot be reversed', new.ar_invoice_id, v_orig.invoice_status),
       hint = 'Only issued invoices can be reversed; a failed one was never issued.';
   end if;
@@ -944,6 +1131,15 @@ begin
   if v_bad is not null or cardinality(new.line_nos) = 0 then
     raise exception using errcode = 'EI015', message = format('reversal of invoice %s: line %s is not on the invoice', v_orig.invoice_no, coalesce(v_bad::text, '(none given)')),
       hint = 'line_nos lists erp.ar_invoice_line.line_no values of the invoice; leave it null for a full reversal.';
+  end if;
+  -- 乐企 rule (reference §1.9): service-only lines cannot be 销货退回 (1), goods-only lines cannot be 服务中止 (3)
+  select array_agg(distinct left(l.tax_code, 1)) into v_kinds from erp.ar_invoice_line l
+   where l.ar_invoice_id = v_orig.id and (new.line_nos is null or l.line_no = any (new.line_nos));
+  if (new.reason = '1' and v_kinds <@ array['3']) or (new.reason = '3' and v_kinds <@ array['1']) then
+    raise exception using errcode = 'EI014',
+      message = format('reversal reason %s (%s) does not fit the reversed lines, which are all %s', new.reason,
+                       case new.reason when '1' then '销货退回' else '服务中止' end, case new.reason when '1' then 'services' else 'goods' end),
+      hint = 'Services cannot be returned (use 3 服务中止, 2 开票有误 or 4 销售折让); goods cannot be a service stopped (use 1 销货退回, 2 or 4).';
   end if;
   v_cfg := tax._config();
   insert into erp.ar_invoice (settlement_id, shipment_id, original_invoice_id, invoice_type, invoice_kind, request_id, order_no,
@@ -980,20 +1176,29 @@ begin
     'erp.ar_invoice', v_red::text, null, v_req);
   return null;
 end $$;
-comment on function tax.tg_reversal__500_request is 'Trigger: a reversal request for an issued invoice is checked (EI013–EI016), becomes a red erp.ar_invoice (negative lines, full or by line) and enqueues the 数电 red confirmation (saveInvoiceRedConfirm).';
+comment on function tax.tg_reversal__500_request is 'Trigger: a reversal request for an issued or partially reversed invoice is checked (EI013–EI016; lines already reversed or under way are refused; the reason must fit goods / services), becomes a red erp.ar_invoice (negative lines, full or by line) and enqueues the 数电 red confirmation (saveInvoiceRedConfirm).';
 
 create trigger invoice_reversal_request_500_request after insert on erp.invoice_reversal_request
   for each row execute function tax.tg_reversal__500_request();
 
 create function tax.record_red_confirm_submitted(m cloud.outbox, r jsonb) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+  v_inv erp.ar_invoice;
+  v_id  uuid;
 begin
-  update erp.ar_invoice a set invoice_status = 'issuing', tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_confirm', r), updated_at = now()
-   where a.id = m.aggregate_id::bigint and a.invoice_status = 'pending';
-  update erp.invoice_reversal_request set status = 'confirming' where red_invoice_id = m.aggregate_id::bigint and status = 'pending';
-  perform cloud.enqueue_message((select endpoint from tax.config), 'tax.red_query',
+  update erp.ar_invoice a set invoice_status = 'issuing', error_code = null, error_message = null,
+         tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_confirm', r), updated_at = now()
+   where a.id = m.aggregate_id::bigint and (a.invoice_status = 'pending' or tax._outcome_unknown(a))
+  returning * into v_inv;
+  if not found then
+    return;
+  end if;
+  update erp.invoice_reversal_request set status = 'confirming', error_message = null where red_invoice_id = v_inv.id and status = 'pending';
+  v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.red_query',
     jsonb_build_object('identity', '0', 'billId', m.payload->>'billId'), 'erp.ar_invoice', m.aggregate_id, null, null,
     clock_timestamp() + make_interval(secs => tax._poll_delay_ms(1) / 1000.0));
+  update erp.ar_invoice set next_query_id = v_id where id = v_inv.id;
 end $$;
 comment on function tax.record_red_confirm_submitted is 'Write-back of tax.red_confirm: the red-confirmation form exists (or existed: a duplicate billId is read back); enqueues its status query.';
 
@@ -1004,19 +1209,23 @@ declare
   v_st   text := v_form->>'billStatus';
   v_inv  erp.ar_invoice;
   v_n    integer;
+  v_since timestamptz;
+  v_id   uuid;
 begin
   select * into v_inv from erp.ar_invoice where id = m.aggregate_id::bigint for update;
-  if not found or v_inv.invoice_status <> 'issuing' then
+  if not found or (v_inv.invoice_status <> 'issuing' and not tax._outcome_unknown(v_inv)) then
     return;
   end if;
-  update erp.invoice_reversal_request set bill_status = v_st where red_invoice_id = v_inv.id;
+  update erp.invoice_reversal_request set bill_status = coalesce(v_st, bill_status) where red_invoice_id = v_inv.id
+  returning requested_at into v_since;
   if v_st in ('01', '04') and coalesce(v_form->>'invoiceSerialNum', '') <> '' then
     -- the bureau issued the red invoice: fetch it like any other (number, PDF)
-    update erp.ar_invoice a set invoice_serial_no = v_form->>'invoiceSerialNum', polls = 0,
+    update erp.ar_invoice a set invoice_serial_no = v_form->>'invoiceSerialNum', polls = 0, invoice_status = 'issuing', error_code = null, error_message = null,
            tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_query', r), updated_at = now()
      where a.id = v_inv.id returning * into v_inv;
     perform tax._enqueue_query(v_inv, 'serial', 0);
   elsif v_st in ('05', '06', '07', '08', '09', '10', '16') then
+    -- a definite end of the form
     update erp.ar_invoice a set invoice_status = 'failed', error_code = 'red_bill_' || v_st,
            error_message = format('red-confirmation form %s ended with status %s', v_form->>'billNo', v_st),
            tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_query', r), updated_at = now()
@@ -1024,20 +1233,36 @@ begin
     update erp.invoice_reversal_request set status = 'failed', finished_at = now(),
            error_message = format('red-confirmation form ended with status %s', v_st)
      where red_invoice_id = v_inv.id;
+  elsif v_inv.invoice_status <> 'issuing' then
+    -- a late non-final answer for a red invoice that gave up: kept; the operator's requery asks again
+    update erp.ar_invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_query', r), updated_at = now()
+     where a.id = v_inv.id;
+  elsif clock_timestamp() > coalesce(v_since, v_inv.created_at) + interval '73 hours' then
+    -- the bureau voids a form nobody confirmed within 72 h (07); an hour's margin, then the reversal is given up
+    update erp.ar_invoice a set invoice_status = 'failed', error_code = 'red_deadline', polls = a.polls + 1,
+           error_message = format('red-confirmation form %s still %s after 72 hours (buyer never confirmed); the bureau voids it: request a new reversal',
+                                  coalesce(v_form->>'billNo', m.payload->>'billId'), coalesce(v_st, 'unknown')),
+           tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_query', r), updated_at = now()
+     where a.id = v_inv.id;
+    update erp.invoice_reversal_request set status = 'failed', finished_at = now(),
+           error_message = format('no confirmation within 72 hours (form status %s)', coalesce(v_st, 'unknown'))
+     where red_invoice_id = v_inv.id and status in ('pending', 'confirming');
   else
     update erp.ar_invoice a set polls = a.polls + 1, tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_query', r), updated_at = now()
      where a.id = v_inv.id returning polls into v_n;
-    perform cloud.enqueue_message((select endpoint from tax.config), 'tax.red_query', m.payload, 'erp.ar_invoice', m.aggregate_id, null, null,
+    v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.red_query', m.payload, 'erp.ar_invoice', m.aggregate_id, null, null,
       clock_timestamp() + make_interval(secs => tax._poll_delay_ms(v_n) / 1000.0));
+    update erp.ar_invoice set next_query_id = v_id where id = v_inv.id;
   end if;
 end $$;
-comment on function tax.record_red_confirm_status is 'Write-back of tax.red_query: 01/04 → the red invoice''s serial no. is queried like a blue one; 05–10/16 → the reversal failed; otherwise query the form again later.';
+comment on function tax.record_red_confirm_status is 'Write-back of tax.red_query: 01/04 → the red invoice''s serial no. is queried like a blue one; 05–10/16 → the reversal failed; otherwise query the form again later (backing off), until 73 h after the request (the bureau voids unconfirmed forms at 72 h): then the reversal fails with red_deadline.';
 
 select cloud.put_operation_handler('tax.issue', 'tax.record_issue_submitted(cloud.outbox, jsonb)', 'tax.record_issue_failed(cloud.outbox, jsonb)');
-select cloud.put_operation_handler('tax.query', 'tax.record_invoice_result(cloud.outbox, jsonb)', 'tax.record_issue_failed(cloud.outbox, jsonb)');
+select cloud.put_operation_handler('tax.query', 'tax.record_invoice_result(cloud.outbox, jsonb)', 'tax.record_query_failed(cloud.outbox, jsonb)');
+select cloud.put_operation_handler('tax.reinvoice', 'tax.record_reinvoice_answer(cloud.outbox, jsonb)', 'tax.record_reinvoice_answer(cloud.outbox, jsonb)');
 select cloud.put_operation_handler('tax.download_pdf', 'tax.record_pdf(cloud.outbox, jsonb)', 'tax.record_pdf_failed(cloud.outbox, jsonb)');
 select cloud.put_operation_handler('tax.red_confirm', 'tax.record_red_confirm_submitted(cloud.outbox, jsonb)', 'tax.record_issue_failed(cloud.outbox, jsonb)');
-select cloud.put_operation_handler('tax.red_query', 'tax.record_red_confirm_status(cloud.outbox, jsonb)', 'tax.record_issue_failed(cloud.outbox, jsonb)');
+select cloud.put_operation_handler('tax.red_query', 'tax.record_red_confirm_status(cloud.outbox, jsonb)', 'tax.record_query_failed(cloud.outbox, jsonb)');
 
 ------------------------------------------------------------------------------
 -- Privileges
@@ -1047,15 +1272,17 @@ revoke all on all tables in schema tax from public;
 revoke all on all functions in schema tax from public;
 grant select, insert, update, delete on erp.customer, erp.settlement, erp.settlement_line, erp.shipment, erp.shipment_line to erp_cloud_app;
 grant select on erp.ar_invoice, erp.ar_invoice_line, erp.attachment, erp.invoice_reversal_request, tax.invoice_event to erp_cloud_app;
-grant insert on erp.invoice_reversal_request to erp_cloud_app;
+-- the ERP asks for a reversal; its status, form and red invoice are the chain's to write
+grant insert (ar_invoice_id, reason, line_nos) on erp.invoice_reversal_request to erp_cloud_app;
 grant select on all tables in schema erp to erp_cloud_operator;
 grant select on all tables in schema tax to erp_cloud_operator;
 grant update on tax.config to erp_cloud_operator;
 grant execute on function tax.record_issue_submitted(cloud.outbox, jsonb), tax.record_issue_failed(cloud.outbox, jsonb),
   tax.record_invoice_result(cloud.outbox, jsonb), tax.record_pdf(cloud.outbox, jsonb), tax.record_pdf_failed(cloud.outbox, jsonb),
   tax.record_red_confirm_submitted(cloud.outbox, jsonb), tax.record_red_confirm_status(cloud.outbox, jsonb),
-  tax.accept_invoice_callback(text, jsonb) to erp_cloud_listener;
-grant execute on function tax.put_config(text, text, text, text, text, text, text, numeric, integer, integer, integer, integer, integer, text),
+  tax.record_query_failed(cloud.outbox, jsonb), tax.record_reinvoice_answer(cloud.outbox, jsonb),
+  tax.accept_invoice_callback(text, jsonb), tax.accept_red_confirm_callback(text, jsonb) to erp_cloud_listener;
+grant execute on function tax.put_config(text, text, text, text, text, text, text, numeric, integer, integer, integer, integer, integer, text, text[]),
   tax.requery_invoice(bigint), tax.reissue_invoice(bigint) to erp_cloud_operator;
 grant execute on function tax.order_no_for(uuid), tax.decimal_text(numeric), tax.uscc_check_digit_ok(text), tax.tax_rate_in_use(numeric),
   tax.separate_price_tax(numeric, numeric, numeric), tax.build_invoice_payload(bigint)

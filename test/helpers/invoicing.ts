@@ -61,10 +61,12 @@ export async function configureTax(pool: pg.Pool, baseUrl: string, appKey: strin
                       p_backoff_base_ms => $4, p_backoff_cap_ms => greatest($4, 500), p_config => $3)`,
   [`${baseUrl}/open/v1/services`, o.timeoutMs ?? 2000, JSON.stringify({ app_key: appKey, app_secret_name: 'nuonuo.app_secret' }), o.backoffBaseMs ?? 100]);
   await pool.query(`select cloud.put_endpoint_allowlist('nuonuo', '{}', '{}', true)`);
+  // put_config keeps what it is not given: the optional settings a test leaves out are cleared by name
+  const unset = [...(o.maxAmount == null ? ['max_invoice_amount'] : []), ...(o.callbackUrl == null ? ['callback_url'] : [])];
   await pool.query(`select tax.put_config(p_seller_tax_id => '339902999999789113', p_seller_name => '浙江诺诺网络科技', p_clerk => '张三',
                       p_max_invoice_amount => $1, p_max_invoice_lines => $2, p_first_poll_ms => $3, p_poll_cap_ms => $6, p_max_polls => $4,
-                      p_callback_url => $5)`,
-  [o.maxAmount ?? null, o.maxLines ?? 200, o.firstPollMs ?? 200, o.maxPolls ?? 30, o.callbackUrl ?? null, o.pollCapMs ?? Math.max(1000, o.firstPollMs ?? 200)]);
+                      p_callback_url => $5, p_max_pdf_bytes => 5242880, p_unset => $7)`,
+  [o.maxAmount ?? null, o.maxLines ?? 200, o.firstPollMs ?? 200, o.maxPolls ?? 30, o.callbackUrl ?? null, o.pollCapMs ?? Math.max(1000, o.firstPollMs ?? 200), unset]);
 }
 
 export interface InvoiceRow {
