@@ -164,11 +164,17 @@ async function gatewayRequest(msg: ClaimedMessage, ctx: ProviderContext, cfg: Cf
   return { method: 'POST', url: url.toString(), headers, body, secrets: [appSecret, token] };
 }
 
+/** tax.config max_pdf_bytes, carried in the download's payload. */
+function pdfCap(msg: ClaimedMessage): number {
+  return Number((msg.payload as { max_bytes?: unknown }).max_bytes ?? 5 * 1024 * 1024);
+}
+
 function downloadRequest(msg: ClaimedMessage): OutgoingRequest {
   const url = (msg.payload as { url?: unknown }).url;
   if (typeof url !== 'string' || url === '') throw new AdapterError('permanent', 'no_pdf_url', 'the download has no URL');
-  // the egress guard (host allowlist, address ranges, no redirects) checks this URL like any attempt
-  return { method: 'GET', url, headers: { accept: 'application/pdf' }, binaryResponse: true };
+  // the egress guard (host allowlist, address ranges, no redirects) checks this URL like any attempt;
+  // the cap is applied while the PDF downloads, so a huge answer never sits in memory whole
+  return { method: 'GET', url, headers: { accept: 'application/pdf' }, binaryResponse: true, maxResponseBytes: pdfCap(msg) };
 }
 
 function classifyDownload(answer: HttpAnswer, msg: ClaimedMessage): Verdict {
@@ -176,7 +182,7 @@ function classifyDownload(answer: HttpAnswer, msg: ClaimedMessage): Verdict {
     return { outcome: 'permanent', errorClass: 'redirect_refused', message: `HTTP ${answer.status}: the PDF URL redirects to ${String(answer.headers.location ?? '?')}; redirects are never followed` };
   }
   if (answer.status < 200 || answer.status >= 300) return classifyHttpFailure({ ...answer, body: answer.body.slice(0, 300) });
-  const max = Number((msg.payload as { max_bytes?: unknown }).max_bytes ?? 5 * 1024 * 1024);
+  const max = pdfCap(msg);
   if (answer.raw.length > max) return { outcome: 'permanent', errorClass: 'pdf_too_large', message: `the PDF has ${answer.raw.length} bytes, over the ${max}-byte cap` };
   if (answer.raw.subarray(0, 5).toString('latin1') !== '%PDF-') {
     return { outcome: 'permanent', errorClass: 'not_pdf', message: `the answer is not a PDF (content-type ${String(answer.headers['content-type'] ?? '?')}, starts ${JSON.stringify(answer.raw.subarray(0, 8).toString('latin1'))})` };
