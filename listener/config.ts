@@ -43,9 +43,18 @@ export class ConfigError extends Error {}
 
 /** Parses the environment. Throws ConfigError naming every bad variable. */
 export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Partial<Record<keyof Config, string>> = {}): Config {
+  return parseEnv(schema, env, overrides, 'invalid configuration');
+}
+
+/**
+ * Reads a zod object schema's variables from the environment (overrides win,
+ * empty means unset) and throws one ConfigError naming every bad variable;
+ * a secret variable's value is never shown. Shared by every erp-cloud process.
+ */
+export function parseEnv<S extends z.ZodObject>(schema: S, env: NodeJS.ProcessEnv, overrides: Partial<Record<string, string>>, title: string): z.infer<S> {
   const input: Record<string, string | undefined> = {};
   for (const key of Object.keys(schema.shape)) {
-    const value = overrides[key as keyof Config] ?? env[key];
+    const value = overrides[key] ?? env[key];
     input[key] = value === '' ? undefined : value;
   }
   const parsed = schema.safeParse(input);
@@ -56,7 +65,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
       if (got === undefined) return `${name}: is required`;
       return SECRET_VARIABLES.has(name) ? `${name}: ${i.message} (value not shown)` : `${name}: ${i.message} (got ${JSON.stringify(redactUrl(got))})`;
     });
-    throw new ConfigError(`invalid configuration:\n  ${lines.join('\n  ')}`);
+    throw new ConfigError(`${title}:\n  ${lines.join('\n  ')}`);
   }
   return parsed.data;
 }

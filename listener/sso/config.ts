@@ -4,7 +4,7 @@
  * stops the process with a message naming the variable.
  */
 import { z } from 'zod';
-import { ConfigError, redactUrl } from '../config.js';
+import { parseEnv } from '../config.js';
 
 const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
 const bool = z.enum(['true', 'false', '1', '0', 'yes', 'no']).transform((v) => ['true', '1', 'yes'].includes(v));
@@ -33,24 +33,7 @@ const schema = z.object({
 
 export type SsoConfig = z.infer<typeof schema>;
 
-const SECRET_VARIABLES: ReadonlySet<string> = new Set(['ERP_CLOUD_VAULT_KEY']);
-
 /** Parses the environment for the SSO server. Throws ConfigError naming every bad variable. */
 export function loadSsoConfig(env: NodeJS.ProcessEnv = process.env, overrides: Partial<Record<keyof SsoConfig, string>> = {}): SsoConfig {
-  const input: Record<string, string | undefined> = {};
-  for (const key of Object.keys(schema.shape)) {
-    const value = overrides[key as keyof SsoConfig] ?? env[key];
-    input[key] = value === '' ? undefined : value;
-  }
-  const parsed = schema.safeParse(input);
-  if (!parsed.success) {
-    const lines = parsed.error.issues.map((i) => {
-      const name = String(i.path[0]);
-      const got = input[name];
-      if (got === undefined) return `${name}: is required`;
-      return SECRET_VARIABLES.has(name) ? `${name}: ${i.message} (value not shown)` : `${name}: ${i.message} (got ${JSON.stringify(redactUrl(got))})`;
-    });
-    throw new ConfigError(`invalid SSO configuration:\n  ${lines.join('\n  ')}`);
-  }
-  return parsed.data;
+  return parseEnv(schema, env, overrides, 'invalid SSO configuration');
 }
