@@ -20,7 +20,9 @@ export const migrationsDir = [path.resolve(here, '../sql/migrations'), path.reso
 )!;
 
 export function createPool(connectionString: string, max: number, log?: Logger): pg.Pool {
-  const pool = new pg.Pool({ connectionString, max, application_name: 'erp-cloud' });
+  // keep-alive: a listener cut off from the network has its sessions (and their locks) ended by the
+  // server within minutes instead of the OS default of hours
+  const pool = new pg.Pool({ connectionString, max, application_name: 'erp-cloud', keepAlive: true, keepAliveInitialDelayMillis: 10_000 });
   // an idle client losing its connection (server restart) must not crash the process
   pool.on('error', (err) => log?.warn({ err: err.message }, 'idle database connection lost'));
   return pool;

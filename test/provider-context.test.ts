@@ -40,9 +40,9 @@ beforeEach(async () => {
   await db.pool.query(`select cloud.put_endpoint('tax', $1)`, [`${url}/api`]);
 });
 
-function ctxFor(pool: pg.Pool, allowPrivate = false) {
+function ctxFor(pool: pg.Pool, allowPrivate = false, tokenLockTimeoutMs?: number) {
   const policy = policyOf({ name: 'tax', base_url: `${url}/api`, allow_hosts: [], allow_cidrs: [], allow_private: allowPrivate });
-  return providerContext({ pool, endpoint: 'tax', policy, timeoutMs: 2000, secret: async () => 'unused' });
+  return providerContext({ pool, endpoint: 'tax', policy, timeoutMs: 2000, secret: async () => 'unused', tokenLockTimeoutMs });
 }
 
 describe('provider tokens', () => {
@@ -76,6 +76,21 @@ describe('provider tokens', () => {
     expect(await ctx.token('k', obtain, { marginMs: 1000 })).toBe('t2');
     await ctx.forgetToken('k', 't2');
     expect(await ctx.token('k', obtain, { marginMs: 1000 })).toBe('t3');
+  });
+
+  it('are not waited for forever: a listener stuck obtaining one costs the others a retryable attempt, and no lock is left behind', async () => {
+    const stuck = await otherPool.connect(); // another listener that took the lock and went quiet
+    try {
+      await stuck.query(`select cloud.lock_provider_token('tax', 'k')`);
+      const err = await ctxFor(db.pool, false, 200).token('k', async () => ({ token: 'never', expiresAt: new Date(Date.now() + 3600_000) })).catch((e) => e);
+      expect(err).toMatchObject({ outcome: 'retryable', errorClass: 'token_cache_unavailable' });
+    } finally {
+      await stuck.query(`select cloud.unlock_provider_token('tax', 'k')`);
+      stuck.release();
+    }
+    expect(await ctxFor(db.pool, false, 200).token('k', async () => ({ token: 'now', expiresAt: new Date(Date.now() + 3600_000) }))).toBe('now');
+    const held = await db.pool.query(`select count(*)::int as n from pg_locks where locktype = 'advisory' and granted`);
+    expect(held.rows[0].n).toBe(0);
   });
 
   it('that are empty or already expired are refused with EC014 and nothing is kept', async () => {
