@@ -55,6 +55,7 @@ beforeAll(async () => {
   try {
     await op.query('set role erp_cloud_operator');
     await op.query('select scm.bind_portal_login($1, $2)', [boundRole, 'S001']);
+    await op.query('select scm.register_shared_portal_login($1)', [role]); // the portal app's login
   } finally {
     await op.query('reset role');
     op.release();
@@ -296,8 +297,37 @@ describe('a portal login bound to its supplier', () => {
     try {
       expect(await sqlstateOf(db.pool.query(`delete from erp.supplier where id = $1`, [rows[0].id]))).toBe('23503');
     } finally {
-      await db.pool.query(`select scm.bind_portal_login($1, null)`, [role]);
+      await db.pool.query(`select scm.register_shared_portal_login($1)`, [role]);
       await db.pool.query(`delete from erp.supplier where id = $1`, [rows[0].id]);
+    }
+  });
+
+  it('a login that is not a registered portal login sees nothing and cannot choose a supplier, whatever it sets (fails closed)', async () => {
+    const stray = `${role}_stray`;
+    await admin(`create role ${stray} login noinherit`);
+    await admin(`grant erp_cloud_supplier_portal to ${stray}`);
+    const u = new URL(db.url);
+    u.username = stray;
+    const c = new pg.Client({ connectionString: u.toString() });
+    await c.connect();
+    try {
+      await c.query('set role erp_cloud_supplier_portal');
+      await c.query('begin');
+      await c.query(`select set_config('scm.supplier_id', $1, true)`, [String(s1)]);
+      expect((await c.query(`select po_no from erp.purchase_order`)).rows).toEqual([]);
+      expect((await c.query(`select asn_no from erp.asn_document`)).rows).toEqual([]);
+      await c.query('rollback');
+      expect(await sqlstateOf(c.query(`select scm.act_as_supplier('S001')`))).toBe('42501');
+      // and taking a bound login off the portal leaves it with nothing, not with every supplier
+      await db.pool.query(`select scm.bind_portal_login($1, 'S001')`, [stray]);
+      await db.pool.query(`select scm.bind_portal_login($1, null)`, [stray]);
+      await c.query('begin');
+      await c.query(`select set_config('scm.supplier_id', $1, true)`, [String(s2)]);
+      expect((await c.query(`select po_no from erp.purchase_order`)).rows).toEqual([]);
+      await c.query('rollback');
+    } finally {
+      await c.end();
+      await admin(`drop owned by ${stray}; drop role ${stray}`);
     }
   });
 });

@@ -954,15 +954,24 @@ end $$;
 ------------------------------------------------------------------------------
 create table scm.portal_login (
   login_role  name primary key,
-  -- no cascade: deleting the supplier must not turn a bound login into a shared one that may choose any supplier
-  supplier_id bigint not null references erp.supplier (id),
+  -- null: the shared portal login. No cascade: deleting a supplier must not change what a login may do
+  supplier_id bigint references erp.supplier (id),
   bound_at    timestamptz not null default now()
 );
-comment on table scm.portal_login is 'Portal login roles bound to one supplier: a bound login (session_user) can only ever act as that supplier, whatever scm.supplier_id says. A login that is not listed is the shared portal login: the portal app (trusted) chooses the supplier per transaction with scm.act_as_supplier.';
+comment on table scm.portal_login is 'The login roles that may use the supplier portal. A login bound to a supplier (session_user) can only ever act as that supplier, whatever scm.supplier_id says; a login registered as shared (supplier_id null: the trusted portal app) chooses the supplier per transaction with scm.act_as_supplier. A login that is not listed sees nothing (fails closed).';
+
+create function scm.register_shared_portal_login(
+  p_login_role name  -- the login the portal application connects with
+) returns void
+language sql security definer set search_path = '' as $$
+  insert into scm.portal_login (login_role, supplier_id) values (p_login_role, null)
+  on conflict (login_role) do update set supplier_id = null, bound_at = pg_catalog.now()
+$$;
+comment on function scm.register_shared_portal_login is 'Operator: lets the portal application''s login choose the supplier per transaction (scm.act_as_supplier). Only for the login of a portal app that authenticates suppliers itself.';
 
 create function scm.bind_portal_login(
   p_login_role    name, -- a login role that holds erp_cloud_supplier_portal
-  p_supplier_code text  -- the supplier it may act for, or null to unbind it
+  p_supplier_code text  -- the supplier it may act for, or null to take the login off the portal
 ) returns void
 language plpgsql security definer set search_path = '' as $$
 declare
@@ -980,7 +989,7 @@ begin
   insert into scm.portal_login (login_role, supplier_id) values (p_login_role, v_id)
   on conflict (login_role) do update set supplier_id = excluded.supplier_id, bound_at = pg_catalog.now();
 end $$;
-comment on function scm.bind_portal_login is 'Operator: binds a portal login role to one supplier (null code unbinds it). ES008 when the supplier is not known.';
+comment on function scm.bind_portal_login is 'Operator: binds a portal login role to one supplier; a null code takes the login off the portal (it then sees nothing). ES008 when the supplier is not known.';
 
 create function scm._refuse_other_supplier() returns void
 language plpgsql as $$
@@ -994,19 +1003,22 @@ create function scm.current_supplier_id() returns bigint
 language plpgsql stable security definer set search_path = '' as $$
 declare
   v_setting text := pg_catalog.current_setting('scm.supplier_id', true);
-  v_bound bigint;
+  v_login scm.portal_login;
 begin
   -- session_user is the login: SET ROLE does not change it, SET SESSION AUTHORIZATION needs a superuser
-  select supplier_id into v_bound from scm.portal_login where login_role = session_user;
-  if v_bound is not null then
-    if coalesce(v_setting, '') <> '' and v_setting <> v_bound::text then
+  select * into v_login from scm.portal_login where login_role = session_user;
+  if not found then
+    return null;  -- not a portal login: nobody
+  end if;
+  if v_login.supplier_id is not null then
+    if coalesce(v_setting, '') <> '' and v_setting <> v_login.supplier_id::text then
       perform scm._refuse_other_supplier();
     end if;
-    return v_bound;
+    return v_login.supplier_id;
   end if;
   return case when v_setting ~ '^[0-9]{1,18}$' then v_setting::bigint end;
 end $$;
-comment on function scm.current_supplier_id is 'The supplier the portal acts for: for a login bound in scm.portal_login always its own supplier (42501 when scm.supplier_id names another); for the shared portal login the transaction-local setting (set_config(''scm.supplier_id'', id, true)), or null: no setting, an empty or malformed one all mean nobody.';
+comment on function scm.current_supplier_id is 'The supplier the portal acts for: for a login bound in scm.portal_login always its own supplier (42501 when scm.supplier_id names another); for a login registered as shared the transaction-local setting (set_config(''scm.supplier_id'', id, true)); null (nobody) for a login not in scm.portal_login, and for no, an empty or a malformed setting.';
 
 create function scm.act_as_supplier(
   p_supplier_code text  -- the supplier the portal user signed in for
@@ -1014,11 +1026,15 @@ create function scm.act_as_supplier(
 language plpgsql security definer set search_path = '' as $$
 declare
   v_id bigint;
-  v_bound bigint;
+  v_login scm.portal_login;
 begin
-  select supplier_id into v_bound from scm.portal_login where login_role = session_user;
+  select * into v_login from scm.portal_login where login_role = session_user;
+  if not found then
+    raise exception using errcode = '42501', message = format('login %s is not a supplier-portal login', session_user),
+      hint = 'An operator registers portal logins: scm.bind_portal_login(login, supplier_code) or scm.register_shared_portal_login(login).';
+  end if;
   select id into v_id from erp.supplier where code = p_supplier_code;
-  if v_bound is not null and v_id is distinct from v_bound then
+  if v_login.supplier_id is not null and v_id is distinct from v_login.supplier_id then
     perform scm._refuse_other_supplier();  -- before ES008: a bound login learns nothing about other codes
   end if;
   if v_id is null then
@@ -1028,7 +1044,7 @@ begin
   perform pg_catalog.set_config('scm.supplier_id', v_id::text, true);  -- transaction-local: gone at commit or rollback
   return v_id;
 end $$;
-comment on function scm.act_as_supplier is 'The portal''s first call in each transaction: sets scm.supplier_id for this transaction only and returns it. A bound login (scm.portal_login) gets 42501 for any code but its own supplier''s; the shared login gets ES008 for an unknown code.';
+comment on function scm.act_as_supplier is 'The portal''s first call in each transaction: sets scm.supplier_id for this transaction only and returns it. A login not in scm.portal_login gets 42501; a bound login gets 42501 for any code but its own supplier''s; the shared login gets ES008 for an unknown code.';
 
 create function scm.submit_asn(
   p_doc jsonb  -- an ASN the supplier enters in the portal
@@ -1126,7 +1142,7 @@ grant update (carrier, tracking_no, eta) on erp.asn_document to erp_cloud_suppli
 grant execute on function erp.tg_purchase_order__100_validate(), erp.tg_purchase_order_line__100_validate(),
   erp.tg_purchase_order__100_refuse_delete(), erp.tg_purchase_order__500_enqueue(), erp.tg_purchase_order__500_enqueue_header()
   to erp_cloud_app, erp_cloud_supplier_portal;
-grant execute on function scm.bind_portal_login(name, text) to erp_cloud_operator;
+grant execute on function scm.bind_portal_login(name, text), scm.register_shared_portal_login(name) to erp_cloud_operator;
 grant select on scm.portal_login to erp_cloud_operator;
 grant execute on function scm.build_po_publish_payload(bigint), scm.build_po_close_payload(bigint) to erp_cloud_app, erp_cloud_operator;
 grant execute on function scm.search_asn_lines(text, text), scm.current_supplier_id()
