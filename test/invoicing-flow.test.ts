@@ -212,6 +212,41 @@ describe('when the cloud fails', () => {
     }
   });
 
+  it('a reissued invoice cannot be submitted again under its old orderNo: the old submit is retired, and a late answer about it changes nothing', async () => {
+    process.env.ERP_CLOUD_SECRET_NUONUO_APP_SECRET = 'not-the-secret';
+    const c = await customer(db.pool);
+    const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 530 }]);
+    let refused;
+    try {
+      await approve(db.pool, s.id);
+      [refused] = await settled(s.id);
+    } finally {
+      process.env.ERP_CLOUD_SECRET_NUONUO_APP_SECRET = APP_SECRET;
+    }
+    expect(refused).toMatchObject({ invoice_status: 'failed', error_code: '070601' });
+    const old = (await db.pool.query(`select to_jsonb(o) m from cloud.outbox o where operation = 'tax.issue' and aggregate_id = $1`, [refused!.id])).rows[0].m;
+    expect(old.status).toBe('failed');
+    await db.pool.query(`select tax.reissue_invoice($1)`, [refused!.id]);
+    const [inv] = await settled(s.id);
+    expect(inv).toMatchObject({ invoice_status: 'issued', error_code: null });
+    expect(inv!.order_no).not.toBe(refused!.order_no);
+    // the old submit can no longer be replayed, one by one or with the dead letters
+    expect(await sqlstateOf(db.pool.query(`select cloud.replay_message($1, 'operator replays the old submit')`, [old.request_id]))).toBe(SqlState.messageNotFound);
+    await db.pool.query(`select cloud.replay_dead_messages('nuonuo', 'replay everything')`);
+    // an answer about the old orderNo still in flight is kept as stale; the invoice is untouched
+    for (const fn of ['tax.record_issue_submitted', 'tax.record_issue_failed']) {
+      await db.pool.query(`select ${fn}(jsonb_populate_record(null::cloud.outbox, $1), $2::jsonb)`,
+        [JSON.stringify(old), JSON.stringify({ status: 'failed', http_status: 200, code: 'E0000', result: { invoiceSerialNum: 'OLD-SERIAL' } })]);
+    }
+    const after = (await db.pool.query(`select * from erp.ar_invoice where id = $1`, [inv!.id])).rows[0];
+    expect(after).toMatchObject({ invoice_status: 'issued', invoice_no: inv!.invoice_no, order_no: inv!.order_no, error_code: null });
+    expect(after.invoice_serial_no).not.toBe('OLD-SERIAL');
+    expect(after.tax_cloud_response.stale).toMatchObject({ request_id: old.request_id });
+    await settled(s.id);
+    expect(simInvoicesFor(refused!.order_no)).toHaveLength(0);
+    expect(simInvoicesFor(inv!.order_no)).toMatchObject([{ status: '2', submits: 1 }]);
+  });
+
   it('a refused token is forgotten and a new one obtained; otherwise one token serves every invoice', async () => {
     const before = sim.tokenCalls();
     const c = await customer(db.pool);
@@ -268,6 +303,26 @@ describe('when the outcome is unknown', () => {
     const [inv] = await settled(s.id);
     expect(inv).toMatchObject({ invoice_status: 'issued', order_no: pending!.order_no, error_code: null });
     expect(simInvoicesFor(inv!.order_no)).toMatchObject([{ status: '2', submits: 2 }]);
+    expect(sim.invoices().filter((i) => i.invoiceNo === inv!.invoice_no)).toHaveLength(1);
+  });
+
+  it('a credential refusal (070601) after a timeout proves nothing: unknown_outcome, never a new orderNo; requery books the one invoice', async () => {
+    await configureTax(db.pool, sim.url, APP_KEY, { timeoutMs: 1000 });
+    // the first submit is taken but answered too late; the retry meets a gateway sign refusal
+    sim.setFaults({ pathPrefix: '/open/v1/services', schedule: [{ kind: 'slow', ms: 2000 }, { kind: 'status', status: 200, body: { code: '070601', describe: '签名不匹配' } }] });
+    const c = await customer(db.pool);
+    const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 848 }]);
+    await approve(db.pool, s.id);
+    const [pending] = await invoicesOf(db.pool, s.id);
+    const failed = await final(pending!.id);
+    expect(failed).toMatchObject({ invoice_status: 'failed', error_code: 'unknown_outcome' });
+    // the platform has it (the slow first submit finishes after the client gave up on it)
+    await waitFor(async () => simInvoicesFor(pending!.order_no).length === 1 || null, { what: 'the slow submit to land' });
+    expect(await sqlstateOf(db.pool.query(`select tax.reissue_invoice($1)`, [pending!.id]))).toBe(SqlState.invoiceReissueRefused);
+    sim.setFaults(null);
+    await db.pool.query(`select tax.requery_invoice($1)`, [pending!.id]);
+    const [inv] = await settled(s.id);
+    expect(inv).toMatchObject({ invoice_status: 'issued', order_no: pending!.order_no });
     expect(sim.invoices().filter((i) => i.invoiceNo === inv!.invoice_no)).toHaveLength(1);
   });
 
@@ -428,8 +483,15 @@ describe('red-letter reversal (红冲)', () => {
     const { rows } = await db.pool.query(`insert into erp.invoice_reversal_request (ar_invoice_id, reason) values ($1, '1') returning id`, [blue!.id]);
     await waitFor(async () => (await db.pool.query(`select bill_status from erp.invoice_reversal_request where id = $1`, [rows[0].id])).rows[0].bill_status === '02',
       { what: 'the form awaiting the buyer' });
-    // the polling goes on while the buyer may still confirm; 73 hours later (moved back here) it stops
-    await db.pool.query(`update erp.invoice_reversal_request set requested_at = now() - interval '74 hours' where id = $1`, [rows[0].id]);
+    // the deadline counts from the form's creation, not from the request: an old request alone goes on polling
+    await db.pool.query(`update erp.invoice_reversal_request set requested_at = now() - interval '80 hours' where id = $1`, [rows[0].id]);
+    const redId = (await db.pool.query(`select red_invoice_id from erp.invoice_reversal_request where id = $1`, [rows[0].id])).rows[0].red_invoice_id;
+    const pollsNow = async () => (await db.pool.query(`select polls from erp.ar_invoice where id = $1`, [redId])).rows[0].polls as number;
+    const p0 = await pollsNow();
+    await waitFor(async () => (await pollsNow()) >= p0 + 2 || null, { timeoutMs: 30_000, what: 'two more form queries' });
+    expect((await db.pool.query(`select status from erp.invoice_reversal_request where id = $1`, [rows[0].id])).rows[0].status).toBe('confirming');
+    // 73 hours after the form was created (moved back here) it stops
+    await db.pool.query(`update erp.invoice_reversal_request set form_submitted_at = now() - interval '74 hours' where id = $1`, [rows[0].id]);
     const req = await waitFor(async () => {
       const r = (await db.pool.query(`select * from erp.invoice_reversal_request where id = $1`, [rows[0].id])).rows[0];
       return r.status === 'failed' ? r : null;

@@ -251,44 +251,82 @@ describe('operator recovery', () => {
 });
 
 describe('what a failure proves', () => {
-  it('only a permanent error on the only attempt, or a business refusal of this orderNo, proves nothing was created', async () => {
+  it('only a permanent error when no earlier attempt reached the platform (counted in cloud.log), or a business refusal of this orderNo, proves nothing was created', async () => {
     const c = await customer(db.pool);
     const s = await settlement(db.pool, c, [good]);
     await approve(db.pool, s.id);
     const [inv] = await invoicesOf(db.pool, s.id);
-    const refused = async (attempts: number, e: unknown) => {
-      await db.pool.query(`update cloud.outbox set attempts = $2 where operation = 'tax.issue' and aggregate_id = $1`, [inv!.id, attempts]);
-      const { rows } = await db.pool.query(`select tax._issue_refused(o, $2::jsonb) r from cloud.outbox o where operation = 'tax.issue' and aggregate_id = $1`, [inv!.id, JSON.stringify(e)]);
+    const msg = (await db.pool.query(`select request_id from cloud.outbox where operation = 'tax.issue' and aggregate_id = $1`, [inv!.id])).rows[0];
+    // earlier attempts as cloud.log has them; outbox.attempts says nothing (a replay resets it to 0)
+    const refused = async (earlier: { http: number | null; cls: string | null }[], e: unknown) => {
+      await db.pool.query(`delete from cloud.log where request_id = $1`, [msg.request_id]);
+      await db.pool.query(`update cloud.outbox set attempts = 0 where request_id = $1`, [msg.request_id]);
+      const all = [...earlier, { http: (e as { http_status: number | null }).http_status, cls: (e as { error_class: string }).error_class }];
+      for (const [i, a] of all.entries()) {
+        await db.pool.query(`insert into cloud.log (request_id, attempt, endpoint, operation, http_status, outcome, error_class, started_at)
+                             values ($1, $2, 'nuonuo', 'tax.issue', $3, 'permanent', $4, now())`, [msg.request_id, i + 1, a.http, a.cls]);
+      }
+      const { rows } = await db.pool.query(`select tax._issue_refused(o, $2::jsonb) r from cloud.outbox o where request_id = $1`, [msg.request_id, JSON.stringify(e)]);
       return rows[0].r;
     };
-    expect(await refused(8, { status: 'dead', error_class: 'http_503', http_status: 503 })).toBe(false);
-    expect(await refused(8, { status: 'dead', error_class: 'timeout', http_status: null })).toBe(false);
-    expect(await refused(1, { status: 'failed', error_class: 'sign_mismatch', http_status: 200, response: { code: '070601' } })).toBe(true);
-    expect(await refused(3, { status: 'failed', error_class: 'nuonuo_E9999', http_status: 200, response: { code: 'E9999' } })).toBe(true);
+    const timeout = { http: null, cls: 'timeout' };
+    expect(await refused([timeout, { http: 503, cls: 'http_503' }], { status: 'dead', error_class: 'http_503', http_status: 503 })).toBe(false);
+    expect(await refused([timeout], { status: 'dead', error_class: 'timeout', http_status: null })).toBe(false);
+    expect(await refused([], { status: 'failed', error_class: 'sign_mismatch', http_status: 200, response: { code: '070601' } })).toBe(true);
+    expect(await refused([timeout, timeout], { status: 'failed', error_class: 'nuonuo_E9999', http_status: 200, response: { code: 'E9999' } })).toBe(true);
     // an earlier attempt may have got through, and the last one was not answered by the platform
-    expect(await refused(3, { status: 'failed', error_class: 'config', http_status: null, response: { code: 'E9999' } })).toBe(false);
-    expect(await refused(3, { status: 'failed', error_class: 'http_400', http_status: 400 })).toBe(false);
+    expect(await refused([timeout, timeout], { status: 'failed', error_class: 'config', http_status: null, response: { code: 'E9999' } })).toBe(false);
+    expect(await refused([timeout, timeout], { status: 'failed', error_class: 'http_400', http_status: 400 })).toBe(false);
+    // a gateway / credential refusal (070…) says nothing about the orderNo: after a timeout it proves nothing
+    for (const [cls, code] of [['sign_mismatch', '070601'], ['nuonuo_070304', '070304'], ['token_refused', '070101']]) {
+      expect(await refused([timeout], { status: 'failed', error_class: cls, http_status: 200, response: { code } }), code).toBe(false);
+    }
+    // attempts that never left (refused before sending) do not count
+    expect(await refused([{ http: null, cls: 'egress_refused' }], { status: 'failed', error_class: 'nuonuo_E9999', http_status: 200, response: { code: 'E9999' } })).toBe(true);
   });
 
-  it('max_polls answers of E9500 by orderNo (never E9106) let a new orderNo issue it; after E9106 it stays a poll_limit', async () => {
+  it('max_polls answers of E9500 by orderNo (never E9106, never anything else) long enough after the submit let a new orderNo issue it', async () => {
     const c = await customer(db.pool);
-    for (const submit of [{}, { submit: { code: 'E9106', duplicate: true } }]) {
+    await db.pool.query(`select tax.put_config(p_e9500_min_wait_ms => 600000)`);
+    const cases = [
+      { what: 'only E9500, 11 min after the submit', submit: {}, since: '11 minutes', known: false, code: 'nuonuo_E9500' },
+      { what: 'after E9106', submit: { submit: { code: 'E9106', duplicate: true } }, since: '11 minutes', known: false, code: 'poll_limit' },
+      { what: 'only 2 min after the submit', submit: {}, since: '2 minutes', known: false, code: 'poll_limit' },
+      { what: 'once answered 20 (开票中)', submit: {}, since: '11 minutes', known: true, code: 'poll_limit' },
+    ];
+    for (const k of cases) {
       const s = await settlement(db.pool, c, [good]);
       await approve(db.pool, s.id);
       const [inv] = await invoicesOf(db.pool, s.id);
-      await db.pool.query(`update erp.ar_invoice set invoice_status = 'issuing', polls = 29, tax_cloud_response = $2 where id = $1`, [inv!.id, JSON.stringify(submit)]);
-      await db.pool.query(`select tax.record_invoice_result(o, '{"code": "E9500", "describe": "发票不存在"}') from cloud.outbox o
-                            where operation = 'tax.issue' and aggregate_id = $1`, [inv!.id]);
+      await db.pool.query(`update erp.ar_invoice set invoice_status = 'issuing', polls = 28, tax_cloud_response = $2,
+                             submitted_at = now() - $3::interval where id = $1`, [inv!.id, JSON.stringify(k.submit), k.since]);
+      const query = (answer: unknown) => db.pool.query(`select tax.record_invoice_result(o, $2::jsonb) from cloud.outbox o
+                            where operation = 'tax.issue' and aggregate_id = $1`, [inv!.id, JSON.stringify(answer)]);
+      await query(k.known ? { code: 'E0000', result: [{ orderNo: inv!.order_no, status: '20', statusMsg: '开票中' }] } : { code: 'E9500', describe: '发票不存在' });
+      await query({ code: 'E9500', describe: '发票不存在' });
       const after = (await invoicesOf(db.pool, s.id))[0]!;
-      if ('submit' in submit) {
-        expect(after.error_code).toBe('poll_limit');
-        expect(await sqlstateOf(db.pool.query(`select tax.reissue_invoice($1)`, [inv!.id]))).toBe(SqlState.invoiceReissueRefused);
+      expect(after.error_code, k.what).toBe(k.code);
+      if (k.code === 'poll_limit') {
+        expect(await sqlstateOf(db.pool.query(`select tax.reissue_invoice($1)`, [inv!.id])), k.what).toBe(SqlState.invoiceReissueRefused);
       } else {
-        expect(after.error_code).toBe('nuonuo_E9500');
         await db.pool.query(`select tax.reissue_invoice($1)`, [inv!.id]);
-        expect((await invoicesOf(db.pool, s.id))[0]).toMatchObject({ invoice_status: 'pending', error_code: null });
+        expect((await invoicesOf(db.pool, s.id))[0], k.what).toMatchObject({ invoice_status: 'pending', error_code: null });
       }
     }
+  });
+
+  it('a 20 (开票中) answer keeps the serial no.: the next query asks by it, and a later E9500 is never a refusal', async () => {
+    const c = await customer(db.pool);
+    const s = await settlement(db.pool, c, [good]);
+    await approve(db.pool, s.id);
+    const [inv] = await invoicesOf(db.pool, s.id);
+    await db.pool.query(`update erp.ar_invoice set invoice_status = 'issuing', polls = 0, submitted_at = now() - interval '1 day' where id = $1`, [inv!.id]);
+    await db.pool.query(`select tax.record_invoice_result(o, $2::jsonb) from cloud.outbox o where operation = 'tax.issue' and aggregate_id = $1`,
+      [inv!.id, JSON.stringify({ code: 'E0000', result: [{ serialNo: '24112400000000000001', orderNo: inv!.order_no, status: '20' }] })]);
+    const row = (await db.pool.query(`select invoice_serial_no, order_known, next_query_id from erp.ar_invoice where id = $1`, [inv!.id])).rows[0];
+    expect(row).toMatchObject({ invoice_serial_no: '24112400000000000001', order_known: true });
+    const q = await db.pool.query(`select payload from cloud.outbox where request_id = $1`, [row.next_query_id]);
+    expect(q.rows[0].payload).toEqual({ serialNos: ['24112400000000000001'], isOfferInvoiceDetail: '0' });
   });
 });
 

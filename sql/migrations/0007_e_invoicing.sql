@@ -75,6 +75,7 @@ create table tax.config (
   max_polls           integer not null default 30,
   max_pdf_bytes       integer not null default 5242880,
   callback_url        text,
+  e9500_min_wait_ms   integer not null default 600000,  -- E9500 is a definite "never created" only this long after the submit
   updated_at          timestamptz not null default now(),
   -- the limits live here, so a direct UPDATE cannot break them either
   constraint config_seller_tax_id check (seller_tax_id is null or seller_tax_id ~ '^[A-Z0-9]{15}$|^[A-Z0-9]{17,18}$|^[A-Z0-9]{20}$'),
@@ -85,7 +86,8 @@ create table tax.config (
   constraint config_first_poll_ms check (first_poll_ms between 50 and 600000),
   constraint config_poll_cap_ms check (poll_cap_ms between first_poll_ms and 3600000),
   constraint config_max_polls check (max_polls between 1 and 1000),
-  constraint config_max_pdf_bytes check (max_pdf_bytes between 1024 and 104857600)
+  constraint config_max_pdf_bytes check (max_pdf_bytes between 1024 and 104857600),
+  constraint config_e9500_min_wait_ms check (e9500_min_wait_ms between 0 and 86400000)
 );
 comment on table tax.config is 'The one row of e-invoicing settings: which endpoint issues, the seller, splitting limits, polling schedule, PDF size cap, callback URL. Change with tax.put_config; the CHECK constraints hold the limits (first poll 50 ms–10 min, cap up to 1 h, 1–1000 polls, PDF cap 1 KiB–100 MiB, 1–2000 lines).';
 insert into tax.config default values;
@@ -105,7 +107,8 @@ create function tax.put_config(
   p_max_polls           integer default null,  -- queries before the invoice is marked failed (requery with tax.requery_invoice)
   p_max_pdf_bytes       integer default null,  -- larger PDFs are refused
   p_callback_url        text    default null,  -- callBackUrl sent with each order (the listener's inbound door)
-  p_unset               text[]  default '{}'   -- optional settings to clear: seller_address, seller_phone, seller_bank_account, clerk, max_invoice_amount, callback_url
+  p_unset               text[]  default '{}',  -- optional settings to clear: seller_address, seller_phone, seller_bank_account, clerk, max_invoice_amount, callback_url
+  p_e9500_min_wait_ms   integer default null   -- E9500 proves nothing was created only this long after the submit (0–24 h; default 10 min)
 ) returns tax.config
 language plpgsql as $$
 declare
@@ -134,6 +137,7 @@ begin
          max_polls = coalesce(p_max_polls, c.max_polls),
          max_pdf_bytes = coalesce(p_max_pdf_bytes, c.max_pdf_bytes),
          callback_url = case when 'callback_url' = any (p_unset) then null else coalesce(p_callback_url, c.callback_url) end,
+         e9500_min_wait_ms = coalesce(p_e9500_min_wait_ms, c.e9500_min_wait_ms),
          updated_at = now()
   returning * into v_row;
   return v_row;
@@ -142,7 +146,7 @@ exception when check_violation then
   raise exception using errcode = 'EI017', message = format('invalid e-invoicing setting (%s)', v_bad),
     detail = format('endpoint %s, seller tax id %s, max lines %s, max amount %s, polls %s ms / cap %s ms × %s, pdf cap %s bytes',
                     p_endpoint, p_seller_tax_id, p_max_invoice_lines, p_max_invoice_amount, p_first_poll_ms, p_poll_cap_ms, p_max_polls, p_max_pdf_bytes),
-    hint = 'Seller tax id 15, 17, 18 or 20 capitals and digits; lines 1–2000; amount above 0; first poll 50–600000 ms and the cap at least that (≤ 1 h); 1–1000 polls; PDF cap 1 KiB–100 MiB.';
+    hint = 'Seller tax id 15, 17, 18 or 20 capitals and digits; lines 1–2000; amount above 0; first poll 50–600000 ms and the cap at least that (≤ 1 h); 1–1000 polls; PDF cap 1 KiB–100 MiB; E9500 wait 0–86400000 ms.';
 end $$;
 comment on function tax.put_config is 'Sets the e-invoicing settings given (the others keep their values; p_unset clears optional ones): seller, endpoint, splitting limits, polling, PDF cap, callback URL. EI017 names the broken limit (the CHECK constraints of tax.config).';
 
@@ -249,6 +253,8 @@ create table erp.ar_invoice (
   xml_url            text,
   polls              integer not null default 0,
   next_query_id      uuid,
+  submitted_at       timestamptz,
+  order_known        boolean not null default false,
   tax_cloud_response jsonb not null default '{}',
   tax_id_warning     text,
   error_code         text,
@@ -264,6 +270,8 @@ create unique index ar_invoice_shipment_part on erp.ar_invoice (shipment_id, par
 create index ar_invoice_original on erp.ar_invoice (original_invoice_id) where original_invoice_id is not null;
 comment on table erp.ar_invoice is 'AR invoices issued through the tax cloud. invoice_status: pending → issuing → issued, or failed (error_code / error_message say why: unknown_outcome and poll_limit mean the platform may still have issued it, so only tax.requery_invoice applies; any other code is a definite refusal that tax.reissue_invoice may issue again), then partially_reversed while some lines have an issued red invoice, and reversed when every line has. tax_cloud_response keeps each step''s raw answer (submit, query, pdf).';
 comment on column erp.ar_invoice.order_no is 'Nuonuo orderNo: the request_id without dashes, so a retry after a timeout can never issue twice (E9106 = already submitted).';
+comment on column erp.ar_invoice.submitted_at is 'When the platform first took the submit under the current orderNo (tax.issue answered); E9500 counts as "never created" only tax.config.e9500_min_wait_ms after it.';
+comment on column erp.ar_invoice.order_known is 'The platform once answered a query by the current orderNo with anything but E9500: a later E9500 then never proves nothing was created.';
 comment on column erp.ar_invoice.next_query_id is 'The request_id of the latest result query enqueued for this invoice (a callback moves it up).';
 comment on column erp.ar_invoice.invoice_no is 'The 20-digit 数电 invoice number (allElectronicInvoiceNumber). Every change is logged in tax.invoice_event.';
 
@@ -312,8 +320,10 @@ create table erp.invoice_reversal_request (
   red_invoice_id    bigint references erp.ar_invoice,
   error_message     text,
   requested_at      timestamptz not null default now(),
+  form_submitted_at timestamptz,
   finished_at       timestamptz
 );
+comment on column erp.invoice_reversal_request.form_submitted_at is 'When the platform took the red-confirmation form (tax.red_confirm answered): the 72-hour confirmation deadline counts from here.';
 comment on table erp.invoice_reversal_request is '红冲 requests. Insert one for an issued invoice (reason: Nuonuo code 1 销货退回, 2 开票有误, 3 服务中止, 4 销售折让; line_nos null = full, else those invoice lines) and the 数电 red-confirmation flow runs; status pending → confirming → issued | failed.';
 
 create table tax.invoice_event (
@@ -750,17 +760,44 @@ language sql immutable as $$
 $$;
 comment on function tax._outcome_unknown is 'Internal: whether a failed invoice may still have been issued by the platform (error_code unknown_outcome or poll_limit): only tax.requery_invoice applies, and a late answer is still booked.';
 
-create function tax._issue_refused(m cloud.outbox, e jsonb) returns boolean
+create function tax._answer_is_stale(m cloud.outbox, p_inv erp.ar_invoice) returns boolean
 language sql immutable as $$
-  -- definite only when the message ended on a permanent error and either it made one attempt only
-  -- (nothing earlier can have got through), or the platform itself answered this orderNo with a
-  -- business refusal (had an earlier attempt got through, the answer would be E9106)
-  select e->>'status' = 'failed'
-         and (m.attempts <= 1
-              or (coalesce((e->>'http_status')::integer, 0) between 200 and 299
-                  and coalesce(e #>> '{response,code}', '') not in ('', 'E0000', 'E9106')))
+  -- a submit under an earlier orderNo (before tax.reissue_invoice), or a query about one
+  select case when m.operation in ('tax.issue', 'tax.red_confirm') then m.request_id <> p_inv.request_id
+              when m.operation = 'tax.query' then
+                   (m.payload ? 'orderNos' and m.payload #>> '{orderNos,0}' is distinct from p_inv.order_no)
+                or (m.payload ? 'serialNos' and m.payload #>> '{serialNos,0}' is distinct from p_inv.invoice_serial_no)
+              else false end
 $$;
-comment on function tax._issue_refused is 'Internal: whether a failed tax.issue / tax.red_confirm proves the platform created nothing (a permanent error on the only attempt, or a business refusal of this orderNo). Timeouts and 5xx until the attempts ran out (status dead) prove nothing.';
+comment on function tax._answer_is_stale is 'Internal: whether a tax.issue / tax.red_confirm / tax.query answer is about another orderNo or serial no. than the invoice''s current one (sent before a tax.reissue_invoice): such an answer never changes the invoice.';
+
+create function tax._keep_stale_answer(m cloud.outbox, r jsonb) returns void
+language sql as $$
+  update erp.ar_invoice a
+     set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('stale', jsonb_build_object(
+           'operation', m.operation, 'request_id', m.request_id, 'payload', m.payload, 'answer', r)),
+         updated_at = now()
+   where a.id = m.aggregate_id::bigint
+$$;
+comment on function tax._keep_stale_answer is 'Internal: keeps an answer about an earlier orderNo under tax_cloud_response.stale, for the operator, without touching the invoice''s status.';
+
+create function tax._issue_refused(m cloud.outbox, e jsonb) returns boolean
+language sql stable as $$
+  -- definite only when the message ended on a permanent error and either no earlier attempt of this
+  -- request_id reached the network (counted in cloud.log: a replay resets outbox.attempts), or the
+  -- platform itself answered this orderNo with a business refusal (had an earlier attempt got through,
+  -- the answer would be E9106). A gateway/credential refusal (070…, sign, token) says nothing about the orderNo.
+  select e->>'status' = 'failed'
+         and ((select count(*) from cloud.log l
+                where l.request_id = m.request_id
+                  and (l.http_status is not null or l.error_class in ('timeout', 'network', 'econnreset', 'epipe')))
+              <= case when e->>'http_status' is not null then 1 else 0 end
+              or (coalesce((e->>'http_status')::integer, 0) between 200 and 299
+                  and coalesce(e #>> '{response,code}', '') not in ('', 'E0000', 'E9106')
+                  and coalesce(e #>> '{response,code}', '') not like '070%'
+                  and coalesce(e->>'error_class', '') not in ('sign_mismatch', 'token_refused', 'token_quota', 'token_unavailable')))
+$$;
+comment on function tax._issue_refused is 'Internal: whether a failed tax.issue / tax.red_confirm proves the platform created nothing: a permanent error when no earlier attempt of the request_id reached the network (cloud.log, not the attempt counter a replay resets), or a business refusal of this orderNo (never a 070… gateway / credential code). Timeouts and 5xx until the attempts ran out (status dead) prove nothing.';
 
 create function tax.record_issue_submitted(m cloud.outbox, r jsonb) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -768,9 +805,15 @@ declare
   v_inv erp.ar_invoice;
 begin
   -- a failed invoice of unknown outcome still takes the answer (a replay of its submit, E9106)
+  select * into v_inv from erp.ar_invoice a where a.id = m.aggregate_id::bigint for update;
+  if found and tax._answer_is_stale(m, v_inv) then
+    perform tax._keep_stale_answer(m, r);  -- the submit of an earlier orderNo: never books anything
+    return;
+  end if;
   update erp.ar_invoice a
      set invoice_status = 'issuing',
          invoice_serial_no = coalesce(r #>> '{result,invoiceSerialNum}', a.invoice_serial_no),
+         submitted_at = coalesce(a.submitted_at, now()),
          error_code = null, error_message = null,
          tax_cloud_response = a.tax_cloud_response || jsonb_build_object('submit', r),
          updated_at = now()
@@ -789,7 +832,13 @@ create function tax.record_issue_failed(m cloud.outbox, e jsonb) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
   v_why text := coalesce(e #>> '{response,describe}', e->>'error');
+  v_inv erp.ar_invoice;
 begin
+  select * into v_inv from erp.ar_invoice a where a.id = m.aggregate_id::bigint for update;
+  if found and tax._answer_is_stale(m, v_inv) then
+    perform tax._keep_stale_answer(m, e);
+    return;
+  end if;
   if tax._issue_refused(m, e) then
     update erp.ar_invoice a
        set invoice_status = 'failed',
@@ -820,7 +869,14 @@ comment on function tax.record_issue_failed is 'on_fail of tax.issue and tax.red
 
 create function tax.record_query_failed(m cloud.outbox, e jsonb) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+  v_inv erp.ar_invoice;
 begin
+  select * into v_inv from erp.ar_invoice a where a.id = m.aggregate_id::bigint for update;
+  if found and tax._answer_is_stale(m, v_inv) then
+    perform tax._keep_stale_answer(m, e);
+    return;
+  end if;
   -- a query that fails says nothing about the invoice: its outcome is unknown
   update erp.ar_invoice a
      set invoice_status = 'failed', error_code = 'unknown_outcome',
@@ -870,6 +926,10 @@ begin
   if not found then
     return;
   end if;
+  if tax._answer_is_stale(m, v_inv) then
+    perform tax._keep_stale_answer(m, r);  -- about an earlier orderNo / serial no.
+    return;
+  end if;
   v_unknown := tax._outcome_unknown(v_inv);
   if v_inv.invoice_status <> 'issuing' and not v_unknown then
     return;  -- a hint-triggered query raced a scheduled one: the first final answer wins
@@ -910,8 +970,11 @@ begin
     update erp.ar_invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
      where a.id = v_inv.id;
   elsif v_inv.polls + 1 >= v_cfg.max_polls then
-    if r->>'code' = 'E9500' and v_inv.invoice_serial_no is null and coalesce(v_inv.tax_cloud_response #>> '{submit,code}', '') <> 'E9106' then
-      -- never seen under this orderNo after max_polls queries (and never answered E9106): nothing was created, a new orderNo is safe
+    if r->>'code' = 'E9500' and v_inv.invoice_serial_no is null and not v_inv.order_known
+       and coalesce(v_inv.tax_cloud_response #>> '{submit,code}', '') <> 'E9106'
+       and clock_timestamp() >= v_inv.submitted_at + make_interval(secs => v_cfg.e9500_min_wait_ms / 1000.0) then
+      -- every query by this orderNo answered E9500 for at least e9500_min_wait_ms after the submit (and never E9106):
+      -- nothing was created, a new orderNo is safe
       update erp.ar_invoice a
          set invoice_status = 'failed', error_code = 'nuonuo_E9500',
              error_message = format('the platform has no invoice under orderNo %s after %s queries; tax.reissue_invoice(%s) issues it again', a.order_no, v_inv.polls + 1, v_inv.id),
@@ -921,12 +984,17 @@ begin
       update erp.ar_invoice a
          set invoice_status = 'failed', error_code = 'poll_limit',
              error_message = format('no final answer after %s queries (last status %s); run tax.requery_invoice(%s) to ask again', v_inv.polls + 1, coalesce(v_st, r->>'code'), v_inv.id),
+             invoice_serial_no = coalesce(v_res->>'serialNo', a.invoice_serial_no),
+             order_known = a.order_known or r->>'code' is distinct from 'E9500',
              polls = a.polls + 1, tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
        where a.id = v_inv.id;
     end if;
   else
     -- 20 开票中, 21 签章中, 24 开票成功签章失败 (issued, not signed: never a new orderNo), or E9500 (not visible yet)
-    update erp.ar_invoice a set polls = a.polls + 1, tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
+    -- the serial no. and "the platform knows this orderNo" are kept: a later E9500 then proves nothing
+    update erp.ar_invoice a set polls = a.polls + 1, invoice_serial_no = coalesce(v_res->>'serialNo', a.invoice_serial_no),
+           order_known = a.order_known or r->>'code' is distinct from 'E9500',
+           tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
      where a.id = v_inv.id returning * into v_inv;
     if v_st = '24' and coalesce(v_res->>'serialNo', v_inv.invoice_serial_no) is not null and tax._reinvoice_supported() then
       v_n := coalesce((v_inv.tax_cloud_response->>'reinvoices')::integer, 0);
@@ -1029,17 +1097,23 @@ begin
                    left join erp.settlement s on s.id = i.settlement_id left join erp.shipment sh on sh.id = i.shipment_id where i.id = p_invoice_id);
   v_cfg := tax._config();
   -- the corrected buyer (tax id, name) is checked again; a refused invoice needs a new orderNo
+  -- the earlier orderNo's messages are retired: replay_message / replay_dead_messages can no longer send them
+  -- (their attempts stay in cloud.log; an answer still in flight is kept as stale by the write-backs)
+  delete from cloud.outbox o
+   where o.aggregate_type = 'erp.ar_invoice' and o.aggregate_id = p_invoice_id::text
+     and o.operation in ('tax.issue', 'tax.query', 'tax.reinvoice') and o.status in ('pending', 'failed', 'dead', 'skipped');
   update erp.ar_invoice
      set request_id = v_req, order_no = tax.order_no_for(v_req), invoice_status = 'pending', invoice_serial_no = null,
+         submitted_at = null, order_known = false, next_query_id = null,
          buyer_name = v_cust.name, buyer_tax_id = nullif(v_cust.tax_id, ''),
          tax_id_warning = tax.validate_buyer(v_cust, v_inv.invoice_kind, format('invoice %s', p_invoice_id)),
          polls = 0, error_code = null, error_message = null,
-         tax_cloud_response = jsonb_build_object('previous', v_inv.tax_cloud_response), updated_at = now()
+         tax_cloud_response = jsonb_build_object('previous', v_inv.tax_cloud_response, 'previous_request_id', v_inv.request_id), updated_at = now()
    where id = p_invoice_id;
   perform cloud.enqueue_message(v_cfg.endpoint, 'tax.issue', tax.build_invoice_payload(p_invoice_id), 'erp.ar_invoice', p_invoice_id::text, null, v_req);
   return v_req;
 end $$;
-comment on function tax.reissue_invoice is 'Operator: issues a refused blue invoice again under a new orderNo, with the customer''s current name and tax id (checked again); the previous answers are kept under tax_cloud_response.previous. EI018 when the refusal is not certain (unknown_outcome, poll_limit) or the invoice did not fail.';
+comment on function tax.reissue_invoice is 'Operator: issues a refused blue invoice again under a new orderNo, with the customer''s current name and tax id (checked again); the previous answers are kept under tax_cloud_response.previous, and the earlier orderNo''s unfinished messages are deleted so no replay can submit it again. EI018 when the refusal is not certain (unknown_outcome, poll_limit) or the invoice did not fail.';
 
 create function tax._query_now(p_inv erp.ar_invoice) returns text
 language plpgsql as $$
@@ -1189,12 +1263,14 @@ declare
 begin
   update erp.ar_invoice a set invoice_status = 'issuing', error_code = null, error_message = null,
          tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_confirm', r), updated_at = now()
-   where a.id = m.aggregate_id::bigint and (a.invoice_status = 'pending' or tax._outcome_unknown(a))
+   where a.id = m.aggregate_id::bigint and a.request_id = m.request_id and (a.invoice_status = 'pending' or tax._outcome_unknown(a))
   returning * into v_inv;
   if not found then
     return;
   end if;
-  update erp.invoice_reversal_request set status = 'confirming', error_message = null where red_invoice_id = v_inv.id and status = 'pending';
+  -- the 72-hour confirmation deadline counts from the form's creation (the first answer), not from the request
+  update erp.invoice_reversal_request set status = 'confirming', error_message = null, form_submitted_at = coalesce(form_submitted_at, now())
+   where red_invoice_id = v_inv.id and status in ('pending', 'confirming');
   v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.red_query',
     jsonb_build_object('identity', '0', 'billId', m.payload->>'billId'), 'erp.ar_invoice', m.aggregate_id, null, null,
     clock_timestamp() + make_interval(secs => tax._poll_delay_ms(1) / 1000.0));
@@ -1217,7 +1293,7 @@ begin
     return;
   end if;
   update erp.invoice_reversal_request set bill_status = coalesce(v_st, bill_status) where red_invoice_id = v_inv.id
-  returning requested_at into v_since;
+  returning coalesce(form_submitted_at, requested_at) into v_since;
   if v_st in ('01', '04') and coalesce(v_form->>'invoiceSerialNum', '') <> '' then
     -- the bureau issued the red invoice: fetch it like any other (number, PDF)
     update erp.ar_invoice a set invoice_serial_no = v_form->>'invoiceSerialNum', polls = 0, invoice_status = 'issuing', error_code = null, error_message = null,
@@ -1255,7 +1331,7 @@ begin
     update erp.ar_invoice set next_query_id = v_id where id = v_inv.id;
   end if;
 end $$;
-comment on function tax.record_red_confirm_status is 'Write-back of tax.red_query: 01/04 → the red invoice''s serial no. is queried like a blue one; 05–10/16 → the reversal failed; otherwise query the form again later (backing off), until 73 h after the request (the bureau voids unconfirmed forms at 72 h): then the reversal fails with red_deadline.';
+comment on function tax.record_red_confirm_status is 'Write-back of tax.red_query: 01/04 → the red invoice''s serial no. is queried like a blue one; 05–10/16 → the reversal failed; otherwise query the form again later (backing off), until 73 h after the form was created (form_submitted_at; the bureau voids unconfirmed forms at 72 h): then the reversal fails with red_deadline.';
 
 select cloud.put_operation_handler('tax.issue', 'tax.record_issue_submitted(cloud.outbox, jsonb)', 'tax.record_issue_failed(cloud.outbox, jsonb)');
 select cloud.put_operation_handler('tax.query', 'tax.record_invoice_result(cloud.outbox, jsonb)', 'tax.record_query_failed(cloud.outbox, jsonb)');
@@ -1282,7 +1358,7 @@ grant execute on function tax.record_issue_submitted(cloud.outbox, jsonb), tax.r
   tax.record_red_confirm_submitted(cloud.outbox, jsonb), tax.record_red_confirm_status(cloud.outbox, jsonb),
   tax.record_query_failed(cloud.outbox, jsonb), tax.record_reinvoice_answer(cloud.outbox, jsonb),
   tax.accept_invoice_callback(text, jsonb), tax.accept_red_confirm_callback(text, jsonb) to erp_cloud_listener;
-grant execute on function tax.put_config(text, text, text, text, text, text, text, numeric, integer, integer, integer, integer, integer, text, text[]),
+grant execute on function tax.put_config(text, text, text, text, text, text, text, numeric, integer, integer, integer, integer, integer, text, text[], integer),
   tax.requery_invoice(bigint), tax.reissue_invoice(bigint) to erp_cloud_operator;
 grant execute on function tax.order_no_for(uuid), tax.decimal_text(numeric), tax.uscc_check_digit_ok(text), tax.tax_rate_in_use(numeric),
   tax.separate_price_tax(numeric, numeric, numeric), tax.build_invoice_payload(bigint)
