@@ -32,10 +32,34 @@ export interface AttemptResult {
 /** Header names whose values never reach cloud.log. */
 const SECRET_HEADERS = /^(authorization|proxy-authorization|cookie|set-cookie|x-api-key|api-key|accesstoken|access-token|x-nuonuo-sign|x-signature|x-erp-cloud-signature)$/i;
 
-const agents = {
+type Agents = { http: http.Agent; https: https.Agent };
+const newAgents = (): Agents => ({
   http: new http.Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 10_000 }),
   https: new https.Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 10_000 }),
-};
+});
+
+/**
+ * Keep-alive connections per endpoint and allowlist. The address check runs when
+ * a socket connects, so a socket opened under a wider allowlist must not carry a
+ * request after the allowlist narrows: a changed allowlist gets fresh agents, and
+ * the old ones close their idle sockets now and their busy ones when the call ends.
+ */
+const pools = new Map<string, { key: string; agents: Agents }>();
+
+function agentsFor(policy: EgressPolicy): Agents {
+  const key = JSON.stringify([policy.baseHost, policy.allowHosts, policy.allowCidrs, policy.allowPrivate]);
+  const pool = pools.get(policy.endpoint);
+  if (pool?.key === key) return pool.agents;
+  if (pool) for (const agent of Object.values(pool.agents)) retire(agent);
+  const agents = newAgents();
+  pools.set(policy.endpoint, { key, agents });
+  return agents;
+}
+
+function retire(agent: http.Agent): void {
+  (agent as http.Agent & { keepAlive: boolean }).keepAlive = false; // a socket freed from now on is closed, not kept
+  for (const sockets of Object.values(agent.freeSockets)) for (const socket of sockets ?? []) socket.destroy();
+}
 
 const client = got.extend({
   retry: { limit: 0 },
@@ -43,7 +67,6 @@ const client = got.extend({
   followRedirect: false,
   decompress: true,
   responseType: 'buffer',
-  agent: agents,
 });
 
 export function redactHeaders(headers: Record<string, unknown>, secrets: string[] = []): Record<string, string> {
@@ -88,6 +111,7 @@ export async function auxFetch(req: AuxRequest, policy: EgressPolicy, defaultTim
   assertUrlAllowed(req.url, policy);
   const res = await sendCapped(req.url, {
     dnsLookup: guardedLookup(policy) as never,
+    agent: agentsFor(policy),
     method: req.method,
     headers: req.headers,
     body: req.body,
@@ -190,6 +214,7 @@ export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions)
     assertUrlAllowed(req.url, opts.policy);
     const options = {
       dnsLookup: guardedLookup(opts.policy) as never,
+      agent: agentsFor(opts.policy),
       method: req.method,
       headers,
       body: req.body,
@@ -232,6 +257,6 @@ export function notSent(msg: ClaimedMessage, outcome: 'retryable' | 'permanent',
 }
 
 export function closeAgents(): void {
-  agents.http.destroy();
-  agents.https.destroy();
+  for (const { agents } of pools.values()) for (const agent of Object.values(agents)) agent.destroy();
+  pools.clear();
 }

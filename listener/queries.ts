@@ -10,7 +10,6 @@ export const sql = {
   reap: 'select cloud.reap_expired_leases() as reaped',
   maintenance: 'select cloud.run_maintenance() as summary',
   cronScheduled: 'select cloud.cron_jobs_scheduled() as scheduled',
-  egressPolicies: 'select name, base_url, allow_hosts, allow_cidrs::text[] as allow_cidrs, allow_private from cloud.endpoint',
   channels: 'select distinct wake_channel from cloud.endpoint where $1::text[] is null or name = any ($1) order by 1',
   endpointStatus: 'select * from cloud.endpoint_status order by endpoint',
   parkedKeys: 'select * from cloud.parked_keys order by endpoint, ordering_key',

@@ -46,7 +46,6 @@ export class Worker {
   private retryTimer: NodeJS.Timeout | null = null;
   private cronScheduled = false;
   private maintaining = false;
-  private policies = new Map<string, EgressPolicy>();
   /** Per endpoint: the slot and the real send time of this listener's last rate-limited send. */
   private readonly paced = new Map<string, { slot: number; sentAt: number }>();
   private readonly secrets: SecretResolver;
@@ -141,12 +140,13 @@ export class Worker {
   }
 
   private async attempt(msg: ClaimedMessage, signal: AbortSignal): Promise<AttemptResult> {
+    // the allowlist as it was when the message was claimed: a change by an operator applies to the next claim
     let policy: EgressPolicy;
     try {
-      policy = await this.policyFor(msg.endpoint);
+      policy = policyOf({ name: msg.endpoint, base_url: msg.base_url, allow_hosts: msg.allow_hosts, allow_cidrs: msg.allow_cidrs, allow_private: msg.allow_private });
     } catch (err) {
-      // nothing went out: an attempt that could not learn where it may go
-      return notSent(msg, 'retryable', 'egress_policy_unavailable', `could not load the allowlist of endpoint ${msg.endpoint}: ${errText(err)}`);
+      // nothing went out: an endpoint whose URL cannot be read has no host to allow
+      return notSent(msg, 'retryable', 'egress_policy_unavailable', `could not read the allowlist of endpoint ${msg.endpoint}: ${errText(err)}`);
     }
     await this.waitForSlot(msg);
     return attemptDelivery(msg, {
@@ -243,7 +243,6 @@ export class Worker {
     this.maintaining = true;
     try {
       const channels = await this.loadChannels();
-      await this.loadPolicies();
       await this.pool.query(sql.listenerHeartbeat, [this.id, channels]);
       if (channels.some((c) => !this.channels.includes(c))) {
         await this.listen?.listenTo(channels);
@@ -264,21 +263,9 @@ export class Worker {
     }
   }
 
-  /** The endpoint's allowlist, refreshed with every maintenance tick; a new endpoint is loaded on first use. */
   /** A secret by name through this listener's resolver (the inbound receivers use it for signing keys). */
   secret(name: string): Promise<string> {
     return this.secrets.resolve(name);
-  }
-
-  private async policyFor(endpoint: string): Promise<EgressPolicy> {
-    if (!this.policies.has(endpoint)) await this.loadPolicies();
-    // an endpoint deleted meanwhile: nothing but its own host, no private addresses
-    return this.policies.get(endpoint) ?? { endpoint, baseHost: '', allowHosts: [], allowCidrs: [], allowPrivate: false };
-  }
-
-  private async loadPolicies(): Promise<void> {
-    const { rows } = await this.pool.query(sql.egressPolicies);
-    this.policies = new Map(rows.map((r) => [r.name as string, policyOf(r)]));
   }
 
   private async loadChannels(): Promise<string[]> {

@@ -284,7 +284,7 @@ describe('allowlist and SSRF', () => {
     expect(sim.requests()).toEqual([]);
   });
 
-  it('a name that resolves to an address outside the allowed ranges is refused at connect time', async () => {
+  it('a name that resolves to an address outside the allowed ranges is refused at connect time; a changed allowlist applies to the next claim', async () => {
     await q(`select cloud.put_endpoint('hook', $1)`, [`http://localhost:${new URL(sim.url).port}/webhook`]);
     await q(`select cloud.put_endpoint_allowlist('hook', '{}', '{203.0.113.0/24}', true)`);
     listeners.push(await startListener(db.url));
@@ -292,9 +292,13 @@ describe('allowlist and SSRF', () => {
     await waitFor(async () => (await q(`select status from cloud.outbox`)).rows[0]?.status === 'failed', { what: 'failed' });
     expect((await q(`select last_error from cloud.outbox`)).rows[0].last_error).toMatch(/outside the address ranges allowed for endpoint hook/);
     await q(`select cloud.put_endpoint_allowlist('hook', '{}', '{127.0.0.0/8,::1/128}', true)`);
-    await new Promise((r) => setTimeout(r, 800)); // listeners pick allowlist changes up on their maintenance tick (500 ms here)
+    // no waiting for a maintenance tick: every claim reads the allowlist afresh
     await q(`select cloud.enqueue_message('hook', 'demo.ping', '{}')`);
     await waitFor(async () => (await statusCounts(db.pool)).sent === 1, { timeoutMs: 10_000, what: 'sent once the range allows it' });
+    await q(`select cloud.put_endpoint_allowlist('hook', '{}', '{203.0.113.0/24}', true)`); // narrowed again: the very next message is refused
+    await q(`select cloud.enqueue_message('hook', 'demo.ping', '{}')`);
+    await waitFor(async () => (await statusCounts(db.pool)).failed === 2, { timeoutMs: 10_000, what: 'refused again once narrowed' });
+    expect(sim.requests()).toHaveLength(1);
   });
 
   it('a bad allowed host is refused with EC011', async () => {

@@ -21,6 +21,10 @@ export interface ClaimedMessage {
   locked_until: Date;
   /** Not before this time: a rate-limited message's slot (claims may run slightly ahead of the bucket). */
   send_at: Date;
+  /** The endpoint's egress allowlist at the claim (cloud.endpoint.allow_hosts, allow_cidrs, allow_private). */
+  allow_hosts: string[];
+  allow_cidrs: string[];
+  allow_private: boolean;
 }
 
 export interface OutgoingRequest {
