@@ -49,6 +49,25 @@ describe('enqueue', () => {
     expect(rows).toEqual([{ status: 'pending', attempts: 0, endpoint: 'hook', operation: 'demo.ping', aggregate_type: 'erp.doc', aggregate_id: '1' }]);
   });
 
+
+  it('a generated request_id is a UUID version 7: it starts with the millisecond it was made, the rest is random', async () => {
+    const before = Date.now();
+    const ids = (await q<{ id: string }>(`select cloud.enqueue_message('hook', 'demo.ping', jsonb_build_object('i', g)) as id from generate_series(1, 500) g`)).rows.map((r) => r.id);
+    const after = Date.now();
+    expect(new Set(ids).size).toBe(500);
+    for (const id of ids) {
+      expect(id).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+      const ms = parseInt(id.replace(/-/g, '').slice(0, 12), 16);
+      expect(ms).toBeGreaterThanOrEqual(before - 1000); // the database clock, not ours: allow a little skew
+      expect(ms).toBeLessThanOrEqual(after + 1000);
+    }
+    const ms = ids.map((id) => parseInt(id.replace(/-/g, '').slice(0, 12), 16));
+    expect(ms).toEqual([...ms].sort((a, b) => a - b)); // made in order, so they sort in order
+    // the random part differs even within one millisecond
+    expect(new Set(ids.map((id) => id.replace(/-/g, '').slice(12))).size).toBe(500);
+    const { rows } = await q(`select count(*)::int n from cloud.outbox where request_id = any ($1::uuid[])`, [ids]);
+    expect(rows[0]).toEqual({ n: 500 });
+  });
   it('bad input is refused with its own SQLSTATE and writes nothing', async () => {
     expect(await sqlstateOf(q(`select cloud.enqueue_message('nope', 'demo.ping', '{}')`))).toBe(SqlState.unknownEndpoint);
     expect(await sqlstateOf(q(`select cloud.enqueue_message('hook', 'Bad Op!', '{}')`))).toBe(SqlState.invalidOperation);
