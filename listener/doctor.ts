@@ -83,6 +83,7 @@ export async function runDoctor(url: string, opts: DoctorOptions = {}): Promise<
     lines.push(...(await checkRolesAndGrants(client)));
     lines.push(await checkVaultKey(client, opts.env ?? process.env));
     lines.push(...(await checkEndpoints(client, opts.networkTimeoutMs ?? 3000)));
+    lines.push(...(await checkSso(client, opts.env ?? process.env)));
   } finally {
     await client.end().catch(() => undefined);
   }
@@ -176,6 +177,91 @@ async function checkMaintenance(c: pg.Client): Promise<CheckLine[]> {
   } catch (err) {
     return [line('pg_cron job', 'cron.job', 'fail', errText(err))];
   }
+}
+
+// ─── SSO (schema sso, erp-cloud sso serve) ───────────────────────────────────
+
+/** A signing key older than this gets a warning: rotate it (erp-cloud sso rotate-keys). */
+const SIGNING_KEY_WARN_DAYS = 365;
+
+interface SsoClientRow { client_id: string; enabled: boolean; redirect_uris: number; initiate_login_uri: string | null }
+interface SsoKeyRow { kid: string; state: string; signs_from: Date; age_days: number }
+
+/**
+ * The OpenID Provider's state as the database holds it: issuer recorded, a key
+ * that signs with its private half in the vault, clients a jump can reach, and
+ * expired storage being purged. Nothing is checked while no client is registered.
+ */
+async function checkSso(c: pg.Client, env: NodeJS.ProcessEnv): Promise<CheckLine[]> {
+  try {
+    if (!(await c.query(q.ssoInstalled)).rows[0].installed) return [];
+    const clients = (await c.query<SsoClientRow>(q.ssoClients)).rows;
+    if (clients.length === 0) return [line('sso', 'sso.client', 'ok', 'not in use: no client registered')];
+    const out: CheckLine[] = [];
+    const issuer = (await c.query<{ issuer: string }>(q.ssoIssuer)).rows[0]?.issuer ?? null;
+    out.push(ssoIssuerLine(issuer, env.ERP_CLOUD_SSO_ISSUER));
+    const keys = (await c.query<SsoKeyRow>(q.ssoSigningKeys)).rows;
+    const vault = (await c.query<{ version: number; written_at: Date }>(q.ssoVaultSecret)).rows[0] ?? null;
+    out.push(...ssoKeyLines(keys, vault !== null, issuer !== null));
+    for (const cl of clients) out.push(ssoClientLine(cl));
+    const stale = (await c.query<{ stale: number | null }>(q.ssoStaleStorage)).rows[0]?.stale ?? null;
+    if (stale !== null) {
+      out.push(stale === 0
+        ? line('sso storage', 'sso.oidc_payload', 'ok', 'no session, code or grant more than an hour past its expiry')
+        : line('sso storage', 'sso.oidc_payload', 'warn', `${stale} row(s) more than an hour past expiry: no provider has run sso.purge_expired() lately (is erp-cloud sso serve running?)`));
+    }
+    return out;
+  } catch (err) {
+    return [line('sso', 'schema sso', 'fail', errText(err))];
+  }
+}
+
+function ssoIssuerLine(recorded: string | null, configured: string | undefined): CheckLine {
+  if (recorded === null) return line('sso issuer', 'sso.setting', 'warn', 'no issuer recorded: erp-cloud sso serve has not started yet, so jump URLs cannot be built');
+  if (configured && configured !== recorded) {
+    return line('sso issuer', recorded, 'warn', `ERP_CLOUD_SSO_ISSUER here is ${configured}, but the running provider recorded ${recorded}: relying parties validate the issuer exactly`);
+  }
+  let host = '';
+  try {
+    host = new URL(recorded).hostname;
+  } catch {
+    return line('sso issuer', recorded, 'fail', 'not a URL');
+  }
+  const loopback = host === 'localhost' || host === '[::1]' || /^127\./.test(host);
+  if (recorded.startsWith('http:') && !loopback) {
+    return line('sso issuer', recorded, 'fail', 'plain http on a non-loopback host: sessions and codes would cross the network in clear; use https');
+  }
+  return line('sso issuer', recorded, 'ok', recorded.startsWith('https:') ? 'https' : 'http on loopback (development only)');
+}
+
+function ssoKeyLines(keys: SsoKeyRow[], vaultHasKeys: boolean, started: boolean): CheckLine[] {
+  const signing = keys.find((k) => k.state === 'signing');
+  const out: CheckLine[] = [];
+  if (!signing) {
+    out.push(line('sso signing key', 'sso.signing_key', started ? 'fail' : 'warn', started
+      ? 'no key signs now: ID tokens cannot be issued (erp-cloud sso rotate-keys makes one)'
+      : 'none yet: the first erp-cloud sso serve makes one'));
+  } else if (signing.age_days > SIGNING_KEY_WARN_DAYS) {
+    out.push(line('sso signing key', signing.kid, 'warn', `signing for ${signing.age_days} days: rotate it (erp-cloud sso rotate-keys)`));
+  } else {
+    const pending = keys.find((k) => k.state === 'published');
+    out.push(line('sso signing key', signing.kid, 'ok', `signing since ${iso(signing.signs_from)} (${signing.age_days} days)` +
+      `${pending ? `; ${pending.kid} published, signs from ${iso(pending.signs_from)}` : ''}; ${keys.length} key(s) in the JWKS`));
+  }
+  if (keys.length > 0) {
+    out.push(vaultHasKeys
+      ? line('sso private keys', 'vault sso.signing_keys', 'ok', 'present in the vault (encrypted)')
+      : line('sso private keys', 'vault sso.signing_keys', 'fail', 'missing from the vault: the provider cannot sign with the published keys; rotate (erp-cloud sso rotate-keys) to make new ones'));
+  }
+  return out;
+}
+
+function ssoClientLine(cl: SsoClientRow): CheckLine {
+  if (!cl.enabled) return line('sso client', cl.client_id, 'ok', 'disabled (sso.enable_client to let it sign in again)');
+  if (!cl.initiate_login_uri) {
+    return line('sso client', cl.client_id, 'warn', `enabled, ${cl.redirect_uris} redirect URI(s), but no initiate_login_uri: jump tickets for it have nowhere to go (sso.set_client_uris)`);
+  }
+  return line('sso client', cl.client_id, 'ok', `enabled, ${cl.redirect_uris} redirect URI(s), jumps start at ${cl.initiate_login_uri}`);
 }
 
 function iso(d: Date | null): string {

@@ -59,6 +59,14 @@ export const doctorSql = {
      order by 1`,
   vaultInstalled: `select to_regnamespace('vault') is not null as installed`,
   vaultKeyIds: 'select key_id, count(*)::int as secrets from vault.list_secrets() group by key_id order by 2 desc, 1',
+  ssoInstalled: `select to_regclass('sso.client') is not null as installed`,
+  ssoIssuer: `select value as issuer, updated_at from sso.setting where name = 'issuer'`,
+  ssoClients: `select client_id, enabled, cardinality(redirect_uris)::int as redirect_uris, initiate_login_uri from sso.client_status order by client_id`,
+  ssoSigningKeys: `select kid, state, signs_from, signs_until, verify_until, round(extract(epoch from now() - signs_from) / 86400)::int as age_days
+                     from sso.signing_key_status order by signs_from`,
+  ssoVaultSecret: `select version, coalesce(rotated_at, created_at) as written_at from vault.list_secrets() where name = 'sso.signing_keys'`,
+  ssoStaleStorage: `select case when has_table_privilege('sso.oidc_payload', 'select')
+                                then (select count(*)::int from sso.oidc_payload where expires_at < now() - interval '1 hour') end as stale`,
   endpoints: `
     select e.name, e.base_url, e.enabled, e.allow_hosts, e.allow_cidrs::text[] as allow_cidrs, e.allow_private,
            s.circuit_state, s.circuit_opened_at, s.circuit_reason, s.paused_until, s.pause_reason

@@ -310,6 +310,58 @@ describe('erp-cloud doctor', () => {
     }
   });
 
+  it('SSO: nothing is checked until a client is registered; then issuer, signing key, its private half and each client are', async () => {
+    const sso = (checks: Check[]) => checks.filter((c) => c.check.startsWith('sso')).map((c) => [c.check, c.target, c.status]);
+    expect(sso((await doctor()).checks)).toEqual([['sso', 'sso.client', 'ok']]);
+    const key = `doctor-sso-key-${randomUUID()}`;
+    try {
+      await db.pool.query(`select sso.register_client('procurement', '友云采', array['https://saas.example.com/cb'])`);
+      await db.pool.query(`select sso.register_client('legacy', 'old portal', array['https://old.example.com/cb'], '{}', 'https://old.example.com/login')`);
+      await db.pool.query(`select sso.disable_client('legacy')`);
+      // registered, but the provider has never started: warnings, not failures
+      let r = await doctor();
+      expect(sso(r.checks)).toEqual([
+        ['sso issuer', 'sso.setting', 'warn'],
+        ['sso signing key', 'sso.signing_key', 'warn'],
+        ['sso client', 'legacy', 'ok'],
+        ['sso client', 'procurement', 'warn'],
+        ['sso storage', 'sso.oidc_payload', 'ok'],
+      ]);
+      expect(one(r.checks, 'sso client', 'procurement').detail).toContain('no initiate_login_uri');
+
+      // started on a plain-http public issuer, its key published but the private half lost from the vault
+      await db.pool.query(`select sso.record_issuer('http://sso.example.com')`);
+      await db.pool.query(`select sso.schedule_signing_key('doctor-key-1', '{"kty":"RSA","n":"AQAB","e":"AQAB"}')`);
+      await db.pool.query(`select sso.set_client_uris('procurement', array['https://saas.example.com/cb'], '{}', 'https://saas.example.com/login')`);
+      r = await doctor({ ERP_CLOUD_SSO_ISSUER: 'https://sso.example.com' });
+      expect(r.code).toBe(1);
+      expect(one(r.checks, 'sso issuer')).toMatchObject({ status: 'warn', detail: expect.stringContaining('recorded http://sso.example.com') });
+      r = await doctor();
+      expect(one(r.checks, 'sso issuer')).toMatchObject({ status: 'fail', detail: expect.stringContaining('plain http') });
+      expect(one(r.checks, 'sso signing key', 'doctor-key-1')).toMatchObject({ status: 'ok', detail: expect.stringContaining('1 key(s) in the JWKS') });
+      expect(one(r.checks, 'sso private keys')).toMatchObject({ status: 'fail', detail: expect.stringContaining('missing from the vault') });
+      expect(one(r.checks, 'sso client', 'procurement')).toMatchObject({ status: 'ok', detail: expect.stringContaining('https://saas.example.com/login') });
+
+      // https issuer and the private half in the vault: every SSO line passes
+      await db.pool.query(`select sso.record_issuer('https://sso.example.com')`);
+      await db.pool.query(`select vault.put_secret('sso.signing_keys', '{}', $1)`, [key]);
+      r = await doctor({ ERP_CLOUD_VAULT_KEY: key });
+      expect(r.checks.filter((c) => c.check.startsWith('sso') && c.status !== 'ok')).toEqual([]);
+      expect(r.stdout).not.toContain(key);
+
+      // a session two hours past its expiry: no provider is purging
+      await db.pool.query(`insert into sso.oidc_payload (model, id, payload, expires_at) values ('Session', 'stale', '{}', now() - interval '2 hours')`);
+      expect(one((await doctor({ ERP_CLOUD_VAULT_KEY: key })).checks, 'sso storage')).toMatchObject({ status: 'warn', detail: expect.stringContaining('1 row(s)') });
+
+      // a key that has signed for over a year is a warning to rotate
+      await db.pool.query(`update sso.signing_key set signs_from = now() - interval '400 days', created_at = now() - interval '400 days'`);
+      expect(one((await doctor({ ERP_CLOUD_VAULT_KEY: key })).checks, 'sso signing key')).toMatchObject({ status: 'warn', detail: expect.stringContaining('rotate') });
+    } finally {
+      await db.pool.query(`truncate sso.client, sso.signing_key, sso.setting, sso.oidc_payload cascade`);
+      await db.pool.query(`truncate vault.secret, vault.secret_version`);
+    }
+  });
+
   it('an unreachable database is one failing line and exit code 1', async () => {
     const r = await run(process.execPath, ['dist/listener/cli.js', '-c', 'postgres://postgres:hunter2@127.0.0.1:1/none', 'doctor', '--json'], { env: { PATH: process.env.PATH } }).catch((e) => e);
     expect(r.code).toBe(1);
