@@ -82,6 +82,7 @@ export const SqlState = {
   ssoTicketExpired: 'EO022',
   ssoTicketOtherClient: 'EO023',
   ssoTicketOtherBrowser: 'EO024',
+  ssoAuditRetentionTooShort: 'EO025',
 } as const;
 
 export type SqlStateName = keyof typeof SqlState;

@@ -280,6 +280,18 @@ describe('roles', () => {
                                                     count(*) filter (where ticket_sha256 = sha256(convert_to($2, 'UTF8')))::int live from sso.jump_ticket`,
       [new URL(oldTicket).searchParams.get('ticket'), new URL(liveTicket).searchParams.get('ticket')]);
       expect(tickets.rows[0]).toEqual({ old: 0, live: 1 });
+
+      // the audit keeps a row for the retention (400 days by default, never under 180), then the purge takes it
+      await w.db.pool.query(`insert into sso.audit (at, event, login, detail) values
+        (now() - interval '401 days', 'login', 'zhang.wei', 'audit-old'), (now() - interval '200 days', 'login', 'zhang.wei', 'audit-kept')`);
+      await ssoPool.query('select sso.purge_expired()');
+      expect((await w.db.pool.query(`select detail from sso.audit where detail like 'audit-%'`)).rows).toEqual([{ detail: 'audit-kept' }]);
+      expect(await sqlstateOf(ssoPool.query(`select sso.purge_expired(interval '30 days')`))).toBe('EO025');
+      expect((await w.db.pool.query(`select count(*)::int n from sso.audit where detail = 'audit-kept'`)).rows[0].n).toBe(1);
+      await ssoPool.query(`select sso.purge_expired(interval '180 days')`);
+      expect((await w.db.pool.query(`select count(*)::int n from sso.audit where detail like 'audit-%'`)).rows[0].n).toBe(0);
+      expect(() => loadSsoConfig({ DATABASE_URL: 'postgres://x@127.0.0.1/db', ERP_CLOUD_SSO_ISSUER: 'https://sso.example.com', ERP_CLOUD_SSO_AUDIT_RETENTION_DAYS: '90' }))
+        .toThrow(/ERP_CLOUD_SSO_AUDIT_RETENTION_DAYS/);
     } finally {
       await rp.close();
       await provider.close();

@@ -23,6 +23,8 @@ const schema = z.object({
   ERP_CLOUD_SSO_SESSION_TTL_S: int(60, 30 * 86_400).default(8 * 3600),
   ERP_CLOUD_SSO_KEY_PUBLISH_LEAD_S: int(0, 30 * 86_400).default(600),
   ERP_CLOUD_SSO_KEY_CHECK_MS: int(100, 3_600_000).default(30_000),
+  // how long sso.audit keeps a row: six months at least (the Cybersecurity Law's minimum for network logs)
+  ERP_CLOUD_SSO_AUDIT_RETENTION_DAYS: int(180, 36_500).default(400),
   // where the "start from the ERP" page sends people (optional)
   ERP_CLOUD_SSO_ERP_URL: z.string().url().optional(),
   ERP_CLOUD_SSO_POOL_SIZE: int(2, 100).default(4),

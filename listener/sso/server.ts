@@ -20,7 +20,7 @@ import { buildProvider, createAudit } from './provider.js';
 export const serverSql = {
   recordIssuer: 'select sso.record_issuer($1)',
   recordIdTokenTtl: 'select sso.record_id_token_ttl($1)',
-  purge: 'select sso.purge_expired() as purged',
+  purge: `select sso.purge_expired(make_interval(days => $1)) as purged`,
 } as const;
 
 export interface SsoServerOptions {
@@ -105,7 +105,7 @@ export async function startSsoServer(opts: SsoServerOptions): Promise<SsoServer>
       if (Date.now() - lastPurge > PURGE_EVERY_MS) {
         lastPurge = Date.now();
         try {
-          const { rows } = await pool.query(serverSql.purge);
+          const { rows } = await pool.query(serverSql.purge, [config.ERP_CLOUD_SSO_AUDIT_RETENTION_DAYS]);
           if (rows[0].purged) log.debug({ purged: rows[0].purged }, 'SSO: expired storage removed');
         } catch (err) {
           log.error({ err }, 'SSO: purging expired sessions, codes and tickets failed (sso.purge_expired)');

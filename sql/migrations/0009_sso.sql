@@ -31,6 +31,7 @@
 --   EO022  jump ticket expired
 --   EO023  jump ticket issued for another client
 --   EO024  jump ticket opened in another browser
+--   EO025  audit retention shorter than 180 days
 -- EO020..EO024 (and EO005, EO007 at consumption) are not raised: consuming a
 -- ticket must leave an audit row even when it fails, so sso.consume_jump_ticket
 -- records the failure and returns its code instead of rolling back.
@@ -649,20 +650,29 @@ begin
 end $$;
 comment on function sso.consume_jump_ticket(text, text, inet, text, timestamptz) is 'For the provider''s interaction: uses a ticket up (single use, also when refused) and returns the user to sign in, or the refusal code (EO020 unknown, EO021 used, EO022 expired, EO023 other client, EO024 not the browser that opened it, EO005 client disabled, EO007 user inactive). Every outcome leaves an audit row.';
 
-create function sso.purge_expired() returns integer
+create function sso.purge_expired(
+  p_audit_retention interval default interval '400 days' -- how long the audit keeps a row (180 days at least)
+) returns integer
 language plpgsql security definer set search_path = '' as $$
 declare
   v_a integer;
   v_b integer;
+  v_c integer;
 begin
-  -- SECURITY DEFINER: the provider may not delete tickets itself; the clock is the database's
+  if p_audit_retention is null or p_audit_retention < interval '180 days' then
+    raise exception using errcode = 'EO025', message = format('an audit retention of %s is too short', coalesce(p_audit_retention::text, 'NULL')),
+      hint = 'Keep the sign-in audit at least 180 days (six months, as the Cybersecurity Law asks of network logs): set ERP_CLOUD_SSO_AUDIT_RETENTION_DAYS to 180 or more.';
+  end if;
+  -- SECURITY DEFINER: the provider may not delete tickets or audit rows itself; the clock is the database's
   delete from sso.oidc_payload where expires_at <= pg_catalog.now();
   get diagnostics v_a = row_count;
   delete from sso.jump_ticket where expires_at <= pg_catalog.now() - interval '1 day';
   get diagnostics v_b = row_count;
-  return v_a + v_b;
+  delete from sso.audit where at < pg_catalog.now() - p_audit_retention;
+  get diagnostics v_c = row_count;
+  return v_a + v_b + v_c;
 end $$;
-comment on function sso.purge_expired() is 'Removes expired provider storage rows and jump tickets older than a day past expiry (the audit keeps their story); returns how many. The provider runs it periodically (SECURITY DEFINER: erp_cloud_sso cannot delete tickets otherwise).';
+comment on function sso.purge_expired(interval) is 'Removes expired provider storage rows, jump tickets older than a day past expiry (the audit keeps their story) and audit rows older than the retention (400 days unless given; EO025 under 180 days); returns how many. The provider runs it periodically (SECURITY DEFINER: erp_cloud_sso cannot delete tickets or audit rows otherwise).';
 
 ------------------------------------------------------------------------------
 -- The vault, narrowed to the SSO secrets
@@ -724,7 +734,7 @@ grant execute on function
   sso.schedule_signing_key(text, jsonb, interval, interval, timestamptz), sso.signing_keys_at(timestamptz),
   sso.retire_signing_keys(timestamptz), sso.record_event(text, text, bigint, inet, text, text, timestamptz),
   sso.open_jump_ticket(text, text, inet), sso.consume_jump_ticket(text, text, inet, text, timestamptz),
-  sso.purge_expired(), sso._sha256(text),
+  sso.purge_expired(interval), sso._sha256(text),
   sso.read_vault_secret(text, text), sso.put_vault_secret(text, text, text, text)
   to erp_cloud_sso;
 
