@@ -371,7 +371,7 @@ describe('the sso schema', () => {
     expect((await q(`select p.proname from pg_proc p where p.pronamespace = 'sso'::regnamespace and obj_description(p.oid, 'pg_proc') is null`)).rows).toEqual([]);
     expect((await q(`select c.relname from pg_class c where c.relnamespace = 'sso'::regnamespace and c.relkind in ('r', 'v') and obj_description(c.oid, 'pg_class') is null`)).rows).toEqual([]);
     const app = (await q(`select has_function_privilege('erp_cloud_app', 'sso.issue_jump_ticket(text, text, inet, interval)', 'execute') as issue,
-                                 has_function_privilege('erp_cloud_app', 'sso.consume_jump_ticket(text, text, inet, text, timestamptz)', 'execute') as consume,
+                                 has_function_privilege('erp_cloud_app', 'sso.consume_jump_ticket(text, text, inet, text)', 'execute') as consume,
                                  has_table_privilege('erp_cloud_app', 'sso.jump_ticket', 'select') as tickets,
                                  has_table_privilege('erp_cloud_app', 'sso.audit', 'select') as audit,
                                  has_table_privilege('erp_cloud_sso', 'sso.oidc_payload', 'insert') as sso_storage,

@@ -603,8 +603,7 @@ create function sso.consume_jump_ticket(
   p_ticket      text,              -- the ticket as presented
   p_client_id   text,              -- the client whose authorization request it is presented to
   p_source_addr inet default null, -- the browser's address
-  p_binding     text default null, -- the value in the browser's jump cookie (sso.open_jump_ticket)
-  p_now         timestamptz default now()
+  p_binding     text default null  -- the value in the browser's jump cookie (sso.open_jump_ticket)
 ) returns sso.jump_outcome
 language plpgsql set search_path = '' as $$
 declare
@@ -619,7 +618,7 @@ begin
     v_code := 'EO020'; v_reason := 'the jump link is not valid';
   elsif v_t.consumed_at is not null then
     v_code := 'EO021'; v_reason := 'the jump link was already used';
-  elsif v_t.expires_at <= p_now then
+  elsif v_t.expires_at <= pg_catalog.now() then
     v_code := 'EO022'; v_reason := 'the jump link has expired';
   else
     select * into v_client from sso.client c where c.client_id = v_t.client_id;
@@ -638,17 +637,17 @@ begin
   end if;
   -- a presented ticket is used up whatever happens next
   if v_t.ticket_sha256 is not null and v_t.consumed_at is null then
-    update sso.jump_ticket set consumed_at = p_now, consumed_from = p_source_addr where ticket_sha256 = v_t.ticket_sha256;
+    update sso.jump_ticket set consumed_at = pg_catalog.now(), consumed_from = p_source_addr where ticket_sha256 = v_t.ticket_sha256;
   end if;
   if v_code is null then
-    perform sso.record_event('ticket_consumed', p_client_id, v_t.user_id, p_source_addr, null, null, p_now);
+    perform sso.record_event('ticket_consumed', p_client_id, v_t.user_id, p_source_addr, null, null, pg_catalog.now());
     return (v_t.user_id, v_t.client_id, v_client.initiate_login_uri, null, null)::sso.jump_outcome;
   end if;
   perform sso.record_event('failure', coalesce(p_client_id, v_t.client_id), v_t.user_id, p_source_addr, v_code,
-                           v_reason || case when v_code = 'EO023' then format(' (issued for %s)', v_t.client_id) else '' end, p_now);
+                           v_reason || case when v_code = 'EO023' then format(' (issued for %s)', v_t.client_id) else '' end, pg_catalog.now());
   return (null, v_t.client_id, null, v_code, v_reason)::sso.jump_outcome;
 end $$;
-comment on function sso.consume_jump_ticket(text, text, inet, text, timestamptz) is 'For the provider''s interaction: uses a ticket up (single use, also when refused) and returns the user to sign in, or the refusal code (EO020 unknown, EO021 used, EO022 expired, EO023 other client, EO024 not the browser that opened it, EO005 client disabled, EO007 user inactive). Every outcome leaves an audit row.';
+comment on function sso.consume_jump_ticket(text, text, inet, text) is 'For the provider''s interaction: uses a ticket up (single use, also when refused) and returns the user to sign in, or the refusal code (EO020 unknown, EO021 used, EO022 expired, EO023 other client, EO024 not the browser that opened it, EO005 client disabled, EO007 user inactive). Every outcome leaves an audit row. The time is the database''s, never the caller''s.';
 
 create function sso.purge_expired(
   p_audit_retention interval default interval '400 days' -- how long the audit keeps a row (180 days at least)
@@ -733,7 +732,7 @@ grant execute on function
   sso.record_issuer(text), sso.record_id_token_ttl(integer), sso.client_metadata(text), sso.lock_signing_keys(),
   sso.schedule_signing_key(text, jsonb, interval, interval, timestamptz), sso.signing_keys_at(timestamptz),
   sso.retire_signing_keys(timestamptz), sso.record_event(text, text, bigint, inet, text, text, timestamptz),
-  sso.open_jump_ticket(text, text, inet), sso.consume_jump_ticket(text, text, inet, text, timestamptz),
+  sso.open_jump_ticket(text, text, inet), sso.consume_jump_ticket(text, text, inet, text),
   sso.purge_expired(interval), sso._sha256(text),
   sso.read_vault_secret(text, text), sso.put_vault_secret(text, text, text, text)
   to erp_cloud_sso;
