@@ -21,16 +21,11 @@
  */
 import { createHmac, timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { sourceAllowed } from '../inbound.js';
 import { registerInboundRoute, type InboundDeps } from '../inbound-server.js';
+import { admitAsnSource, asnMaxAgeS, asnMaxBytes, ingestPushedAsn } from './asn-ingest.js';
 
 export const ASN_WEBHOOK_PATH = '/scm/asn';
 const NAME = 'scm.asn_webhook';
-
-function envInt(env: NodeJS.ProcessEnv, name: string, fallback: number): number {
-  const v = Number(env[name]);
-  return Number.isInteger(v) && v > 0 ? v : fallback;
-}
 
 /** Checks `t=<s>,v1=<hex>` against the raw body; returns the signing time in seconds, or null when it does not verify. */
 export function verifySignature(header: string | undefined, body: Buffer, secret: string): number | null {
@@ -47,12 +42,7 @@ function answer(res: ServerResponse, status: number, body: unknown, headers: Rec
 }
 
 /** Runs before the body is read: only the configured source ranges get in. */
-function admit(req: IncomingMessage, deps: InboundDeps): boolean {
-  const cidrs = (deps.env.ERP_CLOUD_ASN_WEBHOOK_CIDRS ?? '').split(',').map((s) => s.trim()).filter(Boolean);
-  if (sourceAllowed(req.socket.remoteAddress, { name: NAME, allowCidrs: cidrs })) return true;
-  deps.log.warn({ receiver: NAME, remote: req.socket.remoteAddress, path: req.url }, 'inbound request refused: source address not allowed');
-  return false;
-}
+const admit = admitAsnSource(NAME);
 
 async function handle(req: IncomingMessage, res: ServerResponse, body: Buffer, deps: InboundDeps): Promise<void> {
   if (!admit(req, deps)) return answer(res, 403, { error: 'source_not_allowed' });
@@ -72,7 +62,7 @@ async function handle(req: IncomingMessage, res: ServerResponse, body: Buffer, d
     deps.log.warn({ receiver: NAME, remote }, 'ASN webhook refused: bad signature');
     return answer(res, 401, { error: 'bad_signature' });
   }
-  const maxAge = envInt(deps.env, 'ERP_CLOUD_ASN_WEBHOOK_MAX_AGE_S', 300);
+  const maxAge = asnMaxAgeS(deps.env);
   const age = Math.floor(Date.now() / 1000) - signedAt;
   if (Math.abs(age) > maxAge) {
     deps.log.warn({ receiver: NAME, remote, age_s: age, max_age_s: maxAge }, 'ASN webhook refused: stale timestamp (replay?)');
@@ -93,36 +83,21 @@ async function handle(req: IncomingMessage, res: ServerResponse, body: Buffer, d
   }
   // only the signed body names the event: a header could be changed in transit without breaking the signature
   const eventId = typeof parsed.eventId === 'string' && parsed.eventId !== '' ? parsed.eventId : null;
-  const lockTimeoutMs = envInt(deps.env, 'ERP_CLOUD_ASN_WEBHOOK_LOCK_TIMEOUT_MS', 2000);
 
-  const client = await deps.pool.connect();
-  try {
-    await client.query('begin');
-    await client.query(`select set_config('lock_timeout', $1, true)`, [`${lockTimeoutMs}ms`]);
-    const { rows } = await client.query<{ asn_id: string; status: string; reject_code: string | null }>(
-      'select asn_id, status, reject_code from scm.ingest_asn($1::jsonb, $2, $3)', [JSON.stringify(asn), 'push', eventId]);
-    await client.query('commit');
-    const r = rows[0]!;
-    deps.log.info({ receiver: NAME, event_id: eventId, asn_id: r.asn_id, status: r.status, reject_code: r.reject_code }, 'ASN received');
-    return answer(res, 200, 'success', { 'x-scm-asn-status': r.status });
-  } catch (err) {
-    await client.query('rollback').catch(() => undefined);
-    const e = err as { code?: string; message?: string; detail?: string };
-    if (e.code === 'ES004') {
-      deps.log.warn({ receiver: NAME, remote, event_id: eventId, reason: e.message, detail: e.detail }, 'ASN webhook refused: malformed ASN');
-      return answer(res, 422, { error: 'malformed_asn', code: e.code, detail: e.message, field: e.detail });
-    }
-    if (e.code === 'ES017') {
-      deps.log.warn({ receiver: NAME, remote, event_id: eventId, reason: e.message }, 'ASN webhook refused: event id already used for another ASN');
-      return answer(res, 409, { error: 'event_conflict', code: e.code, detail: e.message });
-    }
-    if (e.code === '55P03') {
-      deps.log.warn({ receiver: NAME, remote, event_id: eventId, lock_timeout_ms: lockTimeoutMs }, 'ASN webhook deferred: purchase order locked');
+  const outcome = await ingestPushedAsn(deps.pool, deps.env, asn, eventId); // other errors: the inbound server answers 500, the cloud retries
+  switch (outcome.kind) {
+    case 'ingested':
+      deps.log.info({ receiver: NAME, event_id: eventId, asn_id: outcome.asnId, status: outcome.status, reject_code: outcome.rejectCode }, 'ASN received');
+      return answer(res, 200, 'success', { 'x-scm-asn-status': outcome.status });
+    case 'malformed_asn':
+      deps.log.warn({ receiver: NAME, remote, event_id: eventId, reason: outcome.message, detail: outcome.field }, 'ASN webhook refused: malformed ASN');
+      return answer(res, 422, { error: 'malformed_asn', code: outcome.code, detail: outcome.message, field: outcome.field });
+    case 'event_conflict':
+      deps.log.warn({ receiver: NAME, remote, event_id: eventId, reason: outcome.message }, 'ASN webhook refused: event id already used for another ASN');
+      return answer(res, 409, { error: 'event_conflict', code: outcome.code, detail: outcome.message });
+    case 'locked':
+      deps.log.warn({ receiver: NAME, remote, event_id: eventId, lock_timeout_ms: outcome.lockTimeoutMs }, 'ASN webhook deferred: purchase order locked');
       return answer(res, 503, { error: 'busy' }, { 'retry-after': '5' });
-    }
-    throw err; // the inbound server answers 500 and logs it; the cloud retries
-  } finally {
-    client.release();
   }
 }
 
@@ -130,7 +105,7 @@ registerInboundRoute({
   name: NAME,
   method: 'POST',
   path: ASN_WEBHOOK_PATH,
-  maxBytes: (env) => envInt(env, 'ERP_CLOUD_ASN_WEBHOOK_MAX_BYTES', 256 * 1024),
+  maxBytes: asnMaxBytes,
   admit,
   handle,
 });

@@ -9,12 +9,17 @@
  *
  * Test and demo hooks (HTTP, so `erp-cloud sim --cloud yonbip` has them too):
  *   POST /__yonbip/apps   {appKey, appSecret, tokenTtlS?}   register an app
- *   POST /__yonbip/ship   {asn, via: push|list|middle, webhookUrl?, webhookSecret?, eventId?, middleDbUrl?, middleTable?, ts?}
+ *   POST /__yonbip/ship   {asn, via: push|list|middle, webhookUrl?, webhookSecret?, pushFormat?, appKey?, eventId?, middleDbUrl?, middleTable?, ts?}
+ *
+ * A push goes out in our signed format (pushFormat 'signed', the default: X-Scm-Signature with webhookSecret)
+ * or as YonBIP itself sends events (pushFormat 'yonbip': an EncryptionHolder encrypted and signed with the
+ * registered app's appKey/appSecret, listener/yonbip-crypto.ts).
  *   GET  /__yonbip/state  {orders, poLedger, deliveries, tokensIssued}
  */
 import { createHmac, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
 import pg from 'pg';
 import { signWebhookBody } from '../providers/webhook.js';
+import { deriveAesKey, encryptEvent, eventSignature, type SignatureAlgorithm } from '../yonbip-crypto.js';
 import { YONBIP_PATHS } from '../providers/yonbip.js';
 import { startSim, type RouteContext, type RouteResult, type SimRoute, type SimServer } from './server.js';
 
@@ -42,6 +47,13 @@ export interface ShipRequest {
   via: 'push' | 'list' | 'middle';
   webhookUrl?: string;
   webhookSecret?: string;
+  /** push: 'signed' (our X-Scm-Signature format, default) or 'yonbip' (the platform's EncryptionHolder). */
+  pushFormat?: 'signed' | 'yonbip';
+  /** pushFormat yonbip: the registered app whose keys encrypt and sign (default: the only registered app). */
+  appKey?: string;
+  /** pushFormat yonbip: the event type (default scm.asn.created), the signature hash (default sha1). */
+  eventType?: string;
+  signatureAlgorithm?: SignatureAlgorithm;
   eventId?: string;
   middleDbUrl?: string;
   middleTable?: string;
@@ -262,6 +274,19 @@ export async function startYonbipSim(o: { port?: number; host?: string } = {}): 
     const record = { id: `DO${deliveries.length + 5000}`, ts, eventId, ...asn };
     deliveries.push(record);
     if (req.via === 'list') return { eventId, ts };
+    if (req.via === 'push' && req.pushFormat === 'yonbip') {
+      if (!req.webhookUrl) throw new Error('push needs webhookUrl');
+      const appKey = req.appKey ?? (apps.size === 1 ? [...apps.keys()][0]! : '');
+      const app = apps.get(appKey);
+      if (!app) throw new Error('pushFormat yonbip needs appKey of a registered app (POST /__yonbip/apps)');
+      const timestamp = String(Date.now());
+      const message = JSON.stringify({ eventId, type: req.eventType ?? 'scm.asn.created', tenantId: 'sim-tenant', timestamp: Number(timestamp), content: JSON.stringify(asn) });
+      const encrypt = encryptEvent(message, appKey, deriveAesKey(app.secret));
+      const nonce = randomBytes(8).toString('hex');
+      const body = JSON.stringify({ signature: eventSignature(app.secret, timestamp, nonce, encrypt, req.signatureAlgorithm ?? 'sha1'), timestamp, nonce, encrypt });
+      const res = await fetch(req.webhookUrl, { method: 'POST', headers: { 'content-type': 'application/json' }, body, signal: AbortSignal.timeout(5000) });
+      return { eventId, ts, status: res.status, body: await res.text() };
+    }
     if (req.via === 'push') {
       if (!req.webhookUrl || !req.webhookSecret) throw new Error('push needs webhookUrl and webhookSecret');
       const body = JSON.stringify({ eventId, eventType: 'scm.asn.created', asn });

@@ -1,6 +1,7 @@
 # Part of make demo (scripts/demo.sh): supplier collaboration with the YonBIP procurement cloud.
 # A purchase order is approved, published and revised; the supplier ships; the ASN arrives
-# by webhook (push) and by the delivery-list pull, and the ERP shows it.
+# by webhook (our signed format and YonBIP's own encrypted event push) and by the delivery-list pull,
+# and the ERP shows it.
 
 procurement_setup() {
 echo "== procurement: start the YonBIP procurement-cloud simulator on 127.0.0.1"
@@ -11,6 +12,7 @@ procurement_app_secret=$(openssl rand -hex 16)
 procurement_webhook_secret=$(openssl rand -hex 24)
 export ERP_CLOUD_SECRET_YONBIP_APP_SECRET=$procurement_app_secret
 export ERP_CLOUD_SECRET_SCM_ASN_WEBHOOK_SECRET=$procurement_webhook_secret
+export ERP_CLOUD_SECRET_YONBIP_APP_KEY=erp-demo-app   # the YonBIP event push (/scm/yonbip/events) decrypts with the app's key and secret
 export ERP_CLOUD_ASN_WEBHOOK_CIDRS=127.0.0.0/8
 curl -fsS -X POST "$yonbip_sim_url/__yonbip/apps" -H 'content-type: application/json' \
   -d "{\"appKey\":\"erp-demo-app\",\"appSecret\":\"$procurement_app_secret\"}" >/dev/null
@@ -45,17 +47,26 @@ psql_ -c "begin; update erp.purchase_order_line set quantity = 1200 where po_id 
 wait_for "select cloud_status = 'revised' from erp.purchase_order where po_no = '$po'" || { echo "procurement FAILED: not revised"; return 1; }
 psql_ -c "select po_no, status, cloud_status, cloud_ref, cloud_revision from erp.purchase_order where po_no = '$po'"
 
-echo "== procurement: the supplier ships part of it; the cloud pushes the ASN to the listener's webhook ($inbound_url/scm/asn)"
+echo "== procurement: the supplier ships part of line 1; the cloud pushes the ASN to the listener's webhook ($inbound_url/scm/asn)"
 local doc
 doc=$(cat <<JSON
 {"code":"$asn-1","supplier":"SUP-SZ01","deliveryDate":"$(date +%F)","planArrivalDate":"$(date -d '+2 days' +%F)","logisticalComp":"顺丰速运","logisticalCode":"SF1400$procurement_run_id",
- "details":[{"lineno":1,"orderCode":"$po","orderDetailId":1,"material":"M-100","purchaseNum":600,"batchNo":"LOT-2611-A","productionDate":"$(date +%F)"},
-            {"lineno":2,"orderCode":"$po","orderDetailId":2,"material":"M-200","purchaseNum":2000,"batchNo":"LOT-2611-B","productionDate":"$(date +%F)"}]}
+ "details":[{"lineno":1,"orderCode":"$po","orderDetailId":1,"material":"M-100","purchaseNum":600,"batchNo":"LOT-2611-A","productionDate":"$(date +%F)"}]}
 JSON
 )
 curl -fsS -X POST "$yonbip_sim_url/__yonbip/ship" -H 'content-type: application/json' \
   -d "{\"via\":\"push\",\"webhookUrl\":\"$inbound_url/scm/asn\",\"webhookSecret\":\"$procurement_webhook_secret\",\"asn\":$doc}" \
   | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const r=JSON.parse(s);console.log(`   webhook answered HTTP ${r.status} ${r.body}`)})'
+
+echo "== procurement: line 2 ships; YonBIP pushes it in its own format (EncryptionHolder: AES-256-CBC + SHA1 signature) to $inbound_url/scm/yonbip/events"
+doc3=$(cat <<JSON
+{"code":"$asn-3","supplier":"SUP-SZ01","deliveryDate":"$(date +%F)","logisticalComp":"顺丰速运","logisticalCode":"SF1402$procurement_run_id",
+ "details":[{"lineno":1,"orderCode":"$po","orderDetailId":2,"material":"M-200","purchaseNum":2000,"batchNo":"LOT-2611-B","productionDate":"$(date +%F)"}]}
+JSON
+)
+curl -fsS -X POST "$yonbip_sim_url/__yonbip/ship" -H 'content-type: application/json' \
+  -d "{\"via\":\"push\",\"pushFormat\":\"yonbip\",\"appKey\":\"erp-demo-app\",\"webhookUrl\":\"$inbound_url/scm/yonbip/events\",\"asn\":$doc3}" \
+  | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const r=JSON.parse(s);console.log(`   event push answered HTTP ${r.status} ${r.body}`)})'
 
 echo "== procurement: the rest ships later and is only listed by the cloud; the pull (pg_cron every minute, run now) fetches it (the pushed ASN is listed too and changes nothing)"
 doc2=$(cat <<JSON
@@ -65,7 +76,7 @@ JSON
 )
 curl -fsS -X POST "$yonbip_sim_url/__yonbip/ship" -H 'content-type: application/json' -d "{\"via\":\"list\",\"asn\":$doc2}" >/dev/null
 psql_ -o /dev/null -c "select scm.put_asn_pull('yonbip'); select scm.enqueue_asn_pulls();"
-wait_for "select count(*) = 2 from erp.asn_document where asn_no like '$asn-%'" || { echo "procurement FAILED: ASNs not in the ERP"; return 1; }
+wait_for "select count(*) = 3 from erp.asn_document where asn_no like '$asn-%'" || { echo "procurement FAILED: ASNs not in the ERP"; return 1; }
 psql_ -o /dev/null -c "select scm.put_asn_pull('yonbip', false)"  # the simulator goes away with the demo
 
 echo
@@ -79,5 +90,5 @@ curl -fsS "$yonbip_sim_url/__yonbip/state" | node -e 'let s="";process.stdin.on(
 local accepted
 accepted=$(psql_ -tAc "select count(*) from erp.asn_document where asn_no like '$asn-%' and status = 'accepted'")
 echo
-if [ "$accepted" = 2 ]; then echo "procurement OK: $po published and revised in order; 2 ASNs arrived (push and pull) and were accepted"; else echo "procurement FAILED: $accepted of 2 ASNs accepted"; return 1; fi
+if [ "$accepted" = 3 ]; then echo "procurement OK: $po published and revised in order; 3 ASNs arrived (signed push, YonBIP event push, pull) and were accepted"; else echo "procurement FAILED: $accepted of 3 ASNs accepted"; return 1; fi
 }
