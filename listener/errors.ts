@@ -56,6 +56,7 @@ export const SqlState = {
   unknownPortalSupplier: 'ES008',
   poDeleteNotAllowed: 'ES009',
   asnEventIdConflict: 'ES017',
+  eventTypeNotAsn: 'ES018',
   // ASN rejection reasons (erp.asn_document.reject_code), stored, never raised
   asnUnknownSupplier: 'ES010',
   asnUnknownPurchaseOrder: 'ES011',

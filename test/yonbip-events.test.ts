@@ -106,6 +106,7 @@ const post = (body: unknown) => fetch(inbound.url + YONBIP_EVENTS_PATH, {
 });
 const asnEvent = (eventId: string, doc: unknown, extra: Record<string, unknown> = {}) => ({ eventId, type: 'scm.asn.created', tenantId: 't1', content: JSON.stringify(doc), ...extra });
 const asnCount = async () => (await db.pool.query(`select count(*)::int n from erp.asn_document`)).rows[0].n as number;
+const quarantined = async () => (await db.pool.query(`select source, event_id, sqlstate, reason, doc from scm.asn_quarantine order by event_id`)).rows;
 
 describe('the YonBIP event receiver (POST /scm/yonbip/events)', () => {
   beforeAll(async () => {
@@ -136,7 +137,7 @@ describe('the YonBIP event receiver (POST /scm/yonbip/events)', () => {
     inboundEnv.ERP_CLOUD_ASN_WEBHOOK_CIDRS = '127.0.0.0/8';
     for (const k of Object.keys(secrets)) delete secrets[k];
     Object.assign(secrets, { 'yonbip.app_key': APP_KEY, 'yonbip.app_secret': EVENT_SECRET });
-    await db.pool.query(`truncate cloud.outbox, cloud.log, erp.asn_line, erp.asn_document, erp.purchase_order_line, erp.purchase_order cascade`);
+    await db.pool.query(`truncate cloud.outbox, cloud.log, erp.asn_line, erp.asn_document, erp.purchase_order_line, erp.purchase_order, scm.asn_quarantine cascade`);
     await setupYonbip(db.pool, sim);
     const s = await addSuppliers(db.pool);
     await addPo(db.pool, 'PO-Y', s.s1);
@@ -199,7 +200,7 @@ describe('the YonBIP event receiver (POST /scm/yonbip/events)', () => {
     expect(await asnCount()).toBe(0);
   });
 
-  it('an unknown source is 403 unread, an oversized body 413, a malformed holder or message 400, a missing secret 503: each logged, nothing written', async () => {
+  it('an unknown source is 403 unread, an oversized body 413, a malformed holder or message 400, a missing secret 503: each logged, nothing written or kept', async () => {
     const body = holder(asnEvent('evt-r', asnDoc('ASN-R', 'PO-Y', [{ line: 1, qty: 5 }])));
     inboundEnv.ERP_CLOUD_ASN_WEBHOOK_CIDRS = '203.0.113.0/24';
     expect((await post(body)).status).toBe(403);
@@ -221,11 +222,6 @@ describe('the YonBIP event receiver (POST /scm/yonbip/events)', () => {
     expect(lastLog()).toBe('YonBIP event refused: malformed message (not a JSON object)');
     expect((await post(holder({ type: 'scm.asn.created', content: '{}' }))).status).toBe(400);
     expect(lastLog()).toBe('YonBIP event refused: malformed message (no eventId)');
-    expect((await post(holder({ eventId: 'evt-nc', type: 'scm.asn.created', content: 'not json' }))).status).toBe(400);
-    expect(lastLog()).toBe('YonBIP event refused: malformed message (no ASN content)');
-    const badAsn = await post(holder(asnEvent('evt-q', { code: 'ASN-Q', supplier: 'S001', details: [] })));
-    expect(badAsn.status).toBe(422);
-    expect(lastLog()).toBe('YonBIP event refused: malformed ASN');
 
     delete secrets['yonbip.app_secret'];
     const unconfigured = await post(body);
@@ -236,14 +232,45 @@ describe('the YonBIP event receiver (POST /scm/yonbip/events)', () => {
     inboundEnv.ERP_CLOUD_YONBIP_EVENTS_SIGNATURE = 'md5';
     expect((await post(body)).status).toBe(503);
     expect(await asnCount()).toBe(0);
+    expect(await quarantined()).toEqual([]);
   });
 
-  it('an event that is not an ASN is answered success (the cloud stops retrying), logged, and writes nothing', async () => {
-    const res = await post(holder({ eventId: 'evt-check', type: 'CHECK_URL', content: 'hello' }));
+  it('an intact event that cannot be ingested (malformed ASN, no content) is answered success and kept in quarantine once, not dropped', async () => {
+    const bad = holder(asnEvent('evt-q', { code: 'ASN-Q', supplier: 'S001', details: [] }));
+    for (let i = 0; i < 2; i++) { // the cloud's retry keeps it once
+      const res = await post(bad);
+      expect(res.status).toBe(200);
+      expect(await res.text()).toBe('success');
+      expect(res.headers.get('x-scm-asn-status')).toBe('quarantined');
+      expect(lastLog()).toBe('YonBIP event quarantined: malformed ASN');
+    }
+    const empty = await post(holder({ eventId: 'evt-nc', type: 'scm.asn.created', content: 'not json' }));
+    expect(empty.headers.get('x-scm-asn-status')).toBe('quarantined');
+    expect(lastLog()).toBe('YonBIP event quarantined: no ASN content');
+    expect(await asnCount()).toBe(0);
+    const kept = await quarantined();
+    expect(kept).toEqual([
+      { source: 'yonbip_event', event_id: 'evt-nc', sqlstate: 'ES004', reason: expect.stringContaining('no content'), doc: { eventId: 'evt-nc', type: 'scm.asn.created', content: 'not json' } },
+      { source: 'yonbip_event', event_id: 'evt-q', sqlstate: 'ES004', reason: expect.any(String), doc: expect.objectContaining({ eventId: 'evt-q' }) },
+    ]);
+    // an operator who fixes the document re-ingests it through the same door
+    await db.pool.query(`select scm.ingest_asn($1, 'push', 'evt-q')`, [asnDoc('ASN-Q', 'PO-Y', [{ line: 1, qty: 5 }])]);
+    expect(await asnCount()).toBe(1);
+  });
+
+  it("the platform's address check (CHECK_URL) is answered success and kept nowhere; an event of another type is kept in quarantine (ES018)", async () => {
+    const check = await post(holder({ eventId: 'evt-check', type: 'CHECK_URL', content: 'hello' }));
+    expect(check.status).toBe(200);
+    expect(await check.text()).toBe('success');
+    expect(check.headers.get('x-yonbip-event')).toBe('handshake');
+    expect(await quarantined()).toEqual([]);
+    const res = await post(holder({ eventId: 'evt-yc-1', type: 'YC_DELIVERY_ORDER', content: JSON.stringify(asnDoc('ASN-YC0', 'PO-Y', [{ line: 1, qty: 5 }])) }));
     expect(res.status).toBe(200);
     expect(await res.text()).toBe('success');
-    expect(res.headers.get('x-yonbip-event')).toBe('ignored');
-    expect(logLines.at(-1)).toMatchObject({ msg: 'YonBIP event ignored: not an ASN event type (ERP_CLOUD_YONBIP_EVENTS_ASN_TYPES)', event_type: 'CHECK_URL' });
+    expect(res.headers.get('x-yonbip-event')).toBe('quarantined');
+    expect(logLines.at(-1)).toMatchObject({ msg: 'YonBIP event quarantined: not an ASN event type (ERP_CLOUD_YONBIP_EVENTS_ASN_TYPES)', event_type: 'YC_DELIVERY_ORDER' });
+    expect(await quarantined()).toEqual([{ source: 'yonbip_event', event_id: 'evt-yc-1', sqlstate: 'ES018', reason: expect.stringContaining('YC_DELIVERY_ORDER'), doc: expect.objectContaining({ type: 'YC_DELIVERY_ORDER' }) }]);
+    expect(await asnCount()).toBe(0);
     // the same type becomes an ASN event when configured as one
     inboundEnv.ERP_CLOUD_YONBIP_EVENTS_ASN_TYPES = 'scm.asn.created, YC_DELIVERY_ORDER';
     const configured = await post(holder(asnEvent('evt-yc', asnDoc('ASN-YC', 'PO-Y', [{ line: 1, qty: 5 }]), { type: 'YC_DELIVERY_ORDER' })));

@@ -1,8 +1,11 @@
 /**
  * YonBIP's own event push (cloud-protocols.md §4.5): the real platform posts an
  * EncryptionHolder, not our signed format (asn-webhook.ts). ASN events go into
- * the same scm.ingest_asn (source push); other event types are answered
- * `success` (so the cloud stops retrying), logged, and write nothing.
+ * the same scm.ingest_asn (source push). An event that arrived intact but
+ * cannot be ingested — a type not configured as an ASN event (ES018), or an ASN
+ * whose fields are unusable (ES004) — is kept in scm.asn_quarantine and answered
+ * `success`: retrying cannot fix it, and nothing is lost. CHECK_URL (the
+ * platform's test of the address) is answered `success` and kept nowhere.
  *
  *   POST /scm/yonbip/events   body {signature | msgSignature, timestamp, nonce, encrypt}
  *   signature  = hex SHA1 (or SHA-256, ERP_CLOUD_YONBIP_EVENTS_SIGNATURE) of the sorted
@@ -17,11 +20,11 @@
  *   400 the body is no EncryptionHolder (not JSON, a field missing)
  *   401 bad_signature; stale_timestamp (timestamp in ms or s, further than ERP_CLOUD_ASN_WEBHOOK_MAX_AGE_S
  *       from now, either way); bad_padding (the ciphertext does not open); wrong_app_key (encrypted for another app)
- *   400 the decrypted message is not JSON, has no eventId, or an ASN event has no content object
- *   422 the ASN's fields are unusable (ES004); 409 the eventId was used for another ASN (ES017)
+ *   400 the decrypted message is not JSON or has no eventId
+ *   409 the eventId was used for another ASN (ES017)
  *   503 + Retry-After the PO or ASN is locked longer than ERP_CLOUD_ASN_WEBHOOK_LOCK_TIMEOUT_MS
- * Accepted, rejected (kept with its reason) and duplicate ASNs answer 200 `success` (X-Scm-Asn-Status says
- * which); the eventId is the dedupe key (cloud_event_id), so the cloud's retries change nothing.
+ * Accepted, rejected (kept with its reason), duplicate and quarantined ASNs answer 200 `success`
+ * (X-Scm-Asn-Status says which); the eventId is the dedupe key (cloud_event_id), so the cloud's retries change nothing.
  *
  * Settings: ERP_CLOUD_YONBIP_EVENTS_APP_KEY_NAME (default yonbip.app_key: env ERP_CLOUD_SECRET_YONBIP_APP_KEY,
  * else the vault) and ERP_CLOUD_YONBIP_EVENTS_APP_SECRET_NAME (default yonbip.app_secret, the secret the
@@ -42,6 +45,14 @@ function answer(res: ServerResponse, status: number, body: unknown, headers: Rec
 }
 
 const admit = admitAsnSource(NAME);
+
+/** Event types that only test the address: answered, kept nowhere. */
+const HANDSHAKE_TYPES = new Set(['CHECK_URL']);
+
+/** Keeps an intact event that cannot be ingested, so the cloud can stop retrying without the event being lost. */
+async function quarantine(deps: InboundDeps, event: Record<string, unknown>, eventId: string, sqlstate: 'ES004' | 'ES018', reason: string): Promise<void> {
+  await deps.pool.query('select scm.quarantine_pushed_event($1, $2, $3, $4)', [event, eventId, sqlstate, reason]);
+}
 
 /** A holder field as text: strings as they are, integers written out (the signature covers the text). */
 function field(v: unknown): string | null {
@@ -149,14 +160,20 @@ async function handle(req: IncomingMessage, res: ServerResponse, body: Buffer, d
     return answer(res, 400, { error: 'malformed', detail: 'the event has no eventId' });
   }
   const type = field(event.type) ?? field(event.eventType) ?? '';
+  if (HANDSHAKE_TYPES.has(type)) {
+    deps.log.info({ receiver: NAME, event_id: eventId, event_type: type }, 'YonBIP address check answered');
+    return answer(res, 200, 'success', { 'x-yonbip-event': 'handshake' });
+  }
   if (!asnTypes(deps.env).has(type)) {
-    deps.log.warn({ receiver: NAME, event_id: eventId, event_type: type }, 'YonBIP event ignored: not an ASN event type (ERP_CLOUD_YONBIP_EVENTS_ASN_TYPES)');
-    return answer(res, 200, 'success', { 'x-yonbip-event': 'ignored' });
+    await quarantine(deps, event, eventId, 'ES018', `event type ${JSON.stringify(type)} is not configured as an ASN event (ERP_CLOUD_YONBIP_EVENTS_ASN_TYPES)`);
+    deps.log.warn({ receiver: NAME, event_id: eventId, event_type: type }, 'YonBIP event quarantined: not an ASN event type (ERP_CLOUD_YONBIP_EVENTS_ASN_TYPES)');
+    return answer(res, 200, 'success', { 'x-yonbip-event': 'quarantined' });
   }
   const asn = asnFromContent(event.content);
   if (!asn) {
-    deps.log.warn({ receiver: NAME, remote, event_id: eventId, event_type: type }, 'YonBIP event refused: malformed message (no ASN content)');
-    return answer(res, 400, { error: 'malformed', detail: 'an ASN event needs content: the ASN as an object or a JSON string' });
+    await quarantine(deps, event, eventId, 'ES004', 'the ASN event has no content: the ASN as an object or a JSON string');
+    deps.log.warn({ receiver: NAME, remote, event_id: eventId, event_type: type }, 'YonBIP event quarantined: no ASN content');
+    return answer(res, 200, 'success', { 'x-scm-asn-status': 'quarantined' });
   }
 
   const outcome = await ingestPushedAsn(deps.pool, deps.env, asn, eventId); // other errors: the inbound server answers 500, the cloud retries
@@ -165,8 +182,9 @@ async function handle(req: IncomingMessage, res: ServerResponse, body: Buffer, d
       deps.log.info({ receiver: NAME, event_id: eventId, event_type: type, asn_id: outcome.asnId, status: outcome.status, reject_code: outcome.rejectCode }, 'ASN received');
       return answer(res, 200, 'success', { 'x-scm-asn-status': outcome.status });
     case 'malformed_asn':
-      deps.log.warn({ receiver: NAME, remote, event_id: eventId, reason: outcome.message, detail: outcome.field }, 'YonBIP event refused: malformed ASN');
-      return answer(res, 422, { error: 'malformed_asn', code: outcome.code, detail: outcome.message, field: outcome.field });
+      await quarantine(deps, event, eventId, 'ES004', `${outcome.message}${outcome.field ? ` (${outcome.field})` : ''}`);
+      deps.log.warn({ receiver: NAME, remote, event_id: eventId, reason: outcome.message, detail: outcome.field }, 'YonBIP event quarantined: malformed ASN');
+      return answer(res, 200, 'success', { 'x-scm-asn-status': 'quarantined' });
     case 'event_conflict':
       deps.log.warn({ receiver: NAME, remote, event_id: eventId, reason: outcome.message }, 'YonBIP event refused: event id already used for another ASN');
       return answer(res, 409, { error: 'event_conflict', code: outcome.code, detail: outcome.message });

@@ -24,6 +24,7 @@
 --   ES008  unknown supplier (portal, shared login)
 --   ES009  a purchase order that left draft cannot be deleted (cancel it)
 --   ES017  an event id already used for another ASN (conflict)
+--   ES018  a pushed event of a type not configured as an ASN event (kept in scm.asn_quarantine, never raised)
 --   ES010..ES016 are ASN rejection reasons, stored on the ASN (asn_document.reject_code), never raised:
 --   ES010  unknown supplier
 --   ES011  unknown purchase order
@@ -510,7 +511,7 @@ create table scm.asn_quarantine (
   doc_md5     text generated always as (md5(coalesce(doc::text, ''))) stored,
   unique (source, doc_md5)
 );
-comment on table scm.asn_quarantine is 'ASN records the pull and the shared-database copy could not ingest (ES004 malformed, ES017 event conflict, bad data), kept as received with the reason so the watermark moves on and nothing is lost. An operator fixes the sender and re-ingests with scm.ingest_asn(doc, source, event_id).';
+comment on table scm.asn_quarantine is 'ASN records the pull, the shared-database copy and the YonBIP event push (source yonbip_event: also events of a type not configured as an ASN, ES018) could not ingest (ES004 malformed, ES017 event conflict, bad data), kept as received with the reason so the watermark moves on and nothing is lost. An operator fixes the sender and re-ingests with scm.ingest_asn(doc, source, event_id).';
 
 create function scm._quarantine_asn(
   p_doc      jsonb,  -- the record as received
@@ -525,6 +526,22 @@ language sql as $$
   on conflict (source, doc_md5) do update set reason = excluded.reason, sqlstate = excluded.sqlstate, received_at = excluded.received_at
 $$;
 comment on function scm._quarantine_asn is 'Internal: keeps a record ingest refused in scm.asn_quarantine (once per source and document).';
+
+create function scm.quarantine_pushed_event(
+  p_event    jsonb,  -- the event as it arrived (decrypted): eventId, type, content
+  p_event_id text,   -- its eventId
+  p_sqlstate text,   -- ES004: its ASN is malformed; ES018: its type is not configured as an ASN event
+  p_reason   text    -- one line for the operator
+) returns void
+language plpgsql security definer set search_path = '' as $$
+begin
+  if p_event is null or p_sqlstate is null or p_sqlstate not in ('ES004', 'ES018') then
+    raise exception using errcode = 'ES004', message = format('a pushed event is kept only with its event and reason ES004 or ES018, not %s', coalesce(p_sqlstate, 'NULL')),
+      hint = 'Pass the decrypted event and why it was not ingested.';
+  end if;
+  perform scm._quarantine_asn(p_event, 'yonbip_event', p_event_id, p_sqlstate, p_reason);
+end $$;
+comment on function scm.quarantine_pushed_event is 'For the YonBIP event receiver: keeps a pushed event it could not ingest (ES004 malformed ASN, ES018 an event type not configured as an ASN) in scm.asn_quarantine, once per event, so the cloud can be answered success without losing it.';
 
 create function scm._asn_rejection(
   p_doc      jsonb,                  -- the ASN document (shape already checked)
@@ -1149,6 +1166,7 @@ grant execute on function scm.search_asn_lines(text, text), scm.current_supplier
   to erp_cloud_app, erp_cloud_operator, erp_cloud_supplier_portal;
 grant execute on function scm.act_as_supplier(text), scm.submit_asn(jsonb) to erp_cloud_supplier_portal;
 grant execute on function scm.ingest_asn(jsonb, text, text) to erp_cloud_listener, erp_cloud_operator;
+grant execute on function scm.quarantine_pushed_event(jsonb, text, text, text) to erp_cloud_listener;
 grant execute on function scm.record_po_delivered(cloud.outbox, jsonb), scm.record_po_refused(cloud.outbox, jsonb),
   scm.record_asn_pull(cloud.outbox, jsonb) to erp_cloud_listener;
 grant execute on function scm.put_po_endpoint(text), scm.put_asn_pull(text, boolean, timestamptz, integer),
