@@ -6,6 +6,7 @@
 import { createHash } from 'node:crypto';
 import * as oidc from 'openid-client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { PgAdapter } from '../listener/sso/adapter.js';
 import { Browser, completeJump } from '../listener/sso/demo-rp.js';
 import { sqlstateOf } from './helpers/db.js';
 import { loadSsoConfig } from '../listener/sso/config.js';
@@ -234,14 +235,40 @@ describe('refusals: each one a protocol error and an audit row', () => {
     expect(failures[1]!.user_id).toBe(await w.userId('zhang.wei'));
   });
 
-  it('an authorization code redeemed by several token requests at once gives tokens to exactly one of them', async () => {
+  it('an authorization code redeemed by several token requests at once gives tokens to exactly one of them, and the reuse revokes its access token', async () => {
     const browser = new Browser();
     await browser.get(await w.issue('zhang.wei', 'procurement'), { stopAt: w.rp.loginUrl });
     const a = await authorize(browser, w.rp.config, w.rp.callbackUrl);
     const redeem = () => oidc.authorizationCodeGrant(w.rp.config, new URL(a.res.location!), { pkceCodeVerifier: a.verifier, expectedState: a.state, expectedNonce: a.nonce });
     const results = await Promise.allSettled([redeem(), redeem(), redeem()]);
-    expect(results.filter((r) => r.status === 'fulfilled')).toHaveLength(1);
+    const won = results.filter((r) => r.status === 'fulfilled');
+    expect(won).toHaveLength(1);
     for (const r of results) if (r.status === 'rejected') expect(r.reason).toMatchObject({ error: 'invalid_grant' });
+    // a code presented twice may have leaked: what was issued under it no longer opens userinfo
+    const tokens = (won[0] as PromiseFulfilledResult<Awaited<ReturnType<typeof redeem>>>).value;
+    const sub = tokens.claims()!.sub;
+    await expect(oidc.fetchUserInfo(w.rp.config, tokens.access_token, sub)).rejects.toSatisfy(isOAuthError('invalid_token'));
+    // while a code redeemed once keeps working
+    await browser.get(await w.issue('zhang.wei', 'procurement'), { stopAt: w.rp.loginUrl });
+    const b = await authorize(browser, w.rp.config, w.rp.callbackUrl);
+    const once = await oidc.authorizationCodeGrant(w.rp.config, new URL(b.res.location!), { pkceCodeVerifier: b.verifier, expectedState: b.state, expectedNonce: b.nonce });
+    expect(await oidc.fetchUserInfo(w.rp.config, once.access_token, once.claims()!.sub)).toMatchObject({ sub: once.claims()!.sub });
+  });
+
+  it('storage: a code consumed a second time (two instances racing past the provider\'s own check) takes everything issued under its grant with it', async () => {
+    await w.db.pool.query(`insert into sso.oidc_payload (model, id, payload, grant_id, expires_at) values
+      ('AuthorizationCode', 'race-code', '{"grantId":"race-g1"}', 'race-g1', now() + interval '1 minute'),
+      ('AccessToken', 'race-at1', '{"grantId":"race-g1"}', 'race-g1', now() + interval '1 hour'),
+      ('Grant', 'race-g1', '{}', null, now() + interval '1 hour'),
+      ('AccessToken', 'race-at2', '{"grantId":"race-g2"}', 'race-g2', now() + interval '1 hour'),
+      ('Grant', 'race-g2', '{}', null, now() + interval '1 hour')`);
+    const codes = new PgAdapter('AuthorizationCode', w.db.pool);
+    await codes.consume('race-code');
+    const rows = async () => (await w.db.pool.query(`select id from sso.oidc_payload where id like 'race-%' order by id`)).rows.map((r) => r.id);
+    expect(await rows()).toEqual(['race-at1', 'race-at2', 'race-code', 'race-g1', 'race-g2']);
+    await expect(codes.consume('race-code')).rejects.toMatchObject({ error: 'invalid_grant' });
+    expect(await rows()).toEqual(['race-at2', 'race-g2']);
+    await w.db.pool.query(`delete from sso.oidc_payload where id like 'race-%'`);
   });
 
   it('behind the proxy, the audit keeps the address the proxy saw, not one the browser put in X-Forwarded-For', async () => {

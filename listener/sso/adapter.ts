@@ -25,6 +25,10 @@ export const adapterSql = {
                     where model = $1 and user_code = $2 and (expires_at is null or expires_at > now())`,
   // only the first of concurrent redemptions marks it; the others find no row
   consume: `update sso.oidc_payload set consumed_at = now() where model = $1 and id = $2 and consumed_at is null`,
+  // a code redeemed twice: everything issued under its grant goes, the grant too (RFC 6749 §4.1.2)
+  revokeGrantOf: `delete from sso.oidc_payload p
+                   using (select payload ->> 'grantId' as grant_id from sso.oidc_payload where model = $1 and id = $2) c
+                   where c.grant_id is not null and (p.grant_id = c.grant_id or (p.model = 'Grant' and p.id = c.grant_id))`,
   destroy: `delete from sso.oidc_payload where model = $1 and id = $2`,
   revokeByGrantId: `delete from sso.oidc_payload where model = $1 and grant_id = $2`,
   clientMetadata: `select sso.client_metadata($1) as metadata`,
@@ -71,7 +75,11 @@ export class PgAdapter implements Adapter {
     const { rowCount } = await this.pool.query(adapterSql.consume, [this.model, id]);
     // two token requests for one code both passed the provider's "consumed?"
     // check: only the one whose update marked it goes on to get tokens
-    if (!rowCount) throw new errors.InvalidGrant(`${this.model === 'AuthorizationCode' ? 'authorization code' : this.model} already used`);
+    if (!rowCount) {
+      // the winner's tokens may already exist: a code that was redeemed twice must not stay good for either (RFC 6749 §4.1.2)
+      await this.pool.query(adapterSql.revokeGrantOf, [this.model, id]);
+      throw new errors.InvalidGrant(`${this.model === 'AuthorizationCode' ? 'authorization code' : this.model} already used`);
+    }
   }
 
   async destroy(id: string): Promise<void> {
