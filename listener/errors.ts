@@ -84,6 +84,7 @@ export const SqlState = {
   ssoTicketOtherClient: 'EO023',
   ssoTicketOtherBrowser: 'EO024',
   ssoAuditRetentionTooShort: 'EO025',
+  ssoSecretGraceInvalid: 'EO026',
 } as const;
 
 export type SqlStateName = keyof typeof SqlState;

@@ -305,6 +305,40 @@ describe('refusals: each one a protocol error and an audit row', () => {
   });
 });
 
+describe('client secret rotation', () => {
+  /** A fresh jump and code, exchanged with the given secret for client procurement. */
+  async function exchange(secret: string) {
+    const browser = new Browser();
+    await browser.get(await w.issue('zhang.wei', 'procurement'), { stopAt: w.rp.loginUrl });
+    const a = await authorize(browser, w.rp.config, w.rp.callbackUrl);
+    const config = await discoverProvider(w.issuer, 'procurement', secret);
+    return oidc.authorizationCodeGrant(config, new URL(a.res.location!), { pkceCodeVerifier: a.verifier, expectedState: a.state, expectedNonce: a.nonce });
+  }
+  const rotate = async (grace: string) => (await w.db.pool.query(`select client_secret from sso.rotate_client_secret('procurement', $1::interval)`, [grace])).rows[0].client_secret as string;
+
+  it('with a grace period the old secret keeps working until it ends, then only the new one does; without one the old stops at once', async () => {
+    try {
+      const second = await rotate('1 hour');
+      expect(await exchange(w.rpSecret)).toHaveProperty('access_token'); // the platform has not switched yet
+      expect(await exchange(second)).toHaveProperty('access_token');
+      const status = await w.db.pool.query(`select previous_secret_until > now() + interval '59 minutes' as graced from sso.client_status where client_id = 'procurement'`);
+      expect(status.rows[0].graced).toBe(true);
+      await w.db.pool.query(`update sso.client set previous_secret_until = now() - interval '1 second' where client_id = 'procurement'`);
+      await expect(exchange(w.rpSecret)).rejects.toSatisfy(isOAuthError('invalid_client'));
+      expect(await exchange(second)).toHaveProperty('access_token');
+      const third = await rotate('0');
+      await expect(exchange(second)).rejects.toSatisfy(isOAuthError('invalid_client'));
+      expect(await exchange(third)).toHaveProperty('access_token');
+      for (const bad of ['8 days', '-1 minute']) {
+        expect(await sqlstateOf(w.db.pool.query(`select sso.rotate_client_secret('procurement', $1::interval)`, [bad]))).toBe('EO026');
+      }
+    } finally {
+      await w.db.pool.query(`update sso.client set secret_sha256 = sha256(convert_to($1, 'UTF8')), previous_secret_sha256 = null, previous_secret_until = null
+                              where client_id = 'procurement'`, [w.rpSecret]);
+    }
+  });
+});
+
 describe('sign-in started at the platform, sessions and logout', () => {
   it('without a jump and without a session the provider shows "start from the ERP", and going back gives the platform login_required', async () => {
     const since = await w.lastAuditId();

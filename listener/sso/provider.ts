@@ -174,11 +174,16 @@ export function buildProvider(opts: ProviderOptions): Provider {
   provider.maxIpsCount = 1;
 
   // only the SHA-256 of a client secret is stored (sso.client.secret_sha256);
-  // the metadata's client_secret carries that hash
+  // the metadata's client_secret carries that hash, and after a rotation with a
+  // grace period the replaced one too ('sha256:<new>,sha256:<old>', sso.client_metadata)
   provider.Client.prototype.compareClientSecret = async function compareClientSecret(this: { clientSecret?: string }, actual: string) {
-    const expected = Buffer.from(this.clientSecret ?? '', 'utf8');
     const given = Buffer.from(`sha256:${sha256Hex(actual ?? '')}`, 'utf8');
-    return expected.length === given.length && timingSafeEqual(expected, given);
+    let match = false;
+    for (const hash of (this.clientSecret ?? '').split(',')) {
+      const expected = Buffer.from(hash, 'utf8');
+      if (expected.length === given.length && timingSafeEqual(expected, given)) match = true; // no early exit
+    }
+    return match;
   };
 
   // every protocol error leaves an audit row: who (if known), which client,

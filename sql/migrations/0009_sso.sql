@@ -32,6 +32,7 @@
 --   EO023  jump ticket issued for another client
 --   EO024  jump ticket opened in another browser
 --   EO025  audit retention shorter than 180 days
+--   EO026  a client secret grace period outside 0 to 7 days
 -- EO020..EO024 (and EO005, EO007 at consumption) are not raised: consuming a
 -- ticket must leave an audit row even when it fails, so sso.consume_jump_ticket
 -- records the failure and returns its code instead of rolling back.
@@ -154,12 +155,15 @@ create table sso.client (
   enabled                   boolean not null default true,
   created_at                timestamptz not null default now(),
   secret_rotated_at         timestamptz,
+  previous_secret_sha256    bytea,
+  previous_secret_until     timestamptz,
   disabled_at               timestamptz,
   constraint client_id_is_simple check (client_id ~ '^[a-z][a-z0-9_.-]{1,62}$'),
   constraint client_has_redirect_uri check (cardinality(redirect_uris) >= 1)
 );
 comment on table sso.client is 'One relying party. Managed with sso.register_client, sso.rotate_client_secret, sso.disable_client / sso.enable_client; the provider reads it on every request, so changes apply at once on every instance.';
 comment on column sso.client.secret_sha256 is 'SHA-256 of the client secret. The secret itself is shown once (register / rotate) and never stored.';
+comment on column sso.client.previous_secret_sha256 is 'After a rotation with a grace period: SHA-256 of the secret it replaced, accepted too until previous_secret_until, so the platform can switch without an outage.';
 comment on column sso.client.initiate_login_uri is 'The platform''s login-initiation URL (OpenID Connect third-party-initiated login): where a jump sends the browser so the platform starts the authorization request with its own state, nonce and PKCE.';
 
 create type sso.client_credentials as (client_id text, client_secret text);
@@ -244,18 +248,26 @@ end $$;
 comment on function sso.register_client(text, text, text[], text[], text) is 'Registers a relying party with its redirect URIs and returns its secret, once (only its SHA-256 is kept). EO002 if the id is taken, EO003 for a bad URI, EO004 for a bad id or name.';
 
 create function sso.rotate_client_secret(
-  p_client_id text  -- the client whose secret changes
+  p_client_id text,                          -- the client whose secret changes
+  p_grace     interval default interval '0'  -- how long the old secret still works (0 to 7 days)
 ) returns sso.client_credentials
 language plpgsql security definer set search_path = '' as $$
 declare
   v_secret text := sso._random_token();
 begin
+  if p_grace is null or p_grace < interval '0' or p_grace > interval '7 days' then
+    raise exception using errcode = 'EO026', message = format('a client secret grace period of %s is not allowed', coalesce(p_grace::text, 'NULL')),
+      hint = 'Give 0 (the old secret stops at commit) up to 7 days, e.g. ''1 hour'': long enough to change the secret on the platform.';
+  end if;
   perform sso._client(p_client_id);
-  update sso.client set secret_sha256 = sso._sha256(v_secret), secret_rotated_at = pg_catalog.now()
+  update sso.client
+     set previous_secret_sha256 = case when p_grace > interval '0' then secret_sha256 end,
+         previous_secret_until  = case when p_grace > interval '0' then pg_catalog.now() + p_grace end,
+         secret_sha256 = sso._sha256(v_secret), secret_rotated_at = pg_catalog.now()
    where client_id = p_client_id;
   return (p_client_id, v_secret)::sso.client_credentials;
 end $$;
-comment on function sso.rotate_client_secret(text) is 'Gives a client a new secret and returns it, once. The old secret stops working at commit: change it on the platform in the same maintenance window. EO001 for an unknown client.';
+comment on function sso.rotate_client_secret(text, interval) is 'Gives a client a new secret and returns it, once. The old secret keeps working for p_grace (0: it stops at commit; at most 7 days, EO026), so the platform can switch without an outage; a later rotation ends any earlier grace. EO001 for an unknown client.';
 
 create function sso.disable_client(p_client_id text) returns void
 language plpgsql security definer set search_path = '' as $$
@@ -301,7 +313,10 @@ language sql stable set search_path = '' as $$
   select pg_catalog.jsonb_build_object(
            'client_id', c.client_id,
            'client_name', c.display_name,
-           'client_secret', 'sha256:' || pg_catalog.encode(c.secret_sha256, 'hex'),
+           -- the current hash, then the replaced one while its grace period lasts
+           'client_secret', 'sha256:' || pg_catalog.encode(c.secret_sha256, 'hex')
+             || case when c.previous_secret_until > pg_catalog.now()
+                     then ',sha256:' || pg_catalog.encode(c.previous_secret_sha256, 'hex') else '' end,
            'redirect_uris', pg_catalog.to_jsonb(c.redirect_uris),
            'post_logout_redirect_uris', pg_catalog.to_jsonb(c.post_logout_redirect_uris),
            'grant_types', pg_catalog.jsonb_build_array('authorization_code'),
@@ -314,7 +329,8 @@ comment on function sso.client_metadata(text) is 'The client''s registration as 
 
 create view sso.client_status as
   select c.client_id, c.display_name, c.enabled, c.redirect_uris, c.post_logout_redirect_uris, c.initiate_login_uri,
-         c.created_at, c.secret_rotated_at, c.disabled_at
+         c.created_at, c.secret_rotated_at, c.disabled_at,
+         case when c.previous_secret_until > now() then c.previous_secret_until end as previous_secret_until
     from sso.client c;
 comment on view sso.client_status is 'The registered clients without their secret hashes, for operators.';
 
@@ -742,7 +758,7 @@ grant execute on function
 -- only with their private halves, i.e. by the provider's login.
 grant select on sso.client_status, sso.signing_key_status, sso.signing_key, sso.audit, sso.setting, erp.app_user to erp_cloud_operator;
 grant execute on function
-  sso.register_client(text, text, text[], text[], text), sso.rotate_client_secret(text),
+  sso.register_client(text, text, text[], text[], text), sso.rotate_client_secret(text, interval),
   sso.disable_client(text), sso.enable_client(text), sso.set_client_uris(text, text[], text[], text),
   sso.signing_keys_at(timestamptz)
   to erp_cloud_operator;
