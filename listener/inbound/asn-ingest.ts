@@ -18,7 +18,7 @@ export function asnMaxBytes(env: NodeJS.ProcessEnv): number {
   return envInt(env, 'ERP_CLOUD_ASN_WEBHOOK_MAX_BYTES', 256 * 1024);
 }
 
-/** Replay window in seconds: ERP_CLOUD_ASN_WEBHOOK_MAX_AGE_S (default 300). */
+/** Replay window of the signed webhook in seconds: ERP_CLOUD_ASN_WEBHOOK_MAX_AGE_S (default 300). */
 export function asnMaxAgeS(env: NodeJS.ProcessEnv): number {
   return envInt(env, 'ERP_CLOUD_ASN_WEBHOOK_MAX_AGE_S', 300);
 }
@@ -37,7 +37,8 @@ export function admitAsnSource(name: string): (req: IncomingMessage, deps: Inbou
 }
 
 export type AsnIngestOutcome =
-  | { kind: 'ingested'; asnId: string; status: string; rejectCode: string | null }
+  /** status accepted | rejected | duplicate | not_shipped, or quarantined (ingestPushedEvent; rejectCode is then the SQLSTATE) */
+  | { kind: 'ingested'; asnId: string | null; status: string; rejectCode: string | null }
   /** ES004: the ASN's fields are unusable. */
   | { kind: 'malformed_asn'; code: string; message: string; field: string | undefined }
   /** ES017: the event id was already used for another ASN. */
@@ -49,14 +50,27 @@ export type AsnIngestOutcome =
  * scm.ingest_asn(asn, 'push', eventId) in its own transaction, waiting at most
  * ERP_CLOUD_ASN_WEBHOOK_LOCK_TIMEOUT_MS (default 2000) for locks. Other errors are thrown.
  */
-export async function ingestPushedAsn(pool: pg.Pool, env: NodeJS.ProcessEnv, asn: unknown, eventId: string | null): Promise<AsnIngestOutcome> {
+export function ingestPushedAsn(pool: pg.Pool, env: NodeJS.ProcessEnv, asn: unknown, eventId: string | null): Promise<AsnIngestOutcome> {
+  return ingestInTransaction(pool, env, 'select asn_id, status, reject_code from scm.ingest_asn($1::jsonb, $2, $3)', [JSON.stringify(asn), 'push', eventId]);
+}
+
+/**
+ * scm.ingest_pushed_event(event, asn, eventId): the same ingest, but what it refuses for
+ * good (ES004, ES017, a data error) is kept with the whole event in scm.asn_quarantine and
+ * comes back as status `quarantined` instead of an error. Lock timeouts are still `locked`.
+ */
+export function ingestPushedEvent(pool: pg.Pool, env: NodeJS.ProcessEnv, event: unknown, asn: unknown, eventId: string): Promise<AsnIngestOutcome> {
+  return ingestInTransaction(pool, env, 'select asn_id, status, reject_code from scm.ingest_pushed_event($1::jsonb, $2::jsonb, $3)',
+    [JSON.stringify(event), JSON.stringify(asn), eventId]);
+}
+
+async function ingestInTransaction(pool: pg.Pool, env: NodeJS.ProcessEnv, statement: string, params: unknown[]): Promise<AsnIngestOutcome> {
   const lockTimeoutMs = envInt(env, 'ERP_CLOUD_ASN_WEBHOOK_LOCK_TIMEOUT_MS', 2000);
   const client = await pool.connect();
   try {
     await client.query('begin');
     await client.query(`select set_config('lock_timeout', $1, true)`, [`${lockTimeoutMs}ms`]);
-    const { rows } = await client.query<{ asn_id: string; status: string; reject_code: string | null }>(
-      'select asn_id, status, reject_code from scm.ingest_asn($1::jsonb, $2, $3)', [JSON.stringify(asn), 'push', eventId]);
+    const { rows } = await client.query<{ asn_id: string | null; status: string; reject_code: string | null }>(statement, params);
     await client.query('commit');
     const r = rows[0]!;
     return { kind: 'ingested', asnId: r.asn_id, status: r.status, rejectCode: r.reject_code };

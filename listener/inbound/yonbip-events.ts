@@ -1,11 +1,13 @@
 /**
  * YonBIP's own event push (cloud-protocols.md §4.5): the real platform posts an
  * EncryptionHolder, not our signed format (asn-webhook.ts). ASN events go into
- * the same scm.ingest_asn (source push). An event that arrived intact but
- * cannot be ingested — a type not configured as an ASN event (ES018), or an ASN
- * whose fields are unusable (ES004) — is kept in scm.asn_quarantine and answered
- * `success`: retrying cannot fix it, and nothing is lost. CHECK_URL (the
- * platform's test of the address) is answered `success` and kept nowhere.
+ * the same scm.ingest_asn (source push). Once an event is authentic (signature,
+ * timestamp, decryption, our appKey) it is never refused: what cannot be ingested —
+ * a message that is not JSON or has no eventId, a type not configured as an ASN
+ * event (ES018), an ASN whose fields are unusable (ES004), an eventId already used
+ * for another ASN (ES017), a data error — is kept in scm.asn_quarantine (once per
+ * eventId) and answered `success`, since retrying cannot fix it. CHECK_URL (the
+ * platform testing the address) is answered `success` and kept nowhere.
  *
  *   POST /scm/yonbip/events   body {signature | msgSignature, timestamp, nonce, encrypt}
  *   signature  = hex SHA1 (or SHA-256, ERP_CLOUD_YONBIP_EVENTS_SIGNATURE) of the sorted
@@ -18,13 +20,12 @@
  *   413 body over ERP_CLOUD_ASN_WEBHOOK_MAX_BYTES (default 256 KiB)
  *   503 appKey or appSecret not configured, or an unknown signature setting
  *   400 the body is no EncryptionHolder (not JSON, a field missing)
- *   401 bad_signature; stale_timestamp (timestamp in ms or s, further than ERP_CLOUD_ASN_WEBHOOK_MAX_AGE_S
- *       from now, either way); bad_padding (the ciphertext does not open); wrong_app_key (encrypted for another app)
- *   400 the decrypted message is not JSON or has no eventId
- *   409 the eventId was used for another ASN (ES017)
+ *   401 bad_signature; stale_timestamp (timestamp in ms or s, older than ERP_CLOUD_YONBIP_EVENTS_MAX_AGE_S,
+ *       default 25 h so that the cloud's retries of a body signed once still pass, or over 5 min ahead);
+ *       bad_padding (the ciphertext does not open); wrong_app_key (encrypted for another app)
  *   503 + Retry-After the PO or ASN is locked longer than ERP_CLOUD_ASN_WEBHOOK_LOCK_TIMEOUT_MS
- * Accepted, rejected (kept with its reason), duplicate and quarantined ASNs answer 200 `success`
- * (X-Scm-Asn-Status says which); the eventId is the dedupe key (cloud_event_id), so the cloud's retries change nothing.
+ * Accepted, rejected (kept with its reason), duplicate and quarantined events answer 200 `success`
+ * (X-Scm-Asn-Status or X-Yonbip-Event says which); the eventId is the dedupe key (cloud_event_id).
  *
  * Settings: ERP_CLOUD_YONBIP_EVENTS_APP_KEY_NAME (default yonbip.app_key: env ERP_CLOUD_SECRET_YONBIP_APP_KEY,
  * else the vault) and ERP_CLOUD_YONBIP_EVENTS_APP_SECRET_NAME (default yonbip.app_secret, the secret the
@@ -34,7 +35,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { registerInboundRoute, type InboundDeps } from '../inbound-server.js';
 import { decryptEvent, deriveAesKey, eventSignature, signatureMatches, YonbipCryptoError, type SignatureAlgorithm } from '../yonbip-crypto.js';
-import { admitAsnSource, asnMaxAgeS, asnMaxBytes, ingestPushedAsn } from './asn-ingest.js';
+import { admitAsnSource, asnMaxBytes, envInt, ingestPushedEvent } from './asn-ingest.js';
 
 export const YONBIP_EVENTS_PATH = '/scm/yonbip/events';
 const NAME = 'scm.yonbip_events';
@@ -46,12 +47,15 @@ function answer(res: ServerResponse, status: number, body: unknown, headers: Rec
 
 const admit = admitAsnSource(NAME);
 
+/** How far ahead of our clock a timestamp may be (clock skew). */
+const FUTURE_SKEW_S = 300;
+
 /** Event types that only test the address: answered, kept nowhere. */
 const HANDSHAKE_TYPES = new Set(['CHECK_URL']);
 
 /** Keeps an intact event that cannot be ingested, so the cloud can stop retrying without the event being lost. */
-async function quarantine(deps: InboundDeps, event: Record<string, unknown>, eventId: string, sqlstate: 'ES004' | 'ES018', reason: string): Promise<void> {
-  await deps.pool.query('select scm.quarantine_pushed_event($1, $2, $3, $4)', [event, eventId, sqlstate, reason]);
+async function quarantine(deps: InboundDeps, event: Record<string, unknown> | string, eventId: string | null, sqlstate: 'ES004' | 'ES018', reason: string): Promise<void> {
+  await deps.pool.query('select scm.quarantine_pushed_event($1::jsonb, $2, $3, $4)', [JSON.stringify(event), eventId, sqlstate, reason]);
 }
 
 /** A holder field as text: strings as they are, integers written out (the signature covers the text). */
@@ -124,11 +128,14 @@ async function handle(req: IncomingMessage, res: ServerResponse, body: Buffer, d
     deps.log.warn({ receiver: NAME, remote, algorithm }, 'YonBIP event refused: bad signature');
     return answer(res, 401, { error: 'bad_signature' });
   }
-  const maxAge = asnMaxAgeS(deps.env);
+  // the signature proves the event is the cloud's and the eventId makes a replay change nothing, so the window
+  // only has to refuse events from nowhere near now; it must outlast the cloud's retries (hourly, for 24 h),
+  // in case a retry resends the body as first signed
+  const maxAge = envInt(deps.env, 'ERP_CLOUD_YONBIP_EVENTS_MAX_AGE_S', 25 * 3600);
   const n = /^\d{1,16}$/.test(timestamp) ? Number(timestamp) : NaN;
   const signedAtS = n >= 1e12 ? Math.floor(n / 1000) : n; // milliseconds (13 digits) or seconds
   const age = Math.floor(Date.now() / 1000) - signedAtS;
-  if (!Number.isFinite(age) || Math.abs(age) > maxAge) {
+  if (!Number.isFinite(age) || age > maxAge || age < -FUTURE_SKEW_S) {
     deps.log.warn({ receiver: NAME, remote, timestamp, age_s: Number.isFinite(age) ? age : null, max_age_s: maxAge }, 'YonBIP event refused: stale timestamp (replay?)');
     return answer(res, 401, { error: 'stale_timestamp' });
   }
@@ -146,23 +153,26 @@ async function handle(req: IncomingMessage, res: ServerResponse, body: Buffer, d
     return answer(res, 401, { error: 'bad_padding', detail: err.reason });
   }
 
+  // from here on the event is authentic: whatever cannot be ingested is kept, never refused
   let event: Record<string, unknown>;
   try {
     event = JSON.parse(message) as Record<string, unknown>;
     if (!event || typeof event !== 'object' || Array.isArray(event)) throw new Error('not an object');
   } catch {
-    deps.log.warn({ receiver: NAME, remote, bytes: message.length }, 'YonBIP event refused: malformed message (not a JSON object)');
-    return answer(res, 400, { error: 'malformed', detail: 'the decrypted message is not a JSON object' });
-  }
-  const eventId = field(event.eventId);
-  if (!eventId) {
-    deps.log.warn({ receiver: NAME, remote }, 'YonBIP event refused: malformed message (no eventId)');
-    return answer(res, 400, { error: 'malformed', detail: 'the event has no eventId' });
+    await quarantine(deps, message, null, 'ES004', 'the decrypted message is not a JSON object');
+    deps.log.warn({ receiver: NAME, remote, bytes: message.length }, 'YonBIP event quarantined: message not a JSON object');
+    return answer(res, 200, 'success', { 'x-yonbip-event': 'quarantined' });
   }
   const type = field(event.type) ?? field(event.eventType) ?? '';
   if (HANDSHAKE_TYPES.has(type)) {
-    deps.log.info({ receiver: NAME, event_id: eventId, event_type: type }, 'YonBIP address check answered');
+    deps.log.info({ receiver: NAME, event_id: field(event.eventId), event_type: type }, 'YonBIP address check answered');
     return answer(res, 200, 'success', { 'x-yonbip-event': 'handshake' });
+  }
+  const eventId = field(event.eventId);
+  if (!eventId) {
+    await quarantine(deps, event, null, 'ES004', 'the event has no eventId');
+    deps.log.warn({ receiver: NAME, remote, event_type: type }, 'YonBIP event quarantined: no eventId');
+    return answer(res, 200, 'success', { 'x-yonbip-event': 'quarantined' });
   }
   if (!asnTypes(deps.env).has(type)) {
     await quarantine(deps, event, eventId, 'ES018', `event type ${JSON.stringify(type)} is not configured as an ASN event (ERP_CLOUD_YONBIP_EVENTS_ASN_TYPES)`);
@@ -176,21 +186,22 @@ async function handle(req: IncomingMessage, res: ServerResponse, body: Buffer, d
     return answer(res, 200, 'success', { 'x-scm-asn-status': 'quarantined' });
   }
 
-  const outcome = await ingestPushedAsn(deps.pool, deps.env, asn, eventId); // other errors: the inbound server answers 500, the cloud retries
+  // ES004 / ES017 / data errors are kept with the event by scm.ingest_pushed_event (status quarantined)
+  const outcome = await ingestPushedEvent(deps.pool, deps.env, event, asn, eventId); // other errors: the inbound server answers 500, the cloud retries
   switch (outcome.kind) {
     case 'ingested':
-      deps.log.info({ receiver: NAME, event_id: eventId, event_type: type, asn_id: outcome.asnId, status: outcome.status, reject_code: outcome.rejectCode }, 'ASN received');
+      if (outcome.status === 'quarantined') {
+        deps.log.warn({ receiver: NAME, remote, event_id: eventId, event_type: type, sqlstate: outcome.rejectCode }, 'YonBIP event quarantined: ASN not ingestible');
+      } else {
+        deps.log.info({ receiver: NAME, event_id: eventId, event_type: type, asn_id: outcome.asnId, status: outcome.status, reject_code: outcome.rejectCode }, 'ASN received');
+      }
       return answer(res, 200, 'success', { 'x-scm-asn-status': outcome.status });
-    case 'malformed_asn':
-      await quarantine(deps, event, eventId, 'ES004', `${outcome.message}${outcome.field ? ` (${outcome.field})` : ''}`);
-      deps.log.warn({ receiver: NAME, remote, event_id: eventId, reason: outcome.message, detail: outcome.field }, 'YonBIP event quarantined: malformed ASN');
-      return answer(res, 200, 'success', { 'x-scm-asn-status': 'quarantined' });
-    case 'event_conflict':
-      deps.log.warn({ receiver: NAME, remote, event_id: eventId, reason: outcome.message }, 'YonBIP event refused: event id already used for another ASN');
-      return answer(res, 409, { error: 'event_conflict', code: outcome.code, detail: outcome.message });
     case 'locked':
       deps.log.warn({ receiver: NAME, remote, event_id: eventId, lock_timeout_ms: outcome.lockTimeoutMs }, 'YonBIP event deferred: purchase order locked');
       return answer(res, 503, { error: 'busy' }, { 'retry-after': '5' });
+    default: // not raised by scm.ingest_pushed_event (it keeps them); answered as the webhook would, should that change
+      deps.log.error({ receiver: NAME, remote, event_id: eventId, outcome }, 'YonBIP event: unexpected ingest outcome');
+      return answer(res, 500, { error: 'internal' });
   }
 }
 

@@ -403,11 +403,11 @@ select cloud.put_operation_handler('scm.po_close', 'scm.record_po_delivered(clou
 create type scm.asn_ingest_result as (
   asn_id      bigint,
   asn_no      text,
-  status      text,   -- accepted | rejected | duplicate | not_shipped
+  status      text,   -- accepted | rejected | duplicate | not_shipped | quarantined
   reject_code text,
   reason      text
 );
-comment on type scm.asn_ingest_result is 'What scm.ingest_asn did with a document: accepted, rejected (kept, with the reason), duplicate (changed nothing) or not_shipped (a delivery status that is no shipment: 0 待发布, 4 拒签, 9 正在发布, 10 发布失败; nothing stored).';
+comment on type scm.asn_ingest_result is 'What scm.ingest_asn did with a document: accepted, rejected (kept, with the reason), duplicate (changed nothing), quarantined (scm.ingest_pushed_event only: kept in scm.asn_quarantine) or not_shipped (a delivery status that is no shipment: 0 待发布, 4 拒签, 9 正在发布, 10 发布失败; nothing stored).';
 
 create function scm._malformed_asn(
   p_what  text,  -- what is wrong, for the message
@@ -527,21 +527,45 @@ language sql as $$
 $$;
 comment on function scm._quarantine_asn is 'Internal: keeps a record ingest refused in scm.asn_quarantine (once per source and document).';
 
+create unique index asn_quarantine_pushed_event on scm.asn_quarantine (event_id) where source = 'yonbip_event' and event_id is not null;
+comment on index scm.asn_quarantine_pushed_event is 'A pushed event is kept once, however often the cloud retries it (a retry may carry another timestamp inside).';
+
 create function scm.quarantine_pushed_event(
-  p_event    jsonb,  -- the event as it arrived (decrypted): eventId, type, content
-  p_event_id text,   -- its eventId
-  p_sqlstate text,   -- ES004: its ASN is malformed; ES018: its type is not configured as an ASN event
+  p_event    jsonb,  -- the event as it arrived (decrypted): eventId, type, content; or the message text when it is not JSON
+  p_event_id text,   -- its eventId, when it has one
+  p_sqlstate text,   -- why it was not ingested: ES004 malformed, ES017 event conflict, ES018 not an ASN event type, or the ingest error
   p_reason   text    -- one line for the operator
 ) returns void
 language plpgsql security definer set search_path = '' as $$
 begin
-  if p_event is null or p_sqlstate is null or p_sqlstate not in ('ES004', 'ES018') then
-    raise exception using errcode = 'ES004', message = format('a pushed event is kept only with its event and reason ES004 or ES018, not %s', coalesce(p_sqlstate, 'NULL')),
-      hint = 'Pass the decrypted event and why it was not ingested.';
+  if p_event is null or p_sqlstate is null or p_sqlstate !~ '^[0-9A-Z]{5}$' then
+    raise exception using errcode = 'ES004', message = format('a pushed event is kept only with the event and a SQLSTATE, not %s', coalesce(p_sqlstate, 'NULL')),
+      hint = 'Pass the decrypted event and the SQLSTATE of why it was not ingested.';
   end if;
-  perform scm._quarantine_asn(p_event, 'yonbip_event', p_event_id, p_sqlstate, p_reason);
+  -- the first receipt is kept; the cloud's retries of the same event add nothing
+  insert into scm.asn_quarantine (source, event_id, doc, sqlstate, reason)
+  values ('yonbip_event', p_event_id, p_event, p_sqlstate, left(coalesce(p_reason, ''), 2000))
+  on conflict do nothing;
 end $$;
-comment on function scm.quarantine_pushed_event is 'For the YonBIP event receiver: keeps a pushed event it could not ingest (ES004 malformed ASN, ES018 an event type not configured as an ASN) in scm.asn_quarantine, once per event, so the cloud can be answered success without losing it.';
+comment on function scm.quarantine_pushed_event is 'For the YonBIP event receiver: keeps an authentic pushed event it could not ingest (ES004 malformed, ES017 event conflict, ES018 an event type not configured as an ASN, a data error) in scm.asn_quarantine, once per eventId, so the cloud can be answered success without the event being lost.';
+
+create function scm.ingest_pushed_event(
+  p_event    jsonb,  -- the whole event as it arrived (kept if the ASN cannot be ingested)
+  p_asn      jsonb,  -- the ASN document it carries
+  p_event_id text    -- its eventId (deduplication)
+) returns scm.asn_ingest_result
+language plpgsql security definer set search_path = '' as $$
+declare
+  v_detail text;
+begin
+  return scm.ingest_asn(p_asn, 'push', p_event_id);
+exception when sqlstate 'ES004' or sqlstate 'ES017' or data_exception or integrity_constraint_violation then
+  -- retrying cannot fix these: keep the event for an operator instead of refusing it until the cloud gives up
+  get stacked diagnostics v_detail = pg_exception_detail;
+  perform scm.quarantine_pushed_event(p_event, p_event_id, sqlstate, sqlerrm || coalesce(' (' || nullif(v_detail, '') || ')', ''));
+  return (null, p_asn ->> 'code', 'quarantined', sqlstate, sqlerrm)::scm.asn_ingest_result;
+end $$;
+comment on function scm.ingest_pushed_event is 'For the YonBIP event receiver: scm.ingest_asn (source push) for the ASN an event carries; what ingest refuses for good (ES004, ES017, a data or constraint error) is kept with the event in scm.asn_quarantine and reported as status quarantined. A lock timeout is raised, so the cloud retries.';
 
 create function scm._asn_rejection(
   p_doc      jsonb,                  -- the ASN document (shape already checked)
@@ -1166,7 +1190,7 @@ grant execute on function scm.search_asn_lines(text, text), scm.current_supplier
   to erp_cloud_app, erp_cloud_operator, erp_cloud_supplier_portal;
 grant execute on function scm.act_as_supplier(text), scm.submit_asn(jsonb) to erp_cloud_supplier_portal;
 grant execute on function scm.ingest_asn(jsonb, text, text) to erp_cloud_listener, erp_cloud_operator;
-grant execute on function scm.quarantine_pushed_event(jsonb, text, text, text) to erp_cloud_listener;
+grant execute on function scm.quarantine_pushed_event(jsonb, text, text, text), scm.ingest_pushed_event(jsonb, jsonb, text) to erp_cloud_listener;
 grant execute on function scm.record_po_delivered(cloud.outbox, jsonb), scm.record_po_refused(cloud.outbox, jsonb),
   scm.record_asn_pull(cloud.outbox, jsonb) to erp_cloud_listener;
 grant execute on function scm.put_po_endpoint(text), scm.put_asn_pull(text, boolean, timestamptz, integer),
