@@ -638,7 +638,7 @@ begin
       hint = 'Split the document, or raise the limits with tax.put_config.';
   end if;
   for p in 1 .. v_count loop
-    v_req := gen_random_uuid();
+    v_req := cloud.new_request_id();
     insert into erp.ar_invoice (settlement_id, shipment_id, part_no, part_count, invoice_kind, request_id, order_no,
                                 buyer_name, buyer_tax_id, amount_excl_tax, tax_amount, amount_incl_tax, tax_id_warning)
     values (case when p_source = 'settlement' then p_id end, case when p_source = 'shipment' then p_id end, p, v_count, v_kind,
@@ -1084,7 +1084,7 @@ declare
   v_inv  erp.ar_invoice;
   v_cust erp.customer;
   v_cfg  tax.config;
-  v_req  uuid := gen_random_uuid();
+  v_req  uuid := cloud.new_request_id();
 begin
   select * into v_inv from erp.ar_invoice where id = p_invoice_id for update;
   if not found or v_inv.invoice_status <> 'failed' or v_inv.invoice_type <> 'blue' or v_inv.error_code is null or tax._outcome_unknown(v_inv) then
@@ -1176,7 +1176,7 @@ declare
   v_orig erp.ar_invoice;
   v_cfg  tax.config;
   v_red  bigint;
-  v_req  uuid := gen_random_uuid();
+  v_req  uuid := cloud.new_request_id();
   v_bad  integer;
   v_taken integer[];
   v_kinds text[];
