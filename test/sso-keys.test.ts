@@ -267,6 +267,12 @@ describe('roles', () => {
       expect(Object.keys(JSON.parse((await ssoPool.query(`select sso.read_vault_secret('sso.signing_keys', $1) as v`, [w.masterKey])).rows[0].v)))
         .toContain(rotated.kid);
 
+      // the provider appends to the audit only through sso.record_event, at the database's time: no backdated rows
+      expect(await sqlstateOf(ssoPool.query(`insert into sso.audit (at, event, login) values (now() - interval '1 year', 'login', 'zhang.wei')`))).toBe('42501');
+      expect(await sqlstateOf(ssoPool.query(`update sso.audit set at = now() - interval '1 year'`))).toBe('42501');
+      await ssoPool.query(`select sso.record_event('login', 'procurement', null, null, 'jump', 'recorded-now')`);
+      expect((await w.db.pool.query(`select at > now() - interval '1 minute' as fresh from sso.audit where detail = 'recorded-now'`)).rows).toEqual([{ fresh: true }]);
+
       // the provider's purge removes expired storage and old tickets under its own role
       await w.db.pool.query(`insert into sso.oidc_payload (model, id, payload, expires_at) values
         ('Session', 'purge-old', '{}', now() - interval '1 second'), ('Session', 'purge-live', '{}', now() + interval '1 hour')`);

@@ -491,15 +491,15 @@ create function sso.record_event(
   p_user_id     bigint,
   p_source_addr inet,
   p_code        text default null,    -- EO0xx or the OAuth error
-  p_detail      text default null,    -- one line for a person
-  p_now         timestamptz default now()
+  p_detail      text default null     -- one line for a person
 ) returns void
-language sql set search_path = '' as $$
+language sql security definer set search_path = '' as $$
+  -- SECURITY DEFINER: the provider appends through here only (no INSERT on sso.audit), and the time is the database's
   insert into sso.audit (at, event, user_id, login, client_id, source_addr, code, detail)
-  select p_now, p_event, p_user_id, (select u.login from erp.app_user u where u.id = p_user_id), p_client_id, p_source_addr,
+  select pg_catalog.now(), p_event, p_user_id, (select u.login from erp.app_user u where u.id = p_user_id), p_client_id, p_source_addr,
          p_code, pg_catalog.left(p_detail, 1000)
 $$;
-comment on function sso.record_event(text, text, bigint, inet, text, text, timestamptz) is 'Appends one row to sso.audit (the login is looked up from the user id).';
+comment on function sso.record_event(text, text, bigint, inet, text, text) is 'Appends one row to sso.audit at the database''s time (the login is looked up from the user id). The only way the provider writes the audit.';
 
 ------------------------------------------------------------------------------
 -- Jump tickets
@@ -564,7 +564,7 @@ begin
   end if;
   insert into sso.jump_ticket (ticket_sha256, user_id, client_id, issued_at, expires_at, issued_from)
   values (sso._sha256(v_ticket), v_user.id, p_client_id, v_now, v_now + p_ttl, v_source);
-  perform sso.record_event('ticket_issued', p_client_id, v_user.id, v_source, null, format('valid until %s', v_now + p_ttl), v_now);
+  perform sso.record_event('ticket_issued', p_client_id, v_user.id, v_source, null, format('valid until %s', v_now + p_ttl));
   return v_issuer || '/jump?ticket=' || v_ticket;
 end $$;
 comment on function sso.issue_jump_ticket(text, text, inet, interval) is 'For the ERP, while the user is signed in: issues a one-time ticket for (user, client), valid p_ttl from the database''s clock, and returns the jump URL the ERP''s button opens. Audited. EO006 unknown user, EO007 inactive user, EO001 / EO005 unknown or disabled client, EO008 client without login-initiation URI, EO011 issuer unknown.';
@@ -656,11 +656,11 @@ begin
     update sso.jump_ticket set consumed_at = pg_catalog.now(), consumed_from = p_source_addr where ticket_sha256 = v_t.ticket_sha256;
   end if;
   if v_code is null then
-    perform sso.record_event('ticket_consumed', p_client_id, v_t.user_id, p_source_addr, null, null, pg_catalog.now());
+    perform sso.record_event('ticket_consumed', p_client_id, v_t.user_id, p_source_addr, null, null);
     return (v_t.user_id, v_t.client_id, v_client.initiate_login_uri, null, null)::sso.jump_outcome;
   end if;
   perform sso.record_event('failure', coalesce(p_client_id, v_t.client_id), v_t.user_id, p_source_addr, v_code,
-                           v_reason || case when v_code = 'EO023' then format(' (issued for %s)', v_t.client_id) else '' end, pg_catalog.now());
+                           v_reason || case when v_code = 'EO023' then format(' (issued for %s)', v_t.client_id) else '' end);
   return (null, v_t.client_id, null, v_code, v_reason)::sso.jump_outcome;
 end $$;
 comment on function sso.consume_jump_ticket(text, text, inet, text) is 'For the provider''s interaction: uses a ticket up (single use, also when refused) and returns the user to sign in, or the refusal code (EO020 unknown, EO021 used, EO022 expired, EO023 other client, EO024 not the browser that opened it, EO005 client disabled, EO007 user inactive). Every outcome leaves an audit row. The time is the database''s, never the caller''s.';
@@ -743,11 +743,11 @@ grant select on sso.client, sso.setting, sso.signing_key, sso.client_status, sso
 grant select, insert, update, delete on sso.oidc_payload to erp_cloud_sso;
 grant select, insert, update, delete on sso.signing_key, sso.setting to erp_cloud_sso;
 grant select, update on sso.jump_ticket to erp_cloud_sso;
-grant select, insert on sso.audit to erp_cloud_sso;
+grant select on sso.audit to erp_cloud_sso; -- appends only through sso.record_event
 grant execute on function
   sso.record_issuer(text), sso.record_id_token_ttl(integer), sso.client_metadata(text), sso.lock_signing_keys(),
   sso.schedule_signing_key(text, jsonb, interval, interval, timestamptz), sso.signing_keys_at(timestamptz),
-  sso.retire_signing_keys(timestamptz), sso.record_event(text, text, bigint, inet, text, text, timestamptz),
+  sso.retire_signing_keys(timestamptz), sso.record_event(text, text, bigint, inet, text, text),
   sso.open_jump_ticket(text, text, inet), sso.consume_jump_ticket(text, text, inet, text),
   sso.purge_expired(interval), sso._sha256(text),
   sso.read_vault_secret(text, text), sso.put_vault_secret(text, text, text, text)
