@@ -202,7 +202,8 @@ async function checkSso(c: pg.Client, env: NodeJS.ProcessEnv): Promise<CheckLine
     out.push(ssoIssuerLine(issuer, env.ERP_CLOUD_SSO_ISSUER));
     const keys = (await c.query<SsoKeyRow>(q.ssoSigningKeys)).rows;
     const vault = (await c.query<{ version: number; written_at: Date }>(q.ssoVaultSecret)).rows[0] ?? null;
-    out.push(...ssoKeyLines(keys, vault !== null, issuer !== null));
+    out.push(...ssoKeyLines(keys, issuer !== null));
+    if (keys.length > 0) out.push(await ssoPrivateKeysLine(c, keys, vault !== null, env));
     for (const cl of clients) out.push(ssoClientLine(cl));
     const stale = (await c.query<{ stale: number | null }>(q.ssoStaleStorage)).rows[0]?.stale ?? null;
     if (stale !== null) {
@@ -234,26 +235,51 @@ function ssoIssuerLine(recorded: string | null, configured: string | undefined):
   return line('sso issuer', recorded, 'ok', recorded.startsWith('https:') ? 'https' : 'http on loopback (development only)');
 }
 
-function ssoKeyLines(keys: SsoKeyRow[], vaultHasKeys: boolean, started: boolean): CheckLine[] {
+function ssoKeyLines(keys: SsoKeyRow[], started: boolean): CheckLine[] {
   const signing = keys.find((k) => k.state === 'signing');
-  const out: CheckLine[] = [];
   if (!signing) {
-    out.push(line('sso signing key', 'sso.signing_key', started ? 'fail' : 'warn', started
+    return [line('sso signing key', 'sso.signing_key', started ? 'fail' : 'warn', started
       ? 'no key signs now: ID tokens cannot be issued (erp-cloud sso rotate-keys makes one)'
-      : 'none yet: the first erp-cloud sso serve makes one'));
-  } else if (signing.age_days > SIGNING_KEY_WARN_DAYS) {
-    out.push(line('sso signing key', signing.kid, 'warn', `signing for ${signing.age_days} days: rotate it (erp-cloud sso rotate-keys)`));
-  } else {
-    const pending = keys.find((k) => k.state === 'published');
-    out.push(line('sso signing key', signing.kid, 'ok', `signing since ${iso(signing.signs_from)} (${signing.age_days} days)` +
-      `${pending ? `; ${pending.kid} published, signs from ${iso(pending.signs_from)}` : ''}; ${keys.length} key(s) in the JWKS`));
+      : 'none yet: the first erp-cloud sso serve makes one')];
   }
-  if (keys.length > 0) {
-    out.push(vaultHasKeys
-      ? line('sso private keys', 'vault sso.signing_keys', 'ok', 'present in the vault (encrypted)')
-      : line('sso private keys', 'vault sso.signing_keys', 'fail', 'missing from the vault: the provider cannot sign with the published keys; rotate (erp-cloud sso rotate-keys) to make new ones'));
+  if (signing.age_days > SIGNING_KEY_WARN_DAYS) {
+    return [line('sso signing key', signing.kid, 'warn', `signing for ${signing.age_days} days: rotate it (erp-cloud sso rotate-keys)`)];
   }
-  return out;
+  const pending = keys.find((k) => k.state === 'published');
+  return [line('sso signing key', signing.kid, 'ok', `signing since ${iso(signing.signs_from)} (${signing.age_days} days)` +
+    `${pending ? `; ${pending.kid} published, signs from ${iso(pending.signs_from)}` : ''}; ${keys.length} key(s) in the JWKS`)];
+}
+
+/**
+ * Every key that signs or will sign has its private half in the vault secret
+ * sso.signing_keys. Decrypted and checked kid by kid when this login may read the
+ * vault and the vault key is set here; otherwise only the secret's presence is known.
+ */
+async function ssoPrivateKeysLine(c: pg.Client, keys: SsoKeyRow[], present: boolean, env: NodeJS.ProcessEnv): Promise<CheckLine> {
+  const name = 'sso private keys';
+  const target = 'vault sso.signing_keys';
+  if (!present) return line(name, target, 'fail', 'missing from the vault: the provider cannot sign with the published keys; rotate (erp-cloud sso rotate-keys) to make new ones');
+  let key: string | null = null;
+  try {
+    key = loadVaultKey({ ERP_CLOUD_VAULT_KEY: env.ERP_CLOUD_VAULT_KEY || undefined, ERP_CLOUD_VAULT_KEY_FILE: env.ERP_CLOUD_VAULT_KEY_FILE || undefined }, { optional: true });
+  } catch {
+    key = null; // the vault key line says what is wrong with it
+  }
+  const canRead = (await c.query<{ can: boolean }>(q.ssoCanReadVault)).rows[0]?.can ?? false;
+  if (key === null || !canRead) {
+    return line(name, target, 'warn', `present, not verified: ${key === null ? 'no vault key here (ERP_CLOUD_VAULT_KEY)' : 'this login may not read the vault (vault.read_secret)'}`);
+  }
+  let stored: Record<string, { d?: unknown }>;
+  try {
+    stored = JSON.parse((await c.query<{ value: string }>(q.ssoReadVault, [key])).rows[0]!.value) as Record<string, { d?: unknown }>;
+  } catch (err) {
+    return line(name, target, 'fail', `cannot be read: ${err instanceof SyntaxError ? 'not JSON' : errText(err)}`);
+  }
+  const needed = keys.filter((k) => k.state !== 'verifying'); // a key that only verifies no longer signs
+  const missing = needed.filter((k) => typeof stored[k.kid]?.d !== 'string').map((k) => k.kid);
+  return missing.length
+    ? line(name, target, 'fail', `no private half for ${missing.join(', ')}: the provider cannot sign with it; rotate (erp-cloud sso rotate-keys)`)
+    : line(name, target, 'ok', `private halves of ${needed.map((k) => k.kid).join(', ')} present and readable`);
 }
 
 function ssoClientLine(cl: SsoClientRow): CheckLine {

@@ -65,6 +65,8 @@ export const doctorSql = {
   ssoSigningKeys: `select kid, state, signs_from, signs_until, verify_until, round(extract(epoch from now() - signs_from) / 86400)::int as age_days
                      from sso.signing_key_status order by signs_from`,
   ssoVaultSecret: `select version, coalesce(rotated_at, created_at) as written_at from vault.list_secrets() where name = 'sso.signing_keys'`,
+  ssoCanReadVault: `select has_function_privilege('vault.read_secret(text, text)', 'execute') as can`,
+  ssoReadVault: `select vault.read_secret('sso.signing_keys', $1) as value`,
   ssoStaleStorage: `select case when has_table_privilege('sso.oidc_payload', 'select')
                                 then (select count(*)::int from sso.oidc_payload where expires_at < now() - interval '1 hour') end as stale`,
   endpoints: `

@@ -342,10 +342,16 @@ describe('erp-cloud doctor', () => {
       expect(one(r.checks, 'sso private keys')).toMatchObject({ status: 'fail', detail: expect.stringContaining('missing from the vault') });
       expect(one(r.checks, 'sso client', 'procurement')).toMatchObject({ status: 'ok', detail: expect.stringContaining('https://saas.example.com/login') });
 
-      // https issuer and the private half in the vault: every SSO line passes
+      // https issuer; a vault secret that lacks the key's private half fails once decrypted, and is unverified without the vault key
       await db.pool.query(`select sso.record_issuer('https://sso.example.com')`);
-      await db.pool.query(`select vault.put_secret('sso.signing_keys', '{}', $1)`, [key]);
+      await db.pool.query(`select vault.put_secret('sso.signing_keys', '{"another-kid":{"d":"x"}}', $1)`, [key]);
+      expect(one((await doctor({ ERP_CLOUD_VAULT_KEY: key })).checks, 'sso private keys')).toMatchObject({ status: 'fail', detail: expect.stringContaining('no private half for doctor-key-1') });
+      expect(one((await doctor()).checks, 'sso private keys')).toMatchObject({ status: 'warn', detail: expect.stringContaining('not verified') });
+      // with it: every SSO line passes
+      await db.pool.query(`select vault.put_secret('sso.signing_keys', '{"doctor-key-1":{"kty":"RSA","d":"private-exponent-must-not-show"}}', $1)`, [key]);
       r = await doctor({ ERP_CLOUD_VAULT_KEY: key });
+      expect(one(r.checks, 'sso private keys')).toMatchObject({ status: 'ok', detail: expect.stringContaining('doctor-key-1') });
+      expect(r.stdout).not.toContain('private-exponent-must-not-show');
       expect(r.checks.filter((c) => c.check.startsWith('sso') && c.status !== 'ok')).toEqual([]);
       expect(r.stdout).not.toContain(key);
 
