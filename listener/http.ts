@@ -40,20 +40,33 @@ const newAgents = (): Agents => ({
 
 /**
  * Keep-alive connections per endpoint and allowlist. The address check runs when
- * a socket connects, so a socket opened under a wider allowlist must not carry a
- * request after the allowlist narrows: a changed allowlist gets fresh agents, and
- * the old ones close their idle sockets now and their busy ones when the call ends.
+ * a socket connects, so a socket opened under one allowlist never carries a
+ * request checked against another: each allowlist an endpoint had gets its own
+ * agents. When the allowlist changes, messages claimed before the change still
+ * use the old agents (no flapping); once an allowlist has not been used for
+ * RETIRE_AFTER_MS, its agents close their idle sockets and their busy ones when
+ * the call ends.
  */
-const pools = new Map<string, { key: string; agents: Agents }>();
+const RETIRE_AFTER_MS = 30_000;
+const pools = new Map<string, Map<string, { agents: Agents; usedAt: number }>>();
 
 function agentsFor(policy: EgressPolicy): Agents {
   const key = JSON.stringify([policy.baseHost, policy.allowHosts, policy.allowCidrs, policy.allowPrivate]);
-  const pool = pools.get(policy.endpoint);
-  if (pool?.key === key) return pool.agents;
-  if (pool) for (const agent of Object.values(pool.agents)) retire(agent);
-  const agents = newAgents();
-  pools.set(policy.endpoint, { key, agents });
-  return agents;
+  let byKey = pools.get(policy.endpoint);
+  if (!byKey) pools.set(policy.endpoint, (byKey = new Map()));
+  const now = Date.now();
+  let entry = byKey.get(key);
+  if (!entry) byKey.set(key, (entry = { agents: newAgents(), usedAt: now }));
+  entry.usedAt = now;
+  if (byKey.size > 1) {
+    for (const [k, other] of byKey) {
+      if (k !== key && now - other.usedAt > RETIRE_AFTER_MS) {
+        for (const agent of Object.values(other.agents)) retire(agent);
+        byKey.delete(k);
+      }
+    }
+  }
+  return entry.agents;
 }
 
 function retire(agent: http.Agent): void {
@@ -257,6 +270,6 @@ export function notSent(msg: ClaimedMessage, outcome: 'retryable' | 'permanent',
 }
 
 export function closeAgents(): void {
-  for (const { agents } of pools.values()) for (const agent of Object.values(agents)) agent.destroy();
+  for (const byKey of pools.values()) for (const { agents } of byKey.values()) for (const agent of Object.values(agents)) agent.destroy();
   pools.clear();
 }
