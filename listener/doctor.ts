@@ -185,7 +185,7 @@ async function checkMaintenance(c: pg.Client): Promise<CheckLine[]> {
 const SIGNING_KEY_WARN_DAYS = 365;
 
 interface SsoClientRow { client_id: string; enabled: boolean; redirect_uris: number; initiate_login_uri: string | null }
-interface SsoKeyRow { kid: string; state: string; signs_from: Date; age_days: number }
+interface SsoKeyRow { kid: string; state: string; public_jwk: Record<string, unknown>; signs_from: Date; age_days: number }
 
 /**
  * The OpenID Provider's state as the database holds it: issuer recorded, a key
@@ -269,17 +269,26 @@ async function ssoPrivateKeysLine(c: pg.Client, keys: SsoKeyRow[], present: bool
   if (key === null || !canRead) {
     return line(name, target, 'warn', `present, not verified: ${key === null ? 'no vault key here (ERP_CLOUD_VAULT_KEY)' : 'this login may not read the vault (vault.read_secret)'}`);
   }
-  let stored: Record<string, { d?: unknown }>;
+  let stored: unknown;
   try {
-    stored = JSON.parse((await c.query<{ value: string }>(q.ssoReadVault, [key])).rows[0]!.value) as Record<string, { d?: unknown }>;
+    stored = JSON.parse((await c.query<{ value: string }>(q.ssoReadVault, [key])).rows[0]!.value);
   } catch (err) {
     return line(name, target, 'fail', `cannot be read: ${err instanceof SyntaxError ? 'not JSON' : errText(err)}`);
   }
+  if (!stored || typeof stored !== 'object' || Array.isArray(stored)) return line(name, target, 'fail', 'cannot be read: not a JSON object of kid -> JWK');
+  const privates = stored as Record<string, unknown>;
   const needed = keys.filter((k) => k.state !== 'verifying'); // a key that only verifies no longer signs
-  const missing = needed.filter((k) => typeof stored[k.kid]?.d !== 'string').map((k) => k.kid);
-  return missing.length
-    ? line(name, target, 'fail', `no private half for ${missing.join(', ')}: the provider cannot sign with it; rotate (erp-cloud sso rotate-keys)`)
-    : line(name, target, 'ok', `private halves of ${needed.map((k) => k.kid).join(', ')} present and readable`);
+  const bad = needed.filter((k) => !privateHalfMatches(privates[k.kid], k.public_jwk)).map((k) => k.kid);
+  return bad.length
+    ? line(name, target, 'fail', `no private half matching the published key for ${bad.join(', ')}: the provider cannot sign with it; rotate (erp-cloud sso rotate-keys)`)
+    : line(name, target, 'ok', `private halves of ${needed.map((k) => k.kid).join(', ')} present, readable and matching the published keys`);
+}
+
+/** A private JWK belongs to the published one: it has its private exponent and the same public members (RSA n, e). */
+function privateHalfMatches(priv: unknown, pub: Record<string, unknown>): boolean {
+  if (!priv || typeof priv !== 'object') return false;
+  const p = priv as Record<string, unknown>;
+  return typeof p.d === 'string' && p.kty === pub.kty && p.n === pub.n && p.e === pub.e;
 }
 
 function ssoClientLine(cl: SsoClientRow): CheckLine {

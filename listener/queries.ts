@@ -62,7 +62,7 @@ export const doctorSql = {
   ssoInstalled: `select to_regclass('sso.client') is not null as installed`,
   ssoIssuer: `select value as issuer, updated_at from sso.setting where name = 'issuer'`,
   ssoClients: `select client_id, enabled, cardinality(redirect_uris)::int as redirect_uris, initiate_login_uri from sso.client_status order by client_id`,
-  ssoSigningKeys: `select kid, state, signs_from, signs_until, verify_until, round(extract(epoch from now() - signs_from) / 86400)::int as age_days
+  ssoSigningKeys: `select kid, state, public_jwk, signs_from, signs_until, verify_until, round(extract(epoch from now() - signs_from) / 86400)::int as age_days
                      from sso.signing_key_status order by signs_from`,
   ssoVaultSecret: `select version, coalesce(rotated_at, created_at) as written_at from vault.list_secrets() where name = 'sso.signing_keys'`,
   ssoCanReadVault: `select has_function_privilege('vault.read_secret(text, text)', 'execute') as can`,

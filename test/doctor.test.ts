@@ -345,10 +345,17 @@ describe('erp-cloud doctor', () => {
       // https issuer; a vault secret that lacks the key's private half fails once decrypted, and is unverified without the vault key
       await db.pool.query(`select sso.record_issuer('https://sso.example.com')`);
       await db.pool.query(`select vault.put_secret('sso.signing_keys', '{"another-kid":{"d":"x"}}', $1)`, [key]);
-      expect(one((await doctor({ ERP_CLOUD_VAULT_KEY: key })).checks, 'sso private keys')).toMatchObject({ status: 'fail', detail: expect.stringContaining('no private half for doctor-key-1') });
+      expect(one((await doctor({ ERP_CLOUD_VAULT_KEY: key })).checks, 'sso private keys')).toMatchObject({ status: 'fail', detail: expect.stringContaining('for doctor-key-1') });
+      // a private half of another key under the right kid fails too, and so does a value that is no JSON object
+      await db.pool.query(`select vault.put_secret('sso.signing_keys', '{"doctor-key-1":{"kty":"RSA","n":"other","e":"AQAB","d":"x"}}', $1)`, [key]);
+      expect(one((await doctor({ ERP_CLOUD_VAULT_KEY: key })).checks, 'sso private keys')).toMatchObject({ status: 'fail', detail: expect.stringContaining('matching the published key') });
+      await db.pool.query(`select vault.put_secret('sso.signing_keys', 'null', $1)`, [key]);
+      r = await doctor({ ERP_CLOUD_VAULT_KEY: key });
+      expect(one(r.checks, 'sso private keys')).toMatchObject({ status: 'fail', detail: expect.stringContaining('not a JSON object') });
+      expect(one(r.checks, 'sso client', 'procurement').status).toBe('ok'); // the rest of the SSO section still runs
       expect(one((await doctor()).checks, 'sso private keys')).toMatchObject({ status: 'warn', detail: expect.stringContaining('not verified') });
       // with it: every SSO line passes
-      await db.pool.query(`select vault.put_secret('sso.signing_keys', '{"doctor-key-1":{"kty":"RSA","d":"private-exponent-must-not-show"}}', $1)`, [key]);
+      await db.pool.query(`select vault.put_secret('sso.signing_keys', '{"doctor-key-1":{"kty":"RSA","n":"AQAB","e":"AQAB","d":"private-exponent-must-not-show"}}', $1)`, [key]);
       r = await doctor({ ERP_CLOUD_VAULT_KEY: key });
       expect(one(r.checks, 'sso private keys')).toMatchObject({ status: 'ok', detail: expect.stringContaining('doctor-key-1') });
       expect(r.stdout).not.toContain('private-exponent-must-not-show');

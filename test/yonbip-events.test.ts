@@ -273,6 +273,48 @@ describe('the YonBIP event receiver (POST /scm/yonbip/events)', () => {
     expect(await asnCount()).toBe(2);
   });
 
+  it('a reused eventId: each different ASN under it is kept in its own row; a retry of one updates its reason instead of adding a row', async () => {
+    expect((await post(holder(asnEvent('evt-dup', asnDoc('ASN-D1', 'PO-Y', [{ line: 1, qty: 1 }]))))).headers.get('x-scm-asn-status')).toBe('accepted');
+    for (const [asnNo, qty] of [['ASN-D2', 2], ['ASN-D3', 3], ['ASN-D2', 2]] as const) {
+      const res = await post(holder(asnEvent('evt-dup', asnDoc(asnNo, 'PO-Y', [{ line: 1, qty }]))));
+      expect(res.headers.get('x-scm-asn-status')).toBe('quarantined');
+    }
+    const rows = (await quarantined()).map((r) => [r.event_id, r.sqlstate, JSON.parse(r.doc.content).code]);
+    expect(rows.sort()).toEqual([['evt-dup', 'ES017', 'ASN-D2'], ['evt-dup', 'ES017', 'ASN-D3']]);
+  });
+
+  it('an event holding text the database cannot store as JSON (\\u0000) is kept as base64, not refused until the cloud gives up', async () => {
+    const message = JSON.stringify(asnEvent('evt-nul', { ...asnDoc('ASN-NUL', 'PO-Y', [{ line: 1, qty: 1 }]), carrier: 'SF\u0000Express' }));
+    expect(message).toContain('\\u0000');
+    const res = await post(holder(message));
+    expect({ status: res.status, text: await res.text(), kept: res.headers.get('x-yonbip-event') }).toEqual({ status: 200, text: 'success', kept: 'quarantined' });
+    expect(lastLog()).toBe('YonBIP event quarantined: message not storable as JSON');
+    const [row] = await quarantined();
+    expect(row).toMatchObject({ event_id: 'evt-nul', sqlstate: 'ES004' });
+    expect(Buffer.from(row.doc.message_base64, 'base64').toString('utf8')).toBe(message);
+    expect(await asnCount()).toBe(0);
+  });
+
+  it('an event for a locked purchase order is answered 503 with Retry-After and kept nowhere, so the cloud retries it', async () => {
+    inboundEnv.ERP_CLOUD_ASN_WEBHOOK_LOCK_TIMEOUT_MS = '200';
+    const lock = await db.pool.connect();
+    try {
+      await lock.query('begin');
+      await lock.query(`select id from erp.purchase_order where po_no = 'PO-Y' for update`);
+      const body = holder(asnEvent('evt-lock', asnDoc('ASN-L', 'PO-Y', [{ line: 1, qty: 1 }])));
+      const busy = await post(body);
+      expect(busy.status).toBe(503);
+      expect(busy.headers.get('retry-after')).toBe('5');
+      expect(lastLog()).toBe('YonBIP event deferred: purchase order locked');
+      expect(await quarantined()).toEqual([]);
+      await lock.query('rollback');
+      expect((await post(body)).headers.get('x-scm-asn-status')).toBe('accepted');
+    } finally {
+      await lock.query('rollback').catch(() => undefined);
+      lock.release();
+    }
+  });
+
   it("the platform's address check (CHECK_URL) is answered success and kept nowhere; an event of another type is kept in quarantine (ES018)", async () => {
     const check = await post(holder({ eventId: 'evt-check', type: 'CHECK_URL', content: 'hello' }));
     expect(check.status).toBe(200);

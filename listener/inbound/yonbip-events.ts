@@ -154,6 +154,22 @@ async function handle(req: IncomingMessage, res: ServerResponse, body: Buffer, d
   }
 
   // from here on the event is authentic: whatever cannot be ingested is kept, never refused
+  try {
+    await answerAuthentic(res, message, deps, remote);
+  } catch (err) {
+    // text PostgreSQL's jsonb cannot hold (\u0000, a lone surrogate): keep the message as bytes
+    const code = (err as { code?: string }).code;
+    if (code !== '22P05' && code !== '22P02') throw err;
+    const eventId = /"eventId"\s*:\s*"([^"\\]{1,200})"/.exec(message)?.[1] ?? null;
+    await quarantine(deps, { eventId, message_base64: Buffer.from(message, 'utf8').toString('base64') }, eventId, 'ES004',
+      `the event holds text the database cannot store as JSON (${code}); the message is kept as base64`);
+    deps.log.warn({ receiver: NAME, remote, event_id: eventId, sqlstate: code }, 'YonBIP event quarantined: message not storable as JSON');
+    return answer(res, 200, 'success', { 'x-yonbip-event': 'quarantined' });
+  }
+}
+
+/** An authentic, decrypted event: ingested, or kept in scm.asn_quarantine; answered success either way (or 503 when locked). */
+async function answerAuthentic(res: ServerResponse, message: string, deps: InboundDeps, remote: string | undefined): Promise<void> {
   let event: Record<string, unknown>;
   try {
     event = JSON.parse(message) as Record<string, unknown>;

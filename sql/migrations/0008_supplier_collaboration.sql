@@ -527,8 +527,9 @@ language sql as $$
 $$;
 comment on function scm._quarantine_asn is 'Internal: keeps a record ingest refused in scm.asn_quarantine (once per source and document).';
 
-create unique index asn_quarantine_pushed_event on scm.asn_quarantine (event_id) where source = 'yonbip_event' and event_id is not null;
-comment on index scm.asn_quarantine_pushed_event is 'A pushed event is kept once, however often the cloud retries it (a retry may carry another timestamp inside).';
+create unique index asn_quarantine_pushed_event on scm.asn_quarantine (event_id, md5(coalesce(doc -> 'content', doc)::text))
+  where source = 'yonbip_event' and event_id is not null;
+comment on index scm.asn_quarantine_pushed_event is 'A pushed event is kept once per eventId and content, however often the cloud retries it (a retry may carry another timestamp inside); another ASN under a reused eventId gets its own row.';
 
 create function scm.quarantine_pushed_event(
   p_event    jsonb,  -- the event as it arrived (decrypted): eventId, type, content; or the message text when it is not JSON
@@ -542,12 +543,19 @@ begin
     raise exception using errcode = 'ES004', message = format('a pushed event is kept only with the event and a SQLSTATE, not %s', coalesce(p_sqlstate, 'NULL')),
       hint = 'Pass the decrypted event and the SQLSTATE of why it was not ingested.';
   end if;
-  -- the first receipt is kept; the cloud's retries of the same event add nothing
-  insert into scm.asn_quarantine (source, event_id, doc, sqlstate, reason)
-  values ('yonbip_event', p_event_id, p_event, p_sqlstate, left(coalesce(p_reason, ''), 2000))
-  on conflict do nothing;
+  if p_event_id is null then
+    insert into scm.asn_quarantine (source, event_id, doc, sqlstate, reason)
+    values ('yonbip_event', null, p_event, p_sqlstate, left(coalesce(p_reason, ''), 2000))
+    on conflict do nothing;  -- the same message again (source, doc_md5)
+  else
+    -- a retry of the same event (same id and content) updates the one row with the latest reason
+    insert into scm.asn_quarantine (source, event_id, doc, sqlstate, reason)
+    values ('yonbip_event', p_event_id, p_event, p_sqlstate, left(coalesce(p_reason, ''), 2000))
+    on conflict (event_id, md5(coalesce(doc -> 'content', doc)::text)) where source = 'yonbip_event' and event_id is not null
+    do update set sqlstate = excluded.sqlstate, reason = excluded.reason, received_at = excluded.received_at;
+  end if;
 end $$;
-comment on function scm.quarantine_pushed_event is 'For the YonBIP event receiver: keeps an authentic pushed event it could not ingest (ES004 malformed, ES017 event conflict, ES018 an event type not configured as an ASN, a data error) in scm.asn_quarantine, once per eventId, so the cloud can be answered success without the event being lost.';
+comment on function scm.quarantine_pushed_event is 'For the YonBIP event receiver: keeps an authentic pushed event it could not ingest (ES004 malformed, ES017 event conflict, ES018 an event type not configured as an ASN, a data error) in scm.asn_quarantine, once per eventId and content (a retry updates the reason), so the cloud can be answered success without the event being lost.';
 
 create function scm.ingest_pushed_event(
   p_event    jsonb,  -- the whole event as it arrived (kept if the ASN cannot be ingested)
