@@ -346,9 +346,11 @@ describe('when the outcome is unknown', () => {
     expect(await sqlstateOf(db.pool.query(`select tax.requery_invoice($1)`, [inv!.id]))).toBe(SqlState.invoiceRequeryRefused);
   });
 
-  it('status 24 (issued, signing failed) keeps the invoice issuing: reInvoice on the same serial no., never a new orderNo', async () => {
+  it('status 24 (issued, signing failed) keeps the invoice issuing: reInvoice on the same serial no., never a new orderNo, and only once while the signing runs', async () => {
     const buyer = USCC_OK[1]!;
-    sim.configure({ signFailBuyers: [buyer] });
+    // signing takes 1.5 s and polls come every 300 ms: several polls see 24 after the reInvoice, none spends another
+    await configureTax(db.pool, sim.url, APP_KEY, { pollCapMs: 300 });
+    sim.configure({ signFailBuyers: [buyer], issueDelayMs: 1500 });
     const c = await customer(db.pool, { taxId: buyer });
     const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 954 }]);
     await approve(db.pool, s.id);

@@ -998,8 +998,11 @@ begin
      where a.id = v_inv.id returning * into v_inv;
     if v_st = '24' and coalesce(v_res->>'serialNo', v_inv.invoice_serial_no) is not null and tax._reinvoice_supported() then
       v_n := coalesce((v_inv.tax_cloud_response->>'reinvoices')::integer, 0);
-      if v_n < 20 then  -- the platform allows 20 per serial no. per day (E9613)
-        update erp.ar_invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('reinvoices', v_n + 1) where a.id = v_inv.id;
+      -- the platform allows 20 per serial no. per day (E9613), and signing after a reInvoice takes a while:
+      -- polls that still see 24 right after one must not spend the allowance, so one per minute at most
+      if v_n < 20 and coalesce((v_inv.tax_cloud_response->>'reinvoice_at')::timestamptz < now() - interval '1 minute', true) then
+        update erp.ar_invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('reinvoices', v_n + 1, 'reinvoice_at', now())
+         where a.id = v_inv.id;
         perform cloud.enqueue_message(v_cfg.endpoint, 'tax.reinvoice',
           jsonb_build_object('fpqqlsh', coalesce(v_res->>'serialNo', v_inv.invoice_serial_no), 'orderno', v_inv.order_no),
           'erp.ar_invoice', v_inv.id::text);
@@ -1008,7 +1011,7 @@ begin
     perform tax._enqueue_query(v_inv, case when v_inv.invoice_serial_no is null then 'order' else 'serial' end, tax._poll_delay_ms(v_inv.polls));
   end if;
 end $$;
-comment on function tax.record_invoice_result is 'Write-back of tax.query: status 2 → issued (20-digit number, date, URLs, raw answer), the PDF download enqueued, a red invoice marks its original (partially) reversed; 22 → failed with the fail cause; 24 (issued, signing failed) → signing retried with reInvoice (same serial no.) and polled; still issuing → the next query, backing off, up to max_polls. An invoice failed with an unknown outcome still takes a final answer.';
+comment on function tax.record_invoice_result is 'Write-back of tax.query: status 2 → issued (20-digit number, date, URLs, raw answer), the PDF download enqueued, a red invoice marks its original (partially) reversed; 22 → failed with the fail cause; 24 (issued, signing failed) → signing retried with reInvoice (same serial no., at most once a minute and 20 times) and polled; still issuing → the next query, backing off, up to max_polls. An invoice failed with an unknown outcome still takes a final answer.';
 
 create function tax.record_reinvoice_answer(m cloud.outbox, r jsonb) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
