@@ -75,8 +75,11 @@ describe('rate limit', () => {
     await enqueueMany(50);
     listeners.push(await startListener(db.url), await startListener(db.url));
     await waitFor(async () => (await statusCounts(db.pool)).sent === 50, { timeoutMs: 15_000, what: 'all sent' });
+    // every message arrived (a retry after a 500 ms timeout on a loaded machine is a second arrival of the same
+    // idempotency key, and it took a token like any call: it counts in the windows below)
+    expect(new Set(sim.requests().map((r) => r.key)).size).toBe(50);
     const times = sim.requests().map((r) => r.at).sort((a, b) => a - b);
-    expect(times).toHaveLength(50);
+    expect(times.length).toBeGreaterThanOrEqual(50);
     // in any one-second window: at most the rate plus the burst
     const busiest = Math.max(...times.map((t) => times.filter((u) => u >= t && u < t + 1000).length));
     expect(busiest).toBeLessThanOrEqual(22);
@@ -298,7 +301,7 @@ describe('allowlist and SSRF', () => {
     await q(`select cloud.put_endpoint_allowlist('hook', '{}', '{203.0.113.0/24}', true)`); // narrowed again: the very next message is refused
     await q(`select cloud.enqueue_message('hook', 'demo.ping', '{}')`);
     await waitFor(async () => (await statusCounts(db.pool)).failed === 2, { timeoutMs: 10_000, what: 'refused again once narrowed' });
-    expect(sim.requests()).toHaveLength(1);
+    expect(new Set(sim.requests().map((r) => r.key)).size).toBe(1); // only the message sent while the range allowed it
   });
 
   it('a bad allowed host is refused with EC011', async () => {
