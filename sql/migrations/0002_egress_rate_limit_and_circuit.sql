@@ -38,14 +38,6 @@ drop index cloud.outbox_active;
 create index outbox_active on cloud.outbox (status, endpoint, next_attempt_at, id)
   where status in ('pending', 'in_flight', 'failed', 'dead');
 
-create function cloud._raise_unknown_endpoint(p_name text) returns void
-language plpgsql as $$
-begin
-  raise exception using errcode = 'EC001', message = format('unknown cloud endpoint %L', p_name),
-    hint = 'Create it first with cloud.put_endpoint(...).';
-end $$;
-comment on function cloud._raise_unknown_endpoint is 'Internal: the one EC001 for the put_endpoint_* setters.';
-
 create function cloud.put_endpoint_limits(
   p_name                text,              -- endpoint name
   p_rate_per_s          double precision,  -- requests per second across all listeners; null = unlimited
@@ -71,7 +63,8 @@ begin
    where name = p_name
   returning * into v_row;
   if not found then
-    perform cloud._raise_unknown_endpoint(p_name);
+    raise exception using errcode = 'EC001', message = format('unknown cloud endpoint %L', p_name),
+      hint = 'Create it first with cloud.put_endpoint(...).';
   end if;
   return v_row;
 end $$;
@@ -417,5 +410,4 @@ grant execute on function
   to erp_cloud_listener;
 grant update (tokens, tokens_at, paused_until, pause_reason, circuit_state, circuit_failures, circuit_opened_at,
               circuit_reason, circuit_probe) on cloud.endpoint to erp_cloud_listener;
-grant execute on function cloud.put_endpoint_limits(text, double precision, integer, integer, integer),
-  cloud._raise_unknown_endpoint(text) to erp_cloud_operator;
+grant execute on function cloud.put_endpoint_limits(text, double precision, integer, integer, integer) to erp_cloud_operator;

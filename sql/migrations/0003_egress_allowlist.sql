@@ -41,7 +41,8 @@ begin
    where name = p_name
   returning * into v_row;
   if not found then
-    perform cloud._raise_unknown_endpoint(p_name);
+    raise exception using errcode = 'EC001', message = format('unknown cloud endpoint %L', p_name),
+      hint = 'Create it first with cloud.put_endpoint(...).';
   end if;
   return v_row;
 end $$;

@@ -12,6 +12,18 @@
 -- SQLSTATEs added (mirrored in listener/errors.ts):
 --   EC014  invalid provider token (empty, or already expired when stored)
 
+-- One EC001 for the functions of this and later migrations that take an
+-- endpoint name (0002, 0003 and 0005 keep their own copies: they have landed).
+create function cloud._raise_unknown_endpoint(p_name text) returns void
+language plpgsql as $$
+begin
+  raise exception using errcode = 'EC001', message = format('unknown cloud endpoint %L', p_name),
+    hint = 'Create it first with cloud.put_endpoint(...).';
+end $$;
+comment on function cloud._raise_unknown_endpoint is 'Internal: the one EC001 (unknown cloud endpoint) for functions that take an endpoint name.';
+revoke execute on function cloud._raise_unknown_endpoint(text) from public;
+grant execute on function cloud._raise_unknown_endpoint(text) to erp_cloud_operator;
+
 create table cloud.provider_token (
   endpoint    text not null references cloud.endpoint (name) on update cascade on delete cascade,
   token_key   text not null,
