@@ -18,6 +18,7 @@ export const SqlState = {
   invalidQuotaSetting: 'EC012',
   invalidSetting: 'EC013',
   invalidProviderToken: 'EC014',
+  invalidSendSlotRequest: 'EC015', // sql/migrations/0012_rate_limit_respacing.sql
   // System_Vault (sql/migrations/0004_vault.sql)
   secretNotFound: 'EC020',
   vaultKeyMismatch: 'EC021',
@@ -46,6 +47,12 @@ export const SqlState = {
   invoicingSettingInvalid: 'EI017',
   invoiceReissueRefused: 'EI018',
   invoiceRequeryRefused: 'EI019',
+  // e-invoicing validation hardening (sql/migrations/0013_invoice_validation_hardening.sql)
+  invoiceUsccForbiddenCharacter: 'EI020',
+  invoiceUsccAuthorityOrType: 'EI021',
+  invoiceUsccRegion: 'EI022',
+  invoiceTextTooLong: 'EI023',
+  invoiceTextLimitSettingInvalid: 'EI024',
   // supplier collaboration (sql/migrations/0008_supplier_collaboration.sql)
   poStatusChangeNotAllowed: 'ES001',
   poWithoutLines: 'ES002',
@@ -85,6 +92,7 @@ export const SqlState = {
   ssoTicketOtherBrowser: 'EO024',
   ssoAuditRetentionTooShort: 'EO025',
   ssoSecretGraceInvalid: 'EO026',
+  ssoThrottleInvalid: 'EO027',
 } as const;
 
 export type SqlStateName = keyof typeof SqlState;

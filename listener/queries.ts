@@ -1,6 +1,9 @@
 /** Every SQL statement the listener and the CLI send, in one place. Each calls a cloud.* function or view. */
 export const sql = {
-  claim: 'select * from cloud.claim_messages($1, $2, $3, make_interval(secs => $4::float8 / 1000))',
+  /** Each claimed message with send_by: its slot plus the endpoint's grace (cloud.send_grace); null when unlimited. */
+  claim: `select c.*, c.send_at + cloud.send_grace((select e.rate_per_s from cloud.endpoint e where e.name = c.endpoint)) as send_by
+            from cloud.claim_messages($1, $2, $3, make_interval(secs => $4::float8 / 1000)) c`,
+  takeSendSlots: 'select request_id, outcome, send_at, send_by from cloud.take_send_slots($1, $2::uuid[], make_interval(secs => $3::float8 / 1000))',
   recordAttempts: 'select request_id, status from cloud.record_attempts($1, $2::jsonb)',
   release: 'select cloud.release_messages($1, $2::uuid[]) as released',
   nextDue: 'select cloud.next_due_at($1) as at',

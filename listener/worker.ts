@@ -19,8 +19,24 @@ import type { ClaimedMessage } from './providers/index.js';
 import { sql } from './queries.js';
 import { loadVaultKey, SecretResolver } from './vault.js';
 
-/** See Worker.waitForSlot. */
-const MAX_PACING_LAG_MS = 1000;
+/**
+ * A claimed message, with the latest moment it may still be sent: its slot plus
+ * the endpoint's grace (cloud.send_grace); null when the endpoint has no rate limit.
+ */
+type Claimed = ClaimedMessage & { send_by: Date | null };
+
+/** cloud.take_send_slots's answer for one message. */
+interface SendSlot {
+  request_id: string;
+  outcome: 'slotted' | 'given_back' | 'lease_lost';
+  send_at: Date | null;
+  send_by: Date | null;
+}
+
+/** New slots start at least this far ahead: the answer's round trip on a busy host. */
+const RESLOT_LEAD_MS = 100;
+/** Slots one message may take after its first before it is given back (the lease bounds it too). */
+const MAX_RESLOTS = 3;
 const FLUSH_BATCH = 500;
 /** A retry due in weeks is looked at again within the hour (setTimeout caps at 2^31-1 ms anyway). */
 const MAX_TIMER_MS = 3_600_000;
@@ -46,8 +62,9 @@ export class Worker {
   private retryTimer: NodeJS.Timeout | null = null;
   private cronScheduled = false;
   private maintaining = false;
-  /** Per endpoint: the slot and the real send time of this listener's last rate-limited send. */
-  private readonly paced = new Map<string, { slot: number; sentAt: number }>();
+  /** Messages waiting for a new send slot; asked for together (see takeSendSlot). */
+  private reslots: Array<{ id: string; answer: (slot: SendSlot) => void }> = [];
+  private reslotting = false;
   private readonly secrets: SecretResolver;
   private dbOk = true;
   private lastDbError: string | null = null;
@@ -103,7 +120,7 @@ export class Worker {
           const room = this.config.ERP_CLOUD_CONCURRENCY - this.inflight.size;
           if (room <= 0) break;
           const want = Math.min(room, this.config.ERP_CLOUD_BATCH_SIZE);
-          const { rows } = await this.pool.query<ClaimedMessage>(sql.claim, [
+          const { rows } = await this.pool.query<Claimed>(sql.claim, [
             this.id, want, this.config.ERP_CLOUD_ENDPOINTS, this.config.ERP_CLOUD_LEASE_MARGIN_MS,
           ]);
           this.markDb(null);
@@ -121,11 +138,16 @@ export class Worker {
     }
   }
 
-  private dispatch(msg: ClaimedMessage): void {
+  private dispatch(msg: Claimed): void {
     const abort = new AbortController();
     this.inflight.set(msg.request_id, abort);
     void this.attempt(msg, abort.signal).then((result) => {
       this.inflight.delete(msg.request_id);
+      if (result === null) {
+        // not sent and not this listener's any more (given back, or its lease is gone): nothing to report
+        if (this.config.ERP_CLOUD_CONCURRENCY - this.inflight.size >= this.refillAt) this.wake();
+        return;
+      }
       if (abort.signal.aborted && result.outcome !== 'ok') {
         result.error_class = 'shutdown';
         result.error_message = `aborted: listener ${this.id} shut down before the cloud answered`;
@@ -139,48 +161,98 @@ export class Worker {
     });
   }
 
-  private async attempt(msg: ClaimedMessage, signal: AbortSignal): Promise<AttemptResult> {
+  /** One attempt, or null when the message was not sent and is no longer this listener's to report. */
+  private async attempt(msg: Claimed, signal: AbortSignal): Promise<AttemptResult | null> {
     // the allowlist as it was when the message was claimed: a change by an operator applies to the next claim
     let policy: EgressPolicy;
     try {
-      policy = policyOf({ name: msg.endpoint, base_url: msg.base_url, allow_hosts: msg.allow_hosts, allow_cidrs: msg.allow_cidrs, allow_private: msg.allow_private });
+      policy = policyOf({ name: msg.endpoint, base_url: msg.base_url, allow_hosts: msg.allow_hosts, allow_cidrs: msg.allow_cidrs, allow_private: msg.allow_private, download_hosts: msg.download_hosts });
     } catch (err) {
       // nothing went out: an endpoint whose URL cannot be read has no host to allow
       return notSent(msg, 'retryable', 'egress_policy_unavailable', `could not read the allowlist of endpoint ${msg.endpoint}: ${errText(err)}`);
     }
-    await this.waitForSlot(msg);
-    return attemptDelivery(msg, {
+    const decidedAt = await this.waitForSlot(msg, signal);
+    if (decidedAt === null) return null;
+    const result = await attemptDelivery(msg, {
       logBodyBytes: this.config.ERP_CLOUD_LOG_BODY_BYTES, signal, policy,
       context: providerContext({
         pool: this.pool, endpoint: msg.endpoint, policy, timeoutMs: msg.timeout_ms, signal,
         secret: (name) => this.secrets.resolve(name),
       }),
     });
+    // the attempt started when the listener decided it may go (within its slot's grace): what the rate limit promises
+    return { ...result, started_at: new Date(decidedAt).toISOString() };
   }
 
   /**
    * A rate-limited message waits for its slot (at most ~100 ms ahead: see
-   * cloud._take_budget). Timers that fire late together (a busy event loop)
-   * keep the gaps their slots had after this listener's previous send, so a
-   * stall delays sends instead of bunching them into a burst over the rate.
-   * The lag this carries forward is capped at MAX_PACING_LAG_MS: after a
-   * longer stall, sends follow their slots again rather than let leases run out.
-   * Messages whose slot has passed when they get here (no rate limit: the
-   * slot is the claim time) go at once.
+   * cloud._take_budget) and goes only if it is still within the endpoint's
+   * grace (send_by). Later than that (timers fired late: a stalled event loop,
+   * a loaded host) its slot may already be another listener's turn, so it is
+   * not sent late: it takes a new slot from the shared bucket
+   * (cloud.take_send_slots), at most MAX_RESLOTS times and only while this
+   * listener holds its lease. Returns the moment it decided the message may go,
+   * or null when it was given back unsent or is no longer this listener's.
    */
-  private async waitForSlot(msg: ClaimedMessage): Promise<void> {
-    const slot = msg.send_at.getTime();
-    if (slot <= Date.now()) return;
-    for (let i = 0; i < 20; i++) {
-      const prev = this.paced.get(msg.endpoint);
-      const lag = prev ? prev.sentAt - prev.slot : 0;
-      const at = prev && slot > prev.slot && lag <= MAX_PACING_LAG_MS ? Math.max(slot, prev.sentAt + (slot - prev.slot)) : slot;
-      const wait = at - Date.now();
-      if (wait <= 0) break;
-      await sleep(wait);
+  private async waitForSlot(msg: Claimed, signal: AbortSignal): Promise<number | null> {
+    let slot = msg.send_at.getTime();
+    let by = msg.send_by?.getTime() ?? null;
+    for (let reslots = 0; ; reslots++) {
+      for (let now = Date.now(); now < slot && !signal.aborted; now = Date.now()) await sleep(slot - now, signal);
+      if (signal.aborted) return this.giveBack(msg, 'the listener is shutting down');
+      const now = Date.now();
+      if (by === null || now <= by) return now; // no await between this check and the send
+      if (reslots === MAX_RESLOTS) return this.giveBack(msg, `its send slot passed ${MAX_RESLOTS + 1} times`);
+      const next = await this.takeSendSlot(msg.request_id);
+      if (next.outcome !== 'slotted' || !next.send_at) {
+        this.log.info({ request_id: msg.request_id, endpoint: msg.endpoint, outcome: next.outcome }, 'send slot passed; not sent');
+        if (next.outcome === 'given_back') this.wake();
+        return null;
+      }
+      slot = next.send_at.getTime();
+      by = next.send_by?.getTime() ?? null;
     }
-    const prev = this.paced.get(msg.endpoint);
-    if (!prev || slot > prev.slot) this.paced.set(msg.endpoint, { slot, sentAt: Date.now() });
+  }
+
+  /** Asks for a new send slot; every message that asks in the same turn of the event loop is asked for in one call. */
+  private takeSendSlot(id: string): Promise<SendSlot> {
+    return new Promise((answer) => {
+      this.reslots.push({ id, answer });
+      if (this.reslotting) return;
+      this.reslotting = true;
+      setImmediate(() => void this.flushReslots());
+    });
+  }
+
+  private async flushReslots(): Promise<void> {
+    while (this.reslots.length > 0) {
+      const batch = this.reslots.splice(0, 1000);
+      let rows: SendSlot[] = [];
+      try {
+        rows = (await this.pool.query<SendSlot>(sql.takeSendSlots, [this.id, batch.map((b) => b.id), RESLOT_LEAD_MS])).rows;
+        this.markDb(null);
+      } catch (err) {
+        // no new slot, so no send: the leases run out and the messages are retried (cloud.reap_expired_leases)
+        this.markDb(err);
+        this.log.warn({ err: errText(err), messages: batch.length }, 'could not take new send slots; the messages wait for their leases to expire');
+      }
+      const byId = new Map(rows.map((r) => [r.request_id, r]));
+      for (const b of batch) b.answer(byId.get(b.id) ?? { request_id: b.id, outcome: 'lease_lost', send_at: null, send_by: null });
+    }
+    this.reslotting = false;
+  }
+
+  /** Gives a message back unsent (pending, due now). Always null: the message does not go. */
+  private async giveBack(msg: Claimed, why: string): Promise<null> {
+    try {
+      await this.pool.query(sql.release, [this.id, [msg.request_id]]);
+      this.log.info({ request_id: msg.request_id, endpoint: msg.endpoint }, `given back unsent: ${why}`);
+      this.wake();
+    } catch (err) {
+      this.markDb(err);
+      this.log.warn({ err: errText(err), request_id: msg.request_id }, 'could not give a message back; its lease expires on its own');
+    }
+    return null;
   }
 
   /** Reports finished attempts in batches; while one report is running the next batch accumulates. */
@@ -309,8 +381,16 @@ export class Worker {
   }
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((r) => {
+    const t = setTimeout(done, ms);
+    signal?.addEventListener('abort', done, { once: true });
+    function done() {
+      clearTimeout(t);
+      signal?.removeEventListener('abort', done);
+      r();
+    }
+  });
 }
 
 function errText(err: unknown): string {

@@ -28,7 +28,9 @@ beforeEach(async () => {
   sim.reset();
   await db.pool.query(`truncate cloud.outbox, cloud.log, cloud.replay_audit, cloud.listener`);
   await db.pool.query(`delete from cloud.endpoint`);
-  await db.pool.query(`select cloud.put_endpoint('hook', $1, p_timeout_ms => 1000, p_max_attempts => 5, p_backoff_base_ms => 1000, p_backoff_cap_ms => 60000)`, [`${sim.url}/webhook`]);
+  // a timeout far above any answer on a loaded machine: these tests count requests and attempts, and a retry
+  // after a timeout would be a second one (the test about timeouts sets its own)
+  await db.pool.query(`select cloud.put_endpoint('hook', $1, p_timeout_ms => 10000, p_max_attempts => 5, p_backoff_base_ms => 1000, p_backoff_cap_ms => 60000)`, [`${sim.url}/webhook`]);
   await db.pool.query(`select cloud.put_endpoint_allowlist('hook', '{}', '{}', true)`); // the simulator is on 127.0.0.1
 });
 
@@ -71,10 +73,10 @@ describe('delivery', () => {
     const at = sim.requests().map((r) => r.at);
     expect(at).toHaveLength(4);
     const gaps = at.slice(1).map((t, i) => (t - at[i]!) / 1000);
+    // lower bounds only: a loaded machine can only add to a wait (the delays' upper bounds are
+    // cloud.compute_backoff_delay's, checked without a clock in engine.test.ts)
     expect(gaps[0]).toBeGreaterThanOrEqual(0.8);
-    expect(gaps[0]).toBeLessThan(1.2 + 0.5);
     expect(gaps[1]).toBeGreaterThanOrEqual(1.6);
-    expect(gaps[1]).toBeLessThan(2.4 + 0.5);
     expect(gaps[2]).toBeGreaterThanOrEqual(3.0); // Retry-After: 3 beats the 4 s ± 20 % backoff's low end
     const log = await db.pool.query(`select attempt, outcome, http_status, error_class from cloud.log where request_id = $1 order by attempt`, [id]);
     expect(log.rows).toEqual([
@@ -113,9 +115,10 @@ describe('delivery', () => {
   });
 
   it('timeouts and dropped connections are retried and the cloud sees one effect', async () => {
-    await db.pool.query(`update cloud.endpoint set timeout_ms = 300, backoff_base_ms = 50, backoff_cap_ms = 100`);
+    // 2 s: the held request times out, while the 50 ms answer is in time even on a loaded machine
+    await db.pool.query(`update cloud.endpoint set timeout_ms = 2000, backoff_base_ms = 50, backoff_cap_ms = 100`);
     await listen();
-    sim.setFaults({ schedule: [{ kind: 'timeout', ms: 2000 }, { kind: 'drop' }, { kind: 'slow', ms: 50 }] });
+    sim.setFaults({ schedule: [{ kind: 'timeout', ms: 10_000 }, { kind: 'drop' }, { kind: 'slow', ms: 50 }] });
     const id = await enqueue({ n: 1 });
     await waitFor(async () => (await statusOf(id)) === 'sent', { what: 'sent' });
     const log = await db.pool.query(`select outcome, error_class from cloud.log where request_id = $1 order by attempt`, [id]);

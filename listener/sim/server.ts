@@ -139,6 +139,12 @@ export interface SimOptions {
 export interface RateLimit {
   perSecond: number;
   burst: number;
+  /**
+   * Delay variation the gateway forgives (default 0): a request may arrive up
+   * to this many ms before its token is due, as real gateways allow for jitter
+   * on the way (the bucket then holds burst + perSecond × toleranceMs / 1000).
+   */
+  toleranceMs?: number;
 }
 
 export interface SimServer {
@@ -496,7 +502,12 @@ function formatUrl(host: string, port: number): string {
   return `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
 }
 
-/** The simulated gateway's token bucket (null = no limit). */
+/**
+ * The simulated gateway's token bucket (null = no limit). It measures each
+ * request at its arrival (when its headers came in), not when its body has been
+ * read: a body that takes a while must not make requests look bunched. Requests
+ * admitted out of arrival order never refill the bucket backwards.
+ */
 class RateGate {
   private tokens = 0;
   private at = now();
@@ -505,14 +516,19 @@ class RateGate {
   }
   set(limit: RateLimit | null): void {
     this.limit = limit;
-    this.tokens = limit?.burst ?? 0;
+    this.tokens = limit ? this.capacity(limit) : 0;
     this.at = now();
   }
-  admit(): boolean {
+  private capacity(limit: RateLimit): number {
+    return limit.burst + (limit.perSecond * (limit.toleranceMs ?? 0)) / 1000;
+  }
+  /** `arrivedAt`: when the request arrived (epoch ms, as now()). */
+  admit(arrivedAt: number): boolean {
     if (!this.limit) return true;
-    const t = now();
-    this.tokens = Math.min(this.limit.burst, this.tokens + ((t - this.at) / 1000) * this.limit.perSecond);
-    this.at = t;
+    if (arrivedAt > this.at) {
+      this.tokens = Math.min(this.capacity(this.limit), this.tokens + ((arrivedAt - this.at) / 1000) * this.limit.perSecond);
+      this.at = arrivedAt;
+    }
     if (this.tokens < 1) return false;
     this.tokens -= 1;
     return true;
@@ -573,8 +589,9 @@ export async function startSim(opts: SimOptions = {}): Promise<SimServer> {
         return jsonAnswer(200, { ok: true });
       case 'POST rate-limit': {
         const limit = body as RateLimit | null;
-        if (limit !== null && !(isRecord(limit) && limit.perSecond > 0 && limit.burst >= 1)) {
-          return jsonAnswer(400, { error: 'invalid_rate_limit', message: 'give {perSecond > 0, burst >= 1} or null' });
+        if (limit !== null && !(isRecord(limit) && limit.perSecond > 0 && limit.burst >= 1
+                                && (limit.toleranceMs === undefined || isNonNegativeNumber(limit.toleranceMs)))) {
+          return jsonAnswer(400, { error: 'invalid_rate_limit', message: 'give {perSecond > 0, burst >= 1, toleranceMs >= 0 (optional)} or null' });
         }
         gate.set(limit);
         return jsonAnswer(200, { ok: true });
@@ -662,7 +679,7 @@ export async function startSim(opts: SimOptions = {}): Promise<SimServer> {
     const fault = faults.next(key, path);
     record.fault = fault?.kind ?? null;
     if (fault && (await applyFault(fault, req, res, record))) return;
-    if (!gate.admit()) {
+    if (!gate.admit(arrivedAt)) {
       record.fault = 'rate_limited';
       send(res, record, jsonAnswer(429, { error: 'rate_limited' }, { 'retry-after': '1' }));
       return;
