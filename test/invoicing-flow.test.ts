@@ -121,6 +121,20 @@ describe('an approved settlement', () => {
     }
   });
 
+  it('of 300 lines of 1.00 at 13% is split so the platform, which refuses an invoice over the 1.27 tolerance, issues every part', async () => {
+    await configureTax(db.pool, sim.url, APP_KEY, { maxLines: 2000 });
+    const c = await customer(db.pool);
+    const s = await settlement(db.pool, c, Array.from({ length: 300 }, (_, i) => ({ item: `配件${i + 1}`, code: OATS, rate: 0.13, amount: '1.00', qty: '1.0000000000', price: '1.0000000000' })));
+    await approve(db.pool, s.id);
+    const invs = await settled(s.id, 2);
+    expect(invs.map((i) => [i.invoice_status, i.error_code])).toEqual([['issued', null], ['issued', null]]);
+    expect(invs.reduce((sum, i) => sum + Math.round(Number(i.amount_incl_tax) * 100), 0)).toBe(300_00);
+    // the platform's own totals agree, one invoice per orderNo
+    const platform = invs.flatMap((i) => simInvoicesFor(i.order_no));
+    expect(platform).toHaveLength(2);
+    expect(platform.reduce((sum, p) => sum + Math.round(Number(p.orderAmount) * 100), 0)).toBe(300_00);
+  });
+
   it('for a customer invoiced on shipment is issued on posting through the cloud, not on approval', async () => {
     const c = await customer(db.pool, { invoiceOn: 'shipment' });
     const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 53 }]);

@@ -158,8 +158,10 @@ describe('validation stops the approval with its SQLSTATE; nothing is enqueued a
     ['more than 8 decimals in a price', SqlState.invoiceLineAmountInvalid, { lines: [{ item: '精度', qty: 1, price: '10.123456789', amount: 10.12 }] }],
     ['no lines at all', SqlState.invoiceLinesMissingOrTooMany, { lines: [] }],
     ['a line tax more than 0.06 off', SqlState.invoiceLineTaxTolerance, { lines: [{ item: '税错', amount: 106, tax: 6.07 }] }],
-    ['line taxes within 0.06 each but more than 1.27 off in total', SqlState.invoiceTotalTaxTolerance,
-      { lines: Array.from({ length: 25 }, (_, i) => ({ item: `行${i + 1}`, amount: 106, tax: 6.05 })) }],
+    ['a USCC with a letter GB 32100 never uses (O for 0)', SqlState.invoiceUsccForbiddenCharacter, { taxId: '91330106MA2AYNWD8O' }],
+    ['a USCC whose registration authority does not exist', SqlState.invoiceUsccAuthorityOrType, { taxId: '01330106MA2AYNWD8M' }],
+    ['a USCC whose region code is no province', SqlState.invoiceUsccRegion, { taxId: '91990106MA2AYNWD8M' }],
+    ['an item name longer than the platform takes', SqlState.invoiceTextTooLong, { lines: [{ item: '长'.repeat(1000), amount: 10 }] }],
     ['a buyer without a name', SqlState.invoiceBuyerNameMissing, { name: ' ' }],
     ['a 数电专票 for a buyer without a tax id', SqlState.invoiceSpecialNeedsTaxId, { taxId: null, kind: 'special' }],
   ];

@@ -1,5 +1,8 @@
 import { describe, it, expect, beforeAll, afterAll, beforeEach } from 'vitest';
+import { randomBytes } from 'node:crypto';
 import { startSim, webhookRoutes, type SimServer, type SimRoute, type FaultPlan } from '../listener/sim/index.js';
+import { startNuonuoSim, type NuonuoSim } from '../listener/sim/nuonuo.js';
+import { nuonuoSign } from '../listener/providers/nuonuo.js';
 
 /** POSTs JSON with an optional Idempotency-Key; every call is bounded so a hung server fails the test fast. */
 async function post(base: string, path: string, body: unknown, key?: string, timeoutMs = 2_000): Promise<Response> {
@@ -317,5 +320,98 @@ describe('cloud simulator framework', () => {
     await held.close();
     expect(performance.now() - started).toBeLessThan(500);
     expect(await pending).toBeInstanceOf(TypeError);
+  });
+});
+
+describe('the Nuonuo simulator', () => {
+  const appKey = 'sim-settings-app';
+  const appSecret = randomBytes(12).toString('hex');
+  let nn: NuonuoSim;
+  const settingsUrl = () => `${nn.url}/__nuonuo/settings`;
+  const getSettings = async () => (await (await fetch(settingsUrl(), { signal: AbortSignal.timeout(2_000) })).json()) as { settings: Record<string, unknown> };
+  const postRaw = (body: string) => fetch(settingsUrl(), { method: 'POST', headers: { 'content-type': 'application/json' }, body, signal: AbortSignal.timeout(2_000) });
+
+  beforeAll(async () => {
+    nn = await startNuonuoSim({ appKey, appSecret, issueDelayMs: 20 });
+  });
+  afterAll(async () => {
+    await nn.close();
+  });
+
+  it('GET /__nuonuo/settings returns the current settings; POST changes only the keys it names', async () => {
+    expect((await getSettings()).settings).toEqual({ issueDelayMs: 20, rejectBuyers: {}, pdfUrlOverride: null, pdfRedirectTo: null, signFailBuyers: [], redAwaitBuyer: false });
+    const res = await postRaw(JSON.stringify({ issueDelayMs: 0, rejectBuyers: { '91330106MA2AYNWD8M': '不存在' }, redAwaitBuyer: true }));
+    expect(res.status).toBe(200);
+    expect((await getSettings()).settings).toEqual({ issueDelayMs: 0, rejectBuyers: { '91330106MA2AYNWD8M': '不存在' }, pdfUrlOverride: null,
+      pdfRedirectTo: null, signFailBuyers: [], redAwaitBuyer: true });
+    expect((await postRaw(JSON.stringify({ issueDelayMs: 20, rejectBuyers: {}, redAwaitBuyer: false }))).status).toBe(200);
+  });
+
+  it('POST /__nuonuo/settings refuses nonsense with 400 naming the field, and changes nothing', async () => {
+    const before = await getSettings();
+    const bad: Array<[string, string]> = [
+      [JSON.stringify({ issueDelayMs: -100 }), 'issueDelayMs'],
+      [JSON.stringify({ issueDelayMs: 'abc' }), 'issueDelayMs'],
+      [JSON.stringify({ issueDelayMs: 1.5 }), 'issueDelayMs'],
+      [JSON.stringify({ issueDelayMs: 10_000_000 }), 'issueDelayMs'],
+      [JSON.stringify({ issueDelay: 5 }), 'issueDelay'],
+      [JSON.stringify({ issueDelayMs: 5, colour: 'red' }), 'colour'],
+      [JSON.stringify({ rejectBuyers: ['91330106MA2AYNWD8M'] }), 'rejectBuyers'],
+      [JSON.stringify({ rejectBuyers: { '91330106MA2AYNWD8M': 7 } }), 'rejectBuyers.91330106MA2AYNWD8M'],
+      [JSON.stringify({ pdfUrlOverride: 'not a url' }), 'pdfUrlOverride'],
+      [JSON.stringify({ pdfRedirectTo: 42 }), 'pdfRedirectTo'],
+      [JSON.stringify({ signFailBuyers: 'x' }), 'signFailBuyers'],
+      [JSON.stringify({ redAwaitBuyer: 'yes' }), 'redAwaitBuyer'],
+      [JSON.stringify([1, 2]), '(body)'],
+      ['"issueDelayMs"', '(body)'],
+    ];
+    for (const [body, field] of bad) {
+      const res = await postRaw(body);
+      expect(res.status, body).toBe(400);
+      const answer = (await res.json()) as { error: string; issues: Array<{ field: string; message: string }> };
+      expect(answer.error, body).toBe('invalid_settings');
+      expect(answer.issues.map((i) => i.field), body).toContain(field);
+    }
+    expect(await getSettings()).toEqual(before);
+  });
+
+  /** One signed requestBillingNew, then the platform's verdict once it is final (bounded wait). */
+  async function issueOn(order: Record<string, unknown>): Promise<{ status: string; failCause: string }> {
+    const tokenRes = await fetch(`${nn.url}/accessToken`, {
+      method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      body: new URLSearchParams({ client_id: appKey, client_secret: appSecret, grant_type: 'client_credentials' }).toString(), signal: AbortSignal.timeout(2_000),
+    });
+    const { access_token: token } = (await tokenRes.json()) as { access_token: string };
+    const orderNo = randomBytes(10).toString('hex');
+    const body = JSON.stringify({ order: { orderNo, buyerName: '华东机电有限公司', salerTaxNum: '339902999999789113', ...order } });
+    const senid = randomBytes(16).toString('hex');
+    const nonce = '12345678';
+    const timestamp = String(Math.floor(Date.now() / 1000));
+    const res = await fetch(`${nn.url}/open/v1/services?senid=${senid}&nonce=${nonce}&timestamp=${timestamp}&appkey=${appKey}`, {
+      method: 'POST', body, signal: AbortSignal.timeout(5_000),
+      headers: { 'content-type': 'application/json', accessToken: token, method: 'nuonuo.OpeMplatform.requestBillingNew',
+        'x-nuonuo-sign': nuonuoSign({ appSecret, appKey, senid, nonce, timestamp, body }) },
+    });
+    expect(((await res.json()) as { code: string }).code).toBe('E0000');
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      const inv = nn.invoices().find((i) => i.orderNo === orderNo);
+      if (inv && inv.status !== '20') return inv;
+      if (Date.now() > deadline) throw new Error('the simulator never finished the invoice');
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+
+  const oneYuan = (n: number, goodsName = '配件') => Array.from({ length: n }, () => ({
+    goodsName, goodsCode: '1010101070000000000', taxRate: '0.13', taxExcludedAmount: '0.88', tax: '0.12', taxIncludedAmount: '1.00', withTaxFlag: '1',
+  }));
+
+  it('like the platform, fails an invoice over the 1.27 tolerance, a text over its length or more than 8 decimals, and issues one within them', async () => {
+    expect(await issueOn({ invoiceDetail: oneYuan(226) })).toMatchObject({ status: '2' });
+    expect(await issueOn({ invoiceDetail: oneYuan(227) })).toMatchObject({ status: '22', failCause: expect.stringContaining('1.27') });
+    expect(await issueOn({ invoiceDetail: oneYuan(1, '中'.repeat(90)) })).toMatchObject({ status: '2' });
+    expect(await issueOn({ invoiceDetail: oneYuan(1, '中'.repeat(91)) })).toMatchObject({ status: '22', failCause: expect.stringContaining('goodsName') });
+    expect(await issueOn({ invoiceDetail: oneYuan(1), buyerAddress: '中'.repeat(60), buyerTel: '8'.repeat(41) })).toMatchObject({ status: '22' });
+    expect(await issueOn({ invoiceDetail: [{ ...oneYuan(1)[0], num: '1.000000001', price: '1' }] })).toMatchObject({ status: '22' });
   });
 });

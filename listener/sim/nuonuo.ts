@@ -7,7 +7,8 @@
  *                            (070601) checked; methods by the `method` header:
  *     *.requestBillingNew          orderNo is the idempotency key (E9106 on a resubmit); issues asynchronously:
  *                                  status 20 for issueDelayMs, then 2 (number, PDF) or 22 with a fail cause
- *                                  when the data is wrong (tax error over 0.06, totals, a buyer the bureau refuses),
+ *                                  when the data is wrong (line tax error over 0.06, invoice tax error over 1.27,
+ *                                  totals, a text over its documented length, more than 8 decimals, a buyer the bureau refuses),
  *                                  or 24 (signing failed) for signFailBuyers until reInvoice
  *     nuonuo.OpeMplatform.reInvoice retries the signature of a 24 invoice by serial no. (fpqqlsh)
  *     *.queryInvoiceResult         by serialNos or orderNos (E9500 when none is known)
@@ -15,12 +16,16 @@
  *     *.queryInvoiceRedConfirm     is 04 and the red invoice is issued (or 02 forever with redAwaitBuyer);
  *                                  forms of one blue invoice must not overlap in lines
  *   GET  /files/<no>.pdf     the invoice's PDF (made with pdf-lib, carrying the invoice number)
- *   POST /__nuonuo/settings  {issueDelayMs, rejectBuyers: {taxNum: cause}, pdfUrlOverride, pdfRedirectTo, signFailBuyers, redAwaitBuyer}
+ *   POST /__nuonuo/settings  {issueDelayMs, rejectBuyers: {taxNum: cause}, pdfUrlOverride, pdfRedirectTo, signFailBuyers, redAwaitBuyer}:
+ *                            the settings given change, the others keep their values; an unknown key or a bad value
+ *                            is refused with 400 {error: 'invalid_settings', issues: [{field, message}]} and changes nothing
+ *   GET  /__nuonuo/settings  the current settings
  *   GET  /__nuonuo/invoices  the invoices issued (the "ledger" tests count)
  * When an order carries callBackUrl, the simulator posts the form-encoded callback there once the result is final.
  */
 import { createHmac, randomBytes } from 'node:crypto';
 import { PDFDocument, StandardFonts } from 'pdf-lib';
+import { z } from 'zod';
 import { startSim, type RouteContext, type RouteResult, type SimServer } from './server.js';
 
 export interface NuonuoSimOptions {
@@ -91,6 +96,28 @@ function signOf(secret: string, appKey: string, path: string, q: URLSearchParams
   const pieces = path.split('/');
   const msg = `a=${pieces[3] ?? ''}&l=${pieces[2] ?? ''}&p=${pieces[1] ?? ''}&k=${appKey}&i=${q.get('senid') ?? ''}&n=${q.get('nonce') ?? ''}&t=${q.get('timestamp') ?? ''}&f=${body}`;
   return createHmac('sha1', secret).update(msg, 'utf8').digest('base64');
+}
+
+/** What POST /__nuonuo/settings takes: every key optional, none unknown (a typo must not pass as "no change"). */
+const settingsPatch = z.strictObject({
+  // a delay the simulator can schedule: whole milliseconds, up to 10 minutes
+  issueDelayMs: z.number().int().min(0).max(600_000),
+  rejectBuyers: z.record(z.string().min(1), z.string().min(1)),
+  pdfUrlOverride: z.string().url().nullable(),
+  pdfRedirectTo: z.string().url().nullable(),
+  signFailBuyers: z.array(z.string().min(1)),
+  redAwaitBuyer: z.boolean(),
+}).partial();
+
+/** requestBillingNew lengths (诺税通 doc), counted in characters as the 数电 platform counts them. */
+const ORDER_TEXT_LIMITS: Record<string, number> = {
+  buyerName: 100, buyerTel: 50, buyerAddress: 80, buyerAccount: 100, salerTel: 20, salerAddress: 80, salerAccount: 100,
+  email: 50, clerk: 20, remark: 200,
+};
+const DETAIL_TEXT_LIMITS: Record<string, number> = { goodsName: 90, specType: 40, unit: 20 };
+
+function chars(v: unknown): number {
+  return typeof v === 'string' ? [...v].length : 0;
 }
 
 function cents(v: unknown): number {
@@ -186,14 +213,26 @@ export async function startNuonuoSim(o: NuonuoSimOptions): Promise<NuonuoSim> {
   function dataProblem(order: Obj, details: Obj[]): string | null {
     const buyer = typeof order.buyerTaxNum === 'string' ? order.buyerTaxNum : '';
     if (buyer && settings.rejectBuyers[buyer]) return settings.rejectBuyers[buyer]!;
+    for (const [key, max] of Object.entries(ORDER_TEXT_LIMITS)) {
+      if (chars(order[key]) > max) return `${key}长度超过${max}个字符`;
+    }
+    if (chars(order.buyerAddress) + chars(order.buyerTel) > 100) return '购方地址+电话总共不能超过100个字符';
+    let deviation = 0;
     for (const [i, d] of details.entries()) {
       const ex = cents(d.taxExcludedAmount);
       const tax = cents(d.tax);
       const inc = cents(d.taxIncludedAmount);
       if (!/^\d{19}$/.test(String(d.goodsCode ?? ''))) return `第${i + 1}行商品编码不合法`;
+      for (const [key, max] of Object.entries(DETAIL_TEXT_LIMITS)) {
+        if (chars(d[key]) > max) return `第${i + 1}行${key}长度超过${max}个字符`;
+      }
+      if ([d.num, d.price].some((v) => typeof v === 'string' && /\.\d{9,}$/.test(v))) return `第${i + 1}行单价或数量超过8位小数`;
       if (ex + tax !== inc) return `第${i + 1}行价税合计不一致`;
       if (Math.abs(tax - ex * Number(d.taxRate)) > 6) return `第${i + 1}行税额误差大于6分钱`;
+      deviation += tax - ex * Number(d.taxRate);
     }
+    // the whole invoice: Σ(tax − excl × rate) within 1.27 (127 fen; a hair of float slack)
+    if (Math.abs(deviation) > 127 + 1e-6) return '整张发票税额误差大于1.27元，建议拆分开票';
     return null;
   }
 
@@ -349,9 +388,21 @@ export async function startNuonuoSim(o: NuonuoSimOptions): Promise<NuonuoSim> {
 
   function control(ctx: RouteContext): RouteResult {
     if (ctx.method === 'GET') return { status: 200, body: { invoices: [...byOrder.values()], tokenCalls } };
-    const b = (ctx.body ?? {}) as Partial<NuonuoSimSettings>;
-    Object.assign(settings, b);
+    const parsed = settingsPatch.safeParse(ctx.body ?? {});
+    if (!parsed.success) {
+      const issues = parsed.error.issues.map((i) => ({
+        // an unknown key is reported under its own name, not under the object's (empty) path
+        field: i.code === 'unrecognized_keys' ? i.keys.join(', ') : i.path.join('.') || '(body)',
+        message: i.message,
+      }));
+      return { status: 400, body: { error: 'invalid_settings', issues } };
+    }
+    Object.assign(settings, parsed.data);
     return { status: 200, body: { ok: true, settings } };
+  }
+
+  function currentSettings(): RouteResult {
+    return { status: 200, body: { settings } };
   }
 
   const sim = await startSim({
@@ -364,6 +415,7 @@ export async function startNuonuoSim(o: NuonuoSimOptions): Promise<NuonuoSim> {
       { method: 'POST', path: '/open/v1/services', handler: gateway, idempotent: false },
       { method: 'GET', path: /^\/files\//, handler: file, idempotent: false },
       { method: 'POST', path: '/__nuonuo/settings', handler: control, idempotent: false },
+      { method: 'GET', path: '/__nuonuo/settings', handler: currentSettings, idempotent: false },
       { method: 'GET', path: '/__nuonuo/invoices', handler: control, idempotent: false },
     ],
   });

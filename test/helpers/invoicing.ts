@@ -10,6 +10,7 @@ export interface Line {
   price?: number | string | null;
   tax?: number | string | null;
   unit?: string | null;
+  spec?: string | null;
 }
 
 export const OATS = '1010101070000000000';
@@ -17,11 +18,37 @@ export const SOFTWARE = '3040201030000000000';
 /** Valid USCCs (reference §3.1). */
 export const USCC_OK = ['91330106MA2AYNWD8M', '91350100M000100Y43', '91440101MA5APD8X8J', '91310230674560485R'];
 
-export async function customer(pool: pg.Pool, o: { name?: string; taxId?: string | null; invoiceOn?: string; email?: string | null; override?: boolean } = {}): Promise<number> {
+/** GB 32100 character set (no I, O, S, V, Z) and the check character of the first 17 (reference §3.1). */
+const USCC_CHARS = '0123456789ABCDEFGHJKLMNPQRTUWXY';
+export function withUsccCheckDigit(first17: string): string {
+  let sum = 0;
+  let w = 1;
+  for (let i = 0; i < 17; i++) {
+    sum += USCC_CHARS.indexOf(first17[i]!) * w;
+    w = (w * 3) % 31;
+  }
+  return first17 + USCC_CHARS[(31 - (sum % 31)) % 31];
+}
+
+export interface CustomerOptions {
+  name?: string;
+  taxId?: string | null;
+  invoiceOn?: string;
+  email?: string | null;
+  override?: boolean;
+  address?: string | null;
+  phone?: string | null;
+  bankName?: string | null;
+  bankAccount?: string | null;
+}
+
+export async function customer(pool: pg.Pool, o: CustomerOptions = {}): Promise<number> {
   const { rows } = await pool.query(
     `insert into erp.customer (name, tax_id, invoice_on, email, tax_id_check_override, address, phone, bank_name, bank_account)
-     values ($1, $2, $3, $4, $5, '杭州市西湖区文三路 1 号', '0571-88888888', '工商银行杭州分行', '1202020209900000001') returning id`,
-    [o.name ?? '华东机电有限公司', o.taxId === undefined ? USCC_OK[0] : o.taxId, o.invoiceOn ?? 'settlement', o.email ?? null, o.override ?? false]);
+     values ($1, $2, $3, $4, $5, $6, $7, $8, $9) returning id`,
+    [o.name ?? '华东机电有限公司', o.taxId === undefined ? USCC_OK[0] : o.taxId, o.invoiceOn ?? 'settlement', o.email ?? null, o.override ?? false,
+      o.address === undefined ? '杭州市西湖区文三路 1 号' : o.address, o.phone === undefined ? '0571-88888888' : o.phone,
+      o.bankName === undefined ? '工商银行杭州分行' : o.bankName, o.bankAccount === undefined ? '1202020209900000001' : o.bankAccount]);
   return Number(rows[0].id);
 }
 
@@ -30,14 +57,14 @@ let docSeq = 0;
 async function addLines(pool: pg.Pool, table: string, fk: string, id: number, lines: Line[]): Promise<void> {
   for (const [i, l] of lines.entries()) {
     await pool.query(
-      `insert into erp.${table} (${fk}, line_no, item_name, tax_code, unit, quantity, unit_price, amount, tax_rate, tax_amount)
-       values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`,
-      [id, i + 1, l.item, l.code ?? SOFTWARE, l.unit ?? null, l.qty ?? null, l.price ?? null, l.amount, l.rate ?? 0.06, l.tax ?? null]);
+      `insert into erp.${table} (${fk}, line_no, item_name, tax_code, unit, quantity, unit_price, amount, tax_rate, tax_amount, spec)
+       values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`,
+      [id, i + 1, l.item, l.code ?? SOFTWARE, l.unit ?? null, l.qty ?? null, l.price ?? null, l.amount, l.rate ?? 0.06, l.tax ?? null, l.spec ?? null]);
   }
 }
 
-export async function settlement(pool: pg.Pool, customerId: number, lines: Line[], kind: 'normal' | 'special' = 'normal'): Promise<{ id: number; no: string }> {
-  const no = `JS-${process.pid}-${++docSeq}`;
+export async function settlement(pool: pg.Pool, customerId: number, lines: Line[], kind: 'normal' | 'special' = 'normal', o: { no?: string } = {}): Promise<{ id: number; no: string }> {
+  const no = o.no ?? `JS-${process.pid}-${++docSeq}`;
   const { rows } = await pool.query(`insert into erp.settlement (settlement_no, customer_id, invoice_kind) values ($1, $2, $3) returning id`, [no, customerId, kind]);
   const id = Number(rows[0].id);
   await addLines(pool, 'settlement_line', 'settlement_id', id, lines);
