@@ -341,21 +341,6 @@ describe('operations', () => {
     }, false);
   });
 
-  it('every public function, table, view and type in schema cloud has a comment', async () => {
-    const { rows } = await q(`
-      select 'function ' || p.oid::regprocedure::text as obj from pg_proc p
-       where p.pronamespace = 'cloud'::regnamespace and p.proname !~ '^_' and obj_description(p.oid, 'pg_proc') is null
-      union all
-      select 'relation ' || c.relname from pg_class c
-       where c.relnamespace = 'cloud'::regnamespace and c.relkind in ('r', 'v', 'p') and c.relname !~ '^(_|log_)'
-         and obj_description(c.oid, 'pg_class') is null
-      union all
-      select 'type ' || t.typname from pg_type t
-       where t.typnamespace = 'cloud'::regnamespace and t.typtype = 'c' and t.typrelid in (select oid from pg_class where relkind = 'c')
-         and obj_description(t.oid, 'pg_type') is null`);
-    expect(rows).toEqual([]);
-  });
-
   it('no function in schema cloud is executable by PUBLIC', async () => {
     const { rows } = await q(`
       select p.oid::regprocedure::text as fn from pg_proc p

@@ -97,7 +97,7 @@ describe('provider tokens', () => {
     expect(await sqlstateOf(db.pool.query(`select cloud.store_provider_token('tax', 'k', 'abc', now() - interval '1 second')`)))
       .toBe(SqlState.invalidProviderToken);
     const ctx = ctxFor(db.pool);
-    await expect(ctx.token('k', async () => ({ token: '', expiresAt: new Date(Date.now() + 3600_000) }))).rejects.toThrow(/empty or already expired/);
+    await expect(ctx.token('k', async () => ({ token: '', expiresAt: new Date(Date.now() + 3600_000) }))).rejects.toThrow(/empty, without a key, or already expired/);
     expect((await db.pool.query(`select count(*)::int as n from cloud.provider_token`)).rows[0].n).toBe(0);
   });
 

@@ -89,6 +89,26 @@ describe('ASNs from the cloud\'s middle database (postgres_fdw)', () => {
     expect((await db.pool.query(`select count(*)::int n from scm.asn_quarantine`)).rows[0].n).toBe(3);
   });
 
+  it('setup step 2 run again replaces the mapping and the copy keeps working; a missing server or role, an empty password are ES005 naming them', async () => {
+    const user = decodeURIComponent(new URL(db.url).username) || 'postgres';
+    await db.pool.query(`select scm.create_shared_asn_user_mapping('yonbip_middle', $1)`, [user]);
+    expect((await db.pool.query(`select count(*)::int n from pg_user_mappings where srvname = 'yonbip_middle'`)).rows[0].n).toBe(1);
+    await ship('ASN-R1', 1);
+    expect(await copy()).toBe(1);
+    for (const [args, named] of [
+      [['nosuch_middle', user, null, null], 'nosuch_middle'],
+      [['yonbip_middle', user, 'pw-0123456789', 'nosuch_role'], 'nosuch_role'],
+      [['yonbip_middle', user, '', null], 'yonbip_middle'],
+      [['yonbip_middle', '', 'pw-0123456789', null], 'yonbip_middle'],
+    ] as const) {
+      const err = await db.pool.query(`select scm.create_shared_asn_user_mapping($1, $2, $3, $4)`, [...args]).then(() => null, (e: unknown) => e as { code: string; message: string });
+      expect(err?.code, JSON.stringify(args)).toBe(SqlState.sharedDbSetupRefused);
+      expect(err!.message).toContain(named);
+      expect(JSON.stringify(err)).not.toContain('pw-0123456789');
+    }
+    expect((await db.pool.query(`select count(*)::int n from pg_user_mappings where srvname = 'yonbip_middle'`)).rows[0].n).toBe(1);
+  });
+
   it('setup refuses what postgres_fdw would refuse later: odd names, a password-less mapping made by a non-superuser', async () => {
     expect(await sqlstateOf(db.pool.query(`select scm.create_shared_asn_server('Bad Name', 'h', 5432, 'd')`))).toBe(SqlState.sharedDbSetupRefused);
     expect(await sqlstateOf(db.pool.query(`select scm.create_shared_asn_foreign_table('yonbip_middle', 'x; drop table erp.supplier')`))).toBe(SqlState.sharedDbSetupRefused);

@@ -119,6 +119,28 @@ describe('bad paths carry their own SQLSTATE, write nothing and quote no key or 
     expect(await rows()).toEqual([]);
   });
 
+  it('a name that is not one — a value or the key given in its place — is EC023 and never quoted; a missing proper name is EC020 and named', async () => {
+    await put('a', VALUE);
+    const misplaced = 'Misplaced-Value-7Qx2-not-a-name';
+    for (const call of [
+      () => put(misplaced, VALUE),                                                             // value where the name belongs
+      () => q('select vault.read_secret($1, $2)', [misplaced, KEY]),
+      () => q('select vault.read_secret($1, $2)', [KEY, 'nuonuo.app_secret']),                  // name and key swapped: the key looks like a name
+      () => q('select vault.rotate_secret($1, $2, $3)', [KEY, VALUE, KEY]),
+      () => q('select * from vault.put_secret($1, $2, $3)', [KEY, VALUE, KEY]),
+    ]) {
+      const err = await errorOf(call());
+      expect(err.code).toBe(SqlState.invalidSecretName);
+      const text = JSON.stringify(err);
+      for (const secret of [misplaced, KEY, VALUE]) expect(text).not.toContain(secret);
+      expect(String(err.hint)).toMatch(/name/);
+    }
+    const missing = await errorOf(read('nope'));
+    expect(missing.code).toBe(SqlState.secretNotFound);
+    expect(missing.message).toContain('nope');
+    expect(await rows()).toEqual([{ name: 'a', version: 1, key_id: expect.any(String), rotated: false }]);
+  });
+
   it('a damaged ciphertext under the right key is EC025, not an internal error', async () => {
     await put('a', VALUE);
     await q(`update vault.secret set ciphertext = substring(ciphertext from 1 for 20) || '\\x00'::bytea`);

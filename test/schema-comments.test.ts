@@ -1,0 +1,76 @@
+/**
+ * Documented in the database (STYLE.md 8), across every product schema at
+ * once: the per-schema checks (engine, invoicing, scm-asn, sso, vault tests)
+ * leave out partitions, internal functions and erp's functions; this one
+ * leaves out nothing, including the cloud.log partitions made at run time.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createTestDb, type TestDb } from './helpers/db.js';
+
+const SCHEMAS = ['cloud', 'tax', 'scm', 'sso', 'vault', 'erp'];
+
+let db: TestDb;
+beforeAll(async () => {
+  db = await createTestDb('comments');
+});
+afterAll(() => db.drop());
+
+/** Objects of the product schemas without a comment, or whose comment has an empty first line. */
+async function undocumented(): Promise<string[]> {
+  const { rows } = await db.pool.query<{ obj: string }>(`
+    with documented(obj, description) as (
+      select 'schema ' || n.nspname, obj_description(n.oid, 'pg_namespace')
+        from pg_namespace n where n.nspname = any($1)
+      union all
+      select 'function ' || p.oid::regprocedure::text, obj_description(p.oid, 'pg_proc')
+        from pg_proc p where p.pronamespace::regnamespace::text = any($1)
+         and not exists (select from pg_depend d where d.classid = 'pg_proc'::regclass and d.objid = p.oid and d.deptype = 'e')
+      union all
+      select (case c.relkind when 'r' then case when c.relispartition then 'partition ' else 'table ' end
+                             when 'p' then 'partitioned table ' when 'v' then 'view ' when 'm' then 'materialized view '
+                             when 'f' then 'foreign table ' end) || c.oid::regclass::text,
+             obj_description(c.oid, 'pg_class')
+        from pg_class c where c.relnamespace::regnamespace::text = any($1) and c.relkind in ('r', 'p', 'v', 'm', 'f')
+         and not exists (select from pg_depend d where d.classid = 'pg_class'::regclass and d.objid = c.oid and d.deptype = 'e')
+      union all
+      select 'type ' || t.oid::regtype::text, obj_description(t.oid, 'pg_type')
+        from pg_type t where t.typnamespace::regnamespace::text = any($1)
+         and (t.typtype in ('e', 'd') or (t.typtype = 'c' and (select c.relkind from pg_class c where c.oid = t.typrelid) = 'c')))
+    select obj from documented where coalesce(btrim(split_part(description, E'\\n', 1)), '') = '' order by obj`, [SCHEMAS]);
+  return rows.map((r) => r.obj);
+}
+
+describe('comments', () => {
+  it('every schema, table, partition, view, function and type of the product has a comment with a summary line', async () => {
+    expect(await undocumented()).toEqual([]);
+  });
+
+  it('the cloud.log partitions made later by maintenance have their comment too', async () => {
+    const made = (await db.pool.query(`select cloud.ensure_log_partitions(1, now() + interval '2 years') as n`)).rows[0].n as number;
+    expect(made).toBe(2);
+    const { rows } = await db.pool.query(`select c.relname, obj_description(c.oid, 'pg_class') as d from pg_inherits i join pg_class c on c.oid = i.inhrelid
+                                          where i.inhparent = 'cloud.log'::regclass order by 1`);
+    expect(rows.length).toBeGreaterThanOrEqual(3);
+    for (const r of rows) expect(r.d, r.relname).toMatch(r.relname === 'log_default' ? /^Cloud_Log rows of a month that has no partition/ : /^Cloud_Log for \d{4}-\d{2} \(UTC\)/);
+    expect(await undocumented()).toEqual([]);
+  });
+
+  it('erp.ar_invoice names the tax_cloud_response keys the write-backs really use, and no pdf key', async () => {
+    const comment = (await db.pool.query(`select obj_description('erp.ar_invoice'::regclass, 'pg_class') as d`)).rows[0].d as string;
+    // every key a tax function writes with jsonb_build_object('<key>', …) or under split_part(operation) is named
+    const { rows } = await db.pool.query<{ src: string }>(`select prosrc as src from pg_proc where pronamespace = 'tax'::regnamespace and prosrc like '%tax_cloud_response%'`);
+    const written = new Set<string>();
+    for (const { src } of rows) {
+      for (const m of src.matchAll(/tax_cloud_response\s*(?:=\s*a\.tax_cloud_response\s*\|\||=)\s*jsonb_build_object\(\s*'([a-z_]+)'(?:[^)(]*?,\s*'([a-z_]+)')?/g)) {
+        written.add(m[1]!);
+        if (m[2]) written.add(m[2]);
+      }
+    }
+    // failures are kept under the operation's own name (split_part('tax.issue', '.', 2) …)
+    for (const op of ['issue', 'red_confirm', 'query', 'red_query']) written.add(op);
+    expect(written.size).toBeGreaterThan(5);
+    for (const key of written) expect(comment, key).toMatch(new RegExp(`\\b${key}\\b`));
+    expect(comment).not.toMatch(/\bpdf\)/);
+    expect(comment).toContain('erp.attachment');
+  });
+});
