@@ -7,7 +7,7 @@ import os from 'node:os';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import pg from 'pg';
 import { ConfigError, loadConfig, redactUrl } from './config.js';
-import { createPool, migrate } from './db.js';
+import { createPool, migrate, waitForDatabase } from './db.js';
 import { formatChecks, overallStatus, runDoctor } from './doctor.js';
 import { describePgError } from './errors.js';
 import { formatTable } from './format.js';
@@ -74,31 +74,44 @@ program
   .action(async (_opts, cmd: Command) => {
     const config = loadConfig(process.env, { DATABASE_URL: connectionOf(cmd) });
     const log = createLogger(config.ERP_CLOUD_LOG_LEVEL);
-    const pool = createPool(config.DATABASE_URL, config.ERP_CLOUD_POOL_SIZE, log);
-    const metrics = createMetrics(pool);
-    const worker = new Worker(config, pool, log, metrics);
-    await worker.start();
-    const ops = config.ERP_CLOUD_HTTP_PORT >= 0 ? await startOpsServer(config.ERP_CLOUD_HTTP_HOST, config.ERP_CLOUD_HTTP_PORT, worker, metrics) : null;
-    if (ops) log.info({ url: ops.url }, 'health and metrics');
-    const inbound = config.ERP_CLOUD_INBOUND_PORT >= 0
-      ? await startInboundServer(config.ERP_CLOUD_INBOUND_HOST, config.ERP_CLOUD_INBOUND_PORT, {
-        pool, log, env: process.env, secret: (name) => worker.secret(name),
-      })
-      : null;
-    if (inbound) log.info({ url: inbound.url }, 'inbound receivers');
-    await new Promise<void>((resolve) => {
-      const shutdown = (signal: string) => {
-        log.info({ signal }, 'shutdown requested');
-        resolve();
-      };
-      process.once('SIGTERM', () => shutdown('SIGTERM'));
-      process.once('SIGINT', () => shutdown('SIGINT'));
-    });
-    await inbound?.close();
-    await worker.stop();
-    await ops?.close();
-    await pool.end();
-    closeAgents();
+    // one stop signal for the whole run: while waiting for the database it ends the wait (exit 0)
+    const stop = new AbortController();
+    const shutdown = (signal: string) => {
+      if (stop.signal.aborted) return;
+      log.info({ signal }, 'shutdown requested');
+      stop.abort();
+    };
+    const onTerm = () => shutdown('SIGTERM');
+    const onInt = () => shutdown('SIGINT');
+    process.once('SIGTERM', onTerm);
+    process.once('SIGINT', onInt);
+    try {
+      if (!(await waitForDatabase(config.DATABASE_URL, { maxWaitMs: config.ERP_CLOUD_START_WAIT_MS, log, signal: stop.signal }))) {
+        log.info('stopped before the database was reachable');
+        return;
+      }
+      const pool = createPool(config.DATABASE_URL, config.ERP_CLOUD_POOL_SIZE, log);
+      const metrics = createMetrics(pool);
+      const worker = new Worker(config, pool, log, metrics);
+      await worker.start();
+      const ops = config.ERP_CLOUD_HTTP_PORT >= 0 ? await startOpsServer(config.ERP_CLOUD_HTTP_HOST, config.ERP_CLOUD_HTTP_PORT, worker, metrics) : null;
+      if (ops) log.info({ url: ops.url }, 'health and metrics');
+      const inbound = config.ERP_CLOUD_INBOUND_PORT >= 0
+        ? await startInboundServer(config.ERP_CLOUD_INBOUND_HOST, config.ERP_CLOUD_INBOUND_PORT, {
+          pool, log, env: process.env, secret: (name) => worker.secret(name),
+        })
+        : null;
+      if (inbound) log.info({ url: inbound.url }, 'inbound receivers');
+      if (!stop.signal.aborted) await new Promise<void>((resolve) => stop.signal.addEventListener('abort', () => resolve(), { once: true }));
+      await inbound?.close();
+      await worker.stop();
+      await ops?.close();
+      await pool.end();
+      closeAgents();
+    } finally {
+      process.off('SIGTERM', onTerm);
+      process.off('SIGINT', onInt);
+    }
   });
 
 program

@@ -21,6 +21,8 @@ const schema = z.object({
   ERP_CLOUD_LEASE_MARGIN_MS: int(0, 600_000).default(5000),
   ERP_CLOUD_SHUTDOWN_GRACE_MS: int(0, 600_000).default(10_000),
   ERP_CLOUD_POOL_SIZE: int(2, 100).default(8),
+  // how long `listen` waits for its database at start (db.ts waitForDatabase); 0 = exit 1 at once
+  ERP_CLOUD_START_WAIT_MS: int(0, 86_400_000).default(300_000),
   ERP_CLOUD_HTTP_HOST: z.string().default('127.0.0.1'),
   ERP_CLOUD_HTTP_PORT: int(-1, 65535).default(9464),
   // the inbound door clouds push to (listener/inbound-server.ts); -1 = off

@@ -1,14 +1,18 @@
 /**
  * The listener's inbound door: the HTTP server clouds push to (webhooks,
  * invoice callbacks). Each cloud registers its routes (registerInboundRoute);
- * this server only matches the route, refuses oversized bodies (413) and hands
- * the raw bytes to the route, which checks the source range (inbound.ts), the
- * signature and the body, and calls the SQL function that ingests it.
+ * this server only matches the route and, in this order, refuses a source outside
+ * the route's ranges (403, the route's admit hook), a Content-Type the route does
+ * not speak (415 with Accept-Post: another type, a charset other than UTF-8, none
+ * at all) and an oversized body (413), all before the body is read; then it hands
+ * the raw bytes to the route, which checks the signature and the body and calls
+ * the SQL function that ingests it.
  * Off unless ERP_CLOUD_INBOUND_PORT is set: it is the one port the outside reaches.
  */
 import http, { type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type pg from 'pg';
+import { contentTypeRefusal, parseMediaType } from './inbound.js';
 import type { Logger } from './logger.js';
 
 export interface InboundDeps {
@@ -24,6 +28,12 @@ export interface InboundRoute {
   name: string;
   method: 'POST' | 'GET';
   path: string;
+  /**
+   * The media types the body is in (type/subtype, lower case), e.g. ['application/json']; not checked for GET. Another
+   * type, a charset other than UTF-8 or no Content-Type is answered 415 with Accept-Post before the
+   * body is read, its signature checked, the database touched or anything kept.
+   */
+  accepts: readonly string[];
   /** Bodies larger than this are refused with 413 before they are read whole. Default 256 KiB. A function reads it from deps.env per request. */
   maxBytes?: number | ((env: NodeJS.ProcessEnv) => number);
   /** Optional: runs before the body is read; false answers 403 unread (e.g. a source outside the allowed ranges). */
@@ -34,6 +44,9 @@ export interface InboundRoute {
 const routes: InboundRoute[] = [];
 
 export function registerInboundRoute(route: InboundRoute): void {
+  if (route.accepts.length === 0 || route.accepts.some((t) => parseMediaType(t)?.essence !== t || t.includes(';'))) {
+    throw new Error(`inbound route ${route.name}: accepts must list media types as type/subtype in lower case, without parameters`);
+  }
   const i = routes.findIndex((r) => r.method === route.method && r.path === route.path);
   if (i >= 0) routes.splice(i, 1, route);
   else routes.push(route);
@@ -78,7 +91,16 @@ export async function startInboundServer(host: string, port: number, deps: Inbou
       try {
         if (route.admit && !route.admit(req, deps)) {
           req.resume();
-          return json(res, 403, { error: 'forbidden' });
+          return json(res, 403, { error: 'source_not_allowed' });
+        }
+        const contentType = req.headers['content-type'];
+        const refusal = route.method === 'GET' ? null : contentTypeRefusal(contentType, route.accepts);
+        if (refusal !== null) {
+          req.resume();
+          deps.log.warn({ receiver: route.name, remote: req.socket.remoteAddress, content_type: contentType?.slice(0, 120) ?? null, reason: refusal },
+            'inbound request refused: unsupported content type');
+          if (!res.headersSent) res.writeHead(415, { 'content-type': 'application/json', 'accept-post': route.accepts.join(', ') });
+          return res.end(JSON.stringify({ error: 'unsupported_media_type', detail: refusal, accept: route.accepts }));
         }
         const body = await readBody(req, max);
         if (body === null) {

@@ -203,6 +203,23 @@ async function push(body: string, opts: { secret?: string; at?: number; eventId?
 }
 const lastLog = () => logLines.at(-1)?.msg;
 
+/** A correctly signed push with exactly this Content-Type, none when undefined (a byte body: fetch adds none of its own). */
+function pushAs(body: string, contentType: string | undefined): Promise<Response> {
+  return fetch(inbound.url + ASN_WEBHOOK_PATH, {
+    method: 'POST',
+    headers: { 'x-scm-signature': signWebhookBody(WEBHOOK_SECRET, body, Math.floor(Date.now() / 1000)), ...(contentType === undefined ? {} : { 'content-type': contentType }) },
+    body: new TextEncoder().encode(body),
+    signal: AbortSignal.timeout(5000),
+  });
+}
+/** Rows in every table of the product schemas, from the catalog: what "nothing written" is checked against. */
+const rowsEverywhere = async () => (await db.pool.query(`
+  select table_schema || '.' || table_name t,
+         (xpath('/row/n/text()', query_to_xml(format('select count(*) n from %I.%I', table_schema, table_name), false, true, '')))[1]::text::int n
+    from information_schema.tables
+   where table_type = 'BASE TABLE' and table_schema in ('cloud', 'erp', 'tax', 'scm', 'vault', 'sso')
+   order by 1`)).rows;
+
 describe('the ASN webhook (push)', () => {
   it('a supplier ships and the cloud pushes the ASN: it is in the ERP, and the same push again changes nothing', async () => {
     const shipped = await sim.ship({ asn: asnDoc('ASN-P1', 'PO-A', [{ line: 1, qty: 5 }]), via: 'push', webhookUrl: inbound.url + ASN_WEBHOOK_PATH, webhookSecret: WEBHOOK_SECRET });
@@ -222,7 +239,7 @@ describe('the ASN webhook (push)', () => {
     expect(bad.status).toBe(401);
     expect(await bad.json()).toEqual({ error: 'bad_signature' });
     expect(lastLog()).toBe('ASN webhook refused: bad signature');
-    const unsigned = await fetch(inbound.url + ASN_WEBHOOK_PATH, { method: 'POST', body, signal: AbortSignal.timeout(5000) });
+    const unsigned = await fetch(inbound.url + ASN_WEBHOOK_PATH, { method: 'POST', headers: { 'content-type': 'application/json' }, body, signal: AbortSignal.timeout(5000) });
     expect(unsigned.status).toBe(401);
     const stale = await push(body, { at: Math.floor(Date.now() / 1000) - 600 });
     expect(stale.status).toBe(401);
@@ -231,7 +248,7 @@ describe('the ASN webhook (push)', () => {
     // the body signed, then changed in transit
     const tampered = await fetch(inbound.url + ASN_WEBHOOK_PATH, {
       method: 'POST', body: body.replace('"purchaseNum":5', '"purchaseNum":50'),
-      headers: { 'x-scm-signature': signWebhookBody(WEBHOOK_SECRET, body, Math.floor(Date.now() / 1000)) }, signal: AbortSignal.timeout(5000),
+      headers: { 'content-type': 'application/json', 'x-scm-signature': signWebhookBody(WEBHOOK_SECRET, body, Math.floor(Date.now() / 1000)) }, signal: AbortSignal.timeout(5000),
     });
     expect(tampered.status).toBe(401);
     expect(await asnCount()).toBe(0);
@@ -267,6 +284,29 @@ describe('the ASN webhook (push)', () => {
     expect(unconfigured.status).toBe(503);
     expect(lastLog()).toBe('ASN webhook refused: shared secret not configured');
     expect(await asnCount()).toBe(0);
+  });
+
+  it('a correctly signed ASN sent as text/plain, a form, multipart, in GBK or without a Content-Type is refused 415 with Accept-Post, and nothing is written anywhere', async () => {
+    const before = await rowsEverywhere();
+    for (const type of ['text/plain', 'text/plain;charset=UTF-8', 'application/x-www-form-urlencoded', 'multipart/form-data; boundary=----x',
+      undefined, 'application/json; charset=gbk', 'application/json;charset=Big5', 'application/json, text/plain']) {
+      const body = JSON.stringify({ eventId: `e-415-${String(type)}`, asn: asnDoc('ASN-415', 'PO-A', [{ line: 1, qty: 5 }]) });
+      const res = await pushAs(body, type);
+      expect({ type, status: res.status, acceptPost: res.headers.get('accept-post'), error: (await res.json()).error })
+        .toEqual({ type, status: 415, acceptPost: 'application/json', error: 'unsupported_media_type' });
+      expect(lastLog()).toBe('inbound request refused: unsupported content type');
+    }
+    expect(await asnCount()).toBe(0);
+    expect(await rowsEverywhere()).toEqual(before);
+  });
+
+  it('the right type is taken in any case, with parameters and a UTF-8 charset', async () => {
+    const types = ['application/json', 'APPLICATION/JSON', 'application/json; charset=utf-8', 'Application/Json;Charset="UTF-8"'];
+    for (const [i, type] of types.entries()) {
+      const res = await pushAs(JSON.stringify({ eventId: `e-ct-${i}`, asn: asnDoc(`ASN-CT${i}`, 'PO-A', [{ line: 1, qty: 1 }]) }), type);
+      expect({ type, status: res.status, asn: res.headers.get('x-scm-asn-status') }).toEqual({ type, status: 200, asn: 'accepted' });
+    }
+    expect(await asnCount()).toBe(types.length);
   });
 
   it('the event id is the signed one in the body: a header cannot change it, and a known event id with another ASN is 409', async () => {

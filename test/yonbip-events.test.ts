@@ -104,6 +104,18 @@ function holder(message: unknown, o: { secret?: string; appKey?: string; timesta
 const post = (body: unknown) => fetch(inbound.url + YONBIP_EVENTS_PATH, {
   method: 'POST', headers: { 'content-type': 'application/json' }, body: typeof body === 'string' ? body : JSON.stringify(body), signal: AbortSignal.timeout(5000),
 });
+/** A POST with exactly this Content-Type, none when undefined (a byte body: fetch adds none of its own). */
+const postAs = (body: unknown, contentType: string | undefined) => fetch(inbound.url + YONBIP_EVENTS_PATH, {
+  method: 'POST', headers: contentType === undefined ? {} : { 'content-type': contentType },
+  body: new TextEncoder().encode(typeof body === 'string' ? body : JSON.stringify(body)), signal: AbortSignal.timeout(5000),
+});
+/** Rows in every table of the product schemas, from the catalog: what "nothing written" is checked against. */
+const rowsEverywhere = async () => (await db.pool.query(`
+  select table_schema || '.' || table_name t,
+         (xpath('/row/n/text()', query_to_xml(format('select count(*) n from %I.%I', table_schema, table_name), false, true, '')))[1]::text::int n
+    from information_schema.tables
+   where table_type = 'BASE TABLE' and table_schema in ('cloud', 'erp', 'tax', 'scm', 'vault', 'sso')
+   order by 1`)).rows;
 const asnEvent = (eventId: string, doc: unknown, extra: Record<string, unknown> = {}) => ({ eventId, type: 'scm.asn.created', tenantId: 't1', content: JSON.stringify(doc), ...extra });
 const asnCount = async () => (await db.pool.query(`select count(*)::int n from erp.asn_document`)).rows[0].n as number;
 const quarantined = async () => (await db.pool.query(`select source, event_id, sqlstate, reason, doc from scm.asn_quarantine order by event_id`)).rows;
@@ -236,6 +248,32 @@ describe('the YonBIP event receiver (POST /scm/yonbip/events)', () => {
     expect((await post(body)).status).toBe(503);
     expect(await asnCount()).toBe(0);
     expect(await quarantined()).toEqual([]);
+  });
+
+  it('a correctly signed event sent as text/plain, a form, multipart, in GBK or without a Content-Type is refused 415 with Accept-Post: nothing ingested, quarantined or written anywhere', async () => {
+    const before = await rowsEverywhere();
+    for (const type of ['text/plain', 'text/plain;charset=UTF-8', 'application/x-www-form-urlencoded', 'multipart/form-data; boundary=----x',
+      undefined, 'application/json; charset=gbk', 'application/json; charset=GB18030', 'application/xml']) {
+      // a fresh eventId each time, so that a refusal that went on to ingest would show as a row
+      const res = await postAs(holder(asnEvent(`evt-415-${String(type)}`, asnDoc('ASN-415', 'PO-Y', [{ line: 1, qty: 5 }]))), type);
+      expect({ type, status: res.status, acceptPost: res.headers.get('accept-post'), error: (await res.json()).error })
+        .toEqual({ type, status: 415, acceptPost: 'application/json', error: 'unsupported_media_type' });
+      expect(lastLog()).toBe('inbound request refused: unsupported content type');
+    }
+    // an authentic event that would have been quarantined (no ASN content) is not kept either
+    expect((await postAs(holder({ eventId: 'evt-415-q', type: 'scm.asn.created', content: 'not json' }), 'text/plain')).status).toBe(415);
+    expect(await quarantined()).toEqual([]);
+    expect(await asnCount()).toBe(0);
+    expect(await rowsEverywhere()).toEqual(before);
+  });
+
+  it('the right type is taken in any case, with parameters and a UTF-8 charset', async () => {
+    const types = ['application/json', 'APPLICATION/JSON', 'application/json; charset=utf-8', 'Application/Json;Charset="UTF-8"'];
+    for (const [i, type] of types.entries()) {
+      const res = await postAs(holder(asnEvent(`evt-ct-${i}`, asnDoc(`ASN-CT${i}`, 'PO-Y', [{ line: 1, qty: 1 }]))), type);
+      expect({ type, status: res.status, asn: res.headers.get('x-scm-asn-status') }).toEqual({ type, status: 200, asn: 'accepted' });
+    }
+    expect(await asnCount()).toBe(types.length);
   });
 
   it('an authentic event that cannot be ingested is answered success and kept in quarantine once per eventId, never refused or dropped', async () => {

@@ -9,6 +9,8 @@
  *
  * Refusals write nothing and each has its own status and log line:
  *   403 source address outside ERP_CLOUD_ASN_WEBHOOK_CIDRS (the 白名单; none configured = nobody), before the body is read
+ *   415 + Accept-Post a Content-Type other than application/json (any case, parameters allowed), a charset other
+ *       than UTF-8, or none: refused unread, before the signature is checked (the inbound server)
  *   413 body over ERP_CLOUD_ASN_WEBHOOK_MAX_BYTES (default 256 KiB; the inbound server refuses it unread)
  *   409 the event id was already used for another ASN (ES017)
  *   503 + Retry-After the PO or ASN is locked for longer than ERP_CLOUD_ASN_WEBHOOK_LOCK_TIMEOUT_MS (default 2000)
@@ -105,6 +107,7 @@ registerInboundRoute({
   name: NAME,
   method: 'POST',
   path: ASN_WEBHOOK_PATH,
+  accepts: ['application/json'],
   maxBytes: asnMaxBytes,
   admit,
   handle,

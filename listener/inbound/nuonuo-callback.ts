@@ -5,10 +5,15 @@
  * due now (tax.accept_invoice_callback; for operater=redConfirmCallback the red
  * invoice's pending form query, tax.accept_red_confirm_callback), and the query's answer is what the
  * ERP books. Accepted only from ERP_CLOUD_NUONUO_CALLBACK_CIDRS (comma list of
- * ranges; empty = nobody, fail closed).
+ * ranges; empty = nobody, fail closed), checked before the body is read (403), and
+ * only as application/x-www-form-urlencoded in UTF-8 (anything else, JSON included: 415
+ * with Accept-Post, unread, nothing moved up).
  */
-import { admitSource } from '../inbound.js';
-import { registerInboundRoute } from '../inbound-server.js';
+import type { IncomingMessage } from 'node:http';
+import { sourceAllowed } from '../inbound.js';
+import { registerInboundRoute, type InboundDeps } from '../inbound-server.js';
+
+const NAME = 'tax.nuonuo_callback';
 
 const REPLY_OK = JSON.stringify({ status: '0000', message: '同步成功' });
 
@@ -21,14 +26,22 @@ function billIdOf(content: Record<string, unknown>): string {
   return '';
 }
 
+/** Runs before the body is read: only ERP_CLOUD_NUONUO_CALLBACK_CIDRS gets in. */
+function admit(req: IncomingMessage, deps: InboundDeps): boolean {
+  const allowCidrs = (deps.env.ERP_CLOUD_NUONUO_CALLBACK_CIDRS ?? '').split(',').map((s) => s.trim()).filter(Boolean);
+  if (sourceAllowed(req.socket.remoteAddress, { name: NAME, allowCidrs })) return true;
+  deps.log.warn({ receiver: NAME, remote: req.socket.remoteAddress, path: req.url }, 'inbound request refused: source address not allowed');
+  return false;
+}
+
 registerInboundRoute({
-  name: 'tax.nuonuo_callback',
+  name: NAME,
   method: 'POST',
   path: '/callbacks/nuonuo',
+  accepts: ['application/x-www-form-urlencoded'],
   maxBytes: 64 * 1024,
-  async handle(req, res, body, deps) {
-    const allowCidrs = (deps.env.ERP_CLOUD_NUONUO_CALLBACK_CIDRS ?? '').split(',').map((s) => s.trim()).filter(Boolean);
-    if (!admitSource(req, res, { name: 'tax.nuonuo_callback', allowCidrs }, deps.log)) return;
+  admit,
+  async handle(_req, res, body, deps) {
     const form = new URLSearchParams(body.toString('utf8'));
     const operater = form.get('operater') ?? '';
     let content: Record<string, unknown> = {};
@@ -42,14 +55,14 @@ registerInboundRoute({
     const orderNo = form.get('orderno') ?? String(content.c_orderno ?? '');
     if (operater === 'callback' && orderNo) {
       const { rows } = await deps.pool.query<{ done: string }>('select tax.accept_invoice_callback($1, $2::jsonb) as done', [orderNo, JSON.stringify(content)]);
-      deps.log.info({ receiver: 'tax.nuonuo_callback', orderNo, outcome: rows[0]?.done }, 'invoice callback: result query moved up');
+      deps.log.info({ receiver: NAME, orderNo, outcome: rows[0]?.done }, 'invoice callback: result query moved up');
     } else if (operater === 'redConfirmCallback' && (billIdOf(content) || orderNo)) {
       // the red-confirmation form changed (buyer confirmed, bureau issued, voided): also only a hint
       const billId = billIdOf(content) || orderNo;
       const { rows } = await deps.pool.query<{ done: string }>('select tax.accept_red_confirm_callback($1, $2::jsonb) as done', [billId, JSON.stringify(content)]);
-      deps.log.info({ receiver: 'tax.nuonuo_callback', billId, outcome: rows[0]?.done }, 'red-confirmation callback: form query moved up');
+      deps.log.info({ receiver: NAME, billId, outcome: rows[0]?.done }, 'red-confirmation callback: form query moved up');
     } else {
-      deps.log.info({ receiver: 'tax.nuonuo_callback', operater }, 'callback ignored (not an issue result)');
+      deps.log.info({ receiver: NAME, operater }, 'callback ignored (not an issue result)');
     }
     res.writeHead(200, { 'content-type': 'application/json; charset=utf-8' }).end(REPLY_OK);
   },

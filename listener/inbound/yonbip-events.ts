@@ -17,6 +17,8 @@
  *
  * Checks, in order; each refusal has its own status and log line and writes nothing:
  *   403 source outside ERP_CLOUD_ASN_WEBHOOK_CIDRS (none configured = nobody), before the body is read
+ *   415 + Accept-Post a Content-Type other than application/json (any case, parameters allowed), a charset other
+ *       than UTF-8, or none: refused unread, before the signature is checked or anything is quarantined
  *   413 body over ERP_CLOUD_ASN_WEBHOOK_MAX_BYTES (default 256 KiB)
  *   503 appKey or appSecret not configured, or an unknown signature setting
  *   400 the body is no EncryptionHolder (not JSON, a field missing)
@@ -225,6 +227,7 @@ registerInboundRoute({
   name: NAME,
   method: 'POST',
   path: YONBIP_EVENTS_PATH,
+  accepts: ['application/json'],
   maxBytes: asnMaxBytes,
   admit,
   handle,
