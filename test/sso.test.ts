@@ -264,10 +264,13 @@ describe('refusals: each one a protocol error and an audit row', () => {
       ('Grant', 'race-g2', '{}', null, now() + interval '1 hour')`);
     const codes = new PgAdapter('AuthorizationCode', w.db.pool);
     await codes.consume('race-code');
-    const rows = async () => (await w.db.pool.query(`select id from sso.oidc_payload where id like 'race-%' order by id`)).rows.map((r) => r.id);
+    // revoked rows stay (marked) until they expire, so the audit can still name their user and client; the provider no longer finds them
+    const rows = async () => (await w.db.pool.query(`select id from sso.oidc_payload where id like 'race-%' and revoked_at is null order by id`)).rows.map((r) => r.id);
     expect(await rows()).toEqual(['race-at1', 'race-at2', 'race-code', 'race-g1', 'race-g2']);
     await expect(codes.consume('race-code')).rejects.toMatchObject({ error: 'invalid_grant' });
     expect(await rows()).toEqual(['race-at2', 'race-g2']);
+    expect(await new PgAdapter('AccessToken', w.db.pool).find('race-at1')).toBeUndefined();
+    expect(await new PgAdapter('AccessToken', w.db.pool).find('race-at2')).toBeDefined();
     await w.db.pool.query(`delete from sso.oidc_payload where id like 'race-%'`);
   });
 

@@ -8,6 +8,8 @@
  * The interface (find, upsert, consume, destroy, revokeByGrantId, findByUid,
  * findByUserCode) is oidc-provider's Adapter; expiresIn is in seconds, consume
  * marks a one-time artefact used (the provider reads `consumed` back).
+ * Revocation marks rows (revoked_at) instead of deleting them: the provider
+ * no longer finds them, the audit still can (sso.token_owner).
  */
 import { errors, type Adapter, type AdapterPayload } from 'oidc-provider';
 import type pg from 'pg';
@@ -18,19 +20,22 @@ export const adapterSql = {
            on conflict (model, id) do update set payload = excluded.payload, grant_id = excluded.grant_id, uid = excluded.uid,
              user_code = excluded.user_code, expires_at = excluded.expires_at`,
   find: `select payload, extract(epoch from consumed_at)::bigint as consumed from sso.oidc_payload
-          where model = $1 and id = $2 and (expires_at is null or expires_at > now())`,
+          where model = $1 and id = $2 and (expires_at is null or expires_at > now()) and revoked_at is null`,
   findByUid: `select payload, extract(epoch from consumed_at)::bigint as consumed from sso.oidc_payload
-               where model = $1 and uid = $2 and (expires_at is null or expires_at > now())`,
+               where model = $1 and uid = $2 and (expires_at is null or expires_at > now()) and revoked_at is null`,
   findByUserCode: `select payload, extract(epoch from consumed_at)::bigint as consumed from sso.oidc_payload
-                    where model = $1 and user_code = $2 and (expires_at is null or expires_at > now())`,
+                    where model = $1 and user_code = $2 and (expires_at is null or expires_at > now()) and revoked_at is null`,
   // only the first of concurrent redemptions marks it; the others find no row
   consume: `update sso.oidc_payload set consumed_at = now() where model = $1 and id = $2 and consumed_at is null`,
-  // a code redeemed twice: everything issued under its grant goes, the grant too (RFC 6749 §4.1.2)
-  revokeGrantOf: `delete from sso.oidc_payload p
-                   using (select payload ->> 'grantId' as grant_id from sso.oidc_payload where model = $1 and id = $2) c
+  // a code redeemed twice: everything issued under its grant goes, the grant too (RFC 6749 §4.1.2).
+  // Revoked rows are marked, not deleted, so the audit of a later attempt with
+  // them still names the user and client (sso.token_owner); they go at expiry.
+  revokeGrantOf: `update sso.oidc_payload p set revoked_at = coalesce(p.revoked_at, now())
+                   from
+                   (select payload ->> 'grantId' as grant_id from sso.oidc_payload where model = $1 and id = $2) c
                    where c.grant_id is not null and (p.grant_id = c.grant_id or (p.model = 'Grant' and p.id = c.grant_id))`,
   destroy: `delete from sso.oidc_payload where model = $1 and id = $2`,
-  revokeByGrantId: `delete from sso.oidc_payload where model = $1 and grant_id = $2`,
+  revokeByGrantId: `update sso.oidc_payload set revoked_at = coalesce(revoked_at, now()) where model = $1 and grant_id = $2`,
   clientMetadata: `select sso.client_metadata($1) as metadata`,
 } as const;
 

@@ -25,6 +25,11 @@ const schema = z.object({
   ERP_CLOUD_SSO_KEY_CHECK_MS: int(100, 3_600_000).default(30_000),
   // how long sso.audit keeps a row: six months at least (the Cybersecurity Law's minimum for network logs)
   ERP_CLOUD_SSO_AUDIT_RETENTION_DAYS: int(180, 36_500).default(400),
+  // failed requests of one (source address, client, kind) in one window before
+  // the provider answers 429 with Retry-After until the window ends; past the
+  // threshold the audit keeps one aggregate row per window with the count
+  ERP_CLOUD_SSO_THROTTLE_FAILURES: int(1, 100_000).default(10),
+  ERP_CLOUD_SSO_THROTTLE_WINDOW_S: int(1, 86_400).default(300),
   // where the "start from the ERP" page sends people (optional)
   ERP_CLOUD_SSO_ERP_URL: z.string().url().optional(),
   ERP_CLOUD_SSO_POOL_SIZE: int(2, 100).default(4),

@@ -13,6 +13,11 @@
  *                                 goes back to the platform as access_denied. Without a ticket and without a
  *                                 session: the "start from the ERP" page.
  *   GET /interaction/:uid/abort   that page's way back: login_required to the platform.
+ *
+ * Every refusal at /jump is audited and counted per source address
+ * (sso.record_failure, kind "ticket"); past ERP_CLOUD_SSO_THROTTLE_FAILURES in a
+ * window the address gets 429 with Retry-After and one aggregate audit row.
+ * Every page refuses framing (X-Frame-Options, frame-ancestors).
  */
 import { randomBytes } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
@@ -22,7 +27,7 @@ import type pg from 'pg';
 import type { Logger } from 'pino';
 import type { SsoConfig } from './config.js';
 import { esc, htmlPage } from './pages.js';
-import { JUMP_COOKIE, sourceAddress, type Audit } from './provider.js';
+import { FRAME_DENY_HEADERS, JUMP_COOKIE, sourceAddress, type Audit } from './provider.js';
 
 export const interactionSql = {
   open: 'select * from sso.open_jump_ticket($1, $2, $3)',
@@ -82,9 +87,9 @@ function jumpCookie(config: SsoConfig, value: string, maxAge: number): string {
   return `${JUMP_COOKIE}=${encodeURIComponent(value)}; Path=/; Max-Age=${maxAge}; HttpOnly; SameSite=Lax${secure}`;
 }
 
-function send(res: ServerResponse, status: number, html: string): void {
+function send(res: ServerResponse, status: number, html: string, extra: Record<string, string> = {}): void {
   res.writeHead(status, {
-    'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store', 'referrer-policy': 'no-referrer',
+    ...extra, 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store', 'referrer-policy': 'no-referrer',
     'x-frame-options': 'DENY', 'content-security-policy': "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
   });
   res.end(html);
@@ -99,7 +104,16 @@ function refusalPage(title: string, reason: string, erpUrl: string | undefined):
 async function jump(ctx: InteractionContext, req: IncomingMessage, res: ServerResponse, url: URL): Promise<void> {
   const ticket = url.searchParams.get('ticket');
   const source = remoteAddress(req, ctx.config.ERP_CLOUD_SSO_PROXY);
+  // ticket guessing is throttled per source address (a guesser names no client)
+  const wait = await ctx.audit.throttled('ticket', source, null);
+  if (wait !== null) {
+    await ctx.audit.failure('ticket', { source, code: 'too_many_requests', detail: 'jump: throttled' });
+    send(res, 429, refusalPage('Too many attempts', `Too many jump links from this address could not be used; try again in ${wait} seconds`, ctx.config.ERP_CLOUD_SSO_ERP_URL),
+      { 'retry-after': String(wait) });
+    return;
+  }
   if (!ticket) {
+    await ctx.audit.failure('ticket', { source, code: 'invalid_request', detail: 'jump: no ticket in the link' });
     send(res, 400, refusalPage('No jump ticket', 'This address needs the link the ERP makes when you click "open the platform"', ctx.config.ERP_CLOUD_SSO_ERP_URL));
     return;
   }
@@ -107,20 +121,22 @@ async function jump(ctx: InteractionContext, req: IncomingMessage, res: ServerRe
   const { rows } = await ctx.pool.query<JumpOutcome>(interactionSql.open, [ticket, binding, source]);
   const live = rows[0];
   if (!live) {
-    // not usable: consume records why (unknown, used, expired, client disabled)
+    // not usable: consume records why (unknown, used, expired, client disabled); counted for throttling
     const outcome = (await ctx.pool.query<JumpOutcome>(interactionSql.consume, [ticket, null, source, null])).rows[0]!;
+    await ctx.audit.failure('ticket', { source, code: outcome.code, audited: true });
     send(res, 400, refusalPage('This jump link cannot be used', outcome.reason ?? 'the jump link is not valid', ctx.config.ERP_CLOUD_SSO_ERP_URL));
     return;
   }
   if (live.code) {
     // EO024: another browser opened it first (audited by sso.open_jump_ticket)
+    await ctx.audit.failure('ticket', { source, code: live.code, audited: true });
     send(res, 400, refusalPage('This jump link cannot be used', live.reason ?? 'the jump link was already opened', ctx.config.ERP_CLOUD_SSO_ERP_URL));
     return;
   }
   const target = new URL(live.initiate_login_uri!);
   target.searchParams.set('iss', ctx.config.ERP_CLOUD_SSO_ISSUER);
   res.writeHead(303, {
-    location: target.toString(), 'set-cookie': jumpCookie(ctx.config, `${ticket}.${binding}`, JUMP_COOKIE_MAX_AGE_S),
+    ...FRAME_DENY_HEADERS, location: target.toString(), 'set-cookie': jumpCookie(ctx.config, `${ticket}.${binding}`, JUMP_COOKIE_MAX_AGE_S),
     'cache-control': 'no-store', 'referrer-policy': 'no-referrer',
   });
   res.end();

@@ -2,7 +2,7 @@
  * The OpenID Provider process (erp-cloud sso serve): records its issuer,
  * makes the first signing key and the cookie keys on first start, serves
  * oidc-provider plus the jump and interaction pages on one HTTP server, and
- * follows the key schedule: when a scheduled key starts signing or an old one
+ * refuses framing of every answer, and follows the key schedule: when a scheduled key starts signing or an old one
  * retires (or another instance / the CLI rotated), it builds a new Provider
  * with the new JWKS and swaps it in. A Provider holds no state of its own
  * (storage is PostgreSQL), so the swap loses nothing.
@@ -15,7 +15,7 @@ import type { Logger } from 'pino';
 import type { SsoConfig } from './config.js';
 import { handleInteractionRoute } from './interactions.js';
 import { ensureSigningKey, loadCookieKeys, loadSigningKeys, type SigningKeys } from './keys.js';
-import { buildProvider, createAudit } from './provider.js';
+import { buildProvider, createAudit, FRAME_DENY_HEADERS } from './provider.js';
 
 export const serverSql = {
   recordIssuer: 'select sso.record_issuer($1)',
@@ -49,7 +49,7 @@ const PURGE_EVERY_MS = 10 * 60_000;
 export async function startSsoServer(opts: SsoServerOptions): Promise<SsoServer> {
   const { config, pool, log, masterKey } = opts;
   const clock = opts.keyClock ?? (() => new Date());
-  const audit = createAudit(pool, log);
+  const audit = createAudit(pool, log, { failures: config.ERP_CLOUD_SSO_THROTTLE_FAILURES, windowS: config.ERP_CLOUD_SSO_THROTTLE_WINDOW_S });
 
   await pool.query(serverSql.recordIssuer, [config.ERP_CLOUD_SSO_ISSUER]);
   // a key rotation (from any process) keeps the old key at least this long
@@ -63,6 +63,9 @@ export async function startSsoServer(opts: SsoServerOptions): Promise<SsoServer>
   const ctx = { config, pool, log, audit, provider: () => provider };
 
   const server = http.createServer((req, res) => {
+    // no answer of ours may be framed; oidc-provider's answers get them again
+    // from its middleware (Koa drops preset headers on an uncaught error)
+    for (const [name, value] of Object.entries(FRAME_DENY_HEADERS)) res.setHeader(name, value);
     if (req.method === 'GET' && req.url === '/healthz') {
       res.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
       return;

@@ -35,12 +35,13 @@ export interface SsoWorld {
   issue(login: string, clientId: string, opts?: { ttl?: string }): Promise<string>;
   /** Moves a ticket's issue and expiry back in time (as the superuser: the ERP cannot choose the clock). */
   ageTicket(jumpUrl: string, seconds: number): Promise<void>;
-  audit(sinceId: number): Promise<Array<{ id: number; event: string; user_id: string | null; client_id: string | null; source_addr: string | null; code: string | null; detail: string | null }>>;
+  audit(sinceId: number): Promise<Array<{ id: number; event: string; user_id: string | null; client_id: string | null; source_addr: string | null; code: string | null; detail: string | null; occurrences: number }>>;
   lastAuditId(): Promise<number>;
   close(): Promise<void>;
 }
 
-export async function startSsoWorld(label: string): Promise<SsoWorld> {
+/** `env`: further SSO settings for this world (e.g. small throttle values). */
+export async function startSsoWorld(label: string, env: Record<string, string> = {}): Promise<SsoWorld> {
   const db = await createTestDb(label);
   const masterKey = `test-vault-key-${randomBytes(8).toString('hex')}`;
   const port = await freePort();
@@ -49,7 +50,7 @@ export async function startSsoWorld(label: string): Promise<SsoWorld> {
   const log = createLogger('silent');
   const config = loadSsoConfig({
     DATABASE_URL: db.url, ERP_CLOUD_SSO_ISSUER: issuer, ERP_CLOUD_SSO_PORT: String(port), ERP_CLOUD_LOG_LEVEL: 'silent',
-    ERP_CLOUD_VAULT_KEY: masterKey, ERP_CLOUD_SSO_KEY_CHECK_MS: '3600000', ERP_CLOUD_SSO_ERP_URL: 'https://erp.example.com/',
+    ERP_CLOUD_VAULT_KEY: masterKey, ERP_CLOUD_SSO_KEY_CHECK_MS: '3600000', ERP_CLOUD_SSO_ERP_URL: 'https://erp.example.com/', ...env,
   });
   const startOp = () => startSsoServer({ config, pool: db.pool, log, masterKey, env: {}, keyClock: () => new Date(Date.now() + clock.offsetMs) });
   const op = await startOp();
@@ -86,7 +87,7 @@ export async function startSsoWorld(label: string): Promise<SsoWorld> {
       if (rowCount !== 1) throw new Error('no such ticket');
     },
     async audit(sinceId) {
-      const { rows } = await db.pool.query('select id, event, user_id::text, client_id, host(source_addr) as source_addr, code, detail from sso.audit where id > $1 order by id', [sinceId]);
+      const { rows } = await db.pool.query('select id, event, user_id::text, client_id, host(source_addr) as source_addr, code, detail, occurrences from sso.audit where id > $1 order by id', [sinceId]);
       return rows;
     },
     async lastAuditId() {
