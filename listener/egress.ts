@@ -1,24 +1,38 @@
 /**
  * The egress guard: which hosts and addresses an endpoint may reach.
  *
- * Two checks, both on every attempt: the URL's host must be the endpoint's own
- * host or one it allows, and every address the connection would use must be
+ * Two checks, both on every attempt: the URL's (scheme, host, port) must be the
+ * endpoint's own origin or one it allows, and every address the connection would use must be
  * allowed — checked inside the DNS lookup the socket itself uses, so a name
  * that resolves differently the second time (DNS rebinding) cannot slip
  * through. Loopback, private, link-local and cloud-metadata addresses are
  * refused unless the endpoint allows private addresses; metadata addresses are
  * refused always. A refusal is a permanent failure (error class
  * `egress_refused`): retrying cannot make a forbidden address allowed.
+ *
+ * Hosts are compared after the WHATWG URL normalisation (`0x7f000001`,
+ * `2130706433` and `127.1` are all 127.0.0.1; `[::ffff:127.0.0.1]` is judged as
+ * 127.0.0.1; a trailing dot and upper case do not matter), and always with a
+ * port: an entry without one means the default port of the URL's scheme, never
+ * any port. URLs that come from a cloud's answer (a PDF to download) are judged
+ * against the base URL's origin plus the endpoint's download hosts only, not
+ * against the hosts its API calls may reach.
  */
 import dns, { type LookupAddress, type LookupOptions } from 'node:dns';
 import net from 'node:net';
 
 export interface EgressPolicy {
   endpoint: string;
-  /** The host of the endpoint's base URL: always allowed as a name. */
+  /** The host of the endpoint's base URL: always allowed (with its scheme and port). */
   baseHost: string;
-  /** Extra host names; '*.example.com' allows subdomains. */
+  /** The base URL's scheme ('https:'); when absent, either http(s) at its default port. */
+  baseScheme?: string;
+  /** The base URL's effective port; when absent, the default port of the URL's scheme. */
+  basePort?: number;
+  /** Extra hosts for API calls: 'host', 'host:port', '*.example.com[:port]'; no port = the scheme's default. */
   allowHosts: string[];
+  /** Where URLs from a cloud's answers (downloads) may go besides the base URL's origin; same syntax. */
+  downloadHosts?: string[];
   /** When not empty, every resolved address must be inside one of these ranges. */
   allowCidrs: string[];
   /** Allow loopback, private, link-local, CGNAT and unique-local addresses. */
@@ -87,14 +101,69 @@ export function assertAddressAllowed(address: string, policy: EgressPolicy): voi
   }
 }
 
-function hostAllowed(host: string, policy: EgressPolicy): boolean {
-  const h = host.toLowerCase().replace(/^\[|\]$/g, '');
-  if (h === policy.baseHost.toLowerCase().replace(/^\[|\]$/g, '')) return true;
-  return policy.allowHosts.some((a) => (a.startsWith('*.') ? h.endsWith(a.slice(1)) && h.length > a.length - 1 : h === a));
+/** Who supplied the URL: the endpoint's own API calls, or a cloud's answer (a file to download). */
+export type EgressPurpose = 'api' | 'download';
+
+const defaultPort = (scheme: string): number => (scheme === 'https:' ? 443 : 80);
+
+/**
+ * A host as WHATWG URL normalises it, without brackets or a trailing dot, and an
+ * IPv4-mapped IPv6 literal as its IPv4 address; null when it is not a valid host.
+ */
+export function normaliseHost(host: string): string | null {
+  let h: string;
+  try {
+    h = new URL(`http://${host.includes(':') && !host.startsWith('[') ? `[${host}]` : host}/`).hostname;
+  } catch {
+    return null;
+  }
+  h = h.replace(/^\[|\]$/g, '').replace(/\.$/, '');
+  const mapped = /^::ffff:(?:(\d+\.\d+\.\d+\.\d+)|([0-9a-f]{1,4}):([0-9a-f]{1,4}))$/i.exec(h);
+  if (mapped) {
+    if (mapped[1]) return mapped[1];
+    const hi = parseInt(mapped[2]!, 16), lo = parseInt(mapped[3]!, 16);
+    return [hi >> 8, hi & 255, lo >> 8, lo & 255].join('.');
+  }
+  return h;
 }
 
-/** Throws EgressRefused unless the URL is http(s) to an allowed host; an IP literal is checked as an address too. */
-export function assertUrlAllowed(url: string, policy: EgressPolicy): void {
+interface HostEntry { wildcard: boolean; host: string; port: number | null }
+
+/** 'files.example.com', 'files.example.com:8443', '*.nuonuo.com:443', '[2001:db8::1]:8443'. */
+export function parseHostEntry(entry: string): HostEntry | null {
+  const m = /^(\*\.)?(\[[^\]]+\]|[^:[\]]+)(?::(\d{1,5}))?$/.exec(entry.trim());
+  if (!m) return null;
+  const port = m[3] === undefined ? null : Number(m[3]);
+  if (port !== null && (port < 1 || port > 65535)) return null;
+  const host = normaliseHost(m[2]!);
+  if (host === null || host === '') return null;
+  return { wildcard: m[1] !== undefined, host, port };
+}
+
+function entryMatches(entry: string, host: string, port: number, scheme: string): boolean {
+  const e = parseHostEntry(entry);
+  if (!e) return false;
+  if ((e.port ?? defaultPort(scheme)) !== port) return false;
+  return e.wildcard ? host.endsWith(`.${e.host}`) : host === e.host;
+}
+
+function originAllowed(host: string, port: number, scheme: string, policy: EgressPolicy, purpose: EgressPurpose): boolean {
+  const base = normaliseHost(policy.baseHost);
+  if (base === host && (policy.baseScheme ?? scheme) === scheme && (policy.basePort ?? defaultPort(scheme)) === port) return true;
+  const entries = purpose === 'download' ? policy.downloadHosts ?? [] : policy.allowHosts;
+  return entries.some((a) => entryMatches(a, host, port, scheme));
+}
+
+function describeAllowed(policy: EgressPolicy, purpose: EgressPurpose): string {
+  const base = `${policy.baseScheme ? `${policy.baseScheme}//` : ''}${policy.baseHost}${policy.basePort ? `:${policy.basePort}` : ''}`;
+  return [base, ...(purpose === 'download' ? policy.downloadHosts ?? [] : policy.allowHosts)].join(', ');
+}
+
+/**
+ * Throws EgressRefused unless the URL is http(s) to an allowed (scheme, host, port); an IP literal is
+ * checked as an address too. `purpose` 'download' judges a URL a cloud's answer supplied.
+ */
+export function assertUrlAllowed(url: string, policy: EgressPolicy, purpose: EgressPurpose = 'api'): void {
   let u: URL;
   try {
     u = new URL(url);
@@ -103,11 +172,13 @@ export function assertUrlAllowed(url: string, policy: EgressPolicy): void {
   }
   if (u.protocol !== 'http:' && u.protocol !== 'https:') throw new EgressRefused(`egress refused: scheme ${u.protocol} is not http(s)`);
   if (u.username || u.password) throw new EgressRefused('egress refused: credentials in the URL');
-  if (!hostAllowed(u.hostname, policy)) {
-    throw new EgressRefused(`egress refused: host ${u.hostname} is not allowed for endpoint ${policy.endpoint} (allowed: ${[policy.baseHost, ...policy.allowHosts].join(', ')})`);
+  const host = normaliseHost(u.hostname) ?? u.hostname;
+  const port = u.port === '' ? defaultPort(u.protocol) : Number(u.port);
+  if (!originAllowed(host, port, u.protocol, policy, purpose)) {
+    const what = purpose === 'download' ? 'for a download from' : 'for';
+    throw new EgressRefused(`egress refused: host ${host} is not allowed on port ${port} (${u.protocol}) ${what} endpoint ${policy.endpoint} (allowed: ${describeAllowed(policy, purpose)})`);
   }
-  const literal = u.hostname.replace(/^\[|\]$/g, '');
-  if (net.isIP(literal)) assertAddressAllowed(literal, policy);
+  if (net.isIP(host)) assertAddressAllowed(host, policy);
 }
 
 type LookupCallback = (err: NodeJS.ErrnoException | null, address: string | LookupAddress[], family?: number) => void;
@@ -135,11 +206,15 @@ export function guardedLookup(policy: EgressPolicy) {
 }
 
 /** The policy for an endpoint row (cloud.endpoint). */
-export function policyOf(row: { name: string; base_url: string; allow_hosts: string[]; allow_cidrs: string[]; allow_private: boolean }): EgressPolicy {
+export function policyOf(row: { name: string; base_url: string; allow_hosts: string[]; allow_cidrs: string[]; allow_private: boolean; download_hosts?: string[] | null }): EgressPolicy {
+  const base = new URL(row.base_url);
   return {
     endpoint: row.name,
-    baseHost: new URL(row.base_url).hostname,
+    baseHost: base.hostname,
+    baseScheme: base.protocol,
+    basePort: base.port === '' ? defaultPort(base.protocol) : Number(base.port),
     allowHosts: row.allow_hosts ?? [],
+    downloadHosts: row.download_hosts ?? [],
     allowCidrs: row.allow_cidrs ?? [],
     allowPrivate: row.allow_private,
   };

@@ -121,7 +121,7 @@ const NO_CONTEXT: ProviderContext = {
  * no redirects, a size cap. Throws on network errors and refusals.
  */
 export async function auxFetch(req: AuxRequest, policy: EgressPolicy, defaultTimeoutMs: number, signal?: AbortSignal): Promise<AuxAnswer> {
-  assertUrlAllowed(req.url, policy);
+  assertUrlAllowed(req.url, policy, req.download ? 'download' : 'api');
   const res = await sendCapped(req.url, {
     dnsLookup: guardedLookup(policy) as never,
     agent: agentsFor(policy),
@@ -224,7 +224,7 @@ export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions)
   let responseHeaders: Record<string, unknown> | null = null;
   let responseBody: string | null = null;
   try {
-    assertUrlAllowed(req.url, opts.policy);
+    assertUrlAllowed(req.url, opts.policy, req.download ? 'download' : 'api');
     const options = {
       dnsLookup: guardedLookup(opts.policy) as never,
       agent: agentsFor(opts.policy),

@@ -39,6 +39,7 @@ beforeEach(async () => {
   sim.setFaults(null);
   sim.configure({ pdfUrlOverride: null, pdfRedirectTo: null, rejectBuyers: {}, issueDelayMs: 300, signFailBuyers: [], redAwaitBuyer: false });
   await configureTax(db.pool, sim.url, APP_KEY);
+  await db.pool.query(`select cloud.put_endpoint_download_hosts('nuonuo', '{}')`);
 });
 
 async function settled(settlementId: number, n = 1, source: 'settlement' | 'shipment' = 'settlement') {
@@ -380,11 +381,12 @@ describe('when the outcome is unknown', () => {
 });
 
 describe('the PDF download', () => {
-  // The address cases name their host in allow_hosts, so only the address check can refuse them: loopback is
+  // The address cases name their host as a download host, so only the address check can refuse them: loopback is
   // allowed for the simulator, but only 127.0.0.1 (allow_cidrs); the refusal kind is asserted from the message.
-  const ADDRESS_HOSTS = ['169.254.169.254', '10.20.30.40', '169.254.1.1', '127.0.0.2'];
+  // A metadata literal cannot be listed at all (EC011 when it is set), so that case is refused by host.
+  const ADDRESS_HOSTS = ['10.20.30.40', '169.254.1.1', '127.0.0.2'];
   const cases: Array<[string, Partial<{ pdfUrlOverride: string; pdfRedirectTo: string }>, string, string]> = [
-    ['a cloud metadata address (allowed by host)', { pdfUrlOverride: 'http://169.254.169.254/latest/meta-data/iam.pdf' }, 'egress_refused', 'is a cloud metadata address'],
+    ['a cloud metadata address (allowed by host)', { pdfUrlOverride: 'http://169.254.169.254/latest/meta-data/iam.pdf' }, 'egress_refused', 'host 169.254.169.254 is not allowed'],
     ['a private-range address (allowed by host)', { pdfUrlOverride: 'http://10.20.30.40/invoice.pdf' }, 'egress_refused', '10.20.30.40 is outside the address ranges allowed'],
     ['a link-local address (allowed by host)', { pdfUrlOverride: 'http://169.254.1.1/invoice.pdf' }, 'egress_refused', '169.254.1.1 is outside the address ranges allowed'],
     ['another loopback address (allowed by host)', { pdfUrlOverride: 'http://127.0.0.2/invoice.pdf' }, 'egress_refused', '127.0.0.2 is outside the address ranges allowed'],
@@ -394,7 +396,8 @@ describe('the PDF download', () => {
   ];
   for (const [what, settings, errorClass, why] of cases) {
     it(`from ${what} is refused and logged; the invoice stays issued without an attachment`, async () => {
-      await db.pool.query(`select cloud.put_endpoint_allowlist('nuonuo', $1, '{127.0.0.1/32}', true)`, [ADDRESS_HOSTS]);
+      await db.pool.query(`select cloud.put_endpoint_allowlist('nuonuo', '{}', '{127.0.0.1/32}', true)`);
+      await db.pool.query(`select cloud.put_endpoint_download_hosts('nuonuo', $1)`, [ADDRESS_HOSTS]);
       sim.configure(settings);
       const c = await customer(db.pool);
       const s = await settlement(db.pool, c, [{ item: '软件维护', amount: 106 }]);

@@ -192,7 +192,7 @@ describe('the PDF download', () => {
   const noContext = {} as ProviderContext;
 
   it('to a host the endpoint allows but that resolves to loopback is refused inside the DNS lookup (no private addresses allowed)', async () => {
-    const policy = { endpoint: 'nuonuo', baseHost: 'sdk.nuonuo.example', allowHosts: ['localhost'], allowCidrs: [], allowPrivate: false };
+    const policy = { endpoint: 'nuonuo', baseHost: 'sdk.nuonuo.example', allowHosts: [], downloadHosts: ['localhost:9'], allowCidrs: [], allowPrivate: false };
     const r = await attemptDelivery(msg('http://localhost:9/files/1.pdf'), { logBodyBytes: 1000, policy, context: noContext });
     expect(r).toMatchObject({ outcome: 'permanent', error_class: 'egress_refused', http_status: null });
     expect(r.error_message).toMatch(/loopback/);

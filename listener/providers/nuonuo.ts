@@ -172,9 +172,10 @@ function pdfCap(msg: ClaimedMessage): number {
 function downloadRequest(msg: ClaimedMessage): OutgoingRequest {
   const url = (msg.payload as { url?: unknown }).url;
   if (typeof url !== 'string' || url === '') throw new AdapterError('permanent', 'no_pdf_url', 'the download has no URL');
-  // the egress guard (host allowlist, address ranges, no redirects) checks this URL like any attempt;
+  // the URL is the cloud's: the egress guard judges it against the base URL's origin and the
+  // endpoint's download hosts (not its API allowlist), checks its addresses, follows no redirect;
   // the cap is applied while the PDF downloads, so a huge answer never sits in memory whole
-  return { method: 'GET', url, headers: { accept: 'application/pdf' }, binaryResponse: true, maxResponseBytes: pdfCap(msg) };
+  return { method: 'GET', url, headers: { accept: 'application/pdf' }, binaryResponse: true, maxResponseBytes: pdfCap(msg), download: true };
 }
 
 function classifyDownload(answer: HttpAnswer, msg: ClaimedMessage): Verdict {

@@ -25,6 +25,8 @@ export interface ClaimedMessage {
   allow_hosts: string[];
   allow_cidrs: string[];
   allow_private: boolean;
+  /** Where URLs from the cloud's answers may go besides the base URL's origin (cloud.endpoint.download_hosts). */
+  download_hosts?: string[];
 }
 
 export interface OutgoingRequest {
@@ -41,6 +43,11 @@ export interface OutgoingRequest {
    * `response_too_large`), so one huge answer cannot exhaust the listener's memory.
    */
   maxResponseBytes?: number;
+  /**
+   * The URL came from a cloud's answer (a PDF to download): it may go only to the base
+   * URL's origin and the endpoint's download hosts (cloud.endpoint.download_hosts).
+   */
+  download?: boolean;
 }
 
 export interface HttpAnswer {
@@ -84,6 +91,8 @@ export interface AuxRequest {
   timeoutMs?: number;
   /** The answer's body is refused (error code ETOOLARGE) beyond this many bytes. Default 1 MiB. */
   maxBytes?: number;
+  /** The URL came from a cloud's answer: judged against the endpoint's download hosts (see OutgoingRequest). */
+  download?: boolean;
 }
 
 export interface AuxAnswer {
