@@ -18,7 +18,7 @@ const schema = z.object({
   ERP_CLOUD_BATCH_SIZE: int(1, 1000).default(100),
   ERP_CLOUD_POLL_MS: int(10, 60_000).default(500),
   ERP_CLOUD_MAINTENANCE_MS: int(100, 600_000).default(5000),
-  ERP_CLOUD_LEASE_MARGIN_MS: int(0, 600_000).default(5000),
+  ERP_CLOUD_LEASE_MARGIN_MS: int(200, 600_000).default(5000),
   ERP_CLOUD_SHUTDOWN_GRACE_MS: int(0, 600_000).default(10_000),
   ERP_CLOUD_POOL_SIZE: int(2, 100).default(8),
   // how long `listen` waits for its database at start (db.ts waitForDatabase); 0 = exit 1 at once

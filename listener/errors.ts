@@ -18,7 +18,7 @@ export const SqlState = {
   invalidQuotaSetting: 'EC012',
   invalidSetting: 'EC013',
   invalidProviderToken: 'EC014',
-  invalidSendSlotRequest: 'EC015', // sql/migrations/0012_rate_limit_respacing.sql
+  invalidSendSlotRequest: 'EC015', // sql/migrations/0012_rate_limit_respacing.sql; give_back_messages: 0017
   // System_Vault (sql/migrations/0004_vault.sql)
   secretNotFound: 'EC020',
   vaultKeyMismatch: 'EC021',

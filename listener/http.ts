@@ -183,7 +183,16 @@ export interface AttemptOptions {
   /** Secrets by name, for adapters whose endpoint config names some. */
   context?: ProviderContext;
   signal?: AbortSignal;
+  /**
+   * Asked just before the request goes out (after any token or discovery call):
+   * false means do not send, because the answer could come after the message's
+   * lease ends. The result is then notSent with error class LEASE_UNSAFE.
+   */
+  mayStart?: () => boolean;
 }
+
+/** The error class of an attempt not made because its lease could end before the answer (see AttemptOptions.mayStart). */
+export const LEASE_UNSAFE = 'lease_unsafe';
 
 /** Sends one attempt for a claimed message and returns its record; never throws. */
 export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions): Promise<AttemptResult> {
@@ -219,6 +228,9 @@ export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions)
     request_headers: redactHeaders(headers, secrets),
     request_body: req.body === undefined ? null : cap(redactText(req.body, secrets), opts.logBodyBytes),
   };
+  if (opts.mayStart && !opts.mayStart()) {
+    return notSent(msg, 'retryable', LEASE_UNSAFE, 'not sent: its lease could end before the answer', performance.now() - t0);
+  }
   let verdict: Verdict;
   let status: number | null = null;
   let responseHeaders: Record<string, unknown> | null = null;

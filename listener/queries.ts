@@ -5,10 +5,14 @@ export const sql = {
             from cloud.claim_messages($1, $2, $3, make_interval(secs => $4::float8 / 1000)) c`,
   takeSendSlots: 'select request_id, outcome, send_at, send_by from cloud.take_send_slots($1, $2::uuid[], make_interval(secs => $3::float8 / 1000))',
   recordAttempts: 'select request_id, status from cloud.record_attempts($1, $2::jsonb)',
+  /** Claimed and maybe sent, but not reported (shutdown): pending again, tries stay counted. */
   release: 'select cloud.release_messages($1, $2::uuid[]) as released',
+  /** Claimed and not sent: pending again, the try taken back. */
+  giveBack: 'select cloud.give_back_messages($1, $2::uuid[], p_attempts => $3::integer[]) as given_back',
   nextDue: 'select cloud.next_due_at($1) as at',
   listenerStart: 'select cloud.record_listener_start($1, $2, $3, $4, $5)',
-  listenerHeartbeat: 'select cloud.record_listener_heartbeat($1, $2)',
+  /** registered = false: the reaper forgot this listener (silent for 2 minutes); it registers again. */
+  listenerHeartbeat: 'select cloud.record_listener_heartbeat($1, $2) as registered',
   listenerStop: 'select cloud.record_listener_stop($1)',
   reap: 'select cloud.reap_expired_leases() as reaped',
   maintenance: 'select cloud.run_maintenance() as summary',
@@ -45,11 +49,22 @@ export const doctorSql = {
                            from cron.job_run_details d where d.jobid = j.jobid and d.status = 'succeeded') s on true
      where j.jobname like 'erp-cloud: %'
      order by j.jobname`,
-  heartbeat: `
-    select count(*)::int as listeners, max(heartbeat_at) as last,
-           coalesce(max(heartbeat_at) > now() - interval '1 minute', false) as fresh,
-           round(extract(epoch from now() - max(heartbeat_at)))::int as age_s
-      from cloud.listener`,
+  /** Every registered listener; live = a heartbeat within the last minute. */
+  listeners: `
+    select worker_id, host, pid, endpoints, greatest(round(extract(epoch from now() - heartbeat_at)), 0)::int as age_s,
+           heartbeat_at > now() - interval '1 minute' as live
+      from cloud.listener
+     order by heartbeat_at desc, worker_id`,
+  /** Enabled endpoints with pending messages that no live listener serves (cloud.listener.endpoints; null = all). */
+  unservedEndpoints: `
+    select e.name, count(o.*)::int as pending
+      from cloud.endpoint e
+      join cloud.outbox o on o.endpoint = e.name and o.status = 'pending'
+     where e.enabled
+       and not exists (select from cloud.listener l
+                        where l.heartbeat_at > now() - interval '1 minute' and (l.endpoints is null or e.name = any (l.endpoints)))
+     group by e.name
+     order by e.name`,
   roleExists: 'select exists (select from pg_catalog.pg_roles where rolname = $1) as present',
   functionPrivilege: `select has_function_privilege($1::text, $2::text, 'execute') as granted`,
   columnPrivilege: 'select has_any_column_privilege($1::text, $2::text, $3::text) as granted',
@@ -86,7 +101,7 @@ export const doctorSql = {
  * $1 endpoint or null, $2 request_id or null.
  */
 const tailColumns = `started_at, (extract(epoch from started_at) * 1000000)::bigint::text as started_us, endpoint, request_id,
-  attempt, outcome, http_status, duration_ms::float8 as duration_ms, error_class, left(error_message, 500) as error_message`;
+  attempt, outcome, http_status, duration_ms::float8 as duration_ms, error_class, left(error_message, 500) as error_message, late`;
 const tailFilter = `($1::text is null or endpoint = $1) and ($2::uuid is null or request_id = $2)`;
 export const tailSql = {
   /** How late an attempt can be recorded after it started: the longest endpoint timeout. */

@@ -40,13 +40,15 @@ interface LogRow {
   duration_ms: number | null;
   error_class: string | null;
   error_message: string | null;
+  /** An answer that came back after its lease was gone: logged, but it changed nothing (cloud.log.late). */
+  late: boolean;
 }
 
 /** Lateness allowed on top of the longest endpoint timeout: batching of results, lease margin, clock skew between hosts. */
 const LATENESS_MARGIN_S = 30;
 const MESSAGE_CHARS = 160;
 
-const keyOf = (r: LogRow) => `${r.request_id}:${r.attempt}:${r.started_us}`;
+const keyOf = (r: LogRow) => `${r.request_id}:${r.attempt}:${r.started_us}:${r.late}`;
 
 function truncate(s: string | null, n: number): string | null {
   if (s === null) return null;
@@ -61,6 +63,7 @@ export function formatAttempt(r: LogRow, json: boolean): string {
     return JSON.stringify({
       started_at: r.started_at.toISOString(), endpoint: r.endpoint, request_id: r.request_id, attempt: r.attempt,
       outcome: r.outcome, http_status: r.http_status, duration_ms: r.duration_ms, error_class: r.error_class, error_message: message,
+      late: r.late,
     });
   }
   const error = r.error_class || message ? `${r.error_class ?? 'error'}${message ? `: ${message}` : ''}` : '';
@@ -69,7 +72,7 @@ export function formatAttempt(r: LogRow, json: boolean): string {
     r.endpoint,
     r.request_id,
     `#${r.attempt}`,
-    r.outcome.padEnd(9),
+    (r.late ? `${r.outcome}(late)` : r.outcome).padEnd(9),
     String(r.http_status ?? '-').padStart(3),
     r.duration_ms === null ? '-' : `${Math.round(r.duration_ms)}ms`,
     error,

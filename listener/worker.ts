@@ -11,7 +11,7 @@ import type pg from 'pg';
 import type { Config } from './config.js';
 import { createListenConnection, type ListenConnection } from './db.js';
 import { policyOf, type EgressPolicy } from './egress.js';
-import { attemptDelivery, notSent, type AttemptResult } from './http.js';
+import { attemptDelivery, LEASE_UNSAFE, notSent, type AttemptResult } from './http.js';
 import { providerContext } from './provider-context.js';
 import type { Logger } from './logger.js';
 import type { Metrics } from './metrics.js';
@@ -24,6 +24,18 @@ import { loadVaultKey, SecretResolver } from './vault.js';
  * the endpoint's grace (cloud.send_grace); null when the endpoint has no rate limit.
  */
 type Claimed = ClaimedMessage & { send_by: Date | null };
+
+/**
+ * When this listener may still start a message's call, on its own clock: the
+ * lease runs timeout + margin from the claim, and the call may take the
+ * timeout, so a call started later than claim + margin could be answered after
+ * the lease ends, when another listener may own the message. Measured from
+ * before the claim was asked for (so never later than the database's own
+ * lease), and with the local clock only (so clock skew between hosts does not
+ * matter). A listener that was paused (SIGSTOP, a VM freeze, a long GC) finds
+ * its waiting messages past this and gives them back instead of sending.
+ */
+type LeaseClock = { startBy: number };
 
 /** cloud.take_send_slots's answer for one message. */
 interface SendSlot {
@@ -120,11 +132,12 @@ export class Worker {
           const room = this.config.ERP_CLOUD_CONCURRENCY - this.inflight.size;
           if (room <= 0) break;
           const want = Math.min(room, this.config.ERP_CLOUD_BATCH_SIZE);
+          const lease: LeaseClock = { startBy: Date.now() + this.config.ERP_CLOUD_LEASE_MARGIN_MS };
           const { rows } = await this.pool.query<Claimed>(sql.claim, [
             this.id, want, this.config.ERP_CLOUD_ENDPOINTS, this.config.ERP_CLOUD_LEASE_MARGIN_MS,
           ]);
           this.markDb(null);
-          for (const msg of rows) this.dispatch(msg);
+          for (const msg of rows) this.dispatch(msg, lease);
           if (rows.length === 0) await this.armDueTimer();
           if (rows.length < want) break;
         }
@@ -138,11 +151,13 @@ export class Worker {
     }
   }
 
-  private dispatch(msg: Claimed): void {
+  private dispatch(msg: Claimed, lease: LeaseClock): void {
     const abort = new AbortController();
-    this.inflight.set(msg.request_id, abort);
-    void this.attempt(msg, abort.signal).then((result) => {
-      this.inflight.delete(msg.request_id);
+    // by try, not by message: a try held up past its lease may still be here when the same message is claimed again
+    const key = `${msg.request_id}#${msg.attempt}`;
+    this.inflight.set(key, abort);
+    void this.attempt(msg, lease, abort.signal).then((result) => {
+      this.inflight.delete(key);
       if (result === null) {
         // not sent and not this listener's any more (given back, or its lease is gone): nothing to report
         if (this.config.ERP_CLOUD_CONCURRENCY - this.inflight.size >= this.refillAt) this.wake();
@@ -162,7 +177,7 @@ export class Worker {
   }
 
   /** One attempt, or null when the message was not sent and is no longer this listener's to report. */
-  private async attempt(msg: Claimed, signal: AbortSignal): Promise<AttemptResult | null> {
+  private async attempt(msg: Claimed, lease: LeaseClock, signal: AbortSignal): Promise<AttemptResult | null> {
     // the allowlist as it was when the message was claimed: a change by an operator applies to the next claim
     let policy: EgressPolicy;
     try {
@@ -179,7 +194,12 @@ export class Worker {
         pool: this.pool, endpoint: msg.endpoint, policy, timeoutMs: msg.timeout_ms, signal,
         secret: (name) => this.secrets.resolve(name),
       }),
+      // the answer could come after the lease: by then another listener may be sending it too
+      mayStart: () => Date.now() <= lease.startBy,
     });
+    if (result.error_class === LEASE_UNSAFE) {
+      return this.giveBack(msg, `its lease could end before the answer (${Date.now() - lease.startBy} ms past the last safe start: was this listener paused or starved?)`);
+    }
     // the attempt started when the listener decided it may go (within its slot's grace): what the rate limit promises
     return { ...result, started_at: new Date(decidedAt).toISOString() };
   }
@@ -245,7 +265,7 @@ export class Worker {
   /** Gives a message back unsent (pending, due now). Always null: the message does not go. */
   private async giveBack(msg: Claimed, why: string): Promise<null> {
     try {
-      await this.pool.query(sql.release, [this.id, [msg.request_id]]);
+      await this.pool.query(sql.giveBack, [this.id, [msg.request_id], [msg.attempt]]);
       this.log.info({ request_id: msg.request_id, endpoint: msg.endpoint }, `given back unsent: ${why}`);
       this.wake();
     } catch (err) {
@@ -315,7 +335,13 @@ export class Worker {
     this.maintaining = true;
     try {
       const channels = await this.loadChannels();
-      await this.pool.query(sql.listenerHeartbeat, [this.id, channels]);
+      const beat = await this.pool.query<{ registered: boolean }>(sql.listenerHeartbeat, [this.id, channels]);
+      if (!beat.rows[0]?.registered) {
+        // the reaper forgot this listener (silent for 2 minutes): without its row nobody sends it a NOTIFY
+        await this.pool.query(sql.listenerStart, [this.id, channels, this.config.ERP_CLOUD_ENDPOINTS, os.hostname(), process.pid]);
+        this.log.warn({ worker: this.id }, 'this listener had been forgotten (no heartbeat for 2 minutes: was it paused?); registered again');
+        this.wake();
+      }
       if (channels.some((c) => !this.channels.includes(c))) {
         await this.listen?.listenTo(channels);
         this.channels = channels;

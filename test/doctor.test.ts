@@ -134,6 +134,28 @@ describe('erp-cloud doctor', () => {
     expect(one(checks, 'endpoints')).toMatchObject({ status: 'warn' }); // none configured
   });
 
+  it('listeners: the live ones are named, a silent one is a warning saying what happens to it, and an endpoint no live listener serves is named', async () => {
+    await endpoint('hook', `http://127.0.0.1:${httpPort}/webhook`);
+    await endpoint('tax', `http://127.0.0.1:${httpPort}/tax`);
+    await db.pool.query(`select cloud.enqueue_message('tax', 'demo.ping', '{"n":1}')`);
+    await db.pool.query(`insert into cloud.listener (worker_id, host, pid, endpoints) values ('live-1', 'erp-app-1', 4242, '{hook}')`);
+    await db.pool.query(`insert into cloud.listener (worker_id, heartbeat_at) values ('frozen', now() - interval '90 seconds')`);
+    const { code, checks } = await doctor();
+    expect(code).toBe(0);
+    expect(one(checks, 'listener heartbeat')).toMatchObject({ status: 'ok', detail: expect.stringMatching(/^1 listener\(s\) live \(live-1 on erp-app-1 pid 4242\).*they run maintenance/) });
+    expect(one(checks, 'listener silent', 'frozen')).toMatchObject({ status: 'warn', detail: expect.stringMatching(/no heartbeat for 9\d s: .*registers again/) });
+    expect(one(checks, 'listener coverage', 'tax')).toMatchObject({ status: 'warn', detail: expect.stringContaining('1 pending message(s)') });
+    expect(find(checks, 'listener coverage', 'hook')).toEqual([]);
+
+    // only a silent listener: nothing delivers, and without pg_cron nothing maintains either
+    await db.pool.query(`delete from cloud.listener where worker_id = 'live-1'`);
+    const quiet = await doctor();
+    expect(one(quiet.checks, 'listener heartbeat')).toMatchObject({
+      status: 'warn', detail: expect.stringMatching(/^no listener running; last heartbeat 9\d s ago: nothing delivers and nothing runs maintenance/),
+    });
+    expect(find(quiet.checks, 'listener coverage')).toEqual([]); // said once, by the line above
+  });
+
   it('an endpoint whose host does not resolve fails the DNS line and exits 1', async () => {
     await endpoint('ghost', 'http://nothing.invalid/');
     const { code, checks } = await doctor();
@@ -422,7 +444,7 @@ describe('erp-cloud tail', () => {
     const tax = await cli(['tail', '--once', '--endpoint', 'tax', '--json']);
     const rows = tax.stdout.trim().split('\n').map((l) => JSON.parse(l));
     expect(rows.map((r) => r.request_id)).toEqual([a1, a2]);
-    expect(Object.keys(rows[0]).sort()).toEqual(['attempt', 'duration_ms', 'endpoint', 'error_class', 'error_message', 'http_status', 'outcome', 'request_id', 'started_at']);
+    expect(Object.keys(rows[0]).sort()).toEqual(['attempt', 'duration_ms', 'endpoint', 'error_class', 'error_message', 'http_status', 'late', 'outcome', 'request_id', 'started_at']);
     expect(tax.stdout).not.toContain(BODY_MARK);
 
     const one_ = await cli(['tail', '--once', '--request-id', b1, '--json']);

@@ -233,12 +233,15 @@ describe('replay, skip and leases', () => {
     await report('w1', [result(id, 1, 'retryable')]);
     expect(await sqlstateOf(q(`select cloud.replay_message($1, '  ')`, [id]))).toBe(SqlState.reasonRequired);
     await q(`select cloud.replay_message($1, 'cloud was down', 'dba_li')`, [id]);
-    const { rows } = await q(`select status, attempts from cloud.outbox where request_id = $1`, [id]);
-    expect(rows).toEqual([{ status: 'pending', attempts: 0 }]);
+    // a fresh budget; the try numbers go on, so the next try is attempt 2 in cloud.log
+    const { rows } = await q(`select status, attempts, failures, lost_leases from cloud.outbox where request_id = $1`, [id]);
+    expect(rows).toEqual([{ status: 'pending', attempts: 1, failures: 0, lost_leases: 0 }]);
     const audit = await q(`select action, actor, reason, previous_status from cloud.replay_audit`);
     expect(audit.rows).toEqual([{ action: 'replay', actor: 'dba_li', reason: 'cloud was down', previous_status: 'dead' }]);
     expect((await claim()).map((m) => m.request_id)).toEqual([id]);
-    await report('w1', [result(id, 1, 'ok')]);
+    await report('w1', [result(id, 2, 'ok')]);
+    expect((await q(`select attempt, outcome from cloud.log where request_id = $1 order by attempt`, [id])).rows)
+      .toEqual([{ attempt: 1, outcome: 'retryable' }, { attempt: 2, outcome: 'ok' }]);
     expect(await sqlstateOf(q(`select cloud.replay_message($1, 'again')`, [id]))).toBe(SqlState.messageNotReplayable);
     expect(await sqlstateOf(q(`select cloud.skip_message($1, 'no')`, [id]))).toBe(SqlState.messageNotSkippable);
     expect(await sqlstateOf(q(`select cloud.replay_message(gen_random_uuid(), 'x')`))).toBe(SqlState.messageNotFound);

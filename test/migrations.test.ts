@@ -67,6 +67,22 @@ describe('pg_cron', () => {
         return rows[0];
       }, { timeoutMs: 75_000, intervalMs: 1000, what: 'a pg_cron run of the reaper' });
       expect(ran).toMatchObject({ status: 'succeeded' });
+
+      // doctor reports the listeners with pg_cron too: pg_cron maintains, but only a listener delivers
+      const worker = `doctor-cron-${process.pid}`;
+      await c.query(`insert into cloud.listener (worker_id, host) values ($1, 'cron-test') on conflict (worker_id) do update set heartbeat_at = now()`, [worker]);
+      try {
+        const out = await run(process.execPath, ['dist/listener/cli.js', '-c', url, 'doctor', '--json'], { env: { PATH: process.env.PATH } })
+          .then((r) => r.stdout, (e: { stdout: string }) => e.stdout);
+        const checks = (JSON.parse(out) as { checks: Array<{ check: string; status: string; detail: string }> }).checks;
+        expect(checks.filter((x) => x.check === 'pg_cron job').map((x) => x.status)).toContain('ok');
+        const heartbeat = checks.filter((x) => x.check === 'listener heartbeat');
+        expect(heartbeat).toHaveLength(1);
+        expect(heartbeat[0]).toMatchObject({ status: 'ok', detail: expect.stringContaining(`${worker} on cron-test`) });
+        expect(heartbeat[0]!.detail).not.toMatch(/run maintenance/);
+      } finally {
+        await c.query(`delete from cloud.listener where worker_id = $1`, [worker]);
+      }
     } finally {
       await c.end();
     }

@@ -132,9 +132,9 @@ describe('the CLI', () => {
     expect(unknown.code).toBe(1);
     expect(unknown.stderr).toContain('EC001');
 
-    // the replayed message dies again; --dead replays every dead letter of the endpoint
+    // the replayed message dies again (its second try: replays keep numbering them); --dead replays every dead letter of the endpoint
     await db.pool.query(`select cloud.claim_messages('w', 10)`);
-    await db.pool.query(`select cloud.record_attempts('w', $1::jsonb)`, [JSON.stringify([{ request_id: id, attempt: 1, outcome: 'retryable', error_message: 'HTTP 503', started_at: new Date().toISOString() }])]);
+    await db.pool.query(`select cloud.record_attempts('w', $1::jsonb)`, [JSON.stringify([{ request_id: id, attempt: 2, outcome: 'retryable', error_message: 'HTTP 503', started_at: new Date().toISOString() }])]);
     const all = await cli('replay', '--dead', '--endpoint', 'hook', '--reason', 'cloud back for good');
     expect(all).toMatchObject({ code: 0, stdout: expect.stringContaining('replayed 1 dead message(s) of hook') });
     const audit = await db.pool.query(`select actor, reason from cloud.replay_audit order by id`);
