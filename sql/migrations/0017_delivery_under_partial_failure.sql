@@ -333,23 +333,26 @@ begin
     -- a healthy endpoint whose window is already full of answers has nothing to record
     continue when position('x' in h.answers) = 0 and position('x' in e.circuit_recent) = 0
               and length(e.circuit_recent) >= e.circuit_window;
+    -- the window is read and written under the row lock: another listener's batch may be sliding it too
+    select * into e from cloud.endpoint where name = h.endpoint for update;
+    continue when e.circuit_state <> 'closed';
     -- slide the window answer by answer: the circuit opens at the first answer where the rule holds
     v_recent := e.circuit_recent;
     v_open := false;
+    v_run := e.circuit_failures;  -- failures in a row so far (for reading; the window decides)
     for i in 1 .. length(h.answers) loop
       v_recent := right(v_recent || substr(h.answers, i, 1), e.circuit_window);
-      continue when substr(h.answers, i, 1) <> 'x';
+      if substr(h.answers, i, 1) <> 'x' then
+        v_run := 0;
+        continue;
+      end if;
+      v_run := v_run + 1;
       v_fails := length(v_recent) - length(replace(v_recent, 'x', ''));
       if v_fails >= e.circuit_threshold and v_fails >= e.circuit_failure_ratio * length(v_recent) then
         v_open := true;
         exit;
       end if;
     end loop;
-    -- failures in a row at the end of what the circuit saw (for reading)
-    v_run := length(v_recent) - length(rtrim(v_recent, 'x'));
-    if v_run = length(v_recent) then
-      v_run := greatest(v_run, e.circuit_failures + length(h.answers));
-    end if;
     update cloud.endpoint
        set circuit_recent = v_recent,
            circuit_failures = v_run,
