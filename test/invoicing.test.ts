@@ -400,18 +400,3 @@ describe('roles', () => {
   });
 });
 
-describe('the schema', () => {
-  it('every function, table and type in schema tax and every erp table has a comment; nothing in tax is executable by PUBLIC', async () => {
-    const { rows } = await db.pool.query(`
-      select 'function ' || p.oid::regprocedure::text as what from pg_proc p where p.pronamespace = 'tax'::regnamespace and obj_description(p.oid, 'pg_proc') is null
-      union all
-      select 'table ' || c.oid::regclass::text from pg_class c where c.relnamespace in ('tax'::regnamespace, 'erp'::regnamespace) and c.relkind in ('r', 'v')
-         and obj_description(c.oid, 'pg_class') is null
-      union all
-      select 'type ' || t.typname from pg_type t join pg_class c on c.oid = t.typrelid where t.typnamespace = 'tax'::regnamespace and c.relkind = 'c'
-         and obj_description(t.oid, 'pg_type') is null`);
-    expect(rows).toEqual([]);
-    const pub = await db.pool.query(`select p.oid::regprocedure::text f from pg_proc p where p.pronamespace = 'tax'::regnamespace and has_function_privilege('public', p.oid, 'execute')`);
-    expect(pub.rows).toEqual([]);
-  });
-});

@@ -440,25 +440,3 @@ describe('the ASN pull (delivery list by watermark)', () => {
   });
 });
 
-describe('supplier-collaboration schema', () => {
-  it('every function, table and type in schema scm and every supplier table in erp has a comment; nothing is executable by PUBLIC', async () => {
-    const { rows } = await db.pool.query(`
-      select 'function ' || p.oid::regprocedure::text as obj from pg_proc p
-       where (p.pronamespace = 'scm'::regnamespace or (p.pronamespace = 'erp'::regnamespace and p.proname ~ '^tg_(supplier|purchase_order|asn)'))
-         and obj_description(p.oid, 'pg_proc') is null
-      union all
-      select 'relation ' || c.oid::regclass::text from pg_class c
-       where (c.relnamespace = 'scm'::regnamespace or c.oid in ('erp.supplier'::regclass, 'erp.purchase_order'::regclass,
-              'erp.purchase_order_line'::regclass, 'erp.asn_document'::regclass, 'erp.asn_line'::regclass))
-         and c.relkind in ('r', 'v', 'p') and obj_description(c.oid, 'pg_class') is null
-      union all
-      select 'type ' || t.typname from pg_type t
-       where t.typnamespace = 'scm'::regnamespace and t.typtype = 'c' and t.typrelid in (select oid from pg_class where relkind = 'c')
-         and obj_description(t.oid, 'pg_type') is null`);
-    expect(rows).toEqual([]);
-    const pub = await db.pool.query(`select p.oid::regprocedure::text fn from pg_proc p
-       where (p.pronamespace = 'scm'::regnamespace or (p.pronamespace = 'erp'::regnamespace and p.proname ~ '^tg_(supplier|purchase_order|asn)'))
-         and has_function_privilege('public', p.oid, 'execute')`);
-    expect(pub.rows).toEqual([]);
-  });
-});

@@ -222,19 +222,6 @@ describe('privileges', () => {
     expect(await sqlstateOf(as('erp_cloud_listener', 'select * from vault.secret'))).toBe('42501');
   });
 
-  it('nothing in schema vault is executable by PUBLIC, and every vault function and table has a comment', async () => {
-    const open = await q(`select p.oid::regprocedure::text as fn from pg_proc p
-                           where p.pronamespace = 'vault'::regnamespace and has_function_privilege('public', p.oid, 'execute')`);
-    expect(open.rows).toEqual([]);
-    expect((await q(`select has_schema_privilege('public', 'vault', 'usage') as u`)).rows[0].u).toBe(false);
-    const undocumented = await q(`select p.oid::regprocedure::text as fn from pg_proc p
-                                   where p.pronamespace = 'vault'::regnamespace and obj_description(p.oid, 'pg_proc') is null
-                                  union all
-                                  select c.oid::regclass::text from pg_class c
-                                   where c.relnamespace = 'vault'::regnamespace and c.relkind = 'r' and obj_description(c.oid, 'pg_class') is null`);
-    expect(undocumented.rows).toEqual([]);
-  });
-
   it('the public functions are SECURITY DEFINER with an empty search_path, owned by the nologin vault owner', async () => {
     const { rows: r } = await q(`select p.proname, p.prosecdef, p.proconfig, pg_get_userbyid(p.proowner) as owner, r.rolcanlogin
                                    from pg_proc p join pg_roles r on r.oid = p.proowner

@@ -1,8 +1,9 @@
 /**
- * Documented in the database (STYLE.md 8), across every product schema at
- * once: the per-schema checks (engine, invoicing, scm-asn, sso, vault tests)
- * leave out partitions, internal functions and erp's functions; this one
- * leaves out nothing, including the cloud.log partitions made at run time.
+ * The conventions every product schema keeps, checked once for all of them
+ * (STYLE.md 5 and 8): every object is documented in the database (including
+ * the cloud.log partitions made at run time), and PUBLIC may neither use a
+ * product schema nor execute any of its functions. Role-specific grants are
+ * checked where the roles are (engine, sso, vault tests).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestDb, type TestDb } from './helpers/db.js';
@@ -39,6 +40,23 @@ async function undocumented(): Promise<string[]> {
     select obj from documented where coalesce(btrim(split_part(description, E'\\n', 1)), '') = '' order by obj`, [SCHEMAS]);
   return rows.map((r) => r.obj);
 }
+
+describe('privileges', () => {
+  it('no function of any product schema is executable by PUBLIC, and PUBLIC may not use any product schema', async () => {
+    const { rows } = await db.pool.query(`
+      select p.oid::regprocedure::text as fn from pg_proc p
+       where p.pronamespace::regnamespace::text = any($1) and has_function_privilege('public', p.oid, 'execute')
+         and not exists (select from pg_depend d where d.classid = 'pg_proc'::regclass and d.objid = p.oid and d.deptype = 'e')
+       order by 1`, [SCHEMAS]);
+    expect(rows).toEqual([]);
+    const { rows: open } = await db.pool.query(`select nspname from pg_namespace where nspname = any($1) and has_schema_privilege('public', oid, 'usage')`, [SCHEMAS]);
+    expect(open).toEqual([]);
+    // the list is every schema the migrations made (a new one must join it)
+    const { rows: made } = await db.pool.query(`select nspname from pg_namespace
+       where nspname <> all ($1) and nspname !~ '^pg_' and nspname not in ('information_schema', 'public', 'cron') order by 1`, [SCHEMAS]);
+    expect(made.map((r) => r.nspname)).toEqual([]);
+  });
+});
 
 describe('comments', () => {
   it('every schema, table, partition, view, function and type of the product has a comment with a summary line', async () => {
