@@ -7,7 +7,12 @@ import http from 'node:http';
 import https from 'node:https';
 import { got, RequestError, type OptionsInit } from 'got';
 import { assertUrlAllowed, guardedLookup, type EgressPolicy } from './egress.js';
+import { SqlState } from './errors.js';
 import { AdapterError, adapterFor, type AuxAnswer, type AuxRequest, type ClaimedMessage, type OutgoingRequest, type ProviderContext, type Verdict } from './providers/index.js';
+
+/** The vault's own errors (a secret missing, a key that does not open it …): a secret that may be there later. */
+const VAULT_CODES: ReadonlySet<string> = new Set([SqlState.secretNotFound, SqlState.vaultKeyMismatch, SqlState.vaultKeyInvalid,
+  SqlState.invalidSecretName, SqlState.secretValueEmpty, SqlState.secretUndecryptable, SqlState.vaultKeyUnchanged]);
 
 /** The JSON shape of cloud.attempt_result (one cloud.log row + the verdict). */
 export interface AttemptResult {
@@ -216,7 +221,7 @@ export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions)
       return notSent(msg, v.outcome as 'retryable' | 'permanent', v.outcome === 'ok' ? 'network' : v.errorClass, v.outcome === 'ok' ? '' : v.message, performance.now() - t0);
     }
     // a secret that cannot be had now (vault down, variable not yet set) may be there later
-    const secretMissing = (err as { secretName?: string; code?: string }).secretName !== undefined || /^EC02/.test(String((err as { code?: string }).code));
+    const secretMissing = (err as { secretName?: string; code?: string }).secretName !== undefined || VAULT_CODES.has(String((err as { code?: string }).code));
     return notSent(msg, secretMissing ? 'retryable' : 'permanent', secretMissing ? 'secret_unavailable' : 'build_request',
       err instanceof Error ? err.message : String(err), performance.now() - t0);
   }

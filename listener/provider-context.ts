@@ -7,6 +7,7 @@
 import type pg from 'pg';
 import { RequestError } from 'got';
 import type { EgressPolicy } from './egress.js';
+import { SqlState } from './errors.js';
 import { auxFetch } from './http.js';
 import { AdapterError, type ProviderContext } from './providers/index.js';
 import { sql } from './queries.js';
@@ -104,7 +105,7 @@ function asAttemptError(err: unknown, lockTimeoutMs: number): unknown {
   if (err instanceof AdapterError || err instanceof RequestError || (err as { code?: string }).code === 'EEGRESS') return err;
   const code = (err as { code?: string }).code;
   const message = err instanceof Error ? err.message : String(err);
-  if (code === 'EC014') return new AdapterError('permanent', 'invalid_token', message);
+  if (code === SqlState.invalidProviderToken) return new AdapterError('permanent', 'invalid_token', message);
   if (code === '55P03') return new AdapterError('retryable', 'token_cache_unavailable', `another listener has been obtaining this token for over ${lockTimeoutMs} ms`);
   if (typeof code === 'string' && /^[0-9A-Z]{5}$/.test(code)) return new AdapterError('retryable', 'token_cache_unavailable', `token cache: ${message}`);
   return new AdapterError('retryable', 'token_unavailable', `obtaining the token: ${message}`);

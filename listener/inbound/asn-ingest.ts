@@ -5,6 +5,7 @@
  */
 import type { IncomingMessage } from 'node:http';
 import type pg from 'pg';
+import { SqlState } from '../errors.js';
 import { sourceAllowed } from '../inbound.js';
 import type { InboundDeps } from '../inbound-server.js';
 
@@ -77,8 +78,8 @@ async function ingestInTransaction(pool: pg.Pool, env: NodeJS.ProcessEnv, statem
   } catch (err) {
     await client.query('rollback').catch(() => undefined);
     const e = err as { code?: string; message?: string; detail?: string };
-    if (e.code === 'ES004') return { kind: 'malformed_asn', code: e.code, message: e.message ?? '', field: e.detail };
-    if (e.code === 'ES017') return { kind: 'event_conflict', code: e.code, message: e.message ?? '' };
+    if (e.code === SqlState.asnMalformed) return { kind: 'malformed_asn', code: e.code, message: e.message ?? '', field: e.detail };
+    if (e.code === SqlState.asnEventIdConflict) return { kind: 'event_conflict', code: e.code, message: e.message ?? '' };
     if (e.code === '55P03') return { kind: 'locked', lockTimeoutMs };
     throw err;
   } finally {

@@ -35,6 +35,7 @@
  * ERP_CLOUD_YONBIP_EVENTS_ASN_TYPES, comma-separated event types that carry an ASN (default scm.asn.created).
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { SqlState } from '../errors.js';
 import { registerInboundRoute, type InboundDeps } from '../inbound-server.js';
 import { decryptEvent, deriveAesKey, eventSignature, signatureMatches, YonbipCryptoError, type SignatureAlgorithm } from '../yonbip-crypto.js';
 import { admitAsnSource, asnMaxBytes, envInt, ingestPushedEvent } from './asn-ingest.js';
@@ -56,7 +57,7 @@ const FUTURE_SKEW_S = 300;
 const HANDSHAKE_TYPES = new Set(['CHECK_URL']);
 
 /** Keeps an intact event that cannot be ingested, so the cloud can stop retrying without the event being lost. */
-async function quarantine(deps: InboundDeps, event: Record<string, unknown> | string, eventId: string | null, sqlstate: 'ES004' | 'ES018', reason: string): Promise<void> {
+async function quarantine(deps: InboundDeps, event: Record<string, unknown> | string, eventId: string | null, sqlstate: typeof SqlState.asnMalformed | typeof SqlState.eventTypeNotAsn, reason: string): Promise<void> {
   await deps.pool.query('select scm.quarantine_pushed_event($1::jsonb, $2, $3, $4)', [JSON.stringify(event), eventId, sqlstate, reason]);
 }
 
@@ -163,7 +164,7 @@ async function handle(req: IncomingMessage, res: ServerResponse, body: Buffer, d
     const code = (err as { code?: string }).code;
     if (code !== '22P05' && code !== '22P02') throw err;
     const eventId = /"eventId"\s*:\s*"([^"\\]{1,200})"/.exec(message)?.[1] ?? null;
-    await quarantine(deps, { eventId, message_base64: Buffer.from(message, 'utf8').toString('base64') }, eventId, 'ES004',
+    await quarantine(deps, { eventId, message_base64: Buffer.from(message, 'utf8').toString('base64') }, eventId, SqlState.asnMalformed,
       `the event holds text the database cannot store as JSON (${code}); the message is kept as base64`);
     deps.log.warn({ receiver: NAME, remote, event_id: eventId, sqlstate: code }, 'YonBIP event quarantined: message not storable as JSON');
     return answer(res, 200, 'success', { 'x-yonbip-event': 'quarantined' });
@@ -177,7 +178,7 @@ async function answerAuthentic(res: ServerResponse, message: string, deps: Inbou
     event = JSON.parse(message) as Record<string, unknown>;
     if (!event || typeof event !== 'object' || Array.isArray(event)) throw new Error('not an object');
   } catch {
-    await quarantine(deps, message, null, 'ES004', 'the decrypted message is not a JSON object');
+    await quarantine(deps, message, null, SqlState.asnMalformed, 'the decrypted message is not a JSON object');
     deps.log.warn({ receiver: NAME, remote, bytes: message.length }, 'YonBIP event quarantined: message not a JSON object');
     return answer(res, 200, 'success', { 'x-yonbip-event': 'quarantined' });
   }
@@ -188,18 +189,18 @@ async function answerAuthentic(res: ServerResponse, message: string, deps: Inbou
   }
   const eventId = field(event.eventId);
   if (!eventId) {
-    await quarantine(deps, event, null, 'ES004', 'the event has no eventId');
+    await quarantine(deps, event, null, SqlState.asnMalformed, 'the event has no eventId');
     deps.log.warn({ receiver: NAME, remote, event_type: type }, 'YonBIP event quarantined: no eventId');
     return answer(res, 200, 'success', { 'x-yonbip-event': 'quarantined' });
   }
   if (!asnTypes(deps.env).has(type)) {
-    await quarantine(deps, event, eventId, 'ES018', `event type ${JSON.stringify(type)} is not configured as an ASN event (ERP_CLOUD_YONBIP_EVENTS_ASN_TYPES)`);
+    await quarantine(deps, event, eventId, SqlState.eventTypeNotAsn, `event type ${JSON.stringify(type)} is not configured as an ASN event (ERP_CLOUD_YONBIP_EVENTS_ASN_TYPES)`);
     deps.log.warn({ receiver: NAME, event_id: eventId, event_type: type }, 'YonBIP event quarantined: not an ASN event type (ERP_CLOUD_YONBIP_EVENTS_ASN_TYPES)');
     return answer(res, 200, 'success', { 'x-yonbip-event': 'quarantined' });
   }
   const asn = asnFromContent(event.content);
   if (!asn) {
-    await quarantine(deps, event, eventId, 'ES004', 'the ASN event has no content: the ASN as an object or a JSON string');
+    await quarantine(deps, event, eventId, SqlState.asnMalformed, 'the ASN event has no content: the ASN as an object or a JSON string');
     deps.log.warn({ receiver: NAME, remote, event_id: eventId, event_type: type }, 'YonBIP event quarantined: no ASN content');
     return answer(res, 200, 'success', { 'x-scm-asn-status': 'quarantined' });
   }

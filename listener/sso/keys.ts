@@ -13,6 +13,7 @@
 import { createHash, generateKeyPairSync, randomBytes } from 'node:crypto';
 import type pg from 'pg';
 import { secretEnvName } from '../vault.js';
+import { SqlState } from '../errors.js';
 
 export const SIGNING_KEYS_SECRET = 'sso.signing_keys';
 export const COOKIE_KEYS_SECRET = 'sso.cookie_keys';
@@ -73,7 +74,7 @@ async function readVault(c: pg.ClientBase, name: string, masterKey: string): Pro
     return rows[0]!.value;
   } catch (err) {
     await c.query('rollback to savepoint sso_read_vault');
-    if ((err as { code?: string }).code === 'EC020') return null;
+    if ((err as { code?: string }).code === SqlState.secretNotFound) return null;
     throw err;
   }
 }
