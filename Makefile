@@ -7,7 +7,7 @@ PGPORT_PRIVATE := $(or $(ERP_CLOUD_PGPORT),54329)
 DB_URL := $(or $(DATABASE_URL),postgres://postgres@127.0.0.1:$(PGPORT_PRIVATE)/erp_cloud)
 CLI := node dist/listener/cli.js
 
-.PHONY: help deps build db db-stop migrate test demo bench clean
+.PHONY: help deps build db db-stop migrate test demo bench clean schema
 
 help:
 	@echo "make demo     start a private PostgreSQL with pg_cron, migrate, run the simulator and the listener, push sample messages through"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench    run the benchmarks (BENCH_QUICK=1 for a short run)"
 	@echo "make db / make db-stop   start / stop the private cluster"
 	@echo "make migrate  apply migrations to DATABASE_URL or the private cluster"
+	@echo "make schema   regenerate sql/schema/ (the current definition of each schema) from a freshly migrated scratch database"
 
 node_modules/.installed: package.json package-lock.json
 	@node -e 'const [a,b]=process.versions.node.split(".").map(Number); if (a<20||(a===20&&b<19)) { console.error("erp-cloud needs Node.js 20.19 or newer (found "+process.version+")"); process.exit(1) }'
@@ -40,6 +41,9 @@ test: build db
 
 demo: build db
 	DATABASE_URL='$(DB_URL)' bash scripts/demo.sh
+
+schema: build db
+	DATABASE_URL='$(DB_URL)' bash scripts/dump-schema.sh
 
 bench: build db
 	DATABASE_URL='$(DB_URL)' node dist/bench/run.js
