@@ -2,30 +2,48 @@
 /**
  * erp-cloud: the command line. Verbs: migrate, listen, status, replay, sim, vault, doctor, tail, sso.
  * -c/--connection defaults to DATABASE_URL; any failure exits with code 1.
+ *
+ * Each verb imports its own modules when it runs, so `listen`, `migrate`, `status` and `doctor` never
+ * load the simulators, the demo relying party or their packages (pdf-lib, openid-client, tough-cookie),
+ * which a production install (`npm install --omit=dev`) leaves out.
  */
+import { readFileSync } from 'node:fs';
 import os from 'node:os';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import pg from 'pg';
+import type pg from 'pg';
 import { ConfigError, loadConfig, redactUrl } from './config.js';
-import { createPool, migrate, waitForDatabase } from './db.js';
-import { formatChecks, overallStatus, runDoctor } from './doctor.js';
 import { describePgError } from './errors.js';
-import { formatTable } from './format.js';
-import { closeAgents } from './http.js';
-import { createLogger } from './logger.js';
-import { createMetrics } from './metrics.js';
-import { sql } from './queries.js';
-import { startOpsServer } from './server.js';
-import { startInboundServer } from './inbound-server.js';
-import './inbound-routes.js';
-import { startSimCloud } from './sim/clouds.js';
-import { tailLog } from './tail.js';
-import { loadSsoConfig } from './sso/config.js';
-import { rotateSigningKey } from './sso/keys.js';
-import { checkVaultKey, loadVaultKey, vaultSql } from './vault.js';
-import { Worker } from './worker.js';
 
 class UsageError extends Error {}
+
+/** The version in the package.json next to the code: ../../ from dist/listener/ (built), ../ from listener/ (vitest). */
+function packageVersion(): string {
+  for (const rel of ['../../package.json', '../package.json']) {
+    try {
+      const pkg = JSON.parse(readFileSync(new URL(rel, import.meta.url), 'utf8')) as { name?: string; version?: string };
+      if (pkg.name === 'erp-cloud' && pkg.version) return pkg.version;
+    } catch {
+      // not this one
+    }
+  }
+  return 'unknown';
+}
+
+/**
+ * Loads the modules of a development verb (simulators, demo relying party). A production install
+ * leaves out their code and packages; say so instead of printing a module-resolution stack.
+ */
+async function devModule<T>(verb: string, load: () => Promise<T>): Promise<T> {
+  try {
+    return await load();
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ERR_MODULE_NOT_FOUND') throw err;
+    const missing = /Cannot find (?:package|module) '([^']+)'/.exec((err as Error).message)?.[1] ?? 'a module';
+    const what = missing.includes('/dist/') ? missing.slice(missing.lastIndexOf('/dist/') + 1) : missing;
+    throw new UsageError(`\`erp-cloud ${verb}\` is a development verb (demos and tests) and this installation leaves it out (missing: ${what}); `
+      + 'run it from a source checkout after `npm ci`');
+  }
+}
 
 function connectionOf(cmd: Command): string {
   const url = cmd.optsWithGlobals().connection as string | undefined;
@@ -43,6 +61,7 @@ function intArg(name: string, min: number, max: number) {
 }
 
 async function withClient<T>(url: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
+  const { default: pg } = await import('pg');
   const client = new pg.Client({ connectionString: url, application_name: 'erp-cloud cli' });
   await client.connect();
   try {
@@ -55,6 +74,7 @@ async function withClient<T>(url: string, fn: (c: pg.Client) => Promise<T>): Pro
 const program = new Command()
   .name('erp-cloud')
   .description('Deliver ERP outbox messages to cloud APIs (e-invoicing, supplier collaboration).')
+  .version(packageVersion(), '-V, --version', 'print the version')
   .addOption(new Option('-c, --connection <url>', 'PostgreSQL connection URL').env('DATABASE_URL'))
   .showHelpAfterError()
   .configureOutput({ outputError: (s, write) => write(s) });
@@ -64,6 +84,7 @@ program
   .description('apply the numbered SQL migrations (safe to run twice, or concurrently)')
   .action(async (_opts, cmd: Command) => {
     const url = connectionOf(cmd);
+    const { migrate } = await import('./db.js');
     const applied = await migrate(url, (m) => console.log(m));
     console.log(applied.length ? `migrated ${redactUrl(url)}: ${applied.length} migration(s) applied` : `migrated ${redactUrl(url)}: already current`);
   });
@@ -73,6 +94,10 @@ program
   .description('run the listener: claim messages, call the clouds, record results (config from ERP_CLOUD_* variables)')
   .action(async (_opts, cmd: Command) => {
     const config = loadConfig(process.env, { DATABASE_URL: connectionOf(cmd) });
+    const [{ createPool, waitForDatabase }, { closeAgents }, { createLogger }, { createMetrics }, { startOpsServer }, { startInboundServer }, { Worker }] = await Promise.all([
+      import('./db.js'), import('./http.js'), import('./logger.js'), import('./metrics.js'), import('./server.js'), import('./inbound-server.js'), import('./worker.js'),
+    ]);
+    await import('./inbound-routes.js'); // the receivers register themselves with the inbound server
     const log = createLogger(config.ERP_CLOUD_LOG_LEVEL);
     // one stop signal for the whole run: while waiting for the database it ends the wait (exit 0)
     const stop = new AbortController();
@@ -119,6 +144,7 @@ program
   .description('print messages by endpoint and status, and parked ordering keys')
   .option('--json', 'print JSON instead of a table')
   .action(async (opts: { json?: boolean }, cmd: Command) => {
+    const [{ sql }, { formatTable }] = await Promise.all([import('./queries.js'), import('./format.js')]);
     await withClient(connectionOf(cmd), async (c) => {
       const endpoints = (await c.query(sql.endpointStatus)).rows;
       const parked = (await c.query(sql.parkedKeys)).rows;
@@ -152,6 +178,7 @@ program
     if (opts.dead ? !opts.endpoint || requestId : !requestId) {
       throw new UsageError('give either a request_id, or --dead --endpoint NAME');
     }
+    const { sql } = await import('./queries.js');
     await withClient(connectionOf(cmd), async (c) => {
       if (opts.dead) {
         const { rows } = await c.query(sql.replayDead, [opts.endpoint, opts.reason, opts.actor]);
@@ -165,11 +192,12 @@ program
 
 program
   .command('sim')
-  .description('run a cloud simulator on 127.0.0.1 for demos and tests (prints {"sim", "url"} as JSON)')
+  .description('development: run a cloud simulator on 127.0.0.1 for demos and tests (prints {"sim", "url"} as JSON)')
   .option('--cloud <name>', 'which cloud (webhook, or one a later module registers)', 'webhook')
   .option('--port <n>', 'port (0 = any free port)', '8089')
   .option('--host <addr>', 'address to bind', '127.0.0.1')
   .action(async (opts: { cloud: string; port: string; host: string }) => {
+    const { startSimCloud } = await devModule('sim', () => import('./sim/clouds.js'));
     const sim = await startSimCloud(opts.cloud, { port: Number(opts.port), host: opts.host });
     console.log(JSON.stringify({ sim: opts.cloud, url: sim.url }));
     await new Promise<void>((resolve) => {
@@ -184,6 +212,7 @@ program
   .description('check the database, maintenance, grants, the vault key and every endpoint (DNS, allowlist, TCP, TLS); exit 1 on any failure')
   .option('--json', 'print JSON instead of a table')
   .action(async (opts: { json?: boolean }, cmd: Command) => {
+    const { formatChecks, overallStatus, runDoctor } = await import('./doctor.js');
     const lines = await runDoctor(connectionOf(cmd));
     const status = overallStatus(lines);
     console.log(opts.json ? JSON.stringify({ status, checks: lines }, null, 2) : formatChecks(lines));
@@ -203,6 +232,7 @@ program
   .option('--json', 'print JSON lines')
   .option('--once', 'print the last N attempts and exit')
   .action(async (opts: { lines: number; interval: number; endpoint?: string; requestId?: string; json?: boolean; once?: boolean }, cmd: Command) => {
+    const { tailLog } = await import('./tail.js');
     const stop = new AbortController();
     process.once('SIGINT', () => stop.abort());
     process.once('SIGTERM', () => stop.abort());
@@ -223,8 +253,9 @@ async function readSecretFromStdin(): Promise<string> {
   return Buffer.concat(chunks).toString('utf8').replace(/\r?\n$/, ''); // what `echo` adds is not part of the value
 }
 
-function vaultKeyFor(cmd: Command): { url: string; key: string } {
+async function vaultKeyFor(cmd: Command): Promise<{ url: string; key: string }> {
   const url = connectionOf(cmd);
+  const { loadVaultKey } = await import('./vault.js');
   return { url, key: loadVaultKey(loadConfig(process.env, { DATABASE_URL: url })) };
 }
 
@@ -236,7 +267,8 @@ vault
   .argument('<name>', 'secret name, e.g. nuonuo.app_secret')
   .option('--description <text>', 'what it is and where it comes from')
   .action(async (name: string, opts: { description?: string }, cmd: Command) => {
-    const { url, key } = vaultKeyFor(cmd);
+    const { url, key } = await vaultKeyFor(cmd);
+    const { vaultSql } = await import('./vault.js');
     const value = await readSecretFromStdin();
     await withClient(url, async (c) => {
       const { rows } = await c.query(vaultSql.put, [name, value, key, opts.description ?? null]);
@@ -249,7 +281,8 @@ vault
   .description('give an existing secret a new value, read from standard input')
   .argument('<name>', 'secret name')
   .action(async (name: string, _opts, cmd: Command) => {
-    const { url, key } = vaultKeyFor(cmd);
+    const { url, key } = await vaultKeyFor(cmd);
+    const { vaultSql } = await import('./vault.js');
     const value = await readSecretFromStdin();
     await withClient(url, async (c) => {
       const { rows } = await c.query(vaultSql.rotate, [name, value, key]);
@@ -262,6 +295,7 @@ vault
   .description('names, versions and dates of the secrets (never values)')
   .option('--json', 'print JSON instead of a table')
   .action(async (opts: { json?: boolean }, cmd: Command) => {
+    const [{ vaultSql }, { formatTable }] = await Promise.all([import('./vault.js'), import('./format.js')]);
     await withClient(connectionOf(cmd), async (c) => {
       const { rows } = await c.query(vaultSql.list);
       console.log(opts.json ? JSON.stringify(rows, null, 2) : formatTable(rows, ['name', 'version', 'key_id', 'created_at', 'rotated_at', 'rekeyed_at', 'description']));
@@ -272,7 +306,8 @@ vault
   .command('rekey')
   .description('re-encrypt every secret under the key in ERP_CLOUD_VAULT_NEW_KEY (all or nothing)')
   .action(async (_opts, cmd: Command) => {
-    const { url, key } = vaultKeyFor(cmd);
+    const { url, key } = await vaultKeyFor(cmd);
+    const { checkVaultKey, vaultSql } = await import('./vault.js');
     const newKey = checkVaultKey('ERP_CLOUD_VAULT_NEW_KEY', process.env.ERP_CLOUD_VAULT_NEW_KEY);
     await withClient(url, async (c) => {
       const { rows } = await c.query(vaultSql.rekey, [key, newKey]);
@@ -282,13 +317,17 @@ vault
 
 // Single sign-on: erp-cloud as the OpenID Provider (listener/sso/). oidc-provider
 // and openid-client are imported only by the commands that use them, so the
-// other verbs start as fast as before (and without oidc-provider's runtime notice).
+// other verbs start as fast as before (and without oidc-provider's runtime notice);
+// demo-rp (openid-client, tough-cookie) is a development verb.
 const sso = program.command('sso').description('single sign-on: the OpenID Provider the procurement platform trusts (config from ERP_CLOUD_SSO_* variables)');
 
 sso
   .command('serve')
   .description('run the OpenID Provider (prints {"sso", "issuer", "url"} as JSON once it listens)')
   .action(async (_opts, cmd: Command) => {
+    const [{ loadSsoConfig }, { loadVaultKey }, { createPool }, { createLogger }] = await Promise.all([
+      import('./sso/config.js'), import('./vault.js'), import('./db.js'), import('./logger.js'),
+    ]);
     const config = loadSsoConfig(process.env, { DATABASE_URL: connectionOf(cmd) });
     const masterKey = loadVaultKey(config);
     const { startSsoServer } = await import('./sso/server.js');
@@ -311,6 +350,9 @@ sso
   .addOption(new Option('--token-lifetime <seconds>', 'the longest ID-token lifetime (ERP_CLOUD_SSO_ID_TOKEN_TTL_S)').argParser(intArg('--token-lifetime', 0, 86_400)))
   .action(async (opts: { lead?: number; tokenLifetime?: number }, cmd: Command) => {
     const url = connectionOf(cmd);
+    const [{ loadSsoConfig }, { rotateSigningKey }, { loadVaultKey }, { createPool }] = await Promise.all([
+      import('./sso/config.js'), import('./sso/keys.js'), import('./vault.js'), import('./db.js'),
+    ]);
     const env = { ERP_CLOUD_SSO_ISSUER: 'http://unused.invalid', ...process.env };
     const config = loadSsoConfig(env, { DATABASE_URL: url });
     const pool = createPool(url, 2);
@@ -335,6 +377,7 @@ sso
   .description('the signing keys in the JWKS now: state (published, signing, verifying) and schedule')
   .option('--json', 'print JSON instead of a table')
   .action(async (opts: { json?: boolean }, cmd: Command) => {
+    const { formatTable } = await import('./format.js');
     await withClient(connectionOf(cmd), async (c) => {
       const { rows } = await c.query('select kid, state, signs_from, signs_until, verify_until from sso.signing_key_status');
       console.log(opts.json ? JSON.stringify(rows, null, 2) : formatTable(rows, ['kid', 'state', 'signs_from', 'signs_until', 'verify_until']));
@@ -362,15 +405,15 @@ sso
 
 sso
   .command('demo-rp')
-  .description('a built-in test relying party (openid-client); with --jump, completes one jump and prints the verified ID-token claims')
+  .description('development: a built-in test relying party (openid-client); with --jump, completes one jump and prints the verified ID-token claims')
   .requiredOption('--issuer <url>', 'the provider\'s issuer URL')
   .requiredOption('--client-id <id>', 'the registered client id (secret from ERP_CLOUD_SSO_DEMO_CLIENT_SECRET)')
   .addOption(new Option('--port <n>', 'port (the one registered in the redirect URI)').default(0).argParser(intArg('--port', 0, 65535)))
   .option('--jump <url>', 'a jump URL from sso.issue_jump_ticket: follow it like a browser, print the result and exit')
   .action(async (opts: { issuer: string; clientId: string; port: number; jump?: string }) => {
+    const { Browser, completeJump, startDemoRp } = await devModule('sso demo-rp', () => import('./sso/demo-rp.js'));
     const secret = process.env.ERP_CLOUD_SSO_DEMO_CLIENT_SECRET;
     if (!secret) throw new UsageError('set ERP_CLOUD_SSO_DEMO_CLIENT_SECRET to the client\'s secret');
-    const { Browser, completeJump, startDemoRp } = await import('./sso/demo-rp.js');
     const rp = await startDemoRp({ issuer: opts.issuer, clientId: opts.clientId, clientSecret: secret, port: opts.port });
     try {
       if (opts.jump) {
