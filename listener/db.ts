@@ -1,6 +1,6 @@
 /**
  * Database access: the work pool, the one dedicated LISTEN connection, the
- * wait for the database at start, and migrations. Every SQL statement the listener sends is a call to a function
+ * wait for the database at start, and migrating (the runner is migrations.ts). Every SQL statement the listener sends is a call to a function
  * in schema cloud (queries.ts); nothing here knows their logic.
  */
 import path from 'node:path';
@@ -10,10 +10,10 @@ import pgListen, { type Subscriber } from 'pg-listen';
 
 // pg-listen is CommonJS with an ES-style default export
 const createSubscriber = pgListen.default;
-import { migrate as runMigrations } from 'postgres-migrations';
 import { redactUrl } from './config.js';
 import { describePgError } from './errors.js';
 import type { Logger } from './logger.js';
+import { runMigrations } from './migrations.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 /** sql/migrations, found from both listener/ (tsx, vitest) and dist/listener/ (built). */
@@ -30,7 +30,11 @@ export function createPool(connectionString: string, max: number, log?: Logger):
   return pool;
 }
 
-/** Runs the numbered migrations (postgres-migrations takes an advisory lock, so concurrent runs are safe). */
+/**
+ * Applies the numbered migrations not yet applied and returns their file names (migrations.ts:
+ * history in erp_cloud.migration, one transaction per file, an advisory lock so concurrent runs
+ * are safe). `log` gets the server's NOTICEs and one line per step.
+ */
 export async function migrate(connectionString: string, log?: (msg: string) => void): Promise<string[]> {
   const client = new pg.Client({ connectionString, application_name: 'erp-cloud migrate' });
   const notices: string[] = [];
@@ -40,9 +44,7 @@ export async function migrate(connectionString: string, log?: (msg: string) => v
   });
   await client.connect();
   try {
-    const applied = await runMigrations({ client }, migrationsDir);
-    for (const m of applied) log?.(`applied ${m.fileName}`);
-    return applied.map((m) => m.fileName);
+    return (await runMigrations(client, migrationsDir, log)).applied;
   } finally {
     await client.end();
   }

@@ -17,10 +17,10 @@ import dns from 'node:dns';
 import net from 'node:net';
 import tls from 'node:tls';
 import pg from 'pg';
-import { loadMigrationFiles } from 'postgres-migrations';
 import { migrationsDir } from './db.js';
 import { assertAddressAllowed, assertUrlAllowed, policyOf } from './egress.js';
 import { describePgError } from './errors.js';
+import { findLegacyHistory, loadMigrationFiles } from './migrations.js';
 import { doctorSql as q } from './queries.js';
 import { loadVaultKey } from './vault.js';
 
@@ -111,26 +111,35 @@ async function checkDatabase(c: pg.Client, target: string): Promise<CheckLine[]>
 async function checkMigrations(c: pg.Client, database: string): Promise<CheckLine> {
   const name = 'migrations current';
   try {
-    // parsed exactly as postgres-migrations parses them (NNNN_name.sql → id, name, hash)
-    const files = await loadMigrationFiles(migrationsDir);
+    const files = loadMigrationFiles(migrationsDir);
+    const latest = files.at(-1)?.name;
+    // postgres-migrations' history (releases up to 0017), recognised only when its rows are our files
+    const legacy = await findLegacyHistory(c, files);
     if (!(await c.query(q.migrationsTable)).rows[0].present) {
-      return line(name, database, 'fail', `no migrations table: run erp-cloud migrate (${files.length - 1} migration(s) to apply)`);
+      if (legacy) {
+        return line(name, database, 'warn',
+          `installed by an earlier release (history in ${legacy.table}, postgres-migrations): run erp-cloud migrate (it copies that history into erp_cloud.migration and applies what is missing)`);
+      }
+      return line(name, database, 'fail', `no migration history (erp_cloud.migration): run erp-cloud migrate (${files.length} migration(s) to apply)`);
     }
-    const rows = (await c.query<{ id: number; name: string; hash: string }>(q.migrationRows)).rows;
-    const applied = new Map(rows.map((r) => [r.name, r]));
-    const known = new Set(files.map((f) => f.name));
-    const missing = files.filter((f) => !applied.has(f.name)).map((f) => f.fileName);
-    const extra = rows.filter((r) => !known.has(r.name)).map((r) => `${r.id} ${r.name}`);
-    const edited = files.filter((f) => applied.has(f.name) && applied.get(f.name)!.hash !== f.hash).map((f) => f.fileName);
+    const rows = (await c.query<{ id: number; name: string; sha256: string }>(q.migrationRows)).rows;
+    const applied = new Map(rows.map((r) => [r.id, r]));
+    const known = new Set(files.map((f) => f.id));
+    const missing = files.filter((f) => !applied.has(f.id)).map((f) => f.name);
+    const extra = rows.filter((r) => !known.has(r.id)).map((r) => r.name);
+    const edited = files.filter((f) => applied.has(f.id) && (applied.get(f.id)!.sha256 !== f.sha256 || applied.get(f.id)!.name !== f.name)).map((f) => f.name);
     if (missing.length) return line(name, database, 'fail', `not applied: ${missing.join(', ')} (run erp-cloud migrate)`);
     const notes = [
-      extra.length && `applied but not in ${migrationsDir}: ${extra.join(', ')} (a newer checkout migrated this database?)`,
-      edited.length && `changed since applied: ${edited.join(', ')} (postgres-migrations will refuse to migrate; a fix is a new file)`,
+      extra.length && `applied but not in ${migrationsDir}: ${extra.join(', ')} (a newer release migrated this database?)`,
+      edited.length && `changed since applied: ${edited.join(', ')} (erp-cloud migrate will refuse; a landed file is never edited, a fix is a new file)`,
     ].filter(Boolean);
     if (notes.length) return line(name, database, 'warn', notes.join('; '));
-    return line(name, database, 'ok', `${files.length - 1} migration(s), all applied (latest ${files.at(-1)?.fileName})`);
+    const obsolete = legacy
+      ? `; ${legacy.table} (postgres-migrations' history, copied into erp_cloud.migration) is obsolete and can be dropped once no release older than this one will migrate this database`
+      : '';
+    return line(name, database, 'ok', `${files.length} migration(s), all applied (latest ${latest})${obsolete}`);
   } catch (err) {
-    return line(name, database, 'fail', err instanceof Error ? err.message : String(err));
+    return line(name, database, 'fail', describePgError(err));
   }
 }
 

@@ -36,8 +36,9 @@ export const sql = {
  */
 export const doctorSql = {
   server: `select current_setting('server_version_num')::int as num, current_setting('server_version') as version, current_database() as database, current_user as role`,
-  migrationsTable: `select to_regclass('migrations') is not null as present`,
-  migrationRows: 'select id, name, hash from migrations order by id',
+  /** erp-cloud's migration history (listener/migrations.ts), schema-qualified: never a table the search path finds. */
+  migrationsTable: `select pg_catalog.to_regclass('erp_cloud.migration') is not null as present`,
+  migrationRows: 'select id, name, sha256 from erp_cloud.migration order by id',
   cronScheduled: 'select cloud.cron_jobs_scheduled() as scheduled',
   cronJobs: `
     select j.jobname, j.schedule, j.active, r.status as last_status, r.return_message as last_message, r.at as last_at,

@@ -8,7 +8,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestDb, type TestDb } from './helpers/db.js';
 
-const SCHEMAS = ['cloud', 'tax', 'scm', 'sso', 'vault', 'erp'];
+const SCHEMAS = ['cloud', 'tax', 'scm', 'sso', 'vault', 'erp', 'erp_cloud'];
 
 let db: TestDb;
 beforeAll(async () => {

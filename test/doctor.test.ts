@@ -14,9 +14,13 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { migrate, migrationsDir } from '../listener/db.js';
+import { loadMigrationFiles } from '../listener/migrations.js';
 import { createTestDb, waitFor, type TestDb } from './helpers/db.js';
+import { migrateLikeEarlierRelease, PREVIOUS_RELEASE, releaseFiles } from './helpers/legacy-release.js';
 
 const run = promisify(execFile);
+const sha256Of2 = loadMigrationFiles(migrationsDir)[1]!.sha256;
 let db: TestDb;
 let httpServer: http.Server;
 let httpsServer: https.Server;
@@ -231,26 +235,53 @@ describe('erp-cloud doctor', () => {
     expect(one(checks, 'circuit', 'tripped')).toMatchObject({ status: 'warn', detail: expect.stringMatching(/circuit open since .*5 failures in a row; paused until .*HTTP 429/) });
   });
 
-  it('a migration file without a row in the migrations table fails "migrations current" and names the file', async () => {
-    const { rows } = await db.pool.query(`select * from migrations order by id desc limit 1`);
+  it('a migration file without a row in erp_cloud.migration fails "migrations current" and names the file', async () => {
+    const { rows } = await db.pool.query(`select * from erp_cloud.migration order by id desc limit 1`);
     const last = rows[0];
-    await db.pool.query(`delete from migrations where id = $1`, [last.id]);
+    await db.pool.query(`delete from erp_cloud.migration where id = $1`, [last.id]);
     try {
       const { code, checks } = await doctor();
       expect(code).toBe(1);
       const m = one(checks, 'migrations current');
       expect(m.status).toBe('fail');
-      expect(m.detail).toMatch(new RegExp(`not applied: ${String(last.id).padStart(4, '0')}_${last.name}\\.sql`));
+      expect(m.detail).toContain(`not applied: ${last.name}`);
     } finally {
-      await db.pool.query(`insert into migrations (id, name, hash, executed_at) values ($1, $2, $3, $4)`, [last.id, last.name, last.hash, last.executed_at]);
+      await db.pool.query(`insert into erp_cloud.migration select * from jsonb_populate_record(null::erp_cloud.migration, $1::jsonb)`, [JSON.stringify(last)]);
     }
     // an applied migration this checkout does not know is only a warning
-    await db.pool.query(`insert into migrations (id, name, hash) values (9999, 'from_the_future', 'x')`);
+    await db.pool.query(`insert into erp_cloud.migration (id, name, sha256) values (9999, '9999_from_the_future.sql', repeat('0', 64))`);
     try {
       const m = one((await doctor()).checks, 'migrations current');
-      expect(m).toMatchObject({ status: 'warn', detail: expect.stringContaining('9999 from_the_future') });
+      expect(m).toMatchObject({ status: 'warn', detail: expect.stringContaining('9999_from_the_future.sql') });
     } finally {
-      await db.pool.query(`delete from migrations where id = 9999`);
+      await db.pool.query(`delete from erp_cloud.migration where id = 9999`);
+    }
+    // a landed file whose recorded sha256 differs is named too
+    await db.pool.query(`update erp_cloud.migration set sha256 = repeat('f', 64) where id = 2`);
+    try {
+      const m = one((await doctor()).checks, 'migrations current');
+      expect(m).toMatchObject({ status: 'warn', detail: expect.stringMatching(/changed since applied: 0002_\w+\.sql/) });
+    } finally {
+      await db.pool.query(`update erp_cloud.migration m set sha256 = $1 where id = 2`, [sha256Of2]);
+    }
+  });
+
+  it('an installation of an earlier release not yet upgraded warns "run erp-cloud migrate"; once upgraded, it is ok and public.migrations is called obsolete', async () => {
+    const old = await createTestDb('doctor_old', { template: null });
+    const release = releaseFiles(PREVIOUS_RELEASE, 16);
+    try {
+      await migrateLikeEarlierRelease(old.url, release.dir);
+      const doctorOf = async () => {
+        const r = await run(process.execPath, ['dist/listener/cli.js', '-c', old.url, 'doctor', '--json'], { env: { PATH: process.env.PATH }, timeout: 30_000 })
+          .then((x) => x.stdout, (e: { stdout: string }) => e.stdout);
+        return one((JSON.parse(r) as { checks: Check[] }).checks, 'migrations current');
+      };
+      expect(await doctorOf()).toMatchObject({ status: 'warn', detail: expect.stringMatching(/earlier release \(history in public\.migrations.*run erp-cloud migrate/) });
+      await migrate(old.url);
+      expect(await doctorOf()).toMatchObject({ status: 'ok', detail: expect.stringMatching(/all applied.*public\.migrations .*obsolete and can be dropped/) });
+    } finally {
+      release.remove();
+      await old.drop();
     }
   });
 
