@@ -10,13 +10,16 @@
  *   5. rate_limit_accuracy, rate_limit_429s      (figures/rate-limit.ts)
  *   6. invoices_per_s, approval_to_pdf_p50_ms    (figures/invoicing.ts)
  *   7. asn_search_speedup, asn_search_p50_ms     (figures/asn-search.ts)
+ *   8. faults_delivery_ratio, faults_lost, faults_second_effects,
+ *      faults_circuit_open_share: delivery under 30 % faults (figures/faults.ts)
  * and writes bench/results/latest.json (and a copy, latest-quick.json or
  * latest-full.json) plus a table on stdout. Targets are
  * informational: the exit code is non-zero only when something failed.
  *
- * BENCH_QUICK=1   a reduced version of every figure (same keys, < 90 s).
+ * BENCH_QUICK=1   a reduced version of every figure (same keys, < 90 s, except
+ *                 faults: 1.5 to 2 min on its own, set by its retry tail).
  * BENCH_ONLY=a,b  development aid: run only these figures (delivery, latency,
- *                 erp_insert, claim, rate_limit, invoicing, asn_search); results go to bench/results/partial.json.
+ *                 erp_insert, claim, rate_limit, invoicing, asn_search, faults); results go to bench/results/partial.json.
  *
  * The results also record which engine ran (migrations and built listener,
  * hashed) and, since the server may be shared, whether other sessions used
@@ -33,6 +36,7 @@ import { asnSearchFigure } from './figures/asn-search.js';
 import { claimFigure } from './figures/claim.js';
 import { deliveryFigure } from './figures/delivery.js';
 import { erpInsertFigure } from './figures/erp-insert.js';
+import { faultsFigure } from './figures/faults.js';
 import { invoicingFigure } from './figures/invoicing.js';
 import { latencyFigure } from './figures/latency.js';
 import { rateLimitFigure } from './figures/rate-limit.js';
@@ -84,6 +88,20 @@ const TARGETS: Target[] = [
   { key: 'asn_search_speedup', label: 'ASN search by material + batch over 1M lines, no index / GIN index (p50)', op: '>=', target: 100, unit: '×' },
   { key: 'asn_search_p50_ms', label: 'ASN search with the GIN index, p50', op: '<=', target: 2, unit: 'ms' },
   { key: 'rate_limit_max_1s', label: 'most requests in any 1-s sliding window (limit 50/s, burst 1)', op: '<=', target: null, unit: '' },
+  { key: 'healthy_delivered_per_s', label: 'delivered rate, healthy sink (2 listeners, 50/s, timeout 1 s)', op: '>=', target: null, unit: 'msg/s' },
+  { key: 'faults_delivered_per_s', label: 'delivered rate, same workload, 30 % faults (503 and timeouts)', op: '>=', target: null, unit: 'msg/s' },
+  { key: 'faults_delivery_ratio', label: 'delivered rate under 30 % faults / healthy (default circuit)', op: '>=', target: 0.6, unit: '' },
+  { key: 'faults_lost', label: 'messages lost under faults (unsent, or sent without a 2xx)', op: '=', target: 0, unit: '' },
+  { key: 'faults_second_effects', label: 'keys with more than one 2xx under faults', op: '=', target: 0, unit: '' },
+  { key: 'faults_circuit_open_share', label: 'share of the faulty run with the circuit open (250-ms samples)', op: '<=', target: null, unit: '' },
+  { key: 'faults_circuit_opens', label: 'times the circuit opened during the faulty run (lower bound)', op: '<=', target: null, unit: '' },
+  { key: 'faults.faulty.circuit.distinct_opened_at', label: 'distinct circuit_opened_at values seen in the faulty run (re-opens between samples)', op: '<=', target: null, unit: '' },
+  { key: 'faults_stream_ratio', label: 'stream (ERP commits 50/s, no rate limit): delivered rate under 30 % faults / healthy', op: '>=', target: 0.6, unit: '' },
+  { key: 'faults_stream_circuit_open_share', label: 'stream: share of the faulty run with the circuit open', op: '<=', target: null, unit: '' },
+  { key: 'faults_stream_circuit_opens', label: 'stream: times the circuit opened during the faulty run (lower bound)', op: '<=', target: null, unit: '' },
+  { key: 'faults_stream_lost', label: 'stream: messages lost under faults', op: '=', target: 0, unit: '' },
+  { key: 'faults_stream_second_effects', label: 'stream: keys with more than one 2xx under faults', op: '=', target: 0, unit: '' },
+  { key: 'faults.faulty.per_s_to_90pct', label: 'rate to 90 % delivered under faults, without the retry tail (diagnostic)', op: '>=', target: null, unit: 'msg/s' },
 ];
 
 function targetText(t: Target): string {
@@ -106,6 +124,7 @@ const FIGURES = {
   rate_limit: rateLimitFigure,
   invoicing: invoicingFigure,
   asn_search: asnSearchFigure,
+  faults: faultsFigure,
 } as const;
 type FigureName = keyof typeof FIGURES;
 

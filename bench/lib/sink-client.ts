@@ -1,6 +1,7 @@
 /**
  * The parent's handle on the HTTP sink child (bench/sink.ts): start it, ask it
- * for counts and receive times over IPC (each request with a timeout), stop it.
+ * for counts and receive times over IPC (each request with a timeout), turn
+ * its fault injection on or off and read its per-key effects, stop it.
  */
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -17,13 +18,42 @@ export interface SinkStats {
   lastAt: number | null;
 }
 
+/** Fault injection: a share `fail` of the requests fails, `timeoutShare` of those by holding the request `holdMs` unanswered, the rest with a 503. */
+export interface SinkFaults {
+  fail: number;
+  timeoutShare: number;
+  seed: number;
+  holdMs: number;
+}
+
+/** What the sink answered since the last reset; an effect is a 2xx answer. */
+export interface SinkEffects {
+  requests: number;
+  ok: number;
+  answered503: number;
+  timeouts: number;
+  /** Requests held open by a timeout fault right now, and at most at once. */
+  heldNow: number;
+  heldMax: number;
+  /** Distinct Idempotency-Keys that got at least one 2xx. */
+  keysWithEffect: number;
+  /** Keys that got more than one 2xx, with their count. */
+  secondEffects: Array<[string, number]>;
+  /** Every key that got a 2xx, with the epoch ms of its first (only when asked for). */
+  firstEffects?: Array<[string, number]>;
+}
+
 export interface Sink {
   url: string;
   child: Child;
   stats(): Promise<SinkStats>;
   /** Receive time (epoch ms) per Idempotency-Key; all keys when none are given. */
   times(keys?: string[]): Promise<Map<string, number>>;
+  /** Clears every count and turns faults off. */
   reset(): Promise<void>;
+  /** Turns fault injection on (fail > 0) or off (fail 0); the PRNG restarts from the seed. */
+  faults(f: Partial<SinkFaults> & { fail: number }): Promise<SinkFaults | null>;
+  effects(withKeys?: boolean): Promise<SinkEffects>;
   stop(): Promise<void>;
 }
 
@@ -62,6 +92,13 @@ export async function startSink(): Promise<Sink> {
     },
     async reset() {
       await ask('reset');
+    },
+    async faults(f) {
+      return ((await ask('faults', { ...f })).faults ?? null) as SinkFaults | null;
+    },
+    async effects(withKeys = false) {
+      const { id: _id, ...rest } = await ask('effects', withKeys ? { keys: true } : {});
+      return rest as unknown as SinkEffects;
     },
     async stop() {
       await stopChild(child, 3000, () => child.proc.send({ cmd: 'stop' }));
