@@ -177,20 +177,20 @@ comment on function cloud.put_endpoint_limits is 'Sets an endpoint''s rate limit
 -- The circuit
 ------------------------------------------------------------------------------
 create function cloud._forget_probes(
-  p_request_ids uuid[],      -- messages that will bring no answer on this try (lease lost, given back)
-  p_now         timestamptz
+  p_request_ids uuid[],      -- probes that did not show the cloud up: failed, lost or given back
+  p_now         timestamptz,
+  p_reason      text default 'its probes brought no answer (lost or given back)' -- the reason when the circuit opens again
 ) returns void
 language sql as $$
-  -- a half-open circuit whose every probe is gone without an answer waits another cool-down
+  -- a half-open circuit whose every probe is gone without the cloud answering waits another cool-down
   update cloud.endpoint
      set circuit_probe_ids = array(select p from unnest(circuit_probe_ids) p where p <> all (p_request_ids)),
          circuit_state = case when circuit_probe_ids <@ p_request_ids then 'open' else circuit_state end,
          circuit_opened_at = case when circuit_probe_ids <@ p_request_ids then p_now else circuit_opened_at end,
-         circuit_reason = case when circuit_probe_ids <@ p_request_ids then 'its probes brought no answer (lost or given back)'
-                               else circuit_reason end
+         circuit_reason = case when circuit_probe_ids <@ p_request_ids then p_reason else circuit_reason end
    where circuit_state = 'half_open' and circuit_probe_ids && p_request_ids;
 $$;
-comment on function cloud._forget_probes is 'Internal: removes probes that will bring no answer from half-open circuits; a circuit left with none opens again for another cool-down.';
+comment on function cloud._forget_probes is 'Internal: removes probes that did not show the cloud up (failed, lost, given back) from half-open circuits; a circuit left with none opens again for another cool-down, with the reason given.';
 
 create or replace function cloud._take_budget(
   p_endpoint text,         -- endpoint to claim for
@@ -318,13 +318,7 @@ begin
          where name = h.endpoint and circuit_state = 'half_open';
       else
         -- a probe the cloud failed: the others may still bring an answer; when none is left, another cool-down
-        update cloud.endpoint
-           set circuit_probe_ids = array(select p from unnest(circuit_probe_ids) p where p <> all (h.probes_back)),
-               circuit_state = case when circuit_probe_ids <@ h.probes_back then 'open' else circuit_state end,
-               circuit_opened_at = case when circuit_probe_ids <@ h.probes_back then p_now else circuit_opened_at end,
-               circuit_reason = case when circuit_probe_ids <@ h.probes_back
-                                     then format('probes failed; last: %s', coalesce(h.reason, 'no answer')) else circuit_reason end
-         where name = h.endpoint and circuit_state = 'half_open';
+        perform cloud._forget_probes(h.probes_back, p_now, format('probes failed; last: %s', coalesce(h.reason, 'no answer')));
       end if;
       continue;
     end if;
@@ -811,7 +805,7 @@ comment on view cloud.endpoint_status is 'Per endpoint: messages by unfinished s
 revoke execute on function
   cloud._circuit_mark(text, integer, text),
   cloud._counts_toward_attempts(text, integer, text),
-  cloud._forget_probes(uuid[], timestamptz),
+  cloud._forget_probes(uuid[], timestamptz, text),
   cloud.put_endpoint_limits(text, double precision, integer, integer, integer, integer, numeric, integer, integer),
   cloud.give_back_messages(text, uuid[], timestamptz, integer[]),
   cloud.record_listener_heartbeat(text, text[])
@@ -819,7 +813,7 @@ revoke execute on function
 grant execute on function
   cloud._circuit_mark(text, integer, text),
   cloud._counts_toward_attempts(text, integer, text),
-  cloud._forget_probes(uuid[], timestamptz),
+  cloud._forget_probes(uuid[], timestamptz, text),
   cloud.give_back_messages(text, uuid[], timestamptz, integer[]),
   cloud.record_listener_heartbeat(text, text[])
   to erp_cloud_listener;

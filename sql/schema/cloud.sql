@@ -324,28 +324,27 @@ COMMENT ON FUNCTION cloud._egress_ip_literal(p_host text) IS 'Internal: the addr
 
 
 --
--- Name: _forget_probes(uuid[], timestamp with time zone); Type: FUNCTION; Schema: cloud
+-- Name: _forget_probes(uuid[], timestamp with time zone, text); Type: FUNCTION; Schema: cloud
 --
 
-CREATE FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone) RETURNS void
+CREATE FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text DEFAULT 'its probes brought no answer (lost or given back)'::text) RETURNS void
     LANGUAGE sql
     AS $$
-  -- a half-open circuit whose every probe is gone without an answer waits another cool-down
+  -- a half-open circuit whose every probe is gone without the cloud answering waits another cool-down
   update cloud.endpoint
      set circuit_probe_ids = array(select p from unnest(circuit_probe_ids) p where p <> all (p_request_ids)),
          circuit_state = case when circuit_probe_ids <@ p_request_ids then 'open' else circuit_state end,
          circuit_opened_at = case when circuit_probe_ids <@ p_request_ids then p_now else circuit_opened_at end,
-         circuit_reason = case when circuit_probe_ids <@ p_request_ids then 'its probes brought no answer (lost or given back)'
-                               else circuit_reason end
+         circuit_reason = case when circuit_probe_ids <@ p_request_ids then p_reason else circuit_reason end
    where circuit_state = 'half_open' and circuit_probe_ids && p_request_ids;
 $$;
 
 
 --
--- Name: FUNCTION _forget_probes(p_request_ids uuid[], p_now timestamp with time zone); Type: COMMENT; Schema: cloud
+-- Name: FUNCTION _forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone) IS 'Internal: removes probes that will bring no answer from half-open circuits; a circuit left with none opens again for another cool-down.';
+COMMENT ON FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text) IS 'Internal: removes probes that did not show the cloud up (failed, lost, given back) from half-open circuits; a circuit left with none opens again for another cool-down, with the reason given.';
 
 
 --
@@ -695,13 +694,7 @@ begin
          where name = h.endpoint and circuit_state = 'half_open';
       else
         -- a probe the cloud failed: the others may still bring an answer; when none is left, another cool-down
-        update cloud.endpoint
-           set circuit_probe_ids = array(select p from unnest(circuit_probe_ids) p where p <> all (h.probes_back)),
-               circuit_state = case when circuit_probe_ids <@ h.probes_back then 'open' else circuit_state end,
-               circuit_opened_at = case when circuit_probe_ids <@ h.probes_back then p_now else circuit_opened_at end,
-               circuit_reason = case when circuit_probe_ids <@ h.probes_back
-                                     then format('probes failed; last: %s', coalesce(h.reason, 'no answer')) else circuit_reason end
-         where name = h.endpoint and circuit_state = 'half_open';
+        perform cloud._forget_probes(h.probes_back, p_now, format('probes failed; last: %s', coalesce(h.reason, 'no answer')));
       end if;
       continue;
     end if;
@@ -3103,11 +3096,11 @@ GRANT ALL ON FUNCTION cloud._egress_ip_literal(p_host text) TO erp_cloud_operato
 
 
 --
--- Name: FUNCTION _forget_probes(p_request_ids uuid[], p_now timestamp with time zone); Type: ACL; Schema: cloud
+-- Name: FUNCTION _forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text); Type: ACL; Schema: cloud
 --
 
-REVOKE ALL ON FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone) FROM PUBLIC;
-GRANT ALL ON FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone) TO erp_cloud_listener;
+REVOKE ALL ON FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text) TO erp_cloud_listener;
 
 
 --
