@@ -175,7 +175,9 @@ describe('the packed package', () => {
     const schemas = readdirSync(path.join(repo, 'sql', 'schema')).filter((f) => f.endsWith('.sql'));
     expect(own.filter((p) => p.startsWith('sql/schema/')).sort()).toEqual(schemas.map((f) => `sql/schema/${f}`).sort());
     expect(own).toContain('sql/README.md');
-    const stray = own.filter((p) => !/^(package\.json|README\.md|dist\/listener\/.+\.js|sql\/(migrations|schema)\/[^/]+\.sql|sql\/README\.md|deploy\/[^/]+)$/.test(p));
+    // the example ERPs, so `erp-cloud migrate --with-example acme` works from an installed package
+    expect(own).toEqual(expect.arrayContaining(['sql/examples/README.md', 'sql/examples/acme/install.sql', 'sql/examples/acme/uninstall.sql']));
+    const stray = own.filter((p) => !/^(package\.json|README\.md|dist\/listener\/.+\.js|sql\/(migrations|schema)\/[^/]+\.sql|sql\/(examples\/)?README\.md|sql\/examples\/[a-z0-9-]+\/[^/]+\.sql|deploy\/[^/]+)$/.test(p));
     expect(stray).toEqual([]);
     expect(own.filter((p) => /^dist\/listener\/sim\/|demo-rp/.test(p))).toEqual([]);
   });
