@@ -14,7 +14,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { migrationsDir } from '../../listener/db.js';
 import { MigrationError, MigrationReason, runMigrations } from '../../listener/migrations.js';
 import { startNuonuoSim, type NuonuoSim } from '../../listener/sim/nuonuo.js';
-import { createTestDb, waitFor, type TestDb } from '../helpers/db.js';
+import { createTestDb, inTransaction, waitFor, type TestDb } from '../helpers/db.js';
 import { installExample } from '../helpers/examples.js';
 import { startListener, type InProcessListener } from '../helpers/listener.js';
 
@@ -115,8 +115,11 @@ async function pgError(p: Promise<unknown>): Promise<{ code?: string; message: s
 describe('acme approves a 销售开票单 in its own table', () => {
   it('the invoice number, the state Y and the PDF land in the ERP\'s own columns through its callback', async () => {
     const { djbh } = await document([{ spmc: '伺服电机', ssbm: GOODS, slv: 0.13, sl: 2, dj: 56.5, je: 113 }, { spmc: '安装调试服务', je: 106 }]);
-    await approve(djbh);
-    expect((await head(djbh)).kpzt).toBe('Q'); // the trigger marks it submitted in the approving transaction
+    await inTransaction(db.pool, async (c) => {
+      await c.query(`update acme.so_invoice_head set zt = '1' where djbh = $1`, [djbh]);
+      // the trigger marks it submitted in the approving transaction
+      expect((await c.query(`select kpzt from acme.so_invoice_head where djbh = $1`, [djbh])).rows[0].kpzt).toBe('Q');
+    });
     const [inv] = await settled(djbh);
     expect(inv).toMatchObject({ status: 'issued' });
     expect(inv!.invoice_no).toMatch(/^\d{20}$/);
@@ -251,7 +254,7 @@ describe('the callback', () => {
       // erp-cloud's own record completes: issued, PDF stored, the chain done
       const [inv] = await settled(djbh);
       expect(inv).toMatchObject({ status: 'issued' });
-      const failures = await db.pool.query(`select event, sqlstate, replayed_at from tax.callback_failure where source = 'acme' and object_id::text = $1 order by id`,
+      const failures = await db.pool.query(`select event, sqlstate, replayed_at from tax.callback_failure where source = 'acme' and invoice_id = $1 order by id`,
         [inv!.invoice_id]);
       expect(failures.rows.length).toBeGreaterThan(0);
       expect(failures.rows.every((f) => f.sqlstate === '55P03' && f.replayed_at === null)).toBe(true);
@@ -268,7 +271,7 @@ describe('the callback', () => {
     const [fp] = await parts(djbh);
     expect(fp).toMatchObject({ fphm: inv!.invoice_no, kpzt: 'Y' });
     expect((fp.pdf as Buffer).equals(sim.pdfOf(inv!.invoice_no!)!)).toBe(true);
-    const open = await db.pool.query(`select count(*)::int n from tax.callback_failure where source = 'acme' and object_id::text = $1 and replayed_at is null`,
+    const open = await db.pool.query(`select count(*)::int n from tax.callback_failure where source = 'acme' and invoice_id = $1 and replayed_at is null`,
       [inv!.invoice_id]);
     expect(open.rows[0].n).toBe(0);
   });

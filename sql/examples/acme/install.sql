@@ -137,6 +137,6 @@ select tax.put_source('acme', p_document_label => '销售开票单',
     "buyer.phone": "customer.dh", "buyer.bank_name": "customer.khh", "buyer.bank_account": "customer.zh",
     "buyer.email": "customer.yx", "buyer.tax_id_check_override": "customer.bjyz",
     "lines[].line_no": "so_invoice_line.hh", "lines[].item_name": "so_invoice_line.spmc",
-    "lines[].tax_code": "so_invoice_line.ssbm", "lines[].quantity": "so_invoice_line.sl",
-    "lines[].unit_price": "so_invoice_line.dj", "lines[].amount": "so_invoice_line.je",
+    "lines[].tax_code": "so_invoice_line.ssbm", "lines[].spec": "so_invoice_line.ggxh", "lines[].unit": "so_invoice_line.dw",
+    "lines[].quantity": "so_invoice_line.sl", "lines[].unit_price": "so_invoice_line.dj", "lines[].amount": "so_invoice_line.je",
     "lines[].tax_rate": "so_invoice_line.slv", "lines[].tax_amount": "so_invoice_line.se"}');
