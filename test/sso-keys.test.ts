@@ -9,7 +9,7 @@ import { promisify } from 'node:util';
 import * as oidc from 'openid-client';
 import pg from 'pg';
 import { loadSsoConfig } from '../listener/sso/config.js';
-import { startSsoServer } from '../listener/sso/server.js';
+import { startSsoServer } from '../listener/sso/sso-server.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Browser, completeJump, startDemoRp } from '../listener/sso/demo-rp.js';
 import { rotateSigningKey, SIGNING_KEYS_SECRET } from '../listener/sso/keys.js';

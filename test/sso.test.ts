@@ -10,7 +10,7 @@ import { PgAdapter } from '../listener/sso/adapter.js';
 import { Browser, completeJump } from '../listener/sso/demo-rp.js';
 import { sqlstateOf } from './helpers/db.js';
 import { loadSsoConfig } from '../listener/sso/config.js';
-import { startSsoServer } from '../listener/sso/server.js';
+import { startSsoServer } from '../listener/sso/sso-server.js';
 import { discoverProvider, freePort, startSsoWorld, verifiesAgainstJwks, type SsoWorld } from './helpers/sso.js';
 
 let w: SsoWorld;

@@ -14,7 +14,7 @@
  * carry business data and are never read.
  */
 import type pg from 'pg';
-import { tailSql as q } from './queries.js';
+import { tailSql as q } from '../delivery/queries.js';
 
 export interface TailOptions {
   lines: number;

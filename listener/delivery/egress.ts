@@ -20,6 +20,7 @@
  */
 import dns, { type LookupAddress, type LookupOptions } from 'node:dns';
 import net from 'node:net';
+import { inRanges, normalise } from '../kernel/addresses.js';
 
 export interface EgressPolicy {
   endpoint: string;
@@ -62,31 +63,12 @@ const NOT_PUBLIC: Array<[string, net.BlockList]> = [
   ['multicast', blockList([['224.0.0.0', 4, 'ipv4'], ['240.0.0.0', 4, 'ipv4'], ['ff00::', 8, 'ipv6']])],
 ];
 
-/** An IPv4-mapped IPv6 address (::ffff:10.0.0.1) is judged as the IPv4 address it is. */
-function normalise(ip: string): { ip: string; family: 'ipv4' | 'ipv6' } {
-  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(ip);
-  if (mapped) return { ip: mapped[1]!, family: 'ipv4' };
-  return { ip, family: net.isIPv6(ip) ? 'ipv6' : 'ipv4' };
-}
-
 /** 'metadata', 'loopback', 'private', 'link-local', 'unspecified', 'multicast' or 'public'. */
 export function classifyAddress(address: string): string {
   const { ip, family } = normalise(address);
   if (METADATA.check(ip, family)) return 'metadata';
   for (const [kind, list] of NOT_PUBLIC) if (list.check(ip, family)) return kind;
   return 'public';
-}
-
-/** Whether an address (IPv4, IPv6 or IPv4-mapped) is inside one of the CIDR ranges. */
-export function inRanges(address: string, cidrs: string[]): boolean {
-  const { ip, family } = normalise(address);
-  const list = new net.BlockList();
-  for (const c of cidrs) {
-    const [base, bits] = c.split('/');
-    const fam = net.isIPv6(base!) ? 'ipv6' : 'ipv4';
-    list.addSubnet(base!, Number(bits ?? (fam === 'ipv6' ? 128 : 32)), fam);
-  }
-  return list.check(ip, family);
 }
 
 /** Throws EgressRefused unless the policy lets a connection go to this address. */

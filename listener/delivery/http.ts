@@ -7,8 +7,9 @@ import http from 'node:http';
 import https from 'node:https';
 import { got, RequestError, type OptionsInit } from 'got';
 import { assertUrlAllowed, guardedLookup, type EgressPolicy } from './egress.js';
-import { SqlState } from './errors.js';
-import { AdapterError, adapterFor, type AuxAnswer, type AuxRequest, type ClaimedMessage, type OutgoingRequest, type ProviderContext, type Verdict } from './providers/index.js';
+import { SqlState } from '../kernel/errors.js';
+import { redactText } from '../kernel/format.js';
+import { AdapterError, adapterFor, type AuxAnswer, type AuxRequest, type ClaimedMessage, type OutgoingRequest, type ProviderContext, type Verdict } from '../providers/index.js';
 
 /** The vault's own errors (a secret missing, a key that does not open it …): a secret that may be there later. */
 const VAULT_CODES: ReadonlySet<string> = new Set([SqlState.secretNotFound, SqlState.vaultKeyMismatch, SqlState.vaultKeyInvalid,
@@ -94,12 +95,6 @@ export function redactHeaders(headers: Record<string, unknown>, secrets: string[
     out[k] = SECRET_HEADERS.test(k) ? '[redacted]' : redactText(Array.isArray(v) ? v.join(', ') : String(v), secrets);
   }
   return out;
-}
-
-export function redactText(text: string, secrets: string[] = []): string {
-  let s = text;
-  for (const secret of secrets) if (secret && secret.length >= 4) s = s.split(secret).join('[redacted]');
-  return s;
 }
 
 /** A parsed answer with secret values blanked out (a cloud may quote a token back). */

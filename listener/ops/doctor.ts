@@ -17,12 +17,12 @@ import dns from 'node:dns';
 import net from 'node:net';
 import tls from 'node:tls';
 import pg from 'pg';
-import { migrationsDir } from './db.js';
-import { assertAddressAllowed, assertUrlAllowed, policyOf } from './egress.js';
-import { describePgError } from './errors.js';
-import { findLegacyHistory, loadMigrationFiles } from './migrations.js';
-import { doctorSql as q } from './queries.js';
-import { loadVaultKey } from './vault.js';
+import { migrationsDir } from '../kernel/db.js';
+import { assertAddressAllowed, assertUrlAllowed, policyOf } from '../delivery/egress.js';
+import { describePgError } from '../kernel/errors.js';
+import { findLegacyHistory, loadMigrationFiles } from '../kernel/migrations.js';
+import { doctorSql as q } from '../delivery/queries.js';
+import { loadVaultKey } from '../kernel/vault.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
 
