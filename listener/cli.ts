@@ -212,7 +212,7 @@ program
   .description('check the database, maintenance, grants, the vault key and every endpoint (DNS, allowlist, TCP, TLS); exit 1 on any failure')
   .option('--json', 'print JSON instead of a table')
   .action(async (opts: { json?: boolean }, cmd: Command) => {
-    const { formatChecks, overallStatus, runDoctor } = await import('./ops/doctor.js');
+    const { formatChecks, overallStatus, runDoctor } = await import('./ops/doctor/index.js');
     const lines = await runDoctor(connectionOf(cmd));
     const status = overallStatus(lines);
     console.log(opts.json ? JSON.stringify({ status, checks: lines }, null, 2) : formatChecks(lines));
