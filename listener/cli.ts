@@ -411,7 +411,7 @@ sso
   .addOption(new Option('--port <n>', 'port (the one registered in the redirect URI)').default(0).argParser(intArg('--port', 0, 65535)))
   .option('--jump <url>', 'a jump URL from sso.issue_jump_ticket: follow it like a browser, print the result and exit')
   .action(async (opts: { issuer: string; clientId: string; port: number; jump?: string }) => {
-    const { Browser, completeJump, startDemoRp } = await devModule('sso demo-rp', () => import('./sso/demo-rp.js'));
+    const { Browser, completeJump, startDemoRp } = await devModule('sso demo-rp', () => import('./sim/demo-rp.js'));
     const secret = process.env.ERP_CLOUD_SSO_DEMO_CLIENT_SECRET;
     if (!secret) throw new UsageError('set ERP_CLOUD_SSO_DEMO_CLIENT_SECRET to the client\'s secret');
     const rp = await startDemoRp({ issuer: opts.issuer, clientId: opts.clientId, clientSecret: secret, port: opts.port });

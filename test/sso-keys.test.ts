@@ -11,7 +11,7 @@ import pg from 'pg';
 import { loadSsoConfig } from '../listener/sso/config.js';
 import { startSsoServer } from '../listener/sso/sso-server.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Browser, completeJump, startDemoRp } from '../listener/sso/demo-rp.js';
+import { Browser, completeJump, startDemoRp } from '../listener/sim/demo-rp.js';
 import { rotateSigningKey, SIGNING_KEYS_SECRET } from '../listener/sso/keys.js';
 import { sqlstateOf } from './helpers/db.js';
 import { discoverProvider, freePort, kidOf, startSsoWorld, verifiesAgainstJwks, type SsoWorld } from './helpers/sso.js';

@@ -4,7 +4,7 @@ import net from 'node:net';
 import type { Logger } from 'pino';
 import { createLogger } from '../../listener/kernel/logger.js';
 import { loadSsoConfig } from '../../listener/sso/config.js';
-import { discoverProvider, startDemoRp, type DemoRp } from '../../listener/sso/demo-rp.js';
+import { discoverProvider, startDemoRp, type DemoRp } from '../../listener/sim/demo-rp.js';
 import { startSsoServer, type SsoServer } from '../../listener/sso/sso-server.js';
 import { createTestDb, type TestDb } from './db.js';
 
