@@ -10,8 +10,8 @@
  */
 import { randomUUID } from 'node:crypto';
 import { Logger, run, type Runner, type Task } from 'graphile-worker';
-import type { EgressPolicy } from '../listener/delivery/egress.js';
-import { attemptDelivery, closeAgents } from '../listener/delivery/http.js';
+import { closeAgents, type EgressPolicy } from '../listener/delivery/egress.js';
+import { attemptDelivery } from '../listener/delivery/http.js';
 import type { ClaimedMessage } from '../listener/providers/index.js';
 
 const env = (k: string, d?: string): string => {

@@ -95,7 +95,7 @@ program
   .action(async (_opts, cmd: Command) => {
     const config = loadConfig(process.env, { DATABASE_URL: connectionOf(cmd) });
     const [{ createPool, waitForDatabase }, { closeAgents }, { createLogger }, { createMetrics }, { startOpsServer }, { startInboundServer }, { Worker }] = await Promise.all([
-      import('./kernel/db.js'), import('./delivery/http.js'), import('./kernel/logger.js'), import('./delivery/metrics.js'), import('./ops/status-server.js'), import('./inbound/inbound-server.js'), import('./delivery/worker.js'),
+      import('./kernel/db.js'), import('./delivery/egress.js'), import('./kernel/logger.js'), import('./delivery/metrics.js'), import('./ops/status-server.js'), import('./inbound/inbound-server.js'), import('./delivery/worker.js'),
     ]);
     await import('./inbound/routes.js'); // the receivers register themselves with the inbound server
     const log = createLogger(config.ERP_CLOUD_LOG_LEVEL);
