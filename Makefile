@@ -24,7 +24,9 @@ node_modules/.installed: package.json package-lock.json
 
 deps: node_modules/.installed
 
+# dist/ is rebuilt from scratch: a source file moved or removed must not live on as a stale .js (it would be packed)
 build: deps
+	rm -rf dist
 	npx tsc -p tsconfig.json
 
 db:

@@ -4,8 +4,8 @@
  * parks ordering keys, and logs every attempt.
  */
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { createMetrics } from '../listener/metrics.js';
-import { startOpsServer } from '../listener/server.js';
+import { createMetrics } from '../listener/delivery/metrics.js';
+import { startOpsServer } from '../listener/ops/status-server.js';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
 import { createTestDb, statusCounts, waitFor, type TestDb } from './helpers/db.js';
 import { startListener, type InProcessListener } from './helpers/listener.js';

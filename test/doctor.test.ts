@@ -14,8 +14,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { migrate, migrationsDir } from '../listener/db.js';
-import { loadMigrationFiles } from '../listener/migrations.js';
+import { migrate, migrationsDir } from '../listener/kernel/db.js';
+import { loadMigrationFiles } from '../listener/kernel/migrations.js';
 import { createTestDb, waitFor, type TestDb } from './helpers/db.js';
 import { migrateLikeEarlierRelease, PREVIOUS_RELEASE, releaseFiles } from './helpers/legacy-release.js';
 

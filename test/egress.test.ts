@@ -5,8 +5,8 @@
  */
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { assertAddressAllowed, assertUrlAllowed, classifyAddress, EgressRefused, type EgressPolicy } from '../listener/egress.js';
-import { SqlState } from '../listener/errors.js';
+import { assertAddressAllowed, assertUrlAllowed, classifyAddress, EgressRefused, type EgressPolicy } from '../listener/delivery/egress.js';
+import { SqlState } from '../listener/kernel/errors.js';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
 import { createTestDb, sqlstateOf, statusCounts, waitFor, type TestDb } from './helpers/db.js';
 import { spawnListener, startListener, type ChildListener, type InProcessListener } from './helpers/listener.js';

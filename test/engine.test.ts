@@ -4,7 +4,7 @@
  */
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { SqlState } from '../listener/errors.js';
+import { SqlState } from '../listener/kernel/errors.js';
 import { createTestDb, inTransaction, sqlstateOf, statusCounts, type TestDb } from './helpers/db.js';
 
 let db: TestDb;

@@ -6,7 +6,7 @@ import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import pg from 'pg';
 import type { TestProject } from 'vitest/node';
-import { migrate } from '../listener/db.js';
+import { migrate } from '../listener/kernel/db.js';
 
 /** One template per test run (named after its pid), so two runs on one server never drop each other's. */
 const TEMPLATE_PREFIX = 'erp_cloud_test_template_';

@@ -11,8 +11,8 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import pg from 'pg';
 import { afterAll, describe, expect, it } from 'vitest';
-import { migrate, migrationsDir } from '../listener/db.js';
-import { loadMigrationFiles, MigrationError, MigrationReason, runMigrations } from '../listener/migrations.js';
+import { migrate, migrationsDir } from '../listener/kernel/db.js';
+import { loadMigrationFiles, MigrationError, MigrationReason, runMigrations } from '../listener/kernel/migrations.js';
 import { migrateLikeEarlierRelease, PREVIOUS_RELEASE, releaseFiles } from './helpers/legacy-release.js';
 import { createTestDb, urlFor, waitFor, type TestDb } from './helpers/db.js';
 

@@ -10,7 +10,7 @@
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { SqlState } from '../listener/errors.js';
+import { SqlState } from '../listener/kernel/errors.js';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
 import { createTestDb, sqlstateOf, waitFor, type TestDb } from './helpers/db.js';
 import { spawnListener, type ChildListener } from './helpers/listener.js';

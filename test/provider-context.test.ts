@@ -7,11 +7,11 @@ import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { policyOf } from '../listener/egress.js';
-import { attemptDelivery } from '../listener/http.js';
+import { policyOf } from '../listener/delivery/egress.js';
+import { attemptDelivery } from '../listener/delivery/http.js';
 import { registerAdapter, type ClaimedMessage } from '../listener/providers/index.js';
-import { SqlState } from '../listener/errors.js';
-import { clearTokenMemo, providerContext } from '../listener/provider-context.js';
+import { SqlState } from '../listener/kernel/errors.js';
+import { clearTokenMemo, providerContext } from '../listener/delivery/provider-context.js';
 import { createTestDb, sqlstateOf, type TestDb } from './helpers/db.js';
 
 let db: TestDb;

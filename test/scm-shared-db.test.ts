@@ -5,8 +5,8 @@
  */
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { migrate } from '../listener/db.js';
-import { SqlState } from '../listener/errors.js';
+import { migrate } from '../listener/kernel/db.js';
+import { SqlState } from '../listener/kernel/errors.js';
 import { startYonbipSim, type YonbipSim } from '../listener/sim/yonbip.js';
 import { createTestDb, sqlstateOf, urlFor, type TestDb } from './helpers/db.js';
 import { addPo, addSuppliers, asnDoc } from './helpers/scm.js';

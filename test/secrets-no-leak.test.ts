@@ -14,7 +14,7 @@ import { randomBytes } from 'node:crypto';
 import { promisify } from 'node:util';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SqlState } from '../listener/errors.js';
+import { SqlState } from '../listener/kernel/errors.js';
 import { signWebhookBody } from '../listener/providers/webhook.js';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
 import { createTestDb, statusCounts, waitFor, type TestDb } from './helpers/db.js';

@@ -1,16 +1,16 @@
 /**
  * Single sign-on: an ERP user clicks "open the procurement platform" and lands
- * there signed in. The platform is played by openid-client (listener/sso/demo-rp.ts),
+ * there signed in. The platform is played by openid-client (listener/sim/demo-rp.ts),
  * the browser by an HTTP client that follows redirects and keeps cookies.
  */
 import { createHash } from 'node:crypto';
 import * as oidc from 'openid-client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { PgAdapter } from '../listener/sso/adapter.js';
-import { Browser, completeJump } from '../listener/sso/demo-rp.js';
+import { Browser, completeJump } from '../listener/sim/demo-rp.js';
 import { sqlstateOf } from './helpers/db.js';
 import { loadSsoConfig } from '../listener/sso/config.js';
-import { startSsoServer } from '../listener/sso/server.js';
+import { startSsoServer } from '../listener/sso/sso-server.js';
 import { discoverProvider, freePort, startSsoWorld, verifiesAgainstJwks, type SsoWorld } from './helpers/sso.js';
 
 let w: SsoWorld;

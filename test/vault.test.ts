@@ -10,9 +10,9 @@ import os from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { ConfigError, loadConfig } from '../listener/config.js';
-import { SqlState } from '../listener/errors.js';
-import { loadVaultKey, SecretResolver, SecretUnavailableError, secretEnvName } from '../listener/vault.js';
+import { ConfigError, loadConfig } from '../listener/kernel/config.js';
+import { SqlState } from '../listener/kernel/errors.js';
+import { loadVaultKey, SecretResolver, SecretUnavailableError, secretEnvName } from '../listener/kernel/vault.js';
 import { createTestDb, inTransaction, sqlstateOf, type TestDb } from './helpers/db.js';
 
 const KEY = 'test-master-key-0001-abcdef';

@@ -12,9 +12,9 @@ import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { YONBIP_EVENTS_PATH } from '../listener/inbound/yonbip-events.js';
-import { startInboundServer } from '../listener/inbound-server.js';
+import { startInboundServer } from '../listener/inbound/inbound-server.js';
 import { startYonbipSim, type YonbipSim } from '../listener/sim/yonbip.js';
-import { decryptEvent, deriveAesKey, encryptEvent, eventSignature, YonbipCryptoError, type SignatureAlgorithm } from '../listener/yonbip-crypto.js';
+import { decryptEvent, deriveAesKey, encryptEvent, eventSignature, YonbipCryptoError, type SignatureAlgorithm } from '../listener/providers/yonbip-crypto.js';
 import { createTestDb, type TestDb } from './helpers/db.js';
 import { addPo, addSuppliers, APP_KEY, APP_SECRET_VALUE, asnDoc, setupYonbip } from './helpers/scm.js';
 

@@ -4,8 +4,8 @@
  * revise / close in order under faults, the write-back, refusals.
  */
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { SqlState } from '../listener/errors.js';
-import { clearTokenMemo } from '../listener/provider-context.js';
+import { SqlState } from '../listener/kernel/errors.js';
+import { clearTokenMemo } from '../listener/delivery/provider-context.js';
 import type { ClaimedMessage } from '../listener/providers/types.js';
 import { businessBody, clearYonbipCaches, resubmitCheckKey, signTokenRequest, tokenQuery, YONBIP_PATHS } from '../listener/providers/yonbip.js';
 import { startYonbipSim, type YonbipSim } from '../listener/sim/yonbip.js';

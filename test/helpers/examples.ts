@@ -1,7 +1,7 @@
 /** Example ERPs (sql/examples/<name>) for the test files that need one, installed the way `migrate --with-example` does. */
 import pg from 'pg';
-import { migrationsDir } from '../../listener/db.js';
-import { runMigrations } from '../../listener/migrations.js';
+import { migrationsDir } from '../../listener/kernel/db.js';
+import { runMigrations } from '../../listener/kernel/migrations.js';
 import type { TestDb } from './db.js';
 
 /** Installs (or finds installed) the example `name` in the test database: the runner's own path, under its lock. */
