@@ -337,6 +337,9 @@ export const exampleSql = {
     );
     comment on table erp_cloud.example is
       'One row per example ERP (sql/examples/<name>/install.sql) that erp-cloud migrate --with-example installed, with the sha256 of the file it applied.';
+    comment on column erp_cloud.example.name is 'The example''s folder under sql/examples, e.g. acme.';
+    comment on column erp_cloud.example.sha256 is 'sha256 (hex) of the install.sql applied last; migrate applies a file with another hash again (install files are idempotent).';
+    comment on column erp_cloud.example.installed_at is 'When the transaction that applied it last started.';
     revoke all on table erp_cloud.example from public;`,
   recorded: `select sha256 from erp_cloud.example where name = $1`,
   record: `insert into erp_cloud.example (name, sha256) values ($1, $2)

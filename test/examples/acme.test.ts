@@ -305,6 +305,9 @@ describe('the example itself', () => {
     expect(installedFirst).toEqual(['acme']);
     const { rows } = await db.pool.query(`select name, sha256 from erp_cloud.example`);
     expect(rows).toEqual([{ name: 'acme', sha256: sha(readFileSync(path.join(EXAMPLE_DIR, 'install.sql'))) }]);
+    const comments = await db.pool.query(`select obj_description('erp_cloud.example'::regclass, 'pg_class') is not null as ok
+      union all select col_description(attrelid, attnum) is not null from pg_attribute where attrelid = 'erp_cloud.example'::regclass and attnum > 0 and not attisdropped`);
+    expect(comments.rows.map((r) => r.ok)).toEqual([true, true, true, true]);
     expect(await installExample(db, 'acme')).toEqual([]);
     const { stdout } = await run(process.execPath, ['dist/listener/cli.js', '-c', db.url, 'migrate', '--with-example', 'acme'], { env: { PATH: process.env.PATH } });
     expect(stdout).toContain('example acme is installed and unchanged');
