@@ -6,6 +6,7 @@ import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { SqlState } from '../listener/errors.js';
 import { createTestDb, inTransaction, sqlstateOf, statusCounts, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 
 let db: TestDb;
 let q: pg.Pool['query'];
@@ -17,8 +18,7 @@ beforeAll(async () => {
 afterAll(() => db.drop());
 
 beforeEach(async () => {
-  await q(`truncate cloud.outbox, cloud.log, cloud.replay_audit, cloud.listener, cloud.operation_handler`);
-  await q(`delete from cloud.endpoint`);
+  await resetProductState(db.pool);
   await q(`select cloud.put_endpoint('hook', 'http://127.0.0.1:9/webhook', p_max_attempts => 3, p_backoff_base_ms => 1000, p_backoff_cap_ms => 60000)`);
 });
 

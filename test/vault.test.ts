@@ -14,6 +14,7 @@ import { ConfigError, loadConfig } from '../listener/config.js';
 import { SqlState } from '../listener/errors.js';
 import { loadVaultKey, SecretResolver, SecretUnavailableError, secretEnvName } from '../listener/vault.js';
 import { createTestDb, inTransaction, sqlstateOf, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 
 const KEY = 'test-master-key-0001-abcdef';
 const OTHER_KEY = 'another-master-key-0002-xyz';
@@ -28,7 +29,7 @@ beforeAll(async () => {
 });
 afterAll(() => db.drop());
 beforeEach(async () => {
-  await q('truncate vault.secret, vault.secret_version');
+  await resetProductState(db.pool);
 });
 
 const put = (name: string, value: string | null, key: string | null = KEY, description: string | null = null) =>
