@@ -108,26 +108,33 @@ export async function resetProductState(pool: pg.Pool, opts: ResetOptions = {}):
     const data = reset.filter((t) => !seeded.has(t));
     const full = await nonEmpty(c, data);
     if (full.length) await c.query(`truncate ${full.join(', ')} cascade`);
-    for (const s of template.seeded) {
-      if (kept.has(s.table)) continue;
-      if ((await c.query<{ d: string }>(digestSql(s.table))).rows[0]!.d === s.digest) continue;
+    const seededHere = template.seeded.filter((s) => !kept.has(s.table) && tables.includes(s.table));
+    const before = await digests(c, seededHere.map((s) => s.table));
+    for (const s of seededHere) {
+      if (before.get(s.table) === s.digest) continue;
       await c.query(`delete from ${s.table}`);
       const cols = s.columns.join(', ');
       await c.query(`insert into ${s.table} (${cols}) overriding system value
                        select ${cols} from json_populate_recordset(null::${s.table}, $1::json)`, [s.rows]);
     }
     const sequences = await sequencesToReset(c, template, kept);
-    for (const s of sequences) await c.query(`select setval($1::regclass, $2::bigint, $3)`, [s.sequence, s.value, s.isCalled]);
+    const current = await sequenceStates(c, template.schemas);
+    for (const s of sequences) {
+      const n = current.get(s.sequence);
+      if (n && n.value === s.value && n.isCalled === s.isCalled) continue;
+      await c.query(`select setval($1::regclass, $2::bigint, $3)`, [s.sequence, s.value, s.isCalled]);
+    }
 
     // the check: every data table empty (cascade may have reached some), every seeded table and sequence as in the template
     const wrong: string[] = [];
     for (const t of await nonEmpty(c, reset.filter((t) => !seeded.has(t)))) wrong.push(`${t} is not empty`);
+    const after = await digests(c, seededHere.map((s) => s.table));
     for (const s of template.seeded) {
       if (kept.has(s.table)) continue;
       if (!tables.includes(s.table)) wrong.push(`${s.table} (seeded by the migrations) is missing`);
-      else if ((await c.query<{ d: string }>(digestSql(s.table))).rows[0]!.d !== s.digest) wrong.push(`${s.table} differs from the migrated template`);
+      else if (after.get(s.table) !== s.digest) wrong.push(`${s.table} differs from the migrated template`);
     }
-    const now = new Map((await c.query<SequenceState>(SEQUENCES_SQL, [template.schemas])).rows.map((s) => [s.sequence, s]));
+    const now = await sequenceStates(c, template.schemas);
     for (const s of sequences) {
       const n = now.get(s.sequence);
       if (!n || n.value !== s.value || n.isCalled !== s.isCalled) wrong.push(`sequence ${s.sequence} is at ${n?.value} (called: ${n?.isCalled}), not ${s.value}`);
@@ -140,6 +147,18 @@ export async function resetProductState(pool: pg.Pool, opts: ResetOptions = {}):
   } finally {
     c.release();
   }
+}
+
+/** md5 of each table's rows, in one round trip. */
+async function digests(c: pg.PoolClient, tables: string[]): Promise<Map<string, string>> {
+  if (!tables.length) return new Map();
+  const { rows } = await c.query<{ t: string; d: string }>(
+    tables.map((t, i) => `select $${i + 1}::text as t, (${digestSql(t)}) as d`).join(' union all '), tables);
+  return new Map(rows.map((r) => [r.t, r.d]));
+}
+
+async function sequenceStates(c: pg.PoolClient, schemas: string[]): Promise<Map<string, SequenceState>> {
+  return new Map((await c.query<SequenceState>(SEQUENCES_SQL, [schemas])).rows.map((s) => [s.sequence, s]));
 }
 
 async function nonEmpty(c: pg.PoolClient, tables: string[]): Promise<string[]> {
