@@ -75,8 +75,8 @@ describe('comments', () => {
     expect(await undocumented()).toEqual([]);
   });
 
-  it('erp.ar_invoice names the tax_cloud_response keys the write-backs really use, and no pdf key', async () => {
-    const comment = (await db.pool.query(`select obj_description('erp.ar_invoice'::regclass, 'pg_class') as d`)).rows[0].d as string;
+  it('tax.invoice names the tax_cloud_response keys the write-backs really use, and no pdf key', async () => {
+    const comment = (await db.pool.query(`select obj_description('tax.invoice'::regclass, 'pg_class') as d`)).rows[0].d as string;
     // every key a tax function writes with jsonb_build_object('<key>', …) or under split_part(operation) is named
     const { rows } = await db.pool.query<{ src: string }>(`select prosrc as src from pg_proc where pronamespace = 'tax'::regnamespace and prosrc like '%tax_cloud_response%'`);
     const written = new Set<string>();
@@ -91,7 +91,7 @@ describe('comments', () => {
     expect(written.size).toBeGreaterThan(5);
     for (const key of written) expect(comment, key).toMatch(new RegExp(`\\b${key}\\b`));
     expect(comment).not.toMatch(/\bpdf\)/);
-    expect(comment).toContain('erp.attachment');
+    expect(comment).toContain('tax.attachment');
   });
 });
 

@@ -94,7 +94,7 @@ describe('an attempt that is refused sends nothing', () => {
 
   const msg = (url: string): ClaimedMessage => ({
     request_id: '00000000-0000-4000-8000-000000000001', endpoint: 'nuonuo', operation: 'tax.download_pdf',
-    payload: { url, max_bytes: 1_000_000 }, attempt: 1, aggregate_type: 'erp.ar_invoice', aggregate_id: '1', ordering_key: null,
+    payload: { url, max_bytes: 1_000_000 }, attempt: 1, aggregate_type: 'tax.invoice', aggregate_id: '1', ordering_key: null,
     provider: 'nuonuo', base_url: 'http://127.0.0.1:9/open/v1/services', timeout_ms: 2000, endpoint_config: {},
     locked_until: new Date(Date.now() + 5000), send_at: new Date(), allow_hosts: [], allow_cidrs: [], allow_private: true,
   });
@@ -232,12 +232,12 @@ describe('the PDF download through a real listener and the Nuonuo simulator', ()
     return waitFor(async () => {
       const [inv] = await invoicesOf(db.pool, s.id);
       if (!inv || inv.invoice_status !== 'issued') return null;
-      const { rows } = await db.pool.query(`select count(*)::int n from cloud.outbox where aggregate_type = 'erp.ar_invoice' and aggregate_id = $1 and status in ('pending', 'in_flight')`, [inv.id]);
+      const { rows } = await db.pool.query(`select count(*)::int n from cloud.outbox where aggregate_type = 'tax.invoice' and aggregate_id = $1 and status in ('pending', 'in_flight')`, [inv.id]);
       if (rows[0].n !== 0) return null;
-      return (await db.pool.query(`select id, error_code, error_message from erp.ar_invoice where id = $1`, [inv.id])).rows[0];
+      return (await db.pool.query(`select id, error_code, error_message from tax.invoice where id = $1`, [inv.id])).rows[0];
     }, { timeoutMs: 30_000, intervalMs: 100, what: 'the invoice to be issued and its PDF step to finish' });
   }
-  const attachments = async (id: string) => (await db.pool.query(`select count(*)::int n from erp.attachment where doc_type = 'erp.ar_invoice' and doc_id = $1`, [id])).rows[0].n;
+  const attachments = async (id: string) => (await db.pool.query(`select count(*)::int n from tax.attachment where invoice_id = $1`, [id])).rows[0].n;
 
   it('a PDF URL on another port of the simulator host (loopback, private addresses allowed) is refused in every spelling, and nothing reaches that port', async () => {
     for (const s of ['127.0.0.1', '0x7f000001', '2130706433', '127.1', '[::ffff:127.0.0.1]']) {

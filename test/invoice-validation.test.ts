@@ -9,7 +9,7 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { SqlState } from '../listener/errors.js';
 import { createTestDb, type TestDb } from './helpers/db.js';
-import { approve, configureTax, customer, invoicesOf, OATS, settlement, USCC_OK, withUsccCheckDigit, type CustomerOptions, type Line } from './helpers/invoicing.js';
+import { approve, configureTax, customer, documentOf, invoicesOf, OATS, settlement, USCC_OK, withUsccCheckDigit, type CustomerOptions, type Line } from './helpers/invoicing.js';
 
 let db: TestDb;
 const good: Line = { item: '软件维护', amount: 106 };
@@ -114,7 +114,7 @@ describe('buyer tax ids: an 18-character USCC follows GB 32100', () => {
     const wrongDigit = at(base, 18, 'N');
     expect((await refusal({ taxId: wrongDigit })).code).toBe(SqlState.invoiceTaxIdCheckDigit);
     const { inv } = await issued({ taxId: wrongDigit, override: true });
-    const { rows } = await db.pool.query(`select tax_id_warning from erp.ar_invoice where id = $1`, [inv[0]!.id]);
+    const { rows } = await db.pool.query(`select tax_id_warning from tax.invoice where id = $1`, [inv[0]!.id]);
     expect(rows[0].tax_id_warning).toMatch(/GB 32100 check digit/);
     // a malformed one fails for its structure, however its check digit comes out
     for (const id of [at(wrongDigit, 3, 'O'), at(wrongDigit, 1, '0'), at(wrongDigit, 4, '0'), at(base, 10, 'Z')]) {
@@ -146,7 +146,7 @@ describe('numbers: decimals are counted where they carry a value, not by the col
     ];
     for (const [qty, price, amount, num, sentPrice] of cases) {
       const { inv } = await issued({}, [{ item: '精度', qty, price, amount }]);
-      const { rows } = await db.pool.query(`select payload->'order'->'invoiceDetail'->0 d from cloud.outbox where request_id = (select request_id from erp.ar_invoice where id = $1)`, [inv[0]!.id]);
+      const { rows } = await db.pool.query(`select payload->'order'->'invoiceDetail'->0 d from cloud.outbox where request_id = (select request_id from tax.invoice where id = $1)`, [inv[0]!.id]);
       expect(rows[0].d, qty).toMatchObject({ num, price: sentPrice });
     }
   });
@@ -249,8 +249,8 @@ describe('the 1.27 invoice tax tolerance', () => {
     const { rows } = await db.pool.query(`
       select (select sum((d->>'tax')::numeric - (d->>'taxExcludedAmount')::numeric * (d->>'taxRate')::numeric)
                 from jsonb_array_elements(o.payload->'order'->'invoiceDetail') d)::float8 dev
-        from erp.ar_invoice i join cloud.outbox o on o.request_id = i.request_id
-       where i.settlement_id = $1 order by i.part_no`, [settlementId]);
+        from tax.invoice i join cloud.outbox o on o.request_id = i.request_id
+       where i.document_id = ${documentOf()} order by i.part_no`, [settlementId]);
     return rows.map((r) => r.dev);
   }
 
@@ -264,15 +264,15 @@ describe('the 1.27 invoice tax tolerance', () => {
     const { rows } = await db.pool.query(`
       select count(*)::int lines, sum(l.amount_incl_tax)::text incl, sum(l.amount_excl_tax)::text excl, sum(l.tax_amount)::text tax,
              array_agg(l.source_line_no order by i.part_no, l.line_no) = array(select generate_series(1, 300)) in_order
-        from erp.ar_invoice i join erp.ar_invoice_line l on l.ar_invoice_id = i.id where i.settlement_id = $1`, [s.id]);
+        from tax.invoice i join tax.invoice_line l on l.invoice_id = i.id where i.document_id = ${documentOf()}`, [s.id]);
     expect(rows[0]).toEqual({ lines: 300, incl: '300.00', excl: '264.00', tax: '36.00', in_order: true });
     // each header is the sum of its lines, and the headers add up to the settlement
     const heads = await db.pool.query(`
       select bool_and(i.amount_incl_tax = t.inc and i.amount_excl_tax = t.ex and i.tax_amount = t.tx and i.part_count = 2) consistent,
              sum(i.amount_incl_tax)::text incl
-        from erp.ar_invoice i
-        cross join lateral (select sum(amount_incl_tax) inc, sum(amount_excl_tax) ex, sum(tax_amount) tx from erp.ar_invoice_line where ar_invoice_id = i.id) t
-       where i.settlement_id = $1`, [s.id]);
+        from tax.invoice i
+        cross join lateral (select sum(amount_incl_tax) inc, sum(amount_excl_tax) ex, sum(tax_amount) tx from tax.invoice_line where invoice_id = i.id) t
+       where i.document_id = ${documentOf()}`, [s.id]);
     expect(heads.rows[0]).toEqual({ consistent: true, incl: '300.00' });
   });
 

@@ -47,7 +47,7 @@ async function settled(settlementId: number, n = 1, source: 'settlement' | 'ship
     const rows = await invoicesOf(db.pool, settlementId, source);
     if (rows.length !== n || rows.some((r) => r.invoice_status === 'pending' || r.invoice_status === 'issuing')) return null;
     // the PDF step runs after the issued write-back: wait for it to finish too
-    const { rows: open } = await db.pool.query(`select count(*)::int n from cloud.outbox where aggregate_type = 'erp.ar_invoice'
+    const { rows: open } = await db.pool.query(`select count(*)::int n from cloud.outbox where aggregate_type = 'tax.invoice'
         and aggregate_id = any ($1::text[]) and status in ('pending', 'in_flight')`, [rows.map((r) => r.id)]);
     // read the invoices again: the last step may have written them back between the two queries above
     return open[0].n === 0 ? invoicesOf(db.pool, settlementId, source) : null;
@@ -55,7 +55,7 @@ async function settled(settlementId: number, n = 1, source: 'settlement' | 'ship
 }
 
 async function attachmentOf(invoiceId: string) {
-  const { rows } = await db.pool.query(`select * from erp.attachment where doc_type = 'erp.ar_invoice' and doc_id = $1`, [invoiceId]);
+  const { rows } = await db.pool.query(`select * from tax.attachment where invoice_id = $1`, [invoiceId]);
   return rows;
 }
 
@@ -77,7 +77,7 @@ describe('an approved settlement', () => {
     const raw = inv!.tax_cloud_response as { submit: { code: string; result: { invoiceSerialNum: string } }; query: { result: Array<Record<string, unknown>> } };
     expect(raw.submit.code).toBe('E0000');
     expect(raw.query.result[0]).toMatchObject({ status: '2', allElectronicInvoiceNumber: inv!.invoice_no, orderNo: inv!.order_no, exTaxAmount: '194.35', taxAmount: '18.66' });
-    const row = await db.pool.query(`select invoice_serial_no, pdf_url, ofd_url, xml_url from erp.ar_invoice where id = $1`, [inv!.id]);
+    const row = await db.pool.query(`select invoice_serial_no, pdf_url, ofd_url, xml_url from tax.invoice where id = $1`, [inv!.id]);
     expect(row.rows[0].invoice_serial_no).toBe(raw.submit.result.invoiceSerialNum);
     expect(row.rows[0].ofd_url).toMatch(/\.ofd$/); // OFD is the legal original: its URL is kept
 
@@ -98,7 +98,7 @@ describe('an approved settlement', () => {
     expect(doc.getPageCount()).toBe(1);
 
     // the event log has the number's arrival
-    const ev = await db.pool.query(`select old_invoice_no, new_invoice_no, invoice_status from tax.invoice_event where ar_invoice_id = $1`, [inv!.id]);
+    const ev = await db.pool.query(`select old_invoice_no, new_invoice_no, invoice_status from tax.invoice_event where invoice_id = $1`, [inv!.id]);
     expect(ev.rows).toEqual([{ old_invoice_no: null, new_invoice_no: inv!.invoice_no, invoice_status: 'issued' }]);
     // the PDF's bytes live in the attachment, not in the outbox
     const ob = await db.pool.query(`select response from cloud.outbox where operation = 'tax.download_pdf' and aggregate_id = $1`, [inv!.id]);
@@ -253,7 +253,7 @@ describe('when the cloud fails', () => {
       await db.pool.query(`select ${fn}(jsonb_populate_record(null::cloud.outbox, $1), $2::jsonb)`,
         [JSON.stringify(old), JSON.stringify({ status: 'failed', http_status: 200, code: 'E0000', result: { invoiceSerialNum: 'OLD-SERIAL' } })]);
     }
-    const after = (await db.pool.query(`select * from erp.ar_invoice where id = $1`, [inv!.id])).rows[0];
+    const after = (await db.pool.query(`select * from tax.invoice where id = $1`, [inv!.id])).rows[0];
     expect(after).toMatchObject({ invoice_status: 'issued', invoice_no: inv!.invoice_no, order_no: inv!.order_no, error_code: null });
     expect(after.invoice_serial_no).not.toBe('OLD-SERIAL');
     expect(after.tax_cloud_response.stale).toMatchObject({ request_id: old.request_id });
@@ -293,7 +293,7 @@ describe('when the outcome is unknown', () => {
     await db.pool.query(`select cloud.put_endpoint_limits('nuonuo', null, 1, 5, 30000)`);
   });
   const final = (id: string) => waitFor(async () => {
-    const r = (await db.pool.query(`select * from erp.ar_invoice where id = $1`, [id])).rows[0];
+    const r = (await db.pool.query(`select * from tax.invoice where id = $1`, [id])).rows[0];
     return r.invoice_status === 'pending' || r.invoice_status === 'issuing' ? null : r;
   }, { timeoutMs: 30_000, intervalMs: 100, what: `invoice ${id} to end` });
 
@@ -438,25 +438,25 @@ describe('red-letter reversal (红冲)', () => {
     const s = await settlement(db.pool, c, [{ item: '燕麦', code: OATS, rate: 0.13, amount: 113 }, { item: '软件维护', amount: 106 }]);
     await approve(db.pool, s.id);
     const [blue] = await settled(s.id);
-    const { rows } = await db.pool.query(`insert into erp.invoice_reversal_request (ar_invoice_id, reason) values ($1, '2') returning id`, [blue!.id]);
+    const { rows } = await db.pool.query(`insert into tax.reversal (invoice_id, reason) values ($1, '2') returning id`, [blue!.id]);
     const req = await waitFor(async () => {
-      const r = (await db.pool.query(`select * from erp.invoice_reversal_request where id = $1`, [rows[0].id])).rows[0];
+      const r = (await db.pool.query(`select * from tax.reversal where id = $1`, [rows[0].id])).rows[0];
       return r.status === 'issued' || r.status === 'failed' ? r : null;
     }, { timeoutMs: 30_000, what: 'the reversal' });
     expect(req).toMatchObject({ status: 'issued', bill_status: '04' });
-    const red = (await db.pool.query(`select * from erp.ar_invoice where id = $1`, [req.red_invoice_id])).rows[0];
+    const red = (await db.pool.query(`select * from tax.invoice where id = $1`, [req.red_invoice_id])).rows[0];
     expect(red).toMatchObject({ invoice_type: 'red', invoice_status: 'issued', original_invoice_id: blue!.id, amount_incl_tax: '-219.00', tax_amount: '-19.00' });
     expect(red.invoice_no).toMatch(/^\d{20}$/);
     expect(red.invoice_no).not.toBe(blue!.invoice_no);
-    const orig = (await db.pool.query(`select invoice_status from erp.ar_invoice where id = $1`, [blue!.id])).rows[0];
+    const orig = (await db.pool.query(`select invoice_status from tax.invoice where id = $1`, [blue!.id])).rows[0];
     expect(orig.invoice_status).toBe('reversed');
     const simRed = sim.invoices().find((i) => i.invoiceNo === red.invoice_no);
     expect(simRed).toMatchObject({ red: true, blueInvoiceNo: blue!.invoice_no, orderAmount: '-219.00' });
-    const ev = await db.pool.query(`select new_invoice_no from tax.invoice_event where ar_invoice_id = $1`, [red.id]);
+    const ev = await db.pool.query(`select new_invoice_no from tax.invoice_event where invoice_id = $1`, [red.id]);
     expect(ev.rows).toEqual([{ new_invoice_no: red.invoice_no }]);
     await waitFor(async () => (await attachmentOf(red.id)).length === 1, { what: 'the red invoice PDF' });
     // a second reversal of the same invoice is refused
-    expect(await sqlstateOf(db.pool.query(`insert into erp.invoice_reversal_request (ar_invoice_id, reason) values ($1, '2')`, [blue!.id])))
+    expect(await sqlstateOf(db.pool.query(`insert into tax.reversal (invoice_id, reason) values ($1, '2')`, [blue!.id])))
       .toBe(SqlState.reversalAlreadyUnderway);
   });
 
@@ -465,27 +465,27 @@ describe('red-letter reversal (红冲)', () => {
     const s = await settlement(db.pool, c, [{ item: '燕麦', code: OATS, rate: 0.13, qty: 2, price: 56.5, amount: 113 }, { item: '软件维护', amount: 106 }]);
     await approve(db.pool, s.id);
     const [blue] = await settled(s.id);
-    const { rows } = await db.pool.query(`insert into erp.invoice_reversal_request (ar_invoice_id, reason, line_nos) values ($1, '1', '{1}') returning id`, [blue!.id]);
+    const { rows } = await db.pool.query(`insert into tax.reversal (invoice_id, reason, line_nos) values ($1, '1', '{1}') returning id`, [blue!.id]);
     const req = await waitFor(async () => {
-      const r = (await db.pool.query(`select * from erp.invoice_reversal_request where id = $1`, [rows[0].id])).rows[0];
+      const r = (await db.pool.query(`select * from tax.reversal where id = $1`, [rows[0].id])).rows[0];
       return r.status === 'issued' || r.status === 'failed' ? r : null;
     }, { timeoutMs: 30_000, what: 'the reversal' });
     expect(req.status).toBe('issued');
-    const red = (await db.pool.query(`select amount_incl_tax, invoice_no from erp.ar_invoice where id = $1`, [req.red_invoice_id])).rows[0];
+    const red = (await db.pool.query(`select amount_incl_tax, invoice_no from tax.invoice where id = $1`, [req.red_invoice_id])).rows[0];
     expect(red.amount_incl_tax).toBe('-113.00');
     const payload = (await db.pool.query(`select payload from cloud.outbox where operation = 'tax.red_confirm' and aggregate_id = $1`, [String(req.red_invoice_id)])).rows[0].payload;
     expect(payload).toMatchObject({ blueElecInvoiceNumber: blue!.invoice_no, redReason: '1', blueInvoiceLine: 'pc',
       detail: [{ blueDetailIndex: '1', goodsCode: OATS, taxRate: '0.13', num: '-2', taxExcludedAmount: '-100.00', taxAmount: '-13.00', taxExcludedPrice: '50' }] });
     expect(sim.invoices().find((i) => i.invoiceNo === red.invoice_no)).toMatchObject({ orderAmount: '-113.00' });
     // line 2 is not reversed: the invoice is partially reversed, line 1 cannot be reversed again, line 2 still can
-    const statusOf = async () => (await db.pool.query(`select invoice_status from erp.ar_invoice where id = $1`, [blue!.id])).rows[0].invoice_status;
+    const statusOf = async () => (await db.pool.query(`select invoice_status from tax.invoice where id = $1`, [blue!.id])).rows[0].invoice_status;
     expect(await statusOf()).toBe('partially_reversed');
-    const ins = (lines: number[] | null) => db.pool.query(`insert into erp.invoice_reversal_request (ar_invoice_id, reason, line_nos) values ($1, '2', $2) returning id`, [blue!.id, lines]);
+    const ins = (lines: number[] | null) => db.pool.query(`insert into tax.reversal (invoice_id, reason, line_nos) values ($1, '2', $2) returning id`, [blue!.id, lines]);
     expect(await sqlstateOf(ins([1]))).toBe(SqlState.reversalAlreadyUnderway);
     expect(await sqlstateOf(ins(null))).toBe(SqlState.reversalAlreadyUnderway);
     const second = (await ins([2])).rows[0];
     const req2 = await waitFor(async () => {
-      const r = (await db.pool.query(`select * from erp.invoice_reversal_request where id = $1`, [second.id])).rows[0];
+      const r = (await db.pool.query(`select * from tax.reversal where id = $1`, [second.id])).rows[0];
       return r.status === 'issued' || r.status === 'failed' ? r : null;
     }, { timeoutMs: 30_000, what: 'the second reversal' });
     expect(req2.status).toBe('issued');
@@ -499,28 +499,28 @@ describe('red-letter reversal (红冲)', () => {
     const s = await settlement(db.pool, c, [{ item: '燕麦', code: OATS, rate: 0.13, amount: 226 }], 'special');
     await approve(db.pool, s.id);
     const [blue] = await settled(s.id);
-    const { rows } = await db.pool.query(`insert into erp.invoice_reversal_request (ar_invoice_id, reason) values ($1, '1') returning id`, [blue!.id]);
-    await waitFor(async () => (await db.pool.query(`select bill_status from erp.invoice_reversal_request where id = $1`, [rows[0].id])).rows[0].bill_status === '02',
+    const { rows } = await db.pool.query(`insert into tax.reversal (invoice_id, reason) values ($1, '1') returning id`, [blue!.id]);
+    await waitFor(async () => (await db.pool.query(`select bill_status from tax.reversal where id = $1`, [rows[0].id])).rows[0].bill_status === '02',
       { what: 'the form awaiting the buyer' });
     // the deadline counts from the form's creation, not from the request: an old request alone goes on polling
-    await db.pool.query(`update erp.invoice_reversal_request set requested_at = now() - interval '80 hours' where id = $1`, [rows[0].id]);
-    const redId = (await db.pool.query(`select red_invoice_id from erp.invoice_reversal_request where id = $1`, [rows[0].id])).rows[0].red_invoice_id;
-    const pollsNow = async () => (await db.pool.query(`select polls from erp.ar_invoice where id = $1`, [redId])).rows[0].polls as number;
+    await db.pool.query(`update tax.reversal set requested_at = now() - interval '80 hours' where id = $1`, [rows[0].id]);
+    const redId = (await db.pool.query(`select red_invoice_id from tax.reversal where id = $1`, [rows[0].id])).rows[0].red_invoice_id;
+    const pollsNow = async () => (await db.pool.query(`select polls from tax.invoice where id = $1`, [redId])).rows[0].polls as number;
     const p0 = await pollsNow();
     await waitFor(async () => (await pollsNow()) >= p0 + 2 || null, { timeoutMs: 30_000, what: 'two more form queries' });
-    expect((await db.pool.query(`select status from erp.invoice_reversal_request where id = $1`, [rows[0].id])).rows[0].status).toBe('confirming');
+    expect((await db.pool.query(`select status from tax.reversal where id = $1`, [rows[0].id])).rows[0].status).toBe('confirming');
     // 73 hours after the form was created (moved back here) it stops
-    await db.pool.query(`update erp.invoice_reversal_request set form_submitted_at = now() - interval '74 hours' where id = $1`, [rows[0].id]);
+    await db.pool.query(`update tax.reversal set form_submitted_at = now() - interval '74 hours' where id = $1`, [rows[0].id]);
     const req = await waitFor(async () => {
-      const r = (await db.pool.query(`select * from erp.invoice_reversal_request where id = $1`, [rows[0].id])).rows[0];
+      const r = (await db.pool.query(`select * from tax.reversal where id = $1`, [rows[0].id])).rows[0];
       return r.status === 'failed' ? r : null;
     }, { timeoutMs: 30_000, what: 'the reversal to be given up' });
     expect(req.error_message).toContain('72 hours');
-    const red = (await db.pool.query(`select invoice_status, error_code from erp.ar_invoice where id = $1`, [req.red_invoice_id])).rows[0];
+    const red = (await db.pool.query(`select invoice_status, error_code from tax.invoice where id = $1`, [req.red_invoice_id])).rows[0];
     expect(red).toEqual({ invoice_status: 'failed', error_code: 'red_deadline' });
     const open = await db.pool.query(`select count(*)::int n from cloud.outbox where aggregate_id = $1 and status in ('pending', 'in_flight')`, [String(req.red_invoice_id)]);
     expect(open.rows[0].n).toBe(0);
-    expect((await db.pool.query(`select invoice_status from erp.ar_invoice where id = $1`, [blue!.id])).rows[0].invoice_status).toBe('issued');
+    expect((await db.pool.query(`select invoice_status from tax.invoice where id = $1`, [blue!.id])).rows[0].invoice_status).toBe('issued');
   });
 
   it('refuses a reversal of an invoice that is not issued, with a bad reason, or naming a line the invoice does not have', async () => {
@@ -529,14 +529,14 @@ describe('red-letter reversal (红冲)', () => {
     await approve(db.pool, s.id);
     const [pending] = await invoicesOf(db.pool, s.id);
     const ins = (id: string, reason: string, lines: number[] | null = null) =>
-      db.pool.query(`insert into erp.invoice_reversal_request (ar_invoice_id, reason, line_nos) values ($1, $2, $3)`, [id, reason, lines]);
+      db.pool.query(`insert into tax.reversal (invoice_id, reason, line_nos) values ($1, $2, $3)`, [id, reason, lines]);
     expect(await sqlstateOf(ins(pending!.id, '2'))).toBe(SqlState.reversalInvoiceNotIssued);
     const [issued] = await settled(s.id);
     expect(await sqlstateOf(ins(issued!.id, '5'))).toBe(SqlState.reversalReasonInvalid);
     expect(await sqlstateOf(ins(issued!.id, '2', [7]))).toBe(SqlState.reversalLineUnknown);
     // services cannot be returned (销货退回); goods cannot be a service stopped (服务中止)
     expect(await sqlstateOf(ins(issued!.id, '1'))).toBe(SqlState.reversalReasonInvalid);
-    const n = await db.pool.query(`select count(*)::int n from erp.invoice_reversal_request where ar_invoice_id = $1`, [issued!.id]);
+    const n = await db.pool.query(`select count(*)::int n from tax.reversal where invoice_id = $1`, [issued!.id]);
     expect(n.rows[0].n).toBe(0);
   });
 });
@@ -565,7 +565,7 @@ describe('the Nuonuo callback', () => {
         return r >= 1 ? r : null;
       }, { what: 'the query the forged callback moved up' });
       expect(after).toBeGreaterThanOrEqual(1);
-      const still = (await db.pool.query(`select invoice_status, invoice_no from erp.ar_invoice where id = $1`, [issuing.id])).rows[0];
+      const still = (await db.pool.query(`select invoice_status, invoice_no from tax.invoice where id = $1`, [issuing.id])).rows[0];
       expect(still).toEqual({ invoice_status: 'issuing', invoice_no: null });
       // the platform's own callback, once it has issued, brings the invoice in: without it the next query is a minute
       // away, longer than settled() waits
@@ -590,9 +590,9 @@ describe('the Nuonuo callback', () => {
       const [blue] = await settled(s.id);
       // form queries a minute apart: only the callback makes the first one sooner
       await configureTax(db.pool, sim.url, APP_KEY, { firstPollMs: 60_000, pollCapMs: 60_000 });
-      const { rows } = await db.pool.query(`insert into erp.invoice_reversal_request (ar_invoice_id, reason) values ($1, '2') returning id, bill_id`, [blue!.id]);
+      const { rows } = await db.pool.query(`insert into tax.reversal (invoice_id, reason) values ($1, '2') returning id, bill_id`, [blue!.id]);
       const red = await waitFor(async () => {
-        const r = (await db.pool.query(`select a.* from erp.ar_invoice a join erp.invoice_reversal_request q on q.red_invoice_id = a.id where q.id = $1`, [rows[0].id])).rows[0];
+        const r = (await db.pool.query(`select a.* from tax.invoice a join tax.reversal q on q.red_invoice_id = a.id where q.id = $1`, [rows[0].id])).rows[0];
         return r.invoice_status === 'issuing' ? r : null;
       }, { what: 'the red form submitted' });
       const formQueries = async () => (await db.pool.query(`select count(*)::int n from cloud.log l join cloud.outbox o using (request_id) where o.operation = 'tax.red_query' and o.aggregate_id = $1`, [red.id])).rows[0].n;

@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { SqlState } from '../listener/errors.js';
 import { createTestDb, sqlstateOf, type TestDb } from './helpers/db.js';
-import { approve, configureTax, customer, invoicesOf, OATS, post, settlement, shipment, SOFTWARE, USCC_OK, type Line } from './helpers/invoicing.js';
+import { approve, configureTax, customer, documentOf, invoicesOf, OATS, post, settlement, shipment, SOFTWARE, USCC_OK, type Line } from './helpers/invoicing.js';
 
 let db: TestDb;
 const good: Line = { item: '软件维护', amount: 106 };
@@ -42,7 +42,7 @@ describe('approving a settlement', () => {
     expect(more).toHaveLength(0);
     // 113/1.13 = 100.00 + 13.00; 100.01/1.06 = 94.349… → 94.35 + 5.66; 100/1.09 = 91.743… → 91.74 + 8.26
     expect(inv).toMatchObject({ invoice_status: 'pending', amount_excl_tax: '286.09', tax_amount: '26.92', amount_incl_tax: '313.01' });
-    const lines = await db.pool.query(`select amount_excl_tax, tax_amount, amount_incl_tax from erp.ar_invoice_line where ar_invoice_id = $1 order by line_no`, [inv!.id]);
+    const lines = await db.pool.query(`select amount_excl_tax, tax_amount, amount_incl_tax from tax.invoice_line where invoice_id = $1 order by line_no`, [inv!.id]);
     expect(lines.rows).toEqual([
       { amount_excl_tax: '100.00', tax_amount: '13.00', amount_incl_tax: '113.00' },
       { amount_excl_tax: '94.35', tax_amount: '5.66', amount_incl_tax: '100.01' },
@@ -50,7 +50,7 @@ describe('approving a settlement', () => {
     ]);
     expect(await outboxCount()).toBe(before + 1);
     const { rows } = await db.pool.query(`select o.endpoint, o.operation, o.payload, e.wake_channel from cloud.outbox o join cloud.endpoint e on e.name = o.endpoint
-                                           where o.request_id = (select request_id from erp.ar_invoice where id = $1)`, [inv!.id]);
+                                           where o.request_id = (select request_id from tax.invoice where id = $1)`, [inv!.id]);
     expect(rows[0]).toMatchObject({ endpoint: 'nuonuo', operation: 'tax.issue', wake_channel: 'invoice_request' });
     const order = rows[0].payload.order;
     expect(order).toMatchObject({ buyerName: '华东机电有限公司', buyerTaxNum: USCC_OK[0], salerTaxNum: '339902999999789113', orderNo: inv!.order_no,
@@ -120,12 +120,12 @@ describe('splitting', () => {
     const inv = await invoicesOf(db.pool, s.id);
     expect(inv.map((i) => i.amount_incl_tax)).toEqual(['900.00', '300.00', '1000.00', '110.00']);
     const { rows } = await db.pool.query(`select i.part_no, i.part_count, array_agg(l.source_line_no order by l.line_no) lines
-                                            from erp.ar_invoice i join erp.ar_invoice_line l on l.ar_invoice_id = i.id
-                                           where i.settlement_id = $1 group by 1, 2 order by 1`, [s.id]);
+                                            from tax.invoice i join tax.invoice_line l on l.invoice_id = i.id
+                                           where i.document_id = ${documentOf()} group by 1, 2 order by 1`, [s.id]);
     expect(rows.map((r) => r.lines)).toEqual([[1, 2], [3], [4], [5, 6]]);
     expect(rows.every((r) => r.part_count === 4)).toBe(true);
-    const payloads = await db.pool.query(`select o.payload->'order'->>'remark' remark from cloud.outbox o join erp.ar_invoice i on i.request_id = o.request_id
-                                           where i.settlement_id = $1 order by i.part_no`, [s.id]);
+    const payloads = await db.pool.query(`select o.payload->'order'->>'remark' remark from cloud.outbox o join tax.invoice i on i.request_id = o.request_id
+                                           where i.document_id = ${documentOf()} order by i.part_no`, [s.id]);
     expect(payloads.rows.map((r) => r.remark)).toEqual([`${s.no} (1/4)`, `${s.no} (2/4)`, `${s.no} (3/4)`, `${s.no} (4/4)`]);
   });
 
@@ -175,7 +175,7 @@ describe('validation stops the approval with its SQLSTATE; nothing is enqueued a
       const st = await db.pool.query(`select status, approved_at from erp.settlement where id = $1`, [s.id]);
       expect(st.rows[0]).toEqual({ status: 'draft', approved_at: null });
       expect(await invoicesOf(db.pool, s.id)).toHaveLength(0);
-      const lines = await db.pool.query(`select count(*)::int n from erp.ar_invoice_line l join erp.ar_invoice i on i.id = l.ar_invoice_id where i.settlement_id = $1`, [s.id]);
+      const lines = await db.pool.query(`select count(*)::int n from tax.invoice_line l join tax.invoice i on i.id = l.invoice_id where i.document_id = ${documentOf()}`, [s.id]);
       expect(lines.rows[0].n).toBe(0);
     });
   }
@@ -201,7 +201,7 @@ describe('validation stops the approval with its SQLSTATE; nothing is enqueued a
     await approve(db.pool, s.id);
     const [inv] = await invoicesOf(db.pool, s.id);
     expect(inv).toBeDefined();
-    const { rows } = await db.pool.query(`select tax_id_warning from erp.ar_invoice where id = $1`, [inv!.id]);
+    const { rows } = await db.pool.query(`select tax_id_warning from tax.invoice where id = $1`, [inv!.id]);
     expect(rows[0].tax_id_warning).toMatch(/GB 32100/);
   });
 
@@ -243,7 +243,7 @@ describe('operator recovery', () => {
     expect(await sqlstateOf(db.pool.query(`select tax.requery_invoice($1)`, [inv!.id]))).toBe(SqlState.invoiceRequeryRefused);
     expect(await sqlstateOf(db.pool.query(`select tax.reissue_invoice($1)`, [inv!.id]))).toBe(SqlState.invoiceReissueRefused);
     for (const code of ['unknown_outcome', 'poll_limit']) {
-      await db.pool.query(`update erp.ar_invoice set invoice_status = 'failed', error_code = $2 where id = $1`, [inv!.id, code]);
+      await db.pool.query(`update tax.invoice set invoice_status = 'failed', error_code = $2 where id = $1`, [inv!.id, code]);
       expect(await sqlstateOf(db.pool.query(`select tax.reissue_invoice($1)`, [inv!.id])), code).toBe(SqlState.invoiceReissueRefused);
     }
     await db.pool.query(`select tax.requery_invoice($1)`, [inv!.id]);
@@ -300,7 +300,7 @@ describe('what a failure proves', () => {
       const s = await settlement(db.pool, c, [good]);
       await approve(db.pool, s.id);
       const [inv] = await invoicesOf(db.pool, s.id);
-      await db.pool.query(`update erp.ar_invoice set invoice_status = 'issuing', polls = 28, tax_cloud_response = $2,
+      await db.pool.query(`update tax.invoice set invoice_status = 'issuing', polls = 28, tax_cloud_response = $2,
                              submitted_at = now() - $3::interval where id = $1`, [inv!.id, JSON.stringify(k.submit), k.since]);
       const query = (answer: unknown) => db.pool.query(`select tax.record_invoice_result(o, $2::jsonb) from cloud.outbox o
                             where operation = 'tax.issue' and aggregate_id = $1`, [inv!.id, JSON.stringify(answer)]);
@@ -322,10 +322,10 @@ describe('what a failure proves', () => {
     const s = await settlement(db.pool, c, [good]);
     await approve(db.pool, s.id);
     const [inv] = await invoicesOf(db.pool, s.id);
-    await db.pool.query(`update erp.ar_invoice set invoice_status = 'issuing', polls = 0, submitted_at = now() - interval '1 day' where id = $1`, [inv!.id]);
+    await db.pool.query(`update tax.invoice set invoice_status = 'issuing', polls = 0, submitted_at = now() - interval '1 day' where id = $1`, [inv!.id]);
     await db.pool.query(`select tax.record_invoice_result(o, $2::jsonb) from cloud.outbox o where operation = 'tax.issue' and aggregate_id = $1`,
       [inv!.id, JSON.stringify({ code: 'E0000', result: [{ serialNo: '24112400000000000001', orderNo: inv!.order_no, status: '20' }] })]);
-    const row = (await db.pool.query(`select invoice_serial_no, order_known, next_query_id from erp.ar_invoice where id = $1`, [inv!.id])).rows[0];
+    const row = (await db.pool.query(`select invoice_serial_no, order_known, next_query_id from tax.invoice where id = $1`, [inv!.id])).rows[0];
     expect(row).toMatchObject({ invoice_serial_no: '24112400000000000001', order_known: true });
     const q = await db.pool.query(`select payload from cloud.outbox where request_id = $1`, [row.next_query_id]);
     expect(q.rows[0].payload).toEqual({ serialNos: ['24112400000000000001'], isOfferInvoiceDetail: '0' });
@@ -355,18 +355,18 @@ describe('the invoice event log', () => {
     const s = await settlement(db.pool, c, [good]);
     await approve(db.pool, s.id);
     const [inv] = await invoicesOf(db.pool, s.id);
-    await db.pool.query(`update erp.ar_invoice set invoice_status = 'issuing' where id = $1`, [inv!.id]);
-    await db.pool.query(`update erp.ar_invoice set invoice_no = '26352000000000000001', invoice_status = 'issued' where id = $1`, [inv!.id]);
-    await db.pool.query(`update erp.ar_invoice set invoice_no = invoice_no where id = $1`, [inv!.id]);
-    await db.pool.query(`update erp.ar_invoice set invoice_no = '26352000000000000002' where id = $1`, [inv!.id]);
-    const { rows } = await db.pool.query(`select old_invoice_no, new_invoice_no, invoice_status from tax.invoice_event where ar_invoice_id = $1 order by id`, [inv!.id]);
+    await db.pool.query(`update tax.invoice set invoice_status = 'issuing' where id = $1`, [inv!.id]);
+    await db.pool.query(`update tax.invoice set invoice_no = '26352000000000000001', invoice_status = 'issued' where id = $1`, [inv!.id]);
+    await db.pool.query(`update tax.invoice set invoice_no = invoice_no where id = $1`, [inv!.id]);
+    await db.pool.query(`update tax.invoice set invoice_no = '26352000000000000002' where id = $1`, [inv!.id]);
+    const { rows } = await db.pool.query(`select old_invoice_no, new_invoice_no, invoice_status from tax.invoice_event where invoice_id = $1 order by id`, [inv!.id]);
     expect(rows).toEqual([
       { old_invoice_no: null, new_invoice_no: '26352000000000000001', invoice_status: 'issued' },
       { old_invoice_no: '26352000000000000001', new_invoice_no: '26352000000000000002', invoice_status: 'issued' },
     ]);
-    const trig = await db.pool.query(`select tgname, pg_get_triggerdef(oid) def from pg_trigger where tgrelid = 'erp.ar_invoice'::regclass and not tgisinternal`);
+    const trig = await db.pool.query(`select tgname, pg_get_triggerdef(oid) def from pg_trigger where tgrelid = 'tax.invoice'::regclass and not tgisinternal`);
     expect(trig.rows.map((r) => r.tgname)).toContain('update_invoice_status');
-    expect(trig.rows.find((r) => r.tgname === 'update_invoice_status')!.def).toMatch(/AFTER UPDATE OF invoice_no ON erp\.ar_invoice FOR EACH ROW EXECUTE FUNCTION tax\.log_invoice_event\(\)/);
+    expect(trig.rows.find((r) => r.tgname === 'update_invoice_status')!.def).toMatch(/AFTER UPDATE OF invoice_no ON tax\.invoice FOR EACH ROW EXECUTE FUNCTION tax\.log_invoice_event\(\)/);
   });
 });
 
@@ -380,16 +380,16 @@ describe('roles', () => {
       await client.query(`update erp.settlement set status = 'approved' where id = $1`, [s.id]);
       expect(await sqlstateOf(client.query(`select * from tax.config`))).toBe('42501');
       expect(await sqlstateOf(client.query(`select count(*) from cloud.outbox`))).toBe('42501');
-      expect(await sqlstateOf(client.query(`update erp.ar_invoice set invoice_no = '26352000000000000009'`))).toBe('42501');
+      expect(await sqlstateOf(client.query(`update tax.invoice set invoice_no = '26352000000000000009'`))).toBe('42501');
       expect(await sqlstateOf(client.query(`select tax.issue_invoices('settlement', $1)`, [s.id]))).toBe('42501');
       // a reversal request: the ERP names the invoice, reason and lines; status, form and red invoice are not its to write
       const [inv] = await invoicesOf(db.pool, s.id);
       for (const col of ['status', 'bill_status', 'red_invoice_id', 'bill_id', 'finished_at']) {
         const v = col === 'red_invoice_id' ? inv!.id : col === 'finished_at' ? 'now()' : "'issued'";
-        expect(await sqlstateOf(client.query(`insert into erp.invoice_reversal_request (ar_invoice_id, reason, ${col}) values ($1, '2', ${col === 'red_invoice_id' ? '$1' : v})`, [inv!.id])), col).toBe('42501');
+        expect(await sqlstateOf(client.query(`insert into tax.reversal (invoice_id, reason, ${col}) values ($1, '2', ${col === 'red_invoice_id' ? '$1' : v})`, [inv!.id])), col).toBe('42501');
       }
       // the allowed columns pass the privilege check and reach the trigger (the invoice is not issued yet: EI013)
-      expect(await sqlstateOf(client.query(`insert into erp.invoice_reversal_request (ar_invoice_id, reason, line_nos) values ($1, '2', '{1}')`, [inv!.id])))
+      expect(await sqlstateOf(client.query(`insert into tax.reversal (invoice_id, reason, line_nos) values ($1, '2', '{1}')`, [inv!.id])))
         .toBe(SqlState.reversalInvoiceNotIssued);
       expect(await sqlstateOf(client.query(`select tax.requery_invoice($1)`, [inv!.id]))).toBe('42501');
     } finally {

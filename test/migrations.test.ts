@@ -27,6 +27,8 @@ afterAll(async () => {
 });
 
 const files = loadMigrationFiles(migrationsDir);
+/** The number of the n-th migration file after the last landed one (0018 while 0017 is the last). */
+const nextNo = (n: number) => String(files.length + n).padStart(4, '0');
 const OUR_SCHEMAS = ['cloud', 'tax', 'scm', 'sso', 'vault', 'erp', 'erp_cloud'];
 
 async function fresh(label: string): Promise<TestDb> {
@@ -141,7 +143,7 @@ describe('migrations', () => {
     const dir = copyOfMigrations();
     const edited = files[2]!.name; // 0003_…
     appendFileSync(path.join(dir, edited), '\n-- a harmless-looking edit\n');
-    writeFileSync(path.join(dir, '0018_new_thing.sql'), 'create table cloud.should_not_exist ();\n');
+    writeFileSync(path.join(dir, `${nextNo(1)}_new_thing.sql`), 'create table cloud.should_not_exist ();\n');
     const err = await rejection(withClient(db.url, (c) => runMigrations(c, dir)));
     expect(err).toBeInstanceOf(MigrationError);
     expect(err.reason).toBe(MigrationReason.landedFileChanged);
@@ -154,12 +156,12 @@ describe('migrations', () => {
   it('a migration that fails is rolled back with its history row, keeps the database\'s SQLSTATE and names the file; later files do not run', async () => {
     const db = await migrated('broken');
     const dir = copyOfMigrations();
-    writeFileSync(path.join(dir, '0018_half_written.sql'), 'create table cloud.half_written ();\nselect 1 / 0;\n');
-    writeFileSync(path.join(dir, '0019_after_it.sql'), 'create table cloud.after_it ();\n');
+    writeFileSync(path.join(dir, `${nextNo(1)}_half_written.sql`), 'create table cloud.half_written ();\nselect 1 / 0;\n');
+    writeFileSync(path.join(dir, `${nextNo(2)}_after_it.sql`), 'create table cloud.after_it ();\n');
     const err = await rejection(withClient(db.url, (c) => runMigrations(c, dir)));
     expect(err.reason).toBe(MigrationReason.migrationFailed);
     expect(err.code).toBe('22012');
-    expect(err.message).toContain('0018_half_written.sql');
+    expect(err.message).toContain(`${nextNo(1)}_half_written.sql`);
     const left = (await db.pool.query(`select to_regclass('cloud.half_written') as a, to_regclass('cloud.after_it') as b,
                                               (select max(id) from erp_cloud.migration) as last`)).rows[0];
     expect(left).toEqual({ a: null, b: null, last: files.length });

@@ -149,7 +149,7 @@ describe('gateway answers', () => {
 describe('gateway requests', () => {
   const msg = (requestId: string, operation: string, payload: Record<string, unknown>, config: Record<string, unknown> = {}): ClaimedMessage => ({
     request_id: requestId, endpoint: 'nuonuo', operation, payload, attempt: 1,
-    aggregate_type: 'erp.ar_invoice', aggregate_id: '1', ordering_key: null, provider: 'nuonuo', base_url: 'https://sdk.nuonuo.example/open/v1/services',
+    aggregate_type: 'tax.invoice', aggregate_id: '1', ordering_key: null, provider: 'nuonuo', base_url: 'https://sdk.nuonuo.example/open/v1/services',
     timeout_ms: 1000, endpoint_config: { app_key: 'k', ...config }, locked_until: new Date(), send_at: new Date(),
   });
   const forgotten: string[] = [];
@@ -185,7 +185,7 @@ describe('gateway requests', () => {
 describe('the PDF download', () => {
   const msg = (url: string): ClaimedMessage => ({
     request_id: '00000000-0000-4000-8000-000000000001', endpoint: 'nuonuo', operation: 'tax.download_pdf',
-    payload: { url, max_bytes: 1_000_000 }, attempt: 1, aggregate_type: 'erp.ar_invoice', aggregate_id: '1', ordering_key: null,
+    payload: { url, max_bytes: 1_000_000 }, attempt: 1, aggregate_type: 'tax.invoice', aggregate_id: '1', ordering_key: null,
     provider: 'nuonuo', base_url: 'https://sdk.nuonuo.example/open/v1/services', timeout_ms: 1000, endpoint_config: {},
     locked_until: new Date(Date.now() + 5000), send_at: new Date(),
   });

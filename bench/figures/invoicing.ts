@@ -2,7 +2,7 @@
  * Figure 6: e-invoicing end to end through the Nuonuo simulator. One listener
  * process; every settlement approval runs the whole chain (validate, split,
  * payload, enqueue → requestBillingNew → queryInvoiceResult → PDF download →
- * erp.attachment). Two measurements:
+ * tax.attachment). Two measurements:
  *   - invoices_per_s: N settlements approved (4 ERP sessions, one approval per
  *     transaction) while no listener runs, then one listener starts: N divided
  *     by the time from its start until the last PDF is attached (each invoice
@@ -44,8 +44,8 @@ async function createSettlements(pool: pg.Pool, prefix: string, n: number): Prom
 
 async function attachedCount(pool: pg.Pool, prefix: string): Promise<number> {
   const { rows } = await pool.query<{ n: number }>(
-    `select count(*)::int n from erp.attachment a join erp.ar_invoice i on a.doc_type = 'erp.ar_invoice' and a.doc_id = i.id
-       join erp.settlement s on s.id = i.settlement_id where s.settlement_no like $1 || '%'`, [prefix]);
+    `select count(*)::int n from tax.attachment a join tax.invoice i on a.invoice_id = i.id join tax.document d on d.id = i.document_id
+       join erp.settlement s on d.reference = 'settlement/' || s.settlement_no where s.settlement_no like $1 || '%'`, [prefix]);
   return rows[0]!.n;
 }
 
@@ -90,8 +90,9 @@ export async function invoicingFigure(ctx: BenchContext): Promise<InvoicingResul
     await waitFor(async () => (await attachedCount(pool, 'P-')) >= paced, { timeoutMs: 120_000, intervalMs: 100, what: `${paced} paced PDFs attached` });
     const { rows } = await pool.query<{ ms: number }>(
       `select extract(epoch from a.created_at - s.approved_at) * 1000 as ms
-         from erp.settlement s join erp.ar_invoice i on i.settlement_id = s.id
-         join erp.attachment a on a.doc_type = 'erp.ar_invoice' and a.doc_id = i.id
+         from erp.settlement s join tax.document d on d.reference = 'settlement/' || s.settlement_no
+         join tax.invoice i on i.document_id = d.id
+         join tax.attachment a on a.invoice_id = i.id
         where s.settlement_no like 'P-%'`);
     const lat = rows.map((r) => Number(r.ms));
     const steps = await pool.query<{ operation: string; n: number }>(`select operation, count(*)::int n from cloud.log group by 1 order by 1`);

@@ -30,7 +30,7 @@ select tax.put_config(p_seller_tax_id => '91330106MA2AYNWD8M', p_seller_name => 
                       p_max_invoice_amount => 100000, p_first_poll_ms => 1000, p_poll_cap_ms => 4000);
 delete from cloud.outbox where endpoint = 'nuonuo';
 delete from cloud.provider_token where endpoint = 'nuonuo';
-truncate erp.attachment, erp.invoice_reversal_request, erp.ar_invoice_line, erp.ar_invoice, erp.shipment_line, erp.shipment,
+truncate tax.attachment, tax.reversal, tax.invoice_line, tax.invoice, tax.document, erp.shipment_line, erp.shipment,
          erp.settlement_line, erp.settlement, erp.customer, tax.invoice_event restart identity cascade;
 insert into erp.customer (name, tax_id, address, phone, bank_name, bank_account, email, invoice_on) values
   ('华东机电有限公司', '91350100M000100Y43', '福州市鼓楼区五四路 1 号', '0591-87654321', '工商银行福州分行', '1402020209000012345', 'ap@huadong.example', 'settlement'),
@@ -73,14 +73,15 @@ echo "== invoicing: approving JS-2026-0009 (bad tax code) is refused before anyt
 psql -X -q "$DATABASE_URL" -c "update erp.settlement set status = 'approved' where settlement_no = 'JS-2026-0009'" 2>&1 | grep -E '^(ERROR|HINT)' | sed 's/^/   /' || true
 
 echo "== invoicing: wait for issue → query → PDF"
-wait_for "select count(*) = 0 from erp.ar_invoice where invoice_status in ('pending', 'issuing')" 200 || { echo "invoicing FAILED: invoices still issuing"; return 1; }
+wait_for "select count(*) = 0 from tax.invoice where invoice_status in ('pending', 'issuing')" 200 || { echo "invoicing FAILED: invoices still issuing"; return 1; }
 wait_for "select count(*) = 0 from cloud.outbox where endpoint = 'nuonuo' and status in ('pending', 'in_flight')" 100 || true
 echo "   all invoices final after $(node -e "console.log((Date.now()/1000 - $t0).toFixed(1))") s"
 
 echo "== invoicing: 红冲 the first invoice of JS-2026-0002 (reason 2 开票有误)"
-psql_ -c "insert into erp.invoice_reversal_request (ar_invoice_id, reason)
-          select id, '2' from erp.ar_invoice where settlement_id = 2 and invoice_type = 'blue' and invoice_status = 'issued' limit 1"
-wait_for "select count(*) = 0 from erp.invoice_reversal_request where status in ('pending', 'confirming')" 150 || { echo "invoicing FAILED: reversal still open"; return 1; }
+psql_ -c "insert into tax.reversal (invoice_id, reason)
+          select i.id, '2' from tax.invoice i join tax.document d on d.id = i.document_id
+           where d.reference = 'settlement/JS-2026-0002' and i.invoice_type = 'blue' and i.invoice_status = 'issued' limit 1"
+wait_for "select count(*) = 0 from tax.reversal where status in ('pending', 'confirming')" 150 || { echo "invoicing FAILED: reversal still open"; return 1; }
 wait_for "select count(*) = 0 from cloud.outbox where endpoint = 'nuonuo' and status in ('pending', 'in_flight')" 100 || true
 
 echo
@@ -88,21 +89,22 @@ echo "== invoicing result: each document with its invoice number, status and PDF
 psql_ -c "select coalesce(s.settlement_no, sh.shipment_no) as document, c.name as customer, i.invoice_type as type,
                  i.part_no || '/' || i.part_count as part, i.amount_incl_tax as total, i.invoice_no, i.invoice_status as status,
                  a.byte_size as pdf_bytes, coalesce(i.error_message, '') as reason
-            from erp.ar_invoice i
-            left join erp.settlement s on s.id = i.settlement_id
-            left join erp.shipment sh on sh.id = i.shipment_id
+            from tax.invoice i
+            join tax.document d on d.id = coalesce(i.document_id, (select o.document_id from tax.invoice o where o.id = i.original_invoice_id))
+            left join erp.settlement s on d.reference = 'settlement/' || s.settlement_no
+            left join erp.shipment sh on d.reference = 'shipment/' || sh.shipment_no
             join erp.customer c on c.id = coalesce(s.customer_id, sh.customer_id)
-            left join erp.attachment a on a.doc_type = 'erp.ar_invoice' and a.doc_id = i.id
+            left join tax.attachment a on a.invoice_id = i.id
            order by 1, i.id"
 echo "== tax.invoice_event (the event log of invoice numbers), last 3"
-psql_ -c "select ar_invoice_id, old_invoice_no, new_invoice_no, invoice_status, changed_at::time(0) from tax.invoice_event order by id desc limit 3"
+psql_ -c "select invoice_id, old_invoice_no, new_invoice_no, invoice_status, changed_at::time(0) from tax.invoice_event order by id desc limit 3"
 echo "== cloud.log for the tax endpoint"
 psql_ -c "select operation, outcome, error_class, count(*) from cloud.log where endpoint = 'nuonuo' and started_at > now() - interval '10 minutes' group by 1, 2, 3 order by 1, 2"
 local issued failed reversed pdfs
-issued=$(psql_ -tAc "select count(*) from erp.ar_invoice where invoice_type = 'blue' and invoice_status in ('issued', 'reversed')")
-failed=$(psql_ -tAc "select count(*) from erp.ar_invoice where invoice_status = 'failed' and error_code = 'nuonuo_22'")
-reversed=$(psql_ -tAc "select count(*) from erp.ar_invoice where invoice_status = 'reversed'")
-pdfs=$(psql_ -tAc "select count(*) from erp.attachment where doc_type = 'erp.ar_invoice' and byte_size > 0")
+issued=$(psql_ -tAc "select count(*) from tax.invoice where invoice_type = 'blue' and invoice_status in ('issued', 'reversed')")
+failed=$(psql_ -tAc "select count(*) from tax.invoice where invoice_status = 'failed' and error_code = 'nuonuo_22'")
+reversed=$(psql_ -tAc "select count(*) from tax.invoice where invoice_status = 'reversed'")
+pdfs=$(psql_ -tAc "select count(*) from tax.attachment where byte_size > 0")
 echo
 # 6 ordinary settlements + 3 parts of the big one + 1 shipment = 10 issued; JS-2026-0007 fails (22); 11 PDFs with the red one
 if [ "$issued" = 10 ] && [ "$failed" = 1 ] && [ "$reversed" = 1 ] && [ "$pdfs" = 11 ]; then

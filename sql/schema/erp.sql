@@ -241,94 +241,6 @@ COMMENT ON TABLE erp.supplier IS 'Suppliers. code is the key the procurement clo
 
 
 --
--- Name: ar_invoice; Type: TABLE; Schema: erp
---
-
-CREATE TABLE erp.ar_invoice (
-    id bigint NOT NULL,
-    settlement_id bigint,
-    shipment_id bigint,
-    original_invoice_id bigint,
-    part_no integer DEFAULT 1 NOT NULL,
-    part_count integer DEFAULT 1 NOT NULL,
-    invoice_type text DEFAULT 'blue'::text NOT NULL,
-    invoice_kind text NOT NULL,
-    request_id uuid NOT NULL,
-    order_no text NOT NULL,
-    buyer_name text NOT NULL,
-    buyer_tax_id text,
-    invoice_serial_no text,
-    invoice_no text,
-    invoice_status text DEFAULT 'pending'::text NOT NULL,
-    invoice_date timestamp with time zone,
-    amount_excl_tax numeric(16,2) NOT NULL,
-    tax_amount numeric(16,2) NOT NULL,
-    amount_incl_tax numeric(16,2) NOT NULL,
-    pdf_url text,
-    ofd_url text,
-    xml_url text,
-    polls integer DEFAULT 0 NOT NULL,
-    next_query_id uuid,
-    submitted_at timestamp with time zone,
-    order_known boolean DEFAULT false NOT NULL,
-    tax_cloud_response jsonb DEFAULT '{}'::jsonb NOT NULL,
-    tax_id_warning text,
-    error_code text,
-    error_message text,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT ar_invoice_invoice_kind_check CHECK ((invoice_kind = ANY (ARRAY['normal'::text, 'special'::text]))),
-    CONSTRAINT ar_invoice_invoice_status_check CHECK ((invoice_status = ANY (ARRAY['pending'::text, 'issuing'::text, 'issued'::text, 'failed'::text, 'partially_reversed'::text, 'reversed'::text]))),
-    CONSTRAINT ar_invoice_invoice_type_check CHECK ((invoice_type = ANY (ARRAY['blue'::text, 'red'::text]))),
-    CONSTRAINT ar_invoice_number_is_digital CHECK (((invoice_no IS NULL) OR (invoice_no ~ '^\d{20}$'::text) OR (invoice_no ~ '^\d{8}$'::text))),
-    CONSTRAINT ar_invoice_one_source CHECK ((num_nonnulls(settlement_id, shipment_id) = 1)),
-    CONSTRAINT ar_invoice_red_has_original CHECK (((invoice_type = 'red'::text) = (original_invoice_id IS NOT NULL)))
-);
-
-
---
--- Name: TABLE ar_invoice; Type: COMMENT; Schema: erp
---
-
-COMMENT ON TABLE erp.ar_invoice IS 'AR invoices issued through the tax cloud. invoice_status: pending → issuing → issued, or failed (error_code / error_message say why: unknown_outcome and poll_limit mean the platform may still have issued it, so only tax.requery_invoice applies; any other code is a definite refusal that tax.reissue_invoice may issue again), then partially_reversed while some lines have an issued red invoice, and reversed when every line has. tax_cloud_response keeps the latest raw answer of each step under its own key: submit (tax.issue accepted), issue (tax.issue failed), query (result query, answered or failed), reinvoice (signing retry) with reinvoices / reinvoice_at (how many were sent, the last when), red_confirm and red_query (the red-letter confirmation form and its status), stale (an answer about an earlier orderNo); after tax.reissue_invoice it starts again with previous (the earlier answers) and previous_request_id. The PDF is not kept here but in erp.attachment.';
-
-
---
--- Name: COLUMN ar_invoice.order_no; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.ar_invoice.order_no IS 'Nuonuo orderNo: the request_id without dashes, so a retry after a timeout can never issue twice (E9106 = already submitted).';
-
-
---
--- Name: COLUMN ar_invoice.invoice_no; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.ar_invoice.invoice_no IS 'The 20-digit 数电 invoice number (allElectronicInvoiceNumber). Every change is logged in tax.invoice_event.';
-
-
---
--- Name: COLUMN ar_invoice.next_query_id; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.ar_invoice.next_query_id IS 'The request_id of the latest result query enqueued for this invoice (a callback moves it up).';
-
-
---
--- Name: COLUMN ar_invoice.submitted_at; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.ar_invoice.submitted_at IS 'When the platform first took the submit under the current orderNo (tax.issue answered); E9500 counts as "never created" only tax.config.e9500_min_wait_ms after it.';
-
-
---
--- Name: COLUMN ar_invoice.order_known; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.ar_invoice.order_known IS 'The platform once answered a query by the current orderNo with anything but E9500: a later E9500 then never proves nothing was created.';
-
-
---
 -- Name: customer; Type: TABLE; Schema: erp
 --
 
@@ -433,60 +345,134 @@ ALTER TABLE erp.app_user ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 
 
 --
--- Name: ar_invoice_id_seq; Type: SEQUENCE; Schema: erp
+-- Name: settlement; Type: TABLE; Schema: erp
 --
 
-ALTER TABLE erp.ar_invoice ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
-    SEQUENCE NAME erp.ar_invoice_id_seq
-    START WITH 1
-    INCREMENT BY 1
-    NO MINVALUE
-    NO MAXVALUE
-    CACHE 1
-);
-
-
---
--- Name: ar_invoice_line; Type: TABLE; Schema: erp
---
-
-CREATE TABLE erp.ar_invoice_line (
+CREATE TABLE erp.settlement (
     id bigint NOT NULL,
-    ar_invoice_id bigint NOT NULL,
-    line_no integer NOT NULL,
-    source_line_no integer NOT NULL,
-    item_name text NOT NULL,
-    tax_code text NOT NULL,
-    spec text,
-    unit text,
-    quantity numeric,
-    unit_price numeric,
-    tax_rate numeric(6,4) NOT NULL,
-    amount_excl_tax numeric(16,2) NOT NULL,
-    tax_amount numeric(16,2) NOT NULL,
-    amount_incl_tax numeric(16,2) NOT NULL
+    settlement_no text NOT NULL,
+    customer_id bigint NOT NULL,
+    status text DEFAULT 'draft'::text NOT NULL,
+    approved_at timestamp with time zone,
+    invoice_kind text DEFAULT 'normal'::text NOT NULL,
+    remark text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT settlement_invoice_kind_check CHECK ((invoice_kind = ANY (ARRAY['normal'::text, 'special'::text]))),
+    CONSTRAINT settlement_status_check CHECK ((status = ANY (ARRAY['draft'::text, 'approved'::text, 'cancelled'::text])))
 );
 
 
 --
--- Name: TABLE ar_invoice_line; Type: COMMENT; Schema: erp
+-- Name: TABLE settlement; Type: COMMENT; Schema: erp
 --
 
-COMMENT ON TABLE erp.ar_invoice_line IS 'Invoice lines after price–tax separation in numeric: excl = round(incl / (1 + rate), 2), tax = incl − excl (or the ERP''s own tax within 0.06).';
+COMMENT ON TABLE erp.settlement IS '结算单. Approving it (status → approved) issues its invoice(s) when the customer invoices on settlement. invoice_kind: normal = 数电普票 (pc), special = 数电专票 (bs).';
 
 
 --
--- Name: ar_invoice_line_id_seq; Type: SEQUENCE; Schema: erp
+-- Name: shipment; Type: TABLE; Schema: erp
 --
 
-ALTER TABLE erp.ar_invoice_line ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
-    SEQUENCE NAME erp.ar_invoice_line_id_seq
-    START WITH 1
-    INCREMENT BY 1
-    NO MINVALUE
-    NO MAXVALUE
-    CACHE 1
+CREATE TABLE erp.shipment (
+    id bigint NOT NULL,
+    shipment_no text NOT NULL,
+    customer_id bigint NOT NULL,
+    settlement_id bigint,
+    status text DEFAULT 'draft'::text NOT NULL,
+    posted_at timestamp with time zone,
+    invoice_kind text DEFAULT 'normal'::text NOT NULL,
+    remark text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT shipment_invoice_kind_check CHECK ((invoice_kind = ANY (ARRAY['normal'::text, 'special'::text]))),
+    CONSTRAINT shipment_status_check CHECK ((status = ANY (ARRAY['draft'::text, 'posted'::text, 'cancelled'::text])))
 );
+
+
+--
+-- Name: TABLE shipment; Type: COMMENT; Schema: erp
+--
+
+COMMENT ON TABLE erp.shipment IS '销售出库. Posting it (status → posted) issues its invoice(s) when the customer invoices on shipment. settlement_id links it to the settlement that bills it: one of the two is invoiced, never both.';
+
+
+--
+-- Name: ar_invoice; Type: VIEW; Schema: erp
+--
+
+CREATE VIEW erp.ar_invoice WITH (security_invoker='true') AS
+ SELECT i.id,
+    s.id AS settlement_id,
+    h.id AS shipment_id,
+    i.original_invoice_id,
+    i.part_no,
+    i.part_count,
+    i.invoice_type,
+    i.invoice_kind,
+    i.request_id,
+    i.order_no,
+    i.buyer_name,
+    i.buyer_tax_id,
+    i.invoice_serial_no,
+    i.invoice_no,
+    i.invoice_status,
+    i.invoice_date,
+    i.amount_excl_tax,
+    i.tax_amount,
+    i.amount_incl_tax,
+    i.pdf_url,
+    i.ofd_url,
+    i.xml_url,
+    i.polls,
+    i.next_query_id,
+    i.submitted_at,
+    i.order_known,
+    i.tax_cloud_response,
+    i.tax_id_warning,
+    i.error_code,
+    i.error_message,
+    i.created_at,
+    i.updated_at
+   FROM ((((tax.invoice i
+     LEFT JOIN tax.invoice o ON ((o.id = i.original_invoice_id)))
+     LEFT JOIN tax.document d ON (((d.id = COALESCE(i.document_id, o.document_id)) AND (d.source = 'reference-erp'::text))))
+     LEFT JOIN erp.settlement s ON ((d.reference = ('settlement/'::text || s.settlement_no))))
+     LEFT JOIN erp.shipment h ON ((d.reference = ('shipment/'::text || h.shipment_no))));
+
+
+--
+-- Name: VIEW ar_invoice; Type: COMMENT; Schema: erp
+--
+
+COMMENT ON VIEW erp.ar_invoice IS 'Compatibility view (read-only) for readers of an installation upgraded past release 0018: the invoices, which live in tax.invoice now, with the columns erp.ar_invoice had; settlement_id / shipment_id are derived from the document''s reference (tax.document), a red invoice''s from its original''s. Read tax.invoice and tax.document instead.';
+
+
+--
+-- Name: ar_invoice_line; Type: VIEW; Schema: erp
+--
+
+CREATE VIEW erp.ar_invoice_line WITH (security_invoker='true') AS
+ SELECT l.id,
+    l.invoice_id AS ar_invoice_id,
+    l.line_no,
+    l.source_line_no,
+    l.item_name,
+    l.tax_code,
+    l.spec,
+    l.unit,
+    l.quantity,
+    l.unit_price,
+    l.tax_rate,
+    l.amount_excl_tax,
+    l.tax_amount,
+    l.amount_incl_tax
+   FROM tax.invoice_line l;
+
+
+--
+-- Name: VIEW ar_invoice_line; Type: COMMENT; Schema: erp
+--
+
+COMMENT ON VIEW erp.ar_invoice_line IS 'Compatibility view (read-only) for readers of an installation upgraded past release 0018: the invoice lines, which live in tax.invoice_line now, with the columns erp.ar_invoice_line had (ar_invoice_id is tax.invoice_line.invoice_id). Read tax.invoice_line instead.';
 
 
 --
@@ -605,7 +591,7 @@ CREATE TABLE erp.attachment (
 -- Name: TABLE attachment; Type: COMMENT; Schema: erp
 --
 
-COMMENT ON TABLE erp.attachment IS '单据附件: files attached to ERP documents (doc_type = table name, e.g. erp.ar_invoice). The invoice PDF lands here after issue, with its sha256 and size.';
+COMMENT ON TABLE erp.attachment IS '单据附件: files attached to the ERP''s own documents (doc_type = table name). Invoice PDFs are not here but in tax.attachment (since release 0018).';
 
 
 --
@@ -637,52 +623,30 @@ ALTER TABLE erp.customer ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 
 
 --
--- Name: invoice_reversal_request; Type: TABLE; Schema: erp
+-- Name: invoice_reversal_request; Type: VIEW; Schema: erp
 --
 
-CREATE TABLE erp.invoice_reversal_request (
-    id bigint NOT NULL,
-    ar_invoice_id bigint NOT NULL,
-    reason text NOT NULL,
-    line_nos integer[],
-    status text DEFAULT 'pending'::text NOT NULL,
-    bill_id text,
-    bill_status text,
-    red_invoice_id bigint,
-    error_message text,
-    requested_at timestamp with time zone DEFAULT now() NOT NULL,
-    form_submitted_at timestamp with time zone,
-    finished_at timestamp with time zone,
-    CONSTRAINT invoice_reversal_request_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'confirming'::text, 'issued'::text, 'failed'::text])))
-);
-
-
---
--- Name: TABLE invoice_reversal_request; Type: COMMENT; Schema: erp
---
-
-COMMENT ON TABLE erp.invoice_reversal_request IS '红冲 requests. Insert one for an issued invoice (reason: Nuonuo code 1 销货退回, 2 开票有误, 3 服务中止, 4 销售折让; line_nos null = full, else those invoice lines) and the 数电 red-confirmation flow runs; status pending → confirming → issued | failed.';
+CREATE VIEW erp.invoice_reversal_request WITH (security_invoker='true') AS
+ SELECT r.id,
+    r.invoice_id AS ar_invoice_id,
+    r.reason,
+    r.line_nos,
+    r.status,
+    r.bill_id,
+    r.bill_status,
+    r.red_invoice_id,
+    r.error_message,
+    r.requested_at,
+    r.form_submitted_at,
+    r.finished_at
+   FROM tax.reversal r;
 
 
 --
--- Name: COLUMN invoice_reversal_request.form_submitted_at; Type: COMMENT; Schema: erp
+-- Name: VIEW invoice_reversal_request; Type: COMMENT; Schema: erp
 --
 
-COMMENT ON COLUMN erp.invoice_reversal_request.form_submitted_at IS 'When the platform took the red-confirmation form (tax.red_confirm answered): the 72-hour confirmation deadline counts from here.';
-
-
---
--- Name: invoice_reversal_request_id_seq; Type: SEQUENCE; Schema: erp
---
-
-ALTER TABLE erp.invoice_reversal_request ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
-    SEQUENCE NAME erp.invoice_reversal_request_id_seq
-    START WITH 1
-    INCREMENT BY 1
-    NO MINVALUE
-    NO MAXVALUE
-    CACHE 1
-);
+COMMENT ON VIEW erp.invoice_reversal_request IS 'Compatibility view (auto-updatable) for the reference ERP of an installation upgraded past release 0018: the reversal requests, which live in tax.reversal now, with the columns erp.invoice_reversal_request had (ar_invoice_id is tax.reversal.invoice_id). An insert of ar_invoice_id, reason and line_nos reaches tax.reversal and its trigger, as before. Replaced by the reversal contract (tax.enqueue_reversal).';
 
 
 --
@@ -742,31 +706,6 @@ ALTER TABLE erp.purchase_order_line ALTER COLUMN id ADD GENERATED ALWAYS AS IDEN
 
 
 --
--- Name: settlement; Type: TABLE; Schema: erp
---
-
-CREATE TABLE erp.settlement (
-    id bigint NOT NULL,
-    settlement_no text NOT NULL,
-    customer_id bigint NOT NULL,
-    status text DEFAULT 'draft'::text NOT NULL,
-    approved_at timestamp with time zone,
-    invoice_kind text DEFAULT 'normal'::text NOT NULL,
-    remark text,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT settlement_invoice_kind_check CHECK ((invoice_kind = ANY (ARRAY['normal'::text, 'special'::text]))),
-    CONSTRAINT settlement_status_check CHECK ((status = ANY (ARRAY['draft'::text, 'approved'::text, 'cancelled'::text])))
-);
-
-
---
--- Name: TABLE settlement; Type: COMMENT; Schema: erp
---
-
-COMMENT ON TABLE erp.settlement IS '结算单. Approving it (status → approved) issues its invoice(s) when the customer invoices on settlement. invoice_kind: normal = 数电普票 (pc), special = 数电专票 (bs).';
-
-
---
 -- Name: settlement_id_seq; Type: SEQUENCE; Schema: erp
 --
 
@@ -819,32 +758,6 @@ ALTER TABLE erp.settlement_line ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY
     NO MAXVALUE
     CACHE 1
 );
-
-
---
--- Name: shipment; Type: TABLE; Schema: erp
---
-
-CREATE TABLE erp.shipment (
-    id bigint NOT NULL,
-    shipment_no text NOT NULL,
-    customer_id bigint NOT NULL,
-    settlement_id bigint,
-    status text DEFAULT 'draft'::text NOT NULL,
-    posted_at timestamp with time zone,
-    invoice_kind text DEFAULT 'normal'::text NOT NULL,
-    remark text,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT shipment_invoice_kind_check CHECK ((invoice_kind = ANY (ARRAY['normal'::text, 'special'::text]))),
-    CONSTRAINT shipment_status_check CHECK ((status = ANY (ARRAY['draft'::text, 'posted'::text, 'cancelled'::text])))
-);
-
-
---
--- Name: TABLE shipment; Type: COMMENT; Schema: erp
---
-
-COMMENT ON TABLE erp.shipment IS '销售出库. Posting it (status → posted) issues its invoice(s) when the customer invoices on shipment. settlement_id links it to the settlement that bills it: one of the two is invoiced, never both.';
 
 
 --
@@ -933,46 +846,6 @@ ALTER TABLE ONLY erp.app_user
 
 
 --
--- Name: ar_invoice_line ar_invoice_line_ar_invoice_id_line_no_key; Type: CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.ar_invoice_line
-    ADD CONSTRAINT ar_invoice_line_ar_invoice_id_line_no_key UNIQUE (ar_invoice_id, line_no);
-
-
---
--- Name: ar_invoice_line ar_invoice_line_pkey; Type: CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.ar_invoice_line
-    ADD CONSTRAINT ar_invoice_line_pkey PRIMARY KEY (id);
-
-
---
--- Name: ar_invoice ar_invoice_order_no_key; Type: CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.ar_invoice
-    ADD CONSTRAINT ar_invoice_order_no_key UNIQUE (order_no);
-
-
---
--- Name: ar_invoice ar_invoice_pkey; Type: CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.ar_invoice
-    ADD CONSTRAINT ar_invoice_pkey PRIMARY KEY (id);
-
-
---
--- Name: ar_invoice ar_invoice_request_id_key; Type: CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.ar_invoice
-    ADD CONSTRAINT ar_invoice_request_id_key UNIQUE (request_id);
-
-
---
 -- Name: asn_document asn_document_cloud_event_id_key; Type: CONSTRAINT; Schema: erp
 --
 
@@ -1034,14 +907,6 @@ ALTER TABLE ONLY erp.attachment
 
 ALTER TABLE ONLY erp.customer
     ADD CONSTRAINT customer_pkey PRIMARY KEY (id);
-
-
---
--- Name: invoice_reversal_request invoice_reversal_request_pkey; Type: CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.invoice_reversal_request
-    ADD CONSTRAINT invoice_reversal_request_pkey PRIMARY KEY (id);
 
 
 --
@@ -1157,27 +1022,6 @@ ALTER TABLE ONLY erp.supplier
 
 
 --
--- Name: ar_invoice_original; Type: INDEX; Schema: erp
---
-
-CREATE INDEX ar_invoice_original ON erp.ar_invoice USING btree (original_invoice_id) WHERE (original_invoice_id IS NOT NULL);
-
-
---
--- Name: ar_invoice_settlement_part; Type: INDEX; Schema: erp
---
-
-CREATE UNIQUE INDEX ar_invoice_settlement_part ON erp.ar_invoice USING btree (settlement_id, part_no) WHERE ((settlement_id IS NOT NULL) AND (invoice_type = 'blue'::text));
-
-
---
--- Name: ar_invoice_shipment_part; Type: INDEX; Schema: erp
---
-
-CREATE UNIQUE INDEX ar_invoice_shipment_part ON erp.ar_invoice USING btree (shipment_id, part_no) WHERE ((shipment_id IS NOT NULL) AND (invoice_type = 'blue'::text));
-
-
---
 -- Name: asn_document_detail; Type: INDEX; Schema: erp
 --
 
@@ -1203,13 +1047,6 @@ CREATE INDEX asn_document_supplier ON erp.asn_document USING btree (supplier_id)
 --
 
 CREATE INDEX purchase_order_supplier ON erp.purchase_order USING btree (supplier_id);
-
-
---
--- Name: invoice_reversal_request invoice_reversal_request_500_request; Type: TRIGGER; Schema: erp
---
-
-CREATE TRIGGER invoice_reversal_request_500_request AFTER INSERT ON erp.invoice_reversal_request FOR EACH ROW EXECUTE FUNCTION tax.tg_reversal__500_request();
 
 
 --
@@ -1276,45 +1113,6 @@ CREATE TRIGGER shipment_500_issue AFTER UPDATE OF status ON erp.shipment FOR EAC
 
 
 --
--- Name: ar_invoice update_invoice_status; Type: TRIGGER; Schema: erp
---
-
-CREATE TRIGGER update_invoice_status AFTER UPDATE OF invoice_no ON erp.ar_invoice FOR EACH ROW EXECUTE FUNCTION tax.log_invoice_event();
-
-
---
--- Name: ar_invoice_line ar_invoice_line_ar_invoice_id_fkey; Type: FK CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.ar_invoice_line
-    ADD CONSTRAINT ar_invoice_line_ar_invoice_id_fkey FOREIGN KEY (ar_invoice_id) REFERENCES erp.ar_invoice(id) ON DELETE CASCADE;
-
-
---
--- Name: ar_invoice ar_invoice_original_invoice_id_fkey; Type: FK CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.ar_invoice
-    ADD CONSTRAINT ar_invoice_original_invoice_id_fkey FOREIGN KEY (original_invoice_id) REFERENCES erp.ar_invoice(id);
-
-
---
--- Name: ar_invoice ar_invoice_settlement_id_fkey; Type: FK CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.ar_invoice
-    ADD CONSTRAINT ar_invoice_settlement_id_fkey FOREIGN KEY (settlement_id) REFERENCES erp.settlement(id);
-
-
---
--- Name: ar_invoice ar_invoice_shipment_id_fkey; Type: FK CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.ar_invoice
-    ADD CONSTRAINT ar_invoice_shipment_id_fkey FOREIGN KEY (shipment_id) REFERENCES erp.shipment(id);
-
-
---
 -- Name: asn_document asn_document_po_id_fkey; Type: FK CONSTRAINT; Schema: erp
 --
 
@@ -1336,22 +1134,6 @@ ALTER TABLE ONLY erp.asn_document
 
 ALTER TABLE ONLY erp.asn_line
     ADD CONSTRAINT asn_line_asn_id_fkey FOREIGN KEY (asn_id) REFERENCES erp.asn_document(id) ON DELETE CASCADE;
-
-
---
--- Name: invoice_reversal_request invoice_reversal_request_ar_invoice_id_fkey; Type: FK CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.invoice_reversal_request
-    ADD CONSTRAINT invoice_reversal_request_ar_invoice_id_fkey FOREIGN KEY (ar_invoice_id) REFERENCES erp.ar_invoice(id);
-
-
---
--- Name: invoice_reversal_request invoice_reversal_request_red_invoice_id_fkey; Type: FK CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.invoice_reversal_request
-    ADD CONSTRAINT invoice_reversal_request_red_invoice_id_fkey FOREIGN KEY (red_invoice_id) REFERENCES erp.ar_invoice(id);
 
 
 --
@@ -1661,14 +1443,6 @@ GRANT SELECT ON TABLE erp.supplier TO erp_cloud_supplier_portal;
 
 
 --
--- Name: TABLE ar_invoice; Type: ACL; Schema: erp
---
-
-GRANT SELECT ON TABLE erp.ar_invoice TO erp_cloud_app;
-GRANT SELECT ON TABLE erp.ar_invoice TO erp_cloud_operator;
-
-
---
 -- Name: TABLE customer; Type: ACL; Schema: erp
 --
 
@@ -1683,6 +1457,30 @@ GRANT SELECT ON TABLE erp.customer TO erp_cloud_operator;
 GRANT SELECT,INSERT,UPDATE ON TABLE erp.app_user TO erp_cloud_app;
 GRANT SELECT ON TABLE erp.app_user TO erp_cloud_sso;
 GRANT SELECT ON TABLE erp.app_user TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE settlement; Type: ACL; Schema: erp
+--
+
+GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE erp.settlement TO erp_cloud_app;
+GRANT SELECT ON TABLE erp.settlement TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE shipment; Type: ACL; Schema: erp
+--
+
+GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE erp.shipment TO erp_cloud_app;
+GRANT SELECT ON TABLE erp.shipment TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE ar_invoice; Type: ACL; Schema: erp
+--
+
+GRANT SELECT ON TABLE erp.ar_invoice TO erp_cloud_app;
+GRANT SELECT ON TABLE erp.ar_invoice TO erp_cloud_operator;
 
 
 --
@@ -1779,27 +1577,11 @@ GRANT SELECT ON TABLE erp.purchase_order_line TO erp_cloud_supplier_portal;
 
 
 --
--- Name: TABLE settlement; Type: ACL; Schema: erp
---
-
-GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE erp.settlement TO erp_cloud_app;
-GRANT SELECT ON TABLE erp.settlement TO erp_cloud_operator;
-
-
---
 -- Name: TABLE settlement_line; Type: ACL; Schema: erp
 --
 
 GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE erp.settlement_line TO erp_cloud_app;
 GRANT SELECT ON TABLE erp.settlement_line TO erp_cloud_operator;
-
-
---
--- Name: TABLE shipment; Type: ACL; Schema: erp
---
-
-GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE erp.shipment TO erp_cloud_app;
-GRANT SELECT ON TABLE erp.shipment TO erp_cloud_operator;
 
 
 --

@@ -46,10 +46,152 @@ COMMENT ON TYPE tax.source_line IS 'A settlement or shipment line as the validat
 
 
 --
--- Name: _answer_is_stale(cloud.outbox, erp.ar_invoice); Type: FUNCTION; Schema: tax
+-- Name: invoice; Type: TABLE; Schema: tax
 --
 
-CREATE FUNCTION tax._answer_is_stale(m cloud.outbox, p_inv erp.ar_invoice) RETURNS boolean
+CREATE TABLE tax.invoice (
+    id bigint NOT NULL,
+    original_invoice_id bigint,
+    part_no integer DEFAULT 1 NOT NULL,
+    part_count integer DEFAULT 1 NOT NULL,
+    invoice_type text DEFAULT 'blue'::text NOT NULL,
+    invoice_kind text NOT NULL,
+    request_id uuid NOT NULL,
+    order_no text NOT NULL,
+    buyer_name text NOT NULL,
+    buyer_tax_id text,
+    invoice_serial_no text,
+    invoice_no text,
+    invoice_status text DEFAULT 'pending'::text NOT NULL,
+    invoice_date timestamp with time zone,
+    amount_excl_tax numeric(16,2) NOT NULL,
+    tax_amount numeric(16,2) NOT NULL,
+    amount_incl_tax numeric(16,2) NOT NULL,
+    pdf_url text,
+    ofd_url text,
+    xml_url text,
+    polls integer DEFAULT 0 NOT NULL,
+    next_query_id uuid,
+    submitted_at timestamp with time zone,
+    order_known boolean DEFAULT false NOT NULL,
+    tax_cloud_response jsonb DEFAULT '{}'::jsonb NOT NULL,
+    tax_id_warning text,
+    error_code text,
+    error_message text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    document_id bigint,
+    reversal_id bigint,
+    buyer_address text,
+    buyer_phone text,
+    buyer_bank_name text,
+    buyer_account text,
+    buyer_email text,
+    CONSTRAINT invoice_blue_has_document CHECK (((invoice_type = 'blue'::text) = (document_id IS NOT NULL))),
+    CONSTRAINT invoice_invoice_kind_check CHECK ((invoice_kind = ANY (ARRAY['normal'::text, 'special'::text]))),
+    CONSTRAINT invoice_invoice_status_check CHECK ((invoice_status = ANY (ARRAY['pending'::text, 'issuing'::text, 'issued'::text, 'failed'::text, 'partially_reversed'::text, 'reversed'::text]))),
+    CONSTRAINT invoice_invoice_type_check CHECK ((invoice_type = ANY (ARRAY['blue'::text, 'red'::text]))),
+    CONSTRAINT invoice_number_is_digital CHECK (((invoice_no IS NULL) OR (invoice_no ~ '^\d{20}$'::text) OR (invoice_no ~ '^\d{8}$'::text))),
+    CONSTRAINT invoice_red_has_reversal CHECK ((((invoice_type = 'red'::text) = (reversal_id IS NOT NULL)) AND ((invoice_type = 'red'::text) = (original_invoice_id IS NOT NULL))))
+);
+
+
+--
+-- Name: TABLE invoice; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON TABLE tax.invoice IS 'Invoices issued through the tax cloud: a blue one per part of a document (document_id, part_no of part_count), a red one per reversal (reversal_id, original_invoice_id). invoice_status: pending → issuing → issued, or failed (error_code / error_message say why: unknown_outcome and poll_limit mean the platform may still have issued it, so only tax.requery_invoice applies; any other code is a definite refusal that tax.reissue_invoice may issue again), then partially_reversed while some lines have an issued red invoice, and reversed when every line has. tax_cloud_response keeps the latest raw answer of each step under its own key: submit (tax.issue accepted), issue (tax.issue failed), query (result query, answered or failed), reinvoice (signing retry) with reinvoices / reinvoice_at (how many were sent, the last when), red_confirm and red_query (the red-letter confirmation form and its status), stale (an answer about an earlier orderNo); after tax.reissue_invoice it starts again with previous (the earlier answers) and previous_request_id. The PDF is not kept here but in tax.attachment.';
+
+
+--
+-- Name: COLUMN invoice.order_no; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.invoice.order_no IS 'Nuonuo orderNo: the request_id without dashes, so a retry after a timeout can never issue twice (E9106 = already submitted).';
+
+
+--
+-- Name: COLUMN invoice.invoice_no; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.invoice.invoice_no IS 'The 20-digit 数电 invoice number (allElectronicInvoiceNumber). Every change is logged in tax.invoice_event.';
+
+
+--
+-- Name: COLUMN invoice.next_query_id; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.invoice.next_query_id IS 'The request_id of the latest result query enqueued for this invoice (a callback moves it up).';
+
+
+--
+-- Name: COLUMN invoice.submitted_at; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.invoice.submitted_at IS 'When the platform first took the submit under the current orderNo (tax.issue answered); E9500 counts as "never created" only tax.config.e9500_min_wait_ms after it.';
+
+
+--
+-- Name: COLUMN invoice.order_known; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.invoice.order_known IS 'The platform once answered a query by the current orderNo with anything but E9500: a later E9500 then never proves nothing was created.';
+
+
+--
+-- Name: COLUMN invoice.document_id; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.invoice.document_id IS 'The document a blue invoice is (a part of); null for a red invoice.';
+
+
+--
+-- Name: COLUMN invoice.reversal_id; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.invoice.reversal_id IS 'The reversal a red invoice carries out (one red invoice per reversal); null for a blue invoice.';
+
+
+--
+-- Name: COLUMN invoice.buyer_address; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.invoice.buyer_address IS 'The buyer''s address as it was when the invoice was (re)issued: it goes into the payload (buyerAddress).';
+
+
+--
+-- Name: COLUMN invoice.buyer_phone; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.invoice.buyer_phone IS 'The buyer''s phone as it was when the invoice was (re)issued: it goes into the payload (buyerTel).';
+
+
+--
+-- Name: COLUMN invoice.buyer_bank_name; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.invoice.buyer_bank_name IS 'The buyer''s bank as it was when the invoice was (re)issued: it goes into the payload before the account (buyerAccount).';
+
+
+--
+-- Name: COLUMN invoice.buyer_account; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.invoice.buyer_account IS 'The buyer''s bank account number as it was when the invoice was (re)issued: it goes into the payload after the bank name (buyerAccount).';
+
+
+--
+-- Name: COLUMN invoice.buyer_email; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.invoice.buyer_email IS 'Where the platform mails the invoice (pushMode 0), as it was when the invoice was (re)issued; null: not mailed.';
+
+
+--
+-- Name: _answer_is_stale(cloud.outbox, tax.invoice); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._answer_is_stale(m cloud.outbox, p_inv tax.invoice) RETURNS boolean
     LANGUAGE sql IMMUTABLE
     AS $$
   -- a submit under an earlier orderNo (before tax.reissue_invoice), or a query about one
@@ -62,10 +204,10 @@ $$;
 
 
 --
--- Name: FUNCTION _answer_is_stale(m cloud.outbox, p_inv erp.ar_invoice); Type: COMMENT; Schema: tax
+-- Name: FUNCTION _answer_is_stale(m cloud.outbox, p_inv tax.invoice); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax._answer_is_stale(m cloud.outbox, p_inv erp.ar_invoice) IS 'Internal: whether a tax.issue / tax.red_confirm / tax.query answer is about another orderNo or serial no. than the invoice''s current one (sent before a tax.reissue_invoice): such an answer never changes the invoice.';
+COMMENT ON FUNCTION tax._answer_is_stale(m cloud.outbox, p_inv tax.invoice) IS 'Internal: whether a tax.issue / tax.red_confirm / tax.query answer is about another orderNo or serial no. than the invoice''s current one (sent before a tax.reissue_invoice): such an answer never changes the invoice.';
 
 
 --
@@ -171,10 +313,10 @@ COMMENT ON FUNCTION tax._config() IS 'Internal: the settings, or EI012 when the 
 
 
 --
--- Name: _enqueue_query(erp.ar_invoice, text, bigint); Type: FUNCTION; Schema: tax
+-- Name: _enqueue_query(tax.invoice, text, bigint); Type: FUNCTION; Schema: tax
 --
 
-CREATE FUNCTION tax._enqueue_query(p_inv erp.ar_invoice, p_by text, p_delay_ms bigint) RETURNS uuid
+CREATE FUNCTION tax._enqueue_query(p_inv tax.invoice, p_by text, p_delay_ms bigint) RETURNS uuid
     LANGUAGE plpgsql
     AS $$
 declare
@@ -183,18 +325,18 @@ begin
   v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.query',
             case when p_by = 'serial' then jsonb_build_object('serialNos', jsonb_build_array(p_inv.invoice_serial_no), 'isOfferInvoiceDetail', '0')
                  else jsonb_build_object('orderNos', jsonb_build_array(p_inv.order_no), 'isOfferInvoiceDetail', '0') end,
-            'erp.ar_invoice', p_inv.id::text, null, null, clock_timestamp() + make_interval(secs => p_delay_ms / 1000.0));
+            'tax.invoice', p_inv.id::text, null, null, clock_timestamp() + make_interval(secs => p_delay_ms / 1000.0));
   -- remembered so a callback finds the pending query by primary key
-  update erp.ar_invoice set next_query_id = v_id where id = p_inv.id;
+  update tax.invoice set next_query_id = v_id where id = p_inv.id;
   return v_id;
 end $$;
 
 
 --
--- Name: FUNCTION _enqueue_query(p_inv erp.ar_invoice, p_by text, p_delay_ms bigint); Type: COMMENT; Schema: tax
+-- Name: FUNCTION _enqueue_query(p_inv tax.invoice, p_by text, p_delay_ms bigint); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax._enqueue_query(p_inv erp.ar_invoice, p_by text, p_delay_ms bigint) IS 'Internal: enqueues the next queryInvoiceResult for an invoice, by serial no. or by orderNo, after a delay.';
+COMMENT ON FUNCTION tax._enqueue_query(p_inv tax.invoice, p_by text, p_delay_ms bigint) IS 'Internal: enqueues the next queryInvoiceResult for an invoice, by serial no. or by orderNo, after a delay.';
 
 
 --
@@ -234,7 +376,7 @@ COMMENT ON FUNCTION tax._issue_refused(m cloud.outbox, e jsonb) IS 'Internal: wh
 CREATE FUNCTION tax._keep_stale_answer(m cloud.outbox, r jsonb) RETURNS void
     LANGUAGE sql
     AS $$
-  update erp.ar_invoice a
+  update tax.invoice a
      set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('stale', jsonb_build_object(
            'operation', m.operation, 'request_id', m.request_id, 'payload', m.payload, 'answer', r)),
          updated_at = now()
@@ -256,10 +398,10 @@ COMMENT ON FUNCTION tax._keep_stale_answer(m cloud.outbox, r jsonb) IS 'Internal
 CREATE FUNCTION tax._mark_original_reversed(p_original bigint) RETURNS void
     LANGUAGE sql
     AS $$
-  update erp.ar_invoice o
+  update tax.invoice o
      set invoice_status = case when exists (
-           select from erp.ar_invoice_line l where l.ar_invoice_id = o.id and l.line_no not in (
-             select rl.line_no from erp.ar_invoice r join erp.ar_invoice_line rl on rl.ar_invoice_id = r.id
+           select from tax.invoice_line l where l.invoice_id = o.id and l.line_no not in (
+             select rl.line_no from tax.invoice r join tax.invoice_line rl on rl.invoice_id = r.id
               where r.original_invoice_id = o.id and r.invoice_type = 'red' and r.invoice_status = 'issued'))
            then 'partially_reversed' else 'reversed' end,
          updated_at = now()
@@ -275,10 +417,10 @@ COMMENT ON FUNCTION tax._mark_original_reversed(p_original bigint) IS 'Internal:
 
 
 --
--- Name: _outcome_unknown(erp.ar_invoice); Type: FUNCTION; Schema: tax
+-- Name: _outcome_unknown(tax.invoice); Type: FUNCTION; Schema: tax
 --
 
-CREATE FUNCTION tax._outcome_unknown(p_inv erp.ar_invoice) RETURNS boolean
+CREATE FUNCTION tax._outcome_unknown(p_inv tax.invoice) RETURNS boolean
     LANGUAGE sql IMMUTABLE
     AS $$
   select p_inv.invoice_status = 'failed' and p_inv.error_code in ('unknown_outcome', 'poll_limit')
@@ -286,10 +428,10 @@ $$;
 
 
 --
--- Name: FUNCTION _outcome_unknown(p_inv erp.ar_invoice); Type: COMMENT; Schema: tax
+-- Name: FUNCTION _outcome_unknown(p_inv tax.invoice); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax._outcome_unknown(p_inv erp.ar_invoice) IS 'Internal: whether a failed invoice may still have been issued by the platform (error_code unknown_outcome or poll_limit): only tax.requery_invoice applies, and a late answer is still booked.';
+COMMENT ON FUNCTION tax._outcome_unknown(p_inv tax.invoice) IS 'Internal: whether a failed invoice may still have been issued by the platform (error_code unknown_outcome or poll_limit): only tax.requery_invoice applies, and a late answer is still booked.';
 
 
 --
@@ -312,10 +454,10 @@ COMMENT ON FUNCTION tax._poll_delay_ms(p_poll integer) IS 'Internal: the wait be
 
 
 --
--- Name: _query_now(erp.ar_invoice); Type: FUNCTION; Schema: tax
+-- Name: _query_now(tax.invoice); Type: FUNCTION; Schema: tax
 --
 
-CREATE FUNCTION tax._query_now(p_inv erp.ar_invoice) RETURNS text
+CREATE FUNCTION tax._query_now(p_inv tax.invoice) RETURNS text
     LANGUAGE plpgsql
     AS $$
 declare
@@ -336,10 +478,46 @@ end $$;
 
 
 --
--- Name: FUNCTION _query_now(p_inv erp.ar_invoice); Type: COMMENT; Schema: tax
+-- Name: FUNCTION _query_now(p_inv tax.invoice); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax._query_now(p_inv erp.ar_invoice) IS 'Internal: makes an issuing invoice''s pending query (next_query_id: result query or red-form query) due now.';
+COMMENT ON FUNCTION tax._query_now(p_inv tax.invoice) IS 'Internal: makes an issuing invoice''s pending query (next_query_id: result query or red-form query) due now.';
+
+
+--
+-- Name: _reference_erp_document(text, bigint); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._reference_erp_document(p_source text, p_id bigint) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  select jsonb_build_object(
+           'kind', d.invoice_kind,
+           'remark', d.no,
+           'buyer', jsonb_build_object('name', c.name, 'tax_id', c.tax_id, 'address', c.address, 'phone', c.phone,
+                                       'bank_name', c.bank_name, 'bank_account', c.bank_account, 'email', c.email,
+                                       'tax_id_check_override', c.tax_id_check_override),
+           'lines', coalesce((
+             select jsonb_agg(jsonb_build_object('line_no', l.line_no, 'item_name', l.item_name, 'tax_code', l.tax_code, 'spec', l.spec,
+                                                 'unit', l.unit, 'quantity', l.quantity, 'unit_price', l.unit_price, 'amount', l.amount,
+                                                 'tax_rate', l.tax_rate, 'tax_amount', l.tax_amount) order by l.line_no)
+               from (select sl.line_no, sl.item_name, sl.tax_code, sl.spec, sl.unit, sl.quantity, sl.unit_price, sl.amount, sl.tax_rate, sl.tax_amount
+                       from erp.settlement_line sl where p_source = 'settlement' and sl.settlement_id = p_id
+                     union all
+                     select hl.line_no, hl.item_name, hl.tax_code, hl.spec, hl.unit, hl.quantity, hl.unit_price, hl.amount, hl.tax_rate, hl.tax_amount
+                       from erp.shipment_line hl where p_source = 'shipment' and hl.shipment_id = p_id) l), '[]'::jsonb))
+    from (select s.invoice_kind, s.settlement_no as no, s.customer_id from erp.settlement s where p_source = 'settlement' and s.id = p_id
+          union all
+          select h.invoice_kind, h.shipment_no, h.customer_id from erp.shipment h where p_source = 'shipment' and h.id = p_id) d
+    join erp.customer c on c.id = d.customer_id
+$$;
+
+
+--
+-- Name: FUNCTION _reference_erp_document(p_source text, p_id bigint); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._reference_erp_document(p_source text, p_id bigint) IS 'Internal, transitional (until the reference ERP hands its documents in through the contract): the reference ERP''s settlement or shipment p_id as an invoicing document (kind, remark = its number, buyer from erp.customer, lines), as ADR 0001 §3.2 describes it.';
 
 
 --
@@ -442,9 +620,9 @@ CREATE FUNCTION tax.accept_invoice_callback(p_order_no text, p_content jsonb) RE
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 declare
-  v_inv erp.ar_invoice;
+  v_inv tax.invoice;
 begin
-  select * into v_inv from erp.ar_invoice where order_no = p_order_no;
+  select * into v_inv from tax.invoice where order_no = p_order_no;
   if not found then
     return 'unknown';
   end if;
@@ -468,10 +646,10 @@ CREATE FUNCTION tax.accept_red_confirm_callback(p_bill_id text, p_content jsonb)
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 declare
-  v_inv erp.ar_invoice;
+  v_inv tax.invoice;
 begin
   -- the billId is the red invoice's orderNo (unique)
-  select * into v_inv from erp.ar_invoice where order_no = p_bill_id and invoice_type = 'red';
+  select * into v_inv from tax.invoice where order_no = p_bill_id and invoice_type = 'red';
   if not found then
     return 'unknown';
   end if;
@@ -496,9 +674,9 @@ CREATE FUNCTION tax.build_invoice_payload(p_invoice_id bigint) RETURNS jsonb
   select jsonb_build_object('order', jsonb_strip_nulls(jsonb_build_object(
            'buyerName', i.buyer_name,
            'buyerTaxNum', i.buyer_tax_id,
-           'buyerTel', c.phone,
-           'buyerAddress', c.address,
-           'buyerAccount', nullif(concat_ws(' ', c.bank_name, c.bank_account), ''),
+           'buyerTel', i.buyer_phone,
+           'buyerAddress', i.buyer_address,
+           'buyerAccount', nullif(concat_ws(' ', i.buyer_bank_name, i.buyer_account), ''),
            'salerTaxNum', cfg.seller_tax_id,
            'salerTel', cfg.seller_phone,
            'salerAddress', cfg.seller_address,
@@ -508,9 +686,9 @@ CREATE FUNCTION tax.build_invoice_payload(p_invoice_id bigint) RETURNS jsonb
            'clerk', cfg.clerk,
            'invoiceType', '1',
            'invoiceLine', case i.invoice_kind when 'special' then 'bs' else 'pc' end,
-           'pushMode', case when c.email is not null then '0' else '-1' end,
-           'email', c.email,
-           'remark', concat_ws(' ', coalesce(s.settlement_no, sh.shipment_no),
+           'pushMode', case when i.buyer_email is not null then '0' else '-1' end,
+           'email', i.buyer_email,
+           'remark', concat_ws(' ', d.remark,
                                case when i.part_count > 1 then format('(%s/%s)', i.part_no, i.part_count) end),
            'callBackUrl', cfg.callback_url,
            'invoiceDetail', (
@@ -527,12 +705,10 @@ CREATE FUNCTION tax.build_invoice_payload(p_invoice_id bigint) RETURNS jsonb
                       'tax', l.tax_amount::text,
                       'taxIncludedAmount', l.amount_incl_tax::text,
                       'invoiceLineProperty', '0')) order by l.line_no)
-               from erp.ar_invoice_line l where l.ar_invoice_id = i.id))))
-    from erp.ar_invoice i
+               from tax.invoice_line l where l.invoice_id = i.id))))
+    from tax.invoice i
     cross join tax.config cfg
-    left join erp.settlement s on s.id = i.settlement_id
-    left join erp.shipment sh on sh.id = i.shipment_id
-    join erp.customer c on c.id = coalesce(s.customer_id, sh.customer_id)
+    left join tax.document d on d.id = i.document_id
    where i.id = p_invoice_id
 $$;
 
@@ -541,7 +717,7 @@ $$;
 -- Name: FUNCTION build_invoice_payload(p_invoice_id bigint); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.build_invoice_payload(p_invoice_id bigint) IS 'The Tax_Invoice_Payload of one AR invoice: the requestBillingNew {"order": …} with buyer, seller, orderNo and the invoiceDetail lines (jsonb_agg).';
+COMMENT ON FUNCTION tax.build_invoice_payload(p_invoice_id bigint) IS 'The Tax_Invoice_Payload of one invoice: the requestBillingNew {"order": …} with the buyer (the invoice''s snapshot), the seller (tax.config), orderNo, the remark (the document''s, with " (n/m)" for a part) and the invoiceDetail lines (jsonb_agg).';
 
 
 --
@@ -588,6 +764,8 @@ declare
   v_req      uuid;
   v_dev      numeric;
   v_part_lines tax.source_line[];
+  v_docjson  jsonb;
+  v_document bigint;
   p          integer;
 begin
   if p_source = 'settlement' then
@@ -605,15 +783,17 @@ begin
   -- one document is invoiced once: serialise approvals of it, and look at what exists
   perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('tax.issue:' || p_source || ':' || p_id, 0));
   if p_source = 'settlement' then
-    if exists (select from erp.ar_invoice a where a.settlement_id = p_id and a.invoice_type = 'blue')
-       or exists (select from erp.ar_invoice a join erp.shipment sh on sh.id = a.shipment_id where sh.settlement_id = p_id) then
+    if exists (select from tax.document d where d.source = 'reference-erp' and d.reference = 'settlement/' || v_no)
+       or exists (select from tax.document d join erp.shipment sh on d.reference = 'shipment/' || sh.shipment_no
+                   where d.source = 'reference-erp' and sh.settlement_id = p_id) then
       return 0;
     end if;
     select array_agg(row(l.line_no, l.item_name, l.tax_code, l.spec, l.unit, l.quantity, l.unit_price, l.amount, l.tax_rate, l.tax_amount)::tax.source_line order by l.line_no)
       into v_lines from erp.settlement_line l where l.settlement_id = p_id;
   else
-    if exists (select from erp.ar_invoice a where a.shipment_id = p_id and a.invoice_type = 'blue')
-       or (v_linked is not null and exists (select from erp.ar_invoice a where a.settlement_id = v_linked)) then
+    if exists (select from tax.document d where d.source = 'reference-erp' and d.reference = 'shipment/' || v_no)
+       or (v_linked is not null and exists (select from tax.document d join erp.settlement s on d.reference = 'settlement/' || s.settlement_no
+                                             where d.source = 'reference-erp' and s.id = v_linked)) then
       return 0;
     end if;
     select array_agg(row(l.line_no, l.item_name, l.tax_code, l.spec, l.unit, l.quantity, l.unit_price, l.amount, l.tax_rate, l.tax_amount)::tax.source_line order by l.line_no)
@@ -649,33 +829,39 @@ begin
   -- the remark is the document number (and part): the longest one is checked before anything is written
   perform tax._check_text('remark', concat_ws(' ', v_no, case when v_count > 1 then format('(%s/%s)', v_count, v_count) end),
                           v_doc, format('the %s number (%s_no, which the remark carries)', p_source, p_source));
+  -- the document as the reference ERP hands it in (transitional: the contract takes it from the ERP)
+  v_docjson := tax._reference_erp_document(p_source, p_id);
+  insert into tax.document (source, reference, kind, remark, doc, doc_sha256)
+  values ('reference-erp', p_source || '/' || v_no, v_kind, v_no, v_docjson, encode(sha256(v_docjson::text::bytea), 'hex'))
+  returning id into v_document;
   for p in 1 .. v_count loop
     v_req := cloud.new_request_id();
-    insert into erp.ar_invoice (settlement_id, shipment_id, part_no, part_count, invoice_kind, request_id, order_no,
-                                buyer_name, buyer_tax_id, amount_excl_tax, tax_amount, amount_incl_tax, tax_id_warning)
-    values (case when p_source = 'settlement' then p_id end, case when p_source = 'shipment' then p_id end, p, v_count, v_kind,
-            v_req, tax.order_no_for(v_req), v_customer.name, nullif(v_customer.tax_id, ''), 0, 0, 0, v_warning)
+    insert into tax.invoice (document_id, part_no, part_count, invoice_kind, request_id, order_no,
+                             buyer_name, buyer_tax_id, buyer_address, buyer_phone, buyer_bank_name, buyer_account, buyer_email,
+                             amount_excl_tax, tax_amount, amount_incl_tax, tax_id_warning)
+    values (v_document, p, v_count, v_kind, v_req, tax.order_no_for(v_req), v_customer.name, nullif(v_customer.tax_id, ''),
+            v_customer.address, v_customer.phone, v_customer.bank_name, v_customer.bank_account, v_customer.email, 0, 0, 0, v_warning)
     returning id into v_inv;
-    insert into erp.ar_invoice_line (ar_invoice_id, line_no, source_line_no, item_name, tax_code, spec, unit, quantity, unit_price,
-                                     tax_rate, amount_excl_tax, tax_amount, amount_incl_tax)
+    insert into tax.invoice_line (invoice_id, line_no, source_line_no, item_name, tax_code, spec, unit, quantity, unit_price,
+                                  tax_rate, amount_excl_tax, tax_amount, amount_incl_tax)
     select v_inv, row_number() over (order by l.line_no), l.line_no, l.item_name, l.tax_code, l.spec, l.unit, l.quantity, l.unit_price,
            l.tax_rate, sep.amount_excl_tax, sep.tax_amount, l.amount
       from unnest(v_lines) with ordinality as l(line_no, item_name, tax_code, spec, unit, quantity, unit_price, amount, tax_rate, tax_amount, ord)
       cross join lateral tax.separate_price_tax(l.amount, l.tax_rate, l.tax_amount) sep
      where v_parts[l.ord] = p;
     -- the splitter keeps this within 1.27; checked again on what was written, so a defect there can never send one
-    select sum(l.tax_amount - l.amount_excl_tax * l.tax_rate) into v_dev from erp.ar_invoice_line l where l.ar_invoice_id = v_inv;
+    select sum(l.tax_amount - l.amount_excl_tax * l.tax_rate) into v_dev from tax.invoice_line l where l.invoice_id = v_inv;
     if abs(v_dev) > 1.27 then
       select array_agg(v_lines[o] order by o) into v_part_lines from generate_series(1, cardinality(v_lines)) o where v_parts[o] = p;
       raise exception using errcode = 'EI008',
         message = format('%s invoice %s of %s: line taxes differ from excl × rate by %s in total, more than 1.27', v_doc, p, v_count, round(v_dev, 4)),
         hint = tax._tolerance_hint(v_part_lines);
     end if;
-    update erp.ar_invoice a
+    update tax.invoice a
        set amount_excl_tax = t.ex, tax_amount = t.tx, amount_incl_tax = t.inc
-      from (select sum(amount_excl_tax) ex, sum(tax_amount) tx, sum(amount_incl_tax) inc from erp.ar_invoice_line where ar_invoice_id = v_inv) t
+      from (select sum(amount_excl_tax) ex, sum(tax_amount) tx, sum(amount_incl_tax) inc from tax.invoice_line where invoice_id = v_inv) t
      where a.id = v_inv;
-    perform cloud.enqueue_message(v_cfg.endpoint, 'tax.issue', tax.build_invoice_payload(v_inv), 'erp.ar_invoice', v_inv::text,
+    perform cloud.enqueue_message(v_cfg.endpoint, 'tax.issue', tax.build_invoice_payload(v_inv), 'tax.invoice', v_inv::text,
                                   null, v_req);
   end loop;
   return v_count;
@@ -686,7 +872,7 @@ end $$;
 -- Name: FUNCTION issue_invoices(p_source text, p_id bigint); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.issue_invoices(p_source text, p_id bigint) IS 'Turns an approved settlement or posted shipment into AR invoice(s): validates (buyer, lines, every text against tax.text_limit), splits by the limits and the 1.27 invoice tax tolerance, separates price and tax, builds each payload and enqueues tax.issue in the caller''s transaction. EI008 when the tolerance needs more than max_parts invoices. Returns 0 when the customer is invoiced on the other event or the document (or its linked one) was invoiced already.';
+COMMENT ON FUNCTION tax.issue_invoices(p_source text, p_id bigint) IS 'Transitional (the reference ERP''s triggers call it until it hands its documents in through the contract): turns an approved settlement or posted shipment into a tax.document and its invoice(s): validates (buyer, lines, every text against tax.text_limit), splits by the limits and the 1.27 invoice tax tolerance, separates price and tax, keeps the buyer on each invoice, builds each payload and enqueues tax.issue in the caller''s transaction. EI008 when the tolerance needs more than max_parts invoices. Returns 0 when the customer is invoiced on the other event or the document (or its linked one) was invoiced already.';
 
 
 --
@@ -699,7 +885,7 @@ CREATE FUNCTION tax.log_invoice_event() RETURNS trigger
     AS $$
 begin
   if old.invoice_no is distinct from new.invoice_no then
-    insert into tax.invoice_event (ar_invoice_id, old_invoice_no, new_invoice_no, invoice_status)
+    insert into tax.invoice_event (invoice_id, old_invoice_no, new_invoice_no, invoice_status)
     values (new.id, old.invoice_no, new.invoice_no, new.invoice_status);
   end if;
   return null;
@@ -877,7 +1063,7 @@ CREATE FUNCTION tax.record_invoice_result(m cloud.outbox, r jsonb) RETURNS void
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 declare
-  v_inv  erp.ar_invoice;
+  v_inv  tax.invoice;
   v_res  jsonb := r #> '{result,0}';
   v_st   text := r #>> '{result,0,status}';
   v_no   text;
@@ -885,7 +1071,7 @@ declare
   v_unknown boolean;
   v_n    integer;
 begin
-  select * into v_inv from erp.ar_invoice a where a.id = m.aggregate_id::bigint for update;
+  select * into v_inv from tax.invoice a where a.id = m.aggregate_id::bigint for update;
   if not found then
     return;
   end if;
@@ -900,7 +1086,7 @@ begin
   select * into v_cfg from tax.config;
   if v_st = '2' then
     v_no := coalesce(nullif(v_res->>'allElectronicInvoiceNumber', ''), v_res->>'invoiceNo');
-    update erp.ar_invoice a
+    update tax.invoice a
        set invoice_no = v_no, invoice_status = 'issued',
            invoice_serial_no = coalesce(v_res->>'serialNo', a.invoice_serial_no),
            invoice_date = to_timestamp((v_res->>'invoiceTime')::bigint / 1000.0),
@@ -910,27 +1096,27 @@ begin
            updated_at = now()
      where a.id = v_inv.id;
     if v_inv.invoice_type = 'red' then
-      update erp.invoice_reversal_request set status = 'issued', finished_at = now(), error_message = null
+      update tax.reversal set status = 'issued', finished_at = now(), error_message = null
        where red_invoice_id = v_inv.id and status in ('pending', 'confirming', 'failed');
       perform tax._mark_original_reversed(v_inv.original_invoice_id);
     end if;
     if coalesce(v_res->>'pdfUrl', '') <> '' then
       perform cloud.enqueue_message(v_cfg.endpoint, 'tax.download_pdf',
         jsonb_build_object('url', v_res->>'pdfUrl', 'max_bytes', v_cfg.max_pdf_bytes, 'invoice_no', v_no),
-        'erp.ar_invoice', v_inv.id::text);
+        'tax.invoice', v_inv.id::text);
     end if;
   elsif v_st = '22' then
     -- 开票失败: a definite refusal; a new orderNo (tax.reissue_invoice) may issue it
-    update erp.ar_invoice a
+    update tax.invoice a
        set invoice_status = 'failed', error_code = 'nuonuo_22',
            error_message = coalesce(nullif(v_res->>'failCause', ''), v_res->>'statusMsg', 'the platform failed the invoice'),
            polls = a.polls + 1, tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
      where a.id = v_inv.id;
-    update erp.invoice_reversal_request set status = 'failed', error_message = v_res->>'failCause', finished_at = now()
+    update tax.reversal set status = 'failed', error_message = v_res->>'failCause', finished_at = now()
      where red_invoice_id = v_inv.id and status in ('pending', 'confirming');
   elsif v_unknown then
     -- a late non-final answer for an invoice that gave up: kept; the operator's requery polls again
-    update erp.ar_invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
+    update tax.invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
      where a.id = v_inv.id;
   elsif v_inv.polls + 1 >= v_cfg.max_polls then
     if r->>'code' = 'E9500' and v_inv.invoice_serial_no is null and not v_inv.order_known
@@ -938,13 +1124,13 @@ begin
        and clock_timestamp() >= v_inv.submitted_at + make_interval(secs => v_cfg.e9500_min_wait_ms / 1000.0) then
       -- every query by this orderNo answered E9500 for at least e9500_min_wait_ms after the submit (and never E9106):
       -- nothing was created, a new orderNo is safe
-      update erp.ar_invoice a
+      update tax.invoice a
          set invoice_status = 'failed', error_code = 'nuonuo_E9500',
              error_message = format('the platform has no invoice under orderNo %s after %s queries; tax.reissue_invoice(%s) issues it again', a.order_no, v_inv.polls + 1, v_inv.id),
              polls = a.polls + 1, tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
        where a.id = v_inv.id;
     else
-      update erp.ar_invoice a
+      update tax.invoice a
          set invoice_status = 'failed', error_code = 'poll_limit',
              error_message = format('no final answer after %s queries (last status %s); run tax.requery_invoice(%s) to ask again', v_inv.polls + 1, coalesce(v_st, r->>'code'), v_inv.id),
              invoice_serial_no = coalesce(v_res->>'serialNo', a.invoice_serial_no),
@@ -955,7 +1141,7 @@ begin
   else
     -- 20 开票中, 21 签章中, 24 开票成功签章失败 (issued, not signed: never a new orderNo), or E9500 (not visible yet)
     -- the serial no. and "the platform knows this orderNo" are kept: a later E9500 then proves nothing
-    update erp.ar_invoice a set polls = a.polls + 1, invoice_serial_no = coalesce(v_res->>'serialNo', a.invoice_serial_no),
+    update tax.invoice a set polls = a.polls + 1, invoice_serial_no = coalesce(v_res->>'serialNo', a.invoice_serial_no),
            order_known = a.order_known or r->>'code' is distinct from 'E9500',
            tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
      where a.id = v_inv.id returning * into v_inv;
@@ -964,11 +1150,11 @@ begin
       -- the platform allows 20 per serial no. per day (E9613), and signing after a reInvoice takes a while:
       -- polls that still see 24 right after one must not spend the allowance, so one per minute at most
       if v_n < 20 and coalesce((v_inv.tax_cloud_response->>'reinvoice_at')::timestamptz < now() - interval '1 minute', true) then
-        update erp.ar_invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('reinvoices', v_n + 1, 'reinvoice_at', now())
+        update tax.invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('reinvoices', v_n + 1, 'reinvoice_at', now())
          where a.id = v_inv.id;
         perform cloud.enqueue_message(v_cfg.endpoint, 'tax.reinvoice',
           jsonb_build_object('fpqqlsh', coalesce(v_res->>'serialNo', v_inv.invoice_serial_no), 'orderno', v_inv.order_no),
-          'erp.ar_invoice', v_inv.id::text);
+          'tax.invoice', v_inv.id::text);
       end if;
     end if;
     perform tax._enqueue_query(v_inv, case when v_inv.invoice_serial_no is null then 'order' else 'serial' end, tax._poll_delay_ms(v_inv.polls));
@@ -993,27 +1179,27 @@ CREATE FUNCTION tax.record_issue_failed(m cloud.outbox, e jsonb) RETURNS void
     AS $$
 declare
   v_why text := coalesce(e #>> '{response,describe}', e->>'error');
-  v_inv erp.ar_invoice;
+  v_inv tax.invoice;
 begin
-  select * into v_inv from erp.ar_invoice a where a.id = m.aggregate_id::bigint for update;
+  select * into v_inv from tax.invoice a where a.id = m.aggregate_id::bigint for update;
   if found and tax._answer_is_stale(m, v_inv) then
     perform tax._keep_stale_answer(m, e);
     return;
   end if;
   if tax._issue_refused(m, e) then
-    update erp.ar_invoice a
+    update tax.invoice a
        set invoice_status = 'failed',
            error_code = coalesce(e #>> '{response,code}', e->>'error_class'),
            error_message = v_why,
            tax_cloud_response = a.tax_cloud_response || jsonb_build_object(split_part(m.operation, '.', 2), e),
            updated_at = now()
      where a.id = m.aggregate_id::bigint and a.invoice_status in ('pending', 'issuing');
-    update erp.invoice_reversal_request q
+    update tax.reversal q
        set status = 'failed', error_message = v_why, finished_at = now()
      where q.red_invoice_id = m.aggregate_id::bigint and q.status in ('pending', 'confirming');
   else
     -- the platform may have it: never a new orderNo, only a query under the same one
-    update erp.ar_invoice a
+    update tax.invoice a
        set invoice_status = 'failed', error_code = 'unknown_outcome',
            error_message = format('%s gave up (%s: %s); the platform may have issued it: run tax.requery_invoice(%s)',
                                   m.operation, e->>'error_class', v_why, a.id),
@@ -1021,7 +1207,7 @@ begin
            updated_at = now()
      where a.id = m.aggregate_id::bigint and a.invoice_status in ('pending', 'issuing');
     -- the reversal stays under way (its lines stay blocked) until the outcome is known
-    update erp.invoice_reversal_request q
+    update tax.reversal q
        set error_message = format('outcome unknown (%s); run tax.requery_invoice(%s)', v_why, q.red_invoice_id)
      where q.red_invoice_id = m.aggregate_id::bigint and q.status in ('pending', 'confirming');
   end if;
@@ -1044,15 +1230,15 @@ CREATE FUNCTION tax.record_issue_submitted(m cloud.outbox, r jsonb) RETURNS void
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 declare
-  v_inv erp.ar_invoice;
+  v_inv tax.invoice;
 begin
   -- a failed invoice of unknown outcome still takes the answer (a replay of its submit, E9106)
-  select * into v_inv from erp.ar_invoice a where a.id = m.aggregate_id::bigint for update;
+  select * into v_inv from tax.invoice a where a.id = m.aggregate_id::bigint for update;
   if found and tax._answer_is_stale(m, v_inv) then
     perform tax._keep_stale_answer(m, r);  -- the submit of an earlier orderNo: never books anything
     return;
   end if;
-  update erp.ar_invoice a
+  update tax.invoice a
      set invoice_status = 'issuing',
          invoice_serial_no = coalesce(r #>> '{result,invoiceSerialNum}', a.invoice_serial_no),
          submitted_at = coalesce(a.submitted_at, now()),
@@ -1090,18 +1276,18 @@ declare
   v_max  integer := (select max_pdf_bytes from tax.config);
 begin
   if v_pdf is null or substring(v_pdf from 1 for 5) <> '\x255044462d'::bytea or length(v_pdf) > v_max then
-    update erp.ar_invoice set error_code = 'pdf_refused',
+    update tax.invoice set error_code = 'pdf_refused',
            error_message = format('the PDF from %s was refused: not a PDF or over %s bytes', m.payload->>'url', v_max), updated_at = now()
      where id = m.aggregate_id::bigint;
     return;
   end if;
-  insert into erp.attachment (doc_type, doc_id, file_name, content_type, content, sha256, byte_size, source_url)
-  values ('erp.ar_invoice', m.aggregate_id::bigint, coalesce(m.payload->>'invoice_no', m.aggregate_id) || '.pdf', 'application/pdf',
+  insert into tax.attachment (invoice_id, file_name, content_type, content, sha256, byte_size, source_url)
+  values (m.aggregate_id::bigint, coalesce(m.payload->>'invoice_no', m.aggregate_id) || '.pdf', 'application/pdf',
           v_pdf, encode(sha256(v_pdf), 'hex'), length(v_pdf), m.payload->>'url')
-  on conflict (doc_type, doc_id, file_name) do nothing;
-  update erp.ar_invoice set error_code = null, error_message = null, updated_at = now()
+  on conflict (invoice_id, file_name) do nothing;
+  update tax.invoice set error_code = null, error_message = null, updated_at = now()
    where id = m.aggregate_id::bigint and error_code in ('pdf_download', 'pdf_refused');
-  -- the bytes live in erp.attachment now; the outbox keeps only the facts
+  -- the bytes live in tax.attachment now; the outbox keeps only the facts
   update cloud.outbox set response = r - 'content_base64' where request_id = m.request_id;
 end $$;
 
@@ -1110,7 +1296,7 @@ end $$;
 -- Name: FUNCTION record_pdf(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.record_pdf(m cloud.outbox, r jsonb) IS 'Write-back of tax.download_pdf: checks the %PDF magic and the size cap again, stores the PDF as the invoice''s erp.attachment with its sha256, and drops the bytes from the outbox row.';
+COMMENT ON FUNCTION tax.record_pdf(m cloud.outbox, r jsonb) IS 'Write-back of tax.download_pdf: checks the %PDF magic and the size cap again, stores the PDF as the invoice''s tax.attachment with its sha256, and drops the bytes from the outbox row.';
 
 
 --
@@ -1122,7 +1308,7 @@ CREATE FUNCTION tax.record_pdf_failed(m cloud.outbox, e jsonb) RETURNS void
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 begin
-  update erp.ar_invoice
+  update tax.invoice
      set error_code = 'pdf_download', error_message = format('PDF not stored (%s): %s', e->>'error_class', e->>'error'), updated_at = now()
    where id = m.aggregate_id::bigint;
 end $$;
@@ -1144,22 +1330,22 @@ CREATE FUNCTION tax.record_query_failed(m cloud.outbox, e jsonb) RETURNS void
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 declare
-  v_inv erp.ar_invoice;
+  v_inv tax.invoice;
 begin
-  select * into v_inv from erp.ar_invoice a where a.id = m.aggregate_id::bigint for update;
+  select * into v_inv from tax.invoice a where a.id = m.aggregate_id::bigint for update;
   if found and tax._answer_is_stale(m, v_inv) then
     perform tax._keep_stale_answer(m, e);
     return;
   end if;
   -- a query that fails says nothing about the invoice: its outcome is unknown
-  update erp.ar_invoice a
+  update tax.invoice a
      set invoice_status = 'failed', error_code = 'unknown_outcome',
          error_message = format('%s gave up (%s: %s); run tax.requery_invoice(%s) to ask again',
                                 m.operation, e->>'error_class', coalesce(e #>> '{response,describe}', e->>'error'), a.id),
          tax_cloud_response = a.tax_cloud_response || jsonb_build_object(split_part(m.operation, '.', 2), e),
          updated_at = now()
    where a.id = m.aggregate_id::bigint and a.invoice_status in ('pending', 'issuing');
-  update erp.invoice_reversal_request q
+  update tax.reversal q
      set error_message = format('outcome unknown; run tax.requery_invoice(%s)', q.red_invoice_id)
    where q.red_invoice_id = m.aggregate_id::bigint and q.status in ('pending', 'confirming');
 end $$;
@@ -1183,52 +1369,52 @@ CREATE FUNCTION tax.record_red_confirm_status(m cloud.outbox, r jsonb) RETURNS v
 declare
   v_form jsonb := coalesce(r #> '{result,list,0}', r #> '{result,0}');
   v_st   text := v_form->>'billStatus';
-  v_inv  erp.ar_invoice;
+  v_inv  tax.invoice;
   v_n    integer;
   v_since timestamptz;
   v_id   uuid;
 begin
-  select * into v_inv from erp.ar_invoice where id = m.aggregate_id::bigint for update;
+  select * into v_inv from tax.invoice where id = m.aggregate_id::bigint for update;
   if not found or (v_inv.invoice_status <> 'issuing' and not tax._outcome_unknown(v_inv)) then
     return;
   end if;
-  update erp.invoice_reversal_request set bill_status = coalesce(v_st, bill_status) where red_invoice_id = v_inv.id
+  update tax.reversal set bill_status = coalesce(v_st, bill_status) where red_invoice_id = v_inv.id
   returning coalesce(form_submitted_at, requested_at) into v_since;
   if v_st in ('01', '04') and coalesce(v_form->>'invoiceSerialNum', '') <> '' then
     -- the bureau issued the red invoice: fetch it like any other (number, PDF)
-    update erp.ar_invoice a set invoice_serial_no = v_form->>'invoiceSerialNum', polls = 0, invoice_status = 'issuing', error_code = null, error_message = null,
+    update tax.invoice a set invoice_serial_no = v_form->>'invoiceSerialNum', polls = 0, invoice_status = 'issuing', error_code = null, error_message = null,
            tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_query', r), updated_at = now()
      where a.id = v_inv.id returning * into v_inv;
     perform tax._enqueue_query(v_inv, 'serial', 0);
   elsif v_st in ('05', '06', '07', '08', '09', '10', '16') then
     -- a definite end of the form
-    update erp.ar_invoice a set invoice_status = 'failed', error_code = 'red_bill_' || v_st,
+    update tax.invoice a set invoice_status = 'failed', error_code = 'red_bill_' || v_st,
            error_message = format('red-confirmation form %s ended with status %s', v_form->>'billNo', v_st),
            tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_query', r), updated_at = now()
      where a.id = v_inv.id;
-    update erp.invoice_reversal_request set status = 'failed', finished_at = now(),
+    update tax.reversal set status = 'failed', finished_at = now(),
            error_message = format('red-confirmation form ended with status %s', v_st)
      where red_invoice_id = v_inv.id;
   elsif v_inv.invoice_status <> 'issuing' then
     -- a late non-final answer for a red invoice that gave up: kept; the operator's requery asks again
-    update erp.ar_invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_query', r), updated_at = now()
+    update tax.invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_query', r), updated_at = now()
      where a.id = v_inv.id;
   elsif clock_timestamp() > coalesce(v_since, v_inv.created_at) + interval '73 hours' then
     -- the bureau voids a form nobody confirmed within 72 h (07); an hour's margin, then the reversal is given up
-    update erp.ar_invoice a set invoice_status = 'failed', error_code = 'red_deadline', polls = a.polls + 1,
+    update tax.invoice a set invoice_status = 'failed', error_code = 'red_deadline', polls = a.polls + 1,
            error_message = format('red-confirmation form %s still %s after 72 hours (buyer never confirmed); the bureau voids it: request a new reversal',
                                   coalesce(v_form->>'billNo', m.payload->>'billId'), coalesce(v_st, 'unknown')),
            tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_query', r), updated_at = now()
      where a.id = v_inv.id;
-    update erp.invoice_reversal_request set status = 'failed', finished_at = now(),
+    update tax.reversal set status = 'failed', finished_at = now(),
            error_message = format('no confirmation within 72 hours (form status %s)', coalesce(v_st, 'unknown'))
      where red_invoice_id = v_inv.id and status in ('pending', 'confirming');
   else
-    update erp.ar_invoice a set polls = a.polls + 1, tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_query', r), updated_at = now()
+    update tax.invoice a set polls = a.polls + 1, tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_query', r), updated_at = now()
      where a.id = v_inv.id returning polls into v_n;
-    v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.red_query', m.payload, 'erp.ar_invoice', m.aggregate_id, null, null,
+    v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.red_query', m.payload, 'tax.invoice', m.aggregate_id, null, null,
       clock_timestamp() + make_interval(secs => tax._poll_delay_ms(v_n) / 1000.0));
-    update erp.ar_invoice set next_query_id = v_id where id = v_inv.id;
+    update tax.invoice set next_query_id = v_id where id = v_inv.id;
   end if;
 end $$;
 
@@ -1249,10 +1435,10 @@ CREATE FUNCTION tax.record_red_confirm_submitted(m cloud.outbox, r jsonb) RETURN
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 declare
-  v_inv erp.ar_invoice;
+  v_inv tax.invoice;
   v_id  uuid;
 begin
-  update erp.ar_invoice a set invoice_status = 'issuing', error_code = null, error_message = null,
+  update tax.invoice a set invoice_status = 'issuing', error_code = null, error_message = null,
          tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_confirm', r), updated_at = now()
    where a.id = m.aggregate_id::bigint and a.request_id = m.request_id and (a.invoice_status = 'pending' or tax._outcome_unknown(a))
   returning * into v_inv;
@@ -1260,12 +1446,12 @@ begin
     return;
   end if;
   -- the 72-hour confirmation deadline counts from the form's creation (the first answer), not from the request
-  update erp.invoice_reversal_request set status = 'confirming', error_message = null, form_submitted_at = coalesce(form_submitted_at, now())
+  update tax.reversal set status = 'confirming', error_message = null, form_submitted_at = coalesce(form_submitted_at, now())
    where red_invoice_id = v_inv.id and status in ('pending', 'confirming');
   v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.red_query',
-    jsonb_build_object('identity', '0', 'billId', m.payload->>'billId'), 'erp.ar_invoice', m.aggregate_id, null, null,
+    jsonb_build_object('identity', '0', 'billId', m.payload->>'billId'), 'tax.invoice', m.aggregate_id, null, null,
     clock_timestamp() + make_interval(secs => tax._poll_delay_ms(1) / 1000.0));
-  update erp.ar_invoice set next_query_id = v_id where id = v_inv.id;
+  update tax.invoice set next_query_id = v_id where id = v_inv.id;
 end $$;
 
 
@@ -1286,7 +1472,7 @@ CREATE FUNCTION tax.record_reinvoice_answer(m cloud.outbox, r jsonb) RETURNS voi
     AS $$
 begin
   -- the result queries go on either way; the answer is kept for the operator
-  update erp.ar_invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('reinvoice', r), updated_at = now()
+  update tax.invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('reinvoice', r), updated_at = now()
    where a.id = m.aggregate_id::bigint;
 end $$;
 
@@ -1307,36 +1493,42 @@ CREATE FUNCTION tax.reissue_invoice(p_invoice_id bigint) RETURNS uuid
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 declare
-  v_inv  erp.ar_invoice;
+  v_inv  tax.invoice;
   v_cust erp.customer;
   v_cfg  tax.config;
   v_req  uuid := cloud.new_request_id();
 begin
-  select * into v_inv from erp.ar_invoice where id = p_invoice_id for update;
+  select * into v_inv from tax.invoice where id = p_invoice_id for update;
   if not found or v_inv.invoice_status <> 'failed' or v_inv.invoice_type <> 'blue' or v_inv.error_code is null or tax._outcome_unknown(v_inv) then
     raise exception using errcode = 'EI018', message = format('invoice %s is not a blue invoice the platform refused (%s%s)', p_invoice_id,
                                                             coalesce(v_inv.invoice_status, 'no such invoice'), coalesce(', ' || v_inv.error_code, '')),
       hint = 'Only a blue invoice refused for certain (status 22, or a permanent error proving nothing was created) gets a new orderNo; one whose outcome is unknown (unknown_outcome, poll_limit) is asked again with tax.requery_invoice.';
   end if;
+  -- the customer's current row in the reference ERP (transitional: the contract takes the corrected buyer from the caller)
   select c.* into v_cust from erp.customer c
-   where c.id = (select coalesce(s.customer_id, sh.customer_id) from erp.ar_invoice i
-                   left join erp.settlement s on s.id = i.settlement_id left join erp.shipment sh on sh.id = i.shipment_id where i.id = p_invoice_id);
+   where c.id = (select coalesce(s.customer_id, sh.customer_id) from tax.invoice i
+                   join tax.document d on d.id = i.document_id and d.source = 'reference-erp'
+                   left join erp.settlement s on d.reference = 'settlement/' || s.settlement_no
+                   left join erp.shipment sh on d.reference = 'shipment/' || sh.shipment_no
+                  where i.id = p_invoice_id);
   v_cfg := tax._config();
   -- the corrected buyer (tax id, name) is checked again; a refused invoice needs a new orderNo
   -- the earlier orderNo's messages are retired: replay_message / replay_dead_messages can no longer send them
   -- (their attempts stay in cloud.log; an answer still in flight is kept as stale by the write-backs)
   delete from cloud.outbox o
-   where o.aggregate_type = 'erp.ar_invoice' and o.aggregate_id = p_invoice_id::text
+   where o.aggregate_type = 'tax.invoice' and o.aggregate_id = p_invoice_id::text
      and o.operation in ('tax.issue', 'tax.query', 'tax.reinvoice') and o.status in ('pending', 'failed', 'dead', 'skipped');
-  update erp.ar_invoice
+  update tax.invoice
      set request_id = v_req, order_no = tax.order_no_for(v_req), invoice_status = 'pending', invoice_serial_no = null,
          submitted_at = null, order_known = false, next_query_id = null,
          buyer_name = v_cust.name, buyer_tax_id = nullif(v_cust.tax_id, ''),
+         buyer_address = v_cust.address, buyer_phone = v_cust.phone, buyer_bank_name = v_cust.bank_name,
+         buyer_account = v_cust.bank_account, buyer_email = v_cust.email,
          tax_id_warning = tax.validate_buyer(v_cust, v_inv.invoice_kind, format('invoice %s', p_invoice_id)),
          polls = 0, error_code = null, error_message = null,
          tax_cloud_response = jsonb_build_object('previous', v_inv.tax_cloud_response, 'previous_request_id', v_inv.request_id), updated_at = now()
    where id = p_invoice_id;
-  perform cloud.enqueue_message(v_cfg.endpoint, 'tax.issue', tax.build_invoice_payload(p_invoice_id), 'erp.ar_invoice', p_invoice_id::text, null, v_req);
+  perform cloud.enqueue_message(v_cfg.endpoint, 'tax.issue', tax.build_invoice_payload(p_invoice_id), 'tax.invoice', p_invoice_id::text, null, v_req);
   return v_req;
 end $$;
 
@@ -1345,7 +1537,7 @@ end $$;
 -- Name: FUNCTION reissue_invoice(p_invoice_id bigint); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.reissue_invoice(p_invoice_id bigint) IS 'Operator: issues a refused blue invoice again under a new orderNo, with the customer''s current name and tax id (checked again); the previous answers are kept under tax_cloud_response.previous, and the earlier orderNo''s unfinished messages are deleted so no replay can submit it again. EI018 when the refusal is not certain (unknown_outcome, poll_limit) or the invoice did not fail.';
+COMMENT ON FUNCTION tax.reissue_invoice(p_invoice_id bigint) IS 'Operator: issues a refused blue invoice again under a new orderNo, with the customer''s current name, tax id, address, phone, bank and email (read from the reference ERP''s erp.customer, transitional; the tax id checked again); the previous answers are kept under tax_cloud_response.previous, and the earlier orderNo''s unfinished messages are deleted so no replay can submit it again. EI018 when the refusal is not certain (unknown_outcome, poll_limit) or the invoice did not fail.';
 
 
 --
@@ -1357,24 +1549,24 @@ CREATE FUNCTION tax.requery_invoice(p_invoice_id bigint) RETURNS uuid
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 declare
-  v_inv  erp.ar_invoice;
+  v_inv  tax.invoice;
   v_bill text;
   v_id   uuid;
 begin
-  select * into v_inv from erp.ar_invoice where id = p_invoice_id for update;
+  select * into v_inv from tax.invoice where id = p_invoice_id for update;
   if not found or not tax._outcome_unknown(v_inv) then
     raise exception using errcode = 'EI019', message = format('invoice %s is not waiting for a final answer (%s%s)', p_invoice_id,
                                                             coalesce(v_inv.invoice_status, 'no such invoice'), coalesce(', ' || v_inv.error_code, '')),
       hint = 'Only an invoice failed with error_code unknown_outcome or poll_limit can be queried again; one the platform refused is issued again with tax.reissue_invoice.';
   end if;
-  update erp.ar_invoice set invoice_status = 'issuing', polls = 0, error_code = null, error_message = null, updated_at = now()
+  update tax.invoice set invoice_status = 'issuing', polls = 0, error_code = null, error_message = null, updated_at = now()
    where id = p_invoice_id returning * into v_inv;
   if v_inv.invoice_type = 'red' and v_inv.invoice_serial_no is null then
     -- the red-confirmation form may or may not exist: read it back by its billId
-    select bill_id into v_bill from erp.invoice_reversal_request where red_invoice_id = v_inv.id;
+    select bill_id into v_bill from tax.reversal where red_invoice_id = v_inv.id;
     v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.red_query', jsonb_build_object('identity', '0', 'billId', v_bill),
-                                  'erp.ar_invoice', v_inv.id::text);
-    update erp.ar_invoice set next_query_id = v_id where id = v_inv.id;
+                                  'tax.invoice', v_inv.id::text);
+    update tax.invoice set next_query_id = v_id where id = v_inv.id;
     return v_id;
   end if;
   return tax._enqueue_query(v_inv, case when v_inv.invoice_serial_no is null then 'order' else 'serial' end, 0);
@@ -1511,7 +1703,7 @@ CREATE FUNCTION tax.tg_reversal__500_request() RETURNS trigger
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 declare
-  v_orig erp.ar_invoice;
+  v_orig tax.invoice;
   v_cfg  tax.config;
   v_red  bigint;
   v_req  uuid := cloud.new_request_id();
@@ -1519,19 +1711,19 @@ declare
   v_taken integer[];
   v_kinds text[];
 begin
-  select * into v_orig from erp.ar_invoice where id = new.ar_invoice_id for update;
+  select * into v_orig from tax.invoice where id = new.invoice_id for update;
   -- lines with an issued red invoice, or one under way (its outcome may be unknown)
   select coalesce(array_agg(distinct rl.line_no), '{}') into v_taken
-    from erp.invoice_reversal_request q
-    join erp.ar_invoice_line rl on rl.ar_invoice_id = q.red_invoice_id
-   where q.ar_invoice_id = new.ar_invoice_id and q.id <> new.id and q.status in ('pending', 'confirming', 'issued');
+    from tax.reversal q
+    join tax.invoice_line rl on rl.invoice_id = q.red_invoice_id
+   where q.invoice_id = new.invoice_id and q.id <> new.id and q.status in ('pending', 'confirming', 'issued');
   if v_orig.invoice_status = 'reversed' or (new.line_nos is null and cardinality(v_taken) > 0) or new.line_nos && v_taken then
     raise exception using errcode = 'EI016', message = format('invoice %s: line(s) %s already reversed or with a reversal under way', v_orig.invoice_no,
                                                             coalesce(array_to_string(array(select unnest(v_taken) intersect select unnest(coalesce(new.line_nos, v_taken)) order by 1), ', '), 'all')),
-      hint = 'See erp.invoice_reversal_request for this invoice; reverse only the other lines (line_nos), a full reversal is possible only while no line is reversed.';
+      hint = 'See tax.reversal for this invoice; reverse only the other lines (line_nos), a full reversal is possible only while no line is reversed.';
   end if;
   if v_orig.invoice_status not in ('issued', 'partially_reversed') or v_orig.invoice_type <> 'blue' then
-    raise exception using errcode = 'EI013', message = format('invoice %s (%s) is not an issued blue invoice and cannot be reversed', new.ar_invoice_id, v_orig.invoice_status),
+    raise exception using errcode = 'EI013', message = format('invoice %s (%s) is not an issued blue invoice and cannot be reversed', new.invoice_id, v_orig.invoice_status),
       hint = 'Only issued invoices can be reversed; a failed one was never issued.';
   end if;
   if new.reason is null or new.reason not in ('1', '2', '3', '4') then
@@ -1539,14 +1731,14 @@ begin
       hint = '1 销货退回, 2 开票有误, 3 服务中止, 4 销售折让 (Nuonuo''s numbering).';
   end if;
   select n into v_bad from unnest(new.line_nos) n
-   where not exists (select from erp.ar_invoice_line l where l.ar_invoice_id = v_orig.id and l.line_no = n) limit 1;
+   where not exists (select from tax.invoice_line l where l.invoice_id = v_orig.id and l.line_no = n) limit 1;
   if v_bad is not null or cardinality(new.line_nos) = 0 then
     raise exception using errcode = 'EI015', message = format('reversal of invoice %s: line %s is not on the invoice', v_orig.invoice_no, coalesce(v_bad::text, '(none given)')),
-      hint = 'line_nos lists erp.ar_invoice_line.line_no values of the invoice; leave it null for a full reversal.';
+      hint = 'line_nos lists tax.invoice_line.line_no values of the invoice; leave it null for a full reversal.';
   end if;
   -- 乐企 rule (reference §1.9): service-only lines cannot be 销货退回 (1), goods-only lines cannot be 服务中止 (3)
-  select array_agg(distinct left(l.tax_code, 1)) into v_kinds from erp.ar_invoice_line l
-   where l.ar_invoice_id = v_orig.id and (new.line_nos is null or l.line_no = any (new.line_nos));
+  select array_agg(distinct left(l.tax_code, 1)) into v_kinds from tax.invoice_line l
+   where l.invoice_id = v_orig.id and (new.line_nos is null or l.line_no = any (new.line_nos));
   if (new.reason = '1' and v_kinds <@ array['3']) or (new.reason = '3' and v_kinds <@ array['1']) then
     raise exception using errcode = 'EI014',
       message = format('reversal reason %s (%s) does not fit the reversed lines, which are all %s', new.reason,
@@ -1554,21 +1746,23 @@ begin
       hint = 'Services cannot be returned (use 3 服务中止, 2 开票有误 or 4 销售折让); goods cannot be a service stopped (use 1 销货退回, 2 or 4).';
   end if;
   v_cfg := tax._config();
-  insert into erp.ar_invoice (settlement_id, shipment_id, original_invoice_id, invoice_type, invoice_kind, request_id, order_no,
-                              buyer_name, buyer_tax_id, amount_excl_tax, tax_amount, amount_incl_tax, invoice_status)
-  values (v_orig.settlement_id, v_orig.shipment_id, v_orig.id, 'red', v_orig.invoice_kind, v_req, tax.order_no_for(v_req),
-          v_orig.buyer_name, v_orig.buyer_tax_id, 0, 0, 0, 'pending')
+  insert into tax.invoice (reversal_id, original_invoice_id, invoice_type, invoice_kind, request_id, order_no,
+                           buyer_name, buyer_tax_id, buyer_address, buyer_phone, buyer_bank_name, buyer_account, buyer_email,
+                           amount_excl_tax, tax_amount, amount_incl_tax, invoice_status)
+  values (new.id, v_orig.id, 'red', v_orig.invoice_kind, v_req, tax.order_no_for(v_req),
+          v_orig.buyer_name, v_orig.buyer_tax_id, v_orig.buyer_address, v_orig.buyer_phone, v_orig.buyer_bank_name, v_orig.buyer_account,
+          v_orig.buyer_email, 0, 0, 0, 'pending')
   returning id into v_red;
-  insert into erp.ar_invoice_line (ar_invoice_id, line_no, source_line_no, item_name, tax_code, spec, unit, quantity, unit_price,
-                                   tax_rate, amount_excl_tax, tax_amount, amount_incl_tax)
+  insert into tax.invoice_line (invoice_id, line_no, source_line_no, item_name, tax_code, spec, unit, quantity, unit_price,
+                                tax_rate, amount_excl_tax, tax_amount, amount_incl_tax)
   select v_red, l.line_no, l.source_line_no, l.item_name, l.tax_code, l.spec, l.unit, -l.quantity, l.unit_price,
          l.tax_rate, -l.amount_excl_tax, -l.tax_amount, -l.amount_incl_tax
-    from erp.ar_invoice_line l
-   where l.ar_invoice_id = v_orig.id and (new.line_nos is null or l.line_no = any (new.line_nos));
-  update erp.ar_invoice a set amount_excl_tax = t.ex, tax_amount = t.tx, amount_incl_tax = t.inc
-    from (select sum(amount_excl_tax) ex, sum(tax_amount) tx, sum(amount_incl_tax) inc from erp.ar_invoice_line where ar_invoice_id = v_red) t
+    from tax.invoice_line l
+   where l.invoice_id = v_orig.id and (new.line_nos is null or l.line_no = any (new.line_nos));
+  update tax.invoice a set amount_excl_tax = t.ex, tax_amount = t.tx, amount_incl_tax = t.inc
+    from (select sum(amount_excl_tax) ex, sum(tax_amount) tx, sum(amount_incl_tax) inc from tax.invoice_line where invoice_id = v_red) t
    where a.id = v_red;
-  update erp.invoice_reversal_request set red_invoice_id = v_red, bill_id = left(tax.order_no_for(v_req), 32) where id = new.id;
+  update tax.reversal set red_invoice_id = v_red, bill_id = left(tax.order_no_for(v_req), 32) where id = new.id;
   perform cloud.enqueue_message(v_cfg.endpoint, 'tax.red_confirm', jsonb_strip_nulls(jsonb_build_object(
     'billId', tax.order_no_for(v_req),
     'blueInvoiceLine', case v_orig.invoice_kind when 'special' then 'bs' else 'pc' end,
@@ -1584,8 +1778,8 @@ begin
                                            'taxRate', tax.decimal_text(l.tax_rate), 'num', tax.decimal_text(l.quantity),
                                            'taxExcludedPrice', tax.decimal_text(round(-l.amount_excl_tax / nullif(-l.quantity, 0), 8)),
                                            'taxExcludedAmount', l.amount_excl_tax::text, 'taxAmount', l.tax_amount::text) order by l.line_no)
-         from erp.ar_invoice_line l where l.ar_invoice_id = v_red) end)),
-    'erp.ar_invoice', v_red::text, null, v_req);
+         from tax.invoice_line l where l.invoice_id = v_red) end)),
+    'tax.invoice', v_red::text, null, v_req);
   return null;
 end $$;
 
@@ -1594,7 +1788,7 @@ end $$;
 -- Name: FUNCTION tg_reversal__500_request(); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.tg_reversal__500_request() IS 'Trigger: a reversal request for an issued or partially reversed invoice is checked (EI013–EI016; lines already reversed or under way are refused; the reason must fit goods / services), becomes a red erp.ar_invoice (negative lines, full or by line) and enqueues the 数电 red confirmation (saveInvoiceRedConfirm).';
+COMMENT ON FUNCTION tax.tg_reversal__500_request() IS 'Trigger: a reversal request (tax.reversal) for an issued or partially reversed invoice is checked (EI013–EI016; lines already reversed or under way are refused; the reason must fit goods / services), becomes a red tax.invoice (negative lines, full or by line, the original''s buyer) and enqueues the 数电 red confirmation (saveInvoiceRedConfirm).';
 
 
 --
@@ -1853,12 +2047,231 @@ COMMENT ON FUNCTION tax.validate_line(p_line tax.source_line, p_doc text) IS 'Ch
 
 
 --
+-- Name: document; Type: TABLE; Schema: tax
+--
+
+CREATE TABLE tax.document (
+    id bigint NOT NULL,
+    source text NOT NULL,
+    reference text NOT NULL,
+    kind text NOT NULL,
+    remark text,
+    doc jsonb NOT NULL,
+    doc_sha256 text NOT NULL,
+    received_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT document_kind_check CHECK ((kind = ANY (ARRAY['normal'::text, 'special'::text])))
+);
+
+
+--
+-- Name: TABLE document; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON TABLE tax.document IS 'One row per document an ERP handed in to be invoiced, found by (source, reference): its kind, the remark printed on its invoices, the document itself (doc, as ADR 0001 §3.2 describes it) and the sha256 of its text. Blue invoices point here (tax.invoice.document_id); red invoices point to their reversal instead.';
+
+
+--
+-- Name: COLUMN document.source; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.document.source IS 'The ERP that handed the document in (''reference-erp'' for the reference ERP''s settlements and shipments).';
+
+
+--
+-- Name: COLUMN document.reference; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.document.reference IS 'The caller''s key of the document, unique per source (''settlement/<settlement_no>'' or ''shipment/<shipment_no>'' for the reference ERP).';
+
+
+--
+-- Name: COLUMN document.kind; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.document.kind IS 'normal (数电普票) or special (数电专票): every invoice of the document has this kind.';
+
+
+--
+-- Name: COLUMN document.remark; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.document.remark IS 'The remark printed on the document''s invoices (with " (n/m)" when it is split); the reference ERP''s is its document number.';
+
+
+--
+-- Name: COLUMN document.doc; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.document.doc IS 'The document as handed in: kind, remark, buyer (name, tax_id, address, phone, bank_name, bank_account, email, tax_id_check_override) and lines; for documents from before release 0018, rebuilt from the reference ERP''s rows when the store moved.';
+
+
+--
+-- Name: COLUMN document.doc_sha256; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.document.doc_sha256 IS 'encode(sha256(doc::text::bytea), ''hex''): tells a document handed in again with other content from the same one.';
+
+
+--
+-- Name: COLUMN document.received_at; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.document.received_at IS 'When the document was handed in (for documents from before release 0018: when the settlement was approved or the shipment posted).';
+
+
+--
+-- Name: invoice_line; Type: TABLE; Schema: tax
+--
+
+CREATE TABLE tax.invoice_line (
+    id bigint NOT NULL,
+    invoice_id bigint NOT NULL,
+    line_no integer NOT NULL,
+    source_line_no integer NOT NULL,
+    item_name text NOT NULL,
+    tax_code text NOT NULL,
+    spec text,
+    unit text,
+    quantity numeric,
+    unit_price numeric,
+    tax_rate numeric(6,4) NOT NULL,
+    amount_excl_tax numeric(16,2) NOT NULL,
+    tax_amount numeric(16,2) NOT NULL,
+    amount_incl_tax numeric(16,2) NOT NULL
+);
+
+
+--
+-- Name: TABLE invoice_line; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON TABLE tax.invoice_line IS 'Invoice lines after price–tax separation in numeric: excl = round(incl / (1 + rate), 2), tax = incl − excl (or the ERP''s own tax within 0.06). source_line_no is the line_no of the document''s line.';
+
+
+--
+-- Name: reversal; Type: TABLE; Schema: tax
+--
+
+CREATE TABLE tax.reversal (
+    id bigint NOT NULL,
+    invoice_id bigint NOT NULL,
+    reason text NOT NULL,
+    line_nos integer[],
+    status text DEFAULT 'pending'::text NOT NULL,
+    bill_id text,
+    bill_status text,
+    red_invoice_id bigint,
+    error_message text,
+    requested_at timestamp with time zone DEFAULT now() NOT NULL,
+    form_submitted_at timestamp with time zone,
+    finished_at timestamp with time zone,
+    source text,
+    reference text,
+    CONSTRAINT reversal_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'confirming'::text, 'issued'::text, 'failed'::text])))
+);
+
+
+--
+-- Name: TABLE reversal; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON TABLE tax.reversal IS '红冲 requests. Insert one for an issued invoice (invoice_id; reason: Nuonuo code 1 销货退回, 2 开票有误, 3 服务中止, 4 销售折让; line_nos null = full, else those invoice lines) and the 数电 red-confirmation flow runs; status pending → confirming → issued | failed. The red invoice is red_invoice_id (its tax.invoice.reversal_id points back here). The reference ERP inserts through the view erp.invoice_reversal_request.';
+
+
+--
+-- Name: COLUMN reversal.invoice_id; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.reversal.invoice_id IS 'The blue invoice reversed (all of it, or its lines line_nos).';
+
+
+--
+-- Name: COLUMN reversal.form_submitted_at; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.reversal.form_submitted_at IS 'When the platform took the red-confirmation form (tax.red_confirm answered): the 72-hour confirmation deadline counts from here.';
+
+
+--
+-- Name: COLUMN reversal.source; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.reversal.source IS 'The ERP that asked for the reversal (its key with reference); null for requests made before the reversal contract.';
+
+
+--
+-- Name: COLUMN reversal.reference; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.reversal.reference IS 'The caller''s key of the reversal, with source; null for requests made before the reversal contract.';
+
+
+--
+-- Name: attachment; Type: TABLE; Schema: tax
+--
+
+CREATE TABLE tax.attachment (
+    id bigint NOT NULL,
+    file_name text NOT NULL,
+    content_type text NOT NULL,
+    content bytea NOT NULL,
+    sha256 text NOT NULL,
+    byte_size integer NOT NULL,
+    source_url text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    invoice_id bigint NOT NULL
+);
+
+
+--
+-- Name: TABLE attachment; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON TABLE tax.attachment IS 'Files of an invoice: its PDF lands here after issue (tax.record_pdf), with its sha256 and size; one file name per invoice.';
+
+
+--
+-- Name: COLUMN attachment.invoice_id; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.attachment.invoice_id IS 'The invoice the file belongs to.';
+
+
+--
+-- Name: attachment_id_seq; Type: SEQUENCE; Schema: tax
+--
+
+ALTER TABLE tax.attachment ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME tax.attachment_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
+-- Name: document_id_seq; Type: SEQUENCE; Schema: tax
+--
+
+ALTER TABLE tax.document ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME tax.document_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
 -- Name: invoice_event; Type: TABLE; Schema: tax
 --
 
 CREATE TABLE tax.invoice_event (
     id bigint NOT NULL,
-    ar_invoice_id bigint NOT NULL,
+    invoice_id bigint NOT NULL,
     old_invoice_no text,
     new_invoice_no text,
     invoice_status text NOT NULL,
@@ -1871,7 +2284,7 @@ CREATE TABLE tax.invoice_event (
 -- Name: TABLE invoice_event; Type: COMMENT; Schema: tax
 --
 
-COMMENT ON TABLE tax.invoice_event IS 'Invoice event log: every change of erp.ar_invoice.invoice_no (trigger update_invoice_status), with the status at that moment and who made it.';
+COMMENT ON TABLE tax.invoice_event IS 'Invoice event log: every change of tax.invoice.invoice_no (trigger update_invoice_status), with the status at that moment and who made it.';
 
 
 --
@@ -1889,6 +2302,64 @@ ALTER TABLE tax.invoice_event ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 
 
 --
+-- Name: invoice_id_seq; Type: SEQUENCE; Schema: tax
+--
+
+ALTER TABLE tax.invoice ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME tax.invoice_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
+-- Name: invoice_line_id_seq; Type: SEQUENCE; Schema: tax
+--
+
+ALTER TABLE tax.invoice_line ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME tax.invoice_line_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
+-- Name: reversal_id_seq; Type: SEQUENCE; Schema: tax
+--
+
+ALTER TABLE tax.reversal ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME tax.reversal_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
+-- Name: attachment attachment_invoice_id_file_name_key; Type: CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.attachment
+    ADD CONSTRAINT attachment_invoice_id_file_name_key UNIQUE (invoice_id, file_name);
+
+
+--
+-- Name: attachment attachment_pkey; Type: CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.attachment
+    ADD CONSTRAINT attachment_pkey PRIMARY KEY (id);
+
+
+--
 -- Name: config config_pkey; Type: CONSTRAINT; Schema: tax
 --
 
@@ -1897,11 +2368,91 @@ ALTER TABLE ONLY tax.config
 
 
 --
+-- Name: document document_pkey; Type: CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.document
+    ADD CONSTRAINT document_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: document document_source_reference_key; Type: CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.document
+    ADD CONSTRAINT document_source_reference_key UNIQUE (source, reference);
+
+
+--
+-- Name: invoice invoice_document_id_part_no_key; Type: CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.invoice
+    ADD CONSTRAINT invoice_document_id_part_no_key UNIQUE (document_id, part_no);
+
+
+--
 -- Name: invoice_event invoice_event_pkey; Type: CONSTRAINT; Schema: tax
 --
 
 ALTER TABLE ONLY tax.invoice_event
     ADD CONSTRAINT invoice_event_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: invoice_line invoice_line_invoice_id_line_no_key; Type: CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.invoice_line
+    ADD CONSTRAINT invoice_line_invoice_id_line_no_key UNIQUE (invoice_id, line_no);
+
+
+--
+-- Name: invoice_line invoice_line_pkey; Type: CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.invoice_line
+    ADD CONSTRAINT invoice_line_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: invoice invoice_order_no_key; Type: CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.invoice
+    ADD CONSTRAINT invoice_order_no_key UNIQUE (order_no);
+
+
+--
+-- Name: invoice invoice_pkey; Type: CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.invoice
+    ADD CONSTRAINT invoice_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: invoice invoice_request_id_key; Type: CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.invoice
+    ADD CONSTRAINT invoice_request_id_key UNIQUE (request_id);
+
+
+--
+-- Name: invoice invoice_reversal_id_key; Type: CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.invoice
+    ADD CONSTRAINT invoice_reversal_id_key UNIQUE (reversal_id);
+
+
+--
+-- Name: reversal reversal_pkey; Type: CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.reversal
+    ADD CONSTRAINT reversal_pkey PRIMARY KEY (id);
 
 
 --
@@ -1916,7 +2467,84 @@ ALTER TABLE ONLY tax.text_limit
 -- Name: invoice_event_invoice; Type: INDEX; Schema: tax
 --
 
-CREATE INDEX invoice_event_invoice ON tax.invoice_event USING btree (ar_invoice_id, id);
+CREATE INDEX invoice_event_invoice ON tax.invoice_event USING btree (invoice_id, id);
+
+
+--
+-- Name: invoice_original; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX invoice_original ON tax.invoice USING btree (original_invoice_id) WHERE (original_invoice_id IS NOT NULL);
+
+
+--
+-- Name: reversal reversal_500_request; Type: TRIGGER; Schema: tax
+--
+
+CREATE TRIGGER reversal_500_request AFTER INSERT ON tax.reversal FOR EACH ROW EXECUTE FUNCTION tax.tg_reversal__500_request();
+
+
+--
+-- Name: invoice update_invoice_status; Type: TRIGGER; Schema: tax
+--
+
+CREATE TRIGGER update_invoice_status AFTER UPDATE OF invoice_no ON tax.invoice FOR EACH ROW EXECUTE FUNCTION tax.log_invoice_event();
+
+
+--
+-- Name: attachment attachment_invoice_id_fkey; Type: FK CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.attachment
+    ADD CONSTRAINT attachment_invoice_id_fkey FOREIGN KEY (invoice_id) REFERENCES tax.invoice(id);
+
+
+--
+-- Name: invoice invoice_document_id_fkey; Type: FK CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.invoice
+    ADD CONSTRAINT invoice_document_id_fkey FOREIGN KEY (document_id) REFERENCES tax.document(id);
+
+
+--
+-- Name: invoice_line invoice_line_invoice_id_fkey; Type: FK CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.invoice_line
+    ADD CONSTRAINT invoice_line_invoice_id_fkey FOREIGN KEY (invoice_id) REFERENCES tax.invoice(id) ON DELETE CASCADE;
+
+
+--
+-- Name: invoice invoice_original_invoice_id_fkey; Type: FK CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.invoice
+    ADD CONSTRAINT invoice_original_invoice_id_fkey FOREIGN KEY (original_invoice_id) REFERENCES tax.invoice(id);
+
+
+--
+-- Name: invoice invoice_reversal_id_fkey; Type: FK CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.invoice
+    ADD CONSTRAINT invoice_reversal_id_fkey FOREIGN KEY (reversal_id) REFERENCES tax.reversal(id);
+
+
+--
+-- Name: reversal reversal_invoice_id_fkey; Type: FK CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.reversal
+    ADD CONSTRAINT reversal_invoice_id_fkey FOREIGN KEY (invoice_id) REFERENCES tax.invoice(id);
+
+
+--
+-- Name: reversal reversal_red_invoice_id_fkey; Type: FK CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.reversal
+    ADD CONSTRAINT reversal_red_invoice_id_fkey FOREIGN KEY (red_invoice_id) REFERENCES tax.invoice(id);
 
 
 --
@@ -1929,10 +2557,18 @@ GRANT USAGE ON SCHEMA tax TO erp_cloud_operator;
 
 
 --
--- Name: FUNCTION _answer_is_stale(m cloud.outbox, p_inv erp.ar_invoice); Type: ACL; Schema: tax
+-- Name: TABLE invoice; Type: ACL; Schema: tax
 --
 
-REVOKE ALL ON FUNCTION tax._answer_is_stale(m cloud.outbox, p_inv erp.ar_invoice) FROM PUBLIC;
+GRANT SELECT ON TABLE tax.invoice TO erp_cloud_app;
+GRANT SELECT ON TABLE tax.invoice TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION _answer_is_stale(m cloud.outbox, p_inv tax.invoice); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._answer_is_stale(m cloud.outbox, p_inv tax.invoice) FROM PUBLIC;
 
 
 --
@@ -1957,10 +2593,10 @@ REVOKE ALL ON FUNCTION tax._config() FROM PUBLIC;
 
 
 --
--- Name: FUNCTION _enqueue_query(p_inv erp.ar_invoice, p_by text, p_delay_ms bigint); Type: ACL; Schema: tax
+-- Name: FUNCTION _enqueue_query(p_inv tax.invoice, p_by text, p_delay_ms bigint); Type: ACL; Schema: tax
 --
 
-REVOKE ALL ON FUNCTION tax._enqueue_query(p_inv erp.ar_invoice, p_by text, p_delay_ms bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION tax._enqueue_query(p_inv tax.invoice, p_by text, p_delay_ms bigint) FROM PUBLIC;
 
 
 --
@@ -1985,10 +2621,10 @@ REVOKE ALL ON FUNCTION tax._mark_original_reversed(p_original bigint) FROM PUBLI
 
 
 --
--- Name: FUNCTION _outcome_unknown(p_inv erp.ar_invoice); Type: ACL; Schema: tax
+-- Name: FUNCTION _outcome_unknown(p_inv tax.invoice); Type: ACL; Schema: tax
 --
 
-REVOKE ALL ON FUNCTION tax._outcome_unknown(p_inv erp.ar_invoice) FROM PUBLIC;
+REVOKE ALL ON FUNCTION tax._outcome_unknown(p_inv tax.invoice) FROM PUBLIC;
 
 
 --
@@ -1999,10 +2635,17 @@ REVOKE ALL ON FUNCTION tax._poll_delay_ms(p_poll integer) FROM PUBLIC;
 
 
 --
--- Name: FUNCTION _query_now(p_inv erp.ar_invoice); Type: ACL; Schema: tax
+-- Name: FUNCTION _query_now(p_inv tax.invoice); Type: ACL; Schema: tax
 --
 
-REVOKE ALL ON FUNCTION tax._query_now(p_inv erp.ar_invoice) FROM PUBLIC;
+REVOKE ALL ON FUNCTION tax._query_now(p_inv tax.invoice) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _reference_erp_document(p_source text, p_id bigint); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._reference_erp_document(p_source text, p_id bigint) FROM PUBLIC;
 
 
 --
@@ -2294,6 +2937,59 @@ REVOKE ALL ON FUNCTION tax.validate_buyer(p_customer erp.customer, p_kind text, 
 --
 
 REVOKE ALL ON FUNCTION tax.validate_line(p_line tax.source_line, p_doc text) FROM PUBLIC;
+
+
+--
+-- Name: TABLE document; Type: ACL; Schema: tax
+--
+
+GRANT SELECT ON TABLE tax.document TO erp_cloud_app;
+GRANT SELECT ON TABLE tax.document TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE invoice_line; Type: ACL; Schema: tax
+--
+
+GRANT SELECT ON TABLE tax.invoice_line TO erp_cloud_app;
+GRANT SELECT ON TABLE tax.invoice_line TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE reversal; Type: ACL; Schema: tax
+--
+
+GRANT SELECT ON TABLE tax.reversal TO erp_cloud_app;
+GRANT SELECT ON TABLE tax.reversal TO erp_cloud_operator;
+
+
+--
+-- Name: COLUMN reversal.invoice_id; Type: ACL; Schema: tax
+--
+
+GRANT INSERT(invoice_id) ON TABLE tax.reversal TO erp_cloud_app;
+
+
+--
+-- Name: COLUMN reversal.reason; Type: ACL; Schema: tax
+--
+
+GRANT INSERT(reason) ON TABLE tax.reversal TO erp_cloud_app;
+
+
+--
+-- Name: COLUMN reversal.line_nos; Type: ACL; Schema: tax
+--
+
+GRANT INSERT(line_nos) ON TABLE tax.reversal TO erp_cloud_app;
+
+
+--
+-- Name: TABLE attachment; Type: ACL; Schema: tax
+--
+
+GRANT SELECT ON TABLE tax.attachment TO erp_cloud_app;
+GRANT SELECT ON TABLE tax.attachment TO erp_cloud_operator;
 
 
 --

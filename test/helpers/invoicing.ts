@@ -111,7 +111,11 @@ export interface InvoiceRow {
   invoice_date: Date | null;
 }
 
+/** The SQL of the tax.document id of the reference ERP's settlement (or shipment) $1. */
+export const documentOf = (source: 'settlement' | 'shipment' = 'settlement', param = '$1') =>
+  `(select d.id from tax.document d join erp.${source} e on d.reference = '${source}/' || e.${source}_no where d.source = 'reference-erp' and e.id = ${param})`;
+
 export async function invoicesOf(pool: pg.Pool, settlementId: number, source: 'settlement' | 'shipment' = 'settlement'): Promise<InvoiceRow[]> {
-  const { rows } = await pool.query(`select * from erp.ar_invoice where ${source}_id = $1 and invoice_type = 'blue' order by part_no`, [settlementId]);
+  const { rows } = await pool.query(`select * from tax.invoice where document_id = ${documentOf(source)} and invoice_type = 'blue' order by part_no`, [settlementId]);
   return rows;
 }
