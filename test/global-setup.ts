@@ -80,6 +80,8 @@ export default async function setup(project: TestProject): Promise<() => Promise
     await admin(url, (c) => c.query(`drop database if exists ${TEMPLATE} with (force)`));
     const after = await sharedFingerprint(url);
     if (after !== shared) {
+      // vitest reports an error thrown here but still exits 0: fail the run explicitly
+      process.exitCode = 1;
       throw new Error(`the shared database ${SHARED_DB} changed during the test run (tables made, dropped or truncated, or its migration history): a test used a database it did not create`);
     }
   };
