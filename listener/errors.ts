@@ -53,6 +53,13 @@ export const SqlState = {
   invoiceUsccRegion: 'EI022',
   invoiceTextTooLong: 'EI023',
   invoiceTextLimitSettingInvalid: 'EI024',
+  // the e-invoicing contract (sql/migrations/0019_invoice_contract.sql)
+  invoiceDocumentMalformed: 'EI025',
+  invoiceSourceUnknown: 'EI026',
+  invoiceSourceRegistrationInvalid: 'EI027',
+  reversalReferenceReused: 'EI028',
+  invoiceReissueWithoutBuyer: 'EI029',
+  invoiceDocumentUnknown: 'EI030',
   // supplier collaboration (sql/migrations/0008_supplier_collaboration.sql)
   poStatusChangeNotAllowed: 'ES001',
   poWithoutLines: 'ES002',

@@ -80,7 +80,9 @@ const snapshot = {
                  from erp.attachment order by id`,
   pdfsAfter: `select id, invoice_id, file_name, content_type, sha256, byte_size, encode(sha256(content), 'hex') as content_sha256, source_url, created_at
                 from tax.attachment order by id`,
-  reversalsBefore: `select id, ar_invoice_id as invoice_id, reason, line_nos, status, bill_id, bill_status, red_invoice_id, requested_at from erp.invoice_reversal_request order by id`,
+  // 0019 names the reasons (Nuonuo's digits 1–4 become return, error, service_stopped, allowance)
+  reversalsBefore: `select id, ar_invoice_id as invoice_id,
+                           case reason when '1' then 'return' when '2' then 'error' when '3' then 'service_stopped' when '4' then 'allowance' end as reason, line_nos, status, bill_id, bill_status, red_invoice_id, requested_at from erp.invoice_reversal_request order by id`,
   reversalsAfter: `select id, invoice_id, reason, line_nos, status, bill_id, bill_status, red_invoice_id, requested_at from tax.reversal order by id`,
   outbox: `select request_id, operation, status, aggregate_type, aggregate_id, attempts from cloud.outbox order by request_id`,
   events: `select count(*)::int n from tax.invoice_event`,

@@ -184,7 +184,7 @@ describe('validation stops the approval with its SQLSTATE; nothing is enqueued a
     const c = await customer(db.pool);
     const s = await settlement(db.pool, c, [good, { item: '坏编码', code: '123', amount: 10 }]);
     const err = await approve(db.pool, s.id).then(() => null, (e: { message: string; hint?: string }) => e);
-    expect(err?.message).toContain(`settlement ${s.no} line 2 (坏编码): tax_code`);
+    expect(err?.message).toContain(`document settlement/${s.no} line 2 (坏编码): tax_code`);
     expect(err?.hint).toMatch(/19-digit/);
   });
 

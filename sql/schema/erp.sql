@@ -21,6 +21,28 @@ COMMENT ON SCHEMA erp IS 'The ERP''s own documents (the reference model erp-clou
 
 
 --
+-- Name: buyer_of(text); Type: FUNCTION; Schema: erp
+--
+
+CREATE FUNCTION erp.buyer_of(p_reference text) RETURNS jsonb
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  select tax._reference_erp_document(split_part(p_reference, '/', 1),
+           case split_part(p_reference, '/', 1)
+             when 'settlement' then (select s.id from erp.settlement s where s.settlement_no = substr(p_reference, 12))
+             when 'shipment' then (select s.id from erp.shipment s where s.shipment_no = substr(p_reference, 10)) end) -> 'buyer'
+$$;
+
+
+--
+-- Name: FUNCTION buyer_of(p_reference text); Type: COMMENT; Schema: erp
+--
+
+COMMENT ON FUNCTION erp.buyer_of(p_reference text) IS 'The reference ERP''s refresh_buyer: the buyer of settlement/<no> or shipment/<no> as erp.customer has it now (what a reissue uses).';
+
+
+--
 -- Name: tg_purchase_order__100_refuse_delete(); Type: FUNCTION; Schema: erp
 --
 
@@ -238,40 +260,6 @@ CREATE TABLE erp.supplier (
 --
 
 COMMENT ON TABLE erp.supplier IS 'Suppliers. code is the key the procurement cloud and ASNs use; cloud_id is the supplier''s id in the cloud, when known.';
-
-
---
--- Name: customer; Type: TABLE; Schema: erp
---
-
-CREATE TABLE erp.customer (
-    id bigint NOT NULL,
-    name text NOT NULL,
-    tax_id text,
-    address text,
-    phone text,
-    bank_name text,
-    bank_account text,
-    email text,
-    invoice_on text DEFAULT 'settlement'::text NOT NULL,
-    tax_id_check_override boolean DEFAULT false NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT customer_invoice_on_check CHECK ((invoice_on = ANY (ARRAY['settlement'::text, 'shipment'::text])))
-);
-
-
---
--- Name: TABLE customer; Type: COMMENT; Schema: erp
---
-
-COMMENT ON TABLE erp.customer IS 'Customers (buyers on the invoice). invoice_on: which event issues their invoices, settlement approval (default) or shipment posting.';
-
-
---
--- Name: COLUMN customer.tax_id_check_override; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.customer.tax_id_check_override IS 'An operator confirmed that this 18-character tax id is legal although it fails the GB 32100 check digit (early pilot codes): issue with a warning instead of EI002.';
 
 
 --
@@ -606,6 +594,40 @@ ALTER TABLE erp.attachment ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     NO MAXVALUE
     CACHE 1
 );
+
+
+--
+-- Name: customer; Type: TABLE; Schema: erp
+--
+
+CREATE TABLE erp.customer (
+    id bigint NOT NULL,
+    name text NOT NULL,
+    tax_id text,
+    address text,
+    phone text,
+    bank_name text,
+    bank_account text,
+    email text,
+    invoice_on text DEFAULT 'settlement'::text NOT NULL,
+    tax_id_check_override boolean DEFAULT false NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT customer_invoice_on_check CHECK ((invoice_on = ANY (ARRAY['settlement'::text, 'shipment'::text])))
+);
+
+
+--
+-- Name: TABLE customer; Type: COMMENT; Schema: erp
+--
+
+COMMENT ON TABLE erp.customer IS 'Customers (buyers on the invoice). invoice_on: which event issues their invoices, settlement approval (default) or shipment posting.';
+
+
+--
+-- Name: COLUMN customer.tax_id_check_override; Type: COMMENT; Schema: erp
+--
+
+COMMENT ON COLUMN erp.customer.tax_id_check_override IS 'An operator confirmed that this 18-character tax id is legal although it fails the GB 32100 check digit (early pilot codes): issue with a warning instead of EI002.';
 
 
 --
@@ -1373,6 +1395,13 @@ GRANT USAGE ON SCHEMA erp TO erp_cloud_sso;
 
 
 --
+-- Name: FUNCTION buyer_of(p_reference text); Type: ACL; Schema: erp
+--
+
+REVOKE ALL ON FUNCTION erp.buyer_of(p_reference text) FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION tg_purchase_order__100_refuse_delete(); Type: ACL; Schema: erp
 --
 
@@ -1440,14 +1469,6 @@ GRANT UPDATE(supplier_confirmed_at) ON TABLE erp.purchase_order TO erp_cloud_sup
 GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE erp.supplier TO erp_cloud_app;
 GRANT SELECT ON TABLE erp.supplier TO erp_cloud_operator;
 GRANT SELECT ON TABLE erp.supplier TO erp_cloud_supplier_portal;
-
-
---
--- Name: TABLE customer; Type: ACL; Schema: erp
---
-
-GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE erp.customer TO erp_cloud_app;
-GRANT SELECT ON TABLE erp.customer TO erp_cloud_operator;
 
 
 --
@@ -1536,6 +1557,14 @@ GRANT SELECT ON TABLE erp.asn_line TO erp_cloud_supplier_portal;
 
 GRANT SELECT ON TABLE erp.attachment TO erp_cloud_app;
 GRANT SELECT ON TABLE erp.attachment TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE customer; Type: ACL; Schema: erp
+--
+
+GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE erp.customer TO erp_cloud_app;
+GRANT SELECT ON TABLE erp.customer TO erp_cloud_operator;
 
 
 --

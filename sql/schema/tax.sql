@@ -21,6 +21,44 @@ COMMENT ON SCHEMA tax IS 'E-invoicing: validation, Tax_Invoice_Payload builders,
 
 
 --
+-- Name: invoice_result; Type: TYPE; Schema: tax
+--
+
+CREATE TYPE tax.invoice_result AS (
+	invoice_id bigint,
+	source text,
+	reference text,
+	invoice_type text,
+	original_invoice_id bigint,
+	original_reference text,
+	part_no integer,
+	part_count integer,
+	kind text,
+	event text,
+	status text,
+	outcome text,
+	invoice_no text,
+	invoice_date timestamp with time zone,
+	amount_excl_tax numeric(16,2),
+	tax_amount numeric(16,2),
+	amount_incl_tax numeric(16,2),
+	error_code text,
+	error_message text,
+	pdf_attachment_id bigint,
+	pdf_url text,
+	ofd_url text,
+	changed_at timestamp with time zone
+);
+
+
+--
+-- Name: TYPE invoice_result; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON TYPE tax.invoice_result IS 'What a source''s on_invoice callback receives: the whole current state of one invoice (blue: the document''s reference; red: the reversal''s, with original_reference), and the event that changed it (submitted, issued, failed, requeried, reissued, pdf_stored, reversed, partially_reversed, changed). The PDF bytes are in tax.invoice_status.pdf.';
+
+
+--
 -- Name: source_line; Type: TYPE; Schema: tax
 --
 
@@ -43,6 +81,25 @@ CREATE TYPE tax.source_line AS (
 --
 
 COMMENT ON TYPE tax.source_line IS 'A settlement or shipment line as the validators and the splitter see it.';
+
+
+--
+-- Name: validation_context; Type: TYPE; Schema: tax
+--
+
+CREATE TYPE tax.validation_context AS (
+	source text,
+	reference text,
+	document_label text,
+	field_names jsonb
+);
+
+
+--
+-- Name: TYPE validation_context; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON TYPE tax.validation_context IS 'Internal: who is validated, so a message names the caller''s document and fields.';
 
 
 --
@@ -211,6 +268,115 @@ COMMENT ON FUNCTION tax._answer_is_stale(m cloud.outbox, p_inv tax.invoice) IS '
 
 
 --
+-- Name: _call_source(bigint, text); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._call_source(p_invoice_id bigint, p_event text) RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+declare
+  v_res   tax.invoice_result := tax._invoice_result(p_invoice_id, p_event);
+  v_call  text;
+  v_state text;
+  v_msg   text;
+begin
+  select format('select %I.%I($1)', n.nspname, p.proname) into v_call
+    from tax.source s join pg_proc p on p.oid = s.on_invoice join pg_namespace n on n.oid = p.pronamespace
+   where s.name = v_res.source;
+  if v_call is null then
+    return true;
+  end if;
+  begin
+    execute v_call using v_res;
+  exception when others then
+    -- the callback's own writes are rolled back; the write-back that called it goes on
+    get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
+    insert into tax.callback_failure (source, invoice_id, event, sqlstate, message) values (v_res.source, p_invoice_id, p_event, v_state, v_msg);
+    raise warning 'on_invoice of source % failed for invoice % (%): % %', v_res.source, p_invoice_id, p_event, v_state, v_msg
+      using hint = 'The change is committed without the callback''s writes; fix the callback and run tax.replay_callbacks.';
+    return false;
+  end;
+  return true;
+end $_$;
+
+
+--
+-- Name: FUNCTION _call_source(p_invoice_id bigint, p_event text); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._call_source(p_invoice_id bigint, p_event text) IS 'Internal: calls the on_invoice of the invoice''s source with its current state; an error is caught (only the callback''s writes are undone), kept in tax.callback_failure with a WARNING, and false returned.';
+
+
+--
+-- Name: _check_callback(regprocedure, regtype, regtype, text); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._check_callback(p_fn regprocedure, p_arg regtype, p_result regtype, p_what text) RETURNS void
+    LANGUAGE plpgsql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  p pg_proc;
+begin
+  select * into p from pg_proc where oid = p_fn;
+  if p.pronargs <> 1 or p.proargtypes[0] <> p_arg or p.prorettype <> p_result then
+    raise exception using errcode = 'EI027', message = format('%s %s must take one %s and return %s', p_what, p_fn, p_arg, p_result),
+      hint = format('Declare it as f(%s) returns %s.', p_arg, p_result);
+  end if;
+  if not p.prosecdef or not exists (select from unnest(p.proconfig) c where c like 'search_path=%') then
+    raise exception using errcode = 'EI027', message = format('%s %s must be SECURITY DEFINER with its own search_path', p_what, p_fn),
+      hint = 'It runs inside erp-cloud''s transaction: declare it SECURITY DEFINER SET search_path = '''' so it runs with its owner''s (the ERP''s) rights.';
+  end if;
+  if (select rolsuper from pg_roles where oid = p.proowner) then
+    raise exception using errcode = 'EI027', message = format('%s %s is owned by a superuser', p_what, p_fn),
+      hint = 'Make the ERP''s own role its owner (ALTER FUNCTION … OWNER TO), so it runs with the ERP''s rights, not the migrator''s.';
+  end if;
+end $$;
+
+
+--
+-- Name: FUNCTION _check_callback(p_fn regprocedure, p_arg regtype, p_result regtype, p_what text); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._check_callback(p_fn regprocedure, p_arg regtype, p_result regtype, p_what text) IS 'Internal: EI027 unless a function a source registers has the contract''s signature, is SECURITY DEFINER with a search_path, and is not owned by a superuser.';
+
+
+--
+-- Name: _check_doc_text(text, text, tax.validation_context, text, tax.source_line, text); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._check_doc_text(p_limit text, p_value text, p_ctx tax.validation_context, p_path text, p_line tax.source_line DEFAULT NULL::tax.source_line, p_name text DEFAULT NULL::text) RETURNS void
+    LANGUAGE plpgsql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_lim  tax.text_limit;
+  v_len  integer := char_length(p_value);
+  v_name text := coalesce(p_name, tax._field(p_ctx, p_path));
+begin
+  if p_value is null then
+    return;
+  end if;
+  select * into strict v_lim from tax.text_limit where field = p_limit;
+  if v_len > v_lim.max_chars then
+    raise exception using errcode = 'EI023',
+      message = format('%s: %s (%s) is %s characters long, the tax platform takes at most %s', tax._where(p_ctx, p_line), v_name, p_limit, v_len, v_lim.max_chars),
+      detail = p_path,
+      hint = format('Shorten %s to at most %s characters (it begins %L): the invoice text is never cut short. The limit is tax.text_limit %L (tax.put_text_limit).',
+                    v_name, v_lim.max_chars, left(p_value, 20) || '…', p_limit);
+  end if;
+end $$;
+
+
+--
+-- Name: FUNCTION _check_doc_text(p_limit text, p_value text, p_ctx tax.validation_context, p_path text, p_line tax.source_line, p_name text); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._check_doc_text(p_limit text, p_value text, p_ctx tax.validation_context, p_path text, p_line tax.source_line, p_name text) IS 'Internal: EI023 when a text of the caller''s document is longer (in characters) than tax.text_limit allows; the message names the caller''s field and the limit, DETAIL its JSON path.';
+
+
+--
 -- Name: _check_text(text, text, text, text); Type: FUNCTION; Schema: tax
 --
 
@@ -313,6 +479,140 @@ COMMENT ON FUNCTION tax._config() IS 'Internal: the settings, or EI012 when the 
 
 
 --
+-- Name: _doc_numeric(jsonb, tax.validation_context, text); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._doc_numeric(p_value jsonb, p_ctx tax.validation_context, p_path text) RETURNS numeric
+    LANGUAGE plpgsql IMMUTABLE
+    AS $_$
+begin
+  if p_value is null or jsonb_typeof(p_value) = 'null' then
+    return null;
+  elsif jsonb_typeof(p_value) = 'number' then
+    return (p_value #>> '{}')::numeric;
+  elsif jsonb_typeof(p_value) = 'string' and btrim(p_value #>> '{}') ~ '^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$' then
+    return btrim(p_value #>> '{}')::numeric;
+  end if;
+  raise exception using errcode = 'EI025',
+    message = format('%s: %s is %s, not a number', tax._where(p_ctx), tax._field(p_ctx, p_path), left(p_value::text, 40)),
+    detail = p_path,
+    hint = 'Hand in numbers as JSON numbers or numeric strings ("12.50").';
+end $_$;
+
+
+--
+-- Name: FUNCTION _doc_numeric(p_value jsonb, p_ctx tax.validation_context, p_path text); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._doc_numeric(p_value jsonb, p_ctx tax.validation_context, p_path text) IS 'Internal: a number of the document, given as a JSON number or a numeric string; EI025 for anything else.';
+
+
+--
+-- Name: _doc_text(jsonb, tax.validation_context, text); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._doc_text(p_value jsonb, p_ctx tax.validation_context, p_path text) RETURNS text
+    LANGUAGE plpgsql IMMUTABLE
+    AS $$
+begin
+  if p_value is null or jsonb_typeof(p_value) = 'null' then
+    return null;
+  elsif jsonb_typeof(p_value) in ('string', 'number') then
+    return p_value #>> '{}';
+  end if;
+  raise exception using errcode = 'EI025',
+    message = format('%s: %s is a JSON %s, not a text', tax._where(p_ctx), tax._field(p_ctx, p_path), jsonb_typeof(p_value)),
+    detail = p_path,
+    hint = 'Hand in texts as JSON strings.';
+end $$;
+
+
+--
+-- Name: FUNCTION _doc_text(p_value jsonb, p_ctx tax.validation_context, p_path text); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._doc_text(p_value jsonb, p_ctx tax.validation_context, p_path text) IS 'Internal: a text field of the document at p_path (a number is taken as its text); EI025 for an object, array or boolean.';
+
+
+--
+-- Name: _document_id(text, text); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._document_id(p_source text, p_reference text) RETURNS bigint
+    LANGUAGE plpgsql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_src tax.source := tax._source(p_source);
+  v_id  bigint;
+begin
+  select id into v_id from tax.document where source = p_source and reference = p_reference;
+  if v_id is null then
+    raise exception using errcode = 'EI030', message = format('%s %s was never handed to e-invoicing', v_src.document_label, p_reference),
+      hint = 'tax.invoice_status lists the documents of a source by reference.';
+  end if;
+  return v_id;
+end $$;
+
+
+--
+-- Name: FUNCTION _document_id(p_source text, p_reference text); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._document_id(p_source text, p_reference text) IS 'Internal: the document of (source, reference); EI026 for an unknown source, EI030 for an unknown reference.';
+
+
+--
+-- Name: _document_lines(jsonb, tax.validation_context); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._document_lines(p_doc jsonb, p_ctx tax.validation_context) RETURNS tax.source_line[]
+    LANGUAGE plpgsql IMMUTABLE
+    AS $_$
+declare
+  v_lines tax.source_line[] := '{}';
+  v_line  jsonb;
+  v_path  text;
+  v_no    numeric;
+  i       integer := 0;
+begin
+  if p_doc -> 'lines' is null or jsonb_typeof(p_doc -> 'lines') <> 'array' then
+    perform tax._malformed(p_ctx, '$.lines', 'is missing or not an array', 'Give the document''s lines as a JSON array of objects.');
+  end if;
+  for v_line in select e from jsonb_array_elements(p_doc -> 'lines') e loop
+    v_path := format('$.lines[%s]', i);
+    if jsonb_typeof(v_line) <> 'object' then
+      perform tax._malformed(p_ctx, v_path, 'is not an object', 'Each line is a JSON object with line_no, item_name, tax_code, amount, tax_rate ….');
+    end if;
+    v_no := tax._doc_numeric(v_line -> 'line_no', p_ctx, v_path || '.line_no');
+    if v_no is null or v_no <> trunc(v_no) or v_no < 1 or v_no > 2147483647 then
+      perform tax._malformed(p_ctx, v_path || '.line_no', format('is %s, not a line number (a whole number from 1)', coalesce((v_line -> 'line_no')::text, 'missing')),
+                             'Number the lines of a document 1, 2, 3 …; each number once.');
+    end if;
+    if v_no::integer = any (array(select l.line_no from unnest(v_lines) l)) then
+      perform tax._malformed(p_ctx, v_path || '.line_no', format('%s appears twice in the document', v_no),
+                             'Each line of a document has its own line number.');
+    end if;
+    v_lines := v_lines || row(v_no::integer,
+      tax._doc_text(v_line -> 'item_name', p_ctx, v_path || '.item_name'), tax._doc_text(v_line -> 'tax_code', p_ctx, v_path || '.tax_code'),
+      tax._doc_text(v_line -> 'spec', p_ctx, v_path || '.spec'), tax._doc_text(v_line -> 'unit', p_ctx, v_path || '.unit'),
+      tax._doc_numeric(v_line -> 'quantity', p_ctx, v_path || '.quantity'), tax._doc_numeric(v_line -> 'unit_price', p_ctx, v_path || '.unit_price'),
+      tax._doc_numeric(v_line -> 'amount', p_ctx, v_path || '.amount'), tax._doc_numeric(v_line -> 'tax_rate', p_ctx, v_path || '.tax_rate'),
+      tax._doc_numeric(v_line -> 'tax_amount', p_ctx, v_path || '.tax_amount'))::tax.source_line;
+    i := i + 1;
+  end loop;
+  return v_lines;
+end $_$;
+
+
+--
+-- Name: FUNCTION _document_lines(p_doc jsonb, p_ctx tax.validation_context); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._document_lines(p_doc jsonb, p_ctx tax.validation_context) IS 'Internal: the lines of an invoice document as tax.source_line, in the caller''s order; EI025 (naming the field, DETAIL its path) when lines is not an array of objects, a line_no is not a whole number from 1 or repeats, or a number is not a number.';
+
+
+--
 -- Name: _enqueue_query(tax.invoice, text, bigint); Type: FUNCTION; Schema: tax
 --
 
@@ -337,6 +637,155 @@ end $$;
 --
 
 COMMENT ON FUNCTION tax._enqueue_query(p_inv tax.invoice, p_by text, p_delay_ms bigint) IS 'Internal: enqueues the next queryInvoiceResult for an invoice, by serial no. or by orderNo, after a delay.';
+
+
+--
+-- Name: _field(tax.validation_context, text); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._field(p_ctx tax.validation_context, p_path text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $_$
+  with g(path) as (select regexp_replace(regexp_replace(p_path, '^\$\.', ''), '\[\d+\]', '[]', 'g'))
+  select coalesce(p_ctx.field_names ->> g.path,
+                  -- an unmapped line field is named by itself: the message already says which line
+                  case when g.path like 'lines[].%' then substr(g.path, 9) else g.path end)
+    from g
+$_$;
+
+
+--
+-- Name: FUNCTION _field(p_ctx tax.validation_context, p_path text); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._field(p_ctx tax.validation_context, p_path text) IS 'Internal: the caller''s name of a JSON path ($.lines[2].tax_code → lines[].tax_code → so_invoice_line.ssbm), from the source''s field map; an unmapped path is named as itself.';
+
+
+--
+-- Name: _invoice_result(bigint, text); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._invoice_result(p_invoice_id bigint, p_event text) RETURNS tax.invoice_result
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  select row(i.id, coalesce(d.source, q.source), coalesce(d.reference, q.reference), i.invoice_type,
+             i.original_invoice_id, od.reference, i.part_no, i.part_count, i.invoice_kind, p_event,
+             i.invoice_status, case when i.invoice_status = 'failed' then case when tax._outcome_unknown(i) then 'unknown' else 'refused' end end,
+             i.invoice_no, i.invoice_date, i.amount_excl_tax, i.tax_amount, i.amount_incl_tax, i.error_code, i.error_message,
+             (select a.id from tax.attachment a where a.invoice_id = i.id and a.content_type = 'application/pdf' order by a.id desc limit 1),
+             i.pdf_url, i.ofd_url, i.updated_at)::tax.invoice_result
+    from tax.invoice i
+    left join tax.document d on d.id = i.document_id
+    left join tax.reversal q on q.id = i.reversal_id
+    left join tax.invoice o on o.id = i.original_invoice_id
+    left join tax.document od on od.id = o.document_id
+   where i.id = p_invoice_id
+$$;
+
+
+--
+-- Name: FUNCTION _invoice_result(p_invoice_id bigint, p_event text); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._invoice_result(p_invoice_id bigint, p_event text) IS 'Internal: the tax.invoice_result a callback receives for one invoice now.';
+
+
+--
+-- Name: _issue_red(bigint); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._issue_red(p_reversal_id bigint) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  q      tax.reversal;
+  v_orig tax.invoice;
+  v_cfg  tax.config;
+  v_red  bigint;
+  v_req  uuid := cloud.new_request_id();
+  v_bad  integer;
+  v_taken integer[];
+  v_kinds text[];
+begin
+  select * into strict q from tax.reversal where id = p_reversal_id;
+  select * into v_orig from tax.invoice where id = q.invoice_id for update;
+  -- lines with an issued red invoice, or one under way (its outcome may be unknown)
+  select coalesce(array_agg(distinct rl.line_no), '{}') into v_taken
+    from tax.reversal o
+    join tax.invoice_line rl on rl.invoice_id = o.red_invoice_id
+   where o.invoice_id = q.invoice_id and o.id <> q.id and o.status in ('pending', 'confirming', 'issued');
+  if v_orig.invoice_status = 'reversed' or (q.line_nos is null and cardinality(v_taken) > 0) or q.line_nos && v_taken then
+    raise exception using errcode = 'EI016', message = format('invoice %s: line(s) %s already reversed or with a reversal under way', v_orig.invoice_no,
+                                                            coalesce(array_to_string(array(select unnest(v_taken) intersect select unnest(coalesce(q.line_nos, v_taken)) order by 1), ', '), 'all')),
+      hint = 'See tax.red_invoice_status for this invoice; reverse only the other lines, a full reversal is possible only while no line is reversed.';
+  end if;
+  if v_orig.invoice_status is distinct from 'issued' and v_orig.invoice_status is distinct from 'partially_reversed' or v_orig.invoice_type <> 'blue' then
+    raise exception using errcode = 'EI013', message = format('invoice %s (%s) is not an issued blue invoice and cannot be reversed', q.invoice_id, coalesce(v_orig.invoice_status, 'no such invoice')),
+      hint = 'Only issued invoices can be reversed; a failed one was never issued.';
+  end if;
+  if tax._reason_code(q.reason) is null then
+    raise exception using errcode = 'EI014', message = format('reversal reason %L is not return, error, service_stopped or allowance', q.reason),
+      hint = 'return 销货退回, error 开票有误, service_stopped 服务中止, allowance 销售折让.';
+  end if;
+  select n into v_bad from unnest(q.line_nos) n
+   where not exists (select from tax.invoice_line l where l.invoice_id = v_orig.id and l.line_no = n) limit 1;
+  if v_bad is not null or cardinality(q.line_nos) = 0 then
+    raise exception using errcode = 'EI015', message = format('reversal of invoice %s: line %s is not on the invoice', v_orig.invoice_no, coalesce(v_bad::text, '(none given)')),
+      hint = 'Name invoice lines (tax.invoice_status.lines[].line_no), or reverse by your own line numbers with tax.enqueue_reversal(source, reference, …); null reverses all.';
+  end if;
+  -- 乐企 rule (reference §1.9): service-only lines cannot be returned (销货退回), goods-only lines cannot be a service stopped (服务中止)
+  select array_agg(distinct left(l.tax_code, 1)) into v_kinds from tax.invoice_line l
+   where l.invoice_id = v_orig.id and (q.line_nos is null or l.line_no = any (q.line_nos));
+  if (q.reason = 'return' and v_kinds <@ array['3']) or (q.reason = 'service_stopped' and v_kinds <@ array['1']) then
+    raise exception using errcode = 'EI014',
+      message = format('reversal reason %s (%s) does not fit the reversed lines, which are all %s', q.reason,
+                       case q.reason when 'return' then '销货退回' else '服务中止' end, case q.reason when 'return' then 'services' else 'goods' end),
+      hint = 'Services cannot be returned (use service_stopped, error or allowance); goods cannot be a service stopped (use return, error or allowance).';
+  end if;
+  v_cfg := tax._config();
+  insert into tax.invoice (original_invoice_id, reversal_id, invoice_type, invoice_kind, request_id, order_no,
+                           buyer_name, buyer_tax_id, amount_excl_tax, tax_amount, amount_incl_tax, invoice_status)
+  values (v_orig.id, q.id, 'red', v_orig.invoice_kind, v_req, tax.order_no_for(v_req),
+          v_orig.buyer_name, v_orig.buyer_tax_id, 0, 0, 0, 'pending')
+  returning id into v_red;
+  insert into tax.invoice_line (invoice_id, line_no, source_line_no, item_name, tax_code, spec, unit, quantity, unit_price,
+                                tax_rate, amount_excl_tax, tax_amount, amount_incl_tax)
+  select v_red, l.line_no, l.source_line_no, l.item_name, l.tax_code, l.spec, l.unit, -l.quantity, l.unit_price,
+         l.tax_rate, -l.amount_excl_tax, -l.tax_amount, -l.amount_incl_tax
+    from tax.invoice_line l
+   where l.invoice_id = v_orig.id and (q.line_nos is null or l.line_no = any (q.line_nos));
+  update tax.invoice a set amount_excl_tax = t.ex, tax_amount = t.tx, amount_incl_tax = t.inc
+    from (select sum(amount_excl_tax) ex, sum(tax_amount) tx, sum(amount_incl_tax) inc from tax.invoice_line where invoice_id = v_red) t
+   where a.id = v_red;
+  update tax.reversal set red_invoice_id = v_red, bill_id = left(tax.order_no_for(v_req), 32) where id = q.id;
+  perform cloud.enqueue_message(v_cfg.endpoint, 'tax.red_confirm', jsonb_strip_nulls(jsonb_build_object(
+    'billId', tax.order_no_for(v_req),
+    'blueInvoiceLine', case v_orig.invoice_kind when 'special' then 'bs' else 'pc' end,
+    'applySource', '0',
+    'blueElecInvoiceNumber', v_orig.invoice_no,
+    'sellerTaxNo', v_cfg.seller_tax_id, 'sellerName', v_cfg.seller_name,
+    'buyerTaxNo', v_orig.buyer_tax_id, 'buyerName', v_orig.buyer_name,
+    'redReason', tax._reason_code(q.reason),
+    'orderNo', tax.order_no_for(v_req),
+    'autoInvoice', '1',
+    'detail', case when q.line_nos is not null then (
+       select jsonb_agg(jsonb_build_object('blueDetailIndex', l.line_no::text, 'goodsName', l.item_name, 'goodsCode', l.tax_code,
+                                           'taxRate', tax.decimal_text(l.tax_rate), 'num', tax.decimal_text(l.quantity),
+                                           'taxExcludedPrice', tax.decimal_text(round(-l.amount_excl_tax / nullif(-l.quantity, 0), 8)),
+                                           'taxExcludedAmount', l.amount_excl_tax::text, 'taxAmount', l.tax_amount::text) order by l.line_no)
+         from tax.invoice_line l where l.invoice_id = v_red) end)),
+    'tax.invoice', v_red::text, null, v_req);
+  return v_red;
+end $$;
+
+
+--
+-- Name: FUNCTION _issue_red(p_reversal_id bigint); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._issue_red(p_reversal_id bigint) IS 'Internal: a reversal request becomes a red invoice: checked (EI013–EI016; lines already reversed or under way are refused; the reason must fit goods / services), negative lines (full or by invoice line), and the 数电 red confirmation (saveInvoiceRedConfirm) enqueued. Returns the red invoice id.';
 
 
 --
@@ -389,6 +838,26 @@ $$;
 --
 
 COMMENT ON FUNCTION tax._keep_stale_answer(m cloud.outbox, r jsonb) IS 'Internal: keeps an answer about an earlier orderNo under tax_cloud_response.stale, for the operator, without touching the invoice''s status.';
+
+
+--
+-- Name: _malformed(tax.validation_context, text, text, text); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._malformed(p_ctx tax.validation_context, p_path text, p_problem text, p_hint text) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    AS $$
+begin
+  raise exception using errcode = 'EI025',
+    message = format('%s: %s %s', tax._where(p_ctx), tax._field(p_ctx, p_path), p_problem), detail = p_path, hint = p_hint;
+end $$;
+
+
+--
+-- Name: FUNCTION _malformed(p_ctx tax.validation_context, p_path text, p_problem text, p_hint text); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._malformed(p_ctx tax.validation_context, p_path text, p_problem text, p_hint text) IS 'Internal: raises EI025 naming the caller''s field, with the JSON path as DETAIL.';
 
 
 --
@@ -485,6 +954,24 @@ COMMENT ON FUNCTION tax._query_now(p_inv tax.invoice) IS 'Internal: makes an iss
 
 
 --
+-- Name: _reason_code(text); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._reason_code(p_reason text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  select case p_reason when 'return' then '1' when 'error' then '2' when 'service_stopped' then '3' when 'allowance' then '4' end
+$$;
+
+
+--
+-- Name: FUNCTION _reason_code(p_reason text); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._reason_code(p_reason text) IS 'Internal: the platform''s red-invoice reason digit of a contract reason: return 1 销货退回, error 2 开票有误, service_stopped 3 服务中止, allowance 4 销售折让.';
+
+
+--
 -- Name: _reference_erp_document(text, bigint); Type: FUNCTION; Schema: tax
 --
 
@@ -521,6 +1008,93 @@ COMMENT ON FUNCTION tax._reference_erp_document(p_source text, p_id bigint) IS '
 
 
 --
+-- Name: source; Type: TABLE; Schema: tax
+--
+
+CREATE TABLE tax.source (
+    name text NOT NULL,
+    document_label text DEFAULT 'document'::text NOT NULL,
+    on_invoice regprocedure,
+    refresh_buyer regprocedure,
+    field_names jsonb DEFAULT '{}'::jsonb NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT source_name CHECK ((name ~ '^[a-z][a-z0-9_-]{0,39}$'::text))
+);
+
+
+--
+-- Name: TABLE source; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON TABLE tax.source IS 'An ERP (or one of its document types) that hands documents to tax.enqueue_invoices. Written by tax.put_source.';
+
+
+--
+-- Name: COLUMN source.name; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.source.name IS 'The p_source every contract call names: lower-case letters, digits, - and _.';
+
+
+--
+-- Name: COLUMN source.document_label; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.source.document_label IS 'How messages name one of its documents: 销售开票单 SO-0001.';
+
+
+--
+-- Name: COLUMN source.on_invoice; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.source.on_invoice IS 'f(tax.invoice_result) returns void, called in the transaction that changed one of its invoices; null: no callback.';
+
+
+--
+-- Name: COLUMN source.refresh_buyer; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.source.refresh_buyer IS 'f(reference text) returns jsonb: the buyer object as the ERP has it now, used by a reissue without p_buyer.';
+
+
+--
+-- Name: COLUMN source.field_names; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.source.field_names IS 'Contract path → the caller''s name for it ({"buyer.tax_id": "customer.khsh"}); messages and hints use these names.';
+
+
+--
+-- Name: _refresh_buyer(tax.source, text); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._refresh_buyer(p_src tax.source, p_reference text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+declare
+  v_call text;
+  v      jsonb;
+begin
+  if p_src.refresh_buyer is null then
+    return null;
+  end if;
+  select format('select %I.%I($1)', n.nspname, p.proname) into v_call
+    from pg_proc p join pg_namespace n on n.oid = p.pronamespace where p.oid = p_src.refresh_buyer;
+  execute v_call into v using p_reference;
+  return v;
+end $_$;
+
+
+--
+-- Name: FUNCTION _refresh_buyer(p_src tax.source, p_reference text); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._refresh_buyer(p_src tax.source, p_reference text) IS 'Internal: the buyer as the source''s ERP has it now (its refresh_buyer function), or null when it registered none.';
+
+
+--
 -- Name: _reinvoice_supported(); Type: FUNCTION; Schema: tax
 --
 
@@ -537,6 +1111,33 @@ $$;
 --
 
 COMMENT ON FUNCTION tax._reinvoice_supported() IS 'Internal: whether the issuing endpoint can retry signing (nuonuo.OpeMplatform.reInvoice; the classic ElectronInvoice product has no such method).';
+
+
+--
+-- Name: _source(text); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._source(p_source text) RETURNS tax.source
+    LANGUAGE plpgsql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v tax.source;
+begin
+  select * into v from tax.source where name = p_source;
+  if not found then
+    raise exception using errcode = 'EI026', message = format('e-invoicing source %L is not registered', p_source),
+      hint = 'An operator registers it once with tax.put_source(''<name>'', …); see tax.source for the registered ones.';
+  end if;
+  return v;
+end $$;
+
+
+--
+-- Name: FUNCTION _source(p_source text); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._source(p_source text) IS 'Internal: the registered source, EI026 if there is none.';
 
 
 --
@@ -609,6 +1210,27 @@ $$;
 --
 
 COMMENT ON FUNCTION tax._tolerance_hint(p_lines tax.source_line[]) IS 'Internal: the EI008 hint. Names the lines whose tax_amount the clerk set; when none was set it never asks to clear one.';
+
+
+--
+-- Name: _where(tax.validation_context, tax.source_line); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._where(p_ctx tax.validation_context, p_line tax.source_line DEFAULT NULL::tax.source_line) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  select concat_ws(' ', nullif(p_ctx.document_label, ''), p_ctx.reference)
+         || case when p_line.line_no is null then ''
+                 else format(' line %s (%s)', p_line.line_no,
+                             case when char_length(p_line.item_name) > 30 then left(p_line.item_name, 30) || '…' else p_line.item_name end) end
+$$;
+
+
+--
+-- Name: FUNCTION _where(p_ctx tax.validation_context, p_line tax.source_line); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._where(p_ctx tax.validation_context, p_line tax.source_line) IS 'Internal: how a message names the document (and line): 销售开票单 SO-0001 line 2 (螺丝).';
 
 
 --
@@ -740,111 +1362,114 @@ COMMENT ON FUNCTION tax.decimal_text(p numeric) IS 'A number as the cloud wants 
 
 
 --
--- Name: issue_invoices(text, bigint); Type: FUNCTION; Schema: tax
+-- Name: enqueue_invoices(text, text, jsonb); Type: FUNCTION; Schema: tax
 --
 
-CREATE FUNCTION tax.issue_invoices(p_source text, p_id bigint) RETURNS integer
+CREATE FUNCTION tax.enqueue_invoices(p_source text, p_reference text, p_document jsonb) RETURNS bigint[]
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
+    AS $_$
 declare
-  v_cfg      tax.config;
-  v_customer erp.customer;
-  v_kind     text;
-  v_doc      text;
-  v_no       text;
-  v_linked   bigint;
-  v_lines    tax.source_line[];
-  v_line     tax.source_line;
-  v_parts    integer[];
-  v_count    integer;
-  v_plain    integer;
-  v_warning  text;
-  v_inv      bigint;
-  v_req      uuid;
-  v_dev      numeric;
+  v_src     tax.source := tax._source(p_source);
+  v_ctx     tax.validation_context;
+  v_cfg     tax.config;
+  v_doc_id  bigint;
+  v_sha     text;
+  v_ids     bigint[];
+  v_kind    text;
+  v_remark  text;
+  v_buyer   jsonb;
+  v_lines   tax.source_line[];
+  v_parts   integer[];
+  v_count   integer;
+  v_plain   integer;
+  v_warning text;
+  v_inv     bigint;
+  v_req     uuid;
+  v_dev     numeric;
   v_part_lines tax.source_line[];
-  v_docjson  jsonb;
-  v_document bigint;
-  p          integer;
+  v_where   text;
+  i         integer;
+  p         integer;
 begin
-  if p_source = 'settlement' then
-    select s.invoice_kind, s.settlement_no into v_kind, v_no from erp.settlement s where s.id = p_id;
-    select c.* into v_customer from erp.settlement s join erp.customer c on c.id = s.customer_id where s.id = p_id;
-    v_doc := 'settlement ' || v_no;
-  else
-    select s.invoice_kind, s.shipment_no, s.settlement_id into v_kind, v_no, v_linked from erp.shipment s where s.id = p_id;
-    select c.* into v_customer from erp.shipment s join erp.customer c on c.id = s.customer_id where s.id = p_id;
-    v_doc := 'shipment ' || v_no;
+  v_ctx := row(p_source, p_reference, v_src.document_label, v_src.field_names)::tax.validation_context;
+  if p_reference is null or btrim(p_reference) = '' then
+    raise exception using errcode = 'EI025', message = format('%s: the reference (%s) is empty', v_src.document_label, tax._field(v_ctx, '$.reference')),
+      detail = 'p_reference', hint = 'Hand in the document''s own key (its number), unique within the source: approving it again then issues nothing more.';
   end if;
-  if v_customer.invoice_on <> p_source then
-    return 0;
+  -- one document is invoiced once: serialise calls for it, then look at what exists
+  perform pg_advisory_xact_lock(hashtextextended('tax.document:' || p_source || ':' || p_reference, 0));
+  if p_document is null or jsonb_typeof(p_document) <> 'object' then
+    perform tax._malformed(v_ctx, '$', 'is not a JSON object', 'Hand in {"kind": …, "buyer": {…}, "lines": [ … ]}.');
   end if;
-  -- one document is invoiced once: serialise approvals of it, and look at what exists
-  perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('tax.issue:' || p_source || ':' || p_id, 0));
-  if p_source = 'settlement' then
-    if exists (select from tax.document d where d.source = 'reference-erp' and d.reference = 'settlement/' || v_no)
-       or exists (select from tax.document d join erp.shipment sh on d.reference = 'shipment/' || sh.shipment_no
-                   where d.source = 'reference-erp' and sh.settlement_id = p_id) then
-      return 0;
+  v_sha := encode(sha256(convert_to(p_document::text, 'UTF8')), 'hex');
+  select d.id into v_doc_id from tax.document d where d.source = p_source and d.reference = p_reference;
+  if found then
+    select array_agg(i.id order by i.part_no) into v_ids from tax.invoice i where i.document_id = v_doc_id;
+    if (select d.doc_sha256 from tax.document d where d.id = v_doc_id) <> v_sha then
+      raise warning '% %: handed in again with other content; it was invoiced already and nothing more is issued', v_src.document_label, p_reference
+        using hint = 'A document is invoiced once. To correct an issued invoice, reverse it (tax.enqueue_reversal) and hand in a new document under a new reference.';
     end if;
-    select array_agg(row(l.line_no, l.item_name, l.tax_code, l.spec, l.unit, l.quantity, l.unit_price, l.amount, l.tax_rate, l.tax_amount)::tax.source_line order by l.line_no)
-      into v_lines from erp.settlement_line l where l.settlement_id = p_id;
-  else
-    if exists (select from tax.document d where d.source = 'reference-erp' and d.reference = 'shipment/' || v_no)
-       or (v_linked is not null and exists (select from tax.document d join erp.settlement s on d.reference = 'settlement/' || s.settlement_no
-                                             where d.source = 'reference-erp' and s.id = v_linked)) then
-      return 0;
-    end if;
-    select array_agg(row(l.line_no, l.item_name, l.tax_code, l.spec, l.unit, l.quantity, l.unit_price, l.amount, l.tax_rate, l.tax_amount)::tax.source_line order by l.line_no)
-      into v_lines from erp.shipment_line l where l.shipment_id = p_id;
+    return v_ids;
   end if;
+  v_kind := p_document ->> 'kind';
+  if jsonb_typeof(p_document -> 'kind') is distinct from 'string' or v_kind not in ('normal', 'special') then
+    perform tax._malformed(v_ctx, '$.kind', format('is %s, not normal or special', coalesce((p_document -> 'kind')::text, 'missing')),
+                           'normal is a 数电普票, special a 数电专票.');
+  end if;
+  v_buyer := p_document -> 'buyer';
+  if v_buyer is null or jsonb_typeof(v_buyer) <> 'object' then
+    perform tax._malformed(v_ctx, '$.buyer', 'is missing or not an object', 'Give the buyer as {"name": …, "tax_id": …, "address": …}.');
+  end if;
+  v_remark := coalesce(tax._doc_text(p_document -> 'remark', v_ctx, '$.remark'), p_reference);
+  v_lines := tax._document_lines(p_document, v_ctx);
   v_cfg := tax._config();
-  if v_lines is null then
-    raise exception using errcode = 'EI006', message = format('%s has no lines to invoice', v_doc),
+  v_where := tax._where(v_ctx);
+  if cardinality(v_lines) = 0 then
+    raise exception using errcode = 'EI006', message = format('%s has no lines to invoice', v_where), detail = '$.lines',
       hint = 'Add the lines before approving, or cancel the document.';
   end if;
   -- the seller's texts go into every payload too
-  perform tax._check_text('seller_address', v_cfg.seller_address, v_doc || ': the seller', 'the seller address (tax.put_config p_seller_address)');
-  perform tax._check_text('seller_phone', v_cfg.seller_phone, v_doc || ': the seller', 'the seller phone (tax.put_config p_seller_phone)');
-  perform tax._check_text('seller_account', v_cfg.seller_bank_account, v_doc || ': the seller', 'the seller bank account (tax.put_config p_seller_bank_account)');
-  perform tax._check_text('clerk', v_cfg.clerk, v_doc || ': the seller', 'the clerk (tax.put_config p_clerk)');
-  v_warning := tax.validate_buyer(v_customer, v_kind, v_doc);
-  foreach v_line in array v_lines loop
-    perform tax.validate_line(v_line, v_doc);
+  perform tax._check_text('seller_address', v_cfg.seller_address, v_where || ': the seller', 'the seller address (tax.put_config p_seller_address)');
+  perform tax._check_text('seller_phone', v_cfg.seller_phone, v_where || ': the seller', 'the seller phone (tax.put_config p_seller_phone)');
+  perform tax._check_text('seller_account', v_cfg.seller_bank_account, v_where || ': the seller', 'the seller bank account (tax.put_config p_seller_bank_account)');
+  perform tax._check_text('clerk', v_cfg.clerk, v_where || ': the seller', 'the clerk (tax.put_config p_clerk)');
+  v_warning := tax.validate_buyer(v_buyer, v_kind, v_ctx);
+  for i in 1 .. cardinality(v_lines) loop
+    perform tax.validate_line(v_lines[i], v_ctx, format('$.lines[%s]', i - 1));
   end loop;
-  v_parts := tax.split_lines(v_lines, v_cfg.max_invoice_amount, v_cfg.max_invoice_lines, v_doc);
+  v_parts := tax.split_lines(v_lines, v_cfg.max_invoice_amount, v_cfg.max_invoice_lines, v_where);
   v_count := v_parts[cardinality(v_parts)];
   if v_count > v_cfg.max_parts then
-    v_plain := (tax._split_lines(v_lines, v_cfg.max_invoice_amount, v_cfg.max_invoice_lines, v_doc, null))[cardinality(v_parts)];
+    v_plain := (tax._split_lines(v_lines, v_cfg.max_invoice_amount, v_cfg.max_invoice_lines, v_where, null))[cardinality(v_parts)];
     if v_plain <= v_cfg.max_parts then
       -- the limits alone fit; keeping every invoice within 1.27 is what needs more
       raise exception using errcode = 'EI008',
-        message = format('%s: keeping each invoice''s tax within 1.27 of excl × rate needs %s invoices, more than the %s allowed', v_doc, v_count, v_cfg.max_parts),
+        message = format('%s: keeping each invoice''s tax within 1.27 of excl × rate needs %s invoices, more than the %s allowed', v_where, v_count, v_cfg.max_parts),
         hint = tax._tolerance_hint(v_lines);
     end if;
-    raise exception using errcode = 'EI006', message = format('%s would need %s invoices, more than the %s allowed', v_doc, v_count, v_cfg.max_parts),
+    raise exception using errcode = 'EI006', message = format('%s would need %s invoices, more than the %s allowed', v_where, v_count, v_cfg.max_parts),
       hint = 'Split the document, or raise the limits with tax.put_config.';
   end if;
-  -- the remark is the document number (and part): the longest one is checked before anything is written
-  perform tax._check_text('remark', concat_ws(' ', v_no, case when v_count > 1 then format('(%s/%s)', v_count, v_count) end),
-                          v_doc, format('the %s number (%s_no, which the remark carries)', p_source, p_source));
-  -- the document as the reference ERP hands it in (transitional: the contract takes it from the ERP)
-  v_docjson := tax._reference_erp_document(p_source, p_id);
+  -- the remark (and part) is printed: the longest one is checked before anything is written
+  perform tax._check_doc_text('remark', concat_ws(' ', v_remark, case when v_count > 1 then format('(%s/%s)', v_count, v_count) end), v_ctx,
+                              case when p_document ? 'remark' then '$.remark' else '$.reference' end);
   insert into tax.document (source, reference, kind, remark, doc, doc_sha256)
-  values ('reference-erp', p_source || '/' || v_no, v_kind, v_no, v_docjson, encode(sha256(v_docjson::text::bytea), 'hex'))
-  returning id into v_document;
+  values (p_source, p_reference, v_kind, v_remark, p_document, v_sha)
+  returning id into v_doc_id;
   for p in 1 .. v_count loop
     v_req := cloud.new_request_id();
     insert into tax.invoice (document_id, part_no, part_count, invoice_kind, request_id, order_no,
                              buyer_name, buyer_tax_id, buyer_address, buyer_phone, buyer_bank_name, buyer_account, buyer_email,
                              amount_excl_tax, tax_amount, amount_incl_tax, tax_id_warning)
-    values (v_document, p, v_count, v_kind, v_req, tax.order_no_for(v_req), v_customer.name, nullif(v_customer.tax_id, ''),
-            v_customer.address, v_customer.phone, v_customer.bank_name, v_customer.bank_account, v_customer.email, 0, 0, 0, v_warning)
+    values (v_doc_id, p, v_count, v_kind, v_req, tax.order_no_for(v_req),
+            v_buyer ->> 'name', nullif(v_buyer ->> 'tax_id', ''), v_buyer ->> 'address', v_buyer ->> 'phone',
+            v_buyer ->> 'bank_name', v_buyer ->> 'bank_account', v_buyer ->> 'email',
+            0, 0, 0, v_warning)
     returning id into v_inv;
     insert into tax.invoice_line (invoice_id, line_no, source_line_no, item_name, tax_code, spec, unit, quantity, unit_price,
                                   tax_rate, amount_excl_tax, tax_amount, amount_incl_tax)
-    select v_inv, row_number() over (order by l.line_no), l.line_no, l.item_name, l.tax_code, l.spec, l.unit, l.quantity, l.unit_price,
+    select v_inv, row_number() over (order by l.ord), l.line_no, l.item_name, l.tax_code, l.spec, l.unit, l.quantity, l.unit_price,
            l.tax_rate, sep.amount_excl_tax, sep.tax_amount, l.amount
       from unnest(v_lines) with ordinality as l(line_no, item_name, tax_code, spec, unit, quantity, unit_price, amount, tax_rate, tax_amount, ord)
       cross join lateral tax.separate_price_tax(l.amount, l.tax_rate, l.tax_amount) sep
@@ -854,17 +1479,184 @@ begin
     if abs(v_dev) > 1.27 then
       select array_agg(v_lines[o] order by o) into v_part_lines from generate_series(1, cardinality(v_lines)) o where v_parts[o] = p;
       raise exception using errcode = 'EI008',
-        message = format('%s invoice %s of %s: line taxes differ from excl × rate by %s in total, more than 1.27', v_doc, p, v_count, round(v_dev, 4)),
+        message = format('%s invoice %s of %s: line taxes differ from excl × rate by %s in total, more than 1.27', v_where, p, v_count, round(v_dev, 4)),
         hint = tax._tolerance_hint(v_part_lines);
     end if;
     update tax.invoice a
        set amount_excl_tax = t.ex, tax_amount = t.tx, amount_incl_tax = t.inc
       from (select sum(amount_excl_tax) ex, sum(tax_amount) tx, sum(amount_incl_tax) inc from tax.invoice_line where invoice_id = v_inv) t
      where a.id = v_inv;
-    perform cloud.enqueue_message(v_cfg.endpoint, 'tax.issue', tax.build_invoice_payload(v_inv), 'tax.invoice', v_inv::text,
-                                  null, v_req);
+    perform cloud.enqueue_message(v_cfg.endpoint, 'tax.issue', tax.build_invoice_payload(v_inv), 'tax.invoice', v_inv::text, null, v_req);
+    v_ids := v_ids || v_inv;
   end loop;
-  return v_count;
+  return v_ids;
+end $_$;
+
+
+--
+-- Name: FUNCTION enqueue_invoices(p_source text, p_reference text, p_document jsonb); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.enqueue_invoices(p_source text, p_reference text, p_document jsonb) IS 'Contract: hands one document to e-invoicing in the caller''s transaction: validates it (EI001–EI011, EI020–EI023, EI025; messages name the source''s own fields, DETAIL the JSON path), splits it by the limits and the 1.27 tax tolerance, separates price and tax, enqueues tax.issue per invoice and returns the blue invoice ids in part order. The same (source, reference) again returns the same ids and issues nothing (a WARNING if the content differs). EI026 for an unregistered source.';
+
+
+--
+-- Name: enqueue_reversal(bigint, text, text, integer[]); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.enqueue_reversal(p_invoice_id bigint, p_reversal_reference text, p_reason text, p_line_nos integer[] DEFAULT NULL::integer[]) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_source text;
+  v_doc    bigint;
+  q        tax.reversal;
+  v_id     bigint;
+begin
+  select d.source, d.id into v_source, v_doc from tax.invoice i join tax.document d on d.id = i.document_id where i.id = p_invoice_id;
+  if v_source is null then
+    raise exception using errcode = 'EI013', message = format('invoice %s is not a blue invoice of a document and cannot be reversed', p_invoice_id),
+      hint = 'Reverse the blue invoice a document was issued as (tax.invoice_status.invoice_id).';
+  end if;
+  if p_reversal_reference is null or btrim(p_reversal_reference) = '' then
+    raise exception using errcode = 'EI025', message = format('reversal of invoice %s: the reversal reference is empty', p_invoice_id),
+      detail = 'p_reversal_reference', hint = 'Hand in the reversal''s own key (e.g. the 红冲单号): calling again with it returns the same red invoice.';
+  end if;
+  perform pg_advisory_xact_lock(hashtextextended('tax.reversal:' || v_source || ':' || p_reversal_reference, 0));
+  select * into q from tax.reversal r where r.source = v_source and r.reference = p_reversal_reference and r.invoice_id = p_invoice_id;
+  if found then
+    if q.reason is distinct from p_reason or q.line_nos is distinct from p_line_nos then
+      raise exception using errcode = 'EI028',
+        message = format('reversal %s of invoice %s was requested already with reason %s and lines %s', p_reversal_reference, p_invoice_id, q.reason,
+                         coalesce(array_to_string(q.line_nos, ', '), 'all')),
+        hint = 'A reversal reference names one request; give a new reference for another reversal.';
+    end if;
+    return q.red_invoice_id;
+  end if;
+  if exists (select from tax.reversal r join tax.invoice i on i.id = r.invoice_id
+              where r.source = v_source and r.reference = p_reversal_reference and i.document_id <> v_doc) then
+    raise exception using errcode = 'EI028', message = format('reversal reference %s is already used for another document''s invoice', p_reversal_reference),
+      hint = 'A reversal reference names one request; give a new reference for another reversal.';
+  end if;
+  insert into tax.reversal (invoice_id, reason, line_nos, source, reference)
+  values (p_invoice_id, p_reason, p_line_nos, v_source, p_reversal_reference)
+  returning id into v_id;
+  return tax._issue_red(v_id);
+end $$;
+
+
+--
+-- Name: FUNCTION enqueue_reversal(p_invoice_id bigint, p_reversal_reference text, p_reason text, p_line_nos integer[]); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.enqueue_reversal(p_invoice_id bigint, p_reversal_reference text, p_reason text, p_line_nos integer[]) IS 'Contract: reverses (红冲) an issued blue invoice, fully or by invoice line, in the caller''s transaction; returns the red invoice id. The same reversal reference again returns it (EI028 if reason or lines differ, or the reference belongs to another document). EI013–EI016 as for any reversal.';
+
+
+--
+-- Name: enqueue_reversal(text, text, text, text, integer[]); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.enqueue_reversal(p_source text, p_reference text, p_reversal_reference text, p_reason text, p_line_nos integer[] DEFAULT NULL::integer[]) RETURNS bigint[]
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+declare
+  v_src  tax.source := tax._source(p_source);
+  v_doc  bigint;
+  v_inv  record;
+  v_ids  bigint[] := '{}';
+  v_bad  integer;
+  v_lines integer[];
+begin
+  select id into v_doc from tax.document where source = p_source and reference = p_reference;
+  if v_doc is null then
+    raise exception using errcode = 'EI030', message = format('%s %s was never handed to e-invoicing', v_src.document_label, p_reference),
+      hint = 'tax.invoice_status lists the documents of a source by reference.';
+  end if;
+  select n into v_bad from unnest(p_line_nos) n
+   where not exists (select from tax.invoice i join tax.invoice_line l on l.invoice_id = i.id where i.document_id = v_doc and l.source_line_no = n) limit 1;
+  if v_bad is not null or cardinality(p_line_nos) = 0 then
+    raise exception using errcode = 'EI015',
+      message = format('reversal %s of %s %s: line %s is not on its invoices', p_reversal_reference, v_src.document_label, p_reference, coalesce(v_bad::text, '(none given)')),
+      hint = format('Name the document''s own line numbers (%s); leave them null to reverse the whole document.',
+                    tax._field(row(p_source, p_reference, v_src.document_label, v_src.field_names)::tax.validation_context, '$.lines[0].line_no'));
+  end if;
+  for v_inv in select i.id, i.invoice_status from tax.invoice i where i.document_id = v_doc order by i.part_no loop
+    if p_line_nos is null then
+      -- the whole document: every part not reversed already, unless this reference did it
+      if v_inv.invoice_status = 'reversed' and not exists (select from tax.reversal r where r.invoice_id = v_inv.id and r.source = p_source and r.reference = p_reversal_reference) then
+        continue;
+      end if;
+      v_lines := null;
+    else
+      select array_agg(l.line_no order by l.line_no) into v_lines from tax.invoice_line l where l.invoice_id = v_inv.id and l.source_line_no = any (p_line_nos);
+      if v_lines is null then
+        continue;
+      end if;
+      -- every line of the part named: that is the part's full reversal
+      if not exists (select from tax.invoice_line l where l.invoice_id = v_inv.id and l.line_no <> all (v_lines)) then
+        v_lines := null;
+      end if;
+    end if;
+    v_ids := v_ids || tax.enqueue_reversal(v_inv.id, p_reversal_reference, p_reason, v_lines);
+    update tax.reversal set source_line_nos = p_line_nos where invoice_id = v_inv.id and source = p_source and reference = p_reversal_reference;
+  end loop;
+  if cardinality(v_ids) = 0 then
+    raise exception using errcode = 'EI016', message = format('%s %s: every invoice is reversed already', v_src.document_label, p_reference),
+      hint = 'See tax.red_invoice_status for its red invoices.';
+  end if;
+  return v_ids;
+end $_$;
+
+
+--
+-- Name: FUNCTION enqueue_reversal(p_source text, p_reference text, p_reversal_reference text, p_reason text, p_line_nos integer[]); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.enqueue_reversal(p_source text, p_reference text, p_reversal_reference text, p_reason text, p_line_nos integer[]) IS 'Contract: reverses (红冲) a document by (source, reference), whole or by the caller''s own line numbers, in the caller''s transaction: one red invoice per affected blue invoice, ids returned in part order. The same reversal reference again returns the same red ids. EI030 for an unknown document, EI015 for a line not on it, EI013–EI016 and EI028 as for a reversal by invoice id.';
+
+
+--
+-- Name: issue_invoices(text, bigint); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.issue_invoices(p_source text, p_id bigint) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_no     text;
+  v_on     text;
+  v_linked bigint;
+  v_ref    text;
+begin
+  if p_source = 'settlement' then
+    select s.settlement_no, c.invoice_on, s.id into v_no, v_on, v_linked
+      from erp.settlement s join erp.customer c on c.id = s.customer_id where s.id = p_id;
+  else
+    select s.shipment_no, c.invoice_on, s.settlement_id into v_no, v_on, v_linked
+      from erp.shipment s join erp.customer c on c.id = s.customer_id where s.id = p_id;
+  end if;
+  if v_on is distinct from p_source then
+    return 0;
+  end if;
+  v_ref := p_source || '/' || v_no;
+  -- a settlement or its shipment is invoiced, never both: serialise on the settlement, then look at what exists
+  perform pg_advisory_xact_lock(hashtextextended('tax.issue:settlement:' || coalesce(v_linked, -p_id), 0));
+  if exists (select from tax.document d where d.source = 'reference-erp' and d.reference = v_ref) then
+    return 0;
+  end if;
+  if p_source = 'settlement' then
+    if exists (select from erp.shipment sh join tax.document d on d.source = 'reference-erp' and d.reference = 'shipment/' || sh.shipment_no
+                where sh.settlement_id = p_id) then
+      return 0;
+    end if;
+  elsif v_linked is not null and exists (select from erp.settlement s join tax.document d on d.source = 'reference-erp' and d.reference = 'settlement/' || s.settlement_no
+                                          where s.id = v_linked) then
+    return 0;
+  end if;
+  return cardinality(tax.enqueue_invoices('reference-erp', v_ref, tax._reference_erp_document(p_source, p_id)));
 end $$;
 
 
@@ -872,7 +1664,7 @@ end $$;
 -- Name: FUNCTION issue_invoices(p_source text, p_id bigint); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.issue_invoices(p_source text, p_id bigint) IS 'Transitional (the reference ERP''s triggers call it until it hands its documents in through the contract): turns an approved settlement or posted shipment into a tax.document and its invoice(s): validates (buyer, lines, every text against tax.text_limit), splits by the limits and the 1.27 invoice tax tolerance, separates price and tax, keeps the buyer on each invoice, builds each payload and enqueues tax.issue in the caller''s transaction. EI008 when the tolerance needs more than max_parts invoices. Returns 0 when the customer is invoiced on the other event or the document (or its linked one) was invoiced already.';
+COMMENT ON FUNCTION tax.issue_invoices(p_source text, p_id bigint) IS 'Transitional (until 0025): the reference ERP''s approved settlement or posted shipment handed to tax.enqueue_invoices as source reference-erp, reference settlement/<no> or shipment/<no>, remark the document number. Returns the number of invoices, 0 when the customer is invoiced on the other event or the document (or its linked one) was invoiced already.';
 
 
 --
@@ -966,6 +1758,69 @@ end $$;
 --
 
 COMMENT ON FUNCTION tax.put_config(p_endpoint text, p_seller_tax_id text, p_seller_name text, p_seller_address text, p_seller_phone text, p_seller_bank_account text, p_clerk text, p_max_invoice_amount numeric, p_max_invoice_lines integer, p_first_poll_ms integer, p_poll_cap_ms integer, p_max_polls integer, p_max_pdf_bytes integer, p_callback_url text, p_unset text[], p_e9500_min_wait_ms integer) IS 'Sets the e-invoicing settings given (the others keep their values; p_unset clears optional ones): seller, endpoint, splitting limits, polling, PDF cap, callback URL. EI017 names the broken limit (the CHECK constraints of tax.config).';
+
+
+--
+-- Name: put_source(text, text, regprocedure, regprocedure, jsonb, text[]); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.put_source(p_name text, p_document_label text DEFAULT NULL::text, p_on_invoice regprocedure DEFAULT NULL::regprocedure, p_refresh_buyer regprocedure DEFAULT NULL::regprocedure, p_field_names jsonb DEFAULT NULL::jsonb, p_unset text[] DEFAULT '{}'::text[]) RETURNS tax.source
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+declare
+  v_bad text;
+  v_row tax.source;
+begin
+  if p_name is null or p_name !~ '^[a-z][a-z0-9_-]{0,39}$' then
+    raise exception using errcode = 'EI027', message = format('source name %L is not 1–40 lower-case letters, digits, - or _, starting with a letter', p_name),
+      hint = 'Name the ERP or its document type: acme, odoo-sales.';
+  end if;
+  select u into v_bad from unnest(p_unset) u where u not in ('document_label', 'on_invoice', 'refresh_buyer', 'field_names') limit 1;
+  if v_bad is not null then
+    raise exception using errcode = 'EI027', message = format('p_unset names %L, which tax.put_source does not set', v_bad),
+      hint = 'p_unset takes document_label, on_invoice, refresh_buyer and field_names.';
+  end if;
+  if p_on_invoice is not null then
+    perform tax._check_callback(p_on_invoice, 'tax.invoice_result'::regtype, 'void'::regtype, 'on_invoice');
+  end if;
+  if p_refresh_buyer is not null then
+    perform tax._check_callback(p_refresh_buyer, 'text'::regtype, 'jsonb'::regtype, 'refresh_buyer');
+  end if;
+  if p_field_names is not null then
+    if jsonb_typeof(p_field_names) <> 'object' then
+      raise exception using errcode = 'EI027', message = 'p_field_names must be a JSON object of contract path → your name',
+        hint = 'For example {"buyer.tax_id": "customer.khsh"}; the paths are in tax.contract_field.';
+    end if;
+    select k into v_bad from jsonb_object_keys(p_field_names) k where not exists (select from tax.contract_field f where f.path = k) limit 1;
+    if v_bad is not null then
+      raise exception using errcode = 'EI027', message = format('p_field_names: %L is not a path of the invoice document', v_bad),
+        hint = 'The paths are listed in tax.contract_field (buyer.tax_id, lines[].tax_code …).';
+    end if;
+    select e.key into v_bad from jsonb_each(p_field_names) e where jsonb_typeof(e.value) <> 'string' or btrim(e.value #>> '{}') = '' limit 1;
+    if v_bad is not null then
+      raise exception using errcode = 'EI027', message = format('p_field_names: the name given for %L is not a non-empty string', v_bad),
+        hint = 'Give your column as messages should name it: "so_invoice_head.djbh".';
+    end if;
+  end if;
+  insert into tax.source as s (name, document_label, on_invoice, refresh_buyer, field_names)
+  values (p_name, coalesce(p_document_label, 'document'), p_on_invoice, p_refresh_buyer, coalesce(p_field_names, '{}'))
+  on conflict (name) do update
+     set document_label = case when 'document_label' = any (p_unset) then 'document' else coalesce(p_document_label, s.document_label) end,
+         on_invoice     = case when 'on_invoice' = any (p_unset) then null else coalesce(p_on_invoice, s.on_invoice) end,
+         refresh_buyer  = case when 'refresh_buyer' = any (p_unset) then null else coalesce(p_refresh_buyer, s.refresh_buyer) end,
+         field_names    = case when 'field_names' = any (p_unset) then '{}' else coalesce(p_field_names, s.field_names) end,
+         updated_at     = now()
+  returning * into v_row;
+  return v_row;
+end $_$;
+
+
+--
+-- Name: FUNCTION put_source(p_name text, p_document_label text, p_on_invoice regprocedure, p_refresh_buyer regprocedure, p_field_names jsonb, p_unset text[]); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.put_source(p_name text, p_document_label text, p_on_invoice regprocedure, p_refresh_buyer regprocedure, p_field_names jsonb, p_unset text[]) IS 'Operator: registers or changes an e-invoicing source. A parameter not given keeps its value; p_unset clears one. EI027 for a bad name, a callback of the wrong signature, not SECURITY DEFINER with a search_path or owned by a superuser, or a field map naming an unknown path.';
 
 
 --
@@ -1485,18 +2340,21 @@ COMMENT ON FUNCTION tax.record_reinvoice_answer(m cloud.outbox, r jsonb) IS 'Wri
 
 
 --
--- Name: reissue_invoice(bigint); Type: FUNCTION; Schema: tax
+-- Name: reissue_invoice(bigint, jsonb); Type: FUNCTION; Schema: tax
 --
 
-CREATE FUNCTION tax.reissue_invoice(p_invoice_id bigint) RETURNS uuid
+CREATE FUNCTION tax.reissue_invoice(p_invoice_id bigint, p_buyer jsonb DEFAULT NULL::jsonb) RETURNS uuid
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
+    AS $_$
 declare
-  v_inv  tax.invoice;
-  v_cust erp.customer;
-  v_cfg  tax.config;
-  v_req  uuid := cloud.new_request_id();
+  v_inv   tax.invoice;
+  v_doc   tax.document;
+  v_src   tax.source;
+  v_buyer jsonb;
+  v_ctx   tax.validation_context;
+  v_cfg   tax.config;
+  v_req   uuid := cloud.new_request_id();
 begin
   select * into v_inv from tax.invoice where id = p_invoice_id for update;
   if not found or v_inv.invoice_status <> 'failed' or v_inv.invoice_type <> 'blue' or v_inv.error_code is null or tax._outcome_unknown(v_inv) then
@@ -1504,15 +2362,20 @@ begin
                                                             coalesce(v_inv.invoice_status, 'no such invoice'), coalesce(', ' || v_inv.error_code, '')),
       hint = 'Only a blue invoice refused for certain (status 22, or a permanent error proving nothing was created) gets a new orderNo; one whose outcome is unknown (unknown_outcome, poll_limit) is asked again with tax.requery_invoice.';
   end if;
-  -- the customer's current row in the reference ERP (transitional: the contract takes the corrected buyer from the caller)
-  select c.* into v_cust from erp.customer c
-   where c.id = (select coalesce(s.customer_id, sh.customer_id) from tax.invoice i
-                   join tax.document d on d.id = i.document_id and d.source = 'reference-erp'
-                   left join erp.settlement s on d.reference = 'settlement/' || s.settlement_no
-                   left join erp.shipment sh on d.reference = 'shipment/' || sh.shipment_no
-                  where i.id = p_invoice_id);
+  select * into strict v_doc from tax.document where id = v_inv.document_id;
+  v_src := tax._source(v_doc.source);
+  v_buyer := coalesce(p_buyer, tax._refresh_buyer(v_src, v_doc.reference));
+  if v_buyer is null then
+    raise exception using errcode = 'EI029', message = format('invoice %s (%s %s): no corrected buyer to issue it with', p_invoice_id, v_src.document_label, v_doc.reference),
+      hint = format('Pass the corrected buyer (p_buyer => ''{"name": …, "tax_id": …}''), or register a refresh_buyer function for source %s (tax.put_source p_refresh_buyer).', v_src.name);
+  end if;
+  if jsonb_typeof(v_buyer) <> 'object' then
+    raise exception using errcode = 'EI025', message = format('invoice %s: the corrected buyer is a JSON %s, not an object', p_invoice_id, jsonb_typeof(v_buyer)),
+      detail = '$.buyer', hint = 'Give the buyer as {"name": …, "tax_id": …, "address": …}.';
+  end if;
+  v_ctx := row(v_src.name, v_doc.reference, v_src.document_label, v_src.field_names)::tax.validation_context;
   v_cfg := tax._config();
-  -- the corrected buyer (tax id, name) is checked again; a refused invoice needs a new orderNo
+  -- the corrected buyer is checked again; a refused invoice needs a new orderNo
   -- the earlier orderNo's messages are retired: replay_message / replay_dead_messages can no longer send them
   -- (their attempts stay in cloud.log; an answer still in flight is kept as stale by the write-backs)
   delete from cloud.outbox o
@@ -1521,23 +2384,90 @@ begin
   update tax.invoice
      set request_id = v_req, order_no = tax.order_no_for(v_req), invoice_status = 'pending', invoice_serial_no = null,
          submitted_at = null, order_known = false, next_query_id = null,
-         buyer_name = v_cust.name, buyer_tax_id = nullif(v_cust.tax_id, ''),
-         buyer_address = v_cust.address, buyer_phone = v_cust.phone, buyer_bank_name = v_cust.bank_name,
-         buyer_account = v_cust.bank_account, buyer_email = v_cust.email,
-         tax_id_warning = tax.validate_buyer(v_cust, v_inv.invoice_kind, format('invoice %s', p_invoice_id)),
+         tax_id_warning = tax.validate_buyer(v_buyer, v_inv.invoice_kind, v_ctx),
+         buyer_name = v_buyer ->> 'name', buyer_tax_id = nullif(v_buyer ->> 'tax_id', ''), buyer_address = v_buyer ->> 'address',
+         buyer_phone = v_buyer ->> 'phone', buyer_bank_name = v_buyer ->> 'bank_name', buyer_account = v_buyer ->> 'bank_account',
+         buyer_email = v_buyer ->> 'email',
          polls = 0, error_code = null, error_message = null,
          tax_cloud_response = jsonb_build_object('previous', v_inv.tax_cloud_response, 'previous_request_id', v_inv.request_id), updated_at = now()
    where id = p_invoice_id;
   perform cloud.enqueue_message(v_cfg.endpoint, 'tax.issue', tax.build_invoice_payload(p_invoice_id), 'tax.invoice', p_invoice_id::text, null, v_req);
   return v_req;
+end $_$;
+
+
+--
+-- Name: FUNCTION reissue_invoice(p_invoice_id bigint, p_buyer jsonb); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.reissue_invoice(p_invoice_id bigint, p_buyer jsonb) IS 'Operator: issues a refused blue invoice again under a new orderNo, with the corrected buyer (p_buyer, else the source''s refresh_buyer: the ERP''s customer row now), checked again in the caller''s terms; the previous answers are kept under tax_cloud_response.previous, and the earlier orderNo''s unfinished messages are deleted so no replay can submit it again. EI018 when the refusal is not certain (unknown_outcome, poll_limit) or the invoice did not fail; EI029 without a buyer.';
+
+
+--
+-- Name: reissue_invoices(text, text, jsonb); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.reissue_invoices(p_source text, p_reference text, p_buyer jsonb DEFAULT NULL::jsonb) RETURNS uuid[]
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_doc bigint := tax._document_id(p_source, p_reference);
+  v_ids uuid[] := '{}';
+  v_inv tax.invoice;
+begin
+  for v_inv in select * from tax.invoice i where i.document_id = v_doc order by i.part_no for update loop
+    if v_inv.invoice_status = 'failed' and v_inv.error_code is not null and not tax._outcome_unknown(v_inv) then
+      v_ids := v_ids || tax.reissue_invoice(v_inv.id, p_buyer);
+    end if;
+  end loop;
+  if cardinality(v_ids) = 0 then
+    raise exception using errcode = 'EI018', message = format('%s %s has no invoice the platform refused for certain', p_source, p_reference),
+      hint = 'See tax.invoice_status: an invoice whose outcome is unknown is asked again with tax.requery_invoices.';
+  end if;
+  return v_ids;
 end $$;
 
 
 --
--- Name: FUNCTION reissue_invoice(p_invoice_id bigint); Type: COMMENT; Schema: tax
+-- Name: FUNCTION reissue_invoices(p_source text, p_reference text, p_buyer jsonb); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.reissue_invoice(p_invoice_id bigint) IS 'Operator: issues a refused blue invoice again under a new orderNo, with the customer''s current name, tax id, address, phone, bank and email (read from the reference ERP''s erp.customer, transitional; the tax id checked again); the previous answers are kept under tax_cloud_response.previous, and the earlier orderNo''s unfinished messages are deleted so no replay can submit it again. EI018 when the refusal is not certain (unknown_outcome, poll_limit) or the invoice did not fail.';
+COMMENT ON FUNCTION tax.reissue_invoices(p_source text, p_reference text, p_buyer jsonb) IS 'Contract: issues every refused-for-certain invoice of a document again (tax.reissue_invoice each, in part order) with the corrected buyer; returns the new request ids. EI018 when none was refused for certain, EI029 without a buyer, EI030 for an unknown document.';
+
+
+--
+-- Name: replay_callbacks(text, timestamp with time zone); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.replay_callbacks(p_source text, p_since timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_src tax.source := tax._source(p_source);
+  v     record;
+  n     integer := 0;
+begin
+  for v in
+    with due as (
+      update tax.callback_failure f set replayed_at = now()
+       where f.source = v_src.name and f.replayed_at is null and (p_since is null or f.failed_at >= p_since)
+      returning f.invoice_id, f.event, f.id)
+    select distinct on (invoice_id) invoice_id, event from due order by invoice_id, id desc
+  loop
+    perform tax._call_source(v.invoice_id, v.event);
+    n := n + 1;
+  end loop;
+  return n;
+end $$;
+
+
+--
+-- Name: FUNCTION replay_callbacks(p_source text, p_since timestamp with time zone); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.replay_callbacks(p_source text, p_since timestamp with time zone) IS 'Operator: calls the source''s on_invoice again, with the current state and the last failed event, for every invoice whose callback failed (since p_since) and was not replayed; returns how many calls were made. A call that fails again is kept as a new failure.';
 
 
 --
@@ -1578,6 +2508,42 @@ end $$;
 --
 
 COMMENT ON FUNCTION tax.requery_invoice(p_invoice_id bigint) IS 'Operator: asks the platform again, under the same orderNo / serial no. / billId, about an invoice whose outcome is unknown (error_code unknown_outcome or poll_limit); EI019 for any other.';
+
+
+--
+-- Name: requery_invoices(text, text); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.requery_invoices(p_source text, p_reference text) RETURNS uuid[]
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_doc bigint := tax._document_id(p_source, p_reference);
+  v_ids uuid[] := '{}';
+  v_inv tax.invoice;
+begin
+  for v_inv in select i.* from tax.invoice i
+                where i.document_id = v_doc
+                   or i.original_invoice_id in (select b.id from tax.invoice b where b.document_id = v_doc)
+                order by i.id for update loop
+    if tax._outcome_unknown(v_inv) then
+      v_ids := v_ids || tax.requery_invoice(v_inv.id);
+    end if;
+  end loop;
+  if cardinality(v_ids) = 0 then
+    raise exception using errcode = 'EI019', message = format('%s %s has no invoice waiting for a final answer', p_source, p_reference),
+      hint = 'Only invoices failed with error_code unknown_outcome or poll_limit are asked again; see tax.invoice_status.outcome.';
+  end if;
+  return v_ids;
+end $$;
+
+
+--
+-- Name: FUNCTION requery_invoices(p_source text, p_reference text); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.requery_invoices(p_source text, p_reference text) IS 'Contract: asks the platform again about every invoice of a document (blue parts and their red invoices) whose outcome is unknown (tax.requery_invoice each); returns the query message ids. EI019 when none is waiting, EI030 for an unknown document.';
 
 
 --
@@ -1671,6 +2637,27 @@ COMMENT ON FUNCTION tax.tax_rate_in_use(p_rate numeric) IS 'Whether a rate is on
 
 
 --
+-- Name: tg_attachment__900_call_source(); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.tg_attachment__900_call_source() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+begin
+  perform tax._call_source(new.invoice_id, 'pdf_stored');
+  return null;
+end $$;
+
+
+--
+-- Name: FUNCTION tg_attachment__900_call_source(); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.tg_attachment__900_call_source() IS 'Trigger: a stored PDF calls its invoice''s source''s on_invoice with event pdf_stored.';
+
+
+--
 -- Name: tg_document__100_stamp(); Type: FUNCTION; Schema: tax
 --
 
@@ -1695,6 +2682,32 @@ COMMENT ON FUNCTION tax.tg_document__100_stamp() IS 'Trigger: stamps approved_at
 
 
 --
+-- Name: tg_invoice__900_call_source(); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.tg_invoice__900_call_source() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+begin
+  perform tax._call_source(new.id,
+    case when new.invoice_status in ('issued', 'failed', 'reversed', 'partially_reversed') and new.invoice_status is distinct from old.invoice_status then new.invoice_status
+         when old.invoice_status = 'failed' and new.invoice_status = 'pending' then 'reissued'
+         when old.invoice_status = 'failed' and new.invoice_status = 'issuing' then 'requeried'
+         when old.invoice_status = 'pending' and new.invoice_status = 'issuing' then 'submitted'
+         else 'changed' end);
+  return null;
+end $$;
+
+
+--
+-- Name: FUNCTION tg_invoice__900_call_source(); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.tg_invoice__900_call_source() IS 'Trigger: an invoice whose status, number or error changed calls its source''s on_invoice (tax._call_source) with the event: submitted, issued, failed, requeried, reissued, reversed, partially_reversed, changed.';
+
+
+--
 -- Name: tg_reversal__500_request(); Type: FUNCTION; Schema: tax
 --
 
@@ -1702,84 +2715,16 @@ CREATE FUNCTION tax.tg_reversal__500_request() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
-declare
-  v_orig tax.invoice;
-  v_cfg  tax.config;
-  v_red  bigint;
-  v_req  uuid := cloud.new_request_id();
-  v_bad  integer;
-  v_taken integer[];
-  v_kinds text[];
 begin
-  select * into v_orig from tax.invoice where id = new.invoice_id for update;
-  -- lines with an issued red invoice, or one under way (its outcome may be unknown)
-  select coalesce(array_agg(distinct rl.line_no), '{}') into v_taken
-    from tax.reversal q
-    join tax.invoice_line rl on rl.invoice_id = q.red_invoice_id
-   where q.invoice_id = new.invoice_id and q.id <> new.id and q.status in ('pending', 'confirming', 'issued');
-  if v_orig.invoice_status = 'reversed' or (new.line_nos is null and cardinality(v_taken) > 0) or new.line_nos && v_taken then
-    raise exception using errcode = 'EI016', message = format('invoice %s: line(s) %s already reversed or with a reversal under way', v_orig.invoice_no,
-                                                            coalesce(array_to_string(array(select unnest(v_taken) intersect select unnest(coalesce(new.line_nos, v_taken)) order by 1), ', '), 'all')),
-      hint = 'See tax.reversal for this invoice; reverse only the other lines (line_nos), a full reversal is possible only while no line is reversed.';
+  if new.source is not null then
+    return null;  -- tax.enqueue_reversal made it, and issues it itself
   end if;
-  if v_orig.invoice_status not in ('issued', 'partially_reversed') or v_orig.invoice_type <> 'blue' then
-    raise exception using errcode = 'EI013', message = format('invoice %s (%s) is not an issued blue invoice and cannot be reversed', new.invoice_id, v_orig.invoice_status),
-      hint = 'Only issued invoices can be reversed; a failed one was never issued.';
-  end if;
-  if new.reason is null or new.reason not in ('1', '2', '3', '4') then
-    raise exception using errcode = 'EI014', message = format('reversal reason %L is not 1–4', new.reason),
-      hint = '1 销货退回, 2 开票有误, 3 服务中止, 4 销售折让 (Nuonuo''s numbering).';
-  end if;
-  select n into v_bad from unnest(new.line_nos) n
-   where not exists (select from tax.invoice_line l where l.invoice_id = v_orig.id and l.line_no = n) limit 1;
-  if v_bad is not null or cardinality(new.line_nos) = 0 then
-    raise exception using errcode = 'EI015', message = format('reversal of invoice %s: line %s is not on the invoice', v_orig.invoice_no, coalesce(v_bad::text, '(none given)')),
-      hint = 'line_nos lists tax.invoice_line.line_no values of the invoice; leave it null for a full reversal.';
-  end if;
-  -- 乐企 rule (reference §1.9): service-only lines cannot be 销货退回 (1), goods-only lines cannot be 服务中止 (3)
-  select array_agg(distinct left(l.tax_code, 1)) into v_kinds from tax.invoice_line l
-   where l.invoice_id = v_orig.id and (new.line_nos is null or l.line_no = any (new.line_nos));
-  if (new.reason = '1' and v_kinds <@ array['3']) or (new.reason = '3' and v_kinds <@ array['1']) then
-    raise exception using errcode = 'EI014',
-      message = format('reversal reason %s (%s) does not fit the reversed lines, which are all %s', new.reason,
-                       case new.reason when '1' then '销货退回' else '服务中止' end, case new.reason when '1' then 'services' else 'goods' end),
-      hint = 'Services cannot be returned (use 3 服务中止, 2 开票有误 or 4 销售折让); goods cannot be a service stopped (use 1 销货退回, 2 or 4).';
-  end if;
-  v_cfg := tax._config();
-  insert into tax.invoice (reversal_id, original_invoice_id, invoice_type, invoice_kind, request_id, order_no,
-                           buyer_name, buyer_tax_id, buyer_address, buyer_phone, buyer_bank_name, buyer_account, buyer_email,
-                           amount_excl_tax, tax_amount, amount_incl_tax, invoice_status)
-  values (new.id, v_orig.id, 'red', v_orig.invoice_kind, v_req, tax.order_no_for(v_req),
-          v_orig.buyer_name, v_orig.buyer_tax_id, v_orig.buyer_address, v_orig.buyer_phone, v_orig.buyer_bank_name, v_orig.buyer_account,
-          v_orig.buyer_email, 0, 0, 0, 'pending')
-  returning id into v_red;
-  insert into tax.invoice_line (invoice_id, line_no, source_line_no, item_name, tax_code, spec, unit, quantity, unit_price,
-                                tax_rate, amount_excl_tax, tax_amount, amount_incl_tax)
-  select v_red, l.line_no, l.source_line_no, l.item_name, l.tax_code, l.spec, l.unit, -l.quantity, l.unit_price,
-         l.tax_rate, -l.amount_excl_tax, -l.tax_amount, -l.amount_incl_tax
-    from tax.invoice_line l
-   where l.invoice_id = v_orig.id and (new.line_nos is null or l.line_no = any (new.line_nos));
-  update tax.invoice a set amount_excl_tax = t.ex, tax_amount = t.tx, amount_incl_tax = t.inc
-    from (select sum(amount_excl_tax) ex, sum(tax_amount) tx, sum(amount_incl_tax) inc from tax.invoice_line where invoice_id = v_red) t
-   where a.id = v_red;
-  update tax.reversal set red_invoice_id = v_red, bill_id = left(tax.order_no_for(v_req), 32) where id = new.id;
-  perform cloud.enqueue_message(v_cfg.endpoint, 'tax.red_confirm', jsonb_strip_nulls(jsonb_build_object(
-    'billId', tax.order_no_for(v_req),
-    'blueInvoiceLine', case v_orig.invoice_kind when 'special' then 'bs' else 'pc' end,
-    'applySource', '0',
-    'blueElecInvoiceNumber', v_orig.invoice_no,
-    'sellerTaxNo', v_cfg.seller_tax_id, 'sellerName', v_cfg.seller_name,
-    'buyerTaxNo', v_orig.buyer_tax_id, 'buyerName', v_orig.buyer_name,
-    'redReason', new.reason,
-    'orderNo', tax.order_no_for(v_req),
-    'autoInvoice', '1',
-    'detail', case when new.line_nos is not null then (
-       select jsonb_agg(jsonb_build_object('blueDetailIndex', l.line_no::text, 'goodsName', l.item_name, 'goodsCode', l.tax_code,
-                                           'taxRate', tax.decimal_text(l.tax_rate), 'num', tax.decimal_text(l.quantity),
-                                           'taxExcludedPrice', tax.decimal_text(round(-l.amount_excl_tax / nullif(-l.quantity, 0), 8)),
-                                           'taxExcludedAmount', l.amount_excl_tax::text, 'taxAmount', l.tax_amount::text) order by l.line_no)
-         from tax.invoice_line l where l.invoice_id = v_red) end)),
-    'tax.invoice', v_red::text, null, v_req);
+  update tax.reversal r
+     set reason = coalesce(case r.reason when '1' then 'return' when '2' then 'error' when '3' then 'service_stopped' when '4' then 'allowance' end, r.reason),
+         source = d.source, reference = 'reversal/' || r.id
+    from tax.invoice i left join tax.document d on d.id = i.document_id
+   where r.id = new.id and i.id = r.invoice_id;
+  perform tax._issue_red(new.id);
   return null;
 end $$;
 
@@ -1788,7 +2733,7 @@ end $$;
 -- Name: FUNCTION tg_reversal__500_request(); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.tg_reversal__500_request() IS 'Trigger: a reversal request (tax.reversal) for an issued or partially reversed invoice is checked (EI013–EI016; lines already reversed or under way are refused; the reason must fit goods / services), becomes a red tax.invoice (negative lines, full or by line, the original''s buyer) and enqueues the 数电 red confirmation (saveInvoiceRedConfirm).';
+COMMENT ON FUNCTION tax.tg_reversal__500_request() IS 'Trigger (transitional, until 0025): a reversal inserted without a source, as the reference ERP does through erp.invoice_reversal_request with Nuonuo''s reason digits 1–4, is named (reason return / error / service_stopped / allowance, reference reversal/<id>) and issued by tax._issue_red.';
 
 
 --
@@ -1904,70 +2849,86 @@ COMMENT ON FUNCTION tax.uscc_structure_problem(p_code text, OUT errcode text, OU
 
 
 --
--- Name: validate_buyer(erp.customer, text, text); Type: FUNCTION; Schema: tax
+-- Name: validate_buyer(jsonb, text, tax.validation_context); Type: FUNCTION; Schema: tax
 --
 
-CREATE FUNCTION tax.validate_buyer(p_customer erp.customer, p_kind text, p_doc text) RETURNS text
-    LANGUAGE plpgsql
+CREATE FUNCTION tax.validate_buyer(p_buyer jsonb, p_kind text, p_ctx tax.validation_context) RETURNS text
+    LANGUAGE plpgsql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 declare
-  v_where   text := format('%s: customer %s', p_doc, left(p_customer.name, 40));
-  v_fix     text := format('erp.customer %s', p_customer.id);
-  v_struct  record;
-  v_account text := nullif(concat_ws(' ', p_customer.bank_name, p_customer.bank_account), '');
+  v_name     text := tax._doc_text(p_buyer -> 'name', p_ctx, '$.buyer.name');
+  v_tax_id   text := nullif(tax._doc_text(p_buyer -> 'tax_id', p_ctx, '$.buyer.tax_id'), '');
+  v_address  text := tax._doc_text(p_buyer -> 'address', p_ctx, '$.buyer.address');
+  v_phone    text := tax._doc_text(p_buyer -> 'phone', p_ctx, '$.buyer.phone');
+  v_account  text := nullif(concat_ws(' ', tax._doc_text(p_buyer -> 'bank_name', p_ctx, '$.buyer.bank_name'), tax._doc_text(p_buyer -> 'bank_account', p_ctx, '$.buyer.bank_account')), '');
+  v_override jsonb := p_buyer -> 'tax_id_check_override';
+  v_where    text := tax._where(p_ctx);
+  v_id_name  text := tax._field(p_ctx, '$.buyer.tax_id');
+  v_struct   record;
 begin
-  if coalesce(btrim(p_customer.name), '') = '' then
-    raise exception using errcode = 'EI009', message = format('%s: the customer has no name to print as buyer', p_doc),
-      hint = format('Enter erp.customer.name for customer %s.', p_customer.id);
+  -- the document's buyer is re-read here as $.buyer; a reissue's corrected buyer is checked the same way
+  if v_override is not null and jsonb_typeof(v_override) not in ('boolean', 'null') then
+    perform tax._malformed(p_ctx, '$.buyer.tax_id_check_override', 'is not true or false', 'Give true to issue although the tax id fails the check digit; leave it out otherwise.');
   end if;
+  if coalesce(btrim(v_name), '') = '' then
+    raise exception using errcode = 'EI009', message = format('%s: the buyer has no name to print (%s is empty)', v_where, tax._field(p_ctx, '$.buyer.name')),
+      detail = '$.buyer.name', hint = format('Enter %s.', tax._field(p_ctx, '$.buyer.name'));
+  end if;
+  v_where := format('%s: buyer %s', v_where, left(v_name, 40));
   -- every buyer text the payload carries, as build_invoice_payload puts it there
-  perform tax._check_text('buyer_name', p_customer.name, v_where, v_fix || ' name');
-  perform tax._check_text('buyer_address', p_customer.address, v_where, v_fix || ' address');
-  perform tax._check_text('buyer_phone', p_customer.phone, v_where, v_fix || ' phone');
-  perform tax._check_text('buyer_address_phone', coalesce(p_customer.address, '') || coalesce(p_customer.phone, ''), v_where, v_fix || ' address or phone');
-  perform tax._check_text('buyer_account', v_account, v_where, v_fix || ' bank_name and bank_account');
-  perform tax._check_text('buyer_email', p_customer.email, v_where, v_fix || ' email');
-  if p_customer.tax_id is null or p_customer.tax_id = '' then
+  perform tax._check_doc_text('buyer_name', v_name, p_ctx, '$.buyer.name');
+  perform tax._check_doc_text('buyer_address', v_address, p_ctx, '$.buyer.address');
+  perform tax._check_doc_text('buyer_phone', v_phone, p_ctx, '$.buyer.phone');
+  perform tax._check_doc_text('buyer_address_phone', coalesce(v_address, '') || coalesce(v_phone, ''), p_ctx, '$.buyer.address',
+                              p_name => format('%s and %s', tax._field(p_ctx, '$.buyer.address'), tax._field(p_ctx, '$.buyer.phone')));
+  perform tax._check_doc_text('buyer_account', v_account, p_ctx, '$.buyer.bank_account',
+                              p_name => format('%s and %s', tax._field(p_ctx, '$.buyer.bank_name'), tax._field(p_ctx, '$.buyer.bank_account')));
+  perform tax._check_doc_text('buyer_email', tax._doc_text(p_buyer -> 'email', p_ctx, '$.buyer.email'), p_ctx, '$.buyer.email');
+  if v_tax_id is null then
     if p_kind = 'special' then
-      raise exception using errcode = 'EI010', message = format('%s: a 数电专票 needs the buyer''s tax id, customer %s has none', p_doc, p_customer.name),
-        hint = 'Enter the buyer''s 纳税人识别号 on the customer, or issue a normal invoice (invoice_kind = normal).';
+      raise exception using errcode = 'EI010', message = format('%s: a 数电专票 needs the buyer''s tax id, and %s is empty', v_where, v_id_name),
+        detail = '$.buyer.tax_id', hint = format('Enter the buyer''s 纳税人识别号 in %s, or issue a normal invoice (%s = normal).', v_id_name, tax._field(p_ctx, '$.kind'));
     end if;
     return null;
   end if;
-  if p_customer.tax_id !~ '^[A-Z0-9]{15}$|^[A-Z0-9]{17,18}$|^[A-Z0-9]{20}$' then
+  if v_tax_id !~ '^[A-Z0-9]{15}$|^[A-Z0-9]{17,18}$|^[A-Z0-9]{20}$' then
     raise exception using errcode = 'EI001',
-      message = format('%s: buyer tax id %L of customer %s is not 15, 17, 18 or 20 capital letters and digits', p_doc, p_customer.tax_id, p_customer.name),
-      hint = 'Correct erp.customer.tax_id (统一社会信用代码 or 纳税人识别号, capitals, no spaces).';
+      message = format('%s: %s %L is not 15, 17, 18 or 20 capital letters and digits', v_where, v_id_name, v_tax_id),
+      detail = '$.buyer.tax_id', hint = format('Correct %s (统一社会信用代码 or 纳税人识别号, capitals, no spaces).', v_id_name);
   end if;
-  if length(p_customer.tax_id) <> 18 or tax.resident_id_ok(p_customer.tax_id) then
+  if length(v_tax_id) <> 18 or tax.resident_id_ok(v_tax_id) then
     return null;
   end if;
   -- an 18-character id that is no resident identity number is a 统一社会信用代码: its structure first,
   -- and no override admits a malformed one
-  select * into v_struct from tax.uscc_structure_problem(p_customer.tax_id);
+  select * into v_struct from tax.uscc_structure_problem(v_tax_id);
   if v_struct.errcode is not null then
     raise exception using errcode = v_struct.errcode,
-      message = format('%s: buyer tax id %s of customer %s is not a well-formed 统一社会信用代码: %s', p_doc, p_customer.tax_id, p_customer.name, v_struct.problem),
-      hint = format('Correct erp.customer.tax_id of customer %s from the business licence (a 18-digit resident identity number is taken as well). The check-digit override never admits a malformed code.', p_customer.id);
+      message = format('%s: %s %s is not a well-formed 统一社会信用代码: %s', v_where, v_id_name, v_tax_id, v_struct.problem),
+      detail = '$.buyer.tax_id',
+      hint = format('Correct %s from the business licence (a 18-digit resident identity number is taken as well). The check-digit override never admits a malformed code.', v_id_name);
   end if;
-  if not tax.uscc_check_digit_ok(p_customer.tax_id) then
-    if not p_customer.tax_id_check_override then
+  if not tax.uscc_check_digit_ok(v_tax_id) then
+    if not coalesce((v_override #>> '{}')::boolean, false) then
       raise exception using errcode = 'EI002',
-        message = format('%s: buyer tax id %s of customer %s fails the GB 32100 check digit', p_doc, p_customer.tax_id, p_customer.name),
-        hint = 'Check the code against the business licence. If it is right (some early pilot codes fail the check), set erp.customer.tax_id_check_override = true and approve again.';
+        message = format('%s: %s %s fails the GB 32100 check digit', v_where, v_id_name, v_tax_id),
+        detail = '$.buyer.tax_id',
+        hint = format('Check the code against the business licence. If it is right (some early pilot codes fail the check), set %s to true and approve again.',
+                      tax._field(p_ctx, '$.buyer.tax_id_check_override'));
     end if;
-    raise warning 'buyer tax id % of customer % fails the GB 32100 check digit; issued because the operator overrode the check', p_customer.tax_id, p_customer.name;
-    return format('tax id %s fails the GB 32100 check digit (operator override)', p_customer.tax_id);
+    raise warning '%: % % fails the GB 32100 check digit; issued because the operator overrode the check', v_where, v_id_name, v_tax_id;
+    return format('tax id %s fails the GB 32100 check digit (operator override)', v_tax_id);
   end if;
   return null;
 end $_$;
 
 
 --
--- Name: FUNCTION validate_buyer(p_customer erp.customer, p_kind text, p_doc text); Type: COMMENT; Schema: tax
+-- Name: FUNCTION validate_buyer(p_buyer jsonb, p_kind text, p_ctx tax.validation_context); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.validate_buyer(p_customer erp.customer, p_kind text, p_doc text) IS 'Checks the buyer: name (EI009), every buyer text against tax.text_limit (EI023), tax id for 专票 (EI010), tax id shape (EI001); an 18-character id is a resident identity number or a USCC of GB 32100 structure (EI020 character, EI021 authority / type, EI022 region) whose check digit must match (EI002 unless overridden: then a warning, returned; the override never admits a malformed code).';
+COMMENT ON FUNCTION tax.validate_buyer(p_buyer jsonb, p_kind text, p_ctx tax.validation_context) IS 'Checks the document''s buyer object: name (EI009), every buyer text against tax.text_limit (EI023), tax id for 专票 (EI010), tax id shape (EI001); an 18-character id is a resident identity number or a USCC of GB 32100 structure (EI020 character, EI021 authority / type, EI022 region) whose check digit must match (EI002 unless buyer.tax_id_check_override: then a warning, returned). Messages name the caller''s fields, DETAIL the JSON path.';
 
 
 --
@@ -1975,75 +2936,107 @@ COMMENT ON FUNCTION tax.validate_buyer(p_customer erp.customer, p_kind text, p_d
 --
 
 CREATE FUNCTION tax.validate_line(p_line tax.source_line, p_doc text) RETURNS void
-    LANGUAGE plpgsql
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
-declare
-  -- a line is named by its item, shortened: an over-long name must not make an over-long message
-  v_name  text := case when char_length(p_line.item_name) > 30 then left(p_line.item_name, 30) || '…' else p_line.item_name end;
-  v_where text := format('%s line %s (%s)', p_doc, p_line.line_no, v_name);
-  v_fix   text := format('line %s''s', p_line.line_no);
-  v_sep   record;
-begin
-  perform tax._check_text('item_name', p_line.item_name, v_where, v_fix || ' item_name');
-  perform tax._check_text('spec', p_line.spec, v_where, v_fix || ' spec');
-  perform tax._check_text('unit', p_line.unit, v_where, v_fix || ' unit');
-  if p_line.tax_code is null or p_line.tax_code !~ '^\d{19}$' then
-    raise exception using errcode = 'EI003', message = format('%s: tax_code %L is not a 19-digit 税收分类编码', v_where, p_line.tax_code),
-      hint = 'Use the 19-digit goods and services tax classification code, right-padded with zeros (e.g. 3040201030000000000).';
-  end if;
-  if p_line.tax_rate is null or not tax.tax_rate_in_use(p_line.tax_rate) then
-    raise exception using errcode = 'EI004', message = format('%s: tax_rate %s is not a rate in use', v_where, p_line.tax_rate),
-      hint = 'Use 0.13, 0.09, 0.06, 0.05, 0.03, 0.015, 0.01 or 0.';
-  end if;
-  if p_line.amount is null or p_line.amount <= 0 then
-    raise exception using errcode = 'EI005', message = format('%s: amount %s must be above zero', v_where, p_line.amount),
-      hint = 'Enter the tax-inclusive line amount; discounts go on the invoice as their own lines later.';
-  end if;
-  -- decimals are counted where they carry a value (min_scale): 2.0000000000 from a numeric(18,10) column is 2
-  if min_scale(p_line.amount) > 2 then
-    raise exception using errcode = 'EI005', message = format('%s: amount %s has more than 2 decimals', v_where, p_line.amount),
-      hint = 'Amounts go on the invoice in fen: round the line amount to 2 decimals.';
-  end if;
-  if (p_line.quantity is null) <> (p_line.unit_price is null) then
-    raise exception using errcode = 'EI005', message = format('%s: quantity and unit_price must be given together', v_where),
-      hint = 'Give both (the amount is then checked against them) or neither.';
-  end if;
-  if p_line.quantity is not null then
-    if p_line.quantity <= 0 or p_line.unit_price <= 0 then
-      raise exception using errcode = 'EI005', message = format('%s: quantity %s and unit_price %s must be above zero', v_where, p_line.quantity, p_line.unit_price),
-        hint = 'Correct the line''s quantity or unit price.';
-    end if;
-    if min_scale(p_line.quantity) > 8 or min_scale(p_line.unit_price) > 8 then
-      raise exception using errcode = 'EI005',
-        message = format('%s: %s has more than 8 decimals', v_where,
-                         case when min_scale(p_line.quantity) > 8 then format('quantity %s', p_line.quantity) else format('unit_price %s', p_line.unit_price) end),
-        hint = 'The tax platform takes at most 8 decimals (trailing zeros do not count); round the quantity or unit price.';
-    end if;
-    if abs(p_line.quantity * p_line.unit_price - p_line.amount) > 0.01 then
-      raise exception using errcode = 'EI005',
-        message = format('%s: amount %s differs from quantity × unit_price = %s', v_where, p_line.amount, round(p_line.quantity * p_line.unit_price, 4)),
-        hint = 'The amount is tax-inclusive and must equal quantity × unit price within 0.01.';
-    end if;
-  end if;
-  if min_scale(p_line.tax_amount) > 2 then
-    raise exception using errcode = 'EI007', message = format('%s: tax_amount %s has more than 2 decimals', v_where, p_line.tax_amount),
-      hint = 'Round tax_amount to 2 decimals, or clear it to let the database compute it.';
-  end if;
-  select * into v_sep from tax.separate_price_tax(p_line.amount, p_line.tax_rate, p_line.tax_amount);
-  if abs(v_sep.tax_amount - v_sep.amount_excl_tax * p_line.tax_rate) > 0.06 then
-    raise exception using errcode = 'EI007',
-      message = format('%s: tax_amount %s differs from (amount − tax) × rate = %s by more than 0.06', v_where, v_sep.tax_amount,
-                       round(v_sep.amount_excl_tax * p_line.tax_rate, 4)),
-      hint = 'Clear tax_amount to let the database compute it, or correct it.';
-  end if;
-end $_$;
+  select tax.validate_line(p_line, row(null, p_doc, null, '{}')::tax.validation_context, '$.lines[0]')
+$_$;
 
 
 --
 -- Name: FUNCTION validate_line(p_line tax.source_line, p_doc text); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.validate_line(p_line tax.source_line, p_doc text) IS 'Checks one line: item name, spec and unit against tax.text_limit (EI023), tax code (EI003), rate (EI004), amount / quantity / price (EI005: significant decimals, 8 for quantity and price, 2 for the amount), tax amount decimals and the 0.06 line tolerance (EI007). The message names the line and the field.';
+COMMENT ON FUNCTION tax.validate_line(p_line tax.source_line, p_doc text) IS 'Checks one line on its own, naming it by p_doc: tax.validate_line(line, context, path) with no source (fields named as the contract names them).';
+
+
+--
+-- Name: validate_line(tax.source_line, tax.validation_context, text); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.validate_line(p_line tax.source_line, p_ctx tax.validation_context, p_path text) RETURNS void
+    LANGUAGE plpgsql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+declare
+  v_where text := tax._where(p_ctx, p_line);
+  v_sep   record;
+  f       text;  -- the caller's name of the field being checked
+begin
+  perform tax._check_doc_text('item_name', p_line.item_name, p_ctx, p_path || '.item_name', p_line);
+  perform tax._check_doc_text('spec', p_line.spec, p_ctx, p_path || '.spec', p_line);
+  perform tax._check_doc_text('unit', p_line.unit, p_ctx, p_path || '.unit', p_line);
+  f := tax._field(p_ctx, p_path || '.tax_code');
+  if p_line.tax_code is null or p_line.tax_code !~ '^\d{19}$' then
+    raise exception using errcode = 'EI003', message = format('%s: %s %L is not a 19-digit 税收分类编码', v_where, f, p_line.tax_code),
+      detail = p_path || '.tax_code',
+      hint = format('Put the 19-digit goods and services tax classification code in %s, right-padded with zeros (e.g. 3040201030000000000).', f);
+  end if;
+  f := tax._field(p_ctx, p_path || '.tax_rate');
+  if p_line.tax_rate is null or not tax.tax_rate_in_use(p_line.tax_rate) then
+    raise exception using errcode = 'EI004', message = format('%s: %s %s is not a rate in use', v_where, f, p_line.tax_rate),
+      detail = p_path || '.tax_rate', hint = format('Set %s to 0.13, 0.09, 0.06, 0.05, 0.03, 0.015, 0.01 or 0.', f);
+  end if;
+  f := tax._field(p_ctx, p_path || '.amount');
+  if p_line.amount is null or p_line.amount <= 0 then
+    raise exception using errcode = 'EI005', message = format('%s: %s %s must be above zero', v_where, f, p_line.amount),
+      detail = p_path || '.amount', hint = format('Enter the tax-inclusive line amount in %s; discounts go on the invoice as their own lines later.', f);
+  end if;
+  -- decimals are counted where they carry a value (min_scale): 2.0000000000 from a numeric(18,10) column is 2
+  if min_scale(p_line.amount) > 2 then
+    raise exception using errcode = 'EI005', message = format('%s: %s %s has more than 2 decimals', v_where, f, p_line.amount),
+      detail = p_path || '.amount', hint = format('Amounts go on the invoice in fen: round %s to 2 decimals.', f);
+  end if;
+  if (p_line.quantity is null) <> (p_line.unit_price is null) then
+    raise exception using errcode = 'EI005',
+      message = format('%s: %s and %s must be given together', v_where, tax._field(p_ctx, p_path || '.quantity'), tax._field(p_ctx, p_path || '.unit_price')),
+      detail = p_path || case when p_line.quantity is null then '.quantity' else '.unit_price' end,
+      hint = 'Give both (the amount is then checked against them) or neither.';
+  end if;
+  if p_line.quantity is not null then
+    if p_line.quantity <= 0 or p_line.unit_price <= 0 then
+      raise exception using errcode = 'EI005',
+        message = format('%s: %s %s and %s %s must be above zero', v_where, tax._field(p_ctx, p_path || '.quantity'), p_line.quantity,
+                         tax._field(p_ctx, p_path || '.unit_price'), p_line.unit_price),
+        detail = p_path || case when p_line.quantity <= 0 then '.quantity' else '.unit_price' end,
+        hint = 'Correct the line''s quantity or unit price.';
+    end if;
+    if min_scale(p_line.quantity) > 8 or min_scale(p_line.unit_price) > 8 then
+      f := case when min_scale(p_line.quantity) > 8 then 'quantity' else 'unit_price' end;
+      raise exception using errcode = 'EI005',
+        message = format('%s: %s %s has more than 8 decimals', v_where, tax._field(p_ctx, p_path || '.' || f),
+                         case f when 'quantity' then p_line.quantity else p_line.unit_price end),
+        detail = p_path || '.' || f,
+        hint = 'The tax platform takes at most 8 decimals (trailing zeros do not count); round the quantity or unit price.';
+    end if;
+    if abs(p_line.quantity * p_line.unit_price - p_line.amount) > 0.01 then
+      raise exception using errcode = 'EI005',
+        message = format('%s: %s %s differs from %s × %s = %s', v_where, tax._field(p_ctx, p_path || '.amount'), p_line.amount,
+                         tax._field(p_ctx, p_path || '.quantity'), tax._field(p_ctx, p_path || '.unit_price'), round(p_line.quantity * p_line.unit_price, 4)),
+        detail = p_path || '.amount',
+        hint = 'The amount is tax-inclusive and must equal quantity × unit price within 0.01.';
+    end if;
+  end if;
+  f := tax._field(p_ctx, p_path || '.tax_amount');
+  if min_scale(p_line.tax_amount) > 2 then
+    raise exception using errcode = 'EI007', message = format('%s: %s %s has more than 2 decimals', v_where, f, p_line.tax_amount),
+      detail = p_path || '.tax_amount', hint = format('Round %s to 2 decimals, or clear it to let the database compute it.', f);
+  end if;
+  select * into v_sep from tax.separate_price_tax(p_line.amount, p_line.tax_rate, p_line.tax_amount);
+  if abs(v_sep.tax_amount - v_sep.amount_excl_tax * p_line.tax_rate) > 0.06 then
+    raise exception using errcode = 'EI007',
+      message = format('%s: %s %s differs from (amount − tax) × rate = %s by more than 0.06', v_where, f, v_sep.tax_amount,
+                       round(v_sep.amount_excl_tax * p_line.tax_rate, 4)),
+      detail = p_path || '.tax_amount', hint = format('Clear %s to let the database compute it, or correct it.', f);
+  end if;
+end $_$;
+
+
+--
+-- Name: FUNCTION validate_line(p_line tax.source_line, p_ctx tax.validation_context, p_path text); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.validate_line(p_line tax.source_line, p_ctx tax.validation_context, p_path text) IS 'Checks one line of a document: item name, spec and unit against tax.text_limit (EI023), tax code (EI003), rate (EI004), amount / quantity / price (EI005: significant decimals, 8 for quantity and price, 2 for the amount), tax amount decimals and the 0.06 line tolerance (EI007). The message names the line and the caller''s field, DETAIL the JSON path (p_path is the line''s, $.lines[n]).';
 
 
 --
@@ -2167,6 +3160,7 @@ CREATE TABLE tax.reversal (
     finished_at timestamp with time zone,
     source text,
     reference text,
+    source_line_nos integer[],
     CONSTRAINT reversal_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'confirming'::text, 'issued'::text, 'failed'::text])))
 );
 
@@ -2204,6 +3198,13 @@ COMMENT ON COLUMN tax.reversal.source IS 'The ERP that asked for the reversal (i
 --
 
 COMMENT ON COLUMN tax.reversal.reference IS 'The caller''s key of the reversal, with source; null for requests made before the reversal contract.';
+
+
+--
+-- Name: COLUMN reversal.source_line_nos; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.reversal.source_line_nos IS 'The caller''s lines[].line_no a by-reference reversal named (null: all, or a reversal by invoice id).';
 
 
 --
@@ -2249,6 +3250,88 @@ ALTER TABLE tax.attachment ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     NO MAXVALUE
     CACHE 1
 );
+
+
+--
+-- Name: callback_failure; Type: TABLE; Schema: tax
+--
+
+CREATE TABLE tax.callback_failure (
+    id bigint NOT NULL,
+    source text NOT NULL,
+    invoice_id bigint NOT NULL,
+    event text NOT NULL,
+    sqlstate text NOT NULL,
+    message text NOT NULL,
+    failed_at timestamp with time zone DEFAULT now() NOT NULL,
+    replayed_at timestamp with time zone
+);
+
+
+--
+-- Name: TABLE callback_failure; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON TABLE tax.callback_failure IS 'A source''s on_invoice that raised: its own writes were rolled back, the write-back that called it committed. tax.replay_callbacks calls it again.';
+
+
+--
+-- Name: COLUMN callback_failure.event; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.callback_failure.event IS 'The event the callback was given (tax.invoice_result.event).';
+
+
+--
+-- Name: COLUMN callback_failure.replayed_at; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.callback_failure.replayed_at IS 'When tax.replay_callbacks called the source again for this failure (null: not yet).';
+
+
+--
+-- Name: callback_failure_id_seq; Type: SEQUENCE; Schema: tax
+--
+
+ALTER TABLE tax.callback_failure ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME tax.callback_failure_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
+-- Name: contract_field; Type: TABLE; Schema: tax
+--
+
+CREATE TABLE tax.contract_field (
+    path text NOT NULL,
+    meaning text NOT NULL
+);
+
+
+--
+-- Name: TABLE contract_field; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON TABLE tax.contract_field IS 'The paths of the e-invoicing document (tax.enqueue_invoices) a source may name in its field map (tax.put_source p_field_names): reference, kind, remark, buyer.*, lines[].*.';
+
+
+--
+-- Name: COLUMN contract_field.path; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.contract_field.path IS 'A path of the contract: buyer.tax_id, lines[].tax_code …';
+
+
+--
+-- Name: COLUMN contract_field.meaning; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.contract_field.meaning IS 'What the field is, in one line.';
 
 
 --
@@ -2330,6 +3413,114 @@ ALTER TABLE tax.invoice_line ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 
 
 --
+-- Name: invoice_status; Type: VIEW; Schema: tax
+--
+
+CREATE VIEW tax.invoice_status AS
+ SELECT d.source,
+    d.reference,
+    i.id AS invoice_id,
+    i.part_no,
+    i.part_count,
+    i.invoice_kind AS kind,
+    i.invoice_status AS status,
+        CASE
+            WHEN (i.invoice_status = 'failed'::text) THEN
+            CASE
+                WHEN tax._outcome_unknown(i.*) THEN 'unknown'::text
+                ELSE 'refused'::text
+            END
+            ELSE NULL::text
+        END AS outcome,
+    i.invoice_no,
+    i.invoice_date,
+    i.amount_excl_tax,
+    i.tax_amount,
+    i.amount_incl_tax,
+    i.buyer_name,
+    i.buyer_tax_id,
+    i.tax_id_warning,
+    i.error_code,
+    i.error_message,
+    i.pdf_url,
+    i.ofd_url,
+    i.xml_url,
+    i.tax_cloud_response AS responses,
+    a.id AS pdf_attachment_id,
+    a.sha256 AS pdf_sha256,
+    a.content AS pdf,
+    i.created_at,
+    i.updated_at,
+    ( SELECT jsonb_agg((to_jsonb(l.*) - 'invoice_id'::text) ORDER BY l.line_no) AS jsonb_agg
+           FROM tax.invoice_line l
+          WHERE (l.invoice_id = i.id)) AS lines
+   FROM ((tax.invoice i
+     JOIN tax.document d ON ((d.id = i.document_id)))
+     LEFT JOIN tax.attachment a ON (((a.invoice_id = i.id) AND (a.content_type = 'application/pdf'::text))));
+
+
+--
+-- Name: VIEW invoice_status; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON VIEW tax.invoice_status IS 'Contract: the blue invoices of every document by (source, reference): status (pending, issuing, issued, failed, partially_reversed, reversed), outcome of a failure (refused: correct and reissue; unknown: requery), number, date, amounts, the raw responses, the PDF, and the lines (line_no on the invoice, source_line_no the caller''s).';
+
+
+--
+-- Name: red_invoice_status; Type: VIEW; Schema: tax
+--
+
+CREATE VIEW tax.red_invoice_status AS
+ SELECT q.source,
+    q.reference,
+    r.id AS invoice_id,
+    r.original_invoice_id,
+    d.reference AS original_reference,
+    o.part_no AS original_part_no,
+    q.reason,
+    q.line_nos,
+    q.source_line_nos,
+    q.status AS reversal_status,
+    r.invoice_status AS status,
+        CASE
+            WHEN (r.invoice_status = 'failed'::text) THEN
+            CASE
+                WHEN tax._outcome_unknown(r.*) THEN 'unknown'::text
+                ELSE 'refused'::text
+            END
+            ELSE NULL::text
+        END AS outcome,
+    r.invoice_no,
+    r.invoice_date,
+    r.amount_excl_tax,
+    r.tax_amount,
+    r.amount_incl_tax,
+    r.error_code,
+    r.error_message,
+    r.tax_cloud_response AS responses,
+    a.id AS pdf_attachment_id,
+    a.sha256 AS pdf_sha256,
+    a.content AS pdf,
+    r.created_at,
+    r.updated_at,
+    ( SELECT jsonb_agg((to_jsonb(l.*) - 'invoice_id'::text) ORDER BY l.line_no) AS jsonb_agg
+           FROM tax.invoice_line l
+          WHERE (l.invoice_id = r.id)) AS lines
+   FROM ((((tax.invoice r
+     JOIN tax.reversal q ON ((q.id = r.reversal_id)))
+     JOIN tax.invoice o ON ((o.id = r.original_invoice_id)))
+     JOIN tax.document d ON ((d.id = o.document_id)))
+     LEFT JOIN tax.attachment a ON (((a.invoice_id = r.id) AND (a.content_type = 'application/pdf'::text))));
+
+
+--
+-- Name: VIEW red_invoice_status; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON VIEW tax.red_invoice_status IS 'Contract: the red invoices (红冲) by the caller''s reversal (source, reference), with the blue invoice and document they reverse, the reason, the lines (invoice and caller numbering), the red-confirmation status, the red invoice''s status, number, amounts (negative), responses and PDF.';
+
+
+--
 -- Name: reversal_id_seq; Type: SEQUENCE; Schema: tax
 --
 
@@ -2360,11 +3551,27 @@ ALTER TABLE ONLY tax.attachment
 
 
 --
+-- Name: callback_failure callback_failure_pkey; Type: CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.callback_failure
+    ADD CONSTRAINT callback_failure_pkey PRIMARY KEY (id);
+
+
+--
 -- Name: config config_pkey; Type: CONSTRAINT; Schema: tax
 --
 
 ALTER TABLE ONLY tax.config
     ADD CONSTRAINT config_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: contract_field contract_field_pkey; Type: CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.contract_field
+    ADD CONSTRAINT contract_field_pkey PRIMARY KEY (path);
 
 
 --
@@ -2456,11 +3663,26 @@ ALTER TABLE ONLY tax.reversal
 
 
 --
+-- Name: source source_pkey; Type: CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.source
+    ADD CONSTRAINT source_pkey PRIMARY KEY (name);
+
+
+--
 -- Name: text_limit text_limit_pkey; Type: CONSTRAINT; Schema: tax
 --
 
 ALTER TABLE ONLY tax.text_limit
     ADD CONSTRAINT text_limit_pkey PRIMARY KEY (field);
+
+
+--
+-- Name: callback_failure_unreplayed; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX callback_failure_unreplayed ON tax.callback_failure USING btree (source, failed_at) WHERE (replayed_at IS NULL);
 
 
 --
@@ -2475,6 +3697,20 @@ CREATE INDEX invoice_event_invoice ON tax.invoice_event USING btree (invoice_id,
 --
 
 CREATE INDEX invoice_original ON tax.invoice USING btree (original_invoice_id) WHERE (original_invoice_id IS NOT NULL);
+
+
+--
+-- Name: attachment attachment_900_call_source; Type: TRIGGER; Schema: tax
+--
+
+CREATE TRIGGER attachment_900_call_source AFTER INSERT ON tax.attachment FOR EACH ROW WHEN ((new.content_type = 'application/pdf'::text)) EXECUTE FUNCTION tax.tg_attachment__900_call_source();
+
+
+--
+-- Name: invoice invoice_900_call_source; Type: TRIGGER; Schema: tax
+--
+
+CREATE TRIGGER invoice_900_call_source AFTER UPDATE ON tax.invoice FOR EACH ROW WHEN (((old.invoice_status IS DISTINCT FROM new.invoice_status) OR (old.invoice_no IS DISTINCT FROM new.invoice_no) OR (old.error_code IS DISTINCT FROM new.error_code))) EXECUTE FUNCTION tax.tg_invoice__900_call_source();
 
 
 --
@@ -2497,6 +3733,30 @@ CREATE TRIGGER update_invoice_status AFTER UPDATE OF invoice_no ON tax.invoice F
 
 ALTER TABLE ONLY tax.attachment
     ADD CONSTRAINT attachment_invoice_id_fkey FOREIGN KEY (invoice_id) REFERENCES tax.invoice(id);
+
+
+--
+-- Name: callback_failure callback_failure_invoice_id_fkey; Type: FK CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.callback_failure
+    ADD CONSTRAINT callback_failure_invoice_id_fkey FOREIGN KEY (invoice_id) REFERENCES tax.invoice(id) ON DELETE CASCADE;
+
+
+--
+-- Name: callback_failure callback_failure_source_fkey; Type: FK CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.callback_failure
+    ADD CONSTRAINT callback_failure_source_fkey FOREIGN KEY (source) REFERENCES tax.source(name) ON DELETE CASCADE;
+
+
+--
+-- Name: document document_source_fkey; Type: FK CONSTRAINT; Schema: tax
+--
+
+ALTER TABLE ONLY tax.document
+    ADD CONSTRAINT document_source_fkey FOREIGN KEY (source) REFERENCES tax.source(name);
 
 
 --
@@ -2572,6 +3832,27 @@ REVOKE ALL ON FUNCTION tax._answer_is_stale(m cloud.outbox, p_inv tax.invoice) F
 
 
 --
+-- Name: FUNCTION _call_source(p_invoice_id bigint, p_event text); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._call_source(p_invoice_id bigint, p_event text) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _check_callback(p_fn regprocedure, p_arg regtype, p_result regtype, p_what text); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._check_callback(p_fn regprocedure, p_arg regtype, p_result regtype, p_what text) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _check_doc_text(p_limit text, p_value text, p_ctx tax.validation_context, p_path text, p_line tax.source_line, p_name text); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._check_doc_text(p_limit text, p_value text, p_ctx tax.validation_context, p_path text, p_line tax.source_line, p_name text) FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION _check_text(p_field text, p_value text, p_where text, p_fix text); Type: ACL; Schema: tax
 --
 
@@ -2593,10 +3874,59 @@ REVOKE ALL ON FUNCTION tax._config() FROM PUBLIC;
 
 
 --
+-- Name: FUNCTION _doc_numeric(p_value jsonb, p_ctx tax.validation_context, p_path text); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._doc_numeric(p_value jsonb, p_ctx tax.validation_context, p_path text) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _doc_text(p_value jsonb, p_ctx tax.validation_context, p_path text); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._doc_text(p_value jsonb, p_ctx tax.validation_context, p_path text) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _document_id(p_source text, p_reference text); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._document_id(p_source text, p_reference text) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _document_lines(p_doc jsonb, p_ctx tax.validation_context); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._document_lines(p_doc jsonb, p_ctx tax.validation_context) FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION _enqueue_query(p_inv tax.invoice, p_by text, p_delay_ms bigint); Type: ACL; Schema: tax
 --
 
 REVOKE ALL ON FUNCTION tax._enqueue_query(p_inv tax.invoice, p_by text, p_delay_ms bigint) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _field(p_ctx tax.validation_context, p_path text); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._field(p_ctx tax.validation_context, p_path text) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _invoice_result(p_invoice_id bigint, p_event text); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._invoice_result(p_invoice_id bigint, p_event text) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _issue_red(p_reversal_id bigint); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._issue_red(p_reversal_id bigint) FROM PUBLIC;
 
 
 --
@@ -2611,6 +3941,13 @@ REVOKE ALL ON FUNCTION tax._issue_refused(m cloud.outbox, e jsonb) FROM PUBLIC;
 --
 
 REVOKE ALL ON FUNCTION tax._keep_stale_answer(m cloud.outbox, r jsonb) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _malformed(p_ctx tax.validation_context, p_path text, p_problem text, p_hint text); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._malformed(p_ctx tax.validation_context, p_path text, p_problem text, p_hint text) FROM PUBLIC;
 
 
 --
@@ -2642,6 +3979,13 @@ REVOKE ALL ON FUNCTION tax._query_now(p_inv tax.invoice) FROM PUBLIC;
 
 
 --
+-- Name: FUNCTION _reason_code(p_reason text); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._reason_code(p_reason text) FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION _reference_erp_document(p_source text, p_id bigint); Type: ACL; Schema: tax
 --
 
@@ -2649,10 +3993,31 @@ REVOKE ALL ON FUNCTION tax._reference_erp_document(p_source text, p_id bigint) F
 
 
 --
+-- Name: TABLE source; Type: ACL; Schema: tax
+--
+
+GRANT SELECT ON TABLE tax.source TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION _refresh_buyer(p_src tax.source, p_reference text); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._refresh_buyer(p_src tax.source, p_reference text) FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION _reinvoice_supported(); Type: ACL; Schema: tax
 --
 
 REVOKE ALL ON FUNCTION tax._reinvoice_supported() FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _source(p_source text); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._source(p_source text) FROM PUBLIC;
 
 
 --
@@ -2667,6 +4032,13 @@ REVOKE ALL ON FUNCTION tax._split_lines(p_lines tax.source_line[], p_max_amount 
 --
 
 REVOKE ALL ON FUNCTION tax._tolerance_hint(p_lines tax.source_line[]) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _where(p_ctx tax.validation_context, p_line tax.source_line); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._where(p_ctx tax.validation_context, p_line tax.source_line) FROM PUBLIC;
 
 
 --
@@ -2706,6 +4078,32 @@ GRANT ALL ON FUNCTION tax.decimal_text(p numeric) TO erp_cloud_operator;
 
 
 --
+-- Name: FUNCTION enqueue_invoices(p_source text, p_reference text, p_document jsonb); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.enqueue_invoices(p_source text, p_reference text, p_document jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax.enqueue_invoices(p_source text, p_reference text, p_document jsonb) TO erp_cloud_app;
+
+
+--
+-- Name: FUNCTION enqueue_reversal(p_invoice_id bigint, p_reversal_reference text, p_reason text, p_line_nos integer[]); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.enqueue_reversal(p_invoice_id bigint, p_reversal_reference text, p_reason text, p_line_nos integer[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax.enqueue_reversal(p_invoice_id bigint, p_reversal_reference text, p_reason text, p_line_nos integer[]) TO erp_cloud_app;
+GRANT ALL ON FUNCTION tax.enqueue_reversal(p_invoice_id bigint, p_reversal_reference text, p_reason text, p_line_nos integer[]) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION enqueue_reversal(p_source text, p_reference text, p_reversal_reference text, p_reason text, p_line_nos integer[]); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.enqueue_reversal(p_source text, p_reference text, p_reversal_reference text, p_reason text, p_line_nos integer[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax.enqueue_reversal(p_source text, p_reference text, p_reversal_reference text, p_reason text, p_line_nos integer[]) TO erp_cloud_app;
+GRANT ALL ON FUNCTION tax.enqueue_reversal(p_source text, p_reference text, p_reversal_reference text, p_reason text, p_line_nos integer[]) TO erp_cloud_operator;
+
+
+--
 -- Name: FUNCTION issue_invoices(p_source text, p_id bigint); Type: ACL; Schema: tax
 --
 
@@ -2735,6 +4133,14 @@ GRANT ALL ON FUNCTION tax.order_no_for(p_request_id uuid) TO erp_cloud_operator;
 
 REVOKE ALL ON FUNCTION tax.put_config(p_endpoint text, p_seller_tax_id text, p_seller_name text, p_seller_address text, p_seller_phone text, p_seller_bank_account text, p_clerk text, p_max_invoice_amount numeric, p_max_invoice_lines integer, p_first_poll_ms integer, p_poll_cap_ms integer, p_max_polls integer, p_max_pdf_bytes integer, p_callback_url text, p_unset text[], p_e9500_min_wait_ms integer) FROM PUBLIC;
 GRANT ALL ON FUNCTION tax.put_config(p_endpoint text, p_seller_tax_id text, p_seller_name text, p_seller_address text, p_seller_phone text, p_seller_bank_account text, p_clerk text, p_max_invoice_amount numeric, p_max_invoice_lines integer, p_first_poll_ms integer, p_poll_cap_ms integer, p_max_polls integer, p_max_pdf_bytes integer, p_callback_url text, p_unset text[], p_e9500_min_wait_ms integer) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION put_source(p_name text, p_document_label text, p_on_invoice regprocedure, p_refresh_buyer regprocedure, p_field_names jsonb, p_unset text[]); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.put_source(p_name text, p_document_label text, p_on_invoice regprocedure, p_refresh_buyer regprocedure, p_field_names jsonb, p_unset text[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax.put_source(p_name text, p_document_label text, p_on_invoice regprocedure, p_refresh_buyer regprocedure, p_field_names jsonb, p_unset text[]) TO erp_cloud_operator;
 
 
 --
@@ -2825,11 +4231,28 @@ GRANT ALL ON FUNCTION tax.record_reinvoice_answer(m cloud.outbox, r jsonb) TO er
 
 
 --
--- Name: FUNCTION reissue_invoice(p_invoice_id bigint); Type: ACL; Schema: tax
+-- Name: FUNCTION reissue_invoice(p_invoice_id bigint, p_buyer jsonb); Type: ACL; Schema: tax
 --
 
-REVOKE ALL ON FUNCTION tax.reissue_invoice(p_invoice_id bigint) FROM PUBLIC;
-GRANT ALL ON FUNCTION tax.reissue_invoice(p_invoice_id bigint) TO erp_cloud_operator;
+REVOKE ALL ON FUNCTION tax.reissue_invoice(p_invoice_id bigint, p_buyer jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax.reissue_invoice(p_invoice_id bigint, p_buyer jsonb) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION reissue_invoices(p_source text, p_reference text, p_buyer jsonb); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.reissue_invoices(p_source text, p_reference text, p_buyer jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax.reissue_invoices(p_source text, p_reference text, p_buyer jsonb) TO erp_cloud_app;
+GRANT ALL ON FUNCTION tax.reissue_invoices(p_source text, p_reference text, p_buyer jsonb) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION replay_callbacks(p_source text, p_since timestamp with time zone); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.replay_callbacks(p_source text, p_since timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax.replay_callbacks(p_source text, p_since timestamp with time zone) TO erp_cloud_operator;
 
 
 --
@@ -2838,6 +4261,15 @@ GRANT ALL ON FUNCTION tax.reissue_invoice(p_invoice_id bigint) TO erp_cloud_oper
 
 REVOKE ALL ON FUNCTION tax.requery_invoice(p_invoice_id bigint) FROM PUBLIC;
 GRANT ALL ON FUNCTION tax.requery_invoice(p_invoice_id bigint) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION requery_invoices(p_source text, p_reference text); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.requery_invoices(p_source text, p_reference text) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax.requery_invoices(p_source text, p_reference text) TO erp_cloud_app;
+GRANT ALL ON FUNCTION tax.requery_invoices(p_source text, p_reference text) TO erp_cloud_operator;
 
 
 --
@@ -2878,10 +4310,24 @@ GRANT ALL ON FUNCTION tax.tax_rate_in_use(p_rate numeric) TO erp_cloud_operator;
 
 
 --
+-- Name: FUNCTION tg_attachment__900_call_source(); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.tg_attachment__900_call_source() FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION tg_document__100_stamp(); Type: ACL; Schema: tax
 --
 
 REVOKE ALL ON FUNCTION tax.tg_document__100_stamp() FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION tg_invoice__900_call_source(); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.tg_invoice__900_call_source() FROM PUBLIC;
 
 
 --
@@ -2926,10 +4372,10 @@ GRANT ALL ON FUNCTION tax.uscc_structure_problem(p_code text, OUT errcode text, 
 
 
 --
--- Name: FUNCTION validate_buyer(p_customer erp.customer, p_kind text, p_doc text); Type: ACL; Schema: tax
+-- Name: FUNCTION validate_buyer(p_buyer jsonb, p_kind text, p_ctx tax.validation_context); Type: ACL; Schema: tax
 --
 
-REVOKE ALL ON FUNCTION tax.validate_buyer(p_customer erp.customer, p_kind text, p_doc text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION tax.validate_buyer(p_buyer jsonb, p_kind text, p_ctx tax.validation_context) FROM PUBLIC;
 
 
 --
@@ -2937,6 +4383,13 @@ REVOKE ALL ON FUNCTION tax.validate_buyer(p_customer erp.customer, p_kind text, 
 --
 
 REVOKE ALL ON FUNCTION tax.validate_line(p_line tax.source_line, p_doc text) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION validate_line(p_line tax.source_line, p_ctx tax.validation_context, p_path text); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.validate_line(p_line tax.source_line, p_ctx tax.validation_context, p_path text) FROM PUBLIC;
 
 
 --
@@ -2993,8 +4446,39 @@ GRANT SELECT ON TABLE tax.attachment TO erp_cloud_operator;
 
 
 --
+-- Name: TABLE callback_failure; Type: ACL; Schema: tax
+--
+
+GRANT SELECT ON TABLE tax.callback_failure TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE contract_field; Type: ACL; Schema: tax
+--
+
+GRANT SELECT ON TABLE tax.contract_field TO erp_cloud_app;
+GRANT SELECT ON TABLE tax.contract_field TO erp_cloud_operator;
+
+
+--
 -- Name: TABLE invoice_event; Type: ACL; Schema: tax
 --
 
 GRANT SELECT ON TABLE tax.invoice_event TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.invoice_event TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE invoice_status; Type: ACL; Schema: tax
+--
+
+GRANT SELECT ON TABLE tax.invoice_status TO erp_cloud_app;
+GRANT SELECT ON TABLE tax.invoice_status TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE red_invoice_status; Type: ACL; Schema: tax
+--
+
+GRANT SELECT ON TABLE tax.red_invoice_status TO erp_cloud_app;
+GRANT SELECT ON TABLE tax.red_invoice_status TO erp_cloud_operator;
