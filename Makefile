@@ -38,7 +38,9 @@ db-stop:
 migrate: build db
 	$(CLI) -c '$(DB_URL)' migrate
 
-test: build db
+# the tests' own pg_cron database (test/helpers/cron.ts): no test touches erp_cloud
+test: build
+	@ERP_CLOUD_CRON_DB=erp_cloud_test_cron bash scripts/pg.sh start
 	DATABASE_URL='$(DB_URL)' npx vitest run
 
 demo: build db

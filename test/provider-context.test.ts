@@ -13,6 +13,7 @@ import { registerAdapter, type ClaimedMessage } from '../listener/providers/inde
 import { SqlState } from '../listener/kernel/errors.js';
 import { clearTokenMemo, providerContext } from '../listener/delivery/provider-context.js';
 import { createTestDb, sqlstateOf, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 
 let db: TestDb;
 let otherPool: pg.Pool; // a second "listener" with its own connections
@@ -36,7 +37,7 @@ afterAll(async () => {
 });
 beforeEach(async () => {
   clearTokenMemo();
-  await db.pool.query(`delete from cloud.endpoint`);
+  await resetProductState(db.pool);
   await db.pool.query(`select cloud.put_endpoint('tax', $1)`, [`${url}/api`]);
 });
 
