@@ -81,13 +81,14 @@ const program = new Command()
 
 program
   .command('migrate')
-  .description('apply the numbered SQL migrations (safe to run twice, or concurrently)')
+  .description('apply the numbered SQL migrations (safe to run twice, or concurrently); a database without erp-cloud is installed from the baseline')
   .option('--with-example <name>', 'then install the example ERP sql/examples/<name> (repeatable; e.g. acme)',
     (v: string, prev: string[]) => [...prev, v], [] as string[])
-  .action(async (opts: { withExample: string[] }, cmd: Command) => {
+  .option('--no-baseline', 'run every migration file one by one, also on a database without erp-cloud (instead of sql/baseline)')
+  .action(async (opts: { withExample: string[]; baseline: boolean }, cmd: Command) => {
     const url = connectionOf(cmd);
     const { migrate } = await import('./kernel/db.js');
-    const applied = await migrate(url, (m) => console.log(m), opts.withExample);
+    const applied = await migrate(url, (m) => console.log(m), opts.withExample, { baseline: opts.baseline });
     console.log(applied.length ? `migrated ${redactUrl(url)}: ${applied.length} migration(s) applied` : `migrated ${redactUrl(url)}: already current`);
   });
 

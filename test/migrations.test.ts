@@ -13,7 +13,7 @@ import { promisify } from 'node:util';
 import pg from 'pg';
 import { afterAll, describe, expect, it } from 'vitest';
 import { migrate, migrationsDir } from '../listener/kernel/db.js';
-import { loadMigrationFiles, MigrationError, MigrationReason, runMigrations } from '../listener/kernel/migrations.js';
+import { loadBaseline, loadMigrationFiles, MigrationError, MigrationReason, runMigrations } from '../listener/kernel/migrations.js';
 import { migrateLikeEarlierRelease, PREVIOUS_RELEASE, releaseFiles } from './helpers/legacy-release.js';
 import { withCronDatabase } from './helpers/cron.js';
 import { createTestDb, waitFor, type TestDb } from './helpers/db.js';
@@ -27,6 +27,8 @@ afterAll(async () => {
 });
 
 const files = loadMigrationFiles(migrationsDir);
+/** How many files a fresh database gets from sql/baseline (test/baseline.test.ts) rather than one by one. */
+const fromBaseline = loadBaseline(path.join(path.dirname(migrationsDir), 'baseline'))?.id ?? 0;
 /** The number of the n-th migration file after the last landed one (0018 while 0017 is the last). */
 const nextNo = (n: number) => String(files.length + n).padStart(4, '0');
 const OUR_SCHEMAS = ['cloud', 'tax', 'scm', 'sso', 'vault', 'erp', 'erp_cloud'];
@@ -110,7 +112,7 @@ describe('migrations', () => {
     const again = await cli();
     expect(again.stdout).toContain('already current');
     const history = (await db.pool.query(`select id, name, sha256, applied_by = current_user as by_us, copied_from from erp_cloud.migration order by id`)).rows;
-    expect(history).toEqual(files.map((f) => ({ id: f.id, name: f.name, sha256: f.sha256, by_us: true, copied_from: null })));
+    expect(history).toEqual(files.map((f) => ({ id: f.id, name: f.name, sha256: f.sha256, by_us: true, copied_from: f.id <= fromBaseline ? 'baseline' : null })));
     const claimFns = await db.pool.query(`select count(*)::int n from pg_proc where proname = 'claim_messages'`);
     expect(claimFns.rows[0].n).toBe(1);
     // nothing in public or any other schema that is not ours: no history table found by the search path, no stray object
@@ -197,7 +199,8 @@ describe('migrations', () => {
     expect(applied).toEqual(files.map((f) => f.name));
     expect(await tableSnapshot(db.pool, 'public.migrations')).toEqual(before);
     expect((await db.pool.query(`select last_value, is_called from public.migrations_id_seq`)).rows).toEqual(seqBefore);
-    expect((await db.pool.query(`select count(*)::int n, count(copied_from)::int copied from erp_cloud.migration`)).rows[0]).toEqual({ n: files.length, copied: 0 });
+    expect((await db.pool.query(`select count(*)::int n, count(copied_from)::int copied from erp_cloud.migration where copied_from is distinct from 'baseline'`)).rows[0])
+      .toEqual({ n: files.length - fromBaseline, copied: 0 });
     expect(await objectsOutsideOurSchemas(db.pool)).toEqual(['migrations', 'migrations_id_seq', 'migrations_pkey']);
     expect(await migrate(db.url)).toEqual([]);
     expect(await tableSnapshot(db.pool, 'public.migrations')).toEqual(before);
@@ -213,7 +216,7 @@ describe('migrations', () => {
     const before = await tableSnapshot(db.pool, 'public.migrations');
     expect(await migrate(db.url)).toEqual(files.map((f) => f.name));
     expect(await tableSnapshot(db.pool, 'public.migrations')).toEqual(before);
-    expect((await db.pool.query(`select count(copied_from)::int n from erp_cloud.migration`)).rows[0].n).toBe(0);
+    expect((await db.pool.query(`select count(*)::int n from erp_cloud.migration where copied_from is distinct from 'baseline'`)).rows[0].n).toBe(files.length - fromBaseline);
   });
 });
 

@@ -164,7 +164,7 @@ afterAll(async () => {
 });
 
 describe('the packed package', () => {
-  it('holds the built listener, the migrations, the current schema files, the READMEs and the service unit, and no sources, tests, bench or simulators', () => {
+  it('holds the built listener, the migrations, the baseline, the current schema files, the READMEs and the service unit, and no sources, tests, bench or simulators', () => {
     const own = packed.files.map((f) => f.path).filter((p) => !p.startsWith('node_modules/'));
     expect(own).toEqual(expect.arrayContaining([
       'package.json', 'README.md', 'dist/listener/cli.js', 'dist/listener/delivery/worker.js',
@@ -174,10 +174,14 @@ describe('the packed package', () => {
     expect(own.filter((p) => p.startsWith('sql/migrations/')).sort()).toEqual(migrations.map((f) => `sql/migrations/${f}`).sort());
     const schemas = readdirSync(path.join(repo, 'sql', 'schema')).filter((f) => f.endsWith('.sql'));
     expect(own.filter((p) => p.startsWith('sql/schema/')).sort()).toEqual(schemas.map((f) => `sql/schema/${f}`).sort());
+    // the baseline a fresh database is installed from
+    const baselines = readdirSync(path.join(repo, 'sql', 'baseline')).filter((f) => f.endsWith('.sql'));
+    expect(baselines).toHaveLength(1);
+    expect(own.filter((p) => p.startsWith('sql/baseline/'))).toEqual(baselines.map((f) => `sql/baseline/${f}`));
     expect(own).toContain('sql/README.md');
     // the example ERPs, so `erp-cloud migrate --with-example acme` works from an installed package
     expect(own).toEqual(expect.arrayContaining(['sql/examples/README.md', 'sql/examples/acme/install.sql', 'sql/examples/acme/uninstall.sql']));
-    const stray = own.filter((p) => !/^(package\.json|README\.md|dist\/listener\/.+\.js|sql\/(migrations|schema)\/[^/]+\.sql|sql\/(examples\/)?README\.md|sql\/examples\/[a-z0-9-]+\/[^/]+\.sql|deploy\/[^/]+)$/.test(p));
+    const stray = own.filter((p) => !/^(package\.json|README\.md|dist\/listener\/.+\.js|sql\/(migrations|schema|baseline)\/[^/]+\.sql|sql\/(examples\/)?README\.md|sql\/examples\/[a-z0-9-]+\/[^/]+\.sql|deploy\/[^/]+)$/.test(p));
     expect(stray).toEqual([]);
     expect(own.filter((p) => /^dist\/listener\/sim\/|demo-rp/.test(p))).toEqual([]);
   });
@@ -204,9 +208,10 @@ describe('the packed package', () => {
     expect(existsSync(path.join(app, 'node_modules', 'erp-cloud', 'dist', 'listener', 'sim'))).toBe(false);
   });
 
-  it('migrates an empty database, then reports status and a doctor\'s verdict with no failure', async () => {
+  it('migrates an empty database (from the baseline it carries), then reports status and a doctor\'s verdict with no failure', async () => {
     const first = await cli('migrate');
     expect(first.code, first.stderr).toBe(0);
+    expect(first.stdout).toMatch(/^installed from the baseline \d{4}_baseline\.sql: /m);
     expect(first.stdout).toMatch(/migration\(s\) applied/);
     // the example ERPs travel in the package: --with-example installs one from the installed files
     const again = await cli('migrate', '--with-example', 'acme');

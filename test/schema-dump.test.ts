@@ -1,8 +1,9 @@
 /**
- * sql/schema/ is never stale: a freshly migrated database (a clone of the test
- * template) dumps to exactly the checked-in files (scripts/dump-schema.sh, the
- * same script `make schema` runs), and nothing of the product hides in a schema
- * the dump leaves out.
+ * sql/schema/ and sql/baseline/ are never stale: a database migrated from nothing,
+ * file by file, dumps to exactly the checked-in files, and makes exactly the
+ * checked-in baseline (scripts/dump-schema.sh, the same script `make schema`
+ * runs); and nothing of the product hides in a schema the dump leaves out.
+ * (That the baseline installs what the files do: test/baseline.test.ts.)
  */
 import { execFile } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
@@ -10,11 +11,14 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { migrate } from '../listener/kernel/db.js';
 import { createTestDb, type TestDb } from './helpers/db.js';
 
 const run = promisify(execFile);
 const CHECKED_IN = 'sql/schema';
 const STALE = 'sql/schema is stale: run `make schema` and commit sql/schema';
+const BASELINE = 'sql/baseline';
+const STALE_BASELINE = 'sql/baseline is stale: run `make schema` and commit sql/baseline';
 
 /** The schemas the dump leaves out, as scripts/dump-schema.sh lists them (one list, there). */
 const excludedSchemas = (() => {
@@ -25,10 +29,14 @@ const excludedSchemas = (() => {
 
 let db: TestDb;
 let out: string;
+let baselineOut: string;
 beforeAll(async () => {
-  db = await createTestDb('schema_dump');
+  // what make schema does: a database made from nothing, migrated file by file (the template came from the baseline)
+  db = await createTestDb('schema_dump', { template: null });
+  await migrate(db.url, undefined, [], { baseline: false });
   out = mkdtempSync(path.join(tmpdir(), 'erp-cloud-schema-'));
-});
+  baselineOut = path.join(out, 'baseline');
+}, 120_000);
 afterAll(async () => {
   rmSync(out, { recursive: true, force: true });
   await db.drop();
@@ -37,9 +45,9 @@ afterAll(async () => {
 const sqlFiles = (dir: string) => readdirSync(dir).filter((f) => f.endsWith('.sql')).sort();
 
 /** At most `max` lines of `diff -u` between the checked-in file and the fresh one. */
-async function shortDiff(file: string, max = 40): Promise<string> {
-  const lines = await run('diff', ['-u', '--label', `${CHECKED_IN}/${file} (checked in)`, '--label', `${CHECKED_IN}/${file} (from the migrations)`,
-    path.join(CHECKED_IN, file), path.join(out, file)], { maxBuffer: 64 << 20 }).then(
+async function shortDiff(file: string, max = 40, checkedIn = CHECKED_IN, fresh = out): Promise<string> {
+  const lines = await run('diff', ['-u', '--label', `${checkedIn}/${file} (checked in)`, '--label', `${checkedIn}/${file} (from the migrations)`,
+    path.join(checkedIn, file), path.join(fresh, file)], { maxBuffer: 64 << 20 }).then(
     (r) => r.stdout,
     (e: { stdout?: string }) => e.stdout ?? '',
   ).then((s) => s.split('\n'));
@@ -55,7 +63,7 @@ describe('sql/schema', () => {
       console.warn(`schema-dump: the server is PostgreSQL ${major}, sql/schema was made with ${made}: not compared`);
       ctx.skip();
     }
-    await run('bash', ['scripts/dump-schema.sh', '--from', db.url, '--out', out], { timeout: 120_000 });
+    await run('bash', ['scripts/dump-schema.sh', '--from', db.url, '--out', out, '--baseline', baselineOut], { timeout: 120_000 });
 
     const fresh = sqlFiles(out);
     expect(fresh, 'a file per product schema').toEqual(expect.arrayContaining(['cloud.sql', 'erp.sql', 'scm.sql', 'sso.sql', 'tax.sql', 'vault.sql']));
@@ -65,6 +73,26 @@ describe('sql/schema', () => {
       if (readFileSync(path.join(out, f), 'utf8') !== readFileSync(path.join(CHECKED_IN, f), 'utf8')) differ.push(await shortDiff(f));
     }
     expect(differ.length, `${STALE}\n\n${differ.join('\n\n')}\n\nfiles that differ`).toBe(0);
+
+    // the baseline a fresh database is installed from: one file, for the newest migration, as make schema makes it
+    const generated = sqlFiles(baselineOut);
+    expect(generated).toEqual([`${String(readdirSync('sql/migrations').filter((f) => /^\d{4}_.*\.sql$/.test(f)).length).padStart(4, '0')}_baseline.sql`]);
+    expect(sqlFiles(BASELINE), `${STALE_BASELINE} (it is for another migration, or there are several)`).toEqual(generated);
+    if (readFileSync(path.join(baselineOut, generated[0]!), 'utf8') !== readFileSync(path.join(BASELINE, generated[0]!), 'utf8')) {
+      expect.fail(`${STALE_BASELINE}\n\n${await shortDiff(generated[0]!, 40, BASELINE, baselineOut)}`);
+    }
+  });
+
+  it('the baseline says it is generated, what it is for, and which files it stands for', () => {
+    for (const f of sqlFiles(BASELINE)) {
+      const text = readFileSync(path.join(BASELINE, f), 'utf8');
+      const head = text.split('\n').slice(0, 16).join('\n');
+      expect(head, f).toMatch(/^-- erp-cloud baseline \d{4}: /);
+      expect(head, f).toContain('GENERATED by scripts/dump-schema.sh');
+      expect(head, f).toContain('do not edit');
+      expect(head, f).toContain('It is not a migration');
+      expect(text, f).toMatch(/^-- migration 0001_\w+\.sql sha256 [0-9a-f]{64}$/m);
+    }
   });
 
   it('every file says it is generated, how to regenerate it, and what the truth is', () => {

@@ -33,10 +33,12 @@ export function createPool(connectionString: string, max: number, log?: Logger):
 /**
  * Applies the numbered migrations not yet applied and returns their file names (migrations.ts:
  * history in erp_cloud.migration, one transaction per file, an advisory lock so concurrent runs
- * are safe). `log` gets the server's NOTICEs and one line per step. `examples` (sql/examples/<name>) are
- * installed afterwards, each in its own transaction.
+ * are safe; a database without history is installed from sql/baseline when there is one, unless
+ * `baseline` is false). `log` gets the server's NOTICEs and one line per step. `examples`
+ * (sql/examples/<name>) are installed afterwards, each in its own transaction.
  */
-export async function migrate(connectionString: string, log?: (msg: string) => void, examples: string[] = []): Promise<string[]> {
+export async function migrate(connectionString: string, log?: (msg: string) => void, examples: string[] = [],
+  opts: { baseline?: boolean } = {}): Promise<string[]> {
   const client = new pg.Client({ connectionString, application_name: 'erp-cloud migrate' });
   const notices: string[] = [];
   client.on('notice', (n) => {
@@ -45,7 +47,7 @@ export async function migrate(connectionString: string, log?: (msg: string) => v
   });
   await client.connect();
   try {
-    return (await runMigrations(client, migrationsDir, log, { examples })).applied;
+    return (await runMigrations(client, migrationsDir, log, { examples, baseline: opts.baseline })).applied;
   } finally {
     await client.end();
   }

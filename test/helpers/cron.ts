@@ -24,9 +24,10 @@ const LOCK_SQL = `select pg_advisory_lock(hashtext('erp-cloud tests: the cron da
  * Runs fn with the cron database emptied and freshly migrated (so the
  * migrations scheduled the pg_cron jobs), alone on it. fn gets the database's
  * name as the server reports `cron.database_name` (null without pg_cron) and
- * its URL.
+ * its URL. `baseline: false` migrates it file by file instead of from the
+ * baseline (test/baseline.test.ts compares the jobs both ways make).
  */
-export async function withCronDatabase<T>(fn: (cronDb: string | null, url: string) => Promise<T>): Promise<T> {
+export async function withCronDatabase<T>(fn: (cronDb: string | null, url: string) => Promise<T>, opts: { baseline?: boolean } = {}): Promise<T> {
   const admin = new pg.Client({ connectionString: urlFor('postgres') });
   await admin.connect();
   try {
@@ -43,7 +44,7 @@ export async function withCronDatabase<T>(fn: (cronDb: string | null, url: strin
       await admin.query(`create database ${CRON_TEST_DB}`);
     }
     await emptyDatabase(url);
-    await migrate(url);
+    await migrate(url, undefined, [], { baseline: opts.baseline });
     return await fn(cronDb, url);
   } finally {
     await admin.end(); // ends the session: the advisory lock goes with it
