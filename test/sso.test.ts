@@ -7,10 +7,10 @@ import { createHash } from 'node:crypto';
 import * as oidc from 'openid-client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { PgAdapter } from '../listener/sso/adapter.js';
-import { Browser, completeJump } from '../listener/sso/demo-rp.js';
-import { sqlstateOf } from './helpers/db.js';
+import { Browser, completeJump } from '../listener/sim/demo-rp.js';
+import { rolledBack, sqlstateOf } from './helpers/db.js';
 import { loadSsoConfig } from '../listener/sso/config.js';
-import { startSsoServer } from '../listener/sso/server.js';
+import { startSsoServer } from '../listener/sso/sso-server.js';
 import { discoverProvider, freePort, startSsoWorld, verifiesAgainstJwks, type SsoWorld } from './helpers/sso.js';
 
 let w: SsoWorld;
@@ -417,15 +417,10 @@ describe('the sso schema', () => {
     expect(await sqlstateOf(w.issue('zhang.wei', 'no-login-uri'))).toBe('EO008');
     expect(await sqlstateOf(w.issue('zhang.wei', 'procurement', { ttl: '1 hour' }))).toBe('EO010');
     expect(await sqlstateOf(w.issue('zhang.wei', 'no-such-client'))).toBe('EO001');
-    const client = await w.db.pool.connect();
-    try {
-      await client.query('begin');
+    await rolledBack(w.db.pool, async (client) => {
       await client.query(`delete from sso.setting where name = 'issuer'`);
       expect(await sqlstateOf(client.query(`select sso.issue_jump_ticket('zhang.wei', 'procurement')`))).toBe('EO011');
-    } finally {
-      await client.query('rollback');
-      client.release();
-    }
+    });
     expect(await sqlstateOf(q(`select sso.schedule_signing_key('kid-12345', '{"kty":"RSA","d":"private"}')`))).toBe('EO010');
   });
 

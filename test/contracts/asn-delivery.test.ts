@@ -8,7 +8,7 @@
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SqlState } from '../../listener/errors.js';
+import { SqlState } from '../../listener/kernel/errors.js';
 import { createTestDb, urlFor, type TestDb } from '../helpers/db.js';
 import { asnDoc } from '../helpers/scm.js';
 

@@ -9,7 +9,7 @@
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SqlState } from '../../listener/errors.js';
+import { SqlState } from '../../listener/kernel/errors.js';
 import { createTestDb, inTransaction, urlFor, type TestDb } from '../helpers/db.js';
 
 let db: TestDb;
