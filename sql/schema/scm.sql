@@ -964,6 +964,9 @@ begin
        set name = excluded.name, tax_id = excluded.tax_id, cloud_id = coalesce(excluded.cloud_id, s.cloud_id), updated_at = now()
      where (s.name, s.tax_id, s.cloud_id) is distinct from (excluded.name, excluded.tax_id, coalesce(excluded.cloud_id, s.cloud_id))
     returning * into v;
+    -- the identity never hands out an id taken this way
+    perform setval(pg_get_serial_sequence('scm.supplier', 'id'),
+                   greatest(p_id, (select max(id) from scm.supplier)), true);
   else
     insert into scm.supplier as s (code, name, tax_id, cloud_id)
     values (p_code, p_name, p_tax_id, p_cloud_id)

@@ -202,6 +202,26 @@ describe('an order goes in by (source, reference): publish, revise, nothing, clo
   });
 });
 
+describe('suppliers', () => {
+  it("the reference ERP's suppliers keep their ids in erp-cloud where the id is free, and the identity never hands one out again", async () => {
+    const add = (id: number, code: string) => db.pool.query(`insert into erp.supplier (id, code, name) overriding system value values ($1, $2, '参考供应商')`, [id, code]);
+    await add(900, 'REF-SUP-1');
+    expect((await db.pool.query(`select id from scm.supplier where code = 'REF-SUP-1'`)).rows).toEqual([{ id: '900' }]);
+    await db.pool.query(`update erp.supplier set name = '参考供应商（改）' where id = 900`);
+    expect((await db.pool.query(`select name from scm.supplier where id = 900`)).rows[0].name).toBe('参考供应商（改）');
+    // another source's next supplier gets an id of its own, past the ERP's
+    const other = (await db.pool.query(`select (scm.put_supplier('OTHER-SUP-1', '别的供应商')).id`)).rows[0].id as string;
+    expect(Number(other)).toBeGreaterThan(900);
+    // an ERP id erp-cloud already gave another supplier: the ERP's supplier gets a new one, nothing fails
+    await add(Number(other), 'REF-SUP-2');
+    const second = (await db.pool.query(`select id from scm.supplier where code = 'REF-SUP-2'`)).rows[0].id as string;
+    expect(Number(second)).toBeGreaterThan(Number(other));
+    expect((await refusal(db.pool.query(`select scm.put_supplier('bad code', 'x')`))).code).toBe(SqlState.orderDocumentMalformed);
+    await db.pool.query(`delete from scm.supplier where code in ('REF-SUP-1', 'REF-SUP-2', 'OTHER-SUP-1')`);
+    await db.pool.query(`delete from erp.supplier where code in ('REF-SUP-1', 'REF-SUP-2')`);
+  });
+});
+
 describe("errors speak the caller's terms", () => {
   it("a malformed order is ES019: the message names the caller's field and line, DETAIL the JSON path, the hint what to do", async () => {
     const ref = newRef();
