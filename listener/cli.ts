@@ -82,10 +82,12 @@ const program = new Command()
 program
   .command('migrate')
   .description('apply the numbered SQL migrations (safe to run twice, or concurrently)')
-  .action(async (_opts, cmd: Command) => {
+  .option('--with-example <name>', 'then install the example ERP sql/examples/<name> (repeatable; e.g. acme)',
+    (v: string, prev: string[]) => [...prev, v], [] as string[])
+  .action(async (opts: { withExample: string[] }, cmd: Command) => {
     const url = connectionOf(cmd);
     const { migrate } = await import('./kernel/db.js');
-    const applied = await migrate(url, (m) => console.log(m));
+    const applied = await migrate(url, (m) => console.log(m), opts.withExample);
     console.log(applied.length ? `migrated ${redactUrl(url)}: ${applied.length} migration(s) applied` : `migrated ${redactUrl(url)}: already current`);
   });
 

@@ -175,7 +175,9 @@ describe('the packed package', () => {
     const schemas = readdirSync(path.join(repo, 'sql', 'schema')).filter((f) => f.endsWith('.sql'));
     expect(own.filter((p) => p.startsWith('sql/schema/')).sort()).toEqual(schemas.map((f) => `sql/schema/${f}`).sort());
     expect(own).toContain('sql/README.md');
-    const stray = own.filter((p) => !/^(package\.json|README\.md|dist\/listener\/.+\.js|sql\/(migrations|schema)\/[^/]+\.sql|sql\/README\.md|deploy\/[^/]+)$/.test(p));
+    // the example ERPs, so `erp-cloud migrate --with-example acme` works from an installed package
+    expect(own).toEqual(expect.arrayContaining(['sql/examples/README.md', 'sql/examples/acme/install.sql', 'sql/examples/acme/uninstall.sql']));
+    const stray = own.filter((p) => !/^(package\.json|README\.md|dist\/listener\/.+\.js|sql\/(migrations|schema)\/[^/]+\.sql|sql\/(examples\/)?README\.md|sql\/examples\/[a-z0-9-]+\/[^/]+\.sql|deploy\/[^/]+)$/.test(p));
     expect(stray).toEqual([]);
     expect(own.filter((p) => /^dist\/listener\/sim\/|demo-rp/.test(p))).toEqual([]);
   });
@@ -206,8 +208,10 @@ describe('the packed package', () => {
     const first = await cli('migrate');
     expect(first.code, first.stderr).toBe(0);
     expect(first.stdout).toMatch(/migration\(s\) applied/);
-    const again = await cli('migrate');
-    expect(again.stdout).toMatch(/already current/);
+    // the example ERPs travel in the package: --with-example installs one from the installed files
+    const again = await cli('migrate', '--with-example', 'acme');
+    expect(again.code, again.stderr).toBe(0);
+    expect(again.stdout).toMatch(/installed example acme\n[^]*already current/);
 
     const status = await cli('status', '--json');
     expect(status.code, status.stderr).toBe(0);

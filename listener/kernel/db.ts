@@ -33,9 +33,10 @@ export function createPool(connectionString: string, max: number, log?: Logger):
 /**
  * Applies the numbered migrations not yet applied and returns their file names (migrations.ts:
  * history in erp_cloud.migration, one transaction per file, an advisory lock so concurrent runs
- * are safe). `log` gets the server's NOTICEs and one line per step.
+ * are safe). `log` gets the server's NOTICEs and one line per step. `examples` (sql/examples/<name>) are
+ * installed afterwards, each in its own transaction.
  */
-export async function migrate(connectionString: string, log?: (msg: string) => void): Promise<string[]> {
+export async function migrate(connectionString: string, log?: (msg: string) => void, examples: string[] = []): Promise<string[]> {
   const client = new pg.Client({ connectionString, application_name: 'erp-cloud migrate' });
   const notices: string[] = [];
   client.on('notice', (n) => {
@@ -44,7 +45,7 @@ export async function migrate(connectionString: string, log?: (msg: string) => v
   });
   await client.connect();
   try {
-    return (await runMigrations(client, migrationsDir, log)).applied;
+    return (await runMigrations(client, migrationsDir, log, { examples })).applied;
   } finally {
     await client.end();
   }

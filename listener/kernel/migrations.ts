@@ -12,7 +12,7 @@
  * was (not ours to drop; `erp-cloud doctor` says when it is obsolete).
  */
 import { createHash } from 'node:crypto';
-import { readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import type pg from 'pg';
 
@@ -32,6 +32,8 @@ export const MigrationReason = {
   migrationFailed: 'migration_failed',
   /** postgres-migrations' history of erp-cloud was found in more than one table */
   oldHistoryAmbiguous: 'old_history_ambiguous',
+  /** `--with-example` names no folder of sql/examples with an install.sql */
+  unknownExample: 'unknown_example',
 } as const;
 export type MigrationReason = (typeof MigrationReason)[keyof typeof MigrationReason];
 
@@ -241,14 +243,18 @@ export interface MigrateResult {
   /** the table whose history was copied into erp_cloud.migration in this run, if any */
   copiedFrom: string | null;
   unknown: string[];
+  /** the examples (`--with-example`) installed or re-installed in this run */
+  examples: string[];
 }
 
 /**
  * Migrates the database `c` is connected to (a dedicated client, not in a transaction).
  * `log` gets one line per step an operator wants to see.
  */
-export async function runMigrations(c: pg.ClientBase, dir: string, log: (msg: string) => void = () => undefined): Promise<MigrateResult> {
+export async function runMigrations(c: pg.ClientBase, dir: string, log: (msg: string) => void = () => undefined,
+  opts: { examples?: string[]; examplesDir?: string } = {}): Promise<MigrateResult> {
   const files = loadMigrationFiles(dir);
+  const examples = loadExamples(opts.examplesDir ?? path.join(path.dirname(dir), 'examples'), opts.examples ?? []);
   if (!(await c.query<{ ok: boolean }>('select pg_catalog.pg_try_advisory_lock($1::bigint) as ok', [MIGRATE_LOCK_KEY])).rows[0]!.ok) {
     log('waiting for another erp-cloud migrate of this database to finish');
     await c.query('select pg_catalog.pg_advisory_lock($1::bigint)', [MIGRATE_LOCK_KEY]);
@@ -291,19 +297,98 @@ export async function runMigrations(c: pg.ClientBase, dir: string, log: (msg: st
       applied.push(f.name);
       log(`applied ${f.name}`);
     }
-    return { applied, copiedFrom, unknown: unknown.map((u) => u.name) };
+    return { applied, copiedFrom, unknown: unknown.map((u) => u.name), examples: await installExamples(c, examples, log) };
   } finally {
     await c.query('select pg_catalog.pg_advisory_unlock($1::bigint)', [MIGRATE_LOCK_KEY]).catch(() => undefined);
   }
 }
 
-async function inTransaction(c: pg.ClientBase, fn: () => Promise<void>): Promise<void> {
+async function inTransaction<T>(c: pg.ClientBase, fn: () => Promise<T>): Promise<T> {
   await c.query('begin');
   try {
-    await fn();
+    const out = await fn();
     await c.query('commit');
+    return out;
   } catch (err) {
     await c.query('rollback').catch(() => undefined);
     throw err;
   }
+}
+
+/**
+ * Examples (`erp-cloud migrate --with-example acme`): sql/examples/<name>/install.sql, an ERP connected
+ * through the contracts only. Never installed by default. Each is applied after the migrations, under
+ * the same lock, in a transaction of its own with its row in erp_cloud.example; an example whose
+ * recorded sha256 is the file's is left as it is (install files are idempotent, so a changed one is
+ * simply applied again).
+ */
+export interface ExampleFile {
+  name: string;
+  sql: string;
+  sha256: string;
+}
+
+export const exampleSql = {
+  create: `
+    create table if not exists erp_cloud.example (
+      name text primary key,
+      sha256 text not null check (sha256 ~ '^[0-9a-f]{64}$'),
+      installed_at timestamptz not null default pg_catalog.now()
+    );
+    comment on table erp_cloud.example is
+      'One row per example ERP (sql/examples/<name>/install.sql) that erp-cloud migrate --with-example installed, with the sha256 of the file it applied.';
+    comment on column erp_cloud.example.name is 'The example''s folder under sql/examples, e.g. acme.';
+    comment on column erp_cloud.example.sha256 is 'sha256 (hex) of the install.sql applied last; migrate applies a file with another hash again (install files are idempotent).';
+    comment on column erp_cloud.example.installed_at is 'When the transaction that applied it last started.';
+    revoke all on table erp_cloud.example from public;`,
+  recorded: `select sha256 from erp_cloud.example where name = $1`,
+  record: `insert into erp_cloud.example (name, sha256) values ($1, $2)
+           on conflict (name) do update set sha256 = excluded.sha256, installed_at = pg_catalog.now()`,
+} as const;
+
+/** The examples this release has: folders of `dir` with an install.sql. */
+export function knownExamples(dir: string): string[] {
+  try {
+    return readdirSync(dir, { withFileTypes: true })
+      .filter((d) => d.isDirectory() && existsSync(path.join(dir, d.name, 'install.sql'))).map((d) => d.name).sort();
+  } catch {
+    return [];
+  }
+}
+
+function loadExamples(dir: string, names: string[]): ExampleFile[] {
+  if (!names.length) return [];
+  const known = knownExamples(dir);
+  return [...new Set(names)].map((name) => {
+    if (!known.includes(name)) {
+      throw new MigrationError(MigrationReason.unknownExample, `there is no example named ${name}: the examples are ${known.join(', ') || '(none)'}`,
+        `Name one of them: erp-cloud migrate --with-example ${known[0] ?? '<name>'}.`, `looked in ${dir}`);
+    }
+    const bytes = readFileSync(path.join(dir, name, 'install.sql'));
+    return { name, sql: bytes.toString('utf8'), sha256: createHash('sha256').update(bytes).digest('hex') };
+  });
+}
+
+async function installExamples(c: pg.ClientBase, examples: ExampleFile[], log: (msg: string) => void): Promise<string[]> {
+  const installed: string[] = [];
+  for (const ex of examples) {
+    try {
+      const done = await inTransaction(c, async () => {
+        await c.query('set local client_min_messages = warning'); // "already exists, skipping" is what idempotent means here
+        await c.query(exampleSql.create);
+        if ((await c.query(exampleSql.recorded, [ex.name])).rows[0]?.sha256 === ex.sha256) return false;
+        await c.query(ex.sql);
+        await c.query(exampleSql.record, [ex.name, ex.sha256]);
+        return true;
+      });
+      if (done) installed.push(ex.name);
+      log(done ? `installed example ${ex.name}` : `example ${ex.name} is installed and unchanged`);
+    } catch (err) {
+      const e = err as { code?: string; message?: string; hint?: string; detail?: string };
+      throw new MigrationError(MigrationReason.migrationFailed,
+        `example ${ex.name} failed and was rolled back (the migrations stay applied): ${e.message ?? String(err)}`,
+        e.hint ?? `Fix the cause, then run erp-cloud migrate --with-example ${ex.name} again.`, e.detail, { cause: err, code: e.code });
+    }
+  }
+  return installed;
 }
