@@ -24,7 +24,9 @@ node_modules/.installed: package.json package-lock.json
 
 deps: node_modules/.installed
 
+# dist/ is rebuilt from scratch: a source file moved or removed must not live on as a stale .js (it would be packed)
 build: deps
+	rm -rf dist
 	npx tsc -p tsconfig.json
 
 db:
@@ -36,7 +38,9 @@ db-stop:
 migrate: build db
 	$(CLI) -c '$(DB_URL)' migrate
 
-test: build db
+# the tests' own pg_cron database (test/helpers/cron.ts): no test touches erp_cloud
+test: build
+	@ERP_CLOUD_CRON_DB=erp_cloud_test_cron bash scripts/pg.sh start
 	DATABASE_URL='$(DB_URL)' npx vitest run
 
 demo: build db

@@ -2,7 +2,7 @@
  * The comparison system, run as a child process like the erp-cloud listener:
  * graphile-worker (concurrency 10, localQueue 100, completeJobBatchDelay 0)
  * with one task, `deliver`, that makes the very same HTTP call as the listener
- * (listener/http.ts attemptDelivery, provider 'webhook'). A non-ok outcome
+ * (listener/delivery/http.ts attemptDelivery, provider 'webhook'). A non-ok outcome
  * throws, so graphile-worker records the failure and retries like any job.
  *
  * Env: DATABASE_URL, SINK_URL, GW_CONCURRENCY, GW_LOCAL_QUEUE, GW_COMPLETE_DELAY.
@@ -10,8 +10,8 @@
  */
 import { randomUUID } from 'node:crypto';
 import { Logger, run, type Runner, type Task } from 'graphile-worker';
-import type { EgressPolicy } from '../listener/egress.js';
-import { attemptDelivery, closeAgents } from '../listener/http.js';
+import { closeAgents, type EgressPolicy } from '../listener/delivery/egress.js';
+import { attemptDelivery } from '../listener/delivery/http.js';
 import type { ClaimedMessage } from '../listener/providers/index.js';
 
 const env = (k: string, d?: string): string => {

@@ -11,8 +11,8 @@ import { readFileSync } from 'node:fs';
 import os from 'node:os';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import type pg from 'pg';
-import { ConfigError, loadConfig, redactUrl } from './config.js';
-import { describePgError } from './errors.js';
+import { ConfigError, loadConfig, redactUrl } from './kernel/config.js';
+import { describePgError } from './kernel/errors.js';
 
 class UsageError extends Error {}
 
@@ -84,7 +84,7 @@ program
   .description('apply the numbered SQL migrations (safe to run twice, or concurrently)')
   .action(async (_opts, cmd: Command) => {
     const url = connectionOf(cmd);
-    const { migrate } = await import('./db.js');
+    const { migrate } = await import('./kernel/db.js');
     const applied = await migrate(url, (m) => console.log(m));
     console.log(applied.length ? `migrated ${redactUrl(url)}: ${applied.length} migration(s) applied` : `migrated ${redactUrl(url)}: already current`);
   });
@@ -95,9 +95,9 @@ program
   .action(async (_opts, cmd: Command) => {
     const config = loadConfig(process.env, { DATABASE_URL: connectionOf(cmd) });
     const [{ createPool, waitForDatabase }, { closeAgents }, { createLogger }, { createMetrics }, { startOpsServer }, { startInboundServer }, { Worker }] = await Promise.all([
-      import('./db.js'), import('./http.js'), import('./logger.js'), import('./metrics.js'), import('./server.js'), import('./inbound-server.js'), import('./worker.js'),
+      import('./kernel/db.js'), import('./delivery/egress.js'), import('./kernel/logger.js'), import('./delivery/metrics.js'), import('./ops/status-server.js'), import('./inbound/inbound-server.js'), import('./delivery/worker.js'),
     ]);
-    await import('./inbound-routes.js'); // the receivers register themselves with the inbound server
+    await import('./inbound/routes.js'); // the receivers register themselves with the inbound server
     const log = createLogger(config.ERP_CLOUD_LOG_LEVEL);
     // one stop signal for the whole run: while waiting for the database it ends the wait (exit 0)
     const stop = new AbortController();
@@ -144,7 +144,7 @@ program
   .description('print messages by endpoint and status, and parked ordering keys')
   .option('--json', 'print JSON instead of a table')
   .action(async (opts: { json?: boolean }, cmd: Command) => {
-    const [{ sql }, { formatTable }] = await Promise.all([import('./queries.js'), import('./format.js')]);
+    const [{ sql }, { formatTable }] = await Promise.all([import('./delivery/queries.js'), import('./kernel/format.js')]);
     await withClient(connectionOf(cmd), async (c) => {
       const endpoints = (await c.query(sql.endpointStatus)).rows;
       const parked = (await c.query(sql.parkedKeys)).rows;
@@ -178,7 +178,7 @@ program
     if (opts.dead ? !opts.endpoint || requestId : !requestId) {
       throw new UsageError('give either a request_id, or --dead --endpoint NAME');
     }
-    const { sql } = await import('./queries.js');
+    const { sql } = await import('./delivery/queries.js');
     await withClient(connectionOf(cmd), async (c) => {
       if (opts.dead) {
         const { rows } = await c.query(sql.replayDead, [opts.endpoint, opts.reason, opts.actor]);
@@ -212,7 +212,7 @@ program
   .description('check the database, maintenance, grants, the vault key and every endpoint (DNS, allowlist, TCP, TLS); exit 1 on any failure')
   .option('--json', 'print JSON instead of a table')
   .action(async (opts: { json?: boolean }, cmd: Command) => {
-    const { formatChecks, overallStatus, runDoctor } = await import('./doctor.js');
+    const { formatChecks, overallStatus, runDoctor } = await import('./ops/doctor/index.js');
     const lines = await runDoctor(connectionOf(cmd));
     const status = overallStatus(lines);
     console.log(opts.json ? JSON.stringify({ status, checks: lines }, null, 2) : formatChecks(lines));
@@ -232,7 +232,7 @@ program
   .option('--json', 'print JSON lines')
   .option('--once', 'print the last N attempts and exit')
   .action(async (opts: { lines: number; interval: number; endpoint?: string; requestId?: string; json?: boolean; once?: boolean }, cmd: Command) => {
-    const { tailLog } = await import('./tail.js');
+    const { tailLog } = await import('./ops/tail.js');
     const stop = new AbortController();
     process.once('SIGINT', () => stop.abort());
     process.once('SIGTERM', () => stop.abort());
@@ -255,7 +255,7 @@ async function readSecretFromStdin(): Promise<string> {
 
 async function vaultKeyFor(cmd: Command): Promise<{ url: string; key: string }> {
   const url = connectionOf(cmd);
-  const { loadVaultKey } = await import('./vault.js');
+  const { loadVaultKey } = await import('./kernel/vault.js');
   return { url, key: loadVaultKey(loadConfig(process.env, { DATABASE_URL: url })) };
 }
 
@@ -268,7 +268,7 @@ vault
   .option('--description <text>', 'what it is and where it comes from')
   .action(async (name: string, opts: { description?: string }, cmd: Command) => {
     const { url, key } = await vaultKeyFor(cmd);
-    const { vaultSql } = await import('./vault.js');
+    const { vaultSql } = await import('./kernel/vault.js');
     const value = await readSecretFromStdin();
     await withClient(url, async (c) => {
       const { rows } = await c.query(vaultSql.put, [name, value, key, opts.description ?? null]);
@@ -282,7 +282,7 @@ vault
   .argument('<name>', 'secret name')
   .action(async (name: string, _opts, cmd: Command) => {
     const { url, key } = await vaultKeyFor(cmd);
-    const { vaultSql } = await import('./vault.js');
+    const { vaultSql } = await import('./kernel/vault.js');
     const value = await readSecretFromStdin();
     await withClient(url, async (c) => {
       const { rows } = await c.query(vaultSql.rotate, [name, value, key]);
@@ -295,7 +295,7 @@ vault
   .description('names, versions and dates of the secrets (never values)')
   .option('--json', 'print JSON instead of a table')
   .action(async (opts: { json?: boolean }, cmd: Command) => {
-    const [{ vaultSql }, { formatTable }] = await Promise.all([import('./vault.js'), import('./format.js')]);
+    const [{ vaultSql }, { formatTable }] = await Promise.all([import('./kernel/vault.js'), import('./kernel/format.js')]);
     await withClient(connectionOf(cmd), async (c) => {
       const { rows } = await c.query(vaultSql.list);
       console.log(opts.json ? JSON.stringify(rows, null, 2) : formatTable(rows, ['name', 'version', 'key_id', 'created_at', 'rotated_at', 'rekeyed_at', 'description']));
@@ -307,7 +307,7 @@ vault
   .description('re-encrypt every secret under the key in ERP_CLOUD_VAULT_NEW_KEY (all or nothing)')
   .action(async (_opts, cmd: Command) => {
     const { url, key } = await vaultKeyFor(cmd);
-    const { checkVaultKey, vaultSql } = await import('./vault.js');
+    const { checkVaultKey, vaultSql } = await import('./kernel/vault.js');
     const newKey = checkVaultKey('ERP_CLOUD_VAULT_NEW_KEY', process.env.ERP_CLOUD_VAULT_NEW_KEY);
     await withClient(url, async (c) => {
       const { rows } = await c.query(vaultSql.rekey, [key, newKey]);
@@ -326,11 +326,11 @@ sso
   .description('run the OpenID Provider (prints {"sso", "issuer", "url"} as JSON once it listens)')
   .action(async (_opts, cmd: Command) => {
     const [{ loadSsoConfig }, { loadVaultKey }, { createPool }, { createLogger }] = await Promise.all([
-      import('./sso/config.js'), import('./vault.js'), import('./db.js'), import('./logger.js'),
+      import('./sso/config.js'), import('./kernel/vault.js'), import('./kernel/db.js'), import('./kernel/logger.js'),
     ]);
     const config = loadSsoConfig(process.env, { DATABASE_URL: connectionOf(cmd) });
     const masterKey = loadVaultKey(config);
-    const { startSsoServer } = await import('./sso/server.js');
+    const { startSsoServer } = await import('./sso/sso-server.js');
     const log = createLogger(config.ERP_CLOUD_LOG_LEVEL, 'erp-cloud-sso');
     const pool = createPool(config.DATABASE_URL, config.ERP_CLOUD_SSO_POOL_SIZE, log);
     const server = await startSsoServer({ config, pool, log, masterKey });
@@ -351,7 +351,7 @@ sso
   .action(async (opts: { lead?: number; tokenLifetime?: number }, cmd: Command) => {
     const url = connectionOf(cmd);
     const [{ loadSsoConfig }, { rotateSigningKey }, { loadVaultKey }, { createPool }] = await Promise.all([
-      import('./sso/config.js'), import('./sso/keys.js'), import('./vault.js'), import('./db.js'),
+      import('./sso/config.js'), import('./sso/keys.js'), import('./kernel/vault.js'), import('./kernel/db.js'),
     ]);
     const env = { ERP_CLOUD_SSO_ISSUER: 'http://unused.invalid', ...process.env };
     const config = loadSsoConfig(env, { DATABASE_URL: url });
@@ -377,7 +377,7 @@ sso
   .description('the signing keys in the JWKS now: state (published, signing, verifying) and schedule')
   .option('--json', 'print JSON instead of a table')
   .action(async (opts: { json?: boolean }, cmd: Command) => {
-    const { formatTable } = await import('./format.js');
+    const { formatTable } = await import('./kernel/format.js');
     await withClient(connectionOf(cmd), async (c) => {
       const { rows } = await c.query('select kid, state, signs_from, signs_until, verify_until from sso.signing_key_status');
       console.log(opts.json ? JSON.stringify(rows, null, 2) : formatTable(rows, ['kid', 'state', 'signs_from', 'signs_until', 'verify_until']));
@@ -411,7 +411,7 @@ sso
   .addOption(new Option('--port <n>', 'port (the one registered in the redirect URI)').default(0).argParser(intArg('--port', 0, 65535)))
   .option('--jump <url>', 'a jump URL from sso.issue_jump_ticket: follow it like a browser, print the result and exit')
   .action(async (opts: { issuer: string; clientId: string; port: number; jump?: string }) => {
-    const { Browser, completeJump, startDemoRp } = await devModule('sso demo-rp', () => import('./sso/demo-rp.js'));
+    const { Browser, completeJump, startDemoRp } = await devModule('sso demo-rp', () => import('./sim/demo-rp.js'));
     const secret = process.env.ERP_CLOUD_SSO_DEMO_CLIENT_SECRET;
     if (!secret) throw new UsageError('set ERP_CLOUD_SSO_DEMO_CLIENT_SECRET to the client\'s secret');
     const rp = await startDemoRp({ issuer: opts.issuer, clientId: opts.clientId, clientSecret: secret, port: opts.port });

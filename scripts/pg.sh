@@ -11,11 +11,18 @@
 # The cluster never touches the system cluster on 5432: it has its own port (54329, or
 # ERP_CLOUD_PGPORT), its own socket directory and its own data directory (.pg/ in the
 # checkout, or ERP_CLOUD_PGDIR).
+#
+# pg_cron runs in one database per server (cron.database_name, read only at server start):
+# `erp_cloud`, or ERP_CLOUD_CRON_DB. `make test` starts the cluster with the tests' own
+# cron database (erp_cloud_test_cron), so no test touches `erp_cloud`; `start` restarts a
+# running cluster whose cron database is another one (so make demo after make test, and
+# the other way round, restarts it).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 port=${ERP_CLOUD_PGPORT:-54329}
 dbname=erp_cloud
+crondb=${ERP_CLOUD_CRON_DB:-$dbname}
 
 say() { printf 'pg.sh: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
@@ -91,7 +98,13 @@ start() {
   local bindir dir
   bindir=$(ensure_packages)
   dir=$(cluster_dir)
-  if running "$dir" "$bindir"; then say "cluster already running in $dir on port $port"; ensure_database "$bindir"; return; fi
+  if running "$dir" "$bindir"; then
+    local current
+    current=$(as_owner "$bindir/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -tAc "select current_setting('cron.database_name', true)" 2>/dev/null || true)
+    if [ "$current" = "$crondb" ]; then say "cluster already running in $dir on port $port"; ensure_database "$bindir"; return; fi
+    say "cluster running with cron.database_name = '$current': restarting it with '$crondb'"
+    as_owner "$bindir/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null
+  fi
   mkdir -p "$dir/data" "$dir/sock"
   if is_root; then chown -R postgres: "$dir"; fi
   chmod 700 "$dir/data"
@@ -119,17 +132,19 @@ CONF
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     die "port $port is taken by another server; set ERP_CLOUD_PGPORT to a free port"
   fi
-  as_owner "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null \
+  as_owner "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -o "-c cron.database_name=$crondb" -w -t 60 start >/dev/null \
     || { tail -n 20 "$dir/server.log" >&2; die "the cluster did not start (log: $dir/server.log)"; }
   ensure_database "$bindir"
   say "cluster running in $dir on port $port"
 }
 
 ensure_database() {
-  local psql=("$1/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres)
-  if [ -z "$("${psql[@]}" -d postgres -tAc "select 1 from pg_database where datname = '$dbname'")" ]; then
-    "${psql[@]}" -d postgres -c "create database $dbname" >/dev/null
-  fi
+  local psql=("$1/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres) d
+  for d in $(printf '%s\n' "$dbname" "$crondb" | sort -u); do
+    if [ -z "$("${psql[@]}" -d postgres -tAc "select 1 from pg_database where datname = '$d'")" ]; then
+      "${psql[@]}" -d postgres -c "create database $d" >/dev/null
+    fi
+  done
 }
 
 stop() {

@@ -4,10 +4,11 @@
  * parks ordering keys, and logs every attempt.
  */
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { createMetrics } from '../listener/metrics.js';
-import { startOpsServer } from '../listener/server.js';
+import { createMetrics } from '../listener/delivery/metrics.js';
+import { startOpsServer } from '../listener/ops/status-server.js';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
 import { createTestDb, statusCounts, waitFor, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 import { startListener, type InProcessListener } from './helpers/listener.js';
 
 let db: TestDb;
@@ -26,8 +27,7 @@ beforeEach(async () => {
   await Promise.all(listeners.map((l) => l.stop()));
   listeners = [];
   sim.reset();
-  await db.pool.query(`truncate cloud.outbox, cloud.log, cloud.replay_audit, cloud.listener`);
-  await db.pool.query(`delete from cloud.endpoint`);
+  await resetProductState(db.pool);
   // a timeout far above any answer on a loaded machine: these tests count requests and attempts, and a retry
   // after a timeout would be a second one (the test about timeouts sets its own)
   await db.pool.query(`select cloud.put_endpoint('hook', $1, p_timeout_ms => 10000, p_max_attempts => 5, p_backoff_base_ms => 1000, p_backoff_cap_ms => 60000)`, [`${sim.url}/webhook`]);

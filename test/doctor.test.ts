@@ -14,9 +14,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { migrate, migrationsDir } from '../listener/db.js';
-import { loadMigrationFiles } from '../listener/migrations.js';
+import { migrate, migrationsDir } from '../listener/kernel/db.js';
+import { loadMigrationFiles } from '../listener/kernel/migrations.js';
 import { createTestDb, waitFor, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 import { migrateLikeEarlierRelease, PREVIOUS_RELEASE, releaseFiles } from './helpers/legacy-release.js';
 
 const run = promisify(execFile);
@@ -73,8 +74,7 @@ afterAll(async () => {
 });
 
 beforeEach(async () => {
-  await db.pool.query(`truncate cloud.outbox, cloud.log, cloud.listener`);
-  await db.pool.query(`delete from cloud.endpoint`);
+  await resetProductState(db.pool);
 });
 
 function cli(args: string[], env: Record<string, string> = {}) {
@@ -359,7 +359,7 @@ describe('erp-cloud doctor', () => {
         expect(r.stdout + r.stderr).not.toContain('the-value');
       }
     } finally {
-      await db.pool.query(`truncate vault.secret, vault.secret_version`);
+      await resetProductState(db.pool);
     }
   });
 
@@ -423,8 +423,7 @@ describe('erp-cloud doctor', () => {
       await db.pool.query(`update sso.signing_key set signs_from = now() - interval '400 days', created_at = now() - interval '400 days'`);
       expect(one((await doctor({ ERP_CLOUD_VAULT_KEY: key })).checks, 'sso signing key')).toMatchObject({ status: 'warn', detail: expect.stringContaining('rotate') });
     } finally {
-      await db.pool.query(`truncate sso.client, sso.signing_key, sso.setting, sso.oidc_payload cascade`);
-      await db.pool.query(`truncate vault.secret, vault.secret_version`);
+      await resetProductState(db.pool);
     }
   });
 

@@ -5,10 +5,11 @@
  */
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { assertAddressAllowed, assertUrlAllowed, classifyAddress, EgressRefused, type EgressPolicy } from '../listener/egress.js';
-import { SqlState } from '../listener/errors.js';
+import { assertAddressAllowed, assertUrlAllowed, classifyAddress, EgressRefused, type EgressPolicy } from '../listener/delivery/egress.js';
+import { SqlState } from '../listener/kernel/errors.js';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
 import { createTestDb, sqlstateOf, statusCounts, waitFor, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 import { spawnListener, startListener, type ChildListener, type InProcessListener } from './helpers/listener.js';
 
 let db: TestDb;
@@ -49,8 +50,7 @@ beforeEach(async () => {
   listeners = [];
   sim.reset();
   sim.setRateLimit(null); // a test that failed before clearing its gateway limit must not fail the next one
-  await q(`truncate cloud.outbox, cloud.log, cloud.listener, cloud.endpoint_usage`);
-  await q(`delete from cloud.endpoint`);
+  await resetProductState(db.pool);
   await q(`select cloud.put_endpoint('hook', $1, p_timeout_ms => 500, p_backoff_base_ms => 100, p_backoff_cap_ms => 1000, p_max_attempts => 20)`, [`${sim.url}/webhook`]);
   await q(`select cloud.put_endpoint_allowlist('hook', '{}', '{}', true)`); // the simulator is on 127.0.0.1
 });

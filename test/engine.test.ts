@@ -4,8 +4,9 @@
  */
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { SqlState } from '../listener/errors.js';
-import { createTestDb, inTransaction, sqlstateOf, statusCounts, type TestDb } from './helpers/db.js';
+import { SqlState } from '../listener/kernel/errors.js';
+import { createTestDb, inTransaction, rolledBack, sqlstateOf, statusCounts, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 
 let db: TestDb;
 let q: pg.Pool['query'];
@@ -17,8 +18,7 @@ beforeAll(async () => {
 afterAll(() => db.drop());
 
 beforeEach(async () => {
-  await q(`truncate cloud.outbox, cloud.log, cloud.replay_audit, cloud.listener, cloud.operation_handler`);
-  await q(`delete from cloud.endpoint`);
+  await resetProductState(db.pool);
   await q(`select cloud.put_endpoint('hook', 'http://127.0.0.1:9/webhook', p_max_attempts => 3, p_backoff_base_ms => 1000, p_backoff_cap_ms => 60000)`);
 });
 
@@ -38,7 +38,7 @@ const result = (request_id: string, attempt: number, outcome: string, extra: obj
 
 describe('enqueue', () => {
   it('an enqueue inside a rolled-back transaction leaves nothing to send', async () => {
-    await inTransaction(db.pool, (c) => c.query(`select cloud.enqueue_message('hook', 'demo.ping', '{"n":1}')`), false);
+    await rolledBack(db.pool, (c) => c.query(`select cloud.enqueue_message('hook', 'demo.ping', '{"n":1}')`));
     expect(await statusCounts(db.pool)).toEqual({});
     expect(await claim()).toEqual([]);
   });
@@ -324,7 +324,7 @@ describe('operations', () => {
   });
 
   it('the ERP role may enqueue but may not read cloud.log, the outbox, or claim', async () => {
-    await inTransaction(db.pool, async (c) => {
+    await rolledBack(db.pool, async (c) => {
       await c.query('set local role erp_cloud_app');
       await c.query(`select cloud.enqueue_message('hook', 'demo.ping', '{}')`);
       for (const stmt of ['select * from cloud.log', 'select * from cloud.outbox', `select * from cloud.claim_messages('x')`]) {
@@ -332,15 +332,15 @@ describe('operations', () => {
         expect(await sqlstateOf(c.query(stmt)), stmt).toBe('42501');
         await c.query('rollback to savepoint s');
       }
-    }, false);
+    });
   });
 
   it('the operator role can read the views and replay, but cannot enqueue', async () => {
-    await inTransaction(db.pool, async (c) => {
+    await rolledBack(db.pool, async (c) => {
       await c.query('set local role erp_cloud_operator');
       await c.query('select * from cloud.endpoint_status');
       await c.query('select * from cloud.log limit 1');
       expect(await sqlstateOf(c.query(`select cloud.enqueue_message('hook', 'demo.ping', '{}')`))).toBe('42501');
-    }, false);
+    });
   });
 });

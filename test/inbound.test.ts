@@ -8,9 +8,9 @@ import { Writable } from 'node:stream';
 import type pg from 'pg';
 import { pino } from 'pino';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { admitSource, contentTypeRefusal, parseMediaType, sourceAllowed, type InboundPolicy } from '../listener/inbound.js';
-import { inboundRoutes, registerInboundRoute, startInboundServer } from '../listener/inbound-server.js';
-import '../listener/inbound-routes.js';
+import { admitSource, contentTypeRefusal, parseMediaType, sourceAllowed, type InboundPolicy } from '../listener/inbound/admission.js';
+import { inboundRoutes, registerInboundRoute, startInboundServer } from '../listener/inbound/inbound-server.js';
+import '../listener/inbound/routes.js';
 import { createTestDb, type TestDb } from './helpers/db.js';
 
 async function withReceiver(policy: InboundPolicy, fn: (url: string) => Promise<void>): Promise<void> {

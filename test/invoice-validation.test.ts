@@ -7,7 +7,7 @@
  * invoicing-flow.test.ts.
  */
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { SqlState } from '../listener/errors.js';
+import { SqlState } from '../listener/kernel/errors.js';
 import { createTestDb, type TestDb } from './helpers/db.js';
 import { approve, configureTax, customer, documentOf, invoicesOf, OATS, settlement, USCC_OK, withUsccCheckDigit, type CustomerOptions, type Line } from './helpers/invoicing.js';
 

@@ -8,10 +8,10 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { PDFDocument } from 'pdf-lib';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { SqlState } from '../listener/errors.js';
-import { startInboundServer } from '../listener/inbound-server.js';
-import '../listener/inbound-routes.js';
-import { createLogger } from '../listener/logger.js';
+import { SqlState } from '../listener/kernel/errors.js';
+import { startInboundServer } from '../listener/inbound/inbound-server.js';
+import '../listener/inbound/routes.js';
+import { createLogger } from '../listener/kernel/logger.js';
 import { startNuonuoSim, type NuonuoSim } from '../listener/sim/nuonuo.js';
 import { createTestDb, sqlstateOf, waitFor, type TestDb } from './helpers/db.js';
 import { approve, configureTax, customer, invoicesOf, OATS, settlement, USCC_OK } from './helpers/invoicing.js';

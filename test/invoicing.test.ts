@@ -5,7 +5,7 @@
  * No cloud here: the flow through the simulator is in invoicing-flow.test.ts.
  */
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { SqlState } from '../listener/errors.js';
+import { SqlState } from '../listener/kernel/errors.js';
 import { createTestDb, sqlstateOf, type TestDb } from './helpers/db.js';
 import { approve, configureTax, customer, documentOf, invoicesOf, OATS, post, settlement, shipment, SOFTWARE, USCC_OK, type Line } from './helpers/invoicing.js';
 

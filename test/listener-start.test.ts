@@ -7,7 +7,7 @@
  */
 import net from 'node:net';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { classifyStartError } from '../listener/db.js';
+import { classifyStartError } from '../listener/kernel/db.js';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
 import { createTestDb, statusCounts, urlFor, waitFor, type TestDb } from './helpers/db.js';
 import { spawnListener, type ChildListener } from './helpers/listener.js';

@@ -7,8 +7,8 @@ import { createHash } from 'node:crypto';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { migrationsDir } from '../listener/db.js';
-import { loadMigrationFiles } from '../listener/migrations.js';
+import { migrationsDir } from '../listener/kernel/db.js';
+import { loadMigrationFiles } from '../listener/kernel/migrations.js';
 
 const DIR = 'sql/migrations';
 

@@ -2,7 +2,8 @@
  * `erp-cloud migrate`: history in erp-cloud's own schema (erp_cloud.migration), safe to run twice
  * and concurrently, a changed landed file refused, an application's own `migrations` table never
  * read as ours nor touched, and an installation of an earlier release (postgres-migrations)
- * upgraded in place. And pg_cron runs the maintenance jobs unattended in the cron database.
+ * upgraded in place. And pg_cron runs the maintenance jobs unattended in the cron database (the
+ * tests' own: test/helpers/cron.ts).
  */
 import { execFile } from 'node:child_process';
 import { appendFileSync, cpSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
@@ -11,10 +12,11 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import pg from 'pg';
 import { afterAll, describe, expect, it } from 'vitest';
-import { migrate, migrationsDir } from '../listener/db.js';
-import { loadMigrationFiles, MigrationError, MigrationReason, runMigrations } from '../listener/migrations.js';
+import { migrate, migrationsDir } from '../listener/kernel/db.js';
+import { loadMigrationFiles, MigrationError, MigrationReason, runMigrations } from '../listener/kernel/migrations.js';
 import { migrateLikeEarlierRelease, PREVIOUS_RELEASE, releaseFiles } from './helpers/legacy-release.js';
-import { createTestDb, urlFor, waitFor, type TestDb } from './helpers/db.js';
+import { withCronDatabase } from './helpers/cron.js';
+import { createTestDb, waitFor, type TestDb } from './helpers/db.js';
 
 const run = promisify(execFile);
 const dbs: TestDb[] = [];
@@ -291,14 +293,8 @@ describe('upgrading an installation of an earlier release (postgres-migrations)'
 });
 
 describe('pg_cron', () => {
-  it('the maintenance jobs exist in the cron database and run every minute', async () => {
-    const admin = new pg.Client({ connectionString: urlFor('postgres') });
-    await admin.connect();
-    const cronDb = (await admin.query(`select current_setting('cron.database_name', true) as d`)).rows[0].d as string | null;
-    await admin.end();
+  it('the maintenance jobs exist in the cron database and run every minute', () => withCronDatabase(async (cronDb, url) => {
     expect(cronDb, 'the server must preload pg_cron (scripts/pg.sh configures it)').toBeTruthy();
-    const url = urlFor(cronDb!);
-    await migrate(url);
     const c = new pg.Client({ connectionString: url });
     await c.connect();
     try {
@@ -335,5 +331,5 @@ describe('pg_cron', () => {
     } finally {
       await c.end();
     }
-  }, 90_000);
+  }), 240_000);
 });

@@ -6,7 +6,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { attemptDelivery } from '../listener/http.js';
+import { attemptDelivery } from '../listener/delivery/http.js';
 import { nuonuoAdapter, nuonuoSign, orderNoFor, rememberedTokens, TOKEN_OF_MAX } from '../listener/providers/nuonuo.js';
 import type { ClaimedMessage, ProviderContext } from '../listener/providers/index.js';
 import { startNuonuoSim, type NuonuoSim } from '../listener/sim/nuonuo.js';

@@ -167,7 +167,7 @@ describe('the packed package', () => {
   it('holds the built listener, the migrations, the current schema files, the READMEs and the service unit, and no sources, tests, bench or simulators', () => {
     const own = packed.files.map((f) => f.path).filter((p) => !p.startsWith('node_modules/'));
     expect(own).toEqual(expect.arrayContaining([
-      'package.json', 'README.md', 'dist/listener/cli.js', 'dist/listener/worker.js',
+      'package.json', 'README.md', 'dist/listener/cli.js', 'dist/listener/delivery/worker.js',
       'deploy/erp-cloud-listener.service', 'deploy/listener.env.example',
     ]));
     const migrations = readdirSync(path.join(repo, 'sql', 'migrations')).filter((f) => f.endsWith('.sql'));

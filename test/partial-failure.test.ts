@@ -10,9 +10,10 @@
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { SqlState } from '../listener/errors.js';
+import { SqlState } from '../listener/kernel/errors.js';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
 import { createTestDb, sqlstateOf, waitFor, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 import { spawnListener, type ChildListener } from './helpers/listener.js';
 
 let db: TestDb;
@@ -33,8 +34,7 @@ afterAll(async () => {
 beforeEach(async () => {
   await killChildren();
   sim.reset();
-  await q(`truncate cloud.outbox, cloud.log, cloud.listener`);
-  await q(`delete from cloud.endpoint`);
+  await resetProductState(db.pool);
   // no listener runs in the SQL cases: the URL is never called
   await q(`select cloud.put_endpoint('hook', 'http://127.0.0.1:9/hook', p_timeout_ms => 500, p_backoff_base_ms => 100, p_backoff_cap_ms => 1000, p_max_attempts => 20)`);
 });

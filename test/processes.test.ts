@@ -8,6 +8,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
 import { createTestDb, statusCounts, waitFor, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 import { spawnListener, type ChildListener } from './helpers/listener.js';
 
 const run = promisify(execFile);
@@ -28,8 +29,7 @@ beforeEach(async () => {
   for (const c of children) c.proc.kill('SIGKILL');
   children = [];
   sim.reset();
-  await db.pool.query(`truncate cloud.outbox, cloud.log, cloud.replay_audit, cloud.listener`);
-  await db.pool.query(`delete from cloud.endpoint`);
+  await resetProductState(db.pool);
   await db.pool.query(`select cloud.put_endpoint('hook', $1, p_timeout_ms => 1000, p_backoff_base_ms => 100, p_backoff_cap_ms => 500)`, [`${sim.url}/webhook`]);
   await db.pool.query(`select cloud.put_endpoint_allowlist('hook', '{}', '{}', true)`); // the simulator is on 127.0.0.1
 });

@@ -7,12 +7,13 @@ import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { policyOf } from '../listener/egress.js';
-import { attemptDelivery } from '../listener/http.js';
+import { policyOf } from '../listener/delivery/egress.js';
+import { attemptDelivery } from '../listener/delivery/http.js';
 import { registerAdapter, type ClaimedMessage } from '../listener/providers/index.js';
-import { SqlState } from '../listener/errors.js';
-import { clearTokenMemo, providerContext } from '../listener/provider-context.js';
+import { SqlState } from '../listener/kernel/errors.js';
+import { clearTokenMemo, providerContext } from '../listener/delivery/provider-context.js';
 import { createTestDb, sqlstateOf, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 
 let db: TestDb;
 let otherPool: pg.Pool; // a second "listener" with its own connections
@@ -36,7 +37,7 @@ afterAll(async () => {
 });
 beforeEach(async () => {
   clearTokenMemo();
-  await db.pool.query(`delete from cloud.endpoint`);
+  await resetProductState(db.pool);
   await db.pool.query(`select cloud.put_endpoint('tax', $1)`, [`${url}/api`]);
 });
 

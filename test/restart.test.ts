@@ -10,7 +10,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { migrate } from '../listener/db.js';
+import { migrate } from '../listener/kernel/db.js';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
 import { statusCounts, waitFor } from './helpers/db.js';
 import { spawnListener, type ChildListener } from './helpers/listener.js';

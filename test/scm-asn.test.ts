@@ -7,14 +7,15 @@ import { Writable } from 'node:stream';
 import pg from 'pg';
 import { pino } from 'pino';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { SqlState } from '../listener/errors.js';
+import { SqlState } from '../listener/kernel/errors.js';
 import { ASN_WEBHOOK_PATH } from '../listener/inbound/asn-webhook.js';
-import { startInboundServer } from '../listener/inbound-server.js';
-import { clearTokenMemo } from '../listener/provider-context.js';
+import { startInboundServer } from '../listener/inbound/inbound-server.js';
+import { clearTokenMemo } from '../listener/delivery/provider-context.js';
 import { signWebhookBody } from '../listener/providers/webhook.js';
 import { clearYonbipCaches } from '../listener/providers/yonbip.js';
 import { startYonbipSim, type YonbipSim } from '../listener/sim/yonbip.js';
 import { createTestDb, sqlstateOf, waitFor, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 import { startListener, type InProcessListener } from './helpers/listener.js';
 import { addPo, addSuppliers, asnDoc, setupYonbip } from './helpers/scm.js';
 
@@ -59,7 +60,7 @@ beforeEach(async () => {
   logLines.length = 0;
   inboundEnv.ERP_CLOUD_ASN_WEBHOOK_CIDRS = '127.0.0.0/8';
   delete inboundEnv.SECRET_SET;
-  await db.pool.query(`truncate cloud.outbox, cloud.log, cloud.provider_token, erp.asn_line, erp.asn_document, erp.purchase_order_line, erp.purchase_order, scm.asn_pull cascade`);
+  await resetProductState(db.pool);
   await setupYonbip(db.pool, sim);
   suppliers = await addSuppliers(db.pool);
   poId = await addPo(db.pool, 'PO-A', suppliers.s1);
@@ -398,7 +399,6 @@ describe('the ASN pull (delivery list by watermark)', () => {
   });
 
   it('a malformed record in a page goes to quarantine with the reason; the rest is ingested and the watermark moves on', async () => {
-    await db.pool.query('truncate scm.asn_quarantine');
     await db.pool.query(`select scm.put_asn_pull('yonbip')`);
     const bad = withLine(asnDoc('ASN-QB', 'PO-A', [{ line: 1, qty: 1 }, { line: 2, qty: 1 }]), 1, { lineno: 1 });
     await sim.ship({ asn: bad, via: 'list', ts: '2026-11-24 08:00:00' });

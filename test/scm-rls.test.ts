@@ -8,7 +8,7 @@
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createTestDb, sqlstateOf, urlFor, type TestDb } from './helpers/db.js';
+import { createTestDb, rolledBack, sqlstateOf, urlFor, type TestDb } from './helpers/db.js';
 import { addPo, addSuppliers, asnDoc } from './helpers/scm.js';
 
 let db: TestDb;
@@ -74,14 +74,11 @@ afterAll(async () => {
 });
 
 /** Runs fn in a portal transaction acting for `supplierCode` (or with no setting), then rolls back. */
-async function asSupplier<T>(supplierCode: string | null, fn: () => Promise<T>): Promise<T> {
-  await portal.query('begin');
-  try {
+function asSupplier<T>(supplierCode: string | null, fn: () => Promise<T>): Promise<T> {
+  return rolledBack(portal, async () => {
     if (supplierCode) await portal.query('select scm.act_as_supplier($1)', [supplierCode]);
-    return await fn();
-  } finally {
-    await portal.query('rollback');
-  }
+    return fn();
+  });
 }
 const q = async (sql: string, params: unknown[] = []) => (await portal.query(sql, params)).rows;
 
@@ -226,14 +223,7 @@ describe('supplier portal isolation', () => {
 
 describe('a portal login bound to its supplier', () => {
   const bq = async (sql: string, params: unknown[] = []) => (await bound.query(sql, params)).rows;
-  async function inTx<T>(fn: () => Promise<T>): Promise<T> {
-    await bound.query('begin');
-    try {
-      return await fn();
-    } finally {
-      await bound.query('rollback');
-    }
-  }
+  const inTx = <T>(fn: () => Promise<T>): Promise<T> => rolledBack(bound, fn);
 
   it('sees only its own supplier, with or without naming it', async () => {
     await inTx(async () => {
@@ -312,19 +302,19 @@ describe('a portal login bound to its supplier', () => {
     await c.connect();
     try {
       await c.query('set role erp_cloud_supplier_portal');
-      await c.query('begin');
-      await c.query(`select set_config('scm.supplier_id', $1, true)`, [String(s1)]);
-      expect((await c.query(`select po_no from erp.purchase_order`)).rows).toEqual([]);
-      expect((await c.query(`select asn_no from erp.asn_document`)).rows).toEqual([]);
-      await c.query('rollback');
+      await rolledBack(c, async () => {
+        await c.query(`select set_config('scm.supplier_id', $1, true)`, [String(s1)]);
+        expect((await c.query(`select po_no from erp.purchase_order`)).rows).toEqual([]);
+        expect((await c.query(`select asn_no from erp.asn_document`)).rows).toEqual([]);
+      });
       expect(await sqlstateOf(c.query(`select scm.act_as_supplier('S001')`))).toBe('42501');
       // and taking a bound login off the portal leaves it with nothing, not with every supplier
       await db.pool.query(`select scm.bind_portal_login($1, 'S001')`, [stray]);
       await db.pool.query(`select scm.bind_portal_login($1, null)`, [stray]);
-      await c.query('begin');
-      await c.query(`select set_config('scm.supplier_id', $1, true)`, [String(s2)]);
-      expect((await c.query(`select po_no from erp.purchase_order`)).rows).toEqual([]);
-      await c.query('rollback');
+      await rolledBack(c, async () => {
+        await c.query(`select set_config('scm.supplier_id', $1, true)`, [String(s2)]);
+        expect((await c.query(`select po_no from erp.purchase_order`)).rows).toEqual([]);
+      });
     } finally {
       await c.end();
       await admin(`drop owned by ${stray}; drop role ${stray}`);

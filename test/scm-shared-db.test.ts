@@ -5,10 +5,11 @@
  */
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { migrate } from '../listener/db.js';
-import { SqlState } from '../listener/errors.js';
+import { SqlState } from '../listener/kernel/errors.js';
 import { startYonbipSim, type YonbipSim } from '../listener/sim/yonbip.js';
-import { createTestDb, sqlstateOf, urlFor, type TestDb } from './helpers/db.js';
+import { withCronDatabase } from './helpers/cron.js';
+import { createTestDb, sqlstateOf, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 import { addPo, addSuppliers, asnDoc } from './helpers/scm.js';
 
 let db: TestDb;
@@ -38,7 +39,8 @@ afterAll(async () => {
 });
 beforeEach(async () => {
   await middle.pool.query('truncate public.asn_outbox restart identity');
-  await db.pool.query('truncate erp.asn_line, erp.asn_document cascade');
+  // the foreign table's source, the endpoint and the PO (with its supplier) of beforeAll stay
+  await resetProductState(db.pool, { keep: ['scm.shared_asn_source', 'cloud.endpoint', 'erp.purchase_order_line'] });
   await db.pool.query('update scm.shared_asn_source set last_id = 0');
 });
 
@@ -66,7 +68,6 @@ describe('ASNs from the cloud\'s middle database (postgres_fdw)', () => {
   });
 
   it('the same event written twice to the middle database is one ASN; malformed rows go to quarantine, the rest is copied', async () => {
-    await db.pool.query('truncate scm.asn_quarantine');
     await ship('ASN-D', 5, 'ev-dup');
     await ship('ASN-D', 5, 'ev-dup');
     await middle.pool.query(`insert into public.asn_outbox (event_id, doc) values ('ev-bad', '{"code": ""}')`);
@@ -124,14 +125,9 @@ describe('ASNs from the cloud\'s middle database (postgres_fdw)', () => {
 });
 
 describe('pg_cron jobs of supplier collaboration', () => {
-  it('the pull and the shared-database copy are scheduled every minute in the cron database', async () => {
-    const admin = new pg.Client({ connectionString: urlFor('postgres') });
-    await admin.connect();
-    const cronDb = (await admin.query(`select current_setting('cron.database_name', true) as d`)).rows[0].d as string | null;
-    await admin.end();
+  it('the pull and the shared-database copy are scheduled every minute in the cron database', () => withCronDatabase(async (cronDb, url) => {
     expect(cronDb, 'the server must preload pg_cron (scripts/pg.sh configures it)').toBeTruthy();
-    await migrate(urlFor(cronDb!));
-    const c = new pg.Client({ connectionString: urlFor(cronDb!) });
+    const c = new pg.Client({ connectionString: url });
     await c.connect();
     try {
       const { rows } = await c.query(`select jobname, schedule, command, active from cron.job where jobname like 'erp-cloud scm: %' order by jobname`);
@@ -142,5 +138,5 @@ describe('pg_cron jobs of supplier collaboration', () => {
     } finally {
       await c.end();
     }
-  });
+  }), 240_000);
 });

@@ -14,10 +14,11 @@ import { randomBytes } from 'node:crypto';
 import { promisify } from 'node:util';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SqlState } from '../listener/errors.js';
+import { SqlState } from '../listener/kernel/errors.js';
 import { signWebhookBody } from '../listener/providers/webhook.js';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
 import { createTestDb, statusCounts, waitFor, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 import { spawnListener, type ChildListener } from './helpers/listener.js';
 import { locateServerLog, logOffset, logSince, type ServerLog } from './helpers/server-log.js';
 
@@ -120,7 +121,7 @@ describe('secrets', () => {
   });
 
   it('a secret that cannot be read is a retryable attempt with a reason, and the reason names no value', async () => {
-    await db.pool.query(`truncate cloud.outbox, cloud.log`);
+    await resetProductState(db.pool, { keep: ['cloud.endpoint', 'vault.secret', 'vault.secret_version'] }); // the endpoints and secrets of beforeAll
     listener = spawnListener(db.url, { ERP_CLOUD_VAULT_KEY: `wrong-key-${randomBytes(8).toString('hex')}` });
     await db.pool.query(`select cloud.enqueue_message('hook', 'demo.ping', '{}')`);
     await waitFor(async () => (await db.pool.query(`select count(*)::int n from cloud.log`)).rows[0].n > 0, { what: 'an attempt' });

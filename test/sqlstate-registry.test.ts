@@ -2,13 +2,13 @@
  * One registry of our SQLSTATEs (STYLE.md 7), kept in four places that must agree:
  * what the functions of the migrated database raise, the registry comment blocks in
  * the migration headers ("--   EC010  invalid rate limit or circuit setting"), the
- * SqlState map in listener/errors.ts, and the error tables of README.md
+ * SqlState map in listener/kernel/errors.ts, and the error tables of README.md
  * ("| EC010 | … |"). A code is added in all four at once (sql/README.md).
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SqlState } from '../listener/errors.js';
+import { SqlState } from '../listener/kernel/errors.js';
 import { createTestDb, type TestDb } from './helpers/db.js';
 
 /** Our codes: E, a letter for the area (C cloud and vault, I invoicing, S supplier collaboration, O single sign-on), three digits. */
@@ -101,7 +101,7 @@ function listenerSources(dir = 'listener'): string[] {
   return readdirSync(dir, { withFileTypes: true }).flatMap((e) => {
     const p = path.join(dir, e.name);
     if (e.isDirectory()) return listenerSources(p);
-    return e.name.endsWith('.ts') && p !== path.join('listener', 'errors.ts') ? [readFileSync(p, 'utf8')] : [];
+    return e.name.endsWith('.ts') && p !== path.join('listener', 'kernel', 'errors.ts') ? [readFileSync(p, 'utf8')] : [];
   });
 }
 
@@ -138,13 +138,13 @@ describe('the SQLSTATE registry', () => {
     expect(twice).toEqual([]);
   });
 
-  it('the migrations, listener/errors.ts and the README list the same codes', () => {
+  it('the migrations, listener/kernel/errors.ts and the README list the same codes', () => {
     const registered = sorted(sqlRegistry().keys());
     const mapped = Object.values(SqlState) as string[];
     const documented = readmeCodes();
     expect(mapped.filter((c, i) => mapped.indexOf(c) !== i), 'codes with two names in SqlState').toEqual([]);
     expect(documented.filter((c, i) => documented.indexOf(c) !== i), 'codes in two README rows').toEqual([]);
-    expect.soft(minus(registered, mapped), 'registered in SQL, missing from SqlState (listener/errors.ts)').toEqual([]);
+    expect.soft(minus(registered, mapped), 'registered in SQL, missing from SqlState (listener/kernel/errors.ts)').toEqual([]);
     expect.soft(minus(mapped, registered), 'in SqlState, registered in no migration header').toEqual([]);
     expect.soft(minus(registered, documented), 'registered in SQL, missing from the README error tables').toEqual([]);
     expect.soft(minus(documented, registered), 'in the README error tables, registered in no migration header').toEqual([]);

@@ -11,10 +11,10 @@
  */
 import * as oidc from 'openid-client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Browser } from '../listener/sso/demo-rp.js';
-import { SqlState } from '../listener/errors.js';
+import { Browser } from '../listener/sim/demo-rp.js';
+import { SqlState } from '../listener/kernel/errors.js';
 import { loadSsoConfig } from '../listener/sso/config.js';
-import { startSsoServer } from '../listener/sso/server.js';
+import { startSsoServer } from '../listener/sso/sso-server.js';
 import { freePort, startSsoWorld, type SsoWorld } from './helpers/sso.js';
 
 const THRESHOLD = 5;

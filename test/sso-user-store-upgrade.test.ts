@@ -13,12 +13,12 @@ import os from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { migrationsDir } from '../listener/db.js';
-import { runMigrations } from '../listener/migrations.js';
-import { Browser, completeJump } from '../listener/sso/demo-rp.js';
+import { migrationsDir } from '../listener/kernel/db.js';
+import { runMigrations } from '../listener/kernel/migrations.js';
+import { Browser, completeJump } from '../listener/sim/demo-rp.js';
 import { PgAdapter } from '../listener/sso/adapter.js';
 import { providerSql } from '../listener/sso/provider.js';
-import { createTestDb, inTransaction, sqlstateOf, type TestDb } from './helpers/db.js';
+import { createTestDb, rolledBack, sqlstateOf, type TestDb } from './helpers/db.js';
 import { startSsoWorld, type SsoWorld } from './helpers/sso.js';
 
 let w: SsoWorld;
@@ -159,14 +159,14 @@ describe('the SSO users move from erp into sso in place (0021)', () => {
   });
 
   it('erp.app_user is read-only for the ERP: reading works, writing through it is refused', async () => {
-    await inTransaction(w.db.pool, async (c) => {
+    await rolledBack(w.db.pool, async (c) => {
       await c.query('set local role erp_cloud_app');
       expect((await c.query(`select id::text from erp.app_user where login = 'li.na'`)).rows).toEqual([{ id: ids['li.na'] }]);
       expect(await sqlstateOf(c.query(`insert into erp.app_user (login, display_name) values ('x.y', 'X')`))).toBe('42501');
-    }, false);
-    await inTransaction(w.db.pool, async (c) => {
+    });
+    await rolledBack(w.db.pool, async (c) => {
       await c.query('set local role erp_cloud_app');
       expect(await sqlstateOf(c.query(`update erp.app_user set active = false where login = 'li.na'`))).toBe('42501');
-    }, false);
+    });
   });
 });

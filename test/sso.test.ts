@@ -7,10 +7,10 @@ import { createHash } from 'node:crypto';
 import * as oidc from 'openid-client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { PgAdapter } from '../listener/sso/adapter.js';
-import { Browser, completeJump } from '../listener/sso/demo-rp.js';
-import { inTransaction, sqlstateOf } from './helpers/db.js';
+import { Browser, completeJump } from '../listener/sim/demo-rp.js';
+import { rolledBack, sqlstateOf } from './helpers/db.js';
 import { loadSsoConfig } from '../listener/sso/config.js';
-import { startSsoServer } from '../listener/sso/server.js';
+import { startSsoServer } from '../listener/sso/sso-server.js';
 import { discoverProvider, freePort, startSsoWorld, verifiesAgainstJwks, type SsoWorld } from './helpers/sso.js';
 
 let w: SsoWorld;
@@ -466,11 +466,11 @@ describe('the ERP keeps its users current (sso.put_user)', () => {
                                                   has_table_privilege('erp_cloud_app', 'erp.app_user', 'insert') or has_table_privilege('erp_cloud_app', 'erp.app_user', 'update')
                                                     or has_table_privilege('erp_cloud_app', 'erp.app_user', 'delete') as view_writes`)).rows[0];
     expect(grants).toEqual({ app: true, operator: true, sso: false, sso_reads: true, sso_writes: false, view_reads: true, view_writes: false });
-    await inTransaction(w.db.pool, async (c) => {
+    await rolledBack(w.db.pool, async (c) => {
       await c.query('set local role erp_cloud_operator');
       const id = (await c.query(`select sso.put_user('ops.test', 'Ops')::text as id`)).rows[0].id;
       expect((await c.query(`select id::text from erp.app_user where login = 'ops.test'`)).rows).toEqual([{ id }]);
-    }, false);
+    });
   });
 });
 
@@ -485,15 +485,10 @@ describe('the sso schema', () => {
     expect(await sqlstateOf(w.issue('zhang.wei', 'no-login-uri'))).toBe('EO008');
     expect(await sqlstateOf(w.issue('zhang.wei', 'procurement', { ttl: '1 hour' }))).toBe('EO010');
     expect(await sqlstateOf(w.issue('zhang.wei', 'no-such-client'))).toBe('EO001');
-    const client = await w.db.pool.connect();
-    try {
-      await client.query('begin');
+    await rolledBack(w.db.pool, async (client) => {
       await client.query(`delete from sso.setting where name = 'issuer'`);
       expect(await sqlstateOf(client.query(`select sso.issue_jump_ticket('zhang.wei', 'procurement')`))).toBe('EO011');
-    } finally {
-      await client.query('rollback');
-      client.release();
-    }
+    });
     expect(await sqlstateOf(q(`select sso.schedule_signing_key('kid-12345', '{"kty":"RSA","d":"private"}')`))).toBe('EO010');
   });
 

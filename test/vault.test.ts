@@ -10,10 +10,11 @@ import os from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { ConfigError, loadConfig } from '../listener/config.js';
-import { SqlState } from '../listener/errors.js';
-import { loadVaultKey, SecretResolver, SecretUnavailableError, secretEnvName } from '../listener/vault.js';
-import { createTestDb, inTransaction, sqlstateOf, type TestDb } from './helpers/db.js';
+import { ConfigError, loadConfig } from '../listener/kernel/config.js';
+import { SqlState } from '../listener/kernel/errors.js';
+import { loadVaultKey, SecretResolver, SecretUnavailableError, secretEnvName } from '../listener/kernel/vault.js';
+import { createTestDb, rolledBack, sqlstateOf, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 
 const KEY = 'test-master-key-0001-abcdef';
 const OTHER_KEY = 'another-master-key-0002-xyz';
@@ -28,7 +29,7 @@ beforeAll(async () => {
 });
 afterAll(() => db.drop());
 beforeEach(async () => {
-  await q('truncate vault.secret, vault.secret_version');
+  await resetProductState(db.pool);
 });
 
 const put = (name: string, value: string | null, key: string | null = KEY, description: string | null = null) =>
@@ -190,10 +191,10 @@ describe('rotation and rekey', () => {
 
 describe('privileges', () => {
   const as = <T>(role: string, sql: string, params: unknown[] = []) =>
-    inTransaction(db.pool, async (c) => {
+    rolledBack(db.pool, async (c) => {
       await c.query(`set local role ${role}`);
       return (await c.query(sql, params)).rows as T[];
-    }, false);
+    });
 
   beforeEach(async () => {
     await put('nuonuo.app_secret', VALUE, KEY, 'd');

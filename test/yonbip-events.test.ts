@@ -12,10 +12,11 @@ import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { YONBIP_EVENTS_PATH } from '../listener/inbound/yonbip-events.js';
-import { startInboundServer } from '../listener/inbound-server.js';
+import { startInboundServer } from '../listener/inbound/inbound-server.js';
 import { startYonbipSim, type YonbipSim } from '../listener/sim/yonbip.js';
-import { decryptEvent, deriveAesKey, encryptEvent, eventSignature, YonbipCryptoError, type SignatureAlgorithm } from '../listener/yonbip-crypto.js';
+import { decryptEvent, deriveAesKey, encryptEvent, eventSignature, YonbipCryptoError, type SignatureAlgorithm } from '../listener/providers/yonbip-crypto.js';
 import { createTestDb, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 import { addPo, addSuppliers, APP_KEY, APP_SECRET_VALUE, asnDoc, setupYonbip } from './helpers/scm.js';
 
 // a YonBIP-like app secret: 32 hex digits in 8-4-4-4-12 groups (the dashes are removed, then padded with 0 to 43)
@@ -149,7 +150,7 @@ describe('the YonBIP event receiver (POST /scm/yonbip/events)', () => {
     inboundEnv.ERP_CLOUD_ASN_WEBHOOK_CIDRS = '127.0.0.0/8';
     for (const k of Object.keys(secrets)) delete secrets[k];
     Object.assign(secrets, { 'yonbip.app_key': APP_KEY, 'yonbip.app_secret': EVENT_SECRET });
-    await db.pool.query(`truncate cloud.outbox, cloud.log, erp.asn_line, erp.asn_document, erp.purchase_order_line, erp.purchase_order, scm.asn_quarantine cascade`);
+    await resetProductState(db.pool);
     await setupYonbip(db.pool, sim);
     const s = await addSuppliers(db.pool);
     await addPo(db.pool, 'PO-Y', s.s1);

@@ -4,12 +4,13 @@
  * revise / close in order under faults, the write-back, refusals.
  */
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { SqlState } from '../listener/errors.js';
-import { clearTokenMemo } from '../listener/provider-context.js';
+import { SqlState } from '../listener/kernel/errors.js';
+import { clearTokenMemo } from '../listener/delivery/provider-context.js';
 import type { ClaimedMessage } from '../listener/providers/types.js';
 import { businessBody, clearYonbipCaches, resubmitCheckKey, signTokenRequest, tokenQuery, YONBIP_PATHS } from '../listener/providers/yonbip.js';
 import { startYonbipSim, type YonbipSim } from '../listener/sim/yonbip.js';
 import { createTestDb, sqlstateOf, waitFor, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
 import { startListener, type InProcessListener } from './helpers/listener.js';
 import { addPo, addSuppliers, asnDoc, setupYonbip } from './helpers/scm.js';
 
@@ -51,7 +52,7 @@ beforeEach(async () => {
   sim.reset();
   clearTokenMemo();
   clearYonbipCaches();
-  await db.pool.query(`truncate cloud.outbox, cloud.log, cloud.provider_token, erp.asn_line, erp.asn_document, erp.purchase_order_line, erp.purchase_order cascade`);
+  await resetProductState(db.pool);
   await setupYonbip(db.pool, sim);
   suppliers = await addSuppliers(db.pool);
 });

@@ -179,7 +179,7 @@ async function graphileRun(ctx: BenchContext, n: number, timeoutMs: number): Pro
       per_s: round(n / seconds, 1),
       ...(await sinkRates(ctx, n)),
       cpu,
-      config: { ...GW, analyzed_after_load: ANALYZE, version: '0.17', task: 'attemptDelivery (listener/http.ts), provider webhook' },
+      config: { ...GW, analyzed_after_load: ANALYZE, version: '0.17', task: 'attemptDelivery (listener/delivery/http.ts), provider webhook' },
     };
     progress(`  ${result.system}: ${n} jobs in ${result.seconds}s = ${result.per_s}/s (sink window ${result.sink_window_per_s}/s) cpu ${JSON.stringify(cpu)}`);
     return result;

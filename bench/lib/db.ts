@@ -5,7 +5,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
-import { migrate } from '../../listener/db.js';
+import { migrate } from '../../listener/kernel/db.js';
 
 export function withDatabase(url: string, db: string): string {
   const u = new URL(url);

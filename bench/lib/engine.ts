@@ -8,7 +8,7 @@ import { createHash } from 'node:crypto';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { migrationsDir } from '../../listener/db.js';
+import { migrationsDir } from '../../listener/kernel/db.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 /** The checkout, found from dist/bench/lib/. */

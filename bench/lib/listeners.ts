@@ -6,7 +6,7 @@
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
-import { loadConfig } from '../../listener/config.js';
+import { loadConfig } from '../../listener/kernel/config.js';
 import { spawnChild, stopChild, type Child } from './procs.js';
 import { waitFor } from './util.js';
 

@@ -5,9 +5,9 @@
  */
 import type { IncomingMessage } from 'node:http';
 import type pg from 'pg';
-import { SqlState } from '../errors.js';
-import { sourceAllowed } from '../inbound.js';
-import type { InboundDeps } from '../inbound-server.js';
+import { SqlState } from '../kernel/errors.js';
+import { sourceAllowed } from './admission.js';
+import type { InboundDeps } from './inbound-server.js';
 
 export function envInt(env: NodeJS.ProcessEnv, name: string, fallback: number): number {
   const v = Number(env[name]);

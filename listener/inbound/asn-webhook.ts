@@ -23,7 +23,7 @@
  */
 import { createHmac, timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { registerInboundRoute, type InboundDeps } from '../inbound-server.js';
+import { registerInboundRoute, type InboundDeps } from './inbound-server.js';
 import { admitAsnSource, asnMaxAgeS, asnMaxBytes, ingestPushedAsn } from './asn-ingest.js';
 
 export const ASN_WEBHOOK_PATH = '/scm/asn';

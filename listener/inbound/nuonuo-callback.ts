@@ -10,8 +10,8 @@
  * with Accept-Post, unread, nothing moved up).
  */
 import type { IncomingMessage } from 'node:http';
-import { sourceAllowed } from '../inbound.js';
-import { registerInboundRoute, type InboundDeps } from '../inbound-server.js';
+import { sourceAllowed } from './admission.js';
+import { registerInboundRoute, type InboundDeps } from './inbound-server.js';
 
 const NAME = 'tax.nuonuo_callback';
 

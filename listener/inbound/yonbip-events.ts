@@ -35,9 +35,9 @@
  * ERP_CLOUD_YONBIP_EVENTS_ASN_TYPES, comma-separated event types that carry an ASN (default scm.asn.created).
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { SqlState } from '../errors.js';
-import { registerInboundRoute, type InboundDeps } from '../inbound-server.js';
-import { decryptEvent, deriveAesKey, eventSignature, signatureMatches, YonbipCryptoError, type SignatureAlgorithm } from '../yonbip-crypto.js';
+import { SqlState } from '../kernel/errors.js';
+import { registerInboundRoute, type InboundDeps } from './inbound-server.js';
+import { decryptEvent, deriveAesKey, eventSignature, signatureMatches, YonbipCryptoError, type SignatureAlgorithm } from '../providers/yonbip-crypto.js';
 import { admitAsnSource, asnMaxBytes, envInt, ingestPushedEvent } from './asn-ingest.js';
 
 export const YONBIP_EVENTS_PATH = '/scm/yonbip/events';

@@ -4,7 +4,7 @@
  * (not by the module itself, which would run before this file has loaded).
  */
 import { startNuonuoSim } from './nuonuo.js';
-import { startSim, webhookRoutes, type SimServer } from './server.js';
+import { startSim, webhookRoutes, type SimServer } from './sim-server.js';
 import { startYonbipSim } from './yonbip.js';
 
 export interface SimStartOptions {

@@ -26,7 +26,7 @@
 import { createHmac, randomBytes } from 'node:crypto';
 import { PDFDocument, StandardFonts } from 'pdf-lib';
 import { z } from 'zod';
-import { startSim, type RouteContext, type RouteResult, type SimServer } from './server.js';
+import { startSim, type RouteContext, type RouteResult, type SimServer } from './sim-server.js';
 
 export interface NuonuoSimOptions {
   port?: number;

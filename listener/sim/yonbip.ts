@@ -19,9 +19,9 @@
 import { createHmac, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
 import pg from 'pg';
 import { signWebhookBody } from '../providers/webhook.js';
-import { deriveAesKey, encryptEvent, eventSignature, type SignatureAlgorithm } from '../yonbip-crypto.js';
+import { deriveAesKey, encryptEvent, eventSignature, type SignatureAlgorithm } from '../providers/yonbip-crypto.js';
 import { YONBIP_PATHS } from '../providers/yonbip.js';
-import { startSim, type RouteContext, type RouteResult, type SimRoute, type SimServer } from './server.js';
+import { startSim, type RouteContext, type RouteResult, type SimRoute, type SimServer } from './sim-server.js';
 
 export interface PoEffect {
   seq: number;

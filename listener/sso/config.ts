@@ -4,7 +4,7 @@
  * stops the process with a message naming the variable.
  */
 import { z } from 'zod';
-import { parseEnv } from '../config.js';
+import { parseEnv } from '../kernel/config.js';
 
 const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
 const bool = z.enum(['true', 'false', '1', '0', 'yes', 'no']).transform((v) => ['true', '1', 'yes'].includes(v));

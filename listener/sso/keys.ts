@@ -12,8 +12,8 @@
  */
 import { createHash, generateKeyPairSync, randomBytes } from 'node:crypto';
 import type pg from 'pg';
-import { secretEnvName } from '../vault.js';
-import { SqlState } from '../errors.js';
+import { secretEnvName } from '../kernel/vault.js';
+import { SqlState } from '../kernel/errors.js';
 
 export const SIGNING_KEYS_SECRET = 'sso.signing_keys';
 export const COOKIE_KEYS_SECRET = 'sso.cookie_keys';

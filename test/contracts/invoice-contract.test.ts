@@ -8,7 +8,7 @@
 import { randomBytes } from 'node:crypto';
 import type pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SqlState } from '../../listener/errors.js';
+import { SqlState } from '../../listener/kernel/errors.js';
 import { createTestDb, inTransaction, sqlstateOf, urlFor, type TestDb } from '../helpers/db.js';
 import { configureTax, OATS, SOFTWARE, USCC_OK } from '../helpers/invoicing.js';
 

@@ -55,9 +55,14 @@ export async function createTestDb(label: string, opts: { template?: string | nu
   };
 }
 
-/** Runs fn in one transaction on a dedicated client and rolls back or commits as asked. */
-export async function inTransaction<T>(pool: pg.Pool, fn: (c: pg.PoolClient) => Promise<T>, commit = true): Promise<T> {
-  const c = await pool.connect();
+/**
+ * Runs fn in one transaction and commits it (or rolls it back when `commit` is
+ * false); an error in fn rolls back and is thrown on. Given a pool, the
+ * transaction runs on a client of its own; given a client, on that client.
+ */
+export async function inTransaction<T>(db: pg.Pool | pg.ClientBase, fn: (c: pg.ClientBase) => Promise<T>, commit = true): Promise<T> {
+  const pooled = db instanceof pg.Pool ? await db.connect() : null;
+  const c: pg.ClientBase = pooled ?? (db as pg.ClientBase);
   try {
     await c.query('begin');
     const out = await fn(c);
@@ -67,8 +72,13 @@ export async function inTransaction<T>(pool: pg.Pool, fn: (c: pg.PoolClient) => 
     await c.query('rollback').catch(() => undefined);
     throw err;
   } finally {
-    c.release();
+    pooled?.release();
   }
+}
+
+/** Runs fn in one transaction that is always rolled back: to look as a role or a supplier, or to try what must not stay. */
+export function rolledBack<T>(db: pg.Pool | pg.ClientBase, fn: (c: pg.ClientBase) => Promise<T>): Promise<T> {
+  return inTransaction(db, fn, false);
 }
 
 /** The SQLSTATE a promise rejects with (undefined when it resolves). */

@@ -1,11 +1,11 @@
 /** Listeners for tests: in-process workers, and real child processes for kill / signal tests. */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { loadConfig, type Config } from '../../listener/config.js';
-import { createPool } from '../../listener/db.js';
-import { createLogger } from '../../listener/logger.js';
-import { createMetrics, type Metrics } from '../../listener/metrics.js';
-import { Worker } from '../../listener/worker.js';
+import { loadConfig, type Config } from '../../listener/kernel/config.js';
+import { createPool } from '../../listener/kernel/db.js';
+import { createLogger } from '../../listener/kernel/logger.js';
+import { createMetrics, type Metrics } from '../../listener/delivery/metrics.js';
+import { Worker } from '../../listener/delivery/worker.js';
 
 export interface InProcessListener {
   worker: Worker;

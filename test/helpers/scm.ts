@@ -1,6 +1,7 @@
 /** Shared set-up for the supplier-collaboration tests: the YonBIP endpoint, suppliers, purchase orders. */
 import type pg from 'pg';
 import type { YonbipSim } from '../../listener/sim/yonbip.js';
+import { inTransaction } from './db.js';
 
 export const APP_KEY = 'erp-test-app';
 export const APP_SECRET_NAME = 'yonbip.app_secret';
@@ -27,22 +28,14 @@ export async function addSuppliers(pool: pg.Pool): Promise<{ s1: number; s2: num
 
 /** A PO with two lines (M-100 × 100, M-200 × 50) in the given status; returns its id. */
 export async function addPo(pool: pg.Pool, poNo: string, supplierId: number, status: 'draft' | 'approved' = 'approved'): Promise<number> {
-  const c = await pool.connect();
-  try {
-    await c.query('begin');
+  return inTransaction(pool, async (c) => {
     const { rows } = await c.query<{ id: string }>(`insert into erp.purchase_order (po_no, supplier_id, order_date) values ($1, $2, '2026-11-24') returning id`, [poNo, supplierId]);
     const id = Number(rows[0]!.id);
     await c.query(`insert into erp.purchase_order_line (po_id, line_no, material_code, material_name, quantity, unit, price, tax_rate, delivery_date)
                    values ($1, 1, 'M-100', '六角螺栓 M8', 100, 'PCS', 1.5, 0.13, '2026-12-01'), ($1, 2, 'M-200', '垫圈 8mm', 50, 'PCS', 0.2, 0.13, '2026-12-01')`, [id]);
     if (status === 'approved') await c.query(`update erp.purchase_order set status = 'approved' where id = $1`, [id]);
-    await c.query('commit');
     return id;
-  } catch (err) {
-    await c.query('rollback');
-    throw err;
-  } finally {
-    c.release();
-  }
+  });
 }
 
 /** An ASN document as the cloud sends it. */

@@ -2,10 +2,10 @@
 import { createPublicKey, randomBytes, verify } from 'node:crypto';
 import net from 'node:net';
 import type { Logger } from 'pino';
-import { createLogger } from '../../listener/logger.js';
+import { createLogger } from '../../listener/kernel/logger.js';
 import { loadSsoConfig } from '../../listener/sso/config.js';
-import { discoverProvider, startDemoRp, type DemoRp } from '../../listener/sso/demo-rp.js';
-import { startSsoServer, type SsoServer } from '../../listener/sso/server.js';
+import { discoverProvider, startDemoRp, type DemoRp } from '../../listener/sim/demo-rp.js';
+import { startSsoServer, type SsoServer } from '../../listener/sso/sso-server.js';
 import { createTestDb, type TestDb } from './db.js';
 
 export async function freePort(): Promise<number> {

@@ -1,8 +1,8 @@
 /** The listener's own HTTP surface: /healthz and Prometheus /metrics. */
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import type { Metrics } from './metrics.js';
-import type { Worker } from './worker.js';
+import type { Metrics } from '../delivery/metrics.js';
+import type { Worker } from '../delivery/worker.js';
 
 export async function startOpsServer(host: string, port: number, worker: Worker, metrics: Metrics): Promise<{ url: string; close(): Promise<void> }> {
   const server = http.createServer((req, res) => {

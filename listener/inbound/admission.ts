@@ -1,13 +1,13 @@
 /**
  * The inbound side of the 白名单: requests a cloud pushes to us (webhooks) are
  * accepted only from that cloud's configured source ranges. One mechanism
- * with the egress guard (the same range check, egress.ts `inRanges`), and
+ * with the egress guard (the same range check, kernel/addresses.ts `inRanges`), and
  * fail-closed: no configured range means nobody gets in. And the media types a
  * receiver speaks (contentTypeRefusal), which inbound-server.ts checks for every route.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { inRanges } from './egress.js';
-import type { Logger } from './logger.js';
+import { inRanges } from '../kernel/addresses.js';
+import type { Logger } from '../kernel/logger.js';
 
 export interface InboundPolicy {
   /** Which receiver this is, for log lines (e.g. 'scm.asn_webhook'). */

@@ -17,9 +17,17 @@
  * any port. URLs that come from a cloud's answer (a PDF to download) are judged
  * against the base URL's origin plus the endpoint's download hosts only, not
  * against the hosts its API calls may reach.
+ *
+ * The HTTP code asks this module once per request (routeFor): it gets the
+ * refusal, or the way out — the guarded DNS lookup, the keep-alive agents of
+ * the endpoint's allowlist, and no redirects (a 3xx goes to the adapter; a
+ * Location is never followed, so it can never lead past the allowlist).
  */
 import dns, { type LookupAddress, type LookupOptions } from 'node:dns';
+import http from 'node:http';
+import https from 'node:https';
 import net from 'node:net';
+import { inRanges, normalise } from '../kernel/addresses.js';
 
 export interface EgressPolicy {
   endpoint: string;
@@ -62,31 +70,12 @@ const NOT_PUBLIC: Array<[string, net.BlockList]> = [
   ['multicast', blockList([['224.0.0.0', 4, 'ipv4'], ['240.0.0.0', 4, 'ipv4'], ['ff00::', 8, 'ipv6']])],
 ];
 
-/** An IPv4-mapped IPv6 address (::ffff:10.0.0.1) is judged as the IPv4 address it is. */
-function normalise(ip: string): { ip: string; family: 'ipv4' | 'ipv6' } {
-  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(ip);
-  if (mapped) return { ip: mapped[1]!, family: 'ipv4' };
-  return { ip, family: net.isIPv6(ip) ? 'ipv6' : 'ipv4' };
-}
-
 /** 'metadata', 'loopback', 'private', 'link-local', 'unspecified', 'multicast' or 'public'. */
 export function classifyAddress(address: string): string {
   const { ip, family } = normalise(address);
   if (METADATA.check(ip, family)) return 'metadata';
   for (const [kind, list] of NOT_PUBLIC) if (list.check(ip, family)) return kind;
   return 'public';
-}
-
-/** Whether an address (IPv4, IPv6 or IPv4-mapped) is inside one of the CIDR ranges. */
-export function inRanges(address: string, cidrs: string[]): boolean {
-  const { ip, family } = normalise(address);
-  const list = new net.BlockList();
-  for (const c of cidrs) {
-    const [base, bits] = c.split('/');
-    const fam = net.isIPv6(base!) ? 'ipv6' : 'ipv4';
-    list.addSubnet(base!, Number(bits ?? (fam === 'ipv6' ? 128 : 32)), fam);
-  }
-  return list.check(ip, family);
 }
 
 /** Throws EgressRefused unless the policy lets a connection go to this address. */
@@ -218,4 +207,63 @@ export function policyOf(row: { name: string; base_url: string; allow_hosts: str
     allowCidrs: row.allow_cidrs ?? [],
     allowPrivate: row.allow_private,
   };
+}
+
+type Agents = { http: http.Agent; https: https.Agent };
+const newAgents = (): Agents => ({
+  http: new http.Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 10_000 }),
+  https: new https.Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 10_000 }),
+});
+
+/**
+ * Keep-alive connections per endpoint and allowlist. The address check runs when
+ * a socket connects, so a socket opened under one allowlist never carries a
+ * request checked against another: each allowlist an endpoint had gets its own
+ * agents. When the allowlist changes, messages claimed before the change still
+ * use the old agents (no flapping); once an allowlist has not been used for
+ * RETIRE_AFTER_MS, its agents close their idle sockets and their busy ones when
+ * the call ends.
+ */
+const RETIRE_AFTER_MS = 30_000;
+const pools = new Map<string, Map<string, { agents: Agents; usedAt: number }>>();
+
+function agentsFor(policy: EgressPolicy): Agents {
+  const key = JSON.stringify([policy.baseHost, policy.allowHosts, policy.allowCidrs, policy.allowPrivate]);
+  let byKey = pools.get(policy.endpoint);
+  if (!byKey) pools.set(policy.endpoint, (byKey = new Map()));
+  const now = Date.now();
+  let entry = byKey.get(key);
+  if (!entry) byKey.set(key, (entry = { agents: newAgents(), usedAt: now }));
+  entry.usedAt = now;
+  if (byKey.size > 1) {
+    for (const [k, other] of byKey) {
+      if (k !== key && now - other.usedAt > RETIRE_AFTER_MS) {
+        for (const agent of Object.values(other.agents)) retire(agent);
+        byKey.delete(k);
+      }
+    }
+  }
+  return entry.agents;
+}
+
+function retire(agent: http.Agent): void {
+  (agent as http.Agent & { keepAlive: boolean }).keepAlive = false; // a socket freed from now on is closed, not kept
+  for (const sockets of Object.values(agent.freeSockets)) for (const socket of sockets ?? []) socket.destroy();
+}
+
+/** Closes every kept-alive connection (shutdown, tests). */
+export function closeAgents(): void {
+  for (const byKey of pools.values()) for (const { agents } of byKey.values()) for (const agent of Object.values(agents)) agent.destroy();
+  pools.clear();
+}
+
+/**
+ * The way out for one request, decided here once. Throws EgressRefused unless the URL may go out
+ * (assertUrlAllowed, for the endpoint's API calls or for a download a cloud's answer named);
+ * otherwise the got options it is sent with: the address check inside the socket's own DNS lookup
+ * (guardedLookup), the keep-alive agents of this endpoint's allowlist (agentsFor), and no redirects.
+ */
+export function routeFor(url: string, policy: EgressPolicy, purpose: EgressPurpose = 'api') {
+  assertUrlAllowed(url, policy, purpose);
+  return { dnsLookup: guardedLookup(policy) as never, agent: agentsFor(policy), followRedirect: false } as const;
 }

@@ -7,9 +7,9 @@
 import type pg from 'pg';
 import { RequestError } from 'got';
 import type { EgressPolicy } from './egress.js';
-import { SqlState } from './errors.js';
+import { SqlState } from '../kernel/errors.js';
 import { auxFetch } from './http.js';
-import { AdapterError, type ProviderContext } from './providers/index.js';
+import { AdapterError, type ProviderContext } from '../providers/index.js';
 import { sql } from './queries.js';
 
 interface Cached { token: string; expiresAt: number }

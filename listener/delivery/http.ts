@@ -1,14 +1,15 @@
 /**
- * One HTTP call per attempt: the `got` instance (keep-alive, per-endpoint
- * timeout, its own retries off because the outbox owns them), the
- * Request_ID headers, redaction, and the attempt record for cloud.log.
+ * One HTTP call per attempt: the `got` instance (per-endpoint timeout, its own
+ * retries off because the outbox owns them), the Request_ID headers,
+ * redaction, and the attempt record for cloud.log. Where a request may go and
+ * how (allowlist, address check, redirects, keep-alive agents) is asked of
+ * egress.ts once per request (routeFor).
  */
-import http from 'node:http';
-import https from 'node:https';
 import { got, RequestError, type OptionsInit } from 'got';
-import { assertUrlAllowed, guardedLookup, type EgressPolicy } from './egress.js';
-import { SqlState } from './errors.js';
-import { AdapterError, adapterFor, type AuxAnswer, type AuxRequest, type ClaimedMessage, type OutgoingRequest, type ProviderContext, type Verdict } from './providers/index.js';
+import { routeFor, type EgressPolicy } from './egress.js';
+import { SqlState } from '../kernel/errors.js';
+import { redactText } from '../kernel/format.js';
+import { AdapterError, adapterFor, type AuxAnswer, type AuxRequest, type ClaimedMessage, type OutgoingRequest, type ProviderContext, type Verdict } from '../providers/index.js';
 
 /** The vault's own errors (a secret missing, a key that does not open it …): a secret that may be there later. */
 const VAULT_CODES: ReadonlySet<string> = new Set([SqlState.secretNotFound, SqlState.vaultKeyMismatch, SqlState.vaultKeyInvalid,
@@ -37,52 +38,10 @@ export interface AttemptResult {
 /** Header names whose values never reach cloud.log. */
 const SECRET_HEADERS = /^(authorization|proxy-authorization|cookie|set-cookie|x-api-key|api-key|accesstoken|access-token|x-nuonuo-sign|x-signature|x-erp-cloud-signature)$/i;
 
-type Agents = { http: http.Agent; https: https.Agent };
-const newAgents = (): Agents => ({
-  http: new http.Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 10_000 }),
-  https: new https.Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 10_000 }),
-});
-
-/**
- * Keep-alive connections per endpoint and allowlist. The address check runs when
- * a socket connects, so a socket opened under one allowlist never carries a
- * request checked against another: each allowlist an endpoint had gets its own
- * agents. When the allowlist changes, messages claimed before the change still
- * use the old agents (no flapping); once an allowlist has not been used for
- * RETIRE_AFTER_MS, its agents close their idle sockets and their busy ones when
- * the call ends.
- */
-const RETIRE_AFTER_MS = 30_000;
-const pools = new Map<string, Map<string, { agents: Agents; usedAt: number }>>();
-
-function agentsFor(policy: EgressPolicy): Agents {
-  const key = JSON.stringify([policy.baseHost, policy.allowHosts, policy.allowCidrs, policy.allowPrivate]);
-  let byKey = pools.get(policy.endpoint);
-  if (!byKey) pools.set(policy.endpoint, (byKey = new Map()));
-  const now = Date.now();
-  let entry = byKey.get(key);
-  if (!entry) byKey.set(key, (entry = { agents: newAgents(), usedAt: now }));
-  entry.usedAt = now;
-  if (byKey.size > 1) {
-    for (const [k, other] of byKey) {
-      if (k !== key && now - other.usedAt > RETIRE_AFTER_MS) {
-        for (const agent of Object.values(other.agents)) retire(agent);
-        byKey.delete(k);
-      }
-    }
-  }
-  return entry.agents;
-}
-
-function retire(agent: http.Agent): void {
-  (agent as http.Agent & { keepAlive: boolean }).keepAlive = false; // a socket freed from now on is closed, not kept
-  for (const sockets of Object.values(agent.freeSockets)) for (const socket of sockets ?? []) socket.destroy();
-}
-
+// where a request may go, which socket it rides and that no redirect is followed: egress.ts (routeFor)
 const client = got.extend({
   retry: { limit: 0 },
   throwHttpErrors: false,
-  followRedirect: false,
   decompress: true,
   responseType: 'buffer',
 });
@@ -94,12 +53,6 @@ export function redactHeaders(headers: Record<string, unknown>, secrets: string[
     out[k] = SECRET_HEADERS.test(k) ? '[redacted]' : redactText(Array.isArray(v) ? v.join(', ') : String(v), secrets);
   }
   return out;
-}
-
-export function redactText(text: string, secrets: string[] = []): string {
-  let s = text;
-  for (const secret of secrets) if (secret && secret.length >= 4) s = s.split(secret).join('[redacted]');
-  return s;
 }
 
 /** A parsed answer with secret values blanked out (a cloud may quote a token back). */
@@ -126,10 +79,9 @@ const NO_CONTEXT: ProviderContext = {
  * no redirects, a size cap. Throws on network errors and refusals.
  */
 export async function auxFetch(req: AuxRequest, policy: EgressPolicy, defaultTimeoutMs: number, signal?: AbortSignal): Promise<AuxAnswer> {
-  assertUrlAllowed(req.url, policy, req.download ? 'download' : 'api');
+  const route = routeFor(req.url, policy, req.download ? 'download' : 'api');
   const res = await sendCapped(req.url, {
-    dnsLookup: guardedLookup(policy) as never,
-    agent: agentsFor(policy),
+    ...route,
     method: req.method,
     headers: req.headers,
     body: req.body,
@@ -241,10 +193,8 @@ export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions)
   let responseHeaders: Record<string, unknown> | null = null;
   let responseBody: string | null = null;
   try {
-    assertUrlAllowed(req.url, opts.policy, req.download ? 'download' : 'api');
     const options = {
-      dnsLookup: guardedLookup(opts.policy) as never,
-      agent: agentsFor(opts.policy),
+      ...routeFor(req.url, opts.policy, req.download ? 'download' : 'api'),
       method: req.method,
       headers,
       body: req.body,
@@ -284,9 +234,4 @@ export function notSent(msg: ClaimedMessage, outcome: 'retryable' | 'permanent',
     http_status: null, response_headers: null, response_body: null, response: null, duration_ms: durationMs,
     error_class: errorClass, error_message: message, retry_after_ms: null, started_at: new Date().toISOString(),
   };
-}
-
-export function closeAgents(): void {
-  for (const byKey of pools.values()) for (const { agents } of byKey.values()) for (const agent of Object.values(agents)) agent.destroy();
-  pools.clear();
 }

@@ -8,16 +8,16 @@
  */
 import os from 'node:os';
 import type pg from 'pg';
-import type { Config } from './config.js';
-import { createListenConnection, type ListenConnection } from './db.js';
+import type { Config } from '../kernel/config.js';
+import { createListenConnection, type ListenConnection } from '../kernel/db.js';
 import { policyOf, type EgressPolicy } from './egress.js';
 import { attemptDelivery, LEASE_UNSAFE, notSent, type AttemptResult } from './http.js';
 import { providerContext } from './provider-context.js';
-import type { Logger } from './logger.js';
+import type { Logger } from '../kernel/logger.js';
 import type { Metrics } from './metrics.js';
-import type { ClaimedMessage } from './providers/index.js';
+import type { ClaimedMessage } from '../providers/index.js';
 import { sql } from './queries.js';
-import { loadVaultKey, SecretResolver } from './vault.js';
+import { loadVaultKey, SecretResolver } from '../kernel/vault.js';
 
 /**
  * A claimed message, with the latest moment it may still be sent: its slot plus

@@ -12,8 +12,8 @@
 import http, { type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type pg from 'pg';
-import { contentTypeRefusal, parseMediaType } from './inbound.js';
-import type { Logger } from './logger.js';
+import { contentTypeRefusal, parseMediaType } from './admission.js';
+import type { Logger } from '../kernel/logger.js';
 
 export interface InboundDeps {
   pool: pg.Pool;

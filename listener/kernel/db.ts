@@ -16,8 +16,8 @@ import type { Logger } from './logger.js';
 import { runMigrations } from './migrations.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-/** sql/migrations, found from both listener/ (tsx, vitest) and dist/listener/ (built). */
-export const migrationsDir = [path.resolve(here, '../sql/migrations'), path.resolve(here, '../../sql/migrations')].find(
+/** sql/migrations, found from both listener/kernel/ (tsx, vitest) and dist/listener/kernel/ (built). */
+export const migrationsDir = [path.resolve(here, '../../sql/migrations'), path.resolve(here, '../../../sql/migrations')].find(
   (d) => d.endsWith(path.join('sql', 'migrations')) && !d.includes(`${path.sep}dist${path.sep}sql`),
 )!;
 

@@ -9,7 +9,7 @@
 import { readFileSync } from 'node:fs';
 import type pg from 'pg';
 import { ConfigError, type Config } from './config.js';
-import { redactText } from './http.js';
+import { redactText } from './format.js';
 
 /** SQL text, one place per operation; values always as bind parameters. */
 export const vaultSql = {

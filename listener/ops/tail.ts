@@ -14,7 +14,25 @@
  * carry business data and are never read.
  */
 import type pg from 'pg';
-import { tailSql as q } from './queries.js';
+
+/**
+ * What `erp-cloud tail` asks: only the columns it prints,
+ * never bodies, headers or the URL (they may carry business data).
+ * $1 endpoint or null, $2 request_id or null.
+ */
+const tailColumns = `started_at, (extract(epoch from started_at) * 1000000)::bigint::text as started_us, endpoint, request_id,
+  attempt, outcome, http_status, duration_ms::float8 as duration_ms, error_class, left(error_message, 500) as error_message, late`;
+const tailFilter = `($1::text is null or endpoint = $1) and ($2::uuid is null or request_id = $2)`;
+const q = {
+  /** How late an attempt can be recorded after it started: the longest endpoint timeout. */
+  longestTimeout: 'select coalesce(max(timeout_ms), 10000)::int as timeout_ms from cloud.endpoint',
+  /** The newest $3 attempts, newest first. */
+  last: `select ${tailColumns} from cloud.log where ${tailFilter} order by started_at desc, request_id desc, attempt desc limit $3`,
+  /** Every attempt that started at most $4 seconds before the cursor $3 (epoch µs; null = all), oldest first. */
+  window: `select ${tailColumns} from cloud.log
+            where ${tailFilter} and ($3::bigint is null or started_at >= to_timestamp($3::float8 / 1000000) - make_interval(secs => $4::float8))
+            order by started_at, request_id, attempt`,
+} as const;
 
 export interface TailOptions {
   lines: number;
