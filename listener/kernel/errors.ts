@@ -106,6 +106,7 @@ export const SqlState = {
   ssoAuditRetentionTooShort: 'EO025',
   ssoSecretGraceInvalid: 'EO026',
   ssoThrottleInvalid: 'EO027',
+  ssoInvalidUser: 'EO028',
 } as const;
 
 export type SqlStateName = keyof typeof SqlState;

@@ -224,73 +224,28 @@ COMMENT ON FUNCTION erp.tg_supplier__500_put() IS 'Trigger (transitional, until 
 
 
 --
--- Name: app_user; Type: TABLE; Schema: erp
+-- Name: app_user; Type: VIEW; Schema: erp
 --
 
-CREATE TABLE erp.app_user (
-    id bigint NOT NULL,
-    login text NOT NULL,
-    display_name text NOT NULL,
-    email text,
-    active boolean DEFAULT true NOT NULL,
-    company_code text,
-    company_name text,
-    scm_role text,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT app_user_email_has_at CHECK (((email IS NULL) OR (email ~ '^[^@\s]+@[^@\s]+$'::text))),
-    CONSTRAINT app_user_login_is_simple CHECK ((login ~ '^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$'::text)),
-    CONSTRAINT app_user_scm_role_is_simple CHECK (((scm_role IS NULL) OR (scm_role ~ '^[a-z][a-z0-9_]{0,39}$'::text)))
-);
+CREATE VIEW erp.app_user WITH (security_invoker='true') AS
+ SELECT u.id,
+    u.login,
+    u.display_name,
+    u.email,
+    u.active,
+    u.company_code,
+    u.company_name,
+    u.scm_role,
+    u.created_at,
+    u.updated_at
+   FROM sso.app_user u;
 
 
 --
--- Name: TABLE app_user; Type: COMMENT; Schema: erp
+-- Name: VIEW app_user; Type: COMMENT; Schema: erp
 --
 
-COMMENT ON TABLE erp.app_user IS 'ERP users: the identity source of the OpenID Provider. An inactive user cannot sign in anywhere through SSO, even with a live session. A real deployment maps its own user table here.';
-
-
---
--- Name: COLUMN app_user.id; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.app_user.id IS 'The subject (sub claim) the procurement platform sees: stable, never reused.';
-
-
---
--- Name: COLUMN app_user.login; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.app_user.login IS 'The ERP login name (preferred_username claim); what the ERP passes to sso.issue_jump_ticket.';
-
-
---
--- Name: COLUMN app_user.company_code; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.app_user.company_code IS 'The company (legal entity) the user works for (company claim, scope erp).';
-
-
---
--- Name: COLUMN app_user.scm_role; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.app_user.scm_role IS 'The user''s supplier-collaboration role on the procurement platform, e.g. buyer, buyer_manager, viewer (scm_role claim, scope erp); null when the user has none.';
-
-
---
--- Name: app_user_id_seq; Type: SEQUENCE; Schema: erp
---
-
-ALTER TABLE erp.app_user ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
-    SEQUENCE NAME erp.app_user_id_seq
-    START WITH 1
-    INCREMENT BY 1
-    NO MINVALUE
-    NO MAXVALUE
-    CACHE 1
-);
+COMMENT ON VIEW erp.app_user IS 'Compatibility view (read-only) for readers of an installation upgraded past release 0021: the SSO users, which live in sso.app_user now, with the columns erp.app_user had. Read sso.app_user instead; write with sso.put_user.';
 
 
 --
@@ -840,22 +795,6 @@ ALTER TABLE erp.supplier ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 
 
 --
--- Name: app_user app_user_login_key; Type: CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.app_user
-    ADD CONSTRAINT app_user_login_key UNIQUE (login);
-
-
---
--- Name: app_user app_user_pkey; Type: CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.app_user
-    ADD CONSTRAINT app_user_pkey PRIMARY KEY (id);
-
-
---
 -- Name: attachment attachment_doc_type_doc_id_file_name_key; Type: CONSTRAINT; Schema: erp
 --
 
@@ -1295,7 +1234,7 @@ REVOKE ALL ON FUNCTION erp.tg_supplier__500_put() FROM PUBLIC;
 -- Name: TABLE app_user; Type: ACL; Schema: erp
 --
 
-GRANT SELECT,INSERT,UPDATE ON TABLE erp.app_user TO erp_cloud_app;
+GRANT SELECT ON TABLE erp.app_user TO erp_cloud_app;
 GRANT SELECT ON TABLE erp.app_user TO erp_cloud_sso;
 GRANT SELECT ON TABLE erp.app_user TO erp_cloud_operator;
 
