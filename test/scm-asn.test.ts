@@ -68,17 +68,17 @@ beforeEach(async () => {
 
 const ingest = async (doc: unknown, source = 'push', eventId: string | null = null) =>
   (await db.pool.query(`select * from scm.ingest_asn($1::jsonb, $2, $3)`, [JSON.stringify(doc), source, eventId])).rows[0];
-const asnCount = async () => (await db.pool.query(`select count(*)::int n from erp.asn_document`)).rows[0].n as number;
-const lineCount = async () => (await db.pool.query(`select count(*)::int n from erp.asn_line`)).rows[0].n as number;
+const asnCount = async () => (await db.pool.query(`select count(*)::int n from scm.asn`)).rows[0].n as number;
+const lineCount = async () => (await db.pool.query(`select count(*)::int n from scm.asn_line`)).rows[0].n as number;
 
 describe('ASN ingest (the one door)', () => {
   it('an ASN against an open PO line is accepted with its lines and the original document', async () => {
     const doc = asnDoc('ASN-1', 'PO-A', [{ line: 1, qty: 60, batch: 'B1' }, { line: 1, qty: 40, batch: 'B2' }, { line: 2, qty: 50 }]);
     expect(await ingest(doc, 'push', 'ev-1')).toMatchObject({ asn_no: 'ASN-1', status: 'accepted', reject_code: null });
-    const { rows } = await db.pool.query(`select supplier_id, po_id, ship_date::text, eta::text, carrier, tracking_no, detail, source, cloud_event_id from erp.asn_document`);
-    expect(rows[0]).toMatchObject({ supplier_id: String(suppliers.s1), po_id: String(poId), ship_date: '2026-11-25', eta: '2026-11-27', carrier: '顺丰速运', source: 'push', cloud_event_id: 'ev-1' });
+    const { rows } = await db.pool.query(`select supplier_id, po_id, ship_date::text, eta::text, carrier, tracking_no, detail, received_via as source, cloud_event_id from scm.asn`);
+    expect(rows[0]).toMatchObject({ supplier_id: String(suppliers.s1), po_id: (await db.pool.query(`select order_id from scm.order_status where po_no = 'PO-A'`)).rows[0].order_id, ship_date: '2026-11-25', eta: '2026-11-27', carrier: '顺丰速运', source: 'push', cloud_event_id: 'ev-1' });
     expect(rows[0].detail).toEqual(doc);
-    const lines = await db.pool.query(`select po_line_no, material_code, batch_no, quantity::float8 q from erp.asn_line order by line_no`);
+    const lines = await db.pool.query(`select po_line_no, material_code, batch_no, quantity::float8 q from scm.asn_line order by line_no`);
     expect(lines.rows).toEqual([
       { po_line_no: 1, material_code: 'M-100', batch_no: 'B1', q: 60 },
       { po_line_no: 1, material_code: 'M-100', batch_no: 'B2', q: 40 },
@@ -98,7 +98,7 @@ describe('ASN ingest (the one door)', () => {
     } finally {
       await Promise.all([a.end(), b.end()]);
     }
-    const winner = (await db.pool.query(`select cloud_event_id from erp.asn_document`)).rows[0].cloud_event_id as string;
+    const winner = (await db.pool.query(`select cloud_event_id from scm.asn`)).rows[0].cloud_event_id as string;
     // the same event id with another ASN is a conflict, not a silent duplicate: nothing is stored
     expect(await sqlstateOf(ingest({ ...doc, code: 'ASN-OTHER-NUMBER' }, 'push', winner))).toBe('ES017');
     expect(await sqlstateOf(ingest({ ...doc, supplier: 'S002' }, 'push', winner))).toBe('ES017');
@@ -132,7 +132,7 @@ describe('ASN ingest (the one door)', () => {
     ['more than the line orders', asnDoc('R-8', 'PO-A', [{ line: 1, qty: 60 }, { line: 1, qty: 41 }]), 'ES015'],
   ])('an ASN naming %s is kept as rejected, with its reason, and ships nothing', async (_what, doc, code) => {
     expect(await ingest(doc)).toMatchObject({ status: 'rejected', reject_code: code });
-    const { rows } = await db.pool.query(`select status, reject_code, reject_reason, detail from erp.asn_document`);
+    const { rows } = await db.pool.query(`select status, reject_code, reject_reason, detail from scm.asn`);
     expect(rows).toHaveLength(1);
     expect(rows[0]).toMatchObject({ status: 'rejected', reject_code: code });
     expect(rows[0].reject_reason.length).toBeGreaterThan(10);
@@ -176,7 +176,7 @@ describe('ASN ingest (the one door)', () => {
     const doc = asnDoc('REF-1', 'PO-A', [{ line: 2, qty: 3 }]);
     expect(Object.keys(doc)).toContain('supplier');
     expect(await ingest({ ...doc, status: 1 })).toMatchObject({ status: 'accepted' });
-    expect((await db.pool.query(`select po_line_no from erp.asn_line`)).rows).toEqual([{ po_line_no: 2 }]);
+    expect((await db.pool.query(`select po_line_no from scm.asn_line`)).rows).toEqual([{ po_line_no: 2 }]);
     // 0 待发布, 4 拒签, 9 正在发布, 10 发布失败
     for (const status of [0, 4, 9, 10, '10']) {
       expect(await ingest({ ...asnDoc(`REF-S${status}`, 'PO-A', [{ line: 1, qty: 1 }]), status })).toMatchObject({ status: 'not_shipped', asn_id: null });
@@ -225,7 +225,7 @@ describe('the ASN webhook (push)', () => {
   it('a supplier ships and the cloud pushes the ASN: it is in the ERP, and the same push again changes nothing', async () => {
     const shipped = await sim.ship({ asn: asnDoc('ASN-P1', 'PO-A', [{ line: 1, qty: 5 }]), via: 'push', webhookUrl: inbound.url + ASN_WEBHOOK_PATH, webhookSecret: WEBHOOK_SECRET });
     expect(shipped).toMatchObject({ status: 200, body: 'success' });
-    const { rows } = await db.pool.query(`select asn_no, status, source, cloud_event_id from erp.asn_document`);
+    const { rows } = await db.pool.query(`select asn_no, status, received_via as source, cloud_event_id from scm.asn`);
     expect(rows).toEqual([{ asn_no: 'ASN-P1', status: 'accepted', source: 'push', cloud_event_id: shipped.eventId }]);
     const body = JSON.stringify({ eventId: shipped.eventId, asn: asnDoc('ASN-P1', 'PO-A', [{ line: 1, qty: 5 }]) });
     const again = await push(body, { eventId: shipped.eventId });
@@ -313,7 +313,7 @@ describe('the ASN webhook (push)', () => {
   it('the event id is the signed one in the body: a header cannot change it, and a known event id with another ASN is 409', async () => {
     const body = JSON.stringify({ eventId: 'ev-signed', asn: asnDoc('ASN-E1', 'PO-A', [{ line: 1, qty: 5 }]) });
     expect((await push(body, { eventId: 'ev-from-header' })).status).toBe(200);
-    expect((await db.pool.query(`select cloud_event_id from erp.asn_document`)).rows).toEqual([{ cloud_event_id: 'ev-signed' }]);
+    expect((await db.pool.query(`select cloud_event_id from scm.asn`)).rows).toEqual([{ cloud_event_id: 'ev-signed' }]);
     const other = JSON.stringify({ eventId: 'ev-signed', asn: asnDoc('ASN-E2', 'PO-A', [{ line: 1, qty: 5 }]) });
     const conflict = await push(other);
     expect(conflict.status).toBe(409);
@@ -345,7 +345,7 @@ describe('the ASN webhook (push)', () => {
     const holder = await db.pool.connect();
     try {
       await holder.query('begin');
-      await holder.query(`select id from erp.purchase_order where id = $1 for update`, [poId]);
+      await holder.query(`select id from scm.purchase_order where po_no = (select po_no from erp.purchase_order where id = $1) for update`, [poId]);
       const body = JSON.stringify({ eventId: 'ev-locked', asn: asnDoc('ASN-LOCK', 'PO-A', [{ line: 1, qty: 5 }]) });
       const busy = await push(body);
       expect(busy.status).toBe(503);
@@ -365,7 +365,7 @@ describe('the ASN webhook (push)', () => {
   it('a rejected ASN is still answered success (the cloud must not retry it) and kept with its reason', async () => {
     const res = await sim.ship({ asn: asnDoc('ASN-R', 'PO-A', [{ line: 1, qty: 500 }]), via: 'push', webhookUrl: inbound.url + ASN_WEBHOOK_PATH, webhookSecret: WEBHOOK_SECRET });
     expect(res.status).toBe(200);
-    const { rows } = await db.pool.query(`select status, reject_code from erp.asn_document`);
+    const { rows } = await db.pool.query(`select status, reject_code from scm.asn`);
     expect(rows).toEqual([{ status: 'rejected', reject_code: 'ES015' }]);
   });
 });
@@ -382,7 +382,7 @@ describe('the ASN pull (delivery list by watermark)', () => {
     expect((await db.pool.query(`select scm.enqueue_asn_pulls() n`)).rows[0].n).toBe(0); // one at a time per endpoint
     listener = await startListener(db.url);
     await waitFor(async () => (await asnCount()) === 3 && (await pullDone()), { what: 'three ASNs pulled' });
-    const { rows } = await db.pool.query(`select asn_no, status, source from erp.asn_document order by asn_no`);
+    const { rows } = await db.pool.query(`select asn_no, status, received_via as source from scm.asn order by asn_no`);
     expect(rows).toEqual(['ASN-L1', 'ASN-L2', 'ASN-L3'].map((n) => ({ asn_no: n, status: 'accepted', source: 'pull' })));
     const wm = await db.pool.query(`select to_char(watermark at time zone 'Asia/Shanghai', 'YYYY-MM-DD HH24:MI:SS') w from scm.asn_pull`);
     expect(wm.rows[0].w).toBe('2026-11-24 09:10:00');
@@ -408,7 +408,7 @@ describe('the ASN pull (delivery list by watermark)', () => {
     await db.pool.query(`select scm.enqueue_asn_pulls()`);
     await waitFor(pullDone, { what: 'pull finished' });
     expect((await db.pool.query(`select status from cloud.outbox where operation = 'scm.asn_pull'`)).rows).toEqual([{ status: 'sent' }]);
-    expect((await db.pool.query(`select asn_no, detail -> 'details' -> 0 ->> 'orderId' order_id from erp.asn_document`)).rows)
+    expect((await db.pool.query(`select asn_no, detail -> 'details' -> 0 ->> 'orderId' order_id from scm.asn`)).rows)
       .toEqual([{ asn_no: 'ASN-QG', order_id: null }]); // (PO-A was not yet published when shipped: no cloud order id to add)
     const q = await db.pool.query(`select source, sqlstate, reason, doc ->> 'code' code from scm.asn_quarantine`);
     expect(q.rows).toEqual([{ source: 'pull', sqlstate: 'ES004', reason: expect.stringMatching(/lineno/), code: 'ASN-QB' }]);
@@ -424,7 +424,7 @@ describe('the ASN pull (delivery list by watermark)', () => {
     await db.pool.query(`select scm.enqueue_asn_pulls()`);
     await waitFor(pullDone, { what: 'pull finished' });
     expect(await asnCount()).toBe(1);
-    expect((await db.pool.query(`select source from erp.asn_document`)).rows[0].source).toBe('push');
+    expect((await db.pool.query(`select received_via as source from scm.asn`)).rows[0].source).toBe('push');
   });
 
   it('the pull is refused by the cloud without its required date range: the message fails and no watermark moves', async () => {

@@ -85,22 +85,25 @@ const q = async (sql: string, params: unknown[] = []) => (await portal.query(sql
 describe('supplier portal isolation', () => {
   it('row-level security is on for every table that holds supplier data', async () => {
     const { rows } = await db.pool.query(`select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace
-      where n.nspname = 'erp' and c.relkind = 'r' and c.relrowsecurity and c.relname in ('supplier', 'purchase_order', 'purchase_order_line', 'asn_document', 'asn_line') order by 1`);
-    expect(rows.map((r) => r.relname)).toEqual(['asn_document', 'asn_line', 'purchase_order', 'purchase_order_line', 'supplier']);
-    const policies = await db.pool.query(`select policyname from pg_policies where schemaname = 'erp' and 'erp_cloud_supplier_portal' = any (roles)`);
+      where n.nspname = 'scm' and c.relkind = 'r' and c.relrowsecurity and c.relname in ('supplier', 'purchase_order', 'purchase_order_line', 'asn', 'asn_line') order by 1`);
+    expect(rows.map((r) => r.relname)).toEqual(['asn', 'asn_line', 'purchase_order', 'purchase_order_line', 'supplier']);
+    const policies = await db.pool.query(`select policyname from pg_policies where schemaname = 'scm' and 'erp_cloud_supplier_portal' = any (roles)`);
     expect(policies.rows.length).toBeGreaterThanOrEqual(9);
     for (const p of policies.rows) expect(p.policyname).toMatch(/^Suppliers( [A-Za-z]+){3,}$/); // sentences
   });
 
   it('a supplier sees only its own supplier record, purchase orders, lines, ASNs and ASN lines', async () => {
     await asSupplier('S001', async () => {
-      expect(await q(`select code from erp.supplier`)).toEqual([{ code: 'S001' }]);
-      expect(await q(`select po_no from erp.purchase_order order by po_no`)).toEqual([{ po_no: 'PO-S1' }, { po_no: 'PO-S1-DRAFT' }]);
-      expect((await q(`select distinct po_id from erp.purchase_order_line`))).toHaveLength(2);
-      expect(await q(`select asn_no from erp.asn_document`)).toEqual([{ asn_no: 'ASN-S1' }]);
-      expect(await q(`select count(*)::int n from erp.asn_line`)).toEqual([{ n: 1 }]);
+      expect(await q(`select code from scm.supplier`)).toEqual([{ code: 'S001' }]);
+      // (a draft is the ERP's own business: erp-cloud keeps only orders handed to it)
+      expect(await q(`select po_no from scm.purchase_order order by po_no`)).toEqual([{ po_no: 'PO-S1' }]);
+      expect(await q(`select po_no, supplier_code from scm.order_status`)).toEqual([{ po_no: 'PO-S1', supplier_code: 'S001' }]);
+      expect((await q(`select distinct po_id from scm.purchase_order_line`))).toHaveLength(1);
+      expect(await q(`select asn_no from scm.asn_status`)).toEqual([{ asn_no: 'ASN-S1' }]);
+      expect(await q(`select asn_no from scm.asn`)).toEqual([{ asn_no: 'ASN-S1' }]);
+      expect(await q(`select count(*)::int n from scm.asn_line`)).toEqual([{ n: 1 }]);
       // asking for the other supplier's rows by id finds nothing
-      expect(await q(`select po_no from erp.purchase_order where supplier_id = $1`, [s2])).toEqual([]);
+      expect(await q(`select po_no from scm.purchase_order where supplier_id = $1`, [s2])).toEqual([]);
       // the search is bound by the same policies
       expect((await q(`select asn_no from scm.search_asn_lines('M-100', 'LOT-7')`)).map((r) => r.asn_no)).toEqual(['ASN-S1']);
     });
@@ -110,9 +113,9 @@ describe('supplier portal isolation', () => {
     for (const value of [null, '', 'abc', `${s1} or true`, '-1', `${s1},${s2}`]) {
       await asSupplier(null, async () => {
         if (value !== null) await portal.query(`select set_config('scm.supplier_id', $1, true)`, [value]);
-        expect(await q(`select count(*)::int n from erp.purchase_order`)).toEqual([{ n: 0 }]);
-        expect(await q(`select count(*)::int n from erp.asn_document`)).toEqual([{ n: 0 }]);
-        expect(await q(`select count(*)::int n from erp.supplier`)).toEqual([{ n: 0 }]);
+        expect(await q(`select count(*)::int n from scm.purchase_order`)).toEqual([{ n: 0 }]);
+        expect(await q(`select count(*)::int n from scm.asn`)).toEqual([{ n: 0 }]);
+        expect(await q(`select count(*)::int n from scm.supplier`)).toEqual([{ n: 0 }]);
       });
     }
   });
@@ -121,44 +124,44 @@ describe('supplier portal isolation', () => {
     await portal.query('begin');
     await portal.query(`select scm.act_as_supplier('S001')`);
     await portal.query('commit');
-    expect(await q(`select count(*)::int n from erp.purchase_order`)).toEqual([{ n: 0 }]);
+    expect(await q(`select count(*)::int n from scm.purchase_order`)).toEqual([{ n: 0 }]);
   });
 
   it("writing a row for another supplier is refused with 42501: a new ASN, a moved ASN, a moved PO", async () => {
     // the policies hold even where a DBA widened the portal's grants
-    await db.pool.query(`grant insert on erp.asn_document to erp_cloud_supplier_portal; grant update (supplier_id) on erp.asn_document to erp_cloud_supplier_portal`);
+    await db.pool.query(`grant insert on scm.asn to erp_cloud_supplier_portal; grant update (supplier_id) on scm.asn to erp_cloud_supplier_portal`);
     try {
       await asSupplier('S001', async () => {
-        const insert = portal.query(`insert into erp.asn_document (asn_no, supplier_code, supplier_id, status, detail, source) values ('FAKE', 'S002', $1, 'accepted', '{}', 'portal')`, [s2]);
+        const insert = portal.query(`insert into scm.asn (asn_no, supplier_code, supplier_id, status, detail, received_via) values ('FAKE', 'S002', $1, 'accepted', '{}', 'portal')`, [s2]);
         expect(await sqlstateOf(insert)).toBe('42501');
       });
       await asSupplier('S001', async () => {
-        expect(await sqlstateOf(portal.query(`update erp.asn_document set supplier_id = $1 where asn_no = 'ASN-S1'`, [s2]))).toBe('42501');
+        expect(await sqlstateOf(portal.query(`update scm.asn set supplier_id = $1 where asn_no = 'ASN-S1'`, [s2]))).toBe('42501');
       });
       await asSupplier('S001', async () => {
         // another supplier's row is invisible, so an update of it changes nothing
-        const r = await portal.query(`update erp.asn_document set tracking_no = 'HACKED' where asn_no = 'ASN-S2'`);
+        const r = await portal.query(`update scm.asn set tracking_no = 'HACKED' where asn_no = 'ASN-S2'`);
         expect(r.rowCount).toBe(0);
       });
-      // with the column granted, moving one's own (draft) PO to another supplier meets the policy's WITH CHECK
-      await db.pool.query(`grant update (supplier_id) on erp.purchase_order to erp_cloud_supplier_portal`);
+      // with the column granted, moving one's own PO to another supplier meets the policy's WITH CHECK
+      await db.pool.query(`grant update (supplier_id) on scm.purchase_order to erp_cloud_supplier_portal`);
       try {
         await asSupplier('S001', async () => {
-          const moved = portal.query(`update erp.purchase_order set supplier_id = $1 where po_no = 'PO-S1-DRAFT'`, [s2]);
+          const moved = portal.query(`update scm.purchase_order set supplier_id = $1 where po_no = 'PO-S1'`, [s2]);
           await expect(moved).rejects.toMatchObject({ code: '42501', message: expect.stringMatching(/row-level security policy/) });
         });
       } finally {
-        await db.pool.query(`revoke update (supplier_id) on erp.purchase_order from erp_cloud_supplier_portal`);
+        await db.pool.query(`revoke update (supplier_id) on scm.purchase_order from erp_cloud_supplier_portal`);
       }
       await asSupplier('S001', async () => {
-        const mine = await portal.query(`update erp.purchase_order set supplier_confirmed_at = now() where po_no in ('PO-S1', 'PO-S2')`);
+        const mine = await portal.query(`update scm.purchase_order set supplier_confirmed_at = now() where po_no in ('PO-S1', 'PO-S2')`);
         // (PO-S2 is invisible: only PO-S1 is confirmed)
         expect(mine.rowCount).toBe(1);
       });
     } finally {
-      await db.pool.query(`revoke insert on erp.asn_document from erp_cloud_supplier_portal; revoke update (supplier_id) on erp.asn_document from erp_cloud_supplier_portal`);
+      await db.pool.query(`revoke insert on scm.asn from erp_cloud_supplier_portal; revoke update (supplier_id) on scm.asn from erp_cloud_supplier_portal`);
     }
-    const { rows } = await db.pool.query(`select asn_no, supplier_id, tracking_no from erp.asn_document order by asn_no`);
+    const { rows } = await db.pool.query(`select asn_no, supplier_id, tracking_no from scm.asn order by asn_no`);
     expect(rows.map((r) => [r.asn_no, Number(r.supplier_id)])).toEqual([['ASN-S1', s1], ['ASN-S2', s2]]);
     expect(rows.every((r) => r.tracking_no !== 'HACKED')).toBe(true);
   });
@@ -184,7 +187,7 @@ describe('supplier portal isolation', () => {
       const [none] = await submit('ASN-PEEK-2', 'PO-NONE');
       expect(other).toEqual({ status: 'rejected', reject_code: 'ES011', reason: 'purchase order PO-S2 does not exist' });
       expect(none).toEqual({ status: 'rejected', reject_code: 'ES011', reason: 'purchase order PO-NONE does not exist' });
-      expect(await q(`select po_id from erp.asn_document where asn_no = 'ASN-PEEK-1'`)).toEqual([{ po_id: null }]);
+      expect(await q(`select po_id from scm.asn where asn_no = 'ASN-PEEK-1'`)).toEqual([{ po_id: null }]);
     });
   });
 
@@ -198,7 +201,7 @@ describe('supplier portal isolation', () => {
       await portal.query('begin');
       await portal.query(`select set_config('scm.supplier_id', $1, true)`, [String(s2)]);
       // without the portal role (noinherit), the login role has no privileges on the tables at all
-      expect(await sqlstateOf(portal.query(`select * from erp.asn_document`))).toBe('42501');
+      expect(await sqlstateOf(portal.query(`select * from scm.asn`))).toBe('42501');
       await portal.query('rollback');
     } finally {
       await portal.query('set role erp_cloud_supplier_portal');
@@ -212,7 +215,7 @@ describe('supplier portal isolation', () => {
     try {
       for (const r of ['erp_cloud_app', 'erp_cloud_operator']) {
         await c.query(`set role ${r}`);
-        expect((await c.query(`select count(*)::int n from erp.asn_document`)).rows[0].n).toBeGreaterThanOrEqual(2);
+        expect((await c.query(`select count(*)::int n from scm.asn`)).rows[0].n).toBeGreaterThanOrEqual(2);
         await c.query('reset role');
       }
     } finally {
@@ -227,11 +230,11 @@ describe('a portal login bound to its supplier', () => {
 
   it('sees only its own supplier, with or without naming it', async () => {
     await inTx(async () => {
-      expect(await bq(`select po_no from erp.purchase_order order by po_no`)).toEqual([{ po_no: 'PO-S1' }, { po_no: 'PO-S1-DRAFT' }]);
+      expect(await bq(`select po_no from scm.order_status order by po_no`)).toEqual([{ po_no: 'PO-S1' }]);
     });
     await inTx(async () => {
       expect(await bq(`select scm.act_as_supplier('S001') id`)).toEqual([{ id: String(s1) }]);
-      expect(await bq(`select code from erp.supplier`)).toEqual([{ code: 'S001' }]);
+      expect(await bq(`select code from scm.supplier`)).toEqual([{ code: 'S001' }]);
     });
   });
 
@@ -239,13 +242,13 @@ describe('a portal login bound to its supplier', () => {
     for (const value of [String(s2), `${s2}`, 'abc']) {
       await inTx(async () => {
         await bound.query(`select set_config('scm.supplier_id', $1, true)`, [value]);
-        expect(await sqlstateOf(bound.query(`select po_no from erp.purchase_order`))).toBe('42501');
+        expect(await sqlstateOf(bound.query(`select po_no from scm.purchase_order`))).toBe('42501');
       });
     }
     // session-wide too
     await bound.query(`select set_config('scm.supplier_id', $1, false)`, [String(s2)]);
     try {
-      expect(await sqlstateOf(bound.query(`select * from erp.asn_document`))).toBe('42501');
+      expect(await sqlstateOf(bound.query(`select * from scm.asn`))).toBe('42501');
     } finally {
       await bound.query(`reset scm.supplier_id`);
     }
@@ -269,7 +272,7 @@ describe('a portal login bound to its supplier', () => {
     }
     await bound.query('reset role');
     try {
-      expect(await sqlstateOf(bound.query(`select * from erp.purchase_order`))).toBe('42501');
+      expect(await sqlstateOf(bound.query(`select * from scm.purchase_order`))).toBe('42501');
       expect(await sqlstateOf(bound.query(`select scm.bind_portal_login(session_user, 'S002')`))).toBe('42501');
     } finally {
       await bound.query('set role erp_cloud_supplier_portal');
@@ -277,7 +280,7 @@ describe('a portal login bound to its supplier', () => {
     expect(await sqlstateOf(bound.query(`select scm.bind_portal_login(session_user, 'S002')`))).toBe('42501');
     expect(await sqlstateOf(bound.query(`delete from scm.portal_login`))).toBe('42501');
     await inTx(async () => {
-      expect(await bq(`select po_no from erp.purchase_order where po_no = 'PO-S2'`)).toEqual([]);
+      expect(await bq(`select po_no from scm.purchase_order where po_no = 'PO-S2'`)).toEqual([]);
     });
   });
 
@@ -285,9 +288,10 @@ describe('a portal login bound to its supplier', () => {
     const { rows } = await db.pool.query(`insert into erp.supplier (code, name) values ('S-TMP', 'temp') returning id`);
     await db.pool.query(`select scm.bind_portal_login($1, 'S-TMP')`, [role]);
     try {
-      expect(await sqlstateOf(db.pool.query(`delete from erp.supplier where id = $1`, [rows[0].id]))).toBe('23503');
+      expect(await sqlstateOf(db.pool.query(`delete from scm.supplier where id = $1`, [rows[0].id]))).toBe('23503');
     } finally {
       await db.pool.query(`select scm.register_shared_portal_login($1)`, [role]);
+      await db.pool.query(`delete from scm.supplier where id = $1`, [rows[0].id]);
       await db.pool.query(`delete from erp.supplier where id = $1`, [rows[0].id]);
     }
   });
@@ -304,8 +308,8 @@ describe('a portal login bound to its supplier', () => {
       await c.query('set role erp_cloud_supplier_portal');
       await rolledBack(c, async () => {
         await c.query(`select set_config('scm.supplier_id', $1, true)`, [String(s1)]);
-        expect((await c.query(`select po_no from erp.purchase_order`)).rows).toEqual([]);
-        expect((await c.query(`select asn_no from erp.asn_document`)).rows).toEqual([]);
+        expect((await c.query(`select po_no from scm.purchase_order`)).rows).toEqual([]);
+        expect((await c.query(`select asn_no from scm.asn`)).rows).toEqual([]);
       });
       expect(await sqlstateOf(c.query(`select scm.act_as_supplier('S001')`))).toBe('42501');
       // and taking a bound login off the portal leaves it with nothing, not with every supplier
@@ -313,7 +317,7 @@ describe('a portal login bound to its supplier', () => {
       await db.pool.query(`select scm.bind_portal_login($1, null)`, [stray]);
       await rolledBack(c, async () => {
         await c.query(`select set_config('scm.supplier_id', $1, true)`, [String(s2)]);
-        expect((await c.query(`select po_no from erp.purchase_order`)).rows).toEqual([]);
+        expect((await c.query(`select po_no from scm.purchase_order`)).rows).toEqual([]);
       });
     } finally {
       await c.end();

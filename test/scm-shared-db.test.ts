@@ -40,14 +40,14 @@ afterAll(async () => {
 beforeEach(async () => {
   await middle.pool.query('truncate public.asn_outbox restart identity');
   // the foreign table's source, the endpoint and the PO (with its supplier) of beforeAll stay
-  await resetProductState(db.pool, { keep: ['scm.shared_asn_source', 'cloud.endpoint', 'erp.purchase_order_line'] });
+  await resetProductState(db.pool, { keep: ['scm.shared_asn_source', 'cloud.endpoint', 'erp.purchase_order_line', 'scm.purchase_order_line'] });
   await db.pool.query('update scm.shared_asn_source set last_id = 0');
 });
 
 const ship = (code: string, qty: number, eventId?: string) =>
   sim.ship({ asn: asnDoc(code, 'PO-M', [{ line: 1, qty }]), via: 'middle', middleDbUrl: middle.url, eventId });
 const copy = async () => (await db.pool.query(`select scm.copy_all_shared_asns() n`)).rows[0].n as number;
-const asns = async () => (await db.pool.query(`select asn_no, status, source from erp.asn_document order by asn_no`)).rows;
+const asns = async () => (await db.pool.query(`select asn_no, status, received_via as source from scm.asn order by asn_no`)).rows;
 
 describe('ASNs from the cloud\'s middle database (postgres_fdw)', () => {
   it('new rows are copied through the ingest function by watermark; copying again changes nothing', async () => {
@@ -64,7 +64,7 @@ describe('ASNs from the cloud\'s middle database (postgres_fdw)', () => {
     await copy();
     expect(await asns()).toHaveLength(3);
     expect((await asns())[2]).toMatchObject({ asn_no: 'ASN-M3', status: 'rejected' });
-    expect((await db.pool.query(`select count(*)::int n from erp.asn_line`)).rows[0].n).toBe(3);
+    expect((await db.pool.query(`select count(*)::int n from scm.asn_line`)).rows[0].n).toBe(3);
   });
 
   it('the same event written twice to the middle database is one ASN; malformed rows go to quarantine, the rest is copied', async () => {

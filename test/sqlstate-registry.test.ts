@@ -16,7 +16,7 @@ const OURS = /^E[A-Z]\d{3}$/;
 
 /** Registered codes the database never raises, and where each lives instead. */
 const NEVER_RAISED: Record<string, string> = {
-  ...Object.fromEntries(['ES010', 'ES011', 'ES012', 'ES013', 'ES014', 'ES015', 'ES016'].map((c) => [c, 'an ASN rejection reason, stored in erp.asn_document.reject_code'])),
+  ...Object.fromEntries(['ES010', 'ES011', 'ES012', 'ES013', 'ES014', 'ES015', 'ES016'].map((c) => [c, 'an ASN rejection reason, stored in scm.asn.reject_code'])),
   ES018: 'written by the listener into scm.asn_quarantine for a YonBIP event of a type not configured as an ASN (listener/inbound/yonbip-events.ts)',
   ...Object.fromEntries(['EO020', 'EO021', 'EO022', 'EO023', 'EO024'].map((c) => [c, 'a jump-ticket failure: sso.consume_jump_ticket / sso.open_jump_ticket audit it and return it, so the audit row is not rolled back'])),
 };

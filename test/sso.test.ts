@@ -21,6 +21,11 @@ afterAll(async () => {
   await w?.close();
 });
 
+/** The ERP puts li.na as it has her now (sso.put_user), active or not. */
+async function putLiNa({ active }: { active: boolean }) {
+  await w.db.pool.query(`select sso.put_user('li.na', '李娜', 'li.na@example.com', $1, 'C001', '华东机电有限公司', 'viewer')`, [active]);
+}
+
 /** openid-client reports a 401 with WWW-Authenticate as a challenge error; either way the OAuth error code is there. */
 function isOAuthError(code: string) {
   return (err: unknown) => {
@@ -167,7 +172,7 @@ describe('refusals: each one a protocol error and an audit row', () => {
 
   it('an inactive user gets no ticket, and a ticket issued before the user was deactivated is refused as access_denied', async () => {
     const jumpUrl = await w.issue('li.na', 'procurement');
-    await w.db.pool.query(`update erp.app_user set active = false where login = 'li.na'`);
+    await putLiNa({ active: false });
     try {
       expect(await sqlstateOf(w.issue('li.na', 'procurement'))).toBe('EO007');
       const since = await w.lastAuditId();
@@ -176,7 +181,7 @@ describe('refusals: each one a protocol error and an audit row', () => {
       expect((await w.audit(since)).filter((a) => a.event === 'failure').map((a) => [a.code, a.user_id]))
         .toEqual([['EO007', await w.userId('li.na')], ['access_denied', null]]);
     } finally {
-      await w.db.pool.query(`update erp.app_user set active = true where login = 'li.na'`);
+      await putLiNa({ active: true });
     }
     expect(await sqlstateOf(w.issue('nobody', 'procurement'))).toBe('EO006');
   });
@@ -387,13 +392,13 @@ describe('sign-in started at the platform, sessions and logout', () => {
     const first = await completeJump(await w.issue('li.na', 'procurement'), browser);
     expect(first.ok).toBe(true);
     const callback = await completeJumpTokens(browser);
-    await w.db.pool.query(`update erp.app_user set active = false where login = 'li.na'`);
+    await putLiNa({ active: false });
     try {
       const page = await browser.get(w.rp.loginUrl);
       expect(page.body).toContain('Please start from the ERP');
       await expect(oidc.fetchUserInfo(w.rp.config, callback.access_token, callback.sub)).rejects.toSatisfy(isOAuthError('invalid_token'));
     } finally {
-      await w.db.pool.query(`update erp.app_user set active = true where login = 'li.na'`);
+      await putLiNa({ active: true });
     }
   });
 
@@ -403,6 +408,69 @@ describe('sign-in started at the platform, sessions and logout', () => {
     const second = await completeJump(await w.issue('li.na', 'procurement'), browser);
     expect(second.error_description ?? null).toBeNull();
     expect(second.claims).toMatchObject({ preferred_username: 'li.na', sub: await w.userId('li.na'), scm_role: 'viewer' });
+  });
+});
+
+describe('the ERP keeps its users current (sso.put_user)', () => {
+  const put = (args: unknown[]) => w.db.pool.query(`select sso.put_user($1, $2, $3, $4, $5, $6, $7)::text as id`, args);
+
+  it('a new login gets a new subject id, the same login keeps it whatever else changes, and the next sign-in carries what the ERP put last', async () => {
+    const first = (await put(['zhao.lei', '赵磊', 'zhao.lei@example.com', true, 'C001', '华东机电有限公司', 'viewer'])).rows[0].id as string;
+    expect(first).toBe(await w.userId('zhao.lei'));
+    expect(first).not.toBe(await w.userId('zhang.wei'));
+    // the same again changes nothing, not even updated_at
+    await w.db.pool.query(`update sso.app_user set updated_at = '2020-01-01T00:00:00Z' where login = 'zhao.lei'`);
+    expect((await put(['zhao.lei', '赵磊', 'zhao.lei@example.com', true, 'C001', '华东机电有限公司', 'viewer'])).rows[0].id).toBe(first);
+    const stamp = async () => (await w.db.pool.query(`select updated_at > '2020-01-01T00:00:00Z' as moved from sso.app_user where login = 'zhao.lei'`)).rows[0].moved;
+    expect(await stamp()).toBe(false);
+    expect((await put(['zhao.lei', '赵磊 (采购)', null, true, 'C002', '华南贸易有限公司', 'buyer'])).rows[0].id).toBe(first);
+    expect(await stamp()).toBe(true);
+
+    const result = await completeJump(await w.issue('zhao.lei', 'procurement'));
+    expect(result.ok).toBe(true);
+    expect(result.claims).toMatchObject({ sub: first, name: '赵磊 (采购)', company: 'C002', company_name: '华南贸易有限公司', scm_role: 'buyer' });
+    expect(result.claims).not.toHaveProperty('email');
+  });
+
+  it('an invalid field is refused with EO028, the message and detail naming the field, and nothing is written', async () => {
+    const count = async () => (await w.db.pool.query('select count(*)::int n, max(updated_at) at from sso.app_user')).rows[0];
+    const before = await count();
+    const cases: Array<[unknown[], string, string]> = [
+      [[null, 'X', null, true, null, null, null], 'p_login', 'login'],
+      [['has space', 'X', null, true, null, null, null], 'p_login', 'login'],
+      [['-leading', 'X', null, true, null, null, null], 'p_login', 'login'],
+      [['zhang.wei', null, null, true, null, null, null], 'p_display_name', 'display_name'],
+      [['zhang.wei', '  ', null, true, null, null, null], 'p_display_name', 'display_name'],
+      [['zhang.wei', '张伟', 'no-at-sign', true, null, null, null], 'p_email', 'email'],
+      [['zhang.wei', '张伟', null, null, null, null, null], 'p_active', 'active'],
+      [['zhang.wei', '张伟', null, true, null, null, 'Buyer Manager'], 'p_scm_role', 'scm_role'],
+    ];
+    for (const [args, detail, field] of cases) {
+      const err = await put(args).then(() => null, (e: { code?: string; detail?: string; message?: string; hint?: string }) => e);
+      expect(err, `put_user(${JSON.stringify(args)})`).toMatchObject({ code: 'EO028', detail });
+      expect(err!.message).toContain(field);
+      expect(err!.hint).toBeTruthy();
+    }
+    expect(await count()).toEqual(before);
+    expect((await w.db.pool.query(`select display_name, email, scm_role from sso.app_user where login = 'zhang.wei'`)).rows[0])
+      .toEqual({ display_name: '张伟', email: 'zhang.wei@example.com', scm_role: 'buyer' });
+  });
+
+  it('the ERP and operators may put users, the provider may only read them, and erp.app_user is a read-only view of the same rows', async () => {
+    const grants = (await w.db.pool.query(`select has_function_privilege('erp_cloud_app', 'sso.put_user(text, text, text, boolean, text, text, text)', 'execute') as app,
+                                                  has_function_privilege('erp_cloud_operator', 'sso.put_user(text, text, text, boolean, text, text, text)', 'execute') as operator,
+                                                  has_function_privilege('erp_cloud_sso', 'sso.put_user(text, text, text, boolean, text, text, text)', 'execute') as sso,
+                                                  has_table_privilege('erp_cloud_sso', 'sso.app_user', 'select') as sso_reads,
+                                                  has_table_privilege('erp_cloud_sso', 'sso.app_user', 'update') as sso_writes,
+                                                  has_table_privilege('erp_cloud_app', 'erp.app_user', 'select') as view_reads,
+                                                  has_table_privilege('erp_cloud_app', 'erp.app_user', 'insert') or has_table_privilege('erp_cloud_app', 'erp.app_user', 'update')
+                                                    or has_table_privilege('erp_cloud_app', 'erp.app_user', 'delete') as view_writes`)).rows[0];
+    expect(grants).toEqual({ app: true, operator: true, sso: false, sso_reads: true, sso_writes: false, view_reads: true, view_writes: false });
+    await rolledBack(w.db.pool, async (c) => {
+      await c.query('set local role erp_cloud_operator');
+      const id = (await c.query(`select sso.put_user('ops.test', 'Ops')::text as id`)).rows[0].id;
+      expect((await c.query(`select id::text from erp.app_user where login = 'ops.test'`)).rows).toEqual([{ id }]);
+    });
   });
 });
 

@@ -118,7 +118,7 @@ const rowsEverywhere = async () => (await db.pool.query(`
    where table_type = 'BASE TABLE' and table_schema in ('cloud', 'erp', 'tax', 'scm', 'vault', 'sso')
    order by 1`)).rows;
 const asnEvent = (eventId: string, doc: unknown, extra: Record<string, unknown> = {}) => ({ eventId, type: 'scm.asn.created', tenantId: 't1', content: JSON.stringify(doc), ...extra });
-const asnCount = async () => (await db.pool.query(`select count(*)::int n from erp.asn_document`)).rows[0].n as number;
+const asnCount = async () => (await db.pool.query(`select count(*)::int n from scm.asn`)).rows[0].n as number;
 const quarantined = async () => (await db.pool.query(`select source, event_id, sqlstate, reason, doc from scm.asn_quarantine order by event_id`)).rows;
 
 describe('the YonBIP event receiver (POST /scm/yonbip/events)', () => {
@@ -163,9 +163,9 @@ describe('the YonBIP event receiver (POST /scm/yonbip/events)', () => {
     expect(res.status).toBe(200);
     expect(await res.text()).toBe('success');
     expect(res.headers.get('x-scm-asn-status')).toBe('accepted');
-    const { rows } = await db.pool.query(`select asn_no, status, source, cloud_event_id, detail from erp.asn_document`);
+    const { rows } = await db.pool.query(`select asn_no, status, received_via as source, cloud_event_id, detail from scm.asn`);
     expect(rows).toEqual([{ asn_no: 'ASN-Y1', status: 'accepted', source: 'push', cloud_event_id: 'evt-1', detail: doc }]);
-    expect((await db.pool.query(`select batch_no, quantity::float8 q from erp.asn_line`)).rows).toEqual([{ batch_no: 'LOT-Y', q: 30 }]);
+    expect((await db.pool.query(`select batch_no, quantity::float8 q from scm.asn_line`)).rows).toEqual([{ batch_no: 'LOT-Y', q: 30 }]);
     // the cloud's retry: the same holder, and the same event encrypted afresh (new nonce, new timestamp)
     for (const again of [body, holder(asnEvent('evt-1', doc))]) {
       const r = await post(again);
@@ -187,7 +187,7 @@ describe('the YonBIP event receiver (POST /scm/yonbip/events)', () => {
     expect(sha1Signed.status).toBe(401);
     const sha256Signed = await post(holder(asnEvent('evt-h2', asnDoc('ASN-S3', 'PO-Y', [{ line: 1, qty: 1 }])), { algorithm: 'sha256' }));
     expect(sha256Signed.headers.get('x-scm-asn-status')).toBe('accepted');
-    expect((await db.pool.query(`select asn_no from erp.asn_document order by asn_no`)).rows.map((r) => r.asn_no)).toEqual(['ASN-S1', 'ASN-S2', 'ASN-S3']);
+    expect((await db.pool.query(`select asn_no from scm.asn order by asn_no`)).rows.map((r) => r.asn_no)).toEqual(['ASN-S1', 'ASN-S2', 'ASN-S3']);
   });
 
   it('a bad signature, a stale or future timestamp, another app’s key, a tampered or unopenable ciphertext are each 401 with their own log line, and nothing is written', async () => {
@@ -339,7 +339,7 @@ describe('the YonBIP event receiver (POST /scm/yonbip/events)', () => {
     const lock = await db.pool.connect();
     try {
       await lock.query('begin');
-      await lock.query(`select id from erp.purchase_order where po_no = 'PO-Y' for update`);
+      await lock.query(`select id from scm.purchase_order where po_no = 'PO-Y' for update`);
       const body = holder(asnEvent('evt-lock', asnDoc('ASN-L', 'PO-Y', [{ line: 1, qty: 1 }])));
       const busy = await post(body);
       expect(busy.status).toBe(503);
@@ -377,14 +377,14 @@ describe('the YonBIP event receiver (POST /scm/yonbip/events)', () => {
   it('a rejected ASN is answered success and kept with its reason', async () => {
     const res = await post(holder(asnEvent('evt-over', asnDoc('ASN-O', 'PO-Y', [{ line: 1, qty: 500 }]))));
     expect(await res.text()).toBe('success');
-    expect((await db.pool.query(`select status, reject_code from erp.asn_document`)).rows).toEqual([{ status: 'rejected', reject_code: 'ES015' }]);
+    expect((await db.pool.query(`select status, reject_code from scm.asn`)).rows).toEqual([{ status: 'rejected', reject_code: 'ES015' }]);
   });
 
   it('the simulator’s supplier ships and the cloud pushes in its own format: the ASN is in the ERP; a retry changes nothing', async () => {
     secrets['yonbip.app_secret'] = APP_SECRET_VALUE; // the app setupYonbip registered with the simulator
     const shipped = await sim.ship({ asn: asnDoc('ASN-SIM', 'PO-Y', [{ line: 2, qty: 20 }]), via: 'push', pushFormat: 'yonbip', webhookUrl: inbound.url + YONBIP_EVENTS_PATH });
     expect(shipped).toMatchObject({ status: 200, body: 'success' });
-    const { rows } = await db.pool.query(`select asn_no, status, source, cloud_event_id from erp.asn_document`);
+    const { rows } = await db.pool.query(`select asn_no, status, received_via as source, cloud_event_id from scm.asn`);
     expect(rows).toEqual([{ asn_no: 'ASN-SIM', status: 'accepted', source: 'push', cloud_event_id: shipped.eventId }]);
     const again = await sim.ship({ asn: asnDoc('ASN-SIM', 'PO-Y', [{ line: 2, qty: 20 }]), via: 'push', pushFormat: 'yonbip', eventId: shipped.eventId, webhookUrl: inbound.url + YONBIP_EVENTS_PATH });
     expect(again).toMatchObject({ status: 200, body: 'success' });

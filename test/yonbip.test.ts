@@ -61,8 +61,15 @@ async function listen(): Promise<void> {
   listener = await startListener(db.url);
 }
 
-const po = async (id: number) => (await db.pool.query(`select status, cloud_status, cloud_ref, cloud_error, cloud_revision from erp.purchase_order where id = $1`, [id])).rows[0];
-const outboxOf = async (id: number) => (await db.pool.query(`select operation, status from cloud.outbox where aggregate_id = $1 order by id`, [String(id)])).rows;
+// the ERP's PO (its own columns, written by its on_order callback) and, by its reference, the order's revision in erp-cloud
+const po = async (id: number) => (await db.pool.query(`select p.status, p.cloud_status, p.cloud_ref, p.cloud_error, s.revision as cloud_revision
+                                                          from erp.purchase_order p left join scm.order_status s on s.source = 'reference-erp' and s.reference = p.po_no
+                                                         where p.id = $1`, [id])).rows[0];
+/** erp-cloud's id of the ERP's PO (its order under reference-erp), or null while it never left draft. */
+const orderId = async (id: number) => (await db.pool.query(`select s.order_id from erp.purchase_order p join scm.order_status s on s.source = 'reference-erp' and s.reference = p.po_no
+                                                             where p.id = $1`, [id])).rows[0]?.order_id as string | undefined;
+const outboxOf = async (id: number) => (await db.pool.query(`select operation, status from cloud.outbox where aggregate_type = 'scm.purchase_order' and aggregate_id = $1 order by id`,
+  [(await orderId(id)) ?? 'none'])).rows;
 const allSent = async (id: number) => {
   const rows = await outboxOf(id);
   return rows.length > 0 && rows.every((r) => r.status === 'sent');
@@ -107,7 +114,7 @@ describe('purchase orders to the procurement cloud', () => {
     await c.query('commit');
     c.release();
     // a change the cloud would not see (the supplier's confirmation) sends nothing
-    await db.pool.query(`update erp.purchase_order set supplier_confirmed_at = now() where id = $1`, [id]);
+    await db.pool.query(`update scm.purchase_order set supplier_confirmed_at = now() where id = $1`, [await orderId(id)]);
     await db.pool.query(`update erp.purchase_order set status = 'closed' where id = $1`, [id]);
     await waitFor(async () => (await po(id))?.cloud_status === 'closed', { what: 'closed' });
     expect((await outboxOf(id)).map((r) => r.operation)).toEqual(['scm.po_publish', 'scm.po_revise', 'scm.po_close']);
@@ -295,10 +302,11 @@ describe('purchase order rules in the ERP', () => {
     const id = await addPo(db.pool, 'PO-QUEUED', suppliers.s1);
     await db.pool.query(`update erp.purchase_order_line set quantity = 80 where po_id = $1 and line_no = 1`, [id]);
     expect((await outboxOf(id)).map((r) => r.operation)).toEqual(['scm.po_publish', 'scm.po_revise']);
-    const writeBack = (op: string) => db.pool.query(`select scm.record_po_delivered(o, '{"code":"200","data":{"orderId":"YC77"}}') from cloud.outbox o where aggregate_id = $1 and operation = $2`, [String(id), op]);
+    const order = await orderId(id);
+    const writeBack = (op: string) => db.pool.query(`select scm.record_po_delivered(o, '{"code":"200","data":{"orderId":"YC77"}}') from cloud.outbox o where aggregate_id = $1 and operation = $2`, [order, op]);
     await writeBack('scm.po_publish');
     expect(await po(id)).toMatchObject({ cloud_status: 'queued', cloud_ref: 'YC77' });
-    await db.pool.query(`update cloud.outbox set status = 'sent', locked_until = null where aggregate_id = $1`, [String(id)]);
+    await db.pool.query(`update cloud.outbox set status = 'sent', locked_until = null where aggregate_id = $1`, [order]);
     await writeBack('scm.po_revise');
     expect(await po(id)).toMatchObject({ cloud_status: 'revised', cloud_ref: 'YC77' });
   });

@@ -2,7 +2,7 @@
  * Figure 6: the ASN search. 1,000,000 ASN lines (100,000 ASNs of 10 lines;
  * quick: 100,000 lines) are generated set-based in SQL, then
  * scm.search_asn_lines(material, batch) — a containment search on
- * erp.asn_document.detail — is timed with the GIN index (jsonb_path_ops) and
+ * scm.asn.detail — is timed with the GIN index (jsonb_path_ops) and
  * without it (the index dropped, the same queries). asn_search_speedup is
  * p50 without ÷ p50 with. Generation has a time budget; the lines actually
  * made are recorded.
@@ -39,16 +39,16 @@ export async function asnSearchFigure(ctx: BenchContext): Promise<AsnSearchResul
   const c = benchClient(db.url, 'asn_search');
   await c.connect();
   try {
-    const indexDef = (await c.query<{ d: string }>(`select pg_get_indexdef('erp.asn_document_detail'::regclass) d`)).rows[0]!.d;
-    await c.query(`insert into erp.supplier (code, name) values ('S001', 'bench supplier')`);
+    const indexDef = (await c.query<{ d: string }>(`select pg_get_indexdef('scm.asn_detail'::regclass) d`)).rows[0]!.d;
+    await c.query(`select scm.put_supplier('S001', 'bench supplier')`);
     // load without the index, then build it once (how a DBA would load history)
-    await c.query('drop index erp.asn_document_detail');
+    await c.query('drop index scm.asn_detail');
     const t0 = performance.now();
     let made = 0;
     while (made < docs && performance.now() - t0 < budgetMs) {
       const n = Math.min(chunk, docs - made);
       await c.query(`
-        insert into erp.asn_document (asn_no, supplier_code, supplier_id, status, detail, source)
+        insert into scm.asn (asn_no, supplier_code, supplier_id, status, detail, received_via)
         select 'ASN-' || g, 'S001', s.id, 'accepted',
                jsonb_build_object('code', 'ASN-' || g, 'supplier', 'S001', 'deliveryDate', '2026-11-24',
                  'logisticalComp', 'SF', 'logisticalCode', 'SF' || g, 'details',
@@ -56,16 +56,16 @@ export async function asnSearchFigure(ctx: BenchContext): Promise<AsnSearchResul
                           'material', 'M-' || ((g * 7919 + l * 104729) % $3), 'batchNo', 'B-' || g || '-' || l,
                           'purchaseNum', 10 + l, 'productionDate', '2026-11-01'))
                     from generate_series(1, ${LINES_PER_DOC}) l)), 'pull'
-          from generate_series($1::int, $2::int) g, erp.supplier s`, [made + 1, made + n, MATERIALS]);
+          from generate_series($1::int, $2::int) g, scm.supplier s`, [made + 1, made + n, MATERIALS]);
       made += n;
     }
     const generateS = (performance.now() - t0) / 1000;
     const t1 = performance.now();
     await c.query(indexDef);
     const indexBuildS = (performance.now() - t1) / 1000;
-    await c.query('analyze erp.asn_document');
+    await c.query('analyze scm.asn');
     const sizes = (await c.query<{ i: string; t: string }>(
-      `select pg_relation_size('erp.asn_document_detail') i, pg_total_relation_size('erp.asn_document') - pg_indexes_size('erp.asn_document') t`)).rows[0]!;
+      `select pg_relation_size('scm.asn_detail') i, pg_total_relation_size('scm.asn') - pg_indexes_size('scm.asn') t`)).rows[0]!;
 
     // existing (material, batch) pairs, spread over the table
     const queries: Array<[string, string]> = [];
@@ -89,7 +89,7 @@ export async function asnSearchFigure(ctx: BenchContext): Promise<AsnSearchResul
     await run(queries.slice(0, 20)); // warm the cache
     const withIdx = await run(queries);
     const slowPairs = queries.slice(0, ctx.quick ? 5 : 10);
-    await c.query('drop index erp.asn_document_detail');
+    await c.query('drop index scm.asn_detail');
     await run(slowPairs.slice(0, 1)); // warm the table into the cache
     const without = await run(slowPairs);
     await c.query(indexDef);

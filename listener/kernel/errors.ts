@@ -71,7 +71,13 @@ export const SqlState = {
   poDeleteNotAllowed: 'ES009',
   asnEventIdConflict: 'ES017',
   eventTypeNotAsn: 'ES018',
-  // ASN rejection reasons (erp.asn_document.reject_code), stored, never raised
+  // the procurement contract (sql/migrations/0020_procurement_contract.sql)
+  orderDocumentMalformed: 'ES019',
+  procurementSourceUnknown: 'ES020',
+  procurementSourceInvalid: 'ES021',
+  orderNumberTaken: 'ES022',
+  orderUnknown: 'ES023',
+  // ASN rejection reasons (scm.asn.reject_code), stored, never raised
   asnUnknownSupplier: 'ES010',
   asnUnknownPurchaseOrder: 'ES011',
   asnOtherSuppliersOrder: 'ES012',
@@ -100,6 +106,7 @@ export const SqlState = {
   ssoAuditRetentionTooShort: 'EO025',
   ssoSecretGraceInvalid: 'EO026',
   ssoThrottleInvalid: 'EO027',
+  ssoInvalidUser: 'EO028',
 } as const;
 
 export type SqlStateName = keyof typeof SqlState;

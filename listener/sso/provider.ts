@@ -1,7 +1,7 @@
 /**
  * The oidc-provider configuration: authorization code flow only, PKCE (S256)
  * required for every client, ID tokens carrying the claims the platform needs
- * (conformIdTokenClaims off), accounts from erp.app_user (inactive users do not
+ * (conformIdTokenClaims off), accounts from sso.app_user (inactive users do not
  * exist for the provider), clients and storage in PostgreSQL, no development
  * interactions, RP-initiated logout, every protocol error audited and counted
  * toward throttling (sso.record_failure), every answer unframeable. Only what
@@ -21,7 +21,7 @@ export const JUMP_COOKIE = 'erp_jump';
 
 export const providerSql = {
   account: `select id, login, display_name, email, company_code, company_name, scm_role
-              from erp.app_user where id = $1::bigint and active`,
+              from sso.app_user where id = $1::bigint and active`,
   recordEvent: 'select sso.record_event($1, $2, $3, $4, $5, $6)',
   recordFailure: `select sso.record_failure($1, $2, $3, $4, $5, $6, $7, $8, make_interval(secs => $9), $10) as retry_after`,
   throttleWait: `select sso.throttle_wait($1, $2, $3, $4, make_interval(secs => $5)) as retry_after`,

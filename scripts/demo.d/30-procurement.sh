@@ -45,7 +45,7 @@ wait_for "select cloud_status = 'published' from erp.purchase_order where po_no 
 echo "== procurement: published; the buyer raises line 1 to 1200 (a revision follows the order, same ordering key)"
 psql_ -c "begin; update erp.purchase_order_line set quantity = 1200 where po_id = (select id from erp.purchase_order where po_no = '$po') and line_no = 1; update erp.purchase_order set status = 'changed' where po_no = '$po'; commit;"
 wait_for "select cloud_status = 'revised' from erp.purchase_order where po_no = '$po'" || { echo "procurement FAILED: not revised"; return 1; }
-psql_ -c "select po_no, status, cloud_status, cloud_ref, cloud_revision from erp.purchase_order where po_no = '$po'"
+psql_ -c "select p.po_no, p.status, p.cloud_status, p.cloud_ref, s.revision from erp.purchase_order p join scm.order_status s on s.source = 'reference-erp' and s.reference = p.po_no where p.po_no = '$po'"
 
 echo "== procurement: the supplier ships part of line 1; the cloud pushes the ASN to the listener's webhook ($inbound_url/scm/asn)"
 local doc
@@ -76,19 +76,19 @@ JSON
 )
 curl -fsS -X POST "$yonbip_sim_url/__yonbip/ship" -H 'content-type: application/json' -d "{\"via\":\"list\",\"asn\":$doc2}" >/dev/null
 psql_ -o /dev/null -c "select scm.put_asn_pull('yonbip'); select scm.enqueue_asn_pulls();"
-wait_for "select count(*) = 3 from erp.asn_document where asn_no like '$asn-%'" || { echo "procurement FAILED: ASNs not in the ERP"; return 1; }
+wait_for "select count(*) = 3 from scm.asn where asn_no like '$asn-%'" || { echo "procurement FAILED: ASNs not in the ERP"; return 1; }
 psql_ -o /dev/null -c "select scm.put_asn_pull('yonbip', false)"  # the simulator goes away with the demo
 
 echo
-echo "== procurement result: the ASNs in the ERP"
-psql_ -c "select asn_no, po_no, status, source, ship_date, eta, carrier, tracking_no from erp.asn_document where asn_no like '$asn-%' order by asn_no"
-psql_ -c "select d.asn_no, l.po_line_no, l.material_code, l.batch_no, l.quantity from erp.asn_line l join erp.asn_document d on d.id = l.asn_id where d.asn_no like '$asn-%' order by 1, 2, 4"
+echo "== procurement result: the ASNs in erp-cloud's store (scm.asn)"
+psql_ -c "select asn_no, po_no, status, received_via as source, ship_date, eta, carrier, tracking_no from scm.asn where asn_no like '$asn-%' order by asn_no"
+psql_ -c "select d.asn_no, l.po_line_no, l.material_code, l.batch_no, l.quantity from scm.asn_line l join scm.asn d on d.id = l.asn_id where d.asn_no like '$asn-%' order by 1, 2, 4"
 echo "== procurement: search by material and batch (GIN index on the ASN detail)"
 psql_ -c "select asn_no, status, line->>'purchaseNum' as qty from scm.search_asn_lines('M-100', 'LOT-2611-C')"
 echo "== the simulator's purchase-order ledger"
 curl -fsS "$yonbip_sim_url/__yonbip/state" | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const st=JSON.parse(s);for(const e of st.poLedger)console.log(`   ${e.seq}. ${e.op} ${e.orderno} revision ${e.revision} (${e.lines} lines)`);console.log(`   tokens issued: ${st.tokensIssued}`)})'
 local accepted
-accepted=$(psql_ -tAc "select count(*) from erp.asn_document where asn_no like '$asn-%' and status = 'accepted'")
+accepted=$(psql_ -tAc "select count(*) from scm.asn where asn_no like '$asn-%' and status = 'accepted'")
 echo
 if [ "$accepted" = 3 ]; then echo "procurement OK: $po published and revised in order; 3 ASNs arrived (signed push, YonBIP event push, pull) and were accepted"; else echo "procurement FAILED: $accepted of 3 ASNs accepted"; return 1; fi
 }

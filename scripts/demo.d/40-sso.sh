@@ -18,9 +18,7 @@ sso_rp="http://127.0.0.1:$sso_rp_port"
 
 echo "== sso: a demo ERP user and the procurement platform registered as a client"
 sso_secret=$(PGOPTIONS='-c client_min_messages=warning' psql_ -tA <<SQL
-insert into erp.app_user (login, display_name, email, company_code, company_name, scm_role)
-values ('zhang.wei', '张伟', 'zhang.wei@example.com', 'C001', '华东机电有限公司', 'buyer')
-on conflict (login) do update set active = true;
+select sso.put_user('zhang.wei', '张伟', 'zhang.wei@example.com', true, 'C001', '华东机电有限公司', 'buyer') \\g /dev/null
 delete from sso.client where client_id = 'demo-procurement';
 select client_secret from sso.register_client('demo-procurement', '友云采 procurement platform (demo RP)',
   array['$sso_rp/callback'], array['$sso_rp/logged-out'], '$sso_rp/login');

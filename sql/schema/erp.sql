@@ -43,6 +43,29 @@ COMMENT ON FUNCTION erp.buyer_of(p_reference text) IS 'The reference ERP''s refr
 
 
 --
+-- Name: on_order(scm.order_result); Type: FUNCTION; Schema: erp
+--
+
+CREATE FUNCTION erp.on_order(p_result scm.order_result) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+begin
+  update erp.purchase_order po
+     set cloud_status = p_result.cloud_status, cloud_ref = p_result.cloud_ref, cloud_error = p_result.cloud_error
+   where po.po_no = p_result.reference
+     and (po.cloud_status, po.cloud_ref, po.cloud_error) is distinct from (p_result.cloud_status, p_result.cloud_ref, p_result.cloud_error);
+end $$;
+
+
+--
+-- Name: FUNCTION on_order(p_result scm.order_result); Type: COMMENT; Schema: erp
+--
+
+COMMENT ON FUNCTION erp.on_order(p_result scm.order_result) IS 'The reference ERP''s on_order: writes the cloud status, the cloud''s order id and its refusal into erp.purchase_order (by po_no, its reference).';
+
+
+--
 -- Name: tg_purchase_order__100_refuse_delete(); Type: FUNCTION; Schema: erp
 --
 
@@ -50,7 +73,7 @@ CREATE FUNCTION erp.tg_purchase_order__100_refuse_delete() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 begin
-  if old.status <> 'draft' or old.cloud_revision is not null then
+  if old.status <> 'draft' or old.cloud_status is not null then
     raise exception using errcode = 'ES009',
       message = format('purchase order %s is %s and cannot be deleted', old.po_no, old.status),
       hint = 'Only drafts are deleted. Cancel an approved order instead: the procurement cloud then gets a close.';
@@ -90,7 +113,8 @@ begin
     raise exception using errcode = 'ES003', message = format('purchase order %s is %s and cannot change', old.po_no, old.status),
       hint = 'Create a new purchase order.';
   end if;
-  if tg_op = 'UPDATE' and old.cloud_revision is not null and
+  -- cloud_status is set once the PO was handed to procurement (scm._sync_purchase_order, then erp.on_order)
+  if tg_op = 'UPDATE' and old.cloud_status is not null and
      (new.po_no, new.supplier_id) is distinct from (old.po_no, old.supplier_id) then
     raise exception using errcode = 'ES003',
       message = format('purchase order %s was published to the procurement cloud: its number and supplier cannot change', old.po_no),
@@ -179,157 +203,49 @@ COMMENT ON FUNCTION erp.tg_purchase_order_line__100_validate() IS 'Trigger: line
 
 
 --
--- Name: purchase_order; Type: TABLE; Schema: erp
+-- Name: tg_supplier__500_put(); Type: FUNCTION; Schema: erp
 --
 
-CREATE TABLE erp.purchase_order (
-    id bigint NOT NULL,
-    po_no text NOT NULL,
-    supplier_id bigint NOT NULL,
-    status text DEFAULT 'draft'::text NOT NULL,
-    currency text DEFAULT 'CNY'::text NOT NULL,
-    order_date date DEFAULT CURRENT_DATE NOT NULL,
-    purchase_org text,
-    note text,
-    supplier_confirmed_at timestamp with time zone,
-    cloud_status text,
-    cloud_ref text,
-    cloud_error text,
-    cloud_revision integer,
-    cloud_payload_hash text,
-    cloud_synced_at timestamp with time zone,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT purchase_order_currency_iso CHECK ((currency ~ '^[A-Z]{3}$'::text)),
-    CONSTRAINT purchase_order_status_known CHECK ((status = ANY (ARRAY['draft'::text, 'approved'::text, 'changed'::text, 'closed'::text, 'cancelled'::text])))
-);
+CREATE FUNCTION erp.tg_supplier__500_put() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+begin
+  perform scm._supplier_upsert(new.code, new.name, new.tax_id, new.cloud_id, new.id);
+  return null;
+end $$;
 
 
 --
--- Name: TABLE purchase_order; Type: COMMENT; Schema: erp
+-- Name: FUNCTION tg_supplier__500_put(); Type: COMMENT; Schema: erp
 --
 
-COMMENT ON TABLE erp.purchase_order IS 'Purchase orders. Approving one publishes it to the procurement cloud; later changes follow as revisions, closing or cancelling as a close. cloud_* columns are written back by the delivery engine.';
-
-
---
--- Name: COLUMN purchase_order.status; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.purchase_order.status IS 'draft → approved → changed (edited after approval) → closed | cancelled. Only approved / changed / closed / cancelled orders reach the cloud.';
+COMMENT ON FUNCTION erp.tg_supplier__500_put() IS 'Trigger (transitional, until 0025): a supplier the reference ERP adds or changes is put into scm.supplier with the same id when it is free, so portal bindings and RLS name it before any order of it is published.';
 
 
 --
--- Name: COLUMN purchase_order.cloud_status; Type: COMMENT; Schema: erp
+-- Name: app_user; Type: VIEW; Schema: erp
 --
 
-COMMENT ON COLUMN erp.purchase_order.cloud_status IS 'queued / published / revised / closed (the cloud confirmed), rejected (the cloud refused: see cloud_error), undeliverable (retries exhausted).';
-
-
---
--- Name: COLUMN purchase_order.cloud_revision; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.purchase_order.cloud_revision IS 'How many messages about this PO went to the outbox, minus one: 0 is the publication, 1.. the revisions.';
-
-
---
--- Name: COLUMN purchase_order.cloud_payload_hash; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.purchase_order.cloud_payload_hash IS 'md5 of the last payload enqueued: a revision is sent only when the payload changes.';
+CREATE VIEW erp.app_user WITH (security_invoker='true') AS
+ SELECT u.id,
+    u.login,
+    u.display_name,
+    u.email,
+    u.active,
+    u.company_code,
+    u.company_name,
+    u.scm_role,
+    u.created_at,
+    u.updated_at
+   FROM sso.app_user u;
 
 
 --
--- Name: supplier; Type: TABLE; Schema: erp
+-- Name: VIEW app_user; Type: COMMENT; Schema: erp
 --
 
-CREATE TABLE erp.supplier (
-    id bigint NOT NULL,
-    code text NOT NULL,
-    name text NOT NULL,
-    tax_id text,
-    cloud_id text,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT supplier_code_is_simple CHECK ((code ~ '^[A-Za-z0-9_.-]{1,64}$'::text))
-);
-
-
---
--- Name: TABLE supplier; Type: COMMENT; Schema: erp
---
-
-COMMENT ON TABLE erp.supplier IS 'Suppliers. code is the key the procurement cloud and ASNs use; cloud_id is the supplier''s id in the cloud, when known.';
-
-
---
--- Name: app_user; Type: TABLE; Schema: erp
---
-
-CREATE TABLE erp.app_user (
-    id bigint NOT NULL,
-    login text NOT NULL,
-    display_name text NOT NULL,
-    email text,
-    active boolean DEFAULT true NOT NULL,
-    company_code text,
-    company_name text,
-    scm_role text,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT app_user_email_has_at CHECK (((email IS NULL) OR (email ~ '^[^@\s]+@[^@\s]+$'::text))),
-    CONSTRAINT app_user_login_is_simple CHECK ((login ~ '^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$'::text)),
-    CONSTRAINT app_user_scm_role_is_simple CHECK (((scm_role IS NULL) OR (scm_role ~ '^[a-z][a-z0-9_]{0,39}$'::text)))
-);
-
-
---
--- Name: TABLE app_user; Type: COMMENT; Schema: erp
---
-
-COMMENT ON TABLE erp.app_user IS 'ERP users: the identity source of the OpenID Provider. An inactive user cannot sign in anywhere through SSO, even with a live session. A real deployment maps its own user table here.';
-
-
---
--- Name: COLUMN app_user.id; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.app_user.id IS 'The subject (sub claim) the procurement platform sees: stable, never reused.';
-
-
---
--- Name: COLUMN app_user.login; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.app_user.login IS 'The ERP login name (preferred_username claim); what the ERP passes to sso.issue_jump_ticket.';
-
-
---
--- Name: COLUMN app_user.company_code; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.app_user.company_code IS 'The company (legal entity) the user works for (company claim, scope erp).';
-
-
---
--- Name: COLUMN app_user.scm_role; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.app_user.scm_role IS 'The user''s supplier-collaboration role on the procurement platform, e.g. buyer, buyer_manager, viewer (scm_role claim, scope erp); null when the user has none.';
-
-
---
--- Name: app_user_id_seq; Type: SEQUENCE; Schema: erp
---
-
-ALTER TABLE erp.app_user ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
-    SEQUENCE NAME erp.app_user_id_seq
-    START WITH 1
-    INCREMENT BY 1
-    NO MINVALUE
-    NO MAXVALUE
-    CACHE 1
-);
+COMMENT ON VIEW erp.app_user IS 'Compatibility view (read-only) for readers of an installation upgraded past release 0021: the SSO users, which live in sso.app_user now, with the columns erp.app_user had. Read sso.app_user instead; write with sso.put_user.';
 
 
 --
@@ -464,97 +380,58 @@ COMMENT ON VIEW erp.ar_invoice_line IS 'Compatibility view (read-only) for reade
 
 
 --
--- Name: asn_document; Type: TABLE; Schema: erp
+-- Name: asn_document; Type: VIEW; Schema: erp
 --
 
-CREATE TABLE erp.asn_document (
-    id bigint NOT NULL,
-    asn_no text NOT NULL,
-    supplier_code text NOT NULL,
-    supplier_id bigint,
-    po_no text,
-    po_id bigint,
-    ship_date date,
-    eta date,
-    carrier text,
-    tracking_no text,
-    status text NOT NULL,
-    reject_code text,
-    reject_reason text,
-    detail jsonb NOT NULL,
-    source text NOT NULL,
-    cloud_event_id text,
-    received_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT asn_document_detail_object CHECK ((jsonb_typeof(detail) = 'object'::text)),
-    CONSTRAINT asn_document_rejection_has_reason CHECK (((status = 'rejected'::text) = ((reject_code IS NOT NULL) AND (reject_reason IS NOT NULL)))),
-    CONSTRAINT asn_document_source_known CHECK ((source = ANY (ARRAY['push'::text, 'pull'::text, 'shared_db'::text, 'portal'::text]))),
-    CONSTRAINT asn_document_status_known CHECK ((status = ANY (ARRAY['accepted'::text, 'rejected'::text])))
-);
+CREATE VIEW erp.asn_document WITH (security_invoker='true') AS
+ SELECT a.id,
+    a.asn_no,
+    a.supplier_code,
+    a.supplier_id,
+    a.po_no,
+    a.po_id,
+    a.ship_date,
+    a.eta,
+    a.carrier,
+    a.tracking_no,
+    a.status,
+    a.reject_code,
+    a.reject_reason,
+    a.detail,
+    a.received_via AS source,
+    a.cloud_event_id,
+    a.received_at
+   FROM scm.asn a;
 
 
 --
--- Name: TABLE asn_document; Type: COMMENT; Schema: erp
+-- Name: VIEW asn_document; Type: COMMENT; Schema: erp
 --
 
-COMMENT ON TABLE erp.asn_document IS 'Advance shipping notices (发货单) from suppliers, written only by scm.ingest_asn. Rejected ones are kept with reject_code (ES010..ES016) and reject_reason; detail is the original document as received.';
-
-
---
--- Name: COLUMN asn_document.source; Type: COMMENT; Schema: erp
---
-
-COMMENT ON COLUMN erp.asn_document.source IS 'How it arrived: push (webhook), pull (delivery list fetched by the listener), shared_db (postgres_fdw copy), portal (scm.submit_asn).';
+COMMENT ON VIEW erp.asn_document IS 'Compatibility view (read-only) for readers of an installation upgraded past release 0020: the ASNs, which live in scm.asn now (source is scm.asn.received_via). Read scm.asn_status instead.';
 
 
 --
--- Name: asn_document_id_seq; Type: SEQUENCE; Schema: erp
+-- Name: asn_line; Type: VIEW; Schema: erp
 --
 
-ALTER TABLE erp.asn_document ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
-    SEQUENCE NAME erp.asn_document_id_seq
-    START WITH 1
-    INCREMENT BY 1
-    NO MINVALUE
-    NO MAXVALUE
-    CACHE 1
-);
-
-
---
--- Name: asn_line; Type: TABLE; Schema: erp
---
-
-CREATE TABLE erp.asn_line (
-    id bigint NOT NULL,
-    asn_id bigint NOT NULL,
-    line_no integer NOT NULL,
-    po_line_no integer NOT NULL,
-    material_code text NOT NULL,
-    batch_no text,
-    quantity numeric(18,4) NOT NULL,
-    production_date date
-);
+CREATE VIEW erp.asn_line WITH (security_invoker='true') AS
+ SELECT l.id,
+    l.asn_id,
+    l.line_no,
+    l.po_line_no,
+    l.material_code,
+    l.batch_no,
+    l.quantity,
+    l.production_date
+   FROM scm.asn_line l;
 
 
 --
--- Name: TABLE asn_line; Type: COMMENT; Schema: erp
+-- Name: VIEW asn_line; Type: COMMENT; Schema: erp
 --
 
-COMMENT ON TABLE erp.asn_line IS 'ASN lines: which PO line is shipped, how much, which batch.';
-
-
---
--- Name: asn_line_id_seq; Type: SEQUENCE; Schema: erp
---
-
-ALTER TABLE erp.asn_line ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
-    SEQUENCE NAME erp.asn_line_id_seq
-    START WITH 1
-    INCREMENT BY 1
-    NO MINVALUE
-    NO MAXVALUE
-    CACHE 1
-);
+COMMENT ON VIEW erp.asn_line IS 'Compatibility view (read-only) for readers of an installation upgraded past release 0020: the ASN lines, which live in scm.asn_line now. Read scm.asn_status.lines instead.';
 
 
 --
@@ -669,6 +546,50 @@ CREATE VIEW erp.invoice_reversal_request WITH (security_invoker='true') AS
 --
 
 COMMENT ON VIEW erp.invoice_reversal_request IS 'Compatibility view (auto-updatable) for the reference ERP of an installation upgraded past release 0018: the reversal requests, which live in tax.reversal now, with the columns erp.invoice_reversal_request had (ar_invoice_id is tax.reversal.invoice_id). An insert of ar_invoice_id, reason and line_nos reaches tax.reversal and its trigger, as before. Replaced by the reversal contract (tax.enqueue_reversal).';
+
+
+--
+-- Name: purchase_order; Type: TABLE; Schema: erp
+--
+
+CREATE TABLE erp.purchase_order (
+    id bigint NOT NULL,
+    po_no text NOT NULL,
+    supplier_id bigint NOT NULL,
+    status text DEFAULT 'draft'::text NOT NULL,
+    currency text DEFAULT 'CNY'::text NOT NULL,
+    order_date date DEFAULT CURRENT_DATE NOT NULL,
+    purchase_org text,
+    note text,
+    cloud_status text,
+    cloud_ref text,
+    cloud_error text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT purchase_order_currency_iso CHECK ((currency ~ '^[A-Z]{3}$'::text)),
+    CONSTRAINT purchase_order_status_known CHECK ((status = ANY (ARRAY['draft'::text, 'approved'::text, 'changed'::text, 'closed'::text, 'cancelled'::text])))
+);
+
+
+--
+-- Name: TABLE purchase_order; Type: COMMENT; Schema: erp
+--
+
+COMMENT ON TABLE erp.purchase_order IS 'Purchase orders of the reference ERP. Approving one publishes it to the procurement cloud through scm.enqueue_order; later changes follow as revisions, closing or cancelling as a close. cloud_status, cloud_ref, cloud_error are written by its on_order callback (erp.on_order); the rest of the cloud side is in scm.order_status.';
+
+
+--
+-- Name: COLUMN purchase_order.status; Type: COMMENT; Schema: erp
+--
+
+COMMENT ON COLUMN erp.purchase_order.status IS 'draft → approved → changed (edited after approval) → closed | cancelled. Only approved / changed / closed / cancelled orders reach the cloud.';
+
+
+--
+-- Name: COLUMN purchase_order.cloud_status; Type: COMMENT; Schema: erp
+--
+
+COMMENT ON COLUMN erp.purchase_order.cloud_status IS 'queued / published / revised / closed (the cloud confirmed), rejected (the cloud refused: see cloud_error), undeliverable (retries exhausted).';
 
 
 --
@@ -838,6 +759,28 @@ ALTER TABLE erp.shipment_line ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 
 
 --
+-- Name: supplier; Type: TABLE; Schema: erp
+--
+
+CREATE TABLE erp.supplier (
+    id bigint NOT NULL,
+    code text NOT NULL,
+    name text NOT NULL,
+    tax_id text,
+    cloud_id text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT supplier_code_is_simple CHECK ((code ~ '^[A-Za-z0-9_.-]{1,64}$'::text))
+);
+
+
+--
+-- Name: TABLE supplier; Type: COMMENT; Schema: erp
+--
+
+COMMENT ON TABLE erp.supplier IS 'Suppliers. code is the key the procurement cloud and ASNs use; cloud_id is the supplier''s id in the cloud, when known.';
+
+
+--
 -- Name: supplier_id_seq; Type: SEQUENCE; Schema: erp
 --
 
@@ -849,62 +792,6 @@ ALTER TABLE erp.supplier ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     NO MAXVALUE
     CACHE 1
 );
-
-
---
--- Name: app_user app_user_login_key; Type: CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.app_user
-    ADD CONSTRAINT app_user_login_key UNIQUE (login);
-
-
---
--- Name: app_user app_user_pkey; Type: CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.app_user
-    ADD CONSTRAINT app_user_pkey PRIMARY KEY (id);
-
-
---
--- Name: asn_document asn_document_cloud_event_id_key; Type: CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.asn_document
-    ADD CONSTRAINT asn_document_cloud_event_id_key UNIQUE (cloud_event_id);
-
-
---
--- Name: asn_document asn_document_pkey; Type: CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.asn_document
-    ADD CONSTRAINT asn_document_pkey PRIMARY KEY (id);
-
-
---
--- Name: asn_document asn_document_supplier_code_asn_no_key; Type: CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.asn_document
-    ADD CONSTRAINT asn_document_supplier_code_asn_no_key UNIQUE (supplier_code, asn_no);
-
-
---
--- Name: asn_line asn_line_asn_id_line_no_key; Type: CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.asn_line
-    ADD CONSTRAINT asn_line_asn_id_line_no_key UNIQUE (asn_id, line_no);
-
-
---
--- Name: asn_line asn_line_pkey; Type: CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.asn_line
-    ADD CONSTRAINT asn_line_pkey PRIMARY KEY (id);
 
 
 --
@@ -1044,27 +931,6 @@ ALTER TABLE ONLY erp.supplier
 
 
 --
--- Name: asn_document_detail; Type: INDEX; Schema: erp
---
-
-CREATE INDEX asn_document_detail ON erp.asn_document USING gin (detail jsonb_path_ops) WITH (fastupdate=off);
-
-
---
--- Name: asn_document_po; Type: INDEX; Schema: erp
---
-
-CREATE INDEX asn_document_po ON erp.asn_document USING btree (po_id);
-
-
---
--- Name: asn_document_supplier; Type: INDEX; Schema: erp
---
-
-CREATE INDEX asn_document_supplier ON erp.asn_document USING btree (supplier_id);
-
-
---
 -- Name: purchase_order_supplier; Type: INDEX; Schema: erp
 --
 
@@ -1135,27 +1001,10 @@ CREATE TRIGGER shipment_500_issue AFTER UPDATE OF status ON erp.shipment FOR EAC
 
 
 --
--- Name: asn_document asn_document_po_id_fkey; Type: FK CONSTRAINT; Schema: erp
+-- Name: supplier supplier_500_put; Type: TRIGGER; Schema: erp
 --
 
-ALTER TABLE ONLY erp.asn_document
-    ADD CONSTRAINT asn_document_po_id_fkey FOREIGN KEY (po_id) REFERENCES erp.purchase_order(id);
-
-
---
--- Name: asn_document asn_document_supplier_id_fkey; Type: FK CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.asn_document
-    ADD CONSTRAINT asn_document_supplier_id_fkey FOREIGN KEY (supplier_id) REFERENCES erp.supplier(id);
-
-
---
--- Name: asn_line asn_line_asn_id_fkey; Type: FK CONSTRAINT; Schema: erp
---
-
-ALTER TABLE ONLY erp.asn_line
-    ADD CONSTRAINT asn_line_asn_id_fkey FOREIGN KEY (asn_id) REFERENCES erp.asn_document(id) ON DELETE CASCADE;
+CREATE TRIGGER supplier_500_put AFTER INSERT OR UPDATE ON erp.supplier FOR EACH ROW EXECUTE FUNCTION erp.tg_supplier__500_put();
 
 
 --
@@ -1215,20 +1064,6 @@ ALTER TABLE ONLY erp.shipment
 
 
 --
--- Name: asn_document Operators see every ASN; Type: POLICY; Schema: erp
---
-
-CREATE POLICY "Operators see every ASN" ON erp.asn_document FOR SELECT TO erp_cloud_operator USING (true);
-
-
---
--- Name: asn_line Operators see every ASN line; Type: POLICY; Schema: erp
---
-
-CREATE POLICY "Operators see every ASN line" ON erp.asn_line FOR SELECT TO erp_cloud_operator USING (true);
-
-
---
 -- Name: purchase_order Operators see every purchase order; Type: POLICY; Schema: erp
 --
 
@@ -1250,42 +1085,10 @@ CREATE POLICY "Operators see every supplier" ON erp.supplier FOR SELECT TO erp_c
 
 
 --
--- Name: asn_line Suppliers add lines only to their own ASNs; Type: POLICY; Schema: erp
---
-
-CREATE POLICY "Suppliers add lines only to their own ASNs" ON erp.asn_line FOR INSERT TO erp_cloud_supplier_portal WITH CHECK ((EXISTS ( SELECT
-   FROM erp.asn_document d
-  WHERE ((d.id = asn_line.asn_id) AND (d.supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id))))));
-
-
---
--- Name: asn_document Suppliers change only their own ASNs and cannot move one to ano; Type: POLICY; Schema: erp
---
-
-CREATE POLICY "Suppliers change only their own ASNs and cannot move one to ano" ON erp.asn_document FOR UPDATE TO erp_cloud_supplier_portal USING ((supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id))) WITH CHECK ((supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id)));
-
-
---
 -- Name: purchase_order Suppliers change only their own purchase orders and cannot hand; Type: POLICY; Schema: erp
 --
 
 CREATE POLICY "Suppliers change only their own purchase orders and cannot hand" ON erp.purchase_order FOR UPDATE TO erp_cloud_supplier_portal USING ((supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id))) WITH CHECK ((supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id)));
-
-
---
--- Name: asn_document Suppliers file ASNs only in their own name; Type: POLICY; Schema: erp
---
-
-CREATE POLICY "Suppliers file ASNs only in their own name" ON erp.asn_document FOR INSERT TO erp_cloud_supplier_portal WITH CHECK ((supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id)));
-
-
---
--- Name: asn_line Suppliers see only the lines of their own ASNs; Type: POLICY; Schema: erp
---
-
-CREATE POLICY "Suppliers see only the lines of their own ASNs" ON erp.asn_line FOR SELECT TO erp_cloud_supplier_portal USING ((EXISTS ( SELECT
-   FROM erp.asn_document d
-  WHERE ((d.id = asn_line.asn_id) AND (d.supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id))))));
 
 
 --
@@ -1295,13 +1098,6 @@ CREATE POLICY "Suppliers see only the lines of their own ASNs" ON erp.asn_line F
 CREATE POLICY "Suppliers see only the lines of their own purchase orders" ON erp.purchase_order_line FOR SELECT TO erp_cloud_supplier_portal USING ((EXISTS ( SELECT
    FROM erp.purchase_order po
   WHERE ((po.id = purchase_order_line.po_id) AND (po.supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id))))));
-
-
---
--- Name: asn_document Suppliers see only their own ASNs; Type: POLICY; Schema: erp
---
-
-CREATE POLICY "Suppliers see only their own ASNs" ON erp.asn_document FOR SELECT TO erp_cloud_supplier_portal USING ((supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id)));
 
 
 --
@@ -1316,20 +1112,6 @@ CREATE POLICY "Suppliers see only their own purchase orders" ON erp.purchase_ord
 --
 
 CREATE POLICY "Suppliers see only their own supplier record" ON erp.supplier FOR SELECT TO erp_cloud_supplier_portal USING ((id = ( SELECT scm.current_supplier_id() AS current_supplier_id)));
-
-
---
--- Name: asn_document The ERP sees and changes every ASN; Type: POLICY; Schema: erp
---
-
-CREATE POLICY "The ERP sees and changes every ASN" ON erp.asn_document TO erp_cloud_app USING (true) WITH CHECK (true);
-
-
---
--- Name: asn_line The ERP sees and changes every ASN line; Type: POLICY; Schema: erp
---
-
-CREATE POLICY "The ERP sees and changes every ASN line" ON erp.asn_line TO erp_cloud_app USING (true) WITH CHECK (true);
 
 
 --
@@ -1352,18 +1134,6 @@ CREATE POLICY "The ERP sees and changes every purchase order line" ON erp.purcha
 
 CREATE POLICY "The ERP sees and changes every supplier's rows" ON erp.supplier TO erp_cloud_app USING (true) WITH CHECK (true);
 
-
---
--- Name: asn_document; Type: ROW SECURITY; Schema: erp
---
-
-ALTER TABLE erp.asn_document ENABLE ROW LEVEL SECURITY;
-
---
--- Name: asn_line; Type: ROW SECURITY; Schema: erp
---
-
-ALTER TABLE erp.asn_line ENABLE ROW LEVEL SECURITY;
 
 --
 -- Name: purchase_order; Type: ROW SECURITY; Schema: erp
@@ -1399,6 +1169,13 @@ GRANT USAGE ON SCHEMA erp TO erp_cloud_sso;
 --
 
 REVOKE ALL ON FUNCTION erp.buyer_of(p_reference text) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION on_order(p_result scm.order_result); Type: ACL; Schema: erp
+--
+
+REVOKE ALL ON FUNCTION erp.on_order(p_result scm.order_result) FROM PUBLIC;
 
 
 --
@@ -1447,35 +1224,17 @@ GRANT ALL ON FUNCTION erp.tg_purchase_order_line__100_validate() TO erp_cloud_su
 
 
 --
--- Name: TABLE purchase_order; Type: ACL; Schema: erp
+-- Name: FUNCTION tg_supplier__500_put(); Type: ACL; Schema: erp
 --
 
-GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE erp.purchase_order TO erp_cloud_app;
-GRANT SELECT ON TABLE erp.purchase_order TO erp_cloud_operator;
-GRANT SELECT ON TABLE erp.purchase_order TO erp_cloud_supplier_portal;
-
-
---
--- Name: COLUMN purchase_order.supplier_confirmed_at; Type: ACL; Schema: erp
---
-
-GRANT UPDATE(supplier_confirmed_at) ON TABLE erp.purchase_order TO erp_cloud_supplier_portal;
-
-
---
--- Name: TABLE supplier; Type: ACL; Schema: erp
---
-
-GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE erp.supplier TO erp_cloud_app;
-GRANT SELECT ON TABLE erp.supplier TO erp_cloud_operator;
-GRANT SELECT ON TABLE erp.supplier TO erp_cloud_supplier_portal;
+REVOKE ALL ON FUNCTION erp.tg_supplier__500_put() FROM PUBLIC;
 
 
 --
 -- Name: TABLE app_user; Type: ACL; Schema: erp
 --
 
-GRANT SELECT,INSERT,UPDATE ON TABLE erp.app_user TO erp_cloud_app;
+GRANT SELECT ON TABLE erp.app_user TO erp_cloud_app;
 GRANT SELECT ON TABLE erp.app_user TO erp_cloud_sso;
 GRANT SELECT ON TABLE erp.app_user TO erp_cloud_operator;
 
@@ -1516,30 +1275,8 @@ GRANT SELECT ON TABLE erp.ar_invoice_line TO erp_cloud_operator;
 -- Name: TABLE asn_document; Type: ACL; Schema: erp
 --
 
-GRANT SELECT,UPDATE ON TABLE erp.asn_document TO erp_cloud_app;
+GRANT SELECT ON TABLE erp.asn_document TO erp_cloud_app;
 GRANT SELECT ON TABLE erp.asn_document TO erp_cloud_operator;
-GRANT SELECT ON TABLE erp.asn_document TO erp_cloud_supplier_portal;
-
-
---
--- Name: COLUMN asn_document.eta; Type: ACL; Schema: erp
---
-
-GRANT UPDATE(eta) ON TABLE erp.asn_document TO erp_cloud_supplier_portal;
-
-
---
--- Name: COLUMN asn_document.carrier; Type: ACL; Schema: erp
---
-
-GRANT UPDATE(carrier) ON TABLE erp.asn_document TO erp_cloud_supplier_portal;
-
-
---
--- Name: COLUMN asn_document.tracking_no; Type: ACL; Schema: erp
---
-
-GRANT UPDATE(tracking_no) ON TABLE erp.asn_document TO erp_cloud_supplier_portal;
 
 
 --
@@ -1548,7 +1285,6 @@ GRANT UPDATE(tracking_no) ON TABLE erp.asn_document TO erp_cloud_supplier_portal
 
 GRANT SELECT ON TABLE erp.asn_line TO erp_cloud_app;
 GRANT SELECT ON TABLE erp.asn_line TO erp_cloud_operator;
-GRANT SELECT ON TABLE erp.asn_line TO erp_cloud_supplier_portal;
 
 
 --
@@ -1597,6 +1333,15 @@ GRANT INSERT(line_nos) ON TABLE erp.invoice_reversal_request TO erp_cloud_app;
 
 
 --
+-- Name: TABLE purchase_order; Type: ACL; Schema: erp
+--
+
+GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE erp.purchase_order TO erp_cloud_app;
+GRANT SELECT ON TABLE erp.purchase_order TO erp_cloud_operator;
+GRANT SELECT ON TABLE erp.purchase_order TO erp_cloud_supplier_portal;
+
+
+--
 -- Name: TABLE purchase_order_line; Type: ACL; Schema: erp
 --
 
@@ -1619,3 +1364,12 @@ GRANT SELECT ON TABLE erp.settlement_line TO erp_cloud_operator;
 
 GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE erp.shipment_line TO erp_cloud_app;
 GRANT SELECT ON TABLE erp.shipment_line TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE supplier; Type: ACL; Schema: erp
+--
+
+GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE erp.supplier TO erp_cloud_app;
+GRANT SELECT ON TABLE erp.supplier TO erp_cloud_operator;
+GRANT SELECT ON TABLE erp.supplier TO erp_cloud_supplier_portal;

@@ -21,6 +21,55 @@ COMMENT ON SCHEMA scm IS 'Supplier collaboration: PO payloads and write-back, AS
 
 
 --
+-- Name: asn_delivery_line; Type: TYPE; Schema: scm
+--
+
+CREATE TYPE scm.asn_delivery_line AS (
+	line_no integer,
+	po_line_no integer,
+	material_code text,
+	batch_no text,
+	quantity numeric(18,4),
+	production_date date
+);
+
+
+--
+-- Name: TYPE asn_delivery_line; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON TYPE scm.asn_delivery_line IS 'One line of a delivered ASN: which line of the order (po_line_no, the caller''s lines[].line_no) is shipped, how much, which batch.';
+
+
+--
+-- Name: asn_delivery; Type: TYPE; Schema: scm
+--
+
+CREATE TYPE scm.asn_delivery AS (
+	asn_id bigint,
+	source text,
+	order_reference text,
+	po_no text,
+	asn_no text,
+	supplier_code text,
+	ship_date date,
+	eta date,
+	carrier text,
+	tracking_no text,
+	received_via text,
+	lines scm.asn_delivery_line[],
+	detail jsonb
+);
+
+
+--
+-- Name: TYPE asn_delivery; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON TYPE scm.asn_delivery IS 'What a source''s on_asn callback receives: an accepted ASN (发货单) against one of its orders, by the order''s reference, with its lines and the original document (detail).';
+
+
+--
 -- Name: asn_ingest_result; Type: TYPE; Schema: scm
 --
 
@@ -41,15 +90,207 @@ COMMENT ON TYPE scm.asn_ingest_result IS 'What scm.ingest_asn did with a documen
 
 
 --
--- Name: _asn_rejection(jsonb, erp.supplier, erp.purchase_order); Type: FUNCTION; Schema: scm
+-- Name: order_enqueued; Type: TYPE; Schema: scm
 --
 
-CREATE FUNCTION scm._asn_rejection(p_doc jsonb, p_supplier erp.supplier, p_po erp.purchase_order) RETURNS text[]
+CREATE TYPE scm.order_enqueued AS (
+	order_id bigint,
+	operation text,
+	request_id uuid
+);
+
+
+--
+-- Name: TYPE order_enqueued; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON TYPE scm.order_enqueued IS 'What scm.enqueue_order returns: the order''s id, the operation this call enqueued (publish, revise; null: the cloud has this order already, nothing sent) and the message''s request_id.';
+
+
+--
+-- Name: order_result; Type: TYPE; Schema: scm
+--
+
+CREATE TYPE scm.order_result AS (
+	order_id bigint,
+	source text,
+	reference text,
+	po_no text,
+	state text,
+	operation text,
+	cloud_status text,
+	cloud_ref text,
+	cloud_error text,
+	revision integer,
+	synced_at timestamp with time zone,
+	supplier_confirmed_at timestamp with time zone
+);
+
+
+--
+-- Name: TYPE order_result; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON TYPE scm.order_result IS 'What a source''s on_order callback receives: the whole current state of one order: state (open, closed, cancelled), the last operation handed to the cloud (publish, revise, close), cloud_status (queued, published, revised, closed, rejected, undeliverable), the cloud''s order id (cloud_ref), its refusal (cloud_error), the revision, when the cloud last answered, and when the supplier confirmed it.';
+
+
+--
+-- Name: validation_context; Type: TYPE; Schema: scm
+--
+
+CREATE TYPE scm.validation_context AS (
+	source text,
+	reference text,
+	document_label text,
+	field_names jsonb
+);
+
+
+--
+-- Name: TYPE validation_context; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON TYPE scm.validation_context IS 'Internal: who is validated, so a message names the caller''s order and fields.';
+
+
+--
+-- Name: _asn_delivery(bigint); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._asn_delivery(p_asn_id bigint) RETURNS scm.asn_delivery
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  select row(a.id, po.source, po.reference, a.po_no, a.asn_no, a.supplier_code, a.ship_date, a.eta, a.carrier, a.tracking_no, a.received_via,
+             array(select row(l.line_no, l.po_line_no, l.material_code, l.batch_no, l.quantity, l.production_date)::scm.asn_delivery_line
+                     from scm.asn_line l where l.asn_id = a.id order by l.line_no),
+             a.detail)::scm.asn_delivery
+    from scm.asn a join scm.purchase_order po on po.id = a.po_id
+   where a.id = p_asn_id
+$$;
+
+
+--
+-- Name: FUNCTION _asn_delivery(p_asn_id bigint); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm._asn_delivery(p_asn_id bigint) IS 'Internal: the scm.asn_delivery an on_asn callback receives for one ASN.';
+
+
+--
+-- Name: purchase_order; Type: TABLE; Schema: scm
+--
+
+CREATE TABLE scm.purchase_order (
+    id bigint NOT NULL,
+    source text NOT NULL,
+    reference text NOT NULL,
+    po_no text NOT NULL,
+    supplier_id bigint NOT NULL,
+    currency text DEFAULT 'CNY'::text NOT NULL,
+    order_date date NOT NULL,
+    purchase_org text,
+    note text,
+    state text DEFAULT 'open'::text NOT NULL,
+    supplier_confirmed_at timestamp with time zone,
+    cloud_status text,
+    cloud_ref text,
+    cloud_error text,
+    cloud_revision integer,
+    cloud_payload_hash text,
+    cloud_synced_at timestamp with time zone,
+    last_operation text,
+    doc jsonb,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT purchase_order_currency_iso CHECK ((currency ~ '^[A-Z]{3}$'::text)),
+    CONSTRAINT purchase_order_last_operation_known CHECK ((last_operation = ANY (ARRAY['publish'::text, 'revise'::text, 'close'::text]))),
+    CONSTRAINT purchase_order_state_known CHECK ((state = ANY (ARRAY['open'::text, 'closed'::text, 'cancelled'::text])))
+);
+
+
+--
+-- Name: TABLE purchase_order; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON TABLE scm.purchase_order IS 'The purchase orders erp-cloud publishes, by the caller''s (source, reference): the order as the cloud has it (header here, lines in scm.purchase_order_line, the document as handed in as doc), its state, and the cloud''s side (cloud_*). Written by scm.enqueue_order(_close) and the write-backs; the supplier portal sees its own (RLS) and writes supplier_confirmed_at.';
+
+
+--
+-- Name: COLUMN purchase_order.state; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.purchase_order.state IS 'open (published or revised), closed or cancelled (final: a close went or goes to the cloud).';
+
+
+--
+-- Name: COLUMN purchase_order.cloud_status; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.purchase_order.cloud_status IS 'queued / published / revised / closed (the cloud confirmed), rejected (the cloud refused: see cloud_error), undeliverable (retries exhausted).';
+
+
+--
+-- Name: COLUMN purchase_order.cloud_revision; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.purchase_order.cloud_revision IS 'How many messages about this order went to the outbox, minus one: 0 is the publication, 1.. the revisions; null: nothing sent.';
+
+
+--
+-- Name: COLUMN purchase_order.cloud_payload_hash; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.purchase_order.cloud_payload_hash IS 'md5 of the last publish payload enqueued (''closed'' once the close is): a revision is sent only when the payload changes.';
+
+
+--
+-- Name: COLUMN purchase_order.last_operation; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.purchase_order.last_operation IS 'The last operation handed to the cloud: publish, revise or close.';
+
+
+--
+-- Name: COLUMN purchase_order.doc; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.purchase_order.doc IS 'The order document as last handed in (null for orders from before release 0020 that were not handed in again).';
+
+
+--
+-- Name: supplier; Type: TABLE; Schema: scm
+--
+
+CREATE TABLE scm.supplier (
+    id bigint NOT NULL,
+    code text NOT NULL,
+    name text NOT NULL,
+    tax_id text,
+    cloud_id text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT supplier_code_is_simple CHECK ((code ~ '^[A-Za-z0-9_.-]{1,64}$'::text))
+);
+
+
+--
+-- Name: TABLE supplier; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON TABLE scm.supplier IS 'The suppliers erp-cloud publishes orders to and takes ASNs from, by code (the key the procurement cloud and ASNs use); cloud_id is the supplier''s id in the cloud, when known. Written by scm.put_supplier and by the order documents; the supplier portal''s RLS is keyed on this id.';
+
+
+--
+-- Name: _asn_rejection(jsonb, scm.supplier, scm.purchase_order); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._asn_rejection(p_doc jsonb, p_supplier scm.supplier, p_po scm.purchase_order) RETURNS text[]
     LANGUAGE plpgsql STABLE
     AS $$
 declare
   d jsonb;
-  v_line erp.purchase_order_line;
+  v_line scm.purchase_order_line;
   v_qty numeric;
   v_open numeric;
   t record;
@@ -66,11 +307,11 @@ begin
   if p_po.supplier_id <> p_supplier.id then
     return array['ES012', format('purchase order %s belongs to another supplier', p_po.po_no)];
   end if;
-  if p_po.status not in ('approved', 'changed') then
-    return array['ES016', format('purchase order %s is %s and takes no deliveries', p_po.po_no, p_po.status)];
+  if p_po.state <> 'open' then
+    return array['ES016', format('purchase order %s is %s and takes no deliveries', p_po.po_no, p_po.state)];
   end if;
   for d in select value from jsonb_array_elements(p_doc -> 'details') loop
-    select * into v_line from erp.purchase_order_line l where l.po_id = p_po.id and l.line_no = (d ->> 'orderDetailId')::integer;
+    select * into v_line from scm.purchase_order_line l where l.po_id = p_po.id and l.line_no = (d ->> 'orderDetailId')::integer;
     if not found then
       return array['ES013', format('purchase order %s has no line %s', p_po.po_no, d ->> 'orderDetailId')];
     elsif v_line.material_code <> d ->> 'material' then
@@ -85,7 +326,7 @@ begin
   for t in select (value ->> 'orderDetailId')::integer as line_no, sum((value ->> 'purchaseNum')::numeric) as qty
              from jsonb_array_elements(p_doc -> 'details') group by 1 order by 1 loop
     select l.quantity - scm._shipped_quantity(p_po.id, l.line_no) into v_open
-      from erp.purchase_order_line l where l.po_id = p_po.id and l.line_no = t.line_no;
+      from scm.purchase_order_line l where l.po_id = p_po.id and l.line_no = t.line_no;
     if t.qty > v_open then
       return array['ES015', format('line %s of %s: %s shipped but only %s still open', t.line_no, p_po.po_no, t.qty, greatest(v_open, 0))];
     end if;
@@ -95,10 +336,68 @@ end $$;
 
 
 --
--- Name: FUNCTION _asn_rejection(p_doc jsonb, p_supplier erp.supplier, p_po erp.purchase_order); Type: COMMENT; Schema: scm
+-- Name: FUNCTION _asn_rejection(p_doc jsonb, p_supplier scm.supplier, p_po scm.purchase_order); Type: COMMENT; Schema: scm
 --
 
-COMMENT ON FUNCTION scm._asn_rejection(p_doc jsonb, p_supplier erp.supplier, p_po erp.purchase_order) IS 'Internal: why an ASN must be rejected ([code, reason]), or null when it is acceptable.';
+COMMENT ON FUNCTION scm._asn_rejection(p_doc jsonb, p_supplier scm.supplier, p_po scm.purchase_order) IS 'Internal: why an ASN must be rejected ([code, reason]), or null when it is acceptable: checked against the orders erp-cloud knows (scm.purchase_order(_line)).';
+
+
+--
+-- Name: _call_source(text, bigint); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._call_source(p_event text, p_object_id bigint) RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+declare
+  v_source text;
+  v_fn     regprocedure;
+  v_call   text;
+  v_state  text;
+  v_msg    text;
+begin
+  if p_event = 'order' then
+    select po.source, s.on_order into v_source, v_fn from scm.purchase_order po join scm.source s on s.name = po.source where po.id = p_object_id;
+  else
+    select po.source, s.on_asn into v_source, v_fn
+      from scm.asn a join scm.purchase_order po on po.id = a.po_id join scm.source s on s.name = po.source
+     where a.id = p_object_id and a.status = 'accepted';
+  end if;
+  if v_fn is null then
+    return true;
+  end if;
+  select format('select %I.%I($1)', n.nspname, p.proname) into v_call
+    from pg_proc p join pg_namespace n on n.oid = p.pronamespace where p.oid = v_fn;
+  begin
+    if p_event = 'order' then
+      execute v_call using scm._order_result(p_object_id);
+    else
+      execute v_call using scm._asn_delivery(p_object_id);
+    end if;
+  exception when others then
+    -- the callback's own writes are rolled back; the transaction that called it goes on
+    get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
+    insert into scm.callback_failure (source, event, object_id, sqlstate, message) values (v_source, p_event, p_object_id, v_state, v_msg);
+    if p_event = 'asn' then
+      update scm.asn set delivery_error = left(v_state || ': ' || v_msg, 1000) where id = p_object_id;
+    end if;
+    raise warning 'on_% of source % failed for % % : % %', p_event, v_source, p_event, p_object_id, v_state, v_msg
+      using hint = 'The change is committed without the callback''s writes; fix the callback and run scm.replay_callbacks.';
+    return false;
+  end;
+  if p_event = 'asn' then
+    update scm.asn set delivered_at = now(), delivery_error = null where id = p_object_id;
+  end if;
+  return true;
+end $_$;
+
+
+--
+-- Name: FUNCTION _call_source(p_event text, p_object_id bigint); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm._call_source(p_event text, p_object_id bigint) IS 'Internal: calls the on_order (event order) or on_asn (event asn: an accepted ASN, which is then marked delivered) of the source the order belongs to; an error is caught (only the callback''s writes are undone), kept in scm.callback_failure (and as the ASN''s delivery_error) with a WARNING, and false returned. No callback registered: nothing happens.';
 
 
 --
@@ -169,6 +468,40 @@ COMMENT ON FUNCTION scm._check_asn_shape(p_doc jsonb) IS 'Internal: ES004 (DETAI
 
 
 --
+-- Name: _check_callback(regprocedure, regtype, text); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._check_callback(p_fn regprocedure, p_arg regtype, p_what text) RETURNS void
+    LANGUAGE plpgsql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  p pg_proc;
+begin
+  select * into p from pg_proc where oid = p_fn;
+  if p.pronargs <> 1 or p.proargtypes[0] <> p_arg or p.prorettype <> 'void'::regtype then
+    raise exception using errcode = 'ES021', message = format('%s %s must take one %s and return void', p_what, p_fn, p_arg),
+      hint = format('Declare it as f(%s) returns void.', p_arg);
+  end if;
+  if not p.prosecdef or not exists (select from unnest(p.proconfig) c where c like 'search_path=%') then
+    raise exception using errcode = 'ES021', message = format('%s %s must be SECURITY DEFINER with its own search_path', p_what, p_fn),
+      hint = 'It runs inside erp-cloud''s transaction: declare it SECURITY DEFINER SET search_path = '''' so it runs with its owner''s (the ERP''s) rights.';
+  end if;
+  if (select rolsuper from pg_roles where oid = p.proowner) then
+    raise exception using errcode = 'ES021', message = format('%s %s is owned by a superuser', p_what, p_fn),
+      hint = 'Make the ERP''s own role its owner (ALTER FUNCTION … OWNER TO), so it runs with the ERP''s rights, not the migrator''s.';
+  end if;
+end $$;
+
+
+--
+-- Name: FUNCTION _check_callback(p_fn regprocedure, p_arg regtype, p_what text); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm._check_callback(p_fn regprocedure, p_arg regtype, p_what text) IS 'Internal: ES021 unless a function a source registers takes the contract''s type and returns void, is SECURITY DEFINER with a search_path, and is not owned by a superuser.';
+
+
+--
 -- Name: _check_identifier(text, text); Type: FUNCTION; Schema: scm
 --
 
@@ -188,6 +521,111 @@ end $_$;
 --
 
 COMMENT ON FUNCTION scm._check_identifier(p_what text, p_value text) IS 'Internal: ES005 unless a name for the fdw setup is a plain lower-case identifier.';
+
+
+--
+-- Name: _doc_date(jsonb, scm.validation_context, text, integer); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._doc_date(p_value jsonb, p_ctx scm.validation_context, p_path text, p_line_no integer DEFAULT NULL::integer) RETURNS date
+    LANGUAGE plpgsql IMMUTABLE
+    AS $_$
+declare
+  v text := scm._doc_text(p_value, p_ctx, p_path, false, p_line_no);
+begin
+  if v is null then
+    return null;
+  elsif v ~ '^\d{4}-\d{2}-\d{2}$' and scm._is_date(v) then
+    return v::date;
+  end if;
+  perform scm._malformed(p_ctx, p_path, format('is %L, not a date (yyyy-mm-dd)', left(v, 40)), 'Hand in %field% as yyyy-mm-dd.', p_line_no);
+  return null;
+end $_$;
+
+
+--
+-- Name: FUNCTION _doc_date(p_value jsonb, p_ctx scm.validation_context, p_path text, p_line_no integer); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm._doc_date(p_value jsonb, p_ctx scm.validation_context, p_path text, p_line_no integer) IS 'Internal: a date of the order document (yyyy-mm-dd); ES019 for anything else.';
+
+
+--
+-- Name: _doc_numeric(jsonb, scm.validation_context, text, integer); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._doc_numeric(p_value jsonb, p_ctx scm.validation_context, p_path text, p_line_no integer DEFAULT NULL::integer) RETURNS numeric
+    LANGUAGE plpgsql IMMUTABLE
+    AS $_$
+begin
+  if p_value is null or jsonb_typeof(p_value) = 'null' then
+    return null;
+  elsif jsonb_typeof(p_value) = 'number' then
+    return (p_value #>> '{}')::numeric;
+  elsif jsonb_typeof(p_value) = 'string' and btrim(p_value #>> '{}') ~ '^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$' then
+    return btrim(p_value #>> '{}')::numeric;
+  end if;
+  perform scm._malformed(p_ctx, p_path, format('is %s, not a number', left(p_value::text, 40)),
+                         'Hand in %field% as a JSON number or a numeric string ("12.50").', p_line_no);
+  return null;
+end $_$;
+
+
+--
+-- Name: FUNCTION _doc_numeric(p_value jsonb, p_ctx scm.validation_context, p_path text, p_line_no integer); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm._doc_numeric(p_value jsonb, p_ctx scm.validation_context, p_path text, p_line_no integer) IS 'Internal: a number of the order document, given as a JSON number or a numeric string; ES019 for anything else.';
+
+
+--
+-- Name: _doc_text(jsonb, scm.validation_context, text, boolean, integer); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._doc_text(p_value jsonb, p_ctx scm.validation_context, p_path text, p_required boolean DEFAULT false, p_line_no integer DEFAULT NULL::integer) RETURNS text
+    LANGUAGE plpgsql IMMUTABLE
+    AS $$
+begin
+  if p_value is null or jsonb_typeof(p_value) = 'null' or (jsonb_typeof(p_value) = 'string' and btrim(p_value #>> '{}') = '') then
+    if p_required then
+      perform scm._malformed(p_ctx, p_path, 'is missing', 'Fill in %field%.', p_line_no);
+    end if;
+    return null;
+  elsif jsonb_typeof(p_value) in ('string', 'number') then
+    return p_value #>> '{}';
+  end if;
+  perform scm._malformed(p_ctx, p_path, format('is a JSON %s, not a text', jsonb_typeof(p_value)), 'Hand in %field% as a JSON string.', p_line_no);
+  return null;
+end $$;
+
+
+--
+-- Name: FUNCTION _doc_text(p_value jsonb, p_ctx scm.validation_context, p_path text, p_required boolean, p_line_no integer); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm._doc_text(p_value jsonb, p_ctx scm.validation_context, p_path text, p_required boolean, p_line_no integer) IS 'Internal: a text field of the order document at p_path (a number is taken as its text); ES019 for an object, array or boolean, or when a required field is missing or empty.';
+
+
+--
+-- Name: _field(scm.validation_context, text); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._field(p_ctx scm.validation_context, p_path text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $_$
+  with g(path) as (select regexp_replace(regexp_replace(p_path, '^\$\.', ''), '\[\d+\]', '[]', 'g'))
+  select coalesce(p_ctx.field_names ->> g.path,
+                  -- an unmapped line field is named by itself: the message already says which line
+                  case when g.path like 'lines[].%' then substr(g.path, 9) else g.path end)
+    from g
+$_$;
+
+
+--
+-- Name: FUNCTION _field(p_ctx scm.validation_context, p_path text); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm._field(p_ctx scm.validation_context, p_path text) IS 'Internal: the caller''s name of a JSON path ($.lines[2].quantity → lines[].quantity → po_line.sl), from the source''s field map; an unmapped path is named as itself.';
 
 
 --
@@ -235,6 +673,27 @@ COMMENT ON FUNCTION scm._is_shipment(p_doc jsonb) IS 'Internal: whether an ASN''
 
 
 --
+-- Name: _malformed(scm.validation_context, text, text, text, integer); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._malformed(p_ctx scm.validation_context, p_path text, p_problem text, p_hint text, p_line_no integer DEFAULT NULL::integer) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    AS $$
+begin
+  raise exception using errcode = 'ES019',
+    message = format('%s: %s %s', scm._where(p_ctx, p_line_no), scm._field(p_ctx, p_path), p_problem), detail = p_path,
+    hint = replace(p_hint, '%field%', scm._field(p_ctx, p_path));
+end $$;
+
+
+--
+-- Name: FUNCTION _malformed(p_ctx scm.validation_context, p_path text, p_problem text, p_hint text, p_line_no integer); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm._malformed(p_ctx scm.validation_context, p_path text, p_problem text, p_hint text, p_line_no integer) IS 'Internal: raises ES019 naming the caller''s field (%field% in the hint is replaced by it), with the JSON path as DETAIL.';
+
+
+--
 -- Name: _malformed_asn(text, text); Type: FUNCTION; Schema: scm
 --
 
@@ -253,6 +712,27 @@ end $$;
 --
 
 COMMENT ON FUNCTION scm._malformed_asn(p_what text, p_field text) IS 'Internal: raises ES004 naming what is wrong with an ASN document, and the field in the DETAIL.';
+
+
+--
+-- Name: _order_result(bigint); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._order_result(p_order_id bigint) RETURNS scm.order_result
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  select row(po.id, po.source, po.reference, po.po_no, po.state, po.last_operation, po.cloud_status, po.cloud_ref, po.cloud_error,
+             po.cloud_revision, po.cloud_synced_at, po.supplier_confirmed_at)::scm.order_result
+    from scm.purchase_order po where po.id = p_order_id
+$$;
+
+
+--
+-- Name: FUNCTION _order_result(p_order_id bigint); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm._order_result(p_order_id bigint) IS 'Internal: the scm.order_result an on_order callback receives for one order now.';
 
 
 --
@@ -295,6 +775,34 @@ COMMENT ON FUNCTION scm._quarantine_asn(p_doc jsonb, p_source text, p_event_id t
 
 
 --
+-- Name: _reference_erp_order(bigint); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._reference_erp_order(p_po_id bigint) RETURNS jsonb
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  select jsonb_build_object(
+           'po_no', po.po_no,
+           'supplier', jsonb_build_object('code', s.code, 'name', s.name, 'tax_id', s.tax_id, 'cloud_id', s.cloud_id),
+           'currency', po.currency, 'order_date', po.order_date, 'purchase_org', po.purchase_org, 'note', po.note,
+           'lines', coalesce((select jsonb_agg(jsonb_build_object('line_no', l.line_no, 'material_code', l.material_code,
+                                 'material_name', l.material_name, 'quantity', l.quantity, 'unit', l.unit, 'price', l.price,
+                                 'tax_rate', l.tax_rate, 'delivery_date', l.delivery_date) order by l.line_no)
+                                from erp.purchase_order_line l where l.po_id = po.id), '[]'::jsonb))
+    from erp.purchase_order po join erp.supplier s on s.id = po.supplier_id
+   where po.id = p_po_id
+$$;
+
+
+--
+-- Name: FUNCTION _reference_erp_order(p_po_id bigint); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm._reference_erp_order(p_po_id bigint) IS 'Transitional (until 0025): the reference ERP''s purchase order (erp.purchase_order, its lines and erp.supplier) as the order document scm.enqueue_order takes.';
+
+
+--
 -- Name: _refuse_other_supplier(); Type: FUNCTION; Schema: scm
 --
 
@@ -315,6 +823,24 @@ COMMENT ON FUNCTION scm._refuse_other_supplier() IS 'Internal: the one 42501 a b
 
 
 --
+-- Name: _set_enqueuing(boolean); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._set_enqueuing(p_on boolean) RETURNS void
+    LANGUAGE sql
+    AS $$
+  select set_config('scm.enqueuing', case when p_on then 'on' else '' end, true)
+$$;
+
+
+--
+-- Name: FUNCTION _set_enqueuing(p_on boolean); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm._set_enqueuing(p_on boolean) IS 'Internal: marks (transaction-local) that an enqueue contract is writing an order, so the order''s source is not called back from its own call.';
+
+
+--
 -- Name: _shipped_quantity(bigint, integer); Type: FUNCTION; Schema: scm
 --
 
@@ -322,7 +848,7 @@ CREATE FUNCTION scm._shipped_quantity(p_po_id bigint, p_line_no integer) RETURNS
     LANGUAGE sql STABLE
     AS $$
   select coalesce(sum(al.quantity), 0)
-    from erp.asn_document ad join erp.asn_line al on al.asn_id = ad.id
+    from scm.asn ad join scm.asn_line al on al.asn_id = ad.id
    where ad.po_id = p_po_id and ad.status = 'accepted' and al.po_line_no = p_line_no
 $$;
 
@@ -335,6 +861,135 @@ COMMENT ON FUNCTION scm._shipped_quantity(p_po_id bigint, p_line_no integer) IS 
 
 
 --
+-- Name: source; Type: TABLE; Schema: scm
+--
+
+CREATE TABLE scm.source (
+    name text NOT NULL,
+    document_label text DEFAULT 'purchase order'::text NOT NULL,
+    on_order regprocedure,
+    on_asn regprocedure,
+    field_names jsonb DEFAULT '{}'::jsonb NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT source_name CHECK ((name ~ '^[a-z][a-z0-9_-]{0,39}$'::text))
+);
+
+
+--
+-- Name: TABLE source; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON TABLE scm.source IS 'An ERP (or one of its order types) that hands purchase orders to scm.enqueue_order. Written by scm.put_source.';
+
+
+--
+-- Name: COLUMN source.name; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.source.name IS 'The p_source every contract call names: lower-case letters, digits, - and _.';
+
+
+--
+-- Name: COLUMN source.document_label; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.source.document_label IS 'How messages name one of its orders: 采购订单 PO-0001.';
+
+
+--
+-- Name: COLUMN source.on_order; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.source.on_order IS 'f(scm.order_result) returns void, called in the transaction that changed the cloud state of one of its orders; null: no callback.';
+
+
+--
+-- Name: COLUMN source.on_asn; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.source.on_asn IS 'f(scm.asn_delivery) returns void, called in the transaction that accepted an ASN against one of its orders; null: ASNs are only kept (scm.asn_status).';
+
+
+--
+-- Name: COLUMN source.field_names; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.source.field_names IS 'Contract path → the caller''s name for it ({"lines[].quantity": "po_line.sl"}); messages and hints use these names.';
+
+
+--
+-- Name: _source(text); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._source(p_source text) RETURNS scm.source
+    LANGUAGE plpgsql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v scm.source;
+begin
+  select * into v from scm.source where name = p_source;
+  if not found then
+    raise exception using errcode = 'ES020', message = format('procurement source %L is not registered', p_source),
+      hint = 'An operator registers it once with scm.put_source(''<name>'', …); see scm.source for the registered ones.';
+  end if;
+  return v;
+end $$;
+
+
+--
+-- Name: FUNCTION _source(p_source text); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm._source(p_source text) IS 'Internal: the registered source, ES020 if there is none.';
+
+
+--
+-- Name: _supplier_upsert(text, text, text, text, bigint); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._supplier_upsert(p_code text, p_name text, p_tax_id text, p_cloud_id text, p_id bigint DEFAULT NULL::bigint) RETURNS scm.supplier
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v scm.supplier;
+begin
+  if p_id is not null and not exists (select from scm.supplier s where s.id = p_id and s.code <> p_code) then
+    -- the reference ERP's suppliers keep their ids (transitional until 0025: its portal bindings and tests name them)
+    insert into scm.supplier as s (id, code, name, tax_id, cloud_id) overriding system value
+    values (p_id, p_code, p_name, p_tax_id, p_cloud_id)
+    on conflict (code) do update
+       set name = excluded.name, tax_id = excluded.tax_id, cloud_id = coalesce(excluded.cloud_id, s.cloud_id), updated_at = now()
+     where (s.name, s.tax_id, s.cloud_id) is distinct from (excluded.name, excluded.tax_id, coalesce(excluded.cloud_id, s.cloud_id))
+    returning * into v;
+    -- the identity never hands out an id taken this way
+    perform setval(pg_get_serial_sequence('scm.supplier', 'id'),
+                   greatest(p_id, (select max(id) from scm.supplier)), true);
+  else
+    insert into scm.supplier as s (code, name, tax_id, cloud_id)
+    values (p_code, p_name, p_tax_id, p_cloud_id)
+    on conflict (code) do update
+       set name = excluded.name, tax_id = excluded.tax_id, cloud_id = coalesce(excluded.cloud_id, s.cloud_id), updated_at = now()
+     where (s.name, s.tax_id, s.cloud_id) is distinct from (excluded.name, excluded.tax_id, coalesce(excluded.cloud_id, s.cloud_id))
+    returning * into v;
+  end if;
+  if v.id is null then
+    select * into v from scm.supplier where code = p_code;
+  end if;
+  return v;
+end $$;
+
+
+--
+-- Name: FUNCTION _supplier_upsert(p_code text, p_name text, p_tax_id text, p_cloud_id text, p_id bigint); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm._supplier_upsert(p_code text, p_name text, p_tax_id text, p_cloud_id text, p_id bigint) IS 'Internal: the supplier by code, added or brought up to date (name, tax id; a cloud id is kept when none is given); with p_id a new one gets that id when it is free.';
+
+
+--
 -- Name: _sync_purchase_order(bigint); Type: FUNCTION; Schema: scm
 --
 
@@ -344,41 +999,25 @@ CREATE FUNCTION scm._sync_purchase_order(p_po_id bigint) RETURNS void
     AS $$
 declare
   po erp.purchase_order;
-  v_payload jsonb;
-  v_hash text;
-  v_operation text;
-  v_endpoint text;
+  v  scm.order_enqueued;
 begin
   select * into po from erp.purchase_order where id = p_po_id for update;
   if not found or po.status = 'draft' then
     return;
   end if;
   if po.status in ('closed', 'cancelled') then
-    if po.cloud_revision is null or po.cloud_payload_hash = 'closed' then
-      return;  -- never published, or the close is already on its way
+    -- a draft that is cancelled was never handed in: nothing to close
+    if exists (select from scm.purchase_order o where o.source = 'reference-erp' and o.reference = po.po_no) then
+      if scm.enqueue_order_close('reference-erp', po.po_no, po.status) is not null then
+        update erp.purchase_order set cloud_status = 'queued', cloud_error = null where id = po.id;
+      end if;
     end if;
-    v_operation := 'scm.po_close';
-    v_payload := scm.build_po_close_payload(po.id);
-    v_hash := 'closed';
-  else
-    v_payload := scm.build_po_publish_payload(po.id);
-    v_hash := pg_catalog.md5(v_payload::text);
-    if v_hash is not distinct from po.cloud_payload_hash then
-      return;  -- nothing the cloud would see has changed (e.g. a write-back, a supplier confirmation)
-    end if;
-    if pg_catalog.jsonb_array_length(v_payload -> 'itemdatas') = 0 then
-      raise exception using errcode = 'ES002', message = format('purchase order %s has no lines', po.po_no),
-        hint = 'Add at least one line before approving it.';
-    end if;
-    v_operation := case when po.cloud_revision is null then 'scm.po_publish' else 'scm.po_revise' end;
-    v_payload := v_payload || jsonb_build_object('revision', coalesce(po.cloud_revision + 1, 0));
+    return;
   end if;
-  v_endpoint := scm._po_endpoint();
-  perform cloud.enqueue_message(v_endpoint, v_operation, v_payload, 'erp.purchase_order', po.id::text,
-                                'erp.purchase_order:' || po.id);
-  update erp.purchase_order
-     set cloud_revision = coalesce(cloud_revision + 1, 0), cloud_payload_hash = v_hash, cloud_status = 'queued', cloud_error = null
-   where id = po.id;
+  v := scm.enqueue_order('reference-erp', po.po_no, scm._reference_erp_order(po.id));
+  if v.operation is not null then
+    update erp.purchase_order set cloud_status = 'queued', cloud_error = null where id = po.id and cloud_status is distinct from 'queued';
+  end if;
 end $$;
 
 
@@ -386,7 +1025,25 @@ end $$;
 -- Name: FUNCTION _sync_purchase_order(p_po_id bigint); Type: COMMENT; Schema: scm
 --
 
-COMMENT ON FUNCTION scm._sync_purchase_order(p_po_id bigint) IS 'Internal: at commit, enqueues what the cloud has not seen of a PO (publish, revise when the payload changed, close), ordered by the key erp.purchase_order:<id>.';
+COMMENT ON FUNCTION scm._sync_purchase_order(p_po_id bigint) IS 'Transitional (until 0025): the reference ERP''s deferred PO triggers hand the PO to the contract at commit: an approved or changed PO to scm.enqueue_order (source reference-erp, reference its po_no), a closed or cancelled one to scm.enqueue_order_close; the PO says queued when something was enqueued.';
+
+
+--
+-- Name: _where(scm.validation_context, integer); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._where(p_ctx scm.validation_context, p_line_no integer DEFAULT NULL::integer) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  select concat_ws(' ', nullif(p_ctx.document_label, ''), p_ctx.reference) || coalesce(' line ' || p_line_no, '')
+$$;
+
+
+--
+-- Name: FUNCTION _where(p_ctx scm.validation_context, p_line_no integer); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm._where(p_ctx scm.validation_context, p_line_no integer) IS 'Internal: how a message names the order (and line): 采购订单 PO-0001 line 2.';
 
 
 --
@@ -406,7 +1063,7 @@ begin
     raise exception using errcode = '42501', message = format('login %s is not a supplier-portal login', session_user),
       hint = 'An operator registers portal logins: scm.bind_portal_login(login, supplier_code) or scm.register_shared_portal_login(login).';
   end if;
-  select id into v_id from erp.supplier where code = p_supplier_code;
+  select id into v_id from scm.supplier where code = p_supplier_code;
   if v_login.supplier_id is not null and v_id is distinct from v_login.supplier_id then
     perform scm._refuse_other_supplier();  -- before ES008: a bound login learns nothing about other codes
   end if;
@@ -441,10 +1098,10 @@ begin
     delete from scm.portal_login where login_role = p_login_role;
     return;
   end if;
-  select id into v_id from erp.supplier where code = p_supplier_code;
+  select id into v_id from scm.supplier where code = p_supplier_code;
   if not found then
     raise exception using errcode = 'ES008', message = format('supplier %s is not known', p_supplier_code),
-      hint = 'Bind the login to an existing supplier code (erp.supplier.code).';
+      hint = 'Bind the login to an existing supplier code (scm.supplier.code; scm.put_supplier adds one).';
   end if;
   insert into scm.portal_login (login_role, supplier_id) values (p_login_role, v_id)
   on conflict (login_role) do update set supplier_id = excluded.supplier_id, bound_at = pg_catalog.now();
@@ -512,8 +1169,8 @@ CREATE FUNCTION scm.build_po_close_payload(p_po_id bigint) RETURNS jsonb
     AS $$
   select jsonb_build_object('orderdatas', jsonb_build_array(jsonb_build_object(
            'orderno', po.po_no, 'supplierCode', s.code,
-           'closeReason', case po.status when 'cancelled' then 'cancelled in the ERP' else 'closed in the ERP' end)))
-    from erp.purchase_order po join erp.supplier s on s.id = po.supplier_id
+           'closeReason', case po.state when 'cancelled' then 'cancelled in the ERP' else 'closed in the ERP' end)))
+    from scm.purchase_order po join scm.supplier s on s.id = po.supplier_id
    where po.id = p_po_id
 $$;
 
@@ -538,15 +1195,15 @@ CREATE FUNCTION scm.build_po_publish_payload(p_po_id bigint) RETURNS jsonb
     'orderdatas', jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
        'orderno', po.po_no, 'supplierCode', s.code, 'currencyCode', po.currency,
        'orderDate', to_char(po.order_date, 'YYYY-MM-DD'), 'purchaseOrg', po.purchase_org, 'memo', po.note,
-       'totalMoney', (select sum(round(l.quantity * l.price * (1 + l.tax_rate), 2)) from erp.purchase_order_line l where l.po_id = po.id)))),
+       'totalMoney', (select sum(round(l.quantity * l.price * (1 + l.tax_rate), 2)) from scm.purchase_order_line l where l.po_id = po.id)))),
     'itemdatas', coalesce((
        select jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
                 'orderno', po.po_no, 'lineNum', l.line_no, 'materialCode', l.material_code, 'productName', l.material_name,
                 'purchaseNum', l.quantity, 'unit', l.unit, 'price', l.price,
                 'taxPrice', round(l.price * (1 + l.tax_rate), 6), 'taxrate', round(l.tax_rate * 100, 2),
                 'reqDate', to_char(l.delivery_date, 'YYYY-MM-DD'))) order by l.line_no)
-         from erp.purchase_order_line l where l.po_id = po.id), '[]'::jsonb))
-  from erp.purchase_order po join erp.supplier s on s.id = po.supplier_id
+         from scm.purchase_order_line l where l.po_id = po.id), '[]'::jsonb))
+  from scm.purchase_order po join scm.supplier s on s.id = po.supplier_id
   where po.id = p_po_id
 $$;
 
@@ -827,6 +1484,262 @@ COMMENT ON FUNCTION scm.enqueue_asn_pulls(p_now timestamp with time zone) IS 'pg
 
 
 --
+-- Name: enqueue_order(text, text, jsonb); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm.enqueue_order(p_source text, p_reference text, p_order jsonb) RETURNS scm.order_enqueued
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+declare
+  v_src      scm.source := scm._source(p_source);
+  v_ctx      scm.validation_context := row(p_source, p_reference, v_src.document_label, v_src.field_names)::scm.validation_context;
+  v_po       scm.purchase_order;
+  v_other    scm.purchase_order;
+  v_supplier scm.supplier;
+  v_po_no    text;
+  v_sup      jsonb;
+  v_sup_code text;
+  v_currency text;
+  v_date     date;
+  v_line     jsonb;
+  v_path     text;
+  v_no       numeric;
+  v_nos      integer[] := '{}';
+  v_lines    jsonb := '[]';
+  v_qty      numeric;
+  v_price    numeric;
+  v_rate     numeric;
+  v_payload  jsonb;
+  v_hash     text;
+  v_op       text;
+  v_req      uuid;
+  v_pending  uuid;
+  i          integer := 0;
+begin
+  if p_reference is null or btrim(p_reference) = '' then
+    raise exception using errcode = 'ES019', message = format('%s: the order has no reference', v_src.document_label),
+      detail = '$.reference', hint = format('Pass your key of the order (%s) as p_reference.', scm._field(v_ctx, '$.reference'));
+  end if;
+  if p_order is null or jsonb_typeof(p_order) <> 'object' then
+    perform scm._malformed(v_ctx, '$', 'is not a JSON object', 'Hand in the order as {"po_no": …, "supplier": {…}, "lines": [ … ]}.');
+  end if;
+  -- validate everything first, then write
+  v_po_no := scm._doc_text(p_order -> 'po_no', v_ctx, '$.po_no', true);
+  v_sup := p_order -> 'supplier';
+  if v_sup is null or jsonb_typeof(v_sup) <> 'object' then
+    perform scm._malformed(v_ctx, '$.supplier', 'is missing or not an object', 'Give the supplier as {"code": …, "name": …, "tax_id": …}.');
+  end if;
+  v_sup_code := scm._doc_text(v_sup -> 'code', v_ctx, '$.supplier.code', true);
+  if v_sup_code !~ '^[A-Za-z0-9_.-]{1,64}$' then
+    perform scm._malformed(v_ctx, '$.supplier.code', format('%L is not 1–64 letters, digits, ., _ or -', left(v_sup_code, 70)),
+                           'Use the supplier''s code as the procurement cloud knows it in %field%.');
+  end if;
+  perform scm._doc_text(v_sup -> 'name', v_ctx, '$.supplier.name', true);
+  perform scm._doc_text(v_sup -> 'tax_id', v_ctx, '$.supplier.tax_id');
+  perform scm._doc_text(v_sup -> 'cloud_id', v_ctx, '$.supplier.cloud_id');
+  v_currency := coalesce(scm._doc_text(p_order -> 'currency', v_ctx, '$.currency'), 'CNY');
+  if v_currency !~ '^[A-Z]{3}$' then
+    perform scm._malformed(v_ctx, '$.currency', format('%L is not a currency code', left(v_currency, 20)), 'Use three capital letters (ISO 4217) in %field%: CNY, USD.');
+  end if;
+  v_date := coalesce(scm._doc_date(p_order -> 'order_date', v_ctx, '$.order_date'), current_date);
+  perform scm._doc_text(p_order -> 'purchase_org', v_ctx, '$.purchase_org');
+  perform scm._doc_text(p_order -> 'note', v_ctx, '$.note');
+  if p_order -> 'lines' is null or jsonb_typeof(p_order -> 'lines') <> 'array' then
+    perform scm._malformed(v_ctx, '$.lines', 'is missing or not an array', 'Give the order''s lines as a JSON array of objects.');
+  end if;
+  if jsonb_array_length(p_order -> 'lines') = 0 then
+    raise exception using errcode = 'ES002', message = format('%s has no lines', scm._where(v_ctx)),
+      detail = '$.lines', hint = 'Add at least one line before approving it.';
+  end if;
+  for v_line in select e from jsonb_array_elements(p_order -> 'lines') e loop
+    v_path := format('$.lines[%s]', i);
+    if jsonb_typeof(v_line) <> 'object' then
+      perform scm._malformed(v_ctx, v_path, 'is not an object', 'Each line is a JSON object with line_no, material_code, material_name, quantity, price ….');
+    end if;
+    v_no := scm._doc_numeric(v_line -> 'line_no', v_ctx, v_path || '.line_no');
+    if v_no is null or v_no <> trunc(v_no) or v_no < 1 or v_no > 2147483647 then
+      perform scm._malformed(v_ctx, v_path || '.line_no', format('is %s, not a line number (a whole number from 1)', coalesce((v_line -> 'line_no')::text, 'missing')),
+                             'Number the lines of an order 1, 2, 3 … in %field%; each number once.');
+    end if;
+    if v_no::integer = any (v_nos) then
+      perform scm._malformed(v_ctx, v_path || '.line_no', format('%s appears twice in the order', v_no), 'Each line of an order has its own %field%.');
+    end if;
+    v_nos := v_nos || v_no::integer;
+    v_qty := scm._doc_numeric(v_line -> 'quantity', v_ctx, v_path || '.quantity', v_no::integer);
+    if v_qty is null or v_qty <= 0 or v_qty >= 1e14 then
+      perform scm._malformed(v_ctx, v_path || '.quantity', format('is %s, not a positive quantity', coalesce(v_qty::text, 'missing')),
+                             'Order a positive quantity in %field%, or leave the line out.', v_no::integer);
+    end if;
+    v_price := scm._doc_numeric(v_line -> 'price', v_ctx, v_path || '.price', v_no::integer);
+    if v_price is null or v_price < 0 or v_price >= 1e12 then
+      perform scm._malformed(v_ctx, v_path || '.price', format('is %s, not a price (0 or more)', coalesce(v_price::text, 'missing')),
+                             'Give the unit price excluding tax in %field%.', v_no::integer);
+    end if;
+    v_rate := coalesce(scm._doc_numeric(v_line -> 'tax_rate', v_ctx, v_path || '.tax_rate', v_no::integer), 0.13);
+    if v_rate < 0 or v_rate >= 1 then
+      perform scm._malformed(v_ctx, v_path || '.tax_rate', format('is %s, not a fraction from 0 to below 1', v_rate),
+                             'Give the tax rate as a fraction in %field%: 0.13 for 13 %.', v_no::integer);
+    end if;
+    v_lines := v_lines || jsonb_build_object(
+      'line_no', v_no::integer,
+      'material_code', scm._doc_text(v_line -> 'material_code', v_ctx, v_path || '.material_code', true, v_no::integer),
+      'material_name', scm._doc_text(v_line -> 'material_name', v_ctx, v_path || '.material_name', true, v_no::integer),
+      'quantity', v_qty, 'price', v_price, 'tax_rate', v_rate,
+      'unit', coalesce(scm._doc_text(v_line -> 'unit', v_ctx, v_path || '.unit', false, v_no::integer), 'PCS'),
+      'delivery_date', scm._doc_date(v_line -> 'delivery_date', v_ctx, v_path || '.delivery_date', v_no::integer));
+    i := i + 1;
+  end loop;
+
+  -- one call at a time per order, and per order number
+  perform pg_advisory_xact_lock(hashtextextended('scm.purchase_order:' || p_source || ':' || p_reference, 0));
+  perform pg_advisory_xact_lock(hashtextextended('scm.po_no:' || v_po_no, 0));
+  select * into v_po from scm.purchase_order where source = p_source and reference = p_reference for update;
+  select * into v_other from scm.purchase_order where po_no = v_po_no and (source, reference) is distinct from (p_source, p_reference);
+  if v_other.id is not null then
+    raise exception using errcode = 'ES022',
+      message = format('%s: %s %L is already the number of %s %s of source %s', scm._where(v_ctx), scm._field(v_ctx, '$.po_no'), v_po_no,
+                       case when v_other.source = p_source then v_src.document_label else 'order' end, v_other.reference, v_other.source),
+      detail = '$.po_no', hint = format('Give this order its own %s: an order number is used once.', scm._field(v_ctx, '$.po_no'));
+  end if;
+  if v_po.id is not null then
+    if v_po.state <> 'open' then
+      raise exception using errcode = 'ES003', message = format('%s is %s and cannot change', scm._where(v_ctx), v_po.state),
+        hint = 'Closed and cancelled orders are final: create a new order.';
+    end if;
+    if v_po.cloud_revision is not null and (v_po.po_no <> v_po_no
+         or v_sup_code <> (select s.code from scm.supplier s where s.id = v_po.supplier_id)) then
+      raise exception using errcode = 'ES003',
+        message = format('%s was published to the procurement cloud: its %s and %s cannot change', scm._where(v_ctx),
+                         scm._field(v_ctx, '$.po_no'), scm._field(v_ctx, '$.supplier.code')),
+        detail = case when v_po.po_no <> v_po_no then '$.po_no' else '$.supplier.code' end,
+        hint = 'Cancel it (scm.enqueue_order_close: the cloud gets a close) and hand in a new order for the other number or supplier.';
+    end if;
+  end if;
+
+  if v_po.id is not null and v_po.doc is not distinct from p_order and v_po.cloud_payload_hash is not null then
+    return (v_po.id, null, null)::scm.order_enqueued;  -- the same document again (a write-back, a confirmation): nothing to do
+  end if;
+
+  -- write: supplier, order, lines
+  v_supplier := scm._supplier_upsert(v_sup_code, v_sup ->> 'name', nullif(btrim(v_sup ->> 'tax_id'), ''), nullif(btrim(v_sup ->> 'cloud_id'), ''));
+  perform scm._set_enqueuing(true);
+  if v_po.id is null then
+    insert into scm.purchase_order (source, reference, po_no, supplier_id, currency, order_date, purchase_org, note, doc)
+    values (p_source, p_reference, v_po_no, v_supplier.id, v_currency, v_date, p_order ->> 'purchase_org', p_order ->> 'note', p_order)
+    returning * into v_po;
+  else
+    update scm.purchase_order
+       set po_no = v_po_no, supplier_id = v_supplier.id, currency = v_currency, order_date = v_date,
+           purchase_org = p_order ->> 'purchase_org', note = p_order ->> 'note', doc = p_order, updated_at = now()
+     where id = v_po.id
+    returning * into v_po;
+  end if;
+  delete from scm.purchase_order_line where po_id = v_po.id;
+  insert into scm.purchase_order_line (po_id, line_no, material_code, material_name, quantity, unit, price, tax_rate, delivery_date)
+  select v_po.id, (l ->> 'line_no')::integer, l ->> 'material_code', l ->> 'material_name', (l ->> 'quantity')::numeric, l ->> 'unit',
+         (l ->> 'price')::numeric, (l ->> 'tax_rate')::numeric, (l ->> 'delivery_date')::date
+    from jsonb_array_elements(v_lines) l;
+
+  -- the payload decides: nothing the cloud would see changed → nothing is sent
+  v_payload := scm.build_po_publish_payload(v_po.id);
+  v_hash := md5(v_payload::text);
+  if v_hash is not distinct from v_po.cloud_payload_hash then
+    perform scm._set_enqueuing(false);
+    return (v_po.id, null, null)::scm.order_enqueued;
+  end if;
+  -- one revision per transaction: a message this transaction enqueued (no one can have claimed it) takes the new payload
+  v_pending := nullif(current_setting('scm.order_msg_' || v_po.id, true), '')::uuid;
+  if v_pending is not null then
+    update cloud.outbox o
+       set payload = v_payload || jsonb_build_object('revision', v_po.cloud_revision), updated_at = clock_timestamp()
+     where o.request_id = v_pending and o.status = 'pending' and o.operation in ('scm.po_publish', 'scm.po_revise')
+    returning o.request_id, split_part(o.operation, '_', 2) into v_req, v_op;
+  end if;
+  if v_req is null then
+    v_op := case when v_po.cloud_revision is null then 'publish' else 'revise' end;
+    v_req := cloud.enqueue_message(scm._po_endpoint(), 'scm.po_' || v_op,
+                                   v_payload || jsonb_build_object('revision', coalesce(v_po.cloud_revision + 1, 0)),
+                                   'scm.purchase_order', v_po.id::text, 'scm.purchase_order:' || v_po.id);
+    perform set_config('scm.order_msg_' || v_po.id, v_req::text, true);
+    update scm.purchase_order
+       set cloud_revision = coalesce(cloud_revision + 1, 0), last_operation = v_op
+     where id = v_po.id;
+  end if;
+  update scm.purchase_order set cloud_payload_hash = v_hash, cloud_status = 'queued', cloud_error = null where id = v_po.id;
+  perform scm._set_enqueuing(false);
+  return (v_po.id, v_op, v_req)::scm.order_enqueued;
+end $_$;
+
+
+--
+-- Name: FUNCTION enqueue_order(p_source text, p_reference text, p_order jsonb); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm.enqueue_order(p_source text, p_reference text, p_order jsonb) IS 'Contract: publishes an order (ADR 0001 §3.5) by the caller''s (source, reference), in the caller''s transaction: validates it (ES019 naming the caller''s field, DETAIL its JSON path; ES002 without lines), keeps it in scm.purchase_order(_line), and enqueues a publish, a revision when what the cloud sees changed, or nothing (operation null). Called again in the same transaction, it replaces the payload of the message this transaction enqueued: one revision per transaction. ES003 when a published order''s number or supplier would change or the order is closed or cancelled, ES022 when the order number belongs to another reference, ES020 for an unknown source.';
+
+
+--
+-- Name: enqueue_order_close(text, text, text); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm.enqueue_order_close(p_source text, p_reference text, p_state text DEFAULT 'closed'::text) RETURNS uuid
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_src     scm.source := scm._source(p_source);
+  v_po      scm.purchase_order;
+  v_pending uuid;
+  v_req     uuid;
+begin
+  if p_state is null or p_state not in ('closed', 'cancelled') then
+    raise exception using errcode = 'ES019', message = format('%s %s: %L is not a state an order is closed with', v_src.document_label, p_reference, p_state),
+      detail = 'p_state', hint = 'Close an order with p_state ''closed'' (finished) or ''cancelled''.';
+  end if;
+  perform pg_advisory_xact_lock(hashtextextended('scm.purchase_order:' || p_source || ':' || p_reference, 0));
+  select * into v_po from scm.purchase_order where source = p_source and reference = p_reference for update;
+  if not found then
+    raise exception using errcode = 'ES023', message = format('%s %s was never handed to procurement', v_src.document_label, p_reference),
+      hint = 'Only an order handed in with scm.enqueue_order can be closed; one that never was needs no close. scm.order_status lists the orders of a source.';
+  end if;
+  if v_po.state <> 'open' then
+    return null;  -- closed already: the close went or goes
+  end if;
+  perform scm._set_enqueuing(true);
+  v_pending := nullif(current_setting('scm.order_msg_' || v_po.id, true), '')::uuid;
+  if v_po.cloud_revision = 0 and v_pending is not null
+     and exists (select from cloud.outbox o where o.request_id = v_pending and o.status = 'pending' and o.operation = 'scm.po_publish') then
+    -- published and closed in one transaction: the cloud never hears of it
+    delete from cloud.outbox o where o.request_id = v_pending;
+    update scm.purchase_order
+       set state = p_state, cloud_revision = null, cloud_payload_hash = 'closed', cloud_status = null, last_operation = null, updated_at = now()
+     where id = v_po.id;
+    perform set_config('scm.order_msg_' || v_po.id, '', true);
+    perform scm._set_enqueuing(false);
+    return null;
+  end if;
+  update scm.purchase_order set state = p_state, updated_at = now() where id = v_po.id;
+  if v_po.cloud_revision is not null then
+    v_req := cloud.enqueue_message(scm._po_endpoint(), 'scm.po_close', scm.build_po_close_payload(v_po.id),
+                                   'scm.purchase_order', v_po.id::text, 'scm.purchase_order:' || v_po.id);
+    update scm.purchase_order
+       set cloud_revision = cloud_revision + 1, cloud_payload_hash = 'closed', cloud_status = 'queued', cloud_error = null, last_operation = 'close'
+     where id = v_po.id;
+  end if;
+  perform scm._set_enqueuing(false);
+  return v_req;
+end $$;
+
+
+--
+-- Name: FUNCTION enqueue_order_close(p_source text, p_reference text, p_state text); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm.enqueue_order_close(p_source text, p_reference text, p_state text) IS 'Contract: closes (p_state closed) or cancels an order by (source, reference) in the caller''s transaction and enqueues the close after its publish and revisions; returns the close''s request_id, or null when nothing is sent: the order is closed already, or it was published in this same transaction (that publish is withdrawn: the cloud never hears of it). ES023 for an order never handed in, ES019 for another state, ES020 for an unknown source.';
+
+
+--
 -- Name: ingest_asn(jsonb, text, text); Type: FUNCTION; Schema: scm
 --
 
@@ -837,8 +1750,8 @@ CREATE FUNCTION scm.ingest_asn(p_doc jsonb, p_source text, p_event_id text DEFAU
 declare
   v_asn_no text;
   v_supplier_code text;
-  v_supplier erp.supplier;
-  v_po erp.purchase_order;
+  v_supplier scm.supplier;
+  v_po scm.purchase_order;
   v_reject text[];
   v_id bigint;
   v_existing record;
@@ -857,7 +1770,7 @@ begin
   perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('scm.asn:' || v_supplier_code || ':' || v_asn_no, 0));
   if p_event_id is not null then
     perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('scm.asn_event:' || p_event_id, 0));
-    select id, asn_no, supplier_code, status, reject_code, reject_reason into v_existing from erp.asn_document where cloud_event_id = p_event_id;
+    select id, asn_no, supplier_code, status, reject_code, reject_reason into v_existing from scm.asn where cloud_event_id = p_event_id;
     if found then
       if (v_existing.supplier_code, v_existing.asn_no) is distinct from (v_supplier_code, v_asn_no) then
         raise exception using errcode = 'ES017',
@@ -868,23 +1781,23 @@ begin
       return (v_existing.id, v_existing.asn_no, 'duplicate', v_existing.reject_code, v_existing.reject_reason)::scm.asn_ingest_result;
     end if;
   end if;
-  select id, asn_no, status, reject_code, reject_reason into v_existing from erp.asn_document
+  select id, asn_no, status, reject_code, reject_reason into v_existing from scm.asn
    where supplier_code = v_supplier_code and asn_no = v_asn_no;
   if found then
     return (v_existing.id, v_existing.asn_no, 'duplicate', v_existing.reject_code, v_existing.reject_reason)::scm.asn_ingest_result;
   end if;
 
-  select * into v_supplier from erp.supplier where code = v_supplier_code;
+  select * into v_supplier from scm.supplier where code = v_supplier_code;
   -- lock the PO: two ASNs against one line must not both take its open quantity
-  select * into v_po from erp.purchase_order where po_no = p_doc #>> '{details,0,orderCode}' for update;
+  select * into v_po from scm.purchase_order where po_no = p_doc #>> '{details,0,orderCode}' for update;
   v_reject := scm._asn_rejection(p_doc, v_supplier, v_po);
   if p_source = 'portal' and v_reject[1] = 'ES012' then
     -- the portal must not learn whether another supplier's PO exists: the same answer as for no such PO
     v_reject := array['ES011', format('purchase order %s does not exist', p_doc #>> '{details,0,orderCode}')];
   end if;
 
-  insert into erp.asn_document (asn_no, supplier_code, supplier_id, po_no, po_id, ship_date, eta, carrier, tracking_no,
-                                status, reject_code, reject_reason, detail, source, cloud_event_id)
+  insert into scm.asn (asn_no, supplier_code, supplier_id, po_no, po_id, ship_date, eta, carrier, tracking_no,
+                       status, reject_code, reject_reason, detail, received_via, cloud_event_id)
   values (v_asn_no, v_supplier_code, v_supplier.id, p_doc #>> '{details,0,orderCode}',
           -- a rejected ASN keeps no link to a PO of another supplier
           case when v_po.supplier_id = v_supplier.id then v_po.id end,
@@ -894,10 +1807,13 @@ begin
           case when v_reject is null then 'accepted' else 'rejected' end, v_reject[1], v_reject[2],
           p_doc, p_source, p_event_id)
   returning id into v_id;
-  insert into erp.asn_line (asn_id, line_no, po_line_no, material_code, batch_no, quantity, production_date)
+  insert into scm.asn_line (asn_id, line_no, po_line_no, material_code, batch_no, quantity, production_date)
   select v_id, coalesce((d.value ->> 'lineno')::integer, d.n::integer), (d.value ->> 'orderDetailId')::integer, d.value ->> 'material',
          d.value ->> 'batchNo', (d.value ->> 'purchaseNum')::numeric, left(d.value ->> 'productionDate', 10)::date
     from jsonb_array_elements(p_doc -> 'details') with ordinality d(value, n);
+  if v_reject is null then
+    perform scm._call_source('asn', v_id);  -- a failing on_asn is kept (delivery_error), the ASN stays accepted
+  end if;
   return (v_id, v_asn_no, case when v_reject is null then 'accepted' else 'rejected' end, v_reject[1], v_reject[2])::scm.asn_ingest_result;
 end $$;
 
@@ -906,7 +1822,7 @@ end $$;
 -- Name: FUNCTION ingest_asn(p_doc jsonb, p_source text, p_event_id text); Type: COMMENT; Schema: scm
 --
 
-COMMENT ON FUNCTION scm.ingest_asn(p_doc jsonb, p_source text, p_event_id text) IS 'The one door for ASNs (webhook push, pull, shared database, portal): idempotent by cloud event id and by (supplier, ASN number), ES017 when a known event id comes with another ASN; delivery statuses that are no shipment are skipped (not_shipped); checks PO, supplier, lines and open quantities; stores accepted and rejected ASNs (with reason) and the original as detail. ES004 when the document is malformed (nothing stored).';
+COMMENT ON FUNCTION scm.ingest_asn(p_doc jsonb, p_source text, p_event_id text) IS 'The one door for ASNs (webhook push, pull, shared database, portal): idempotent by cloud event id and by (supplier, ASN number), ES017 when a known event id comes with another ASN; delivery statuses that are no shipment are skipped (not_shipped); checks PO, supplier, lines and open quantities against scm.purchase_order(_line); stores accepted and rejected ASNs (with reason) in scm.asn and the original as detail; an accepted ASN is delivered to the on_asn of its order''s source in this transaction (a duplicate is not delivered again). ES004 when the document is malformed (nothing stored).';
 
 
 --
@@ -991,6 +1907,97 @@ end $$;
 --
 
 COMMENT ON FUNCTION scm.put_po_endpoint(p_endpoint text) IS 'Chooses the endpoint approved purchase orders are published to (EC001 when it does not exist).';
+
+
+--
+-- Name: put_source(text, text, regprocedure, regprocedure, jsonb, text[]); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm.put_source(p_name text, p_document_label text DEFAULT NULL::text, p_on_order regprocedure DEFAULT NULL::regprocedure, p_on_asn regprocedure DEFAULT NULL::regprocedure, p_field_names jsonb DEFAULT NULL::jsonb, p_unset text[] DEFAULT '{}'::text[]) RETURNS scm.source
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+declare
+  v_bad text;
+  v_row scm.source;
+begin
+  if p_name is null or p_name !~ '^[a-z][a-z0-9_-]{0,39}$' then
+    raise exception using errcode = 'ES021', message = format('source name %L is not 1–40 lower-case letters, digits, - or _, starting with a letter', p_name),
+      hint = 'Name the ERP or its order type: acme, odoo-purchase.';
+  end if;
+  select u into v_bad from unnest(p_unset) u where u not in ('document_label', 'on_order', 'on_asn', 'field_names') limit 1;
+  if v_bad is not null then
+    raise exception using errcode = 'ES021', message = format('p_unset names %L, which scm.put_source does not set', v_bad),
+      hint = 'p_unset takes document_label, on_order, on_asn and field_names.';
+  end if;
+  if p_on_order is not null then
+    perform scm._check_callback(p_on_order, 'scm.order_result'::regtype, 'on_order');
+  end if;
+  if p_on_asn is not null then
+    perform scm._check_callback(p_on_asn, 'scm.asn_delivery'::regtype, 'on_asn');
+  end if;
+  if p_field_names is not null then
+    if jsonb_typeof(p_field_names) <> 'object' then
+      raise exception using errcode = 'ES021', message = 'p_field_names must be a JSON object of contract path → your name',
+        hint = 'For example {"lines[].quantity": "po_line.sl"}; the paths are in scm.contract_field.';
+    end if;
+    select k into v_bad from jsonb_object_keys(p_field_names) k where not exists (select from scm.contract_field f where f.path = k) limit 1;
+    if v_bad is not null then
+      raise exception using errcode = 'ES021', message = format('p_field_names: %L is not a path of the order document', v_bad),
+        hint = 'The paths are listed in scm.contract_field (po_no, supplier.code, lines[].quantity …).';
+    end if;
+    select e.key into v_bad from jsonb_each(p_field_names) e where jsonb_typeof(e.value) <> 'string' or btrim(e.value #>> '{}') = '' limit 1;
+    if v_bad is not null then
+      raise exception using errcode = 'ES021', message = format('p_field_names: the name given for %L is not a non-empty string', v_bad),
+        hint = 'Give your column as messages should name it: "po_head.djbh".';
+    end if;
+  end if;
+  insert into scm.source as s (name, document_label, on_order, on_asn, field_names)
+  values (p_name, coalesce(p_document_label, 'purchase order'), p_on_order, p_on_asn, coalesce(p_field_names, '{}'))
+  on conflict (name) do update
+     set document_label = case when 'document_label' = any (p_unset) then 'purchase order' else coalesce(p_document_label, s.document_label) end,
+         on_order       = case when 'on_order' = any (p_unset) then null else coalesce(p_on_order, s.on_order) end,
+         on_asn         = case when 'on_asn' = any (p_unset) then null else coalesce(p_on_asn, s.on_asn) end,
+         field_names    = case when 'field_names' = any (p_unset) then '{}' else coalesce(p_field_names, s.field_names) end,
+         updated_at     = now()
+  returning * into v_row;
+  return v_row;
+end $_$;
+
+
+--
+-- Name: FUNCTION put_source(p_name text, p_document_label text, p_on_order regprocedure, p_on_asn regprocedure, p_field_names jsonb, p_unset text[]); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm.put_source(p_name text, p_document_label text, p_on_order regprocedure, p_on_asn regprocedure, p_field_names jsonb, p_unset text[]) IS 'Operator: registers or changes a procurement source. A parameter not given keeps its value; p_unset clears one. ES021 for a bad name, a callback of the wrong signature, not SECURITY DEFINER with a search_path or owned by a superuser, or a field map naming an unknown path.';
+
+
+--
+-- Name: put_supplier(text, text, text, text); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm.put_supplier(p_code text, p_name text, p_tax_id text DEFAULT NULL::text, p_cloud_id text DEFAULT NULL::text) RETURNS scm.supplier
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+begin
+  if p_code is null or p_code !~ '^[A-Za-z0-9_.-]{1,64}$' then
+    raise exception using errcode = 'ES019', message = format('supplier code %L is not 1–64 letters, digits, ., _ or -', p_code),
+      detail = '$.supplier.code', hint = 'Use the supplier''s code as the procurement cloud knows it.';
+  end if;
+  if coalesce(btrim(p_name), '') = '' then
+    raise exception using errcode = 'ES019', message = format('supplier %s has no name', p_code),
+      detail = '$.supplier.name', hint = 'Give the supplier''s name.';
+  end if;
+  return scm._supplier_upsert(p_code, p_name, nullif(btrim(p_tax_id), ''), nullif(btrim(p_cloud_id), ''));
+end $_$;
+
+
+--
+-- Name: FUNCTION put_supplier(p_code text, p_name text, p_tax_id text, p_cloud_id text); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm.put_supplier(p_code text, p_name text, p_tax_id text, p_cloud_id text) IS 'Contract: adds a supplier or brings it up to date, by code (an order document does the same with its supplier object); returns it. ES019 for a code that is not simple or an empty name. Bind a portal login to it with scm.bind_portal_login.';
 
 
 --
@@ -1079,7 +2086,7 @@ CREATE FUNCTION scm.record_po_delivered(p_msg cloud.outbox, p_response jsonb) RE
     SET search_path TO ''
     AS $$
 begin
-  update erp.purchase_order
+  update scm.purchase_order
      set cloud_status = case
            -- a later message of this PO (a revision, the close) is still on its way: the PO is not yet as the cloud has it
            when exists (select from cloud.outbox o where o.ordering_key = p_msg.ordering_key and o.id > p_msg.id
@@ -1088,7 +2095,8 @@ begin
            when p_msg.operation = 'scm.po_revise' then 'revised' else 'closed' end,
          cloud_ref = coalesce(p_response #>> '{data,orderId}', p_response #>> '{data,id}', cloud_ref),
          cloud_error = null,
-         cloud_synced_at = pg_catalog.now()
+         cloud_synced_at = pg_catalog.now(),
+         updated_at = pg_catalog.now()
    where id = p_msg.aggregate_id::bigint;
 end $$;
 
@@ -1109,10 +2117,11 @@ CREATE FUNCTION scm.record_po_refused(p_msg cloud.outbox, p_error jsonb) RETURNS
     SET search_path TO ''
     AS $$
 begin
-  update erp.purchase_order
+  update scm.purchase_order
      set cloud_status = case when p_error ->> 'status' = 'dead' then 'undeliverable' else 'rejected' end,
          cloud_error = left(coalesce(p_error #>> '{response,message}', p_error ->> 'error', 'unknown error'), 1000),
-         cloud_synced_at = pg_catalog.now()
+         cloud_synced_at = pg_catalog.now(),
+         updated_at = pg_catalog.now()
    where id = p_msg.aggregate_id::bigint;
 end $$;
 
@@ -1142,6 +2151,40 @@ $$;
 --
 
 COMMENT ON FUNCTION scm.register_shared_portal_login(p_login_role name) IS 'Operator: lets the portal application''s login choose the supplier per transaction (scm.act_as_supplier). Only for the login of a portal app that authenticates suppliers itself.';
+
+
+--
+-- Name: replay_callbacks(text, timestamp with time zone); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm.replay_callbacks(p_source text, p_since timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_src scm.source := scm._source(p_source);
+  v     record;
+  n     integer := 0;
+begin
+  for v in
+    with due as (
+      update scm.callback_failure f set replayed_at = now()
+       where f.source = v_src.name and f.replayed_at is null and (p_since is null or f.failed_at >= p_since)
+      returning f.event, f.object_id)
+    select distinct event, object_id from due order by event, object_id
+  loop
+    perform scm._call_source(v.event, v.object_id);
+    n := n + 1;
+  end loop;
+  return n;
+end $$;
+
+
+--
+-- Name: FUNCTION replay_callbacks(p_source text, p_since timestamp with time zone); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm.replay_callbacks(p_source text, p_since timestamp with time zone) IS 'Operator: calls the source''s on_order again with the current state of every order, and its on_asn again for every ASN, whose callback failed (since p_since) and was not replayed; returns how many calls were made. A call that fails again is kept as a new failure.';
 
 
 --
@@ -1185,7 +2228,7 @@ begin
   -- whose right side it can see, and with a generic plan it would scan the table
   return query execute
     'select d.id, d.asn_no, d.supplier_code, d.po_no, d.status, d.ship_date, l.value
-       from erp.asn_document d
+       from scm.asn d
       cross join lateral jsonb_array_elements(d.detail -> ''details'') l
       where d.detail @> $1 and l.value @> $2'
     using jsonb_build_object('details', jsonb_build_array(v_line)), v_line;
@@ -1196,7 +2239,7 @@ end $_$;
 -- Name: FUNCTION search_asn_lines(p_material_code text, p_batch_no text); Type: COMMENT; Schema: scm
 --
 
-COMMENT ON FUNCTION scm.search_asn_lines(p_material_code text, p_batch_no text) IS 'ASN lines by material code and batch number: a containment search (detail @> {details: [{material, batchNo}]}) served by the GIN index on erp.asn_document.detail (jsonb_path_ops). The portal sees only its own ASNs (RLS).';
+COMMENT ON FUNCTION scm.search_asn_lines(p_material_code text, p_batch_no text) IS 'ASN lines by material code and batch number: a containment search (detail @> {details: [{material, batchNo}]}) served by the GIN index on scm.asn.detail (jsonb_path_ops). The portal sees only its own ASNs (RLS).';
 
 
 --
@@ -1209,7 +2252,7 @@ CREATE FUNCTION scm.submit_asn(p_doc jsonb) RETURNS scm.asn_ingest_result
     AS $$
 begin
   if scm.current_supplier_id() is null
-     or not exists (select from erp.supplier where id = scm.current_supplier_id() and code = p_doc ->> 'supplier') then
+     or not exists (select from scm.supplier where id = scm.current_supplier_id() and code = p_doc ->> 'supplier') then
     raise exception using errcode = '42501', message = 'an ASN can only be submitted for the supplier this session acts for',
       hint = 'Call scm.act_as_supplier(code) in this transaction, and send ASNs in that supplier''s name only.';
   end if;
@@ -1222,6 +2265,140 @@ end $$;
 --
 
 COMMENT ON FUNCTION scm.submit_asn(p_doc jsonb) IS 'The portal''s way to file an ASN: only in the name of the supplier set for this transaction (42501 otherwise), then through scm.ingest_asn.';
+
+
+--
+-- Name: tg_purchase_order__900_call_source(); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm.tg_purchase_order__900_call_source() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+begin
+  if current_setting('scm.enqueuing', true) = 'on' then
+    return null;  -- the caller's own enqueue: it has the result already
+  end if;
+  perform scm._call_source('order', new.id);
+  return null;
+end $$;
+
+
+--
+-- Name: FUNCTION tg_purchase_order__900_call_source(); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm.tg_purchase_order__900_call_source() IS 'Trigger: an order whose cloud state (status, reference, error, state) or supplier confirmation changed calls its source''s on_order with the whole current state; not when the change is the caller''s own enqueue_order(_close).';
+
+
+--
+-- Name: asn; Type: TABLE; Schema: scm
+--
+
+CREATE TABLE scm.asn (
+    id bigint NOT NULL,
+    asn_no text NOT NULL,
+    supplier_code text NOT NULL,
+    supplier_id bigint,
+    po_no text,
+    po_id bigint,
+    ship_date date,
+    eta date,
+    carrier text,
+    tracking_no text,
+    status text NOT NULL,
+    reject_code text,
+    reject_reason text,
+    detail jsonb NOT NULL,
+    received_via text NOT NULL,
+    cloud_event_id text,
+    received_at timestamp with time zone DEFAULT now() NOT NULL,
+    delivered_at timestamp with time zone,
+    delivery_error text,
+    CONSTRAINT asn_detail_object CHECK ((jsonb_typeof(detail) = 'object'::text)),
+    CONSTRAINT asn_received_via_known CHECK ((received_via = ANY (ARRAY['push'::text, 'pull'::text, 'shared_db'::text, 'portal'::text]))),
+    CONSTRAINT asn_rejection_has_reason CHECK (((status = 'rejected'::text) = ((reject_code IS NOT NULL) AND (reject_reason IS NOT NULL)))),
+    CONSTRAINT asn_status_known CHECK ((status = ANY (ARRAY['accepted'::text, 'rejected'::text])))
+);
+
+
+--
+-- Name: TABLE asn; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON TABLE scm.asn IS 'Advance shipping notices (发货单) from suppliers, written only by scm.ingest_asn. Rejected ones are kept with reject_code (ES010..ES016) and reject_reason and are not delivered; accepted ones are delivered to the on_asn of their order''s source (delivered_at, or delivery_error). detail is the original document as received (GIN-indexed, scm.search_asn_lines).';
+
+
+--
+-- Name: COLUMN asn.received_via; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.asn.received_via IS 'How it arrived: push (webhook), pull (delivery list fetched by the listener), shared_db (postgres_fdw copy), portal (scm.submit_asn).';
+
+
+--
+-- Name: COLUMN asn.delivered_at; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.asn.delivered_at IS 'When the on_asn of the order''s source took it (null: not delivered: rejected, no on_asn registered, or the callback failed).';
+
+
+--
+-- Name: COLUMN asn.delivery_error; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.asn.delivery_error IS 'Why the last delivery to on_asn failed (SQLSTATE: message); scm.replay_callbacks delivers it again.';
+
+
+--
+-- Name: asn_line; Type: TABLE; Schema: scm
+--
+
+CREATE TABLE scm.asn_line (
+    id bigint NOT NULL,
+    asn_id bigint NOT NULL,
+    line_no integer NOT NULL,
+    po_line_no integer NOT NULL,
+    material_code text NOT NULL,
+    batch_no text,
+    quantity numeric(18,4) NOT NULL,
+    production_date date
+);
+
+
+--
+-- Name: TABLE asn_line; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON TABLE scm.asn_line IS 'ASN lines: which PO line is shipped, how much, which batch.';
+
+
+--
+-- Name: asn_id_seq; Type: SEQUENCE; Schema: scm
+--
+
+ALTER TABLE scm.asn ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME scm.asn_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
+-- Name: asn_line_id_seq; Type: SEQUENCE; Schema: scm
+--
+
+ALTER TABLE scm.asn_line ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME scm.asn_line_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
 
 
 --
@@ -1262,6 +2439,194 @@ ALTER TABLE scm.asn_quarantine ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY 
 
 
 --
+-- Name: asn_status; Type: VIEW; Schema: scm
+--
+
+CREATE VIEW scm.asn_status WITH (security_invoker='true') AS
+ SELECT po.source,
+    po.reference AS order_reference,
+    a.id AS asn_id,
+    a.asn_no,
+    a.supplier_code,
+    a.po_no,
+    a.status,
+    a.reject_code,
+    a.reject_reason,
+    a.received_via,
+    a.received_at,
+    a.delivered_at,
+    a.delivery_error,
+    a.ship_date,
+    a.eta,
+    a.carrier,
+    a.tracking_no,
+    ( SELECT jsonb_agg(((to_jsonb(l.*) - 'id'::text) - 'asn_id'::text) ORDER BY l.line_no) AS jsonb_agg
+           FROM scm.asn_line l
+          WHERE (l.asn_id = a.id)) AS lines
+   FROM (scm.asn a
+     LEFT JOIN scm.purchase_order po ON ((po.id = a.po_id)));
+
+
+--
+-- Name: VIEW asn_status; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON VIEW scm.asn_status IS 'Contract: every ASN kept, accepted or rejected (reject_code, reject_reason), with the order it ships against by its source and reference (null for an order erp-cloud does not know), how it arrived, when it was delivered to the source''s on_asn (or why not: delivery_error), and its lines. Runs with the reader''s rights: a supplier portal sees its own ASNs only.';
+
+
+--
+-- Name: callback_failure; Type: TABLE; Schema: scm
+--
+
+CREATE TABLE scm.callback_failure (
+    id bigint NOT NULL,
+    source text NOT NULL,
+    event text NOT NULL,
+    object_id bigint NOT NULL,
+    sqlstate text NOT NULL,
+    message text NOT NULL,
+    failed_at timestamp with time zone DEFAULT now() NOT NULL,
+    replayed_at timestamp with time zone,
+    CONSTRAINT callback_failure_event CHECK ((event = ANY (ARRAY['order'::text, 'asn'::text])))
+);
+
+
+--
+-- Name: TABLE callback_failure; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON TABLE scm.callback_failure IS 'A source''s on_order or on_asn that raised: its own writes were rolled back, the transaction that called it committed. scm.replay_callbacks calls it again.';
+
+
+--
+-- Name: COLUMN callback_failure.event; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.callback_failure.event IS 'order: on_order for scm.purchase_order object_id; asn: on_asn for scm.asn object_id.';
+
+
+--
+-- Name: COLUMN callback_failure.object_id; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.callback_failure.object_id IS 'The order (event order) or ASN (event asn) the callback was called for.';
+
+
+--
+-- Name: COLUMN callback_failure.replayed_at; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.callback_failure.replayed_at IS 'When scm.replay_callbacks called the source again for this failure (null: not yet).';
+
+
+--
+-- Name: callback_failure_id_seq; Type: SEQUENCE; Schema: scm
+--
+
+ALTER TABLE scm.callback_failure ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME scm.callback_failure_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
+-- Name: contract_field; Type: TABLE; Schema: scm
+--
+
+CREATE TABLE scm.contract_field (
+    path text NOT NULL,
+    meaning text NOT NULL
+);
+
+
+--
+-- Name: TABLE contract_field; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON TABLE scm.contract_field IS 'The paths of the order document (scm.enqueue_order) a source may name in its field map (scm.put_source p_field_names): reference, po_no, supplier.*, lines[].* ….';
+
+
+--
+-- Name: COLUMN contract_field.path; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.contract_field.path IS 'A path of the contract: supplier.code, lines[].quantity …';
+
+
+--
+-- Name: COLUMN contract_field.meaning; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.contract_field.meaning IS 'What the field is, in one line.';
+
+
+--
+-- Name: purchase_order_line; Type: TABLE; Schema: scm
+--
+
+CREATE TABLE scm.purchase_order_line (
+    id bigint NOT NULL,
+    po_id bigint NOT NULL,
+    line_no integer NOT NULL,
+    material_code text NOT NULL,
+    material_name text NOT NULL,
+    quantity numeric(18,4) NOT NULL,
+    unit text DEFAULT 'PCS'::text NOT NULL,
+    price numeric(18,6) NOT NULL,
+    tax_rate numeric(5,4) DEFAULT 0.13 NOT NULL,
+    delivery_date date,
+    CONSTRAINT purchase_order_line_price_not_negative CHECK ((price >= (0)::numeric)),
+    CONSTRAINT purchase_order_line_quantity_positive CHECK ((quantity > (0)::numeric)),
+    CONSTRAINT purchase_order_line_tax_rate_fraction CHECK (((tax_rate >= (0)::numeric) AND (tax_rate < (1)::numeric)))
+);
+
+
+--
+-- Name: TABLE purchase_order_line; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON TABLE scm.purchase_order_line IS 'The lines of an order as the cloud has them (line_no is the caller''s lines[].line_no, which ASNs name): price excludes tax, tax_rate is a fraction (0.13 = 13 %).';
+
+
+--
+-- Name: order_status; Type: VIEW; Schema: scm
+--
+
+CREATE VIEW scm.order_status WITH (security_invoker='true') AS
+ SELECT po.source,
+    po.reference,
+    po.id AS order_id,
+    po.po_no,
+    s.code AS supplier_code,
+    po.state,
+    po.last_operation AS operation,
+    po.cloud_status,
+    po.cloud_ref,
+    po.cloud_error,
+    po.cloud_revision AS revision,
+    po.cloud_synced_at AS synced_at,
+    po.supplier_confirmed_at,
+    po.created_at,
+    po.updated_at,
+    ( SELECT jsonb_agg(((to_jsonb(l.*) - 'id'::text) - 'po_id'::text) ORDER BY l.line_no) AS jsonb_agg
+           FROM scm.purchase_order_line l
+          WHERE (l.po_id = po.id)) AS lines
+   FROM (scm.purchase_order po
+     JOIN scm.supplier s ON ((s.id = po.supplier_id)));
+
+
+--
+-- Name: VIEW order_status; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON VIEW scm.order_status IS 'Contract: the orders of every source by (source, reference): state (open, closed, cancelled), the last operation sent (publish, revise, close), cloud_status (queued, published, revised, closed, rejected, undeliverable), the cloud''s order id (cloud_ref) or refusal (cloud_error), revision, when the cloud last answered, the supplier''s confirmation, and the lines as the cloud has them. Runs with the reader''s rights: a supplier portal sees its own orders only.';
+
+
+--
 -- Name: portal_login; Type: TABLE; Schema: scm
 --
 
@@ -1277,6 +2642,34 @@ CREATE TABLE scm.portal_login (
 --
 
 COMMENT ON TABLE scm.portal_login IS 'The login roles that may use the supplier portal. A login bound to a supplier (session_user) can only ever act as that supplier, whatever scm.supplier_id says; a login registered as shared (supplier_id null: the trusted portal app) chooses the supplier per transaction with scm.act_as_supplier. A login that is not listed sees nothing (fails closed).';
+
+
+--
+-- Name: purchase_order_id_seq; Type: SEQUENCE; Schema: scm
+--
+
+ALTER TABLE scm.purchase_order ALTER COLUMN id ADD GENERATED BY DEFAULT AS IDENTITY (
+    SEQUENCE NAME scm.purchase_order_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
+-- Name: purchase_order_line_id_seq; Type: SEQUENCE; Schema: scm
+--
+
+ALTER TABLE scm.purchase_order_line ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME scm.purchase_order_line_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
 
 
 --
@@ -1317,6 +2710,52 @@ COMMENT ON TABLE scm.shared_asn_source IS 'Foreign tables of ASNs in a cloud''s 
 
 
 --
+-- Name: supplier_id_seq; Type: SEQUENCE; Schema: scm
+--
+
+ALTER TABLE scm.supplier ALTER COLUMN id ADD GENERATED BY DEFAULT AS IDENTITY (
+    SEQUENCE NAME scm.supplier_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
+-- Name: asn asn_cloud_event_id_key; Type: CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.asn
+    ADD CONSTRAINT asn_cloud_event_id_key UNIQUE (cloud_event_id);
+
+
+--
+-- Name: asn_line asn_line_asn_id_line_no_key; Type: CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.asn_line
+    ADD CONSTRAINT asn_line_asn_id_line_no_key UNIQUE (asn_id, line_no);
+
+
+--
+-- Name: asn_line asn_line_pkey; Type: CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.asn_line
+    ADD CONSTRAINT asn_line_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: asn asn_pkey; Type: CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.asn
+    ADD CONSTRAINT asn_pkey PRIMARY KEY (id);
+
+
+--
 -- Name: asn_pull asn_pull_pkey; Type: CONSTRAINT; Schema: scm
 --
 
@@ -1341,11 +2780,75 @@ ALTER TABLE ONLY scm.asn_quarantine
 
 
 --
+-- Name: asn asn_supplier_code_asn_no_key; Type: CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.asn
+    ADD CONSTRAINT asn_supplier_code_asn_no_key UNIQUE (supplier_code, asn_no);
+
+
+--
+-- Name: callback_failure callback_failure_pkey; Type: CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.callback_failure
+    ADD CONSTRAINT callback_failure_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: contract_field contract_field_pkey; Type: CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.contract_field
+    ADD CONSTRAINT contract_field_pkey PRIMARY KEY (path);
+
+
+--
 -- Name: portal_login portal_login_pkey; Type: CONSTRAINT; Schema: scm
 --
 
 ALTER TABLE ONLY scm.portal_login
     ADD CONSTRAINT portal_login_pkey PRIMARY KEY (login_role);
+
+
+--
+-- Name: purchase_order_line purchase_order_line_pkey; Type: CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.purchase_order_line
+    ADD CONSTRAINT purchase_order_line_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: purchase_order_line purchase_order_line_po_id_line_no_key; Type: CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.purchase_order_line
+    ADD CONSTRAINT purchase_order_line_po_id_line_no_key UNIQUE (po_id, line_no);
+
+
+--
+-- Name: purchase_order purchase_order_pkey; Type: CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.purchase_order
+    ADD CONSTRAINT purchase_order_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: purchase_order purchase_order_po_no_key; Type: CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.purchase_order
+    ADD CONSTRAINT purchase_order_po_no_key UNIQUE (po_no);
+
+
+--
+-- Name: purchase_order purchase_order_source_reference_key; Type: CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.purchase_order
+    ADD CONSTRAINT purchase_order_source_reference_key UNIQUE (source, reference);
 
 
 --
@@ -1365,6 +2868,44 @@ ALTER TABLE ONLY scm.shared_asn_source
 
 
 --
+-- Name: source source_pkey; Type: CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.source
+    ADD CONSTRAINT source_pkey PRIMARY KEY (name);
+
+
+--
+-- Name: supplier supplier_code_key; Type: CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.supplier
+    ADD CONSTRAINT supplier_code_key UNIQUE (code);
+
+
+--
+-- Name: supplier supplier_pkey; Type: CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.supplier
+    ADD CONSTRAINT supplier_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: asn_detail; Type: INDEX; Schema: scm
+--
+
+CREATE INDEX asn_detail ON scm.asn USING gin (detail jsonb_path_ops) WITH (fastupdate=off);
+
+
+--
+-- Name: asn_po; Type: INDEX; Schema: scm
+--
+
+CREATE INDEX asn_po ON scm.asn USING btree (po_id);
+
+
+--
 -- Name: asn_quarantine_pushed_event; Type: INDEX; Schema: scm
 --
 
@@ -1379,6 +2920,50 @@ COMMENT ON INDEX scm.asn_quarantine_pushed_event IS 'A pushed event is kept once
 
 
 --
+-- Name: asn_supplier; Type: INDEX; Schema: scm
+--
+
+CREATE INDEX asn_supplier ON scm.asn USING btree (supplier_id);
+
+
+--
+-- Name: callback_failure_unreplayed; Type: INDEX; Schema: scm
+--
+
+CREATE INDEX callback_failure_unreplayed ON scm.callback_failure USING btree (source, failed_at) WHERE (replayed_at IS NULL);
+
+
+--
+-- Name: purchase_order_supplier; Type: INDEX; Schema: scm
+--
+
+CREATE INDEX purchase_order_supplier ON scm.purchase_order USING btree (supplier_id);
+
+
+--
+-- Name: purchase_order purchase_order_900_call_source; Type: TRIGGER; Schema: scm
+--
+
+CREATE TRIGGER purchase_order_900_call_source AFTER UPDATE ON scm.purchase_order FOR EACH ROW WHEN (((old.cloud_status IS DISTINCT FROM new.cloud_status) OR (old.cloud_ref IS DISTINCT FROM new.cloud_ref) OR (old.cloud_error IS DISTINCT FROM new.cloud_error) OR (old.state IS DISTINCT FROM new.state) OR (old.supplier_confirmed_at IS DISTINCT FROM new.supplier_confirmed_at))) EXECUTE FUNCTION scm.tg_purchase_order__900_call_source();
+
+
+--
+-- Name: asn_line asn_line_asn_id_fkey; Type: FK CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.asn_line
+    ADD CONSTRAINT asn_line_asn_id_fkey FOREIGN KEY (asn_id) REFERENCES scm.asn(id) ON DELETE CASCADE;
+
+
+--
+-- Name: asn asn_po_id_fkey; Type: FK CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.asn
+    ADD CONSTRAINT asn_po_id_fkey FOREIGN KEY (po_id) REFERENCES scm.purchase_order(id);
+
+
+--
 -- Name: asn_pull asn_pull_endpoint_fkey; Type: FK CONSTRAINT; Schema: scm
 --
 
@@ -1387,12 +2972,221 @@ ALTER TABLE ONLY scm.asn_pull
 
 
 --
+-- Name: asn asn_supplier_id_fkey; Type: FK CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.asn
+    ADD CONSTRAINT asn_supplier_id_fkey FOREIGN KEY (supplier_id) REFERENCES scm.supplier(id);
+
+
+--
+-- Name: callback_failure callback_failure_source_fkey; Type: FK CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.callback_failure
+    ADD CONSTRAINT callback_failure_source_fkey FOREIGN KEY (source) REFERENCES scm.source(name) ON DELETE CASCADE;
+
+
+--
 -- Name: portal_login portal_login_supplier_id_fkey; Type: FK CONSTRAINT; Schema: scm
 --
 
 ALTER TABLE ONLY scm.portal_login
-    ADD CONSTRAINT portal_login_supplier_id_fkey FOREIGN KEY (supplier_id) REFERENCES erp.supplier(id);
+    ADD CONSTRAINT portal_login_supplier_id_fkey FOREIGN KEY (supplier_id) REFERENCES scm.supplier(id);
 
+
+--
+-- Name: purchase_order_line purchase_order_line_po_id_fkey; Type: FK CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.purchase_order_line
+    ADD CONSTRAINT purchase_order_line_po_id_fkey FOREIGN KEY (po_id) REFERENCES scm.purchase_order(id) ON DELETE CASCADE;
+
+
+--
+-- Name: purchase_order purchase_order_source_fkey; Type: FK CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.purchase_order
+    ADD CONSTRAINT purchase_order_source_fkey FOREIGN KEY (source) REFERENCES scm.source(name);
+
+
+--
+-- Name: purchase_order purchase_order_supplier_id_fkey; Type: FK CONSTRAINT; Schema: scm
+--
+
+ALTER TABLE ONLY scm.purchase_order
+    ADD CONSTRAINT purchase_order_supplier_id_fkey FOREIGN KEY (supplier_id) REFERENCES scm.supplier(id);
+
+
+--
+-- Name: asn Operators see every ASN; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "Operators see every ASN" ON scm.asn FOR SELECT TO erp_cloud_operator USING (true);
+
+
+--
+-- Name: asn_line Operators see every ASN line; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "Operators see every ASN line" ON scm.asn_line FOR SELECT TO erp_cloud_operator USING (true);
+
+
+--
+-- Name: purchase_order Operators see every purchase order; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "Operators see every purchase order" ON scm.purchase_order FOR SELECT TO erp_cloud_operator USING (true);
+
+
+--
+-- Name: purchase_order_line Operators see every purchase order line; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "Operators see every purchase order line" ON scm.purchase_order_line FOR SELECT TO erp_cloud_operator USING (true);
+
+
+--
+-- Name: supplier Operators see every supplier; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "Operators see every supplier" ON scm.supplier FOR SELECT TO erp_cloud_operator USING (true);
+
+
+--
+-- Name: asn_line Suppliers add lines only to their own ASNs; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "Suppliers add lines only to their own ASNs" ON scm.asn_line FOR INSERT TO erp_cloud_supplier_portal WITH CHECK ((EXISTS ( SELECT
+   FROM scm.asn d
+  WHERE ((d.id = asn_line.asn_id) AND (d.supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id))))));
+
+
+--
+-- Name: asn Suppliers change only their own ASNs and cannot move one to ano; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "Suppliers change only their own ASNs and cannot move one to ano" ON scm.asn FOR UPDATE TO erp_cloud_supplier_portal USING ((supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id))) WITH CHECK ((supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id)));
+
+
+--
+-- Name: purchase_order Suppliers change only their own purchase orders; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "Suppliers change only their own purchase orders" ON scm.purchase_order FOR UPDATE TO erp_cloud_supplier_portal USING ((supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id))) WITH CHECK ((supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id)));
+
+
+--
+-- Name: asn Suppliers file ASNs only in their own name; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "Suppliers file ASNs only in their own name" ON scm.asn FOR INSERT TO erp_cloud_supplier_portal WITH CHECK ((supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id)));
+
+
+--
+-- Name: asn_line Suppliers see only the lines of their own ASNs; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "Suppliers see only the lines of their own ASNs" ON scm.asn_line FOR SELECT TO erp_cloud_supplier_portal USING ((EXISTS ( SELECT
+   FROM scm.asn d
+  WHERE ((d.id = asn_line.asn_id) AND (d.supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id))))));
+
+
+--
+-- Name: purchase_order_line Suppliers see only the lines of their own purchase orders; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "Suppliers see only the lines of their own purchase orders" ON scm.purchase_order_line FOR SELECT TO erp_cloud_supplier_portal USING ((EXISTS ( SELECT
+   FROM scm.purchase_order po
+  WHERE ((po.id = purchase_order_line.po_id) AND (po.supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id))))));
+
+
+--
+-- Name: asn Suppliers see only their own ASNs; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "Suppliers see only their own ASNs" ON scm.asn FOR SELECT TO erp_cloud_supplier_portal USING ((supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id)));
+
+
+--
+-- Name: purchase_order Suppliers see only their own purchase orders; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "Suppliers see only their own purchase orders" ON scm.purchase_order FOR SELECT TO erp_cloud_supplier_portal USING ((supplier_id = ( SELECT scm.current_supplier_id() AS current_supplier_id)));
+
+
+--
+-- Name: supplier Suppliers see only their own supplier record; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "Suppliers see only their own supplier record" ON scm.supplier FOR SELECT TO erp_cloud_supplier_portal USING ((id = ( SELECT scm.current_supplier_id() AS current_supplier_id)));
+
+
+--
+-- Name: asn The ERP sees and changes every ASN; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "The ERP sees and changes every ASN" ON scm.asn TO erp_cloud_app USING (true) WITH CHECK (true);
+
+
+--
+-- Name: asn_line The ERP sees and changes every ASN line; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "The ERP sees and changes every ASN line" ON scm.asn_line TO erp_cloud_app USING (true) WITH CHECK (true);
+
+
+--
+-- Name: purchase_order The ERP sees every purchase order; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "The ERP sees every purchase order" ON scm.purchase_order FOR SELECT TO erp_cloud_app USING (true);
+
+
+--
+-- Name: purchase_order_line The ERP sees every purchase order line; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "The ERP sees every purchase order line" ON scm.purchase_order_line FOR SELECT TO erp_cloud_app USING (true);
+
+
+--
+-- Name: supplier The ERP sees every supplier; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "The ERP sees every supplier" ON scm.supplier FOR SELECT TO erp_cloud_app USING (true);
+
+
+--
+-- Name: asn; Type: ROW SECURITY; Schema: scm
+--
+
+ALTER TABLE scm.asn ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: asn_line; Type: ROW SECURITY; Schema: scm
+--
+
+ALTER TABLE scm.asn_line ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: purchase_order; Type: ROW SECURITY; Schema: scm
+--
+
+ALTER TABLE scm.purchase_order ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: purchase_order_line; Type: ROW SECURITY; Schema: scm
+--
+
+ALTER TABLE scm.purchase_order_line ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: supplier; Type: ROW SECURITY; Schema: scm
+--
+
+ALTER TABLE scm.supplier ENABLE ROW LEVEL SECURITY;
 
 --
 -- Name: SCHEMA scm; Type: ACL; Schema: -
@@ -1405,10 +3199,49 @@ GRANT USAGE ON SCHEMA scm TO erp_cloud_supplier_portal;
 
 
 --
--- Name: FUNCTION _asn_rejection(p_doc jsonb, p_supplier erp.supplier, p_po erp.purchase_order); Type: ACL; Schema: scm
+-- Name: FUNCTION _asn_delivery(p_asn_id bigint); Type: ACL; Schema: scm
 --
 
-REVOKE ALL ON FUNCTION scm._asn_rejection(p_doc jsonb, p_supplier erp.supplier, p_po erp.purchase_order) FROM PUBLIC;
+REVOKE ALL ON FUNCTION scm._asn_delivery(p_asn_id bigint) FROM PUBLIC;
+
+
+--
+-- Name: TABLE purchase_order; Type: ACL; Schema: scm
+--
+
+GRANT SELECT ON TABLE scm.purchase_order TO erp_cloud_app;
+GRANT SELECT ON TABLE scm.purchase_order TO erp_cloud_operator;
+GRANT SELECT ON TABLE scm.purchase_order TO erp_cloud_supplier_portal;
+
+
+--
+-- Name: COLUMN purchase_order.supplier_confirmed_at; Type: ACL; Schema: scm
+--
+
+GRANT UPDATE(supplier_confirmed_at) ON TABLE scm.purchase_order TO erp_cloud_supplier_portal;
+
+
+--
+-- Name: TABLE supplier; Type: ACL; Schema: scm
+--
+
+GRANT SELECT ON TABLE scm.supplier TO erp_cloud_app;
+GRANT SELECT ON TABLE scm.supplier TO erp_cloud_operator;
+GRANT SELECT ON TABLE scm.supplier TO erp_cloud_supplier_portal;
+
+
+--
+-- Name: FUNCTION _asn_rejection(p_doc jsonb, p_supplier scm.supplier, p_po scm.purchase_order); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm._asn_rejection(p_doc jsonb, p_supplier scm.supplier, p_po scm.purchase_order) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _call_source(p_event text, p_object_id bigint); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm._call_source(p_event text, p_object_id bigint) FROM PUBLIC;
 
 
 --
@@ -1419,11 +3252,46 @@ REVOKE ALL ON FUNCTION scm._check_asn_shape(p_doc jsonb) FROM PUBLIC;
 
 
 --
+-- Name: FUNCTION _check_callback(p_fn regprocedure, p_arg regtype, p_what text); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm._check_callback(p_fn regprocedure, p_arg regtype, p_what text) FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION _check_identifier(p_what text, p_value text); Type: ACL; Schema: scm
 --
 
 REVOKE ALL ON FUNCTION scm._check_identifier(p_what text, p_value text) FROM PUBLIC;
 GRANT ALL ON FUNCTION scm._check_identifier(p_what text, p_value text) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION _doc_date(p_value jsonb, p_ctx scm.validation_context, p_path text, p_line_no integer); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm._doc_date(p_value jsonb, p_ctx scm.validation_context, p_path text, p_line_no integer) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _doc_numeric(p_value jsonb, p_ctx scm.validation_context, p_path text, p_line_no integer); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm._doc_numeric(p_value jsonb, p_ctx scm.validation_context, p_path text, p_line_no integer) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _doc_text(p_value jsonb, p_ctx scm.validation_context, p_path text, p_required boolean, p_line_no integer); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm._doc_text(p_value jsonb, p_ctx scm.validation_context, p_path text, p_required boolean, p_line_no integer) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _field(p_ctx scm.validation_context, p_path text); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm._field(p_ctx scm.validation_context, p_path text) FROM PUBLIC;
 
 
 --
@@ -1441,10 +3309,24 @@ REVOKE ALL ON FUNCTION scm._is_shipment(p_doc jsonb) FROM PUBLIC;
 
 
 --
+-- Name: FUNCTION _malformed(p_ctx scm.validation_context, p_path text, p_problem text, p_hint text, p_line_no integer); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm._malformed(p_ctx scm.validation_context, p_path text, p_problem text, p_hint text, p_line_no integer) FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION _malformed_asn(p_what text, p_field text); Type: ACL; Schema: scm
 --
 
 REVOKE ALL ON FUNCTION scm._malformed_asn(p_what text, p_field text) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _order_result(p_order_id bigint); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm._order_result(p_order_id bigint) FROM PUBLIC;
 
 
 --
@@ -1462,10 +3344,24 @@ REVOKE ALL ON FUNCTION scm._quarantine_asn(p_doc jsonb, p_source text, p_event_i
 
 
 --
+-- Name: FUNCTION _reference_erp_order(p_po_id bigint); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm._reference_erp_order(p_po_id bigint) FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION _refuse_other_supplier(); Type: ACL; Schema: scm
 --
 
 REVOKE ALL ON FUNCTION scm._refuse_other_supplier() FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _set_enqueuing(p_on boolean); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm._set_enqueuing(p_on boolean) FROM PUBLIC;
 
 
 --
@@ -1476,10 +3372,38 @@ REVOKE ALL ON FUNCTION scm._shipped_quantity(p_po_id bigint, p_line_no integer) 
 
 
 --
+-- Name: TABLE source; Type: ACL; Schema: scm
+--
+
+GRANT SELECT ON TABLE scm.source TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION _source(p_source text); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm._source(p_source text) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _supplier_upsert(p_code text, p_name text, p_tax_id text, p_cloud_id text, p_id bigint); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm._supplier_upsert(p_code text, p_name text, p_tax_id text, p_cloud_id text, p_id bigint) FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION _sync_purchase_order(p_po_id bigint); Type: ACL; Schema: scm
 --
 
 REVOKE ALL ON FUNCTION scm._sync_purchase_order(p_po_id bigint) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _where(p_ctx scm.validation_context, p_line_no integer); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm._where(p_ctx scm.validation_context, p_line_no integer) FROM PUBLIC;
 
 
 --
@@ -1589,6 +3513,22 @@ GRANT ALL ON FUNCTION scm.enqueue_asn_pulls(p_now timestamp with time zone) TO e
 
 
 --
+-- Name: FUNCTION enqueue_order(p_source text, p_reference text, p_order jsonb); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm.enqueue_order(p_source text, p_reference text, p_order jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION scm.enqueue_order(p_source text, p_reference text, p_order jsonb) TO erp_cloud_app;
+
+
+--
+-- Name: FUNCTION enqueue_order_close(p_source text, p_reference text, p_state text); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm.enqueue_order_close(p_source text, p_reference text, p_state text) FROM PUBLIC;
+GRANT ALL ON FUNCTION scm.enqueue_order_close(p_source text, p_reference text, p_state text) TO erp_cloud_app;
+
+
+--
 -- Name: FUNCTION ingest_asn(p_doc jsonb, p_source text, p_event_id text); Type: ACL; Schema: scm
 --
 
@@ -1619,6 +3559,23 @@ GRANT ALL ON FUNCTION scm.put_asn_pull(p_endpoint text, p_enabled boolean, p_wat
 
 REVOKE ALL ON FUNCTION scm.put_po_endpoint(p_endpoint text) FROM PUBLIC;
 GRANT ALL ON FUNCTION scm.put_po_endpoint(p_endpoint text) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION put_source(p_name text, p_document_label text, p_on_order regprocedure, p_on_asn regprocedure, p_field_names jsonb, p_unset text[]); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm.put_source(p_name text, p_document_label text, p_on_order regprocedure, p_on_asn regprocedure, p_field_names jsonb, p_unset text[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION scm.put_source(p_name text, p_document_label text, p_on_order regprocedure, p_on_asn regprocedure, p_field_names jsonb, p_unset text[]) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION put_supplier(p_code text, p_name text, p_tax_id text, p_cloud_id text); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm.put_supplier(p_code text, p_name text, p_tax_id text, p_cloud_id text) FROM PUBLIC;
+GRANT ALL ON FUNCTION scm.put_supplier(p_code text, p_name text, p_tax_id text, p_cloud_id text) TO erp_cloud_app;
+GRANT ALL ON FUNCTION scm.put_supplier(p_code text, p_name text, p_tax_id text, p_cloud_id text) TO erp_cloud_operator;
 
 
 --
@@ -1662,6 +3619,14 @@ GRANT ALL ON FUNCTION scm.register_shared_portal_login(p_login_role name) TO erp
 
 
 --
+-- Name: FUNCTION replay_callbacks(p_source text, p_since timestamp with time zone); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm.replay_callbacks(p_source text, p_since timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION scm.replay_callbacks(p_source text, p_since timestamp with time zone) TO erp_cloud_operator;
+
+
+--
 -- Name: FUNCTION schedule_jobs(); Type: ACL; Schema: scm
 --
 
@@ -1688,10 +3653,98 @@ GRANT ALL ON FUNCTION scm.submit_asn(p_doc jsonb) TO erp_cloud_supplier_portal;
 
 
 --
+-- Name: FUNCTION tg_purchase_order__900_call_source(); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm.tg_purchase_order__900_call_source() FROM PUBLIC;
+
+
+--
+-- Name: TABLE asn; Type: ACL; Schema: scm
+--
+
+GRANT SELECT,UPDATE ON TABLE scm.asn TO erp_cloud_app;
+GRANT SELECT ON TABLE scm.asn TO erp_cloud_operator;
+GRANT SELECT ON TABLE scm.asn TO erp_cloud_supplier_portal;
+
+
+--
+-- Name: COLUMN asn.eta; Type: ACL; Schema: scm
+--
+
+GRANT UPDATE(eta) ON TABLE scm.asn TO erp_cloud_supplier_portal;
+
+
+--
+-- Name: COLUMN asn.carrier; Type: ACL; Schema: scm
+--
+
+GRANT UPDATE(carrier) ON TABLE scm.asn TO erp_cloud_supplier_portal;
+
+
+--
+-- Name: COLUMN asn.tracking_no; Type: ACL; Schema: scm
+--
+
+GRANT UPDATE(tracking_no) ON TABLE scm.asn TO erp_cloud_supplier_portal;
+
+
+--
+-- Name: TABLE asn_line; Type: ACL; Schema: scm
+--
+
+GRANT SELECT ON TABLE scm.asn_line TO erp_cloud_app;
+GRANT SELECT ON TABLE scm.asn_line TO erp_cloud_operator;
+GRANT SELECT ON TABLE scm.asn_line TO erp_cloud_supplier_portal;
+
+
+--
 -- Name: TABLE asn_quarantine; Type: ACL; Schema: scm
 --
 
 GRANT SELECT,DELETE ON TABLE scm.asn_quarantine TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE asn_status; Type: ACL; Schema: scm
+--
+
+GRANT SELECT ON TABLE scm.asn_status TO erp_cloud_app;
+GRANT SELECT ON TABLE scm.asn_status TO erp_cloud_operator;
+GRANT SELECT ON TABLE scm.asn_status TO erp_cloud_supplier_portal;
+
+
+--
+-- Name: TABLE callback_failure; Type: ACL; Schema: scm
+--
+
+GRANT SELECT ON TABLE scm.callback_failure TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE contract_field; Type: ACL; Schema: scm
+--
+
+GRANT SELECT ON TABLE scm.contract_field TO erp_cloud_app;
+GRANT SELECT ON TABLE scm.contract_field TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE purchase_order_line; Type: ACL; Schema: scm
+--
+
+GRANT SELECT ON TABLE scm.purchase_order_line TO erp_cloud_app;
+GRANT SELECT ON TABLE scm.purchase_order_line TO erp_cloud_operator;
+GRANT SELECT ON TABLE scm.purchase_order_line TO erp_cloud_supplier_portal;
+
+
+--
+-- Name: TABLE order_status; Type: ACL; Schema: scm
+--
+
+GRANT SELECT ON TABLE scm.order_status TO erp_cloud_app;
+GRANT SELECT ON TABLE scm.order_status TO erp_cloud_operator;
+GRANT SELECT ON TABLE scm.order_status TO erp_cloud_supplier_portal;
 
 
 --

@@ -17,7 +17,7 @@ CREATE SCHEMA sso;
 -- Name: SCHEMA sso; Type: COMMENT; Schema: -
 --
 
-COMMENT ON SCHEMA sso IS 'Single sign-on: the OpenID Provider''s clients, storage, signing-key schedule, jump tickets and audit.';
+COMMENT ON SCHEMA sso IS 'Single sign-on: the users it signs in (the identity source), the OpenID Provider''s clients, storage, signing-key schedule, jump tickets and audit.';
 
 
 --
@@ -335,7 +335,7 @@ CREATE FUNCTION sso.consume_jump_ticket(p_ticket text, p_client_id text, p_sourc
     AS $$
 declare
   v_t      sso.jump_ticket;
-  v_user   erp.app_user;
+  v_user   sso.app_user;
   v_client sso.client;
   v_code   text;
   v_reason text;
@@ -349,7 +349,7 @@ begin
     v_code := 'EO022'; v_reason := 'the jump link has expired';
   else
     select * into v_client from sso.client c where c.client_id = v_t.client_id;
-    select * into v_user from erp.app_user u where u.id = v_t.user_id;
+    select * into v_user from sso.app_user u where u.id = v_t.user_id;
     if not v_client.enabled then
       v_code := 'EO005'; v_reason := 'the application is disabled for single sign-on';
     elsif not v_user.active then
@@ -434,21 +434,21 @@ CREATE FUNCTION sso.issue_jump_ticket(p_login text, p_client_id text, p_source_a
     SET search_path TO ''
     AS $$
 declare
-  v_user   erp.app_user;
+  v_user   sso.app_user;
   v_client sso.client;
   v_issuer text;
   v_ticket text := sso._random_token();
   v_source inet := coalesce(p_source_addr, pg_catalog.inet_client_addr());
   v_now    timestamptz := pg_catalog.now();  -- never the caller's clock: the lifetime and audit time are ours
 begin
-  select * into v_user from erp.app_user u where u.login = p_login;
+  select * into v_user from sso.app_user u where u.login = p_login;
   if not found then
     raise exception using errcode = 'EO006', message = format('no ERP user with login %L', p_login),
-      hint = 'Pass the login of the user signed in to the ERP (erp.app_user.login).';
+      hint = 'Pass the login of the user signed in to the ERP, as the ERP put it with sso.put_user (sso.app_user.login).';
   end if;
   if not v_user.active then
     raise exception using errcode = 'EO007', message = format('ERP user %s is inactive', p_login),
-      hint = 'An administrator reactivates the user (erp.app_user.active) before the user may open the platform.';
+      hint = 'The ERP reactivates the user (sso.put_user with p_active => true) before the user may open the platform.';
   end if;
   v_client := sso._client(p_client_id);
   if not v_client.enabled then
@@ -587,6 +587,66 @@ COMMENT ON FUNCTION sso.purge_expired(p_audit_retention interval) IS 'Removes ex
 
 
 --
+-- Name: put_user(text, text, text, boolean, text, text, text); Type: FUNCTION; Schema: sso
+--
+
+CREATE FUNCTION sso.put_user(p_login text, p_display_name text, p_email text DEFAULT NULL::text, p_active boolean DEFAULT true, p_company_code text DEFAULT NULL::text, p_company_name text DEFAULT NULL::text, p_scm_role text DEFAULT NULL::text) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $_$
+declare
+  v_id bigint;
+begin
+  -- SECURITY DEFINER: a caller needs no raw writes on sso.app_user (operators
+  -- have none); the checks below name the wrong field before a constraint would
+  if p_login is null or p_login !~ '^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$' then
+    raise exception using errcode = 'EO028', message = format('ERP user: login %s is not a login name', coalesce(pg_catalog.quote_literal(p_login), 'NULL')),
+      detail = 'p_login',
+      hint = 'Pass the ERP login: 1 to 128 letters, digits, dots, underscores, @ or hyphens, starting with a letter or digit.';
+  end if;
+  if p_display_name is null or pg_catalog.btrim(p_display_name) = '' then
+    raise exception using errcode = 'EO028', message = format('ERP user %s: display_name is empty', p_login),
+      detail = 'p_display_name',
+      hint = 'Pass the name people know the user by (the name claim the platform shows).';
+  end if;
+  if p_email is not null and p_email !~ '^[^@\s]+@[^@\s]+$' then
+    raise exception using errcode = 'EO028', message = format('ERP user %s: email %L is not an email address', p_login, p_email),
+      detail = 'p_email',
+      hint = 'Pass one address like name@example.com, or null when the user has none.';
+  end if;
+  if p_active is null then
+    raise exception using errcode = 'EO028', message = format('ERP user %s: active is null', p_login),
+      detail = 'p_active',
+      hint = 'Pass true for a user who may sign in, false for one who may not (false also stops their live SSO sessions).';
+  end if;
+  if p_scm_role is not null and p_scm_role !~ '^[a-z][a-z0-9_]{0,39}$' then
+    raise exception using errcode = 'EO028', message = format('ERP user %s: scm_role %L is not a role name', p_login, p_scm_role),
+      detail = 'p_scm_role',
+      hint = 'Pass the platform''s role name (lower-case letters, digits and underscores, e.g. buyer, buyer_manager, viewer), or null for none.';
+  end if;
+
+  insert into sso.app_user as u (login, display_name, email, active, company_code, company_name, scm_role)
+  values (p_login, p_display_name, p_email, p_active, p_company_code, p_company_name, p_scm_role)
+  on conflict (login) do update
+     set display_name = excluded.display_name, email = excluded.email, active = excluded.active,
+         company_code = excluded.company_code, company_name = excluded.company_name, scm_role = excluded.scm_role,
+         updated_at   = case when (u.display_name, u.email, u.active, u.company_code, u.company_name, u.scm_role)
+                                  is distinct from
+                                  (excluded.display_name, excluded.email, excluded.active, excluded.company_code, excluded.company_name, excluded.scm_role)
+                             then pg_catalog.now() else u.updated_at end
+  returning u.id into v_id;
+  return v_id;
+end $_$;
+
+
+--
+-- Name: FUNCTION put_user(p_login text, p_display_name text, p_email text, p_active boolean, p_company_code text, p_company_name text, p_scm_role text); Type: COMMENT; Schema: sso
+--
+
+COMMENT ON FUNCTION sso.put_user(p_login text, p_display_name text, p_email text, p_active boolean, p_company_code text, p_company_name text, p_scm_role text) IS 'For the ERP: puts one user as the ERP has it now, by login (every field as given; a null clears it), and returns the user''s subject id: new for a new login, the same for a known one (stable, never reused). p_active => false stops the user signing in anywhere through SSO at once. EO028 for an invalid field (the message names it, the DETAIL is the parameter).';
+
+
+--
 -- Name: put_vault_secret(text, text, text, text); Type: FUNCTION; Schema: sso
 --
 
@@ -642,7 +702,7 @@ CREATE FUNCTION sso.record_event(p_event text, p_client_id text, p_user_id bigin
     AS $$
   -- SECURITY DEFINER: the provider appends through here only (no INSERT on sso.audit), and the time is the database's
   insert into sso.audit (at, event, user_id, login, client_id, source_addr, code, detail)
-  select pg_catalog.now(), p_event, p_user_id, (select u.login from erp.app_user u where u.id = p_user_id), p_client_id, p_source_addr,
+  select pg_catalog.now(), p_event, p_user_id, (select u.login from sso.app_user u where u.id = p_user_id), p_client_id, p_source_addr,
          p_code, pg_catalog.left(p_detail, 1000)
 $$;
 
@@ -688,7 +748,7 @@ begin
     end if;
   elsif v_w.audit_id is null then
     insert into sso.audit (at, event, user_id, login, client_id, source_addr, code, detail, occurrences, last_at)
-    select p_now, 'failure', p_user_id, (select u.login from erp.app_user u where u.id = p_user_id), p_client_id, p_source_addr,
+    select p_now, 'failure', p_user_id, (select u.login from sso.app_user u where u.id = p_user_id), p_client_id, p_source_addr,
            'throttled', pg_catalog.left(format('%s failures past the threshold of %s in %s from this source (first: %s: %s)',
                                                p_kind, p_threshold, p_window, p_code, p_detail), 1000), 1, p_now
     returning id into v_id;
@@ -1046,6 +1106,76 @@ COMMENT ON FUNCTION sso.token_owner(p_model text, p_id text) IS 'The user and cl
 
 
 --
+-- Name: app_user; Type: TABLE; Schema: sso
+--
+
+CREATE TABLE sso.app_user (
+    id bigint NOT NULL,
+    login text NOT NULL,
+    display_name text NOT NULL,
+    email text,
+    active boolean DEFAULT true NOT NULL,
+    company_code text,
+    company_name text,
+    scm_role text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT app_user_email_has_at CHECK (((email IS NULL) OR (email ~ '^[^@\s]+@[^@\s]+$'::text))),
+    CONSTRAINT app_user_login_is_simple CHECK ((login ~ '^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$'::text)),
+    CONSTRAINT app_user_scm_role_is_simple CHECK (((scm_role IS NULL) OR (scm_role ~ '^[a-z][a-z0-9_]{0,39}$'::text)))
+);
+
+
+--
+-- Name: TABLE app_user; Type: COMMENT; Schema: sso
+--
+
+COMMENT ON TABLE sso.app_user IS 'The users the OpenID Provider signs in (its identity source), kept current by the ERP with sso.put_user. An inactive user cannot sign in anywhere through SSO, even with a live session. Until release 0021 this was erp.app_user (same ids); the view erp.app_user still shows it.';
+
+
+--
+-- Name: COLUMN app_user.id; Type: COMMENT; Schema: sso
+--
+
+COMMENT ON COLUMN sso.app_user.id IS 'The subject (sub claim) the procurement platform sees: stable, never reused.';
+
+
+--
+-- Name: COLUMN app_user.login; Type: COMMENT; Schema: sso
+--
+
+COMMENT ON COLUMN sso.app_user.login IS 'The ERP login name (preferred_username claim); the key of sso.put_user and what the ERP passes to sso.issue_jump_ticket.';
+
+
+--
+-- Name: COLUMN app_user.company_code; Type: COMMENT; Schema: sso
+--
+
+COMMENT ON COLUMN sso.app_user.company_code IS 'The company (legal entity) the user works for (company claim, scope erp).';
+
+
+--
+-- Name: COLUMN app_user.scm_role; Type: COMMENT; Schema: sso
+--
+
+COMMENT ON COLUMN sso.app_user.scm_role IS 'The user''s supplier-collaboration role on the procurement platform, e.g. buyer, buyer_manager, viewer (scm_role claim, scope erp); null when the user has none.';
+
+
+--
+-- Name: app_user_id_seq; Type: SEQUENCE; Schema: sso
+--
+
+ALTER TABLE sso.app_user ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME sso.app_user_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
 -- Name: audit; Type: TABLE; Schema: sso
 --
 
@@ -1311,6 +1441,22 @@ COMMENT ON VIEW sso.signing_key_status IS 'The JWKS as it stands now: each key''
 
 
 --
+-- Name: app_user app_user_login_key; Type: CONSTRAINT; Schema: sso
+--
+
+ALTER TABLE ONLY sso.app_user
+    ADD CONSTRAINT app_user_login_key UNIQUE (login);
+
+
+--
+-- Name: app_user app_user_pkey; Type: CONSTRAINT; Schema: sso
+--
+
+ALTER TABLE ONLY sso.app_user
+    ADD CONSTRAINT app_user_pkey PRIMARY KEY (id);
+
+
+--
 -- Name: audit audit_pkey; Type: CONSTRAINT; Schema: sso
 --
 
@@ -1435,7 +1581,7 @@ ALTER TABLE ONLY sso.jump_ticket
 --
 
 ALTER TABLE ONLY sso.jump_ticket
-    ADD CONSTRAINT jump_ticket_user_id_fkey FOREIGN KEY (user_id) REFERENCES erp.app_user(id) ON DELETE CASCADE;
+    ADD CONSTRAINT jump_ticket_user_id_fkey FOREIGN KEY (user_id) REFERENCES sso.app_user(id) ON DELETE CASCADE;
 
 
 --
@@ -1571,6 +1717,15 @@ GRANT ALL ON FUNCTION sso.purge_expired(p_audit_retention interval) TO erp_cloud
 
 
 --
+-- Name: FUNCTION put_user(p_login text, p_display_name text, p_email text, p_active boolean, p_company_code text, p_company_name text, p_scm_role text); Type: ACL; Schema: sso
+--
+
+REVOKE ALL ON FUNCTION sso.put_user(p_login text, p_display_name text, p_email text, p_active boolean, p_company_code text, p_company_name text, p_scm_role text) FROM PUBLIC;
+GRANT ALL ON FUNCTION sso.put_user(p_login text, p_display_name text, p_email text, p_active boolean, p_company_code text, p_company_name text, p_scm_role text) TO erp_cloud_app;
+GRANT ALL ON FUNCTION sso.put_user(p_login text, p_display_name text, p_email text, p_active boolean, p_company_code text, p_company_name text, p_scm_role text) TO erp_cloud_operator;
+
+
+--
 -- Name: FUNCTION put_vault_secret(p_name text, p_value text, p_master_key text, p_description text); Type: ACL; Schema: sso
 --
 
@@ -1689,6 +1844,15 @@ GRANT ALL ON FUNCTION sso.throttle_wait(p_source_addr inet, p_throttle_client te
 
 REVOKE ALL ON FUNCTION sso.token_owner(p_model text, p_id text) FROM PUBLIC;
 GRANT ALL ON FUNCTION sso.token_owner(p_model text, p_id text) TO erp_cloud_sso;
+
+
+--
+-- Name: TABLE app_user; Type: ACL; Schema: sso
+--
+
+GRANT SELECT,INSERT,UPDATE ON TABLE sso.app_user TO erp_cloud_app;
+GRANT SELECT ON TABLE sso.app_user TO erp_cloud_sso;
+GRANT SELECT ON TABLE sso.app_user TO erp_cloud_operator;
 
 
 --

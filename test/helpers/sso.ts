@@ -40,9 +40,17 @@ export interface SsoWorld {
   close(): Promise<void>;
 }
 
-/** `env`: further SSO settings for this world (e.g. small throttle values). */
-export async function startSsoWorld(label: string, env: Record<string, string> = {}): Promise<SsoWorld> {
-  const db = await createTestDb(label);
+/** The world's users, as the ERP puts them (sso.put_user). */
+export const WORLD_USERS_SQL = `select sso.put_user('zhang.wei', '张伟', 'zhang.wei@example.com', true, 'C001', '华东机电有限公司', 'buyer'),
+                                      sso.put_user('li.na', '李娜', 'li.na@example.com', true, 'C001', '华东机电有限公司', 'viewer')`;
+
+/**
+ * `env`: further SSO settings for this world (e.g. small throttle values). `opts.db`: a database of
+ * the caller's (e.g. migrated to an earlier file; the world drops it on close); `opts.usersSql`: how
+ * the users get there (WORLD_USERS_SQL unless given).
+ */
+export async function startSsoWorld(label: string, env: Record<string, string> = {}, opts: { db?: TestDb; usersSql?: string } = {}): Promise<SsoWorld> {
+  const db = opts.db ?? (await createTestDb(label));
   const masterKey = `test-vault-key-${randomBytes(8).toString('hex')}`;
   const port = await freePort();
   const issuer = `http://127.0.0.1:${port}`;
@@ -55,9 +63,7 @@ export async function startSsoWorld(label: string, env: Record<string, string> =
   const startOp = () => startSsoServer({ config, pool: db.pool, log, masterKey, env: {}, keyClock: () => new Date(Date.now() + clock.offsetMs) });
   const op = await startOp();
 
-  await db.pool.query(`insert into erp.app_user (login, display_name, email, company_code, company_name, scm_role) values
-    ('zhang.wei', '张伟', 'zhang.wei@example.com', 'C001', '华东机电有限公司', 'buyer'),
-    ('li.na', '李娜', 'li.na@example.com', 'C001', '华东机电有限公司', 'viewer')`);
+  await db.pool.query(opts.usersSql ?? WORLD_USERS_SQL);
 
   async function registerClient(id: string, opts: { loginUri?: boolean } = {}) {
     const rpPort = await freePort();
@@ -73,7 +79,7 @@ export async function startSsoWorld(label: string, env: Record<string, string> =
   const world: SsoWorld = {
     db, masterKey, issuer, port, op, rp, rpSecret: procurement.secret, clock, log, startOp, registerClient,
     async userId(login) {
-      return String((await db.pool.query('select id from erp.app_user where login = $1', [login])).rows[0].id);
+      return String((await db.pool.query('select id from sso.app_user where login = $1', [login])).rows[0].id);
     },
     async issue(login, clientId, opts = {}) {
       const { rows } = await db.pool.query(`select sso.issue_jump_ticket($1, $2, '203.0.113.7', coalesce($3::interval, '60 seconds')) as url`,
