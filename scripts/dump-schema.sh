@@ -436,8 +436,23 @@ SQL
 ------------------------------------------------------------------------------
 EOF
     default_privileges "$url" undo
+    # pg_dump gives objects to their owners before it grants anything: a role that owns objects in a schema it
+    # does not own needs CREATE there at that moment (a superuser is not asked; the database's owner is). It gets
+    # CREATE on every schema made now and loses it afterwards where the migrations did not leave it.
+    for t in ${owners[@]+"${owners[@]}"}; do printf 'alter default privileges grant create on schemas to %s;\n' "$t"; done
     printf '%s\n' "set local client_min_messages = warning;" "set local search_path = '';"
     "$pgdump" --section=pre-data ${skip[@]+"${skip[@]}"} $(printf -- '--schema="%s" ' "${schemas[@]}" | tr -d '"') -d "$url" | executable "$migrator"
+    for t in ${owners[@]+"${owners[@]}"}; do printf 'alter default privileges revoke create on schemas from %s;\n' "$t"; done
+    # (all of it taken, then what the migrations leave given again: the schema's ACL keeps their order)
+    psql_ -d "$url" -v schemas="$list" -v owners="$(IFS=,; echo "${owners[*]-}")" <<'SQL'
+select pg_catalog.format('revoke all on schema %I from %I;', n.nspname, r.rolname)
+       || coalesce((select pg_catalog.format(E'\ngrant %s on schema %I to %I;', pg_catalog.string_agg(pg_catalog.lower(a.privilege_type), ', ' order by a.privilege_type), n.nspname, r.rolname)
+                      from pg_catalog.aclexplode(n.nspacl) a where a.grantee = r.oid having pg_catalog.count(*) > 0), '')
+  from pg_catalog.pg_namespace n, pg_catalog.pg_roles r
+ where n.nspname = any (pg_catalog.string_to_array(:'schemas', ',')::name[]) and r.rolname = any (pg_catalog.string_to_array(:'owners', ',')::name[])
+   and n.nspowner <> r.oid
+ order by n.nspname, r.rolname;
+SQL
     cat <<'EOF'
 
 ------------------------------------------------------------------------------

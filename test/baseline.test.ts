@@ -2,7 +2,8 @@
  * A fresh database is installed from sql/baseline/NNNN_baseline.sql, and that installs exactly what
  * the migration files do one by one (docs/adr/0001-erp-contracts.md §5.3, risk 1 of §7.3): the same
  * product schemas (pg_dump, byte for byte), the same seeded rows and sequences, the same grants,
- * owners, default privileges and extensions, the same partitions and pg_cron jobs. Then it is
+ * owners, default privileges and extensions, the same partitions and pg_cron jobs, whether a superuser
+ * or a database owner who is not one runs it. Then it is
  * migrated like any other database: nothing to do, or the newer files one by one.
  *
  * One thing may differ, by PostgreSQL's design: pg_dump prints an expression as the server keeps it,
@@ -167,11 +168,13 @@ async function grantsAndSurroundings(pool: pg.Pool): Promise<string[]> {
 }
 
 describe.runIf(baseline)('the baseline', () => {
-  let bySteps: Awaited<ReturnType<typeof installed>>;
+  let bySteps: { db: TestDb; stdout: string };
   let fromBaseline: Awaited<ReturnType<typeof installed>>;
   beforeAll(async () => {
     // one after the other: the two ways must not see each other's half-made roles
-    bySteps = await installed('by_steps', { baseline: false });
+    const db = await createTestDb('by_steps', { template: null });
+    dbs.push(db);
+    bySteps = { db, stdout: (await run(process.execPath, ['dist/listener/cli.js', '-c', db.url, 'migrate', '--no-baseline'])).stdout };
     fromBaseline = await installed('from_baseline');
   }, 120_000);
 
@@ -181,7 +184,7 @@ describe.runIf(baseline)('the baseline', () => {
     expect(baseline!.files).toEqual(files.slice(0, baseline!.id).map((f) => ({ name: f.name, sha256: f.sha256 })));
   });
 
-  it('a database without erp-cloud is installed from it in one step: every file it stands for is recorded with its sha256 as copied from the baseline, the newer ones run one by one', async () => {
+  it('a database without erp-cloud is installed from it in one step: every file it stands for is recorded with its sha256 as copied from the baseline, the newer ones run one by one; --no-baseline runs every file', async () => {
     expect(fromBaseline.result.baseline).toBe(baseline!.name);
     expect(fromBaseline.result.applied).toEqual(files.map((f) => f.name));
     expect(fromBaseline.log[0]).toMatch(new RegExp(`^installed from the baseline ${baseline!.name}: ${files[0]!.name} … ${files[baseline!.id - 1]!.name}`));
@@ -191,9 +194,11 @@ describe.runIf(baseline)('the baseline', () => {
       id: f.id, name: f.name, sha256: f.sha256, by_us: true,
       ...(f.id <= baseline!.id ? { copied_from: 'baseline', timed: false } : { copied_from: null, timed: true }),
     })));
-    // and file by file, when told so
-    expect(bySteps.result.baseline).toBeNull();
-    expect((await bySteps.db.pool.query(`select count(copied_from)::int n from erp_cloud.migration`)).rows[0].n).toBe(0);
+    // and file by file when told so: erp-cloud migrate --no-baseline
+    expect(bySteps.stdout).not.toContain('baseline');
+    expect(bySteps.stdout).toContain(`applied ${files[0]!.name}\n`);
+    expect(bySteps.stdout).toContain(`${files.length} migration(s) applied`);
+    expect((await bySteps.db.pool.query(`select count(*)::int n, count(copied_from)::int copied from erp_cloud.migration`)).rows[0]).toEqual({ n: files.length, copied: 0 });
   });
 
   it('installs the same product schemas as the files one by one: pg_dump of each is the same byte for byte (but for the parentheses pg_dump\'s own round trip drops)', async () => {
@@ -233,6 +238,38 @@ describe.runIf(baseline)('the baseline', () => {
     expect(a.some((l) => l.startsWith('partition cloud.log_p')), 'cloud.log has its months').toBe(true);
     expect(b.filter((l) => !a.includes(l)), 'only after the baseline').toEqual([]);
     expect(a.filter((l) => !b.includes(l)), 'only after the files one by one').toEqual([]);
+  });
+
+  it('a database owner that is not a superuser installs from it what the files give that owner one by one', async () => {
+    const owner = `erp_cloud_test_owner_${process.pid}`;
+    const admin = async (sql: string) => withClient(fromBaseline.db.url, (c) => c.query(sql));
+    // what the migrations need of such an owner: roles to create and grant, the server's settings (cron.database_name) to read
+    await admin(`create role ${owner} login createrole in role pg_read_all_settings`);
+    try {
+      const made = await Promise.all(['owner_steps', 'owner_baseline'].map(async (label) => {
+        const db = await createTestDb(label, { template: null });
+        await admin(`alter database ${db.name} owner to ${owner}`);
+        const url = new URL(db.url);
+        url.username = owner;
+        return { db, url: url.toString() };
+      }));
+      const [steps, base] = made;
+      try {
+        expect((await withClient(steps!.url, (c) => runMigrations(c, migrationsDir, undefined, { baseline: false }))).baseline).toBeNull();
+        expect((await withClient(base!.url, (c) => runMigrations(c, migrationsDir))).baseline).toBe(baseline!.name);
+        const schemas = await productSchemas(steps!.db.url);
+        expect(await contents(base!.db.pool, schemas)).toEqual(await contents(steps!.db.pool, schemas));
+        const a = await grantsAndSurroundings(steps!.db.pool);
+        const b = await grantsAndSurroundings(base!.db.pool);
+        expect(a.some((l) => l.startsWith(`function cloud.claim_messages(`) && l.includes(`owner ${owner} `))).toBe(true);
+        expect(b.filter((l) => !a.includes(l)), 'only after the baseline').toEqual([]);
+        expect(a.filter((l) => !b.includes(l)), 'only after the files one by one').toEqual([]);
+      } finally {
+        for (const m of made) await m.db.drop();
+      }
+    } finally {
+      await admin(`drop role if exists ${owner}`);
+    }
   });
 
   it('migrating a database installed from it again is a no-op: nothing applied, the history rows untouched', async () => {

@@ -137,6 +137,7 @@ grant execute on function public.pgp_sym_encrypt(text,text,text) to erp_cloud_va
 -- The schemas (pg_dump), with the built-in default privileges its statements assume
 ------------------------------------------------------------------------------
 alter default privileges grant execute on functions to public;
+alter default privileges grant create on schemas to erp_cloud_vault_owner;
 set local client_min_messages = warning;
 set local search_path = '';
 
@@ -14879,6 +14880,13 @@ GRANT SELECT ON TABLE tax.red_invoice_status TO erp_cloud_operator;
 
 
 
+alter default privileges revoke create on schemas from erp_cloud_vault_owner;
+revoke all on schema cloud from erp_cloud_vault_owner;
+revoke all on schema erp from erp_cloud_vault_owner;
+revoke all on schema scm from erp_cloud_vault_owner;
+revoke all on schema sso from erp_cloud_vault_owner;
+grant usage on schema sso to erp_cloud_vault_owner;
+revoke all on schema tax from erp_cloud_vault_owner;
 
 ------------------------------------------------------------------------------
 -- The rows the migrations insert (tables with rows in a freshly migrated database; columns that
