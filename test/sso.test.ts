@@ -193,7 +193,7 @@ describe('refusals: each one a protocol error and an audit row', () => {
     const before = await authorize(browser, w.rp.config, w.rp.callbackUrl);
     expect(new URL(before.res.location!).searchParams.get('code')).toBeTruthy();
 
-    await w.db.pool.query(`select sso.disable_client('procurement')`);
+    await w.db.pool.query(`select sso.put_client_enabled('procurement', false)`);
     try {
       const since = await w.lastAuditId();
       expect(await sqlstateOf(w.issue('zhang.wei', 'procurement'))).toBe('EO005');
@@ -205,9 +205,9 @@ describe('refusals: each one a protocol error and an audit row', () => {
       const failures = (await w.audit(since)).filter((a) => a.event === 'failure');
       expect(failures.map((a) => [a.code, a.client_id])).toEqual([['invalid_client', 'procurement'], ['invalid_client', 'procurement']]);
     } finally {
-      await w.db.pool.query(`select sso.enable_client('procurement')`);
+      await w.db.pool.query(`select sso.put_client_enabled('procurement', true)`);
     }
-    expect(await sqlstateOf(w.db.pool.query(`select sso.disable_client('no-such-client')`))).toBe('EO001');
+    expect(await sqlstateOf(w.db.pool.query(`select sso.put_client_enabled('no-such-client', false)`))).toBe('EO001');
   });
 
   it('an unregistered redirect URI is refused on the provider\'s page and never redirected to; bad URIs cannot be registered', async () => {
