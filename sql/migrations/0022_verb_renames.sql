@@ -57,8 +57,8 @@
 -- (tax.tg_document__100_stamp, erp.tg_purchase_order__500_enqueue, …):
 -- 0023 moves the reference ERP out of the product and renames them there.
 --
--- No SQLSTATE is added. sso.put_client_enabled refuses a null p_enabled with
--- the standard 22004 (null_value_not_allowed).
+-- SQLSTATEs (class EO; mirrored in listener/kernel/errors.ts):
+--   EO029  invalid client setting: sso.put_client_enabled without true or false
 
 
 -- 1. cloud: retention is purge_ ------------------------------------------------
@@ -210,14 +210,14 @@ create function sso.put_client_enabled(
 language plpgsql security definer set search_path = '' as $$
 begin
   if p_enabled is null then
-    raise exception using errcode = '22004', message = 'p_enabled must be true or false, not null',
+    raise exception using errcode = 'EO029', message = format('enabled for SSO client %s must be true or false, not null', p_client_id),
       hint = 'Pass true to let the client sign users in, false to stop it.';
   end if;
   perform sso._client(p_client_id);
   update sso.client set enabled = p_enabled, disabled_at = case when p_enabled then null else pg_catalog.now() end
    where client_id = p_client_id and enabled <> p_enabled;
 end $$;
-comment on function sso.put_client_enabled(text, boolean) is 'Enables or disables a client: disabled, it stops at once on every provider instance (no new logins, no code exchange, no jumps); enabled again, it signs users in again. The same call twice is one change. EO001 for an unknown client.';
+comment on function sso.put_client_enabled(text, boolean) is 'Enables or disables a client: disabled, it stops at once on every provider instance (no new logins, no code exchange, no jumps); enabled again, it signs users in again. The same call twice is one change. EO001 for an unknown client, EO029 for a null p_enabled.';
 revoke execute on function sso.put_client_enabled(text, boolean) from public;
 grant execute on function sso.put_client_enabled(text, boolean) to erp_cloud_operator;
 

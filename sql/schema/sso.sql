@@ -643,7 +643,7 @@ CREATE FUNCTION sso.put_client_enabled(p_client_id text, p_enabled boolean) RETU
     AS $$
 begin
   if p_enabled is null then
-    raise exception using errcode = '22004', message = 'p_enabled must be true or false, not null',
+    raise exception using errcode = 'EO029', message = format('enabled for SSO client %s must be true or false, not null', p_client_id),
       hint = 'Pass true to let the client sign users in, false to stop it.';
   end if;
   perform sso._client(p_client_id);
@@ -656,7 +656,7 @@ end $$;
 -- Name: FUNCTION put_client_enabled(p_client_id text, p_enabled boolean); Type: COMMENT; Schema: sso
 --
 
-COMMENT ON FUNCTION sso.put_client_enabled(p_client_id text, p_enabled boolean) IS 'Enables or disables a client: disabled, it stops at once on every provider instance (no new logins, no code exchange, no jumps); enabled again, it signs users in again. The same call twice is one change. EO001 for an unknown client.';
+COMMENT ON FUNCTION sso.put_client_enabled(p_client_id text, p_enabled boolean) IS 'Enables or disables a client: disabled, it stops at once on every provider instance (no new logins, no code exchange, no jumps); enabled again, it signs users in again. The same call twice is one change. EO001 for an unknown client, EO029 for a null p_enabled.';
 
 
 --
