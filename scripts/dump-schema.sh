@@ -55,7 +55,7 @@ while [ $# -gt 0 ]; do
     --out) out=${2:?--out needs a directory}; shift 2 ;;
     --baseline) baseline_out=${2:?--baseline needs a directory}; shift 2 ;;
     --list-schemas) list=${2:?--list-schemas needs a database URL}; shift 2 ;;
-    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 ($usage)" ;;
   esac
 done
