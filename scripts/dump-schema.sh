@@ -24,6 +24,10 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # so a schema a new migration creates gets its file without a change here.
 # test/schema-dump.test.ts reads this line.
 EXCLUDED_SCHEMAS=(public erp_cloud)
+# Schemas of the example ERPs (sql/examples/<name>: erp is reference-erp's, acme is acme's): not the product's,
+# never made by `migrate` alone, so not dumped even when a database has one installed (the test template has).
+# test/schema-dump.test.ts reads this line too.
+EXAMPLE_SCHEMAS=(erp acme)
 
 say() { printf 'dump-schema: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
@@ -89,7 +93,7 @@ dump() {
   major=$(psql_ -d "$url" -c "select current_setting('server_version_num')::int / 10000")
   migrator=$(psql_ -d "$url" -c "select quote_ident(current_user)")
   pgdump=$(find_pg_dump "$major")
-  excluded_sql=$(printf "'%s'," "${EXCLUDED_SCHEMAS[@]}"); excluded_sql="array[${excluded_sql%,}]::name[]"
+  excluded_sql=$(printf "'%s'," "${EXCLUDED_SCHEMAS[@]}" "${EXAMPLE_SCHEMAS[@]}"); excluded_sql="array[${excluded_sql%,}]::name[]"
   mapfile -t schemas < <(psql_ -d "$url" -c "
     select n.nspname from pg_catalog.pg_namespace n
      where n.nspname !~ '^pg_' and n.nspname <> 'information_schema' and n.nspname <> all ($excluded_sql)

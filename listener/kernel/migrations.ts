@@ -276,6 +276,9 @@ export async function runMigrations(c: pg.ClientBase, dir: string, log: (msg: st
     }
     const history = (await c.query<HistoryRow>(historySql.rows)).rows;
     const { pending, unknown } = plan(history, files);
+    // what the database had before this run: a migration that adopts or drops what earlier ones made reads it (0023)
+    await c.query(`select pg_catalog.set_config('erp_cloud.history_before_run', $1, false)`, [String(Math.max(0, ...history.map((h) => h.id)))]);
+    const examplesDir = opts.examplesDir ?? path.join(path.dirname(dir), 'examples');
     if (unknown.length) {
       log(`applied by a newer release, not in ${dir}: ${unknown.map((u) => u.name).join(', ')} (nothing of this release is missing)`);
     }
@@ -285,6 +288,9 @@ export async function runMigrations(c: pg.ClientBase, dir: string, log: (msg: st
       try {
         await inTransaction(c, async () => {
           await c.query(f.sql);
+          // a migration that adopts an example (0023: an upgraded installation's reference ERP) has it installed in its own transaction
+          const adopt = (await c.query<{ name: string | null }>(`select pg_catalog.current_setting('erp_cloud.adopt_example', true) as name`)).rows[0]!.name;
+          if (adopt) await applyExample(c, loadExamples(examplesDir, [adopt])[0]!);
           await c.query(historySql.insert, [f.id, f.name, f.sha256, Math.round(performance.now() - started)]);
         });
       } catch (err) {
@@ -369,18 +375,21 @@ function loadExamples(dir: string, names: string[]): ExampleFile[] {
   });
 }
 
+/** Applies an example in the transaction `c` is in, unless it is recorded with this file's sha256; true when applied. */
+async function applyExample(c: pg.ClientBase, ex: ExampleFile): Promise<boolean> {
+  await c.query('set local client_min_messages = warning'); // "already exists, skipping" is what idempotent means here
+  await c.query(exampleSql.create);
+  if ((await c.query(exampleSql.recorded, [ex.name])).rows[0]?.sha256 === ex.sha256) return false;
+  await c.query(ex.sql);
+  await c.query(exampleSql.record, [ex.name, ex.sha256]);
+  return true;
+}
+
 async function installExamples(c: pg.ClientBase, examples: ExampleFile[], log: (msg: string) => void): Promise<string[]> {
   const installed: string[] = [];
   for (const ex of examples) {
     try {
-      const done = await inTransaction(c, async () => {
-        await c.query('set local client_min_messages = warning'); // "already exists, skipping" is what idempotent means here
-        await c.query(exampleSql.create);
-        if ((await c.query(exampleSql.recorded, [ex.name])).rows[0]?.sha256 === ex.sha256) return false;
-        await c.query(ex.sql);
-        await c.query(exampleSql.record, [ex.name, ex.sha256]);
-        return true;
-      });
+      const done = await inTransaction(c, () => applyExample(c, ex));
       if (done) installed.push(ex.name);
       log(done ? `installed example ${ex.name}` : `example ${ex.name} is installed and unchanged`);
     } catch (err) {
