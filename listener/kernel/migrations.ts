@@ -275,9 +275,10 @@ export async function runMigrations(c: pg.ClientBase, dir: string, log: (msg: st
       }
     }
     const history = (await c.query<HistoryRow>(historySql.rows)).rows;
-    const { pending, unknown } = plan(history, files);
-    // what the database had before this run: a migration that adopts or drops what earlier ones made reads it (0023)
+    // what the database had before this run, read before anything of the run is applied: a migration that adopts or
+    // drops what earlier ones made (0023: the reference ERP's tables) tells an upgrade from a fresh install by it
     await c.query(`select pg_catalog.set_config('erp_cloud.history_before_run', $1, false)`, [String(Math.max(0, ...history.map((h) => h.id)))]);
+    const { pending, unknown } = plan(history, files);
     const examplesDir = opts.examplesDir ?? path.join(path.dirname(dir), 'examples');
     if (unknown.length) {
       log(`applied by a newer release, not in ${dir}: ${unknown.map((u) => u.name).join(', ')} (nothing of this release is missing)`);
