@@ -120,6 +120,12 @@ describe('an installation that had the reference ERP, upgraded past 0023', () =>
     expect(await q(db, `select p.oid::regprocedure::text fn from pg_proc p where p.pronamespace::regnamespace::text in ('cloud', 'tax', 'scm', 'sso', 'vault')
                           and p.prosrc ~* '(^|[^a-z0-9_."])erp[.]'`)).toEqual([]);
     expect(await q(db, `select c.relname from pg_class c where c.relnamespace = 'erp'::regnamespace and c.relkind = 'v'`)).toEqual([]);
+    // the ERP's tables are the ERP application's and the operators' to read, no other product role's (the portal reads scm.order_status)
+    expect(await q(db, `select r.rolname from pg_roles r where r.rolname in ('erp_cloud_listener', 'erp_cloud_sso', 'erp_cloud_supplier_portal')
+                          and (has_schema_privilege(r.oid, 'erp', 'usage') or exists (select from pg_class c where c.relnamespace = 'erp'::regnamespace
+                                and c.relkind = 'r' and has_table_privilege(r.oid, c.oid, 'select, insert, update, delete')))`)).toEqual([]);
+    expect(await q(db, `select p.oid::regprocedure::text fn from pg_proc p where p.pronamespace = 'erp'::regnamespace
+                          and (has_function_privilege('erp_cloud_app', p.oid, 'execute') and not pg_has_role('erp_cloud_app', p.proowner, 'member'))`)).toEqual([]);
     // migrating again changes nothing: the example is recorded with this file
     expect(await migrateWith(db, migrationsDir)).toEqual([]);
   });

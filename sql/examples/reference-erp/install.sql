@@ -206,7 +206,9 @@ create policy "The ERP sees and changes every purchase order" on erp.purchase_or
 drop policy if exists "The ERP sees and changes every purchase order line" on erp.purchase_order_line;
 create policy "The ERP sees and changes every purchase order line" on erp.purchase_order_line to erp_cloud_app using (true) with check (true);
 
-revoke all on schema erp from public;
+-- (an upgraded installation: the product's other roles had grants here when erp was the product's; they go)
+revoke all on schema erp from public, erp_cloud_listener, erp_cloud_sso, erp_cloud_supplier_portal;
+revoke all on all tables in schema erp from erp_cloud_listener, erp_cloud_sso, erp_cloud_supplier_portal;
 grant usage on schema erp to erp_cloud_app, erp_cloud_operator;
 grant select, insert, update, delete on erp.customer, erp.settlement, erp.settlement_line, erp.shipment, erp.shipment_line,
   erp.supplier, erp.purchase_order, erp.purchase_order_line to erp_cloud_app;
@@ -498,7 +500,8 @@ begin
 end $$;
 comment on function erp.on_order(scm.order_result) is 'The reference ERP''s on_order: writes the cloud status, the cloud''s order id and its refusal into erp.purchase_order (by po_no, its reference).';
 
-revoke execute on all functions in schema erp from public;
+revoke all on all functions in schema erp from public, erp_cloud_app, erp_cloud_operator, erp_cloud_listener, erp_cloud_sso,
+  erp_cloud_supplier_portal;  -- triggers and callbacks run without anybody's EXECUTE; nobody calls them
 reset role;
 
 -- Registration: the callbacks and how the reference ERP calls the documents' fields (messages use these names).
