@@ -6,7 +6,10 @@
  * checked where the roles are (engine, sso, vault tests). Every table the
  * supplier portal may touch has row-level security on (STYLE.md 6), and
  * triggers and their functions carry their table and order (STYLE.md 4).
+ * Every public function's name takes a verb of the table in sql/README.md
+ * (STYLE.md 3), so a new straggler fails here rather than in review.
  */
+import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestDb, type TestDb } from './helpers/db.js';
 
@@ -111,14 +114,11 @@ describe('row-level security', () => {
 });
 
 /**
- * Triggers that do not follow the naming rule yet, as `table.trigger → function`.
- * A migration will rename them (sql/README.md, "Naming"); remove a line when it
- * lands. A new trigger never joins this list.
+ * Triggers that do not follow the naming rule, as `table.trigger → function`:
+ * none any more (0022 renamed the product's, 0023 moved the reference ERP's into
+ * its example, where they follow the rule). A new trigger never joins this list.
  */
-const TRIGGER_STRAGGLERS = [
-  'sso.client.client_uris_valid → sso._client_uris_valid', // no order
-  'tax.invoice.update_invoice_status → tax.log_invoice_event', // no order, function named for its action only
-];
+const TRIGGER_STRAGGLERS: string[] = [];
 
 describe('trigger naming', () => {
   it('a trigger is named <table>_<NNN>_<verb> and its function tg_<table>__<NNN>_<verb> (triggers fire in name order)', async () => {
@@ -149,5 +149,64 @@ describe('the product and the examples', () => {
     const { rows: seen } = await db.pool.query(`select count(*)::int n from pg_proc p where p.pronamespace = 'erp'::regnamespace
                                                   and p.prosrc ~* '(^|[^a-z0-9_."])"?(erp|acme)"?[.]'`);
     expect(seen[0].n).toBeGreaterThan(5);
+  });
+});
+
+/** The product's schemas for the verb check: erp is the reference ERP, an example of an ERP with names of its own. */
+const VERB_SCHEMAS = ['cloud', 'tax', 'scm', 'sso', 'vault', 'erp_cloud'];
+
+/**
+ * The name patterns of the verb table in sql/README.md ("The verbs, and what each
+ * one means"): every backticked name in its first column, `*` standing for the rest
+ * of a name (`put_*`, `build_*_payload`, `*_ok`); a name without `*` is that name only.
+ */
+function verbPatterns(): { text: string; re: RegExp }[] {
+  const readme = readFileSync('sql/README.md', 'utf8');
+  const start = readme.indexOf('### The verbs, and what each one means');
+  expect(start, 'sql/README.md has the verb table').toBeGreaterThan(0);
+  const rows = readme.slice(start).split('\n').filter((l) => l.startsWith('| `'));
+  const patterns = rows.flatMap((row) => [...row.split('|')[1]!.matchAll(/`([a-z0-9_*]+)`/g)].map((m) => m[1]!));
+  return patterns.map((text) => ({ text, re: new RegExp(`^${text.replace(/\*/g, '[a-z0-9_]+')}$`) }));
+}
+
+describe('naming', () => {
+  it('every public function of the product takes a verb of the table in sql/README.md (deprecated wrappers aside)', async () => {
+    const { rows } = await db.pool.query<{ fn: string; proname: string }>(`
+      select distinct p.pronamespace::regnamespace::text || '.' || p.proname as fn, p.proname from pg_proc p
+       where p.pronamespace::regnamespace::text = any($1) and p.proname !~ '^_'
+         and coalesce(obj_description(p.oid, 'pg_proc'), '') !~ '^Deprecated:'
+         and not exists (select from pg_depend d where d.classid = 'pg_proc'::regclass and d.objid = p.oid and d.deptype = 'e')
+       order by 1`, [VERB_SCHEMAS]);
+    expect(rows.length).toBeGreaterThan(100);
+    const patterns = verbPatterns();
+    expect(patterns.length).toBeGreaterThan(20);
+    const leadingWords = [...new Set(rows.map((r) => r.proname.split('_')[0]!))].sort();
+    const unlisted = rows.filter((r) => !patterns.some((p) => p.re.test(r.proname))).map((r) => r.fn);
+    expect(unlisted, `leading words in use: ${leadingWords.join(' ')}`).toEqual([]);
+    // a row of the table that no function uses any more goes with its last function
+    const unused = patterns.filter((p) => !rows.some((r) => p.re.test(r.proname))).map((p) => p.text);
+    expect(unused).toEqual([]);
+  });
+
+  it('a deprecated name calls what replaces it, which the same roles may execute, so a listener of the previous release keeps working', async () => {
+    const roles = `(select array_agg(distinct a.grantee::regrole::text order by a.grantee::regrole::text)
+                      from pg_proc q, aclexplode(q.proacl) a where q.oid = %s and a.grantee <> q.proowner)`;
+    const { rows } = await db.pool.query<{ fn: string; src: string; d: string; roles: string[] }>(`
+      select p.oid::regprocedure::text as fn, p.prosrc as src, obj_description(p.oid, 'pg_proc') as d, ${roles.replace('%s', 'p.oid')} as roles
+        from pg_proc p
+       where p.pronamespace::regnamespace::text = any($1) and obj_description(p.oid, 'pg_proc') ~ '^Deprecated:'
+       order by 1`, [VERB_SCHEMAS]);
+    expect(rows.length).toBeGreaterThan(0);
+    for (const r of rows) {
+      const replacement = /^Deprecated: use ([a-z_]+\.[a-z0-9_]+)/.exec(r.d)?.[1];
+      expect(replacement, r.fn).toBeDefined();
+      expect(r.src, r.fn).toContain(`${replacement}(`);
+      expect(r.d, r.fn).toMatch(/removed in the next release/);
+      const { rows: target } = await db.pool.query<{ roles: string[] }>(`
+        select ${roles.replace('%s', 'p.oid')} as roles from pg_proc p
+         where p.pronamespace::regnamespace::text || '.' || p.proname = $1`, [replacement]);
+      expect(target, r.fn).toHaveLength(1);
+      expect(r.roles, r.fn).toEqual(target[0]!.roles);
+    }
   });
 });

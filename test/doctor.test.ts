@@ -370,7 +370,7 @@ describe('erp-cloud doctor', () => {
     try {
       await db.pool.query(`select sso.register_client('procurement', '友云采', array['https://saas.example.com/cb'])`);
       await db.pool.query(`select sso.register_client('legacy', 'old portal', array['https://old.example.com/cb'], '{}', 'https://old.example.com/login')`);
-      await db.pool.query(`select sso.disable_client('legacy')`);
+      await db.pool.query(`select sso.put_client_enabled('legacy', false)`);
       // registered, but the provider has never started: warnings, not failures
       let r = await doctor();
       expect(sso(r.checks)).toEqual([
@@ -383,9 +383,9 @@ describe('erp-cloud doctor', () => {
       expect(one(r.checks, 'sso client', 'procurement').detail).toContain('no initiate_login_uri');
 
       // started on a plain-http public issuer, its key published but the private half lost from the vault
-      await db.pool.query(`select sso.record_issuer('http://sso.example.com')`);
+      await db.pool.query(`select sso.put_issuer('http://sso.example.com')`);
       await db.pool.query(`select sso.schedule_signing_key('doctor-key-1', '{"kty":"RSA","n":"AQAB","e":"AQAB"}')`);
-      await db.pool.query(`select sso.set_client_uris('procurement', array['https://saas.example.com/cb'], '{}', 'https://saas.example.com/login')`);
+      await db.pool.query(`select sso.put_client_uris('procurement', array['https://saas.example.com/cb'], '{}', 'https://saas.example.com/login')`);
       r = await doctor({ ERP_CLOUD_SSO_ISSUER: 'https://sso.example.com' });
       expect(r.code).toBe(1);
       expect(one(r.checks, 'sso issuer')).toMatchObject({ status: 'warn', detail: expect.stringContaining('recorded http://sso.example.com') });
@@ -396,7 +396,7 @@ describe('erp-cloud doctor', () => {
       expect(one(r.checks, 'sso client', 'procurement')).toMatchObject({ status: 'ok', detail: expect.stringContaining('https://saas.example.com/login') });
 
       // https issuer; a vault secret that lacks the key's private half fails once decrypted, and is unverified without the vault key
-      await db.pool.query(`select sso.record_issuer('https://sso.example.com')`);
+      await db.pool.query(`select sso.put_issuer('https://sso.example.com')`);
       await db.pool.query(`select vault.put_secret('sso.signing_keys', '{"another-kid":{"d":"x"}}', $1)`, [key]);
       expect(one((await doctor({ ERP_CLOUD_VAULT_KEY: key })).checks, 'sso private keys')).toMatchObject({ status: 'fail', detail: expect.stringContaining('for doctor-key-1') });
       // a private half of another key under the right kid fails too, and so does a value that is no JSON object

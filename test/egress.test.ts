@@ -377,9 +377,9 @@ describe('quotas and retention settings', () => {
   it('retention periods come from cloud.setting, which an operator can change', async () => {
     await q(`select cloud.ensure_log_partitions(0, now() - interval '200 days')`); // a month long gone
     await q(`select cloud.put_setting('log_retention', '400 days')`);
-    expect((await q(`select cloud.age_out_log() as n`)).rows[0].n).toBe(0);
+    expect((await q(`select cloud.purge_log_partitions() as n`)).rows[0].n).toBe(0);
     await q(`select cloud.put_setting('log_retention', '30 days')`);
-    expect((await q(`select cloud.age_out_log() as n`)).rows[0].n).toBeGreaterThanOrEqual(1);
+    expect((await q(`select cloud.purge_log_partitions() as n`)).rows[0].n).toBeGreaterThanOrEqual(1);
     expect(await sqlstateOf(q(`select cloud.put_setting('nope', '1 day')`))).toBe(SqlState.invalidSetting);
     expect(await sqlstateOf(q(`select cloud.put_setting('log_retention', '5 minutes')`))).toBe(SqlState.invalidSetting);
     await q(`select cloud.put_setting('log_retention', '90 days')`);

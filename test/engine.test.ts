@@ -309,7 +309,7 @@ describe('operations', () => {
     await q(`select cloud.ensure_log_partitions(2, '2020-01-15')`);
     const parts = async () => (await q(`select c.relname from pg_inherits i join pg_class c on c.oid = i.inhrelid where i.inhparent = 'cloud.log'::regclass order by 1`)).rows.map((r) => r.relname);
     expect(await parts()).toEqual(expect.arrayContaining(['log_default', 'log_p202001', 'log_p202002', 'log_p202003']));
-    expect((await q(`select cloud.age_out_log('90 days', '2020-07-15') as n`)).rows[0].n).toBe(3);
+    expect((await q(`select cloud.purge_log_partitions('90 days', '2020-07-15') as n`)).rows[0].n).toBe(3);
     expect(await parts()).not.toContain('log_p202001');
     expect(await parts()).toContain(`log_p${new Date().toISOString().slice(0, 7).replace('-', '')}`);
   });

@@ -217,7 +217,7 @@ describe('a receiver refuses a content type it does not speak with 415 before an
       dbCalls.length = 0;
       const res = await send('/callbacks/nuonuo', form, type);
       expect({ type, status: res.status, body: JSON.parse(res.body) }).toEqual({ type, status: 200, body: { status: '0000', message: '同步成功' } });
-      expect(dbCalls.filter((q) => q.includes('tax.accept_invoice_callback'))).toHaveLength(1);
+      expect(dbCalls.filter((q) => q.includes('tax.ingest_invoice_callback'))).toHaveLength(1);
     }
   });
 });

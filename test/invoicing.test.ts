@@ -302,7 +302,7 @@ describe('what a failure proves', () => {
       const [inv] = await invoicesOf(db.pool, s.id);
       await db.pool.query(`update tax.invoice set invoice_status = 'issuing', polls = 28, tax_cloud_response = $2,
                              submitted_at = now() - $3::interval where id = $1`, [inv!.id, JSON.stringify(k.submit), k.since]);
-      const query = (answer: unknown) => db.pool.query(`select tax.record_invoice_result(o, $2::jsonb) from cloud.outbox o
+      const query = (answer: unknown) => db.pool.query(`select tax.record_query_answered(o, $2::jsonb) from cloud.outbox o
                             where operation = 'tax.issue' and aggregate_id = $1`, [inv!.id, JSON.stringify(answer)]);
       await query(k.known ? { code: 'E0000', result: [{ orderNo: inv!.order_no, status: '20', statusMsg: '开票中' }] } : { code: 'E9500', describe: '发票不存在' });
       await query({ code: 'E9500', describe: '发票不存在' });
@@ -323,7 +323,7 @@ describe('what a failure proves', () => {
     await approve(db.pool, s.id);
     const [inv] = await invoicesOf(db.pool, s.id);
     await db.pool.query(`update tax.invoice set invoice_status = 'issuing', polls = 0, submitted_at = now() - interval '1 day' where id = $1`, [inv!.id]);
-    await db.pool.query(`select tax.record_invoice_result(o, $2::jsonb) from cloud.outbox o where operation = 'tax.issue' and aggregate_id = $1`,
+    await db.pool.query(`select tax.record_query_answered(o, $2::jsonb) from cloud.outbox o where operation = 'tax.issue' and aggregate_id = $1`,
       [inv!.id, JSON.stringify({ code: 'E0000', result: [{ serialNo: '24112400000000000001', orderNo: inv!.order_no, status: '20' }] })]);
     const row = (await db.pool.query(`select invoice_serial_no, order_known, next_query_id from tax.invoice where id = $1`, [inv!.id])).rows[0];
     expect(row).toMatchObject({ invoice_serial_no: '24112400000000000001', order_known: true });
@@ -350,7 +350,7 @@ describe('tax ids', () => {
 });
 
 describe('the invoice event log', () => {
-  it('records every change of invoice_no (trigger update_invoice_status), and nothing else', async () => {
+  it('records every change of invoice_no (trigger invoice_800_record_event), and nothing else', async () => {
     const c = await customer(db.pool);
     const s = await settlement(db.pool, c, [good]);
     await approve(db.pool, s.id);
@@ -365,8 +365,8 @@ describe('the invoice event log', () => {
       { old_invoice_no: '26352000000000000001', new_invoice_no: '26352000000000000002', invoice_status: 'issued' },
     ]);
     const trig = await db.pool.query(`select tgname, pg_get_triggerdef(oid) def from pg_trigger where tgrelid = 'tax.invoice'::regclass and not tgisinternal`);
-    expect(trig.rows.map((r) => r.tgname)).toContain('update_invoice_status');
-    expect(trig.rows.find((r) => r.tgname === 'update_invoice_status')!.def).toMatch(/AFTER UPDATE OF invoice_no ON tax\.invoice FOR EACH ROW EXECUTE FUNCTION tax\.log_invoice_event\(\)/);
+    expect(trig.rows.map((r) => r.tgname)).toContain('invoice_800_record_event');
+    expect(trig.rows.find((r) => r.tgname === 'invoice_800_record_event')!.def).toMatch(/AFTER UPDATE OF invoice_no ON tax\.invoice FOR EACH ROW EXECUTE FUNCTION tax\.tg_invoice__800_record_event\(\)/);
   });
 });
 

@@ -273,7 +273,7 @@ describe('throttling: failures per source and client', () => {
     const N = 4 * THRESHOLD;
     const since = await w.lastAuditId();
     const results = await Promise.all(Array.from({ length: N }, () => w.db.pool.query<{ retry: number | null }>(
-      `select sso.record_failure('192.0.2.99', 'procurement', 'client_auth', 'procurement', null, 'invalid_client', 'grant: concurrent', $1, make_interval(secs => $2)) as retry`,
+      `select sso.audit_failure('192.0.2.99', 'procurement', 'client_auth', 'procurement', null, 'invalid_client', 'grant: concurrent', $1, make_interval(secs => $2)) as retry`,
       [THRESHOLD, WINDOW_S])));
     // exactly the failures from the threshold on are told to throttle
     expect(results.filter((r) => r.rows[0]!.retry === null)).toHaveLength(THRESHOLD - 1);
@@ -297,7 +297,7 @@ describe('throttling: failures per source and client', () => {
   it('a bad threshold or window is refused with EO027 and counts nothing', async () => {
     const before = (await w.db.pool.query('select count(*)::int n from sso.failure_window')).rows[0].n;
     for (const [threshold, window] of [[0, '1 minute'], [5, '0 seconds'], [5, '2 days'], [null, '1 minute']] as const) {
-      const err = await w.db.pool.query(`select sso.record_failure('192.0.2.1', 'procurement', 'client_auth', 'procurement', null, 'invalid_client', 'x', $1, $2::interval)`, [threshold, window])
+      const err = await w.db.pool.query(`select sso.audit_failure('192.0.2.1', 'procurement', 'client_auth', 'procurement', null, 'invalid_client', 'x', $1, $2::interval)`, [threshold, window])
         .then(() => null, (e: unknown) => e as { code?: string; hint?: string });
       expect(err?.code).toBe(SqlState.ssoThrottleInvalid);
       expect(err?.hint).toMatch(/ERP_CLOUD_SSO_THROTTLE_FAILURES/);

@@ -236,15 +236,15 @@ describe('roles', () => {
       // operators manage clients through the functions, which check every URI; no raw writes
       const reg = await opPool.query(`select * from sso.register_client('op-client', 'Operator''s client', array['https://op.example.com/cb'])`);
       expect(reg.rows[0].client_secret).toMatch(/^[A-Za-z0-9_-]{43}$/);
-      await opPool.query(`select sso.set_client_uris('op-client', array['https://op.example.com/cb2'], '{}', 'https://op.example.com/login')`);
+      await opPool.query(`select sso.put_client_uris('op-client', array['https://op.example.com/cb2'], '{}', 'https://op.example.com/login')`);
       expect((await opPool.query(`select redirect_uris, initiate_login_uri from sso.client_status where client_id = 'op-client'`)).rows[0])
         .toEqual({ redirect_uris: ['https://op.example.com/cb2'], initiate_login_uri: 'https://op.example.com/login' });
-      expect(await sqlstateOf(opPool.query(`select sso.set_client_uris('op-client', array['javascript:alert(1)'], '{}', null)`))).toBe('EO003');
+      expect(await sqlstateOf(opPool.query(`select sso.put_client_uris('op-client', array['javascript:alert(1)'], '{}', null)`))).toBe('EO003');
       expect(await sqlstateOf(opPool.query(`update sso.client set redirect_uris = array['http://evil.example.com/cb'] where client_id = 'op-client'`))).toBe('42501');
       expect(await sqlstateOf(opPool.query(`insert into sso.client (client_id, display_name, redirect_uris, secret_sha256) values ('raw', 'x', array['http://evil.example.com/'], '\\x00')`))).toBe('42501');
       // even the owner's raw writes pass the URI check
       expect(await sqlstateOf(w.db.pool.query(`update sso.client set initiate_login_uri = 'http://evil.example.com/' where client_id = 'op-client'`))).toBe('EO003');
-      await opPool.query(`select sso.disable_client('op-client')`);
+      await opPool.query(`select sso.put_client_enabled('op-client', false)`);
 
       // signing keys change only with their private halves: operators read the schedule, the provider's login rotates
       expect((await opPool.query('select count(*)::int n from sso.signing_key_status')).rows[0].n).toBeGreaterThan(0);
@@ -267,10 +267,10 @@ describe('roles', () => {
       expect(Object.keys(JSON.parse((await ssoPool.query(`select sso.read_vault_secret('sso.signing_keys', $1) as v`, [w.masterKey])).rows[0].v)))
         .toContain(rotated.kid);
 
-      // the provider appends to the audit only through sso.record_event, at the database's time: no backdated rows
+      // the provider appends to the audit only through sso.audit_event, at the database's time: no backdated rows
       expect(await sqlstateOf(ssoPool.query(`insert into sso.audit (at, event, login) values (now() - interval '1 year', 'login', 'zhang.wei')`))).toBe('42501');
       expect(await sqlstateOf(ssoPool.query(`update sso.audit set at = now() - interval '1 year'`))).toBe('42501');
-      await ssoPool.query(`select sso.record_event('login', 'procurement', null, null, 'jump', 'recorded-now')`);
+      await ssoPool.query(`select sso.audit_event('login', 'procurement', null, null, 'jump', 'recorded-now')`);
       expect((await w.db.pool.query(`select at > now() - interval '1 minute' as fresh from sso.audit where detail = 'recorded-now'`)).rows).toEqual([{ fresh: true }]);
 
       // the provider's purge removes expired storage and old tickets under its own role
@@ -304,7 +304,7 @@ describe('roles', () => {
       await ssoPool.end();
       await erpPool.end();
       await opPool.end();
-      await w.db.pool.query(`select sso.record_issuer($1)`, [w.issuer]);
+      await w.db.pool.query(`select sso.put_issuer($1)`, [w.issuer]);
       await w.db.pool.query(`drop role ${opLogin}`);
       await w.db.pool.query(`drop role ${ssoLogin}`);
       await w.db.pool.query(`drop role ${erpLogin}`);

@@ -52,6 +52,24 @@ const USERS_BEFORE_0021 = `insert into erp.app_user (login, display_name, email,
     ('li.na', '李娜', 'li.na@example.com', 'C001', '华东机电有限公司', 'viewer');
   delete from erp.app_user where login = 'wang.fang'`;
 
+/**
+ * The provider of this release calls the SQL names 0022 gave its functions (sso.put_issuer,
+ * sso.audit_event, …). On the installation before 0021 they are reached through these bridges,
+ * dropped again just before the upgrade, whose 0022 renames the functions they call to these names.
+ */
+const PROVIDER_NAMES_BEFORE_0022 = `
+  create function sso.put_issuer(p_issuer text) returns void language sql as $$ select sso.record_issuer(p_issuer) $$;
+  create function sso.put_id_token_ttl(p_seconds integer) returns void language sql as $$ select sso.record_id_token_ttl(p_seconds) $$;
+  create function sso.audit_event(p_event text, p_client_id text, p_user_id bigint, p_source_addr inet, p_code text default null, p_detail text default null)
+    returns void language sql as $$ select sso.record_event(p_event, p_client_id, p_user_id, p_source_addr, p_code, p_detail) $$;
+  create function sso.audit_failure(p_source_addr inet, p_throttle_client text, p_kind text, p_client_id text, p_user_id bigint, p_code text, p_detail text,
+                                    p_threshold integer, p_window interval, p_audited boolean default false, p_now timestamptz default now())
+    returns integer language sql as $$ select sso.record_failure(p_source_addr, p_throttle_client, p_kind, p_client_id, p_user_id, p_code, p_detail,
+                                                                   p_threshold, p_window, p_audited, p_now) $$`;
+const DROP_PROVIDER_NAMES_BEFORE_0022 = `drop function sso.put_issuer(text), sso.put_id_token_ttl(integer),
+  sso.audit_event(text, text, bigint, inet, text, text),
+  sso.audit_failure(inet, text, text, text, bigint, text, text, integer, interval, boolean, timestamptz)`;
+
 const snapshot = {
   users: 'select id, login, display_name, email, active, company_code, company_name, scm_role, created_at, updated_at from {users} order by id',
   tickets: `select encode(ticket_sha256, 'hex') as ticket, user_id, client_id, issued_at, expires_at, host(issued_from) as issued_from,
@@ -70,6 +88,7 @@ beforeAll(async () => {
   dirBefore = filesBefore0021();
   const db = await createTestDb('sso_user_store_upgrade', { template: null });
   await migrateWith(db, dirBefore);
+  await db.pool.query(PROVIDER_NAMES_BEFORE_0022);
   // the provider of this release, running on the installation before 0021
   w = await startSsoWorld('sso_user_store_upgrade', {}, { db, usersSql: USERS_BEFORE_0021 });
   ids = Object.fromEntries((await rows('select login, id::text from erp.app_user')).map((r) => [r.login, r.id]));
@@ -96,6 +115,7 @@ beforeAll(async () => {
   expect(before.tickets).toHaveLength(1);
   expect(before.audit.length).toBeGreaterThanOrEqual(2);
 
+  await w.db.pool.query(DROP_PROVIDER_NAMES_BEFORE_0022);
   const through22 = migrationFilesThrough(migrationsDir, 22); // up to 0022: 0023 makes the reference ERP an example
   try {
     await migrateWith(w.db, through22.dir);

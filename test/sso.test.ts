@@ -193,7 +193,7 @@ describe('refusals: each one a protocol error and an audit row', () => {
     const before = await authorize(browser, w.rp.config, w.rp.callbackUrl);
     expect(new URL(before.res.location!).searchParams.get('code')).toBeTruthy();
 
-    await w.db.pool.query(`select sso.disable_client('procurement')`);
+    await w.db.pool.query(`select sso.put_client_enabled('procurement', false)`);
     try {
       const since = await w.lastAuditId();
       expect(await sqlstateOf(w.issue('zhang.wei', 'procurement'))).toBe('EO005');
@@ -205,9 +205,30 @@ describe('refusals: each one a protocol error and an audit row', () => {
       const failures = (await w.audit(since)).filter((a) => a.event === 'failure');
       expect(failures.map((a) => [a.code, a.client_id])).toEqual([['invalid_client', 'procurement'], ['invalid_client', 'procurement']]);
     } finally {
-      await w.db.pool.query(`select sso.enable_client('procurement')`);
+      await w.db.pool.query(`select sso.put_client_enabled('procurement', true)`);
     }
-    expect(await sqlstateOf(w.db.pool.query(`select sso.disable_client('no-such-client')`))).toBe('EO001');
+    expect(await sqlstateOf(w.db.pool.query(`select sso.put_client_enabled('no-such-client', false)`))).toBe('EO001');
+  });
+
+  it('putting a client\'s enabled flag twice is one change; a null flag is EO029 and changes nothing; the deprecated enable/disable still work', async () => {
+    const state = async () => (await w.db.pool.query(`select enabled, disabled_at from sso.client where client_id = 'procurement'`)).rows[0];
+    try {
+      await w.db.pool.query(`select sso.put_client_enabled('procurement', false)`);
+      const disabled = await state();
+      expect(disabled.enabled).toBe(false);
+      await w.db.pool.query(`select sso.put_client_enabled('procurement', false)`);
+      expect(await state()).toEqual(disabled); // the first disabled_at stays
+      expect(await sqlstateOf(w.db.pool.query(`select sso.put_client_enabled('procurement', null)`))).toBe('EO029');
+      expect(await state()).toEqual(disabled);
+      // the names of the previous release (one release, for a rolling restart)
+      await w.db.pool.query(`select sso.enable_client('procurement')`);
+      expect(await state()).toEqual({ enabled: true, disabled_at: null });
+      await w.db.pool.query(`select sso.disable_client('procurement')`);
+      expect((await state()).enabled).toBe(false);
+    } finally {
+      await w.db.pool.query(`select sso.put_client_enabled('procurement', true)`);
+    }
+    expect(await state()).toEqual({ enabled: true, disabled_at: null });
   });
 
   it('an unregistered redirect URI is refused on the provider\'s page and never redirected to; bad URIs cannot be registered', async () => {

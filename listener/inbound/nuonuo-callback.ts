@@ -2,8 +2,8 @@
  * The Nuonuo callback receiver: POST /callbacks/nuonuo, form-encoded
  * (operater, orderno, content = a JSON string). Nuonuo does not sign callbacks,
  * so a callback is only a hint: it makes the invoice's pending result query
- * due now (tax.accept_invoice_callback; for operater=redConfirmCallback the red
- * invoice's pending form query, tax.accept_red_confirm_callback), and the query's answer is what the
+ * due now (tax.ingest_invoice_callback; for operater=redConfirmCallback the red
+ * invoice's pending form query, tax.ingest_red_confirm_callback), and the query's answer is what the
  * ERP books. Accepted only from ERP_CLOUD_NUONUO_CALLBACK_CIDRS (comma list of
  * ranges; empty = nobody, fail closed), checked before the body is read (403), and
  * only as application/x-www-form-urlencoded in UTF-8 (anything else, JSON included: 415
@@ -54,12 +54,12 @@ registerInboundRoute({
     }
     const orderNo = form.get('orderno') ?? String(content.c_orderno ?? '');
     if (operater === 'callback' && orderNo) {
-      const { rows } = await deps.pool.query<{ done: string }>('select tax.accept_invoice_callback($1, $2::jsonb) as done', [orderNo, JSON.stringify(content)]);
+      const { rows } = await deps.pool.query<{ done: string }>('select tax.ingest_invoice_callback($1, $2::jsonb) as done', [orderNo, JSON.stringify(content)]);
       deps.log.info({ receiver: NAME, orderNo, outcome: rows[0]?.done }, 'invoice callback: result query moved up');
     } else if (operater === 'redConfirmCallback' && (billIdOf(content) || orderNo)) {
       // the red-confirmation form changed (buyer confirmed, bureau issued, voided): also only a hint
       const billId = billIdOf(content) || orderNo;
-      const { rows } = await deps.pool.query<{ done: string }>('select tax.accept_red_confirm_callback($1, $2::jsonb) as done', [billId, JSON.stringify(content)]);
+      const { rows } = await deps.pool.query<{ done: string }>('select tax.ingest_red_confirm_callback($1, $2::jsonb) as done', [billId, JSON.stringify(content)]);
       deps.log.info({ receiver: NAME, billId, outcome: rows[0]?.done }, 'red-confirmation callback: form query moved up');
     } else {
       deps.log.info({ receiver: NAME, operater }, 'callback ignored (not an issue result)');

@@ -107,6 +107,7 @@ export const SqlState = {
   ssoSecretGraceInvalid: 'EO026',
   ssoThrottleInvalid: 'EO027',
   ssoInvalidUser: 'EO028',
+  ssoInvalidClientSetting: 'EO029',
 } as const;
 
 export type SqlStateName = keyof typeof SqlState;

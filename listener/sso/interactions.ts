@@ -15,7 +15,7 @@
  *   GET /interaction/:uid/abort   that page's way back: login_required to the platform.
  *
  * Every refusal at /jump is audited and counted per source address
- * (sso.record_failure, kind "ticket"); past ERP_CLOUD_SSO_THROTTLE_FAILURES in a
+ * (sso.audit_failure, kind "ticket"); past ERP_CLOUD_SSO_THROTTLE_FAILURES in a
  * window the address gets 429 with Retry-After and one aggregate audit row.
  * Every page refuses framing (X-Frame-Options, frame-ancestors).
  */

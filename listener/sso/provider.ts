@@ -4,7 +4,7 @@
  * (conformIdTokenClaims off), accounts from sso.app_user (inactive users do not
  * exist for the provider), clients and storage in PostgreSQL, no development
  * interactions, RP-initiated logout, every protocol error audited and counted
- * toward throttling (sso.record_failure), every answer unframeable. Only what
+ * toward throttling (sso.audit_failure), every answer unframeable. Only what
  * the product uses is on: client_secret_basic (what clients are registered
  * with), no pushed authorization requests, DPoP or resource indicators.
  */
@@ -22,8 +22,8 @@ export const JUMP_COOKIE = 'erp_jump';
 export const providerSql = {
   account: `select id, login, display_name, email, company_code, company_name, scm_role
               from sso.app_user where id = $1::bigint and active`,
-  recordEvent: 'select sso.record_event($1, $2, $3, $4, $5, $6)',
-  recordFailure: `select sso.record_failure($1, $2, $3, $4, $5, $6, $7, $8, make_interval(secs => $9), $10) as retry_after`,
+  auditEvent: 'select sso.audit_event($1, $2, $3, $4, $5, $6)',
+  auditFailure: `select sso.audit_failure($1, $2, $3, $4, $5, $6, $7, $8, make_interval(secs => $9), $10) as retry_after`,
   throttleWait: `select sso.throttle_wait($1, $2, $3, $4, make_interval(secs => $5)) as retry_after`,
   tokenOwner: 'select account_id, client_id from sso.token_owner($1, $2)',
 } as const;
@@ -76,7 +76,7 @@ export function createAudit(pool: Pick<pg.Pool, 'query'>, log: Logger, throttle:
   return {
     async record(event, e) {
       try {
-        await pool.query(providerSql.recordEvent, [event, e.clientId ?? null, userIdOf(e.userId), sourceAddress(e.source ?? undefined), e.code ?? null, e.detail ?? null]);
+        await pool.query(providerSql.auditEvent, [event, e.clientId ?? null, userIdOf(e.userId), sourceAddress(e.source ?? undefined), e.code ?? null, e.detail ?? null]);
       } catch (err) {
         // an audit row that cannot be written is an operator's problem, never the user's answer
         log.error({ err, event, code: e.code }, 'could not write the SSO audit row');
@@ -84,7 +84,7 @@ export function createAudit(pool: Pick<pg.Pool, 'query'>, log: Logger, throttle:
     },
     async failure(kind, e) {
       try {
-        const { rows } = await pool.query<{ retry_after: number | null }>(providerSql.recordFailure, [
+        const { rows } = await pool.query<{ retry_after: number | null }>(providerSql.auditFailure, [
           sourceAddress(e.source ?? undefined), e.throttleClient ?? null, kind, e.clientId ?? null, userIdOf(e.userId),
           e.code ?? null, e.detail ?? null, throttle.failures, throttle.windowS, e.audited ?? false]);
         return rows[0]?.retry_after ?? null;

@@ -18,8 +18,8 @@ import { ensureSigningKey, loadCookieKeys, loadSigningKeys, type SigningKeys } f
 import { buildProvider, createAudit, FRAME_DENY_HEADERS } from './provider.js';
 
 export const serverSql = {
-  recordIssuer: 'select sso.record_issuer($1)',
-  recordIdTokenTtl: 'select sso.record_id_token_ttl($1)',
+  putIssuer: 'select sso.put_issuer($1)',
+  putIdTokenTtl: 'select sso.put_id_token_ttl($1)',
   purge: `select sso.purge_expired(make_interval(days => $1)) as purged`,
 } as const;
 
@@ -51,9 +51,9 @@ export async function startSsoServer(opts: SsoServerOptions): Promise<SsoServer>
   const clock = opts.keyClock ?? (() => new Date());
   const audit = createAudit(pool, log, { failures: config.ERP_CLOUD_SSO_THROTTLE_FAILURES, windowS: config.ERP_CLOUD_SSO_THROTTLE_WINDOW_S });
 
-  await pool.query(serverSql.recordIssuer, [config.ERP_CLOUD_SSO_ISSUER]);
+  await pool.query(serverSql.putIssuer, [config.ERP_CLOUD_SSO_ISSUER]);
   // a key rotation (from any process) keeps the old key at least this long
-  await pool.query(serverSql.recordIdTokenTtl, [config.ERP_CLOUD_SSO_ID_TOKEN_TTL_S]);
+  await pool.query(serverSql.putIdTokenTtl, [config.ERP_CLOUD_SSO_ID_TOKEN_TTL_S]);
   if (await ensureSigningKey(pool, masterKey, clock())) log.info('SSO: generated the first signing key (kept encrypted in the vault)');
   const cookieKeys = await loadCookieKeys(pool, masterKey, opts.env ?? process.env);
 

@@ -396,7 +396,7 @@ CREATE FUNCTION cloud._log_partition_comment(p_month date) RETURNS text
     LANGUAGE sql IMMUTABLE
     SET search_path TO ''
     AS $$
-  select pg_catalog.format('Cloud_Log for %s (UTC): one month of cloud.log. Created ahead by cloud.ensure_log_partitions; dropped whole by cloud.age_out_log once the month is older than the log_retention setting.',
+  select pg_catalog.format('Cloud_Log for %s (UTC): one month of cloud.log. Created ahead by cloud.ensure_log_partitions; dropped whole by cloud.purge_log_partitions once the month is older than the log_retention setting.',
                            pg_catalog.to_char(p_month, 'YYYY-MM'))
 $$;
 
@@ -1087,30 +1087,15 @@ COMMENT ON FUNCTION cloud._wake_listeners(p_channel text) IS 'Internal: NOTIFY t
 --
 
 CREATE FUNCTION cloud.age_out_log(p_keep interval DEFAULT NULL::interval, p_now timestamp with time zone DEFAULT clock_timestamp()) RETURNS integer
-    LANGUAGE plpgsql
-    AS $_$
-declare
-  v_part    record;
-  v_keep    interval := coalesce(p_keep, cloud._retention('log_retention'));
-  v_dropped integer := 0;
-begin
-  for v_part in
-    select c.relname from pg_inherits i join pg_class c on c.oid = i.inhrelid
-     where i.inhparent = 'cloud.log'::regclass and c.relname ~ '^log_p[0-9]{6}$'
-       and (to_date(substr(c.relname, 6), 'YYYYMM') + interval '1 month')::timestamp at time zone 'UTC' <= p_now - v_keep
-  loop
-    execute format('drop table cloud.%I', v_part.relname);
-    v_dropped := v_dropped + 1;
-  end loop;
-  return v_dropped;
-end $_$;
+    LANGUAGE sql
+    AS $$ select cloud.purge_log_partitions(p_keep, p_now) $$;
 
 
 --
 -- Name: FUNCTION age_out_log(p_keep interval, p_now timestamp with time zone); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud.age_out_log(p_keep interval, p_now timestamp with time zone) IS 'Drops cloud.log months that ended more than the retention period ago (cloud.setting log_retention; a DROP, not a DELETE: no bloat). Returns how many were dropped.';
+COMMENT ON FUNCTION cloud.age_out_log(p_keep interval, p_now timestamp with time zone) IS 'Deprecated: use cloud.purge_log_partitions; removed in the next release. Kept one release so a listener of the previous release keeps working during a rolling restart.';
 
 
 --
@@ -1689,6 +1674,37 @@ COMMENT ON FUNCTION cloud.purge_finished_messages(p_keep interval, p_limit integ
 
 
 --
+-- Name: purge_log_partitions(interval, timestamp with time zone); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud.purge_log_partitions(p_keep interval DEFAULT NULL::interval, p_now timestamp with time zone DEFAULT clock_timestamp()) RETURNS integer
+    LANGUAGE plpgsql
+    AS $_$
+declare
+  v_part    record;
+  v_keep    interval := coalesce(p_keep, cloud._retention('log_retention'));
+  v_dropped integer := 0;
+begin
+  for v_part in
+    select c.relname from pg_inherits i join pg_class c on c.oid = i.inhrelid
+     where i.inhparent = 'cloud.log'::regclass and c.relname ~ '^log_p[0-9]{6}$'
+       and (to_date(substr(c.relname, 6), 'YYYYMM') + interval '1 month')::timestamp at time zone 'UTC' <= p_now - v_keep
+  loop
+    execute format('drop table cloud.%I', v_part.relname);
+    v_dropped := v_dropped + 1;
+  end loop;
+  return v_dropped;
+end $_$;
+
+
+--
+-- Name: FUNCTION purge_log_partitions(p_keep interval, p_now timestamp with time zone); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud.purge_log_partitions(p_keep interval, p_now timestamp with time zone) IS 'Drops cloud.log months that ended more than the retention period ago (cloud.setting log_retention; a DROP, not a DELETE: no bloat). Returns how many were dropped.';
+
+
+--
 -- Name: put_endpoint(text, text, text, text, integer, integer, integer, integer, jsonb, boolean); Type: FUNCTION; Schema: cloud
 --
 
@@ -2237,7 +2253,7 @@ CREATE FUNCTION cloud.run_maintenance(p_now timestamp with time zone DEFAULT clo
     'reaped', cloud.reap_expired_leases(p_now),
     'woken_channels', cloud.wake_due_messages(p_now),
     'partitions_created', cloud.ensure_log_partitions(2, p_now),
-    'partitions_dropped', cloud.age_out_log(null, p_now),
+    'partitions_dropped', cloud.purge_log_partitions(null, p_now),
     'messages_purged', cloud.purge_finished_messages(null, 100000, p_now),
     'usage_purged', cloud.purge_endpoint_usage(p_now),
     'cron_history_purged', cloud.purge_cron_history());
@@ -2264,7 +2280,7 @@ begin
   end if;
   perform cron.schedule('erp-cloud: reap expired leases', '* * * * *', 'select cloud.reap_expired_leases()');
   perform cron.schedule('erp-cloud: wake due retries', '* * * * *', 'select cloud.wake_due_messages()');
-  perform cron.schedule('erp-cloud: log partitions', '7 * * * *', 'select cloud.ensure_log_partitions(); select cloud.age_out_log()');
+  perform cron.schedule('erp-cloud: log partitions', '7 * * * *', 'select cloud.ensure_log_partitions(); select cloud.purge_log_partitions()');
   perform cron.schedule('erp-cloud: purge finished', '17 * * * *',
     'select cloud.purge_finished_messages(); select cloud.purge_endpoint_usage(); select cloud.purge_cron_history()');
   return 4;
@@ -2614,7 +2630,7 @@ PARTITION BY RANGE (started_at);
 -- Name: TABLE log; Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON TABLE cloud.log IS 'Cloud_Log: one row per HTTP attempt, secrets redacted, bodies size-capped. Partitioned by month (cloud.log_pYYYYMM); old months are dropped by cloud.age_out_log.';
+COMMENT ON TABLE cloud.log IS 'Cloud_Log: one row per HTTP attempt, secrets redacted, bodies size-capped. Partitioned by month (cloud.log_pYYYYMM); old months are dropped by cloud.purge_log_partitions.';
 
 
 --
@@ -2847,7 +2863,7 @@ CREATE TABLE cloud.log_default (
 -- Name: TABLE log_default; Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON TABLE cloud.log_default IS 'Cloud_Log rows of a month that has no partition of its own. Normally empty: cloud.ensure_log_partitions creates this month and the next two ahead (pg_cron hourly, or the listener''s maintenance). Rows here mean partitions were missing; that month''s partition cannot be created while they are here, and cloud.age_out_log never drops them.';
+COMMENT ON TABLE cloud.log_default IS 'Cloud_Log rows of a month that has no partition of its own. Normally empty: cloud.ensure_log_partitions creates this month and the next two ahead (pg_cron hourly, or the listener''s maintenance). Rows here mean partitions were missing; that month''s partition cannot be created while they are here, and cloud.purge_log_partitions never drops them.';
 
 
 --
@@ -3434,6 +3450,14 @@ GRANT ALL ON FUNCTION cloud.purge_endpoint_usage(p_now timestamp with time zone)
 
 REVOKE ALL ON FUNCTION cloud.purge_finished_messages(p_keep interval, p_limit integer, p_now timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION cloud.purge_finished_messages(p_keep interval, p_limit integer, p_now timestamp with time zone) TO erp_cloud_listener;
+
+
+--
+-- Name: FUNCTION purge_log_partitions(p_keep interval, p_now timestamp with time zone); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud.purge_log_partitions(p_keep interval, p_now timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud.purge_log_partitions(p_keep interval, p_now timestamp with time zone) TO erp_cloud_listener;
 
 
 --

@@ -1959,6 +1959,22 @@ COMMENT ON FUNCTION scm.quarantine_pushed_event(p_event jsonb, p_event_id text, 
 --
 
 CREATE FUNCTION scm.record_asn_pull(p_msg cloud.outbox, p_response jsonb) RETURNS void
+    LANGUAGE sql
+    AS $$ select scm.record_asn_pull_answered(p_msg, p_response) $$;
+
+
+--
+-- Name: FUNCTION record_asn_pull(p_msg cloud.outbox, p_response jsonb); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm.record_asn_pull(p_msg cloud.outbox, p_response jsonb) IS 'Deprecated: use scm.record_asn_pull_answered; removed in the next release. Kept one release so a listener of the previous release keeps working during a rolling restart.';
+
+
+--
+-- Name: record_asn_pull_answered(cloud.outbox, jsonb); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm.record_asn_pull_answered(p_msg cloud.outbox, p_response jsonb) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     AS $$
@@ -1991,10 +2007,10 @@ end $$;
 
 
 --
--- Name: FUNCTION record_asn_pull(p_msg cloud.outbox, p_response jsonb); Type: COMMENT; Schema: scm
+-- Name: FUNCTION record_asn_pull_answered(p_msg cloud.outbox, p_response jsonb); Type: COMMENT; Schema: scm
 --
 
-COMMENT ON FUNCTION scm.record_asn_pull(p_msg cloud.outbox, p_response jsonb) IS 'Write-back of a delivery-list page: every record through scm.ingest_asn (source pull; records it refuses go to scm.asn_quarantine), the watermark advanced to the newest ts, the next page enqueued.';
+COMMENT ON FUNCTION scm.record_asn_pull_answered(p_msg cloud.outbox, p_response jsonb) IS 'Write-back of a delivery-list page: every record through scm.ingest_asn (source pull; records it refuses go to scm.asn_quarantine), the watermark advanced to the newest ts, the next page enqueued.';
 
 
 --
@@ -3498,6 +3514,14 @@ GRANT ALL ON FUNCTION scm.quarantine_pushed_event(p_event jsonb, p_event_id text
 
 REVOKE ALL ON FUNCTION scm.record_asn_pull(p_msg cloud.outbox, p_response jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION scm.record_asn_pull(p_msg cloud.outbox, p_response jsonb) TO erp_cloud_listener;
+
+
+--
+-- Name: FUNCTION record_asn_pull_answered(p_msg cloud.outbox, p_response jsonb); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm.record_asn_pull_answered(p_msg cloud.outbox, p_response jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION scm.record_asn_pull_answered(p_msg cloud.outbox, p_response jsonb) TO erp_cloud_listener;
 
 
 --

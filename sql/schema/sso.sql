@@ -157,7 +157,7 @@ CREATE TABLE sso.client (
 -- Name: TABLE client; Type: COMMENT; Schema: sso
 --
 
-COMMENT ON TABLE sso.client IS 'One relying party. Managed with sso.register_client, sso.rotate_client_secret, sso.disable_client / sso.enable_client; the provider reads it on every request, so changes apply at once on every instance.';
+COMMENT ON TABLE sso.client IS 'One relying party. Managed with sso.register_client, sso.rotate_client_secret, sso.put_client_enabled and sso.put_client_uris; the provider reads it on every request, so changes apply at once on every instance.';
 
 
 --
@@ -206,29 +206,6 @@ end $$;
 --
 
 COMMENT ON FUNCTION sso._client(p_client_id text) IS 'Internal: the client row, or EO001.';
-
-
---
--- Name: _client_uris_valid(); Type: FUNCTION; Schema: sso
---
-
-CREATE FUNCTION sso._client_uris_valid() RETURNS trigger
-    LANGUAGE plpgsql
-    SET search_path TO ''
-    AS $$
-begin
-  perform sso._check_uris('redirect URI', new.redirect_uris);
-  perform sso._check_uris('post-logout redirect URI', new.post_logout_redirect_uris);
-  perform sso._check_uris('login-initiation URI', case when new.initiate_login_uri is null then '{}'::text[] else array[new.initiate_login_uri] end);
-  return new;
-end $$;
-
-
---
--- Name: FUNCTION _client_uris_valid(); Type: COMMENT; Schema: sso
---
-
-COMMENT ON FUNCTION sso._client_uris_valid() IS 'Internal (trigger on sso.client): every write of a client''s URIs passes sso._check_uris, whoever makes it (EO003).';
 
 
 --
@@ -289,6 +266,86 @@ end $$;
 --
 
 COMMENT ON FUNCTION sso._vault_name_is_sso(p_name text) IS 'Internal: EO012 unless the secret name starts with sso. (the refused name is not quoted).';
+
+
+--
+-- Name: audit_event(text, text, bigint, inet, text, text); Type: FUNCTION; Schema: sso
+--
+
+CREATE FUNCTION sso.audit_event(p_event text, p_client_id text, p_user_id bigint, p_source_addr inet, p_code text DEFAULT NULL::text, p_detail text DEFAULT NULL::text) RETURNS void
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+  -- SECURITY DEFINER: the provider appends through here only (no INSERT on sso.audit), and the time is the database's
+  insert into sso.audit (at, event, user_id, login, client_id, source_addr, code, detail)
+  select pg_catalog.now(), p_event, p_user_id, (select u.login from sso.app_user u where u.id = p_user_id), p_client_id, p_source_addr,
+         p_code, pg_catalog.left(p_detail, 1000)
+$$;
+
+
+--
+-- Name: FUNCTION audit_event(p_event text, p_client_id text, p_user_id bigint, p_source_addr inet, p_code text, p_detail text); Type: COMMENT; Schema: sso
+--
+
+COMMENT ON FUNCTION sso.audit_event(p_event text, p_client_id text, p_user_id bigint, p_source_addr inet, p_code text, p_detail text) IS 'Appends one row to sso.audit at the database''s time (the login is looked up from the user id). With sso.audit_failure (which counts failures for throttling and aggregates them past the threshold), the only way the provider writes the audit.';
+
+
+--
+-- Name: audit_failure(inet, text, text, text, bigint, text, text, integer, interval, boolean, timestamp with time zone); Type: FUNCTION; Schema: sso
+--
+
+CREATE FUNCTION sso.audit_failure(p_source_addr inet, p_throttle_client text, p_kind text, p_client_id text, p_user_id bigint, p_code text, p_detail text, p_threshold integer, p_window interval, p_audited boolean DEFAULT false, p_now timestamp with time zone DEFAULT now()) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+declare
+  v_w  sso.failure_window;
+  v_id bigint;
+begin
+  -- SECURITY DEFINER: the provider appends to the audit through here and sso.audit_event only
+  perform sso._check_throttle(p_threshold, p_window);
+  -- one statement: concurrent failures of one key are serialised by the row
+  -- lock it takes; an ended window starts again at this failure
+  insert into sso.failure_window as f (source_key, client_key, kind, window_start, failures, last_at)
+  values (coalesce(pg_catalog.host(p_source_addr), ''), coalesce(p_throttle_client, ''), p_kind, p_now, 1, p_now)
+  on conflict (source_key, client_key, kind) do update
+     set window_start = case when f.window_start + p_window <= p_now then p_now else f.window_start end,
+         failures     = case when f.window_start + p_window <= p_now then 1 else f.failures + 1 end,
+         audit_id     = case when f.window_start + p_window <= p_now then null else f.audit_id end,
+         last_at      = greatest(f.last_at, p_now)
+  returning * into v_w;
+
+  if v_w.failures <= p_threshold or p_audited then
+    -- within the threshold: a row of its own. A failure the caller already
+    -- audited (it passed the throttle check just before the threshold was
+    -- reached by a concurrent request) keeps its own row and is not counted twice.
+    if not p_audited then
+      perform sso.audit_event('failure', p_client_id, p_user_id, p_source_addr, p_code, p_detail);
+    end if;
+  elsif v_w.audit_id is null then
+    insert into sso.audit (at, event, user_id, login, client_id, source_addr, code, detail, occurrences, last_at)
+    select p_now, 'failure', p_user_id, (select u.login from sso.app_user u where u.id = p_user_id), p_client_id, p_source_addr,
+           'throttled', pg_catalog.left(format('%s failures past the threshold of %s in %s from this source (first: %s: %s)',
+                                               p_kind, p_threshold, p_window, p_code, p_detail), 1000), 1, p_now
+    returning id into v_id;
+    update sso.failure_window set audit_id = v_id
+     where (source_key, client_key, kind) = (v_w.source_key, v_w.client_key, v_w.kind);
+  else
+    update sso.audit set occurrences = occurrences + 1, last_at = greatest(last_at, p_now) where id = v_w.audit_id;
+  end if;
+
+  if v_w.failures >= p_threshold then
+    return greatest(1, ceil(extract(epoch from (v_w.window_start + p_window - p_now)))::integer);
+  end if;
+  return null;
+end $$;
+
+
+--
+-- Name: FUNCTION audit_failure(p_source_addr inet, p_throttle_client text, p_kind text, p_client_id text, p_user_id bigint, p_code text, p_detail text, p_threshold integer, p_window interval, p_audited boolean, p_now timestamp with time zone); Type: COMMENT; Schema: sso
+--
+
+COMMENT ON FUNCTION sso.audit_failure(p_source_addr inet, p_throttle_client text, p_kind text, p_client_id text, p_user_id bigint, p_code text, p_detail text, p_threshold integer, p_window interval, p_audited boolean, p_now timestamp with time zone) IS 'Counts one failed SSO request of (source, claimed client, kind) in the current throttle window and audits it: one sso.audit row per failure up to p_threshold, then one aggregate row (code throttled, occurrences counting) per window, so an attack is kept with its size but cannot flood the audit. Returns the seconds to throttle that key for (the rest of the window) once p_threshold failures are reached, else null. EO027 for a bad threshold or window.';
 
 
 --
@@ -367,10 +424,10 @@ begin
     update sso.jump_ticket set consumed_at = pg_catalog.now(), consumed_from = p_source_addr where ticket_sha256 = v_t.ticket_sha256;
   end if;
   if v_code is null then
-    perform sso.record_event('ticket_consumed', p_client_id, v_t.user_id, p_source_addr, null, null);
+    perform sso.audit_event('ticket_consumed', p_client_id, v_t.user_id, p_source_addr, null, null);
     return (v_t.user_id, v_t.client_id, v_client.initiate_login_uri, null, null)::sso.jump_outcome;
   end if;
-  perform sso.record_event('failure', coalesce(p_client_id, v_t.client_id), v_t.user_id, p_source_addr, v_code,
+  perform sso.audit_event('failure', coalesce(p_client_id, v_t.client_id), v_t.user_id, p_source_addr, v_code,
                            v_reason || case when v_code = 'EO023' then format(' (issued for %s)', v_t.client_id) else '' end);
   return (null, v_t.client_id, null, v_code, v_reason)::sso.jump_outcome;
 end $$;
@@ -388,20 +445,15 @@ COMMENT ON FUNCTION sso.consume_jump_ticket(p_ticket text, p_client_id text, p_s
 --
 
 CREATE FUNCTION sso.disable_client(p_client_id text) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-begin
-  perform sso._client(p_client_id);
-  update sso.client set enabled = false, disabled_at = pg_catalog.now() where client_id = p_client_id and enabled;
-end $$;
+    LANGUAGE sql
+    AS $$ select sso.put_client_enabled(p_client_id, false) $$;
 
 
 --
 -- Name: FUNCTION disable_client(p_client_id text); Type: COMMENT; Schema: sso
 --
 
-COMMENT ON FUNCTION sso.disable_client(p_client_id text) IS 'Stops a client at once on every provider instance: no new logins, no code exchange, no jumps. EO001 for an unknown client.';
+COMMENT ON FUNCTION sso.disable_client(p_client_id text) IS 'Deprecated: use sso.put_client_enabled(p_client_id, false); removed in the next release. Kept one release so a listener of the previous release keeps working during a rolling restart.';
 
 
 --
@@ -409,20 +461,15 @@ COMMENT ON FUNCTION sso.disable_client(p_client_id text) IS 'Stops a client at o
 --
 
 CREATE FUNCTION sso.enable_client(p_client_id text) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-begin
-  perform sso._client(p_client_id);
-  update sso.client set enabled = true, disabled_at = null where client_id = p_client_id and not enabled;
-end $$;
+    LANGUAGE sql
+    AS $$ select sso.put_client_enabled(p_client_id, true) $$;
 
 
 --
 -- Name: FUNCTION enable_client(p_client_id text); Type: COMMENT; Schema: sso
 --
 
-COMMENT ON FUNCTION sso.enable_client(p_client_id text) IS 'Lets a disabled client sign users in again. EO001 for an unknown client.';
+COMMENT ON FUNCTION sso.enable_client(p_client_id text) IS 'Deprecated: use sso.put_client_enabled(p_client_id, true); removed in the next release. Kept one release so a listener of the previous release keeps working during a rolling restart.';
 
 
 --
@@ -453,11 +500,11 @@ begin
   v_client := sso._client(p_client_id);
   if not v_client.enabled then
     raise exception using errcode = 'EO005', message = format('SSO client %s is disabled', p_client_id),
-      hint = 'An operator re-enables it with sso.enable_client.';
+      hint = 'An operator re-enables it with sso.put_client_enabled(client_id, true).';
   end if;
   if v_client.initiate_login_uri is null then
     raise exception using errcode = 'EO008', message = format('SSO client %s has no login-initiation URI', p_client_id),
-      hint = 'Set the platform''s login-initiation URL with sso.set_client_uris (erp-cloud sso register-client shows the lists), or let users start at the platform''s login page.';
+      hint = 'Set the platform''s login-initiation URL with sso.put_client_uris (erp-cloud sso register-client shows the lists), or let users start at the platform''s login page.';
   end if;
   select s.value into v_issuer from sso.setting s where s.name = 'issuer';
   if v_issuer is null then
@@ -470,7 +517,7 @@ begin
   end if;
   insert into sso.jump_ticket (ticket_sha256, user_id, client_id, issued_at, expires_at, issued_from)
   values (sso._sha256(v_ticket), v_user.id, p_client_id, v_now, v_now + p_ttl, v_source);
-  perform sso.record_event('ticket_issued', p_client_id, v_user.id, v_source, null, format('valid until %s', v_now + p_ttl));
+  perform sso.audit_event('ticket_issued', p_client_id, v_user.id, v_source, null, format('valid until %s', v_now + p_ttl));
   return v_issuer || '/jump?ticket=' || v_ticket;
 end $$;
 
@@ -525,7 +572,7 @@ begin
     return;
   end if;
   if v_t.bound_sha256 is not null then
-    perform sso.record_event('failure', v_t.client_id, v_t.user_id, p_source_addr, 'EO024',
+    perform sso.audit_event('failure', v_t.client_id, v_t.user_id, p_source_addr, 'EO024',
                              format('the jump link was already opened in another browser at %s', v_t.opened_at));
     return next (null, v_t.client_id, null, 'EO024', 'the jump link was already opened in another browser')::sso.jump_outcome;
     return;
@@ -584,6 +631,113 @@ end $$;
 --
 
 COMMENT ON FUNCTION sso.purge_expired(p_audit_retention interval) IS 'Removes expired provider storage rows (revoked ones too), jump tickets older than a day past expiry (the audit keeps their story), audit rows older than the retention (400 days unless given; EO025 under 180 days) and throttle windows over a day old; returns how many. The provider runs it periodically (SECURITY DEFINER: erp_cloud_sso cannot delete tickets or audit rows otherwise).';
+
+
+--
+-- Name: put_client_enabled(text, boolean); Type: FUNCTION; Schema: sso
+--
+
+CREATE FUNCTION sso.put_client_enabled(p_client_id text, p_enabled boolean) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+begin
+  if p_enabled is null then
+    raise exception using errcode = 'EO029', message = format('enabled for SSO client %s must be true or false, not null', p_client_id),
+      hint = 'Pass true to let the client sign users in, false to stop it.';
+  end if;
+  perform sso._client(p_client_id);
+  update sso.client set enabled = p_enabled, disabled_at = case when p_enabled then null else pg_catalog.now() end
+   where client_id = p_client_id and enabled <> p_enabled;
+end $$;
+
+
+--
+-- Name: FUNCTION put_client_enabled(p_client_id text, p_enabled boolean); Type: COMMENT; Schema: sso
+--
+
+COMMENT ON FUNCTION sso.put_client_enabled(p_client_id text, p_enabled boolean) IS 'Enables or disables a client: disabled, it stops at once on every provider instance (no new logins, no code exchange, no jumps); enabled again, it signs users in again. The same call twice is one change. EO001 for an unknown client, EO029 for a null p_enabled.';
+
+
+--
+-- Name: put_client_uris(text, text[], text[], text); Type: FUNCTION; Schema: sso
+--
+
+CREATE FUNCTION sso.put_client_uris(p_client_id text, p_redirect_uris text[], p_post_logout_redirect_uris text[], p_initiate_login_uri text) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+begin
+  perform sso._client(p_client_id);
+  if coalesce(cardinality(p_redirect_uris), 0) = 0 then
+    raise exception using errcode = 'EO003', message = format('client %s needs at least one redirect URI', p_client_id),
+      hint = 'Pass the complete list of the platform''s callback URLs, e.g. array[''https://saas.example.com/oidc/callback''].';
+  end if;
+  -- the trigger client_uris_valid checks every URI (EO003)
+  update sso.client
+     set redirect_uris = p_redirect_uris, post_logout_redirect_uris = coalesce(p_post_logout_redirect_uris, '{}'),
+         initiate_login_uri = p_initiate_login_uri
+   where client_id = p_client_id;
+end $$;
+
+
+--
+-- Name: FUNCTION put_client_uris(p_client_id text, p_redirect_uris text[], p_post_logout_redirect_uris text[], p_initiate_login_uri text); Type: COMMENT; Schema: sso
+--
+
+COMMENT ON FUNCTION sso.put_client_uris(p_client_id text, p_redirect_uris text[], p_post_logout_redirect_uris text[], p_initiate_login_uri text) IS 'Replaces a client''s redirect, post-logout and login-initiation URIs (each list complete, as registered). Applies on the next request on every instance. EO001 unknown client, EO003 bad or missing URI.';
+
+
+--
+-- Name: put_id_token_ttl(integer); Type: FUNCTION; Schema: sso
+--
+
+CREATE FUNCTION sso.put_id_token_ttl(p_seconds integer) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path TO ''
+    AS $$
+begin
+  if p_seconds is null or p_seconds < 0 then
+    raise exception using errcode = 'EO010', message = format('ID-token lifetime %s is not valid', p_seconds),
+      hint = 'Set ERP_CLOUD_SSO_ID_TOKEN_TTL_S to a number of seconds (60 to 86400).';
+  end if;
+  insert into sso.setting (name, value) values ('id_token_ttl_s', p_seconds::text)
+  on conflict (name) do update set value = excluded.value, updated_at = pg_catalog.now()
+   where sso.setting.value is distinct from excluded.value;
+end $$;
+
+
+--
+-- Name: FUNCTION put_id_token_ttl(p_seconds integer); Type: COMMENT; Schema: sso
+--
+
+COMMENT ON FUNCTION sso.put_id_token_ttl(p_seconds integer) IS 'Records the ID-token lifetime (seconds) the provider issues tokens with (called by erp-cloud sso serve at start); sso.schedule_signing_key keeps a retiring key at least this long, whatever the caller passes. EO010 for a negative value.';
+
+
+--
+-- Name: put_issuer(text); Type: FUNCTION; Schema: sso
+--
+
+CREATE FUNCTION sso.put_issuer(p_issuer text) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path TO ''
+    AS $_$
+begin
+  if p_issuer is null or p_issuer !~ '^https?://[^\s/?#]+(/[^\s?#]*[^\s?#/])?$' then
+    raise exception using errcode = 'EO003', message = format('issuer %L is not a valid URL', p_issuer),
+      hint = 'Set ERP_CLOUD_SSO_ISSUER to the https URL the browsers reach, without a trailing slash, e.g. https://sso.erp.example.com';
+  end if;
+  insert into sso.setting (name, value) values ('issuer', p_issuer)
+  on conflict (name) do update set value = excluded.value, updated_at = pg_catalog.now()
+   where sso.setting.value is distinct from excluded.value;
+end $_$;
+
+
+--
+-- Name: FUNCTION put_issuer(p_issuer text); Type: COMMENT; Schema: sso
+--
+
+COMMENT ON FUNCTION sso.put_issuer(p_issuer text) IS 'Records the issuer URL the provider serves (called by erp-cloud sso serve at start); jump URLs start with it. EO003 for a malformed URL.';
 
 
 --
@@ -697,21 +851,15 @@ COMMENT ON FUNCTION sso.read_vault_secret(p_name text, p_master_key text) IS 'va
 --
 
 CREATE FUNCTION sso.record_event(p_event text, p_client_id text, p_user_id bigint, p_source_addr inet, p_code text DEFAULT NULL::text, p_detail text DEFAULT NULL::text) RETURNS void
-    LANGUAGE sql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-  -- SECURITY DEFINER: the provider appends through here only (no INSERT on sso.audit), and the time is the database's
-  insert into sso.audit (at, event, user_id, login, client_id, source_addr, code, detail)
-  select pg_catalog.now(), p_event, p_user_id, (select u.login from sso.app_user u where u.id = p_user_id), p_client_id, p_source_addr,
-         p_code, pg_catalog.left(p_detail, 1000)
-$$;
+    LANGUAGE sql
+    AS $$ select sso.audit_event(p_event, p_client_id, p_user_id, p_source_addr, p_code, p_detail) $$;
 
 
 --
 -- Name: FUNCTION record_event(p_event text, p_client_id text, p_user_id bigint, p_source_addr inet, p_code text, p_detail text); Type: COMMENT; Schema: sso
 --
 
-COMMENT ON FUNCTION sso.record_event(p_event text, p_client_id text, p_user_id bigint, p_source_addr inet, p_code text, p_detail text) IS 'Appends one row to sso.audit at the database''s time (the login is looked up from the user id). With sso.record_failure (which counts failures for throttling and aggregates them past the threshold), the only way the provider writes the audit.';
+COMMENT ON FUNCTION sso.record_event(p_event text, p_client_id text, p_user_id bigint, p_source_addr inet, p_code text, p_detail text) IS 'Deprecated: use sso.audit_event; removed in the next release. Kept one release so a listener of the previous release keeps working during a rolling restart.';
 
 
 --
@@ -719,57 +867,15 @@ COMMENT ON FUNCTION sso.record_event(p_event text, p_client_id text, p_user_id b
 --
 
 CREATE FUNCTION sso.record_failure(p_source_addr inet, p_throttle_client text, p_kind text, p_client_id text, p_user_id bigint, p_code text, p_detail text, p_threshold integer, p_window interval, p_audited boolean DEFAULT false, p_now timestamp with time zone DEFAULT now()) RETURNS integer
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-declare
-  v_w  sso.failure_window;
-  v_id bigint;
-begin
-  -- SECURITY DEFINER: the provider appends to the audit through here and sso.record_event only
-  perform sso._check_throttle(p_threshold, p_window);
-  -- one statement: concurrent failures of one key are serialised by the row
-  -- lock it takes; an ended window starts again at this failure
-  insert into sso.failure_window as f (source_key, client_key, kind, window_start, failures, last_at)
-  values (coalesce(pg_catalog.host(p_source_addr), ''), coalesce(p_throttle_client, ''), p_kind, p_now, 1, p_now)
-  on conflict (source_key, client_key, kind) do update
-     set window_start = case when f.window_start + p_window <= p_now then p_now else f.window_start end,
-         failures     = case when f.window_start + p_window <= p_now then 1 else f.failures + 1 end,
-         audit_id     = case when f.window_start + p_window <= p_now then null else f.audit_id end,
-         last_at      = greatest(f.last_at, p_now)
-  returning * into v_w;
-
-  if v_w.failures <= p_threshold or p_audited then
-    -- within the threshold: a row of its own. A failure the caller already
-    -- audited (it passed the throttle check just before the threshold was
-    -- reached by a concurrent request) keeps its own row and is not counted twice.
-    if not p_audited then
-      perform sso.record_event('failure', p_client_id, p_user_id, p_source_addr, p_code, p_detail);
-    end if;
-  elsif v_w.audit_id is null then
-    insert into sso.audit (at, event, user_id, login, client_id, source_addr, code, detail, occurrences, last_at)
-    select p_now, 'failure', p_user_id, (select u.login from sso.app_user u where u.id = p_user_id), p_client_id, p_source_addr,
-           'throttled', pg_catalog.left(format('%s failures past the threshold of %s in %s from this source (first: %s: %s)',
-                                               p_kind, p_threshold, p_window, p_code, p_detail), 1000), 1, p_now
-    returning id into v_id;
-    update sso.failure_window set audit_id = v_id
-     where (source_key, client_key, kind) = (v_w.source_key, v_w.client_key, v_w.kind);
-  else
-    update sso.audit set occurrences = occurrences + 1, last_at = greatest(last_at, p_now) where id = v_w.audit_id;
-  end if;
-
-  if v_w.failures >= p_threshold then
-    return greatest(1, ceil(extract(epoch from (v_w.window_start + p_window - p_now)))::integer);
-  end if;
-  return null;
-end $$;
+    LANGUAGE sql
+    AS $$ select sso.audit_failure(p_source_addr, p_throttle_client, p_kind, p_client_id, p_user_id, p_code, p_detail, p_threshold, p_window, p_audited, p_now) $$;
 
 
 --
 -- Name: FUNCTION record_failure(p_source_addr inet, p_throttle_client text, p_kind text, p_client_id text, p_user_id bigint, p_code text, p_detail text, p_threshold integer, p_window interval, p_audited boolean, p_now timestamp with time zone); Type: COMMENT; Schema: sso
 --
 
-COMMENT ON FUNCTION sso.record_failure(p_source_addr inet, p_throttle_client text, p_kind text, p_client_id text, p_user_id bigint, p_code text, p_detail text, p_threshold integer, p_window interval, p_audited boolean, p_now timestamp with time zone) IS 'Counts one failed SSO request of (source, claimed client, kind) in the current throttle window and audits it: one sso.audit row per failure up to p_threshold, then one aggregate row (code throttled, occurrences counting) per window, so an attack is kept with its size but cannot flood the audit. Returns the seconds to throttle that key for (the rest of the window) once p_threshold failures are reached, else null. EO027 for a bad threshold or window.';
+COMMENT ON FUNCTION sso.record_failure(p_source_addr inet, p_throttle_client text, p_kind text, p_client_id text, p_user_id bigint, p_code text, p_detail text, p_threshold integer, p_window interval, p_audited boolean, p_now timestamp with time zone) IS 'Deprecated: use sso.audit_failure; removed in the next release. Kept one release so a listener of the previous release keeps working during a rolling restart.';
 
 
 --
@@ -777,25 +883,15 @@ COMMENT ON FUNCTION sso.record_failure(p_source_addr inet, p_throttle_client tex
 --
 
 CREATE FUNCTION sso.record_id_token_ttl(p_seconds integer) RETURNS void
-    LANGUAGE plpgsql
-    SET search_path TO ''
-    AS $$
-begin
-  if p_seconds is null or p_seconds < 0 then
-    raise exception using errcode = 'EO010', message = format('ID-token lifetime %s is not valid', p_seconds),
-      hint = 'Set ERP_CLOUD_SSO_ID_TOKEN_TTL_S to a number of seconds (60 to 86400).';
-  end if;
-  insert into sso.setting (name, value) values ('id_token_ttl_s', p_seconds::text)
-  on conflict (name) do update set value = excluded.value, updated_at = pg_catalog.now()
-   where sso.setting.value is distinct from excluded.value;
-end $$;
+    LANGUAGE sql
+    AS $$ select sso.put_id_token_ttl(p_seconds) $$;
 
 
 --
 -- Name: FUNCTION record_id_token_ttl(p_seconds integer); Type: COMMENT; Schema: sso
 --
 
-COMMENT ON FUNCTION sso.record_id_token_ttl(p_seconds integer) IS 'Records the ID-token lifetime (seconds) the provider issues tokens with (called by erp-cloud sso serve at start); sso.schedule_signing_key keeps a retiring key at least this long, whatever the caller passes. EO010 for a negative value.';
+COMMENT ON FUNCTION sso.record_id_token_ttl(p_seconds integer) IS 'Deprecated: use sso.put_id_token_ttl; removed in the next release. Kept one release so a listener of the previous release keeps working during a rolling restart.';
 
 
 --
@@ -803,25 +899,15 @@ COMMENT ON FUNCTION sso.record_id_token_ttl(p_seconds integer) IS 'Records the I
 --
 
 CREATE FUNCTION sso.record_issuer(p_issuer text) RETURNS void
-    LANGUAGE plpgsql
-    SET search_path TO ''
-    AS $_$
-begin
-  if p_issuer is null or p_issuer !~ '^https?://[^\s/?#]+(/[^\s?#]*[^\s?#/])?$' then
-    raise exception using errcode = 'EO003', message = format('issuer %L is not a valid URL', p_issuer),
-      hint = 'Set ERP_CLOUD_SSO_ISSUER to the https URL the browsers reach, without a trailing slash, e.g. https://sso.erp.example.com';
-  end if;
-  insert into sso.setting (name, value) values ('issuer', p_issuer)
-  on conflict (name) do update set value = excluded.value, updated_at = pg_catalog.now()
-   where sso.setting.value is distinct from excluded.value;
-end $_$;
+    LANGUAGE sql
+    AS $$ select sso.put_issuer(p_issuer) $$;
 
 
 --
 -- Name: FUNCTION record_issuer(p_issuer text); Type: COMMENT; Schema: sso
 --
 
-COMMENT ON FUNCTION sso.record_issuer(p_issuer text) IS 'Records the issuer URL the provider serves (called by erp-cloud sso serve at start); jump URLs start with it. EO003 for a malformed URL.';
+COMMENT ON FUNCTION sso.record_issuer(p_issuer text) IS 'Deprecated: use sso.put_issuer; removed in the next release. Kept one release so a listener of the previous release keeps working during a rolling restart.';
 
 
 --
@@ -851,7 +937,7 @@ begin
   on conflict (client_id) do nothing;
   if not found then
     raise exception using errcode = 'EO002', message = format('SSO client %s is already registered', p_client_id),
-      hint = 'Choose another id, or use sso.rotate_client_secret / sso.disable_client on the existing one.';
+      hint = 'Choose another id, or use sso.rotate_client_secret / sso.put_client_enabled on the existing one.';
   end if;
   return (p_client_id, v_secret)::sso.client_credentials;
 end $_$;
@@ -1004,28 +1090,15 @@ COMMENT ON FUNCTION sso.schedule_signing_key(p_kid text, p_public_jwk jsonb, p_p
 --
 
 CREATE FUNCTION sso.set_client_uris(p_client_id text, p_redirect_uris text[], p_post_logout_redirect_uris text[], p_initiate_login_uri text) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-begin
-  perform sso._client(p_client_id);
-  if coalesce(cardinality(p_redirect_uris), 0) = 0 then
-    raise exception using errcode = 'EO003', message = format('client %s needs at least one redirect URI', p_client_id),
-      hint = 'Pass the complete list of the platform''s callback URLs, e.g. array[''https://saas.example.com/oidc/callback''].';
-  end if;
-  -- the trigger client_uris_valid checks every URI (EO003)
-  update sso.client
-     set redirect_uris = p_redirect_uris, post_logout_redirect_uris = coalesce(p_post_logout_redirect_uris, '{}'),
-         initiate_login_uri = p_initiate_login_uri
-   where client_id = p_client_id;
-end $$;
+    LANGUAGE sql
+    AS $$ select sso.put_client_uris(p_client_id, p_redirect_uris, p_post_logout_redirect_uris, p_initiate_login_uri) $$;
 
 
 --
 -- Name: FUNCTION set_client_uris(p_client_id text, p_redirect_uris text[], p_post_logout_redirect_uris text[], p_initiate_login_uri text); Type: COMMENT; Schema: sso
 --
 
-COMMENT ON FUNCTION sso.set_client_uris(p_client_id text, p_redirect_uris text[], p_post_logout_redirect_uris text[], p_initiate_login_uri text) IS 'Replaces a client''s redirect, post-logout and login-initiation URIs (each list complete, as registered). Applies on the next request on every instance. EO001 unknown client, EO003 bad or missing URI.';
+COMMENT ON FUNCTION sso.set_client_uris(p_client_id text, p_redirect_uris text[], p_post_logout_redirect_uris text[], p_initiate_login_uri text) IS 'Deprecated: use sso.put_client_uris; removed in the next release. Kept one release so a listener of the previous release keeps working during a rolling restart.';
 
 
 --
@@ -1054,6 +1127,29 @@ $$;
 --
 
 COMMENT ON FUNCTION sso.signing_keys_at(p_now timestamp with time zone) IS 'The keys in the JWKS at p_now, the signing one first (the provider signs with the first). Retired keys are left out.';
+
+
+--
+-- Name: tg_client__100_validate_uris(); Type: FUNCTION; Schema: sso
+--
+
+CREATE FUNCTION sso.tg_client__100_validate_uris() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO ''
+    AS $$
+begin
+  perform sso._check_uris('redirect URI', new.redirect_uris);
+  perform sso._check_uris('post-logout redirect URI', new.post_logout_redirect_uris);
+  perform sso._check_uris('login-initiation URI', case when new.initiate_login_uri is null then '{}'::text[] else array[new.initiate_login_uri] end);
+  return new;
+end $$;
+
+
+--
+-- Name: FUNCTION tg_client__100_validate_uris(); Type: COMMENT; Schema: sso
+--
+
+COMMENT ON FUNCTION sso.tg_client__100_validate_uris() IS 'Trigger client_100_validate_uris on sso.client: every write of a client''s URIs passes sso._check_uris, whoever makes it (EO003).';
 
 
 --
@@ -1291,7 +1387,7 @@ CREATE TABLE sso.failure_window (
 -- Name: TABLE failure_window; Type: COMMENT; Schema: sso
 --
 
-COMMENT ON TABLE sso.failure_window IS 'Failed SSO requests counted per (source address, client, kind) in the current throttle window, shared by every provider instance (sso.record_failure). A window starts with the first failure after the previous one ended; successes are not counted. Rows idle for a day are removed by sso.purge_expired.';
+COMMENT ON TABLE sso.failure_window IS 'Failed SSO requests counted per (source address, client, kind) in the current throttle window, shared by every provider instance (sso.audit_failure). A window starts with the first failure after the previous one ended; successes are not counted. Rows idle for a day are removed by sso.purge_expired.';
 
 
 --
@@ -1562,10 +1658,10 @@ CREATE INDEX oidc_payload_user_code ON sso.oidc_payload USING btree (model, user
 
 
 --
--- Name: client client_uris_valid; Type: TRIGGER; Schema: sso
+-- Name: client client_100_validate_uris; Type: TRIGGER; Schema: sso
 --
 
-CREATE TRIGGER client_uris_valid BEFORE INSERT OR UPDATE OF redirect_uris, post_logout_redirect_uris, initiate_login_uri ON sso.client FOR EACH ROW EXECUTE FUNCTION sso._client_uris_valid();
+CREATE TRIGGER client_100_validate_uris BEFORE INSERT OR UPDATE OF redirect_uris, post_logout_redirect_uris, initiate_login_uri ON sso.client FOR EACH ROW EXECUTE FUNCTION sso.tg_client__100_validate_uris();
 
 
 --
@@ -1623,13 +1719,6 @@ REVOKE ALL ON FUNCTION sso._client(p_client_id text) FROM PUBLIC;
 
 
 --
--- Name: FUNCTION _client_uris_valid(); Type: ACL; Schema: sso
---
-
-REVOKE ALL ON FUNCTION sso._client_uris_valid() FROM PUBLIC;
-
-
---
 -- Name: FUNCTION _random_token(); Type: ACL; Schema: sso
 --
 
@@ -1650,6 +1739,22 @@ GRANT ALL ON FUNCTION sso._sha256(p_text text) TO erp_cloud_sso;
 
 REVOKE ALL ON FUNCTION sso._vault_name_is_sso(p_name text) FROM PUBLIC;
 GRANT ALL ON FUNCTION sso._vault_name_is_sso(p_name text) TO erp_cloud_vault_owner;
+
+
+--
+-- Name: FUNCTION audit_event(p_event text, p_client_id text, p_user_id bigint, p_source_addr inet, p_code text, p_detail text); Type: ACL; Schema: sso
+--
+
+REVOKE ALL ON FUNCTION sso.audit_event(p_event text, p_client_id text, p_user_id bigint, p_source_addr inet, p_code text, p_detail text) FROM PUBLIC;
+GRANT ALL ON FUNCTION sso.audit_event(p_event text, p_client_id text, p_user_id bigint, p_source_addr inet, p_code text, p_detail text) TO erp_cloud_sso;
+
+
+--
+-- Name: FUNCTION audit_failure(p_source_addr inet, p_throttle_client text, p_kind text, p_client_id text, p_user_id bigint, p_code text, p_detail text, p_threshold integer, p_window interval, p_audited boolean, p_now timestamp with time zone); Type: ACL; Schema: sso
+--
+
+REVOKE ALL ON FUNCTION sso.audit_failure(p_source_addr inet, p_throttle_client text, p_kind text, p_client_id text, p_user_id bigint, p_code text, p_detail text, p_threshold integer, p_window interval, p_audited boolean, p_now timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION sso.audit_failure(p_source_addr inet, p_throttle_client text, p_kind text, p_client_id text, p_user_id bigint, p_code text, p_detail text, p_threshold integer, p_window interval, p_audited boolean, p_now timestamp with time zone) TO erp_cloud_sso;
 
 
 --
@@ -1714,6 +1819,38 @@ GRANT ALL ON FUNCTION sso.open_jump_ticket(p_ticket text, p_binding text, p_sour
 
 REVOKE ALL ON FUNCTION sso.purge_expired(p_audit_retention interval) FROM PUBLIC;
 GRANT ALL ON FUNCTION sso.purge_expired(p_audit_retention interval) TO erp_cloud_sso;
+
+
+--
+-- Name: FUNCTION put_client_enabled(p_client_id text, p_enabled boolean); Type: ACL; Schema: sso
+--
+
+REVOKE ALL ON FUNCTION sso.put_client_enabled(p_client_id text, p_enabled boolean) FROM PUBLIC;
+GRANT ALL ON FUNCTION sso.put_client_enabled(p_client_id text, p_enabled boolean) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION put_client_uris(p_client_id text, p_redirect_uris text[], p_post_logout_redirect_uris text[], p_initiate_login_uri text); Type: ACL; Schema: sso
+--
+
+REVOKE ALL ON FUNCTION sso.put_client_uris(p_client_id text, p_redirect_uris text[], p_post_logout_redirect_uris text[], p_initiate_login_uri text) FROM PUBLIC;
+GRANT ALL ON FUNCTION sso.put_client_uris(p_client_id text, p_redirect_uris text[], p_post_logout_redirect_uris text[], p_initiate_login_uri text) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION put_id_token_ttl(p_seconds integer); Type: ACL; Schema: sso
+--
+
+REVOKE ALL ON FUNCTION sso.put_id_token_ttl(p_seconds integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION sso.put_id_token_ttl(p_seconds integer) TO erp_cloud_sso;
+
+
+--
+-- Name: FUNCTION put_issuer(p_issuer text); Type: ACL; Schema: sso
+--
+
+REVOKE ALL ON FUNCTION sso.put_issuer(p_issuer text) FROM PUBLIC;
+GRANT ALL ON FUNCTION sso.put_issuer(p_issuer text) TO erp_cloud_sso;
 
 
 --
@@ -1828,6 +1965,13 @@ GRANT ALL ON FUNCTION sso.set_client_uris(p_client_id text, p_redirect_uris text
 REVOKE ALL ON FUNCTION sso.signing_keys_at(p_now timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION sso.signing_keys_at(p_now timestamp with time zone) TO erp_cloud_sso;
 GRANT ALL ON FUNCTION sso.signing_keys_at(p_now timestamp with time zone) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION tg_client__100_validate_uris(); Type: ACL; Schema: sso
+--
+
+REVOKE ALL ON FUNCTION sso.tg_client__100_validate_uris() FROM PUBLIC;
 
 
 --

@@ -1202,25 +1202,15 @@ COMMENT ON FUNCTION tax._where(p_ctx tax.validation_context, p_line tax.source_l
 --
 
 CREATE FUNCTION tax.accept_invoice_callback(p_order_no text, p_content jsonb) RETURNS text
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
-declare
-  v_inv tax.invoice;
-begin
-  select * into v_inv from tax.invoice where order_no = p_order_no;
-  if not found then
-    return 'unknown';
-  end if;
-  return tax._query_now(v_inv);
-end $$;
+    LANGUAGE sql
+    AS $$ select tax.ingest_invoice_callback(p_order_no, p_content) $$;
 
 
 --
 -- Name: FUNCTION accept_invoice_callback(p_order_no text, p_content jsonb); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.accept_invoice_callback(p_order_no text, p_content jsonb) IS 'The Nuonuo callback receiver''s SQL side: a callback is a hint, so it only makes the invoice''s pending result query due now; the query''s answer is what gets booked.';
+COMMENT ON FUNCTION tax.accept_invoice_callback(p_order_no text, p_content jsonb) IS 'Deprecated: use tax.ingest_invoice_callback; removed in the next release. Kept one release so a listener of the previous release keeps working during a rolling restart.';
 
 
 --
@@ -1228,26 +1218,15 @@ COMMENT ON FUNCTION tax.accept_invoice_callback(p_order_no text, p_content jsonb
 --
 
 CREATE FUNCTION tax.accept_red_confirm_callback(p_bill_id text, p_content jsonb) RETURNS text
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
-declare
-  v_inv tax.invoice;
-begin
-  -- the billId is the red invoice's orderNo (unique)
-  select * into v_inv from tax.invoice where order_no = p_bill_id and invoice_type = 'red';
-  if not found then
-    return 'unknown';
-  end if;
-  return tax._query_now(v_inv);
-end $$;
+    LANGUAGE sql
+    AS $$ select tax.ingest_red_confirm_callback(p_bill_id, p_content) $$;
 
 
 --
 -- Name: FUNCTION accept_red_confirm_callback(p_bill_id text, p_content jsonb); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.accept_red_confirm_callback(p_bill_id text, p_content jsonb) IS 'The redConfirmCallback side: a hint that the red-confirmation form changed, so the red invoice''s pending form (or result) query is made due now.';
+COMMENT ON FUNCTION tax.accept_red_confirm_callback(p_bill_id text, p_content jsonb) IS 'Deprecated: use tax.ingest_red_confirm_callback; removed in the next release. Kept one release so a listener of the previous release keeps working during a rolling restart.';
 
 
 --
@@ -1582,27 +1561,56 @@ COMMENT ON FUNCTION tax.enqueue_reversal(p_source text, p_reference text, p_reve
 
 
 --
--- Name: log_invoice_event(); Type: FUNCTION; Schema: tax
+-- Name: ingest_invoice_callback(text, jsonb); Type: FUNCTION; Schema: tax
 --
 
-CREATE FUNCTION tax.log_invoice_event() RETURNS trigger
+CREATE FUNCTION tax.ingest_invoice_callback(p_order_no text, p_content jsonb) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
+declare
+  v_inv tax.invoice;
 begin
-  if old.invoice_no is distinct from new.invoice_no then
-    insert into tax.invoice_event (invoice_id, old_invoice_no, new_invoice_no, invoice_status)
-    values (new.id, old.invoice_no, new.invoice_no, new.invoice_status);
+  select * into v_inv from tax.invoice where order_no = p_order_no;
+  if not found then
+    return 'unknown';
   end if;
-  return null;
+  return tax._query_now(v_inv);
 end $$;
 
 
 --
--- Name: FUNCTION log_invoice_event(); Type: COMMENT; Schema: tax
+-- Name: FUNCTION ingest_invoice_callback(p_order_no text, p_content jsonb); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.log_invoice_event() IS 'Trigger update_invoice_status: records each change of an invoice''s invoice_no in tax.invoice_event.';
+COMMENT ON FUNCTION tax.ingest_invoice_callback(p_order_no text, p_content jsonb) IS 'The Nuonuo callback receiver''s SQL side: a callback is a hint, so it only makes the invoice''s pending result query due now; the query''s answer is what gets booked.';
+
+
+--
+-- Name: ingest_red_confirm_callback(text, jsonb); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.ingest_red_confirm_callback(p_bill_id text, p_content jsonb) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_inv tax.invoice;
+begin
+  -- the billId is the red invoice's orderNo (unique)
+  select * into v_inv from tax.invoice where order_no = p_bill_id and invoice_type = 'red';
+  if not found then
+    return 'unknown';
+  end if;
+  return tax._query_now(v_inv);
+end $$;
+
+
+--
+-- Name: FUNCTION ingest_red_confirm_callback(p_bill_id text, p_content jsonb); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.ingest_red_confirm_callback(p_bill_id text, p_content jsonb) IS 'The redConfirmCallback side: a hint that the red-confirmation form changed, so the red invoice''s pending form (or result) query is made due now.';
 
 
 --
@@ -1828,6 +1836,190 @@ COMMENT ON FUNCTION tax.put_text_limit(p_field text, p_max_chars integer) IS 'Se
 --
 
 CREATE FUNCTION tax.record_invoice_result(m cloud.outbox, r jsonb) RETURNS void
+    LANGUAGE sql
+    AS $$ select tax.record_query_answered(m, r) $$;
+
+
+--
+-- Name: FUNCTION record_invoice_result(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.record_invoice_result(m cloud.outbox, r jsonb) IS 'Deprecated: use tax.record_query_answered; removed in the next release. Kept one release so a listener of the previous release keeps working during a rolling restart.';
+
+
+--
+-- Name: record_issue_failed(cloud.outbox, jsonb); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.record_issue_failed(m cloud.outbox, e jsonb) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_why text := coalesce(e #>> '{response,describe}', e->>'error');
+  v_inv tax.invoice;
+begin
+  select * into v_inv from tax.invoice a where a.id = m.aggregate_id::bigint for update;
+  if found and tax._answer_is_stale(m, v_inv) then
+    perform tax._keep_stale_answer(m, e);
+    return;
+  end if;
+  if tax._issue_refused(m, e) then
+    update tax.invoice a
+       set invoice_status = 'failed',
+           error_code = coalesce(e #>> '{response,code}', e->>'error_class'),
+           error_message = v_why,
+           tax_cloud_response = a.tax_cloud_response || jsonb_build_object(split_part(m.operation, '.', 2), e),
+           updated_at = now()
+     where a.id = m.aggregate_id::bigint and a.invoice_status in ('pending', 'issuing');
+    update tax.reversal q
+       set status = 'failed', error_message = v_why, finished_at = now()
+     where q.red_invoice_id = m.aggregate_id::bigint and q.status in ('pending', 'confirming');
+  else
+    -- the platform may have it: never a new orderNo, only a query under the same one
+    update tax.invoice a
+       set invoice_status = 'failed', error_code = 'unknown_outcome',
+           error_message = format('%s gave up (%s: %s); the platform may have issued it: run tax.requery_invoice(%s)',
+                                  m.operation, e->>'error_class', v_why, a.id),
+           tax_cloud_response = a.tax_cloud_response || jsonb_build_object(split_part(m.operation, '.', 2), e),
+           updated_at = now()
+     where a.id = m.aggregate_id::bigint and a.invoice_status in ('pending', 'issuing');
+    -- the reversal stays under way (its lines stay blocked) until the outcome is known
+    update tax.reversal q
+       set error_message = format('outcome unknown (%s); run tax.requery_invoice(%s)', v_why, q.red_invoice_id)
+     where q.red_invoice_id = m.aggregate_id::bigint and q.status in ('pending', 'confirming');
+  end if;
+end $$;
+
+
+--
+-- Name: FUNCTION record_issue_failed(m cloud.outbox, e jsonb); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.record_issue_failed(m cloud.outbox, e jsonb) IS 'on_fail of tax.issue and tax.red_confirm: a definite refusal (tax._issue_refused) fails the invoice with the cloud''s code and message; otherwise (timeouts / 5xx until the attempts ran out) it is failed with error_code unknown_outcome, which only tax.requery_invoice resolves.';
+
+
+--
+-- Name: record_issue_submitted(cloud.outbox, jsonb); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.record_issue_submitted(m cloud.outbox, r jsonb) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_inv tax.invoice;
+begin
+  -- a failed invoice of unknown outcome still takes the answer (a replay of its submit, E9106)
+  select * into v_inv from tax.invoice a where a.id = m.aggregate_id::bigint for update;
+  if found and tax._answer_is_stale(m, v_inv) then
+    perform tax._keep_stale_answer(m, r);  -- the submit of an earlier orderNo: never books anything
+    return;
+  end if;
+  update tax.invoice a
+     set invoice_status = 'issuing',
+         invoice_serial_no = coalesce(r #>> '{result,invoiceSerialNum}', a.invoice_serial_no),
+         submitted_at = coalesce(a.submitted_at, now()),
+         error_code = null, error_message = null,
+         tax_cloud_response = a.tax_cloud_response || jsonb_build_object('submit', r),
+         updated_at = now()
+   where a.id = m.aggregate_id::bigint and (a.invoice_status in ('pending', 'issuing') or tax._outcome_unknown(a))
+  returning * into v_inv;
+  if not found then
+    return;
+  end if;
+  -- E9106: the platform has this orderNo already (an earlier attempt got through): query it by orderNo
+  perform tax._enqueue_query(v_inv, case when v_inv.invoice_serial_no is null then 'order' else 'serial' end,
+                             (select first_poll_ms from tax.config));
+end $$;
+
+
+--
+-- Name: FUNCTION record_issue_submitted(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.record_issue_submitted(m cloud.outbox, r jsonb) IS 'Write-back of tax.issue: keeps the serial no. and the raw answer, marks the invoice issuing (also one failed with an unknown outcome) and enqueues the first result query (by orderNo after E9106).';
+
+
+--
+-- Name: record_pdf(cloud.outbox, jsonb); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.record_pdf(m cloud.outbox, r jsonb) RETURNS void
+    LANGUAGE sql
+    AS $$ select tax.record_pdf_downloaded(m, r) $$;
+
+
+--
+-- Name: FUNCTION record_pdf(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.record_pdf(m cloud.outbox, r jsonb) IS 'Deprecated: use tax.record_pdf_downloaded; removed in the next release. Kept one release so a listener of the previous release keeps working during a rolling restart.';
+
+
+--
+-- Name: record_pdf_downloaded(cloud.outbox, jsonb); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.record_pdf_downloaded(m cloud.outbox, r jsonb) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_pdf  bytea := decode(r->>'content_base64', 'base64');
+  v_max  integer := (select max_pdf_bytes from tax.config);
+begin
+  if v_pdf is null or substring(v_pdf from 1 for 5) <> '\x255044462d'::bytea or length(v_pdf) > v_max then
+    update tax.invoice set error_code = 'pdf_refused',
+           error_message = format('the PDF from %s was refused: not a PDF or over %s bytes', m.payload->>'url', v_max), updated_at = now()
+     where id = m.aggregate_id::bigint;
+    return;
+  end if;
+  insert into tax.attachment (invoice_id, file_name, content_type, content, sha256, byte_size, source_url)
+  values (m.aggregate_id::bigint, coalesce(m.payload->>'invoice_no', m.aggregate_id) || '.pdf', 'application/pdf',
+          v_pdf, encode(sha256(v_pdf), 'hex'), length(v_pdf), m.payload->>'url')
+  on conflict (invoice_id, file_name) do nothing;
+  update tax.invoice set error_code = null, error_message = null, updated_at = now()
+   where id = m.aggregate_id::bigint and error_code in ('pdf_download', 'pdf_refused');
+  -- the bytes live in tax.attachment now; the outbox keeps only the facts
+  update cloud.outbox set response = r - 'content_base64' where request_id = m.request_id;
+end $$;
+
+
+--
+-- Name: FUNCTION record_pdf_downloaded(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.record_pdf_downloaded(m cloud.outbox, r jsonb) IS 'Write-back of tax.download_pdf: checks the %PDF magic and the size cap again, stores the PDF as the invoice''s tax.attachment with its sha256, and drops the bytes from the outbox row.';
+
+
+--
+-- Name: record_pdf_failed(cloud.outbox, jsonb); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.record_pdf_failed(m cloud.outbox, e jsonb) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+begin
+  update tax.invoice
+     set error_code = 'pdf_download', error_message = format('PDF not stored (%s): %s', e->>'error_class', e->>'error'), updated_at = now()
+   where id = m.aggregate_id::bigint;
+end $$;
+
+
+--
+-- Name: FUNCTION record_pdf_failed(m cloud.outbox, e jsonb); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.record_pdf_failed(m cloud.outbox, e jsonb) IS 'on_fail of tax.download_pdf: the invoice stays issued; error_code pdf_download says why its PDF is missing (refused host, redirect, not a PDF, too large).';
+
+
+--
+-- Name: record_query_answered(cloud.outbox, jsonb); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.record_query_answered(m cloud.outbox, r jsonb) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -1932,162 +2124,10 @@ end $$;
 
 
 --
--- Name: FUNCTION record_invoice_result(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
+-- Name: FUNCTION record_query_answered(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.record_invoice_result(m cloud.outbox, r jsonb) IS 'Write-back of tax.query: status 2 → issued (20-digit number, date, URLs, raw answer), the PDF download enqueued, a red invoice marks its original (partially) reversed; 22 → failed with the fail cause; 24 (issued, signing failed) → signing retried with reInvoice (same serial no., at most once a minute and 20 times) and polled; still issuing → the next query, backing off, up to max_polls. An invoice failed with an unknown outcome still takes a final answer.';
-
-
---
--- Name: record_issue_failed(cloud.outbox, jsonb); Type: FUNCTION; Schema: tax
---
-
-CREATE FUNCTION tax.record_issue_failed(m cloud.outbox, e jsonb) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
-declare
-  v_why text := coalesce(e #>> '{response,describe}', e->>'error');
-  v_inv tax.invoice;
-begin
-  select * into v_inv from tax.invoice a where a.id = m.aggregate_id::bigint for update;
-  if found and tax._answer_is_stale(m, v_inv) then
-    perform tax._keep_stale_answer(m, e);
-    return;
-  end if;
-  if tax._issue_refused(m, e) then
-    update tax.invoice a
-       set invoice_status = 'failed',
-           error_code = coalesce(e #>> '{response,code}', e->>'error_class'),
-           error_message = v_why,
-           tax_cloud_response = a.tax_cloud_response || jsonb_build_object(split_part(m.operation, '.', 2), e),
-           updated_at = now()
-     where a.id = m.aggregate_id::bigint and a.invoice_status in ('pending', 'issuing');
-    update tax.reversal q
-       set status = 'failed', error_message = v_why, finished_at = now()
-     where q.red_invoice_id = m.aggregate_id::bigint and q.status in ('pending', 'confirming');
-  else
-    -- the platform may have it: never a new orderNo, only a query under the same one
-    update tax.invoice a
-       set invoice_status = 'failed', error_code = 'unknown_outcome',
-           error_message = format('%s gave up (%s: %s); the platform may have issued it: run tax.requery_invoice(%s)',
-                                  m.operation, e->>'error_class', v_why, a.id),
-           tax_cloud_response = a.tax_cloud_response || jsonb_build_object(split_part(m.operation, '.', 2), e),
-           updated_at = now()
-     where a.id = m.aggregate_id::bigint and a.invoice_status in ('pending', 'issuing');
-    -- the reversal stays under way (its lines stay blocked) until the outcome is known
-    update tax.reversal q
-       set error_message = format('outcome unknown (%s); run tax.requery_invoice(%s)', v_why, q.red_invoice_id)
-     where q.red_invoice_id = m.aggregate_id::bigint and q.status in ('pending', 'confirming');
-  end if;
-end $$;
-
-
---
--- Name: FUNCTION record_issue_failed(m cloud.outbox, e jsonb); Type: COMMENT; Schema: tax
---
-
-COMMENT ON FUNCTION tax.record_issue_failed(m cloud.outbox, e jsonb) IS 'on_fail of tax.issue and tax.red_confirm: a definite refusal (tax._issue_refused) fails the invoice with the cloud''s code and message; otherwise (timeouts / 5xx until the attempts ran out) it is failed with error_code unknown_outcome, which only tax.requery_invoice resolves.';
-
-
---
--- Name: record_issue_submitted(cloud.outbox, jsonb); Type: FUNCTION; Schema: tax
---
-
-CREATE FUNCTION tax.record_issue_submitted(m cloud.outbox, r jsonb) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
-declare
-  v_inv tax.invoice;
-begin
-  -- a failed invoice of unknown outcome still takes the answer (a replay of its submit, E9106)
-  select * into v_inv from tax.invoice a where a.id = m.aggregate_id::bigint for update;
-  if found and tax._answer_is_stale(m, v_inv) then
-    perform tax._keep_stale_answer(m, r);  -- the submit of an earlier orderNo: never books anything
-    return;
-  end if;
-  update tax.invoice a
-     set invoice_status = 'issuing',
-         invoice_serial_no = coalesce(r #>> '{result,invoiceSerialNum}', a.invoice_serial_no),
-         submitted_at = coalesce(a.submitted_at, now()),
-         error_code = null, error_message = null,
-         tax_cloud_response = a.tax_cloud_response || jsonb_build_object('submit', r),
-         updated_at = now()
-   where a.id = m.aggregate_id::bigint and (a.invoice_status in ('pending', 'issuing') or tax._outcome_unknown(a))
-  returning * into v_inv;
-  if not found then
-    return;
-  end if;
-  -- E9106: the platform has this orderNo already (an earlier attempt got through): query it by orderNo
-  perform tax._enqueue_query(v_inv, case when v_inv.invoice_serial_no is null then 'order' else 'serial' end,
-                             (select first_poll_ms from tax.config));
-end $$;
-
-
---
--- Name: FUNCTION record_issue_submitted(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
---
-
-COMMENT ON FUNCTION tax.record_issue_submitted(m cloud.outbox, r jsonb) IS 'Write-back of tax.issue: keeps the serial no. and the raw answer, marks the invoice issuing (also one failed with an unknown outcome) and enqueues the first result query (by orderNo after E9106).';
-
-
---
--- Name: record_pdf(cloud.outbox, jsonb); Type: FUNCTION; Schema: tax
---
-
-CREATE FUNCTION tax.record_pdf(m cloud.outbox, r jsonb) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
-declare
-  v_pdf  bytea := decode(r->>'content_base64', 'base64');
-  v_max  integer := (select max_pdf_bytes from tax.config);
-begin
-  if v_pdf is null or substring(v_pdf from 1 for 5) <> '\x255044462d'::bytea or length(v_pdf) > v_max then
-    update tax.invoice set error_code = 'pdf_refused',
-           error_message = format('the PDF from %s was refused: not a PDF or over %s bytes', m.payload->>'url', v_max), updated_at = now()
-     where id = m.aggregate_id::bigint;
-    return;
-  end if;
-  insert into tax.attachment (invoice_id, file_name, content_type, content, sha256, byte_size, source_url)
-  values (m.aggregate_id::bigint, coalesce(m.payload->>'invoice_no', m.aggregate_id) || '.pdf', 'application/pdf',
-          v_pdf, encode(sha256(v_pdf), 'hex'), length(v_pdf), m.payload->>'url')
-  on conflict (invoice_id, file_name) do nothing;
-  update tax.invoice set error_code = null, error_message = null, updated_at = now()
-   where id = m.aggregate_id::bigint and error_code in ('pdf_download', 'pdf_refused');
-  -- the bytes live in tax.attachment now; the outbox keeps only the facts
-  update cloud.outbox set response = r - 'content_base64' where request_id = m.request_id;
-end $$;
-
-
---
--- Name: FUNCTION record_pdf(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
---
-
-COMMENT ON FUNCTION tax.record_pdf(m cloud.outbox, r jsonb) IS 'Write-back of tax.download_pdf: checks the %PDF magic and the size cap again, stores the PDF as the invoice''s tax.attachment with its sha256, and drops the bytes from the outbox row.';
-
-
---
--- Name: record_pdf_failed(cloud.outbox, jsonb); Type: FUNCTION; Schema: tax
---
-
-CREATE FUNCTION tax.record_pdf_failed(m cloud.outbox, e jsonb) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
-begin
-  update tax.invoice
-     set error_code = 'pdf_download', error_message = format('PDF not stored (%s): %s', e->>'error_class', e->>'error'), updated_at = now()
-   where id = m.aggregate_id::bigint;
-end $$;
-
-
---
--- Name: FUNCTION record_pdf_failed(m cloud.outbox, e jsonb); Type: COMMENT; Schema: tax
---
-
-COMMENT ON FUNCTION tax.record_pdf_failed(m cloud.outbox, e jsonb) IS 'on_fail of tax.download_pdf: the invoice stays issued; error_code pdf_download says why its PDF is missing (refused host, redirect, not a PDF, too large).';
+COMMENT ON FUNCTION tax.record_query_answered(m cloud.outbox, r jsonb) IS 'Write-back of tax.query: status 2 → issued (20-digit number, date, URLs, raw answer), the PDF download enqueued, a red invoice marks its original (partially) reversed; 22 → failed with the fail cause; 24 (issued, signing failed) → signing retried with reInvoice (same serial no., at most once a minute and 20 times) and polled; still issuing → the next query, backing off, up to max_polls. An invoice failed with an unknown outcome still takes a final answer.';
 
 
 --
@@ -2132,6 +2172,58 @@ COMMENT ON FUNCTION tax.record_query_failed(m cloud.outbox, e jsonb) IS 'on_fail
 --
 
 CREATE FUNCTION tax.record_red_confirm_status(m cloud.outbox, r jsonb) RETURNS void
+    LANGUAGE sql
+    AS $$ select tax.record_red_query_answered(m, r) $$;
+
+
+--
+-- Name: FUNCTION record_red_confirm_status(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.record_red_confirm_status(m cloud.outbox, r jsonb) IS 'Deprecated: use tax.record_red_query_answered; removed in the next release. Kept one release so a listener of the previous release keeps working during a rolling restart.';
+
+
+--
+-- Name: record_red_confirm_submitted(cloud.outbox, jsonb); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.record_red_confirm_submitted(m cloud.outbox, r jsonb) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_inv tax.invoice;
+  v_id  uuid;
+begin
+  update tax.invoice a set invoice_status = 'issuing', error_code = null, error_message = null,
+         tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_confirm', r), updated_at = now()
+   where a.id = m.aggregate_id::bigint and a.request_id = m.request_id and (a.invoice_status = 'pending' or tax._outcome_unknown(a))
+  returning * into v_inv;
+  if not found then
+    return;
+  end if;
+  -- the 72-hour confirmation deadline counts from the form's creation (the first answer), not from the request
+  update tax.reversal set status = 'confirming', error_message = null, form_submitted_at = coalesce(form_submitted_at, now())
+   where red_invoice_id = v_inv.id and status in ('pending', 'confirming');
+  v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.red_query',
+    jsonb_build_object('identity', '0', 'billId', m.payload->>'billId'), 'tax.invoice', m.aggregate_id, null, null,
+    clock_timestamp() + make_interval(secs => tax._poll_delay_ms(1) / 1000.0));
+  update tax.invoice set next_query_id = v_id where id = v_inv.id;
+end $$;
+
+
+--
+-- Name: FUNCTION record_red_confirm_submitted(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.record_red_confirm_submitted(m cloud.outbox, r jsonb) IS 'Write-back of tax.red_confirm: the red-confirmation form exists (or existed: a duplicate billId is read back); enqueues its status query.';
+
+
+--
+-- Name: record_red_query_answered(cloud.outbox, jsonb); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.record_red_query_answered(m cloud.outbox, r jsonb) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -2189,46 +2281,10 @@ end $$;
 
 
 --
--- Name: FUNCTION record_red_confirm_status(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
+-- Name: FUNCTION record_red_query_answered(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.record_red_confirm_status(m cloud.outbox, r jsonb) IS 'Write-back of tax.red_query: 01/04 → the red invoice''s serial no. is queried like a blue one; 05–10/16 → the reversal failed; otherwise query the form again later (backing off), until 73 h after the form was created (form_submitted_at; the bureau voids unconfirmed forms at 72 h): then the reversal fails with red_deadline.';
-
-
---
--- Name: record_red_confirm_submitted(cloud.outbox, jsonb); Type: FUNCTION; Schema: tax
---
-
-CREATE FUNCTION tax.record_red_confirm_submitted(m cloud.outbox, r jsonb) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
-declare
-  v_inv tax.invoice;
-  v_id  uuid;
-begin
-  update tax.invoice a set invoice_status = 'issuing', error_code = null, error_message = null,
-         tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_confirm', r), updated_at = now()
-   where a.id = m.aggregate_id::bigint and a.request_id = m.request_id and (a.invoice_status = 'pending' or tax._outcome_unknown(a))
-  returning * into v_inv;
-  if not found then
-    return;
-  end if;
-  -- the 72-hour confirmation deadline counts from the form's creation (the first answer), not from the request
-  update tax.reversal set status = 'confirming', error_message = null, form_submitted_at = coalesce(form_submitted_at, now())
-   where red_invoice_id = v_inv.id and status in ('pending', 'confirming');
-  v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.red_query',
-    jsonb_build_object('identity', '0', 'billId', m.payload->>'billId'), 'tax.invoice', m.aggregate_id, null, null,
-    clock_timestamp() + make_interval(secs => tax._poll_delay_ms(1) / 1000.0));
-  update tax.invoice set next_query_id = v_id where id = v_inv.id;
-end $$;
-
-
---
--- Name: FUNCTION record_red_confirm_submitted(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
---
-
-COMMENT ON FUNCTION tax.record_red_confirm_submitted(m cloud.outbox, r jsonb) IS 'Write-back of tax.red_confirm: the red-confirmation form exists (or existed: a duplicate billId is read back); enqueues its status query.';
+COMMENT ON FUNCTION tax.record_red_query_answered(m cloud.outbox, r jsonb) IS 'Write-back of tax.red_query: 01/04 → the red invoice''s serial no. is queried like a blue one; 05–10/16 → the reversal failed; otherwise query the form again later (backing off), until 73 h after the form was created (form_submitted_at; the bureau voids unconfirmed forms at 72 h): then the reversal fails with red_deadline.';
 
 
 --
@@ -2236,6 +2292,22 @@ COMMENT ON FUNCTION tax.record_red_confirm_submitted(m cloud.outbox, r jsonb) IS
 --
 
 CREATE FUNCTION tax.record_reinvoice_answer(m cloud.outbox, r jsonb) RETURNS void
+    LANGUAGE sql
+    AS $$ select tax.record_reinvoice_answered(m, r) $$;
+
+
+--
+-- Name: FUNCTION record_reinvoice_answer(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.record_reinvoice_answer(m cloud.outbox, r jsonb) IS 'Deprecated: use tax.record_reinvoice_answered; removed in the next release. Kept one release so a listener of the previous release keeps working during a rolling restart.';
+
+
+--
+-- Name: record_reinvoice_answered(cloud.outbox, jsonb); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.record_reinvoice_answered(m cloud.outbox, r jsonb) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -2247,10 +2319,10 @@ end $$;
 
 
 --
--- Name: FUNCTION record_reinvoice_answer(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
+-- Name: FUNCTION record_reinvoice_answered(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.record_reinvoice_answer(m cloud.outbox, r jsonb) IS 'Write-back (on_complete and on_fail) of tax.reinvoice, the signing retry of a status-24 invoice: keeps the answer; the scheduled result queries decide the invoice.';
+COMMENT ON FUNCTION tax.record_reinvoice_answered(m cloud.outbox, r jsonb) IS 'Write-back (on_complete and on_fail) of tax.reinvoice, the signing retry of a status-24 invoice: keeps the answer; the scheduled result queries decide the invoice.';
 
 
 --
@@ -2572,6 +2644,30 @@ COMMENT ON FUNCTION tax.tg_attachment__900_call_source() IS 'Trigger: a stored P
 
 
 --
+-- Name: tg_invoice__800_record_event(); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.tg_invoice__800_record_event() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+begin
+  if old.invoice_no is distinct from new.invoice_no then
+    insert into tax.invoice_event (invoice_id, old_invoice_no, new_invoice_no, invoice_status)
+    values (new.id, old.invoice_no, new.invoice_no, new.invoice_status);
+  end if;
+  return null;
+end $$;
+
+
+--
+-- Name: FUNCTION tg_invoice__800_record_event(); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.tg_invoice__800_record_event() IS 'Trigger invoice_800_record_event: records each change of an invoice''s invoice_no in tax.invoice_event.';
+
+
+--
 -- Name: tg_invoice__900_call_source(); Type: FUNCTION; Schema: tax
 --
 
@@ -2879,7 +2975,7 @@ CREATE TABLE tax.attachment (
 -- Name: TABLE attachment; Type: COMMENT; Schema: tax
 --
 
-COMMENT ON TABLE tax.attachment IS 'Files of an invoice: its PDF lands here after issue (tax.record_pdf), with its sha256 and size; one file name per invoice.';
+COMMENT ON TABLE tax.attachment IS 'Files of an invoice: its PDF lands here after issue (tax.record_pdf_downloaded), with its sha256 and size; one file name per invoice.';
 
 
 --
@@ -3091,7 +3187,7 @@ CREATE TABLE tax.invoice_event (
 -- Name: TABLE invoice_event; Type: COMMENT; Schema: tax
 --
 
-COMMENT ON TABLE tax.invoice_event IS 'Invoice event log: every change of tax.invoice.invoice_no (trigger update_invoice_status), with the status at that moment and who made it.';
+COMMENT ON TABLE tax.invoice_event IS 'Invoice event log: every change of tax.invoice.invoice_no (trigger invoice_800_record_event), with the status at that moment and who made it.';
 
 
 --
@@ -3526,17 +3622,17 @@ CREATE TRIGGER attachment_900_call_source AFTER INSERT ON tax.attachment FOR EAC
 
 
 --
+-- Name: invoice invoice_800_record_event; Type: TRIGGER; Schema: tax
+--
+
+CREATE TRIGGER invoice_800_record_event AFTER UPDATE OF invoice_no ON tax.invoice FOR EACH ROW EXECUTE FUNCTION tax.tg_invoice__800_record_event();
+
+
+--
 -- Name: invoice invoice_900_call_source; Type: TRIGGER; Schema: tax
 --
 
 CREATE TRIGGER invoice_900_call_source AFTER UPDATE ON tax.invoice FOR EACH ROW WHEN (((old.invoice_status IS DISTINCT FROM new.invoice_status) OR (old.invoice_no IS DISTINCT FROM new.invoice_no) OR (old.error_code IS DISTINCT FROM new.error_code))) EXECUTE FUNCTION tax.tg_invoice__900_call_source();
-
-
---
--- Name: invoice update_invoice_status; Type: TRIGGER; Schema: tax
---
-
-CREATE TRIGGER update_invoice_status AFTER UPDATE OF invoice_no ON tax.invoice FOR EACH ROW EXECUTE FUNCTION tax.log_invoice_event();
 
 
 --
@@ -3909,10 +4005,19 @@ GRANT ALL ON FUNCTION tax.enqueue_reversal(p_source text, p_reference text, p_re
 
 
 --
--- Name: FUNCTION log_invoice_event(); Type: ACL; Schema: tax
+-- Name: FUNCTION ingest_invoice_callback(p_order_no text, p_content jsonb); Type: ACL; Schema: tax
 --
 
-REVOKE ALL ON FUNCTION tax.log_invoice_event() FROM PUBLIC;
+REVOKE ALL ON FUNCTION tax.ingest_invoice_callback(p_order_no text, p_content jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax.ingest_invoice_callback(p_order_no text, p_content jsonb) TO erp_cloud_listener;
+
+
+--
+-- Name: FUNCTION ingest_red_confirm_callback(p_bill_id text, p_content jsonb); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.ingest_red_confirm_callback(p_bill_id text, p_content jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax.ingest_red_confirm_callback(p_bill_id text, p_content jsonb) TO erp_cloud_listener;
 
 
 --
@@ -3989,11 +4094,27 @@ GRANT ALL ON FUNCTION tax.record_pdf(m cloud.outbox, r jsonb) TO erp_cloud_liste
 
 
 --
+-- Name: FUNCTION record_pdf_downloaded(m cloud.outbox, r jsonb); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.record_pdf_downloaded(m cloud.outbox, r jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax.record_pdf_downloaded(m cloud.outbox, r jsonb) TO erp_cloud_listener;
+
+
+--
 -- Name: FUNCTION record_pdf_failed(m cloud.outbox, e jsonb); Type: ACL; Schema: tax
 --
 
 REVOKE ALL ON FUNCTION tax.record_pdf_failed(m cloud.outbox, e jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION tax.record_pdf_failed(m cloud.outbox, e jsonb) TO erp_cloud_listener;
+
+
+--
+-- Name: FUNCTION record_query_answered(m cloud.outbox, r jsonb); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.record_query_answered(m cloud.outbox, r jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax.record_query_answered(m cloud.outbox, r jsonb) TO erp_cloud_listener;
 
 
 --
@@ -4021,11 +4142,27 @@ GRANT ALL ON FUNCTION tax.record_red_confirm_submitted(m cloud.outbox, r jsonb) 
 
 
 --
+-- Name: FUNCTION record_red_query_answered(m cloud.outbox, r jsonb); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.record_red_query_answered(m cloud.outbox, r jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax.record_red_query_answered(m cloud.outbox, r jsonb) TO erp_cloud_listener;
+
+
+--
 -- Name: FUNCTION record_reinvoice_answer(m cloud.outbox, r jsonb); Type: ACL; Schema: tax
 --
 
 REVOKE ALL ON FUNCTION tax.record_reinvoice_answer(m cloud.outbox, r jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION tax.record_reinvoice_answer(m cloud.outbox, r jsonb) TO erp_cloud_listener;
+
+
+--
+-- Name: FUNCTION record_reinvoice_answered(m cloud.outbox, r jsonb); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.record_reinvoice_answered(m cloud.outbox, r jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax.record_reinvoice_answered(m cloud.outbox, r jsonb) TO erp_cloud_listener;
 
 
 --
@@ -4112,6 +4249,13 @@ GRANT ALL ON FUNCTION tax.tax_rate_in_use(p_rate numeric) TO erp_cloud_operator;
 --
 
 REVOKE ALL ON FUNCTION tax.tg_attachment__900_call_source() FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION tg_invoice__800_record_event(); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.tg_invoice__800_record_event() FROM PUBLIC;
 
 
 --

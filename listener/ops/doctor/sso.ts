@@ -115,9 +115,9 @@ function privateHalfMatches(priv: unknown, pub: Record<string, unknown>): boolea
 }
 
 function ssoClientLine(cl: SsoClientRow): CheckLine {
-  if (!cl.enabled) return line('sso client', cl.client_id, 'ok', 'disabled (sso.enable_client to let it sign in again)');
+  if (!cl.enabled) return line('sso client', cl.client_id, 'ok', 'disabled (sso.put_client_enabled(client_id, true) to let it sign in again)');
   if (!cl.initiate_login_uri) {
-    return line('sso client', cl.client_id, 'warn', `enabled, ${cl.redirect_uris} redirect URI(s), but no initiate_login_uri: jump tickets for it have nowhere to go (sso.set_client_uris)`);
+    return line('sso client', cl.client_id, 'warn', `enabled, ${cl.redirect_uris} redirect URI(s), but no initiate_login_uri: jump tickets for it have nowhere to go (sso.put_client_uris)`);
   }
   return line('sso client', cl.client_id, 'ok', `enabled, ${cl.redirect_uris} redirect URI(s), jumps start at ${cl.initiate_login_uri}`);
 }
