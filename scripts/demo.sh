@@ -36,7 +36,7 @@ wait_for() {
 }
 
 echo "== migrate ($(node -e 'const u=new URL(process.argv[1]);u.password&&(u.password="***");console.log(u.toString())' "$DATABASE_URL"))"
-cli migrate --with-example acme
+cli migrate --with-example reference-erp --with-example acme
 
 parts=()
 for f in scripts/demo.d/[0-9]*.sh; do

@@ -25,18 +25,19 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-# Which schemas are the product's, decided here only (the tests read these lines and
+# Which schemas are the product's, decided here only (the tests read these lines, or ask
 # --list-schemas). Every schema a migrated database has is the product's except:
 # - EXCLUDED_SCHEMAS: the migration history and the database's default schema
 #   (extensions, postgres-migrations' table);
-# - system schemas and schemas an extension made (pg_cron's cron);
-# - the schema of an example ERP (sql/examples/*/install.sql: `create schema …`) that the
-#   migrations leave empty. An example's schema that the migrations still fill (erp, until
-#   the reference ERP leaves the product) is dumped and is part of the baseline, and the
-#   script says so.
+# - EXAMPLE_SCHEMAS: the example ERPs' schemas (sql/examples/<name>: erp is reference-erp's,
+#   acme is acme's), never made by `migrate` alone, so not dumped even when a database has an
+#   example installed; the baseline refuses to be made from a database whose migrations
+#   still fill one (it would leave that out);
+# - system schemas and schemas an extension made (pg_cron's cron).
 # A schema a new migration creates gets its file and its place in the baseline without a
 # change here.
 EXCLUDED_SCHEMAS=(public erp_cloud)
+EXAMPLE_SCHEMAS=(erp acme)
 
 # Extensions the migrations create only where they can, and skip otherwise: pg_cron in
 # the database cron.database_name names (0001), postgres_fdw where it is available and
@@ -83,39 +84,15 @@ find_pg_dump() {
 # name_array NAME…: a SQL name[] literal of simple names ('{a,b}'::name[])
 name_array() { local IFS=,; printf "'{%s}'::name[]" "$*"; }
 
-# example_schemas: the schemas the example ERPs of sql/examples create
-example_schemas() {
-  cat "$here"/sql/examples/*/install.sql 2>/dev/null \
-    | grep -ioE '^[[:space:]]*create schema( if not exists)? [a-z_][a-z0-9_]*' | awk '{ print tolower($NF) }' | sort -u
-}
-
 # product_schemas URL: the product schemas of the migrated database URL, one a line (the rule is at the top)
 product_schemas() {
-  local url=$1 excluded examples
-  excluded=$(name_array "${EXCLUDED_SCHEMAS[@]}")
-  # shellcheck disable=SC2046
-  examples=$(name_array $(example_schemas))
-  psql_ -d "$url" -c "
+  psql_ -d "$1" -c "
     select n.nspname from pg_catalog.pg_namespace n
-     where n.nspname !~ '^pg_' and n.nspname <> 'information_schema' and n.nspname <> all ($excluded)
+     where n.nspname !~ '^pg_' and n.nspname <> 'information_schema'
+       and n.nspname <> all ($(name_array "${EXCLUDED_SCHEMAS[@]}" "${EXAMPLE_SCHEMAS[@]}"))
        and not exists (select from pg_catalog.pg_depend d
                         where d.classid = 'pg_catalog.pg_namespace'::regclass and d.objid = n.oid and d.deptype = 'e')
-       and (n.nspname <> all ($examples)
-            or exists (select from pg_catalog.pg_depend d
-                        where d.refclassid = 'pg_catalog.pg_namespace'::regclass and d.refobjid = n.oid and d.deptype = 'n'))
      order by 1"
-}
-
-# note_example_schemas SCHEMA…: say which product schemas an example also creates
-note_example_schemas() {
-  local s e
-  for s in "$@"; do
-    for e in $(example_schemas); do
-      if [ "$s" = "$e" ]; then
-        say "schema $s is an example's (sql/examples), but the migrations still fill it: it is dumped and part of the baseline"
-      fi
-    done
-  done
 }
 
 # dated_partitions URL SCHEMA…: "schema.table parent" for each partition bounded by dates (made at run time from the clock)
@@ -166,7 +143,6 @@ dump() {
   pgdump=$(find_pg_dump "$major")
   mapfile -t schemas < <(product_schemas "$url")
   [ ${#schemas[@]} -gt 0 ] || die "no product schema in the database: is it migrated?"
-  note_example_schemas "${schemas[@]}"
   mkdir -p "$dir"
   for s in "${schemas[@]}"; do
     # partitions bounded by dates: made at run time from the clock, so not part of the definition
@@ -252,6 +228,10 @@ baseline() {
   pgdump=$(find_pg_dump "$major")
   mapfile -t schemas < <(product_schemas "$url")
   [ ${#schemas[@]} -gt 0 ] || die "no product schema in the database: is it migrated?"
+  t=$(psql_ -d "$url" -c "select pg_catalog.string_agg(distinct n.nspname, ', ') from pg_catalog.pg_namespace n
+                             join pg_catalog.pg_depend d on d.refclassid = 'pg_catalog.pg_namespace'::regclass and d.refobjid = n.oid and d.deptype = 'n'
+                            where n.nspname = any ($(name_array "${EXAMPLE_SCHEMAS[@]}"))")
+  [ -z "$t" ] || die "the example schema(s) $t hold objects in a database migrated from nothing: the baseline leaves example schemas out, so it would not install what the migrations do (make the baseline from a database without examples)"
   list=$(IFS=,; echo "${schemas[*]}")
   n=$(psql_ -d "$url" -c "select pg_catalog.lpad(max(id)::text, 4, '0') from erp_cloud.migration")
   [ -n "$n" ] || die "erp_cloud.migration is empty: is the database migrated?"

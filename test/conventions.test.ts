@@ -13,7 +13,10 @@ import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestDb, type TestDb } from './helpers/db.js';
 
+/** erp is the reference example ERP's schema (sql/examples/reference-erp, installed in the test template): it keeps the conventions too. */
 const SCHEMAS = ['cloud', 'tax', 'scm', 'sso', 'vault', 'erp', 'erp_cloud'];
+/** The schemas of the product itself: no example is named in them. */
+const PRODUCT_SCHEMAS = ['cloud', 'tax', 'scm', 'sso', 'vault'];
 
 let db: TestDb;
 beforeAll(async () => {
@@ -111,17 +114,11 @@ describe('row-level security', () => {
 });
 
 /**
- * Triggers that do not follow the naming rule, as `table.trigger → function`.
- * Only the reference ERP's are left: migration 0023 moves the reference ERP
- * out of the product and renames them there (remove these lines with it).
- * A new trigger never joins this list.
+ * Triggers that do not follow the naming rule, as `table.trigger → function`:
+ * none any more (0022 renamed the product's, 0023 moved the reference ERP's into
+ * its example, where they follow the rule). A new trigger never joins this list.
  */
-const TRIGGER_STRAGGLERS = [
-  'erp.purchase_order.purchase_order_500_enqueue → erp.tg_purchase_order__500_enqueue_header', // function's verb is not the trigger's
-  'erp.purchase_order_line.purchase_order_line_500_enqueue → erp.tg_purchase_order__500_enqueue', // function named for another table
-  'erp.settlement.settlement_100_stamp → tax.tg_document__100_stamp', // one function for two tables
-  'erp.shipment.shipment_100_stamp → tax.tg_document__100_stamp',
-];
+const TRIGGER_STRAGGLERS: string[] = [];
 
 describe('trigger naming', () => {
   it('a trigger is named <table>_<NNN>_<verb> and its function tg_<table>__<NNN>_<verb> (triggers fire in name order)', async () => {
@@ -136,6 +133,22 @@ describe('trigger naming', () => {
       return !m || r.proname !== `tg_${r.relname}__${m[1]}`;
     }).map((r) => `${r.tbl}.${r.tgname} → ${r.fn}`);
     expect(wrong).toEqual(TRIGGER_STRAGGLERS);
+  });
+});
+
+describe('the product and the examples', () => {
+  it('no function of a product schema names schema erp (the reference example ERP) or acme in its body or signature', async () => {
+    const { rows } = await db.pool.query<{ fn: string }>(`
+      select p.oid::regprocedure::text as fn from pg_proc p
+       where p.pronamespace::regnamespace::text = any($1)
+         and (p.prosrc ~* '(^|[^a-z0-9_."])"?(erp|acme)"?[.]' or pg_get_function_arguments(p.oid) ~* '(^|[^a-z0-9_."])(erp|acme)[.]'
+              or pg_get_function_result(p.oid) ~* '(^|[^a-z0-9_."])(erp|acme)[.]')
+       order by 1`, [PRODUCT_SCHEMAS]);
+    expect(rows.map((r) => r.fn)).toEqual([]);
+    // the check sees a name where one is: the example's own functions name their schema
+    const { rows: seen } = await db.pool.query(`select count(*)::int n from pg_proc p where p.pronamespace = 'erp'::regnamespace
+                                                  and p.prosrc ~* '(^|[^a-z0-9_."])"?(erp|acme)"?[.]'`);
+    expect(seen[0].n).toBeGreaterThan(5);
   });
 });
 

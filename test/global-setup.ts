@@ -65,7 +65,7 @@ export default async function setup(project: TestProject): Promise<() => Promise
     await c.query(`drop database if exists ${TEMPLATE} with (force)`);
     await c.query(`create database ${TEMPLATE}`);
   });
-  await migrate(withDatabase(url, TEMPLATE));
+  await migrate(withDatabase(url, TEMPLATE), undefined, ['reference-erp']); // the reference ERP is an example: the tests run the product through it
   const tc = new pg.Client({ connectionString: withDatabase(url, TEMPLATE) });
   await tc.connect();
   try {

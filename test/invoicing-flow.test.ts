@@ -14,7 +14,7 @@ import '../listener/inbound/routes.js';
 import { createLogger } from '../listener/kernel/logger.js';
 import { startNuonuoSim, type NuonuoSim } from '../listener/sim/nuonuo.js';
 import { createTestDb, sqlstateOf, waitFor, type TestDb } from './helpers/db.js';
-import { approve, configureTax, customer, invoicesOf, OATS, settlement, USCC_OK } from './helpers/invoicing.js';
+import { approve, configureTax, customer, invoicesOf, OATS, requestReversal, settlement, USCC_OK } from './helpers/invoicing.js';
 import { startListener, type InProcessListener } from './helpers/listener.js';
 
 const APP_KEY = 'flow-app';
@@ -438,7 +438,7 @@ describe('red-letter reversal (红冲)', () => {
     const s = await settlement(db.pool, c, [{ item: '燕麦', code: OATS, rate: 0.13, amount: 113 }, { item: '软件维护', amount: 106 }]);
     await approve(db.pool, s.id);
     const [blue] = await settled(s.id);
-    const { rows } = await db.pool.query(`insert into tax.reversal (invoice_id, reason) values ($1, '2') returning id`, [blue!.id]);
+    const { rows } = await requestReversal(db.pool, blue!.id, '2');
     const req = await waitFor(async () => {
       const r = (await db.pool.query(`select * from tax.reversal where id = $1`, [rows[0].id])).rows[0];
       return r.status === 'issued' || r.status === 'failed' ? r : null;
@@ -456,7 +456,7 @@ describe('red-letter reversal (红冲)', () => {
     expect(ev.rows).toEqual([{ new_invoice_no: red.invoice_no }]);
     await waitFor(async () => (await attachmentOf(red.id)).length === 1, { what: 'the red invoice PDF' });
     // a second reversal of the same invoice is refused
-    expect(await sqlstateOf(db.pool.query(`insert into tax.reversal (invoice_id, reason) values ($1, '2')`, [blue!.id])))
+    expect(await sqlstateOf(requestReversal(db.pool, blue!.id, '2')))
       .toBe(SqlState.reversalAlreadyUnderway);
   });
 
@@ -465,7 +465,7 @@ describe('red-letter reversal (红冲)', () => {
     const s = await settlement(db.pool, c, [{ item: '燕麦', code: OATS, rate: 0.13, qty: 2, price: 56.5, amount: 113 }, { item: '软件维护', amount: 106 }]);
     await approve(db.pool, s.id);
     const [blue] = await settled(s.id);
-    const { rows } = await db.pool.query(`insert into tax.reversal (invoice_id, reason, line_nos) values ($1, '1', '{1}') returning id`, [blue!.id]);
+    const { rows } = await requestReversal(db.pool, blue!.id, '1', [1]);
     const req = await waitFor(async () => {
       const r = (await db.pool.query(`select * from tax.reversal where id = $1`, [rows[0].id])).rows[0];
       return r.status === 'issued' || r.status === 'failed' ? r : null;
@@ -480,7 +480,7 @@ describe('red-letter reversal (红冲)', () => {
     // line 2 is not reversed: the invoice is partially reversed, line 1 cannot be reversed again, line 2 still can
     const statusOf = async () => (await db.pool.query(`select invoice_status from tax.invoice where id = $1`, [blue!.id])).rows[0].invoice_status;
     expect(await statusOf()).toBe('partially_reversed');
-    const ins = (lines: number[] | null) => db.pool.query(`insert into tax.reversal (invoice_id, reason, line_nos) values ($1, '2', $2) returning id`, [blue!.id, lines]);
+    const ins = (lines: number[] | null) => requestReversal(db.pool, blue!.id, '2', lines);
     expect(await sqlstateOf(ins([1]))).toBe(SqlState.reversalAlreadyUnderway);
     expect(await sqlstateOf(ins(null))).toBe(SqlState.reversalAlreadyUnderway);
     const second = (await ins([2])).rows[0];
@@ -499,7 +499,7 @@ describe('red-letter reversal (红冲)', () => {
     const s = await settlement(db.pool, c, [{ item: '燕麦', code: OATS, rate: 0.13, amount: 226 }], 'special');
     await approve(db.pool, s.id);
     const [blue] = await settled(s.id);
-    const { rows } = await db.pool.query(`insert into tax.reversal (invoice_id, reason) values ($1, '1') returning id`, [blue!.id]);
+    const { rows } = await requestReversal(db.pool, blue!.id, '1');
     await waitFor(async () => (await db.pool.query(`select bill_status from tax.reversal where id = $1`, [rows[0].id])).rows[0].bill_status === '02',
       { what: 'the form awaiting the buyer' });
     // the deadline counts from the form's creation, not from the request: an old request alone goes on polling
@@ -529,7 +529,7 @@ describe('red-letter reversal (红冲)', () => {
     await approve(db.pool, s.id);
     const [pending] = await invoicesOf(db.pool, s.id);
     const ins = (id: string, reason: string, lines: number[] | null = null) =>
-      db.pool.query(`insert into tax.reversal (invoice_id, reason, line_nos) values ($1, $2, $3)`, [id, reason, lines]);
+      requestReversal(db.pool, id, reason, lines);
     expect(await sqlstateOf(ins(pending!.id, '2'))).toBe(SqlState.reversalInvoiceNotIssued);
     const [issued] = await settled(s.id);
     expect(await sqlstateOf(ins(issued!.id, '5'))).toBe(SqlState.reversalReasonInvalid);
@@ -590,7 +590,7 @@ describe('the Nuonuo callback', () => {
       const [blue] = await settled(s.id);
       // form queries a minute apart: only the callback makes the first one sooner
       await configureTax(db.pool, sim.url, APP_KEY, { firstPollMs: 60_000, pollCapMs: 60_000 });
-      const { rows } = await db.pool.query(`insert into tax.reversal (invoice_id, reason) values ($1, '2') returning id, bill_id`, [blue!.id]);
+      const { rows } = await requestReversal(db.pool, blue!.id, '2');
       const red = await waitFor(async () => {
         const r = (await db.pool.query(`select a.* from tax.invoice a join tax.reversal q on q.red_invoice_id = a.id where q.id = $1`, [rows[0].id])).rows[0];
         return r.invoice_status === 'issuing' ? r : null;

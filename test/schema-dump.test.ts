@@ -27,6 +27,13 @@ const excludedSchemas = (() => {
   return m[1]!.trim().split(/\s+/);
 })();
 
+/** The example ERPs' schemas (sql/examples), which the dump leaves out as well: the test template has reference-erp installed. */
+const exampleSchemas = (() => {
+  const m = /^EXAMPLE_SCHEMAS=\(([^)]*)\)$/m.exec(readFileSync('scripts/dump-schema.sh', 'utf8'));
+  if (!m) throw new Error('scripts/dump-schema.sh has no EXAMPLE_SCHEMAS=(...) line');
+  return m[1]!.trim().split(/\s+/);
+})();
+
 let db: TestDb;
 let out: string;
 let baselineOut: string;
@@ -66,8 +73,9 @@ describe('sql/schema', () => {
     await run('bash', ['scripts/dump-schema.sh', '--from', db.url, '--out', out, '--baseline', baselineOut], { timeout: 120_000 });
 
     const fresh = sqlFiles(out);
-    expect(fresh, 'a file per product schema').toEqual(expect.arrayContaining(['cloud.sql', 'erp.sql', 'scm.sql', 'sso.sql', 'tax.sql', 'vault.sql']));
+    expect(fresh, 'a file per product schema').toEqual(expect.arrayContaining(['cloud.sql', 'scm.sql', 'sso.sql', 'tax.sql', 'vault.sql']));
     expect(sqlFiles(CHECKED_IN), `${STALE} (a schema was added or removed)`).toEqual(fresh);
+    for (const s of exampleSchemas) expect(fresh, 'an example\'s schema is not the product\'s').not.toContain(`${s}.sql`);
     const differ: string[] = [];
     for (const f of fresh) {
       if (readFileSync(path.join(out, f), 'utf8') !== readFileSync(path.join(CHECKED_IN, f), 'utf8')) differ.push(await shortDiff(f));
@@ -106,8 +114,9 @@ describe('sql/schema', () => {
     }
   });
 
-  it('nothing of the product hides in a schema the dump leaves out: only extensions and the migration history live there', async () => {
-    // migration history (postgres-migrations' table migrations, its indexes, whatever a history schema holds) is named migration*
+  it('nothing of the product hides in a schema the dump leaves out: only extensions, the migration history and the examples\' record live there', async () => {
+    // migration history (postgres-migrations' table migrations, its indexes, whatever a history schema holds) is named migration*,
+    // and the record of installed examples (erp_cloud.example) example*
     const { rows } = await db.pool.query<{ obj: string }>(`
       with excluded as (select oid from pg_namespace where nspname = any($1::name[])),
       objects(obj, classid, objid, relname) as (
@@ -122,7 +131,7 @@ describe('sql/schema', () => {
       )
       select obj from objects o
        where not exists (select from pg_depend d where d.classid = o.classid and d.objid = o.objid and d.deptype = 'e')
-         and coalesce(o.relname, '') !~ '^migration'
+         and coalesce(o.relname, '') !~ '^(migration|example)'
        order by obj`, [excludedSchemas]);
     expect(rows.map((r) => r.obj), `move these into a product schema (or add their schema to sql/schema by taking it off EXCLUDED_SCHEMAS)`).toEqual([]);
   });

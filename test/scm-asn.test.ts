@@ -76,7 +76,7 @@ describe('ASN ingest (the one door)', () => {
     const doc = asnDoc('ASN-1', 'PO-A', [{ line: 1, qty: 60, batch: 'B1' }, { line: 1, qty: 40, batch: 'B2' }, { line: 2, qty: 50 }]);
     expect(await ingest(doc, 'push', 'ev-1')).toMatchObject({ asn_no: 'ASN-1', status: 'accepted', reject_code: null });
     const { rows } = await db.pool.query(`select supplier_id, po_id, ship_date::text, eta::text, carrier, tracking_no, detail, received_via as source, cloud_event_id from scm.asn`);
-    expect(rows[0]).toMatchObject({ supplier_id: String(suppliers.s1), po_id: (await db.pool.query(`select order_id from scm.order_status where po_no = 'PO-A'`)).rows[0].order_id, ship_date: '2026-11-25', eta: '2026-11-27', carrier: '顺丰速运', source: 'push', cloud_event_id: 'ev-1' });
+    expect(rows[0]).toMatchObject({ supplier_id: (await db.pool.query(`select id::text from scm.supplier where code = 'S001'`)).rows[0].id, po_id: (await db.pool.query(`select order_id from scm.order_status where po_no = 'PO-A'`)).rows[0].order_id, ship_date: '2026-11-25', eta: '2026-11-27', carrier: '顺丰速运', source: 'push', cloud_event_id: 'ev-1' });
     expect(rows[0].detail).toEqual(doc);
     const lines = await db.pool.query(`select po_line_no, material_code, batch_no, quantity::float8 q from scm.asn_line order by line_no`);
     expect(lines.rows).toEqual([

@@ -17,6 +17,9 @@ let bound: pg.Client;
 const role = `portal_${randomBytes(4).toString('hex')}`;
 const boundRole = `portal_s1_${randomBytes(4).toString('hex')}`;
 let s1: number;
+/** erp-cloud's ids of suppliers S001 and S002 (scm.supplier), looked up by code: the ERP's ids are its own */
+let scmS1: string;
+let scmS2: string;
 let s2: number;
 
 async function admin(sql: string): Promise<void> {
@@ -36,6 +39,9 @@ beforeAll(async () => {
   await admin(`create role ${boundRole} login noinherit`);
   await admin(`grant erp_cloud_supplier_portal to ${boundRole}`);
   ({ s1, s2 } = await addSuppliers(db.pool));
+  const scmId = async (code: string) => (await db.pool.query(`select id::text from scm.supplier where code = $1`, [code])).rows[0].id as string;
+  scmS1 = await scmId('S001');
+  scmS2 = await scmId('S002');
   await db.pool.query(`select cloud.put_endpoint('yonbip', 'http://127.0.0.1:9', 'yonbip')`);
   const a = await addPo(db.pool, 'PO-S1', s1);
   const b = await addPo(db.pool, 'PO-S2', s2);
@@ -162,7 +168,7 @@ describe('supplier portal isolation', () => {
       await db.pool.query(`revoke insert on scm.asn from erp_cloud_supplier_portal; revoke update (supplier_id) on scm.asn from erp_cloud_supplier_portal`);
     }
     const { rows } = await db.pool.query(`select asn_no, supplier_id, tracking_no from scm.asn order by asn_no`);
-    expect(rows.map((r) => [r.asn_no, Number(r.supplier_id)])).toEqual([['ASN-S1', s1], ['ASN-S2', s2]]);
+    expect(rows.map((r) => [r.asn_no, Number(r.supplier_id)])).toEqual([['ASN-S1', Number(scmS1)], ['ASN-S2', Number(scmS2)]]);
     expect(rows.every((r) => r.tracking_no !== 'HACKED')).toBe(true);
   });
 
@@ -233,7 +239,8 @@ describe('a portal login bound to its supplier', () => {
       expect(await bq(`select po_no from scm.order_status order by po_no`)).toEqual([{ po_no: 'PO-S1' }]);
     });
     await inTx(async () => {
-      expect(await bq(`select scm.act_as_supplier('S001') id`)).toEqual([{ id: String(s1) }]);
+      // erp-cloud's own supplier id, which the ERP looks up by code (scm.put_supplier returns it): not erp.supplier's id
+      expect(await bq(`select scm.act_as_supplier('S001') id`)).toEqual([{ id: scmS1 }]);
       expect(await bq(`select code from scm.supplier`)).toEqual([{ code: 'S001' }]);
     });
   });
@@ -286,12 +293,13 @@ describe('a portal login bound to its supplier', () => {
 
   it('a supplier a login is bound to cannot be deleted, so the login never becomes a shared one', async () => {
     const { rows } = await db.pool.query(`insert into erp.supplier (code, name) values ('S-TMP', 'temp') returning id`);
+    const scmId = (await db.pool.query(`select id from scm.supplier where code = 'S-TMP'`)).rows[0].id;
     await db.pool.query(`select scm.bind_portal_login($1, 'S-TMP')`, [role]);
     try {
-      expect(await sqlstateOf(db.pool.query(`delete from scm.supplier where id = $1`, [rows[0].id]))).toBe('23503');
+      expect(await sqlstateOf(db.pool.query(`delete from scm.supplier where id = $1`, [scmId]))).toBe('23503');
     } finally {
       await db.pool.query(`select scm.register_shared_portal_login($1)`, [role]);
-      await db.pool.query(`delete from scm.supplier where id = $1`, [rows[0].id]);
+      await db.pool.query(`delete from scm.supplier where id = $1`, [scmId]);
       await db.pool.query(`delete from erp.supplier where id = $1`, [rows[0].id]);
     }
   });
@@ -307,7 +315,7 @@ describe('a portal login bound to its supplier', () => {
     try {
       await c.query('set role erp_cloud_supplier_portal');
       await rolledBack(c, async () => {
-        await c.query(`select set_config('scm.supplier_id', $1, true)`, [String(s1)]);
+        await c.query(`select set_config('scm.supplier_id', $1, true)`, [scmS1]);
         expect((await c.query(`select po_no from scm.purchase_order`)).rows).toEqual([]);
         expect((await c.query(`select asn_no from scm.asn`)).rows).toEqual([]);
       });

@@ -258,20 +258,20 @@ describe('purchase order rules in the ERP', () => {
     }
   });
 
-  it('neither the ERP nor the portal can call the internal sync function (it locks any PO); the triggers still run it', async () => {
+  it('neither the ERP nor the portal can call the ERP\'s internal enqueue function (it locks any PO); the triggers still run it', async () => {
     const id = await addPo(db.pool, 'PO-SYNC', suppliers.s1);
     const c = await db.pool.connect();
     try {
       for (const role of ['erp_cloud_app', 'erp_cloud_supplier_portal', 'erp_cloud_listener']) {
         await c.query(`set role ${role}`);
-        expect(await sqlstateOf(c.query(`select scm._sync_purchase_order($1)`, [id])), role).toBe('42501');
+        expect(await sqlstateOf(c.query(`select erp._enqueue_order($1)`, [id])), role).toBe('42501'); // no EXECUTE (the portal and listener: no USAGE on erp either)
         await c.query('reset role');
       }
     } finally {
       await c.query('reset role');
       c.release();
     }
-    const { rows } = await db.pool.query(`select p.prosecdef, p.proconfig from pg_proc p where p.proname in ('tg_purchase_order__500_enqueue', 'tg_purchase_order__500_enqueue_header')`);
+    const { rows } = await db.pool.query(`select p.prosecdef, p.proconfig from pg_proc p where p.pronamespace = 'erp'::regnamespace and p.proname in ('tg_purchase_order__500_enqueue', 'tg_purchase_order_line__500_enqueue')`);
     expect(rows).toEqual([{ prosecdef: true, proconfig: ['search_path=""'] }, { prosecdef: true, proconfig: ['search_path=""'] }]);
   });
 

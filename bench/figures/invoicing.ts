@@ -53,7 +53,7 @@ export async function invoicingFigure(ctx: BenchContext): Promise<InvoicingResul
   const n = ctx.quick ? 200 : 1000;
   const paced = ctx.quick ? 20 : 60;
   progress(`figure 6: e-invoicing through the Nuonuo simulator, ${n} approvals back to back, then ${paced} paced`);
-  const db = await ctx.dbs.createMigrated('invoicing');
+  const db = await ctx.dbs.createMigrated('invoicing', ['reference-erp']);
   const pool = benchPool(db.url, 'invoicing', 5);
   const appKey = 'bench-app';
   const appSecret = randomBytes(16).toString('hex');

@@ -61,10 +61,10 @@ export class DbRegistry {
     return { name, url: withDatabase(this.serverUrl, name) };
   }
 
-  /** A new database with the erp-cloud migrations applied. */
-  async createMigrated(label: string): Promise<BenchDb> {
+  /** A new database with the erp-cloud migrations applied, and the example ERPs named (e.g. reference-erp) installed. */
+  async createMigrated(label: string, examples: string[] = []): Promise<BenchDb> {
     const db = await this.create(label);
-    await migrate(db.url);
+    await migrate(db.url, undefined, examples);
     return db;
   }
 

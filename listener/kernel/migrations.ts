@@ -353,6 +353,9 @@ export async function runMigrations(c: pg.ClientBase, dir: string, log: (msg: st
       }
     }
     let history = (await c.query<HistoryRow>(historySql.rows)).rows;
+    // what the database had before this run, read before anything of the run is applied (the baseline too): a migration
+    // that adopts or drops what earlier ones made (0023: the reference ERP's tables) tells an upgrade from a fresh install by it
+    await c.query(`select pg_catalog.set_config('erp_cloud.history_before_run', $1, false)`, [String(Math.max(0, ...history.map((h) => h.id)))]);
     const applied: string[] = [];
     let baselineUsed: string | null = null;
     // read only for a database without history: one with history never runs it
@@ -368,6 +371,7 @@ export async function runMigrations(c: pg.ClientBase, dir: string, log: (msg: st
       }
     }
     const { pending, unknown } = plan(history, files);
+    const examplesDir = opts.examplesDir ?? path.join(path.dirname(dir), 'examples');
     if (unknown.length) {
       log(`applied by a newer release, not in ${dir}: ${unknown.map((u) => u.name).join(', ')} (nothing of this release is missing)`);
     }
@@ -376,6 +380,9 @@ export async function runMigrations(c: pg.ClientBase, dir: string, log: (msg: st
       try {
         await inTransaction(c, async () => {
           await c.query(f.sql);
+          // a migration that adopts an example (0023: an upgraded installation's reference ERP) has it installed in its own transaction
+          const adopt = (await c.query<{ name: string | null }>(`select pg_catalog.current_setting('erp_cloud.adopt_example', true) as name`)).rows[0]!.name;
+          if (adopt) await applyExample(c, loadExamples(examplesDir, [adopt])[0]!);
           await c.query(historySql.insert, [f.id, f.name, f.sha256, Math.round(performance.now() - started)]);
         });
       } catch (err) {
@@ -480,18 +487,21 @@ function loadExamples(dir: string, names: string[]): ExampleFile[] {
   });
 }
 
+/** Applies an example in the transaction `c` is in, unless it is recorded with this file's sha256; true when applied. */
+async function applyExample(c: pg.ClientBase, ex: ExampleFile): Promise<boolean> {
+  await c.query('set local client_min_messages = warning'); // "already exists, skipping" is what idempotent means here
+  await c.query(exampleSql.create);
+  if ((await c.query(exampleSql.recorded, [ex.name])).rows[0]?.sha256 === ex.sha256) return false;
+  await c.query(ex.sql);
+  await c.query(exampleSql.record, [ex.name, ex.sha256]);
+  return true;
+}
+
 async function installExamples(c: pg.ClientBase, examples: ExampleFile[], log: (msg: string) => void): Promise<string[]> {
   const installed: string[] = [];
   for (const ex of examples) {
     try {
-      const done = await inTransaction(c, async () => {
-        await c.query('set local client_min_messages = warning'); // "already exists, skipping" is what idempotent means here
-        await c.query(exampleSql.create);
-        if ((await c.query(exampleSql.recorded, [ex.name])).rows[0]?.sha256 === ex.sha256) return false;
-        await c.query(ex.sql);
-        await c.query(exampleSql.record, [ex.name, ex.sha256]);
-        return true;
-      });
+      const done = await inTransaction(c, () => applyExample(c, ex));
       if (done) installed.push(ex.name);
       log(done ? `installed example ${ex.name}` : `example ${ex.name} is installed and unchanged`);
     } catch (err) {

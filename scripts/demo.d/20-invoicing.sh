@@ -78,9 +78,9 @@ wait_for "select count(*) = 0 from cloud.outbox where endpoint = 'nuonuo' and st
 echo "   all invoices final after $(node -e "console.log((Date.now()/1000 - $t0).toFixed(1))") s"
 
 echo "== invoicing: 红冲 the first invoice of JS-2026-0002 (reason 2 开票有误)"
-psql_ -c "insert into tax.reversal (invoice_id, reason)
-          select i.id, '2' from tax.invoice i join tax.document d on d.id = i.document_id
-           where d.reference = 'settlement/JS-2026-0002' and i.invoice_type = 'blue' and i.invoice_status = 'issued' limit 1"
+psql_ -c "insert into erp.invoice_reversal (invoice_id, reason)
+          select s.invoice_id, '2' from tax.invoice_status s
+           where s.source = 'reference-erp' and s.reference = 'settlement/JS-2026-0002' and s.status = 'issued' order by s.part_no limit 1"
 wait_for "select count(*) = 0 from tax.reversal where status in ('pending', 'confirming')" 150 || { echo "invoicing FAILED: reversal still open"; return 1; }
 wait_for "select count(*) = 0 from cloud.outbox where endpoint = 'nuonuo' and status in ('pending', 'in_flight')" 100 || true
 

@@ -775,34 +775,6 @@ COMMENT ON FUNCTION scm._quarantine_asn(p_doc jsonb, p_source text, p_event_id t
 
 
 --
--- Name: _reference_erp_order(bigint); Type: FUNCTION; Schema: scm
---
-
-CREATE FUNCTION scm._reference_erp_order(p_po_id bigint) RETURNS jsonb
-    LANGUAGE sql STABLE
-    SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
-  select jsonb_build_object(
-           'po_no', po.po_no,
-           'supplier', jsonb_build_object('code', s.code, 'name', s.name, 'tax_id', s.tax_id, 'cloud_id', s.cloud_id),
-           'currency', po.currency, 'order_date', po.order_date, 'purchase_org', po.purchase_org, 'note', po.note,
-           'lines', coalesce((select jsonb_agg(jsonb_build_object('line_no', l.line_no, 'material_code', l.material_code,
-                                 'material_name', l.material_name, 'quantity', l.quantity, 'unit', l.unit, 'price', l.price,
-                                 'tax_rate', l.tax_rate, 'delivery_date', l.delivery_date) order by l.line_no)
-                                from erp.purchase_order_line l where l.po_id = po.id), '[]'::jsonb))
-    from erp.purchase_order po join erp.supplier s on s.id = po.supplier_id
-   where po.id = p_po_id
-$$;
-
-
---
--- Name: FUNCTION _reference_erp_order(p_po_id bigint); Type: COMMENT; Schema: scm
---
-
-COMMENT ON FUNCTION scm._reference_erp_order(p_po_id bigint) IS 'Transitional (until 0025): the reference ERP''s purchase order (erp.purchase_order, its lines and erp.supplier) as the order document scm.enqueue_order takes.';
-
-
---
 -- Name: _refuse_other_supplier(); Type: FUNCTION; Schema: scm
 --
 
@@ -946,35 +918,22 @@ COMMENT ON FUNCTION scm._source(p_source text) IS 'Internal: the registered sour
 
 
 --
--- Name: _supplier_upsert(text, text, text, text, bigint); Type: FUNCTION; Schema: scm
+-- Name: _supplier_upsert(text, text, text, text); Type: FUNCTION; Schema: scm
 --
 
-CREATE FUNCTION scm._supplier_upsert(p_code text, p_name text, p_tax_id text, p_cloud_id text, p_id bigint DEFAULT NULL::bigint) RETURNS scm.supplier
+CREATE FUNCTION scm._supplier_upsert(p_code text, p_name text, p_tax_id text, p_cloud_id text) RETURNS scm.supplier
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 declare
   v scm.supplier;
 begin
-  if p_id is not null and not exists (select from scm.supplier s where s.id = p_id and s.code <> p_code) then
-    -- the reference ERP's suppliers keep their ids (transitional until 0025: its portal bindings and tests name them)
-    insert into scm.supplier as s (id, code, name, tax_id, cloud_id) overriding system value
-    values (p_id, p_code, p_name, p_tax_id, p_cloud_id)
-    on conflict (code) do update
-       set name = excluded.name, tax_id = excluded.tax_id, cloud_id = coalesce(excluded.cloud_id, s.cloud_id), updated_at = now()
-     where (s.name, s.tax_id, s.cloud_id) is distinct from (excluded.name, excluded.tax_id, coalesce(excluded.cloud_id, s.cloud_id))
-    returning * into v;
-    -- the identity never hands out an id taken this way
-    perform setval(pg_get_serial_sequence('scm.supplier', 'id'),
-                   greatest(p_id, (select max(id) from scm.supplier)), true);
-  else
-    insert into scm.supplier as s (code, name, tax_id, cloud_id)
-    values (p_code, p_name, p_tax_id, p_cloud_id)
-    on conflict (code) do update
-       set name = excluded.name, tax_id = excluded.tax_id, cloud_id = coalesce(excluded.cloud_id, s.cloud_id), updated_at = now()
-     where (s.name, s.tax_id, s.cloud_id) is distinct from (excluded.name, excluded.tax_id, coalesce(excluded.cloud_id, s.cloud_id))
-    returning * into v;
-  end if;
+  insert into scm.supplier as s (code, name, tax_id, cloud_id)
+  values (p_code, p_name, p_tax_id, p_cloud_id)
+  on conflict (code) do update
+     set name = excluded.name, tax_id = excluded.tax_id, cloud_id = coalesce(excluded.cloud_id, s.cloud_id), updated_at = now()
+   where (s.name, s.tax_id, s.cloud_id) is distinct from (excluded.name, excluded.tax_id, coalesce(excluded.cloud_id, s.cloud_id))
+  returning * into v;
   if v.id is null then
     select * into v from scm.supplier where code = p_code;
   end if;
@@ -983,49 +942,10 @@ end $$;
 
 
 --
--- Name: FUNCTION _supplier_upsert(p_code text, p_name text, p_tax_id text, p_cloud_id text, p_id bigint); Type: COMMENT; Schema: scm
+-- Name: FUNCTION _supplier_upsert(p_code text, p_name text, p_tax_id text, p_cloud_id text); Type: COMMENT; Schema: scm
 --
 
-COMMENT ON FUNCTION scm._supplier_upsert(p_code text, p_name text, p_tax_id text, p_cloud_id text, p_id bigint) IS 'Internal: the supplier by code, added or brought up to date (name, tax id; a cloud id is kept when none is given); with p_id a new one gets that id when it is free.';
-
-
---
--- Name: _sync_purchase_order(bigint); Type: FUNCTION; Schema: scm
---
-
-CREATE FUNCTION scm._sync_purchase_order(p_po_id bigint) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-declare
-  po erp.purchase_order;
-  v  scm.order_enqueued;
-begin
-  select * into po from erp.purchase_order where id = p_po_id for update;
-  if not found or po.status = 'draft' then
-    return;
-  end if;
-  if po.status in ('closed', 'cancelled') then
-    -- a draft that is cancelled was never handed in: nothing to close
-    if exists (select from scm.purchase_order o where o.source = 'reference-erp' and o.reference = po.po_no) then
-      if scm.enqueue_order_close('reference-erp', po.po_no, po.status) is not null then
-        update erp.purchase_order set cloud_status = 'queued', cloud_error = null where id = po.id;
-      end if;
-    end if;
-    return;
-  end if;
-  v := scm.enqueue_order('reference-erp', po.po_no, scm._reference_erp_order(po.id));
-  if v.operation is not null then
-    update erp.purchase_order set cloud_status = 'queued', cloud_error = null where id = po.id and cloud_status is distinct from 'queued';
-  end if;
-end $$;
-
-
---
--- Name: FUNCTION _sync_purchase_order(p_po_id bigint); Type: COMMENT; Schema: scm
---
-
-COMMENT ON FUNCTION scm._sync_purchase_order(p_po_id bigint) IS 'Transitional (until 0025): the reference ERP''s deferred PO triggers hand the PO to the contract at commit: an approved or changed PO to scm.enqueue_order (source reference-erp, reference its po_no), a closed or cancelled one to scm.enqueue_order_close; the PO says queued when something was enqueued.';
+COMMENT ON FUNCTION scm._supplier_upsert(p_code text, p_name text, p_tax_id text, p_cloud_id text) IS 'Internal: the supplier by code, added or brought up to date (name, tax id; a cloud id is kept when none is given).';
 
 
 --
@@ -2367,6 +2287,20 @@ COMMENT ON COLUMN scm.asn.delivery_error IS 'Why the last delivery to on_asn fai
 
 
 --
+-- Name: asn_id_seq; Type: SEQUENCE; Schema: scm
+--
+
+ALTER TABLE scm.asn ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME scm.asn_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
 -- Name: asn_line; Type: TABLE; Schema: scm
 --
 
@@ -2387,20 +2321,6 @@ CREATE TABLE scm.asn_line (
 --
 
 COMMENT ON TABLE scm.asn_line IS 'ASN lines: which PO line is shipped, how much, which batch.';
-
-
---
--- Name: asn_id_seq; Type: SEQUENCE; Schema: scm
---
-
-ALTER TABLE scm.asn ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
-    SEQUENCE NAME scm.asn_id_seq
-    START WITH 1
-    INCREMENT BY 1
-    NO MINVALUE
-    NO MAXVALUE
-    CACHE 1
-);
 
 
 --
@@ -3360,13 +3280,6 @@ REVOKE ALL ON FUNCTION scm._quarantine_asn(p_doc jsonb, p_source text, p_event_i
 
 
 --
--- Name: FUNCTION _reference_erp_order(p_po_id bigint); Type: ACL; Schema: scm
---
-
-REVOKE ALL ON FUNCTION scm._reference_erp_order(p_po_id bigint) FROM PUBLIC;
-
-
---
 -- Name: FUNCTION _refuse_other_supplier(); Type: ACL; Schema: scm
 --
 
@@ -3402,17 +3315,10 @@ REVOKE ALL ON FUNCTION scm._source(p_source text) FROM PUBLIC;
 
 
 --
--- Name: FUNCTION _supplier_upsert(p_code text, p_name text, p_tax_id text, p_cloud_id text, p_id bigint); Type: ACL; Schema: scm
+-- Name: FUNCTION _supplier_upsert(p_code text, p_name text, p_tax_id text, p_cloud_id text); Type: ACL; Schema: scm
 --
 
-REVOKE ALL ON FUNCTION scm._supplier_upsert(p_code text, p_name text, p_tax_id text, p_cloud_id text, p_id bigint) FROM PUBLIC;
-
-
---
--- Name: FUNCTION _sync_purchase_order(p_po_id bigint); Type: ACL; Schema: scm
---
-
-REVOKE ALL ON FUNCTION scm._sync_purchase_order(p_po_id bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION scm._supplier_upsert(p_code text, p_name text, p_tax_id text, p_cloud_id text) FROM PUBLIC;
 
 
 --

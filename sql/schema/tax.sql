@@ -972,42 +972,6 @@ COMMENT ON FUNCTION tax._reason_code(p_reason text) IS 'Internal: the platform''
 
 
 --
--- Name: _reference_erp_document(text, bigint); Type: FUNCTION; Schema: tax
---
-
-CREATE FUNCTION tax._reference_erp_document(p_source text, p_id bigint) RETURNS jsonb
-    LANGUAGE sql STABLE
-    AS $$
-  select jsonb_build_object(
-           'kind', d.invoice_kind,
-           'remark', d.no,
-           'buyer', jsonb_build_object('name', c.name, 'tax_id', c.tax_id, 'address', c.address, 'phone', c.phone,
-                                       'bank_name', c.bank_name, 'bank_account', c.bank_account, 'email', c.email,
-                                       'tax_id_check_override', c.tax_id_check_override),
-           'lines', coalesce((
-             select jsonb_agg(jsonb_build_object('line_no', l.line_no, 'item_name', l.item_name, 'tax_code', l.tax_code, 'spec', l.spec,
-                                                 'unit', l.unit, 'quantity', l.quantity, 'unit_price', l.unit_price, 'amount', l.amount,
-                                                 'tax_rate', l.tax_rate, 'tax_amount', l.tax_amount) order by l.line_no)
-               from (select sl.line_no, sl.item_name, sl.tax_code, sl.spec, sl.unit, sl.quantity, sl.unit_price, sl.amount, sl.tax_rate, sl.tax_amount
-                       from erp.settlement_line sl where p_source = 'settlement' and sl.settlement_id = p_id
-                     union all
-                     select hl.line_no, hl.item_name, hl.tax_code, hl.spec, hl.unit, hl.quantity, hl.unit_price, hl.amount, hl.tax_rate, hl.tax_amount
-                       from erp.shipment_line hl where p_source = 'shipment' and hl.shipment_id = p_id) l), '[]'::jsonb))
-    from (select s.invoice_kind, s.settlement_no as no, s.customer_id from erp.settlement s where p_source = 'settlement' and s.id = p_id
-          union all
-          select h.invoice_kind, h.shipment_no, h.customer_id from erp.shipment h where p_source = 'shipment' and h.id = p_id) d
-    join erp.customer c on c.id = d.customer_id
-$$;
-
-
---
--- Name: FUNCTION _reference_erp_document(p_source text, p_id bigint); Type: COMMENT; Schema: tax
---
-
-COMMENT ON FUNCTION tax._reference_erp_document(p_source text, p_id bigint) IS 'Internal, transitional (until the reference ERP hands its documents in through the contract): the reference ERP''s settlement or shipment p_id as an invoicing document (kind, remark = its number, buyer from erp.customer, lines), as ADR 0001 §3.2 describes it.';
-
-
---
 -- Name: source; Type: TABLE; Schema: tax
 --
 
@@ -1647,56 +1611,6 @@ end $$;
 --
 
 COMMENT ON FUNCTION tax.ingest_red_confirm_callback(p_bill_id text, p_content jsonb) IS 'The redConfirmCallback side: a hint that the red-confirmation form changed, so the red invoice''s pending form (or result) query is made due now.';
-
-
---
--- Name: issue_invoices(text, bigint); Type: FUNCTION; Schema: tax
---
-
-CREATE FUNCTION tax.issue_invoices(p_source text, p_id bigint) RETURNS integer
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
-declare
-  v_no     text;
-  v_on     text;
-  v_linked bigint;
-  v_ref    text;
-begin
-  if p_source = 'settlement' then
-    select s.settlement_no, c.invoice_on, s.id into v_no, v_on, v_linked
-      from erp.settlement s join erp.customer c on c.id = s.customer_id where s.id = p_id;
-  else
-    select s.shipment_no, c.invoice_on, s.settlement_id into v_no, v_on, v_linked
-      from erp.shipment s join erp.customer c on c.id = s.customer_id where s.id = p_id;
-  end if;
-  if v_on is distinct from p_source then
-    return 0;
-  end if;
-  v_ref := p_source || '/' || v_no;
-  -- a settlement or its shipment is invoiced, never both: serialise on the settlement, then look at what exists
-  perform pg_advisory_xact_lock(hashtextextended('tax.issue:settlement:' || coalesce(v_linked, -p_id), 0));
-  if exists (select from tax.document d where d.source = 'reference-erp' and d.reference = v_ref) then
-    return 0;
-  end if;
-  if p_source = 'settlement' then
-    if exists (select from erp.shipment sh join tax.document d on d.source = 'reference-erp' and d.reference = 'shipment/' || sh.shipment_no
-                where sh.settlement_id = p_id) then
-      return 0;
-    end if;
-  elsif v_linked is not null and exists (select from erp.settlement s join tax.document d on d.source = 'reference-erp' and d.reference = 'settlement/' || s.settlement_no
-                                          where s.id = v_linked) then
-    return 0;
-  end if;
-  return cardinality(tax.enqueue_invoices('reference-erp', v_ref, tax._reference_erp_document(p_source, p_id)));
-end $$;
-
-
---
--- Name: FUNCTION issue_invoices(p_source text, p_id bigint); Type: COMMENT; Schema: tax
---
-
-COMMENT ON FUNCTION tax.issue_invoices(p_source text, p_id bigint) IS 'Transitional (until 0025): the reference ERP''s approved settlement or posted shipment handed to tax.enqueue_invoices as source reference-erp, reference settlement/<no> or shipment/<no>, remark the document number. Returns the number of invoices, 0 when the customer is invoiced on the other event or the document (or its linked one) was invoiced already.';
 
 
 --
@@ -2730,30 +2644,6 @@ COMMENT ON FUNCTION tax.tg_attachment__900_call_source() IS 'Trigger: a stored P
 
 
 --
--- Name: tg_document__100_stamp(); Type: FUNCTION; Schema: tax
---
-
-CREATE FUNCTION tax.tg_document__100_stamp() RETURNS trigger
-    LANGUAGE plpgsql
-    AS $$
-begin
-  if tg_table_name = 'settlement' and new.status = 'approved' and old.status is distinct from 'approved' then
-    new.approved_at := coalesce(new.approved_at, now());
-  elsif tg_table_name = 'shipment' and new.status = 'posted' and old.status is distinct from 'posted' then
-    new.posted_at := coalesce(new.posted_at, now());
-  end if;
-  return new;
-end $$;
-
-
---
--- Name: FUNCTION tg_document__100_stamp(); Type: COMMENT; Schema: tax
---
-
-COMMENT ON FUNCTION tax.tg_document__100_stamp() IS 'Trigger: stamps approved_at / posted_at when a settlement is approved or a shipment posted.';
-
-
---
 -- Name: tg_invoice__800_record_event(); Type: FUNCTION; Schema: tax
 --
 
@@ -2801,77 +2691,6 @@ end $$;
 --
 
 COMMENT ON FUNCTION tax.tg_invoice__900_call_source() IS 'Trigger: an invoice whose status, number or error changed calls its source''s on_invoice (tax._call_source) with the event: submitted, issued, failed, requeried, reissued, reversed, partially_reversed, changed.';
-
-
---
--- Name: tg_reversal__500_request(); Type: FUNCTION; Schema: tax
---
-
-CREATE FUNCTION tax.tg_reversal__500_request() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
-begin
-  if new.source is not null then
-    return null;  -- tax.enqueue_reversal made it, and issues it itself
-  end if;
-  update tax.reversal r
-     set reason = coalesce(case r.reason when '1' then 'return' when '2' then 'error' when '3' then 'service_stopped' when '4' then 'allowance' end, r.reason),
-         source = d.source, reference = 'reversal/' || r.id
-    from tax.invoice i left join tax.document d on d.id = i.document_id
-   where r.id = new.id and i.id = r.invoice_id;
-  perform tax._issue_red(new.id);
-  return null;
-end $$;
-
-
---
--- Name: FUNCTION tg_reversal__500_request(); Type: COMMENT; Schema: tax
---
-
-COMMENT ON FUNCTION tax.tg_reversal__500_request() IS 'Trigger (transitional, until 0025): a reversal inserted without a source, as the reference ERP does through erp.invoice_reversal_request with Nuonuo''s reason digits 1–4, is named (reason return / error / service_stopped / allowance, reference reversal/<id>) and issued by tax._issue_red.';
-
-
---
--- Name: tg_settlement__500_issue(); Type: FUNCTION; Schema: tax
---
-
-CREATE FUNCTION tax.tg_settlement__500_issue() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
-begin
-  perform tax.issue_invoices('settlement', new.id);
-  return null;
-end $$;
-
-
---
--- Name: FUNCTION tg_settlement__500_issue(); Type: COMMENT; Schema: tax
---
-
-COMMENT ON FUNCTION tax.tg_settlement__500_issue() IS 'Trigger: an approved settlement issues its invoice(s) (tax.issue_invoices).';
-
-
---
--- Name: tg_shipment__500_issue(); Type: FUNCTION; Schema: tax
---
-
-CREATE FUNCTION tax.tg_shipment__500_issue() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
-begin
-  perform tax.issue_invoices('shipment', new.id);
-  return null;
-end $$;
-
-
---
--- Name: FUNCTION tg_shipment__500_issue(); Type: COMMENT; Schema: tax
---
-
-COMMENT ON FUNCTION tax.tg_shipment__500_issue() IS 'Trigger: a posted shipment issues its invoice(s) when its customer invoices on shipment.';
 
 
 --
@@ -3136,174 +2955,6 @@ COMMENT ON FUNCTION tax.validate_line(p_line tax.source_line, p_ctx tax.validati
 
 
 --
--- Name: document; Type: TABLE; Schema: tax
---
-
-CREATE TABLE tax.document (
-    id bigint NOT NULL,
-    source text NOT NULL,
-    reference text NOT NULL,
-    kind text NOT NULL,
-    remark text,
-    doc jsonb NOT NULL,
-    doc_sha256 text NOT NULL,
-    received_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT document_kind_check CHECK ((kind = ANY (ARRAY['normal'::text, 'special'::text])))
-);
-
-
---
--- Name: TABLE document; Type: COMMENT; Schema: tax
---
-
-COMMENT ON TABLE tax.document IS 'One row per document an ERP handed in to be invoiced, found by (source, reference): its kind, the remark printed on its invoices, the document itself (doc, as ADR 0001 §3.2 describes it) and the sha256 of its text. Blue invoices point here (tax.invoice.document_id); red invoices point to their reversal instead.';
-
-
---
--- Name: COLUMN document.source; Type: COMMENT; Schema: tax
---
-
-COMMENT ON COLUMN tax.document.source IS 'The ERP that handed the document in (''reference-erp'' for the reference ERP''s settlements and shipments).';
-
-
---
--- Name: COLUMN document.reference; Type: COMMENT; Schema: tax
---
-
-COMMENT ON COLUMN tax.document.reference IS 'The caller''s key of the document, unique per source (''settlement/<settlement_no>'' or ''shipment/<shipment_no>'' for the reference ERP).';
-
-
---
--- Name: COLUMN document.kind; Type: COMMENT; Schema: tax
---
-
-COMMENT ON COLUMN tax.document.kind IS 'normal (数电普票) or special (数电专票): every invoice of the document has this kind.';
-
-
---
--- Name: COLUMN document.remark; Type: COMMENT; Schema: tax
---
-
-COMMENT ON COLUMN tax.document.remark IS 'The remark printed on the document''s invoices (with " (n/m)" when it is split); the reference ERP''s is its document number.';
-
-
---
--- Name: COLUMN document.doc; Type: COMMENT; Schema: tax
---
-
-COMMENT ON COLUMN tax.document.doc IS 'The document as handed in: kind, remark, buyer (name, tax_id, address, phone, bank_name, bank_account, email, tax_id_check_override) and lines; for documents from before release 0018, rebuilt from the reference ERP''s rows when the store moved.';
-
-
---
--- Name: COLUMN document.doc_sha256; Type: COMMENT; Schema: tax
---
-
-COMMENT ON COLUMN tax.document.doc_sha256 IS 'encode(sha256(doc::text::bytea), ''hex''): tells a document handed in again with other content from the same one.';
-
-
---
--- Name: COLUMN document.received_at; Type: COMMENT; Schema: tax
---
-
-COMMENT ON COLUMN tax.document.received_at IS 'When the document was handed in (for documents from before release 0018: when the settlement was approved or the shipment posted).';
-
-
---
--- Name: invoice_line; Type: TABLE; Schema: tax
---
-
-CREATE TABLE tax.invoice_line (
-    id bigint NOT NULL,
-    invoice_id bigint NOT NULL,
-    line_no integer NOT NULL,
-    source_line_no integer NOT NULL,
-    item_name text NOT NULL,
-    tax_code text NOT NULL,
-    spec text,
-    unit text,
-    quantity numeric,
-    unit_price numeric,
-    tax_rate numeric(6,4) NOT NULL,
-    amount_excl_tax numeric(16,2) NOT NULL,
-    tax_amount numeric(16,2) NOT NULL,
-    amount_incl_tax numeric(16,2) NOT NULL
-);
-
-
---
--- Name: TABLE invoice_line; Type: COMMENT; Schema: tax
---
-
-COMMENT ON TABLE tax.invoice_line IS 'Invoice lines after price–tax separation in numeric: excl = round(incl / (1 + rate), 2), tax = incl − excl (or the ERP''s own tax within 0.06). source_line_no is the line_no of the document''s line.';
-
-
---
--- Name: reversal; Type: TABLE; Schema: tax
---
-
-CREATE TABLE tax.reversal (
-    id bigint NOT NULL,
-    invoice_id bigint NOT NULL,
-    reason text NOT NULL,
-    line_nos integer[],
-    status text DEFAULT 'pending'::text NOT NULL,
-    bill_id text,
-    bill_status text,
-    red_invoice_id bigint,
-    error_message text,
-    requested_at timestamp with time zone DEFAULT now() NOT NULL,
-    form_submitted_at timestamp with time zone,
-    finished_at timestamp with time zone,
-    source text,
-    reference text,
-    source_line_nos integer[],
-    CONSTRAINT reversal_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'confirming'::text, 'issued'::text, 'failed'::text])))
-);
-
-
---
--- Name: TABLE reversal; Type: COMMENT; Schema: tax
---
-
-COMMENT ON TABLE tax.reversal IS '红冲 requests. Insert one for an issued invoice (invoice_id; reason: Nuonuo code 1 销货退回, 2 开票有误, 3 服务中止, 4 销售折让; line_nos null = full, else those invoice lines) and the 数电 red-confirmation flow runs; status pending → confirming → issued | failed. The red invoice is red_invoice_id (its tax.invoice.reversal_id points back here). The reference ERP inserts through the view erp.invoice_reversal_request.';
-
-
---
--- Name: COLUMN reversal.invoice_id; Type: COMMENT; Schema: tax
---
-
-COMMENT ON COLUMN tax.reversal.invoice_id IS 'The blue invoice reversed (all of it, or its lines line_nos).';
-
-
---
--- Name: COLUMN reversal.form_submitted_at; Type: COMMENT; Schema: tax
---
-
-COMMENT ON COLUMN tax.reversal.form_submitted_at IS 'When the platform took the red-confirmation form (tax.red_confirm answered): the 72-hour confirmation deadline counts from here.';
-
-
---
--- Name: COLUMN reversal.source; Type: COMMENT; Schema: tax
---
-
-COMMENT ON COLUMN tax.reversal.source IS 'The ERP that asked for the reversal (its key with reference); null for requests made before the reversal contract.';
-
-
---
--- Name: COLUMN reversal.reference; Type: COMMENT; Schema: tax
---
-
-COMMENT ON COLUMN tax.reversal.reference IS 'The caller''s key of the reversal, with source; null for requests made before the reversal contract.';
-
-
---
--- Name: COLUMN reversal.source_line_nos; Type: COMMENT; Schema: tax
---
-
-COMMENT ON COLUMN tax.reversal.source_line_nos IS 'The caller''s lines[].line_no a by-reference reversal named (null: all, or a reversal by invoice id).';
-
-
---
 -- Name: attachment; Type: TABLE; Schema: tax
 --
 
@@ -3431,6 +3082,79 @@ COMMENT ON COLUMN tax.contract_field.meaning IS 'What the field is, in one line.
 
 
 --
+-- Name: document; Type: TABLE; Schema: tax
+--
+
+CREATE TABLE tax.document (
+    id bigint NOT NULL,
+    source text NOT NULL,
+    reference text NOT NULL,
+    kind text NOT NULL,
+    remark text,
+    doc jsonb NOT NULL,
+    doc_sha256 text NOT NULL,
+    received_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT document_kind_check CHECK ((kind = ANY (ARRAY['normal'::text, 'special'::text])))
+);
+
+
+--
+-- Name: TABLE document; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON TABLE tax.document IS 'One row per document an ERP handed in to be invoiced, found by (source, reference): its kind, the remark printed on its invoices, the document itself (doc, as ADR 0001 §3.2 describes it) and the sha256 of its text. Blue invoices point here (tax.invoice.document_id); red invoices point to their reversal instead.';
+
+
+--
+-- Name: COLUMN document.source; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.document.source IS 'The ERP that handed the document in (''reference-erp'' for the reference ERP''s settlements and shipments).';
+
+
+--
+-- Name: COLUMN document.reference; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.document.reference IS 'The caller''s key of the document, unique per source (''settlement/<settlement_no>'' or ''shipment/<shipment_no>'' for the reference ERP).';
+
+
+--
+-- Name: COLUMN document.kind; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.document.kind IS 'normal (数电普票) or special (数电专票): every invoice of the document has this kind.';
+
+
+--
+-- Name: COLUMN document.remark; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.document.remark IS 'The remark printed on the document''s invoices (with " (n/m)" when it is split); the reference ERP''s is its document number.';
+
+
+--
+-- Name: COLUMN document.doc; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.document.doc IS 'The document as handed in: kind, remark, buyer (name, tax_id, address, phone, bank_name, bank_account, email, tax_id_check_override) and lines; for documents from before release 0018, rebuilt from the reference ERP''s rows when the store moved.';
+
+
+--
+-- Name: COLUMN document.doc_sha256; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.document.doc_sha256 IS 'encode(sha256(doc::text::bytea), ''hex''): tells a document handed in again with other content from the same one.';
+
+
+--
+-- Name: COLUMN document.received_at; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.document.received_at IS 'When the document was handed in (for documents from before release 0018: when the settlement was approved or the shipment posted).';
+
+
+--
 -- Name: document_id_seq; Type: SEQUENCE; Schema: tax
 --
 
@@ -3492,6 +3216,35 @@ ALTER TABLE tax.invoice ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     NO MAXVALUE
     CACHE 1
 );
+
+
+--
+-- Name: invoice_line; Type: TABLE; Schema: tax
+--
+
+CREATE TABLE tax.invoice_line (
+    id bigint NOT NULL,
+    invoice_id bigint NOT NULL,
+    line_no integer NOT NULL,
+    source_line_no integer NOT NULL,
+    item_name text NOT NULL,
+    tax_code text NOT NULL,
+    spec text,
+    unit text,
+    quantity numeric,
+    unit_price numeric,
+    tax_rate numeric(6,4) NOT NULL,
+    amount_excl_tax numeric(16,2) NOT NULL,
+    tax_amount numeric(16,2) NOT NULL,
+    amount_incl_tax numeric(16,2) NOT NULL
+);
+
+
+--
+-- Name: TABLE invoice_line; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON TABLE tax.invoice_line IS 'Invoice lines after price–tax separation in numeric: excl = round(incl / (1 + rate), 2), tax = incl − excl (or the ERP''s own tax within 0.06). source_line_no is the line_no of the document''s line.';
 
 
 --
@@ -3560,6 +3313,72 @@ CREATE VIEW tax.invoice_status AS
 --
 
 COMMENT ON VIEW tax.invoice_status IS 'Contract: the blue invoices of every document by (source, reference): status (pending, issuing, issued, failed, partially_reversed, reversed), outcome of a failure (refused: correct and reissue; unknown: requery), number, date, amounts, the raw responses, the PDF, and the lines (line_no on the invoice, source_line_no the caller''s).';
+
+
+--
+-- Name: reversal; Type: TABLE; Schema: tax
+--
+
+CREATE TABLE tax.reversal (
+    id bigint NOT NULL,
+    invoice_id bigint NOT NULL,
+    reason text NOT NULL,
+    line_nos integer[],
+    status text DEFAULT 'pending'::text NOT NULL,
+    bill_id text,
+    bill_status text,
+    red_invoice_id bigint,
+    error_message text,
+    requested_at timestamp with time zone DEFAULT now() NOT NULL,
+    form_submitted_at timestamp with time zone,
+    finished_at timestamp with time zone,
+    source text,
+    reference text,
+    source_line_nos integer[],
+    CONSTRAINT reversal_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'confirming'::text, 'issued'::text, 'failed'::text])))
+);
+
+
+--
+-- Name: TABLE reversal; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON TABLE tax.reversal IS '红冲 requests. Insert one for an issued invoice (invoice_id; reason: Nuonuo code 1 销货退回, 2 开票有误, 3 服务中止, 4 销售折让; line_nos null = full, else those invoice lines) and the 数电 red-confirmation flow runs; status pending → confirming → issued | failed. The red invoice is red_invoice_id (its tax.invoice.reversal_id points back here). The reference ERP inserts through the view erp.invoice_reversal_request.';
+
+
+--
+-- Name: COLUMN reversal.invoice_id; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.reversal.invoice_id IS 'The blue invoice reversed (all of it, or its lines line_nos).';
+
+
+--
+-- Name: COLUMN reversal.form_submitted_at; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.reversal.form_submitted_at IS 'When the platform took the red-confirmation form (tax.red_confirm answered): the 72-hour confirmation deadline counts from here.';
+
+
+--
+-- Name: COLUMN reversal.source; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.reversal.source IS 'The ERP that asked for the reversal (its key with reference); null for requests made before the reversal contract.';
+
+
+--
+-- Name: COLUMN reversal.reference; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.reversal.reference IS 'The caller''s key of the reversal, with source; null for requests made before the reversal contract.';
+
+
+--
+-- Name: COLUMN reversal.source_line_nos; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.reversal.source_line_nos IS 'The caller''s lines[].line_no a by-reference reversal named (null: all, or a reversal by invoice id).';
 
 
 --
@@ -3814,13 +3633,6 @@ CREATE TRIGGER invoice_800_record_event AFTER UPDATE OF invoice_no ON tax.invoic
 --
 
 CREATE TRIGGER invoice_900_call_source AFTER UPDATE ON tax.invoice FOR EACH ROW WHEN (((old.invoice_status IS DISTINCT FROM new.invoice_status) OR (old.invoice_no IS DISTINCT FROM new.invoice_no) OR (old.error_code IS DISTINCT FROM new.error_code))) EXECUTE FUNCTION tax.tg_invoice__900_call_source();
-
-
---
--- Name: reversal reversal_500_request; Type: TRIGGER; Schema: tax
---
-
-CREATE TRIGGER reversal_500_request AFTER INSERT ON tax.reversal FOR EACH ROW EXECUTE FUNCTION tax.tg_reversal__500_request();
 
 
 --
@@ -4082,13 +3894,6 @@ REVOKE ALL ON FUNCTION tax._reason_code(p_reason text) FROM PUBLIC;
 
 
 --
--- Name: FUNCTION _reference_erp_document(p_source text, p_id bigint); Type: ACL; Schema: tax
---
-
-REVOKE ALL ON FUNCTION tax._reference_erp_document(p_source text, p_id bigint) FROM PUBLIC;
-
-
---
 -- Name: TABLE source; Type: ACL; Schema: tax
 --
 
@@ -4213,13 +4018,6 @@ GRANT ALL ON FUNCTION tax.ingest_invoice_callback(p_order_no text, p_content jso
 
 REVOKE ALL ON FUNCTION tax.ingest_red_confirm_callback(p_bill_id text, p_content jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION tax.ingest_red_confirm_callback(p_bill_id text, p_content jsonb) TO erp_cloud_listener;
-
-
---
--- Name: FUNCTION issue_invoices(p_source text, p_id bigint); Type: ACL; Schema: tax
---
-
-REVOKE ALL ON FUNCTION tax.issue_invoices(p_source text, p_id bigint) FROM PUBLIC;
 
 
 --
@@ -4454,13 +4252,6 @@ REVOKE ALL ON FUNCTION tax.tg_attachment__900_call_source() FROM PUBLIC;
 
 
 --
--- Name: FUNCTION tg_document__100_stamp(); Type: ACL; Schema: tax
---
-
-REVOKE ALL ON FUNCTION tax.tg_document__100_stamp() FROM PUBLIC;
-
-
---
 -- Name: FUNCTION tg_invoice__800_record_event(); Type: ACL; Schema: tax
 --
 
@@ -4472,27 +4263,6 @@ REVOKE ALL ON FUNCTION tax.tg_invoice__800_record_event() FROM PUBLIC;
 --
 
 REVOKE ALL ON FUNCTION tax.tg_invoice__900_call_source() FROM PUBLIC;
-
-
---
--- Name: FUNCTION tg_reversal__500_request(); Type: ACL; Schema: tax
---
-
-REVOKE ALL ON FUNCTION tax.tg_reversal__500_request() FROM PUBLIC;
-
-
---
--- Name: FUNCTION tg_settlement__500_issue(); Type: ACL; Schema: tax
---
-
-REVOKE ALL ON FUNCTION tax.tg_settlement__500_issue() FROM PUBLIC;
-
-
---
--- Name: FUNCTION tg_shipment__500_issue(); Type: ACL; Schema: tax
---
-
-REVOKE ALL ON FUNCTION tax.tg_shipment__500_issue() FROM PUBLIC;
 
 
 --
@@ -4537,51 +4307,6 @@ REVOKE ALL ON FUNCTION tax.validate_line(p_line tax.source_line, p_ctx tax.valid
 
 
 --
--- Name: TABLE document; Type: ACL; Schema: tax
---
-
-GRANT SELECT ON TABLE tax.document TO erp_cloud_app;
-GRANT SELECT ON TABLE tax.document TO erp_cloud_operator;
-
-
---
--- Name: TABLE invoice_line; Type: ACL; Schema: tax
---
-
-GRANT SELECT ON TABLE tax.invoice_line TO erp_cloud_app;
-GRANT SELECT ON TABLE tax.invoice_line TO erp_cloud_operator;
-
-
---
--- Name: TABLE reversal; Type: ACL; Schema: tax
---
-
-GRANT SELECT ON TABLE tax.reversal TO erp_cloud_app;
-GRANT SELECT ON TABLE tax.reversal TO erp_cloud_operator;
-
-
---
--- Name: COLUMN reversal.invoice_id; Type: ACL; Schema: tax
---
-
-GRANT INSERT(invoice_id) ON TABLE tax.reversal TO erp_cloud_app;
-
-
---
--- Name: COLUMN reversal.reason; Type: ACL; Schema: tax
---
-
-GRANT INSERT(reason) ON TABLE tax.reversal TO erp_cloud_app;
-
-
---
--- Name: COLUMN reversal.line_nos; Type: ACL; Schema: tax
---
-
-GRANT INSERT(line_nos) ON TABLE tax.reversal TO erp_cloud_app;
-
-
---
 -- Name: TABLE attachment; Type: ACL; Schema: tax
 --
 
@@ -4605,6 +4330,14 @@ GRANT SELECT ON TABLE tax.contract_field TO erp_cloud_operator;
 
 
 --
+-- Name: TABLE document; Type: ACL; Schema: tax
+--
+
+GRANT SELECT ON TABLE tax.document TO erp_cloud_app;
+GRANT SELECT ON TABLE tax.document TO erp_cloud_operator;
+
+
+--
 -- Name: TABLE invoice_event; Type: ACL; Schema: tax
 --
 
@@ -4613,11 +4346,27 @@ GRANT SELECT ON TABLE tax.invoice_event TO erp_cloud_operator;
 
 
 --
+-- Name: TABLE invoice_line; Type: ACL; Schema: tax
+--
+
+GRANT SELECT ON TABLE tax.invoice_line TO erp_cloud_app;
+GRANT SELECT ON TABLE tax.invoice_line TO erp_cloud_operator;
+
+
+--
 -- Name: TABLE invoice_status; Type: ACL; Schema: tax
 --
 
 GRANT SELECT ON TABLE tax.invoice_status TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.invoice_status TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE reversal; Type: ACL; Schema: tax
+--
+
+GRANT SELECT ON TABLE tax.reversal TO erp_cloud_app;
+GRANT SELECT ON TABLE tax.reversal TO erp_cloud_operator;
 
 
 --

@@ -303,7 +303,7 @@ describe('the example itself', () => {
 
   it('is installed by the runner (migrate --with-example): recorded in erp_cloud.example with the file\'s sha256; a second run leaves it as it is', async () => {
     expect(installedFirst).toEqual(['acme']);
-    const { rows } = await db.pool.query(`select name, sha256 from erp_cloud.example`);
+    const { rows } = await db.pool.query(`select name, sha256 from erp_cloud.example where name = 'acme'`);
     expect(rows).toEqual([{ name: 'acme', sha256: sha(readFileSync(path.join(EXAMPLE_DIR, 'install.sql'))) }]);
     const comments = await db.pool.query(`select obj_description('erp_cloud.example'::regclass, 'pg_class') is not null as ok
       union all select col_description(attrelid, attnum) is not null from pg_attribute where attrelid = 'erp_cloud.example'::regclass and attnum > 0 and not attisdropped`);
@@ -337,7 +337,7 @@ describe('the example itself', () => {
     await db.pool.query(readFileSync(path.join(EXAMPLE_DIR, 'uninstall.sql'), 'utf8'));
     expect(await count(`select count(*)::int n from pg_trigger where tgrelid in ('acme.so_invoice_head'::regclass, 'acme.so_red_head'::regclass) and not tgisinternal`)).toBe(0);
     expect(await count(`select count(*)::int n from pg_proc where pronamespace = 'acme'::regnamespace`)).toBe(0);
-    expect(await count(`select count(*)::int n from erp_cloud.example`)).toBe(0);
+    expect(await count(`select count(*)::int n from erp_cloud.example where name = 'acme'`)).toBe(0);
     expect({ heads: await count(`select count(*)::int n from acme.so_invoice_head`), fp: await count(`select count(*)::int n from acme.so_invoice_fp`),
       invoices: await count(`select count(*)::int n from tax.invoice_status where source = 'acme'`) }).toEqual(before);
     // a draft approved while disconnected issues nothing

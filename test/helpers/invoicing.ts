@@ -119,3 +119,14 @@ export async function invoicesOf(pool: pg.Pool, settlementId: number, source: 's
   const { rows } = await pool.query(`select * from tax.invoice where document_id = ${documentOf(source)} and invoice_type = 'blue' order by part_no`, [settlementId]);
   return rows;
 }
+
+/**
+ * The reference ERP asks for a 红冲 of blue invoice `invoiceId` (an insert into its own erp.invoice_reversal, reason
+ * 1–4, optionally by line): the rows are erp-cloud's reversal it made (tax.reversal: id, bill_id), as a query answers.
+ */
+export async function requestReversal(pool: pg.Pool, invoiceId: string | number, reason: string, lineNos: number[] | null = null):
+  Promise<{ rows: Array<{ id: string; bill_id: string | null }> }> {
+  const { rows } = await pool.query(`insert into erp.invoice_reversal (invoice_id, reason, line_nos) values ($1, $2, $3) returning red_invoice_id`,
+    [invoiceId, reason, lineNos]);
+  return pool.query(`select id, bill_id from tax.reversal where red_invoice_id = $1`, [rows[0].red_invoice_id]);
+}

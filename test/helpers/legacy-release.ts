@@ -48,3 +48,17 @@ export async function migrateLikeEarlierRelease(url: string, dir: string): Promi
     await client.end();
   }
 }
+
+/**
+ * The migration files 0001…`last` of this checkout in a temporary directory: an installation of the release that
+ * ended with `last` (landed files never change). The upgrade tests of one migration stop where the next step
+ * changes the world they test: 0018–0021 upgrade to 0022, the last release in which the reference ERP was part of
+ * the product (0023 makes it an example: test/reference-erp-adoption.test.ts).
+ */
+export function migrationFilesThrough(migrationsDir: string, last: number): { dir: string; remove(): void } {
+  const dir = mkdtempSync(path.join(os.tmpdir(), `erp-cloud-through-${String(last).padStart(4, '0')}-`));
+  for (const f of readdirSync(migrationsDir).filter((x) => /^\d{4}_.*\.sql$/.test(x) && Number(x.slice(0, 4)) <= last)) {
+    copyFileSync(path.join(migrationsDir, f), path.join(dir, f));
+  }
+  return { dir, remove: () => rmSync(dir, { recursive: true, force: true }) };
+}
