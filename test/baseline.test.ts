@@ -272,6 +272,44 @@ describe.runIf(baseline)('the baseline', () => {
     }
   });
 
+  it('installs beside an ERP that has its own schema erp (a customer table), another app\'s public.migrations and tables named like ours in public, touching none of them, twice without harm', async () => {
+    const db = await createTestDb('foreign_erp', { template: null });
+    dbs.push(db);
+    await db.pool.query(`
+      create schema erp;
+      create table erp.customer (id serial primary key, name text not null, tax_id text);
+      insert into erp.customer (name, tax_id) values ('Their customer', '91310000MA1FL8LQ3X');
+      create table public.migrations (id serial primary key, migration varchar(255) not null, batch integer not null);
+      insert into public.migrations (migration, batch) values ('2014_10_12_000000_create_users_table', 1);
+      create table public.outbox (id bigint primary key); create table public.endpoint (name text primary key);
+      create table public.invoice (id bigint primary key); create table public.customer (id bigint primary key);
+      create table public.migration (id bigint primary key); create table public.source (name text primary key);
+      insert into public.invoice values (1), (2);`);
+    // what is theirs: every relation of erp and public with its storage, columns, ACL and every row version
+    const theirs = async () => (await db.pool.query(`
+      select c.oid::regclass::text as rel, c.relfilenode, c.relacl::text as acl,
+             (xpath('/row/r/text()', query_to_xml(case c.relkind
+                when 'S' then format('select last_value::text || '' '' || is_called::text as r from %s', c.oid::regclass)
+                else format('select coalesce(string_agg(xmin::text || ctid::text || t::text, '','' order by ctid), '''') as r from %s t', c.oid::regclass) end,
+              false, true, '')))[1]::text as rows,
+             array(select a.attname || ' ' || format_type(a.atttypid, a.atttypmod) from pg_attribute a where a.attrelid = c.oid and a.attnum > 0 order by a.attnum) as columns
+        from pg_class c join pg_namespace n on n.oid = c.relnamespace
+       where n.nspname in ('erp', 'public') and c.relkind in ('r', 'S') order by 1`)).rows;
+    const schemaAcls = async () => Object.fromEntries((await db.pool.query(
+      `select nspname, nspacl::text as acl from pg_namespace where nspname in ('erp', 'public')`)).rows.map((r) => [r.nspname, r.acl]));
+    const before = await theirs();
+    const aclsBefore = await schemaAcls();
+    expect(before.length).toBeGreaterThan(8);
+    const first = await withClient(db.url, (c) => runMigrations(c, migrationsDir));
+    expect(first).toMatchObject({ baseline: baseline!.name, applied: files.map((f) => f.name), copiedFrom: null });
+    expect(await theirs()).toEqual(before);
+    expect(await withClient(db.url, (c) => runMigrations(c, migrationsDir))).toMatchObject({ applied: [], baseline: null });
+    expect(await theirs()).toEqual(before);
+    expect((await db.pool.query(`select name from erp.customer`)).rows).toEqual([{ name: 'Their customer' }]);
+    // their schema erp as it was; public only lets the vault's owner reach pgcrypto there, as the migrations do (0004)
+    expect(await schemaAcls()).toEqual({ ...aclsBefore, public: aclsBefore.public.replace(/}$/, ',erp_cloud_vault_owner=U/pg_database_owner}') });
+  });
+
   it('migrating a database installed from it again is a no-op: nothing applied, the history rows untouched', async () => {
     const before = (await fromBaseline.db.pool.query(`select xmin::text, * from erp_cloud.migration order by id`)).rows;
     const log: string[] = [];
