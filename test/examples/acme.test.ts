@@ -25,9 +25,11 @@ const APP_SECRET = randomBytes(12).toString('hex');
 /** Valid 统一社会信用代码 (GB 32100 check digit right). */
 const USCC = ['91330106MA2AYNWD8M', '91350100M000100Y43', '91440101MA5APD8X8J', '91310230674560485R'] as const;
 const SOFTWARE = '3040201030000000000';
-/** ADR 0001 §3: what an example may name (the e-invoicing half). */
+/** ADR 0001 §3: what an example may name (e-invoicing, procurement). */
 const CONTRACTS = ['tax.put_source', 'tax.enqueue_invoices', 'tax.enqueue_reversal', 'tax.requery_invoices', 'tax.reissue_invoices',
-  'tax.replay_callbacks', 'tax.invoice_status', 'tax.red_invoice_status', 'tax.invoice_result'];
+  'tax.replay_callbacks', 'tax.invoice_status', 'tax.red_invoice_status', 'tax.invoice_result',
+  'scm.put_source', 'scm.enqueue_order', 'scm.enqueue_order_close', 'scm.order_enqueued', 'scm.order_status', 'scm.order_result',
+  'scm.asn_delivery'];
 const GOODS = '1090613010000000000';
 
 let db: TestDb;
@@ -285,14 +287,16 @@ describe('the example itself', () => {
     const named = new Set([...code.matchAll(/\b(cloud|tax|scm|sso|vault|erp)\.([a-z_]+)/g)].map((m) => `${m[1]}.${m[2]}`));
     expect([...named].filter((n) => !CONTRACTS.includes(n))).toEqual([]);
     expect(named).toContain('tax.enqueue_invoices');
+    expect(named).toContain('scm.enqueue_order');
   });
 
   it('runs as its own nologin owner, never a superuser: every function SECURITY DEFINER with an empty search_path and a comment, none executable by PUBLIC', async () => {
     const { rows } = await db.pool.query(`select p.oid::regprocedure::text fn, r.rolname owner, r.rolsuper, r.rolcanlogin, p.prosecdef, p.proconfig,
         obj_description(p.oid, 'pg_proc') is not null commented, has_function_privilege('public', p.oid, 'execute') public_exec
         from pg_proc p join pg_roles r on r.oid = p.proowner where p.pronamespace = 'acme'::regnamespace order by 1`);
-    expect(rows.map((r) => r.fn)).toEqual(['acme.buyer_of(text)', 'acme.on_invoice(tax.invoice_result)', 'acme.tg_so_invoice_head__500_issue()',
-      'acme.tg_so_red_head__500_reverse()']);
+    expect(rows.map((r) => r.fn)).toEqual(['acme._enqueue_order(text)', 'acme.buyer_of(text)', 'acme.on_asn(scm.asn_delivery)',
+      'acme.on_invoice(tax.invoice_result)', 'acme.on_order(scm.order_result)', 'acme.tg_po_head__500_publish()',
+      'acme.tg_po_line__500_publish()', 'acme.tg_so_invoice_head__500_issue()', 'acme.tg_so_red_head__500_reverse()']);
     for (const r of rows) {
       expect(r, r.fn).toMatchObject({ owner: 'acme_owner', rolsuper: false, rolcanlogin: false, prosecdef: true, commented: true, public_exec: false });
       expect(r.proconfig, r.fn).toContain('search_path=""');
@@ -335,7 +339,7 @@ describe('the example itself', () => {
     const before = { heads: await count(`select count(*)::int n from acme.so_invoice_head`), fp: await count(`select count(*)::int n from acme.so_invoice_fp`),
       invoices: await count(`select count(*)::int n from tax.invoice_status where source = 'acme'`) };
     await db.pool.query(readFileSync(path.join(EXAMPLE_DIR, 'uninstall.sql'), 'utf8'));
-    expect(await count(`select count(*)::int n from pg_trigger where tgrelid in ('acme.so_invoice_head'::regclass, 'acme.so_red_head'::regclass) and not tgisinternal`)).toBe(0);
+    expect(await count(`select count(*)::int n from pg_trigger where tgrelid in ('acme.so_invoice_head'::regclass, 'acme.so_red_head'::regclass, 'acme.po_head'::regclass, 'acme.po_line'::regclass) and not tgisinternal`)).toBe(0);
     expect(await count(`select count(*)::int n from pg_proc where pronamespace = 'acme'::regnamespace`)).toBe(0);
     expect(await count(`select count(*)::int n from erp_cloud.example where name = 'acme'`)).toBe(0);
     expect({ heads: await count(`select count(*)::int n from acme.so_invoice_head`), fp: await count(`select count(*)::int n from acme.so_invoice_fp`),
@@ -345,6 +349,6 @@ describe('the example itself', () => {
     await approve(djbh);
     expect(await count(`select count(*)::int n from tax.invoice_status where source = 'acme' and reference = '${djbh}'`)).toBe(0);
     expect(await installExample(db, 'acme')).toEqual(['acme']);
-    expect(await count(`select count(*)::int n from pg_trigger where tgrelid in ('acme.so_invoice_head'::regclass, 'acme.so_red_head'::regclass) and not tgisinternal`)).toBe(2);
+    expect(await count(`select count(*)::int n from pg_trigger where tgrelid in ('acme.so_invoice_head'::regclass, 'acme.so_red_head'::regclass, 'acme.po_head'::regclass, 'acme.po_line'::regclass) and not tgisinternal`)).toBe(4);
   });
 });
