@@ -1,15 +1,11 @@
 /**
- * Database access: the work pool, the one dedicated LISTEN connection, the
+ * Database access: the work pool, the one dedicated LISTEN connection (listen.ts), the
  * wait for the database at start, and migrating (the runner is migrations.ts). Every SQL statement the listener sends is a call to a function
  * in schema cloud (queries.ts); nothing here knows their logic.
  */
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
-import pgListen, { type Subscriber } from 'pg-listen';
-
-// pg-listen is CommonJS with an ES-style default export
-const createSubscriber = pgListen.default;
 import { redactUrl } from './config.js';
 import { describePgError } from './errors.js';
 import type { Logger } from './logger.js';
@@ -53,60 +49,8 @@ export async function migrate(connectionString: string, log?: (msg: string) => v
   }
 }
 
-export interface ListenConnection {
-  subscriber: Subscriber;
-  connected(): boolean;
-  listenTo(channels: string[]): Promise<void>;
-  close(): Promise<void>;
-}
-
-/**
- * The dedicated LISTEN connection (pg-listen): reconnects with backoff, and a
- * heartbeat query ("paranoid checking") notices a silently dead socket.
- */
-export async function createListenConnection(
-  connectionString: string,
-  onWake: (channel: string) => void,
-  log: Logger,
-): Promise<ListenConnection> {
-  const subscriber = createSubscriber(
-    { connectionString, application_name: 'erp-cloud listen' },
-    { paranoidChecking: 10_000, retryInterval: (n) => Math.min(250 * 2 ** n, 5000) * (0.8 + Math.random() * 0.4), retryLimit: Infinity, retryTimeout: Infinity, parse: (s) => s },
-  );
-  let up = false;
-  const channels = new Set<string>();
-  subscriber.events.on('connected', () => {
-    up = true;
-  });
-  subscriber.events.on('reconnect', (attempt) => {
-    up = false;
-    log.warn({ attempt }, 'LISTEN connection lost, reconnecting');
-  });
-  subscriber.events.on('error', (err) => {
-    up = false;
-    log.error({ err: err.message }, 'LISTEN connection failed');
-  });
-  subscriber.events.on('notification', ({ channel }) => onWake(channel));
-  await subscriber.connect();
-  up = true;
-  // after a reconnect pg-listen re-issues LISTEN itself; wake once so nothing
-  // enqueued while we were deaf waits for the poll
-  subscriber.events.on('connected', () => onWake('reconnected'));
-  return {
-    subscriber,
-    connected: () => up,
-    async listenTo(list) {
-      for (const ch of list) {
-        if (channels.has(ch)) continue;
-        await subscriber.listenTo(ch);
-        channels.add(ch);
-      }
-    },
-    async close() {
-      await subscriber.close().catch(() => undefined);
-    },
-  };
-}
+// the dedicated LISTEN connection (pg alone: reconnect, re-LISTEN, keep-alive, a wake after reconnect)
+export { createListenConnection, type ListenConnection, type ListenOptions } from './listen.js';
 
 /** SQLSTATEs a waiting listener outlives: the server is starting, stopping, restarting, or full. */
 const START_RETRY_SQLSTATES: ReadonlySet<string> = new Set(['53300', '57P01', '57P02', '57P03']);
