@@ -103,6 +103,18 @@ async function endpoint(name: string, url: string, allowPrivate = true): Promise
 }
 
 describe('erp-cloud doctor', () => {
+  it('a source callback that failed and waits for a replay is a warning naming the source and the replay to run; none waiting is ok', async () => {
+    expect(one((await doctor()).checks, 'source callbacks')).toMatchObject({ target: 'every source', status: 'ok' });
+    await db.pool.query(`insert into scm.source (name) values ('doctor-erp')`);
+    await db.pool.query(`insert into scm.callback_failure (source, event, object_id, sqlstate, message) values ('doctor-erp', 'order', 1, '55P03', 'lock timeout')`);
+    const waiting = one((await doctor()).checks, 'source callbacks');
+    expect(waiting).toMatchObject({ target: 'scm:doctor-erp', status: 'warn' });
+    expect(waiting.detail).toContain(`select scm.replay_callbacks('doctor-erp')`);
+    expect(waiting.detail).toContain('55P03 lock timeout');
+    await db.pool.query(`update scm.callback_failure set replayed_at = now()`);
+    expect(one((await doctor()).checks, 'source callbacks')).toMatchObject({ target: 'every source', status: 'ok' });
+  });
+
   it('a healthy setup exits 0: database, migrations, roles and grants are ok, and a local endpoint passes DNS, allowlist, TCP and circuit', async () => {
     await endpoint('hook', `http://127.0.0.1:${httpPort}/webhook`);
     await db.pool.query(`insert into cloud.listener (worker_id) values ('doctor-test')`); // a live heartbeat

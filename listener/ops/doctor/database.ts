@@ -3,7 +3,7 @@ import type pg from 'pg';
 import { migrationsDir } from '../../kernel/db.js';
 import { describePgError } from '../../kernel/errors.js';
 import { findLegacyHistory, loadMigrationFiles } from '../../kernel/migrations.js';
-import { errText, line, type CheckLine } from './lines.js';
+import { errText, iso, line, type CheckLine } from './lines.js';
 import { doctorSql as q } from './sql.js';
 
 const MIN_SERVER_VERSION = 150000;
@@ -30,8 +30,24 @@ export async function checkDatabase(c: pg.Client, target: string): Promise<Check
     line('server version', s.database, s.num >= MIN_SERVER_VERSION ? 'ok' : 'fail',
       s.num >= MIN_SERVER_VERSION ? `PostgreSQL ${s.version}` : `PostgreSQL ${s.version}: erp-cloud needs 15 or newer`),
   ];
-  out.push(await checkMigrations(c, s.database));
+  const migrations = await checkMigrations(c, s.database);
+  out.push(migrations);
+  if (migrations.status !== 'fail') out.push(...(await checkCallbacks(c)));
   return out;
+}
+
+/** An ERP's callback that raised was rolled back alone and kept: the ERP's own columns lag until it is replayed. */
+async function checkCallbacks(c: pg.Client): Promise<CheckLine[]> {
+  const name = 'source callbacks';
+  let rows: Array<{ domain: string; source: string; failures: number; since: Date; last: string }>;
+  try {
+    rows = (await c.query(q.callbackFailures)).rows;
+  } catch (err) {
+    return [line(name, 'tax.callback_failure, scm.callback_failure', 'warn', `cannot read them: ${errText(err)}`)];
+  }
+  if (!rows.length) return [line(name, 'every source', 'ok', 'no failed callback waits for a replay')];
+  return rows.map((r) => line(name, `${r.domain}:${r.source}`, 'warn',
+    `${r.failures} failed callback(s) since ${iso(r.since)}, the last ${r.last}: the ERP's own columns lag behind; fix the callback, then select ${r.domain}.replay_callbacks('${r.source}')`));
 }
 
 async function checkMigrations(c: pg.Client, database: string): Promise<CheckLine> {
