@@ -6,12 +6,11 @@
  * contract, the foreign-shaped example installed), every object, privilege and row of the ERP's
  * is as it was. test/baseline.test.ts proves the install itself (twice, byte for byte).
  */
-import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { migrationsDir } from '../listener/kernel/db.js';
-import { loadMigrationFiles, runMigrations } from '../listener/kernel/migrations.js';
+import { loadMigrationFiles } from '../listener/kernel/migrations.js';
 import { createTestDb, type TestDb } from './helpers/db.js';
-import { installExample } from './helpers/examples.js';
+import { installExample, migrateWith } from './helpers/examples.js';
 
 const ERP_CLOUD_SCHEMAS = ['cloud', 'tax', 'scm', 'sso', 'vault', 'erp_cloud'];
 /** Names a real application's public schema often has, and that erp-cloud also uses for its own tables. */
@@ -77,24 +76,13 @@ async function snapshotOfTheErp(): Promise<unknown> {
   return { catalog: catalog.rows, rows };
 }
 
-async function migrateOnce() {
-  const c = new pg.Client({ connectionString: db.url });
-  c.on('notice', () => undefined);
-  await c.connect();
-  try {
-    return await runMigrations(c, migrationsDir);
-  } finally {
-    await c.end();
-  }
-}
-
 describe('erp-cloud migrate into the database of an ERP that has its own erp schema, migrations table and look-alike tables', () => {
   let before: unknown;
-  let first: Awaited<ReturnType<typeof migrateOnce>>;
+  let first: Awaited<ReturnType<typeof migrateWith>>;
 
   it('succeeds, and erp-cloud keeps its history in its own schema', async () => {
     before = await snapshotOfTheErp();
-    first = await migrateOnce();
+    first = await migrateWith(db);
     const files = loadMigrationFiles(migrationsDir);
     const history = await db.pool.query(`select name from erp_cloud.migration order by id`);
     expect(history.rows.map((r) => r.name)).toEqual(files.map((f) => f.name));

@@ -11,15 +11,14 @@ import { copyFileSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { migrationsDir } from '../listener/kernel/db.js';
-import { runMigrations } from '../listener/kernel/migrations.js';
 import { migrationFilesThrough } from './helpers/legacy-release.js';
 import { startNuonuoSim, type NuonuoSim } from '../listener/sim/nuonuo.js';
 import { createTestDb, waitFor, type TestDb } from './helpers/db.js';
 import { approve, configureTax, customer, OATS, post, settlement, shipment, USCC_OK } from './helpers/invoicing.js';
 import { startListener, type InProcessListener } from './helpers/listener.js';
+import { migrateWith } from './helpers/examples.js';
 
 const APP_KEY = 'upgrade-app';
 const APP_SECRET = randomBytes(12).toString('hex');
@@ -28,17 +27,6 @@ let db: TestDb;
 let sim: NuonuoSim;
 let listener: InProcessListener | null = null;
 let dir17: string;
-
-async function migrateWith(dir: string): Promise<void> {
-  const c = new pg.Client({ connectionString: db.url });
-  c.on('notice', () => undefined);
-  await c.connect();
-  try {
-    await runMigrations(c, dir);
-  } finally {
-    await c.end();
-  }
-}
 
 beforeAll(async () => {
   process.env.ERP_CLOUD_SECRET_NUONUO_APP_SECRET = APP_SECRET;
@@ -99,7 +87,7 @@ describe('an installation that has been invoicing, upgraded to 0018', () => {
   let cust: number;
 
   beforeAll(async () => {
-    await migrateWith(dir17);
+    await migrateWith(db, dir17);
     await configureTax(db.pool, sim.url, APP_KEY, { maxAmount: 100 });
     await db.pool.query(`select cloud.put_endpoint_download_hosts('nuonuo', '{}')`);
     listener = await startListener(db.url);
@@ -155,7 +143,7 @@ describe('an installation that has been invoicing, upgraded to 0018', () => {
 
     const through22 = migrationFilesThrough(migrationsDir, 22); // up to 0022: 0023 makes the reference ERP an example
     try {
-      await migrateWith(through22.dir);
+      await migrateWith(db, through22.dir);
     } finally {
       through22.remove();
     }

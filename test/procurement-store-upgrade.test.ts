@@ -14,12 +14,12 @@ import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { migrationsDir } from '../listener/kernel/db.js';
-import { runMigrations } from '../listener/kernel/migrations.js';
 import { migrationFilesThrough } from './helpers/legacy-release.js';
 import { startYonbipSim, type YonbipSim } from '../listener/sim/yonbip.js';
 import { createTestDb, urlFor, waitFor, type TestDb } from './helpers/db.js';
 import { startListener, type InProcessListener } from './helpers/listener.js';
 import { addPo, addSuppliers, asnDoc, setupYonbip } from './helpers/scm.js';
+import { migrateWith } from './helpers/examples.js';
 
 let db: TestDb;
 let sim: YonbipSim;
@@ -32,17 +32,6 @@ async function admin(sql: string): Promise<void> {
   await c.connect();
   try {
     await c.query(sql);
-  } finally {
-    await c.end();
-  }
-}
-
-async function migrateWith(dir: string): Promise<void> {
-  const c = new pg.Client({ connectionString: db.url });
-  c.on('notice', () => undefined);
-  await c.connect();
-  try {
-    await runMigrations(c, dir);
   } finally {
     await c.end();
   }
@@ -90,7 +79,7 @@ describe('an installation that has been buying, upgraded to 0020', () => {
   let parkedPublish: string;
 
   beforeAll(async () => {
-    await migrateWith(dir19);
+    await migrateWith(db, dir19);
     await setupYonbip(db.pool, sim);
     suppliers = await addSuppliers(db.pool);
     listener = await startListener(db.url);
@@ -131,7 +120,7 @@ describe('an installation that has been buying, upgraded to 0020', () => {
 
     const through22 = migrationFilesThrough(migrationsDir, 22); // up to 0022: 0023 makes the reference ERP an example
     try {
-      await migrateWith(through22.dir);
+      await migrateWith(db, through22.dir);
     } finally {
       through22.remove();
     }

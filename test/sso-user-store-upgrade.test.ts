@@ -11,16 +11,15 @@
 import { copyFileSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { migrationsDir } from '../listener/kernel/db.js';
-import { runMigrations } from '../listener/kernel/migrations.js';
 import { migrationFilesThrough } from './helpers/legacy-release.js';
 import { Browser, completeJump } from '../listener/sim/demo-rp.js';
 import { PgAdapter } from '../listener/sso/adapter.js';
 import { providerSql } from '../listener/sso/provider.js';
-import { createTestDb, rolledBack, sqlstateOf, type TestDb } from './helpers/db.js';
+import { createTestDb, rolledBack, sqlstateOf } from './helpers/db.js';
 import { startSsoWorld, type SsoWorld } from './helpers/sso.js';
+import { migrateWith } from './helpers/examples.js';
 
 let w: SsoWorld;
 let dirBefore: string;
@@ -32,17 +31,6 @@ function filesBefore0021(): string {
     copyFileSync(path.join(migrationsDir, f), path.join(dir, f));
   }
   return dir;
-}
-
-async function migrateWith(db: TestDb, dir: string): Promise<void> {
-  const c = new pg.Client({ connectionString: db.url });
-  c.on('notice', () => undefined);
-  await c.connect();
-  try {
-    await runMigrations(c, dir);
-  } finally {
-    await c.end();
-  }
 }
 
 /** The users as the ERP wrote them before 0021: straight into its table; wang.fang came and went. */
