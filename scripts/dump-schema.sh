@@ -109,28 +109,14 @@ select c.oid::regclass::text || ' ' || i.inhparent::regclass::text
 SQL
 }
 
-# normalise MIGRATOR: pg_dump's text on stdin, the stable text on stdout
+# normalise MIGRATOR: pg_dump's text on stdin, the stable text on stdout: what the baseline runs
+# (executable, below), without trailing whitespace and with at most two blank lines in a row (taking
+# lines out leaves longer runs), none at the start or end
 normalise() {
-  awk -v migrator="$1" '
-    { line[NR] = $0 }
-    END {
-      for (i = 1; i <= NR; i++) {
-        l = line[i]
-        # the "PostgreSQL database dump (complete)" banners, with their "--" lines
-        if (l == "--" && line[i + 1] ~ /^-- PostgreSQL database dump( complete)?$/ && line[i + 2] == "--") { i += 2; continue }
-        if (l ~ /^\\(un)?restrict /) continue
-        if (l ~ /^-- Dumped (from database|by pg_dump) version /) continue
-        if (l ~ /^SET (statement_timeout|lock_timeout|idle_in_transaction_session_timeout|client_encoding|standard_conforming_strings|check_function_bodies|xmloption|client_min_messages|row_security|default_table_access_method|default_tablespace|default_with_oids|transaction_timeout) = .*;$/) continue
-        if (l ~ /^SELECT pg_catalog\.set_config\(.search_path., .., false\);$/) continue
-        if (l ~ /^ALTER .* OWNER TO / && substr(l, length(l) - length(migrator) - 10) == " OWNER TO " migrator ";") continue
-        sub(/[ \t\r]+$/, "", l)
-        if (l ~ /^-- Name: .*; Type: .*; Schema: .*; Owner: /) sub(/; Owner: .*$/, "", l)
-        if (l == "") { blank++; continue }
-        # at most two blank lines in a row (taking lines out leaves longer runs), none at the start or end
-        if (started && blank > 0) printf "%s", (blank > 1 ? "\n\n" : "\n")
-        blank = 0; started = 1; print l
-      }
-    }
+  executable "$1" | awk '
+    { sub(/[ \t\r]+$/, "") }
+    $0 == "" { blank++; next }
+    { if (started && blank > 0) printf "%s", (blank > 1 ? "\n\n" : "\n"); blank = 0; started = 1; print }
   '
 }
 
