@@ -10,7 +10,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { Logger, run, type Runner, type Task } from 'graphile-worker';
-import { closeAgents, type EgressPolicy } from '../listener/delivery/egress.js';
+import { closeAgents, policyOf, type EgressPolicy } from '../listener/delivery/egress.js';
 import { attemptDelivery } from '../listener/delivery/http.js';
 import type { ClaimedMessage } from '../listener/providers/index.js';
 
@@ -22,7 +22,7 @@ const env = (k: string, d?: string): string => {
 
 const sinkUrl = env('SINK_URL');
 /** The same egress check the listener makes, with the sink's loopback address allowed as the bench endpoint allows it. */
-const SINK_POLICY: EgressPolicy = { endpoint: 'sink', baseHost: new URL(sinkUrl).hostname, allowHosts: [], allowCidrs: [], allowPrivate: true };
+const SINK_POLICY: EgressPolicy = policyOf({ name: 'sink', base_url: `${sinkUrl}/webhook`, allow_hosts: [], allow_cidrs: [], allow_private: true });
 const quiet = new Logger(() => (level, message) => {
   if (level === 'error') process.stderr.write(`graphile-worker ${level}: ${message}\n`);
 });

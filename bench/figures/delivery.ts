@@ -1,14 +1,22 @@
 /**
- * Figure 1: delivery throughput. N messages are enqueued up front in a fresh
- * migrated database; then 1 or 2 `erp-cloud listen` processes start and the
- * clock runs from their spawn until every outbox row is `sent` (each attempt
- * also wrote its cloud.log row). The same N jobs, pre-added to a fresh
- * graphile-worker database, are run by graphile-worker in a child process that
- * makes the same HTTP call (attemptDelivery) to the same sink; its clock runs
- * from spawn until the job table is empty. Both systems include their process
- * start-up in the time, and both databases are ANALYZEd after the load.
- * Each run also records the CPU seconds its worker process(es), its database
- * backends (the bench's own connections excluded) and the sink used, per message.
+ * Figure 1: delivery throughput, and what it costs in CPU, against
+ * graphile-worker at equal process counts, each system at its best concurrency.
+ *
+ * For each process count (1 and 2) and each concurrency of a short sweep
+ * (erp-cloud: ERP_CLOUD_CONCURRENCY per listener; graphile-worker: its
+ * `concurrency` per process), interleaved so that machine drift hits both
+ * alike: N messages are enqueued up front in a fresh database copied from a
+ * migrated template; then the processes start and the clock runs from their
+ * spawn until every message is done — for erp-cloud every outbox row `sent`
+ * and every attempt's full cloud.log row written; for graphile-worker its job
+ * table empty. Both make the very same HTTP call (attemptDelivery) to the same
+ * sink; both include process start-up; both queues are ANALYZEd after the load.
+ *
+ * Every run records the CPU seconds of the worker process(es) and of the
+ * database's backends (bench/lib/cpu.ts; the bench's own connections and the
+ * sink excluded), and so messages per CPU second of the whole system.
+ * Headlines: per process count, each system's best rate and their ratio; the
+ * messages per CPU second of each system at its best single-process run.
  */
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -17,19 +25,23 @@ import pg from 'pg';
 import type { BenchContext } from '../lib/context.js';
 import { benchPool } from '../lib/db.js';
 import { cpuMark, cpuSince, type CpuScope, type CpuUse } from '../lib/cpu.js';
-import { listenerSettings, spawnListener, stopListener, type ListenerProc } from '../lib/listeners.js';
+import { listenerSettings, profileArgs, spawnListener, stopListener, type ListenerProc } from '../lib/listeners.js';
 import { enqueueBenchMessages, putSinkEndpoint } from '../lib/outbox.js';
-import { forkChild, stopChild } from '../lib/procs.js';
-import { epochMs, progress, round, waitFor } from '../lib/util.js';
+import { forkChild, stopChild, type Child } from '../lib/procs.js';
+import { epochMs, progress, round, textTable, waitFor } from '../lib/util.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const CHUNK = 5000;
 /** ANALYZE both queues after loading them (BENCH_NO_ANALYZE=1 skips it, to see plans without statistics). */
 const ANALYZE = process.env.BENCH_NO_ANALYZE !== '1';
-const GW = { concurrency: 10, localQueue: { size: 100 }, completeJobBatchDelay: 0, failJobBatchDelay: 0 };
+/** graphile-worker's settings besides concurrency: a local queue, and batched completion without delay. */
+const GW = { localQueue: { size: 100 }, completeJobBatchDelay: 0, failJobBatchDelay: 0 };
 
 export interface RunResult {
   system: string;
+  processes: number;
+  /** Per process. */
+  concurrency: number;
   messages: number;
   seconds: number;
   per_s: number;
@@ -43,17 +55,35 @@ export interface RunResult {
   config: Record<string, unknown>;
 }
 
-/** The CPU a run's system took: its worker process(es), its database backends (not the bench's own), the sink. */
-function cpuScope(ctx: BenchContext, pool: pg.Pool, db: string, workerPids: Array<number | undefined>): CpuScope {
-  return { pool, db, workerPids, sinkPid: ctx.sink.child.proc.pid };
+export interface SweepRow {
+  processes: number;
+  erp_cloud_best_per_s: number;
+  erp_cloud_best_concurrency: number;
+  graphile_worker_best_per_s: number;
+  graphile_worker_best_concurrency: number;
+  ratio: number;
+  erp_cloud_msgs_per_cpu_s: number | null;
+  graphile_worker_msgs_per_cpu_s: number | null;
+  cpu_ratio: number | null;
 }
 
 export interface DeliveryResult {
   delivery_per_s: number;
   graphile_worker_per_s: number;
   delivery_ratio: number;
+  delivery_ratio_x1: number;
+  delivery_ratio_x2: number;
+  msgs_per_cpu_s: number | null;
+  graphile_worker_msgs_per_cpu_s: number | null;
+  msgs_per_cpu_s_ratio: number | null;
   delivery_best_config: Record<string, unknown>;
+  delivery: { sweep: SweepRow[]; sweep_text: string; erp_cloud_concurrencies: number[]; graphile_worker_concurrencies: number[]; messages_per_run: number };
   runs: RunResult[];
+}
+
+/** The CPU a run's system took: its worker process(es), its database backends (not the bench's own), the sink. */
+function cpuScope(ctx: BenchContext, pool: pg.Pool, db: string, workerPids: Array<number | undefined>): CpuScope {
+  return { pool, db, workerPids, sinkPid: ctx.sink.child.proc.pid };
 }
 
 async function sinkRates(ctx: BenchContext, n: number) {
@@ -73,10 +103,13 @@ async function waitSink(ctx: BenchContext, n: number, timeoutMs: number, alive: 
   );
 }
 
-async function erpCloudRun(ctx: BenchContext, n: number, listeners: number, timeoutMs: number): Promise<RunResult> {
-  const db = await ctx.dbs.createMigrated(`deliv_erp${listeners}`);
+interface Templates { erp: string; gw: string }
+
+async function erpCloudRun(ctx: BenchContext, tpl: Templates, n: number, listeners: number, concurrency: number, timeoutMs: number): Promise<RunResult> {
+  const db = await ctx.dbs.createFrom(`deliv_erp${listeners}_c${concurrency}`, tpl.erp);
   const pool = benchPool(db.url, 'delivery');
   const procs: ListenerProc[] = [];
+  const env = { ERP_CLOUD_CONCURRENCY: String(concurrency) };
   try {
     await putSinkEndpoint(pool, ctx.sink.url);
     await enqueueBenchMessages(pool, n, CHUNK);
@@ -85,7 +118,7 @@ async function erpCloudRun(ctx: BenchContext, n: number, listeners: number, time
 
     const mark = await cpuMark(cpuScope(ctx, pool, db.name, []));
     const t0 = epochMs();
-    for (let i = 0; i < listeners; i++) procs.push(spawnListener(db.url, `bench-deliv-${i + 1}`));
+    for (let i = 0; i < listeners; i++) procs.push(spawnListener(db.url, `bench-deliv-${i + 1}`, env));
     const alive = () => {
       for (const p of procs) if (p.proc.exitCode !== null) throw new Error(`listener exited (${p.proc.exitCode}): ${p.output()}`);
     };
@@ -105,17 +138,20 @@ async function erpCloudRun(ctx: BenchContext, n: number, listeners: number, time
     const seconds = (epochMs() - t0) / 1000;
     const cpu = await cpuSince(cpuScope(ctx, pool, db.name, procs.map((p) => p.proc.pid)), mark, n);
     const logRows = (await pool.query<{ n: number }>('select count(*)::int n from cloud.log')).rows[0]!.n;
+    if (logRows < n) throw new Error(`only ${logRows} cloud.log rows for ${n} delivered messages`);
     const result: RunResult = {
       system: `erp-cloud x${listeners}`,
+      processes: listeners,
+      concurrency,
       messages: n,
       seconds: round(seconds, 3),
       per_s: round(n / seconds, 1),
       ...(await sinkRates(ctx, n)),
       log_rows: logRows,
       cpu,
-      config: { ...listenerSettings(listeners), analyzed_after_load: ANALYZE },
+      config: { ...listenerSettings(listeners, env), analyzed_after_load: ANALYZE },
     };
-    progress(`  ${result.system}: ${n} msgs in ${result.seconds}s = ${result.per_s}/s (sink window ${result.sink_window_per_s}/s) cpu ${JSON.stringify(cpu)}`);
+    progress(`  ${result.system} c${concurrency}: ${result.per_s}/s (sink window ${result.sink_window_per_s}/s), ${cpu.msgs_per_cpu_s} msgs per CPU s (worker ${cpu.worker_ms_per_msg} + db ${cpu.db_ms_per_msg} ms/msg)`);
     return result;
   } finally {
     await Promise.all(procs.map((p) => stopListener(p)));
@@ -124,13 +160,11 @@ async function erpCloudRun(ctx: BenchContext, n: number, listeners: number, time
   }
 }
 
-async function graphileRun(ctx: BenchContext, n: number, timeoutMs: number): Promise<RunResult> {
-  const db = await ctx.dbs.create('deliv_gw');
+async function graphileRun(ctx: BenchContext, tpl: Templates, n: number, processes: number, concurrency: number, timeoutMs: number): Promise<RunResult> {
+  const db = await ctx.dbs.createFrom(`deliv_gw${processes}_c${concurrency}`, tpl.gw);
   const pool = benchPool(db.url, 'delivery');
-  const quiet = new Logger(() => () => undefined);
-  const child = { current: null as ReturnType<typeof forkChild> | null };
+  const children: Child[] = [];
   try {
-    await runMigrations({ connectionString: db.url, logger: quiet });
     for (let from = 1; from <= n; from += CHUNK) {
       await pool.query(
         `select count(*) from graphile_worker.add_jobs(array(
@@ -144,19 +178,21 @@ async function graphileRun(ctx: BenchContext, n: number, timeoutMs: number): Pro
 
     const mark = await cpuMark(cpuScope(ctx, pool, db.name, []));
     const t0 = epochMs();
-    const c = forkChild('graphile-worker', path.join(here, '..', 'graphile-child.js'), {
-      env: {
-        PATH: process.env.PATH,
-        DATABASE_URL: db.url,
-        SINK_URL: ctx.sink.url,
-        GW_CONCURRENCY: String(GW.concurrency),
-        GW_LOCAL_QUEUE: String(GW.localQueue.size),
-        GW_COMPLETE_DELAY: String(GW.completeJobBatchDelay),
-      },
-    });
-    child.current = c;
+    for (let i = 0; i < processes; i++) {
+      children.push(forkChild(`graphile-worker ${i + 1}`, path.join(here, '..', 'graphile-child.js'), {
+        execArgv: profileArgs(`graphile-worker-${i + 1}`),
+        env: {
+          PATH: process.env.PATH,
+          DATABASE_URL: db.url,
+          SINK_URL: ctx.sink.url,
+          GW_CONCURRENCY: String(concurrency),
+          GW_LOCAL_QUEUE: String(GW.localQueue.size),
+          GW_COMPLETE_DELAY: String(GW.completeJobBatchDelay),
+        },
+      }));
+    }
     const alive = () => {
-      if (c.proc.exitCode !== null) throw new Error(`graphile-worker child exited (${c.proc.exitCode}): ${c.output()}`);
+      for (const c of children) if (c.proc.exitCode !== null) throw new Error(`graphile-worker child exited (${c.proc.exitCode}): ${c.output()}`);
     };
     await waitSink(ctx, n, timeoutMs, alive);
     await waitFor(
@@ -171,45 +207,88 @@ async function graphileRun(ctx: BenchContext, n: number, timeoutMs: number): Pro
       { timeoutMs: 30_000, intervalMs: 20, what: 'graphile-worker to finish every job' },
     );
     const seconds = (epochMs() - t0) / 1000;
-    const cpu = await cpuSince(cpuScope(ctx, pool, db.name, [c.proc.pid]), mark, n);
+    const cpu = await cpuSince(cpuScope(ctx, pool, db.name, children.map((c) => c.proc.pid)), mark, n);
     const result: RunResult = {
-      system: 'graphile-worker',
+      system: `graphile-worker x${processes}`,
+      processes,
+      concurrency,
       messages: n,
       seconds: round(seconds, 3),
       per_s: round(n / seconds, 1),
       ...(await sinkRates(ctx, n)),
       cpu,
-      config: { ...GW, analyzed_after_load: ANALYZE, version: '0.17', task: 'attemptDelivery (listener/delivery/http.ts), provider webhook' },
+      config: { concurrency, ...GW, analyzed_after_load: ANALYZE, version: '0.17', task: 'attemptDelivery (listener/delivery/http.ts), provider webhook' },
     };
-    progress(`  ${result.system}: ${n} jobs in ${result.seconds}s = ${result.per_s}/s (sink window ${result.sink_window_per_s}/s) cpu ${JSON.stringify(cpu)}`);
+    progress(`  ${result.system} c${concurrency}: ${result.per_s}/s (sink window ${result.sink_window_per_s}/s), ${cpu.msgs_per_cpu_s} msgs per CPU s (worker ${cpu.worker_ms_per_msg} + db ${cpu.db_ms_per_msg} ms/msg)`);
     return result;
   } finally {
-    if (child.current) {
-      const c = child.current;
-      await stopChild(c, 10_000, () => c.proc.send({ cmd: 'stop' }));
-    }
+    await Promise.all(children.map((c) => stopChild(c, 10_000, () => c.proc.send({ cmd: 'stop' }))));
     await pool.end();
     await ctx.dbs.drop(db.name);
   }
 }
 
+/** A migrated erp-cloud database and a graphile-worker one, copied for every run (nobody stays connected to them). */
+async function templates(ctx: BenchContext): Promise<Templates> {
+  const erp = await ctx.dbs.createMigrated('deliv_tpl_erp');
+  const gw = await ctx.dbs.create('deliv_tpl_gw');
+  await runMigrations({ connectionString: gw.url, logger: new Logger(() => () => undefined) });
+  return { erp: erp.name, gw: gw.name };
+}
+
+const best = (runs: RunResult[]): RunResult => runs.reduce((a, b) => (b.per_s > a.per_s ? b : a));
+
 export async function deliveryFigure(ctx: BenchContext): Promise<DeliveryResult> {
-  const n = ctx.quick ? 4000 : 20_000;
+  const n = ctx.quick ? 2000 : 10_000;
+  const erpC = ctx.quick ? [16, 64] : [8, 16, 32, 64];
+  const gwC = ctx.quick ? [10, 40] : [5, 10, 20, 40];
   const timeoutMs = ctx.quick ? 60_000 : 180_000;
-  progress(`figure 1: delivery throughput, ${n} messages each`);
-  // interleaved so that machine drift hits both systems alike
+  progress(`figure 1: delivery throughput and CPU, ${n} messages per run; 1 and 2 processes; concurrency erp-cloud ${erpC.join('/')}, graphile-worker ${gwC.join('/')}`);
+  const tpl = await templates(ctx);
   const runs: RunResult[] = [];
-  runs.push(await erpCloudRun(ctx, n, 1, timeoutMs));
-  runs.push(await graphileRun(ctx, n, timeoutMs));
-  runs.push(await erpCloudRun(ctx, n, 2, timeoutMs));
-  const erp = runs.filter((r) => r.system.startsWith('erp-cloud'));
-  const best = erp.reduce((a, b) => (b.per_s > a.per_s ? b : a));
-  const gw = runs.find((r) => r.system === 'graphile-worker')!;
+  const sweep: SweepRow[] = [];
+  for (const procs of [1, 2]) {
+    // interleaved so that machine drift hits both systems alike
+    for (let i = 0; i < Math.max(erpC.length, gwC.length); i++) {
+      if (erpC[i] !== undefined) runs.push(await erpCloudRun(ctx, tpl, n, procs, erpC[i]!, timeoutMs));
+      if (gwC[i] !== undefined) runs.push(await graphileRun(ctx, tpl, n, procs, gwC[i]!, timeoutMs));
+    }
+    const e = best(runs.filter((r) => r.processes === procs && r.system.startsWith('erp-cloud')));
+    const g = best(runs.filter((r) => r.processes === procs && r.system.startsWith('graphile-worker')));
+    const ec = e.cpu.msgs_per_cpu_s;
+    const gc = g.cpu.msgs_per_cpu_s;
+    sweep.push({
+      processes: procs,
+      erp_cloud_best_per_s: e.per_s,
+      erp_cloud_best_concurrency: e.concurrency,
+      graphile_worker_best_per_s: g.per_s,
+      graphile_worker_best_concurrency: g.concurrency,
+      ratio: round(e.per_s / g.per_s, 3),
+      erp_cloud_msgs_per_cpu_s: ec,
+      graphile_worker_msgs_per_cpu_s: gc,
+      cpu_ratio: ec !== null && gc !== null ? round(ec / gc, 3) : null,
+    });
+  }
+  const all = best(runs.filter((r) => r.system.startsWith('erp-cloud')));
+  const gwAll = best(runs.filter((r) => r.system.startsWith('graphile-worker')));
+  const x1 = sweep.find((r) => r.processes === 1)!;
+  const x2 = sweep.find((r) => r.processes === 2)!;
+  const sweepText = textTable(
+    ['system', 'procs', 'conc', 'msg/s', 'worker ms/msg', 'db ms/msg', 'msgs per CPU s'],
+    runs.map((r) => [r.system.replace(/ x\d$/, ''), String(r.processes), String(r.concurrency), String(r.per_s),
+      String(r.cpu.worker_ms_per_msg ?? 'n/a'), String(r.cpu.db_ms_per_msg ?? 'n/a'), String(r.cpu.msgs_per_cpu_s ?? 'n/a')]),
+  );
   return {
-    delivery_per_s: best.per_s,
-    graphile_worker_per_s: gw.per_s,
-    delivery_ratio: round(best.per_s / gw.per_s, 3),
-    delivery_best_config: best.config,
+    delivery_per_s: all.per_s,
+    graphile_worker_per_s: gwAll.per_s,
+    delivery_ratio: round(all.per_s / gwAll.per_s, 3),
+    delivery_ratio_x1: x1.ratio,
+    delivery_ratio_x2: x2.ratio,
+    msgs_per_cpu_s: x1.erp_cloud_msgs_per_cpu_s,
+    graphile_worker_msgs_per_cpu_s: x1.graphile_worker_msgs_per_cpu_s,
+    msgs_per_cpu_s_ratio: x1.cpu_ratio,
+    delivery_best_config: all.config,
+    delivery: { sweep, sweep_text: sweepText, erp_cloud_concurrencies: erpC, graphile_worker_concurrencies: gwC, messages_per_run: n },
     runs,
   };
 }

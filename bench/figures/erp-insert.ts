@@ -21,7 +21,10 @@
  *      what is left of the backlog.
  *      (the listener is stopped: it deregisters, cloud.listener is empty; any
  *      row it left is deleted; the outbox is truncated)
- *   4. trigger only (diagnostic): the integration trigger, no listener.
+ *   4. the floor: a trigger that writes one row with a uuid primary key and a
+ *      jsonb payload (what any durable enqueue costs at least; as
+ *      /work/shared/tools/insert-limit.sh), no listener; then trigger only: the
+ *      integration trigger, no listener; then the floor again.
  *   5. naive (context): a trigger that inserts into a plain table and calls
  *      pg_notify on every row; no listener.
  *   6. quiet baseline again; the quiet baseline is the mean of 1 and 6.
@@ -42,7 +45,9 @@
  * Reported:
  *   erp_insert_ratio                   = 3 ÷ 2 (the headline: same busy listener in both)
  *   erp_insert_ratio_vs_quiet_baseline = 3 ÷ quiet (the trigger plus the CPU delivery takes from the box)
- *   erp_insert.trigger_only_ratio      = 4 ÷ quiet (diagnostic: the trigger alone, no listener)
+ *   erp_insert.trigger_only_ratio      = trigger only ÷ quiet (the trigger alone, no listener)
+ *   erp_insert_vs_floor_ratio          = trigger only ÷ floor (mean of the two floor runs around it)
+ *   erp_insert_floor_ratio             = floor ÷ quiet
  *   naive_notify_ratio                 = 5 ÷ quiet (context: naive insert + pg_notify trigger, no listener)
  */
 import { execFile, execFileSync } from 'node:child_process';
@@ -105,6 +110,10 @@ export interface BusyListenerRun {
 
 export interface ErpInsertResult {
   erp_insert_ratio: number;
+  /** The trigger alone (no listener) ÷ the floor (a trigger writing one uuid-PK jsonb row), same run. */
+  erp_insert_vs_floor_ratio: number;
+  /** The floor ÷ no trigger, same run. */
+  erp_insert_floor_ratio: number;
   erp_insert_ratio_vs_quiet_baseline: number;
   naive_notify_ratio: number;
   erp_insert: {
@@ -114,6 +123,7 @@ export interface ErpInsertResult {
     busy_baseline_tps: number;
     integration_tps: number;
     trigger_only_tps: number;
+    floor_tps: number;
     naive_tps: number;
     trigger_only_ratio: number;
     busy_baseline_vs_quiet_ratio: number;
@@ -163,6 +173,14 @@ begin
   return null;
 end $$;
 
+-- the floor of a durable row (as /work/shared/tools/insert-limit.sh): one uuid-keyed jsonb row per document
+create table bench_erp.floor_row (id uuid primary key default gen_random_uuid(), payload jsonb not null);
+create function bench_erp.doc_floor() returns trigger language plpgsql as $$
+begin
+  insert into bench_erp.floor_row (payload) values (jsonb_build_object('id', NEW.id, 'customer', NEW.customer, 'amount', NEW.amount));
+  return null;
+end $$;
+
 create function bench_erp.doc_naive() returns trigger language plpgsql as $$
 begin
   insert into bench_erp.naive_queue (doc_id, payload)
@@ -172,11 +190,14 @@ begin
 end $$;
 `;
 
-function runPgbench(bin: string, dbUrl: string, scriptFile: string, seconds: number, label: string): Promise<PgbenchRun> {
+/** pgbench with `clients` clients on `threads` threads (default 8 on 2), at most `rate` transactions per second when given. */
+export function runPgbench(bin: string, dbUrl: string, scriptFile: string, seconds: number, label: string,
+  opts: { clients?: number; threads?: number; rate?: number } = {}): Promise<PgbenchRun> {
   const u = new URL(dbUrl);
   const args = [
     '-h', u.hostname, '-p', u.port || '5432', '-U', decodeURIComponent(u.username || 'postgres'),
-    '-n', '-c', '8', '-j', '2', '-T', String(seconds), '-f', scriptFile, u.pathname.slice(1),
+    '-n', '-c', String(opts.clients ?? 8), '-j', String(opts.threads ?? 2), '-T', String(seconds),
+    ...(opts.rate ? ['-R', String(opts.rate)] : []), '-f', scriptFile, u.pathname.slice(1),
   ];
   const env = { ...process.env, PGPASSWORD: decodeURIComponent(u.password), PGAPPNAME: `bench pgbench ${label}` };
   return new Promise((resolve, reject) => {
@@ -274,9 +295,9 @@ export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResul
     await putSinkEndpoint(pool, ctx.sink.url);
     await pool.query(SETUP);
     const channel = (await pool.query<{ ch: string }>(`select wake_channel ch from cloud.endpoint where name = 'sink'`)).rows[0]!.ch;
-    const fresh = async (trigger?: 'doc_to_cloud' | 'doc_naive') => {
-      await pool.query('drop trigger if exists doc_to_cloud on bench_erp.doc; drop trigger if exists doc_naive on bench_erp.doc');
-      await pool.query('truncate bench_erp.doc, bench_erp.naive_queue restart identity');
+    const fresh = async (trigger?: 'doc_to_cloud' | 'doc_naive' | 'doc_floor') => {
+      await pool.query('drop trigger if exists doc_to_cloud on bench_erp.doc; drop trigger if exists doc_naive on bench_erp.doc; drop trigger if exists doc_floor on bench_erp.doc');
+      await pool.query('truncate bench_erp.doc, bench_erp.naive_queue, bench_erp.floor_row restart identity');
       if (trigger) {
         await pool.query(`create trigger ${trigger} after insert on bench_erp.doc for each row execute function bench_erp.${trigger}()`);
       }
@@ -388,10 +409,16 @@ export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResul
     listener = null;
     const leftRows = (await pool.query<{ n: number }>('with d as (delete from cloud.listener returning 1) select count(*)::int n from d')).rows[0]!.n;
 
-    // 4. diagnostic: the same trigger with no listener at all (no NOTIFY, no CPU taken by delivery)
+    // 4. the same trigger with no listener at all (no NOTIFY, no CPU taken by delivery), between two
+    //    runs of the floor: a trigger writing one uuid-keyed jsonb row, what any durable enqueue costs at least
+    await fresh('doc_floor');
+    const floor1 = await bench('floor: trigger writes one uuid-PK jsonb row, no listener');
     await pool.query('truncate cloud.outbox');
     await fresh('doc_to_cloud');
-    const triggerOnly = await bench('integration trigger, no listener (diagnostic)');
+    const triggerOnly = await bench('integration trigger, no listener');
+    await fresh('doc_floor');
+    const floor2 = await bench('floor again');
+    const floor = (floor1.tps + floor2.tps) / 2;
 
     // 5. context: naive insert + pg_notify trigger, no listener
     await fresh('doc_naive');
@@ -405,6 +432,8 @@ export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResul
     const held = busyBase.listener.busy_throughout && integ.listener.busy_throughout;
     return {
       erp_insert_ratio: round(integ.run.tps / busyBase.run.tps, 3),
+      erp_insert_vs_floor_ratio: round(triggerOnly.tps / floor, 3),
+      erp_insert_floor_ratio: round(floor / quiet, 3),
       erp_insert_ratio_vs_quiet_baseline: round(integ.run.tps / quiet, 3),
       naive_notify_ratio: round(naive.tps / quiet, 3),
       erp_insert: {
@@ -414,6 +443,7 @@ export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResul
         busy_baseline_tps: busyBase.run.tps,
         integration_tps: integ.run.tps,
         trigger_only_tps: triggerOnly.tps,
+        floor_tps: round(floor, 1),
         naive_tps: naive.tps,
         trigger_only_ratio: round(triggerOnly.tps / quiet, 3),
         busy_baseline_vs_quiet_ratio: round(busyBase.run.tps / quiet, 3),

@@ -8,7 +8,7 @@
 import pg from 'pg';
 import type { BenchContext } from '../lib/context.js';
 import { benchClient, benchPool } from '../lib/db.js';
-import { listenerSettings, spawnListener, stopListener, waitListenerIdle, type ListenerProc } from '../lib/listeners.js';
+import { freePort, listenerSettings, meanMs, scrapeHistogram, spawnListener, stopListener, waitListenerIdle, type ListenerProc } from '../lib/listeners.js';
 import { putSinkEndpoint } from '../lib/outbox.js';
 import { epochMs, percentile, progress, round, sleep, waitFor } from '../lib/util.js';
 
@@ -23,6 +23,9 @@ export interface LatencyResult {
     max_ms: number;
     min_ms: number;
     over_100ms: number;
+    /** The listener's own view (its /metrics), mean over the measured messages: a claim that brought work, and the HTTP attempt. */
+    claim_with_work_mean_ms: number | null;
+    attempt_mean_ms: number | null;
     warmup_messages: number;
     config: Record<string, unknown>;
   };
@@ -63,7 +66,10 @@ export async function latencyFigure(ctx: BenchContext): Promise<LatencyResult> {
   try {
     await putSinkEndpoint(pool, ctx.sink.url);
     await client.connect();
-    listener = spawnListener(db.url, 'bench-latency');
+    const port = await freePort();
+    const env = { ERP_CLOUD_HTTP_PORT: String(port), ERP_CLOUD_HTTP_HOST: '127.0.0.1' };
+    const metricsUrl = `http://127.0.0.1:${port}/metrics`;
+    listener = spawnListener(db.url, 'bench-latency', env);
     await waitListenerIdle(pool, listener);
 
     // warm-up: connections, JIT, keep-alive sockets; not counted
@@ -73,11 +79,16 @@ export async function latencyFigure(ctx: BenchContext): Promise<LatencyResult> {
     await waitListenerIdle(pool, listener, 5000);
     await ctx.sink.reset();
 
+    const claims0 = await scrapeHistogram(metricsUrl, 'erp_cloud_claim_duration_seconds', 'result="work"');
+    const attempts0 = await scrapeHistogram(metricsUrl, 'erp_cloud_attempt_duration_seconds');
     const commits = await sendPaced(client, samples, spacingMs, 0);
     await waitFor(async () => (await ctx.sink.stats()).distinct >= samples, {
       timeoutMs: 15_000,
       what: `${samples} deliveries at the sink`,
     });
+    await waitListenerIdle(pool, listener, 5000);
+    const claims1 = await scrapeHistogram(metricsUrl, 'erp_cloud_claim_duration_seconds', 'result="work"');
+    const attempts1 = await scrapeHistogram(metricsUrl, 'erp_cloud_attempt_duration_seconds');
     const received = await ctx.sink.times([...commits.keys()]);
     const lat: number[] = [];
     for (const [id, at] of commits) {
@@ -96,11 +107,13 @@ export async function latencyFigure(ctx: BenchContext): Promise<LatencyResult> {
         max_ms: round(Math.max(...lat), 2),
         min_ms: round(Math.min(...lat), 2),
         over_100ms: lat.filter((x) => x > 100).length,
+        claim_with_work_mean_ms: meanMs(claims0, claims1),
+        attempt_mean_ms: meanMs(attempts0, attempts1),
         warmup_messages: warmup,
-        config: listenerSettings(1),
+        config: listenerSettings(1, env),
       },
     };
-    progress(`  p50 ${result.latency_p50_ms} ms, p99 ${result.latency_p99_ms} ms, max ${result.latency.max_ms} ms`);
+    progress(`  p50 ${result.latency_p50_ms} ms, p99 ${result.latency_p99_ms} ms, max ${result.latency.max_ms} ms; listener: claim ${result.latency.claim_with_work_mean_ms} ms, attempt ${result.latency.attempt_mean_ms} ms (means)`);
     return result;
   } finally {
     if (listener) await stopListener(listener);

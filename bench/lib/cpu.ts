@@ -65,6 +65,9 @@ export interface CpuMark {
   backends: Map<number, number>;
   sink: number | null;
   machine: { busy: number; total: number } | null;
+  /** The last reading of every backend seen during the measurement (a sampler refreshes it), so one that disconnects still counts. */
+  lastSeen: Map<number, number>;
+  sampler: NodeJS.Timeout | null;
 }
 
 /** Where the CPU went during a measurement (Linux /proc; null elsewhere). */
@@ -74,6 +77,8 @@ export interface CpuUse {
   db_backends_s: number | null;
   db_ms_per_msg: number | null;
   sink_s: number | null;
+  /** Messages per CPU second of the whole system measured: worker processes + database backends (the sink excluded). */
+  msgs_per_cpu_s: number | null;
   machine_busy_pct: number | null;
 }
 
@@ -86,26 +91,55 @@ function cpuByPid(pids: Array<number | undefined>): Map<number, number> {
   return m;
 }
 
-/** CPU counters at the start of a measurement. Workers or backends that appear later count from zero. */
+/** How often the backends in scope are looked up and read during a measurement. */
+const SAMPLE_MS = 500;
+
+/**
+ * CPU counters at the start of a measurement. Workers or backends that appear later count from zero.
+ * The database's backends are looked up again every SAMPLE_MS until cpuSince: one that connects
+ * and disconnects in between counts with its last reading (at most SAMPLE_MS of its CPU is missed).
+ */
 export async function cpuMark(scope: CpuScope): Promise<CpuMark> {
-  return {
+  const backends = cpuByPid(await backendPids(scope.pool, scope.db, scope.app ?? ''));
+  const mark: CpuMark = {
     workers: cpuByPid(scope.workerPids),
-    backends: cpuByPid(await backendPids(scope.pool, scope.db, scope.app ?? '')),
+    backends,
     sink: procCpuSeconds(scope.sinkPid),
     machine: machineTicks(),
+    lastSeen: new Map(backends),
+    sampler: null,
   };
+  let busy = false;
+  mark.sampler = setInterval(() => {
+    if (busy) return;
+    busy = true;
+    void backendPids(scope.pool, scope.db, scope.app ?? '')
+      .then((pids) => {
+        for (const [pid, s] of cpuByPid([...pids, ...mark.lastSeen.keys()])) mark.lastSeen.set(pid, s);
+      })
+      .catch(() => undefined)
+      .finally(() => {
+        busy = false;
+      });
+  }, SAMPLE_MS);
+  mark.sampler.unref();
+  return mark;
 }
 
 /**
  * CPU used since `start` by the worker processes, the database's backends in
  * scope, and the sink; per message over `messages`. A backend that connected
- * and disconnected in between is not seen (the systems measured keep theirs).
+ * and disconnected between two samples is not seen (the systems measured keep
+ * theirs); autovacuum and the WAL writer are not client backends and not counted.
  */
 export async function cpuSince(scope: CpuScope, start: CpuMark, messages: number): Promise<CpuUse> {
   const delta = (now: Map<number, number>, then: Map<number, number>): number | null =>
     now.size === 0 ? null : [...now].reduce((a, [pid, s]) => a + s - (then.get(pid) ?? 0), 0);
+  if (start.sampler) clearInterval(start.sampler);
   const worker = delta(cpuByPid(scope.workerPids), start.workers);
-  const dbCpu = delta(cpuByPid(await backendPids(scope.pool, scope.db, scope.app ?? '')), start.backends);
+  const seen = new Map(start.lastSeen);
+  for (const [pid, s] of cpuByPid([...(await backendPids(scope.pool, scope.db, scope.app ?? '')), ...seen.keys()])) seen.set(pid, s);
+  const dbCpu = delta(seen, start.backends);
   const sinkNow = procCpuSeconds(scope.sinkPid);
   const m = machineTicks();
   const perMsg = (x: number | null) => (x === null || messages <= 0 ? null : Math.round((x * 1e6) / messages) / 1000);
@@ -116,6 +150,7 @@ export async function cpuSince(scope: CpuScope, start: CpuMark, messages: number
     db_backends_s: dbCpu === null ? null : r2(dbCpu),
     db_ms_per_msg: perMsg(dbCpu),
     sink_s: sinkNow !== null && start.sink !== null ? r2(sinkNow - start.sink) : null,
+    msgs_per_cpu_s: worker !== null && dbCpu !== null && worker + dbCpu > 0 ? Math.round(messages / (worker + dbCpu)) : null,
     machine_busy_pct: m && start.machine ? Math.round((1000 * (m.busy - start.machine.busy)) / Math.max(1, m.total - start.machine.total)) / 10 : null,
   };
 }

@@ -61,6 +61,15 @@ export class DbRegistry {
     return { name, url: withDatabase(this.serverUrl, name) };
   }
 
+  /** A new database copied from `template` (a database of this run nobody is connected to): a migrated schema in a fraction of the migration's time. */
+  async createFrom(label: string, template: string): Promise<BenchDb> {
+    const name = `bench_${label.replace(/[^a-z0-9]/gi, '_').toLowerCase()}_${this.tag}`;
+    await adminQuery(this.serverUrl, `drop database if exists ${name} with (force)`);
+    this.created.add(name);
+    await adminQuery(this.serverUrl, `create database ${name} template ${template}`);
+    return { name, url: withDatabase(this.serverUrl, name) };
+  }
+
   /** A new database with the erp-cloud migrations applied, and the example ERPs named (e.g. reference-erp) installed. */
   async createMigrated(label: string, examples: string[] = []): Promise<BenchDb> {
     const db = await this.create(label);
