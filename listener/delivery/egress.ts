@@ -194,19 +194,40 @@ export function guardedLookup(policy: EgressPolicy) {
   };
 }
 
-/** The policy for an endpoint row (cloud.endpoint). */
-export function policyOf(row: { name: string; base_url: string; allow_hosts: string[]; allow_cidrs: string[]; allow_private: boolean; download_hosts?: string[] | null }): EgressPolicy {
+type PolicyRow = { name: string; base_url: string; allow_hosts: string[]; allow_cidrs: string[]; allow_private: boolean; download_hosts?: string[] | null };
+
+/** The policy for an endpoint row (cloud.endpoint): a new, frozen object on every call. */
+export function policyOf(row: PolicyRow): EgressPolicy {
   const base = new URL(row.base_url);
-  return {
+  return Object.freeze({
     endpoint: row.name,
     baseHost: base.hostname,
     baseScheme: base.protocol,
     basePort: base.port === '' ? defaultPort(base.protocol) : Number(base.port),
-    allowHosts: row.allow_hosts ?? [],
-    downloadHosts: row.download_hosts ?? [],
-    allowCidrs: row.allow_cidrs ?? [],
+    allowHosts: Object.freeze([...(row.allow_hosts ?? [])]) as string[],
+    downloadHosts: Object.freeze([...(row.download_hosts ?? [])]) as string[],
+    allowCidrs: Object.freeze([...(row.allow_cidrs ?? [])]) as string[],
     allowPrivate: row.allow_private,
-  };
+  });
+}
+
+const POLICY_MEMO_MAX = 256;
+const policyMemo = new Map<string, EgressPolicy>();
+
+/**
+ * policyOf for a claimed message: the same object for the same endpoint row, so that routeFor's
+ * verdicts and lookups are worked out once per allowlist, not once per message. A changed
+ * allowlist is another key, so another policy (and other agents: see agentsFor).
+ */
+export function policyFor(row: PolicyRow): EgressPolicy {
+  const key = JSON.stringify([row.name, row.base_url, row.allow_hosts, row.allow_cidrs, row.allow_private, row.download_hosts ?? []]);
+  let p = policyMemo.get(key);
+  if (!p) {
+    p = policyOf(row);
+    if (policyMemo.size >= POLICY_MEMO_MAX) policyMemo.clear();
+    policyMemo.set(key, p);
+  }
+  return p;
 }
 
 type Agents = { http: http.Agent; https: https.Agent };
@@ -227,8 +248,7 @@ const newAgents = (): Agents => ({
 const RETIRE_AFTER_MS = 30_000;
 const pools = new Map<string, Map<string, { agents: Agents; usedAt: number }>>();
 
-function agentsFor(policy: EgressPolicy): Agents {
-  const key = JSON.stringify([policy.baseHost, policy.allowHosts, policy.allowCidrs, policy.allowPrivate]);
+function agentsFor(policy: EgressPolicy, key: string): Agents {
   let byKey = pools.get(policy.endpoint);
   if (!byKey) pools.set(policy.endpoint, (byKey = new Map()));
   const now = Date.now();
@@ -264,6 +284,35 @@ export function closeAgents(): void {
  * (guardedLookup), the keep-alive agents of this endpoint's allowlist (agentsFor), and no redirects.
  */
 export function routeFor(url: string, policy: EgressPolicy, purpose: EgressPurpose = 'api') {
-  assertUrlAllowed(url, policy, purpose);
-  return { dnsLookup: guardedLookup(policy) as never, agent: agentsFor(policy), followRedirect: false } as const;
+  const known = judged(policy);
+  const verdictKey = purpose === 'api' ? url : `\u0000download ${url}`;
+  if (!known.allowed.has(verdictKey)) {
+    assertUrlAllowed(url, policy, purpose);
+    if (known.allowed.size >= MAX_KNOWN_URLS) known.allowed.clear();
+    known.allowed.add(verdictKey);
+  }
+  return { dnsLookup: known.lookup as never, agent: agentsFor(policy, known.agentsKey), followRedirect: false } as const;
+}
+
+/**
+ * What routeFor has worked out for one policy object: its guarded lookup, its agents' key, and the
+ * URLs it has already allowed (the verdict depends on the URL and the policy alone, and a policy
+ * is never changed after policyOf made it: a new allowlist is a new policy object). The address
+ * check still runs on every connection, inside the lookup.
+ */
+interface Judged { lookup: ReturnType<typeof guardedLookup>; agentsKey: string; allowed: Set<string> }
+const MAX_KNOWN_URLS = 1000;
+const judgedPolicies = new WeakMap<EgressPolicy, Judged>();
+
+function judged(policy: EgressPolicy): Judged {
+  let j = judgedPolicies.get(policy);
+  if (!j) {
+    j = {
+      lookup: guardedLookup(policy),
+      agentsKey: JSON.stringify([policy.baseHost, policy.allowHosts, policy.allowCidrs, policy.allowPrivate]),
+      allowed: new Set(),
+    };
+    judgedPolicies.set(policy, j);
+  }
+  return j;
 }

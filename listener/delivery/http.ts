@@ -5,6 +5,9 @@
  * how (allowlist, address check, redirects, keep-alive agents) is asked of
  * egress.ts once per request (routeFor).
  */
+import http from 'node:http';
+import https from 'node:https';
+import zlib from 'node:zlib';
 import { got, RequestError, type OptionsInit } from 'got';
 import { routeFor, type EgressPolicy } from './egress.js';
 import { SqlState } from '../kernel/errors.js';
@@ -117,6 +120,73 @@ async function sendCapped(url: string, options: StreamOptions, maxBytes: number)
   return { statusCode, headers, body: Buffer.concat(chunks) };
 }
 
+/** The attempt's own request gave no complete answer within the endpoint's timeout. */
+class AttemptTimeout extends Error {
+  readonly code = 'ETIMEDOUT';
+  override readonly name = 'TimeoutError';
+}
+
+/** The User-Agent of an attempt (an adapter's own user-agent header wins). */
+const USER_AGENT = 'erp-cloud';
+
+type Route = ReturnType<typeof routeFor>;
+
+/**
+ * One attempt's request on node:http(s) directly, on the route egress.ts chose (its agents, its
+ * guarded DNS lookup; a 3xx is an answer like any other). What `got` did for it — a whole-request
+ * timeout, the AbortSignal, gzip/deflate/br answers, the body read into a Buffer — without its
+ * per-request option merging, hooks and stream wrappers, which the profile showed cost more CPU
+ * than the rest of a delivery together. auxFetch (tokens, downloads: size-capped streams) keeps got.
+ */
+function sendAttempt(url: string, o: { method: string; headers: Record<string, string>; body?: string; timeoutMs: number; signal?: AbortSignal; route: Route }):
+  Promise<{ statusCode: number; headers: Record<string, string | string[] | undefined>; body: Buffer }> {
+  return new Promise((resolve, reject) => {
+    const u = new URL(url);
+    const secure = u.protocol === 'https:';
+    const headers: Record<string, string> = { 'user-agent': USER_AGENT, 'accept-encoding': 'gzip, deflate, br', ...o.headers };
+    if (o.body !== undefined) headers['content-length'] = String(Buffer.byteLength(o.body));
+    let settled = false;
+    let timer: NodeJS.Timeout | undefined;
+    const onAbort = () => fail(Object.assign(new Error('the request was aborted'), { code: 'ABORT_ERR' }));
+    const finish = () => {
+      settled = true;
+      if (timer) clearTimeout(timer);
+      o.signal?.removeEventListener('abort', onAbort);
+    };
+    function fail(err: Error): void {
+      if (settled) return;
+      finish();
+      req.destroy();
+      reject(err);
+    }
+    const agents = o.route.agent as { http: http.Agent; https: https.Agent };
+    const req = (secure ? https : http).request(u, {
+      method: o.method, headers, agent: secure ? agents.https : agents.http, lookup: o.route.dnsLookup as never,
+    }, (res) => {
+      const enc = String(res.headers['content-encoding'] ?? '').trim().toLowerCase();
+      const body: NodeJS.ReadableStream = enc === 'gzip' || enc === 'x-gzip' ? res.pipe(zlib.createGunzip())
+        : enc === 'deflate' ? res.pipe(zlib.createInflate())
+        : enc === 'br' ? res.pipe(zlib.createBrotliDecompress())
+        : res;
+      const chunks: Buffer[] = [];
+      body.on('data', (c: Buffer) => chunks.push(c));
+      body.once('end', () => {
+        if (settled) return;
+        finish();
+        resolve({ statusCode: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) });
+      });
+      body.once('error', (err: Error) => fail(err));
+      res.once('aborted', () => fail(Object.assign(new Error('the connection closed before the whole answer came'), { code: 'ECONNRESET' })));
+      res.once('error', (err: Error) => fail(err));
+    });
+    req.once('error', (err: Error) => fail(err));
+    timer = setTimeout(() => fail(new AttemptTimeout(`no answer within ${o.timeoutMs} ms`)), o.timeoutMs);
+    if (o.signal?.aborted) return onAbort();
+    o.signal?.addEventListener('abort', onAbort, { once: true });
+    req.end(o.body);
+  });
+}
+
 function networkVerdict(err: unknown, timeoutMs: number): Verdict {
   if ((err as { code?: string }).code === 'ETOOLARGE') {
     // the same answer will be just as large next time
@@ -126,9 +196,16 @@ function networkVerdict(err: unknown, timeoutMs: number): Verdict {
     // a forbidden address stays forbidden: retrying cannot help
     return { outcome: 'permanent', errorClass: 'egress_refused', message: (err as Error).message };
   }
+  if (err instanceof AttemptTimeout || (err instanceof RequestError && err.name === 'TimeoutError')) {
+    return { outcome: 'retryable', errorClass: 'timeout', message: `no answer within ${timeoutMs} ms` };
+  }
   if (err instanceof RequestError) {
-    if (err.name === 'TimeoutError') return { outcome: 'retryable', errorClass: 'timeout', message: `no answer within ${timeoutMs} ms` };
     return { outcome: 'retryable', errorClass: err.code ? err.code.toLowerCase() : 'network', message: err.message };
+  }
+  // a socket error of sendAttempt (node's own: ECONNREFUSED, ECONNRESET …), classed as got classed it
+  const code = (err as { code?: unknown }).code;
+  if (typeof code === 'string' && /^[A-Z][A-Z0-9_]+$/.test(code)) {
+    return { outcome: 'retryable', errorClass: code.toLowerCase(), message: err instanceof Error ? err.message : String(err) };
   }
   return { outcome: 'retryable', errorClass: 'network', message: err instanceof Error ? err.message : String(err) };
 }
@@ -193,17 +270,10 @@ export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions)
   let responseHeaders: Record<string, unknown> | null = null;
   let responseBody: string | null = null;
   try {
-    const options = {
-      ...routeFor(req.url, opts.policy, req.download ? 'download' : 'api'),
-      method: req.method,
-      headers,
-      body: req.body,
-      timeout: { request: msg.timeout_ms },
-      signal: opts.signal,
-    };
+    const route = routeFor(req.url, opts.policy, req.download ? 'download' : 'api');
     const res = req.maxResponseBytes === undefined
-      ? await client(req.url, { ...options, responseType: 'buffer' })
-      : await sendCapped(req.url, options, req.maxResponseBytes);
+      ? await sendAttempt(req.url, { method: req.method, headers, body: req.body, timeoutMs: msg.timeout_ms, signal: opts.signal, route })
+      : await sendCapped(req.url, { ...route, method: req.method, headers, body: req.body, timeout: { request: msg.timeout_ms }, signal: opts.signal }, req.maxResponseBytes);
     status = res.statusCode;
     responseHeaders = res.headers;
     const text = res.body.toString('utf8');

@@ -7,6 +7,8 @@ export interface Metrics {
   registry: client.Registry;
   deliveries: client.Counter<'endpoint' | 'outcome'>;
   attemptSeconds: client.Histogram<'endpoint' | 'outcome'>;
+  /** One claim round trip (cloud.claim_messages), by whether it brought work. */
+  claimSeconds: client.Histogram<'result'>;
 }
 
 export function createMetrics(pool: pg.Pool): Metrics {
@@ -23,6 +25,13 @@ export function createMetrics(pool: pg.Pool): Metrics {
     help: 'HTTP attempt latency by endpoint and verdict (ok, retryable, permanent).',
     labelNames: ['endpoint', 'outcome'] as const,
     buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+    registers: [registry],
+  });
+  const claimSeconds = new client.Histogram({
+    name: 'erp_cloud_claim_duration_seconds',
+    help: 'One claim round trip (cloud.claim_messages) as the listener sees it, by result (work or empty): it grows when the queue bloats.',
+    labelNames: ['result'] as const,
+    buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1],
     registers: [registry],
   });
   // queue figures are read from cloud.endpoint_status when Prometheus scrapes;
@@ -79,5 +88,5 @@ export function createMetrics(pool: pg.Pool): Metrics {
       for (const r of await endpointRows()) this.set({ endpoint: String(r.endpoint) }, r.paused_until ? 1 : 0);
     },
   });
-  return { registry, deliveries, attemptSeconds };
+  return { registry, deliveries, attemptSeconds, claimSeconds };
 }

@@ -10,7 +10,7 @@ import os from 'node:os';
 import type pg from 'pg';
 import type { Config } from '../kernel/config.js';
 import { createListenConnection, type ListenConnection } from '../kernel/db.js';
-import { policyOf, type EgressPolicy } from './egress.js';
+import { policyFor, type EgressPolicy } from './egress.js';
 import { attemptDelivery, LEASE_UNSAFE, notSent, type AttemptResult } from './http.js';
 import { providerContext } from './provider-context.js';
 import type { Logger } from '../kernel/logger.js';
@@ -50,6 +50,14 @@ const RESLOT_LEAD_MS = 100;
 /** Slots one message may take after its first before it is given back (the lease bounds it too). */
 const MAX_RESLOTS = 3;
 const FLUSH_BATCH = 500;
+/**
+ * How long a finished attempt may wait for others to share its report (cloud.record_attempts): a
+ * report costs the database about the same for one attempt as for dozens, so under load the
+ * results of a few milliseconds go together. It delays no send (the call is over), only the
+ * message's status, its log row, and the next message of its ordering key; a batch of refillAt
+ * results goes at once.
+ */
+const FLUSH_WAIT_MS = 3;
 /** A retry due in weeks is looked at again within the hour (setTimeout caps at 2^31-1 ms anyway). */
 const MAX_TIMER_MS = 3_600_000;
 
@@ -65,6 +73,7 @@ export class Worker {
   private pumping = false;
   private rewake = false;
   private flushing: Promise<void> | null = null;
+  private flushTimer: NodeJS.Timeout | null = null;
   private stopping = false;
   private listen: ListenConnection | null = null;
   private channels: string[] = [];
@@ -133,9 +142,11 @@ export class Worker {
           if (room <= 0) break;
           const want = Math.min(room, this.config.ERP_CLOUD_BATCH_SIZE);
           const lease: LeaseClock = { startBy: Date.now() + this.config.ERP_CLOUD_LEASE_MARGIN_MS };
+          const asked = performance.now();
           const { rows } = await this.pool.query<Claimed>(sql.claim, [
             this.id, want, this.config.ERP_CLOUD_ENDPOINTS, this.config.ERP_CLOUD_LEASE_MARGIN_MS,
           ]);
+          this.metrics?.claimSeconds.observe({ result: rows.length > 0 ? 'work' : 'empty' }, (performance.now() - asked) / 1000);
           this.markDb(null);
           for (const msg of rows) this.dispatch(msg, lease);
           if (rows.length === 0) await this.armDueTimer();
@@ -169,7 +180,7 @@ export class Worker {
       }
       this.metrics?.attemptSeconds.observe({ endpoint: msg.endpoint, outcome: result.outcome }, result.duration_ms / 1000);
       this.finished.push({ endpoint: msg.endpoint, result });
-      void this.flush();
+      this.scheduleFlush();
       // claim again as soon as a worthwhile batch fits, without waiting for the report:
       // HTTP calls and database round trips then overlap instead of taking turns
       if (this.config.ERP_CLOUD_CONCURRENCY - this.inflight.size >= this.refillAt) this.wake();
@@ -181,7 +192,7 @@ export class Worker {
     // the allowlist as it was when the message was claimed: a change by an operator applies to the next claim
     let policy: EgressPolicy;
     try {
-      policy = policyOf({ name: msg.endpoint, base_url: msg.base_url, allow_hosts: msg.allow_hosts, allow_cidrs: msg.allow_cidrs, allow_private: msg.allow_private, download_hosts: msg.download_hosts });
+      policy = policyFor({ name: msg.endpoint, base_url: msg.base_url, allow_hosts: msg.allow_hosts, allow_cidrs: msg.allow_cidrs, allow_private: msg.allow_private, download_hosts: msg.download_hosts });
     } catch (err) {
       // nothing went out: an endpoint whose URL cannot be read has no host to allow
       return notSent(msg, 'retryable', 'egress_policy_unavailable', `could not read the allowlist of endpoint ${msg.endpoint}: ${errText(err)}`);
@@ -275,8 +286,30 @@ export class Worker {
     return null;
   }
 
+  /**
+   * A report goes when refillAt results wait, or no call is in flight any more, or FLUSH_WAIT_MS after
+   * the first of them, or (when one is running) right after it: while a report runs, the next batch
+   * accumulates.
+   */
+  private scheduleFlush(): void {
+    if (this.flushing) return; // the running report takes what waits when it ends
+    // nothing else in flight: nothing to wait for (and an idle listener reports, and claims again, at once)
+    if (this.finished.length >= this.refillAt || this.inflight.size === 0 || this.stopping) {
+      if (this.flushTimer) clearTimeout(this.flushTimer);
+      this.flushTimer = null;
+      void this.flush();
+      return;
+    }
+    this.flushTimer ??= setTimeout(() => {
+      this.flushTimer = null;
+      void this.flush();
+    }, FLUSH_WAIT_MS);
+  }
+
   /** Reports finished attempts in batches; while one report is running the next batch accumulates. */
   private flush(): Promise<void> {
+    if (this.flushTimer) clearTimeout(this.flushTimer);
+    this.flushTimer = null;
     if (this.flushing) return this.flushing;
     this.flushing = (async () => {
       try {
@@ -303,7 +336,10 @@ export class Worker {
       } finally {
         this.flushing = null;
       }
-      this.wake(); // room for more work, and ordering keys may have moved on
+      // room for a worthwhile batch (ordering keys may have moved on too); a smaller room is
+      // filled when enough calls end (dispatch) or by the poll: claims of a few messages each
+      // would cost the database nearly as much as full ones
+      if (this.config.ERP_CLOUD_CONCURRENCY - this.inflight.size >= this.refillAt) this.wake();
     })();
     return this.flushing;
   }
