@@ -177,7 +177,21 @@ describe('delivery', () => {
     await waitFor(async () => (await statusOf(id)) === 'sent', { what: 'sent once enabled' });
   });
 
-  it('/healthz answers 200 and /metrics exports deliveries, attempt latency, queue depth and oldest pending age', async () => {
+  it('a backlog many times the concurrency is delivered completely: each message once, each attempt logged once, none left in flight', async () => {
+    // reports are batched (a few ms, or half the concurrency's worth of results) and a claim after a report waits for a
+    // worthwhile batch: neither may strand a message or lose an attempt's row
+    await listen({ ERP_CLOUD_CONCURRENCY: '4', ERP_CLOUD_BATCH_SIZE: '3' });
+    const ids: string[] = [];
+    for (let i = 0; i < 60; i++) ids.push(await enqueue({ n: i }, i % 3 === 0 ? `key-${i % 5}` : null));
+    await waitFor(async () => (await statusCounts(db.pool)).sent === 60, { what: '60 sent', timeoutMs: 60_000 });
+    expect(new Set(sim.ledger().map((e) => e.key))).toEqual(new Set(ids));
+    expect(sim.ledger().every((e) => e.hits === 1)).toBe(true);
+    const log = await db.pool.query(`select count(*)::int n, count(distinct request_id)::int ids from cloud.log`);
+    expect(log.rows[0]).toEqual({ n: 60, ids: 60 });
+    expect(await statusCounts(db.pool)).toEqual({ sent: 60 });
+  });
+
+  it('/healthz answers 200 and /metrics exports deliveries, attempt latency, claim round trips, queue depth and oldest pending age', async () => {
     const l = await listen();
     const metrics = createMetrics(db.pool);
     const ops = await startOpsServer('127.0.0.1', 0, l.worker, metrics);
@@ -191,6 +205,7 @@ describe('delivery', () => {
       const own = await l.metrics.registry.metrics();
       expect(own).toMatch(/erp_cloud_deliveries_total\{endpoint="hook",outcome="sent"\} 1/);
       expect(own).toMatch(/erp_cloud_attempt_duration_seconds_count\{endpoint="hook",outcome="ok"\} 1/);
+      expect(own).toMatch(/erp_cloud_claim_duration_seconds_count\{result="work"\} [1-9]/);
       await db.pool.query(`update cloud.endpoint set enabled = false`);
       await enqueue({ n: 2 });
       const text = await (await fetch(`${ops.url}/metrics`, { signal: AbortSignal.timeout(2000) })).text();

@@ -240,8 +240,8 @@ const best = (runs: RunResult[]): RunResult => runs.reduce((a, b) => (b.per_s > 
 
 export async function deliveryFigure(ctx: BenchContext): Promise<DeliveryResult> {
   const n = ctx.quick ? 2000 : 10_000;
-  const erpC = ctx.quick ? [16, 64] : [8, 16, 32, 64];
-  const gwC = ctx.quick ? [10, 40] : [5, 10, 20, 40];
+  const erpC = ctx.quick ? [32, 128] : [8, 16, 32, 64, 128];
+  const gwC = ctx.quick ? [10, 40] : [5, 10, 20, 40, 80];
   const timeoutMs = ctx.quick ? 60_000 : 180_000;
   progress(`figure 1: delivery throughput and CPU, ${n} messages per run; 1 and 2 processes; concurrency erp-cloud ${erpC.join('/')}, graphile-worker ${gwC.join('/')}`);
   const tpl = await templates(ctx);

@@ -12,8 +12,11 @@ import { spawnChild, stopChild, type Child } from './procs.js';
 import { waitFor } from './util.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-/** dist/listener/cli.js, found from dist/bench/lib/. */
-export const listenerCli = path.resolve(here, '..', '..', 'listener', 'cli.js');
+/**
+ * dist/listener/cli.js, found from dist/bench/lib/. BENCH_LISTENER_CLI=path (an A/B aid) runs
+ * another build's listener instead, e.g. a worktree of the previous commit; recorded in the results.
+ */
+export const listenerCli = process.env.BENCH_LISTENER_CLI || path.resolve(here, '..', '..', 'listener', 'cli.js');
 
 /**
  * What the bench sets; everything else (concurrency 64, batch 100, pool 8, poll
@@ -44,6 +47,7 @@ export function listenerSettings(listeners: number, extraEnv: Record<string, str
     listeners,
     ...LISTENER_ENV,
     ...extraEnv,
+    ...(process.env.BENCH_LISTENER_CLI ? { BENCH_LISTENER_CLI: process.env.BENCH_LISTENER_CLI } : {}),
     effective: `CONCURRENCY=${c.ERP_CLOUD_CONCURRENCY} BATCH_SIZE=${c.ERP_CLOUD_BATCH_SIZE} POOL_SIZE=${c.ERP_CLOUD_POOL_SIZE} POLL_MS=${c.ERP_CLOUD_POLL_MS} MAINTENANCE_MS=${c.ERP_CLOUD_MAINTENANCE_MS} LEASE_MARGIN_MS=${c.ERP_CLOUD_LEASE_MARGIN_MS}`,
   };
 }

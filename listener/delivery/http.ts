@@ -8,7 +8,7 @@
 import http from 'node:http';
 import https from 'node:https';
 import zlib from 'node:zlib';
-import { got, RequestError, type OptionsInit } from 'got';
+import type { Got, OptionsInit, RequestError } from 'got';
 import { routeFor, type EgressPolicy } from './egress.js';
 import { SqlState } from '../kernel/errors.js';
 import { redactText } from '../kernel/format.js';
@@ -41,13 +41,26 @@ export interface AttemptResult {
 /** Header names whose values never reach cloud.log. */
 const SECRET_HEADERS = /^(authorization|proxy-authorization|cookie|set-cookie|x-api-key|api-key|accesstoken|access-token|x-nuonuo-sign|x-signature|x-erp-cloud-signature)$/i;
 
-// where a request may go, which socket it rides and that no redirect is followed: egress.ts (routeFor)
-const client = got.extend({
-  retry: { limit: 0 },
-  throwHttpErrors: false,
-  decompress: true,
-  responseType: 'buffer',
-});
+/**
+ * got, for the auxiliary calls only (tokens, discovery, downloads: size-capped streams), loaded on
+ * the first one: it is a tenth of a second of CPU at every start of a process that may never need
+ * it (a webhook listener, graphile-worker in the bench). Where a request may go, which socket it
+ * rides and that no redirect is followed: egress.ts (routeFor).
+ */
+let gotClient: Promise<Got> | null = null;
+let RequestErrorClass: typeof RequestError | null = null;
+function auxClient(): Promise<Got> {
+  gotClient ??= import('got').then(({ got, RequestError: E }) => {
+    RequestErrorClass = E;
+    return got.extend({ retry: { limit: 0 }, throwHttpErrors: false, decompress: true, responseType: 'buffer' });
+  });
+  return gotClient;
+}
+
+/** A network error of an auxiliary call (got's RequestError: none can exist before got is loaded). */
+export function isRequestError(err: unknown): err is RequestError {
+  return RequestErrorClass !== null && err instanceof RequestErrorClass;
+}
 
 export function redactHeaders(headers: Record<string, unknown>, secrets: string[] = []): Record<string, string> {
   const out: Record<string, string> = {};
@@ -100,7 +113,7 @@ type StreamOptions = Omit<OptionsInit, 'isStream' | 'responseType'>;
 /** A request whose answer is read as a stream and refused (code ETOOLARGE) once it passes `maxBytes`. */
 async function sendCapped(url: string, options: StreamOptions, maxBytes: number):
   Promise<{ statusCode: number; headers: Record<string, string | string[] | undefined>; body: Buffer }> {
-  const stream = client.stream(url, options);
+  const stream = (await auxClient()).stream(url, options);
   const chunks: Buffer[] = [];
   let size = 0;
   let headers: Record<string, string | string[] | undefined> = {};
@@ -196,10 +209,10 @@ function networkVerdict(err: unknown, timeoutMs: number): Verdict {
     // a forbidden address stays forbidden: retrying cannot help
     return { outcome: 'permanent', errorClass: 'egress_refused', message: (err as Error).message };
   }
-  if (err instanceof AttemptTimeout || (err instanceof RequestError && err.name === 'TimeoutError')) {
+  if (err instanceof AttemptTimeout || (isRequestError(err) && err.name === 'TimeoutError')) {
     return { outcome: 'retryable', errorClass: 'timeout', message: `no answer within ${timeoutMs} ms` };
   }
-  if (err instanceof RequestError) {
+  if (isRequestError(err)) {
     return { outcome: 'retryable', errorClass: err.code ? err.code.toLowerCase() : 'network', message: err.message };
   }
   // a socket error of sendAttempt (node's own: ECONNREFUSED, ECONNRESET …), classed as got classed it
@@ -244,7 +257,7 @@ export async function attemptDelivery(msg: ClaimedMessage, opts: AttemptOptions)
       const r = notSent(msg, err.outcome, err.errorClass, err.message, performance.now() - t0);
       return { ...r, retry_after_ms: err.outcome === 'retryable' ? err.retryAfterMs ?? null : null };
     }
-    if ((err as { code?: string }).code === 'EEGRESS' || err instanceof RequestError) {
+    if ((err as { code?: string }).code === 'EEGRESS' || isRequestError(err)) {
       // an auxiliary call (token, discovery) failed on the network or was refused by the egress guard
       const v = networkVerdict(err, msg.timeout_ms);
       return notSent(msg, v.outcome as 'retryable' | 'permanent', v.outcome === 'ok' ? 'network' : v.errorClass, v.outcome === 'ok' ? '' : v.message, performance.now() - t0);

@@ -5,10 +5,9 @@
  * once at a time across all of them).
  */
 import type pg from 'pg';
-import { RequestError } from 'got';
 import type { EgressPolicy } from './egress.js';
 import { SqlState } from '../kernel/errors.js';
-import { auxFetch } from './http.js';
+import { auxFetch, isRequestError } from './http.js';
 import { AdapterError, type ProviderContext } from '../providers/index.js';
 import { sql } from './queries.js';
 
@@ -102,7 +101,7 @@ async function cachedOrObtain(pool: pg.Pool, endpoint: string, key: string, marg
  * and network errors from the token call keep their own meaning.
  */
 function asAttemptError(err: unknown, lockTimeoutMs: number): unknown {
-  if (err instanceof AdapterError || err instanceof RequestError || (err as { code?: string }).code === 'EEGRESS') return err;
+  if (err instanceof AdapterError || isRequestError(err) || (err as { code?: string }).code === 'EEGRESS') return err;
   const code = (err as { code?: string }).code;
   const message = err instanceof Error ? err.message : String(err);
   if (code === SqlState.invalidProviderToken) return new AdapterError('permanent', 'invalid_token', message);
