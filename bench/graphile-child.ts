@@ -1,6 +1,6 @@
 /**
  * The comparison system, run as a child process like the erp-cloud listener:
- * graphile-worker (concurrency 10, localQueue 100, completeJobBatchDelay 0)
+ * graphile-worker (concurrency GW_CONCURRENCY, localQueue 100, completeJobBatchDelay 0)
  * with one task, `deliver`, that makes the very same HTTP call as the listener
  * (listener/delivery/http.ts attemptDelivery, provider 'webhook'). A non-ok outcome
  * throws, so graphile-worker records the failure and retries like any job.

@@ -5,9 +5,12 @@
  *   1. delivery_per_s vs graphile_worker_per_s at equal process counts (1, 2),
  *      each at its best concurrency of a sweep, and msgs_per_cpu_s of the
  *      whole system (worker processes + database backends) (figures/delivery.ts)
- *   2. latency_p50_ms / latency_p99_ms           (figures/latency.ts)
- *   3. erp_insert_ratio (trigger ÷ no trigger, a busy listener in both),
- *      erp_insert_ratio_vs_quiet_baseline, naive_notify_ratio (figures/erp-insert.ts)
+ *   2. latency_p50_ms / latency_p99_ms, idle listener, with the listener's own
+ *      claim and attempt means (figures/latency.ts)
+ *   3. erp_insert_vs_floor_ratio (the enqueue trigger ÷ a trigger writing one
+ *      uuid-PK jsonb row, same run), erp_insert_ratio (trigger ÷ no trigger, a
+ *      busy listener in both), erp_insert_ratio_vs_quiet_baseline,
+ *      naive_notify_ratio (figures/erp-insert.ts)
  *   4. claim_after_1m_ratio                      (figures/claim.ts)
  *   5. rate_limit_accuracy, rate_limit_429s      (figures/rate-limit.ts)
  *   6. invoices_per_s, approval_to_pdf_p50_ms    (figures/invoicing.ts)
@@ -20,8 +23,18 @@
  * latest-full.json) plus a table on stdout. Targets are
  * informational: the exit code is non-zero only when something failed.
  *
- * BENCH_QUICK=1   a reduced version of every figure (same keys, < 90 s, except
- *                 faults: 1.5 to 2 min on its own, set by its retry tail).
+ * BENCH_QUICK=1   a reduced version of every figure (same keys; delivery about
+ *                 30 s, held_snapshot about 55 s (quiet 15 s + held 30 s),
+ *                 faults 1.5 to 2 min on its own, set by its retry tail).
+ *
+ * The machine is usually shared: absolute rates move with its load from one
+ * run to the next, so compare figures within one run (the ratios), and read
+ * msgs_per_cpu_s (CPU seconds, not wall time) before messages per second.
+ *
+ * Profiling and A/B aids: BENCH_CPU_PROFILE=dir (every listener and
+ * graphile-worker process under node --cpu-prof; summarise with
+ * node dist/bench/profile-top.js), BENCH_LISTENER_CLI=path and
+ * BENCH_GRAPHILE_CHILD=path (another build's listener / graphile child).
  * BENCH_ONLY=a,b  development aid: run only these figures (delivery, latency,
  *                 erp_insert, claim, rate_limit, invoicing, asn_search, faults, held_snapshot); results go to bench/results/partial.json.
  *

@@ -151,8 +151,12 @@ export async function heldSnapshotFigure(ctx: BenchContext): Promise<HeldSnapsho
     const metricsUrl = `http://127.0.0.1:${port}/metrics`;
     await ctx.sink.reset();
 
-    const pending = async () =>
-      Number((await pool.query<{ n: string }>(`select count(*) n from cloud.outbox where status in ('pending', 'in_flight')`)).rows[0]!.n);
+    // every document enqueued one message: what the ERP committed and the sink has not seen yet
+    // (counted outside the queue, so that this works whatever the queue's storage is)
+    const pending = async () => {
+      const docs = Number((await pool.query<{ n: string }>('select count(*) n from bench_erp.doc')).rows[0]!.n);
+      return Math.max(0, docs - (await ctx.sink.stats()).distinct);
+    };
     const phase = async (name: string, seconds: number): Promise<PhaseResult> => {
       const l = listener!;
       if (l.proc.exitCode !== null) throw new Error(`listener exited (${l.proc.exitCode}): ${l.output()}`);
