@@ -164,7 +164,7 @@ COMMENT ON TABLE tax.invoice IS 'Invoices issued through the tax cloud: a blue o
 -- Name: COLUMN invoice.order_no; Type: COMMENT; Schema: tax
 --
 
-COMMENT ON COLUMN tax.invoice.order_no IS 'Nuonuo orderNo: the request_id without dashes, so a retry after a timeout can never issue twice (E9106 = already submitted).';
+COMMENT ON COLUMN tax.invoice.order_no IS 'The platform''s idempotency key (Nuonuo orderNo, Baiwang serialNo): the request_id without dashes, so a retry after a timeout can never issue twice (a duplicate answer, E9106 or Baiwang''s duplicate serial, means already submitted: look it up).';
 
 
 --
@@ -1074,7 +1074,7 @@ $$;
 -- Name: FUNCTION _reinvoice_supported(); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax._reinvoice_supported() IS 'Internal: whether the issuing endpoint can retry signing (nuonuo.OpeMplatform.reInvoice; the classic ElectronInvoice product has no such method).';
+COMMENT ON FUNCTION tax._reinvoice_supported() IS 'Internal: whether the issuing endpoint can retry signing (nuonuo.OpeMplatform.reInvoice; the classic ElectronInvoice product and Baiwang have no such method).';
 
 
 --
@@ -1282,7 +1282,7 @@ $$;
 -- Name: FUNCTION build_invoice_payload(p_invoice_id bigint); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.build_invoice_payload(p_invoice_id bigint) IS 'The Tax_Invoice_Payload of one invoice: the requestBillingNew {"order": …} with the buyer (the invoice''s snapshot), the seller (tax.config), orderNo, the remark (the document''s, with " (n/m)" for a part) and the invoiceDetail lines (jsonb_agg).';
+COMMENT ON FUNCTION tax.build_invoice_payload(p_invoice_id bigint) IS 'The Tax_Invoice_Payload of one invoice, the same for every platform (the adapter translates it: Baiwang''s issue body is made from it): the requestBillingNew {"order": …} with the buyer (the invoice''s snapshot), the seller (tax.config), orderNo, the remark (the document''s, with " (n/m)" for a part) and the invoiceDetail lines (jsonb_agg).';
 
 
 --
@@ -1626,7 +1626,7 @@ CREATE FUNCTION tax.order_no_for(p_request_id uuid) RETURNS text
 -- Name: FUNCTION order_no_for(p_request_id uuid); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.order_no_for(p_request_id uuid) IS 'The Nuonuo orderNo for a request_id (32 hex characters): the idempotency key a retry reuses.';
+COMMENT ON FUNCTION tax.order_no_for(p_request_id uuid) IS 'The platform''s idempotency key for a request_id (32 hex characters: Nuonuo orderNo, Baiwang serialNo), which a retry reuses.';
 
 
 --
@@ -2067,9 +2067,10 @@ begin
         'tax.invoice', v_inv.id::text);
     end if;
   elsif v_st = '22' then
-    -- 开票失败: a definite refusal; a new orderNo (tax.reissue_invoice) may issue it
+    -- 开票失败: a definite refusal; a new orderNo (tax.reissue_invoice) may issue it. The code is the
+    -- adapter's (errorCode: baiwang_… for Baiwang); an answer without one is Nuonuo's status 22
     update tax.invoice a
-       set invoice_status = 'failed', error_code = 'nuonuo_22',
+       set invoice_status = 'failed', error_code = coalesce(nullif(v_res->>'errorCode', ''), 'nuonuo_22'),
            error_message = coalesce(nullif(v_res->>'failCause', ''), v_res->>'statusMsg', 'the platform failed the invoice'),
            polls = a.polls + 1, tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
      where a.id = v_inv.id;
@@ -2127,7 +2128,7 @@ end $$;
 -- Name: FUNCTION record_query_answered(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.record_query_answered(m cloud.outbox, r jsonb) IS 'Write-back of tax.query: status 2 → issued (20-digit number, date, URLs, raw answer), the PDF download enqueued, a red invoice marks its original (partially) reversed; 22 → failed with the fail cause; 24 (issued, signing failed) → signing retried with reInvoice (same serial no., at most once a minute and 20 times) and polled; still issuing → the next query, backing off, up to max_polls. An invoice failed with an unknown outcome still takes a final answer.';
+COMMENT ON FUNCTION tax.record_query_answered(m cloud.outbox, r jsonb) IS 'Write-back of tax.query: status 2 → issued (20-digit number, date, URLs, raw answer), the PDF download enqueued, a red invoice marks its original (partially) reversed; 22 → failed with the fail cause and the adapter''s error code (result[0].errorCode; nuonuo_22 when the answer has none); 24 (issued, signing failed) → signing retried with reInvoice (same serial no., at most once a minute and 20 times) and polled; still issuing → the next query, backing off, up to max_polls. An invoice failed with an unknown outcome still takes a final answer.';
 
 
 --
