@@ -276,8 +276,8 @@ describe.each(['nuonuo', 'baiwang'] as const)('through %s, the e-invoicing contr
     expect(await attachments(id!)).toHaveLength(1);
   });
 
-  it.runIf(name === 'baiwang')('polls an issue Baiwang answers asynchronously (01 开具中) to the same result', async () => {
-    (platform.sim as BaiwangSim).configure({ asyncIssue: true });
+  it('polls an issue the platform answers asynchronously (Nuonuo always, Baiwang when it answers 01 开具中) to the same result', async () => {
+    if (name === 'baiwang') (platform.sim as BaiwangSim).configure({ asyncIssue: true });
     const ref = newRef();
     const [id] = await enqueue(ref, doc());
     const inv = await final(id!);
@@ -297,6 +297,7 @@ describe('an ERP switching platforms', () => {
     db = await createTestDb('invoicing_switch');
     nuonuo = await startPlatform('nuonuo');
     baiwang = await startPlatform('baiwang');
+    await db.pool.query(`select cloud.put_endpoint('einvoicing', 'http://127.0.0.1:9/', 'nuonuo', 'invoice_request')`);
     await db.pool.query(`select tax.put_config(p_endpoint => 'einvoicing', p_seller_tax_id => '339902999999789113', p_seller_name => '浙江测试科技', p_clerk => '张三',
                            p_first_poll_ms => 200, p_poll_cap_ms => 1000)`);
     await db.pool.query(`select tax.put_source('switching')`);
@@ -309,11 +310,13 @@ describe('an ERP switching platforms', () => {
     await db.drop();
   });
 
-  const point = async (p: Platform) => {
+  /** The endpoint `name` on the platform, and e-invoicing pointed at it. */
+  const point = async (p: Platform, name = 'einvoicing') => {
     const e = p.endpoint();
-    await db.pool.query(`select cloud.put_endpoint('einvoicing', $1, $2, 'invoice_request', p_timeout_ms => 2000, p_backoff_base_ms => 100, p_config => $3)`,
-      [e.baseUrl, e.provider, JSON.stringify(e.config)]);
-    await db.pool.query(`select cloud.put_endpoint_allowlist('einvoicing', '{}', '{}', true)`);
+    await db.pool.query(`select cloud.put_endpoint($4, $1, $2, 'invoice_request', p_timeout_ms => 2000, p_backoff_base_ms => 100, p_config => $3)`,
+      [e.baseUrl, e.provider, JSON.stringify(e.config), name]);
+    await db.pool.query(`select cloud.put_endpoint_allowlist($1, '{}', '{}', true)`, [name]);
+    await db.pool.query(`select tax.put_config(p_endpoint => $1)`, [name]);
   };
   const issue = async (ref: string) => {
     const { rows } = await db.pool.query(`select tax.enqueue_invoices('switching', $1, $2) ids`, [ref, JSON.stringify({
@@ -333,5 +336,39 @@ describe('an ERP switching platforms', () => {
     expect(baiwang.ledger(second.order_no)).toMatchObject([{ issued: true }]);
     expect(nuonuo.ledger(second.order_no)).toHaveLength(0);
     expect([first.invoice_no, second.invoice_no].every((n: string) => /^\d{20}$/.test(n))).toBe(true);
+  });
+
+  it('keeps an invoice with the platform that took it: one under way when the ERP switches, and a later reversal of it, stay on that platform', async () => {
+    await point(nuonuo, 'nuonuo');
+    // slow issuing on Nuonuo: the invoice is still issuing when the ERP switches
+    (nuonuo.sim as NuonuoSim).configure({ issueDelayMs: 1500 });
+    const ref = `SW-${process.pid}-3`;
+    const { rows } = await db.pool.query(`select tax.enqueue_invoices('switching', $1, $2) ids`, [ref, JSON.stringify({
+      kind: 'normal', buyer: { name: '华东机电有限公司', tax_id: USCC_OK[0] }, lines: [{ line_no: 1, item_name: '软件维护', tax_code: SOFTWARE, amount: 212, tax_rate: 0.06 }] })]);
+    const id = String(rows[0].ids[0]);
+    await waitFor(async () => (await db.pool.query(`select invoice_status from tax.invoice where id = $1`, [id])).rows[0].invoice_status === 'issuing' || null,
+      { what: 'the invoice to be submitted to Nuonuo' });
+    await point(baiwang, 'baiwang'); // e-invoicing now names another endpoint, on another platform
+    const issued = await waitFor(async () => {
+      const r = (await db.pool.query(`select * from tax.invoice_status where source = 'switching' and reference = $1 and pdf_attachment_id is not null`, [ref])).rows[0];
+      return r?.status === 'issued' ? r : null;
+    }, { timeoutMs: 30_000, what: `${ref} to be issued on Nuonuo` });
+    const orderNo = (await db.pool.query(`select order_no from tax.invoice where id = $1`, [id])).rows[0].order_no as string;
+    expect(nuonuo.ledger(orderNo)).toMatchObject([{ issued: true, invoiceNo: issued.invoice_no }]);
+    expect(baiwang.ledger(orderNo)).toHaveLength(0);
+    const byEndpoint = await db.pool.query(`select operation, endpoint from cloud.outbox where aggregate_id = $1 order by created_at`, [id]);
+    expect(byEndpoint.rows.map((r) => r.endpoint)).toEqual(byEndpoint.rows.map(() => 'nuonuo'));
+    // reversing it while e-invoicing points at Baiwang: the red-letter form goes to Nuonuo, which issued it
+    (nuonuo.sim as NuonuoSim).configure({ issueDelayMs: 300 });
+    const [redId] = (await db.pool.query(`select tax.enqueue_reversal('switching', $1, $2, 'error') ids`, [ref, `${ref}-R`])).rows[0].ids as string[];
+    const red = await waitFor(async () => {
+      const r = (await db.pool.query(`select * from tax.invoice where id = $1`, [redId])).rows[0];
+      return r.invoice_status === 'issued' || r.invoice_status === 'failed' ? r : null;
+    }, { timeoutMs: 30_000, what: 'the red invoice' });
+    expect(red).toMatchObject({ invoice_status: 'issued', invoice_type: 'red' });
+    expect(nuonuo.ledger(red.order_no)).toMatchObject([{ issued: true, red: true, blueInvoiceNo: issued.invoice_no }]);
+    // and a new document goes to Baiwang
+    const next = await issue(`SW-${process.pid}-4`);
+    expect(baiwang.ledger(next.order_no)).toMatchObject([{ issued: true }]);
   });
 });
