@@ -12,6 +12,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import type pg from 'pg';
 import { PDFDocument } from 'pdf-lib';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { baiwangPasswordHash } from '../listener/providers/baiwang-crypto.js';
 import { startBaiwangSim, type BaiwangSim } from '../listener/sim/baiwang.js';
 import { startNuonuoSim, type NuonuoSim } from '../listener/sim/nuonuo.js';
 import { createTestDb, urlFor, waitFor, type TestDb } from './helpers/db.js';
@@ -31,8 +32,9 @@ interface Platform {
   ledger(key: string): Array<{ issued: boolean; submits: number; invoiceNo: string; red: boolean; blueInvoiceNo: string | null }>;
   issuedWithNumber(no: string): number;
   reject(buyer: string, reason: string): void;
-  /** The code the ERP sees for a refusal by the platform. */
+  /** The code the ERP sees for a refusal by the platform, and for a request signed with a wrong app secret. */
   refusalCode: string;
+  signCode: string;
   restoreSettings(): void;
   pdfOf(no: string): Buffer | undefined;
 }
@@ -46,7 +48,7 @@ async function startPlatform(name: Name): Promise<Platform> {
     process.env.ERP_CLOUD_SECRET_NUONUO_APP_SECRET = SECRET;
     const sim = await startNuonuoSim({ appKey: 'parity-nn', appSecret: SECRET, issueDelayMs: 300 });
     return {
-      sim, gatewayPath: '/open/v1/services', refusalCode: 'nuonuo_22',
+      sim, gatewayPath: '/open/v1/services', refusalCode: 'nuonuo_22', signCode: '070601',
       endpoint: () => ({ provider: 'nuonuo', baseUrl: `${sim.url}/open/v1/services`, config: { app_key: 'parity-nn', app_secret_name: 'nuonuo.app_secret' } }),
       ledger: (key) => sim.invoices().filter((i) => i.orderNo === key).map((i) => ({ issued: i.status === '2', submits: i.submits, invoiceNo: i.invoiceNo, red: i.red, blueInvoiceNo: i.blueInvoiceNo })),
       issuedWithNumber: (no) => sim.invoices().filter((i) => i.invoiceNo === no && i.status === '2').length,
@@ -60,7 +62,7 @@ async function startPlatform(name: Name): Promise<Platform> {
   process.env.ERP_CLOUD_SECRET_BAIWANG_SALT = SALT;
   const sim = await startBaiwangSim({ appKey: 'parity-bw', appSecret: SECRET, username: 'parity-user', password: PASSWORD, salt: SALT, issueDelayMs: 300 });
   return {
-    sim, gatewayPath: '/router/rest', refusalCode: 'baiwang_70001',
+    sim, gatewayPath: '/router/rest', refusalCode: 'baiwang_70001', signCode: 'baiwang_100007',
     endpoint: () => ({ provider: 'baiwang', baseUrl: `${sim.url}/router/rest`, config: { app_key: 'parity-bw', username: 'parity-user', tax_no: '339902999999789113' } }),
     ledger: (key) => sim.invoices().filter((i) => i.serialNo === key).map((i) => ({ issued: i.status === '00', submits: i.submits, invoiceNo: i.invoiceNo, red: i.red, blueInvoiceNo: i.blueInvoiceNo })),
     issuedWithNumber: (no) => sim.invoices().filter((i) => i.invoiceNo === no && i.status === '00').length,
@@ -78,8 +80,9 @@ describe.each(['nuonuo', 'baiwang'] as const)('through %s, the e-invoicing contr
   let refSeq = 0;
   const newRef = () => `PAR-${name}-${process.pid}-${++refSeq}`;
 
-  async function configure(o: { timeoutMs?: number; backoffBaseMs?: number; maxLines?: number } = {}) {
+  async function configure(o: { timeoutMs?: number; backoffBaseMs?: number; maxLines?: number; config?: Record<string, unknown> } = {}) {
     const e = platform.endpoint();
+    e.config = { ...e.config, ...o.config };
     await db.pool.query(`select cloud.put_endpoint($1, $2, $3, 'invoice_request', p_timeout_ms => $4, p_max_attempts => 8,
                            p_backoff_base_ms => $5, p_backoff_cap_ms => greatest($5, 500), p_config => $6)`,
     [name, e.baseUrl, e.provider, o.timeoutMs ?? 2000, o.backoffBaseMs ?? 100, JSON.stringify(e.config)]);
@@ -171,6 +174,23 @@ describe.each(['nuonuo', 'baiwang'] as const)('through %s, the e-invoicing contr
     const seen = await events(id!);
     expect(seen.map((e) => e.event)).toEqual(['submitted', 'issued', 'pdf_stored']);
     expect(seen[1]).toMatchObject({ status: 'issued', invoice_no: row.invoice_no });
+    // nothing logged shows a credential: the app secret, the password, its hash, the access or refresh token
+    const logged = JSON.stringify((await db.pool.query(`select * from cloud.log where endpoint = $1`, [name])).rows);
+    const tokens = (await db.pool.query(`select token from cloud.provider_token where endpoint = $1`, [name])).rows.map((r) => r.token as string);
+    expect(tokens.length).toBeGreaterThan(0);
+    for (const secret of [SECRET, PASSWORD, baiwangPasswordHash(PASSWORD, SALT), ...tokens]) expect(logged).not.toContain(secret);
+  });
+
+  it("refuses for good a request signed with a wrong app secret: the platform's code and a readable reason reach the ERP, nothing is issued", async () => {
+    process.env.ERP_CLOUD_SECRET_PARITY_WRONG_SECRET = randomBytes(12).toString('hex');
+    await configure({ config: { app_secret_name: 'parity.wrong_secret' } });
+    const ref = newRef();
+    const [id] = await enqueue(ref, doc());
+    const failed = await final(id!);
+    const [row] = await status(ref);
+    expect(row).toMatchObject({ status: 'failed', outcome: 'refused', error_code: platform.signCode });
+    expect(row.error_message).toMatch(/\S/);
+    expect(platform.ledger(failed.order_no)).toHaveLength(0);
   });
 
   it('splits a document by the line limit and issues every part once', async () => {
