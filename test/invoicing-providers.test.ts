@@ -32,6 +32,8 @@ interface Platform {
   ledger(key: string): Array<{ issued: boolean; submits: number; invoiceNo: string; red: boolean; blueInvoiceNo: string | null }>;
   issuedWithNumber(no: string): number;
   reject(buyer: string, reason: string): void;
+  /** Report this file URL, or answer file downloads with a redirect to this. */
+  files(o: { pdfUrlOverride?: string | null; pdfRedirectTo?: string | null }): void;
   /** The code the ERP sees for a refusal by the platform, and for a request signed with a wrong app secret. */
   refusalCode: string;
   signCode: string;
@@ -53,6 +55,7 @@ async function startPlatform(name: Name): Promise<Platform> {
       ledger: (key) => sim.invoices().filter((i) => i.orderNo === key).map((i) => ({ issued: i.status === '2', submits: i.submits, invoiceNo: i.invoiceNo, red: i.red, blueInvoiceNo: i.blueInvoiceNo })),
       issuedWithNumber: (no) => sim.invoices().filter((i) => i.invoiceNo === no && i.status === '2').length,
       reject: (buyer, reason) => sim.configure({ rejectBuyers: { [buyer]: reason } }),
+      files: (o) => sim.configure(o),
       restoreSettings: () => sim.configure({ rejectBuyers: {}, issueDelayMs: 300, pdfUrlOverride: null, pdfRedirectTo: null, signFailBuyers: [], redAwaitBuyer: false }),
       pdfOf: (no) => sim.pdfOf(no),
     };
@@ -67,6 +70,7 @@ async function startPlatform(name: Name): Promise<Platform> {
     ledger: (key) => sim.invoices().filter((i) => i.serialNo === key).map((i) => ({ issued: i.status === '00', submits: i.submits, invoiceNo: i.invoiceNo, red: i.red, blueInvoiceNo: i.blueInvoiceNo })),
     issuedWithNumber: (no) => sim.invoices().filter((i) => i.invoiceNo === no && i.status === '00').length,
     reject: (buyer, reason) => sim.configure({ rejectBuyers: { [buyer]: reason } }),
+    files: (o) => sim.configure(o),
     restoreSettings: () => sim.configure({ rejectBuyers: {}, issueDelayMs: 300, pdfUrlOverride: null, pdfRedirectTo: null, redAwaitBuyer: false, asyncIssue: false }),
     pdfOf: (no) => sim.pdfOf(no),
   };
@@ -87,6 +91,7 @@ describe.each(['nuonuo', 'baiwang'] as const)('through %s, the e-invoicing contr
                            p_backoff_base_ms => $5, p_backoff_cap_ms => greatest($5, 500), p_config => $6)`,
     [name, e.baseUrl, e.provider, o.timeoutMs ?? 2000, o.backoffBaseMs ?? 100, JSON.stringify(e.config)]);
     await db.pool.query(`select cloud.put_endpoint_allowlist($1, '{}', '{}', true)`, [name]);
+    await db.pool.query(`select cloud.put_endpoint_download_hosts($1, '{}')`, [name]);
     // failing many attempts in a row on purpose must not open the circuit breaker for the tests after
     await db.pool.query(`select cloud.put_endpoint_limits($1, null, 1, 1000, 30000)`, [name]);
     await db.pool.query(`select tax.put_config(p_endpoint => $1, p_seller_tax_id => '339902999999789113', p_seller_name => '浙江测试科技', p_clerk => '张三',
@@ -229,6 +234,21 @@ describe.each(['nuonuo', 'baiwang'] as const)('through %s, the e-invoicing contr
     expect((await events(id!)).map((e) => e.event)).toContain('reissued');
     expect(await attachments(id!)).toHaveLength(1);
   });
+
+  for (const [what, settings, errorClass] of [
+    ['the cloud metadata address', { pdfUrlOverride: 'http://169.254.169.254/latest/meta-data/iam.pdf' }, 'egress_refused'],
+    ['a redirect to loopback', { pdfRedirectTo: 'http://127.0.0.1:9/admin.pdf' }, 'redirect_refused'],
+  ] as const) {
+    it(`refuses a PDF download from ${what} under the egress guard; the invoice stays issued without an attachment`, async () => {
+      platform.files(settings);
+      const ref = newRef();
+      const [id] = await enqueue(ref, doc());
+      const inv = await final(id!);
+      expect(inv).toMatchObject({ invoice_status: 'issued', error_code: 'pdf_download' });
+      expect(inv.error_message).toContain(errorClass);
+      expect(await attachments(id!)).toHaveLength(0);
+    });
+  }
 
   it('reverses an issued invoice through the 数电 red-letter confirmation: the red invoice issued, the original reversed, the ERP told', async () => {
     const ref = newRef();
