@@ -17,7 +17,9 @@
  *   7. asn_search_speedup, asn_search_p50_ms     (figures/asn-search.ts)
  *   8. faults_delivery_ratio, faults_lost, faults_second_effects,
  *      faults_circuit_open_share: delivery under 30 % faults (figures/faults.ts)
- *   9. held_snapshot_ratio: delivery while a REPEATABLE READ snapshot is held,
+ *   9. platforms.<nuonuo|baiwang>.invoices_per_s: e-invoices per second through
+ *      each tax platform's simulator, same conditions (figures/baiwang.ts)
+ *  10. held_snapshot_ratio: delivery while a REPEATABLE READ snapshot is held,
  *      with claim, insert and bystander latency, dead tuples, size (figures/held-snapshot.ts)
  * and writes bench/results/latest.json (and a copy, latest-quick.json or
  * latest-full.json) plus a table on stdout. Targets are
@@ -30,13 +32,14 @@
  * The machine is usually shared: absolute rates move with its load from one
  * run to the next, so compare figures within one run (the ratios), and read
  * msgs_per_cpu_s (CPU seconds, not wall time) before messages per second.
+ * BENCH_ONLY=a,b  development aid: run only these figures (delivery, latency,
+ *                 erp_insert, claim, rate_limit, invoicing, asn_search, faults, platforms,
+ *                 held_snapshot); results go to bench/results/partial.json.
  *
  * Profiling and A/B aids: BENCH_CPU_PROFILE=dir (every listener and
  * graphile-worker process under node --cpu-prof; summarise with
  * node dist/bench/profile-top.js), BENCH_LISTENER_CLI=path and
  * BENCH_GRAPHILE_CHILD=path (another build's listener / graphile child).
- * BENCH_ONLY=a,b  development aid: run only these figures (delivery, latency,
- *                 erp_insert, claim, rate_limit, invoicing, asn_search, faults, held_snapshot); results go to bench/results/partial.json.
  *
  * The results also record which engine ran (migrations and built listener,
  * hashed) and, since the server may be shared, whether other sessions used
@@ -50,6 +53,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { asnSearchFigure } from './figures/asn-search.js';
+import { platformsFigure } from './figures/baiwang.js';
 import { claimFigure } from './figures/claim.js';
 import { deliveryFigure } from './figures/delivery.js';
 import { erpInsertFigure } from './figures/erp-insert.js';
@@ -135,6 +139,8 @@ const TARGETS: Target[] = [
   { key: 'held_snapshot.dead_tuples_after_release', label: 'held snapshot: the same, a few seconds after release', op: '<=', target: null, unit: '' },
   { key: 'held_snapshot.queue_size_held_bytes', label: 'held snapshot: size of schema cloud (log aside), end of held', op: '<=', target: null, unit: 'B' },
   { key: 'faults.faulty.per_s_to_90pct', label: 'rate to 90 % delivered under faults, without the retry tail (diagnostic)', op: '>=', target: null, unit: 'msg/s' },
+  { key: 'platforms.nuonuo.invoices_per_s', label: 'e-invoices end to end through the Nuonuo simulator (platform comparison)', op: '>=', target: null, unit: 'inv/s' },
+  { key: 'platforms.baiwang.invoices_per_s', label: 'e-invoices end to end through the Baiwang simulator (platform comparison)', op: '>=', target: null, unit: 'inv/s' },
 ];
 
 function targetText(t: Target): string {
@@ -158,6 +164,7 @@ const FIGURES = {
   invoicing: invoicingFigure,
   asn_search: asnSearchFigure,
   faults: faultsFigure,
+  platforms: platformsFigure,
   held_snapshot: heldSnapshotFigure,
 } as const;
 type FigureName = keyof typeof FIGURES;
