@@ -2835,6 +2835,13 @@ CREATE INDEX asn_detail ON scm.asn USING gin (detail jsonb_path_ops) WITH (fastu
 
 
 --
+-- Name: asn_number; Type: INDEX; Schema: scm
+--
+
+CREATE INDEX asn_number ON scm.asn USING btree (asn_no);
+
+
+--
 -- Name: asn_po; Type: INDEX; Schema: scm
 --
 
@@ -2867,6 +2874,13 @@ CREATE INDEX asn_supplier ON scm.asn USING btree (supplier_id);
 --
 
 CREATE INDEX callback_failure_unreplayed ON scm.callback_failure USING btree (source, failed_at) WHERE (replayed_at IS NULL);
+
+
+--
+-- Name: purchase_order_reference; Type: INDEX; Schema: scm
+--
+
+CREATE INDEX purchase_order_reference ON scm.purchase_order USING btree (reference);
 
 
 --
@@ -3095,6 +3109,41 @@ CREATE POLICY "The ERP sees every supplier" ON scm.supplier FOR SELECT TO erp_cl
 
 
 --
+-- Name: asn The operations console sees every ASN; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "The operations console sees every ASN" ON scm.asn FOR SELECT TO erp_cloud_console_finance, erp_cloud_console_operator USING (true);
+
+
+--
+-- Name: asn_line The operations console sees every ASN line; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "The operations console sees every ASN line" ON scm.asn_line FOR SELECT TO erp_cloud_console_finance, erp_cloud_console_operator USING (true);
+
+
+--
+-- Name: purchase_order The operations console sees every purchase order; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "The operations console sees every purchase order" ON scm.purchase_order FOR SELECT TO erp_cloud_console_finance, erp_cloud_console_operator USING (true);
+
+
+--
+-- Name: purchase_order_line The operations console sees every purchase order line; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "The operations console sees every purchase order line" ON scm.purchase_order_line FOR SELECT TO erp_cloud_console_finance, erp_cloud_console_operator USING (true);
+
+
+--
+-- Name: supplier The operations console sees every supplier; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "The operations console sees every supplier" ON scm.supplier FOR SELECT TO erp_cloud_console_finance, erp_cloud_console_operator USING (true);
+
+
+--
 -- Name: asn; Type: ROW SECURITY; Schema: scm
 --
 
@@ -3132,6 +3181,8 @@ GRANT USAGE ON SCHEMA scm TO erp_cloud_app;
 GRANT USAGE ON SCHEMA scm TO erp_cloud_listener;
 GRANT USAGE ON SCHEMA scm TO erp_cloud_operator;
 GRANT USAGE ON SCHEMA scm TO erp_cloud_supplier_portal;
+GRANT USAGE ON SCHEMA scm TO erp_cloud_console_finance;
+GRANT USAGE ON SCHEMA scm TO erp_cloud_console_operator;
 
 
 --
@@ -3148,6 +3199,8 @@ REVOKE ALL ON FUNCTION scm._asn_delivery(p_asn_id bigint) FROM PUBLIC;
 GRANT SELECT ON TABLE scm.purchase_order TO erp_cloud_app;
 GRANT SELECT ON TABLE scm.purchase_order TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.purchase_order TO erp_cloud_supplier_portal;
+GRANT SELECT ON TABLE scm.purchase_order TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.purchase_order TO erp_cloud_console_operator;
 
 
 --
@@ -3164,6 +3217,8 @@ GRANT UPDATE(supplier_confirmed_at) ON TABLE scm.purchase_order TO erp_cloud_sup
 GRANT SELECT ON TABLE scm.supplier TO erp_cloud_app;
 GRANT SELECT ON TABLE scm.supplier TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.supplier TO erp_cloud_supplier_portal;
+GRANT SELECT ON TABLE scm.supplier TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.supplier TO erp_cloud_console_operator;
 
 
 --
@@ -3305,6 +3360,8 @@ REVOKE ALL ON FUNCTION scm._shipped_quantity(p_po_id bigint, p_line_no integer) 
 --
 
 GRANT SELECT ON TABLE scm.source TO erp_cloud_operator;
+GRANT SELECT ON TABLE scm.source TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.source TO erp_cloud_console_operator;
 
 
 --
@@ -3596,6 +3653,8 @@ REVOKE ALL ON FUNCTION scm.tg_purchase_order__900_call_source() FROM PUBLIC;
 GRANT SELECT,UPDATE ON TABLE scm.asn TO erp_cloud_app;
 GRANT SELECT ON TABLE scm.asn TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.asn TO erp_cloud_supplier_portal;
+GRANT SELECT ON TABLE scm.asn TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.asn TO erp_cloud_console_operator;
 
 
 --
@@ -3626,6 +3685,8 @@ GRANT UPDATE(tracking_no) ON TABLE scm.asn TO erp_cloud_supplier_portal;
 GRANT SELECT ON TABLE scm.asn_line TO erp_cloud_app;
 GRANT SELECT ON TABLE scm.asn_line TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.asn_line TO erp_cloud_supplier_portal;
+GRANT SELECT ON TABLE scm.asn_line TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.asn_line TO erp_cloud_console_operator;
 
 
 --
@@ -3633,6 +3694,8 @@ GRANT SELECT ON TABLE scm.asn_line TO erp_cloud_supplier_portal;
 --
 
 GRANT SELECT,DELETE ON TABLE scm.asn_quarantine TO erp_cloud_operator;
+GRANT SELECT ON TABLE scm.asn_quarantine TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.asn_quarantine TO erp_cloud_console_operator;
 
 
 --
@@ -3642,6 +3705,8 @@ GRANT SELECT,DELETE ON TABLE scm.asn_quarantine TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.asn_status TO erp_cloud_app;
 GRANT SELECT ON TABLE scm.asn_status TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.asn_status TO erp_cloud_supplier_portal;
+GRANT SELECT ON TABLE scm.asn_status TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.asn_status TO erp_cloud_console_operator;
 
 
 --
@@ -3666,6 +3731,8 @@ GRANT SELECT ON TABLE scm.contract_field TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.purchase_order_line TO erp_cloud_app;
 GRANT SELECT ON TABLE scm.purchase_order_line TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.purchase_order_line TO erp_cloud_supplier_portal;
+GRANT SELECT ON TABLE scm.purchase_order_line TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.purchase_order_line TO erp_cloud_console_operator;
 
 
 --
@@ -3675,6 +3742,8 @@ GRANT SELECT ON TABLE scm.purchase_order_line TO erp_cloud_supplier_portal;
 GRANT SELECT ON TABLE scm.order_status TO erp_cloud_app;
 GRANT SELECT ON TABLE scm.order_status TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.order_status TO erp_cloud_supplier_portal;
+GRANT SELECT ON TABLE scm.order_status TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.order_status TO erp_cloud_console_operator;
 
 
 --

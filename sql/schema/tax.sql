@@ -3601,6 +3601,13 @@ CREATE INDEX callback_failure_unreplayed ON tax.callback_failure USING btree (so
 
 
 --
+-- Name: document_reference; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX document_reference ON tax.document USING btree (reference);
+
+
+--
 -- Name: invoice_event_invoice; Type: INDEX; Schema: tax
 --
 
@@ -3608,10 +3615,38 @@ CREATE INDEX invoice_event_invoice ON tax.invoice_event USING btree (invoice_id,
 
 
 --
+-- Name: invoice_failed; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX invoice_failed ON tax.invoice USING btree (id) WHERE (invoice_status = 'failed'::text);
+
+
+--
+-- Name: invoice_number; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX invoice_number ON tax.invoice USING btree (invoice_no) WHERE (invoice_no IS NOT NULL);
+
+
+--
 -- Name: invoice_original; Type: INDEX; Schema: tax
 --
 
 CREATE INDEX invoice_original ON tax.invoice USING btree (original_invoice_id) WHERE (original_invoice_id IS NOT NULL);
+
+
+--
+-- Name: reversal_red_invoice; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX reversal_red_invoice ON tax.reversal USING btree (red_invoice_id) WHERE (red_invoice_id IS NOT NULL);
+
+
+--
+-- Name: reversal_reference; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX reversal_reference ON tax.reversal USING btree (reference) WHERE (reference IS NOT NULL);
 
 
 --
@@ -3722,6 +3757,8 @@ ALTER TABLE ONLY tax.reversal
 GRANT USAGE ON SCHEMA tax TO erp_cloud_app;
 GRANT USAGE ON SCHEMA tax TO erp_cloud_listener;
 GRANT USAGE ON SCHEMA tax TO erp_cloud_operator;
+GRANT USAGE ON SCHEMA tax TO erp_cloud_console_finance;
+GRANT USAGE ON SCHEMA tax TO erp_cloud_console_operator;
 
 
 --
@@ -3730,6 +3767,8 @@ GRANT USAGE ON SCHEMA tax TO erp_cloud_operator;
 
 GRANT SELECT ON TABLE tax.invoice TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.invoice TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.invoice TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.invoice TO erp_cloud_console_operator;
 
 
 --
@@ -3870,6 +3909,8 @@ REVOKE ALL ON FUNCTION tax._mark_original_reversed(p_original bigint) FROM PUBLI
 --
 
 REVOKE ALL ON FUNCTION tax._outcome_unknown(p_inv tax.invoice) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax._outcome_unknown(p_inv tax.invoice) TO erp_cloud_console_finance;
+GRANT ALL ON FUNCTION tax._outcome_unknown(p_inv tax.invoice) TO erp_cloud_console_operator;
 
 
 --
@@ -3898,6 +3939,8 @@ REVOKE ALL ON FUNCTION tax._reason_code(p_reason text) FROM PUBLIC;
 --
 
 GRANT SELECT ON TABLE tax.source TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.source TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.source TO erp_cloud_console_operator;
 
 
 --
@@ -4312,6 +4355,8 @@ REVOKE ALL ON FUNCTION tax.validate_line(p_line tax.source_line, p_ctx tax.valid
 
 GRANT SELECT ON TABLE tax.attachment TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.attachment TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.attachment TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.attachment TO erp_cloud_console_operator;
 
 
 --
@@ -4335,6 +4380,8 @@ GRANT SELECT ON TABLE tax.contract_field TO erp_cloud_operator;
 
 GRANT SELECT ON TABLE tax.document TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.document TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.document TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.document TO erp_cloud_console_operator;
 
 
 --
@@ -4343,6 +4390,8 @@ GRANT SELECT ON TABLE tax.document TO erp_cloud_operator;
 
 GRANT SELECT ON TABLE tax.invoice_event TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.invoice_event TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.invoice_event TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.invoice_event TO erp_cloud_console_operator;
 
 
 --
@@ -4359,6 +4408,8 @@ GRANT SELECT ON TABLE tax.invoice_line TO erp_cloud_operator;
 
 GRANT SELECT ON TABLE tax.invoice_status TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.invoice_status TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.invoice_status TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.invoice_status TO erp_cloud_console_operator;
 
 
 --
@@ -4367,6 +4418,8 @@ GRANT SELECT ON TABLE tax.invoice_status TO erp_cloud_operator;
 
 GRANT SELECT ON TABLE tax.reversal TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.reversal TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.reversal TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.reversal TO erp_cloud_console_operator;
 
 
 --
@@ -4375,3 +4428,5 @@ GRANT SELECT ON TABLE tax.reversal TO erp_cloud_operator;
 
 GRANT SELECT ON TABLE tax.red_invoice_status TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.red_invoice_status TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.red_invoice_status TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.red_invoice_status TO erp_cloud_console_operator;
