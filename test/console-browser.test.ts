@@ -189,7 +189,8 @@ describe('the operations console in a browser', () => {
     const audit = (await world.db.pool.query(`select login, console_role, action from cloud.console_audit where action = 'reissue'`)).rows;
     expect(audit).toEqual([{ login: 'fin', console_role: 'finance', action: 'reissue' }]);
 
-    await fin.goto(`${consoleUrl}/documents?q=${encodeURIComponent(ref)}`);
+    // found by the number the clerk knows, without the ERP's "settlement/" prefix
+    await fin.goto(`${consoleUrl}/documents?q=${encodeURIComponent(refusedSettlement.no)}`);
     await fin.waitForURL(/\/documents\/tax\/\d+$/);
     expect(await fin.locator('section.invoice[data-status=issued] .invoice-no').textContent()).toBe(issued.invoice_no);
     const frame = fin.locator('iframe.pdf');

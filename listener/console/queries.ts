@@ -20,10 +20,12 @@ export const consoleSql = {
 
   // --- documents: exact lookups on indexed keys; each hit names the page to open
   search: `
-    select 'tax' as kind, d.id::text as key, d.source, d.reference as label from tax.document d where d.reference = $1
+    select 'tax' as kind, d.id::text as key, d.source, d.reference as label from tax.document d
+     where d.reference = $1 or substring(d.reference from '[^/]*$') = $1
     union
     select 'tax', d.id::text, d.source, d.reference
-      from tax.reversal r join tax.invoice b on b.id = r.invoice_id join tax.document d on d.id = b.document_id where r.reference = $1
+      from tax.reversal r join tax.invoice b on b.id = r.invoice_id join tax.document d on d.id = b.document_id
+     where r.reference = $1 or substring(r.reference from '[^/]*$') = $1
     union
     select 'tax', d.id::text, d.source, d.reference
       from tax.invoice i left join tax.invoice b on b.id = i.original_invoice_id join tax.document d on d.id = coalesce(i.document_id, b.document_id)

@@ -38,7 +38,7 @@
 -- migration 0022_verb_renames.sql sha256 8190c80ff3b6ccdd1b4148cebeb19d73a16a57158d2c145c33b6f94aac6d4f99
 -- migration 0023_reference_erp_leaves_the_product.sql sha256 0c75a7a7ea2adf2a5e149f93fe055b32b539d6f982f98d35399d00f8d92cc34f
 -- migration 0024_local_placeholder.sql sha256 01d6023a06d91cca3ad2efbae1e37aebc729202521994d7221f42610025834f3
--- migration 0025_operations_console.sql sha256 4b002cd2a20abb782c767259c281caa9bc64db37b6f4a96202c1d9ba874799a3
+-- migration 0025_operations_console.sql sha256 228a2229a303fa84a9ae46d04c9ef4f66672625fcc7d167d1ac84b53a32c6eca
 
 set local check_function_bodies = false;
 set local standard_conforming_strings = on;
@@ -15140,6 +15140,13 @@ CREATE INDEX document_reference ON tax.document USING btree (reference);
 
 
 --
+-- Name: document_reference_tail; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX document_reference_tail ON tax.document USING btree ("substring"(reference, '[^/]*$'::text));
+
+
+--
 -- Name: invoice_event_invoice; Type: INDEX; Schema: tax
 --
 
@@ -15179,6 +15186,13 @@ CREATE INDEX reversal_red_invoice ON tax.reversal USING btree (red_invoice_id) W
 --
 
 CREATE INDEX reversal_reference ON tax.reversal USING btree (reference) WHERE (reference IS NOT NULL);
+
+
+--
+-- Name: reversal_reference_tail; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX reversal_reference_tail ON tax.reversal USING btree ("substring"(reference, '[^/]*$'::text)) WHERE (reference IS NOT NULL);
 
 
 --

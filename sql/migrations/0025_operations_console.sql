@@ -34,7 +34,8 @@
 -- started_at range), cloud.endpoint_settings (endpoints, limits, quota use
 -- and allowlists without config or secrets), and the indexes the console's
 -- lookups need on tax and scm (invoice number, failed invoices, document and
--- reversal references, ASN numbers, order references).
+-- reversal references, also by their last segment after a '/', ASN numbers,
+-- order references).
 --
 -- SQLSTATEs (class EA; mirrored in listener/kernel/errors.ts):
 --   EA001  no signed-in console user in this session (erp_cloud.console_user is not set)
@@ -259,7 +260,10 @@ comment on view cloud.endpoint_settings is 'Per endpoint, for reading: provider,
 create index invoice_number on tax.invoice (invoice_no) where invoice_no is not null;
 create index invoice_failed on tax.invoice (id) where invoice_status = 'failed';
 create index document_reference on tax.document (reference);
+-- a clerk types the number (JS-2026-0117) where the ERP's reference may carry a prefix (settlement/JS-2026-0117)
+create index document_reference_tail on tax.document ((substring(reference from '[^/]*$')));
 create index reversal_reference on tax.reversal (reference) where reference is not null;
+create index reversal_reference_tail on tax.reversal ((substring(reference from '[^/]*$'))) where reference is not null;
 create index reversal_red_invoice on tax.reversal (red_invoice_id) where red_invoice_id is not null;
 create index asn_number on scm.asn (asn_no);
 create index purchase_order_reference on scm.purchase_order (reference);

@@ -3608,6 +3608,13 @@ CREATE INDEX document_reference ON tax.document USING btree (reference);
 
 
 --
+-- Name: document_reference_tail; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX document_reference_tail ON tax.document USING btree ("substring"(reference, '[^/]*$'::text));
+
+
+--
 -- Name: invoice_event_invoice; Type: INDEX; Schema: tax
 --
 
@@ -3647,6 +3654,13 @@ CREATE INDEX reversal_red_invoice ON tax.reversal USING btree (red_invoice_id) W
 --
 
 CREATE INDEX reversal_reference ON tax.reversal USING btree (reference) WHERE (reference IS NOT NULL);
+
+
+--
+-- Name: reversal_reference_tail; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX reversal_reference_tail ON tax.reversal USING btree ("substring"(reference, '[^/]*$'::text)) WHERE (reference IS NOT NULL);
 
 
 --
