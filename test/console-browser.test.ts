@@ -17,7 +17,7 @@ import { startNuonuoSim, type NuonuoSim } from '../listener/sim/nuonuo.js';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/sim-server.js';
 import { startYonbipSim, type YonbipSim } from '../listener/sim/yonbip.js';
 import { waitFor } from './helpers/db.js';
-import { approve, configureTax, customer, settlement, USCC_OK } from './helpers/invoicing.js';
+import { approve, configureTax, customer, requestReversal, settlement, USCC_OK } from './helpers/invoicing.js';
 import { startListener, type InProcessListener } from './helpers/listener.js';
 import { addPo, addSuppliers, asnDoc, setupYonbip } from './helpers/scm.js';
 import { freePort, startSsoWorld, type SsoWorld } from './helpers/sso.js';
@@ -44,6 +44,7 @@ let consoleUrl: string;
 let browser: Browser;
 const contexts: BrowserContext[] = [];
 let refusedSettlement: { id: number; no: string };
+let goodSettlement: { id: number; no: string };
 let dead: string[] = [];
 
 beforeAll(async () => {
@@ -72,6 +73,7 @@ beforeAll(async () => {
   refusedSettlement = await settlement(db.pool, await customer(db.pool, { name: '杭州拒收贸易有限公司', taxId: REFUSED_TAX_ID }), [{ item: '软件服务', amount: 1060, rate: 0.06 }]);
   await approve(db.pool, refusedSettlement.id);
   const good = await settlement(db.pool, await customer(db.pool, { name: '华东机电有限公司' }), [{ item: '技术服务', amount: 530, rate: 0.06 }]);
+  goodSettlement = good;
   await approve(db.pool, good.id);
   const { s1 } = await addSuppliers(db.pool);
   await addPo(db.pool, 'PO-CONSOLE-1', s1);
@@ -88,6 +90,11 @@ beforeAll(async () => {
     const r = rows[0];
     return r.hooks_dead && r.refused && r.issued && r.published;
   }, { timeoutMs: 45_000, intervalMs: 200, what: 'the seeded documents to settle' });
+  // the issued invoice is reversed in full (开票有误): a red-letter pair
+  const blue = (await db.pool.query(`select invoice_id from tax.invoice_status where reference = $1`, [`settlement/${good.no}`])).rows[0].invoice_id;
+  await requestReversal(db.pool, blue, '2');
+  await waitFor(async () => (await db.pool.query(`select status = 'issued' and pdf_attachment_id is not null as done from tax.red_invoice_status where original_invoice_id = $1`, [blue])).rows[0]?.done,
+    { timeoutMs: 45_000, intervalMs: 200, what: 'the red-letter invoice to be issued' });
 
   const config = loadConsoleConfig({
     DATABASE_URL: db.url, ERP_CLOUD_CONSOLE_URL: consoleUrl, ERP_CLOUD_CONSOLE_PORT: String(client.port), ERP_CLOUD_CONSOLE_ISSUER: world.issuer,
@@ -204,6 +211,20 @@ describe('the operations console in a browser', () => {
     expect(await fin.locator('table.attempts tr').count()).toBeGreaterThan(2);
     await fin.waitForTimeout(1500); // the browser's PDF viewer draws the first page (for the screenshot only)
     await shot(fin, 'document');
+  });
+
+  it('a reversed invoice\'s document shows the red-letter pair: the blue invoice reversed, the red one with its number and PDF', async () => {
+    await ops.goto(`${consoleUrl}/documents?q=${encodeURIComponent(goodSettlement.no)}`);
+    await ops.waitForURL(/\/documents\/tax\/\d+$/);
+    const { rows } = await world.db.pool.query(`select r.invoice_id, r.invoice_no, b.status as blue_status from tax.red_invoice_status r
+                                                  join tax.invoice_status b on b.invoice_id = r.original_invoice_id where b.reference = $1`, [`settlement/${goodSettlement.no}`]);
+    expect(rows[0].blue_status).toBe('reversed');
+    expect(await ops.locator('section.invoice[data-status=reversed]').count()).toBe(1);
+    const red = ops.locator(`section.invoice[data-invoice-id="${rows[0].invoice_id}"]`);
+    expect(await red.locator('.invoice-no').textContent()).toBe(rows[0].invoice_no);
+    expect(await red.locator('iframe.pdf').count()).toBe(1);
+    await ops.waitForTimeout(2500); // the PDF viewers draw (for the screenshot only)
+    await shot(ops, 'document-red');
   });
 
   it('a finance user cannot replay a message: the page offers no button, and the database refuses the request too', async () => {

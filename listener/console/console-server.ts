@@ -339,11 +339,12 @@ export async function startConsoleServer(opts: ConsoleServerOptions): Promise<Co
       const data = await read(async (c) => {
         const messages = (await c.query(consoleSql.failedMessages, [cursor(url.searchParams.get('messages_before'))])).rows;
         const invoices = (await c.query(consoleSql.failedInvoices, [cursor(url.searchParams.get('invoices_before'))])).rows;
+        const reds = (await c.query(consoleSql.failedRedInvoices, [cursor(url.searchParams.get('reds_before'))])).rows;
         const refused = invoices.filter((i) => i.outcome === 'refused').map((i) => String(i.invoice_id));
         const buyers = new Map((refused.length ? (await c.query(consoleSql.invoiceBuyers, [refused])).rows : []).map((b: Row) => [String(b.id), b]));
-        return { messages, invoices, buyers };
+        return { messages, invoices, reds, buyers };
       });
-      send(res, 200, attentionPage(ctx, data.messages, data.invoices, data.buyers, PAGE_SIZE));
+      send(res, 200, attentionPage(ctx, data.messages, data.invoices, data.reds, data.buyers, PAGE_SIZE));
       return;
     }
     if (p === '/procurement') {

@@ -122,6 +122,8 @@ const LABELS = {
   advice_dead: ['重试次数已用完，云平台一直没有成功应答。确认云平台恢复后重放。', 'Every retry was used up without a good answer from the cloud. Once the cloud is back, replay it.'],
   advice_refused: ['税务平台拒绝开具此发票：%s。请更正购买方信息（或在 ERP 中修改客户资料）后重新开票。', 'The tax platform refused this invoice: %s. Correct the buyer (here, or the customer in the ERP) and reissue it.'],
   advice_unknown: ['开票结果未知（%s）：平台可能已经开出。请重新查询，不要重开，以免重复开票。', 'The outcome is unknown (%s): the platform may have issued it. Query again; do not reissue, or it may be issued twice.'],
+  advice_red_refused: ['税务平台拒绝了这张红字发票：%s。请核对红冲原因和行，在 ERP 中重新发起红冲。', 'The tax platform refused this red-letter invoice: %s. Check the reversal\'s reason and lines, and ask for the reversal again from the ERP.'],
+  refusedRedInvoices: ['被拒或结果未知的红字发票', 'Refused red-letter invoices and red-letter invoices with an unknown outcome'],
   orders: ['采购订单', 'Purchase orders'],
   poNo: ['订单号', 'PO number'],
   supplier: ['供应商', 'Supplier'],

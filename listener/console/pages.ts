@@ -168,6 +168,7 @@ ${reasonField(ctx, `reason-reissue-${inv.invoice_id}`)}
 }
 
 export function adviceFor(lang: Lang, x: Row): string {
+  if (x.outcome === 'refused' && x.original_invoice_id) return t(lang, 'advice_red_refused', [x.error_code, x.error_message].filter(Boolean).join(' '));
   if (x.outcome === 'refused') return t(lang, 'advice_refused', [x.error_code, x.error_message].filter(Boolean).join(' '));
   if (x.outcome === 'unknown') return t(lang, 'advice_unknown', x.error_code ?? '');
   if (x.status === 'failed') return t(lang, 'advice_failed');
@@ -182,7 +183,7 @@ function messagesTable(ctx: PageContext, messages: Row[], attempts: Row[]): Html
     const mine = attempts.filter((a) => a.request_id === m.request_id);
     return html`<div class="message" data-request-id="${m.request_id}" data-status="${m.status}">
 <h4><code>${m.operation}</code> → ${m.endpoint} ${statusBadge(ctx.lang, m.status)} <small><a href="/documents/message/${m.request_id}">${m.request_id}</a> · ${formatTime(m.created_at, ctx.timeZone)}</small></h4>
-${m.last_error ? html`<p class="err">${m.last_error}</p><p class="advice">${adviceFor(ctx.lang, m)}</p>` : ''}
+${m.last_error && m.status !== 'sent' ? html`<p class="err">${m.last_error}</p>` : ''}${adviceFor(ctx.lang, m) ? html`<p class="advice">${adviceFor(ctx.lang, m)}</p>` : ''}
 ${messageActions(ctx, m)}
 ${mine.length ? html`<table class="list attempts"><tr><th>${L('attempt')}</th><th>${L('started')}</th><th>${L('duration')}</th><th>${L('outcome')}</th><th>${L('httpStatus')}</th><th>${L('error')}</th><th></th></tr>
 ${mine.map((a) => html`<tr><td class="num">${a.attempt}${a.late ? ' *' : ''}</td><td>${formatTime(a.started_at, ctx.timeZone)}</td><td class="num">${a.duration_ms === null ? '' : `${Number(a.duration_ms).toFixed(0)} ms`}</td>
@@ -228,7 +229,7 @@ ${inv.error_code || inv.error_message ? html`<dt>${L('error')}</dt><dd class="er
 ${inv.status === 'failed' ? html`<p class="advice">${adviceFor(ctx.lang, inv)}</p>` : ''}
 ${invoiceActions(ctx, inv, d.buyers.get(id) ?? null)}
 ${inv.pdf_attachment_id ? html`<p class="files"><a href="/invoices/${id}/pdf" target="_blank">${L('pdf')}</a>${inv.ofd_url ? html` · <a href="${inv.ofd_url}" rel="noreferrer">${L('ofd')}</a>` : ''}${inv.xml_url ? html` · <a href="${inv.xml_url}" rel="noreferrer">${L('xml')}</a>` : ''}</p>
-<iframe class="pdf" src="/invoices/${id}/pdf" title="${L('pdf')} ${inv.invoice_no ?? id}"></iframe>` : inv.ofd_url || inv.xml_url ? html`<p class="files">${inv.ofd_url ? html`<a href="${inv.ofd_url}" rel="noreferrer">${L('ofd')}</a>` : ''} ${inv.xml_url ? html`<a href="${inv.xml_url}" rel="noreferrer">${L('xml')}</a>` : ''}</p>` : ''}
+<iframe class="pdf" loading="lazy" src="/invoices/${id}/pdf" title="${L('pdf')} ${inv.invoice_no ?? id}"></iframe>` : inv.ofd_url || inv.xml_url ? html`<p class="files">${inv.ofd_url ? html`<a href="${inv.ofd_url}" rel="noreferrer">${L('ofd')}</a>` : ''} ${inv.xml_url ? html`<a href="${inv.xml_url}" rel="noreferrer">${L('xml')}</a>` : ''}</p>` : ''}
 ${events.length ? html`<h4>${L('writeBacks')}</h4><ul class="events">${events.map((e) => html`<li>${formatTime(e.changed_at, ctx.timeZone)} — ${L('numberChanged')}: ${e.old_invoice_no ?? '∅'} → ${e.new_invoice_no ?? '∅'} (${label(ctx.lang, e.invoice_status, e.invoice_status)}, ${e.changed_by})</li>`)}</ul>` : ''}
 ${inv.responses && Object.keys(inv.responses).length ? html`<details><summary>${L('cloudAnswers')}</summary>${jsonBlock(inv.responses)}</details>` : ''}
 <h4>${L('messages')}</h4>
@@ -293,7 +294,7 @@ function moreLink(ctx: PageContext, rows: Row[], key: string, param: string, siz
 
 // ---------------------------------------------------------------- needs attention
 
-export function attentionPage(ctx: PageContext, messages: Row[], invoices: Row[], buyers: Map<string, Row>, size: number): string {
+export function attentionPage(ctx: PageContext, messages: Row[], invoices: Row[], reds: Row[], buyers: Map<string, Row>, size: number): string {
   const L = (k: LabelKey) => t(ctx.lang, k);
   return layout(ctx, 'attention', html`<h1>${L('attention')}</h1>
 <h2>${L('refusedInvoices')}</h2>
@@ -304,6 +305,13 @@ ${invoices.length ? invoices.map((inv) => html`<section class="card invoice" dat
 ${invoiceActions(ctx, inv, buyers.get(String(inv.invoice_id)) ?? null)}
 </section>`) : html`<p class="empty">${L('nothingToDo')}</p>`}
 ${moreLink(ctx, invoices, 'invoice_id', 'invoices_before', size)}
+${reds.length ? html`<h2>${L('refusedRedInvoices')}</h2>
+${reds.map((inv) => html`<section class="card invoice red" data-invoice-id="${inv.invoice_id}" data-outcome="${inv.outcome}">
+<h3><a href="/documents/tax/${inv.document_id}">${inv.original_reference}</a> <small>${inv.source} · ${L('reverses')} #${inv.original_invoice_id} · ${inv.reference ?? ''}</small> ${statusBadge(ctx.lang, inv.status)}</h3>
+<p>${L('reason')}: ${inv.reason} · ${L('amount')} ${inv.amount_incl_tax}</p>
+<p class="advice">${adviceFor(ctx.lang, inv)}</p>
+${invoiceActions(ctx, inv, null)}
+</section>`)}${moreLink(ctx, reds, 'invoice_id', 'reds_before', size)}` : ''}
 <h2>${L('failedMessages')}</h2>
 ${messages.length ? html`<table class="list messages"><tr><th>${L('message')}</th><th>${L('endpoint')}</th><th>${L('operation')}</th><th>${L('status')}</th><th>${L('attempts')}</th><th>${L('lastError')}</th><th></th></tr>
 ${messages.map((m) => html`<tr class="message" data-request-id="${m.request_id}" data-status="${m.status}"><td><a href="/documents/message/${m.request_id}"><code class="rid">${m.request_id}</code></a></td><td>${m.endpoint}</td><td><code>${m.operation}</code></td>

@@ -62,7 +62,9 @@ export const consoleSql = {
   attemptsOf: `select request_id, attempt, endpoint, operation, started_at, duration_ms, outcome, http_status, error_class, error_message, late,
                       method, url, request_headers, request_body, response_headers, response_body
                  from cloud.log where request_id = any ($1::uuid[]) order by started_at, attempt limit 500`,
-  auditOf: `select at, actor as who, action, reason, request_id::text as target from cloud.replay_audit where request_id = any ($1::uuid[])
+  /** replays and skips from psql or the CLI (cloud.replay_audit), and every console action (cloud.console_audit, which names the role too) */
+  auditOf: `select at, actor as who, action, reason, request_id::text as target from cloud.replay_audit
+             where request_id = any ($1::uuid[]) and actor not like 'console:%'
             union all
             select at, 'console:' || login || ' (' || console_role || ')', action, reason, target from cloud.console_audit where target = any ($2::text[])
             order by at`,
@@ -87,6 +89,11 @@ export const consoleSql = {
                           s.error_code, s.error_message, s.updated_at, d.id as document_id
                      from tax.invoice_status s join tax.document d on d.source = s.source and d.reference = s.reference
                     where s.status = 'failed' and ($1::bigint is null or s.invoice_id < $1) order by s.invoice_id desc limit ${PAGE_SIZE}`,
+
+  failedRedInvoices: `select r.invoice_id, r.original_invoice_id, r.original_reference, r.reference, r.reason, r.status, r.outcome, r.amount_incl_tax,
+                             r.error_code, r.error_message, r.updated_at, d.id as document_id, d.source
+                        from tax.red_invoice_status r join tax.invoice o on o.id = r.original_invoice_id join tax.document d on d.id = o.document_id
+                       where r.status = 'failed' and ($1::bigint is null or r.invoice_id < $1) order by r.invoice_id desc limit ${PAGE_SIZE}`,
 
   // --- procurement
   orders: `select order_id, source, reference, po_no, supplier_code, state, operation, cloud_status, cloud_error, synced_at
