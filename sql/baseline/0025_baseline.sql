@@ -38,7 +38,7 @@
 -- migration 0022_verb_renames.sql sha256 8190c80ff3b6ccdd1b4148cebeb19d73a16a57158d2c145c33b6f94aac6d4f99
 -- migration 0023_reference_erp_leaves_the_product.sql sha256 0c75a7a7ea2adf2a5e149f93fe055b32b539d6f982f98d35399d00f8d92cc34f
 -- migration 0024_local_placeholder.sql sha256 01d6023a06d91cca3ad2efbae1e37aebc729202521994d7221f42610025834f3
--- migration 0025_operations_console.sql sha256 228a2229a303fa84a9ae46d04c9ef4f66672625fcc7d167d1ac84b53a32c6eca
+-- migration 0025_operations_console.sql sha256 d153b4bd22d0370e24cde7cc913012d53a580acbc357ef12a559f9081c915ccb
 
 set local check_function_bodies = false;
 set local standard_conforming_strings = on;
@@ -665,10 +665,24 @@ COMMENT ON TABLE cloud.console_user IS 'ERP users (sso.app_user.login) who may u
 
 
 --
+-- Name: COLUMN console_user.login; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON COLUMN cloud.console_user.login IS 'The ERP login (sso.app_user.login) the console signs in.';
+
+
+--
 -- Name: COLUMN console_user.role; Type: COMMENT; Schema: cloud
 --
 
 COMMENT ON COLUMN cloud.console_user.role IS 'operator: replay and skip any message, requery and reissue invoices; finance: requery and reissue invoices only.';
+
+
+--
+-- Name: COLUMN console_user.granted_by; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON COLUMN cloud.console_user.granted_by IS 'The database user who gave the role (session_user of cloud.put_console_role).';
 
 
 --
@@ -10162,6 +10176,13 @@ COMMENT ON TABLE cloud.console_audit IS 'Every action taken from the operations 
 
 
 --
+-- Name: COLUMN console_audit.login; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON COLUMN cloud.console_audit.login IS 'The ERP login signed in to the console (erp_cloud.console_user).';
+
+
+--
 -- Name: COLUMN console_audit.target; Type: COMMENT; Schema: cloud
 --
 
@@ -14965,6 +14986,13 @@ CREATE INDEX console_audit_target ON cloud.console_audit USING btree (target, id
 
 
 --
+-- Name: INDEX console_audit_target; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON INDEX cloud.console_audit_target IS 'The audit of one message or invoice (a document''s timeline).';
+
+
+--
 -- Name: log_request; Type: INDEX; Schema: cloud
 --
 
@@ -15028,6 +15056,13 @@ CREATE INDEX asn_number ON scm.asn USING btree (asn_no);
 
 
 --
+-- Name: INDEX asn_number; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON INDEX scm.asn_number IS 'The console''s search by ASN number (without the supplier).';
+
+
+--
 -- Name: asn_po; Type: INDEX; Schema: scm
 --
 
@@ -15067,6 +15102,13 @@ CREATE INDEX callback_failure_unreplayed ON scm.callback_failure USING btree (so
 --
 
 CREATE INDEX purchase_order_reference ON scm.purchase_order USING btree (reference);
+
+
+--
+-- Name: INDEX purchase_order_reference; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON INDEX scm.purchase_order_reference IS 'The console''s search by an order''s reference alone (without its source).';
 
 
 --
@@ -15140,10 +15182,24 @@ CREATE INDEX document_reference ON tax.document USING btree (reference);
 
 
 --
+-- Name: INDEX document_reference; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.document_reference IS 'The console''s search by a document''s reference alone (without its source).';
+
+
+--
 -- Name: document_reference_tail; Type: INDEX; Schema: tax
 --
 
 CREATE INDEX document_reference_tail ON tax.document USING btree ("substring"(reference, '[^/]*$'::text));
+
+
+--
+-- Name: INDEX document_reference_tail; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.document_reference_tail IS 'The console''s search by the number after the last ''/'' of a reference (settlement/JS-2026-0117 by JS-2026-0117).';
 
 
 --
@@ -15161,10 +15217,24 @@ CREATE INDEX invoice_failed ON tax.invoice USING btree (id) WHERE (invoice_statu
 
 
 --
+-- Name: INDEX invoice_failed; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.invoice_failed IS 'Needs attention: failed invoices, newest first (keyset on id).';
+
+
+--
 -- Name: invoice_number; Type: INDEX; Schema: tax
 --
 
 CREATE INDEX invoice_number ON tax.invoice USING btree (invoice_no) WHERE (invoice_no IS NOT NULL);
+
+
+--
+-- Name: INDEX invoice_number; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.invoice_number IS 'The console''s search by invoice number.';
 
 
 --
@@ -15182,6 +15252,13 @@ CREATE INDEX reversal_red_invoice ON tax.reversal USING btree (red_invoice_id) W
 
 
 --
+-- Name: INDEX reversal_red_invoice; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.reversal_red_invoice IS 'From a red invoice to its reversal.';
+
+
+--
 -- Name: reversal_reference; Type: INDEX; Schema: tax
 --
 
@@ -15189,10 +15266,24 @@ CREATE INDEX reversal_reference ON tax.reversal USING btree (reference) WHERE (r
 
 
 --
+-- Name: INDEX reversal_reference; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.reversal_reference IS 'The console''s search by a reversal''s reference.';
+
+
+--
 -- Name: reversal_reference_tail; Type: INDEX; Schema: tax
 --
 
 CREATE INDEX reversal_reference_tail ON tax.reversal USING btree ("substring"(reference, '[^/]*$'::text)) WHERE (reference IS NOT NULL);
+
+
+--
+-- Name: INDEX reversal_reference_tail; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.reversal_reference_tail IS 'The console''s search by the number after the last ''/'' of a reversal''s reference.';
 
 
 --
@@ -15567,10 +15658,24 @@ CREATE POLICY "The operations console sees every ASN" ON scm.asn FOR SELECT TO e
 
 
 --
+-- Name: POLICY "The operations console sees every ASN" ON asn; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON POLICY "The operations console sees every ASN" ON scm.asn IS 'The console''s finance and operator roles read every ASN (procurement page).';
+
+
+--
 -- Name: asn_line The operations console sees every ASN line; Type: POLICY; Schema: scm
 --
 
 CREATE POLICY "The operations console sees every ASN line" ON scm.asn_line FOR SELECT TO erp_cloud_console_finance, erp_cloud_console_operator USING (true);
+
+
+--
+-- Name: POLICY "The operations console sees every ASN line" ON asn_line; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON POLICY "The operations console sees every ASN line" ON scm.asn_line IS 'The console''s finance and operator roles read every ASN line.';
 
 
 --
@@ -15581,6 +15686,13 @@ CREATE POLICY "The operations console sees every purchase order" ON scm.purchase
 
 
 --
+-- Name: POLICY "The operations console sees every purchase order" ON purchase_order; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON POLICY "The operations console sees every purchase order" ON scm.purchase_order IS 'The console''s finance and operator roles read every order (procurement page).';
+
+
+--
 -- Name: purchase_order_line The operations console sees every purchase order line; Type: POLICY; Schema: scm
 --
 
@@ -15588,10 +15700,24 @@ CREATE POLICY "The operations console sees every purchase order line" ON scm.pur
 
 
 --
+-- Name: POLICY "The operations console sees every purchase order line" ON purchase_order_line; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON POLICY "The operations console sees every purchase order line" ON scm.purchase_order_line IS 'The console''s finance and operator roles read every order line.';
+
+
+--
 -- Name: supplier The operations console sees every supplier; Type: POLICY; Schema: scm
 --
 
 CREATE POLICY "The operations console sees every supplier" ON scm.supplier FOR SELECT TO erp_cloud_console_finance, erp_cloud_console_operator USING (true);
+
+
+--
+-- Name: POLICY "The operations console sees every supplier" ON supplier; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON POLICY "The operations console sees every supplier" ON scm.supplier IS 'The console''s finance and operator roles read every supplier (scm.order_status joins it).';
 
 
 --

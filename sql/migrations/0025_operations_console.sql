@@ -306,3 +306,24 @@ create policy "The operations console sees every ASN line" on scm.asn_line for s
 -- the views' private functions run with the reader's rights
 grant execute on function tax._outcome_unknown(tax.invoice), cloud._counts_toward_attempts(text, integer, text)
    to erp_cloud_console_finance, erp_cloud_console_operator;
+
+-- 7. what the indexes and policies are for ---------------------------------------------
+
+comment on index cloud.console_audit_target is 'The audit of one message or invoice (a document''s timeline).';
+comment on index tax.invoice_number is 'The console''s search by invoice number.';
+comment on index tax.invoice_failed is 'Needs attention: failed invoices, newest first (keyset on id).';
+comment on index tax.document_reference is 'The console''s search by a document''s reference alone (without its source).';
+comment on index tax.document_reference_tail is 'The console''s search by the number after the last ''/'' of a reference (settlement/JS-2026-0117 by JS-2026-0117).';
+comment on index tax.reversal_reference is 'The console''s search by a reversal''s reference.';
+comment on index tax.reversal_reference_tail is 'The console''s search by the number after the last ''/'' of a reversal''s reference.';
+comment on index tax.reversal_red_invoice is 'From a red invoice to its reversal.';
+comment on index scm.asn_number is 'The console''s search by ASN number (without the supplier).';
+comment on index scm.purchase_order_reference is 'The console''s search by an order''s reference alone (without its source).';
+comment on column cloud.console_user.login is 'The ERP login (sso.app_user.login) the console signs in.';
+comment on column cloud.console_user.granted_by is 'The database user who gave the role (session_user of cloud.put_console_role).';
+comment on column cloud.console_audit.login is 'The ERP login signed in to the console (erp_cloud.console_user).';
+comment on policy "The operations console sees every purchase order" on scm.purchase_order is 'The console''s finance and operator roles read every order (procurement page).';
+comment on policy "The operations console sees every purchase order line" on scm.purchase_order_line is 'The console''s finance and operator roles read every order line.';
+comment on policy "The operations console sees every supplier" on scm.supplier is 'The console''s finance and operator roles read every supplier (scm.order_status joins it).';
+comment on policy "The operations console sees every ASN" on scm.asn is 'The console''s finance and operator roles read every ASN (procurement page).';
+comment on policy "The operations console sees every ASN line" on scm.asn_line is 'The console''s finance and operator roles read every ASN line.';

@@ -142,10 +142,24 @@ COMMENT ON TABLE cloud.console_user IS 'ERP users (sso.app_user.login) who may u
 
 
 --
+-- Name: COLUMN console_user.login; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON COLUMN cloud.console_user.login IS 'The ERP login (sso.app_user.login) the console signs in.';
+
+
+--
 -- Name: COLUMN console_user.role; Type: COMMENT; Schema: cloud
 --
 
 COMMENT ON COLUMN cloud.console_user.role IS 'operator: replay and skip any message, requery and reissue invoices; finance: requery and reissue invoices only.';
+
+
+--
+-- Name: COLUMN console_user.granted_by; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON COLUMN cloud.console_user.granted_by IS 'The database user who gave the role (session_user of cloud.put_console_role).';
 
 
 --
@@ -2988,6 +3002,13 @@ COMMENT ON TABLE cloud.console_audit IS 'Every action taken from the operations 
 
 
 --
+-- Name: COLUMN console_audit.login; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON COLUMN cloud.console_audit.login IS 'The ERP login signed in to the console (erp_cloud.console_user).';
+
+
+--
 -- Name: COLUMN console_audit.target; Type: COMMENT; Schema: cloud
 --
 
@@ -3367,6 +3388,13 @@ ALTER TABLE ONLY cloud.setting
 --
 
 CREATE INDEX console_audit_target ON cloud.console_audit USING btree (target, id);
+
+
+--
+-- Name: INDEX console_audit_target; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON INDEX cloud.console_audit_target IS 'The audit of one message or invoice (a document''s timeline).';
 
 
 --

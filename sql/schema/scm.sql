@@ -2842,6 +2842,13 @@ CREATE INDEX asn_number ON scm.asn USING btree (asn_no);
 
 
 --
+-- Name: INDEX asn_number; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON INDEX scm.asn_number IS 'The console''s search by ASN number (without the supplier).';
+
+
+--
 -- Name: asn_po; Type: INDEX; Schema: scm
 --
 
@@ -2881,6 +2888,13 @@ CREATE INDEX callback_failure_unreplayed ON scm.callback_failure USING btree (so
 --
 
 CREATE INDEX purchase_order_reference ON scm.purchase_order USING btree (reference);
+
+
+--
+-- Name: INDEX purchase_order_reference; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON INDEX scm.purchase_order_reference IS 'The console''s search by an order''s reference alone (without its source).';
 
 
 --
@@ -3116,10 +3130,24 @@ CREATE POLICY "The operations console sees every ASN" ON scm.asn FOR SELECT TO e
 
 
 --
+-- Name: POLICY "The operations console sees every ASN" ON asn; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON POLICY "The operations console sees every ASN" ON scm.asn IS 'The console''s finance and operator roles read every ASN (procurement page).';
+
+
+--
 -- Name: asn_line The operations console sees every ASN line; Type: POLICY; Schema: scm
 --
 
 CREATE POLICY "The operations console sees every ASN line" ON scm.asn_line FOR SELECT TO erp_cloud_console_finance, erp_cloud_console_operator USING (true);
+
+
+--
+-- Name: POLICY "The operations console sees every ASN line" ON asn_line; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON POLICY "The operations console sees every ASN line" ON scm.asn_line IS 'The console''s finance and operator roles read every ASN line.';
 
 
 --
@@ -3130,6 +3158,13 @@ CREATE POLICY "The operations console sees every purchase order" ON scm.purchase
 
 
 --
+-- Name: POLICY "The operations console sees every purchase order" ON purchase_order; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON POLICY "The operations console sees every purchase order" ON scm.purchase_order IS 'The console''s finance and operator roles read every order (procurement page).';
+
+
+--
 -- Name: purchase_order_line The operations console sees every purchase order line; Type: POLICY; Schema: scm
 --
 
@@ -3137,10 +3172,24 @@ CREATE POLICY "The operations console sees every purchase order line" ON scm.pur
 
 
 --
+-- Name: POLICY "The operations console sees every purchase order line" ON purchase_order_line; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON POLICY "The operations console sees every purchase order line" ON scm.purchase_order_line IS 'The console''s finance and operator roles read every order line.';
+
+
+--
 -- Name: supplier The operations console sees every supplier; Type: POLICY; Schema: scm
 --
 
 CREATE POLICY "The operations console sees every supplier" ON scm.supplier FOR SELECT TO erp_cloud_console_finance, erp_cloud_console_operator USING (true);
+
+
+--
+-- Name: POLICY "The operations console sees every supplier" ON supplier; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON POLICY "The operations console sees every supplier" ON scm.supplier IS 'The console''s finance and operator roles read every supplier (scm.order_status joins it).';
 
 
 --

@@ -3608,10 +3608,24 @@ CREATE INDEX document_reference ON tax.document USING btree (reference);
 
 
 --
+-- Name: INDEX document_reference; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.document_reference IS 'The console''s search by a document''s reference alone (without its source).';
+
+
+--
 -- Name: document_reference_tail; Type: INDEX; Schema: tax
 --
 
 CREATE INDEX document_reference_tail ON tax.document USING btree ("substring"(reference, '[^/]*$'::text));
+
+
+--
+-- Name: INDEX document_reference_tail; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.document_reference_tail IS 'The console''s search by the number after the last ''/'' of a reference (settlement/JS-2026-0117 by JS-2026-0117).';
 
 
 --
@@ -3629,10 +3643,24 @@ CREATE INDEX invoice_failed ON tax.invoice USING btree (id) WHERE (invoice_statu
 
 
 --
+-- Name: INDEX invoice_failed; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.invoice_failed IS 'Needs attention: failed invoices, newest first (keyset on id).';
+
+
+--
 -- Name: invoice_number; Type: INDEX; Schema: tax
 --
 
 CREATE INDEX invoice_number ON tax.invoice USING btree (invoice_no) WHERE (invoice_no IS NOT NULL);
+
+
+--
+-- Name: INDEX invoice_number; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.invoice_number IS 'The console''s search by invoice number.';
 
 
 --
@@ -3650,6 +3678,13 @@ CREATE INDEX reversal_red_invoice ON tax.reversal USING btree (red_invoice_id) W
 
 
 --
+-- Name: INDEX reversal_red_invoice; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.reversal_red_invoice IS 'From a red invoice to its reversal.';
+
+
+--
 -- Name: reversal_reference; Type: INDEX; Schema: tax
 --
 
@@ -3657,10 +3692,24 @@ CREATE INDEX reversal_reference ON tax.reversal USING btree (reference) WHERE (r
 
 
 --
+-- Name: INDEX reversal_reference; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.reversal_reference IS 'The console''s search by a reversal''s reference.';
+
+
+--
 -- Name: reversal_reference_tail; Type: INDEX; Schema: tax
 --
 
 CREATE INDEX reversal_reference_tail ON tax.reversal USING btree ("substring"(reference, '[^/]*$'::text)) WHERE (reference IS NOT NULL);
+
+
+--
+-- Name: INDEX reversal_reference_tail; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.reversal_reference_tail IS 'The console''s search by the number after the last ''/'' of a reversal''s reference.';
 
 
 --
