@@ -263,7 +263,7 @@ describe('the operations console in a browser', () => {
     expect(Number((await world.db.pool.query('select count(*) from cloud.console_audit')).rows[0].count)).toBe(before);
   });
 
-  it('a signed-in user without a console role sees nothing and can do nothing', async () => {
+  it('a signed-in user without a console role sees nothing and can do nothing, and signing out ends the session', async () => {
     const guest = await signIn('guest');
     expect(await guest.locator('#no-role').count()).toBe(1);
     expect(await guest.locator('header nav a').count()).toBe(0);
@@ -277,6 +277,12 @@ describe('the operations console in a browser', () => {
     const res = await guest.request.post(`${consoleUrl}/actions/replay`, { form: { csrf: (await csrfOf(guest))!, request_id: dead[2]!, reason: '访客' } });
     expect(res.status()).toBe(403);
     expect(await statusOf(dead[2]!)).toBe('dead');
+    // signing out ends the console session: the same browser is asked to sign in again
+    await guest.locator('form[action="/logout"] button').click();
+    await guest.waitForURL(`${consoleUrl}/signed-out`);
+    const after = await guest.request.get(`${consoleUrl}/attention`, { maxRedirects: 0 });
+    expect(after.status()).toBe(302);
+    expect(after.headers().location).toBe('/login');
   });
 
   it('procurement shows the order with its cloud status, the ASN with its source, and the quarantined event with its reason', async () => {
