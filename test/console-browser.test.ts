@@ -315,4 +315,25 @@ describe('the operations console in a browser', () => {
     expect(await ops.locator('table.asns').textContent()).toContain('ASN-CONSOLE-1');
     await shot(ops, 'order');
   });
+
+  it('needs attention pages by keyset: the first page holds 50 messages, "more" shows the rest, none twice', async () => {
+    const db = world.db;
+    await db.pool.query(`select cloud.put_endpoint('bulk', $1, 'webhook', p_max_attempts => 1, p_timeout_ms => 1000)`, [`http://127.0.0.1:${await freePort()}/`]);
+    await db.pool.query(`select cloud.put_endpoint_allowlist('bulk', '{}', '{}', true)`);
+    await db.pool.query(`select cloud.put_endpoint_limits('bulk', null, p_circuit_threshold => 1000, p_circuit_window => 1000)`);
+    await db.pool.query(`select cloud.enqueue_message('bulk', 'demo.ping', jsonb_build_object('n', n)) from generate_series(1, 55) n`);
+    const expected = await waitFor(async () => {
+      const { rows } = await db.pool.query(`select request_id::text as rid from cloud.outbox where status in ('failed', 'dead') order by id desc`);
+      return rows.length >= 57 && (await db.pool.query(`select count(*)::int n from cloud.outbox where endpoint = 'bulk' and status <> 'dead'`)).rows[0].n === 0
+        ? rows.map((r) => r.rid as string) : null;
+    }, { timeoutMs: 40_000, intervalMs: 200, what: 'the bulk messages to go dead' });
+    await ops.goto(`${consoleUrl}/attention`);
+    const first = await ops.locator('tr.message').evaluateAll((rows) => rows.map((r) => r.getAttribute('data-request-id')));
+    expect(first).toEqual(expected.slice(0, 50));
+    await ops.locator('a.more').click();
+    await ops.waitForURL(/messages_before=\d+/);
+    const second = await ops.locator('tr.message').evaluateAll((rows) => rows.map((r) => r.getAttribute('data-request-id')));
+    expect(second).toEqual(expected.slice(50));
+    expect(await ops.locator('a.more').count()).toBe(0);
+  });
 });
