@@ -76,7 +76,7 @@ export const consoleSql = {
   purchaseOrder: `select source, reference, order_id, po_no, supplier_code, state, operation, cloud_status, cloud_ref, cloud_error, revision, synced_at,
                          supplier_confirmed_at, created_at, updated_at, lines
                     from scm.order_status where order_id = $1`,
-  asnsOfOrder: `select asn_id, asn_no, supplier_code, status, reject_code, reject_reason, received_via, received_at, delivered_at, delivery_error
+  asnsOfOrder: `select asn_id, asn_no, supplier_code, po_no, status, reject_code, reject_reason, received_via, received_at, delivered_at, delivery_error
                   from scm.asn_status where order_reference = $1 and source = $2 order by asn_id`,
   asn: `select source, order_reference, asn_id, asn_no, supplier_code, po_no, status, reject_code, reject_reason, received_via, received_at,
                delivered_at, delivery_error, ship_date, eta, carrier, tracking_no, lines
