@@ -21,6 +21,7 @@
  *      each tax platform's simulator, same conditions (figures/baiwang.ts)
  *  10. held_snapshot_ratio: delivery while a REPEATABLE READ snapshot is held,
  *      with claim, insert and bystander latency, dead tuples, size (figures/held-snapshot.ts)
+ *  11. console_page_p50_ms: the operations console's slowest page (figures/console.ts)
  * and writes bench/results/latest.json (and a copy, latest-quick.json or
  * latest-full.json) plus a table on stdout. Targets are
  * informational: the exit code is non-zero only when something failed.
@@ -34,7 +35,7 @@
  * msgs_per_cpu_s (CPU seconds, not wall time) before messages per second.
  * BENCH_ONLY=a,b  development aid: run only these figures (delivery, latency,
  *                 erp_insert, claim, rate_limit, invoicing, asn_search, faults, platforms,
- *                 held_snapshot); results go to bench/results/partial.json.
+ *                 console, held_snapshot); results go to bench/results/partial.json.
  *
  * Profiling and A/B aids: BENCH_CPU_PROFILE=dir (every listener and
  * graphile-worker process under node --cpu-prof; summarise with
@@ -55,6 +56,7 @@ import { fileURLToPath } from 'node:url';
 import { asnSearchFigure } from './figures/asn-search.js';
 import { platformsFigure } from './figures/baiwang.js';
 import { claimFigure } from './figures/claim.js';
+import { consoleFigure } from './figures/console.js';
 import { deliveryFigure } from './figures/delivery.js';
 import { erpInsertFigure } from './figures/erp-insert.js';
 import { faultsFigure } from './figures/faults.js';
@@ -138,6 +140,7 @@ const TARGETS: Target[] = [
   { key: 'held_snapshot.dead_tuples_held', label: 'held snapshot: the same, end of the held phase', op: '<=', target: null, unit: '' },
   { key: 'held_snapshot.dead_tuples_after_release', label: 'held snapshot: the same, a few seconds after release', op: '<=', target: null, unit: '' },
   { key: 'held_snapshot.queue_size_held_bytes', label: 'held snapshot: size of schema cloud (log aside), end of held', op: '<=', target: null, unit: 'B' },
+  { key: 'console_page_p50_ms', label: 'operations console, slowest page p50 (100k invoices, 1M cloud.log rows)', op: '<=', target: null, unit: 'ms' },
   { key: 'faults.faulty.per_s_to_90pct', label: 'rate to 90 % delivered under faults, without the retry tail (diagnostic)', op: '>=', target: null, unit: 'msg/s' },
   { key: 'platforms.nuonuo.invoices_per_s', label: 'e-invoices end to end through the Nuonuo simulator (platform comparison)', op: '>=', target: null, unit: 'inv/s' },
   { key: 'platforms.baiwang.invoices_per_s', label: 'e-invoices end to end through the Baiwang simulator (platform comparison)', op: '>=', target: null, unit: 'inv/s' },
@@ -166,6 +169,7 @@ const FIGURES = {
   faults: faultsFigure,
   platforms: platformsFigure,
   held_snapshot: heldSnapshotFigure,
+  console: consoleFigure,
 } as const;
 type FigureName = keyof typeof FIGURES;
 
