@@ -1,5 +1,5 @@
--- NOT A MIGRATION YET: lands as sql/migrations/0027_lean_attempt_reports.sql once 0025 and 0026
--- (other helpers' files) are in main — the runner refuses a gap in the numbering. Measured with
+-- NOT A MIGRATION YET: lands as sql/migrations/0027_lean_attempt_reports.sql once 0026
+-- (another helper's file) is in main — the runner refuses a gap in the numbering. Measured with
 -- the harness in bench/proposed/README.md. Then: make schema, pin it in CHECKSUMS.
 --
 -- 0027 — a cheaper report of attempts (issue 15 §3): what the listener's one
