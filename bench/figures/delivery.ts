@@ -16,7 +16,9 @@
  * database's backends (bench/lib/cpu.ts; the bench's own connections and the
  * sink excluded), and so messages per CPU second of the whole system.
  * Headlines: per process count, each system's best rate and their ratio; the
- * messages per CPU second of each system at its best single-process run.
+ * messages per CPU second of each system at its best single-process run, over
+ * the whole run (process start-up included, which weighs on a short quick run)
+ * and steady (from the first request the sink saw: start-up left out for both).
  */
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -24,7 +26,7 @@ import { runMigrations, Logger } from 'graphile-worker';
 import pg from 'pg';
 import type { BenchContext } from '../lib/context.js';
 import { benchPool } from '../lib/db.js';
-import { cpuMark, cpuSince, type CpuScope, type CpuUse } from '../lib/cpu.js';
+import { cpuMark, cpuSince, type CpuMark, type CpuScope, type CpuUse } from '../lib/cpu.js';
 import { listenerSettings, profileArgs, spawnListener, stopListener, type ListenerProc } from '../lib/listeners.js';
 import { enqueueBenchMessages, putSinkEndpoint } from '../lib/outbox.js';
 import { forkChild, stopChild, type Child } from '../lib/procs.js';
@@ -52,8 +54,10 @@ export interface RunResult {
   sink_requests: number;
   sink_duplicates: number;
   log_rows?: number;
-  /** Where the CPU went during the run (Linux /proc; null elsewhere). */
+  /** Where the CPU went during the run (Linux /proc; null elsewhere), process start-up included. */
   cpu: CpuUse;
+  /** The same from the first request the sink saw to the end: per message without start-up. */
+  cpu_steady: CpuUse;
   config: Record<string, unknown>;
 }
 
@@ -65,6 +69,9 @@ export interface SweepRow {
   graphile_worker_best_concurrency: number;
   ratio: number;
   erp_cloud_msgs_per_cpu_s: number | null;
+  erp_cloud_msgs_per_cpu_s_steady: number | null;
+  graphile_worker_msgs_per_cpu_s_steady: number | null;
+  cpu_ratio_steady: number | null;
   graphile_worker_msgs_per_cpu_s: number | null;
   cpu_ratio: number | null;
 }
@@ -78,6 +85,7 @@ export interface DeliveryResult {
   msgs_per_cpu_s: number | null;
   graphile_worker_msgs_per_cpu_s: number | null;
   msgs_per_cpu_s_ratio: number | null;
+  msgs_per_cpu_s_steady_ratio: number | null;
   delivery_best_config: Record<string, unknown>;
   delivery: { sweep: SweepRow[]; sweep_text: string; erp_cloud_concurrencies: number[]; graphile_worker_concurrencies: number[]; messages_per_run: number };
   runs: RunResult[];
@@ -107,6 +115,23 @@ async function waitSink(ctx: BenchContext, n: number, timeoutMs: number, alive: 
 
 interface Templates { erp: string; gw: string }
 
+/**
+ * A second CPU mark once the sink has seen the first request: from there on the processes only
+ * deliver (start-up — loading modules, connecting, migrations check — is behind them), so CPU
+ * since this mark per message delivered since it is the steady per-message cost. Both systems pay
+ * their start-up in the whole-run figure; this one leaves it out for both.
+ */
+async function steadyMark(ctx: BenchContext, scope: CpuScope, alive: () => void): Promise<{ mark: CpuMark; delivered: number }> {
+  const delivered = await waitFor(
+    async () => {
+      alive();
+      return (await ctx.sink.stats()).count;
+    },
+    { timeoutMs: 60_000, intervalMs: 5, what: 'the first request at the sink' },
+  );
+  return { mark: await cpuMark(scope), delivered };
+}
+
 async function erpCloudRun(ctx: BenchContext, tpl: Templates, n: number, listeners: number, concurrency: number, timeoutMs: number): Promise<RunResult> {
   const db = await ctx.dbs.createFrom(`deliv_erp${listeners}_c${concurrency}`, tpl.erp);
   const pool = benchPool(db.url, 'delivery');
@@ -124,6 +149,7 @@ async function erpCloudRun(ctx: BenchContext, tpl: Templates, n: number, listene
     const alive = () => {
       for (const p of procs) if (p.proc.exitCode !== null) throw new Error(`listener exited (${p.proc.exitCode}): ${p.output()}`);
     };
+    const steady = await steadyMark(ctx, cpuScope(ctx, pool, db.name, procs.map((p) => p.proc.pid)), alive);
     await waitSink(ctx, n, timeoutMs, alive);
     // done when every attempt is reported: its cloud.log row is written in the transaction that
     // completes the message (read from the log, so that this works whatever the queue's storage is)
@@ -142,6 +168,7 @@ async function erpCloudRun(ctx: BenchContext, tpl: Templates, n: number, listene
     );
     const seconds = (epochMs() - t0) / 1000;
     const cpu = await cpuSince(cpuScope(ctx, pool, db.name, procs.map((p) => p.proc.pid)), mark, n);
+    const cpuSteady = await cpuSince(cpuScope(ctx, pool, db.name, procs.map((p) => p.proc.pid)), steady.mark, n - steady.delivered);
     const result: RunResult = {
       system: `erp-cloud x${listeners}`,
       processes: listeners,
@@ -152,9 +179,10 @@ async function erpCloudRun(ctx: BenchContext, tpl: Templates, n: number, listene
       ...(await sinkRates(ctx, n)),
       log_rows: logRows,
       cpu,
+      cpu_steady: cpuSteady,
       config: { ...listenerSettings(listeners, env), analyzed_after_load: ANALYZE },
     };
-    progress(`  ${result.system} c${concurrency}: ${result.per_s}/s (sink window ${result.sink_window_per_s}/s), ${cpu.msgs_per_cpu_s} msgs per CPU s (worker ${cpu.worker_ms_per_msg} + db ${cpu.db_ms_per_msg} ms/msg)`);
+    progress(`  ${result.system} c${concurrency}: ${result.per_s}/s (sink window ${result.sink_window_per_s}/s), ${cpu.msgs_per_cpu_s} msgs per CPU s (worker ${cpu.worker_ms_per_msg} + db ${cpu.db_ms_per_msg} ms/msg); steady ${cpuSteady.msgs_per_cpu_s} (${cpuSteady.worker_ms_per_msg} + ${cpuSteady.db_ms_per_msg})`);
     return result;
   } finally {
     await Promise.all(procs.map((p) => stopListener(p)));
@@ -197,6 +225,7 @@ async function graphileRun(ctx: BenchContext, tpl: Templates, n: number, process
     const alive = () => {
       for (const c of children) if (c.proc.exitCode !== null) throw new Error(`graphile-worker child exited (${c.proc.exitCode}): ${c.output()}`);
     };
+    const steady = await steadyMark(ctx, cpuScope(ctx, pool, db.name, children.map((c) => c.proc.pid)), alive);
     await waitSink(ctx, n, timeoutMs, alive);
     await waitFor(
       async () => {
@@ -211,6 +240,7 @@ async function graphileRun(ctx: BenchContext, tpl: Templates, n: number, process
     );
     const seconds = (epochMs() - t0) / 1000;
     const cpu = await cpuSince(cpuScope(ctx, pool, db.name, children.map((c) => c.proc.pid)), mark, n);
+    const cpuSteady = await cpuSince(cpuScope(ctx, pool, db.name, children.map((c) => c.proc.pid)), steady.mark, n - steady.delivered);
     const result: RunResult = {
       system: `graphile-worker x${processes}`,
       processes,
@@ -220,9 +250,10 @@ async function graphileRun(ctx: BenchContext, tpl: Templates, n: number, process
       per_s: round(n / seconds, 1),
       ...(await sinkRates(ctx, n)),
       cpu,
+      cpu_steady: cpuSteady,
       config: { concurrency, ...GW, ...(process.env.BENCH_GRAPHILE_CHILD ? { BENCH_GRAPHILE_CHILD: process.env.BENCH_GRAPHILE_CHILD } : {}), analyzed_after_load: ANALYZE, version: '0.17', task: 'attemptDelivery (listener/delivery/http.ts), provider webhook' },
     };
-    progress(`  ${result.system} c${concurrency}: ${result.per_s}/s (sink window ${result.sink_window_per_s}/s), ${cpu.msgs_per_cpu_s} msgs per CPU s (worker ${cpu.worker_ms_per_msg} + db ${cpu.db_ms_per_msg} ms/msg)`);
+    progress(`  ${result.system} c${concurrency}: ${result.per_s}/s (sink window ${result.sink_window_per_s}/s), ${cpu.msgs_per_cpu_s} msgs per CPU s (worker ${cpu.worker_ms_per_msg} + db ${cpu.db_ms_per_msg} ms/msg); steady ${cpuSteady.msgs_per_cpu_s} (${cpuSteady.worker_ms_per_msg} + ${cpuSteady.db_ms_per_msg})`);
     return result;
   } finally {
     await Promise.all(children.map((c) => stopChild(c, 10_000, () => c.proc.send({ cmd: 'stop' }))));
@@ -270,6 +301,9 @@ export async function deliveryFigure(ctx: BenchContext): Promise<DeliveryResult>
       erp_cloud_msgs_per_cpu_s: ec,
       graphile_worker_msgs_per_cpu_s: gc,
       cpu_ratio: ec !== null && gc !== null ? round(ec / gc, 3) : null,
+      erp_cloud_msgs_per_cpu_s_steady: e.cpu_steady.msgs_per_cpu_s,
+      graphile_worker_msgs_per_cpu_s_steady: g.cpu_steady.msgs_per_cpu_s,
+      cpu_ratio_steady: e.cpu_steady.msgs_per_cpu_s && g.cpu_steady.msgs_per_cpu_s ? round(e.cpu_steady.msgs_per_cpu_s / g.cpu_steady.msgs_per_cpu_s, 3) : null,
     });
   }
   const all = best(runs.filter((r) => r.system.startsWith('erp-cloud')));
@@ -277,9 +311,10 @@ export async function deliveryFigure(ctx: BenchContext): Promise<DeliveryResult>
   const x1 = sweep.find((r) => r.processes === 1)!;
   const x2 = sweep.find((r) => r.processes === 2)!;
   const sweepText = textTable(
-    ['system', 'procs', 'conc', 'msg/s', 'worker ms/msg', 'db ms/msg', 'msgs per CPU s'],
+    ['system', 'procs', 'conc', 'msg/s', 'worker ms/msg', 'db ms/msg', 'msgs per CPU s', 'steady: worker', 'db', 'msgs per CPU s'],
     runs.map((r) => [r.system.replace(/ x\d$/, ''), String(r.processes), String(r.concurrency), String(r.per_s),
-      String(r.cpu.worker_ms_per_msg ?? 'n/a'), String(r.cpu.db_ms_per_msg ?? 'n/a'), String(r.cpu.msgs_per_cpu_s ?? 'n/a')]),
+      String(r.cpu.worker_ms_per_msg ?? 'n/a'), String(r.cpu.db_ms_per_msg ?? 'n/a'), String(r.cpu.msgs_per_cpu_s ?? 'n/a'),
+      String(r.cpu_steady.worker_ms_per_msg ?? 'n/a'), String(r.cpu_steady.db_ms_per_msg ?? 'n/a'), String(r.cpu_steady.msgs_per_cpu_s ?? 'n/a')]),
   );
   return {
     delivery_per_s: all.per_s,
@@ -290,6 +325,7 @@ export async function deliveryFigure(ctx: BenchContext): Promise<DeliveryResult>
     msgs_per_cpu_s: x1.erp_cloud_msgs_per_cpu_s,
     graphile_worker_msgs_per_cpu_s: x1.graphile_worker_msgs_per_cpu_s,
     msgs_per_cpu_s_ratio: x1.cpu_ratio,
+    msgs_per_cpu_s_steady_ratio: x1.cpu_ratio_steady,
     delivery_best_config: all.config,
     delivery: { sweep, sweep_text: sweepText, erp_cloud_concurrencies: erpC, graphile_worker_concurrencies: gwC, messages_per_run: n },
     runs,
