@@ -12,6 +12,8 @@
  *   7. asn_search_speedup, asn_search_p50_ms     (figures/asn-search.ts)
  *   8. faults_delivery_ratio, faults_lost, faults_second_effects,
  *      faults_circuit_open_share: delivery under 30 % faults (figures/faults.ts)
+ *   9. platforms.<nuonuo|baiwang>.invoices_per_s: e-invoices per second through
+ *      each tax platform's simulator, same conditions (figures/baiwang.ts)
  * and writes bench/results/latest.json (and a copy, latest-quick.json or
  * latest-full.json) plus a table on stdout. Targets are
  * informational: the exit code is non-zero only when something failed.
@@ -19,7 +21,7 @@
  * BENCH_QUICK=1   a reduced version of every figure (same keys, < 90 s, except
  *                 faults: 1.5 to 2 min on its own, set by its retry tail).
  * BENCH_ONLY=a,b  development aid: run only these figures (delivery, latency,
- *                 erp_insert, claim, rate_limit, invoicing, asn_search, faults); results go to bench/results/partial.json.
+ *                 erp_insert, claim, rate_limit, invoicing, asn_search, faults, platforms); results go to bench/results/partial.json.
  *
  * The results also record which engine ran (migrations and built listener,
  * hashed) and, since the server may be shared, whether other sessions used
@@ -33,6 +35,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { asnSearchFigure } from './figures/asn-search.js';
+import { platformsFigure } from './figures/baiwang.js';
 import { claimFigure } from './figures/claim.js';
 import { deliveryFigure } from './figures/delivery.js';
 import { erpInsertFigure } from './figures/erp-insert.js';
@@ -102,6 +105,8 @@ const TARGETS: Target[] = [
   { key: 'faults_stream_lost', label: 'stream: messages lost under faults', op: '=', target: 0, unit: '' },
   { key: 'faults_stream_second_effects', label: 'stream: keys with more than one 2xx under faults', op: '=', target: 0, unit: '' },
   { key: 'faults.faulty.per_s_to_90pct', label: 'rate to 90 % delivered under faults, without the retry tail (diagnostic)', op: '>=', target: null, unit: 'msg/s' },
+  { key: 'platforms.nuonuo.invoices_per_s', label: 'e-invoices end to end through the Nuonuo simulator (platform comparison)', op: '>=', target: null, unit: 'inv/s' },
+  { key: 'platforms.baiwang.invoices_per_s', label: 'e-invoices end to end through the Baiwang simulator (platform comparison)', op: '>=', target: null, unit: 'inv/s' },
 ];
 
 function targetText(t: Target): string {
@@ -125,6 +130,7 @@ const FIGURES = {
   invoicing: invoicingFigure,
   asn_search: asnSearchFigure,
   faults: faultsFigure,
+  platforms: platformsFigure,
 } as const;
 type FigureName = keyof typeof FIGURES;
 

@@ -1,5 +1,6 @@
 /** The provider adapters by name (cloud.endpoint.provider). Later clouds register here. */
 import type { ProviderAdapter } from './types.js';
+import { baiwangAdapter } from './baiwang.js';
 import { nuonuoAdapter } from './nuonuo.js';
 import { webhookAdapter } from './webhook.js';
 import { yonbipAdapter } from './yonbip.js';
@@ -8,6 +9,7 @@ const adapters = new Map<string, ProviderAdapter>([
   [webhookAdapter.name, webhookAdapter],
   [nuonuoAdapter.name, nuonuoAdapter],
   [yonbipAdapter.name, yonbipAdapter],
+  [baiwangAdapter.name, baiwangAdapter],
 ]);
 
 export function adapterFor(name: string): ProviderAdapter | undefined {

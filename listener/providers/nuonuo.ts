@@ -23,6 +23,7 @@
 import { createHmac, randomBytes, randomInt } from 'node:crypto';
 import { AdapterError, type ClaimedMessage, type HttpAnswer, type OutgoingRequest, type ProviderAdapter, type ProviderContext, type Verdict } from './types.js';
 import { classifyHttpFailure, parseJsonOrText } from './http-semantics.js';
+import { classifyDownload, downloadRequest } from './file-download.js';
 
 export interface SignInput {
   appSecret: string;
@@ -162,33 +163,6 @@ async function gatewayRequest(msg: ClaimedMessage, ctx: ProviderContext, cfg: Cf
   };
   if (cfg.userTax) headers.usertax = cfg.userTax;
   return { method: 'POST', url: url.toString(), headers, body, secrets: [appSecret, token] };
-}
-
-/** tax.config max_pdf_bytes, carried in the download's payload. */
-function pdfCap(msg: ClaimedMessage): number {
-  return Number((msg.payload as { max_bytes?: unknown }).max_bytes ?? 5 * 1024 * 1024);
-}
-
-function downloadRequest(msg: ClaimedMessage): OutgoingRequest {
-  const url = (msg.payload as { url?: unknown }).url;
-  if (typeof url !== 'string' || url === '') throw new AdapterError('permanent', 'no_pdf_url', 'the download has no URL');
-  // the URL is the cloud's: the egress guard judges it against the base URL's origin and the
-  // endpoint's download hosts (not its API allowlist), checks its addresses, follows no redirect;
-  // the cap is applied while the PDF downloads, so a huge answer never sits in memory whole
-  return { method: 'GET', url, headers: { accept: 'application/pdf' }, binaryResponse: true, maxResponseBytes: pdfCap(msg), download: true };
-}
-
-function classifyDownload(answer: HttpAnswer, msg: ClaimedMessage): Verdict {
-  if (answer.status >= 300 && answer.status < 400) {
-    return { outcome: 'permanent', errorClass: 'redirect_refused', message: `HTTP ${answer.status}: the PDF URL redirects to ${String(answer.headers.location ?? '?')}; redirects are never followed` };
-  }
-  if (answer.status < 200 || answer.status >= 300) return classifyHttpFailure({ ...answer, body: answer.body.slice(0, 300) });
-  const max = pdfCap(msg);
-  if (answer.raw.length > max) return { outcome: 'permanent', errorClass: 'pdf_too_large', message: `the PDF has ${answer.raw.length} bytes, over the ${max}-byte cap` };
-  if (answer.raw.subarray(0, 5).toString('latin1') !== '%PDF-') {
-    return { outcome: 'permanent', errorClass: 'not_pdf', message: `the answer is not a PDF (content-type ${String(answer.headers['content-type'] ?? '?')}, starts ${JSON.stringify(answer.raw.subarray(0, 8).toString('latin1'))})` };
-  }
-  return { outcome: 'ok', response: { content_base64: answer.raw.toString('base64'), byte_size: answer.raw.length, content_type: 'application/pdf' } };
 }
 
 function classifyGateway(answer: HttpAnswer, msg: ClaimedMessage): Verdict {

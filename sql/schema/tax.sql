@@ -164,7 +164,7 @@ COMMENT ON TABLE tax.invoice IS 'Invoices issued through the tax cloud: a blue o
 -- Name: COLUMN invoice.order_no; Type: COMMENT; Schema: tax
 --
 
-COMMENT ON COLUMN tax.invoice.order_no IS 'Nuonuo orderNo: the request_id without dashes, so a retry after a timeout can never issue twice (E9106 = already submitted).';
+COMMENT ON COLUMN tax.invoice.order_no IS 'The platform''s idempotency key (Nuonuo orderNo, Baiwang serialNo): the request_id without dashes, so a retry after a timeout can never issue twice (a duplicate answer, E9106 or Baiwang''s duplicate serial, means already submitted: look it up).';
 
 
 --
@@ -613,6 +613,28 @@ COMMENT ON FUNCTION tax._document_lines(p_doc jsonb, p_ctx tax.validation_contex
 
 
 --
+-- Name: _endpoint_of(tax.invoice); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._endpoint_of(p_inv tax.invoice) RETURNS text
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  -- the endpoint its current submit (tax.issue, or tax.red_confirm of a red invoice) went to;
+  -- the configured one when that message is gone (retention) or was never sent
+  select coalesce((select o.endpoint from cloud.outbox o where o.request_id = p_inv.request_id),
+                  (select c.endpoint from tax.config c))
+$$;
+
+
+--
+-- Name: FUNCTION _endpoint_of(p_inv tax.invoice); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._endpoint_of(p_inv tax.invoice) IS 'Internal: the endpoint (so the platform) an invoice was submitted to: its later calls (result queries, red-letter forms, PDF download) go there even after tax.config points elsewhere; tax.config''s endpoint when the submit message is gone.';
+
+
+--
 -- Name: _enqueue_query(tax.invoice, text, bigint); Type: FUNCTION; Schema: tax
 --
 
@@ -622,7 +644,7 @@ CREATE FUNCTION tax._enqueue_query(p_inv tax.invoice, p_by text, p_delay_ms bigi
 declare
   v_id uuid;
 begin
-  v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.query',
+  v_id := cloud.enqueue_message(tax._endpoint_of(p_inv), 'tax.query',
             case when p_by = 'serial' then jsonb_build_object('serialNos', jsonb_build_array(p_inv.invoice_serial_no), 'isOfferInvoiceDetail', '0')
                  else jsonb_build_object('orderNos', jsonb_build_array(p_inv.order_no), 'isOfferInvoiceDetail', '0') end,
             'tax.invoice', p_inv.id::text, null, null, clock_timestamp() + make_interval(secs => p_delay_ms / 1000.0));
@@ -760,7 +782,8 @@ begin
     from (select sum(amount_excl_tax) ex, sum(tax_amount) tx, sum(amount_incl_tax) inc from tax.invoice_line where invoice_id = v_red) t
    where a.id = v_red;
   update tax.reversal set red_invoice_id = v_red, bill_id = left(tax.order_no_for(v_req), 32) where id = q.id;
-  perform cloud.enqueue_message(v_cfg.endpoint, 'tax.red_confirm', jsonb_strip_nulls(jsonb_build_object(
+  -- the red-letter form goes to the platform that issued the blue invoice
+  perform cloud.enqueue_message(tax._endpoint_of(v_orig), 'tax.red_confirm', jsonb_strip_nulls(jsonb_build_object(
     'billId', tax.order_no_for(v_req),
     'blueInvoiceLine', case v_orig.invoice_kind when 'special' then 'bs' else 'pc' end,
     'applySource', '0',
@@ -940,7 +963,7 @@ begin
    where request_id = p_inv.next_query_id and status = 'pending' and next_attempt_at > clock_timestamp();
   get diagnostics v_n = row_count;
   if v_n > 0 then
-    perform cloud._wake_listeners((select e.wake_channel from cloud.endpoint e join tax.config c on c.endpoint = e.name));
+    perform cloud._wake_listeners((select e.wake_channel from cloud.endpoint e join cloud.outbox o on o.endpoint = e.name where o.request_id = p_inv.next_query_id));
   end if;
   return 'query_now';
 end $$;
@@ -1059,22 +1082,23 @@ COMMENT ON FUNCTION tax._refresh_buyer(p_src tax.source, p_reference text) IS 'I
 
 
 --
--- Name: _reinvoice_supported(); Type: FUNCTION; Schema: tax
+-- Name: _reinvoice_supported(text); Type: FUNCTION; Schema: tax
 --
 
-CREATE FUNCTION tax._reinvoice_supported() RETURNS boolean
+CREATE FUNCTION tax._reinvoice_supported(p_endpoint text) RETURNS boolean
     LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
   select e.provider = 'nuonuo' and coalesce(nullif(e.config->>'method_prefix', ''), 'nuonuo.OpeMplatform') = 'nuonuo.OpeMplatform'
-    from cloud.endpoint e join tax.config c on c.endpoint = e.name
+    from cloud.endpoint e where e.name = p_endpoint
 $$;
 
 
 --
--- Name: FUNCTION _reinvoice_supported(); Type: COMMENT; Schema: tax
+-- Name: FUNCTION _reinvoice_supported(p_endpoint text); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax._reinvoice_supported() IS 'Internal: whether the issuing endpoint can retry signing (nuonuo.OpeMplatform.reInvoice; the classic ElectronInvoice product has no such method).';
+COMMENT ON FUNCTION tax._reinvoice_supported(p_endpoint text) IS 'Internal: whether an endpoint can retry signing (nuonuo.OpeMplatform.reInvoice; the classic ElectronInvoice product and Baiwang have no such method).';
 
 
 --
@@ -1282,7 +1306,7 @@ $$;
 -- Name: FUNCTION build_invoice_payload(p_invoice_id bigint); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.build_invoice_payload(p_invoice_id bigint) IS 'The Tax_Invoice_Payload of one invoice: the requestBillingNew {"order": …} with the buyer (the invoice''s snapshot), the seller (tax.config), orderNo, the remark (the document''s, with " (n/m)" for a part) and the invoiceDetail lines (jsonb_agg).';
+COMMENT ON FUNCTION tax.build_invoice_payload(p_invoice_id bigint) IS 'The Tax_Invoice_Payload of one invoice, the same for every platform (the adapter translates it: Baiwang''s issue body is made from it): the requestBillingNew {"order": …} with the buyer (the invoice''s snapshot), the seller (tax.config), orderNo, the remark (the document''s, with " (n/m)" for a part) and the invoiceDetail lines (jsonb_agg).';
 
 
 --
@@ -1626,7 +1650,7 @@ CREATE FUNCTION tax.order_no_for(p_request_id uuid) RETURNS text
 -- Name: FUNCTION order_no_for(p_request_id uuid); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.order_no_for(p_request_id uuid) IS 'The Nuonuo orderNo for a request_id (32 hex characters): the idempotency key a retry reuses.';
+COMMENT ON FUNCTION tax.order_no_for(p_request_id uuid) IS 'The platform''s idempotency key for a request_id (32 hex characters: Nuonuo orderNo, Baiwang serialNo), which a retry reuses.';
 
 
 --
@@ -2062,14 +2086,15 @@ begin
       perform tax._mark_original_reversed(v_inv.original_invoice_id);
     end if;
     if coalesce(v_res->>'pdfUrl', '') <> '' then
-      perform cloud.enqueue_message(v_cfg.endpoint, 'tax.download_pdf',
+      perform cloud.enqueue_message(m.endpoint, 'tax.download_pdf',
         jsonb_build_object('url', v_res->>'pdfUrl', 'max_bytes', v_cfg.max_pdf_bytes, 'invoice_no', v_no),
         'tax.invoice', v_inv.id::text);
     end if;
   elsif v_st = '22' then
-    -- 开票失败: a definite refusal; a new orderNo (tax.reissue_invoice) may issue it
+    -- 开票失败: a definite refusal; a new orderNo (tax.reissue_invoice) may issue it. The code is the
+    -- adapter's (errorCode: baiwang_… for Baiwang); an answer without one is Nuonuo's status 22
     update tax.invoice a
-       set invoice_status = 'failed', error_code = 'nuonuo_22',
+       set invoice_status = 'failed', error_code = coalesce(nullif(v_res->>'errorCode', ''), 'nuonuo_22'),
            error_message = coalesce(nullif(v_res->>'failCause', ''), v_res->>'statusMsg', 'the platform failed the invoice'),
            polls = a.polls + 1, tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
      where a.id = v_inv.id;
@@ -2106,14 +2131,14 @@ begin
            order_known = a.order_known or r->>'code' is distinct from 'E9500',
            tax_cloud_response = a.tax_cloud_response || jsonb_build_object('query', r), updated_at = now()
      where a.id = v_inv.id returning * into v_inv;
-    if v_st = '24' and coalesce(v_res->>'serialNo', v_inv.invoice_serial_no) is not null and tax._reinvoice_supported() then
+    if v_st = '24' and coalesce(v_res->>'serialNo', v_inv.invoice_serial_no) is not null and tax._reinvoice_supported(m.endpoint) then
       v_n := coalesce((v_inv.tax_cloud_response->>'reinvoices')::integer, 0);
       -- the platform allows 20 per serial no. per day (E9613), and signing after a reInvoice takes a while:
       -- polls that still see 24 right after one must not spend the allowance, so one per minute at most
       if v_n < 20 and coalesce((v_inv.tax_cloud_response->>'reinvoice_at')::timestamptz < now() - interval '1 minute', true) then
         update tax.invoice a set tax_cloud_response = a.tax_cloud_response || jsonb_build_object('reinvoices', v_n + 1, 'reinvoice_at', now())
          where a.id = v_inv.id;
-        perform cloud.enqueue_message(v_cfg.endpoint, 'tax.reinvoice',
+        perform cloud.enqueue_message(m.endpoint, 'tax.reinvoice',
           jsonb_build_object('fpqqlsh', coalesce(v_res->>'serialNo', v_inv.invoice_serial_no), 'orderno', v_inv.order_no),
           'tax.invoice', v_inv.id::text);
       end if;
@@ -2127,7 +2152,7 @@ end $$;
 -- Name: FUNCTION record_query_answered(m cloud.outbox, r jsonb); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.record_query_answered(m cloud.outbox, r jsonb) IS 'Write-back of tax.query: status 2 → issued (20-digit number, date, URLs, raw answer), the PDF download enqueued, a red invoice marks its original (partially) reversed; 22 → failed with the fail cause; 24 (issued, signing failed) → signing retried with reInvoice (same serial no., at most once a minute and 20 times) and polled; still issuing → the next query, backing off, up to max_polls. An invoice failed with an unknown outcome still takes a final answer.';
+COMMENT ON FUNCTION tax.record_query_answered(m cloud.outbox, r jsonb) IS 'Write-back of tax.query: status 2 → issued (20-digit number, date, URLs, raw answer), the PDF download enqueued, a red invoice marks its original (partially) reversed; 22 → failed with the fail cause and the adapter''s error code (result[0].errorCode; nuonuo_22 when the answer has none); 24 (issued, signing failed) → signing retried with reInvoice (same serial no., at most once a minute and 20 times) and polled; still issuing → the next query, backing off, up to max_polls. An invoice failed with an unknown outcome still takes a final answer.';
 
 
 --
@@ -2205,7 +2230,7 @@ begin
   -- the 72-hour confirmation deadline counts from the form's creation (the first answer), not from the request
   update tax.reversal set status = 'confirming', error_message = null, form_submitted_at = coalesce(form_submitted_at, now())
    where red_invoice_id = v_inv.id and status in ('pending', 'confirming');
-  v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.red_query',
+  v_id := cloud.enqueue_message(m.endpoint, 'tax.red_query',
     jsonb_build_object('identity', '0', 'billId', m.payload->>'billId'), 'tax.invoice', m.aggregate_id, null, null,
     clock_timestamp() + make_interval(secs => tax._poll_delay_ms(1) / 1000.0));
   update tax.invoice set next_query_id = v_id where id = v_inv.id;
@@ -2273,7 +2298,7 @@ begin
   else
     update tax.invoice a set polls = a.polls + 1, tax_cloud_response = a.tax_cloud_response || jsonb_build_object('red_query', r), updated_at = now()
      where a.id = v_inv.id returning polls into v_n;
-    v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.red_query', m.payload, 'tax.invoice', m.aggregate_id, null, null,
+    v_id := cloud.enqueue_message(m.endpoint, 'tax.red_query', m.payload, 'tax.invoice', m.aggregate_id, null, null,
       clock_timestamp() + make_interval(secs => tax._poll_delay_ms(v_n) / 1000.0));
     update tax.invoice set next_query_id = v_id where id = v_inv.id;
   end if;
@@ -2480,7 +2505,7 @@ begin
   if v_inv.invoice_type = 'red' and v_inv.invoice_serial_no is null then
     -- the red-confirmation form may or may not exist: read it back by its billId
     select bill_id into v_bill from tax.reversal where red_invoice_id = v_inv.id;
-    v_id := cloud.enqueue_message((select endpoint from tax.config), 'tax.red_query', jsonb_build_object('identity', '0', 'billId', v_bill),
+    v_id := cloud.enqueue_message(tax._endpoint_of(v_inv), 'tax.red_query', jsonb_build_object('identity', '0', 'billId', v_bill),
                                   'tax.invoice', v_inv.id::text);
     update tax.invoice set next_query_id = v_id where id = v_inv.id;
     return v_id;
@@ -3810,6 +3835,13 @@ REVOKE ALL ON FUNCTION tax._document_lines(p_doc jsonb, p_ctx tax.validation_con
 
 
 --
+-- Name: FUNCTION _endpoint_of(p_inv tax.invoice); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._endpoint_of(p_inv tax.invoice) FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION _enqueue_query(p_inv tax.invoice, p_by text, p_delay_ms bigint); Type: ACL; Schema: tax
 --
 
@@ -3908,10 +3940,10 @@ REVOKE ALL ON FUNCTION tax._refresh_buyer(p_src tax.source, p_reference text) FR
 
 
 --
--- Name: FUNCTION _reinvoice_supported(); Type: ACL; Schema: tax
+-- Name: FUNCTION _reinvoice_supported(p_endpoint text); Type: ACL; Schema: tax
 --
 
-REVOKE ALL ON FUNCTION tax._reinvoice_supported() FROM PUBLIC;
+REVOKE ALL ON FUNCTION tax._reinvoice_supported(p_endpoint text) FROM PUBLIC;
 
 
 --
