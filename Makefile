@@ -7,7 +7,7 @@ PGPORT_PRIVATE := $(or $(ERP_CLOUD_PGPORT),54329)
 DB_URL := $(or $(DATABASE_URL),postgres://postgres@127.0.0.1:$(PGPORT_PRIVATE)/erp_cloud)
 CLI := node dist/listener/cli.js
 
-.PHONY: help deps build db db-stop migrate test demo bench clean schema
+.PHONY: help deps build db db-stop migrate test demo bench clean schema browser
 
 help:
 	@echo "make demo     start a private PostgreSQL with pg_cron, migrate, run the simulator and the listener, push sample messages through"
@@ -38,8 +38,12 @@ db-stop:
 migrate: build db
 	$(CLI) -c '$(DB_URL)' migrate
 
+# Debian's chromium for the console's browser tests (installed with apt when missing and run as root)
+browser:
+	@bash scripts/setup-browser.sh
+
 # the tests' own pg_cron database (test/helpers/cron.ts): no test touches erp_cloud
-test: build
+test: build browser
 	@ERP_CLOUD_CRON_DB=erp_cloud_test_cron bash scripts/pg.sh start
 	DATABASE_URL='$(DB_URL)' npx vitest run
 

@@ -37,6 +37,7 @@ import { fileURLToPath } from 'node:url';
 import { asnSearchFigure } from './figures/asn-search.js';
 import { platformsFigure } from './figures/baiwang.js';
 import { claimFigure } from './figures/claim.js';
+import { consoleFigure } from './figures/console.js';
 import { deliveryFigure } from './figures/delivery.js';
 import { erpInsertFigure } from './figures/erp-insert.js';
 import { faultsFigure } from './figures/faults.js';
@@ -104,6 +105,7 @@ const TARGETS: Target[] = [
   { key: 'faults_stream_circuit_opens', label: 'stream: times the circuit opened during the faulty run (lower bound)', op: '<=', target: null, unit: '' },
   { key: 'faults_stream_lost', label: 'stream: messages lost under faults', op: '=', target: 0, unit: '' },
   { key: 'faults_stream_second_effects', label: 'stream: keys with more than one 2xx under faults', op: '=', target: 0, unit: '' },
+  { key: 'console_page_p50_ms', label: 'operations console, slowest page p50 (100k invoices, 1M cloud.log rows)', op: '<=', target: null, unit: 'ms' },
   { key: 'faults.faulty.per_s_to_90pct', label: 'rate to 90 % delivered under faults, without the retry tail (diagnostic)', op: '>=', target: null, unit: 'msg/s' },
   { key: 'platforms.nuonuo.invoices_per_s', label: 'e-invoices end to end through the Nuonuo simulator (platform comparison)', op: '>=', target: null, unit: 'inv/s' },
   { key: 'platforms.baiwang.invoices_per_s', label: 'e-invoices end to end through the Baiwang simulator (platform comparison)', op: '>=', target: null, unit: 'inv/s' },
@@ -131,6 +133,7 @@ const FIGURES = {
   asn_search: asnSearchFigure,
   faults: faultsFigure,
   platforms: platformsFigure,
+  console: consoleFigure,
 } as const;
 type FigureName = keyof typeof FIGURES;
 

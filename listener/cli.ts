@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * erp-cloud: the command line. Verbs: migrate, listen, status, replay, sim, vault, doctor, tail, sso.
+ * erp-cloud: the command line. Verbs: migrate, listen, status, replay, sim, vault, doctor, tail, sso, console.
  * -c/--connection defaults to DATABASE_URL; any failure exits with code 1.
  *
  * Each verb imports its own modules when it runs, so `listen`, `migrate`, `status` and `doctor` never
@@ -433,6 +433,43 @@ sso
     } finally {
       await rp.close();
     }
+  });
+
+// The operations console (listener/console/): pages over the same SQL views and functions, signed in
+// through erp-cloud's own OpenID Provider; every action authorised again in the database.
+const consoleCommand = program.command('console').description('the operations console: overview, documents, what needs attention, procurement, settings (config from ERP_CLOUD_CONSOLE_* variables)');
+
+consoleCommand
+  .command('serve', { isDefault: true })
+  .description('serve the console (prints {"console", "url"} as JSON once it listens); Ctrl-C stops')
+  .action(async (_opts, cmd: Command) => {
+    const [{ loadConsoleConfig }, { createPool }, { createLogger }, { startConsoleServer }] = await Promise.all([
+      import('./console/config.js'), import('./kernel/db.js'), import('./kernel/logger.js'), import('./console/console-server.js'),
+    ]);
+    const config = loadConsoleConfig(process.env, { DATABASE_URL: connectionOf(cmd) });
+    const log = createLogger(config.ERP_CLOUD_LOG_LEVEL, 'erp-cloud-console');
+    const pool = createPool(config.DATABASE_URL, config.ERP_CLOUD_CONSOLE_POOL_SIZE, log);
+    const server = await startConsoleServer({ config, pool, log });
+    console.log(JSON.stringify({ console: 'serve', url: config.ERP_CLOUD_CONSOLE_URL, listening: server.url }));
+    await new Promise<void>((resolve) => {
+      process.once('SIGTERM', resolve);
+      process.once('SIGINT', resolve);
+    });
+    await server.close();
+    await pool.end();
+  });
+
+consoleCommand
+  .command('link')
+  .description('a one-time sign-in link to the console for an ERP user, as the ERP\'s "open the console" button makes it (sso.issue_jump_ticket)')
+  .argument('<login>', 'the ERP login (sso.app_user.login)')
+  .option('--client-id <id>', 'the console\'s SSO client id', 'console')
+  .addOption(new Option('--ttl <seconds>', 'how long the link may wait to be opened').default(600).argParser(intArg('--ttl', 1, 600)))
+  .action(async (login: string, opts: { clientId: string; ttl: number }, cmd: Command) => {
+    await withClient(connectionOf(cmd), async (c) => {
+      const { rows } = await c.query('select sso.issue_jump_ticket($1, $2, null, make_interval(secs => $3)) as url', [login, opts.clientId, opts.ttl]);
+      console.log(rows[0].url);
+    });
   });
 
 try {

@@ -62,3 +62,30 @@ echo "== erp-cloud status"
 cli status
 echo
 if [ ${#failed[@]} -eq 0 ]; then echo "demo OK: ${parts[*]}"; else echo "demo FAILED: ${failed[*]}"; exit 1; fi
+
+# The operations console (erp-cloud console), signed in through the demo's OpenID Provider (part 40-sso),
+# left running for a person to look at until Ctrl-C. ERP_CLOUD_DEMO_NO_WAIT=1 starts and checks it, then ends.
+echo
+echo "== console: the operations console for the demo operator demo.ops"
+console_port=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
+console_url="http://127.0.0.1:$console_port"
+console_secret=$(PGOPTIONS='-c client_min_messages=warning' psql_ -tA <<SQL
+select sso.put_user('demo.ops', '演示运维 Demo Operator') \\g /dev/null
+select cloud.put_console_role('demo.ops', 'operator') \\g /dev/null
+delete from sso.client where client_id = 'console';
+select client_secret from sso.register_client('console', 'Operations console (demo)', array['$console_url/callback'], '{}', '$console_url/login');
+SQL
+)
+console_log=$(mktemp)
+ERP_CLOUD_CONSOLE_URL=$console_url ERP_CLOUD_CONSOLE_PORT=$console_port ERP_CLOUD_CONSOLE_ISSUER=$sso_issuer \
+  ERP_CLOUD_CONSOLE_CLIENT_SECRET=$console_secret ERP_CLOUD_LOG_LEVEL=warn \
+  node dist/listener/cli.js console >"$console_log" 2>&1 & console_pid=$!; pids+=($console_pid)
+for _ in $(seq 100); do grep -q '"console"' "$console_log" && break; sleep 0.1; done
+grep -q '"console"' "$console_log" || { cat "$console_log" >&2; echo "console FAILED: it did not start"; exit 1; }
+curl -fsS -o /dev/null "$console_url/healthz" || { echo "console FAILED: $console_url/healthz"; exit 1; }
+echo "   console:  $console_url"
+echo "   sign in as the demo operator demo.ops (one use, valid 10 minutes): $(cli console link demo.ops)"
+echo "   a new link: DATABASE_URL=… node dist/listener/cli.js console link demo.ops"
+[ "${ERP_CLOUD_DEMO_NO_WAIT:-}" = 1 ] && exit 0
+echo "   the console, the listener and the simulators keep running; Ctrl-C stops them"
+wait "$console_pid"

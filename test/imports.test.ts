@@ -49,7 +49,7 @@ function roomOf(file: string): string | null {
   return parts.length === 2 ? path.posix.basename(file, '.ts') : parts[1]!;
 }
 
-const ROOMS = ['kernel', 'delivery', 'providers', 'inbound', 'sso', 'ops', 'sim'];
+const ROOMS = ['kernel', 'delivery', 'providers', 'inbound', 'sso', 'ops', 'console', 'sim'];
 
 /** The rooms each room may import (listener/README.md); cli.ts and sim/ are judged by the rules below. */
 const MAY_IMPORT: Record<string, string[]> = {
@@ -59,6 +59,7 @@ const MAY_IMPORT: Record<string, string[]> = {
   inbound: ['inbound', 'kernel', 'providers'],
   sso: ['sso', 'kernel'],
   ops: ['ops', 'kernel', 'delivery'],
+  console: ['console', 'kernel'],
 };
 
 /** The packages production code may import: package.json dependencies and Node's own modules. */

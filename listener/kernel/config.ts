@@ -37,7 +37,7 @@ const schema = z.object({
 });
 
 /** Variables whose value never appears in a message, not even when it is wrong. */
-const SECRET_VARIABLES: ReadonlySet<string> = new Set(['ERP_CLOUD_VAULT_KEY']);
+const SECRET_VARIABLES: ReadonlySet<string> = new Set(['ERP_CLOUD_VAULT_KEY', 'ERP_CLOUD_CONSOLE_CLIENT_SECRET']);
 
 export type Config = z.infer<typeof schema>;
 

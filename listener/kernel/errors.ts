@@ -108,6 +108,10 @@ export const SqlState = {
   ssoThrottleInvalid: 'EO027',
   ssoInvalidUser: 'EO028',
   ssoInvalidClientSetting: 'EO029',
+  // the operations console (sql/migrations/0025_operations_console.sql)
+  consoleNoUser: 'EA001',
+  consoleRoleRefused: 'EA002',
+  consoleRoleInvalid: 'EA003',
 } as const;
 
 export type SqlStateName = keyof typeof SqlState;

@@ -169,7 +169,7 @@ alter table cloud.outbox_archive
   add constraint outbox_archive_pkey primary key (request_id),
   add constraint outbox_archive_sent_only check (status = 'sent' and locked_until is null);
 comment on table cloud.outbox_archive is 'Sent messages that cloud.rotate_outbox moved out of cloud.outbox, whose child table this is: read them through cloud.outbox like any message. Insert-only until cloud.purge_finished_messages deletes them after the retention period.';
-grant select on cloud.outbox_archive to erp_cloud_listener, erp_cloud_operator;
+grant select on cloud.outbox_archive to erp_cloud_listener, erp_cloud_operator, erp_cloud_console_finance, erp_cloud_console_operator;
 
 create function cloud.rotate_outbox(
   p_min_sent integer default 1000)  -- rotate only when cloud.outbox itself holds at least this many sent messages

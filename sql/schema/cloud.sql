@@ -122,6 +122,67 @@ COMMENT ON TYPE cloud.send_slot IS 'The answer of cloud.take_send_slots for one 
 
 
 --
+-- Name: console_user; Type: TABLE; Schema: cloud
+--
+
+CREATE TABLE cloud.console_user (
+    login text NOT NULL,
+    role text NOT NULL,
+    granted_by text NOT NULL,
+    granted_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT console_user_role_known CHECK ((role = ANY (ARRAY['operator'::text, 'finance'::text])))
+);
+
+
+--
+-- Name: TABLE console_user; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON TABLE cloud.console_user IS 'ERP users (sso.app_user.login) who may use the operations console, and as what: operator (everything) or finance (invoices: requery, reissue). A user not listed sees nothing. Kept with cloud.put_console_role.';
+
+
+--
+-- Name: COLUMN console_user.login; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON COLUMN cloud.console_user.login IS 'The ERP login (sso.app_user.login) the console signs in.';
+
+
+--
+-- Name: COLUMN console_user.role; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON COLUMN cloud.console_user.role IS 'operator: replay and skip any message, requery and reissue invoices; finance: requery and reissue invoices only.';
+
+
+--
+-- Name: COLUMN console_user.granted_by; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON COLUMN cloud.console_user.granted_by IS 'The database user who gave the role (session_user of cloud.put_console_role).';
+
+
+--
+-- Name: _audit_console_action(cloud.console_user, text, text, text, text); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._audit_console_action(p_user cloud.console_user, p_action text, p_target text, p_reason text, p_result text) RETURNS void
+    LANGUAGE sql
+    SET search_path TO ''
+    AS $$
+  insert into cloud.console_audit (login, console_role, action, target, reason, result)
+  values (p_user.login, p_user.role, p_action, p_target, p_reason, p_result)
+$$;
+
+
+--
+-- Name: FUNCTION _audit_console_action(p_user cloud.console_user, p_action text, p_target text, p_reason text, p_result text); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._audit_console_action(p_user cloud.console_user, p_action text, p_target text, p_reason text, p_result text) IS 'Internal: one row of cloud.console_audit.';
+
+
+--
 -- Name: _check_egress_hosts(text, text, text[], boolean); Type: FUNCTION; Schema: cloud
 --
 
@@ -211,6 +272,40 @@ $$;
 --
 
 COMMENT ON FUNCTION cloud._circuit_mark(p_outcome text, p_http_status integer, p_error_class text) IS 'Internal: what one attempt tells the circuit breaker: x (the cloud failed: network, timeout, 5xx), . (the cloud answered) or null (nothing: a 429, a lost lease, a shutdown, a listener-side problem).';
+
+
+--
+-- Name: _console_actor(text[]); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._console_actor(p_allowed text[]) RETURNS cloud.console_user
+    LANGUAGE plpgsql STABLE
+    SET search_path TO ''
+    AS $$
+declare
+  v_login text := nullif(pg_catalog.current_setting('erp_cloud.console_user', true), '');
+  v_user  cloud.console_user;
+begin
+  if v_login is null then
+    raise exception using errcode = 'EA001', message = 'no console user is signed in to this session',
+      hint = 'Console actions run in the console''s request transaction with erp_cloud.console_user set to the signed-in ERP login; from psql use cloud.replay_message and the other SQL verbs.';
+  end if;
+  select u.* into v_user from cloud.console_user u join sso.app_user a on a.login = u.login where u.login = v_login and a.active;
+  if not found or not (v_user.role = any (p_allowed)) then
+    raise exception using errcode = 'EA002',
+      message = format('console user %s (%s) may not do this', v_login, coalesce(v_user.role, 'no console role')),
+      detail = format('needs console role %s', pg_catalog.array_to_string(p_allowed, ' or ')),
+      hint = 'An operator gives the user the role with cloud.put_console_role(login, role).';
+  end if;
+  return v_user;
+end $$;
+
+
+--
+-- Name: FUNCTION _console_actor(p_allowed text[]); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._console_actor(p_allowed text[]) IS 'Internal: the signed-in console user (erp_cloud.console_user) when their console role is one of p_allowed and they are active; EA001 without a user, EA002 otherwise.';
 
 
 --
@@ -816,11 +911,10 @@ CREATE FUNCTION cloud.new_request_id() RETURNS uuid
     LANGUAGE sql PARALLEL SAFE
     AS $$
   -- 48-bit Unix time in milliseconds, then version 7 (0111) over the version 4
-  -- nibble (0100: bits 52 and 53 set), variant and random bits as generated;
-  -- date_part is float8 (extract would be numeric, three times the cost)
+  -- nibble (0100: bits 52 and 53 set), variant and random bits as generated
   select pg_catalog.encode(pg_catalog.set_bit(pg_catalog.set_bit(
            overlay(pg_catalog.uuid_send(pg_catalog.gen_random_uuid())
-             placing substring(pg_catalog.int8send(pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000)::bigint) from 3)
+             placing substring(pg_catalog.int8send(floor(extract(epoch from pg_catalog.clock_timestamp()) * 1000)::bigint) from 3)
              from 1 for 6),
            52, 1), 53, 1), 'hex')::uuid
 $$;
@@ -860,7 +954,9 @@ CREATE TABLE cloud.outbox (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     sent_at timestamp with time zone,
     failures integer DEFAULT 0 NOT NULL,
-    lost_leases integer DEFAULT 0 NOT NULL
+    lost_leases integer DEFAULT 0 NOT NULL,
+    CONSTRAINT outbox_lease_only_in_flight CHECK (((status = 'in_flight'::text) = (locked_until IS NOT NULL))),
+    CONSTRAINT outbox_status_known CHECK ((status = ANY (ARRAY['pending'::text, 'in_flight'::text, 'sent'::text, 'failed'::text, 'dead'::text, 'skipped'::text])))
 )
 WITH (fillfactor='85', autovacuum_vacuum_scale_factor='0.01', autovacuum_vacuum_threshold='2000', autovacuum_vacuum_insert_scale_factor='0.02', autovacuum_analyze_scale_factor='0.02', autovacuum_vacuum_cost_delay='0');
 
@@ -1098,6 +1194,29 @@ COMMENT ON FUNCTION cloud.age_out_log(p_keep interval, p_now timestamp with time
 
 
 --
+-- Name: attempts_per_minute(timestamp with time zone, timestamp with time zone); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone DEFAULT clock_timestamp()) RETURNS TABLE(endpoint text, minute timestamp with time zone, delivered bigint, failed bigint)
+    LANGUAGE sql STABLE
+    SET search_path TO ''
+    AS $$
+  select l.endpoint, pg_catalog.date_trunc('minute', l.started_at),
+         pg_catalog.count(*) filter (where l.outcome = 'ok'), pg_catalog.count(*) filter (where l.outcome <> 'ok')
+    from cloud.log l
+   where l.started_at >= p_since and l.started_at < p_now
+   group by 1, 2
+$$;
+
+
+--
+-- Name: FUNCTION attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone) IS 'Attempts per endpoint and minute between p_since and p_now from cloud.log: delivered (answered ok) and failed (any other outcome). Reads only the partitions and blocks of that time range.';
+
+
+--
 -- Name: claim_messages(text, integer, text[], interval, timestamp with time zone); Type: FUNCTION; Schema: cloud
 --
 
@@ -1277,6 +1396,26 @@ COMMENT ON FUNCTION cloud.compute_backoff_delay(p_attempt integer, p_base_ms int
 
 
 --
+-- Name: console_role(text); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud.console_role(p_login text) RETURNS text
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+  -- SECURITY DEFINER: the console learns the role without reading the user table
+  select u.role from cloud.console_user u join sso.app_user a on a.login = u.login where u.login = p_login and a.active
+$$;
+
+
+--
+-- Name: FUNCTION console_role(p_login text); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud.console_role(p_login text) IS 'The console role of an ERP login (operator, finance), or null: unknown, no console role, or inactive in SSO.';
+
+
+--
 -- Name: cron_jobs_scheduled(); Type: FUNCTION; Schema: cloud
 --
 
@@ -1312,13 +1451,9 @@ CREATE FUNCTION cloud.enqueue_message(p_endpoint text, p_operation text, p_paylo
     AS $_$
 declare
   v_channel    text;
-  v_wake       boolean;
   v_request_id uuid := coalesce(p_request_id, cloud.new_request_id());
 begin
-  -- one statement for the endpoint and for "does a listener wait on its channel?"
-  select e.wake_channel, exists (select from cloud.listener l where l.idle and e.wake_channel = any (l.channels))
-    into v_channel, v_wake
-    from cloud.endpoint e where e.name = p_endpoint;
+  select e.wake_channel into v_channel from cloud.endpoint e where e.name = p_endpoint;
   if not found then
     raise exception using errcode = 'EC001', message = format('unknown cloud endpoint %L', p_endpoint),
       hint = 'Register the endpoint with cloud.put_endpoint(...) or correct the name in the trigger that enqueues it.';
@@ -1345,13 +1480,13 @@ begin
     values (v_request_id, p_endpoint, p_operation, p_payload, p_aggregate_type, p_aggregate_id, p_ordering_key,
             coalesce(p_not_before, pg_catalog.now()))
     on conflict (request_id) do nothing;
-    -- a sent message may live in cloud.outbox_archive; looked up after the insert, which holds off a rotation
-    if not found or exists (select from cloud.outbox_archive a where a.request_id = p_request_id) then
+    if not found then
       raise exception using errcode = 'EC004', message = format('a message with request_id %s already exists', p_request_id),
         hint = 'Each Request_ID is sent once; let enqueue_message generate one, or look the existing message up in cloud.outbox.';
     end if;
   end if;
-  if v_wake then
+  -- inline cloud._wake_listeners: this runs in every ERP transaction
+  if exists (select from cloud.listener l where l.idle and v_channel = any (l.channels)) then
     perform pg_catalog.pg_notify(v_channel, '');
   end if;
   return v_request_id;
@@ -1708,6 +1843,42 @@ COMMENT ON FUNCTION cloud.purge_log_partitions(p_keep interval, p_now timestamp 
 
 
 --
+-- Name: put_console_role(text, text); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud.put_console_role(p_login text, p_role text) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+begin
+  -- SECURITY DEFINER: operators grant console roles without writes on the table
+  if p_role is not null and p_role not in ('operator', 'finance') then
+    raise exception using errcode = 'EA003', message = format('console role %L is not a console role', p_role),
+      detail = 'p_role', hint = 'Pass operator (replay and skip messages, requery and reissue invoices), finance (requery and reissue invoices) or null (no console).';
+  end if;
+  if p_role is null then
+    delete from cloud.console_user u where u.login = p_login;
+    return null;
+  end if;
+  if not exists (select from sso.app_user a where a.login = p_login) then
+    raise exception using errcode = 'EO006', message = format('no ERP user with login %L', p_login),
+      hint = 'The ERP puts its users with sso.put_user first; then give the login a console role.';
+  end if;
+  insert into cloud.console_user as u (login, role, granted_by) values (p_login, p_role, session_user)
+  on conflict (login) do update set role = excluded.role, granted_by = excluded.granted_by, granted_at = pg_catalog.now()
+   where u.role is distinct from excluded.role;
+  return p_role;
+end $$;
+
+
+--
+-- Name: FUNCTION put_console_role(p_login text, p_role text); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud.put_console_role(p_login text, p_role text) IS 'Operator: gives an ERP user a console role (operator or finance), changes it, or takes it away (null). EA003 for another role, EO006 for an unknown login.';
+
+
+--
 -- Name: put_endpoint(text, text, text, text, integer, integer, integer, integer, jsonb, boolean); Type: FUNCTION; Schema: cloud
 --
 
@@ -2015,7 +2186,6 @@ begin
     v_total := v_total + (select count(*) from cloud.fail_messages(v_worker, v_results, p_now));
   end loop;
   delete from cloud.listener where heartbeat_at < p_now - interval '2 minutes';
-  perform cloud.rotate_outbox();
   return v_total;
 end $$;
 
@@ -2024,7 +2194,7 @@ end $$;
 -- Name: FUNCTION reap_expired_leases(p_now timestamp with time zone); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud.reap_expired_leases(p_now timestamp with time zone) IS 'Returns messages whose lease expired (listener died or froze) to pending with backoff — counted in lost_leases, not toward max_attempts; dead at max_lost_leases — re-opens a circuit whose half-open probes were all lost; forgets listeners silent for 2 minutes (they register again on their next heartbeat); rotates the outbox (cloud.rotate_outbox) when enough sent messages wait in it.';
+COMMENT ON FUNCTION cloud.reap_expired_leases(p_now timestamp with time zone) IS 'Returns messages whose lease expired (listener died or froze) to pending with backoff — counted in lost_leases, not toward max_attempts; dead at max_lost_leases — re-opens a circuit whose half-open probes were all lost; forgets listeners silent for 2 minutes (they register again on their next heartbeat).';
 
 
 --
@@ -2146,6 +2316,32 @@ COMMENT ON FUNCTION cloud.record_listener_stop(p_worker text) IS 'Removes a list
 
 
 --
+-- Name: reissue_invoice_from_console(bigint, jsonb, text); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud.reissue_invoice_from_console(p_invoice_id bigint, p_buyer jsonb, p_reason text) RETURNS uuid
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+declare
+  v_user cloud.console_user := cloud._console_actor(array['operator', 'finance']);
+  v_id   uuid;
+begin
+  perform cloud._require_reason(p_reason);
+  v_id := tax.reissue_invoice(p_invoice_id, p_buyer);
+  perform cloud._audit_console_action(v_user, 'reissue', p_invoice_id::text, p_reason, v_id::text);
+  return v_id;
+end $$;
+
+
+--
+-- Name: FUNCTION reissue_invoice_from_console(p_invoice_id bigint, p_buyer jsonb, p_reason text); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud.reissue_invoice_from_console(p_invoice_id bigint, p_buyer jsonb, p_reason text) IS 'Console, operators and finance: tax.reissue_invoice (new orderNo, corrected buyer checked again) as the signed-in user, audited in cloud.console_audit; returns the new request id. EA001 / EA002 without such a user; EC007 without a reason; EI018, EI029 and the buyer''s validation codes as tax.reissue_invoice.';
+
+
+--
 -- Name: release_messages(text, uuid[], timestamp with time zone); Type: FUNCTION; Schema: cloud
 --
 
@@ -2247,73 +2443,54 @@ COMMENT ON FUNCTION cloud.replay_message(p_request_id uuid, p_reason text, p_act
 
 
 --
--- Name: rotate_outbox(integer); Type: FUNCTION; Schema: cloud
+-- Name: replay_message_from_console(uuid, text); Type: FUNCTION; Schema: cloud
 --
 
-CREATE FUNCTION cloud.rotate_outbox(p_min_sent integer DEFAULT 1000) RETURNS integer
+CREATE FUNCTION cloud.replay_message_from_console(p_request_id uuid, p_reason text) RETURNS uuid
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
-    SET lock_timeout TO '50ms'
     AS $$
 declare
-  v_kept   cloud.outbox[];
-  v_copied uuid[];
-  v_late   integer;
+  v_user cloud.console_user := cloud._console_actor(array['operator']);
 begin
-  if not pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtextextended('cloud.rotate_outbox', 0)) then
-    return null;  -- another listener (or pg_cron) is rotating right now
-  end if;
-  -- whoever holds the hot table (an ERP transaction that has not committed yet, a claim, a pg_dump, a report
-  -- in REPEATABLE READ that read the outbox) makes this rotation give up within lock_timeout, whatever it did
-  -- so far undone, rather than queue the ERP's inserts behind it: the next round tries again
-  begin
-    if exists (select from pg_catalog.pg_locks l join pg_catalog.pg_stat_activity a on a.pid = l.pid
-                where l.locktype = 'relation' and l.relation = 'cloud.outbox'::pg_catalog.regclass and l.granted
-                  and l.pid <> pg_catalog.pg_backend_pid() and a.xact_start < pg_catalog.clock_timestamp() - interval '1 second') then
-      return null;  -- a long holder (a pg_dump, a report): no copies that would only be undone, round after round
-    end if;
-    if (select count(*) from (select from only cloud.outbox o where o.status = 'sent' limit greatest(p_min_sent, 1)) s) < greatest(p_min_sent, 1) then
-      return 0;
-    end if;
-    if (select count(*) from (select from only cloud.outbox o where o.status <> 'sent' limit 50001) s) > 50000 then
-      return null;  -- a backlog this large would hold the table too long while it goes back: vacuum keeps it meanwhile
-    end if;
-    -- the bulk of the work before the table is ours alone: nobody sees these copies before this transaction
-    -- commits, and by then cloud.outbox no longer holds them (the TRUNCATE below); sent is final (a replay
-    -- refuses it, the archive's CHECK too), so a copy cannot go stale
-    with copied as (
-      insert into cloud.outbox_archive overriding system value
-      select * from only cloud.outbox where status = 'sent'
-      returning request_id
-    ) select array_agg(request_id) into v_copied from copied;
-    -- then a moment alone with the hot table
-    lock table only cloud.outbox in access exclusive mode;
-    -- sent since the copy
-    insert into cloud.outbox_archive overriding system value
-    select * from only cloud.outbox o where o.status = 'sent' and o.request_id not in (select unnest(v_copied));
-    get diagnostics v_late = row_count;
-    -- deleted since the copy (sent rows are purged from the archive days later, so only by hand): not resurrected
-    if (select count(*) from only cloud.outbox o where o.status = 'sent') - v_late < coalesce(cardinality(v_copied), 0) then
-      delete from cloud.outbox_archive a
-       where a.request_id in (select unnest(v_copied))
-         and not exists (select from only cloud.outbox o where o.request_id = a.request_id and o.status = 'sent');
-    end if;
-    -- what is not finished (pending, in flight, failed, dead, skipped) goes back as it was: same ids, same leases
-    select array_agg(o order by o.id) into v_kept from only cloud.outbox o where o.status <> 'sent';
-    truncate only cloud.outbox;
-    insert into cloud.outbox overriding system value select * from unnest(v_kept);
-  exception when lock_not_available then
-    return null;
-  end;
-  return coalesce(cardinality(v_copied), 0) + v_late;
+  perform cloud._require_reason(p_reason);
+  perform cloud.replay_message(p_request_id, p_reason, 'console:' || v_user.login);
+  perform cloud._audit_console_action(v_user, 'replay', p_request_id::text, p_reason, p_request_id::text);
+  return p_request_id;
 end $$;
 
 
 --
--- Name: FUNCTION rotate_outbox(p_min_sent integer); Type: COMMENT; Schema: cloud
+-- Name: FUNCTION replay_message_from_console(p_request_id uuid, p_reason text); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud.rotate_outbox(p_min_sent integer) IS 'Moves the sent messages of cloud.outbox into cloud.outbox_archive and empties the hot table by TRUNCATE (what is not sent goes back unchanged), so its dead tuples stay bounded by what flows between two rotations even while something holds the xmin horizon. Runs when the table holds at least p_min_sent sent messages; gives up (null) when it cannot have the table within 50 ms. Returns how many were archived.';
+COMMENT ON FUNCTION cloud.replay_message_from_console(p_request_id uuid, p_reason text) IS 'Console, operators only: cloud.replay_message as the signed-in user (actor console:<login>), audited in cloud.console_audit. EA001 / EA002 when no operator is signed in; EC007 without a reason; EC005 / EC006 as cloud.replay_message.';
+
+
+--
+-- Name: requery_invoice_from_console(bigint, text); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud.requery_invoice_from_console(p_invoice_id bigint, p_reason text) RETURNS uuid
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+declare
+  v_user cloud.console_user := cloud._console_actor(array['operator', 'finance']);
+  v_id   uuid;
+begin
+  perform cloud._require_reason(p_reason);
+  v_id := tax.requery_invoice(p_invoice_id);
+  perform cloud._audit_console_action(v_user, 'requery', p_invoice_id::text, p_reason, v_id::text);
+  return v_id;
+end $$;
+
+
+--
+-- Name: FUNCTION requery_invoice_from_console(p_invoice_id bigint, p_reason text); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud.requery_invoice_from_console(p_invoice_id bigint, p_reason text) IS 'Console, operators and finance: tax.requery_invoice as the signed-in user, audited in cloud.console_audit; returns the query message id. EA001 / EA002 without such a user; EC007 without a reason; EI019 as tax.requery_invoice.';
 
 
 --
@@ -2424,6 +2601,31 @@ end $$;
 --
 
 COMMENT ON FUNCTION cloud.skip_message(p_request_id uuid, p_reason text, p_actor text) IS 'Gives up on a failed or dead message (audited), which lets the next message of its ordering key go.';
+
+
+--
+-- Name: skip_message_from_console(uuid, text); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud.skip_message_from_console(p_request_id uuid, p_reason text) RETURNS uuid
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+declare
+  v_user cloud.console_user := cloud._console_actor(array['operator']);
+begin
+  perform cloud._require_reason(p_reason);
+  perform cloud.skip_message(p_request_id, p_reason, 'console:' || v_user.login);
+  perform cloud._audit_console_action(v_user, 'skip', p_request_id::text, p_reason, null);
+  return p_request_id;
+end $$;
+
+
+--
+-- Name: FUNCTION skip_message_from_console(p_request_id uuid, p_reason text); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud.skip_message_from_console(p_request_id uuid, p_reason text) IS 'Console, operators only: cloud.skip_message as the signed-in user, audited in cloud.console_audit. EA001 / EA002 when no operator is signed in; EC007 without a reason; EC005 / EC009 as cloud.skip_message.';
 
 
 --
@@ -2604,34 +2806,6 @@ COMMENT ON FUNCTION cloud.take_send_slots(p_worker text, p_request_ids uuid[], p
 
 
 --
--- Name: tg_outbox__100_validate(); Type: FUNCTION; Schema: cloud
---
-
-CREATE FUNCTION cloud.tg_outbox__100_validate() RETURNS trigger
-    LANGUAGE plpgsql
-    SET search_path TO ''
-    AS $$
-begin
-  -- only reached when the trigger's WHEN clause found the new row breaking an invariant
-  if new.status is null or new.status <> all ('{pending,in_flight,sent,failed,dead,skipped}'::text[]) then
-    raise exception using errcode = '23514', message = format('new row for relation "outbox" violates check constraint "outbox_status_known": status %L', new.status),
-      detail = format('request_id %s', new.request_id),
-      hint = 'A message is pending, in_flight, sent, failed, dead or skipped; change it through the cloud.* functions.';
-  end if;
-  raise exception using errcode = '23514', message = format('new row for relation "outbox" violates check constraint "outbox_lease_only_in_flight": status %s with locked_until %s', new.status, coalesce(new.locked_until::text, 'null')),
-    detail = format('request_id %s', new.request_id),
-    hint = 'Only an in_flight message has a lease (locked_until), and an in_flight one always has; change it through the cloud.* functions.';
-end $$;
-
-
---
--- Name: FUNCTION tg_outbox__100_validate(); Type: COMMENT; Schema: cloud
---
-
-COMMENT ON FUNCTION cloud.tg_outbox__100_validate() IS 'Trigger outbox_100_validate: refuses (23514) an update that leaves a message with an unknown status, or a lease (locked_until) when it is not in flight or none when it is. Runs only when the trigger''s WHEN clause found such a row.';
-
-
---
 -- Name: unlock_provider_token(text, text); Type: FUNCTION; Schema: cloud
 --
 
@@ -2804,6 +2978,127 @@ COMMENT ON VIEW cloud.attempt_history IS 'One row per try of a message: what the
 
 
 --
+-- Name: console_audit; Type: TABLE; Schema: cloud
+--
+
+CREATE TABLE cloud.console_audit (
+    id bigint NOT NULL,
+    at timestamp with time zone DEFAULT now() NOT NULL,
+    login text NOT NULL,
+    console_role text NOT NULL,
+    action text NOT NULL,
+    target text NOT NULL,
+    reason text NOT NULL,
+    result text,
+    CONSTRAINT console_audit_action_known CHECK ((action = ANY (ARRAY['replay'::text, 'skip'::text, 'requery'::text, 'reissue'::text])))
+);
+
+
+--
+-- Name: TABLE console_audit; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON TABLE cloud.console_audit IS 'Every action taken from the operations console: who (ERP login and console role), what (replay, skip, requery, reissue), on which message (request_id) or invoice (id), why, and the resulting request id. Written by the *_from_console functions only.';
+
+
+--
+-- Name: COLUMN console_audit.login; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON COLUMN cloud.console_audit.login IS 'The ERP login signed in to the console (erp_cloud.console_user).';
+
+
+--
+-- Name: COLUMN console_audit.target; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON COLUMN cloud.console_audit.target IS 'The request_id of a replayed or skipped message, or the tax.invoice id of a requeried or reissued invoice.';
+
+
+--
+-- Name: COLUMN console_audit.result; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON COLUMN cloud.console_audit.result IS 'The request id the action queued (the same one for a replay, a new one for a requery or reissue).';
+
+
+--
+-- Name: console_audit_id_seq; Type: SEQUENCE; Schema: cloud
+--
+
+ALTER TABLE cloud.console_audit ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME cloud.console_audit_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
+-- Name: endpoint_usage; Type: TABLE; Schema: cloud
+--
+
+CREATE TABLE cloud.endpoint_usage (
+    endpoint text NOT NULL,
+    period text NOT NULL,
+    period_start date NOT NULL,
+    calls integer DEFAULT 0 NOT NULL,
+    CONSTRAINT endpoint_usage_period_check CHECK ((period = ANY (ARRAY['day'::text, 'month'::text])))
+);
+
+
+--
+-- Name: TABLE endpoint_usage; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON TABLE cloud.endpoint_usage IS 'Calls made per endpoint per local day and month, counted when messages are claimed; the quota ledger.';
+
+
+--
+-- Name: endpoint_settings; Type: VIEW; Schema: cloud
+--
+
+CREATE VIEW cloud.endpoint_settings AS
+ SELECT e.name AS endpoint,
+    e.provider,
+    e.enabled,
+    regexp_replace(e.base_url, '^(https?://)[^/@]*@'::text, '\1'::text) AS base_url,
+    e.timeout_ms,
+    e.max_attempts,
+    e.backoff_base_ms,
+    e.backoff_cap_ms,
+    e.rate_per_s,
+    e.burst,
+    e.circuit_threshold,
+    e.circuit_window,
+    e.circuit_failure_ratio,
+    e.circuit_cooldown_ms,
+    e.circuit_probes,
+    e.quota_per_day,
+    e.quota_per_month,
+    e.quota_time_zone,
+    COALESCE(d.calls, 0) AS calls_today,
+    COALESCE(m.calls, 0) AS calls_this_month,
+    e.allow_hosts,
+    e.allow_cidrs,
+    e.allow_private,
+    e.download_hosts,
+    e.updated_at
+   FROM ((cloud.endpoint e
+     LEFT JOIN cloud.endpoint_usage d ON (((d.endpoint = e.name) AND (d.period = 'day'::text) AND (d.period_start = ((now() AT TIME ZONE e.quota_time_zone))::date))))
+     LEFT JOIN cloud.endpoint_usage m ON (((m.endpoint = e.name) AND (m.period = 'month'::text) AND (m.period_start = (date_trunc('month'::text, (now() AT TIME ZONE e.quota_time_zone)))::date))));
+
+
+--
+-- Name: VIEW endpoint_settings; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON VIEW cloud.endpoint_settings IS 'Per endpoint, for reading: provider, base URL (any user:password removed), timeouts, retry budget, rate limit, circuit settings, quotas with the calls counted today and this month (in the quota''s time zone), and the egress allowlists. Never the config (secret names, keys) or tokens.';
+
+
+--
 -- Name: parked_keys; Type: VIEW; Schema: cloud
 --
 
@@ -2892,26 +3187,6 @@ COMMENT ON VIEW cloud.endpoint_status IS 'Per endpoint: messages by unfinished s
 
 
 --
--- Name: endpoint_usage; Type: TABLE; Schema: cloud
---
-
-CREATE TABLE cloud.endpoint_usage (
-    endpoint text NOT NULL,
-    period text NOT NULL,
-    period_start date NOT NULL,
-    calls integer DEFAULT 0 NOT NULL,
-    CONSTRAINT endpoint_usage_period_check CHECK ((period = ANY (ARRAY['day'::text, 'month'::text])))
-);
-
-
---
--- Name: TABLE endpoint_usage; Type: COMMENT; Schema: cloud
---
-
-COMMENT ON TABLE cloud.endpoint_usage IS 'Calls made per endpoint per local day and month, counted when messages are claimed; the quota ledger.';
-
-
---
 -- Name: listener; Type: TABLE; Schema: cloud
 --
 
@@ -2966,23 +3241,6 @@ CREATE TABLE cloud.log_default (
 --
 
 COMMENT ON TABLE cloud.log_default IS 'Cloud_Log rows of a month that has no partition of its own. Normally empty: cloud.ensure_log_partitions creates this month and the next two ahead (pg_cron hourly, or the listener''s maintenance). Rows here mean partitions were missing; that month''s partition cannot be created while they are here, and cloud.purge_log_partitions never drops them.';
-
-
---
--- Name: outbox_archive; Type: TABLE; Schema: cloud
---
-
-CREATE TABLE cloud.outbox_archive (
-    CONSTRAINT outbox_archive_sent_only CHECK (((status = 'sent'::text) AND (locked_until IS NULL)))
-)
-INHERITS (cloud.outbox);
-
-
---
--- Name: TABLE outbox_archive; Type: COMMENT; Schema: cloud
---
-
-COMMENT ON TABLE cloud.outbox_archive IS 'Sent messages that cloud.rotate_outbox moved out of cloud.outbox, whose child table this is: read them through cloud.outbox like any message. Insert-only until cloud.purge_finished_messages deletes them after the retention period.';
 
 
 --
@@ -3046,59 +3304,19 @@ ALTER TABLE ONLY cloud.log ATTACH PARTITION cloud.log_default DEFAULT;
 
 
 --
--- Name: outbox_archive request_id; Type: DEFAULT; Schema: cloud
+-- Name: console_audit console_audit_pkey; Type: CONSTRAINT; Schema: cloud
 --
 
-ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN request_id SET DEFAULT cloud.new_request_id();
-
-
---
--- Name: outbox_archive status; Type: DEFAULT; Schema: cloud
---
-
-ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN status SET DEFAULT 'pending'::text;
+ALTER TABLE ONLY cloud.console_audit
+    ADD CONSTRAINT console_audit_pkey PRIMARY KEY (id);
 
 
 --
--- Name: outbox_archive attempts; Type: DEFAULT; Schema: cloud
+-- Name: console_user console_user_pkey; Type: CONSTRAINT; Schema: cloud
 --
 
-ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN attempts SET DEFAULT 0;
-
-
---
--- Name: outbox_archive next_attempt_at; Type: DEFAULT; Schema: cloud
---
-
-ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN next_attempt_at SET DEFAULT now();
-
-
---
--- Name: outbox_archive created_at; Type: DEFAULT; Schema: cloud
---
-
-ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN created_at SET DEFAULT now();
-
-
---
--- Name: outbox_archive updated_at; Type: DEFAULT; Schema: cloud
---
-
-ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN updated_at SET DEFAULT now();
-
-
---
--- Name: outbox_archive failures; Type: DEFAULT; Schema: cloud
---
-
-ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN failures SET DEFAULT 0;
-
-
---
--- Name: outbox_archive lost_leases; Type: DEFAULT; Schema: cloud
---
-
-ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN lost_leases SET DEFAULT 0;
+ALTER TABLE ONLY cloud.console_user
+    ADD CONSTRAINT console_user_pkey PRIMARY KEY (login);
 
 
 --
@@ -3134,14 +3352,6 @@ ALTER TABLE ONLY cloud.operation_handler
 
 
 --
--- Name: outbox_archive outbox_archive_pkey; Type: CONSTRAINT; Schema: cloud
---
-
-ALTER TABLE ONLY cloud.outbox_archive
-    ADD CONSTRAINT outbox_archive_pkey PRIMARY KEY (request_id);
-
-
---
 -- Name: outbox outbox_pkey; Type: CONSTRAINT; Schema: cloud
 --
 
@@ -3171,6 +3381,20 @@ ALTER TABLE ONLY cloud.replay_audit
 
 ALTER TABLE ONLY cloud.setting
     ADD CONSTRAINT setting_pkey PRIMARY KEY (name);
+
+
+--
+-- Name: console_audit_target; Type: INDEX; Schema: cloud
+--
+
+CREATE INDEX console_audit_target ON cloud.console_audit USING btree (target, id);
+
+
+--
+-- Name: INDEX console_audit_target; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON INDEX cloud.console_audit_target IS 'The audit of one message or invoice (a document''s timeline).';
 
 
 --
@@ -3237,13 +3461,6 @@ ALTER INDEX cloud.log_started_brin ATTACH PARTITION cloud.log_default_started_at
 
 
 --
--- Name: outbox outbox_100_validate; Type: TRIGGER; Schema: cloud
---
-
-CREATE TRIGGER outbox_100_validate BEFORE UPDATE ON cloud.outbox FOR EACH ROW WHEN ((NOT ((new.status = ANY ('{pending,in_flight,sent,failed,dead,skipped}'::text[])) AND ((new.status = 'in_flight'::text) = (new.locked_until IS NOT NULL))))) EXECUTE FUNCTION cloud.tg_outbox__100_validate();
-
-
---
 -- Name: provider_token provider_token_endpoint_fkey; Type: FK CONSTRAINT; Schema: cloud
 --
 
@@ -3258,6 +3475,25 @@ ALTER TABLE ONLY cloud.provider_token
 GRANT USAGE ON SCHEMA cloud TO erp_cloud_app;
 GRANT USAGE ON SCHEMA cloud TO erp_cloud_listener;
 GRANT USAGE ON SCHEMA cloud TO erp_cloud_operator;
+GRANT USAGE ON SCHEMA cloud TO erp_cloud_console;
+GRANT USAGE ON SCHEMA cloud TO erp_cloud_console_finance;
+GRANT USAGE ON SCHEMA cloud TO erp_cloud_console_operator;
+
+
+--
+-- Name: TABLE console_user; Type: ACL; Schema: cloud
+--
+
+GRANT SELECT ON TABLE cloud.console_user TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE cloud.console_user TO erp_cloud_console_operator;
+GRANT SELECT ON TABLE cloud.console_user TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION _audit_console_action(p_user cloud.console_user, p_action text, p_target text, p_reason text, p_result text); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._audit_console_action(p_user cloud.console_user, p_action text, p_target text, p_reason text, p_result text) FROM PUBLIC;
 
 
 --
@@ -3277,12 +3513,21 @@ GRANT ALL ON FUNCTION cloud._circuit_mark(p_outcome text, p_http_status integer,
 
 
 --
+-- Name: FUNCTION _console_actor(p_allowed text[]); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._console_actor(p_allowed text[]) FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION _counts_toward_attempts(p_outcome text, p_http_status integer, p_error_class text); Type: ACL; Schema: cloud
 --
 
 REVOKE ALL ON FUNCTION cloud._counts_toward_attempts(p_outcome text, p_http_status integer, p_error_class text) FROM PUBLIC;
 GRANT ALL ON FUNCTION cloud._counts_toward_attempts(p_outcome text, p_http_status integer, p_error_class text) TO erp_cloud_listener;
 GRANT ALL ON FUNCTION cloud._counts_toward_attempts(p_outcome text, p_http_status integer, p_error_class text) TO erp_cloud_operator;
+GRANT ALL ON FUNCTION cloud._counts_toward_attempts(p_outcome text, p_http_status integer, p_error_class text) TO erp_cloud_console_finance;
+GRANT ALL ON FUNCTION cloud._counts_toward_attempts(p_outcome text, p_http_status integer, p_error_class text) TO erp_cloud_console_operator;
 
 
 --
@@ -3475,6 +3720,8 @@ GRANT ALL ON FUNCTION cloud.new_request_id() TO erp_cloud_app;
 
 GRANT SELECT,DELETE,UPDATE ON TABLE cloud.outbox TO erp_cloud_listener;
 GRANT SELECT,UPDATE ON TABLE cloud.outbox TO erp_cloud_operator;
+GRANT SELECT ON TABLE cloud.outbox TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE cloud.outbox TO erp_cloud_console_operator;
 
 
 --
@@ -3527,6 +3774,16 @@ GRANT ALL ON FUNCTION cloud.age_out_log(p_keep interval, p_now timestamp with ti
 
 
 --
+-- Name: FUNCTION attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone) TO erp_cloud_console_finance;
+GRANT ALL ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone) TO erp_cloud_console_operator;
+GRANT ALL ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone) TO erp_cloud_operator;
+
+
+--
 -- Name: FUNCTION claim_messages(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone); Type: ACL; Schema: cloud
 --
 
@@ -3549,6 +3806,15 @@ GRANT ALL ON FUNCTION cloud.complete_messages(p_worker text, p_results cloud.att
 REVOKE ALL ON FUNCTION cloud.compute_backoff_delay(p_attempt integer, p_base_ms integer, p_cap_ms integer, p_retry_after_ms integer, p_jitter double precision) FROM PUBLIC;
 GRANT ALL ON FUNCTION cloud.compute_backoff_delay(p_attempt integer, p_base_ms integer, p_cap_ms integer, p_retry_after_ms integer, p_jitter double precision) TO erp_cloud_listener;
 GRANT ALL ON FUNCTION cloud.compute_backoff_delay(p_attempt integer, p_base_ms integer, p_cap_ms integer, p_retry_after_ms integer, p_jitter double precision) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION console_role(p_login text); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud.console_role(p_login text) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud.console_role(p_login text) TO erp_cloud_console;
+GRANT ALL ON FUNCTION cloud.console_role(p_login text) TO erp_cloud_operator;
 
 
 --
@@ -3648,6 +3914,14 @@ GRANT ALL ON FUNCTION cloud.purge_finished_messages(p_keep interval, p_limit int
 
 REVOKE ALL ON FUNCTION cloud.purge_log_partitions(p_keep interval, p_now timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION cloud.purge_log_partitions(p_keep interval, p_now timestamp with time zone) TO erp_cloud_listener;
+
+
+--
+-- Name: FUNCTION put_console_role(p_login text, p_role text); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud.put_console_role(p_login text, p_role text) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud.put_console_role(p_login text, p_role text) TO erp_cloud_operator;
 
 
 --
@@ -3755,6 +4029,15 @@ GRANT ALL ON FUNCTION cloud.record_listener_stop(p_worker text) TO erp_cloud_lis
 
 
 --
+-- Name: FUNCTION reissue_invoice_from_console(p_invoice_id bigint, p_buyer jsonb, p_reason text); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud.reissue_invoice_from_console(p_invoice_id bigint, p_buyer jsonb, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud.reissue_invoice_from_console(p_invoice_id bigint, p_buyer jsonb, p_reason text) TO erp_cloud_console_finance;
+GRANT ALL ON FUNCTION cloud.reissue_invoice_from_console(p_invoice_id bigint, p_buyer jsonb, p_reason text) TO erp_cloud_console_operator;
+
+
+--
 -- Name: FUNCTION release_messages(p_worker text, p_request_ids uuid[], p_now timestamp with time zone); Type: ACL; Schema: cloud
 --
 
@@ -3779,12 +4062,20 @@ GRANT ALL ON FUNCTION cloud.replay_message(p_request_id uuid, p_reason text, p_a
 
 
 --
--- Name: FUNCTION rotate_outbox(p_min_sent integer); Type: ACL; Schema: cloud
+-- Name: FUNCTION replay_message_from_console(p_request_id uuid, p_reason text); Type: ACL; Schema: cloud
 --
 
-REVOKE ALL ON FUNCTION cloud.rotate_outbox(p_min_sent integer) FROM PUBLIC;
-GRANT ALL ON FUNCTION cloud.rotate_outbox(p_min_sent integer) TO erp_cloud_listener;
-GRANT ALL ON FUNCTION cloud.rotate_outbox(p_min_sent integer) TO erp_cloud_operator;
+REVOKE ALL ON FUNCTION cloud.replay_message_from_console(p_request_id uuid, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud.replay_message_from_console(p_request_id uuid, p_reason text) TO erp_cloud_console_operator;
+
+
+--
+-- Name: FUNCTION requery_invoice_from_console(p_invoice_id bigint, p_reason text); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud.requery_invoice_from_console(p_invoice_id bigint, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud.requery_invoice_from_console(p_invoice_id bigint, p_reason text) TO erp_cloud_console_finance;
+GRANT ALL ON FUNCTION cloud.requery_invoice_from_console(p_invoice_id bigint, p_reason text) TO erp_cloud_console_operator;
 
 
 --
@@ -3821,6 +4112,14 @@ GRANT ALL ON FUNCTION cloud.skip_message(p_request_id uuid, p_reason text, p_act
 
 
 --
+-- Name: FUNCTION skip_message_from_console(p_request_id uuid, p_reason text); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud.skip_message_from_console(p_request_id uuid, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud.skip_message_from_console(p_request_id uuid, p_reason text) TO erp_cloud_console_operator;
+
+
+--
 -- Name: TABLE provider_token; Type: ACL; Schema: cloud
 --
 
@@ -3841,13 +4140,6 @@ GRANT ALL ON FUNCTION cloud.store_provider_token(p_endpoint text, p_token_key te
 
 REVOKE ALL ON FUNCTION cloud.take_send_slots(p_worker text, p_request_ids uuid[], p_lead interval, p_now timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION cloud.take_send_slots(p_worker text, p_request_ids uuid[], p_lead interval, p_now timestamp with time zone) TO erp_cloud_listener;
-
-
---
--- Name: FUNCTION tg_outbox__100_validate(); Type: ACL; Schema: cloud
---
-
-REVOKE ALL ON FUNCTION cloud.tg_outbox__100_validate() FROM PUBLIC;
 
 
 --
@@ -3880,6 +4172,8 @@ GRANT ALL ON FUNCTION cloud.wake_due_messages(p_now timestamp with time zone) TO
 
 GRANT INSERT ON TABLE cloud.log TO erp_cloud_listener;
 GRANT SELECT ON TABLE cloud.log TO erp_cloud_operator;
+GRANT SELECT ON TABLE cloud.log TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE cloud.log TO erp_cloud_console_operator;
 
 
 --
@@ -3888,22 +4182,17 @@ GRANT SELECT ON TABLE cloud.log TO erp_cloud_operator;
 
 GRANT SELECT ON TABLE cloud.attempt_history TO erp_cloud_listener;
 GRANT SELECT ON TABLE cloud.attempt_history TO erp_cloud_operator;
+GRANT SELECT ON TABLE cloud.attempt_history TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE cloud.attempt_history TO erp_cloud_console_operator;
 
 
 --
--- Name: TABLE parked_keys; Type: ACL; Schema: cloud
+-- Name: TABLE console_audit; Type: ACL; Schema: cloud
 --
 
-GRANT SELECT ON TABLE cloud.parked_keys TO erp_cloud_listener;
-GRANT SELECT ON TABLE cloud.parked_keys TO erp_cloud_operator;
-
-
---
--- Name: TABLE endpoint_status; Type: ACL; Schema: cloud
---
-
-GRANT SELECT ON TABLE cloud.endpoint_status TO erp_cloud_listener;
-GRANT SELECT ON TABLE cloud.endpoint_status TO erp_cloud_operator;
+GRANT SELECT ON TABLE cloud.console_audit TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE cloud.console_audit TO erp_cloud_console_operator;
+GRANT SELECT ON TABLE cloud.console_audit TO erp_cloud_operator;
 
 
 --
@@ -3915,19 +4204,42 @@ GRANT SELECT ON TABLE cloud.endpoint_usage TO erp_cloud_operator;
 
 
 --
+-- Name: TABLE endpoint_settings; Type: ACL; Schema: cloud
+--
+
+GRANT SELECT ON TABLE cloud.endpoint_settings TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE cloud.endpoint_settings TO erp_cloud_console_operator;
+GRANT SELECT ON TABLE cloud.endpoint_settings TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE parked_keys; Type: ACL; Schema: cloud
+--
+
+GRANT SELECT ON TABLE cloud.parked_keys TO erp_cloud_listener;
+GRANT SELECT ON TABLE cloud.parked_keys TO erp_cloud_operator;
+GRANT SELECT ON TABLE cloud.parked_keys TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE cloud.parked_keys TO erp_cloud_console_operator;
+
+
+--
+-- Name: TABLE endpoint_status; Type: ACL; Schema: cloud
+--
+
+GRANT SELECT ON TABLE cloud.endpoint_status TO erp_cloud_listener;
+GRANT SELECT ON TABLE cloud.endpoint_status TO erp_cloud_operator;
+GRANT SELECT ON TABLE cloud.endpoint_status TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE cloud.endpoint_status TO erp_cloud_console_operator;
+
+
+--
 -- Name: TABLE listener; Type: ACL; Schema: cloud
 --
 
 GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE cloud.listener TO erp_cloud_listener;
 GRANT SELECT ON TABLE cloud.listener TO erp_cloud_operator;
-
-
---
--- Name: TABLE outbox_archive; Type: ACL; Schema: cloud
---
-
-GRANT SELECT ON TABLE cloud.outbox_archive TO erp_cloud_listener;
-GRANT SELECT ON TABLE cloud.outbox_archive TO erp_cloud_operator;
+GRANT SELECT ON TABLE cloud.listener TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE cloud.listener TO erp_cloud_console_operator;
 
 
 --
@@ -3935,3 +4247,5 @@ GRANT SELECT ON TABLE cloud.outbox_archive TO erp_cloud_operator;
 --
 
 GRANT SELECT,INSERT ON TABLE cloud.replay_audit TO erp_cloud_operator;
+GRANT SELECT ON TABLE cloud.replay_audit TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE cloud.replay_audit TO erp_cloud_console_operator;

@@ -2835,6 +2835,20 @@ CREATE INDEX asn_detail ON scm.asn USING gin (detail jsonb_path_ops) WITH (fastu
 
 
 --
+-- Name: asn_number; Type: INDEX; Schema: scm
+--
+
+CREATE INDEX asn_number ON scm.asn USING btree (asn_no);
+
+
+--
+-- Name: INDEX asn_number; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON INDEX scm.asn_number IS 'The console''s search by ASN number (without the supplier).';
+
+
+--
 -- Name: asn_po; Type: INDEX; Schema: scm
 --
 
@@ -2867,6 +2881,20 @@ CREATE INDEX asn_supplier ON scm.asn USING btree (supplier_id);
 --
 
 CREATE INDEX callback_failure_unreplayed ON scm.callback_failure USING btree (source, failed_at) WHERE (replayed_at IS NULL);
+
+
+--
+-- Name: purchase_order_reference; Type: INDEX; Schema: scm
+--
+
+CREATE INDEX purchase_order_reference ON scm.purchase_order USING btree (reference);
+
+
+--
+-- Name: INDEX purchase_order_reference; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON INDEX scm.purchase_order_reference IS 'The console''s search by an order''s reference alone (without its source).';
 
 
 --
@@ -3095,6 +3123,76 @@ CREATE POLICY "The ERP sees every supplier" ON scm.supplier FOR SELECT TO erp_cl
 
 
 --
+-- Name: asn The operations console sees every ASN; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "The operations console sees every ASN" ON scm.asn FOR SELECT TO erp_cloud_console_finance, erp_cloud_console_operator USING (true);
+
+
+--
+-- Name: POLICY "The operations console sees every ASN" ON asn; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON POLICY "The operations console sees every ASN" ON scm.asn IS 'The console''s finance and operator roles read every ASN (procurement page).';
+
+
+--
+-- Name: asn_line The operations console sees every ASN line; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "The operations console sees every ASN line" ON scm.asn_line FOR SELECT TO erp_cloud_console_finance, erp_cloud_console_operator USING (true);
+
+
+--
+-- Name: POLICY "The operations console sees every ASN line" ON asn_line; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON POLICY "The operations console sees every ASN line" ON scm.asn_line IS 'The console''s finance and operator roles read every ASN line.';
+
+
+--
+-- Name: purchase_order The operations console sees every purchase order; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "The operations console sees every purchase order" ON scm.purchase_order FOR SELECT TO erp_cloud_console_finance, erp_cloud_console_operator USING (true);
+
+
+--
+-- Name: POLICY "The operations console sees every purchase order" ON purchase_order; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON POLICY "The operations console sees every purchase order" ON scm.purchase_order IS 'The console''s finance and operator roles read every order (procurement page).';
+
+
+--
+-- Name: purchase_order_line The operations console sees every purchase order line; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "The operations console sees every purchase order line" ON scm.purchase_order_line FOR SELECT TO erp_cloud_console_finance, erp_cloud_console_operator USING (true);
+
+
+--
+-- Name: POLICY "The operations console sees every purchase order line" ON purchase_order_line; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON POLICY "The operations console sees every purchase order line" ON scm.purchase_order_line IS 'The console''s finance and operator roles read every order line.';
+
+
+--
+-- Name: supplier The operations console sees every supplier; Type: POLICY; Schema: scm
+--
+
+CREATE POLICY "The operations console sees every supplier" ON scm.supplier FOR SELECT TO erp_cloud_console_finance, erp_cloud_console_operator USING (true);
+
+
+--
+-- Name: POLICY "The operations console sees every supplier" ON supplier; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON POLICY "The operations console sees every supplier" ON scm.supplier IS 'The console''s finance and operator roles read every supplier (scm.order_status joins it).';
+
+
+--
 -- Name: asn; Type: ROW SECURITY; Schema: scm
 --
 
@@ -3132,6 +3230,8 @@ GRANT USAGE ON SCHEMA scm TO erp_cloud_app;
 GRANT USAGE ON SCHEMA scm TO erp_cloud_listener;
 GRANT USAGE ON SCHEMA scm TO erp_cloud_operator;
 GRANT USAGE ON SCHEMA scm TO erp_cloud_supplier_portal;
+GRANT USAGE ON SCHEMA scm TO erp_cloud_console_finance;
+GRANT USAGE ON SCHEMA scm TO erp_cloud_console_operator;
 
 
 --
@@ -3148,6 +3248,8 @@ REVOKE ALL ON FUNCTION scm._asn_delivery(p_asn_id bigint) FROM PUBLIC;
 GRANT SELECT ON TABLE scm.purchase_order TO erp_cloud_app;
 GRANT SELECT ON TABLE scm.purchase_order TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.purchase_order TO erp_cloud_supplier_portal;
+GRANT SELECT ON TABLE scm.purchase_order TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.purchase_order TO erp_cloud_console_operator;
 
 
 --
@@ -3164,6 +3266,8 @@ GRANT UPDATE(supplier_confirmed_at) ON TABLE scm.purchase_order TO erp_cloud_sup
 GRANT SELECT ON TABLE scm.supplier TO erp_cloud_app;
 GRANT SELECT ON TABLE scm.supplier TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.supplier TO erp_cloud_supplier_portal;
+GRANT SELECT ON TABLE scm.supplier TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.supplier TO erp_cloud_console_operator;
 
 
 --
@@ -3305,6 +3409,8 @@ REVOKE ALL ON FUNCTION scm._shipped_quantity(p_po_id bigint, p_line_no integer) 
 --
 
 GRANT SELECT ON TABLE scm.source TO erp_cloud_operator;
+GRANT SELECT ON TABLE scm.source TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.source TO erp_cloud_console_operator;
 
 
 --
@@ -3596,6 +3702,8 @@ REVOKE ALL ON FUNCTION scm.tg_purchase_order__900_call_source() FROM PUBLIC;
 GRANT SELECT,UPDATE ON TABLE scm.asn TO erp_cloud_app;
 GRANT SELECT ON TABLE scm.asn TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.asn TO erp_cloud_supplier_portal;
+GRANT SELECT ON TABLE scm.asn TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.asn TO erp_cloud_console_operator;
 
 
 --
@@ -3626,6 +3734,8 @@ GRANT UPDATE(tracking_no) ON TABLE scm.asn TO erp_cloud_supplier_portal;
 GRANT SELECT ON TABLE scm.asn_line TO erp_cloud_app;
 GRANT SELECT ON TABLE scm.asn_line TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.asn_line TO erp_cloud_supplier_portal;
+GRANT SELECT ON TABLE scm.asn_line TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.asn_line TO erp_cloud_console_operator;
 
 
 --
@@ -3633,6 +3743,8 @@ GRANT SELECT ON TABLE scm.asn_line TO erp_cloud_supplier_portal;
 --
 
 GRANT SELECT,DELETE ON TABLE scm.asn_quarantine TO erp_cloud_operator;
+GRANT SELECT ON TABLE scm.asn_quarantine TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.asn_quarantine TO erp_cloud_console_operator;
 
 
 --
@@ -3642,6 +3754,8 @@ GRANT SELECT,DELETE ON TABLE scm.asn_quarantine TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.asn_status TO erp_cloud_app;
 GRANT SELECT ON TABLE scm.asn_status TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.asn_status TO erp_cloud_supplier_portal;
+GRANT SELECT ON TABLE scm.asn_status TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.asn_status TO erp_cloud_console_operator;
 
 
 --
@@ -3666,6 +3780,8 @@ GRANT SELECT ON TABLE scm.contract_field TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.purchase_order_line TO erp_cloud_app;
 GRANT SELECT ON TABLE scm.purchase_order_line TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.purchase_order_line TO erp_cloud_supplier_portal;
+GRANT SELECT ON TABLE scm.purchase_order_line TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.purchase_order_line TO erp_cloud_console_operator;
 
 
 --
@@ -3675,6 +3791,8 @@ GRANT SELECT ON TABLE scm.purchase_order_line TO erp_cloud_supplier_portal;
 GRANT SELECT ON TABLE scm.order_status TO erp_cloud_app;
 GRANT SELECT ON TABLE scm.order_status TO erp_cloud_operator;
 GRANT SELECT ON TABLE scm.order_status TO erp_cloud_supplier_portal;
+GRANT SELECT ON TABLE scm.order_status TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE scm.order_status TO erp_cloud_console_operator;
 
 
 --

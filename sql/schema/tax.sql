@@ -3626,6 +3626,34 @@ CREATE INDEX callback_failure_unreplayed ON tax.callback_failure USING btree (so
 
 
 --
+-- Name: document_reference; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX document_reference ON tax.document USING btree (reference);
+
+
+--
+-- Name: INDEX document_reference; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.document_reference IS 'The console''s search by a document''s reference alone (without its source).';
+
+
+--
+-- Name: document_reference_tail; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX document_reference_tail ON tax.document USING btree ("substring"(reference, '[^/]*$'::text));
+
+
+--
+-- Name: INDEX document_reference_tail; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.document_reference_tail IS 'The console''s search by the number after the last ''/'' of a reference (settlement/JS-2026-0117 by JS-2026-0117).';
+
+
+--
 -- Name: invoice_event_invoice; Type: INDEX; Schema: tax
 --
 
@@ -3633,10 +3661,80 @@ CREATE INDEX invoice_event_invoice ON tax.invoice_event USING btree (invoice_id,
 
 
 --
+-- Name: invoice_failed; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX invoice_failed ON tax.invoice USING btree (id) WHERE (invoice_status = 'failed'::text);
+
+
+--
+-- Name: INDEX invoice_failed; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.invoice_failed IS 'Needs attention: failed invoices, newest first (keyset on id).';
+
+
+--
+-- Name: invoice_number; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX invoice_number ON tax.invoice USING btree (invoice_no) WHERE (invoice_no IS NOT NULL);
+
+
+--
+-- Name: INDEX invoice_number; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.invoice_number IS 'The console''s search by invoice number.';
+
+
+--
 -- Name: invoice_original; Type: INDEX; Schema: tax
 --
 
 CREATE INDEX invoice_original ON tax.invoice USING btree (original_invoice_id) WHERE (original_invoice_id IS NOT NULL);
+
+
+--
+-- Name: reversal_red_invoice; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX reversal_red_invoice ON tax.reversal USING btree (red_invoice_id) WHERE (red_invoice_id IS NOT NULL);
+
+
+--
+-- Name: INDEX reversal_red_invoice; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.reversal_red_invoice IS 'From a red invoice to its reversal.';
+
+
+--
+-- Name: reversal_reference; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX reversal_reference ON tax.reversal USING btree (reference) WHERE (reference IS NOT NULL);
+
+
+--
+-- Name: INDEX reversal_reference; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.reversal_reference IS 'The console''s search by a reversal''s reference.';
+
+
+--
+-- Name: reversal_reference_tail; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX reversal_reference_tail ON tax.reversal USING btree ("substring"(reference, '[^/]*$'::text)) WHERE (reference IS NOT NULL);
+
+
+--
+-- Name: INDEX reversal_reference_tail; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON INDEX tax.reversal_reference_tail IS 'The console''s search by the number after the last ''/'' of a reversal''s reference.';
 
 
 --
@@ -3747,6 +3845,8 @@ ALTER TABLE ONLY tax.reversal
 GRANT USAGE ON SCHEMA tax TO erp_cloud_app;
 GRANT USAGE ON SCHEMA tax TO erp_cloud_listener;
 GRANT USAGE ON SCHEMA tax TO erp_cloud_operator;
+GRANT USAGE ON SCHEMA tax TO erp_cloud_console_finance;
+GRANT USAGE ON SCHEMA tax TO erp_cloud_console_operator;
 
 
 --
@@ -3755,6 +3855,8 @@ GRANT USAGE ON SCHEMA tax TO erp_cloud_operator;
 
 GRANT SELECT ON TABLE tax.invoice TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.invoice TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.invoice TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.invoice TO erp_cloud_console_operator;
 
 
 --
@@ -3902,6 +4004,8 @@ REVOKE ALL ON FUNCTION tax._mark_original_reversed(p_original bigint) FROM PUBLI
 --
 
 REVOKE ALL ON FUNCTION tax._outcome_unknown(p_inv tax.invoice) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax._outcome_unknown(p_inv tax.invoice) TO erp_cloud_console_finance;
+GRANT ALL ON FUNCTION tax._outcome_unknown(p_inv tax.invoice) TO erp_cloud_console_operator;
 
 
 --
@@ -3930,6 +4034,8 @@ REVOKE ALL ON FUNCTION tax._reason_code(p_reason text) FROM PUBLIC;
 --
 
 GRANT SELECT ON TABLE tax.source TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.source TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.source TO erp_cloud_console_operator;
 
 
 --
@@ -4344,6 +4450,8 @@ REVOKE ALL ON FUNCTION tax.validate_line(p_line tax.source_line, p_ctx tax.valid
 
 GRANT SELECT ON TABLE tax.attachment TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.attachment TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.attachment TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.attachment TO erp_cloud_console_operator;
 
 
 --
@@ -4367,6 +4475,8 @@ GRANT SELECT ON TABLE tax.contract_field TO erp_cloud_operator;
 
 GRANT SELECT ON TABLE tax.document TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.document TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.document TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.document TO erp_cloud_console_operator;
 
 
 --
@@ -4375,6 +4485,8 @@ GRANT SELECT ON TABLE tax.document TO erp_cloud_operator;
 
 GRANT SELECT ON TABLE tax.invoice_event TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.invoice_event TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.invoice_event TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.invoice_event TO erp_cloud_console_operator;
 
 
 --
@@ -4391,6 +4503,8 @@ GRANT SELECT ON TABLE tax.invoice_line TO erp_cloud_operator;
 
 GRANT SELECT ON TABLE tax.invoice_status TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.invoice_status TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.invoice_status TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.invoice_status TO erp_cloud_console_operator;
 
 
 --
@@ -4399,6 +4513,8 @@ GRANT SELECT ON TABLE tax.invoice_status TO erp_cloud_operator;
 
 GRANT SELECT ON TABLE tax.reversal TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.reversal TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.reversal TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.reversal TO erp_cloud_console_operator;
 
 
 --
@@ -4407,3 +4523,5 @@ GRANT SELECT ON TABLE tax.reversal TO erp_cloud_operator;
 
 GRANT SELECT ON TABLE tax.red_invoice_status TO erp_cloud_app;
 GRANT SELECT ON TABLE tax.red_invoice_status TO erp_cloud_operator;
+GRANT SELECT ON TABLE tax.red_invoice_status TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE tax.red_invoice_status TO erp_cloud_console_operator;
