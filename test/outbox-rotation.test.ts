@@ -214,5 +214,11 @@ describe('no bloat while a snapshot is held', () => {
     expect((await q(`select cloud.rotate_outbox() as n`)).rows[0].n).toBe(0);  // default: 1000
     await q(`select cloud.reap_expired_leases()`);
     expect(await where()).toEqual({ 'cloud.outbox sent': 3 });
+    // the listener's reaping (every few seconds) rotates once 1,000 sent messages wait
+    await enqueueMany(1000);
+    await ok('w1', await claim('w1', 1000));
+    await enqueueMany(5);
+    expect((await q(`select cloud.reap_expired_leases() as n`)).rows[0].n).toBe(0);
+    expect(await where()).toEqual({ 'cloud.outbox pending': 5, 'cloud.outbox_archive sent': 1003 });
   });
 });
