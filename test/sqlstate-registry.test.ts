@@ -31,6 +31,7 @@ const RAISED_THROUGH_A_VARIABLE: Record<string, string> = {
 /** PostgreSQL's own SQLSTATEs the functions raise by code; they are not ours to register. */
 const STANDARD_RAISED: Record<string, string> = {
   '42501': 'insufficient_privilege: a supplier-portal user acting for another supplier, as RLS would refuse it',
+  '23514': 'check_violation: cloud.tg_outbox__100_validate, the outbox invariants its CHECK constraints held before 0026, checked on UPDATE',
 };
 
 let db: TestDb;

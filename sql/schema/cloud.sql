@@ -911,10 +911,11 @@ CREATE FUNCTION cloud.new_request_id() RETURNS uuid
     LANGUAGE sql PARALLEL SAFE
     AS $$
   -- 48-bit Unix time in milliseconds, then version 7 (0111) over the version 4
-  -- nibble (0100: bits 52 and 53 set), variant and random bits as generated
+  -- nibble (0100: bits 52 and 53 set), variant and random bits as generated;
+  -- date_part is float8 (extract would be numeric, three times the cost)
   select pg_catalog.encode(pg_catalog.set_bit(pg_catalog.set_bit(
            overlay(pg_catalog.uuid_send(pg_catalog.gen_random_uuid())
-             placing substring(pg_catalog.int8send(floor(extract(epoch from pg_catalog.clock_timestamp()) * 1000)::bigint) from 3)
+             placing substring(pg_catalog.int8send(pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000)::bigint) from 3)
              from 1 for 6),
            52, 1), 53, 1), 'hex')::uuid
 $$;
@@ -954,9 +955,7 @@ CREATE TABLE cloud.outbox (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     sent_at timestamp with time zone,
     failures integer DEFAULT 0 NOT NULL,
-    lost_leases integer DEFAULT 0 NOT NULL,
-    CONSTRAINT outbox_lease_only_in_flight CHECK (((status = 'in_flight'::text) = (locked_until IS NOT NULL))),
-    CONSTRAINT outbox_status_known CHECK ((status = ANY (ARRAY['pending'::text, 'in_flight'::text, 'sent'::text, 'failed'::text, 'dead'::text, 'skipped'::text])))
+    lost_leases integer DEFAULT 0 NOT NULL
 )
 WITH (fillfactor='85', autovacuum_vacuum_scale_factor='0.01', autovacuum_vacuum_threshold='2000', autovacuum_vacuum_insert_scale_factor='0.02', autovacuum_analyze_scale_factor='0.02', autovacuum_vacuum_cost_delay='0');
 
@@ -1451,9 +1450,13 @@ CREATE FUNCTION cloud.enqueue_message(p_endpoint text, p_operation text, p_paylo
     AS $_$
 declare
   v_channel    text;
+  v_wake       boolean;
   v_request_id uuid := coalesce(p_request_id, cloud.new_request_id());
 begin
-  select e.wake_channel into v_channel from cloud.endpoint e where e.name = p_endpoint;
+  -- one statement for the endpoint and for "does a listener wait on its channel?"
+  select e.wake_channel, exists (select from cloud.listener l where l.idle and e.wake_channel = any (l.channels))
+    into v_channel, v_wake
+    from cloud.endpoint e where e.name = p_endpoint;
   if not found then
     raise exception using errcode = 'EC001', message = format('unknown cloud endpoint %L', p_endpoint),
       hint = 'Register the endpoint with cloud.put_endpoint(...) or correct the name in the trigger that enqueues it.';
@@ -1480,13 +1483,13 @@ begin
     values (v_request_id, p_endpoint, p_operation, p_payload, p_aggregate_type, p_aggregate_id, p_ordering_key,
             coalesce(p_not_before, pg_catalog.now()))
     on conflict (request_id) do nothing;
-    if not found then
+    -- a sent message may live in cloud.outbox_archive; looked up after the insert, which holds off a rotation
+    if not found or exists (select from cloud.outbox_archive a where a.request_id = p_request_id) then
       raise exception using errcode = 'EC004', message = format('a message with request_id %s already exists', p_request_id),
         hint = 'Each Request_ID is sent once; let enqueue_message generate one, or look the existing message up in cloud.outbox.';
     end if;
   end if;
-  -- inline cloud._wake_listeners: this runs in every ERP transaction
-  if exists (select from cloud.listener l where l.idle and v_channel = any (l.channels)) then
+  if v_wake then
     perform pg_catalog.pg_notify(v_channel, '');
   end if;
   return v_request_id;
@@ -2186,6 +2189,7 @@ begin
     v_total := v_total + (select count(*) from cloud.fail_messages(v_worker, v_results, p_now));
   end loop;
   delete from cloud.listener where heartbeat_at < p_now - interval '2 minutes';
+  perform cloud.rotate_outbox();
   return v_total;
 end $$;
 
@@ -2194,7 +2198,7 @@ end $$;
 -- Name: FUNCTION reap_expired_leases(p_now timestamp with time zone); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud.reap_expired_leases(p_now timestamp with time zone) IS 'Returns messages whose lease expired (listener died or froze) to pending with backoff — counted in lost_leases, not toward max_attempts; dead at max_lost_leases — re-opens a circuit whose half-open probes were all lost; forgets listeners silent for 2 minutes (they register again on their next heartbeat).';
+COMMENT ON FUNCTION cloud.reap_expired_leases(p_now timestamp with time zone) IS 'Returns messages whose lease expired (listener died or froze) to pending with backoff — counted in lost_leases, not toward max_attempts; dead at max_lost_leases — re-opens a circuit whose half-open probes were all lost; forgets listeners silent for 2 minutes (they register again on their next heartbeat); rotates the outbox (cloud.rotate_outbox) when enough sent messages wait in it.';
 
 
 --
@@ -2491,6 +2495,76 @@ end $$;
 --
 
 COMMENT ON FUNCTION cloud.requery_invoice_from_console(p_invoice_id bigint, p_reason text) IS 'Console, operators and finance: tax.requery_invoice as the signed-in user, audited in cloud.console_audit; returns the query message id. EA001 / EA002 without such a user; EC007 without a reason; EI019 as tax.requery_invoice.';
+
+
+--
+-- Name: rotate_outbox(integer); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud.rotate_outbox(p_min_sent integer DEFAULT 1000) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    SET lock_timeout TO '50ms'
+    AS $$
+declare
+  v_kept   cloud.outbox[];
+  v_copied uuid[];
+  v_late   integer;
+begin
+  if not pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtextextended('cloud.rotate_outbox', 0)) then
+    return null;  -- another listener (or pg_cron) is rotating right now
+  end if;
+  -- whoever holds the hot table (an ERP transaction that has not committed yet, a claim, a pg_dump, a report
+  -- in REPEATABLE READ that read the outbox) makes this rotation give up within lock_timeout, whatever it did
+  -- so far undone, rather than queue the ERP's inserts behind it: the next round tries again
+  begin
+    if exists (select from pg_catalog.pg_locks l join pg_catalog.pg_stat_activity a on a.pid = l.pid
+                where l.locktype = 'relation' and l.relation = 'cloud.outbox'::pg_catalog.regclass and l.granted
+                  and l.pid <> pg_catalog.pg_backend_pid() and a.xact_start < pg_catalog.clock_timestamp() - interval '1 second') then
+      return null;  -- a long holder (a pg_dump, a report): no copies that would only be undone, round after round
+    end if;
+    if (select count(*) from (select from only cloud.outbox o where o.status = 'sent' limit greatest(p_min_sent, 1)) s) < greatest(p_min_sent, 1) then
+      return 0;
+    end if;
+    if (select count(*) from (select from only cloud.outbox o where o.status <> 'sent' limit 50001) s) > 50000 then
+      return null;  -- a backlog this large would hold the table too long while it goes back: vacuum keeps it meanwhile
+    end if;
+    -- the bulk of the work before the table is ours alone: nobody sees these copies before this transaction
+    -- commits, and by then cloud.outbox no longer holds them (the TRUNCATE below); sent is final (a replay
+    -- refuses it, the archive's CHECK too), so a copy cannot go stale
+    with copied as (
+      insert into cloud.outbox_archive overriding system value
+      select * from only cloud.outbox where status = 'sent'
+      returning request_id
+    ) select array_agg(request_id) into v_copied from copied;
+    -- then a moment alone with the hot table
+    lock table only cloud.outbox in access exclusive mode;
+    -- sent since the copy
+    insert into cloud.outbox_archive overriding system value
+    select * from only cloud.outbox o where o.status = 'sent' and o.request_id not in (select unnest(v_copied));
+    get diagnostics v_late = row_count;
+    -- deleted since the copy (sent rows are purged from the archive days later, so only by hand): not resurrected
+    if (select count(*) from only cloud.outbox o where o.status = 'sent') - v_late < coalesce(cardinality(v_copied), 0) then
+      delete from cloud.outbox_archive a
+       where a.request_id in (select unnest(v_copied))
+         and not exists (select from only cloud.outbox o where o.request_id = a.request_id and o.status = 'sent');
+    end if;
+    -- what is not finished (pending, in flight, failed, dead, skipped) goes back as it was: same ids, same leases
+    select array_agg(o order by o.id) into v_kept from only cloud.outbox o where o.status <> 'sent';
+    truncate only cloud.outbox;
+    insert into cloud.outbox overriding system value select * from unnest(v_kept);
+  exception when lock_not_available then
+    return null;
+  end;
+  return coalesce(cardinality(v_copied), 0) + v_late;
+end $$;
+
+
+--
+-- Name: FUNCTION rotate_outbox(p_min_sent integer); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud.rotate_outbox(p_min_sent integer) IS 'Moves the sent messages of cloud.outbox into cloud.outbox_archive and empties the hot table by TRUNCATE (what is not sent goes back unchanged), so its dead tuples stay bounded by what flows between two rotations even while something holds the xmin horizon. Runs when the table holds at least p_min_sent sent messages; gives up (null) when it cannot have the table within 50 ms. Returns how many were archived.';
 
 
 --
@@ -2803,6 +2877,34 @@ end $$;
 --
 
 COMMENT ON FUNCTION cloud.take_send_slots(p_worker text, p_request_ids uuid[], p_lead interval, p_now timestamp with time zone) IS 'Gives a worker''s messages whose send slot passed by more than cloud.send_grace new slots from the endpoint''s shared token bucket, at least p_lead ahead, while it holds their leases. A message that cannot be sent and finished within its lease (or whose endpoint is paused or its circuit open and it is not a probe) is given back unsent (cloud.give_back_messages); one whose lease is gone is lease_lost. EC015 for bad input.';
+
+
+--
+-- Name: tg_outbox__100_validate(); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud.tg_outbox__100_validate() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO ''
+    AS $$
+begin
+  -- only reached when the trigger's WHEN clause found the new row breaking an invariant
+  if new.status is null or new.status <> all ('{pending,in_flight,sent,failed,dead,skipped}'::text[]) then
+    raise exception using errcode = '23514', message = format('new row for relation "outbox" violates check constraint "outbox_status_known": status %L', new.status),
+      detail = format('request_id %s', new.request_id),
+      hint = 'A message is pending, in_flight, sent, failed, dead or skipped; change it through the cloud.* functions.';
+  end if;
+  raise exception using errcode = '23514', message = format('new row for relation "outbox" violates check constraint "outbox_lease_only_in_flight": status %s with locked_until %s', new.status, coalesce(new.locked_until::text, 'null')),
+    detail = format('request_id %s', new.request_id),
+    hint = 'Only an in_flight message has a lease (locked_until), and an in_flight one always has; change it through the cloud.* functions.';
+end $$;
+
+
+--
+-- Name: FUNCTION tg_outbox__100_validate(); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud.tg_outbox__100_validate() IS 'Trigger outbox_100_validate: refuses (23514) an update that leaves a message with an unknown status, or a lease (locked_until) when it is not in flight or none when it is. Runs only when the trigger''s WHEN clause found such a row.';
 
 
 --
@@ -3244,6 +3346,23 @@ COMMENT ON TABLE cloud.log_default IS 'Cloud_Log rows of a month that has no par
 
 
 --
+-- Name: outbox_archive; Type: TABLE; Schema: cloud
+--
+
+CREATE TABLE cloud.outbox_archive (
+    CONSTRAINT outbox_archive_sent_only CHECK (((status = 'sent'::text) AND (locked_until IS NULL)))
+)
+INHERITS (cloud.outbox);
+
+
+--
+-- Name: TABLE outbox_archive; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON TABLE cloud.outbox_archive IS 'Sent messages that cloud.rotate_outbox moved out of cloud.outbox, whose child table this is: read them through cloud.outbox like any message. Insert-only until cloud.purge_finished_messages deletes them after the retention period.';
+
+
+--
 -- Name: outbox_id_seq; Type: SEQUENCE; Schema: cloud
 --
 
@@ -3304,6 +3423,62 @@ ALTER TABLE ONLY cloud.log ATTACH PARTITION cloud.log_default DEFAULT;
 
 
 --
+-- Name: outbox_archive request_id; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN request_id SET DEFAULT cloud.new_request_id();
+
+
+--
+-- Name: outbox_archive status; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN status SET DEFAULT 'pending'::text;
+
+
+--
+-- Name: outbox_archive attempts; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN attempts SET DEFAULT 0;
+
+
+--
+-- Name: outbox_archive next_attempt_at; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN next_attempt_at SET DEFAULT now();
+
+
+--
+-- Name: outbox_archive created_at; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN created_at SET DEFAULT now();
+
+
+--
+-- Name: outbox_archive updated_at; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN updated_at SET DEFAULT now();
+
+
+--
+-- Name: outbox_archive failures; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN failures SET DEFAULT 0;
+
+
+--
+-- Name: outbox_archive lost_leases; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN lost_leases SET DEFAULT 0;
+
+
+--
 -- Name: console_audit console_audit_pkey; Type: CONSTRAINT; Schema: cloud
 --
 
@@ -3349,6 +3524,14 @@ ALTER TABLE ONLY cloud.listener
 
 ALTER TABLE ONLY cloud.operation_handler
     ADD CONSTRAINT operation_handler_pkey PRIMARY KEY (operation);
+
+
+--
+-- Name: outbox_archive outbox_archive_pkey; Type: CONSTRAINT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_archive
+    ADD CONSTRAINT outbox_archive_pkey PRIMARY KEY (request_id);
 
 
 --
@@ -3458,6 +3641,13 @@ ALTER INDEX cloud.log_request ATTACH PARTITION cloud.log_default_request_id_atte
 --
 
 ALTER INDEX cloud.log_started_brin ATTACH PARTITION cloud.log_default_started_at_idx;
+
+
+--
+-- Name: outbox outbox_100_validate; Type: TRIGGER; Schema: cloud
+--
+
+CREATE TRIGGER outbox_100_validate BEFORE UPDATE ON cloud.outbox FOR EACH ROW WHEN ((NOT ((new.status = ANY ('{pending,in_flight,sent,failed,dead,skipped}'::text[])) AND ((new.status = 'in_flight'::text) = (new.locked_until IS NOT NULL))))) EXECUTE FUNCTION cloud.tg_outbox__100_validate();
 
 
 --
@@ -4079,6 +4269,15 @@ GRANT ALL ON FUNCTION cloud.requery_invoice_from_console(p_invoice_id bigint, p_
 
 
 --
+-- Name: FUNCTION rotate_outbox(p_min_sent integer); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud.rotate_outbox(p_min_sent integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud.rotate_outbox(p_min_sent integer) TO erp_cloud_listener;
+GRANT ALL ON FUNCTION cloud.rotate_outbox(p_min_sent integer) TO erp_cloud_operator;
+
+
+--
 -- Name: FUNCTION run_maintenance(p_now timestamp with time zone); Type: ACL; Schema: cloud
 --
 
@@ -4140,6 +4339,13 @@ GRANT ALL ON FUNCTION cloud.store_provider_token(p_endpoint text, p_token_key te
 
 REVOKE ALL ON FUNCTION cloud.take_send_slots(p_worker text, p_request_ids uuid[], p_lead interval, p_now timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION cloud.take_send_slots(p_worker text, p_request_ids uuid[], p_lead interval, p_now timestamp with time zone) TO erp_cloud_listener;
+
+
+--
+-- Name: FUNCTION tg_outbox__100_validate(); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud.tg_outbox__100_validate() FROM PUBLIC;
 
 
 --
@@ -4240,6 +4446,16 @@ GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE cloud.listener TO erp_cloud_listener;
 GRANT SELECT ON TABLE cloud.listener TO erp_cloud_operator;
 GRANT SELECT ON TABLE cloud.listener TO erp_cloud_console_finance;
 GRANT SELECT ON TABLE cloud.listener TO erp_cloud_console_operator;
+
+
+--
+-- Name: TABLE outbox_archive; Type: ACL; Schema: cloud
+--
+
+GRANT SELECT ON TABLE cloud.outbox_archive TO erp_cloud_listener;
+GRANT SELECT ON TABLE cloud.outbox_archive TO erp_cloud_operator;
+GRANT SELECT ON TABLE cloud.outbox_archive TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE cloud.outbox_archive TO erp_cloud_console_operator;
 
 
 --
