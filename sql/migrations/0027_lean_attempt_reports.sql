@@ -1,7 +1,3 @@
--- NOT A MIGRATION YET: lands as sql/migrations/0027_lean_attempt_reports.sql once 0026
--- (another helper's file) is in main — the runner refuses a gap in the numbering. Measured with
--- the harness in bench/proposed/README.md. Then: make schema, pin it in CHECKSUMS.
---
 -- 0027 — a cheaper report of attempts (issue 15 §3): what the listener's one
 -- call per batch, cloud.record_attempts, costs the database, measured with a
 -- profiler (perf on the backend, pg_stat_statements with track = all, and the
