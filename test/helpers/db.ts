@@ -50,7 +50,17 @@ export async function createTestDb(label: string, opts: { template?: string | nu
     pool,
     async drop() {
       await pool.end();
-      await admin((c) => c.query(`drop database if exists ${name} with (force)`));
+      await admin(async (c) => {
+        // pool.end() resolves before its sockets have closed, and a file's other pools end the same way: a session
+        // still closing when FORCE terminates it reaches a pool that no longer listens for errors, as an uncaught
+        // 57P01. Let closing sessions leave first (bounded: 100 × 20 ms), then force whatever is still there.
+        for (let i = 0; i < 100; i++) {
+          const { rows } = await c.query(`select count(*)::int as n from pg_stat_activity where datname = $1`, [name]);
+          if (rows[0].n === 0) break;
+          await new Promise((r) => setTimeout(r, 20));
+        }
+        await c.query(`drop database if exists ${name} with (force)`);
+      });
     },
   };
 }
