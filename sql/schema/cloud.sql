@@ -1240,32 +1240,75 @@ CREATE FUNCTION cloud.claim_messages(p_worker text, p_limit integer DEFAULT 100,
     SET enable_hashjoin TO 'off'
     SET enable_mergejoin TO 'off'
     SET jit TO 'off'
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
 declare
-  v_endpoint text;
+  ep         record;
+  v_limited  boolean;
   v_budget   integer;
   v_ids      uuid[];
+  v_n        integer;
   v_avail    double precision;
   v_rate     double precision;
   v_slot0    timestamptz;
   v_left     integer := p_limit;
 begin
-  -- no "has due work?" pre-check: after millions of messages the front of the
-  -- pending range is full of dead index entries until vacuum, and walking it
-  -- twice per claim halves the claim rate; an endpoint without work costs one
-  -- short index probe here
-  for v_endpoint in
-    select e.name from cloud.endpoint e
+  -- an endpoint without due work costs one index-only probe (below); since
+  -- 0026 rotates the hot table, the dead index entries at the front of the
+  -- pending range that made a second walk expensive stay few
+  for ep in
+    select e.name,
+           -- the common case (no limit, no quota, circuit closed, not paused) takes no lock and spends nothing
+           (e.rate_per_s is not null or e.quota_per_day is not null or e.quota_per_month is not null
+            or e.circuit_state <> 'closed' or coalesce(e.paused_until > p_now, false)) as limited
+      from cloud.endpoint e
      where e.enabled and (p_endpoints is null or e.name = any (p_endpoints))
      order by random()  -- no endpoint starves another
   loop
     exit when v_left <= 0;
-    v_budget := cloud._take_budget(v_endpoint, v_left, p_now);
+    -- one short index probe: an endpoint without due work costs no lock, no write and no UPDATE to set up
+    continue when not exists (
+      select from only cloud.outbox o where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now);
+    if not ep.limited then
+      -- lease and hand back in one statement; every message goes now
+      return query
+        with candidate as (
+          select o.request_id
+            from only cloud.outbox o
+           where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now
+             and (o.ordering_key is null or not exists (
+                   select from cloud.outbox h
+                    where h.ordering_key = o.ordering_key and h.id < o.id
+                      and h.status in ('pending', 'in_flight', 'failed', 'dead')))
+           order by o.next_attempt_at, o.id
+           limit v_left
+           for update of o skip locked
+        ), leased as (
+          update only cloud.outbox o
+             set status = 'in_flight', attempts = o.attempts + 1, locked_by = p_worker,
+                 locked_until = p_now + make_interval(secs => e.timeout_ms / 1000.0) + p_lease_margin,
+                 updated_at = p_now
+            from candidate c, cloud.endpoint e
+           where o.request_id = c.request_id and e.name = o.endpoint
+          returning o.id, o.request_id, o.endpoint, o.operation, o.payload, o.attempts, o.aggregate_type, o.aggregate_id,
+                    o.ordering_key, e.provider, e.base_url, e.timeout_ms, e.config, o.locked_until,
+                    e.allow_hosts, e.allow_cidrs, e.allow_private, e.download_hosts
+        )
+        select l.request_id, l.endpoint, l.operation, l.payload, l.attempts, l.aggregate_type, l.aggregate_id,
+               l.ordering_key, l.provider, l.base_url, l.timeout_ms, l.config, l.locked_until, p_now,
+               l.allow_hosts, l.allow_cidrs::text[], l.allow_private, l.download_hosts
+          from leased l
+         order by l.id;
+      get diagnostics v_n = row_count;
+      v_left := v_left - v_n;
+      continue;
+    end if;
+    v_budget := cloud._take_budget(ep.name, v_left, p_now);
     continue when v_budget <= 0;
     with candidate as (
       select o.request_id
-        from cloud.outbox o
-       where o.status = 'pending' and o.endpoint = v_endpoint and o.next_attempt_at <= p_now
+        from only cloud.outbox o
+       where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now
          and (o.ordering_key is null or not exists (
                select from cloud.outbox h
                 where h.ordering_key = o.ordering_key and h.id < o.id
@@ -1274,7 +1317,7 @@ begin
        limit v_budget
        for update of o skip locked
     ), leased as (
-      update cloud.outbox o
+      update only cloud.outbox o
          set status = 'in_flight', attempts = o.attempts + 1, locked_by = p_worker,
              locked_until = p_now + make_interval(secs => e.timeout_ms / 1000.0) + p_lease_margin,
              updated_at = p_now
@@ -1285,8 +1328,8 @@ begin
     select coalesce(array_agg(request_id), '{}') into v_ids from leased;
     continue when cardinality(v_ids) = 0;
     select cloud._tokens_available(e, p_now), e.rate_per_s, greatest(p_now, e.tokens_at)
-      into v_avail, v_rate, v_slot0 from cloud.endpoint e where e.name = v_endpoint;
-    perform cloud._spend_budget(v_endpoint, v_ids, p_now);
+      into v_avail, v_rate, v_slot0 from cloud.endpoint e where e.name = ep.name;
+    perform cloud._spend_budget(ep.name, v_ids, p_now);
     v_left := v_left - cardinality(v_ids);
     return query
       select o.request_id, o.endpoint, o.operation, o.payload, o.attempts, o.aggregate_type, o.aggregate_id,
@@ -1295,7 +1338,7 @@ begin
              case when v_rate is null then p_now
                   else v_slot0 + make_interval(secs => greatest(0, (row_number() over (order by o.id) - v_avail) / v_rate)) end,
              e.allow_hosts, e.allow_cidrs::text[], e.allow_private, e.download_hosts
-        from cloud.outbox o join cloud.endpoint e on e.name = o.endpoint
+        from only cloud.outbox o join cloud.endpoint e on e.name = o.endpoint
        where o.request_id = any (v_ids)
        order by o.id;
   end loop;

@@ -1,0 +1,187 @@
+/**
+ * The claim's promises on its cheap paths (migration 0028): an endpoint without due work and an
+ * endpoint without limits cost the claim no lock and no write, and every rule still holds —
+ * rate-limit tokens, quotas, pause, the circuit's half-open probes, per-key ordering, SKIP LOCKED,
+ * the listener's idle flag and the returned settings and allowlist.
+ */
+import pg from 'pg';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { createTestDb, inTransaction, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
+
+let db: TestDb;
+let q: pg.Pool['query'];
+
+const T0 = '2030-01-01T00:00:00Z';
+
+beforeAll(async () => {
+  db = await createTestDb('claim');
+  q = db.pool.query.bind(db.pool) as pg.Pool['query'];
+});
+afterAll(() => db.drop());
+
+beforeEach(async () => {
+  await resetProductState(db.pool);
+  await q(`select cloud.put_endpoint('fast', 'http://127.0.0.1:9/fast', p_timeout_ms => 2000)`);
+  await q(`select cloud.put_endpoint('slow', 'http://127.0.0.1:9/slow')`);
+  await q(`select cloud.put_endpoint('idle', 'http://127.0.0.1:9/idle')`);
+});
+
+interface Claimed {
+  request_id: string;
+  endpoint: string;
+  attempt: number;
+  ordering_key: string | null;
+  base_url: string;
+  timeout_ms: number;
+  locked_until: Date;
+  send_at: Date;
+  allow_hosts: string[];
+  allow_cidrs: string[];
+  allow_private: boolean;
+  download_hosts: string[];
+}
+
+/** Enqueues n messages due at T0 (p_not_before), in order. */
+const enqueueMany = async (endpoint: string, n: number, key: string | null = null) =>
+  (
+    await q<{ id: string }>(
+      `select cloud.enqueue_message($1, 'demo.ping', jsonb_build_object('n', g), null, null, $2, null, $3::timestamptz) as id
+         from generate_series(1, $4::int) g order by g`,
+      [endpoint, key, T0, n],
+    )
+  ).rows.map((r) => r.id);
+
+/** A claim at T0 + offsetMs. */
+const claim = async (worker: string, limit: number, offsetMs = 0, endpoints: string[] | null = null) =>
+  (
+    await q<Claimed>(
+      `select * from cloud.claim_messages($1, $2, $3, '5 seconds', $4::timestamptz + make_interval(secs => $5::float8 / 1000))`,
+      [worker, limit, endpoints, T0, offsetMs],
+    )
+  ).rows;
+
+/** The row version of an endpoint (xmin changes with every write, even one that changes nothing). */
+const endpointVersion = async (name: string) =>
+  (await q<{ v: string }>(`select xmin::text as v from cloud.endpoint where name = $1`, [name])).rows[0]!.v;
+
+describe('the claim on its cheap paths', () => {
+  it('an endpoint without due work costs the claim no lock and no write, even with a rate limit, a quota or a circuit to consult', async () => {
+    await q(`select cloud.put_endpoint_limits('idle', 1, 1)`);
+    await q(`select cloud.put_endpoint_quotas('idle', 5, null, 'UTC')`);
+    await enqueueMany('fast', 2);
+    const before = await endpointVersion('idle');
+    // another session holds the idle endpoint's row: a claim that wanted its budget would wait
+    await inTransaction(db.pool, async (holder) => {
+      await holder.query(`select from cloud.endpoint where name = 'idle' for update`);
+      const c = await db.pool.connect();
+      try {
+        await c.query(`set lock_timeout = '2s'`); // a claim that waited on the row would fail with 55P03, not hang
+        const { rows } = await c.query(
+          `select * from cloud.claim_messages('w1', 10, null, '5 seconds', $1::timestamptz)`,
+          [T0],
+        );
+        expect(rows.map((r) => r.endpoint)).toEqual(['fast', 'fast']);
+      } finally {
+        await c.query('reset lock_timeout');
+        c.release();
+      }
+    });
+    expect(await endpointVersion('idle')).toBe(before);
+    expect((await q(`select count(*)::int as n from cloud.endpoint_usage where endpoint = 'idle'`)).rows[0].n).toBe(0);
+  });
+
+  it('an endpoint without limits hands out its messages without writing its endpoint row', async () => {
+    await enqueueMany('fast', 3);
+    const before = await endpointVersion('fast');
+    expect(await claim('w1', 10)).toHaveLength(3);
+    expect(await endpointVersion('fast')).toBe(before);
+  });
+
+  it('the fast path returns each message leased, in id order, with its endpoint settings, lease and allowlist as at the claim', async () => {
+    await q(`select cloud.put_endpoint_allowlist('fast', '{api.example.com}', '{203.0.113.0/24}', false)`);
+    const ids = await enqueueMany('fast', 4);
+    const got = await claim('w1', 10, 250);
+    expect(got.map((r) => r.request_id)).toEqual(ids);
+    const at = new Date(Date.parse(T0) + 250);
+    for (const r of got) {
+      expect(r).toMatchObject({ endpoint: 'fast', attempt: 1, base_url: 'http://127.0.0.1:9/fast', timeout_ms: 2000 });
+      expect(r.allow_hosts).toEqual(['api.example.com']);
+      expect(r.allow_cidrs).toEqual(['203.0.113.0/24']);
+      expect(r.allow_private).toBe(false);
+      expect(r.send_at.toISOString()).toBe(at.toISOString()); // no limit: every message goes now
+      expect(r.locked_until.toISOString()).toBe(new Date(at.getTime() + 2000 + 5000).toISOString()); // timeout + margin
+    }
+    const { rows } = await q(
+      `select status, attempts, locked_by from cloud.outbox where request_id = any ($1::uuid[]) group by 1, 2, 3`,
+      [ids],
+    );
+    expect(rows).toEqual([{ status: 'in_flight', attempts: 1, locked_by: 'w1' }]);
+  });
+
+  it('the fast path leases only the head of each ordering key and never a message another session holds', async () => {
+    const k1 = await enqueueMany('fast', 3, 'k1');
+    const k2 = await enqueueMany('fast', 2, 'k2');
+    const free = await enqueueMany('fast', 2);
+    const held = await inTransaction(
+      db.pool,
+      async (c) => {
+        const lockedFree = free[0]!;
+        await c.query(`select from cloud.outbox where request_id = $1 for update`, [lockedFree]);
+        const got = await claim('w1', 100);
+        return { lockedFree, got };
+      },
+      false,
+    );
+    expect(new Set(held.got.map((r) => r.request_id))).toEqual(new Set([k1[0], k2[0], free[1]]));
+    expect(held.got.some((r) => r.request_id === held.lockedFree)).toBe(false);
+  });
+
+  it('a claim still respects the rate limit’s tokens next to an endpoint on the fast path', async () => {
+    await q(`select cloud.put_endpoint_limits('slow', 10, 2)`); // 10/s, a bucket of 2
+    await enqueueMany('fast', 5);
+    await enqueueMany('slow', 10);
+    const first = await claim('w1', 100);
+    const slow = first.filter((r) => r.endpoint === 'slow');
+    expect(first.filter((r) => r.endpoint === 'fast')).toHaveLength(5);
+    // 2 in the bucket + 1 due within the next 100 ms: the third goes when its token is due
+    expect(slow).toHaveLength(3);
+    expect(slow.map((r) => Date.parse(r.send_at.toISOString()) - Date.parse(T0))).toEqual([0, 0, 100]);
+    expect(await claim('w2', 100)).toEqual([]); // the bucket is spent at the same instant
+    // half a second refills 5 tokens, but the bucket holds 2 (it was 1 in debt): 2 + 1 due within 100 ms
+    const later = await claim('w2', 100, 500);
+    expect(later.map((r) => r.endpoint)).toEqual(Array(3).fill('slow'));
+  });
+
+  it('a claim still respects a pause, a quota and an open circuit’s half-open probes', async () => {
+    await enqueueMany('fast', 6);
+    await enqueueMany('slow', 6);
+    await enqueueMany('idle', 6);
+    await q(`update cloud.endpoint set paused_until = $1::timestamptz + interval '1 minute', pause_reason = 'test' where name = 'fast'`, [T0]);
+    await q(`select cloud.put_endpoint_quotas('slow', 2, null, 'UTC')`);
+    await q(
+      `update cloud.endpoint set circuit_state = 'open', circuit_opened_at = $1::timestamptz - interval '1 hour', circuit_probes = 2 where name = 'idle'`,
+      [T0],
+    );
+    const got = await claim('w1', 100);
+    const by = (e: string) => got.filter((r) => r.endpoint === e).length;
+    expect([by('fast'), by('slow'), by('idle')]).toEqual([0, 2, 2]);
+    const idle = (await q(`select circuit_state, cardinality(circuit_probe_ids) as probes from cloud.endpoint where name = 'idle'`)).rows[0];
+    expect(idle).toEqual({ circuit_state: 'half_open', probes: 2 });
+    expect(await claim('w2', 100)).toEqual([]); // quota used up, probes out, still paused
+    expect((await claim('w2', 100, 61_000)).map((r) => r.endpoint)).toEqual(Array(6).fill('fast')); // the pause is over
+  });
+
+  it('the listener’s idle flag is written only when it changes: empty claims in a row write its row once', async () => {
+    await q(`select cloud.record_listener_start('w1', '{cloud_outbox}')`);
+    const version = async () => (await q(`select xmin::text as v, idle from cloud.listener where worker_id = 'w1'`)).rows[0];
+    expect(await claim('w1', 10)).toEqual([]);
+    const idle = await version();
+    expect(idle.idle).toBe(true);
+    expect(await claim('w1', 10)).toEqual([]);
+    expect(await version()).toEqual(idle);
+    await enqueueMany('fast', 1);
+    expect(await claim('w1', 10)).toHaveLength(1);
+    expect((await version()).idle).toBe(false);
+  });
+});
