@@ -91,7 +91,7 @@ async function runPlatform(ctx: BenchContext, name: Platform, n: number): Promis
 }
 
 export async function platformsFigure(ctx: BenchContext): Promise<PlatformsResult> {
-  const n = ctx.quick ? 100 : 500;
+  const n = ctx.quick ? 40 : 500;
   const platforms = {} as Record<Platform, Record<string, unknown>>;
   for (const name of ['nuonuo', 'baiwang'] as const) {
     progress(`figure platforms: ${n} e-invoices through the ${name} simulator`);

@@ -1,8 +1,8 @@
 /**
  * Figure 4: does the queue stay healthy? The claim/complete cycle
  * (cloud.claim_messages + cloud.record_attempts, no HTTP) is timed over a
- * 20,000-message window (quick: 5,000) on a fresh database; then 1,000,000
- * messages (quick: 100,000; time budget 300 s, quick 15 s) are pushed through
+ * 20,000-message window (quick: 2,000) on a fresh database; then 1,000,000
+ * messages (quick: 20,000; time budget 300 s, quick 3 s) are pushed through
  * the same cycle as fast as possible; after a
  * short pause in which autovacuum may run (no manual VACUUM: the point is
  * whether the table stays healthy on its own), the same window is timed again.
@@ -24,7 +24,7 @@ import { progress, round, sleep } from '../lib/util.js';
 const WORKER = 'bench';
 /** Messages per measured window and per enqueue within it (full; quick uses QUICK_WINDOW in one chunk). */
 const WINDOW = 20_000;
-const QUICK_WINDOW = 5_000;
+const QUICK_WINDOW = 2_000;
 const ENQUEUE_CHUNK = 10_000;
 
 export interface WindowResult {
@@ -197,10 +197,10 @@ async function explainCycle(c: pg.Client, label: string): Promise<{ text: string
 }
 
 export async function claimFigure(ctx: BenchContext): Promise<ClaimResult> {
-  const pushTarget = ctx.quick ? 100_000 : 1_000_000;
-  const pushBudgetMs = ctx.quick ? 15_000 : 300_000;
+  const pushTarget = ctx.quick ? 20_000 : 1_000_000;
+  const pushBudgetMs = ctx.quick ? 3_000 : 300_000;
   const window = ctx.quick ? QUICK_WINDOW : WINDOW;
-  const autovacWaitMs = ctx.quick ? 4_000 : 20_000;
+  const autovacWaitMs = ctx.quick ? 2_000 : 20_000;
   const pushBatch = 1000;
   /** Messages enqueued, then drained, per push step; the time budget is checked between steps. */
   const pushChunk = ctx.quick ? 5_000 : ENQUEUE_CHUNK;

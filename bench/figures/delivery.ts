@@ -273,7 +273,7 @@ async function templates(ctx: BenchContext): Promise<Templates> {
 const best = (runs: RunResult[]): RunResult => runs.reduce((a, b) => (b.per_s > a.per_s ? b : a));
 
 export async function deliveryFigure(ctx: BenchContext): Promise<DeliveryResult> {
-  const n = ctx.quick ? 2000 : 10_000;
+  const n = ctx.quick ? 1200 : 10_000;
   const erpC = ctx.quick ? [32, 128] : [8, 16, 32, 64, 128];
   const gwC = ctx.quick ? [10, 40] : [5, 10, 20, 40, 80];
   const timeoutMs = ctx.quick ? 60_000 : 180_000;

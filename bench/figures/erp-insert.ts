@@ -6,7 +6,8 @@
  * busy." The busy listener is there in BOTH terms of the ratio, so that the
  * ratio isolates what the trigger costs the ERP under the same background load.
  *
- * pgbench (-n -c 8 -j 2 -T 15; quick: -T 5) runs a one-row INSERT into
+ * pgbench (-n -c 8 -j 2 -T 15; quick: -T 2, and the floor and the quiet
+ * baseline are run once instead of twice, six runs in all) runs a one-row INSERT into
  * bench_erp.doc in one migrated database, in this order:
  *   1. quiet baseline: no trigger, no listener.
  *   2. busy baseline: no trigger; one listener process (`erp-cloud listen`,
@@ -67,6 +68,8 @@ import { progress, round, sleep, waitFor } from '../lib/util.js';
 const BACKLOG_RATE = 4000;
 /** Messages the listener delivers before its unloaded rate is measured. */
 const WARMUP = 2000;
+/** quick mode: 1,000 (the warm-up only has to get the listener past its start). */
+const QUICK_WARMUP = 1000;
 /** Upper bound of the top-up (keeps the fill bounded on a very fast machine). */
 const MAX_BACKLOG = 500_000;
 /** Sink sampling interval during the busy runs. */
@@ -281,7 +284,8 @@ function sampleSink(ctx: BenchContext, intervalMs: number, maxMs: number): { sto
 }
 
 export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResult> {
-  const seconds = ctx.quick ? 5 : 15;
+  const seconds = ctx.quick ? 2 : 15;
+  const warmup = ctx.quick ? QUICK_WARMUP : WARMUP;
   const bin = findPgbench();
   progress(`figure 3: ERP insert cost, pgbench -c 8 -j 2 -T ${seconds} (${bin}); listener busy in both baseline and integration`);
   const db = await ctx.dbs.createMigrated('erp');
@@ -384,9 +388,9 @@ export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResul
     await waitFor(
       async () => {
         alive();
-        return (await ctx.sink.stats()).count >= WARMUP;
+        return (await ctx.sink.stats()).count >= warmup;
       },
-      { timeoutMs: 30_000, intervalMs: 50, what: `the listener to deliver ${WARMUP} backlog messages` },
+      { timeoutMs: 30_000, intervalMs: 50, what: `the listener to deliver ${warmup} backlog messages` },
     );
     const r0 = (await ctx.sink.stats()).count;
     await sleep(1000);
@@ -417,18 +421,22 @@ export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResul
     await fresh('doc_to_cloud');
     const triggerOnly = await bench('integration trigger, no listener');
     await fresh('doc_floor');
-    const floor2 = await bench('floor again');
-    const floor = (floor1.tps + floor2.tps) / 2;
+    // full run: the floor again, so that drift during the run weighs on both sides alike (quick mode: once)
+    const floor2 = ctx.quick ? null : await bench('floor again');
+    const floor = floor2 ? (floor1.tps + floor2.tps) / 2 : floor1.tps;
 
     // 5. context: naive insert + pg_notify trigger, no listener
     await fresh('doc_naive');
     const naive = await bench('naive trigger (insert + pg_notify), no listener');
 
-    // 6. quiet baseline again
-    await fresh();
-    const quiet2 = await bench('quiet baseline again (no trigger, no listener)');
+    // 6. quiet baseline again (full run only, as the floor)
+    let quiet2: PgbenchRun | null = null;
+    if (!ctx.quick) {
+      await fresh();
+      quiet2 = await bench('quiet baseline again (no trigger, no listener)');
+    }
 
-    const quiet = (quiet1.tps + quiet2.tps) / 2;
+    const quiet = quiet2 ? (quiet1.tps + quiet2.tps) / 2 : quiet1.tps;
     const held = busyBase.listener.busy_throughout && integ.listener.busy_throughout;
     return {
       erp_insert_ratio: round(integ.run.tps / busyBase.run.tps, 3),

@@ -20,7 +20,7 @@
  * design) its dead tuples and size at the end of the phase.
  *
  * held_snapshot_ratio = delivered/s held ÷ delivered/s quiet.
- * quick: quiet 15 s, held 30 s; full: quiet 60 s, held 180 s.
+ * quick: quiet 10 s, held 30 s, 3 s after release; full: quiet 60 s, held 180 s, 20 s after.
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
@@ -128,7 +128,7 @@ async function queueState(pool: pg.Pool): Promise<QueueState> {
 const ratio = (a: number | null, b: number | null) => (a === null || b === null || b === 0 ? null : round(a / b, 3));
 
 export async function heldSnapshotFigure(ctx: BenchContext): Promise<HeldSnapshotResult> {
-  const quietS = ctx.quick ? 15 : 60;
+  const quietS = ctx.quick ? 10 : 60;
   const heldS = ctx.quick ? 30 : 180;
   const bin = findPgbench();
   progress(`figure 9: held snapshot, ERP inserts at ${RATE}/s through one listener; quiet ${quietS} s, then a REPEATABLE READ snapshot held ${heldS} s`);
@@ -198,7 +198,7 @@ export async function heldSnapshotFigure(ctx: BenchContext): Promise<HeldSnapsho
     await holder.end();
     holder = null;
     // released: what vacuum gets back in a few seconds (autovacuum_naptime is 10 s on the private cluster)
-    await sleep(ctx.quick ? 5000 : 20_000);
+    await sleep(ctx.quick ? 3000 : 20_000);
     const after = await queueState(pool);
     progress(`  after release: cloud dead tuples ${after.dead_tuples}, size ${Math.round(after.size_bytes / 1024)} kB`);
     return {

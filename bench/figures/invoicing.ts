@@ -50,8 +50,8 @@ async function attachedCount(pool: pg.Pool, prefix: string): Promise<number> {
 }
 
 export async function invoicingFigure(ctx: BenchContext): Promise<InvoicingResult> {
-  const n = ctx.quick ? 200 : 1000;
-  const paced = ctx.quick ? 20 : 60;
+  const n = ctx.quick ? 60 : 1000;
+  const paced = ctx.quick ? 10 : 60;
   progress(`figure 6: e-invoicing through the Nuonuo simulator, ${n} approvals back to back, then ${paced} paced`);
   const db = await ctx.dbs.createMigrated('invoicing', ['reference-erp']);
   const pool = benchPool(db.url, 'invoicing', 5);

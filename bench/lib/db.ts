@@ -70,11 +70,28 @@ export class DbRegistry {
     return { name, url: withDatabase(this.serverUrl, name) };
   }
 
-  /** A new database with the erp-cloud migrations applied, and the example ERPs named (e.g. reference-erp) installed. */
+  /** Migrated templates of this run, by the examples installed in them (migrated once, copied for every figure). */
+  private readonly templates = new Map<string, Promise<string>>();
+
+  /**
+   * A new database with the erp-cloud migrations applied, and the example ERPs named (e.g. reference-erp) installed.
+   * The migrations run once per run and set of examples, into a template database nobody connects to afterwards;
+   * every figure gets a copy of it (CREATE DATABASE … TEMPLATE: about 0.15 s instead of about 1 s of migrating).
+   * pg_cron schedules nothing in bench databases (it runs in another database), so a copy is what a migration would make.
+   */
   async createMigrated(label: string, examples: string[] = []): Promise<BenchDb> {
-    const db = await this.create(label);
-    await migrate(db.url, undefined, examples);
-    return db;
+    const key = examples.join('+');
+    let tpl = this.templates.get(key);
+    if (!tpl) {
+      tpl = (async () => {
+        const t = await this.create(`tpl_${key.replace(/[^a-z0-9]/gi, '_') || 'plain'}`);
+        await migrate(t.url, undefined, examples);
+        return t.name;
+      })();
+      this.templates.set(key, tpl);
+      tpl.catch(() => this.templates.delete(key));
+    }
+    return this.createFrom(label, await tpl);
   }
 
   async drop(name: string): Promise<void> {
