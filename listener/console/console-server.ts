@@ -11,6 +11,7 @@ import http, { type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type pg from 'pg';
 import type { Logger } from 'pino';
+import { inTransaction } from '../kernel/db.js';
 import { describePgError } from '../kernel/errors.js';
 import { CONSOLE_CSS, CONSOLE_JS } from './assets.js';
 import type { ConsoleConfig } from './config.js';
@@ -127,20 +128,11 @@ export async function startConsoleServer(opts: ConsoleServerOptions): Promise<Co
 
   /** One transaction as the database role of `role`, with the user named for the database's checks and audit. */
   async function asUser<T>(role: keyof typeof DATABASE_ROLE, login: string, readOnly: boolean, fn: (c: pg.PoolClient) => Promise<T>): Promise<T> {
-    const c = await pool.connect();
-    try {
-      await c.query(readOnly ? 'begin isolation level repeatable read read only' : 'begin');
+    return inTransaction(pool, async (c) => {
       await c.query(`set local role ${DATABASE_ROLE[role]}`); // one of three fixed names
       await c.query(`select set_config('erp_cloud.console_user', $1, true)`, [login]);
-      const out = await fn(c);
-      await c.query('commit');
-      return out;
-    } catch (err) {
-      await c.query('rollback').catch(() => undefined);
-      throw err;
-    } finally {
-      c.release();
-    }
+      return fn(c);
+    }, readOnly ? 'begin isolation level repeatable read read only' : 'begin');
   }
 
   const roleOf = (login: string) => asUser('none', login, true, async (c) => (await c.query(consoleSql.roleOf, [login])).rows[0]?.role as ConsoleRole | null);

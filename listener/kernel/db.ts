@@ -27,6 +27,25 @@ export function createPool(connectionString: string, max: number, log?: Logger):
 }
 
 /**
+ * Runs fn in one transaction on a pool client of its own: committed when fn returns, rolled back when
+ * it throws (the error goes on). `begin` opens it, e.g. 'begin isolation level repeatable read read only'.
+ */
+export async function inTransaction<T>(pool: pg.Pool, fn: (c: pg.PoolClient) => Promise<T>, begin = 'begin'): Promise<T> {
+  const c = await pool.connect();
+  try {
+    await c.query(begin);
+    const out = await fn(c);
+    await c.query('commit');
+    return out;
+  } catch (err) {
+    await c.query('rollback').catch(() => undefined);
+    throw err;
+  } finally {
+    c.release();
+  }
+}
+
+/**
  * Applies the numbered migrations not yet applied and returns their file names (migrations.ts:
  * history in erp_cloud.migration, one transaction per file, an advisory lock so concurrent runs
  * are safe; a database without history is installed from sql/baseline when there is one, unless

@@ -13,6 +13,7 @@
 import { createHash, generateKeyPairSync, randomBytes } from 'node:crypto';
 import type pg from 'pg';
 import { secretEnvName } from '../kernel/vault.js';
+import { inTransaction } from '../kernel/db.js';
 import { SqlState } from '../kernel/errors.js';
 
 export const SIGNING_KEYS_SECRET = 'sso.signing_keys';
@@ -48,21 +49,6 @@ export interface SigningKeys {
   fingerprint: string;
   /** The next moment the set changes by itself (a scheduled key starts signing, an old one retires). */
   nextChange: Date | null;
-}
-
-async function inTransaction<T>(pool: pg.Pool, fn: (c: pg.PoolClient) => Promise<T>): Promise<T> {
-  const c = await pool.connect();
-  try {
-    await c.query('begin');
-    const out = await fn(c);
-    await c.query('commit');
-    return out;
-  } catch (err) {
-    await c.query('rollback').catch(() => undefined);
-    throw err;
-  } finally {
-    c.release();
-  }
 }
 
 /** A vault secret's value, or null when there is none yet (inside the caller's transaction, hence the savepoint). */
