@@ -7,8 +7,14 @@
  * the sso/ modules, a few in cli.ts (sso and vault verbs), and the simulators.
  */
 export const sql = {
-  /** Each claimed message with send_by: its slot plus the endpoint's grace (cloud.send_grace); null when unlimited. */
-  claim: `select c.*, c.send_at + cloud.send_grace((select e.rate_per_s from cloud.endpoint e where e.name = c.endpoint)) as send_by
+  /**
+   * Each claimed message with send_by: its slot plus the endpoint's grace (cloud.send_grace); null when unlimited.
+   * The columns are named (a prepared statement's result type must not change when cloud.claimed_message gains one).
+   */
+  claim: `select c.request_id, c.endpoint, c.operation, c.payload, c.attempt, c.aggregate_type, c.aggregate_id, c.ordering_key,
+                 c.provider, c.base_url, c.timeout_ms, c.endpoint_config, c.locked_until, c.send_at,
+                 c.allow_hosts, c.allow_cidrs, c.allow_private, c.download_hosts,
+                 c.send_at + cloud.send_grace((select e.rate_per_s from cloud.endpoint e where e.name = c.endpoint)) as send_by
             from cloud.claim_messages($1, $2, $3, make_interval(secs => $4::float8 / 1000)) c`,
   takeSendSlots: 'select request_id, outcome, send_at, send_by from cloud.take_send_slots($1, $2::uuid[], make_interval(secs => $3::float8 / 1000))',
   recordAttempts: 'select request_id, status from cloud.record_attempts($1, $2::jsonb)',

@@ -9,7 +9,6 @@ import pg from 'pg';
 import { redactUrl } from './config.js';
 import { describePgError } from './errors.js';
 import type { Logger } from './logger.js';
-import { runMigrations } from './migrations.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 /** sql/migrations, found from both listener/kernel/ (tsx, vitest) and dist/listener/kernel/ (built). */
@@ -62,6 +61,7 @@ export async function migrate(connectionString: string, log?: (msg: string) => v
   });
   await client.connect();
   try {
+    const { runMigrations } = await import('./migrations.js'); // a listener's start never needs the runner
     return (await runMigrations(client, migrationsDir, log, { examples, baseline: opts.baseline })).applied;
   } finally {
     await client.end();
