@@ -236,7 +236,8 @@ export class Worker {
       return this.giveBack(msg, `its lease could end before the answer (${Date.now() - lease.startBy} ms past the last safe start: was this listener paused or starved?)`);
     }
     // the attempt started when the listener decided it may go (within its slot's grace): what the rate limit promises
-    return { ...result, started_at: new Date(decidedAt).toISOString() };
+    result.started_at = new Date(decidedAt).toISOString();
+    return result;
   }
 
   /**

@@ -1,13 +1,20 @@
 /** Structured logs (pino, JSON lines on stdout). */
-import { pino, type Logger } from 'pino';
+import { pino, type Logger as PinoLogger } from 'pino';
 
-export type { Logger };
+/**
+ * What the listener's code asks of a logger: pino's log methods. A pino logger is one; so is the
+ * listener's own (log-lines.ts, the same lines without loading pino).
+ */
+export type Logger = Pick<PinoLogger, 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace'>;
 
-export function createLogger(level: string, name = 'erp-cloud'): Logger {
+/** The log redaction every erp-cloud process applies (log-lines.ts applies the same). */
+export const REDACT_PATHS = ['*.authorization', '*.Authorization', '*.password', '*.secret', '*.accessToken', 'headers.*'];
+
+export function createLogger(level: string, name = 'erp-cloud'): PinoLogger {
   return pino({
     name,
     level,
     // secrets must never reach application logs, whatever a caller passes in
-    redact: { paths: ['*.authorization', '*.Authorization', '*.password', '*.secret', '*.accessToken', 'headers.*'], censor: '[redacted]' },
+    redact: { paths: REDACT_PATHS, censor: '[redacted]' },
   });
 }
