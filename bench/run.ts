@@ -187,6 +187,7 @@ const TARGETS: Target[] = [
   { key: 'held_snapshot.enqueue_ratio', label: 'held snapshot: ERP insert rate held / quiet', op: '>=', target: null, unit: '' },
   { key: 'held_snapshot.erp_insert_latency_ratio', label: 'held snapshot: ERP insert latency held / quiet', op: '<=', target: null, unit: '' },
   { key: 'held_snapshot.claim_latency_ratio', label: 'held snapshot: listener claim round trip held / quiet', op: '<=', target: null, unit: '' },
+  { key: 'held_snapshot.index_walk_ratio', label: (r) => `held snapshot: entries read per scan of ${String(lookup(r, 'held_snapshot.index_walk.index') ?? 'the most-read cloud index')}, held / quiet (dead entries the claim walks)`, op: '<=', target: null, unit: '' },
   { key: 'held_snapshot.bystander_latency_ratio', label: 'held snapshot: bystander query latency held / quiet', op: '<=', target: null, unit: '' },
   { key: 'held_snapshot.dead_tuples_quiet', label: 'held snapshot: dead tuples in schema cloud (log partitions aside), end of quiet', op: '<=', target: null, unit: '' },
   { key: 'held_snapshot.dead_tuples_held', label: 'held snapshot: the same, end of the held phase', op: '<=', target: null, unit: '' },

@@ -18,7 +18,12 @@
  * histogram, mean over the phase), the bystander's query latency, and for every
  * relation of schema cloud (from pg_stat_user_tables, whatever the queue's
  * storage is; cloud.log's partitions are reported apart: the audit grows by
- * design) its dead tuples and size at the end of the phase.
+ * design) its dead tuples and size at the end of the phase, and the index
+ * entries read per scan of schema cloud's indexes (pg_stat_user_indexes): while
+ * the horizon is held no scan may mark a dead entry killed, so every claim walks
+ * the entries of every message's pending version since the last rotation
+ * (outbox_active: ~9 per scan quiet, 1,400-2,700 held at 1,000/s), which is what
+ * makes the claim round trip grow (index_walk_ratio).
  *
  * held_snapshot_ratio = delivered/s held ÷ delivered/s quiet.
  * quick: quiet 5 s, held 30 s, 3 s after release; full: quiet 60 s, held 180 s, 20 s after.
@@ -81,6 +86,15 @@ export interface QueueState {
   relations: RelationState[];
 }
 
+/** An index of schema cloud over one phase: scans, and the entries they read (dead ones included). */
+export interface IndexWalk {
+  index: string;
+  scans: number;
+  tuples_read: number;
+  /** Entries read per scan: what a claim walks; it grows when dead entries cannot be removed. */
+  per_scan: number;
+}
+
 export interface PhaseResult {
   phase: string;
   seconds: number;
@@ -92,6 +106,8 @@ export interface PhaseResult {
   claims: number | null;
   backlog_at_end: number;
   queue: QueueState;
+  /** The indexes of schema cloud read most per scan during the phase (pg_stat_user_indexes). */
+  index_walk: IndexWalk[];
 }
 
 export interface HeldSnapshotResult {
@@ -108,6 +124,12 @@ export interface HeldSnapshotResult {
     enqueue_ratio: number;
     erp_insert_latency_ratio: number | null;
     claim_latency_ratio: number | null;
+    /**
+     * The index read most per scan while the snapshot was held, and its entries read per scan held ÷ quiet:
+     * dead entries nobody may remove while the horizon is held, walked by every scan (why the claim slows).
+     */
+    index_walk: { index: string | null; quiet_per_scan: number | null; held_per_scan: number | null };
+    index_walk_ratio: number | null;
     bystander_latency_ratio: number | null;
     dead_tuples_quiet: number;
     dead_tuples_held: number;
@@ -136,6 +158,35 @@ async function queueState(pool: pg.Pool): Promise<QueueState> {
     log_size_bytes: rows.filter((r) => r.is_log).reduce((a, r) => a + Number(r.size), 0),
     relations: queue.slice(0, 8).map((r) => ({ relation: r.relation, dead_tuples: Number(r.dead), live_tuples: Number(r.live), size_bytes: Number(r.size) })),
   };
+}
+
+/** Scans and entries read so far, per index of schema cloud (log partitions aside). */
+async function indexReads(pool: pg.Pool): Promise<Map<string, { scans: number; read: number }>> {
+  const { rows } = await pool.query<{ index: string; scans: string; read: string }>(
+    `select s.indexrelid::regclass::text index, s.idx_scan scans, s.idx_tup_read read
+       from pg_stat_user_indexes s
+      where s.schemaname = 'cloud'
+        and not exists (select from pg_inherits i where i.inhrelid = s.relid and i.inhparent = 'cloud.log'::regclass)`,
+  );
+  return new Map(rows.map((r) => [r.index, { scans: Number(r.scans), read: Number(r.read) }]));
+}
+
+function indexWalk(a: Map<string, { scans: number; read: number }>, b: Map<string, { scans: number; read: number }>): IndexWalk[] {
+  const out: IndexWalk[] = [];
+  for (const [index, y] of b) {
+    const x = a.get(index) ?? { scans: 0, read: 0 };
+    const scans = y.scans - x.scans;
+    if (scans <= 0) continue;
+    out.push({ index, scans, tuples_read: y.read - x.read, per_scan: round((y.read - x.read) / scans, 1) });
+  }
+  return out.sort((p, q) => q.per_scan - p.per_scan).slice(0, 4);
+}
+
+/** The index read most per scan in the held phase, and the same index's figure in the quiet one. */
+function walkOf(quiet: PhaseResult, held: PhaseResult): { index: string | null; quiet_per_scan: number | null; held_per_scan: number | null } {
+  const top = held.index_walk[0];
+  if (!top) return { index: null, quiet_per_scan: null, held_per_scan: null };
+  return { index: top.index, held_per_scan: top.per_scan, quiet_per_scan: quiet.index_walk.find((w) => w.index === top.index)?.per_scan ?? null };
 }
 
 const ratio = (a: number | null, b: number | null) => (a === null || b === null || b === 0 ? null : round(a / b, 3));
@@ -185,6 +236,7 @@ export async function heldSnapshotFigure(ctx: BenchContext): Promise<HeldSnapsho
       const l = listener!;
       if (l.proc.exitCode !== null) throw new Error(`listener exited (${l.proc.exitCode}): ${l.output()}`);
       const c0 = await scrapeHistogram(metricsUrl, 'erp_cloud_claim_duration_seconds');
+      const i0 = await indexReads(pool);
       const s0 = (await ctx.sink.stats()).count;
       const [ins, by] = await Promise.all([
         runPgbench(bin, db.url, insertFile, seconds, `held ${name} insert`, { clients: 8, threads: 2, rate: RATE }),
@@ -192,6 +244,7 @@ export async function heldSnapshotFigure(ctx: BenchContext): Promise<HeldSnapsho
       ]);
       const s1 = (await ctx.sink.stats()).count;
       const c1 = await scrapeHistogram(metricsUrl, 'erp_cloud_claim_duration_seconds');
+      const walk = indexWalk(i0, await indexReads(pool));
       const claims = c0 && c1 ? c1.count - c0.count : null;
       const r: PhaseResult = {
         phase: name,
@@ -204,10 +257,12 @@ export async function heldSnapshotFigure(ctx: BenchContext): Promise<HeldSnapsho
         claims,
         backlog_at_end: await pending(),
         queue: await queueState(pool),
+        index_walk: walk,
       };
       progress(
         `  ${name}: delivered ${r.delivered_per_s}/s, enqueued ${r.enqueued_per_s}/s (insert latency ${ins.latency_avg_ms} ms), claim ${r.claim_mean_ms} ms, ` +
-          `bystander ${by.latency_avg_ms} ms, backlog ${r.backlog_at_end}, cloud dead tuples ${r.queue.dead_tuples}, size ${Math.round(r.queue.size_bytes / 1024)} kB`,
+          `bystander ${by.latency_avg_ms} ms, backlog ${r.backlog_at_end}, cloud dead tuples ${r.queue.dead_tuples}, size ${Math.round(r.queue.size_bytes / 1024)} kB, ` +
+          `index entries read per scan ${walk.slice(0, 2).map((w) => `${w.index} ${w.per_scan}`).join(', ')}`,
       );
       return r;
     };
@@ -246,6 +301,8 @@ export async function heldSnapshotFigure(ctx: BenchContext): Promise<HeldSnapsho
         enqueue_ratio: round(held.enqueued_per_s / quiet.enqueued_per_s, 3),
         erp_insert_latency_ratio: ratio(held.erp_insert.latency_avg_ms, quiet.erp_insert.latency_avg_ms),
         claim_latency_ratio: ratio(held.claim_mean_ms, quiet.claim_mean_ms),
+        index_walk: walkOf(quiet, held),
+        index_walk_ratio: ratio(walkOf(quiet, held).held_per_scan, walkOf(quiet, held).quiet_per_scan),
         bystander_latency_ratio: ratio(held.bystander.latency_avg_ms, quiet.bystander.latency_avg_ms),
         dead_tuples_quiet: quiet.queue.dead_tuples,
         dead_tuples_held: held.queue.dead_tuples,
