@@ -72,13 +72,13 @@ async function listen(url: string): Promise<void> {
   (await import('./kernel/pg-load.js')).loadPg();
   const withOps = config.ERP_CLOUD_HTTP_PORT >= 0;
   const withInbound = config.ERP_CLOUD_INBOUND_PORT >= 0;
-  const [{ createPool, waitForDatabase }, { closeAgents }, { createLineLogger }, { Worker }, ops, inbound] = await Promise.all([
-    import('./kernel/db.js'), import('./delivery/egress.js'), import('./kernel/log-lines.js'), import('./delivery/worker.js'),
+  const [{ createPool, waitForDatabase }, { closeAgents }, { createLogger }, { Worker }, ops, inbound] = await Promise.all([
+    import('./kernel/db.js'), import('./delivery/egress.js'), import('./kernel/logger.js'), import('./delivery/worker.js'),
     withOps ? Promise.all([import('./delivery/metrics.js'), import('./ops/status-server.js')]) : null,
     // the receivers register themselves with the inbound server
     withInbound ? import('./inbound/inbound-server.js').then(async (m) => (await import('./inbound/routes.js'), m)) : null,
   ]);
-  const log = createLineLogger(config.ERP_CLOUD_LOG_LEVEL);
+  const log = createLogger(config.ERP_CLOUD_LOG_LEVEL);
   // one stop signal for the whole run: while waiting for the database it ends the wait (exit 0)
   const stop = new AbortController();
   const shutdown = (signal: string) => {

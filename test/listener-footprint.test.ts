@@ -63,11 +63,11 @@ async function loadedBy(args: string[], env: Record<string, string>, label: stri
 const under = (urls: string[], part: string) => urls.filter((u) => u.includes(part));
 
 describe('a listener loads only what a delivery needs', () => {
-  it('a plain `listen` loads neither zod nor commander nor pino nor prom-client (its metrics port off), nor got, nor any of sso/, console/, sim/, inbound/, ops/, and still delivers', async () => {
+  it('a plain `listen` loads neither zod nor commander nor prom-client (its metrics port off), nor got, nor any of sso/, console/, sim/, inbound/, ops/, and still delivers', async () => {
     const urls = await loadedBy(['listen'], { DATABASE_URL: db.url, ERP_CLOUD_HTTP_PORT: '-1' }, 'plain');
     expect(under(urls, '/dist/listener/delivery/worker.js')).toHaveLength(1); // the recorder sees the listener's own modules
     expect(under(urls, '/node_modules/pg/')).not.toEqual([]); // and the packages it loads
-    for (const part of ['/node_modules/zod/', '/node_modules/commander/', '/node_modules/prom-client/', '/node_modules/got/', '/node_modules/pino/',
+    for (const part of ['/node_modules/zod/', '/node_modules/commander/', '/node_modules/prom-client/', '/node_modules/got/',
       '/dist/listener/sso/', '/dist/listener/console/', '/dist/listener/sim/', '/dist/listener/inbound/', '/dist/listener/ops/']) {
       expect(under(urls, part), part).toEqual([]);
     }

@@ -2,12 +2,11 @@
 import { pino, type Logger as PinoLogger } from 'pino';
 
 /**
- * What the listener's code asks of a logger: pino's log methods. A pino logger is one; so is the
- * listener's own (log-lines.ts, the same lines without loading pino).
+ * What the listener's code asks of a logger: pino's log methods.
  */
 export type Logger = Pick<PinoLogger, 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace'>;
 
-/** The log redaction every erp-cloud process applies (log-lines.ts applies the same). */
+/** The log redaction every erp-cloud process applies. */
 export const REDACT_PATHS = ['*.authorization', '*.Authorization', '*.password', '*.secret', '*.accessToken', 'headers.*'];
 
 export function createLogger(level: string, name = 'erp-cloud'): PinoLogger {
