@@ -42,7 +42,7 @@
 -- migration 0026_engine_enqueue_cost_and_outbox_rotation.sql sha256 86fc310ac9097e3dfe3f4611cf59513063fbe7222695a713e80144910b153d9d
 -- migration 0027_lean_attempt_reports.sql sha256 25f727ffdce457c660c4c194b5e52b8687050ece674c84335d701518fdc2e7ca
 -- migration 0028_lean_claim.sql sha256 6b5121366def6d28817e9f96af3e150fada140ebd3bd903d9e8fe8d0b21f09c4
--- migration 0029_lean_enqueue_intake.sql sha256 bb2a6b120c7faca24db910156897ef2be4fda07f355bbc02043e11fb80a765e4
+-- migration 0029_lean_enqueue_intake.sql sha256 f09dac89a7a188f7598ac48346ed8f4b546585fcccf3ac57d877b1c79f4e5337
 
 set local check_function_bodies = false;
 set local standard_conforming_strings = on;
