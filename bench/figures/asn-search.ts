@@ -8,6 +8,7 @@
  * made are recorded.
  */
 import type { BenchContext } from '../lib/context.js';
+import { phase } from '../lib/phases.js';
 import { benchClient } from '../lib/db.js';
 import { percentile, progress, round } from '../lib/util.js';
 
@@ -35,6 +36,7 @@ export async function asnSearchFigure(ctx: BenchContext): Promise<AsnSearchResul
   const chunk = 10_000;
   const budgetMs = ctx.quick ? 30_000 : 180_000;
   progress(`figure 6: ASN search over ${(docs * LINES_PER_DOC).toLocaleString('en')} lines, GIN index vs none`);
+  phase('set-up');
   const db = await ctx.dbs.createMigrated('asn_search');
   const c = benchClient(db.url, 'asn_search');
   await c.connect();
@@ -43,6 +45,7 @@ export async function asnSearchFigure(ctx: BenchContext): Promise<AsnSearchResul
     await c.query(`select scm.put_supplier('S001', 'bench supplier')`);
     // load without the index, then build it once (how a DBA would load history)
     await c.query('drop index scm.asn_detail');
+    phase('generate');
     const t0 = performance.now();
     let made = 0;
     while (made < docs && performance.now() - t0 < budgetMs) {
@@ -60,6 +63,7 @@ export async function asnSearchFigure(ctx: BenchContext): Promise<AsnSearchResul
       made += n;
     }
     const generateS = (performance.now() - t0) / 1000;
+    phase('index');
     const t1 = performance.now();
     await c.query(indexDef);
     const indexBuildS = (performance.now() - t1) / 1000;
@@ -86,6 +90,7 @@ export async function asnSearchFigure(ctx: BenchContext): Promise<AsnSearchResul
       }
       return { ms, counts };
     };
+    phase('queries');
     await run(queries.slice(0, 20)); // warm the cache
     const withIdx = await run(queries);
     const slowPairs = queries.slice(0, ctx.quick ? 5 : 10);
@@ -112,6 +117,7 @@ export async function asnSearchFigure(ctx: BenchContext): Promise<AsnSearchResul
       },
     };
   } finally {
+    phase('teardown');
     await c.end();
     await ctx.dbs.drop(db.name);
   }

@@ -7,13 +7,15 @@
  * the last PDF is attached. The platform is the endpoint's provider, nothing else
  * differs. Nuonuo issues asynchronously (issueDelayMs 100, polled from 200 ms);
  * Baiwang issues synchronously (the number is in the issue's answer; the result
- * query still runs, as for every platform).
+ * query still runs, as for every platform). The two run at once, side by side
+ * (each its own database, simulator and listener): same conditions, the time of one.
  */
 import { randomBytes } from 'node:crypto';
 import type pg from 'pg';
 import { startBaiwangSim } from '../../listener/sim/baiwang.js';
 import { startNuonuoSim } from '../../listener/sim/nuonuo.js';
 import type { BenchContext } from '../lib/context.js';
+import { phase } from '../lib/phases.js';
 import { benchPool } from '../lib/db.js';
 import { spawnListener, stopListener, waitListenerIdle } from '../lib/listeners.js';
 import { progress, round, waitFor } from '../lib/util.js';
@@ -92,10 +94,13 @@ async function runPlatform(ctx: BenchContext, name: Platform, n: number): Promis
 
 export async function platformsFigure(ctx: BenchContext): Promise<PlatformsResult> {
   const n = ctx.quick ? 40 : 500;
-  const platforms = {} as Record<Platform, Record<string, unknown>>;
-  for (const name of ['nuonuo', 'baiwang'] as const) {
-    progress(`figure platforms: ${n} e-invoices through the ${name} simulator`);
-    platforms[name] = await runPlatform(ctx, name, n);
-  }
-  return { platforms };
+  progress(`figure platforms: ${n} e-invoices through the nuonuo and the baiwang simulator, side by side`);
+  // both at once, each with its own database, simulator and listener: the same conditions for both (the
+  // drains wait on the simulators' issue delay and first poll, not on the CPU), in the time of one
+  phase('both platforms');
+  const settled = await Promise.allSettled((['nuonuo', 'baiwang'] as const).map((name) => runPlatform(ctx, name, n)));
+  const failed = settled.find((x): x is PromiseRejectedResult => x.status === 'rejected');
+  if (failed) throw failed.reason;
+  const [nuonuo, baiwang] = settled.map((x) => (x as PromiseFulfilledResult<Record<string, unknown>>).value) as [Record<string, unknown>, Record<string, unknown>];
+  return { platforms: { nuonuo, baiwang } };
 }

@@ -17,6 +17,7 @@
  */
 import pg from 'pg';
 import type { BenchContext } from '../lib/context.js';
+import { phase } from '../lib/phases.js';
 import { benchClient } from '../lib/db.js';
 import { enqueueBenchMessages } from '../lib/outbox.js';
 import { progress, round, sleep } from '../lib/util.js';
@@ -200,11 +201,13 @@ export async function claimFigure(ctx: BenchContext): Promise<ClaimResult> {
   const pushTarget = ctx.quick ? 20_000 : 1_000_000;
   const pushBudgetMs = ctx.quick ? 3_000 : 300_000;
   const window = ctx.quick ? QUICK_WINDOW : WINDOW;
-  const autovacWaitMs = ctx.quick ? 2_000 : 20_000;
+  // quick: 1 s (autovacuum_naptime is 10 s on the private cluster, so a quick run's wait is a coin toss at 1 s or 2 s alike)
+  const autovacWaitMs = ctx.quick ? 1_000 : 20_000;
   const pushBatch = 1000;
   /** Messages enqueued, then drained, per push step; the time budget is checked between steps. */
   const pushChunk = ctx.quick ? 5_000 : ENQUEUE_CHUNK;
   progress(`figure 4: claim/complete cycle fresh vs after ${pushTarget.toLocaleString('en')} messages`);
+  phase('set-up');
   const db = await ctx.dbs.createMigrated('claim');
   const c = benchClient(db.url, 'claim');
   await c.connect();
@@ -212,6 +215,7 @@ export async function claimFigure(ctx: BenchContext): Promise<ClaimResult> {
     // never called: claims here are reported ok without any HTTP
     await c.query(`select cloud.put_endpoint('sink', 'http://127.0.0.1:9/unused')`);
 
+    phase('fresh windows');
     const fresh = await measureWindow(c, window);
     progress(`  fresh: ${fresh.per_s} msg/s (batch p50 ${fresh.batch_ms_p50} ms)`);
     // control: a fresh table has no planner statistics until autoanalyze gets to it;
@@ -219,10 +223,12 @@ export async function claimFigure(ctx: BenchContext): Promise<ClaimResult> {
     await c.query('analyze cloud.outbox');
     const freshAnalyzed = await measureWindow(c, window);
     progress(`  fresh, analyzed: ${freshAnalyzed.per_s} msg/s (batch p50 ${freshAnalyzed.batch_ms_p50} ms)`);
+    phase('explain');
     const explainFresh = await explainCycle(c, 'fresh database (analyzed)');
     const sizesFresh = await sizes(c);
 
     // push phase: bounded by count and by time
+    phase('push');
     const t0 = performance.now();
     let pushed = 0;
     let nextReport = 100_000;
@@ -242,6 +248,7 @@ export async function claimFigure(ctx: BenchContext): Promise<ClaimResult> {
 
     // let autovacuum do its job, if it wants to (bounded); no manual VACUUM.
     // Waits until one has finished since the push ended and none is running, or the budget is spent.
+    phase('autovacuum wait');
     const avBefore = Number(statsAfterPush.autovacuum_count ?? 0);
     const waitStart = Date.now();
     let vacuumedDuringWait = false;
@@ -255,11 +262,13 @@ export async function claimFigure(ctx: BenchContext): Promise<ClaimResult> {
     const statsAfterWait = await outboxStats(c);
     progress(`  waited ${waited.toFixed(1)} s for autovacuum (one finished: ${vacuumedDuringWait}); outbox n_dead_tup ${String(statsAfterWait.n_dead_tup)}`);
 
+    phase('after window');
     const avCountBefore = Number((await outboxStats(c)).autovacuum_count ?? 0);
     const runningAtStart = await vacuumRunning(c);
     const after = await measureWindow(c, window);
     const autovacuumDuringAfter = runningAtStart || (await vacuumRunning(c)) || Number((await outboxStats(c)).autovacuum_count ?? 0) > avCountBefore;
     progress(`  after: ${after.per_s} msg/s (batch p50 ${after.batch_ms_p50} ms)`);
+    phase('explain');
     const explainAfter = await explainCycle(c, `after ${pushed} messages`);
     const sizesAfter = await sizes(c);
 
@@ -293,6 +302,7 @@ export async function claimFigure(ctx: BenchContext): Promise<ClaimResult> {
       plansText: explainFresh.text + '\n' + explainAfter.text,
     };
   } finally {
+    phase('teardown');
     await c.end().catch(() => undefined);
     await ctx.dbs.drop(db.name);
   }

@@ -18,6 +18,7 @@ import { createLogger } from '../../listener/kernel/logger.js';
 import { loadSsoConfig } from '../../listener/sso/config.js';
 import { startSsoServer } from '../../listener/sso/sso-server.js';
 import type { BenchContext } from '../lib/context.js';
+import { phase } from '../lib/phases.js';
 import { benchClient } from '../lib/db.js';
 import { percentile, progress, round } from '../lib/util.js';
 
@@ -75,9 +76,11 @@ export async function consoleFigure(ctx: BenchContext): Promise<ConsoleResult> {
   const attemptsEach = 10;
   const requests = ctx.quick ? 10 : 30;
   progress(`figure: console page times over ${invoices.toLocaleString('en')} invoices and ${(invoices * attemptsEach).toLocaleString('en')} cloud.log rows`);
+  phase('set-up');
   const db = await ctx.dbs.createMigrated('console');
   const c = benchClient(db.url, 'console');
   await c.connect();
+  phase('seed');
   const t0 = performance.now();
   try {
     await c.query(`select cloud.put_endpoint('bench_tax', 'http://127.0.0.1:9/', 'nuonuo', 'invoice_request')`);
@@ -118,7 +121,11 @@ export async function consoleFigure(ctx: BenchContext): Promise<ConsoleResult> {
     const logRows = Number((await c.query('select count(*) from cloud.log')).rows[0].count);
     progress(`  seeded in ${round(seedS, 1)} s (${logRows.toLocaleString('en')} log rows)`);
 
+    // the previous figure may still be finishing (its tail, in its own database): measure only after it
+    phase('wait for the previous figure\'s tail');
+    await ctx.previousTail;
     // the OpenID Provider and the console, in this process
+    phase('servers and sign-in');
     const log = createLogger('silent');
     const ssoPort = await freePort();
     const consolePort = await freePort();
@@ -154,6 +161,7 @@ export async function consoleFigure(ctx: BenchContext): Promise<ConsoleResult> {
         document: `/documents/tax/${someInvoice.document_id}`,
         message: `/documents/message/${someInvoice.request_id}`,
       };
+      phase('pages');
       const out: ConsoleResult['console']['pages'] = {};
       for (const [name, path] of Object.entries(pages)) {
         const ms: number[] = [];
@@ -174,6 +182,7 @@ export async function consoleFigure(ctx: BenchContext): Promise<ConsoleResult> {
         console: { invoices, log_rows: logRows, seed_s: round(seedS, 1), requests_per_page: requests, pages: out },
       };
     } finally {
+      phase('teardown');
       await server.close();
       await sso.close();
       await pool.end();

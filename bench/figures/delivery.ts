@@ -29,6 +29,7 @@ import { benchPool } from '../lib/db.js';
 import { cpuMark, cpuSince, type CpuMark, type CpuScope, type CpuUse } from '../lib/cpu.js';
 import { listenerSettings, profileArgs, spawnListener, stopListener, type ListenerProc } from '../lib/listeners.js';
 import { enqueueBenchMessages, putSinkEndpoint } from '../lib/outbox.js';
+import { phase } from '../lib/phases.js';
 import { forkChild, stopChild, type Child } from '../lib/procs.js';
 import { epochMs, progress, round, textTable, waitFor } from '../lib/util.js';
 
@@ -133,6 +134,7 @@ async function steadyMark(ctx: BenchContext, scope: CpuScope, alive: () => void)
 }
 
 async function erpCloudRun(ctx: BenchContext, tpl: Templates, n: number, listeners: number, concurrency: number, timeoutMs: number): Promise<RunResult> {
+  phase('erp-cloud set-up');
   const db = await ctx.dbs.createFrom(`deliv_erp${listeners}_c${concurrency}`, tpl.erp);
   const pool = benchPool(db.url, 'delivery');
   const procs: ListenerProc[] = [];
@@ -143,6 +145,7 @@ async function erpCloudRun(ctx: BenchContext, tpl: Templates, n: number, listene
     if (ANALYZE) await pool.query('analyze'); // every table of the fresh database: whatever the queue's storage is
     await ctx.sink.reset();
 
+    phase('erp-cloud spawn to first request');
     const mark = await cpuMark(cpuScope(ctx, pool, db.name, []));
     const t0 = epochMs();
     for (let i = 0; i < listeners; i++) procs.push(spawnListener(db.url, `bench-deliv-${i + 1}`, env));
@@ -150,6 +153,7 @@ async function erpCloudRun(ctx: BenchContext, tpl: Templates, n: number, listene
       for (const p of procs) if (p.proc.exitCode !== null) throw new Error(`listener exited (${p.proc.exitCode}): ${p.output()}`);
     };
     const steady = await steadyMark(ctx, cpuScope(ctx, pool, db.name, procs.map((p) => p.proc.pid)), alive);
+    phase('erp-cloud delivering');
     await waitSink(ctx, n, timeoutMs, alive);
     // done when every attempt is reported: its cloud.log row is written in the transaction that
     // completes the message (read from the log, so that this works whatever the queue's storage is)
@@ -185,6 +189,7 @@ async function erpCloudRun(ctx: BenchContext, tpl: Templates, n: number, listene
     progress(`  ${result.system} c${concurrency}: ${result.per_s}/s (sink window ${result.sink_window_per_s}/s), ${cpu.msgs_per_cpu_s} msgs per CPU s (worker ${cpu.worker_ms_per_msg} + db ${cpu.db_ms_per_msg} ms/msg); steady ${cpuSteady.msgs_per_cpu_s} (${cpuSteady.worker_ms_per_msg} + ${cpuSteady.db_ms_per_msg})`);
     return result;
   } finally {
+    phase('teardown');
     await Promise.all(procs.map((p) => stopListener(p)));
     await pool.end();
     await ctx.dbs.drop(db.name);
@@ -192,6 +197,7 @@ async function erpCloudRun(ctx: BenchContext, tpl: Templates, n: number, listene
 }
 
 async function graphileRun(ctx: BenchContext, tpl: Templates, n: number, processes: number, concurrency: number, timeoutMs: number): Promise<RunResult> {
+  phase('graphile-worker set-up');
   const db = await ctx.dbs.createFrom(`deliv_gw${processes}_c${concurrency}`, tpl.gw);
   const pool = benchPool(db.url, 'delivery');
   const children: Child[] = [];
@@ -207,6 +213,7 @@ async function graphileRun(ctx: BenchContext, tpl: Templates, n: number, process
     if (ANALYZE) await pool.query('analyze graphile_worker._private_jobs');
     await ctx.sink.reset();
 
+    phase('graphile-worker spawn to first request');
     const mark = await cpuMark(cpuScope(ctx, pool, db.name, []));
     const t0 = epochMs();
     for (let i = 0; i < processes; i++) {
@@ -226,6 +233,7 @@ async function graphileRun(ctx: BenchContext, tpl: Templates, n: number, process
       for (const c of children) if (c.proc.exitCode !== null) throw new Error(`graphile-worker child exited (${c.proc.exitCode}): ${c.output()}`);
     };
     const steady = await steadyMark(ctx, cpuScope(ctx, pool, db.name, children.map((c) => c.proc.pid)), alive);
+    phase('graphile-worker delivering');
     await waitSink(ctx, n, timeoutMs, alive);
     await waitFor(
       async () => {
@@ -256,18 +264,27 @@ async function graphileRun(ctx: BenchContext, tpl: Templates, n: number, process
     progress(`  ${result.system} c${concurrency}: ${result.per_s}/s (sink window ${result.sink_window_per_s}/s), ${cpu.msgs_per_cpu_s} msgs per CPU s (worker ${cpu.worker_ms_per_msg} + db ${cpu.db_ms_per_msg} ms/msg); steady ${cpuSteady.msgs_per_cpu_s} (${cpuSteady.worker_ms_per_msg} + ${cpuSteady.db_ms_per_msg})`);
     return result;
   } finally {
+    phase('teardown');
     await Promise.all(children.map((c) => stopChild(c, 10_000, () => c.proc.send({ cmd: 'stop' }))));
     await pool.end();
     await ctx.dbs.drop(db.name);
   }
 }
 
-/** A migrated erp-cloud database and a graphile-worker one, copied for every run (nobody stays connected to them). */
+/**
+ * A migrated erp-cloud database (the run's own template: no copy of it needed) and a graphile-worker one,
+ * migrated at the same time; every run copies one of them (nobody stays connected to them).
+ */
 async function templates(ctx: BenchContext): Promise<Templates> {
-  const erp = await ctx.dbs.createMigrated('deliv_tpl_erp');
-  const gw = await ctx.dbs.create('deliv_tpl_gw');
-  await runMigrations({ connectionString: gw.url, logger: new Logger(() => () => undefined) });
-  return { erp: erp.name, gw: gw.name };
+  const [erp, gw] = await Promise.all([
+    ctx.dbs.template(),
+    (async () => {
+      const db = await ctx.dbs.create('deliv_tpl_gw');
+      await runMigrations({ connectionString: db.url, logger: new Logger(() => () => undefined) });
+      return db.name;
+    })(),
+  ]);
+  return { erp, gw };
 }
 
 const best = (runs: RunResult[]): RunResult => runs.reduce((a, b) => (b.per_s > a.per_s ? b : a));
@@ -278,6 +295,7 @@ export async function deliveryFigure(ctx: BenchContext): Promise<DeliveryResult>
   const gwC = ctx.quick ? [10, 40] : [5, 10, 20, 40, 80];
   const timeoutMs = ctx.quick ? 60_000 : 180_000;
   progress(`figure 1: delivery throughput and CPU, ${n} messages per run; 1 and 2 processes; concurrency erp-cloud ${erpC.join('/')}, graphile-worker ${gwC.join('/')}`);
+  phase('templates');
   const tpl = await templates(ctx);
   const runs: RunResult[] = [];
   const sweep: SweepRow[] = [];

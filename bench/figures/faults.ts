@@ -48,6 +48,7 @@
  */
 import type pg from 'pg';
 import type { BenchContext } from '../lib/context.js';
+import { phase } from '../lib/phases.js';
 import { benchPool } from '../lib/db.js';
 import { listenerSettings, spawnListener, stopListener, type ListenerProc } from '../lib/listeners.js';
 import { enqueueBenchMessages, outboxCounts, type OutboxCounts } from '../lib/outbox.js';
@@ -177,6 +178,7 @@ async function logCounts(pool: pg.Pool, by: keyof typeof LOG_COUNTS): Promise<Re
 type Workload = 'backlog' | 'stream';
 async function run(ctx: BenchContext, P: Params, kind: 'healthy' | 'faults', workload: Workload = 'backlog'): Promise<FaultRun> {
   const { messages: n, timeoutMs, endpoint: ENDPOINT_SETTINGS, limits: LIMITS, offerPerS: OFFER_PER_S } = P;
+  phase('set-up');
   const db = await ctx.dbs.createMigrated(`faults_${workload}_${kind}`);
   const pool = benchPool(db.url, 'faults');
   const procs: ListenerProc[] = [];
@@ -205,6 +207,7 @@ async function run(ctx: BenchContext, P: Params, kind: 'healthy' | 'faults', wor
     const alive = () => {
       for (const p of procs) if (p.proc.exitCode !== null) throw new Error(`listener ${p.workerId} exited (${p.proc.exitCode}): ${p.output()}`);
     };
+    phase(`${workload} ${kind} run`);
     const samples: Sample[] = [];
     const t0 = epochMs();
     for (let i = 0; i < LISTENERS; i++) procs.push(spawnListener(db.url, `bench-faults-${i + 1}`));
@@ -257,6 +260,7 @@ async function run(ctx: BenchContext, P: Params, kind: 'healthy' | 'faults', wor
     alive();
     await Promise.all(procs.map((p) => stopListener(p)));
 
+    phase('counts');
     const fx = await ctx.sink.effects(true);
     const firstEffects = fx.firstEffects ?? [];
     const withEffect = new Set(firstEffects.map(([k]) => k));
@@ -334,6 +338,7 @@ async function run(ctx: BenchContext, P: Params, kind: 'healthy' | 'faults', wor
     );
     return result;
   } finally {
+    phase('teardown');
     await Promise.all(procs.map((p) => stopListener(p)));
     await ctx.sink.reset().catch(() => undefined);
     await pool.end();

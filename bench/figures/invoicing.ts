@@ -17,6 +17,7 @@ import { randomBytes } from 'node:crypto';
 import type pg from 'pg';
 import { startNuonuoSim } from '../../listener/sim/nuonuo.js';
 import type { BenchContext } from '../lib/context.js';
+import { phase } from '../lib/phases.js';
 import { benchPool } from '../lib/db.js';
 import { spawnListener, stopListener, waitListenerIdle } from '../lib/listeners.js';
 import { percentile, progress, round, sleep, waitFor } from '../lib/util.js';
@@ -53,6 +54,7 @@ export async function invoicingFigure(ctx: BenchContext): Promise<InvoicingResul
   const n = ctx.quick ? 60 : 1000;
   const paced = ctx.quick ? 10 : 60;
   progress(`figure 6: e-invoicing through the Nuonuo simulator, ${n} approvals back to back, then ${paced} paced`);
+  phase('set-up');
   const db = await ctx.dbs.createMigrated('invoicing', ['reference-erp']);
   const pool = benchPool(db.url, 'invoicing', 5);
   const appKey = 'bench-app';
@@ -69,6 +71,7 @@ export async function invoicingFigure(ctx: BenchContext): Promise<InvoicingResul
     await createSettlements(pool, 'P-', paced);
 
     // the ERP side: 4 sessions approve everything, one settlement per transaction
+    phase('approvals');
     const t0 = performance.now();
     let next = 1;
     await Promise.all(Array.from({ length: 4 }, async () => {
@@ -76,6 +79,7 @@ export async function invoicingFigure(ctx: BenchContext): Promise<InvoicingResul
     }));
     const approvedMs = performance.now() - t0;
     // the cloud side: one listener drains the backlog through issue → query → PDF
+    phase('drain');
     const t1 = performance.now();
     listener = spawnListener(db.url, 'bench-invoicing', { ERP_CLOUD_SECRET_NUONUO_APP_SECRET: appSecret });
     await waitFor(async () => (await attachedCount(pool, 'B-')) >= n, { timeoutMs: 600_000, intervalMs: 100, what: `${n} PDFs attached` });
@@ -83,6 +87,7 @@ export async function invoicingFigure(ctx: BenchContext): Promise<InvoicingResul
     await waitListenerIdle(pool, listener);
 
     // latency: paced approvals on an otherwise idle system
+    phase('paced');
     for (let i = 1; i <= paced; i++) {
       await pool.query(`update erp.settlement set status = 'approved' where settlement_no = $1`, [`P-${i}`]);
       await sleep(250);
@@ -113,6 +118,7 @@ export async function invoicingFigure(ctx: BenchContext): Promise<InvoicingResul
       },
     };
   } finally {
+    phase('teardown');
     if (listener) await stopListener(listener);
     await sim.close();
     await pool.end();

@@ -7,6 +7,7 @@
  */
 import pg from 'pg';
 import type { BenchContext } from '../lib/context.js';
+import { phase } from '../lib/phases.js';
 import { benchClient, benchPool } from '../lib/db.js';
 import { freePort, listenerSettings, meanMs, scrapeHistogram, spawnListener, stopListener, waitListenerIdle, type ListenerProc } from '../lib/listeners.js';
 import { putSinkEndpoint } from '../lib/outbox.js';
@@ -59,6 +60,7 @@ export async function latencyFigure(ctx: BenchContext): Promise<LatencyResult> {
   const warmup = 20;
   const spacingMs = 20;
   progress(`figure 2: commit-to-sink latency, ${samples} transactions ${spacingMs} ms apart`);
+  phase('set-up');
   const db = await ctx.dbs.createMigrated('latency');
   const pool = benchPool(db.url, 'latency');
   const client = benchClient(db.url, 'latency erp');
@@ -69,16 +71,19 @@ export async function latencyFigure(ctx: BenchContext): Promise<LatencyResult> {
     const port = await freePort();
     const env = { ERP_CLOUD_HTTP_PORT: String(port), ERP_CLOUD_HTTP_HOST: '127.0.0.1' };
     const metricsUrl = `http://127.0.0.1:${port}/metrics`;
+    phase('listener start');
     listener = spawnListener(db.url, 'bench-latency', env);
     await waitListenerIdle(pool, listener);
 
     // warm-up: connections, JIT, keep-alive sockets; not counted
+    phase('warm-up');
     await ctx.sink.reset();
     await sendPaced(client, warmup, spacingMs, -warmup);
     await waitFor(async () => (await ctx.sink.stats()).count >= warmup, { timeoutMs: 10_000, what: 'warm-up deliveries' });
     await waitListenerIdle(pool, listener, 5000);
     await ctx.sink.reset();
 
+    phase('measured');
     const claims0 = await scrapeHistogram(metricsUrl, 'erp_cloud_claim_duration_seconds', 'result="work"');
     const attempts0 = await scrapeHistogram(metricsUrl, 'erp_cloud_attempt_duration_seconds');
     const commits = await sendPaced(client, samples, spacingMs, 0);
@@ -116,6 +121,7 @@ export async function latencyFigure(ctx: BenchContext): Promise<LatencyResult> {
     progress(`  p50 ${result.latency_p50_ms} ms, p99 ${result.latency_p99_ms} ms, max ${result.latency.max_ms} ms; listener: claim ${result.latency.claim_with_work_mean_ms} ms, attempt ${result.latency.attempt_mean_ms} ms (means)`);
     return result;
   } finally {
+    phase('teardown');
     if (listener) await stopListener(listener);
     await client.end().catch(() => undefined);
     await pool.end();

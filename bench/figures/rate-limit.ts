@@ -20,6 +20,7 @@
  *                                window, over the whole run
  */
 import type { BenchContext } from '../lib/context.js';
+import { phase } from '../lib/phases.js';
 import { benchPool } from '../lib/db.js';
 import { listenerSettings, spawnListener, stopListener, type ListenerProc } from '../lib/listeners.js';
 import { enqueueBenchMessages, outboxCounts, type OutboxCounts } from '../lib/outbox.js';
@@ -97,6 +98,7 @@ export async function rateLimitFigure(ctx: BenchContext): Promise<RateLimitResul
   const windowS = ctx.quick ? 5 : 20;
   const n = Math.ceil(RATE_PER_S * windowS * 1.5);
   progress(`figure 5: rate-limit accuracy, ${LISTENERS} listeners, ${RATE_PER_S}/s burst ${BURST}, ${windowS} s window, ${n} messages`);
+  phase('set-up');
   const db = await ctx.dbs.createMigrated('ratelimit');
   const pool = benchPool(db.url, 'rate-limit');
   const procs: ListenerProc[] = [];
@@ -115,6 +117,7 @@ export async function rateLimitFigure(ctx: BenchContext): Promise<RateLimitResul
     const alive = () => {
       for (const p of procs) if (p.proc.exitCode !== null) throw new Error(`listener ${p.workerId} exited (${p.proc.exitCode}): ${p.output()}`);
     };
+    phase('spawn to first 200');
     const spawnedAt = epochMs();
     for (let i = 0; i < LISTENERS; i++) procs.push(spawnListener(db.url, `bench-rl-${i + 1}`));
     const s = sim;
@@ -126,6 +129,7 @@ export async function rateLimitFigure(ctx: BenchContext): Promise<RateLimitResul
       },
       { timeoutMs: 30_000, intervalMs: 10, what: `the first delivery to '${ENDPOINT}'` },
     );
+    phase('window and settle');
     const t1 = t0 + windowS * 1000;
     // bounded: the window is fixed; wake every 250 ms to notice a listener that died
     while (epochMs() < t1 + SETTLE_MS) {
@@ -133,6 +137,7 @@ export async function rateLimitFigure(ctx: BenchContext): Promise<RateLimitResul
       await sleep(Math.min(250, Math.max(1, t1 + SETTLE_MS - epochMs())));
     }
     alive();
+    phase('stop and count');
     await Promise.all(procs.map((p) => stopListener(p)));
 
     const all: RequestRecord[] = s.requests().sort((a, b) => a.at - b.at);
@@ -191,6 +196,7 @@ export async function rateLimitFigure(ctx: BenchContext): Promise<RateLimitResul
     if (!result.rate_limit.backlog_left) progress('  WARNING: the queue ran dry: the figure measured supply, not the limit');
     return result;
   } finally {
+    phase('teardown');
     await Promise.all(procs.map((p) => stopListener(p)));
     await sim?.close().catch(() => undefined);
     await pool.end();

@@ -11,4 +11,11 @@ export interface BenchContext {
   quick: boolean;
   dbs: DbRegistry;
   sink: Sink;
+  /**
+   * The previous figure's tail: work it left running when it returned its result (held_snapshot's wait
+   * after release, measured in its own database, and its teardown). The runner starts a figure that
+   * declares it overlaps (run.ts, OVERLAPS_PREVIOUS_TAIL) while the tail runs: such a figure does its set-up
+   * in its own database and awaits this before it measures anything. Every other figure starts after it.
+   */
+  previousTail: Promise<void>;
 }

@@ -80,6 +80,15 @@ export class DbRegistry {
    * pg_cron schedules nothing in bench databases (it runs in another database), so a copy is what a migration would make.
    */
   async createMigrated(label: string, examples: string[] = []): Promise<BenchDb> {
+    return this.createFrom(label, await this.template(examples));
+  }
+
+  /**
+   * The name of this run's migrated template with these examples installed, migrated on first use (the
+   * runner asks for the usual ones at once, at the start: two migrations on two cores at a time). Copy it
+   * with createFrom; never connect to it (CREATE DATABASE … TEMPLATE needs it unused).
+   */
+  template(examples: string[] = []): Promise<string> {
     const key = examples.join('+');
     let tpl = this.templates.get(key);
     if (!tpl) {
@@ -91,7 +100,7 @@ export class DbRegistry {
       this.templates.set(key, tpl);
       tpl.catch(() => this.templates.delete(key));
     }
-    return this.createFrom(label, await tpl);
+    return tpl;
   }
 
   async drop(name: string): Promise<void> {
