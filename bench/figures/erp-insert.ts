@@ -6,8 +6,8 @@
  * busy." The busy listener is there in BOTH terms of the ratio, so that the
  * ratio isolates what the trigger costs the ERP under the same background load.
  *
- * pgbench (-n -c 8 -j 2 -T 15; quick: -T 2, and the floor and the quiet
- * baseline are run once instead of twice, six runs in all) runs a one-row INSERT into
+ * pgbench (-n -c 8 -j 2 -T 15; quick: -T 2, and the quiet baseline is run
+ * once instead of twice, seven runs in all) runs a one-row INSERT into
  * bench_erp.doc in one migrated database, in this order:
  *   1. quiet baseline: no trigger, no listener.
  *   2. busy baseline: no trigger; one listener process (`erp-cloud listen`,
@@ -25,7 +25,7 @@
  *   4. the floor: a trigger that writes one row with a uuid primary key and a
  *      jsonb payload (what any durable enqueue costs at least; as
  *      /work/shared/tools/insert-limit.sh), no listener; then trigger only: the
- *      integration trigger, no listener; then the floor again.
+ *      integration trigger, no listener; then the floor again (quick run too).
  *   5. naive (context): a trigger that inserts into a plain table and calls
  *      pg_notify on every row; no listener.
  *   6. quiet baseline again; the quiet baseline is the mean of 1 and 6.
@@ -421,9 +421,10 @@ export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResul
     await fresh('doc_to_cloud');
     const triggerOnly = await bench('integration trigger, no listener');
     await fresh('doc_floor');
-    // full run: the floor again, so that drift during the run weighs on both sides alike (quick mode: once)
-    const floor2 = ctx.quick ? null : await bench('floor again');
-    const floor = floor2 ? (floor1.tps + floor2.tps) / 2 : floor1.tps;
+    // the floor again, also in the quick run, so that drift during the run weighs on both sides of the ratio
+    // alike (2-s runs one after the other on a shared machine: the floor alone moved by ±30 % between them)
+    const floor2 = await bench('floor again');
+    const floor = (floor1.tps + floor2.tps) / 2;
 
     // 5. context: naive insert + pg_notify trigger, no listener
     await fresh('doc_naive');

@@ -508,6 +508,46 @@ COMMENT ON FUNCTION cloud._log_partition_comment(p_month date) IS 'Internal: the
 
 
 --
+-- Name: _move_intake(integer, text[]); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._move_intake(p_limit integer, p_endpoints text[]) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+declare
+  v_moved integer;
+begin
+  -- rows another transaction holds (another listener's claim moving them, an operator's skip) are
+  -- skipped, not waited for: that claim takes them, or the next one; until then the claim's
+  -- head-of-key check, which reads the intake too, keeps their keys' order
+  with taken as (
+    delete from only cloud.outbox_intake i
+     where i.ctid = any (array(select t.ctid from only cloud.outbox_intake t
+                                where p_endpoints is null or t.endpoint = any (p_endpoints)
+                                limit greatest(p_limit, 1) for update skip locked))
+    returning i.*
+  ), moved as (
+    insert into cloud.outbox overriding system value
+    select * from taken
+    -- an explicit request_id that slipped past enqueue's EC004 look-up (possible only in REPEATABLE READ,
+    -- for an id committed into the intake after that transaction's snapshot) keeps the message already there
+    on conflict (request_id) do nothing
+    returning 1
+  )
+  select count(*) into v_moved from moved;
+  return v_moved;
+end $$;
+
+
+--
+-- Name: FUNCTION _move_intake(p_limit integer, p_endpoints text[]); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._move_intake(p_limit integer, p_endpoints text[]) IS 'Internal (cloud.claim_messages, first): moves up to p_limit messages of the given endpoints that ERP transactions committed into cloud.outbox_intake into cloud.outbox itself (same request_id, id and columns), skipping rows another transaction holds. Returns how many moved.';
+
+
+--
 -- Name: endpoint; Type: TABLE; Schema: cloud
 --
 
@@ -878,6 +918,38 @@ COMMENT ON FUNCTION cloud._redact(p_text text, p_secret text) IS 'Internal: p_te
 
 
 --
+-- Name: _refuse_enqueue(text, text, jsonb); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._refuse_enqueue(p_endpoint text, p_operation text, p_payload jsonb) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path TO ''
+    AS $_$
+begin
+  if not exists (select from cloud.endpoint e where e.name = p_endpoint) then
+    raise exception using errcode = 'EC001', message = format('unknown cloud endpoint %L', p_endpoint),
+      hint = 'Register the endpoint with cloud.put_endpoint(...) or correct the name in the trigger that enqueues it.';
+  end if;
+  if p_operation is null or p_operation !~ '^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$' then
+    raise exception using errcode = 'EC002', message = format('operation %L is not a valid operation name', p_operation),
+      hint = 'Use dotted lower-case names such as tax.issue or scm.po_publish.';
+  end if;
+  if p_payload is null or jsonb_typeof(p_payload) not in ('object', 'array') then
+    raise exception using errcode = 'EC003',
+      message = format('payload for %s must be a JSON object or array, got %s', p_operation, coalesce(jsonb_typeof(p_payload), 'NULL')),
+      hint = 'Build the payload with jsonb_build_object(...).';
+  end if;
+end $_$;
+
+
+--
+-- Name: FUNCTION _refuse_enqueue(p_endpoint text, p_operation text, p_payload jsonb); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._refuse_enqueue(p_endpoint text, p_operation text, p_payload jsonb) IS 'Internal: raises the error an enqueue_message call that found no valid endpoint, operation and payload deserves, in the order the checks always had: EC001 unknown endpoint, EC002 operation name, EC003 payload shape.';
+
+
+--
 -- Name: _require_reason(text); Type: FUNCTION; Schema: cloud
 --
 
@@ -928,10 +1000,10 @@ CREATE FUNCTION cloud.new_request_id() RETURNS uuid
   -- nibble (0100: bits 52 and 53 set), variant and random bits as generated;
   -- date_part is float8 (extract would be numeric, three times the cost)
   select pg_catalog.encode(pg_catalog.set_bit(pg_catalog.set_bit(
-           overlay(pg_catalog.uuid_send(pg_catalog.gen_random_uuid())
-             placing substring(pg_catalog.int8send(pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000)::bigint) from 3)
-             from 1 for 6),
-           52, 1), 53, 1), 'hex')::uuid
+           pg_catalog.overlay(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()),
+             pg_catalog.substr(pg_catalog.int8send(pg_catalog.floor(pg_catalog.date_part('epoch'::pg_catalog.text, pg_catalog.clock_timestamp()) operator(pg_catalog.*) 1000::pg_catalog.float8)::pg_catalog.int8), 3),
+             1, 6),
+           52, 1), 53, 1), 'hex'::pg_catalog.text)::pg_catalog.uuid
 $$;
 
 
@@ -1253,6 +1325,9 @@ declare
   v_slot0    timestamptz;
   v_left     integer := p_limit;
 begin
+  -- what ERP transactions committed into cloud.outbox_intake joins the hot table first (0029): the
+  -- listener pays for the move in its own transaction, the ERP paid for one lean row
+  perform cloud._move_intake(p_limit, p_endpoints);
   -- an endpoint without due work costs one index-only probe (below); since
   -- 0026 rotates the hot table, the dead index entries at the front of the
   -- pending range that made a second walk expensive stay few
@@ -1504,51 +1579,52 @@ COMMENT ON FUNCTION cloud.cron_jobs_scheduled() IS 'True when pg_cron runs the m
 
 CREATE FUNCTION cloud.enqueue_message(p_endpoint text, p_operation text, p_payload jsonb, p_aggregate_type text DEFAULT NULL::text, p_aggregate_id text DEFAULT NULL::text, p_ordering_key text DEFAULT NULL::text, p_request_id uuid DEFAULT NULL::uuid, p_not_before timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS uuid
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
     AS $_$
+-- SECURITY DEFINER without SET search_path (0029, ADR 0003): every table, function and type below is
+-- schema-qualified and every operator is OPERATOR(pg_catalog.…), so the caller's search_path decides
+-- nothing here; keep it so (test/enqueue-cost.test.ts runs it under a hostile search_path)
 declare
-  v_channel    text;
-  v_wake       boolean;
-  v_request_id uuid := coalesce(p_request_id, cloud.new_request_id());
+  v_channel    pg_catalog.text;
+  v_wake       pg_catalog.bool;
+  v_request_id pg_catalog.uuid;
 begin
-  -- one statement for the endpoint and for "does a listener wait on its channel?"
-  select e.wake_channel, exists (select from cloud.listener l where l.idle and e.wake_channel = any (l.channels))
+  -- one statement: the endpoint, "does a listener wait on its channel?", and the operation and payload checks
+  select e.wake_channel,
+         exists (select from cloud.listener l where l.idle and e.wake_channel operator(pg_catalog.=) any (l.channels))
     into v_channel, v_wake
-    from cloud.endpoint e where e.name = p_endpoint;
+    from cloud.endpoint e
+   where e.name operator(pg_catalog.=) p_endpoint
+     and p_operation operator(pg_catalog.~) '^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$'::pg_catalog.text
+     and pg_catalog.jsonb_typeof(p_payload) operator(pg_catalog.=) any ('{object,array}'::pg_catalog.text[]);
   if not found then
-    raise exception using errcode = 'EC001', message = format('unknown cloud endpoint %L', p_endpoint),
-      hint = 'Register the endpoint with cloud.put_endpoint(...) or correct the name in the trigger that enqueues it.';
-  end if;
-  if p_operation is null or p_operation !~ '^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$' then
-    raise exception using errcode = 'EC002', message = format('operation %L is not a valid operation name', p_operation),
-      hint = 'Use dotted lower-case names such as tax.issue or scm.po_publish.';
-  end if;
-  if p_payload is null or jsonb_typeof(p_payload) not in ('object', 'array') then
-    raise exception using errcode = 'EC003',
-      message = format('payload for %s must be a JSON object or array, got %s', p_operation, coalesce(jsonb_typeof(p_payload), 'NULL')),
-      hint = 'Build the payload with jsonb_build_object(...).';
+    perform cloud._refuse_enqueue(p_endpoint, p_operation, p_payload);  -- raises EC001, EC002 or EC003
   end if;
   if p_ordering_key is not null then
     -- ids must follow commit order within a key: serialise enqueuers of one key until commit
-    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('cloud.ordering_key:' || p_ordering_key, 0));
+    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('cloud.ordering_key:'::pg_catalog.text operator(pg_catalog.||) p_ordering_key, 0::pg_catalog.int8));
   end if;
   if p_request_id is null then
-    insert into cloud.outbox (request_id, endpoint, operation, payload, aggregate_type, aggregate_id, ordering_key, next_attempt_at)
-    values (v_request_id, p_endpoint, p_operation, p_payload, p_aggregate_type, p_aggregate_id, p_ordering_key,
-            coalesce(p_not_before, pg_catalog.now()));
+    insert into cloud.outbox_intake (request_id, endpoint, operation, payload, aggregate_type, aggregate_id, ordering_key, next_attempt_at)
+    values (cloud.new_request_id(), p_endpoint, p_operation, p_payload, p_aggregate_type, p_aggregate_id, p_ordering_key,
+            coalesce(p_not_before, pg_catalog.now()))
+    returning request_id into v_request_id;
   else
     insert into cloud.outbox (request_id, endpoint, operation, payload, aggregate_type, aggregate_id, ordering_key, next_attempt_at)
-    values (v_request_id, p_endpoint, p_operation, p_payload, p_aggregate_type, p_aggregate_id, p_ordering_key,
+    values (p_request_id, p_endpoint, p_operation, p_payload, p_aggregate_type, p_aggregate_id, p_ordering_key,
             coalesce(p_not_before, pg_catalog.now()))
     on conflict (request_id) do nothing;
-    -- a sent message may live in cloud.outbox_archive; looked up after the insert, which holds off a rotation
-    if not found or exists (select from cloud.outbox_archive a where a.request_id = p_request_id) then
-      raise exception using errcode = 'EC004', message = format('a message with request_id %s already exists', p_request_id),
+    -- the message may wait in the intake, or (sent) in the archive; looked up after the insert, which holds
+    -- off a rotation, and which a move of the same id would wait for
+    if not found
+       or exists (select from cloud.outbox_intake i where i.request_id operator(pg_catalog.=) p_request_id)
+       or exists (select from cloud.outbox_archive a where a.request_id operator(pg_catalog.=) p_request_id) then
+      raise exception using errcode = 'EC004', message = pg_catalog.format('a message with request_id %s already exists', p_request_id),
         hint = 'Each Request_ID is sent once; let enqueue_message generate one, or look the existing message up in cloud.outbox.';
     end if;
+    v_request_id := p_request_id;
   end if;
   if v_wake then
-    perform pg_catalog.pg_notify(v_channel, '');
+    perform pg_catalog.pg_notify(v_channel, ''::pg_catalog.text);
   end if;
   return v_request_id;
 end $_$;
@@ -2574,19 +2650,23 @@ begin
   if not pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtextextended('cloud.rotate_outbox', 0)) then
     return null;  -- another listener (or pg_cron) is rotating right now
   end if;
-  -- whoever holds the hot table (an ERP transaction that has not committed yet, a claim, a pg_dump, a report
-  -- in REPEATABLE READ that read the outbox) makes this rotation give up within lock_timeout, whatever it did
-  -- so far undone, rather than queue the ERP's inserts behind it: the next round tries again
+  -- whoever holds the hot table or the intake (an ERP transaction that has not committed yet, a claim, a
+  -- pg_dump, a report in REPEATABLE READ that read the outbox) makes this rotation give up within
+  -- lock_timeout, whatever it did so far undone, rather than queue the ERP's inserts behind it: the next
+  -- round tries again
   begin
     if exists (select from pg_catalog.pg_locks l join pg_catalog.pg_stat_activity a on a.pid = l.pid
-                where l.locktype = 'relation' and l.relation = 'cloud.outbox'::pg_catalog.regclass and l.granted
+                where l.locktype = 'relation' and l.granted
+                  -- this database's tables only: another database of the cluster made from the same template has the same oids
+                  and l.database = (select d.oid from pg_catalog.pg_database d where d.datname = pg_catalog.current_database())
+                  and l.relation in ('cloud.outbox'::pg_catalog.regclass, 'cloud.outbox_intake'::pg_catalog.regclass)
                   and l.pid <> pg_catalog.pg_backend_pid() and a.xact_start < pg_catalog.clock_timestamp() - interval '1 second') then
       return null;  -- a long holder (a pg_dump, a report): no copies that would only be undone, round after round
     end if;
     if (select count(*) from (select from only cloud.outbox o where o.status = 'sent' limit greatest(p_min_sent, 1)) s) < greatest(p_min_sent, 1) then
       return 0;
     end if;
-    if (select count(*) from (select from only cloud.outbox o where o.status <> 'sent' limit 50001) s) > 50000 then
+    if (select count(*) from (select from cloud.outbox o where o.status <> 'sent' limit 50001) s) > 50000 then
       return null;  -- a backlog this large would hold the table too long while it goes back: vacuum keeps it meanwhile
     end if;
     -- the bulk of the work before the table is ours alone: nobody sees these copies before this transaction
@@ -2597,8 +2677,8 @@ begin
       select * from only cloud.outbox where status = 'sent'
       returning request_id
     ) select array_agg(request_id) into v_copied from copied;
-    -- then a moment alone with the hot table
-    lock table only cloud.outbox in access exclusive mode;
+    -- then a moment alone with the intake and the hot table (in the order a claim's move takes them)
+    lock table only cloud.outbox_intake, only cloud.outbox in access exclusive mode;
     -- sent since the copy
     insert into cloud.outbox_archive overriding system value
     select * from only cloud.outbox o where o.status = 'sent' and o.request_id not in (select unnest(v_copied));
@@ -2609,9 +2689,11 @@ begin
        where a.request_id in (select unnest(v_copied))
          and not exists (select from only cloud.outbox o where o.request_id = a.request_id and o.status = 'sent');
     end if;
+    -- what waits in the intake joins the hot table (every row in it is committed: the lock waited for its writers)
+    insert into cloud.outbox overriding system value select * from only cloud.outbox_intake;
     -- what is not finished (pending, in flight, failed, dead, skipped) goes back as it was: same ids, same leases
     select array_agg(o order by o.id) into v_kept from only cloud.outbox o where o.status <> 'sent';
-    truncate only cloud.outbox;
+    truncate only cloud.outbox, only cloud.outbox_intake;
     insert into cloud.outbox overriding system value select * from unnest(v_kept);
   exception when lock_not_available then
     return null;
@@ -2624,7 +2706,7 @@ end $$;
 -- Name: FUNCTION rotate_outbox(p_min_sent integer); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud.rotate_outbox(p_min_sent integer) IS 'Moves the sent messages of cloud.outbox into cloud.outbox_archive and empties the hot table by TRUNCATE (what is not sent goes back unchanged), so its dead tuples stay bounded by what flows between two rotations even while something holds the xmin horizon. Runs when the table holds at least p_min_sent sent messages; gives up (null) when it cannot have the table within 50 ms. Returns how many were archived.';
+COMMENT ON FUNCTION cloud.rotate_outbox(p_min_sent integer) IS 'Moves the sent messages of cloud.outbox into cloud.outbox_archive and empties the hot table and cloud.outbox_intake by TRUNCATE (what is not sent, and what waits in the intake, goes back into the hot table unchanged), so their dead tuples stay bounded by what flows between two rotations even while something holds the xmin horizon. Runs when the hot table holds at least p_min_sent sent messages; gives up (null) when it cannot have both tables within 50 ms. Returns how many were archived.';
 
 
 --
@@ -2965,6 +3047,34 @@ end $$;
 --
 
 COMMENT ON FUNCTION cloud.tg_outbox__100_validate() IS 'Trigger outbox_100_validate: refuses (23514) an update that leaves a message with an unknown status, or a lease (locked_until) when it is not in flight or none when it is. Runs only when the trigger''s WHEN clause found such a row.';
+
+
+--
+-- Name: tg_outbox_intake__100_validate(); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud.tg_outbox_intake__100_validate() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO ''
+    AS $$
+begin
+  -- only reached when the trigger's WHEN clause found the new row breaking an invariant (as tg_outbox__100_validate)
+  if new.status is null or new.status <> all ('{pending,in_flight,sent,failed,dead,skipped}'::text[]) then
+    raise exception using errcode = '23514', message = format('new row for relation "outbox" violates check constraint "outbox_status_known": status %L', new.status),
+      detail = format('request_id %s', new.request_id),
+      hint = 'A message is pending, in_flight, sent, failed, dead or skipped; change it through the cloud.* functions.';
+  end if;
+  raise exception using errcode = '23514', message = format('new row for relation "outbox" violates check constraint "outbox_lease_only_in_flight": status %s with locked_until %s', new.status, coalesce(new.locked_until::text, 'null')),
+    detail = format('request_id %s', new.request_id),
+    hint = 'Only an in_flight message has a lease (locked_until), and an in_flight one always has; change it through the cloud.* functions.';
+end $$;
+
+
+--
+-- Name: FUNCTION tg_outbox_intake__100_validate(); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud.tg_outbox_intake__100_validate() IS 'Trigger outbox_intake_100_validate: what outbox_100_validate refuses on cloud.outbox, on a message still in cloud.outbox_intake (an update through cloud.outbox reaches it there): an unknown status, or a lease when not in flight or none when in flight (23514).';
 
 
 --
@@ -3437,6 +3547,23 @@ ALTER TABLE cloud.outbox ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 
 
 --
+-- Name: outbox_intake; Type: TABLE; Schema: cloud
+--
+
+CREATE TABLE cloud.outbox_intake (
+)
+INHERITS (cloud.outbox)
+WITH (autovacuum_vacuum_scale_factor='0.01', autovacuum_vacuum_threshold='2000', autovacuum_vacuum_insert_scale_factor='0.02', autovacuum_analyze_scale_factor='0.02', autovacuum_vacuum_cost_delay='0');
+
+
+--
+-- Name: TABLE outbox_intake; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON TABLE cloud.outbox_intake IS 'Messages enqueued by ERP transactions with a generated request_id, until a claim moves them into cloud.outbox itself (cloud._move_intake): a child table of cloud.outbox with a primary key and no other index on unkeyed rows, so the ERP''s insert costs little more than one row. Read them through cloud.outbox like any message.';
+
+
+--
 -- Name: replay_audit; Type: TABLE; Schema: cloud
 --
 
@@ -3539,6 +3666,69 @@ ALTER TABLE ONLY cloud.outbox_archive ALTER COLUMN lost_leases SET DEFAULT 0;
 
 
 --
+-- Name: outbox_intake request_id; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_intake ALTER COLUMN request_id SET DEFAULT cloud.new_request_id();
+
+
+--
+-- Name: outbox_intake id; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_intake ALTER COLUMN id SET DEFAULT nextval('cloud.outbox_id_seq'::regclass);
+
+
+--
+-- Name: outbox_intake status; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_intake ALTER COLUMN status SET DEFAULT 'pending'::text;
+
+
+--
+-- Name: outbox_intake attempts; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_intake ALTER COLUMN attempts SET DEFAULT 0;
+
+
+--
+-- Name: outbox_intake next_attempt_at; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_intake ALTER COLUMN next_attempt_at SET DEFAULT now();
+
+
+--
+-- Name: outbox_intake created_at; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_intake ALTER COLUMN created_at SET DEFAULT now();
+
+
+--
+-- Name: outbox_intake updated_at; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_intake ALTER COLUMN updated_at SET DEFAULT now();
+
+
+--
+-- Name: outbox_intake failures; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_intake ALTER COLUMN failures SET DEFAULT 0;
+
+
+--
+-- Name: outbox_intake lost_leases; Type: DEFAULT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_intake ALTER COLUMN lost_leases SET DEFAULT 0;
+
+
+--
 -- Name: console_audit console_audit_pkey; Type: CONSTRAINT; Schema: cloud
 --
 
@@ -3592,6 +3782,14 @@ ALTER TABLE ONLY cloud.operation_handler
 
 ALTER TABLE ONLY cloud.outbox_archive
     ADD CONSTRAINT outbox_archive_pkey PRIMARY KEY (request_id);
+
+
+--
+-- Name: outbox_intake outbox_intake_pkey; Type: CONSTRAINT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.outbox_intake
+    ADD CONSTRAINT outbox_intake_pkey PRIMARY KEY (request_id);
 
 
 --
@@ -3676,6 +3874,13 @@ CREATE INDEX outbox_active ON cloud.outbox USING btree (status, endpoint, next_a
 
 
 --
+-- Name: outbox_intake_ordering; Type: INDEX; Schema: cloud
+--
+
+CREATE INDEX outbox_intake_ordering ON cloud.outbox_intake USING btree (ordering_key, id) WHERE (ordering_key IS NOT NULL);
+
+
+--
 -- Name: outbox_ordering; Type: INDEX; Schema: cloud
 --
 
@@ -3708,6 +3913,13 @@ ALTER INDEX cloud.log_started_brin ATTACH PARTITION cloud.log_default_started_at
 --
 
 CREATE TRIGGER outbox_100_validate BEFORE UPDATE ON cloud.outbox FOR EACH ROW WHEN ((NOT ((new.status = ANY ('{pending,in_flight,sent,failed,dead,skipped}'::text[])) AND ((new.status = 'in_flight'::text) = (new.locked_until IS NOT NULL))))) EXECUTE FUNCTION cloud.tg_outbox__100_validate();
+
+
+--
+-- Name: outbox_intake outbox_intake_100_validate; Type: TRIGGER; Schema: cloud
+--
+
+CREATE TRIGGER outbox_intake_100_validate BEFORE UPDATE ON cloud.outbox_intake FOR EACH ROW WHEN ((NOT ((new.status = ANY ('{pending,in_flight,sent,failed,dead,skipped}'::text[])) AND ((new.status = 'in_flight'::text) = (new.locked_until IS NOT NULL))))) EXECUTE FUNCTION cloud.tg_outbox_intake__100_validate();
 
 
 --
@@ -3829,6 +4041,15 @@ GRANT ALL ON FUNCTION cloud._log_partition_comment(p_month date) TO erp_cloud_li
 
 
 --
+-- Name: FUNCTION _move_intake(p_limit integer, p_endpoints text[]); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._move_intake(p_limit integer, p_endpoints text[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud._move_intake(p_limit integer, p_endpoints text[]) TO erp_cloud_listener;
+GRANT ALL ON FUNCTION cloud._move_intake(p_limit integer, p_endpoints text[]) TO erp_cloud_operator;
+
+
+--
 -- Name: TABLE endpoint; Type: ACL; Schema: cloud
 --
 
@@ -3937,6 +4158,13 @@ GRANT ALL ON FUNCTION cloud._record_endpoint_health(p_results cloud.attempt_resu
 
 REVOKE ALL ON FUNCTION cloud._redact(p_text text, p_secret text) FROM PUBLIC;
 GRANT ALL ON FUNCTION cloud._redact(p_text text, p_secret text) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION _refuse_enqueue(p_endpoint text, p_operation text, p_payload jsonb); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._refuse_enqueue(p_endpoint text, p_operation text, p_payload jsonb) FROM PUBLIC;
 
 
 --
@@ -4409,6 +4637,13 @@ REVOKE ALL ON FUNCTION cloud.tg_outbox__100_validate() FROM PUBLIC;
 
 
 --
+-- Name: FUNCTION tg_outbox_intake__100_validate(); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud.tg_outbox_intake__100_validate() FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION unlock_provider_token(p_endpoint text, p_token_key text); Type: ACL; Schema: cloud
 --
 
@@ -4516,6 +4751,16 @@ GRANT SELECT ON TABLE cloud.outbox_archive TO erp_cloud_listener;
 GRANT SELECT ON TABLE cloud.outbox_archive TO erp_cloud_operator;
 GRANT SELECT ON TABLE cloud.outbox_archive TO erp_cloud_console_finance;
 GRANT SELECT ON TABLE cloud.outbox_archive TO erp_cloud_console_operator;
+
+
+--
+-- Name: TABLE outbox_intake; Type: ACL; Schema: cloud
+--
+
+GRANT SELECT ON TABLE cloud.outbox_intake TO erp_cloud_listener;
+GRANT SELECT ON TABLE cloud.outbox_intake TO erp_cloud_operator;
+GRANT SELECT ON TABLE cloud.outbox_intake TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE cloud.outbox_intake TO erp_cloud_console_operator;
 
 
 --
