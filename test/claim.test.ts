@@ -184,4 +184,37 @@ describe('the claim on its cheap paths', () => {
     expect(await claim('w1', 10)).toHaveLength(1);
     expect((await version()).idle).toBe(false);
   });
+
+  it('while a snapshot is held, a claim walks the dead index entries that earlier claims left once, not twice', async () => {
+    // pending → in_flight is never a HOT update: every claimed message leaves its pending version's
+    // index entry behind, and while a REPEATABLE READ snapshot holds the xmin horizon no scan may
+    // mark it dead; the claim's probe walks them, and its lease starts at the key the probe found
+    const holder = new pg.Client({ connectionString: db.url });
+    const claimer = new pg.Client({ connectionString: db.url });
+    await Promise.all([holder.connect(), claimer.connect()]);
+    try {
+      await holder.query(`begin isolation level repeatable read`);
+      await holder.query(`select count(*) from cloud.endpoint`); // the snapshot is taken: the horizon is held
+      const earlier = 400;
+      await enqueueMany('fast', earlier);
+      for (let i = 0; i < earlier / 50; i++) {
+        const got = await claimer.query(`select * from cloud.claim_messages('w1', 50, null, '5 seconds', $1::timestamptz)`, [T0]);
+        expect(got.rows).toHaveLength(50);
+      }
+      await enqueueMany('fast', 10);
+      await claimer.query(`select pg_stat_force_next_flush()`);
+      const read = async () =>
+        Number((await q(`select idx_tup_read from pg_stat_user_indexes where schemaname = 'cloud' and indexrelname = 'outbox_active'`)).rows[0].idx_tup_read);
+      const before = await read();
+      const last = await claimer.query(`select * from cloud.claim_messages('w1', 10, null, '5 seconds', $1::timestamptz)`, [T0]);
+      await claimer.query(`select pg_stat_force_next_flush()`);
+      const walked = (await read()) - before;
+      expect(last.rows).toHaveLength(10);
+      expect(walked).toBeGreaterThanOrEqual(earlier); // the dead entries are there, and walked once
+      expect(walked).toBeLessThan(earlier + earlier / 2); // not twice (probe and lease each walked them before 0030)
+    } finally {
+      await holder.query('rollback').catch(() => undefined);
+      await Promise.all([holder.end(), claimer.end()]);
+    }
+  });
 });

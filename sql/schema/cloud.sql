@@ -1324,13 +1324,15 @@ declare
   v_rate     double precision;
   v_slot0    timestamptz;
   v_left     integer := p_limit;
+  v_from_at  timestamptz;
+  v_from_id  bigint;
 begin
   -- what ERP transactions committed into cloud.outbox_intake joins the hot table first (0029): the
   -- listener pays for the move in its own transaction, the ERP paid for one lean row
   perform cloud._move_intake(p_limit, p_endpoints);
-  -- an endpoint without due work costs one index-only probe (below); since
-  -- 0026 rotates the hot table, the dead index entries at the front of the
-  -- pending range that made a second walk expensive stay few
+  -- an endpoint without due work costs one index probe (below); the dead index entries in front of
+  -- its first due message (one per message claimed since the last rotation while a snapshot holds
+  -- the xmin horizon and no scan may mark them dead) are walked once per claim, by that probe
   for ep in
     select e.name,
            -- the common case (no limit, no quota, circuit closed, not paused) takes no lock and spends nothing
@@ -1341,9 +1343,15 @@ begin
      order by random()  -- no endpoint starves another
   loop
     exit when v_left <= 0;
-    -- one short index probe: an endpoint without due work costs no lock, no write and no UPDATE to set up
-    continue when not exists (
-      select from only cloud.outbox o where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now);
+    -- one short index probe finds the endpoint's first due message: without one the endpoint costs
+    -- no lock, no write and no UPDATE to set up; with one, the lease below starts its index scan at
+    -- that key (0030) instead of walking again the dead entries in front of it
+    select o.next_attempt_at, o.id into v_from_at, v_from_id
+      from only cloud.outbox o
+     where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now
+     order by o.next_attempt_at, o.id
+     limit 1;
+    continue when not found;
     if not ep.limited then
       -- lease and hand back in one statement; every message goes now
       return query
@@ -1351,6 +1359,7 @@ begin
           select o.request_id
             from only cloud.outbox o
            where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now
+             and (o.next_attempt_at, o.id) >= (v_from_at, v_from_id)
              and (o.ordering_key is null or not exists (
                    select from cloud.outbox h
                     where h.ordering_key = o.ordering_key and h.id < o.id
@@ -1384,6 +1393,7 @@ begin
       select o.request_id
         from only cloud.outbox o
        where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now
+         and (o.next_attempt_at, o.id) >= (v_from_at, v_from_id)
          and (o.ordering_key is null or not exists (
                select from cloud.outbox h
                 where h.ordering_key = o.ordering_key and h.id < o.id
@@ -1852,26 +1862,30 @@ COMMENT ON FUNCTION cloud.lock_provider_token(p_endpoint text, p_token_key text)
 --
 
 CREATE FUNCTION cloud.next_due_at(p_endpoints text[] DEFAULT NULL::text[], p_now timestamp with time zone DEFAULT clock_timestamp()) RETURNS timestamp with time zone
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
-  select min(t) from (
-    select min(o.next_attempt_at) as t
-      from cloud.outbox o
-     where o.status = 'pending' and o.next_attempt_at > p_now
-       and (p_endpoints is null or o.endpoint = any (p_endpoints))
-    union all
-    -- due messages held back by a limit: when the limit lets the next one go
-    select case when e.paused_until > p_now then e.paused_until
-                when e.circuit_state = 'open' then e.circuit_opened_at + make_interval(secs => e.circuit_cooldown_ms / 1000.0)
-                when e.rate_per_s is not null  -- a claim may run 100 ms ahead of the bucket
-                then e.tokens_at + make_interval(secs => greatest(0, 1 - e.rate_per_s * 0.1 - e.tokens) / e.rate_per_s)
-           end
-      from cloud.endpoint e
-     where e.enabled and (p_endpoints is null or e.name = any (p_endpoints))
-       and exists (select from cloud.outbox o where o.status = 'pending' and o.endpoint = e.name and o.next_attempt_at <= p_now)
-  ) s
-  where t > p_now;
-$$;
+begin
+  -- PL/pgSQL keeps this plan for the session (0030): as a SQL function it was planned on every call
+  return (
+    select min(t) from (
+      select min(o.next_attempt_at) as t
+        from cloud.outbox o
+       where o.status = 'pending' and o.next_attempt_at > p_now
+         and (p_endpoints is null or o.endpoint = any (p_endpoints))
+      union all
+      -- due messages held back by a limit: when the limit lets the next one go
+      select case when e.paused_until > p_now then e.paused_until
+                  when e.circuit_state = 'open' then e.circuit_opened_at + make_interval(secs => e.circuit_cooldown_ms / 1000.0)
+                  when e.rate_per_s is not null  -- a claim may run 100 ms ahead of the bucket
+                  then e.tokens_at + make_interval(secs => greatest(0, 1 - e.rate_per_s * 0.1 - e.tokens) / e.rate_per_s)
+             end
+        from cloud.endpoint e
+       where e.enabled and (p_endpoints is null or e.name = any (p_endpoints))
+         and exists (select from cloud.outbox o where o.status = 'pending' and o.endpoint = e.name and o.next_attempt_at <= p_now)
+    ) s
+    where t > p_now);
+end $$;
 
 
 --
@@ -1934,7 +1948,9 @@ CREATE FUNCTION cloud.purge_finished_messages(p_keep interval DEFAULT NULL::inte
     AS $$
   with doomed as (
     select request_id from cloud.outbox
-     where status in ('sent', 'skipped') and updated_at < p_now - coalesce(p_keep, cloud._retention('finished_retention'))
+     -- the cut-off is an init plan, worked out once (0030), not once per row scanned
+     where status in ('sent', 'skipped')
+       and updated_at < (select p_now - coalesce(p_keep, cloud._retention('finished_retention')))
      limit p_limit
   ), gone as (
     delete from cloud.outbox o using doomed d where o.request_id = d.request_id returning 1
