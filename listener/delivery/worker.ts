@@ -68,6 +68,14 @@ const CLAIM_STATEMENT = 'erp-cloud claim';
 const REPORT_GAP_MS = 10;
 /** A retry due in weeks is looked at again within the hour (setTimeout caps at 2^31-1 ms anyway). */
 const MAX_TIMER_MS = 3_600_000;
+/**
+ * The rotation tick (ERP_CLOUD_ROTATE_MS, migration 0031): cloud.rotate_outbox archives the sent
+ * messages of the hot table and empties it by TRUNCATE once 1,000 wait, or 100 while a transaction has
+ * held a snapshot for over a second. Meanwhile no scan may remove the dead index entry each claimed
+ * message leaves in outbox_active, and every claim walks them all: a busy listener asks several times
+ * a second, not once per maintenance round. With nothing to do the call stops at its first count.
+ */
+const ROTATE_SQL = 'select cloud.rotate_outbox(1000, 100) as rotated';
 
 interface Finished {
   endpoint: string;
@@ -95,6 +103,9 @@ export class Worker {
   private lookAgain = false;
   private cronScheduled = false;
   private maintaining = false;
+  /** Sent messages this listener reported since its last rotation tick (none: the tick asks nothing). */
+  private sentSinceTick = 0;
+  private rotating = false;
   /** Messages waiting for a new send slot; asked for together (see takeSendSlot). */
   private reslots: Array<{ id: string; answer: (slot: SendSlot) => void }> = [];
   private reslotting = false;
@@ -132,6 +143,7 @@ export class Worker {
     await this.listen.listenTo(this.channels);
     this.timers.push(setInterval(() => this.wake(), this.config.ERP_CLOUD_POLL_MS));
     this.timers.push(setInterval(() => void this.maintain(), this.config.ERP_CLOUD_MAINTENANCE_MS));
+    if (this.config.ERP_CLOUD_ROTATE_MS > 0) this.timers.push(setInterval(() => void this.rotate(), this.config.ERP_CLOUD_ROTATE_MS));
     this.log.info({ worker: this.id, channels: this.channels, concurrency: this.config.ERP_CLOUD_CONCURRENCY }, 'listener started');
     // the first claim does not wait for the first maintenance round (reaping, and without pg_cron the
     // periodic jobs): both start now; leases it reaps wake the loop again
@@ -356,6 +368,7 @@ export class Worker {
               const endpointOf = new Map(batch.map((f) => [f.result.request_id, f.endpoint]));
               for (const r of rows) this.metrics.deliveries.inc({ endpoint: endpointOf.get(r.request_id) ?? '?', outcome: r.status });
             }
+            for (const r of rows) if (r.status === 'sent') this.sentSinceTick++;
           } catch (err) {
             // keep the results: the database may be restarting; the leases protect the messages meanwhile
             this.finished.unshift(...batch);
@@ -457,6 +470,21 @@ export class Worker {
       this.log.warn({ err: errText(err) }, 'maintenance failed');
     } finally {
       this.maintaining = false;
+    }
+  }
+
+  /** The rotation tick: only after this listener reported sent messages, never beside a running rotation or maintenance round. */
+  private async rotate(): Promise<void> {
+    if (this.stopping || this.rotating || this.maintaining || this.sentSinceTick === 0) return;
+    this.rotating = true;
+    this.sentSinceTick = 0;
+    try {
+      await this.pool.query(ROTATE_SQL);
+    } catch (err) {
+      this.markDb(err);
+      this.log.warn({ err: errText(err) }, 'rotating the outbox failed');
+    } finally {
+      this.rotating = false;
     }
   }
 

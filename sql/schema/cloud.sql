@@ -2650,10 +2650,10 @@ COMMENT ON FUNCTION cloud.requery_invoice_from_console(p_invoice_id bigint, p_re
 
 
 --
--- Name: rotate_outbox(integer); Type: FUNCTION; Schema: cloud
+-- Name: rotate_outbox(integer, integer); Type: FUNCTION; Schema: cloud
 --
 
-CREATE FUNCTION cloud.rotate_outbox(p_min_sent integer DEFAULT 1000) RETURNS integer
+CREATE FUNCTION cloud.rotate_outbox(p_min_sent integer DEFAULT 1000, p_min_sent_held integer DEFAULT NULL::integer) RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     SET lock_timeout TO '50ms'
@@ -2662,9 +2662,23 @@ declare
   v_kept   cloud.outbox[];
   v_copied uuid[];
   v_late   integer;
+  v_sent   integer;
 begin
   if not pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtextextended('cloud.rotate_outbox', 0)) then
     return null;  -- another listener (or pg_cron) is rotating right now
+  end if;
+  -- the common answer first, and cheaply (0031): busy listeners ask several times a second
+  select count(*) into v_sent from (select from only cloud.outbox o where o.status = 'sent' limit greatest(p_min_sent, 1)) s;
+  if v_sent < greatest(p_min_sent, 1) then
+    -- fewer will do while the xmin horizon is held: every claim walks one dead index entry per message
+    -- claimed since the last rotation (outbox_active), and no scan may remove them meanwhile
+    if v_sent < greatest(coalesce(p_min_sent_held, p_min_sent), 1)
+       or not exists (select from pg_catalog.pg_stat_activity a
+                       where a.datname = pg_catalog.current_database() and a.backend_type = 'client backend' and a.backend_xmin is not null
+                         and a.xact_start < pg_catalog.clock_timestamp() - interval '1 second'
+                         and a.pid <> pg_catalog.pg_backend_pid()) then
+      return 0;
+    end if;
   end if;
   -- whoever holds the hot table or the intake (an ERP transaction that has not committed yet, a claim, a
   -- pg_dump, a report in REPEATABLE READ that read the outbox) makes this rotation give up within
@@ -2678,9 +2692,6 @@ begin
                   and l.relation in ('cloud.outbox'::pg_catalog.regclass, 'cloud.outbox_intake'::pg_catalog.regclass)
                   and l.pid <> pg_catalog.pg_backend_pid() and a.xact_start < pg_catalog.clock_timestamp() - interval '1 second') then
       return null;  -- a long holder (a pg_dump, a report): no copies that would only be undone, round after round
-    end if;
-    if (select count(*) from (select from only cloud.outbox o where o.status = 'sent' limit greatest(p_min_sent, 1)) s) < greatest(p_min_sent, 1) then
-      return 0;
     end if;
     if (select count(*) from (select from cloud.outbox o where o.status <> 'sent' limit 50001) s) > 50000 then
       return null;  -- a backlog this large would hold the table too long while it goes back: vacuum keeps it meanwhile
@@ -2719,10 +2730,10 @@ end $$;
 
 
 --
--- Name: FUNCTION rotate_outbox(p_min_sent integer); Type: COMMENT; Schema: cloud
+-- Name: FUNCTION rotate_outbox(p_min_sent integer, p_min_sent_held integer); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud.rotate_outbox(p_min_sent integer) IS 'Moves the sent messages of cloud.outbox into cloud.outbox_archive and empties the hot table and cloud.outbox_intake by TRUNCATE (what is not sent, and what waits in the intake, goes back into the hot table unchanged), so their dead tuples stay bounded by what flows between two rotations even while something holds the xmin horizon. Runs when the hot table holds at least p_min_sent sent messages; gives up (null) when it cannot have both tables within 50 ms. Returns how many were archived.';
+COMMENT ON FUNCTION cloud.rotate_outbox(p_min_sent integer, p_min_sent_held integer) IS 'Moves the sent messages of cloud.outbox into cloud.outbox_archive and empties the hot table and cloud.outbox_intake by TRUNCATE (what is not sent, and what waits in the intake, goes back into the hot table unchanged), so their dead tuples and dead index entries stay bounded by what flows between two rotations even while something holds the xmin horizon. Runs when the hot table holds at least p_min_sent sent messages, or p_min_sent_held while a transaction of this database has held a snapshot for over a second; otherwise returns 0 at once, reading no lock table (listeners ask every ERP_CLOUD_ROTATE_MS). Gives up (null) when another rotation runs, a transaction holding either table has been open over a second, or it cannot have both tables within 50 ms. Returns how many were archived.';
 
 
 --
@@ -4573,12 +4584,12 @@ GRANT ALL ON FUNCTION cloud.requery_invoice_from_console(p_invoice_id bigint, p_
 
 
 --
--- Name: FUNCTION rotate_outbox(p_min_sent integer); Type: ACL; Schema: cloud
+-- Name: FUNCTION rotate_outbox(p_min_sent integer, p_min_sent_held integer); Type: ACL; Schema: cloud
 --
 
-REVOKE ALL ON FUNCTION cloud.rotate_outbox(p_min_sent integer) FROM PUBLIC;
-GRANT ALL ON FUNCTION cloud.rotate_outbox(p_min_sent integer) TO erp_cloud_listener;
-GRANT ALL ON FUNCTION cloud.rotate_outbox(p_min_sent integer) TO erp_cloud_operator;
+REVOKE ALL ON FUNCTION cloud.rotate_outbox(p_min_sent integer, p_min_sent_held integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud.rotate_outbox(p_min_sent integer, p_min_sent_held integer) TO erp_cloud_listener;
+GRANT ALL ON FUNCTION cloud.rotate_outbox(p_min_sent integer, p_min_sent_held integer) TO erp_cloud_operator;
 
 
 --
