@@ -14,7 +14,7 @@
  *      listener defaults plus the bench's LISTENER_ENV) delivering to the sink
  *      a backlog enqueued before it started. Sizing: BACKLOG_RATE × (T + 5)
  *      messages up front; once the listener has delivered WARMUP of them, its
- *      unloaded rate r is measured over 1 s, and if fewer than 1.5 × r × (T + 3)
+ *      unloaded rate r is measured over 1 s (quick: 0.5 s), and if fewer than 1.5 × r × (T + 3)
  *      (at most MAX_BACKLOG) are still pending the backlog is topped up to that
  *      (an unloaded listener is faster than one sharing the CPUs with pgbench).
  *   3. integration: the AFTER INSERT trigger calling cloud.enqueue_message; the
@@ -393,8 +393,9 @@ export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResul
       { timeoutMs: 30_000, intervalMs: 50, what: `the listener to deliver ${warmup} backlog messages` },
     );
     const r0 = (await ctx.sink.stats()).count;
-    await sleep(1000);
-    const unloaded = (await ctx.sink.stats()).count - r0;
+    const rateWindowMs = ctx.quick ? 500 : 1000;
+    await sleep(rateWindowMs);
+    const unloaded = Math.round((((await ctx.sink.stats()).count - r0) * 1000) / rateWindowMs);
     const wanted = Math.min(MAX_BACKLOG, Math.ceil(1.5 * unloaded * (seconds + 3)));
     const pendingNow = (await outboxCounts(pool)).pending;
     const topUp = Math.max(0, wanted - pendingNow);

@@ -52,7 +52,7 @@ async function attachedCount(pool: pg.Pool, prefix: string): Promise<number> {
 
 export async function invoicingFigure(ctx: BenchContext): Promise<InvoicingResult> {
   const n = ctx.quick ? 60 : 1000;
-  const paced = ctx.quick ? 10 : 60;
+  const paced = ctx.quick ? 6 : 60;
   progress(`figure 6: e-invoicing through the Nuonuo simulator, ${n} approvals back to back, then ${paced} paced`);
   phase('set-up');
   const db = await ctx.dbs.createMigrated('invoicing', ['reference-erp']);
