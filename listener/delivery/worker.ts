@@ -72,8 +72,9 @@ const MAX_TIMER_MS = 3_600_000;
  * The rotation tick (ERP_CLOUD_ROTATE_MS, migration 0031): cloud.rotate_outbox archives the sent
  * messages of the hot table and empties it by TRUNCATE once 1,000 wait, or 100 while a transaction has
  * held a snapshot for over a second. Meanwhile no scan may remove the dead index entry each claimed
- * message leaves in outbox_active, and every claim walks them all: a busy listener asks several times
- * a second, not once per maintenance round. With nothing to do the call stops at its first count.
+ * message leaves in outbox_active, and every claim walks them all: a busy listener asks every second,
+ * not once per maintenance round (more often made the ERP wait at the rotations' exclusive moments:
+ * ADR 0002 §7). With nothing to do the call stops at its first count.
  */
 const ROTATE_SQL = 'select cloud.rotate_outbox(1000, 100) as rotated';
 

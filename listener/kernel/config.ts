@@ -78,7 +78,7 @@ const fields: { [K in keyof Config]-?: Field<Config[K]> } = {
   ERP_CLOUD_POLL_MS: int(10, 60_000, 500),
   ERP_CLOUD_MAINTENANCE_MS: int(100, 600_000, 5000),
   // how often a listener that reported sent messages asks cloud.rotate_outbox (0031); 0 = only at maintenance
-  ERP_CLOUD_ROTATE_MS: int(0, 600_000, 250),
+  ERP_CLOUD_ROTATE_MS: int(0, 600_000, 1000),
   ERP_CLOUD_LEASE_MARGIN_MS: int(200, 600_000, 5000),
   ERP_CLOUD_SHUTDOWN_GRACE_MS: int(0, 600_000, 10_000),
   ERP_CLOUD_POOL_SIZE: int(2, 100, 8),

@@ -44,7 +44,7 @@
 -- migration 0028_lean_claim.sql sha256 6b5121366def6d28817e9f96af3e150fada140ebd3bd903d9e8fe8d0b21f09c4
 -- migration 0029_lean_enqueue_intake.sql sha256 f09dac89a7a188f7598ac48346ed8f4b546585fcccf3ac57d877b1c79f4e5337
 -- migration 0030_claim_walks_dead_entries_once.sql sha256 4aafa7c5272921e5791c89f1adb973f656149f68d1c0f2a505e6ac443b878223
--- migration 0031_rotation_while_a_snapshot_is_held.sql sha256 fd5d18af8177d5b7cacadca720ab1370588b0149c9e8ac0b2842728bef780fed
+-- migration 0031_rotation_while_a_snapshot_is_held.sql sha256 fa76d872d92501c45a7b330a8b36fe33b4e870384b38fa5a53317b1467049f98
 
 set local check_function_bodies = false;
 set local standard_conforming_strings = on;

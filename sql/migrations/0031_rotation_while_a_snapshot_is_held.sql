@@ -9,13 +9,19 @@
 -- the last rotation. Rotation ran only from cloud.reap_expired_leases, once per listener maintenance
 -- round (5 s), so up to ~5,000 entries piled up: 1,100–1,300 entries read per outbox_active scan
 -- held against 2–3 quiet, the claim round trip 3.4× the quiet one. The listener now asks for a
--- rotation on a short tick of its own (ERP_CLOUD_ROTATE_MS, 250 ms), apart from its maintenance round,
+-- rotation on a short tick of its own (ERP_CLOUD_ROTATE_MS, 1 s), apart from its maintenance round,
 -- whenever it reported a sent message since the last tick; purge and partition work do not run
 -- more often.
 --
--- Measured in the same runs (held_snapshot, quick, on a loaded 2-core machine; entries read per
--- outbox_active scan while held): rotation every 5 s at 1,000 sent (before) 1,140–1,314; every
--- 1 s at 1,000 sent 609–820; every 1 s at 100 sent 368; every 250 ms at 250 sent 181. A rotation
+-- Measured in interleaved runs (held_snapshot, quick, a 2-core machine shared with other suites;
+-- entries read per outbox_active scan while held, and the ERP's mean insert latency while held):
+-- rotation every 5 s at 1,000 sent (before) 1,067–1,632 entries, 3.8–4.5 ms; every 1 s at 1,000
+-- sent 609–820; every 1 s at 1,000, or 100 while held (this migration) 444–527 entries, 3.9–4.3 ms;
+-- every 500 ms 226–234, 6.9–7.5 ms; every 250 ms 129–149, 6.6–8.7 ms. Each rotation holds the
+-- intake and the hot table alone until it commits (the TRUNCATE of both tables and their five
+-- indexes 5 ms, the commit 3 ms on this machine), and the ERP's inserts into the intake wait
+-- meanwhile: more than one rotation a second made them slower, so the listener asks once a second
+-- (the claim round trip held: 2.7–2.9 ms against 3.5–4.9 ms before). A rotation
 -- costs its backend about 5 ms of CPU whatever it moves, plus about 10 µs per message (20 rounds
 -- each of 100, 250 and 1,000 sent rows, /proc/<pid>/stat): rotating every 250 messages instead of
 -- every 1,000 in normal operation would add about 15 µs of database CPU per message, for nothing:
@@ -25,7 +31,7 @@
 -- 1. cloud.rotate_outbox(p_min_sent, p_min_sent_held): rotates at p_min_sent sent messages (1,000,
 --    as before), or already at p_min_sent_held while a transaction of this database has held a
 --    snapshot (backend_xmin) for over a second: a pg_dump, a report, an idle-in-transaction client.
---    The listener asks every ERP_CLOUD_ROTATE_MS (250 ms) with (1000, 100), only after it reported
+--    The listener asks every ERP_CLOUD_ROTATE_MS (1 s) with (1000, 100), only after it reported
 --    sent messages; cloud.reap_expired_leases (every maintenance round, and pg_cron) still calls it
 --    with the defaults. Purge and partition work do not run more often.
 -- 2. A call with nothing to do must then cost next to nothing. Measured with pgbench, one client,
