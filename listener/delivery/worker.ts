@@ -74,9 +74,8 @@ const MAX_TIMER_MS = 3_600_000;
  * held a snapshot for over a second. Meanwhile no scan may remove the dead index entry each claimed
  * message leaves in outbox_active, and every claim walks them all: a busy listener asks every second,
  * not once per maintenance round (more often made the ERP wait at the rotations' exclusive moments:
- * ADR 0002 §7). With nothing to do the call stops at its first count.
+ * ADR 0002 §7). With nothing to do the call stops at its first count (sql.rotate).
  */
-const ROTATE_SQL = 'select cloud.rotate_outbox(1000, 100) as rotated';
 
 interface Finished {
   endpoint: string;
@@ -480,7 +479,7 @@ export class Worker {
     this.rotating = true;
     this.sentSinceTick = 0;
     try {
-      await this.pool.query(ROTATE_SQL);
+      await this.pool.query(sql.rotate);
     } catch (err) {
       this.markDb(err);
       this.log.warn({ err: errText(err) }, 'rotating the outbox failed');
