@@ -121,10 +121,7 @@ export async function consoleFigure(ctx: BenchContext): Promise<ConsoleResult> {
     const logRows = Number((await c.query('select count(*) from cloud.log')).rows[0].count);
     progress(`  seeded in ${round(seedS, 1)} s (${logRows.toLocaleString('en')} log rows)`);
 
-    // the previous figure may still be finishing (its tail, in its own database): measure only after it
-    phase('wait for the previous figure\'s tail');
-    await ctx.previousTail;
-    // the OpenID Provider and the console, in this process
+    // the OpenID Provider and the console, in this process (the previous figure's tail may still run: see below)
     phase('servers and sign-in');
     const log = createLogger('silent');
     const ssoPort = await freePort();
@@ -152,6 +149,9 @@ export async function consoleFigure(ctx: BenchContext): Promise<ConsoleResult> {
       await home.arrayBuffer();
 
       const someInvoice = (await c.query(`select invoice_no, document_id, request_id from tax.invoice where invoice_no is not null order by id desc offset 12345 % $1 limit 1`, [invoices])).rows[0];
+      // the previous figure may still be finishing (its tail, in its own database): measure only after it
+      phase('wait for the previous figure\'s tail');
+      await ctx.previousTail;
       const pages: Record<string, string> = {
         overview: '/',
         attention: '/attention',

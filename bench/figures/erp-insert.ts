@@ -61,6 +61,7 @@ import { benchClient, benchPool } from '../lib/db.js';
 import { cpuMark, cpuSince, type CpuScope, type CpuUse } from '../lib/cpu.js';
 import { listenerSettings, spawnListener, stopListener, type ListenerProc } from '../lib/listeners.js';
 import { enqueueBenchMessages, putSinkEndpoint, outboxCounts } from '../lib/outbox.js';
+import { phase } from '../lib/phases.js';
 import { adopt } from '../lib/procs.js';
 import { progress, round, sleep, waitFor } from '../lib/util.js';
 
@@ -265,11 +266,14 @@ async function countNotifies(url: string, pool: pg.Pool, channel: string): Promi
 function sampleSink(ctx: BenchContext, intervalMs: number, maxMs: number): { stop(): Promise<number[]> } {
   const counts: number[] = [];
   let stopped = false;
+  // stop() ends the current interval's wait at once: a partial last interval is not a sample anyway
+  let wake: () => void = () => undefined;
+  const woken = new Promise<void>((resolve) => (wake = resolve));
   const loop = (async () => {
     counts.push((await ctx.sink.stats()).count);
     const deadline = Date.now() + maxMs;
     for (let i = 0; i < Math.ceil(maxMs / intervalMs) && Date.now() < deadline; i++) {
-      await sleep(intervalMs);
+      await Promise.race([sleep(intervalMs), woken]);
       if (stopped) break; // a partial last interval is not a sample
       counts.push((await ctx.sink.stats()).count);
     }
@@ -277,6 +281,7 @@ function sampleSink(ctx: BenchContext, intervalMs: number, maxMs: number): { sto
   return {
     async stop() {
       stopped = true;
+      wake();
       await loop;
       return counts;
     },
@@ -288,6 +293,7 @@ export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResul
   const warmup = ctx.quick ? QUICK_WARMUP : WARMUP;
   const bin = findPgbench();
   progress(`figure 3: ERP insert cost, pgbench -c 8 -j 2 -T ${seconds} (${bin}); listener busy in both baseline and integration`);
+  phase('set-up');
   const db = await ctx.dbs.createMigrated('erp');
   const pool = benchPool(db.url, 'erp-insert', 3);
   const tmp = mkdtempSync(path.join(os.tmpdir(), 'erp-cloud-bench-'));
@@ -370,10 +376,12 @@ export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResul
     };
 
     // 1. quiet baseline
+    phase('quiet baseline');
     await fresh();
     const quiet1 = await bench('quiet baseline (no trigger, no listener)');
 
     // backlog for the busy listener, then the listener itself
+    phase('backlog, listener start and warm-up');
     await pool.query('truncate cloud.outbox');
     const initial = Math.ceil(BACKLOG_RATE * (seconds + 5));
     const tFill = performance.now();
@@ -403,24 +411,30 @@ export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResul
     progress(`  listener delivers ${unloaded}/s unloaded; ${pendingNow} pending, wanted ${wanted}: topped up ${topUp}`);
 
     // 2. busy baseline: no trigger, the listener delivering the backlog
+    phase('busy baseline');
     await fresh();
     const busyBase = await busyBench('busy baseline (no trigger, listener busy with backlog)', l);
 
     // 3. integration: trigger, the same listener busy with what pgbench enqueues plus the rest of the backlog
+    phase('integration');
     await fresh('doc_to_cloud');
     const integ = await busyBench('integration (trigger, listener busy)', l);
     alive();
+    phase('listener stop');
     await stopListener(l);
     listener = null;
     const leftRows = (await pool.query<{ n: number }>('with d as (delete from cloud.listener returning 1) select count(*)::int n from d')).rows[0]!.n;
 
     // 4. the same trigger with no listener at all (no NOTIFY, no CPU taken by delivery), between two
     //    runs of the floor: a trigger writing one uuid-keyed jsonb row, what any durable enqueue costs at least
+    phase('floor');
     await fresh('doc_floor');
     const floor1 = await bench('floor: trigger writes one uuid-PK jsonb row, no listener');
+    phase('trigger only');
     await pool.query('truncate cloud.outbox');
     await fresh('doc_to_cloud');
     const triggerOnly = await bench('integration trigger, no listener');
+    phase('floor');
     await fresh('doc_floor');
     // the floor again, also in the quick run, so that drift during the run weighs on both sides of the ratio
     // alike (2-s runs one after the other on a shared machine: the floor alone moved by ±30 % between them)
@@ -428,12 +442,14 @@ export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResul
     const floor = (floor1.tps + floor2.tps) / 2;
 
     // 5. context: naive insert + pg_notify trigger, no listener
+    phase('naive');
     await fresh('doc_naive');
     const naive = await bench('naive trigger (insert + pg_notify), no listener');
 
     // 6. quiet baseline again (full run only, as the floor)
     let quiet2: PgbenchRun | null = null;
     if (!ctx.quick) {
+      phase('quiet baseline');
       await fresh();
       quiet2 = await bench('quiet baseline again (no trigger, no listener)');
     }
@@ -467,6 +483,7 @@ export async function erpInsertFigure(ctx: BenchContext): Promise<ErpInsertResul
       },
     };
   } finally {
+    phase('teardown');
     if (listener) await stopListener(listener);
     rmSync(tmp, { recursive: true, force: true });
     await pool.end();

@@ -5,7 +5,7 @@
  * answered 503 (no Retry-After) and half held unanswered past the endpoint's
  * 1-s timeout (then their connection is dropped). A fault never has an effect.
  *
- * Workload: N messages (3,000; quick 1,000) enqueued up front for endpoint
+ * Workload: N messages (3,000; quick 200) enqueued up front for endpoint
  * 'sink', set as a flaky cloud would be: timeout 1 s, 10 attempts, backoff
  * 200 ms doubling to a 10-s cap, rate limit 50/s with a burst of 5, and the
  * circuit breaker as cloud.put_endpoint_limits leaves it by default (the

@@ -85,16 +85,24 @@ export class DbRegistry {
 
   /**
    * The name of this run's migrated template with these examples installed, migrated on first use (the
-   * runner asks for the usual ones at once, at the start: two migrations on two cores at a time). Copy it
+   * runner asks for the usual ones at once, at the start, with graphile-worker's: templateOf). Copy it
    * with createFrom; never connect to it (CREATE DATABASE … TEMPLATE needs it unused).
    */
   template(examples: string[] = []): Promise<string> {
     const key = examples.join('+');
+    return this.templateOf(key || 'plain', (url) => migrate(url, undefined, examples));
+  }
+
+  /**
+   * The name of this run's template `key`, made by `make` (given its URL) on first use, e.g. a graphile-worker
+   * schema (the delivery figure; the runner asks for it with the others at the start). Same rules as template().
+   */
+  templateOf(key: string, make: (url: string) => Promise<unknown>): Promise<string> {
     let tpl = this.templates.get(key);
     if (!tpl) {
       tpl = (async () => {
-        const t = await this.create(`tpl_${key.replace(/[^a-z0-9]/gi, '_') || 'plain'}`);
-        await migrate(t.url, undefined, examples);
+        const t = await this.create(`tpl_${key.replace(/[^a-z0-9]/gi, '_')}`);
+        await make(t.url);
         return t.name;
       })();
       this.templates.set(key, tpl);
