@@ -8,10 +8,13 @@
 --    back in, under an exclusive lock on both tables: with 25,000 messages waiting, each rotation
 --    (one per 1,000 sent) copied 50,000 rows while the ERP's enqueues waited on the intake's lock,
 --    and rotation cost 121 µs of time per message delivered (60 µs with a backlog of 12,800). Now
---    the intake is emptied with the hot table only when at most 1,000 messages wait in it (its dead
---    tuples, one per message a claim took, stay bounded as before in normal flow); with more, the
---    hot table rotates alone and the intake is not locked at all, so the ERP's enqueues (which
---    write only the intake) never wait for a rotation then. The 50,000-row backlog guard counts
+--    the intake is emptied with the hot table when at most 1,000 messages wait in it, or when its dead
+--    tuples (one per message a claim took, as counted by the statistics) outnumber those waiting: a
+--    copy then costs no more than the dead tuples it removes, and they stay bounded by the backlog
+--    even while a snapshot holds the horizon (measured: with a growing backlog under a held snapshot,
+--    leaving a large intake alone let it reach 19,000 dead tuples in 30 s). Otherwise the hot table
+--    rotates alone and the intake is not locked at all, so the ERP's enqueues (which write only the
+--    intake) do not wait for that rotation. The 50,000-row backlog guard counts
 --    the hot table only, since that is what a rotation copies now.
 -- 2. A rotation costs its backend a fixed 15 ms of CPU (the TRUNCATE of two tables and their
 --    indexes, and every session's plans on them made again afterwards: the claim and the report
@@ -38,7 +41,8 @@ declare
   v_copied uuid[];
   v_late   integer;
   v_sent   integer;
-  v_intake boolean;
+  v_intake  boolean;
+  v_waiting integer;
 begin
   if not pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtextextended('cloud.rotate_outbox', 0)) then
     return null;  -- another listener (or pg_cron) is rotating right now
@@ -81,10 +85,14 @@ begin
       select * from only cloud.outbox where status = 'sent'
       returning request_id
     ) select array_agg(request_id) into v_copied from copied;
-    -- the intake goes too when little waits in it: its dead tuples (one per message a claim took) are
-    -- then bounded like the hot table's. A backlog waiting in it stays there (0033): copying it twice
-    -- under an exclusive lock held the ERP's inserts for as long, and cost every rotation its size
-    v_intake := (select count(*) from (select from only cloud.outbox_intake i limit 1001) s) <= 1000;
+    -- the intake goes too when little waits in it, or when more messages were taken from it than wait in it
+    -- (its dead tuples, one per message a claim took, outnumber the live ones: a copy then costs no more than
+    -- the dead tuples it removes, so they stay bounded by the backlog even while the horizon is held). A
+    -- backlog the claims have not yet worked through stays there (0033): copying it twice under an exclusive
+    -- lock at every rotation held the ERP's inserts for as long, and cost every rotation its size
+    v_waiting := (select count(*) from (select from only cloud.outbox_intake i limit 50001) s);
+    v_intake := v_waiting <= 1000
+                or (v_waiting <= 50000 and pg_catalog.pg_stat_get_dead_tuples('cloud.outbox_intake'::pg_catalog.regclass) >= v_waiting);
     -- then a moment alone with the tables it empties (the intake first, in the order a claim takes them);
     -- without the intake the ERP's enqueues, which write only the intake, do not wait at all
     if v_intake then
@@ -119,4 +127,4 @@ begin
   end;
   return coalesce(cardinality(v_copied), 0) + v_late;
 end $$;
-comment on function cloud.rotate_outbox(integer, integer) is 'Moves the sent messages of cloud.outbox into cloud.outbox_archive and empties the hot table by TRUNCATE (what is not sent goes back unchanged), and cloud.outbox_intake with it when at most 1,000 messages wait there (they join the hot table), so dead tuples and dead index entries stay bounded by what flows between two rotations even while something holds the xmin horizon; a larger backlog stays in the intake, which is then not locked. Runs when the hot table holds at least p_min_sent sent messages (default 10,000), or p_min_sent_held while a transaction of this database has held a snapshot for over a second; otherwise returns 0 at once, reading no lock table (listeners ask every ERP_CLOUD_ROTATE_MS). Gives up (null) when another rotation runs, a transaction holding either table has been open over a second, more than 50,000 unfinished messages are in the hot table, or it cannot have its tables within 50 ms. Returns how many were archived.';
+comment on function cloud.rotate_outbox(integer, integer) is 'Moves the sent messages of cloud.outbox into cloud.outbox_archive and empties the hot table by TRUNCATE (what is not sent goes back unchanged), and cloud.outbox_intake with it when at most 1,000 messages wait there or its dead tuples outnumber them (they join the hot table), so dead tuples and dead index entries stay bounded by what flows between two rotations (or by the backlog) even while something holds the xmin horizon; otherwise the backlog stays in the intake, which is then not locked. Runs when the hot table holds at least p_min_sent sent messages (default 10,000), or p_min_sent_held while a transaction of this database has held a snapshot for over a second; otherwise returns 0 at once, reading no lock table (listeners ask every ERP_CLOUD_ROTATE_MS). Gives up (null) when another rotation runs, a transaction holding either table has been open over a second, more than 50,000 unfinished messages are in the hot table, or it cannot have its tables within 50 ms. Returns how many were archived.';

@@ -2697,7 +2697,8 @@ declare
   v_copied uuid[];
   v_late   integer;
   v_sent   integer;
-  v_intake boolean;
+  v_intake  boolean;
+  v_waiting integer;
 begin
   if not pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtextextended('cloud.rotate_outbox', 0)) then
     return null;  -- another listener (or pg_cron) is rotating right now
@@ -2740,10 +2741,14 @@ begin
       select * from only cloud.outbox where status = 'sent'
       returning request_id
     ) select array_agg(request_id) into v_copied from copied;
-    -- the intake goes too when little waits in it: its dead tuples (one per message a claim took) are
-    -- then bounded like the hot table's. A backlog waiting in it stays there (0033): copying it twice
-    -- under an exclusive lock held the ERP's inserts for as long, and cost every rotation its size
-    v_intake := (select count(*) from (select from only cloud.outbox_intake i limit 1001) s) <= 1000;
+    -- the intake goes too when little waits in it, or when more messages were taken from it than wait in it
+    -- (its dead tuples, one per message a claim took, outnumber the live ones: a copy then costs no more than
+    -- the dead tuples it removes, so they stay bounded by the backlog even while the horizon is held). A
+    -- backlog the claims have not yet worked through stays there (0033): copying it twice under an exclusive
+    -- lock at every rotation held the ERP's inserts for as long, and cost every rotation its size
+    v_waiting := (select count(*) from (select from only cloud.outbox_intake i limit 50001) s);
+    v_intake := v_waiting <= 1000
+                or (v_waiting <= 50000 and pg_catalog.pg_stat_get_dead_tuples('cloud.outbox_intake'::pg_catalog.regclass) >= v_waiting);
     -- then a moment alone with the tables it empties (the intake first, in the order a claim takes them);
     -- without the intake the ERP's enqueues, which write only the intake, do not wait at all
     if v_intake then
@@ -2784,7 +2789,7 @@ end $$;
 -- Name: FUNCTION rotate_outbox(p_min_sent integer, p_min_sent_held integer); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud.rotate_outbox(p_min_sent integer, p_min_sent_held integer) IS 'Moves the sent messages of cloud.outbox into cloud.outbox_archive and empties the hot table by TRUNCATE (what is not sent goes back unchanged), and cloud.outbox_intake with it when at most 1,000 messages wait there (they join the hot table), so dead tuples and dead index entries stay bounded by what flows between two rotations even while something holds the xmin horizon; a larger backlog stays in the intake, which is then not locked. Runs when the hot table holds at least p_min_sent sent messages (default 10,000), or p_min_sent_held while a transaction of this database has held a snapshot for over a second; otherwise returns 0 at once, reading no lock table (listeners ask every ERP_CLOUD_ROTATE_MS). Gives up (null) when another rotation runs, a transaction holding either table has been open over a second, more than 50,000 unfinished messages are in the hot table, or it cannot have its tables within 50 ms. Returns how many were archived.';
+COMMENT ON FUNCTION cloud.rotate_outbox(p_min_sent integer, p_min_sent_held integer) IS 'Moves the sent messages of cloud.outbox into cloud.outbox_archive and empties the hot table by TRUNCATE (what is not sent goes back unchanged), and cloud.outbox_intake with it when at most 1,000 messages wait there or its dead tuples outnumber them (they join the hot table), so dead tuples and dead index entries stay bounded by what flows between two rotations (or by the backlog) even while something holds the xmin horizon; otherwise the backlog stays in the intake, which is then not locked. Runs when the hot table holds at least p_min_sent sent messages (default 10,000), or p_min_sent_held while a transaction of this database has held a snapshot for over a second; otherwise returns 0 at once, reading no lock table (listeners ask every ERP_CLOUD_ROTATE_MS). Gives up (null) when another rotation runs, a transaction holding either table has been open over a second, more than 50,000 unfinished messages are in the hot table, or it cannot have its tables within 50 ms. Returns how many were archived.';
 
 
 --
