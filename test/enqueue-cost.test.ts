@@ -143,7 +143,7 @@ describe('the intake', () => {
 
   it('the ERP role may enqueue into the intake but may not read, write or delete it, nor move it', async () => {
     const { rows } = await q(`select has_table_privilege('erp_cloud_app', 'cloud.outbox_intake', 'select, insert, update, delete, truncate') as any_priv,
-                                     has_function_privilege('erp_cloud_app', 'cloud._move_intake(integer, text[])', 'execute') as move`);
+                                     has_function_privilege('erp_cloud_app', 'cloud._lease_intake(text, integer, text[], interval, timestamptz)', 'execute') as move`);
     expect(rows).toEqual([{ any_priv: false, move: false }]);
   });
 

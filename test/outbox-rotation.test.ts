@@ -176,6 +176,56 @@ describe('no bloat while a snapshot is held', () => {
     expect(await where()).toEqual({ 'cloud.outbox pending': 2, 'cloud.outbox_archive sent': 5 });
   });
 
+  it('a backlog of over 1,000 messages in the intake stays there through a rotation, and the ERP enqueues while the rotation holds the hot table', async () => {
+    await enqueueMany(3);
+    await ok('w1', await claim('w1'));
+    expect(await where()).toEqual({ 'cloud.outbox sent': 3 });
+    await enqueueMany(1001);
+    const rotation = await db.pool.connect();
+    const erp = await db.pool.connect();
+    try {
+      await rotation.query('begin');
+      expect((await rotation.query(`select cloud.rotate_outbox(0) as n`)).rows[0].n).toBe(3);
+      // the rotation holds the hot table until it commits; the ERP's enqueue writes only the intake, which it left alone
+      await erp.query(`set lock_timeout = '100ms'`);
+      await erp.query(`select cloud.enqueue_message('hook', 'demo.ping', '{"n":1}')`);
+      await rotation.query('commit');
+    } finally {
+      await rotation.query('rollback').catch(() => undefined);
+      rotation.release();
+      erp.release();
+    }
+    expect(await where()).toEqual({ 'cloud.outbox_archive sent': 3, 'cloud.outbox_intake pending': 1002 });
+    // at 1,000 or fewer, what waits in the intake joins the hot table and the intake is emptied with it
+    await ok('w1', await claim('w1', 500));
+    expect((await q(`select cloud.rotate_outbox(0) as n`)).rows[0].n).toBe(500);
+    expect(await where()).toEqual({ 'cloud.outbox pending': 502, 'cloud.outbox_archive sent': 503 });
+  });
+
+  it('a backlog the claims have mostly worked through goes with the rotation: the intake\'s dead tuples stay bounded by what waits in it', async () => {
+    const claimer = await db.pool.connect();
+    try {
+      // autovacuum would remove the dead tuples this test counts on (as nothing may while a snapshot is held)
+      await claimer.query(`alter table cloud.outbox_intake set (autovacuum_enabled = false)`);
+      await enqueueMany(4000);
+      const take = async (n: number) => {
+        const claimed = (await claimer.query(`select * from cloud.claim_messages('w1', $1)`, [n])).rows;
+        await claimer.query(`select pg_stat_force_next_flush()`);  // the claim's deletes reach the statistics now, not within 10 s
+        await ok('w1', claimed);
+      };
+      await take(1000);  // 3,000 wait, 1,000 dead: the backlog stays where it is
+      expect((await q(`select cloud.rotate_outbox(0) as n`)).rows[0].n).toBe(1000);
+      expect(await where()).toEqual({ 'cloud.outbox_archive sent': 1000, 'cloud.outbox_intake pending': 3000 });
+      await take(1500);  // 1,500 wait, 2,500 dead: copied into the hot table, the intake emptied
+      expect((await q(`select cloud.rotate_outbox(0) as n`)).rows[0].n).toBe(1500);
+      expect(await where()).toEqual({ 'cloud.outbox pending': 1500, 'cloud.outbox_archive sent': 2500 });
+      expect((await q(`select pg_relation_size('cloud.outbox_intake')::int as bytes`)).rows[0].bytes).toBe(0);
+    } finally {
+      await claimer.query(`alter table cloud.outbox_intake reset (autovacuum_enabled)`).catch(() => undefined);
+      claimer.release();
+    }
+  });
+
   it('two rotations at once (two listeners reaping together) archive each sent message once and lose none', async () => {
     await enqueueMany(50);
     await ok('w1', await claim('w1', 30));
@@ -214,14 +264,18 @@ describe('no bloat while a snapshot is held', () => {
   it('maintenance rotates only when enough sent messages wait in the hot table', async () => {
     await enqueueMany(3);
     await ok('w1', await claim('w1'));
-    expect((await q(`select cloud.rotate_outbox() as n`)).rows[0].n).toBe(0);  // default: 1000
+    expect((await q(`select cloud.rotate_outbox() as n`)).rows[0].n).toBe(0);  // default: 10,000 (0033)
     await q(`select cloud.reap_expired_leases()`);
     expect(await where()).toEqual({ 'cloud.outbox sent': 3 });
-    // the listener's reaping (every few seconds) rotates once 1,000 sent messages wait
-    await enqueueMany(1000);
-    await ok('w1', await claim('w1', 1000));
+    // the listener's reaping (every few seconds) rotates once 10,000 sent messages wait
+    await enqueueMany(9996);
+    for (let round = 0; round < 5; round++) await ok('w1', await claim('w1', 2000));
+    expect((await q(`select cloud.reap_expired_leases() as n`)).rows[0].n).toBe(0);
+    expect(await where()).toEqual({ 'cloud.outbox sent': 9999 });
+    await enqueueMany(1);
+    await ok('w1', await claim('w1'));
     await enqueueMany(5);
     expect((await q(`select cloud.reap_expired_leases() as n`)).rows[0].n).toBe(0);
-    expect(await where()).toEqual({ 'cloud.outbox pending': 5, 'cloud.outbox_archive sent': 1003 });
+    expect(await where()).toEqual({ 'cloud.outbox pending': 5, 'cloud.outbox_archive sent': 10000 });
   });
 });

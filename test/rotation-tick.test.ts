@@ -2,7 +2,7 @@
  * The claim's round trip stays flat while a snapshot is held (issue 15 §2, migration 0031): every claim
  * walks one dead index entry per message claimed since the last rotation while the xmin horizon is held,
  * so a busy listener asks for a rotation on a short tick of its own (ERP_CLOUD_ROTATE_MS), apart from its
- * maintenance round: at 1,000 sent messages, or 100 while a transaction has held a snapshot for over a
+ * maintenance round: at 10,000 sent messages (1,000 before 0033), or 100 while a transaction has held a snapshot for over a
  * second. A call with nothing to do stops at its first count. Counts only, never a duration.
  */
 import pg from 'pg';
@@ -48,20 +48,30 @@ const tickAnswered = (l: InProcessListener) =>
   waitFor(async () => tickOf(l).sentSinceTick === 0 && !tickOf(l).rotating, { what: 'a rotation tick after the last report' });
 
 describe('the rotation tick', () => {
-  it('a busy listener archives what it sent between two maintenance rounds: at 1,000 sent messages, and not before', async () => {
-    // one maintenance round, at start (nothing is sent yet): whatever rotates afterwards is the tick
+  it('a busy listener archives what it sent between two maintenance rounds: at 10,000 sent messages, and not before', async () => {
+    // 9,990 sent before the listener starts (claimed and reported here, as another listener would): the tick counts the hot table's
+    await enqueue(9990);
+    for (let round = 0; round < 10; round++) {
+      const claimed = (await db.pool.query<{ request_id: string; attempt: number }>(`select * from cloud.claim_messages('w0', 999)`)).rows;
+      await db.pool.query(`select * from cloud.record_attempts('w0', $1::jsonb)`, [JSON.stringify(claimed.map((m) => ({
+        request_id: m.request_id, attempt: m.attempt, outcome: 'ok', method: 'POST', url: `${sim.url}/webhook`, http_status: 200,
+        duration_ms: 1, started_at: new Date().toISOString(), response: { ok: true },
+      })))]);
+    }
+    expect(await sent()).toBe(9990);
+    // one maintenance round, at start (9,990 < 10,000): whatever rotates afterwards is the tick
     listener = await startListener(db.url, { ERP_CLOUD_MAINTENANCE_MS: '600000', ERP_CLOUD_ROTATE_MS: '100' });
-    await enqueue(999);
-    await waitFor(async () => (await sent()) === 999, { timeoutMs: 60_000, what: '999 sent' });
+    await enqueue(9);
+    await waitFor(async () => (await sent()) === 9999, { timeoutMs: 60_000, what: '9,999 sent' });
     await tickAnswered(listener);
-    expect(await archived()).toBe(0);  // 999 < 1,000, nobody holds a snapshot
+    expect(await archived()).toBe(0);  // 9,999 < 10,000, nobody holds a snapshot
     await enqueue(1);
-    await waitFor(async () => (await archived()) === 1000, { timeoutMs: 30_000, what: '1,000 archived by the tick' });
+    await waitFor(async () => (await archived()) === 10000, { timeoutMs: 30_000, what: '10,000 archived by the tick' });
     expect(await count(`select count(*)::int as n from only cloud.outbox`)).toBe(0);
-    expect(await statusCounts(db.pool)).toEqual({ sent: 1000 });
+    expect(await statusCounts(db.pool)).toEqual({ sent: 10000 });
   });
 
-  it('while a snapshot is held, a busy listener archives at 100 sent messages, so the claim walks few dead index entries; released, it waits for 1,000 again', async () => {
+  it('while a snapshot is held, a busy listener archives at 100 sent messages, so the claim walks few dead index entries; released, it waits for 10,000 again', async () => {
     listener = await startListener(db.url, { ERP_CLOUD_MAINTENANCE_MS: '600000', ERP_CLOUD_ROTATE_MS: '100' });
     const holder = new pg.Client({ connectionString: db.url });
     await holder.connect();
@@ -83,7 +93,7 @@ describe('the rotation tick', () => {
     await enqueue(100);
     await waitFor(async () => (await sent()) === 400, { timeoutMs: 30_000, what: '400 sent' });
     await tickAnswered(listener);
-    expect(await archived()).toBe(300);  // released: 100 sent wait for the 1,000 again
+    expect(await archived()).toBe(300);  // released: 100 sent wait for the 10,000 again
     expect(await statusCounts(db.pool)).toEqual({ sent: 400 });
   });
 

@@ -28,8 +28,8 @@ export const sql = {
   listenerHeartbeat: 'select cloud.record_listener_heartbeat($1, $2) as registered',
   listenerStop: 'select cloud.record_listener_stop($1)',
   reap: 'select cloud.reap_expired_leases() as reaped',
-  /** The rotation tick: at 1,000 sent messages, or 100 while a snapshot has been held over a second. */
-  rotate: 'select cloud.rotate_outbox(1000, 100) as rotated',
+  /** The rotation tick: at the function's default batch of sent messages (10,000 since 0033), or 100 while a snapshot has been held over a second. */
+  rotate: 'select cloud.rotate_outbox(p_min_sent_held => 100) as rotated',
   maintenance: 'select cloud.run_maintenance() as summary',
   cronScheduled: 'select cloud.cron_jobs_scheduled() as scheduled',
   channels: 'select distinct wake_channel from cloud.endpoint where $1::text[] is null or name = any ($1) order by 1',

@@ -69,8 +69,8 @@ const REPORT_GAP_MS = 10;
 /** A retry due in weeks is looked at again within the hour (setTimeout caps at 2^31-1 ms anyway). */
 const MAX_TIMER_MS = 3_600_000;
 /**
- * The rotation tick (ERP_CLOUD_ROTATE_MS, migration 0031): cloud.rotate_outbox archives the sent
- * messages of the hot table and empties it by TRUNCATE once 1,000 wait, or 100 while a transaction has
+ * The rotation tick (ERP_CLOUD_ROTATE_MS, migrations 0031, 0033): cloud.rotate_outbox archives the sent
+ * messages of the hot table and empties it by TRUNCATE once 10,000 wait, or 100 while a transaction has
  * held a snapshot for over a second. Meanwhile no scan may remove the dead index entry each claimed
  * message leaves in outbox_active, and every claim walks them all: a busy listener asks every second,
  * not once per maintenance round (more often made the ERP wait at the rotations' exclusive moments:

@@ -488,6 +488,78 @@ COMMENT ON FUNCTION cloud._handler_for(p_operation text) IS 'Internal: the handl
 
 
 --
+-- Name: _lease_intake(text, integer, text[], interval, timestamp with time zone); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) RETURNS SETOF cloud.claimed_message
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+begin
+  return query
+    with taken as (
+      -- rows another transaction holds (another listener's claim taking them, an operator's skip) are
+      -- skipped, not waited for: that claim takes them, or the next one; until then the head-of-key
+      -- checks, which read the intake too, keep their keys' order
+      delete from only cloud.outbox_intake i
+       where i.ctid = any (array(select t.ctid from only cloud.outbox_intake t
+                                  where p_endpoints is null or t.endpoint = any (p_endpoints)
+                                  limit greatest(p_limit, 1) for update skip locked))
+      returning i.*
+    ), ready as materialized (
+      -- endpoints whose messages may be leased on the way in: enabled, unlimited (a limited one's go through
+      -- the claim's budget), and nothing of theirs already due in the hot table (that goes first)
+      select e.name, e.timeout_ms
+        from cloud.endpoint e
+       where e.name in (select t.endpoint from taken t) and p_limit > 0 and e.enabled
+         and e.rate_per_s is null and e.quota_per_day is null and e.quota_per_month is null
+         and e.circuit_state = 'closed' and not coalesce(e.paused_until > p_now, false)
+         and not exists (select from only cloud.outbox o
+                          where o.status = 'pending' and o.endpoint = e.name and o.next_attempt_at <= p_now)
+    ), judged as (
+      select t.*, r.timeout_ms,
+             t.status = 'pending' and r.name is not null and t.next_attempt_at <= p_now
+             -- heads its key: the snapshot still sees the rows taken above, so a lower id taken with it holds it back
+             and (t.ordering_key is null or not exists (
+                   select from cloud.outbox h
+                    where h.ordering_key = t.ordering_key and h.id < t.id
+                      and h.status in ('pending', 'in_flight', 'failed', 'dead'))) as lease
+        from taken t left join ready r on r.name = t.endpoint
+    ), moved as (
+      insert into cloud.outbox overriding system value
+      select j.request_id, j.id, j.endpoint, j.operation, j.payload, j.aggregate_type, j.aggregate_id, j.ordering_key,
+             case when j.lease then 'in_flight' else j.status end,
+             case when j.lease then j.attempts + 1 else j.attempts end,
+             j.next_attempt_at,
+             case when j.lease then p_worker else j.locked_by end,
+             case when j.lease then p_now + make_interval(secs => j.timeout_ms / 1000.0) + p_lease_margin else j.locked_until end,
+             j.last_error, j.last_error_class, j.last_error_at, j.last_http_status, j.response, j.created_at,
+             case when j.lease then p_now else j.updated_at end,
+             j.sent_at, j.failures, j.lost_leases
+        from judged j
+      -- an explicit request_id that slipped past enqueue's EC004 look-up (possible only in REPEATABLE READ,
+      -- for an id committed into the intake after that transaction's snapshot) keeps the message already there
+      on conflict (request_id) do nothing
+      returning *
+    )
+    -- an intake row is never in flight before this (claims lease only the hot table), so in_flight here is this lease
+    select m.request_id, m.endpoint, m.operation, m.payload, m.attempts, m.aggregate_type, m.aggregate_id,
+           m.ordering_key, e.provider, e.base_url, e.timeout_ms, e.config, m.locked_until, p_now,
+           e.allow_hosts, e.allow_cidrs::text[], e.allow_private, e.download_hosts
+      from moved m join cloud.endpoint e on e.name = m.endpoint
+     where m.status = 'in_flight'
+     order by m.id;
+end $$;
+
+
+--
+-- Name: FUNCTION _lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) IS 'Internal (cloud.claim_messages, first): takes up to p_limit committed messages of the given endpoints from cloud.outbox_intake (skipping rows another transaction holds) and writes each into cloud.outbox once, with the same request_id and id: leased to p_worker (in_flight) when it is due, heads its ordering key, and its endpoint is enabled, unlimited and has nothing older due; pending otherwise. Returns the leased messages as cloud.claim_messages does.';
+
+
+--
 -- Name: _log_partition_comment(date); Type: FUNCTION; Schema: cloud
 --
 
@@ -505,46 +577,6 @@ $$;
 --
 
 COMMENT ON FUNCTION cloud._log_partition_comment(p_month date) IS 'Internal: the comment of the cloud.log partition of one month.';
-
-
---
--- Name: _move_intake(integer, text[]); Type: FUNCTION; Schema: cloud
---
-
-CREATE FUNCTION cloud._move_intake(p_limit integer, p_endpoints text[]) RETURNS integer
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-declare
-  v_moved integer;
-begin
-  -- rows another transaction holds (another listener's claim moving them, an operator's skip) are
-  -- skipped, not waited for: that claim takes them, or the next one; until then the claim's
-  -- head-of-key check, which reads the intake too, keeps their keys' order
-  with taken as (
-    delete from only cloud.outbox_intake i
-     where i.ctid = any (array(select t.ctid from only cloud.outbox_intake t
-                                where p_endpoints is null or t.endpoint = any (p_endpoints)
-                                limit greatest(p_limit, 1) for update skip locked))
-    returning i.*
-  ), moved as (
-    insert into cloud.outbox overriding system value
-    select * from taken
-    -- an explicit request_id that slipped past enqueue's EC004 look-up (possible only in REPEATABLE READ,
-    -- for an id committed into the intake after that transaction's snapshot) keeps the message already there
-    on conflict (request_id) do nothing
-    returning 1
-  )
-  select count(*) into v_moved from moved;
-  return v_moved;
-end $$;
-
-
---
--- Name: FUNCTION _move_intake(p_limit integer, p_endpoints text[]); Type: COMMENT; Schema: cloud
---
-
-COMMENT ON FUNCTION cloud._move_intake(p_limit integer, p_endpoints text[]) IS 'Internal (cloud.claim_messages, first): moves up to p_limit messages of the given endpoints that ERP transactions committed into cloud.outbox_intake into cloud.outbox itself (same request_id, id and columns), skipping rows another transaction holds. Returns how many moved.';
 
 
 --
@@ -1327,9 +1359,11 @@ declare
   v_from_at  timestamptz;
   v_from_id  bigint;
 begin
-  -- what ERP transactions committed into cloud.outbox_intake joins the hot table first (0029): the
-  -- listener pays for the move in its own transaction, the ERP paid for one lean row
-  perform cloud._move_intake(p_limit, p_endpoints);
+  -- what ERP transactions committed into cloud.outbox_intake joins the hot table first (0029), and
+  -- what may go at once goes in already leased (0032): one write per message instead of two
+  return query select * from cloud._lease_intake(p_worker, p_limit, p_endpoints, p_lease_margin, p_now);
+  get diagnostics v_n = row_count;
+  v_left := v_left - v_n;
   -- an endpoint without due work costs one index probe (below); the dead index entries in front of
   -- its first due message (one per message claimed since the last rotation while a snapshot holds
   -- the xmin horizon and no scan may mark them dead) are walked once per claim, by that probe
@@ -2653,7 +2687,7 @@ COMMENT ON FUNCTION cloud.requery_invoice_from_console(p_invoice_id bigint, p_re
 -- Name: rotate_outbox(integer, integer); Type: FUNCTION; Schema: cloud
 --
 
-CREATE FUNCTION cloud.rotate_outbox(p_min_sent integer DEFAULT 1000, p_min_sent_held integer DEFAULT NULL::integer) RETURNS integer
+CREATE FUNCTION cloud.rotate_outbox(p_min_sent integer DEFAULT 10000, p_min_sent_held integer DEFAULT NULL::integer) RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     SET lock_timeout TO '50ms'
@@ -2663,6 +2697,8 @@ declare
   v_copied uuid[];
   v_late   integer;
   v_sent   integer;
+  v_intake  boolean;
+  v_waiting integer;
 begin
   if not pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtextextended('cloud.rotate_outbox', 0)) then
     return null;  -- another listener (or pg_cron) is rotating right now
@@ -2693,7 +2729,8 @@ begin
                   and l.pid <> pg_catalog.pg_backend_pid() and a.xact_start < pg_catalog.clock_timestamp() - interval '1 second') then
       return null;  -- a long holder (a pg_dump, a report): no copies that would only be undone, round after round
     end if;
-    if (select count(*) from (select from cloud.outbox o where o.status <> 'sent' limit 50001) s) > 50000 then
+    -- the hot table's own (0033): a backlog waiting in the intake stays there, see below
+    if (select count(*) from (select from only cloud.outbox o where o.status <> 'sent' limit 50001) s) > 50000 then
       return null;  -- a backlog this large would hold the table too long while it goes back: vacuum keeps it meanwhile
     end if;
     -- the bulk of the work before the table is ours alone: nobody sees these copies before this transaction
@@ -2704,8 +2741,21 @@ begin
       select * from only cloud.outbox where status = 'sent'
       returning request_id
     ) select array_agg(request_id) into v_copied from copied;
-    -- then a moment alone with the intake and the hot table (in the order a claim's move takes them)
-    lock table only cloud.outbox_intake, only cloud.outbox in access exclusive mode;
+    -- the intake goes too when little waits in it, or when more messages were taken from it than wait in it
+    -- (its dead tuples, one per message a claim took, outnumber the live ones: a copy then costs no more than
+    -- the dead tuples it removes, so they stay bounded by the backlog even while the horizon is held). A
+    -- backlog the claims have not yet worked through stays there (0033): copying it twice under an exclusive
+    -- lock at every rotation held the ERP's inserts for as long, and cost every rotation its size
+    v_waiting := (select count(*) from (select from only cloud.outbox_intake i limit 50001) s);
+    v_intake := v_waiting <= 1000
+                or (v_waiting <= 50000 and pg_catalog.pg_stat_get_dead_tuples('cloud.outbox_intake'::pg_catalog.regclass) >= v_waiting);
+    -- then a moment alone with the tables it empties (the intake first, in the order a claim takes them);
+    -- without the intake the ERP's enqueues, which write only the intake, do not wait at all
+    if v_intake then
+      lock table only cloud.outbox_intake, only cloud.outbox in access exclusive mode;
+    else
+      lock table only cloud.outbox in access exclusive mode;
+    end if;
     -- sent since the copy
     insert into cloud.outbox_archive overriding system value
     select * from only cloud.outbox o where o.status = 'sent' and o.request_id not in (select unnest(v_copied));
@@ -2716,11 +2766,17 @@ begin
        where a.request_id in (select unnest(v_copied))
          and not exists (select from only cloud.outbox o where o.request_id = a.request_id and o.status = 'sent');
     end if;
-    -- what waits in the intake joins the hot table (every row in it is committed: the lock waited for its writers)
-    insert into cloud.outbox overriding system value select * from only cloud.outbox_intake;
+    if v_intake then
+      -- what waits in the intake joins the hot table (every row in it is committed: the lock waited for its writers)
+      insert into cloud.outbox overriding system value select * from only cloud.outbox_intake;
+    end if;
     -- what is not finished (pending, in flight, failed, dead, skipped) goes back as it was: same ids, same leases
     select array_agg(o order by o.id) into v_kept from only cloud.outbox o where o.status <> 'sent';
-    truncate only cloud.outbox, only cloud.outbox_intake;
+    if v_intake then
+      truncate only cloud.outbox, only cloud.outbox_intake;
+    else
+      truncate only cloud.outbox;
+    end if;
     insert into cloud.outbox overriding system value select * from unnest(v_kept);
   exception when lock_not_available then
     return null;
@@ -2733,7 +2789,7 @@ end $$;
 -- Name: FUNCTION rotate_outbox(p_min_sent integer, p_min_sent_held integer); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud.rotate_outbox(p_min_sent integer, p_min_sent_held integer) IS 'Moves the sent messages of cloud.outbox into cloud.outbox_archive and empties the hot table and cloud.outbox_intake by TRUNCATE (what is not sent, and what waits in the intake, goes back into the hot table unchanged), so their dead tuples and dead index entries stay bounded by what flows between two rotations even while something holds the xmin horizon. Runs when the hot table holds at least p_min_sent sent messages, or p_min_sent_held while a transaction of this database has held a snapshot for over a second; otherwise returns 0 at once, reading no lock table (listeners ask every ERP_CLOUD_ROTATE_MS). Gives up (null) when another rotation runs, a transaction holding either table has been open over a second, or it cannot have both tables within 50 ms. Returns how many were archived.';
+COMMENT ON FUNCTION cloud.rotate_outbox(p_min_sent integer, p_min_sent_held integer) IS 'Moves the sent messages of cloud.outbox into cloud.outbox_archive and empties the hot table by TRUNCATE (what is not sent goes back unchanged), and cloud.outbox_intake with it when at most 1,000 messages wait there or its dead tuples outnumber them (they join the hot table), so dead tuples and dead index entries stay bounded by what flows between two rotations (or by the backlog) even while something holds the xmin horizon; otherwise the backlog stays in the intake, which is then not locked. Runs when the hot table holds at least p_min_sent sent messages (default 10,000), or p_min_sent_held while a transaction of this database has held a snapshot for over a second; otherwise returns 0 at once, reading no lock table (listeners ask every ERP_CLOUD_ROTATE_MS). Gives up (null) when another rotation runs, a transaction holding either table has been open over a second, more than 50,000 unfinished messages are in the hot table, or it cannot have its tables within 50 ms. Returns how many were archived.';
 
 
 --
@@ -4060,20 +4116,20 @@ GRANT ALL ON FUNCTION cloud._handler_for(p_operation text) TO erp_cloud_listener
 
 
 --
+-- Name: FUNCTION _lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) TO erp_cloud_listener;
+GRANT ALL ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) TO erp_cloud_operator;
+
+
+--
 -- Name: FUNCTION _log_partition_comment(p_month date); Type: ACL; Schema: cloud
 --
 
 REVOKE ALL ON FUNCTION cloud._log_partition_comment(p_month date) FROM PUBLIC;
 GRANT ALL ON FUNCTION cloud._log_partition_comment(p_month date) TO erp_cloud_listener;
-
-
---
--- Name: FUNCTION _move_intake(p_limit integer, p_endpoints text[]); Type: ACL; Schema: cloud
---
-
-REVOKE ALL ON FUNCTION cloud._move_intake(p_limit integer, p_endpoints text[]) FROM PUBLIC;
-GRANT ALL ON FUNCTION cloud._move_intake(p_limit integer, p_endpoints text[]) TO erp_cloud_listener;
-GRANT ALL ON FUNCTION cloud._move_intake(p_limit integer, p_endpoints text[]) TO erp_cloud_operator;
 
 
 --
