@@ -11,6 +11,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { SqlState } from '../listener/kernel/errors.js';
 import { createTestDb, sqlstateOf, statusCounts, type TestDb } from './helpers/db.js';
 import { resetProductState } from './helpers/reset.js';
+import { reportDelivered, whereMessages } from './helpers/outbox.js';
 
 let db: TestDb;
 let q: pg.Pool['query'];
@@ -30,18 +31,11 @@ const enqueue = async (key: string | null = null, n = 1) =>
   (await q<{ id: string }>(`select cloud.enqueue_message('hook', 'demo.ping', jsonb_build_object('i', g), 'erp.doc', g::text, $1) as id
                               from generate_series(1, $2) g`, [key, n])).rows.map((r) => r.id);
 
+const ok = (worker: string, claimed: Array<{ request_id: string; attempt: number }>) => reportDelivered(db.pool, worker, claimed);
+const where = () => whereMessages(db.pool);
+
 const claim = async (worker = 'w1', limit = 100) =>
   (await q<{ request_id: string; attempt: number }>(`select * from cloud.claim_messages($1, $2)`, [worker, limit])).rows;
-
-const ok = (worker: string, claimed: Array<{ request_id: string; attempt: number }>) =>
-  q(`select * from cloud.record_attempts($1, $2::jsonb)`, [worker, JSON.stringify(claimed.map((m) => ({
-    request_id: m.request_id, attempt: m.attempt, outcome: 'ok', method: 'POST', url: 'http://127.0.0.1:9/webhook', http_status: 200,
-    duration_ms: 1, started_at: new Date().toISOString(), response: { ok: true },
-  })))]);
-
-const where = async () =>
-  Object.fromEntries((await q<{ t: string; n: number }>(`select tableoid::regclass::text || ' ' || status as t, count(*)::int as n
-                                                              from cloud.outbox group by 1 order by 1`)).rows.map((r) => [r.t, r.n]));
 
 /**
  * A schema of the caller's with its own =, ~, ||, *, jsonb_typeof, now, format and a uuid domain, each of which

@@ -11,6 +11,7 @@ import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { createTestDb, type TestDb } from './helpers/db.js';
 import { resetProductState } from './helpers/reset.js';
+import { reportDelivered, whereMessages } from './helpers/outbox.js';
 
 let db: TestDb;
 let q: pg.Pool['query'];
@@ -35,19 +36,11 @@ const enqueue = async (opts: { endpoint?: string; key?: string | null; n?: numbe
        from generate_series(1, $3) g`,
     [opts.endpoint ?? 'hook', opts.key ?? null, opts.n ?? 1, opts.notBefore ?? null])).rows.map((r) => r.id);
 
+const ok = (worker: string, claimed: Array<{ request_id: string; attempt: number }>) => reportDelivered(db.pool, worker, claimed);
+const where = () => whereMessages(db.pool);
+
 const claim = async (worker = 'w1', limit = 100, endpoints: string[] | null = null) =>
   (await q<Claimed>(`select * from cloud.claim_messages($1, $2, $3)`, [worker, limit, endpoints])).rows;
-
-const ok = (worker: string, claimed: Claimed[]) =>
-  q(`select * from cloud.record_attempts($1, $2::jsonb)`, [worker, JSON.stringify(claimed.map((m) => ({
-    request_id: m.request_id, attempt: m.attempt, outcome: 'ok', method: 'POST', url: 'http://127.0.0.1:9/webhook', http_status: 200,
-    duration_ms: 1, started_at: new Date().toISOString(), response: { ok: true },
-  })))]);
-
-/** Where each message is and in which state: 'cloud.outbox in_flight' → count. */
-const where = async () =>
-  Object.fromEntries((await q<{ t: string; n: number }>(`select tableoid::regclass::text || ' ' || status as t, count(*)::int as n
-                                                              from cloud.outbox group by 1 order by 1`)).rows.map((r) => [r.t, r.n]));
 
 const statusOf = async (id: string) =>
   (await q<{ t: string; status: string; attempts: number; locked_by: string | null }>(

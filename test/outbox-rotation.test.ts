@@ -10,6 +10,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { SqlState } from '../listener/kernel/errors.js';
 import { createTestDb, rolledBack, sqlstateOf, statusCounts, type TestDb } from './helpers/db.js';
 import { resetProductState } from './helpers/reset.js';
+import { reportDelivered, whereMessages } from './helpers/outbox.js';
 
 let db: TestDb;
 let q: pg.Pool['query'];
@@ -29,18 +30,11 @@ const enqueueMany = async (n: number, key: string | null = null) =>
   (await q<{ id: string }>(`select cloud.enqueue_message('hook', 'demo.ping', jsonb_build_object('i', g), 'erp.doc', g::text, $2) as id
                                from generate_series(1, $1) g`, [n, key])).rows.map((r) => r.id);
 
+const ok = (worker: string, claimed: Array<{ request_id: string; attempt: number }>) => reportDelivered(db.pool, worker, claimed);
+const where = () => whereMessages(db.pool);
+
 const claim = async (worker: string, limit = 1000) =>
   (await q<{ request_id: string; attempt: number; ordering_key: string | null }>(`select * from cloud.claim_messages($1, $2)`, [worker, limit])).rows;
-
-const ok = (worker: string, claimed: Array<{ request_id: string; attempt: number }>) =>
-  q(`select * from cloud.record_attempts($1, $2::jsonb)`, [worker, JSON.stringify(claimed.map((m) => ({
-    request_id: m.request_id, attempt: m.attempt, outcome: 'ok', method: 'POST', url: 'http://127.0.0.1:9/webhook', http_status: 200,
-    duration_ms: 1, started_at: new Date().toISOString(), response: { ok: true },
-  })))]);
-
-const where = async () =>
-  Object.fromEntries((await q<{ t: string; n: number }>(`select tableoid::regclass::text || ' ' || status as t, count(*)::int as n
-                                                              from cloud.outbox group by 1 order by 1`)).rows.map((r) => [r.t, r.n]));
 
 // the pages of the hot table and of the intake the ERP writes (0029), and of their indexes (the statistics counters lag: pages do not)
 const hotSize = async () =>

@@ -10,6 +10,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
 import { createTestDb, statusCounts, waitFor, type TestDb } from './helpers/db.js';
 import { resetProductState } from './helpers/reset.js';
+import { reportDelivered } from './helpers/outbox.js';
 import { startListener, type InProcessListener } from './helpers/listener.js';
 
 let db: TestDb;
@@ -53,10 +54,7 @@ describe('the rotation tick', () => {
     await enqueue(9990);
     for (let round = 0; round < 10; round++) {
       const claimed = (await db.pool.query<{ request_id: string; attempt: number }>(`select * from cloud.claim_messages('w0', 999)`)).rows;
-      await db.pool.query(`select * from cloud.record_attempts('w0', $1::jsonb)`, [JSON.stringify(claimed.map((m) => ({
-        request_id: m.request_id, attempt: m.attempt, outcome: 'ok', method: 'POST', url: `${sim.url}/webhook`, http_status: 200,
-        duration_ms: 1, started_at: new Date().toISOString(), response: { ok: true },
-      })))]);
+      await reportDelivered(db.pool, 'w0', claimed);
     }
     expect(await sent()).toBe(9990);
     // one maintenance round, at start (9,990 < 10,000): whatever rotates afterwards is the tick
