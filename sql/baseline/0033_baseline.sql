@@ -45,7 +45,7 @@
 -- migration 0029_lean_enqueue_intake.sql sha256 f09dac89a7a188f7598ac48346ed8f4b546585fcccf3ac57d877b1c79f4e5337
 -- migration 0030_claim_walks_dead_entries_once.sql sha256 4aafa7c5272921e5791c89f1adb973f656149f68d1c0f2a505e6ac443b878223
 -- migration 0031_rotation_while_a_snapshot_is_held.sql sha256 fa76d872d92501c45a7b330a8b36fe33b4e870384b38fa5a53317b1467049f98
--- migration 0032_lease_on_the_way_in.sql sha256 50343d82bee542a3fb125b3a7634b3844e6d2213a23883a1d92d29bf884603c3
+-- migration 0032_lease_on_the_way_in.sql sha256 39cfe551483409ef6efefd39b38fcfaa97623266cbb3970ac6e549846201a1c5
 -- migration 0033_rotation_leaves_a_backlog_in_the_intake.sql sha256 3e8432ef8ce5347ebf00d3fb71764188db6868df073c60df1c578cac7986c3ba
 
 set local check_function_bodies = false;
@@ -957,172 +957,6 @@ COMMENT ON FUNCTION cloud._egress_ip_literal(p_host text) IS 'Internal: the addr
 
 
 --
--- Name: _forget_probes(uuid[], timestamp with time zone, text); Type: FUNCTION; Schema: cloud
---
-
-CREATE FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text DEFAULT 'its probes brought no answer (lost or given back)'::text) RETURNS void
-    LANGUAGE sql
-    AS $$
-  -- a half-open circuit whose every probe is gone without the cloud answering waits another cool-down
-  update cloud.endpoint
-     set circuit_probe_ids = array(select p from unnest(circuit_probe_ids) p where p <> all (p_request_ids)),
-         circuit_state = case when circuit_probe_ids <@ p_request_ids then 'open' else circuit_state end,
-         circuit_opened_at = case when circuit_probe_ids <@ p_request_ids then p_now else circuit_opened_at end,
-         circuit_reason = case when circuit_probe_ids <@ p_request_ids then p_reason else circuit_reason end
-   where circuit_state = 'half_open' and circuit_probe_ids && p_request_ids;
-$$;
-
-
-
---
--- Name: FUNCTION _forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text); Type: COMMENT; Schema: cloud
---
-
-COMMENT ON FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text) IS 'Internal: removes probes that did not show the cloud up (failed, lost, given back) from half-open circuits; a circuit left with none opens again for another cool-down, with the reason given.';
-
-
---
--- Name: operation_handler; Type: TABLE; Schema: cloud
---
-
-CREATE TABLE cloud.operation_handler (
-    operation text NOT NULL,
-    on_complete regprocedure,
-    on_fail regprocedure,
-    CONSTRAINT operation_handler_pattern CHECK ((operation ~ '^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*(\.\*)?$'::text))
-);
-
-
-
---
--- Name: TABLE operation_handler; Type: COMMENT; Schema: cloud
---
-
-COMMENT ON TABLE cloud.operation_handler IS 'Domain write-back handlers by operation (exact name, or a prefix such as ''tax.*''). on_complete(msg cloud.outbox, response jsonb) runs in the completing transaction; on_fail(msg cloud.outbox, error jsonb) when a message ends failed or dead.';
-
-
---
--- Name: _handler_for(text); Type: FUNCTION; Schema: cloud
---
-
-CREATE FUNCTION cloud._handler_for(p_operation text) RETURNS cloud.operation_handler
-    LANGUAGE plpgsql STABLE
-    AS $$
-declare
-  h cloud.operation_handler;
-begin
-  select * into h from cloud.operation_handler o
-   where o.operation = p_operation
-      or (o.operation like '%.*' and p_operation like left(o.operation, -1) || '%')
-   order by o.operation = p_operation desc, length(o.operation) desc
-   limit 1;
-  return h;
-end $$;
-
-
-
---
--- Name: FUNCTION _handler_for(p_operation text); Type: COMMENT; Schema: cloud
---
-
-COMMENT ON FUNCTION cloud._handler_for(p_operation text) IS 'Internal: the handler registered for an operation, exact name before the longest prefix.';
-
-
---
--- Name: _lease_intake(text, integer, text[], interval, timestamp with time zone); Type: FUNCTION; Schema: cloud
---
-
-CREATE FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) RETURNS SETOF cloud.claimed_message
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO ''
-    AS $$
-begin
-  return query
-    with taken as (
-      -- rows another transaction holds (another listener's claim taking them, an operator's skip) are
-      -- skipped, not waited for: that claim takes them, or the next one; until then the head-of-key
-      -- checks, which read the intake too, keep their keys' order
-      delete from only cloud.outbox_intake i
-       where i.ctid = any (array(select t.ctid from only cloud.outbox_intake t
-                                  where p_endpoints is null or t.endpoint = any (p_endpoints)
-                                  limit greatest(p_limit, 1) for update skip locked))
-      returning i.*
-    ), ready as materialized (
-      -- endpoints whose messages may be leased on the way in: enabled, unlimited (a limited one's go through
-      -- the claim's budget), and nothing of theirs already due in the hot table (that goes first)
-      select e.name, e.timeout_ms
-        from cloud.endpoint e
-       where e.name in (select t.endpoint from taken t) and p_limit > 0 and e.enabled
-         and e.rate_per_s is null and e.quota_per_day is null and e.quota_per_month is null
-         and e.circuit_state = 'closed' and not coalesce(e.paused_until > p_now, false)
-         and not exists (select from only cloud.outbox o
-                          where o.status = 'pending' and o.endpoint = e.name and o.next_attempt_at <= p_now)
-    ), judged as (
-      select t.*, r.timeout_ms,
-             t.status = 'pending' and r.name is not null and t.next_attempt_at <= p_now
-             -- heads its key: the snapshot still sees the rows taken above, so a lower id taken with it holds it back
-             and (t.ordering_key is null or not exists (
-                   select from cloud.outbox h
-                    where h.ordering_key = t.ordering_key and h.id < t.id
-                      and h.status in ('pending', 'in_flight', 'failed', 'dead'))) as lease
-        from taken t left join ready r on r.name = t.endpoint
-    ), moved as (
-      insert into cloud.outbox overriding system value
-      select j.request_id, j.id, j.endpoint, j.operation, j.payload, j.aggregate_type, j.aggregate_id, j.ordering_key,
-             case when j.lease then 'in_flight' else j.status end,
-             case when j.lease then j.attempts + 1 else j.attempts end,
-             j.next_attempt_at,
-             case when j.lease then p_worker else j.locked_by end,
-             case when j.lease then p_now + make_interval(secs => j.timeout_ms / 1000.0) + p_lease_margin else j.locked_until end,
-             j.last_error, j.last_error_class, j.last_error_at, j.last_http_status, j.response, j.created_at,
-             case when j.lease then p_now else j.updated_at end,
-             j.sent_at, j.failures, j.lost_leases
-        from judged j
-      -- an explicit request_id that slipped past enqueue's EC004 look-up (possible only in REPEATABLE READ,
-      -- for an id committed into the intake after that transaction's snapshot) keeps the message already there
-      on conflict (request_id) do nothing
-      returning *
-    )
-    -- an intake row is never in flight before this (claims lease only the hot table), so in_flight here is this lease
-    select m.request_id, m.endpoint, m.operation, m.payload, m.attempts, m.aggregate_type, m.aggregate_id,
-           m.ordering_key, e.provider, e.base_url, e.timeout_ms, e.config, m.locked_until, p_now,
-           e.allow_hosts, e.allow_cidrs::text[], e.allow_private, e.download_hosts
-      from moved m join cloud.endpoint e on e.name = m.endpoint
-     where m.status = 'in_flight'
-     order by m.id;
-end $$;
-
-
-
---
--- Name: FUNCTION _lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone); Type: COMMENT; Schema: cloud
---
-
-COMMENT ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) IS 'Internal (cloud.claim_messages, first): takes up to p_limit committed messages of the given endpoints from cloud.outbox_intake (skipping rows another transaction holds) and writes each into cloud.outbox once, with the same request_id and id: leased to p_worker (in_flight) when it is due, heads its ordering key, and its endpoint is enabled, unlimited and has nothing older due; pending otherwise. Returns the leased messages as cloud.claim_messages does.';
-
-
---
--- Name: _log_partition_comment(date); Type: FUNCTION; Schema: cloud
---
-
-CREATE FUNCTION cloud._log_partition_comment(p_month date) RETURNS text
-    LANGUAGE sql IMMUTABLE
-    SET search_path TO ''
-    AS $$
-  select pg_catalog.format('Cloud_Log for %s (UTC): one month of cloud.log. Created ahead by cloud.ensure_log_partitions; dropped whole by cloud.purge_log_partitions once the month is older than the log_retention setting.',
-                           pg_catalog.to_char(p_month, 'YYYY-MM'))
-$$;
-
-
-
---
--- Name: FUNCTION _log_partition_comment(p_month date); Type: COMMENT; Schema: cloud
---
-
-COMMENT ON FUNCTION cloud._log_partition_comment(p_month date) IS 'Internal: the comment of the cloud.log partition of one month.';
-
-
---
 -- Name: endpoint; Type: TABLE; Schema: cloud
 --
 
@@ -1308,6 +1142,191 @@ COMMENT ON COLUMN cloud.endpoint.circuit_probe_ids IS 'Half-open: the probes sti
 --
 
 COMMENT ON COLUMN cloud.endpoint.max_lost_leases IS 'Expired leases (no answer: the listener died or froze) after which a message is dead; they do not count toward max_attempts.';
+
+
+--
+-- Name: _endpoint_limited(cloud.endpoint, timestamp with time zone); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._endpoint_limited(e cloud.endpoint, p_now timestamp with time zone) RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $$
+  select e.rate_per_s is not null or e.quota_per_day is not null or e.quota_per_month is not null
+      or e.circuit_state <> 'closed' or coalesce(e.paused_until > p_now, false)
+$$;
+
+
+
+--
+-- Name: FUNCTION _endpoint_limited(e cloud.endpoint, p_now timestamp with time zone); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._endpoint_limited(e cloud.endpoint, p_now timestamp with time zone) IS 'Internal (cloud.claim_messages, cloud._lease_intake): true when an endpoint''s messages must take a budget before they go: a rate limit, a daily or monthly quota, a circuit not closed, or a pause until after p_now.';
+
+
+--
+-- Name: _forget_probes(uuid[], timestamp with time zone, text); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text DEFAULT 'its probes brought no answer (lost or given back)'::text) RETURNS void
+    LANGUAGE sql
+    AS $$
+  -- a half-open circuit whose every probe is gone without the cloud answering waits another cool-down
+  update cloud.endpoint
+     set circuit_probe_ids = array(select p from unnest(circuit_probe_ids) p where p <> all (p_request_ids)),
+         circuit_state = case when circuit_probe_ids <@ p_request_ids then 'open' else circuit_state end,
+         circuit_opened_at = case when circuit_probe_ids <@ p_request_ids then p_now else circuit_opened_at end,
+         circuit_reason = case when circuit_probe_ids <@ p_request_ids then p_reason else circuit_reason end
+   where circuit_state = 'half_open' and circuit_probe_ids && p_request_ids;
+$$;
+
+
+
+--
+-- Name: FUNCTION _forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text) IS 'Internal: removes probes that did not show the cloud up (failed, lost, given back) from half-open circuits; a circuit left with none opens again for another cool-down, with the reason given.';
+
+
+--
+-- Name: operation_handler; Type: TABLE; Schema: cloud
+--
+
+CREATE TABLE cloud.operation_handler (
+    operation text NOT NULL,
+    on_complete regprocedure,
+    on_fail regprocedure,
+    CONSTRAINT operation_handler_pattern CHECK ((operation ~ '^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*(\.\*)?$'::text))
+);
+
+
+
+--
+-- Name: TABLE operation_handler; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON TABLE cloud.operation_handler IS 'Domain write-back handlers by operation (exact name, or a prefix such as ''tax.*''). on_complete(msg cloud.outbox, response jsonb) runs in the completing transaction; on_fail(msg cloud.outbox, error jsonb) when a message ends failed or dead.';
+
+
+--
+-- Name: _handler_for(text); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._handler_for(p_operation text) RETURNS cloud.operation_handler
+    LANGUAGE plpgsql STABLE
+    AS $$
+declare
+  h cloud.operation_handler;
+begin
+  select * into h from cloud.operation_handler o
+   where o.operation = p_operation
+      or (o.operation like '%.*' and p_operation like left(o.operation, -1) || '%')
+   order by o.operation = p_operation desc, length(o.operation) desc
+   limit 1;
+  return h;
+end $$;
+
+
+
+--
+-- Name: FUNCTION _handler_for(p_operation text); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._handler_for(p_operation text) IS 'Internal: the handler registered for an operation, exact name before the longest prefix.';
+
+
+--
+-- Name: _lease_intake(text, integer, text[], interval, timestamp with time zone); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) RETURNS SETOF cloud.claimed_message
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+begin
+  return query
+    with taken as (
+      -- rows another transaction holds (another listener's claim taking them, an operator's skip) are
+      -- skipped, not waited for: that claim takes them, or the next one; until then the head-of-key
+      -- checks, which read the intake too, keep their keys' order
+      delete from only cloud.outbox_intake i
+       where i.ctid = any (array(select t.ctid from only cloud.outbox_intake t
+                                  where p_endpoints is null or t.endpoint = any (p_endpoints)
+                                  limit greatest(p_limit, 1) for update skip locked))
+      returning i.*
+    ), ready as materialized (
+      -- endpoints whose messages may be leased on the way in: enabled, unlimited (a limited one's go through
+      -- the claim's budget), and nothing of theirs already due in the hot table (that goes first)
+      select e.name, e.timeout_ms
+        from cloud.endpoint e
+       where e.name in (select t.endpoint from taken t) and p_limit > 0 and e.enabled
+         and not cloud._endpoint_limited(e, p_now)
+         and not exists (select from only cloud.outbox o
+                          where o.status = 'pending' and o.endpoint = e.name and o.next_attempt_at <= p_now)
+    ), judged as (
+      select t.*, r.timeout_ms,
+             t.status = 'pending' and r.name is not null and t.next_attempt_at <= p_now
+             -- heads its key: the snapshot still sees the rows taken above, so a lower id taken with it holds it back
+             and (t.ordering_key is null or not exists (
+                   select from cloud.outbox h
+                    where h.ordering_key = t.ordering_key and h.id < t.id
+                      and h.status in ('pending', 'in_flight', 'failed', 'dead'))) as lease
+        from taken t left join ready r on r.name = t.endpoint
+    ), moved as (
+      insert into cloud.outbox overriding system value
+      select j.request_id, j.id, j.endpoint, j.operation, j.payload, j.aggregate_type, j.aggregate_id, j.ordering_key,
+             case when j.lease then 'in_flight' else j.status end,
+             case when j.lease then j.attempts + 1 else j.attempts end,
+             j.next_attempt_at,
+             case when j.lease then p_worker else j.locked_by end,
+             case when j.lease then p_now + make_interval(secs => j.timeout_ms / 1000.0) + p_lease_margin else j.locked_until end,
+             j.last_error, j.last_error_class, j.last_error_at, j.last_http_status, j.response, j.created_at,
+             case when j.lease then p_now else j.updated_at end,
+             j.sent_at, j.failures, j.lost_leases
+        from judged j
+      -- an explicit request_id that slipped past enqueue's EC004 look-up (possible only in REPEATABLE READ,
+      -- for an id committed into the intake after that transaction's snapshot) keeps the message already there
+      on conflict (request_id) do nothing
+      returning *
+    )
+    -- an intake row is never in flight before this (claims lease only the hot table), so in_flight here is this lease
+    select m.request_id, m.endpoint, m.operation, m.payload, m.attempts, m.aggregate_type, m.aggregate_id,
+           m.ordering_key, e.provider, e.base_url, e.timeout_ms, e.config, m.locked_until, p_now,
+           e.allow_hosts, e.allow_cidrs::text[], e.allow_private, e.download_hosts
+      from moved m join cloud.endpoint e on e.name = m.endpoint
+     where m.status = 'in_flight'
+     order by m.id;
+end $$;
+
+
+
+--
+-- Name: FUNCTION _lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) IS 'Internal (cloud.claim_messages, first): takes up to p_limit committed messages of the given endpoints from cloud.outbox_intake (skipping rows another transaction holds) and writes each into cloud.outbox once, with the same request_id and id: leased to p_worker (in_flight) when it is due, heads its ordering key, and its endpoint is enabled, unlimited and has nothing older due; pending otherwise. Returns the leased messages as cloud.claim_messages does.';
+
+
+--
+-- Name: _log_partition_comment(date); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._log_partition_comment(p_month date) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    SET search_path TO ''
+    AS $$
+  select pg_catalog.format('Cloud_Log for %s (UTC): one month of cloud.log. Created ahead by cloud.ensure_log_partitions; dropped whole by cloud.purge_log_partitions once the month is older than the log_retention setting.',
+                           pg_catalog.to_char(p_month, 'YYYY-MM'))
+$$;
+
+
+
+--
+-- Name: FUNCTION _log_partition_comment(p_month date); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._log_partition_comment(p_month date) IS 'Internal: the comment of the cloud.log partition of one month.';
 
 
 --
@@ -1908,7 +1927,6 @@ CREATE FUNCTION cloud.claim_messages(p_worker text, p_limit integer DEFAULT 100,
     AS $$
 declare
   ep         record;
-  v_limited  boolean;
   v_budget   integer;
   v_ids      uuid[];
   v_n        integer;
@@ -1930,8 +1948,7 @@ begin
   for ep in
     select e.name,
            -- the common case (no limit, no quota, circuit closed, not paused) takes no lock and spends nothing
-           (e.rate_per_s is not null or e.quota_per_day is not null or e.quota_per_month is not null
-            or e.circuit_state <> 'closed' or coalesce(e.paused_until > p_now, false)) as limited
+           cloud._endpoint_limited(e, p_now) as limited
       from cloud.endpoint e
      where e.enabled and (p_endpoints is null or e.name = any (p_endpoints))
      order by random()  -- no endpoint starves another
@@ -12545,47 +12562,6 @@ GRANT ALL ON FUNCTION cloud._egress_ip_literal(p_host text) TO erp_cloud_operato
 
 
 --
--- Name: FUNCTION _forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text); Type: ACL; Schema: cloud
---
-
-REVOKE ALL ON FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text) FROM PUBLIC;
-GRANT ALL ON FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text) TO erp_cloud_listener;
-
-
---
--- Name: TABLE operation_handler; Type: ACL; Schema: cloud
---
-
-GRANT SELECT ON TABLE cloud.operation_handler TO erp_cloud_listener;
-GRANT SELECT,INSERT,UPDATE ON TABLE cloud.operation_handler TO erp_cloud_operator;
-
-
---
--- Name: FUNCTION _handler_for(p_operation text); Type: ACL; Schema: cloud
---
-
-REVOKE ALL ON FUNCTION cloud._handler_for(p_operation text) FROM PUBLIC;
-GRANT ALL ON FUNCTION cloud._handler_for(p_operation text) TO erp_cloud_listener;
-
-
---
--- Name: FUNCTION _lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone); Type: ACL; Schema: cloud
---
-
-REVOKE ALL ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) FROM PUBLIC;
-GRANT ALL ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) TO erp_cloud_listener;
-GRANT ALL ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) TO erp_cloud_operator;
-
-
---
--- Name: FUNCTION _log_partition_comment(p_month date); Type: ACL; Schema: cloud
---
-
-REVOKE ALL ON FUNCTION cloud._log_partition_comment(p_month date) FROM PUBLIC;
-GRANT ALL ON FUNCTION cloud._log_partition_comment(p_month date) TO erp_cloud_listener;
-
-
---
 -- Name: TABLE endpoint; Type: ACL; Schema: cloud
 --
 
@@ -12661,6 +12637,56 @@ GRANT UPDATE(circuit_recent) ON TABLE cloud.endpoint TO erp_cloud_listener;
 --
 
 GRANT UPDATE(circuit_probe_ids) ON TABLE cloud.endpoint TO erp_cloud_listener;
+
+
+--
+-- Name: FUNCTION _endpoint_limited(e cloud.endpoint, p_now timestamp with time zone); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._endpoint_limited(e cloud.endpoint, p_now timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud._endpoint_limited(e cloud.endpoint, p_now timestamp with time zone) TO erp_cloud_listener;
+GRANT ALL ON FUNCTION cloud._endpoint_limited(e cloud.endpoint, p_now timestamp with time zone) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION _forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud._forget_probes(p_request_ids uuid[], p_now timestamp with time zone, p_reason text) TO erp_cloud_listener;
+
+
+--
+-- Name: TABLE operation_handler; Type: ACL; Schema: cloud
+--
+
+GRANT SELECT ON TABLE cloud.operation_handler TO erp_cloud_listener;
+GRANT SELECT,INSERT,UPDATE ON TABLE cloud.operation_handler TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION _handler_for(p_operation text); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._handler_for(p_operation text) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud._handler_for(p_operation text) TO erp_cloud_listener;
+
+
+--
+-- Name: FUNCTION _lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) TO erp_cloud_listener;
+GRANT ALL ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION _log_partition_comment(p_month date); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._log_partition_comment(p_month date) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud._log_partition_comment(p_month date) TO erp_cloud_listener;
 
 
 --

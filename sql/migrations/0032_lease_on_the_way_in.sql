@@ -28,6 +28,18 @@
 -- locked_until = now + timeout + margin, updated_at), and an explicit request_id that slipped past
 -- enqueue's EC004 in REPEATABLE READ still keeps the message already there (ON CONFLICT DO NOTHING).
 
+-- the one rule for "its messages go without taking a budget", read by the claim's loop and by the lease on the way in
+create function cloud._endpoint_limited(e cloud.endpoint, p_now timestamptz)
+returns boolean
+language sql stable
+as $$
+  select e.rate_per_s is not null or e.quota_per_day is not null or e.quota_per_month is not null
+      or e.circuit_state <> 'closed' or coalesce(e.paused_until > p_now, false)
+$$;
+comment on function cloud._endpoint_limited(cloud.endpoint, timestamptz) is 'Internal (cloud.claim_messages, cloud._lease_intake): true when an endpoint''s messages must take a budget before they go: a rate limit, a daily or monthly quota, a circuit not closed, or a pause until after p_now.';
+revoke all on function cloud._endpoint_limited(cloud.endpoint, timestamptz) from public;
+grant execute on function cloud._endpoint_limited(cloud.endpoint, timestamptz) to erp_cloud_listener, erp_cloud_operator;
+
 create function cloud._lease_intake(
   p_worker text,             -- the claiming listener
   p_limit integer,           -- at most this many taken, and leased (the claim's own limit)
@@ -55,8 +67,7 @@ begin
       select e.name, e.timeout_ms
         from cloud.endpoint e
        where e.name in (select t.endpoint from taken t) and p_limit > 0 and e.enabled
-         and e.rate_per_s is null and e.quota_per_day is null and e.quota_per_month is null
-         and e.circuit_state = 'closed' and not coalesce(e.paused_until > p_now, false)
+         and not cloud._endpoint_limited(e, p_now)
          and not exists (select from only cloud.outbox o
                           where o.status = 'pending' and o.endpoint = e.name and o.next_attempt_at <= p_now)
     ), judged as (
@@ -111,7 +122,6 @@ set plan_cache_mode to 'force_generic_plan'
 as $$
 declare
   ep         record;
-  v_limited  boolean;
   v_budget   integer;
   v_ids      uuid[];
   v_n        integer;
@@ -133,8 +143,7 @@ begin
   for ep in
     select e.name,
            -- the common case (no limit, no quota, circuit closed, not paused) takes no lock and spends nothing
-           (e.rate_per_s is not null or e.quota_per_day is not null or e.quota_per_month is not null
-            or e.circuit_state <> 'closed' or coalesce(e.paused_until > p_now, false)) as limited
+           cloud._endpoint_limited(e, p_now) as limited
       from cloud.endpoint e
      where e.enabled and (p_endpoints is null or e.name = any (p_endpoints))
      order by random()  -- no endpoint starves another
