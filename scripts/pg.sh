@@ -3,6 +3,8 @@
 #
 #   scripts/pg.sh start     make sure PostgreSQL 15+ and pg_cron exist, init and start the cluster (no-op if running)
 #   scripts/pg.sh stop      stop it
+#   scripts/pg.sh crash     stop it as a power cut would (pg_ctl -m immediate: the next start recovers from the WAL);
+#                           for tests of what a crash leaves (test/restart.test.ts)
 #   scripts/pg.sh url       print the DATABASE_URL of the private cluster
 #   scripts/pg.sh status    say whether it runs, and where it lives
 #   scripts/pg.sh dir       print the directory that holds data, socket and server log
@@ -155,13 +157,22 @@ stop() {
   if running "$dir" "$bindir"; then as_owner "$bindir/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null; say "stopped"; else say "not running"; fi
 }
 
+crash() {
+  [ -z "${DATABASE_URL:-}" ] || die "DATABASE_URL is set: refusing to crash a database this script did not start"
+  local bindir dir
+  bindir=$(find_bindir); dir=$(cluster_dir)
+  [ -n "$bindir" ] || die "PostgreSQL binaries not found"
+  if running "$dir" "$bindir"; then as_owner "$bindir/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null; say "crashed (immediate stop)"; else say "not running"; fi
+}
+
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
+  crash) crash ;;
   url) if [ -n "${DATABASE_URL:-}" ]; then echo "$DATABASE_URL"; else cluster_url; fi ;;
   dir) cluster_dir ;;
   status)
     bindir=$(find_bindir); dir=$(cluster_dir)
     if [ -n "$bindir" ] && running "$dir" "$bindir"; then echo "running: $dir, port $port"; else echo "stopped: $dir"; exit 1; fi ;;
-  *) die "usage: scripts/pg.sh start|stop|url|status|dir" ;;
+  *) die "usage: scripts/pg.sh start|stop|crash|url|status|dir" ;;
 esac

@@ -135,10 +135,12 @@ describe('the intake', () => {
     expect(after).toEqual([{ ...before[0], status: 'in_flight', attempts: 1 }]);
   });
 
-  it('the ERP role may enqueue into the intake but may not read, write or delete it, nor move it', async () => {
+  it('the ERP role may enqueue into the intake but may not read, write or delete it, nor move it, nor raise the delivery fence', async () => {
     const { rows } = await q(`select has_table_privilege('erp_cloud_app', 'cloud.outbox_intake', 'select, insert, update, delete, truncate') as any_priv,
-                                     has_function_privilege('erp_cloud_app', 'cloud._lease_intake(text, integer, text[], interval, timestamptz)', 'execute') as move`);
-    expect(rows).toEqual([{ any_priv: false, move: false }]);
+                                     has_function_privilege('erp_cloud_app', 'cloud._lease_intake(text, integer, text[], interval, timestamptz, bigint)', 'execute') as move,
+                                     has_table_privilege('erp_cloud_app', 'cloud.delivery_fence', 'select, insert, update, delete, truncate') as fence,
+                                     has_function_privilege('erp_cloud_app', 'cloud._raise_delivery_fence(interval, timestamptz)', 'execute') as raise`);
+    expect(rows).toEqual([{ any_priv: false, move: false, fence: false, raise: false }]);
   });
 
   it('a keyed message still in the intake parks the later messages of its key that already reached the hot table', async () => {

@@ -1,7 +1,7 @@
 /**
- * The listener survives a PostgreSQL restart. This file starts a cluster of
- * its own (scripts/pg.sh with its own directory and port), so restarting it
- * cannot disturb the other test files.
+ * The listener survives a PostgreSQL restart, and a crash. This file starts a
+ * cluster of its own (scripts/pg.sh with its own directory and port), so
+ * restarting or crashing it cannot disturb the other test files.
  */
 import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -73,4 +73,40 @@ describe('PostgreSQL restart', () => {
     await waitFor(async () => sim.ledger().length === 101, { what: 'woken by NOTIFY' });
     expect(Date.now() - t0).toBeLessThan(2000);
   }, 90_000);
+
+  it('after a crash of PostgreSQL, what was enqueued before it waits out the longest lease while what comes after goes at once, and each message reaches the cloud once', async () => {
+    // the listener of the test above still runs; a clean stop raised no fence
+    expect((await pool.query(`select fence_until = '-infinity' as none from cloud.delivery_fence`)).rows).toEqual([{ none: true }]);
+    await pool.query(`select cloud.put_endpoint('slowhook', $1, p_timeout_ms => 15000, p_enabled => false)`, [`${sim.url}/webhook`]);
+    await pool.query(`select cloud.put_endpoint_allowlist('slowhook', '{}', '{}', true)`);
+    const enqueue = async (from: number) => (await pool.query<{ id: string }>(
+      `select cloud.enqueue_message('slowhook', 'demo.ping', jsonb_build_object('n', g)) as id from generate_series($1::int, $1::int + 4) g`, [from])).rows.map((r) => r.id);
+    const before = await enqueue(201); // held: the endpoint is disabled
+
+    await pgsh('crash');
+    await pgsh('start');
+    // crash recovery emptied the unlogged fence; the listener's first claim after it raises the fence again
+    await waitFor(async () => {
+      try {
+        return (await pool.query(`select 1 from cloud.delivery_fence where fence_until > now()`)).rowCount === 1;
+      } catch {
+        return false;
+      }
+    }, { timeoutMs: 30_000, what: 'the fence raised by the first claim after the crash' });
+    await pool.query(`select cloud.put_endpoint('slowhook', $1, p_timeout_ms => 15000)`, [`${sim.url}/webhook`]);
+    const after = await enqueue(206);
+    await waitFor(async () => (await pool.query(`select 1 from cloud.outbox where request_id = any ($1::uuid[]) and status = 'sent'`, [after])).rowCount === 5,
+      { timeoutMs: 15_000, what: 'the five enqueued after the crash sent' });
+    const { rows: [held] } = await pool.query<{ fenced: boolean; waiting: number }>(
+      `select (select now() < fence_until from cloud.delivery_fence) as fenced,
+              (select count(*)::int from cloud.outbox where request_id = any ($1::uuid[]) and status = 'pending') as waiting`, [before]);
+    expect(held).toEqual({ fenced: true, waiting: 5 });
+
+    await waitFor(async () => (await pool.query(`select 1 from cloud.outbox where request_id = any ($1::uuid[]) and status = 'sent'`, [before])).rowCount === 5,
+      { timeoutMs: 60_000, what: 'the five enqueued before the crash sent once the fence lifted' });
+    const keys = sim.ledger().map((e) => e.key);
+    expect(new Set(keys).size).toBe(keys.length);
+    expect(keys.filter((k) => before.includes(k) || after.includes(k))).toHaveLength(10);
+    expect(listener!.proc.exitCode).toBeNull();
+  }, 120_000);
 });

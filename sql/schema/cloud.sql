@@ -694,10 +694,10 @@ COMMENT ON FUNCTION cloud._handler_for(p_operation text) IS 'Internal: the handl
 
 
 --
--- Name: _lease_intake(text, integer, text[], interval, timestamp with time zone); Type: FUNCTION; Schema: cloud
+-- Name: _lease_intake(text, integer, text[], interval, timestamp with time zone, bigint); Type: FUNCTION; Schema: cloud
 --
 
-CREATE FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) RETURNS SETOF cloud.claimed_message
+CREATE FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint) RETURNS SETOF cloud.claimed_message
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     AS $$
@@ -723,7 +723,7 @@ begin
                           where o.status = 'pending' and o.endpoint = e.name and o.next_attempt_at <= p_now)
     ), judged as (
       select t.*, r.timeout_ms,
-             t.status = 'pending' and r.name is not null and t.next_attempt_at <= p_now
+             t.status = 'pending' and r.name is not null and t.next_attempt_at <= p_now and t.id > p_fence_id
              -- heads its key: the snapshot still sees the rows taken above, so a lower id taken with it holds it back
              and (t.ordering_key is null or not exists (
                    select from cloud.outbox h
@@ -758,10 +758,10 @@ end $$;
 
 
 --
--- Name: FUNCTION _lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone); Type: COMMENT; Schema: cloud
+-- Name: FUNCTION _lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) IS 'Internal (cloud.claim_messages, first): takes up to p_limit committed messages of the given endpoints from cloud.outbox_intake (skipping rows another transaction holds) and writes each into cloud.outbox once, with the same request_id and id: leased to p_worker (in_flight) when it is due, heads its ordering key, and its endpoint is enabled, unlimited and has nothing older due; pending otherwise. Returns the leased messages as cloud.claim_messages does.';
+COMMENT ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint) IS 'Internal (cloud.claim_messages, first): takes up to p_limit committed messages of the given endpoints from cloud.outbox_intake (skipping rows another transaction holds) and writes each into cloud.outbox once, with the same request_id and id: leased to p_worker (in_flight) when it is due, is not behind the delivery fence (id above p_fence_id), heads its ordering key, and its endpoint is enabled, unlimited and has nothing older due; pending otherwise. Returns the leased messages as cloud.claim_messages does.';
 
 
 --
@@ -813,6 +813,59 @@ $$;
 --
 
 COMMENT ON FUNCTION cloud._quota_left(e cloud.endpoint, p_now timestamp with time zone) IS 'Internal: the tightest remaining quota of an endpoint now, when it resets, and which one (day or month); no row without quotas.';
+
+
+--
+-- Name: delivery_fence; Type: TABLE; Schema: cloud
+--
+
+CREATE UNLOGGED TABLE cloud.delivery_fence (
+    one boolean DEFAULT true NOT NULL,
+    fence_id bigint NOT NULL,
+    fence_until timestamp with time zone NOT NULL,
+    raised_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    CONSTRAINT delivery_fence_one_check CHECK (one)
+);
+
+
+--
+-- Name: TABLE delivery_fence; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON TABLE cloud.delivery_fence IS 'One row: messages with an id up to fence_id are not leased before fence_until. UNLOGGED on purpose: a crash of PostgreSQL empties it, and the next claim raises the fence again (cloud._raise_delivery_fence), because the crash may have lost leases committed without a WAL flush while their HTTP calls were in flight. The row the migration writes (0, -infinity) fences nothing.';
+
+
+--
+-- Name: _raise_delivery_fence(interval, timestamp with time zone); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._raise_delivery_fence(p_lease_margin interval, p_now timestamp with time zone) RETURNS cloud.delivery_fence
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+declare
+  v cloud.delivery_fence;
+begin
+  -- after recovery the sequence stands at or beyond every id handed out before the crash (it is
+  -- logged ahead of what it hands out, and a message that survived the crash committed its advance)
+  insert into cloud.delivery_fence (fence_id, fence_until)
+  values ((select s.last_value from cloud.outbox_id_seq s),
+          p_now + make_interval(secs => coalesce((select max(e.timeout_ms) from cloud.endpoint e), 0) / 1000.0)
+                + greatest(p_lease_margin, interval '0'))
+  on conflict (one) do nothing
+  returning * into v;
+  if not found then  -- a claim beside this one raised it first
+    select * into v from cloud.delivery_fence;
+  end if;
+  return v;
+end $$;
+
+
+--
+-- Name: FUNCTION _raise_delivery_fence(p_lease_margin interval, p_now timestamp with time zone); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._raise_delivery_fence(p_lease_margin interval, p_now timestamp with time zone) IS 'Internal (cloud.claim_messages, when cloud.delivery_fence is empty: after a crash of PostgreSQL): writes the fence: messages with an id up to the outbox sequence''s value wait until p_now plus the longest endpoint timeout plus p_lease_margin, the longest lease a claim could have given before the crash. Returns the fence.';
 
 
 --
@@ -1375,10 +1428,24 @@ declare
   v_left     integer := p_limit;
   v_from_at  timestamptz;
   v_from_id  bigint;
+  v_fence    cloud.delivery_fence;
+  v_fence_id bigint := 0;
 begin
+  -- a lease is committed without waiting for its WAL flush (0034): the HTTP call starts 0.6 ms sooner.
+  -- Only a crash of PostgreSQL can lose such a lease, and it empties cloud.delivery_fence (unlogged)
+  -- with it: the first claim after the crash raises the fence again, and until the longest lease
+  -- given before the crash has run out, no message enqueued before it is leased
+  perform pg_catalog.set_config('synchronous_commit', 'off', true);
+  select * into v_fence from cloud.delivery_fence;
+  if not found then
+    v_fence := cloud._raise_delivery_fence(p_lease_margin, p_now);
+  end if;
+  if p_now < v_fence.fence_until then
+    v_fence_id := v_fence.fence_id;
+  end if;
   -- what ERP transactions committed into cloud.outbox_intake joins the hot table first (0029), and
   -- what may go at once goes in already leased (0032): one write per message instead of two
-  return query select * from cloud._lease_intake(p_worker, p_limit, p_endpoints, p_lease_margin, p_now);
+  return query select * from cloud._lease_intake(p_worker, p_limit, p_endpoints, p_lease_margin, p_now, v_fence_id);
   get diagnostics v_n = row_count;
   v_left := v_left - v_n;
   -- an endpoint without due work costs one index probe (below); the dead index entries in front of
@@ -1398,7 +1465,7 @@ begin
     -- that key (0030) instead of walking again the dead entries in front of it
     select o.next_attempt_at, o.id into v_from_at, v_from_id
       from only cloud.outbox o
-     where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now
+     where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now and o.id > v_fence_id
      order by o.next_attempt_at, o.id
      limit 1;
     continue when not found;
@@ -1408,7 +1475,7 @@ begin
         with candidate as (
           select o.request_id
             from only cloud.outbox o
-           where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now
+           where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now and o.id > v_fence_id
              and (o.next_attempt_at, o.id) >= (v_from_at, v_from_id)
              and (o.ordering_key is null or not exists (
                    select from cloud.outbox h
@@ -1442,7 +1509,7 @@ begin
     with candidate as (
       select o.request_id
         from only cloud.outbox o
-       where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now
+       where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now and o.id > v_fence_id
          and (o.next_attempt_at, o.id) >= (v_from_at, v_from_id)
          and (o.ordering_key is null or not exists (
                select from cloud.outbox h
@@ -1488,7 +1555,7 @@ end $$;
 -- Name: FUNCTION claim_messages(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud.claim_messages(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) IS 'Leases up to p_limit due messages (FOR UPDATE SKIP LOCKED; only the head of each ordering key), endpoint by endpoint within each endpoint''s rate limit, quota, pause and circuit. Returns each message with its endpoint''s settings and egress allowlist as they are at the claim. Records whether the listener is now idle.';
+COMMENT ON FUNCTION cloud.claim_messages(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) IS 'Leases up to p_limit due messages (FOR UPDATE SKIP LOCKED; only the head of each ordering key), endpoint by endpoint within each endpoint''s rate limit, quota, pause and circuit, and none behind the delivery fence (cloud.delivery_fence, raised again by the first claim after a crash). Commits without waiting for the WAL flush (synchronous_commit off for the calling transaction): the fence covers what a crash loses. Returns each message with its endpoint''s settings and egress allowlist as they are at the claim. Records whether the listener is now idle.';
 
 
 --
@@ -1933,6 +2000,9 @@ begin
         from cloud.endpoint e
        where e.enabled and (p_endpoints is null or e.name = any (p_endpoints))
          and exists (select from cloud.outbox o where o.status = 'pending' and o.endpoint = e.name and o.next_attempt_at <= p_now)
+      union all
+      -- messages behind the delivery fence (0034): when it lifts
+      select f.fence_until from cloud.delivery_fence f
     ) s
     where t > p_now);
 end $$;
@@ -1942,7 +2012,7 @@ end $$;
 -- Name: FUNCTION next_due_at(p_endpoints text[], p_now timestamp with time zone); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud.next_due_at(p_endpoints text[], p_now timestamp with time zone) IS 'When the listener should look again: the earliest retry not yet due, or the moment a rate limit, 429 pause or open circuit lets a waiting message go.';
+COMMENT ON FUNCTION cloud.next_due_at(p_endpoints text[], p_now timestamp with time zone) IS 'When the listener should look again: the earliest retry not yet due, the moment a rate limit, 429 pause or open circuit lets a waiting message go, or the end of the delivery fence after a crash.';
 
 
 --
@@ -3659,7 +3729,7 @@ WITH (autovacuum_vacuum_scale_factor='0.01', autovacuum_vacuum_threshold='2000',
 -- Name: TABLE outbox_intake; Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON TABLE cloud.outbox_intake IS 'Messages enqueued by ERP transactions with a generated request_id, until a claim moves them into cloud.outbox itself (cloud._move_intake): a child table of cloud.outbox with a primary key and no other index on unkeyed rows, so the ERP''s insert costs little more than one row. Read them through cloud.outbox like any message.';
+COMMENT ON TABLE cloud.outbox_intake IS 'Messages enqueued by ERP transactions with a generated request_id, until a claim takes them into cloud.outbox itself, leased when they may go at once (cloud._lease_intake): a child table of cloud.outbox with a primary key and no other index on unkeyed rows, so the ERP''s insert costs little more than one row. Read them through cloud.outbox like any message.';
 
 
 --
@@ -3841,6 +3911,14 @@ ALTER TABLE ONLY cloud.console_audit
 
 ALTER TABLE ONLY cloud.console_user
     ADD CONSTRAINT console_user_pkey PRIMARY KEY (login);
+
+
+--
+-- Name: delivery_fence delivery_fence_pkey; Type: CONSTRAINT; Schema: cloud
+--
+
+ALTER TABLE ONLY cloud.delivery_fence
+    ADD CONSTRAINT delivery_fence_pkey PRIMARY KEY (one);
 
 
 --
@@ -4219,12 +4297,12 @@ GRANT ALL ON FUNCTION cloud._handler_for(p_operation text) TO erp_cloud_listener
 
 
 --
--- Name: FUNCTION _lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone); Type: ACL; Schema: cloud
+-- Name: FUNCTION _lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint); Type: ACL; Schema: cloud
 --
 
-REVOKE ALL ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) FROM PUBLIC;
-GRANT ALL ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) TO erp_cloud_listener;
-GRANT ALL ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone) TO erp_cloud_operator;
+REVOKE ALL ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint) TO erp_cloud_listener;
+GRANT ALL ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint) TO erp_cloud_operator;
 
 
 --
@@ -4242,6 +4320,25 @@ GRANT ALL ON FUNCTION cloud._log_partition_comment(p_month date) TO erp_cloud_li
 REVOKE ALL ON FUNCTION cloud._quota_left(e cloud.endpoint, p_now timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION cloud._quota_left(e cloud.endpoint, p_now timestamp with time zone) TO erp_cloud_listener;
 GRANT ALL ON FUNCTION cloud._quota_left(e cloud.endpoint, p_now timestamp with time zone) TO erp_cloud_operator;
+
+
+--
+-- Name: TABLE delivery_fence; Type: ACL; Schema: cloud
+--
+
+GRANT SELECT ON TABLE cloud.delivery_fence TO erp_cloud_listener;
+GRANT SELECT ON TABLE cloud.delivery_fence TO erp_cloud_operator;
+GRANT SELECT ON TABLE cloud.delivery_fence TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE cloud.delivery_fence TO erp_cloud_console_operator;
+
+
+--
+-- Name: FUNCTION _raise_delivery_fence(p_lease_margin interval, p_now timestamp with time zone); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._raise_delivery_fence(p_lease_margin interval, p_now timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud._raise_delivery_fence(p_lease_margin interval, p_now timestamp with time zone) TO erp_cloud_listener;
+GRANT ALL ON FUNCTION cloud._raise_delivery_fence(p_lease_margin interval, p_now timestamp with time zone) TO erp_cloud_operator;
 
 
 --
