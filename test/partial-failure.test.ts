@@ -387,7 +387,7 @@ describe('listeners that disappear and come back', () => {
     return c;
   };
   const registered = async (worker: string) =>
-    (await q(`select idle from cloud.listener where worker_id = $1`, [worker])).rows[0] as { idle: boolean } | undefined;
+    (await q(`select idle from cloud.listener_status where worker_id = $1`, [worker])).rows[0] as { idle: boolean } | undefined;
 
   it('a listener the reaper forgot registers again on its next heartbeat, and NOTIFYs reach it again (no waiting for the poll)', async () => {
     await simHook();

@@ -67,7 +67,7 @@ describe('PostgreSQL restart', () => {
     expect(listener.proc.exitCode).toBeNull();
     expect(sim.ledger()).toHaveLength(100);
     // LISTEN came back too: an idle listener is woken by NOTIFY again, well before the poll would find the row
-    await waitFor(async () => (await pool.query(`select idle from cloud.listener where worker_id = 'survivor'`)).rows[0]?.idle === true, { what: 'idle again' });
+    await waitFor(async () => (await pool.query(`select idle from cloud.listener_status where worker_id = 'survivor'`)).rows[0]?.idle === true, { what: 'idle again' });
     const t0 = Date.now();
     await pool.query(`select cloud.enqueue_message('hook', 'demo.ping', '{"n":101}')`);
     await waitFor(async () => sim.ledger().length === 101, { what: 'woken by NOTIFY' });

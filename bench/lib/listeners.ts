@@ -85,7 +85,7 @@ export async function waitListenerIdle(pool: pg.Pool, l: ListenerProc, timeoutMs
   await waitFor(
     async () => {
       if (l.proc.exitCode !== null) throw new Error(`listener exited early (${l.proc.exitCode}): ${l.output()}`);
-      const { rows } = await pool.query<{ idle: boolean }>('select idle from cloud.listener where worker_id = $1', [l.workerId]);
+      const { rows } = await pool.query<{ idle: boolean }>('select idle from cloud.listener_status where worker_id = $1', [l.workerId]);
       return rows[0]?.idle === true;
     },
     { timeoutMs, intervalMs: 50, what: `listener ${l.workerId} to be idle` },

@@ -785,6 +785,31 @@ COMMENT ON FUNCTION cloud._log_partition_comment(p_month date) IS 'Internal: the
 
 
 --
+-- Name: _mark_listener_idle(text, boolean); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._mark_listener_idle(p_worker text, p_idle boolean) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+declare
+  v_slot integer;
+begin
+  -- PL/pgSQL, not SQL: its plans live as long as the session, not one claim's transaction
+  select l.slot into v_slot from cloud.listener l where l.worker_id = p_worker;
+  if found and (((select s.last_value from cloud.listener_idle_slots s) >> v_slot) & 1 = 1) <> p_idle then
+    perform cloud._set_idle_slot(v_slot, p_idle);
+  end if;
+end $$;
+
+
+--
+-- Name: FUNCTION _mark_listener_idle(p_worker text, p_idle boolean); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._mark_listener_idle(p_worker text, p_idle boolean) IS 'Internal (cloud.claim_messages): records whether listener p_worker now waits on LISTEN (an empty claim) or is busy (a claim with work), in its bit of cloud.listener_idle_slots. Nothing for an unregistered worker.';
+
+
+--
 -- Name: _quota_left(cloud.endpoint, timestamp with time zone); Type: FUNCTION; Schema: cloud
 --
 
@@ -1226,6 +1251,36 @@ COMMENT ON FUNCTION cloud._run_handler(p_handler regprocedure, p_msg cloud.outbo
 
 
 --
+-- Name: _set_idle_slot(integer, boolean); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._set_idle_slot(p_slot integer, p_idle boolean) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO ''
+    AS $$
+declare
+  v_bit  bigint := 1::bigint << p_slot;
+  v_mask bigint := (select s.last_value from cloud.listener_idle_slots s);
+begin
+  if ((v_mask & v_bit) <> 0) = p_idle then
+    return;  -- already so: no lock, no write
+  end if;
+  -- read, change, write: serialised (to this transaction's end) so that two listeners flipping at once
+  -- never write back a mask without the other's bit
+  perform pg_advisory_xact_lock(hashtextextended('cloud.listener_idle_slots', 0));
+  v_mask := (select s.last_value from cloud.listener_idle_slots s);
+  perform setval('cloud.listener_idle_slots', case when p_idle then v_mask | v_bit else v_mask & ~v_bit end, true);
+end $$;
+
+
+--
+-- Name: FUNCTION _set_idle_slot(p_slot integer, p_idle boolean); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._set_idle_slot(p_slot integer, p_idle boolean) IS 'Internal: sets (p_idle) or clears bit p_slot of the mask cloud.listener_idle_slots, writing only when it changes, under an advisory lock held to the end of the transaction.';
+
+
+--
 -- Name: _spend_budget(text, uuid[], timestamp with time zone); Type: FUNCTION; Schema: cloud
 --
 
@@ -1351,8 +1406,9 @@ CREATE FUNCTION cloud._wake_listeners(p_channel text) RETURNS void
 begin
   -- NOTIFY serialises commits cluster-wide, so only pay for it when a listener
   -- has declared itself idle; busy listeners find the row on their next claim,
-  -- and every listener polls as the safety net.
-  if exists (select from cloud.listener l where l.idle and p_channel = any (l.channels)) then
+  -- and every listener polls as the safety net
+  if exists (select from cloud.listener l, (select s.last_value as idle from cloud.listener_idle_slots s) m
+              where m.idle <> 0 and p_channel = any (l.channels) and (m.idle >> l.slot) & 1 = 1) then
     perform pg_catalog.pg_notify(p_channel, '');
   end if;
 end $$;
@@ -1546,8 +1602,8 @@ begin
   end loop;
   -- an empty claim means this listener is about to wait on LISTEN: from now on
   -- enqueuers NOTIFY; a non-empty one means it is busy: they stop paying for it
-  update cloud.listener set idle = (v_left = p_limit), heartbeat_at = p_now
-   where worker_id = p_worker and idle is distinct from (v_left = p_limit);
+  -- (a bit of cloud.listener_idle_slots since 0035, written only when it changes)
+  perform cloud._mark_listener_idle(p_worker, v_left = p_limit);
 end $$;
 
 
@@ -1715,11 +1771,16 @@ declare
   v_wake       pg_catalog.bool;
   v_request_id pg_catalog.uuid;
 begin
-  -- one statement: the endpoint, "does a listener wait on its channel?", and the operation and payload checks
+  -- one statement: the endpoint, "does a listener wait on its channel?", and the operation and payload checks;
+  -- the listener table is read only when some listener's idle bit is set (0035): a busy queue costs one
+  -- sequence read, and the flag's flips leave no row versions for this look-up to walk
   select e.wake_channel,
-         exists (select from cloud.listener l where l.idle and e.wake_channel operator(pg_catalog.=) any (l.channels))
+         m.idle operator(pg_catalog.<>) 0::pg_catalog.int8
+         and exists (select from cloud.listener l
+                      where e.wake_channel operator(pg_catalog.=) any (l.channels)
+                        and (m.idle operator(pg_catalog.>>) l.slot) operator(pg_catalog.&) 1::pg_catalog.int8 operator(pg_catalog.=) 1::pg_catalog.int8)
     into v_channel, v_wake
-    from cloud.endpoint e
+    from cloud.endpoint e, (select s.last_value as idle from cloud.listener_idle_slots s) m
    where e.name operator(pg_catalog.=) p_endpoint
      and p_operation operator(pg_catalog.~) '^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$'::pg_catalog.text
      and pg_catalog.jsonb_typeof(p_payload) operator(pg_catalog.=) any ('{object,array}'::pg_catalog.text[]);
@@ -2557,20 +2618,31 @@ COMMENT ON FUNCTION cloud.record_listener_heartbeat(p_worker text, p_channels te
 --
 
 CREATE FUNCTION cloud.record_listener_start(p_worker text, p_channels text[], p_endpoints text[] DEFAULT NULL::text[], p_host text DEFAULT NULL::text, p_pid integer DEFAULT NULL::integer) RETURNS void
-    LANGUAGE sql
+    LANGUAGE plpgsql
     AS $$
-  insert into cloud.listener (worker_id, channels, endpoints, idle, host, pid)
-  values (p_worker, p_channels, p_endpoints, false, p_host, p_pid)
+declare
+  v_slot integer;
+begin
+  -- one registration at a time picks a slot: the lowest no other listener has (shared beyond 63)
+  perform pg_advisory_xact_lock(hashtextextended('cloud.listener_idle_slots', 0));
+  v_slot := coalesce(
+    (select min(s) from generate_series(0, 62) s
+      where not exists (select from cloud.listener l where l.slot = s and l.worker_id <> p_worker)),
+    (select count(*)::integer % 63 from cloud.listener l where l.worker_id <> p_worker));
+  insert into cloud.listener (worker_id, channels, endpoints, slot, host, pid)
+  values (p_worker, p_channels, p_endpoints, v_slot, p_host, p_pid)
   on conflict (worker_id) do update set channels = excluded.channels, endpoints = excluded.endpoints,
-    idle = false, host = excluded.host, pid = excluded.pid, started_at = now(), heartbeat_at = now();
-$$;
+    slot = excluded.slot, host = excluded.host, pid = excluded.pid, started_at = now(), heartbeat_at = now();
+  -- a listener starts busy: its first claim says whether it waits
+  perform cloud._set_idle_slot(v_slot, false);
+end $$;
 
 
 --
 -- Name: FUNCTION record_listener_start(p_worker text, p_channels text[], p_endpoints text[], p_host text, p_pid integer); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud.record_listener_start(p_worker text, p_channels text[], p_endpoints text[], p_host text, p_pid integer) IS 'Registers a listener process and the channels it listens on.';
+COMMENT ON FUNCTION cloud.record_listener_start(p_worker text, p_channels text[], p_endpoints text[], p_host text, p_pid integer) IS 'Registers a listener process and the channels it listens on, gives it a slot of cloud.listener_idle_slots (the lowest free one) and marks it busy until its first claim.';
 
 
 --
@@ -3191,6 +3263,28 @@ COMMENT ON FUNCTION cloud.take_send_slots(p_worker text, p_request_ids uuid[], p
 
 
 --
+-- Name: tg_listener__100_free_slot(); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud.tg_listener__100_free_slot() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+begin
+  if not exists (select from cloud.listener l where l.slot = old.slot) then
+    perform cloud._set_idle_slot(old.slot, false);
+  end if;
+  return null;
+end $$;
+
+
+--
+-- Name: FUNCTION tg_listener__100_free_slot(); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud.tg_listener__100_free_slot() IS 'Trigger listener_100_free_slot: a listener''s row is gone (its clean stop, the reaper): its bit of cloud.listener_idle_slots is cleared, unless another listener shares the slot.';
+
+
+--
 -- Name: tg_outbox__100_validate(); Type: FUNCTION; Schema: cloud
 --
 
@@ -3635,11 +3729,12 @@ CREATE TABLE cloud.listener (
     worker_id text NOT NULL,
     channels text[] DEFAULT '{}'::text[] NOT NULL,
     endpoints text[],
-    idle boolean DEFAULT false NOT NULL,
     host text,
     pid integer,
     started_at timestamp with time zone DEFAULT now() NOT NULL,
-    heartbeat_at timestamp with time zone DEFAULT now() NOT NULL
+    heartbeat_at timestamp with time zone DEFAULT now() NOT NULL,
+    slot integer DEFAULT 0 NOT NULL,
+    CONSTRAINT listener_slot_in_mask CHECK (((slot >= 0) AND (slot <= 62)))
 );
 
 
@@ -3647,7 +3742,59 @@ CREATE TABLE cloud.listener (
 -- Name: TABLE listener; Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON TABLE cloud.listener IS 'Live listener processes. idle = true means it waits on LISTEN: only then do ERP transactions pay for a NOTIFY.';
+COMMENT ON TABLE cloud.listener IS 'Live listener processes and the channels they LISTEN on. Whether one is idle (waits on LISTEN: only then do ERP transactions pay for a NOTIFY) is the bit of cloud.listener_idle_slots its slot names: cloud.listener_status shows both.';
+
+
+--
+-- Name: COLUMN listener.slot; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON COLUMN cloud.listener.slot IS 'The bit of cloud.listener_idle_slots that says whether this listener waits on LISTEN (0–62; shared only beyond 63 live listeners).';
+
+
+--
+-- Name: listener_idle_slots; Type: SEQUENCE; Schema: cloud
+--
+
+CREATE SEQUENCE cloud.listener_idle_slots
+    START WITH 0
+    INCREMENT BY 1
+    MINVALUE 0
+    NO MAXVALUE
+    CACHE 1;
+
+
+--
+-- Name: SEQUENCE listener_idle_slots; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON SEQUENCE cloud.listener_idle_slots IS 'Not a counter: a 63-bit mask written with setval (in place: no row versions, however long a snapshot is held). Bit n set = the listener in slot n (cloud.listener.slot) waits on LISTEN, so enqueuers on its channels NOTIFY. Written by cloud._set_idle_slot only.';
+
+
+--
+-- Name: listener_status; Type: VIEW; Schema: cloud
+--
+
+CREATE VIEW cloud.listener_status AS
+ SELECT l.worker_id,
+    l.host,
+    l.pid,
+    l.channels,
+    l.endpoints,
+    l.slot,
+    (((m.idle >> l.slot) & (1)::bigint) = 1) AS idle,
+    l.started_at,
+    l.heartbeat_at
+   FROM cloud.listener l,
+    ( SELECT s.last_value AS idle
+           FROM cloud.listener_idle_slots s) m;
+
+
+--
+-- Name: VIEW listener_status; Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON VIEW cloud.listener_status IS 'Every registered listener with its idle flag (waits on LISTEN, so enqueuers on its channels NOTIFY) as cloud.listener_idle_slots has it.';
 
 
 --
@@ -4086,6 +4233,13 @@ ALTER INDEX cloud.log_started_brin ATTACH PARTITION cloud.log_default_started_at
 
 
 --
+-- Name: listener listener_100_free_slot; Type: TRIGGER; Schema: cloud
+--
+
+CREATE TRIGGER listener_100_free_slot AFTER DELETE ON cloud.listener FOR EACH ROW EXECUTE FUNCTION cloud.tg_listener__100_free_slot();
+
+
+--
 -- Name: outbox outbox_100_validate; Type: TRIGGER; Schema: cloud
 --
 
@@ -4314,6 +4468,15 @@ GRANT ALL ON FUNCTION cloud._log_partition_comment(p_month date) TO erp_cloud_li
 
 
 --
+-- Name: FUNCTION _mark_listener_idle(p_worker text, p_idle boolean); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._mark_listener_idle(p_worker text, p_idle boolean) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud._mark_listener_idle(p_worker text, p_idle boolean) TO erp_cloud_listener;
+GRANT ALL ON FUNCTION cloud._mark_listener_idle(p_worker text, p_idle boolean) TO erp_cloud_operator;
+
+
+--
 -- Name: FUNCTION _quota_left(e cloud.endpoint, p_now timestamp with time zone); Type: ACL; Schema: cloud
 --
 
@@ -4413,6 +4576,15 @@ GRANT SELECT ON TABLE cloud.outbox TO erp_cloud_console_operator;
 
 REVOKE ALL ON FUNCTION cloud._run_handler(p_handler regprocedure, p_msg cloud.outbox, p_data jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION cloud._run_handler(p_handler regprocedure, p_msg cloud.outbox, p_data jsonb) TO erp_cloud_listener;
+
+
+--
+-- Name: FUNCTION _set_idle_slot(p_slot integer, p_idle boolean); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._set_idle_slot(p_slot integer, p_idle boolean) FROM PUBLIC;
+GRANT ALL ON FUNCTION cloud._set_idle_slot(p_slot integer, p_idle boolean) TO erp_cloud_listener;
+GRANT ALL ON FUNCTION cloud._set_idle_slot(p_slot integer, p_idle boolean) TO erp_cloud_operator;
 
 
 --
@@ -4835,6 +5007,13 @@ GRANT ALL ON FUNCTION cloud.take_send_slots(p_worker text, p_request_ids uuid[],
 
 
 --
+-- Name: FUNCTION tg_listener__100_free_slot(); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud.tg_listener__100_free_slot() FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION tg_outbox__100_validate(); Type: ACL; Schema: cloud
 --
 
@@ -4946,6 +5125,26 @@ GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE cloud.listener TO erp_cloud_listener;
 GRANT SELECT ON TABLE cloud.listener TO erp_cloud_operator;
 GRANT SELECT ON TABLE cloud.listener TO erp_cloud_console_finance;
 GRANT SELECT ON TABLE cloud.listener TO erp_cloud_console_operator;
+
+
+--
+-- Name: SEQUENCE listener_idle_slots; Type: ACL; Schema: cloud
+--
+
+GRANT SELECT ON SEQUENCE cloud.listener_idle_slots TO erp_cloud_listener;
+GRANT SELECT ON SEQUENCE cloud.listener_idle_slots TO erp_cloud_operator;
+GRANT SELECT ON SEQUENCE cloud.listener_idle_slots TO erp_cloud_console_finance;
+GRANT SELECT ON SEQUENCE cloud.listener_idle_slots TO erp_cloud_console_operator;
+
+
+--
+-- Name: TABLE listener_status; Type: ACL; Schema: cloud
+--
+
+GRANT SELECT ON TABLE cloud.listener_status TO erp_cloud_listener;
+GRANT SELECT ON TABLE cloud.listener_status TO erp_cloud_operator;
+GRANT SELECT ON TABLE cloud.listener_status TO erp_cloud_console_finance;
+GRANT SELECT ON TABLE cloud.listener_status TO erp_cloud_console_operator;
 
 
 --
