@@ -450,7 +450,7 @@ SQL
     done
     psql_ -d "$url" -v schemas="$list" <<'SQL'
 set search_path = '';
-select pg_catalog.format('SELECT pg_catalog.setval(%L, %s, %s);', s.seq, s.last_value, s.is_called)
+select pg_catalog.format('SELECT pg_catalog.setval(%L, %s, %s);', s.seq, s.last_value, case when s.is_called then 'true' else 'false' end)
   from (select c.oid::regclass::text as seq, q.seqstart,
                (pg_catalog.xpath('/row/last_value/text()', x))[1]::text::bigint as last_value,
                (pg_catalog.xpath('/row/is_called/text()', x))[1]::text::boolean as is_called

@@ -18,8 +18,10 @@
 -- 3. cloud.claim_messages ends with cloud._mark_listener_idle (was: an UPDATE of the row): it reads the
 --    slot and the mask and writes only when the bit changes, under an advisory lock held to the claim's
 --    commit (two listeners' read-modify-writes of the mask never lose one another's bit).
--- 4. cloud.enqueue_message and cloud._wake_listeners read the mask first and look at the listener table
---    only when some bit is set: under load (every listener busy) an enqueue reads one sequence tuple.
+-- 4. cloud.enqueue_message and cloud._wake_listeners read the mask first (pg_sequence_last_value: 0.2 µs,
+--    against 2.6 µs for the EXISTS over an empty cloud.listener it replaces, and more for every version
+--    a held snapshot keeps) and look at the listener table only when some bit is set: under load (every
+--    listener busy) an enqueue reads one sequence tuple.
 -- 5. The column cloud.listener.idle goes; cloud.listener_status shows every listener with its idle
 --    flag as the mask has it.
 --
@@ -27,6 +29,7 @@
 -- that an empty claim marks its listener idle and one with work marks it busy.
 
 create sequence cloud.listener_idle_slots as bigint minvalue 0 maxvalue 9223372036854775807 start 0 no cycle;
+select setval('cloud.listener_idle_slots', 0, true);  -- is_called: pg_sequence_last_value reads 0, not null
 comment on sequence cloud.listener_idle_slots is 'Not a counter: a 63-bit mask written with setval (in place: no row versions, however long a snapshot is held). Bit n set = the listener in slot n (cloud.listener.slot) waits on LISTEN, so enqueuers on its channels NOTIFY. Written by cloud._set_idle_slot only.';
 revoke all on sequence cloud.listener_idle_slots from public;
 grant select on sequence cloud.listener_idle_slots to erp_cloud_listener, erp_cloud_operator, erp_cloud_console_finance, erp_cloud_console_operator;
@@ -48,7 +51,7 @@ set search_path = ''
 as $$
 declare
   v_bit  bigint := 1::bigint << p_slot;
-  v_mask bigint := (select s.last_value from cloud.listener_idle_slots s);
+  v_mask bigint := coalesce(pg_sequence_last_value('cloud.listener_idle_slots'), 0);
 begin
   if ((v_mask & v_bit) <> 0) = p_idle then
     return;  -- already so: no lock, no write
@@ -56,7 +59,7 @@ begin
   -- read, change, write: serialised (to this transaction's end) so that two listeners flipping at once
   -- never write back a mask without the other's bit
   perform pg_advisory_xact_lock(hashtextextended('cloud.listener_idle_slots', 0));
-  v_mask := (select s.last_value from cloud.listener_idle_slots s);
+  v_mask := coalesce(pg_sequence_last_value('cloud.listener_idle_slots'), 0);
   perform setval('cloud.listener_idle_slots', case when p_idle then v_mask | v_bit else v_mask & ~v_bit end, true);
 end $$;
 comment on function cloud._set_idle_slot(integer, boolean) is 'Internal: sets (p_idle) or clears bit p_slot of the mask cloud.listener_idle_slots, writing only when it changes, under an advisory lock held to the end of the transaction.';
@@ -72,7 +75,7 @@ declare
 begin
   -- PL/pgSQL, not SQL: its plans live as long as the session, not one claim's transaction
   select l.slot into v_slot from cloud.listener l where l.worker_id = p_worker;
-  if found and (((select s.last_value from cloud.listener_idle_slots s) >> v_slot) & 1 = 1) <> p_idle then
+  if found and ((coalesce(pg_sequence_last_value('cloud.listener_idle_slots'), 0) >> v_slot) & 1 = 1) <> p_idle then
     perform cloud._set_idle_slot(v_slot, p_idle);
   end if;
 end $$;
@@ -125,7 +128,7 @@ begin
   -- NOTIFY serialises commits cluster-wide, so only pay for it when a listener
   -- has declared itself idle; busy listeners find the row on their next claim,
   -- and every listener polls as the safety net
-  if exists (select from cloud.listener l, (select s.last_value as idle from cloud.listener_idle_slots s) m
+  if exists (select from cloud.listener l, coalesce(pg_sequence_last_value('cloud.listener_idle_slots'), 0) m(idle)
               where m.idle <> 0 and p_channel = any (l.channels) and (m.idle >> l.slot) & 1 = 1) then
     perform pg_catalog.pg_notify(p_channel, '');
   end if;
@@ -135,7 +138,7 @@ create view cloud.listener_status as
   select l.worker_id, l.host, l.pid, l.channels, l.endpoints, l.slot,
          (m.idle >> l.slot) & 1 = 1 as idle,
          l.started_at, l.heartbeat_at
-    from cloud.listener l, (select s.last_value as idle from cloud.listener_idle_slots s) m;
+    from cloud.listener l, coalesce(pg_sequence_last_value('cloud.listener_idle_slots'), 0) m(idle);
 comment on view cloud.listener_status is 'Every registered listener with its idle flag (waits on LISTEN, so enqueuers on its channels NOTIFY) as cloud.listener_idle_slots has it.';
 revoke all on cloud.listener_status from public;
 grant select on cloud.listener_status to erp_cloud_listener, erp_cloud_operator, erp_cloud_console_finance, erp_cloud_console_operator;
@@ -148,19 +151,14 @@ as $_$
 -- nothing here; keep it so (test/enqueue-cost.test.ts runs it under a hostile search_path)
 declare
   v_channel    pg_catalog.text;
-  v_wake       pg_catalog.bool;
   v_request_id pg_catalog.uuid;
+  -- the idle listeners' bits (0035): pg_sequence_last_value reads the sequence's tuple for 0.2 µs
+  v_idle       pg_catalog.int8 := coalesce(pg_catalog.pg_sequence_last_value('cloud.listener_idle_slots'::pg_catalog.regclass), 0);
 begin
-  -- one statement: the endpoint, "does a listener wait on its channel?", and the operation and payload checks;
-  -- the listener table is read only when some listener's idle bit is set (0035): a busy queue costs one
-  -- sequence read, and the flag's flips leave no row versions for this look-up to walk
-  select e.wake_channel,
-         m.idle operator(pg_catalog.<>) 0::pg_catalog.int8
-         and exists (select from cloud.listener l
-                      where e.wake_channel operator(pg_catalog.=) any (l.channels)
-                        and (m.idle operator(pg_catalog.>>) l.slot) operator(pg_catalog.&) 1::pg_catalog.int8 operator(pg_catalog.=) 1::pg_catalog.int8)
-    into v_channel, v_wake
-    from cloud.endpoint e, (select s.last_value as idle from cloud.listener_idle_slots s) m
+  -- one statement: the endpoint, and the operation and payload checks
+  select e.wake_channel
+    into v_channel
+    from cloud.endpoint e
    where e.name operator(pg_catalog.=) p_endpoint
      and p_operation operator(pg_catalog.~) '^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$'::pg_catalog.text
      and pg_catalog.jsonb_typeof(p_payload) operator(pg_catalog.=) any ('{object,array}'::pg_catalog.text[]);
@@ -191,8 +189,17 @@ begin
     end if;
     v_request_id := p_request_id;
   end if;
-  if v_wake then
-    perform pg_catalog.pg_notify(v_channel, ''::pg_catalog.text);
+  -- "does a listener wait on its channel?": the listener table is read only when some listener's idle bit
+  -- is set (0035), so a busy queue's enqueue reads one sequence tuple, and the flag's flips leave no row
+  -- versions for this look-up to walk. Two steps on purpose: in one statement (or one IF) with the
+  -- look-up, a zero v_idle makes each custom plan cheaper than the generic one, and the statement is
+  -- planned again at every call (measured: 25 µs more per enqueue)
+  if v_idle operator(pg_catalog.<>) 0::pg_catalog.int8 then
+    if exists (select from cloud.listener l
+                where v_channel operator(pg_catalog.=) any (l.channels)
+                  and (v_idle operator(pg_catalog.>>) l.slot) operator(pg_catalog.&) 1::pg_catalog.int8 operator(pg_catalog.=) 1::pg_catalog.int8) then
+      perform pg_catalog.pg_notify(v_channel, ''::pg_catalog.text);
+    end if;
   end if;
   return v_request_id;
 end $_$;
