@@ -159,4 +159,25 @@ describe("a listener's idle flag", () => {
       await listen.end();
     }
   });
+
+  it('leaves its heartbeat as the only writer of a listener\'s row, at most every 30 s or when its channels change', async () => {
+    await start('w1');
+    const row = async () => (await q(`select xmin::text, ctid::text from cloud.listener where worker_id = 'w1'`)).rows[0];
+    const beat = async (channels: string | null = null) =>
+      (await q<{ ok: boolean }>(`select cloud.record_listener_heartbeat('w1', $1::text[]) as ok`, [channels])).rows[0]!.ok;
+    const registered = await row();
+    expect(await beat()).toBe(true);
+    expect(await beat('{cloud_outbox}')).toBe(true);
+    expect(await row()).toEqual(registered);
+    await q(`update cloud.listener set heartbeat_at = now() - interval '31 seconds' where worker_id = 'w1'`);
+    const aged = await row();
+    expect(await beat()).toBe(true);
+    expect(await row()).not.toEqual(aged);
+    const fresh = await row();
+    expect(await beat('{cloud_outbox,other_channel}')).toBe(true);
+    expect(await row()).not.toEqual(fresh);
+    expect((await q(`select channels from cloud.listener where worker_id = 'w1'`)).rows[0]).toEqual({ channels: ['cloud_outbox', 'other_channel'] });
+    await q(`select cloud.record_listener_stop('w1')`);
+    expect(await beat()).toBe(false);
+  });
 });

@@ -48,7 +48,7 @@
 -- migration 0032_lease_on_the_way_in.sql sha256 39cfe551483409ef6efefd39b38fcfaa97623266cbb3970ac6e549846201a1c5
 -- migration 0033_rotation_leaves_a_backlog_in_the_intake.sql sha256 3e8432ef8ce5347ebf00d3fb71764188db6868df073c60df1c578cac7986c3ba
 -- migration 0034_lease_without_waiting_for_the_flush.sql sha256 7782380579e91d16c32b7e0530f0c62735c13b683d4fdc4098672365a7b19b69
--- migration 0035_idle_flag_without_row_versions.sql sha256 926574c9bc6181d4ece5d6fa2404dd98f1fcd2e7b389d3053ef0f71bc99c129f
+-- migration 0035_idle_flag_without_row_versions.sql sha256 365ae05839dcb955e810d397b3fa9aa52fe426f1fd8b8191102b10a50ba76aea
 
 set local check_function_bodies = false;
 set local standard_conforming_strings = on;
@@ -3196,11 +3196,13 @@ COMMENT ON FUNCTION cloud.record_attempts(p_worker text, p_attempts jsonb, p_now
 CREATE FUNCTION cloud.record_listener_heartbeat(p_worker text, p_channels text[] DEFAULT NULL::text[]) RETURNS boolean
     LANGUAGE sql
     AS $$
+  -- the row is written when it is 30 s old or the channels change: each write is a version a held snapshot keeps
   with beat as (
     update cloud.listener set heartbeat_at = now(), channels = coalesce(p_channels, channels)
      where worker_id = p_worker
+       and (heartbeat_at < now() - interval '30 seconds' or channels is distinct from coalesce(p_channels, channels))
     returning 1
-  ) select exists (select from beat);
+  ) select exists (select from beat) or exists (select from cloud.listener where worker_id = p_worker);
 $$;
 
 
@@ -3209,7 +3211,7 @@ $$;
 -- Name: FUNCTION record_listener_heartbeat(p_worker text, p_channels text[]); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud.record_listener_heartbeat(p_worker text, p_channels text[]) IS 'Marks a listener alive (called every few seconds). False when it is not registered (the reaper forgot it after 2 minutes of silence): it then registers again with cloud.record_listener_start.';
+COMMENT ON FUNCTION cloud.record_listener_heartbeat(p_worker text, p_channels text[]) IS 'Marks a listener alive (called every few seconds; its row is written at most every 30 s, or when its channels change). False when it is not registered (the reaper forgot it after 2 minutes of silence): it then registers again with cloud.record_listener_start.';
 
 
 --

@@ -24,6 +24,10 @@
 --    listener busy) an enqueue reads one sequence tuple.
 -- 5. The column cloud.listener.idle goes; cloud.listener_status shows every listener with its idle
 --    flag as the mask has it.
+-- 6. What still writes a listener's row is its heartbeat (every ERP_CLOUD_MAINTENANCE_MS, 5 s): now at most
+--    every 30 s, or when its channels change (the reaper forgets a listener after 2 minutes of silence,
+--    doctor calls it live within 1 minute). Under an hour's held snapshot that is 120 versions per
+--    listener for the claim's look-up of its slot to walk, not 720 (nor the flips' 360,000).
 --
 -- Unchanged: when an enqueue NOTIFYs (some listener on the endpoint's channel waits on LISTEN), and
 -- that an empty claim marks its listener idle and one with work marks it busy.
@@ -348,3 +352,17 @@ begin
   -- (a bit of cloud.listener_idle_slots since 0035, written only when it changes)
   perform cloud._mark_listener_idle(p_worker, v_left = p_limit);
 end $$;
+
+create or replace function cloud.record_listener_heartbeat(p_worker text, p_channels text[] default null)
+returns boolean
+language sql
+as $$
+  -- the row is written when it is 30 s old or the channels change: each write is a version a held snapshot keeps
+  with beat as (
+    update cloud.listener set heartbeat_at = now(), channels = coalesce(p_channels, channels)
+     where worker_id = p_worker
+       and (heartbeat_at < now() - interval '30 seconds' or channels is distinct from coalesce(p_channels, channels))
+    returning 1
+  ) select exists (select from beat) or exists (select from cloud.listener where worker_id = p_worker);
+$$;
+comment on function cloud.record_listener_heartbeat(text, text[]) is 'Marks a listener alive (called every few seconds; its row is written at most every 30 s, or when its channels change). False when it is not registered (the reaper forgot it after 2 minutes of silence): it then registers again with cloud.record_listener_start.';

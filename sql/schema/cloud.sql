@@ -2602,11 +2602,13 @@ COMMENT ON FUNCTION cloud.record_attempts(p_worker text, p_attempts jsonb, p_now
 CREATE FUNCTION cloud.record_listener_heartbeat(p_worker text, p_channels text[] DEFAULT NULL::text[]) RETURNS boolean
     LANGUAGE sql
     AS $$
+  -- the row is written when it is 30 s old or the channels change: each write is a version a held snapshot keeps
   with beat as (
     update cloud.listener set heartbeat_at = now(), channels = coalesce(p_channels, channels)
      where worker_id = p_worker
+       and (heartbeat_at < now() - interval '30 seconds' or channels is distinct from coalesce(p_channels, channels))
     returning 1
-  ) select exists (select from beat);
+  ) select exists (select from beat) or exists (select from cloud.listener where worker_id = p_worker);
 $$;
 
 
@@ -2614,7 +2616,7 @@ $$;
 -- Name: FUNCTION record_listener_heartbeat(p_worker text, p_channels text[]); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud.record_listener_heartbeat(p_worker text, p_channels text[]) IS 'Marks a listener alive (called every few seconds). False when it is not registered (the reaper forgot it after 2 minutes of silence): it then registers again with cloud.record_listener_start.';
+COMMENT ON FUNCTION cloud.record_listener_heartbeat(p_worker text, p_channels text[]) IS 'Marks a listener alive (called every few seconds; its row is written at most every 30 s, or when its channels change). False when it is not registered (the reaper forgot it after 2 minutes of silence): it then registers again with cloud.record_listener_start.';
 
 
 --
