@@ -47,8 +47,8 @@
 -- migration 0031_rotation_while_a_snapshot_is_held.sql sha256 fa76d872d92501c45a7b330a8b36fe33b4e870384b38fa5a53317b1467049f98
 -- migration 0032_lease_on_the_way_in.sql sha256 39cfe551483409ef6efefd39b38fcfaa97623266cbb3970ac6e549846201a1c5
 -- migration 0033_rotation_leaves_a_backlog_in_the_intake.sql sha256 3e8432ef8ce5347ebf00d3fb71764188db6868df073c60df1c578cac7986c3ba
--- migration 0034_lease_without_waiting_for_the_flush.sql sha256 7782380579e91d16c32b7e0530f0c62735c13b683d4fdc4098672365a7b19b69
--- migration 0035_idle_flag_without_row_versions.sql sha256 365ae05839dcb955e810d397b3fa9aa52fe426f1fd8b8191102b10a50ba76aea
+-- migration 0034_lease_without_waiting_for_the_flush.sql sha256 330ee8c9bf7bc926c7d550de64273967490dde2184aeaaf54bf5ec7f96cb644b
+-- migration 0035_idle_flag_without_row_versions.sql sha256 50c7f11901a703c81f30e4545ee2a76a87925c0f52114af18b4613d066be40a3
 
 set local check_function_bodies = false;
 set local standard_conforming_strings = on;
@@ -2169,7 +2169,6 @@ begin
   end loop;
   -- an empty claim means this listener is about to wait on LISTEN: from now on
   -- enqueuers NOTIFY; a non-empty one means it is busy: they stop paying for it
-  -- (a bit of cloud.listener_idle_slots since 0035, written only when it changes)
   perform cloud._mark_listener_idle(p_worker, v_left = p_limit);
 end $$;
 

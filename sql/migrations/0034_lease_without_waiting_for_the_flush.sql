@@ -23,6 +23,8 @@
 -- 3. cloud._lease_intake takes the fence's id (a new parameter): a fenced intake row goes into the
 --    hot table pending, not leased.
 -- 4. The comment on cloud.outbox_intake named cloud._move_intake, dropped in 0032.
+-- 5. The claim's last step, recording whether its listener is now idle, is cloud._mark_listener_idle
+--    (the same UPDATE), so that 0035 can move the flag without writing the claim again.
 --
 -- Unchanged: every lease's columns, per-key order, SKIP LOCKED, limits and budgets, what a claim
 -- returns; a clean restart (pg.sh stop, pg_ctl -m fast or smart) raises no fence.
@@ -135,6 +137,19 @@ end $$;
 comment on function cloud._lease_intake(text, integer, text[], interval, timestamptz, bigint) is 'Internal (cloud.claim_messages, first): takes up to p_limit committed messages of the given endpoints from cloud.outbox_intake (skipping rows another transaction holds) and writes each into cloud.outbox once, with the same request_id and id: leased to p_worker (in_flight) when it is due, is not behind the delivery fence (id above p_fence_id), heads its ordering key, and its endpoint is enabled, unlimited and has nothing older due; pending otherwise. Returns the leased messages as cloud.claim_messages does.';
 revoke all on function cloud._lease_intake(text, integer, text[], interval, timestamptz, bigint) from public;
 grant execute on function cloud._lease_intake(text, integer, text[], interval, timestamptz, bigint) to erp_cloud_listener, erp_cloud_operator;
+
+-- the claim's last step, one function, so that where the flag lives can change without the claim (0035)
+create function cloud._mark_listener_idle(p_worker text, p_idle boolean)
+returns void
+language plpgsql
+as $$
+begin
+  update cloud.listener set idle = p_idle, heartbeat_at = now()
+   where worker_id = p_worker and idle is distinct from p_idle;
+end $$;
+comment on function cloud._mark_listener_idle(text, boolean) is 'Internal (cloud.claim_messages): records whether listener p_worker now waits on LISTEN (an empty claim) or is busy (a claim with work), writing only when it changes. Nothing for an unregistered worker.';
+revoke all on function cloud._mark_listener_idle(text, boolean) from public;
+grant execute on function cloud._mark_listener_idle(text, boolean) to erp_cloud_listener, erp_cloud_operator;
 
 create or replace function cloud.claim_messages(
   p_worker text, p_limit integer default 100, p_endpoints text[] default null,
@@ -277,8 +292,7 @@ begin
   end loop;
   -- an empty claim means this listener is about to wait on LISTEN: from now on
   -- enqueuers NOTIFY; a non-empty one means it is busy: they stop paying for it
-  update cloud.listener set idle = (v_left = p_limit), heartbeat_at = p_now
-   where worker_id = p_worker and idle is distinct from (v_left = p_limit);
+  perform cloud._mark_listener_idle(p_worker, v_left = p_limit);
 end $$;
 comment on function cloud.claim_messages(text, integer, text[], interval, timestamptz) is 'Leases up to p_limit due messages (FOR UPDATE SKIP LOCKED; only the head of each ordering key), endpoint by endpoint within each endpoint''s rate limit, quota, pause and circuit, and none behind the delivery fence (cloud.delivery_fence, raised again by the first claim after a crash). Commits without waiting for the WAL flush (synchronous_commit off for the calling transaction): the fence covers what a crash loses. Returns each message with its endpoint''s settings and egress allowlist as they are at the claim. Records whether the listener is now idle.';
 

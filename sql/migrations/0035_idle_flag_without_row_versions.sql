@@ -15,7 +15,7 @@
 --    listeners they share slots, and an idle one may then wait for its poll instead of a NOTIFY) and
 --    clears its bit; deleting a listener's row (its clean stop, the reaper) clears its bit unless another
 --    listener shares the slot (trigger listener_100_free_slot).
--- 3. cloud.claim_messages ends with cloud._mark_listener_idle (was: an UPDATE of the row): it reads the
+-- 3. cloud._mark_listener_idle, the claim's last step (was: an UPDATE of the row, 0034), reads the
 --    slot and the mask and writes only when the bit changes, under an advisory lock held to the claim's
 --    commit (two listeners' read-modify-writes of the mask never lose one another's bit).
 -- 4. cloud.enqueue_message and cloud._wake_listeners read the mask first (pg_sequence_last_value: 0.2 µs,
@@ -70,7 +70,7 @@ comment on function cloud._set_idle_slot(integer, boolean) is 'Internal: sets (p
 revoke all on function cloud._set_idle_slot(integer, boolean) from public;
 grant execute on function cloud._set_idle_slot(integer, boolean) to erp_cloud_listener, erp_cloud_operator;
 
-create function cloud._mark_listener_idle(p_worker text, p_idle boolean)
+create or replace function cloud._mark_listener_idle(p_worker text, p_idle boolean)
 returns void
 language plpgsql
 as $$
@@ -84,9 +84,6 @@ begin
   end if;
 end $$;
 comment on function cloud._mark_listener_idle(text, boolean) is 'Internal (cloud.claim_messages): records whether listener p_worker now waits on LISTEN (an empty claim) or is busy (a claim with work), in its bit of cloud.listener_idle_slots. Nothing for an unregistered worker.';
-revoke all on function cloud._mark_listener_idle(text, boolean) from public;
-grant execute on function cloud._mark_listener_idle(text, boolean) to erp_cloud_listener, erp_cloud_operator;
-
 create or replace function cloud.record_listener_start(p_worker text, p_channels text[], p_endpoints text[] default null,
                                                        p_host text default null, p_pid integer default null)
 returns void
@@ -207,151 +204,6 @@ begin
   end if;
   return v_request_id;
 end $_$;
-
-create or replace function cloud.claim_messages(
-  p_worker text, p_limit integer default 100, p_endpoints text[] default null,
-  p_lease_margin interval default interval '5 seconds', p_now timestamptz default clock_timestamp())
-returns setof cloud.claimed_message
-language plpgsql
-set enable_seqscan to 'off'
-set enable_bitmapscan to 'off'
-set enable_hashjoin to 'off'
-set enable_mergejoin to 'off'
-set jit to 'off'
-set plan_cache_mode to 'force_generic_plan'
-as $$
-declare
-  ep         record;
-  v_budget   integer;
-  v_ids      uuid[];
-  v_n        integer;
-  v_avail    double precision;
-  v_rate     double precision;
-  v_slot0    timestamptz;
-  v_left     integer := p_limit;
-  v_from_at  timestamptz;
-  v_from_id  bigint;
-  v_fence    cloud.delivery_fence;
-  v_fence_id bigint := 0;
-begin
-  -- a lease is committed without waiting for its WAL flush (0034): the HTTP call starts 0.6 ms sooner.
-  -- Only a crash of PostgreSQL can lose such a lease, and it empties cloud.delivery_fence (unlogged)
-  -- with it: the first claim after the crash raises the fence again, and until the longest lease
-  -- given before the crash has run out, no message enqueued before it is leased
-  perform pg_catalog.set_config('synchronous_commit', 'off', true);
-  select * into v_fence from cloud.delivery_fence;
-  if not found then
-    v_fence := cloud._raise_delivery_fence(p_lease_margin, p_now);
-  end if;
-  if p_now < v_fence.fence_until then
-    v_fence_id := v_fence.fence_id;
-  end if;
-  -- what ERP transactions committed into cloud.outbox_intake joins the hot table first (0029), and
-  -- what may go at once goes in already leased (0032): one write per message instead of two
-  return query select * from cloud._lease_intake(p_worker, p_limit, p_endpoints, p_lease_margin, p_now, v_fence_id);
-  get diagnostics v_n = row_count;
-  v_left := v_left - v_n;
-  -- an endpoint without due work costs one index probe (below); the dead index entries in front of
-  -- its first due message (one per message claimed since the last rotation while a snapshot holds
-  -- the xmin horizon and no scan may mark them dead) are walked once per claim, by that probe
-  for ep in
-    select e.name,
-           -- the common case (no limit, no quota, circuit closed, not paused) takes no lock and spends nothing
-           cloud._endpoint_limited(e, p_now) as limited
-      from cloud.endpoint e
-     where e.enabled and (p_endpoints is null or e.name = any (p_endpoints))
-     order by random()  -- no endpoint starves another
-  loop
-    exit when v_left <= 0;
-    -- one short index probe finds the endpoint's first due message: without one the endpoint costs
-    -- no lock, no write and no UPDATE to set up; with one, the lease below starts its index scan at
-    -- that key (0030) instead of walking again the dead entries in front of it
-    select o.next_attempt_at, o.id into v_from_at, v_from_id
-      from only cloud.outbox o
-     where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now and o.id > v_fence_id
-     order by o.next_attempt_at, o.id
-     limit 1;
-    continue when not found;
-    if not ep.limited then
-      -- lease and hand back in one statement; every message goes now
-      return query
-        with candidate as (
-          select o.request_id
-            from only cloud.outbox o
-           where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now and o.id > v_fence_id
-             and (o.next_attempt_at, o.id) >= (v_from_at, v_from_id)
-             and (o.ordering_key is null or not exists (
-                   select from cloud.outbox h
-                    where h.ordering_key = o.ordering_key and h.id < o.id
-                      and h.status in ('pending', 'in_flight', 'failed', 'dead')))
-           order by o.next_attempt_at, o.id
-           limit v_left
-           for update of o skip locked
-        ), leased as (
-          update only cloud.outbox o
-             set status = 'in_flight', attempts = o.attempts + 1, locked_by = p_worker,
-                 locked_until = p_now + make_interval(secs => e.timeout_ms / 1000.0) + p_lease_margin,
-                 updated_at = p_now
-            from candidate c, cloud.endpoint e
-           where o.request_id = c.request_id and e.name = o.endpoint
-          returning o.id, o.request_id, o.endpoint, o.operation, o.payload, o.attempts, o.aggregate_type, o.aggregate_id,
-                    o.ordering_key, e.provider, e.base_url, e.timeout_ms, e.config, o.locked_until,
-                    e.allow_hosts, e.allow_cidrs, e.allow_private, e.download_hosts
-        )
-        select l.request_id, l.endpoint, l.operation, l.payload, l.attempts, l.aggregate_type, l.aggregate_id,
-               l.ordering_key, l.provider, l.base_url, l.timeout_ms, l.config, l.locked_until, p_now,
-               l.allow_hosts, l.allow_cidrs::text[], l.allow_private, l.download_hosts
-          from leased l
-         order by l.id;
-      get diagnostics v_n = row_count;
-      v_left := v_left - v_n;
-      continue;
-    end if;
-    v_budget := cloud._take_budget(ep.name, v_left, p_now);
-    continue when v_budget <= 0;
-    with candidate as (
-      select o.request_id
-        from only cloud.outbox o
-       where o.status = 'pending' and o.endpoint = ep.name and o.next_attempt_at <= p_now and o.id > v_fence_id
-         and (o.next_attempt_at, o.id) >= (v_from_at, v_from_id)
-         and (o.ordering_key is null or not exists (
-               select from cloud.outbox h
-                where h.ordering_key = o.ordering_key and h.id < o.id
-                  and h.status in ('pending', 'in_flight', 'failed', 'dead')))
-       order by o.next_attempt_at, o.id
-       limit v_budget
-       for update of o skip locked
-    ), leased as (
-      update only cloud.outbox o
-         set status = 'in_flight', attempts = o.attempts + 1, locked_by = p_worker,
-             locked_until = p_now + make_interval(secs => e.timeout_ms / 1000.0) + p_lease_margin,
-             updated_at = p_now
-        from candidate c, cloud.endpoint e
-       where o.request_id = c.request_id and e.name = o.endpoint
-      returning o.request_id
-    )
-    select coalesce(array_agg(request_id), '{}') into v_ids from leased;
-    continue when cardinality(v_ids) = 0;
-    select cloud._tokens_available(e, p_now), e.rate_per_s, greatest(p_now, e.tokens_at)
-      into v_avail, v_rate, v_slot0 from cloud.endpoint e where e.name = ep.name;
-    perform cloud._spend_budget(ep.name, v_ids, p_now);
-    v_left := v_left - cardinality(v_ids);
-    return query
-      select o.request_id, o.endpoint, o.operation, o.payload, o.attempts, o.aggregate_type, o.aggregate_id,
-             o.ordering_key, e.provider, e.base_url, e.timeout_ms, e.config, o.locked_until,
-             -- the k-th message takes the k-th token: it goes when that token is due
-             case when v_rate is null then p_now
-                  else v_slot0 + make_interval(secs => greatest(0, (row_number() over (order by o.id) - v_avail) / v_rate)) end,
-             e.allow_hosts, e.allow_cidrs::text[], e.allow_private, e.download_hosts
-        from only cloud.outbox o join cloud.endpoint e on e.name = o.endpoint
-       where o.request_id = any (v_ids)
-       order by o.id;
-  end loop;
-  -- an empty claim means this listener is about to wait on LISTEN: from now on
-  -- enqueuers NOTIFY; a non-empty one means it is busy: they stop paying for it
-  -- (a bit of cloud.listener_idle_slots since 0035, written only when it changes)
-  perform cloud._mark_listener_idle(p_worker, v_left = p_limit);
-end $$;
 
 create or replace function cloud.record_listener_heartbeat(p_worker text, p_channels text[] default null)
 returns boolean

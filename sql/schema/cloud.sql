@@ -1602,7 +1602,6 @@ begin
   end loop;
   -- an empty claim means this listener is about to wait on LISTEN: from now on
   -- enqueuers NOTIFY; a non-empty one means it is busy: they stop paying for it
-  -- (a bit of cloud.listener_idle_slots since 0035, written only when it changes)
   perform cloud._mark_listener_idle(p_worker, v_left = p_limit);
 end $$;
 
