@@ -172,6 +172,20 @@ describe('erp-cloud doctor', () => {
     expect(find(quiet.checks, 'listener coverage')).toEqual([]); // said once, by the line above
   });
 
+  it('the delivery fence: none on a database that never crashed; emptied by a crash, then raised by the next claim, it is a warning saying how many messages wait and until when', async () => {
+    await endpoint('hook', `http://127.0.0.1:${httpPort}/webhook`);
+    expect(one((await doctor()).checks, 'delivery fence')).toMatchObject({ status: 'ok', detail: 'none: no crash since installation' });
+    await db.pool.query(`select cloud.enqueue_message('hook', 'demo.ping', '{"n":1}') from generate_series(1, 2)`);
+    await db.pool.query('truncate cloud.delivery_fence'); // what crash recovery does to an unlogged table
+    expect(one((await doctor()).checks, 'delivery fence')).toMatchObject({ status: 'warn', detail: expect.stringMatching(/^emptied by a crash of PostgreSQL .* the next claim holds/) });
+    expect((await db.pool.query(`select * from cloud.claim_messages('w1', 10)`)).rows).toEqual([]);
+    const { code, checks } = await doctor();
+    expect(code).toBe(0);
+    expect(one(checks, 'delivery fence')).toMatchObject({ status: 'warn', detail: expect.stringMatching(/^raised at \S+ after a crash of PostgreSQL: 2 pending message\(s\) enqueued before it wait until \S+/) });
+    await db.pool.query(`update cloud.delivery_fence set fence_until = now() - interval '1 second'`);
+    expect(one((await doctor()).checks, 'delivery fence')).toMatchObject({ status: 'ok', detail: expect.stringMatching(/^none in force \(last raised at \S+, lifted at \S+\)$/) });
+  });
+
   it('an endpoint whose host does not resolve fails the DNS line and exits 1', async () => {
     await endpoint('ghost', 'http://nothing.invalid/');
     const { code, checks } = await doctor();

@@ -1,4 +1,4 @@
-/** Doctor, 2. who runs maintenance: pg_cron's jobs, or the listeners' fallback timer; and the listeners' heartbeats. */
+/** Doctor, 2. who runs maintenance: pg_cron's jobs, or the listeners' fallback timer; the listeners' heartbeats; the delivery fence. */
 import type pg from 'pg';
 import { errText, iso, line, type CheckLine } from './lines.js';
 import { doctorSql as q } from './sql.js';
@@ -10,7 +10,7 @@ export async function checkMaintenance(c: pg.Client): Promise<CheckLine[]> {
   } catch (err) {
     return [line('pg_cron', 'cloud.cron_jobs_scheduled()', 'fail', errText(err))];
   }
-  const listeners = await checkListeners(c, scheduled);
+  const listeners = [...(await checkListeners(c, scheduled)), await checkDeliveryFence(c)];
   if (!scheduled) {
     return [line('pg_cron', 'maintenance', 'warn', "pg_cron absent here: the listener's fallback timer runs maintenance"), ...listeners];
   }
@@ -78,5 +78,30 @@ async function checkCronJobs(c: pg.Client): Promise<CheckLine[]> {
     });
   } catch (err) {
     return [line('pg_cron job', 'cron.job', 'fail', errText(err))];
+  }
+}
+
+interface FenceRow { raised_at: Date; fence_until: Date; never_raised: boolean; in_force: boolean; waiting: number }
+
+/**
+ * The delivery fence (migration 0034): after a crash of PostgreSQL, what was enqueued before it waits
+ * until the longest lease a claim could have given had run out, so that no message goes out twice at
+ * once. While it holds, pending messages that do not move are expected: this line says why, and until when.
+ */
+async function checkDeliveryFence(c: pg.Client): Promise<CheckLine> {
+  const name = 'delivery fence';
+  try {
+    const f = (await c.query<FenceRow>(q.deliveryFence)).rows[0];
+    if (!f) {
+      return line(name, 'cloud.delivery_fence', 'warn',
+        'emptied by a crash of PostgreSQL (or a standby\'s promotion), and no claim has run since: the next claim holds what was enqueued before the crash until the longest lease could have run out');
+    }
+    if (f.in_force) {
+      return line(name, 'cloud.delivery_fence', 'warn',
+        `raised at ${iso(f.raised_at)} after a crash of PostgreSQL: ${f.waiting} pending message(s) enqueued before it wait until ${iso(f.fence_until)} (the longest lease a claim could have given before the crash); what is enqueued since goes at once`);
+    }
+    return line(name, 'cloud.delivery_fence', 'ok', f.never_raised ? 'none: no crash since installation' : `none in force (last raised at ${iso(f.raised_at)}, lifted at ${iso(f.fence_until)})`);
+  } catch (err) {
+    return line(name, 'cloud.delivery_fence', 'fail', errText(err));
   }
 }

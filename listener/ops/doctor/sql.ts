@@ -34,6 +34,11 @@ export const doctorSql = {
            heartbeat_at > now() - interval '1 minute' as live
       from cloud.listener
      order by heartbeat_at desc, worker_id`,
+  /** The delivery fence (migration 0034): no row = emptied by a crash and not raised again yet (no claim since). */
+  deliveryFence: `
+    select f.raised_at, f.fence_until, f.fence_until = '-infinity' as never_raised, f.fence_until > now() as in_force,
+           (select count(*)::int from cloud.outbox o where o.id <= f.fence_id and o.status = 'pending') as waiting
+      from cloud.delivery_fence f`,
   /** Enabled endpoints with pending messages that no live listener serves (cloud.listener.endpoints; null = all). */
   unservedEndpoints: `
     select e.name, count(o.*)::int as pending
