@@ -701,24 +701,40 @@ CREATE FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints 
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO ''
     AS $$
+declare
+  -- what counts as a row this claim may lease on the way in, for the read's limit: an endpoint of this
+  -- listener's, enabled and unlimited (whether older work of it is due is asked below, for what was taken)
+  v_ready text[] := array(
+    select e.name
+      from cloud.endpoint e
+     where (p_endpoints is null or e.name = any (p_endpoints)) and p_limit > 0 and e.enabled
+       and not cloud._endpoint_limited(e, p_now));
 begin
   return query
-    with taken as (
-      -- rows another transaction holds (another listener's claim taking them, an operator's skip) are
-      -- skipped, not waited for: that claim takes them, or the next one; until then the head-of-key
-      -- checks, which read the intake too, keep their keys' order
+    with read as materialized (
+      -- the intake in its own order, up to the p_limit-th row of a ready endpoint or the 2,000th of any
+      -- other, whichever comes first: both counts only grow, so their conditions stop the scan there.
+      -- Rows another transaction holds (another listener's claim taking them, an operator's skip) are
+      -- skipped, not waited for, and not counted: that claim takes them, or the next one; until then the
+      -- head-of-key checks, which read the intake too, keep their keys' order
+      select w.ctid
+        from (select s.ctid,
+                     count(*) filter (where s.ready) over (rows between unbounded preceding and current row) as n_ready,
+                     count(*) filter (where not s.ready) over (rows between unbounded preceding and current row) as n_other
+                from (select t.ctid, t.endpoint = any (v_ready) as ready
+                        from only cloud.outbox_intake t
+                         for update skip locked) s) w
+       where w.n_ready <= greatest(p_limit, 1) and w.n_other <= 2000
+    ), taken as (
       delete from only cloud.outbox_intake i
-       where i.ctid = any (array(select t.ctid from only cloud.outbox_intake t
-                                  where p_endpoints is null or t.endpoint = any (p_endpoints)
-                                  limit greatest(p_limit, 1) for update skip locked))
+       where i.ctid = any (array(select r.ctid from read r))
       returning i.*
     ), ready as materialized (
-      -- endpoints whose messages may be leased on the way in: enabled, unlimited (a limited one's go through
-      -- the claim's budget), and nothing of theirs already due in the hot table (that goes first)
+      -- of the endpoints taken, those whose messages may be leased on the way in: ready as above, and
+      -- nothing of theirs already due in the hot table (that goes first)
       select e.name, e.timeout_ms
         from cloud.endpoint e
-       where e.name in (select t.endpoint from taken t) and p_limit > 0 and e.enabled
-         and not cloud._endpoint_limited(e, p_now)
+       where e.name in (select t.endpoint from taken t) and e.name = any (v_ready)
          and not exists (select from only cloud.outbox o
                           where o.status = 'pending' and o.endpoint = e.name and o.next_attempt_at <= p_now)
     ), judged as (
@@ -761,7 +777,7 @@ end $$;
 -- Name: FUNCTION _lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint) IS 'Internal (cloud.claim_messages, first): takes up to p_limit committed messages of the given endpoints from cloud.outbox_intake (skipping rows another transaction holds) and writes each into cloud.outbox once, with the same request_id and id: leased to p_worker (in_flight) when it is due, is not behind the delivery fence (id above p_fence_id), heads its ordering key, and its endpoint is enabled, unlimited and has nothing older due; pending otherwise. Returns the leased messages as cloud.claim_messages does.';
+COMMENT ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint) IS 'Internal (cloud.claim_messages, first): reads cloud.outbox_intake in its own order up to the p_limit-th message it may lease on the way in or the 2,000th it may not, whichever comes first, and writes every message read into cloud.outbox once (skipping rows another transaction holds), with the same request_id and id: leased to p_worker (in_flight) when it is due, is not behind the delivery fence (id above p_fence_id), heads its ordering key, and its endpoint is one of p_endpoints (all when null), enabled, unlimited and has nothing older due; pending otherwise, as it was (another listener''s endpoint, a paused or limited one). Messages of leasable endpoints past p_limit stay in the intake. Returns the leased messages as cloud.claim_messages does.';
 
 
 --

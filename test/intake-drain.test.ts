@@ -1,0 +1,161 @@
+/**
+ * What waits in cloud.outbox_intake leaves it in bounded steps, whatever it is (issue 15, migration 0036).
+ * A claim reads the intake in its own order up to the p_limit-th message it may lease on the way in or the
+ * 2,000th it may not, and moves every message it read into the hot table: so messages of endpoints this
+ * listener does not serve, or may not lease now (paused, limited, disabled), neither make every claim read
+ * them again nor hold back the messages enqueued after them for more than one claim per 2,000. Counts, rows
+ * read and order only, never a duration.
+ */
+import pg from 'pg';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { createTestDb, type TestDb } from './helpers/db.js';
+import { resetProductState } from './helpers/reset.js';
+import { reportDelivered, whereMessages } from './helpers/outbox.js';
+
+let db: TestDb;
+let q: pg.Pool['query'];
+
+beforeAll(async () => {
+  db = await createTestDb('intake_drain');
+  q = db.pool.query.bind(db.pool) as pg.Pool['query'];
+});
+afterAll(() => db.drop());
+
+beforeEach(async () => {
+  await resetProductState(db.pool);
+  await q(`select cloud.put_endpoint('mine', 'http://127.0.0.1:9/mine')`);
+  await q(`select cloud.put_endpoint('theirs', 'http://127.0.0.1:9/theirs')`);
+});
+
+interface Claimed { request_id: string; endpoint: string; attempt: number }
+
+/** n messages for the endpoint, in order (one statement: ids ascending). */
+const enqueue = async (endpoint: string, n: number, key: string | null = null) =>
+  (await q<{ id: string }>(
+    `select cloud.enqueue_message($1, 'demo.ping', jsonb_build_object('i', g), null, null, $2) as id
+       from generate_series(1, $3::int) g order by g`, [endpoint, key, n])).rows.map((r) => r.id);
+
+const claim = async (worker: string, limit: number, endpoints: string[] | null) =>
+  (await q<Claimed>(`select * from cloud.claim_messages($1, $2, $3)`, [worker, limit, endpoints])).rows;
+
+/** A claim, and how many intake rows its scans read. */
+async function claimCounted(worker: string, limit: number, endpoints: string[] | null) {
+  const c = await db.pool.connect();
+  try {
+    // the backend's counts not yet flushed to the statistics include what it read before: a difference
+    const counted = async () => Number((await c.query<{ n: string }>(
+      `select pg_stat_get_xact_tuples_returned('cloud.outbox_intake'::regclass) as n`)).rows[0]!.n);
+    await c.query('begin');
+    const before = await counted();
+    const claimed = (await c.query<Claimed>(`select * from cloud.claim_messages($1, $2, $3)`, [worker, limit, endpoints])).rows;
+    const read = (await counted()) - before;
+    await c.query('commit');
+    return { claimed, read };
+  } finally {
+    c.release();
+  }
+}
+
+const where = () => whereMessages(db.pool);
+
+/** Where the messages of one endpoint are, and whether any was ever tried or leased. */
+const stateOf = async (endpoint: string) =>
+  (await q<{ place: string; n: number; tried: number; leased: number }>(
+    `select tableoid::regclass::text || ' ' || status as place, count(*)::int as n,
+            count(*) filter (where attempts > 0)::int as tried, count(*) filter (where locked_by is not null)::int as leased
+       from cloud.outbox where endpoint = $1 group by 1 order by 1`, [endpoint])).rows;
+
+describe('the intake drains in bounded steps, whatever waits in it', () => {
+  it('another listener\'s backlog is read once, 2,000 a claim, and joins the hot table untouched', async () => {
+    await enqueue('theirs', 2500);
+    const mine = await enqueue('mine', 3);
+
+    const first = await claimCounted('w1', 10, ['mine']);
+    expect(first.claimed).toEqual([]);
+    // the 2,000 it may not lease, and the one that told it to stop (and the one the read fetched ahead)
+    expect(first.read).toBeGreaterThanOrEqual(2000);
+    expect(first.read).toBeLessThanOrEqual(2002);
+    expect(await where()).toEqual({ 'cloud.outbox pending': 2000, 'cloud.outbox_intake pending': 503 });
+
+    // the next claim reaches this listener's messages: before 0036 each claim read the whole backlog again
+    const second = await claimCounted('w1', 10, ['mine']);
+    expect(second.claimed.map((m) => m.request_id)).toEqual(mine);
+    expect(second.read).toBeLessThanOrEqual(503);
+    expect(await stateOf('theirs')).toEqual([{ place: 'cloud.outbox pending', n: 2500, tried: 0, leased: 0 }]);
+
+    // their own listener takes them from the hot table, oldest first
+    const theirs = await claim('w2', 100, ['theirs']);
+    expect(theirs).toHaveLength(100);
+    const order = (await q<{ request_id: string }>(
+      `select request_id from cloud.outbox where endpoint = 'theirs' order by id limit 100`)).rows.map((r) => r.request_id);
+    expect(theirs.map((m) => m.request_id)).toEqual(order);
+  });
+
+  it('a paused endpoint\'s backlog leaves the intake 2,000 a claim; what was enqueued after it goes in the claim that reaches it', async () => {
+    await q(`update cloud.endpoint set paused_until = now() + interval '1 hour', pause_reason = 'test' where name = 'theirs'`);
+    await enqueue('theirs', 4100);
+    const mine = await enqueue('mine', 2);
+    const claims: Claimed[][] = [];
+    for (let i = 0; i < 3; i++) claims.push(await claim('w1', 10, null));
+    // before 0036 a claim moved 10 of the paused messages and leased nothing: 411 claims to reach these
+    expect(claims.map((c) => c.length)).toEqual([0, 0, 2]);
+    expect(claims[2]!.map((m) => m.request_id)).toEqual(mine);
+    expect(await stateOf('theirs')).toEqual([{ place: 'cloud.outbox pending', n: 4100, tried: 0, leased: 0 }]);
+    expect(await where()).toEqual({ 'cloud.outbox in_flight': 2, 'cloud.outbox pending': 4100 });
+  });
+
+  it('a disabled or rate-limited endpoint\'s backlog leaves the intake the same way', async () => {
+    await q(`update cloud.endpoint set enabled = false where name = 'theirs'`);
+    await q(`select cloud.put_endpoint('limited', 'http://127.0.0.1:9/limited')`);
+    await q(`select cloud.put_endpoint_limits('limited', 1)`);
+    await enqueue('theirs', 1500);
+    await enqueue('limited', 1500);
+    const mine = await enqueue('mine', 1);
+    const first = await claim('w1', 10, null);
+    // the limited endpoint's budget (burst 1) lets its oldest go from the hot table; the rest wait pending
+    expect(first.filter((m) => m.endpoint === 'mine')).toEqual([]);
+    const second = await claim('w1', 10, null);
+    expect(second.filter((m) => m.endpoint === 'mine').map((m) => m.request_id)).toEqual(mine);
+    expect(await stateOf('theirs')).toEqual([{ place: 'cloud.outbox pending', n: 1500, tried: 0, leased: 0 }]);
+    expect((await q(`select count(*)::int as n from only cloud.outbox_intake`)).rows[0].n).toBe(0);
+  });
+
+  it('a claim reads no more of the intake than it takes, and leaves the rest of its own messages there', async () => {
+    const ids = await enqueue('mine', 5000);
+    const { claimed, read } = await claimCounted('w1', 10, ['mine']);
+    expect(claimed.map((m) => m.request_id)).toEqual(ids.slice(0, 10));
+    expect(read).toBeLessThanOrEqual(12);
+    // the other 4,990 are still in the intake: each goes into the hot table once, leased, by a later claim
+    expect(await where()).toEqual({ 'cloud.outbox in_flight': 10, 'cloud.outbox_intake pending': 4990 });
+  });
+
+  it('per-key order holds across endpoints: a key\'s message waits for an older one another listener sends', async () => {
+    const [older] = await enqueue('theirs', 1, 'order-7');
+    const [newer] = await enqueue('mine', 1, 'order-7');
+    expect(await claim('w1', 10, ['mine'])).toEqual([]);
+    expect(await where()).toEqual({ 'cloud.outbox pending': 2 });
+    const theirs = await claim('w2', 10, ['theirs']);
+    expect(theirs.map((m) => m.request_id)).toEqual([older]);
+    expect(await claim('w1', 10, ['mine'])).toEqual([]);
+    await reportDelivered(db.pool, 'w2', theirs);
+    expect((await claim('w1', 10, ['mine'])).map((m) => m.request_id)).toEqual([newer]);
+  });
+
+  it('two listeners serving different endpoints drain a mixed intake between them, each message once', async () => {
+    const mineIds = await enqueue('mine', 300);
+    const theirIds = await enqueue('theirs', 300);
+    const seen = new Map<string, string>();
+    for (let round = 0; round < 20 && seen.size < 600; round++) {
+      for (const [worker, endpoint] of [['w1', 'mine'], ['w2', 'theirs']] as const) {
+        const got = await claim(worker, 50, [endpoint]);
+        for (const m of got) {
+          expect(m.endpoint).toBe(endpoint);
+          expect(seen.has(m.request_id)).toBe(false);
+          seen.set(m.request_id, worker);
+        }
+        await reportDelivered(db.pool, worker, got);
+      }
+    }
+    expect([...seen.keys()].sort()).toEqual([...mineIds, ...theirIds].sort());
+  });
+});
