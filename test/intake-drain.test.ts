@@ -129,6 +129,14 @@ describe('the intake drains in bounded steps, whatever waits in it', () => {
     expect(await where()).toEqual({ 'cloud.outbox in_flight': 10, 'cloud.outbox_intake pending': 4990 });
   });
 
+  it('a claim of no message takes nothing from the intake', async () => {
+    await enqueue('theirs', 5);
+    await enqueue('mine', 5);
+    expect(await claim('w1', 0, ['mine'])).toEqual([]);
+    expect(await claim('w1', 0, null)).toEqual([]);
+    expect(await where()).toEqual({ 'cloud.outbox_intake pending': 10 });
+  });
+
   it('per-key order holds across endpoints: a key\'s message waits for an older one another listener sends', async () => {
     const [older] = await enqueue('theirs', 1, 'order-7');
     const [newer] = await enqueue('mine', 1, 'order-7');

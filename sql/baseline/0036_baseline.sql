@@ -49,7 +49,7 @@
 -- migration 0033_rotation_leaves_a_backlog_in_the_intake.sql sha256 3e8432ef8ce5347ebf00d3fb71764188db6868df073c60df1c578cac7986c3ba
 -- migration 0034_lease_without_waiting_for_the_flush.sql sha256 330ee8c9bf7bc926c7d550de64273967490dde2184aeaaf54bf5ec7f96cb644b
 -- migration 0035_idle_flag_without_row_versions.sql sha256 50c7f11901a703c81f30e4545ee2a76a87925c0f52114af18b4613d066be40a3
--- migration 0036_intake_drains_in_bounded_steps.sql sha256 07331d33fc54b54c0ce7eb4a8210ec344fdea21472d9f8ce63f7056d210ca3a4
+-- migration 0036_intake_drains_in_bounded_steps.sql sha256 77b1ffe81be2e8c8b9b07573e7264d4ff99c42209f11a1d2ba36baea74d9baa9
 
 set local check_function_bodies = false;
 set local standard_conforming_strings = on;
@@ -1270,7 +1270,7 @@ begin
                 from (select t.ctid, t.endpoint = any (v_ready) as ready
                         from only cloud.outbox_intake t
                          for update skip locked) s) w
-       where w.n_ready <= greatest(p_limit, 1) and w.n_other <= 2000
+       where w.n_ready <= p_limit and w.n_other <= case when p_limit > 0 then 2000 else 0 end  -- a claim of none takes none
     ), taken as (
       delete from only cloud.outbox_intake i
        where i.ctid = any (array(select r.ctid from read r))

@@ -724,7 +724,7 @@ begin
                 from (select t.ctid, t.endpoint = any (v_ready) as ready
                         from only cloud.outbox_intake t
                          for update skip locked) s) w
-       where w.n_ready <= greatest(p_limit, 1) and w.n_other <= 2000
+       where w.n_ready <= p_limit and w.n_other <= case when p_limit > 0 then 2000 else 0 end  -- a claim of none takes none
     ), taken as (
       delete from only cloud.outbox_intake i
        where i.ctid = any (array(select r.ctid from read r))
