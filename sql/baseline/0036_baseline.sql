@@ -49,7 +49,7 @@
 -- migration 0033_rotation_leaves_a_backlog_in_the_intake.sql sha256 3e8432ef8ce5347ebf00d3fb71764188db6868df073c60df1c578cac7986c3ba
 -- migration 0034_lease_without_waiting_for_the_flush.sql sha256 330ee8c9bf7bc926c7d550de64273967490dde2184aeaaf54bf5ec7f96cb644b
 -- migration 0035_idle_flag_without_row_versions.sql sha256 50c7f11901a703c81f30e4545ee2a76a87925c0f52114af18b4613d066be40a3
--- migration 0036_intake_drains_in_bounded_steps.sql sha256 77b1ffe81be2e8c8b9b07573e7264d4ff99c42209f11a1d2ba36baea74d9baa9
+-- migration 0036_intake_drains_in_bounded_steps.sql sha256 266c43bd65064336058f119837f167796a437cc062f52d61243fe324dab94d04
 
 set local check_function_bodies = false;
 set local standard_conforming_strings = on;
@@ -1276,11 +1276,13 @@ begin
        where i.ctid = any (array(select r.ctid from read r))
       returning i.*
     ), ready as materialized (
-      -- of the endpoints taken, those whose messages may be leased on the way in: ready as above, and
-      -- nothing of theirs already due in the hot table (that goes first)
+      -- of the endpoints taken, those whose messages may be leased on the way in: ready as above (asked
+      -- again in this statement's snapshot, as 0032 did: a pause committed since the first look counts),
+      -- and nothing of theirs already due in the hot table (that goes first)
       select e.name, e.timeout_ms
         from cloud.endpoint e
        where e.name in (select t.endpoint from taken t) and e.name = any (v_ready)
+         and e.enabled and not cloud._endpoint_limited(e, p_now)
          and not exists (select from only cloud.outbox o
                           where o.status = 'pending' and o.endpoint = e.name and o.next_attempt_at <= p_now)
     ), judged as (

@@ -67,11 +67,13 @@ begin
        where i.ctid = any (array(select r.ctid from read r))
       returning i.*
     ), ready as materialized (
-      -- of the endpoints taken, those whose messages may be leased on the way in: ready as above, and
-      -- nothing of theirs already due in the hot table (that goes first)
+      -- of the endpoints taken, those whose messages may be leased on the way in: ready as above (asked
+      -- again in this statement's snapshot, as 0032 did: a pause committed since the first look counts),
+      -- and nothing of theirs already due in the hot table (that goes first)
       select e.name, e.timeout_ms
         from cloud.endpoint e
        where e.name in (select t.endpoint from taken t) and e.name = any (v_ready)
+         and e.enabled and not cloud._endpoint_limited(e, p_now)
          and not exists (select from only cloud.outbox o
                           where o.status = 'pending' and o.endpoint = e.name and o.next_attempt_at <= p_now)
     ), judged as (
