@@ -2,9 +2,10 @@
  * What waits in cloud.outbox_intake leaves it in bounded steps, whatever it is (issue 15, migration 0036).
  * A claim reads the intake in its own order up to the p_limit-th message it may lease on the way in or the
  * 2,000th it may not, and moves every message it read into the hot table: so messages of endpoints this
- * listener does not serve, or may not lease now (paused, limited, disabled), neither make every claim read
- * them again nor hold back the messages enqueued after them for more than one claim per 2,000. Counts, rows
- * read and order only, never a duration.
+ * listener may not lease now (paused, limited, disabled), or does not serve and whose own listener has left
+ * them waiting over a second, neither make every claim read them again nor hold back the messages enqueued
+ * after them for more than one claim per 2,000. Another listener's fresh messages are left to it. Counts,
+ * rows read and order only, never a duration.
  */
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
@@ -35,11 +36,13 @@ const enqueue = async (endpoint: string, n: number, key: string | null = null) =
     `select cloud.enqueue_message($1, 'demo.ping', jsonb_build_object('i', g), null, null, $2) as id
        from generate_series(1, $3::int) g order by g`, [endpoint, key, n])).rows.map((r) => r.id);
 
-const claim = async (worker: string, limit: number, endpoints: string[] | null) =>
-  (await q<Claimed>(`select * from cloud.claim_messages($1, $2, $3)`, [worker, limit, endpoints])).rows;
+/** A claim, `laterS` seconds from now (another listener's messages are a claim's to move once they have waited a second). */
+const claim = async (worker: string, limit: number, endpoints: string[] | null, laterS = 0) =>
+  (await q<Claimed>(`select * from cloud.claim_messages($1, $2, $3, p_now => clock_timestamp() + make_interval(secs => $4))`,
+    [worker, limit, endpoints, laterS])).rows;
 
 /** A claim, and how many intake rows its scans read. */
-async function claimCounted(worker: string, limit: number, endpoints: string[] | null) {
+async function claimCounted(worker: string, limit: number, endpoints: string[] | null, laterS = 0) {
   const c = await db.pool.connect();
   try {
     // the backend's counts not yet flushed to the statistics include what it read before: a difference
@@ -47,7 +50,9 @@ async function claimCounted(worker: string, limit: number, endpoints: string[] |
       `select pg_stat_get_xact_tuples_returned('cloud.outbox_intake'::regclass) as n`)).rows[0]!.n);
     await c.query('begin');
     const before = await counted();
-    const claimed = (await c.query<Claimed>(`select * from cloud.claim_messages($1, $2, $3)`, [worker, limit, endpoints])).rows;
+    const claimed = (await c.query<Claimed>(
+      `select * from cloud.claim_messages($1, $2, $3, p_now => clock_timestamp() + make_interval(secs => $4))`,
+      [worker, limit, endpoints, laterS])).rows;
     const read = (await counted()) - before;
     await c.query('commit');
     return { claimed, read };
@@ -66,11 +71,12 @@ const stateOf = async (endpoint: string) =>
        from cloud.outbox where endpoint = $1 group by 1 order by 1`, [endpoint])).rows;
 
 describe('the intake drains in bounded steps, whatever waits in it', () => {
-  it('another listener\'s backlog is read once, 2,000 a claim, and joins the hot table untouched', async () => {
+  it('another listener\'s backlog that has waited is read once, 2,000 a claim, and joins the hot table untouched', async () => {
     await enqueue('theirs', 2500);
     const mine = await enqueue('mine', 3);
 
-    const first = await claimCounted('w1', 10, ['mine']);
+    // two seconds on: their listener has left them waiting (it is down)
+    const first = await claimCounted('w1', 10, ['mine'], 2);
     expect(first.claimed).toEqual([]);
     // the 2,000 it may not lease, and the one that told it to stop (and the one the read fetched ahead)
     expect(first.read).toBeGreaterThanOrEqual(2000);
@@ -78,7 +84,7 @@ describe('the intake drains in bounded steps, whatever waits in it', () => {
     expect(await where()).toEqual({ 'cloud.outbox pending': 2000, 'cloud.outbox_intake pending': 503 });
 
     // the next claim reaches this listener's messages: before 0036 each claim read the whole backlog again
-    const second = await claimCounted('w1', 10, ['mine']);
+    const second = await claimCounted('w1', 10, ['mine'], 2);
     expect(second.claimed.map((m) => m.request_id)).toEqual(mine);
     expect(second.read).toBeLessThanOrEqual(503);
     expect(await stateOf('theirs')).toEqual([{ place: 'cloud.outbox pending', n: 2500, tried: 0, leased: 0 }]);
@@ -89,6 +95,28 @@ describe('the intake drains in bounded steps, whatever waits in it', () => {
     const order = (await q<{ request_id: string }>(
       `select request_id from cloud.outbox where endpoint = 'theirs' order by id limit 100`)).rows.map((r) => r.request_id);
     expect(theirs.map((m) => m.request_id)).toEqual(order);
+  });
+
+  it('another listener\'s fresh messages are left to it: a claim beside its claim neither takes nor holds them', async () => {
+    const theirs = await enqueue('theirs', 3);
+    const mine = await enqueue('mine', 2);
+    const a = await db.pool.connect();
+    const b = await db.pool.connect();
+    try {
+      await a.query('begin');
+      await b.query('begin');
+      const first = (await a.query<Claimed>(`select * from cloud.claim_messages('w1', 1, '{mine}')`)).rows;
+      // their own listener's claim, woken by the same NOTIFY while the first is open, gets every one of them
+      const second = (await b.query<Claimed>(`select * from cloud.claim_messages('w2', 10, '{theirs}')`)).rows;
+      await a.query('commit');
+      await b.query('commit');
+      expect(first.map((m) => m.request_id)).toEqual(mine.slice(0, 1));
+      expect(second.map((m) => m.request_id)).toEqual(theirs);
+      expect(await where()).toEqual({ 'cloud.outbox in_flight': 4, 'cloud.outbox_intake pending': 1 });
+    } finally {
+      a.release();
+      b.release();
+    }
   });
 
   it('a paused endpoint\'s backlog leaves the intake 2,000 a claim; what was enqueued after it goes in the claim that reaches it', async () => {
@@ -141,6 +169,9 @@ describe('the intake drains in bounded steps, whatever waits in it', () => {
     const [older] = await enqueue('theirs', 1, 'order-7');
     const [newer] = await enqueue('mine', 1, 'order-7');
     expect(await claim('w1', 10, ['mine'])).toEqual([]);
+    // the older one is fresh, so it stays in the intake for its own listener; it holds the key there too
+    expect(await where()).toEqual({ 'cloud.outbox pending': 1, 'cloud.outbox_intake pending': 1 });
+    expect(await claim('w1', 10, ['mine'], 2)).toEqual([]);
     expect(await where()).toEqual({ 'cloud.outbox pending': 2 });
     const theirs = await claim('w2', 10, ['theirs']);
     expect(theirs.map((m) => m.request_id)).toEqual([older]);

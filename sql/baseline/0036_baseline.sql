@@ -49,7 +49,7 @@
 -- migration 0033_rotation_leaves_a_backlog_in_the_intake.sql sha256 3e8432ef8ce5347ebf00d3fb71764188db6868df073c60df1c578cac7986c3ba
 -- migration 0034_lease_without_waiting_for_the_flush.sql sha256 330ee8c9bf7bc926c7d550de64273967490dde2184aeaaf54bf5ec7f96cb644b
 -- migration 0035_idle_flag_without_row_versions.sql sha256 50c7f11901a703c81f30e4545ee2a76a87925c0f52114af18b4613d066be40a3
--- migration 0036_intake_drains_in_bounded_steps.sql sha256 266c43bd65064336058f119837f167796a437cc062f52d61243fe324dab94d04
+-- migration 0036_intake_drains_in_bounded_steps.sql sha256 f08dad69421a9a2381d23d4b20dfa68d707309576899cf1497e33e0085fde17d
 
 set local check_function_bodies = false;
 set local standard_conforming_strings = on;
@@ -1269,6 +1269,10 @@ begin
                      count(*) filter (where not s.ready) over (rows between unbounded preceding and current row) as n_other
                 from (select t.ctid, t.endpoint = any (v_ready) as ready
                         from only cloud.outbox_intake t
+                       -- another listener's messages are its own to take while they are fresh: moved (not
+                       -- locked, not counted) only once they have waited a second, so a claim never races
+                       -- that listener's claim for them (it would skip them, and wait for its next wake)
+                       where p_endpoints is null or t.endpoint = any (p_endpoints) or t.created_at < p_now - interval '1 second'
                          for update skip locked) s) w
        where w.n_ready <= p_limit and w.n_other <= case when p_limit > 0 then 2000 else 0 end  -- a claim of none takes none
     ), taken as (
@@ -1326,7 +1330,7 @@ end $$;
 -- Name: FUNCTION _lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint) IS 'Internal (cloud.claim_messages, first): reads cloud.outbox_intake in its own order up to the p_limit-th message it may lease on the way in or the 2,000th it may not, whichever comes first, and writes every message read into cloud.outbox once (skipping rows another transaction holds), with the same request_id and id: leased to p_worker (in_flight) when it is due, is not behind the delivery fence (id above p_fence_id), heads its ordering key, and its endpoint is one of p_endpoints (all when null), enabled, unlimited and has nothing older due; pending otherwise, as it was (another listener''s endpoint, a paused or limited one). Messages of leasable endpoints past p_limit stay in the intake. Returns the leased messages as cloud.claim_messages does.';
+COMMENT ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint) IS 'Internal (cloud.claim_messages, first): reads cloud.outbox_intake in its own order up to the p_limit-th message it may lease on the way in or the 2,000th it may not, whichever comes first, and writes every message read into cloud.outbox once (skipping rows another transaction holds), with the same request_id and id: leased to p_worker (in_flight) when it is due, is not behind the delivery fence (id above p_fence_id), heads its ordering key, and its endpoint is one of p_endpoints (all when null), enabled, unlimited and has nothing older due; pending otherwise, as it was (a paused or limited endpoint, or one of another listener''s, which it reads only once they have waited a second in the intake). Messages of leasable endpoints past p_limit stay in the intake. Returns the leased messages as cloud.claim_messages does.';
 
 
 --

@@ -24,10 +24,13 @@
 -- WindowAgg), so it reads one row more than it takes. Whether such an endpoint has older work due in the
 -- hot table is asked, as before, only of the endpoints taken: then its rows go in pending.
 --
--- So a claim reads and moves at most p_limit + 2,000 rows of the intake; rows of other listeners'
--- endpoints join the hot table as pending, untouched (their listener claims them there as any pending
--- message; per-key order is read across both tables, as before), and a backlog nobody may lease leaves the
--- intake 2,000 rows a claim. What may be leased at once goes as before: in one write, leased.
+-- So a claim reads and moves at most p_limit + 2,000 rows of the intake, and a backlog nobody may lease
+-- leaves the intake 2,000 rows a claim. Rows of endpoints the listener does not serve are its to move only
+-- once they have waited a second in the intake (their own listener is down or far behind): fresh ones are
+-- neither locked nor counted, so a claim never takes a message from under its own listener's concurrent
+-- claim (which would skip it, and leave it for its next wake). Moved, they join the hot table as pending,
+-- untouched; their listener claims them there as any pending message, and per-key order is read across
+-- both tables, as before. What may be leased at once goes as before: in one write, leased.
 --
 -- Unchanged: what is leased and when (due, heads its key, not behind the delivery fence, endpoint enabled
 -- and unlimited with nothing older due), the claim's limit, skip-locked taking, the result.
@@ -60,6 +63,10 @@ begin
                      count(*) filter (where not s.ready) over (rows between unbounded preceding and current row) as n_other
                 from (select t.ctid, t.endpoint = any (v_ready) as ready
                         from only cloud.outbox_intake t
+                       -- another listener's messages are its own to take while they are fresh: moved (not
+                       -- locked, not counted) only once they have waited a second, so a claim never races
+                       -- that listener's claim for them (it would skip them, and wait for its next wake)
+                       where p_endpoints is null or t.endpoint = any (p_endpoints) or t.created_at < p_now - interval '1 second'
                          for update skip locked) s) w
        where w.n_ready <= p_limit and w.n_other <= case when p_limit > 0 then 2000 else 0 end  -- a claim of none takes none
     ), taken as (
@@ -112,4 +119,4 @@ begin
 end $$;
 
 comment on function cloud._lease_intake(text, integer, text[], interval, timestamptz, bigint) is
-  'Internal (cloud.claim_messages, first): reads cloud.outbox_intake in its own order up to the p_limit-th message it may lease on the way in or the 2,000th it may not, whichever comes first, and writes every message read into cloud.outbox once (skipping rows another transaction holds), with the same request_id and id: leased to p_worker (in_flight) when it is due, is not behind the delivery fence (id above p_fence_id), heads its ordering key, and its endpoint is one of p_endpoints (all when null), enabled, unlimited and has nothing older due; pending otherwise, as it was (another listener''s endpoint, a paused or limited one). Messages of leasable endpoints past p_limit stay in the intake. Returns the leased messages as cloud.claim_messages does.';
+  'Internal (cloud.claim_messages, first): reads cloud.outbox_intake in its own order up to the p_limit-th message it may lease on the way in or the 2,000th it may not, whichever comes first, and writes every message read into cloud.outbox once (skipping rows another transaction holds), with the same request_id and id: leased to p_worker (in_flight) when it is due, is not behind the delivery fence (id above p_fence_id), heads its ordering key, and its endpoint is one of p_endpoints (all when null), enabled, unlimited and has nothing older due; pending otherwise, as it was (a paused or limited endpoint, or one of another listener''s, which it reads only once they have waited a second in the intake). Messages of leasable endpoints past p_limit stay in the intake. Returns the leased messages as cloud.claim_messages does.';

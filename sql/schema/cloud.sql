@@ -723,6 +723,10 @@ begin
                      count(*) filter (where not s.ready) over (rows between unbounded preceding and current row) as n_other
                 from (select t.ctid, t.endpoint = any (v_ready) as ready
                         from only cloud.outbox_intake t
+                       -- another listener's messages are its own to take while they are fresh: moved (not
+                       -- locked, not counted) only once they have waited a second, so a claim never races
+                       -- that listener's claim for them (it would skip them, and wait for its next wake)
+                       where p_endpoints is null or t.endpoint = any (p_endpoints) or t.created_at < p_now - interval '1 second'
                          for update skip locked) s) w
        where w.n_ready <= p_limit and w.n_other <= case when p_limit > 0 then 2000 else 0 end  -- a claim of none takes none
     ), taken as (
@@ -779,7 +783,7 @@ end $$;
 -- Name: FUNCTION _lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint) IS 'Internal (cloud.claim_messages, first): reads cloud.outbox_intake in its own order up to the p_limit-th message it may lease on the way in or the 2,000th it may not, whichever comes first, and writes every message read into cloud.outbox once (skipping rows another transaction holds), with the same request_id and id: leased to p_worker (in_flight) when it is due, is not behind the delivery fence (id above p_fence_id), heads its ordering key, and its endpoint is one of p_endpoints (all when null), enabled, unlimited and has nothing older due; pending otherwise, as it was (another listener''s endpoint, a paused or limited one). Messages of leasable endpoints past p_limit stay in the intake. Returns the leased messages as cloud.claim_messages does.';
+COMMENT ON FUNCTION cloud._lease_intake(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone, p_fence_id bigint) IS 'Internal (cloud.claim_messages, first): reads cloud.outbox_intake in its own order up to the p_limit-th message it may lease on the way in or the 2,000th it may not, whichever comes first, and writes every message read into cloud.outbox once (skipping rows another transaction holds), with the same request_id and id: leased to p_worker (in_flight) when it is due, is not behind the delivery fence (id above p_fence_id), heads its ordering key, and its endpoint is one of p_endpoints (all when null), enabled, unlimited and has nothing older due; pending otherwise, as it was (a paused or limited endpoint, or one of another listener''s, which it reads only once they have waited a second in the intake). Messages of leasable endpoints past p_limit stay in the intake. Returns the leased messages as cloud.claim_messages does.';
 
 
 --
