@@ -157,12 +157,31 @@ describe('the intake drains in bounded steps, whatever waits in it', () => {
     expect(await where()).toEqual({ 'cloud.outbox in_flight': 10, 'cloud.outbox_intake pending': 4990 });
   });
 
-  it('a claim of no message takes nothing from the intake', async () => {
+  it('a claim of no message takes nothing from the intake, and holds nothing there', async () => {
     await enqueue('theirs', 5);
     await enqueue('mine', 5);
-    expect(await claim('w1', 0, ['mine'])).toEqual([]);
-    expect(await claim('w1', 0, null)).toEqual([]);
+    const c = await db.pool.connect();
+    try {
+      await c.query('begin');
+      expect((await c.query(`select * from cloud.claim_messages('w1', 0, '{mine}')`)).rows).toEqual([]);
+      expect((await c.query(`select * from cloud.claim_messages('w1', 0, null)`)).rows).toEqual([]);
+      // while that transaction is open, every row can be locked by another
+      const free = await q<{ n: number }>(`select count(*)::int as n from (select from only cloud.outbox_intake for update skip locked) s`);
+      expect(free.rows[0]!.n).toBe(10);
+      await c.query('commit');
+    } finally {
+      c.release();
+    }
     expect(await where()).toEqual({ 'cloud.outbox_intake pending': 10 });
+  });
+
+  it('messages not due yet leave the intake 2,000 a claim and do not hold back one due behind them', async () => {
+    await q(`select cloud.enqueue_message('mine', 'demo.ping', jsonb_build_object('i', g), p_not_before => now() + interval '1 hour')
+               from generate_series(1, 500) g`);
+    const due = await enqueue('mine', 1);
+    // before, each claim of 10 moved 10 of them and leased none: the due one went in the 51st
+    expect((await claim('w1', 10, ['mine'])).map((m) => m.request_id)).toEqual(due);
+    expect(await where()).toEqual({ 'cloud.outbox in_flight': 1, 'cloud.outbox pending': 500 });
   });
 
   it('per-key order holds across endpoints: a key\'s message waits for an older one another listener sends', async () => {

@@ -49,7 +49,7 @@
 -- migration 0033_rotation_leaves_a_backlog_in_the_intake.sql sha256 3e8432ef8ce5347ebf00d3fb71764188db6868df073c60df1c578cac7986c3ba
 -- migration 0034_lease_without_waiting_for_the_flush.sql sha256 330ee8c9bf7bc926c7d550de64273967490dde2184aeaaf54bf5ec7f96cb644b
 -- migration 0035_idle_flag_without_row_versions.sql sha256 50c7f11901a703c81f30e4545ee2a76a87925c0f52114af18b4613d066be40a3
--- migration 0036_intake_drains_in_bounded_steps.sql sha256 f08dad69421a9a2381d23d4b20dfa68d707309576899cf1497e33e0085fde17d
+-- migration 0036_intake_drains_in_bounded_steps.sql sha256 740d80edbee197f2cca4a630a61ea23595af91b7909a4ad3acac9005c464a4a9
 
 set local check_function_bodies = false;
 set local standard_conforming_strings = on;
@@ -1256,6 +1256,9 @@ declare
      where (p_endpoints is null or e.name = any (p_endpoints)) and p_limit > 0 and e.enabled
        and not cloud._endpoint_limited(e, p_now));
 begin
+  if p_limit <= 0 then
+    return;  -- a claim of no message takes, and holds, nothing
+  end if;
   return query
     with read as materialized (
       -- the intake in its own order, up to the p_limit-th row of a ready endpoint or the 2,000th of any
@@ -1267,14 +1270,16 @@ begin
         from (select s.ctid,
                      count(*) filter (where s.ready) over (rows between unbounded preceding and current row) as n_ready,
                      count(*) filter (where not s.ready) over (rows between unbounded preceding and current row) as n_other
-                from (select t.ctid, t.endpoint = any (v_ready) as ready
+                -- ready: it may go now (a row due later or behind the fence counts with the others, so a
+                -- backlog of them leaves 2,000 a claim too)
+                from (select t.ctid, t.endpoint = any (v_ready) and t.next_attempt_at <= p_now and t.id > p_fence_id as ready
                         from only cloud.outbox_intake t
                        -- another listener's messages are its own to take while they are fresh: moved (not
                        -- locked, not counted) only once they have waited a second, so a claim never races
                        -- that listener's claim for them (it would skip them, and wait for its next wake)
                        where p_endpoints is null or t.endpoint = any (p_endpoints) or t.created_at < p_now - interval '1 second'
                          for update skip locked) s) w
-       where w.n_ready <= p_limit and w.n_other <= case when p_limit > 0 then 2000 else 0 end  -- a claim of none takes none
+       where w.n_ready <= p_limit and w.n_other <= 2000
     ), taken as (
       delete from only cloud.outbox_intake i
        where i.ctid = any (array(select r.ctid from read r))

@@ -9,20 +9,22 @@
 --    40,000 of them waiting, a one-message claim of the other endpoints took 9.2–9.8 ms instead of about
 --    1 ms (p50 of 100, this machine), and stayed so until their own listener came back.
 -- 2. Rows this listener serves but may not lease on the way in (a paused, disabled or rate-limited
---    endpoint, an open circuit): the take moved p_limit of them into the hot
---    table as pending and leased none, so the claim came back with less than asked and the listener waited
+--    endpoint, an open circuit; a message not due yet, or behind the delivery fence): the take moved
+--    p_limit of them into the hot table as pending and leased none, so the claim came back with less than asked and the listener waited
 --    for its next wake. A backlog of 40,000 (a listener started after an outage while the endpoint was
 --    paused) left the intake 64 rows a poll, about five minutes, and every other endpoint's message
 --    enqueued behind it waited as long.
 --
 -- Now the take reads the intake in its own order (heap order, roughly the order of commit) and stops at
--- whichever comes first: the p_limit-th row of an endpoint it may lease on the way in (one of this
--- listener's, enabled, unlimited), or the 2,000th row of any other. It takes every row it read, locking
--- each as it reads it (rows another claim holds are skipped and not counted, as before), but the one that
--- ended the read; its own endpoints' rows past p_limit stay in the intake for the next claim (no second
--- write for them). Counted by two running counts whose run conditions stop the scan (PostgreSQL 15
--- WindowAgg), so it reads one row more than it takes. Whether such an endpoint has older work due in the
--- hot table is asked, as before, only of the endpoints taken: then its rows go in pending.
+-- whichever comes first: the p_limit-th row it may lease on the way in (of an endpoint of this listener's,
+-- enabled and unlimited, due, and not behind the delivery fence), or the 2,000th row of any other. It
+-- takes every row it read, locking each as it reads it (rows another claim holds are skipped and not
+-- counted, as before), but the one that ended the read; its own endpoints' rows past p_limit stay in the
+-- intake for the next claim (no second write for them). Counted by two running counts whose run conditions
+-- stop the scan (PostgreSQL 15 WindowAgg), which fetches one row ahead: a claim that stops at its limit
+-- holds up to two rows it did not take until it commits. Whether a taken endpoint is still enabled and
+-- unlimited, and has older work due in the hot table, is asked as before in the statement that leases,
+-- and only of the endpoints taken: then its rows go in pending. A claim of no message takes nothing.
 --
 -- So a claim reads and moves at most p_limit + 2,000 rows of the intake, and a backlog nobody may lease
 -- leaves the intake 2,000 rows a claim. Rows of endpoints the listener does not serve are its to move only
@@ -50,6 +52,9 @@ declare
      where (p_endpoints is null or e.name = any (p_endpoints)) and p_limit > 0 and e.enabled
        and not cloud._endpoint_limited(e, p_now));
 begin
+  if p_limit <= 0 then
+    return;  -- a claim of no message takes, and holds, nothing
+  end if;
   return query
     with read as materialized (
       -- the intake in its own order, up to the p_limit-th row of a ready endpoint or the 2,000th of any
@@ -61,14 +66,16 @@ begin
         from (select s.ctid,
                      count(*) filter (where s.ready) over (rows between unbounded preceding and current row) as n_ready,
                      count(*) filter (where not s.ready) over (rows between unbounded preceding and current row) as n_other
-                from (select t.ctid, t.endpoint = any (v_ready) as ready
+                -- ready: it may go now (a row due later or behind the fence counts with the others, so a
+                -- backlog of them leaves 2,000 a claim too)
+                from (select t.ctid, t.endpoint = any (v_ready) and t.next_attempt_at <= p_now and t.id > p_fence_id as ready
                         from only cloud.outbox_intake t
                        -- another listener's messages are its own to take while they are fresh: moved (not
                        -- locked, not counted) only once they have waited a second, so a claim never races
                        -- that listener's claim for them (it would skip them, and wait for its next wake)
                        where p_endpoints is null or t.endpoint = any (p_endpoints) or t.created_at < p_now - interval '1 second'
                          for update skip locked) s) w
-       where w.n_ready <= p_limit and w.n_other <= case when p_limit > 0 then 2000 else 0 end  -- a claim of none takes none
+       where w.n_ready <= p_limit and w.n_other <= 2000
     ), taken as (
       delete from only cloud.outbox_intake i
        where i.ctid = any (array(select r.ctid from read r))

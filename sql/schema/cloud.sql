@@ -710,6 +710,9 @@ declare
      where (p_endpoints is null or e.name = any (p_endpoints)) and p_limit > 0 and e.enabled
        and not cloud._endpoint_limited(e, p_now));
 begin
+  if p_limit <= 0 then
+    return;  -- a claim of no message takes, and holds, nothing
+  end if;
   return query
     with read as materialized (
       -- the intake in its own order, up to the p_limit-th row of a ready endpoint or the 2,000th of any
@@ -721,14 +724,16 @@ begin
         from (select s.ctid,
                      count(*) filter (where s.ready) over (rows between unbounded preceding and current row) as n_ready,
                      count(*) filter (where not s.ready) over (rows between unbounded preceding and current row) as n_other
-                from (select t.ctid, t.endpoint = any (v_ready) as ready
+                -- ready: it may go now (a row due later or behind the fence counts with the others, so a
+                -- backlog of them leaves 2,000 a claim too)
+                from (select t.ctid, t.endpoint = any (v_ready) and t.next_attempt_at <= p_now and t.id > p_fence_id as ready
                         from only cloud.outbox_intake t
                        -- another listener's messages are its own to take while they are fresh: moved (not
                        -- locked, not counted) only once they have waited a second, so a claim never races
                        -- that listener's claim for them (it would skip them, and wait for its next wake)
                        where p_endpoints is null or t.endpoint = any (p_endpoints) or t.created_at < p_now - interval '1 second'
                          for update skip locked) s) w
-       where w.n_ready <= p_limit and w.n_other <= case when p_limit > 0 then 2000 else 0 end  -- a claim of none takes none
+       where w.n_ready <= p_limit and w.n_other <= 2000
     ), taken as (
       delete from only cloud.outbox_intake i
        where i.ctid = any (array(select r.ctid from read r))
