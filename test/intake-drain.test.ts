@@ -36,13 +36,22 @@ const enqueue = async (endpoint: string, n: number, key: string | null = null) =
     `select cloud.enqueue_message($1, 'demo.ping', jsonb_build_object('i', g), null, null, $2) as id
        from generate_series(1, $3::int) g order by g`, [endpoint, key, n])).rows.map((r) => r.id);
 
-/** A claim, `laterS` seconds from now (another listener's messages are a claim's to move once they have waited a second). */
+/**
+ * The claim's now: `laterS` seconds after the newest message was enqueued, not the clock, so that what counts as
+ * fresh (another listener's messages are a claim's to move only once they have waited a second) does not depend on
+ * how fast a loaded machine runs the test. As text: a JavaScript Date would drop the microseconds.
+ */
+const nowAfter = async (laterS = 0) =>
+  (await q<{ at: string }>(`select (coalesce(max(created_at), clock_timestamp()) + make_interval(secs => $1))::text as at
+                              from cloud.outbox`, [laterS])).rows[0]!.at;
+
 const claim = async (worker: string, limit: number, endpoints: string[] | null, laterS = 0) =>
-  (await q<Claimed>(`select * from cloud.claim_messages($1, $2, $3, p_now => clock_timestamp() + make_interval(secs => $4))`,
-    [worker, limit, endpoints, laterS])).rows;
+  (await q<Claimed>(`select * from cloud.claim_messages($1, $2, $3, p_now => $4::timestamptz)`,
+    [worker, limit, endpoints, await nowAfter(laterS)])).rows;
 
 /** A claim, and how many intake rows its scans read. */
 async function claimCounted(worker: string, limit: number, endpoints: string[] | null, laterS = 0) {
+  const at = await nowAfter(laterS);
   const c = await db.pool.connect();
   try {
     // the backend's counts not yet flushed to the statistics include what it read before: a difference
@@ -50,9 +59,8 @@ async function claimCounted(worker: string, limit: number, endpoints: string[] |
       `select pg_stat_get_xact_tuples_returned('cloud.outbox_intake'::regclass) as n`)).rows[0]!.n);
     await c.query('begin');
     const before = await counted();
-    const claimed = (await c.query<Claimed>(
-      `select * from cloud.claim_messages($1, $2, $3, p_now => clock_timestamp() + make_interval(secs => $4))`,
-      [worker, limit, endpoints, laterS])).rows;
+    const claimed = (await c.query<Claimed>(`select * from cloud.claim_messages($1, $2, $3, p_now => $4::timestamptz)`,
+      [worker, limit, endpoints, at])).rows;
     const read = (await counted()) - before;
     await c.query('commit');
     return { claimed, read };
@@ -105,9 +113,10 @@ describe('the intake drains in bounded steps, whatever waits in it', () => {
     try {
       await a.query('begin');
       await b.query('begin');
-      const first = (await a.query<Claimed>(`select * from cloud.claim_messages('w1', 1, '{mine}')`)).rows;
+      const at = await nowAfter();
+      const first = (await a.query<Claimed>(`select * from cloud.claim_messages('w1', 1, '{mine}', p_now => $1::timestamptz)`, [at])).rows;
       // their own listener's claim, woken by the same NOTIFY while the first is open, gets every one of them
-      const second = (await b.query<Claimed>(`select * from cloud.claim_messages('w2', 10, '{theirs}')`)).rows;
+      const second = (await b.query<Claimed>(`select * from cloud.claim_messages('w2', 10, '{theirs}', p_now => $1::timestamptz)`, [at])).rows;
       await a.query('commit');
       await b.query('commit');
       expect(first.map((m) => m.request_id)).toEqual(mine.slice(0, 1));

@@ -95,6 +95,39 @@ describe('the rotation tick', () => {
     expect(await statusCounts(db.pool)).toEqual({ sent: 400 });
   });
 
+  it('a rotation that could not have its tables is asked again at the next tick, not only after the next message sent', async () => {
+    // how often the listener's sessions called cloud.rotate_outbox (counted for sessions that start after this)
+    await db.pool.query(`alter database ${db.name} set track_functions = 'pl'`);
+    const calls = () => count(`select coalesce(sum(calls), 0)::int as n from pg_stat_user_functions
+                                where schemaname = 'cloud' and funcname = 'rotate_outbox'`);
+    const holder = new pg.Client({ connectionString: db.url });
+    const locker = new pg.Client({ connectionString: db.url });
+    await Promise.all([holder.connect(), locker.connect()]);
+    try {
+      listener = await startListener(db.url, { ERP_CLOUD_MAINTENANCE_MS: '600000', ERP_CLOUD_ROTATE_MS: '100' });
+      await holder.query(`begin isolation level repeatable read`);
+      await holder.query(`select count(*) from pg_catalog.pg_class`);
+      await holder.query(`select pg_sleep(1.1)`);  // a snapshot held over a second: the tick archives at 100 sent
+      // a session holding the hot table (as pg_dump does): no rotation can have it while this lasts
+      await locker.query(`begin`);
+      await locker.query(`lock table only cloud.outbox in access share mode`);
+      await enqueue(100);
+      await waitFor(async () => (await sent()) === 100, { timeoutMs: 30_000, what: '100 sent' });
+      const before = await calls();
+      // nothing more is sent, and the tick keeps asking
+      await waitFor(async () => (await calls()) >= before + 2, { timeoutMs: 30_000, what: 'two more rotation calls after the last message' });
+      expect(await archived()).toBe(0);
+      await locker.query(`commit`);
+      await waitFor(async () => (await archived()) === 100, { timeoutMs: 30_000, what: '100 archived once the table is free' });
+      expect(await statusCounts(db.pool)).toEqual({ sent: 100 });
+    } finally {
+      await locker.query('rollback').catch(() => {});
+      await holder.query('rollback').catch(() => {});
+      await Promise.all([holder.end(), locker.end()]);
+      await db.pool.query(`alter database ${db.name} reset track_functions`);
+    }
+  });
+
   it('a rotation with too few sent messages answers 0 at its first count, before it looks for long lock holders', async () => {
     await enqueue(3);
     const claimed = (await db.pool.query<{ request_id: string; attempt: number }>(`select * from cloud.claim_messages('w1', 10)`)).rows;

@@ -477,9 +477,13 @@ export class Worker {
   private async rotate(): Promise<void> {
     if (this.stopping || this.rotating || this.maintaining || this.sentSinceTick === 0) return;
     this.rotating = true;
+    const sent = this.sentSinceTick;
     this.sentSinceTick = 0;
     try {
-      await this.pool.query(sql.rotate);
+      const { rows } = await this.pool.query<{ rotated: number | null }>(sql.rotate);
+      // null: it could not have its tables (a claim or a report held them over 50 ms, or a transaction has held
+      // them for over a second): the next tick asks again, not only the next message this listener sends
+      if (rows[0]?.rotated === null) this.sentSinceTick += sent;
     } catch (err) {
       this.markDb(err);
       this.log.warn({ err: errText(err) }, 'rotating the outbox failed');
