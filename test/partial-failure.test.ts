@@ -404,7 +404,8 @@ describe('listeners that disappear and come back', () => {
       child.proc.kill('SIGCONT');
     }
     await waitFor(async () => (await registered('forgotten'))?.idle, { timeoutMs: 30_000, what: 'registered again, idle' });
-    expect(child.output()).toMatch(/this listener had been forgotten.*registered again/);
+    // its log line follows the registration's commit, through a pipe: waited for, not assumed to be there already
+    await waitFor(async () => /this listener had been forgotten.*registered again/.test(child.output()), { timeoutMs: 30_000, what: 'the log line of registering again' });
     const { rows } = await q(`select cloud.enqueue_message('hook', 'demo.ping', '{"n":1}') as id`);
     await waitFor(async () => (await q(`select status from cloud.outbox where request_id = $1`, [rows[0].id])).rows[0].status === 'sent',
       { timeoutMs: Math.max(1000, 55_000 - (Date.now() - started)), what: 'delivered through NOTIFY, before the first poll' });

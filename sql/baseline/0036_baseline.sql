@@ -49,7 +49,7 @@
 -- migration 0033_rotation_leaves_a_backlog_in_the_intake.sql sha256 3e8432ef8ce5347ebf00d3fb71764188db6868df073c60df1c578cac7986c3ba
 -- migration 0034_lease_without_waiting_for_the_flush.sql sha256 330ee8c9bf7bc926c7d550de64273967490dde2184aeaaf54bf5ec7f96cb644b
 -- migration 0035_idle_flag_without_row_versions.sql sha256 50c7f11901a703c81f30e4545ee2a76a87925c0f52114af18b4613d066be40a3
--- migration 0036_intake_drains_in_bounded_steps.sql sha256 740d80edbee197f2cca4a630a61ea23595af91b7909a4ad3acac9005c464a4a9
+-- migration 0036_intake_drains_in_bounded_steps.sql sha256 c61e7bd6ecc99941fa2e21cd405ea80d2dbffa1a246abbdb966d455ca488b8be
 
 set local check_function_bodies = false;
 set local standard_conforming_strings = on;
@@ -1253,7 +1253,7 @@ declare
   v_ready text[] := array(
     select e.name
       from cloud.endpoint e
-     where (p_endpoints is null or e.name = any (p_endpoints)) and p_limit > 0 and e.enabled
+     where (p_endpoints is null or e.name = any (p_endpoints)) and e.enabled
        and not cloud._endpoint_limited(e, p_now));
 begin
   if p_limit <= 0 then

@@ -707,7 +707,7 @@ declare
   v_ready text[] := array(
     select e.name
       from cloud.endpoint e
-     where (p_endpoints is null or e.name = any (p_endpoints)) and p_limit > 0 and e.enabled
+     where (p_endpoints is null or e.name = any (p_endpoints)) and e.enabled
        and not cloud._endpoint_limited(e, p_now));
 begin
   if p_limit <= 0 then
