@@ -103,14 +103,24 @@ async function endpoint(name: string, url: string, allowPrivate = true): Promise
 }
 
 describe('erp-cloud doctor', () => {
-  it('a source callback that failed and waits for a replay is a warning naming the source and the replay to run; none waiting is ok', async () => {
+  it('a source callback that failed and waits for a replay is a warning naming the source and the replay to run; one that gave way to a lock only after a minute of tries; none waiting is ok', async () => {
     expect(one((await doctor()).checks, 'source callbacks')).toMatchObject({ target: 'every source', status: 'ok' });
     await db.pool.query(`insert into scm.source (name) values ('doctor-erp')`);
+    // gave way to a lock just now: the listener calls it again, nothing for anyone to do yet
     await db.pool.query(`insert into scm.callback_failure (source, event, object_id, sqlstate, message) values ('doctor-erp', 'order', 1, '55P03', 'lock timeout')`);
+    expect(one((await doctor()).checks, 'source callbacks')).toMatchObject({ target: 'every source', status: 'ok' });
+    // still giving way after a minute: something holds the ERP's row
+    await db.pool.query(`update scm.callback_failure set failed_at = now() - interval '61 seconds'`);
+    const locked = one((await doctor()).checks, 'source callbacks');
+    expect(locked).toMatchObject({ target: 'scm:doctor-erp', status: 'warn' });
+    expect(locked.detail).toContain('55P03 lock timeout');
+    await db.pool.query(`update scm.callback_failure set replayed_at = now()`);
+    // a fault of the callback: at once
+    await db.pool.query(`insert into scm.callback_failure (source, event, object_id, sqlstate, message) values ('doctor-erp', 'order', 2, 'P0001', 'buyer desk is closed')`);
     const waiting = one((await doctor()).checks, 'source callbacks');
     expect(waiting).toMatchObject({ target: 'scm:doctor-erp', status: 'warn' });
     expect(waiting.detail).toContain(`select scm.replay_callbacks('doctor-erp')`);
-    expect(waiting.detail).toContain('55P03 lock timeout');
+    expect(waiting.detail).toContain('P0001 buyer desk is closed');
     await db.pool.query(`update scm.callback_failure set replayed_at = now()`);
     expect(one((await doctor()).checks, 'source callbacks')).toMatchObject({ target: 'every source', status: 'ok' });
   });

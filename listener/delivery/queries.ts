@@ -31,6 +31,8 @@ export const sql = {
   /** The rotation tick: at the function's default batch of sent messages (10,000 since 0033), or 100 while a snapshot has been held over a second. */
   rotate: 'select cloud.rotate_outbox(p_min_sent_held => 100) as rotated',
   maintenance: 'select cloud.run_maintenance() as summary',
+  /** Source callbacks that gave way to a lock an ERP transaction held (0037): called again with the current state. */
+  replayDeferredCallbacks: 'select tax.replay_deferred_callbacks() + scm.replay_deferred_callbacks() as replayed',
   cronScheduled: 'select cloud.cron_jobs_scheduled() as scheduled',
   channels: 'select distinct wake_channel from cloud.endpoint where $1::text[] is null or name = any ($1) order by 1',
   endpointStatus: 'select * from cloud.endpoint_status order by endpoint',

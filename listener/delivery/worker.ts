@@ -441,6 +441,20 @@ export class Worker {
     }, 500 + Math.random() * 1000);
   }
 
+  /**
+   * A source callback that gave way to a lock an ERP transaction held (0037) is the listener's to call
+   * again, not an operator's. Its own failure (say, a statement_timeout) is logged, and does not make the
+   * database count as down.
+   */
+  private async replayDeferredCallbacks(): Promise<void> {
+    try {
+      const { rows } = await this.pool.query<{ replayed: number }>(sql.replayDeferredCallbacks);
+      if ((rows[0]?.replayed ?? 0) > 0) this.log.info({ replayed: rows[0]!.replayed }, 'source callbacks that had given way to a lock were called again');
+    } catch (err) {
+      this.log.warn({ err: errText(err) }, 'calling deferred source callbacks again failed');
+    }
+  }
+
   /** Heartbeat, lease reaping, and the pg_cron jobs' work when pg_cron is not there. */
   private async maintain(): Promise<void> {
     if (this.stopping || this.maintaining) return; // a slow round is not overtaken by the next tick
@@ -464,6 +478,7 @@ export class Worker {
       const reaped = await this.pool.query<{ reaped: number }>(sql.reap);
       if (!this.cronScheduled) await this.pool.query(sql.maintenance);
       this.markDb(null);
+      await this.replayDeferredCallbacks();
       if ((reaped.rows[0]?.reaped ?? 0) > 0) this.wake();
     } catch (err) {
       this.markDb(err);

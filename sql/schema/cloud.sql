@@ -183,6 +183,60 @@ COMMENT ON FUNCTION cloud._audit_console_action(p_user cloud.console_user, p_act
 
 
 --
+-- Name: _callback_lock_timeout_ms(regprocedure); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._callback_lock_timeout_ms(p_fn regprocedure) RETURNS bigint
+    LANGUAGE sql STABLE PARALLEL SAFE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+  -- a value without a unit is milliseconds; with one, an interval PostgreSQL reads ('2s', '500ms', '1min')
+  select case when v ~ '^\s*\d+\s*$' then v::bigint
+              else (extract(epoch from v::interval) * 1000)::bigint end
+    from (select substr(c, length('lock_timeout=') + 1) as v
+            from pg_proc p, unnest(p.proconfig) c
+           where p.oid = p_fn and c like 'lock_timeout=%') s
+$_$;
+
+
+--
+-- Name: FUNCTION _callback_lock_timeout_ms(p_fn regprocedure); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._callback_lock_timeout_ms(p_fn regprocedure) IS 'Internal: the lock_timeout (ms) a function sets in its own SET clause (0: no limit), or null when it sets none.';
+
+
+--
+-- Name: _check_callback_lock_timeout(regprocedure, text, text); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._check_callback_lock_timeout(p_fn regprocedure, p_what text, p_errcode text) RETURNS void
+    LANGUAGE plpgsql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_ms       bigint := cloud._callback_lock_timeout_ms(p_fn);
+  v_deadlock bigint := (extract(epoch from current_setting('deadlock_timeout')::interval) * 1000)::bigint;
+begin
+  if v_ms is not null and (v_ms = 0 or v_ms >= v_deadlock) then
+    raise exception using errcode = p_errcode,
+      message = format('%s %s sets lock_timeout %s, which lets it wait on your ERP''s rows until PostgreSQL aborts one of the two transactions',
+                       p_what, p_fn, case when v_ms = 0 then '0 (no limit)' else v_ms || ' ms' end),
+      detail = format('deadlock_timeout is %s: a wait of that long on a row your ERP''s transaction holds, while that transaction waits for erp-cloud, ends in 40P01 for whichever began to wait first.',
+                      current_setting('deadlock_timeout')),
+      hint = 'Leave lock_timeout out of its SET clause: erp-cloud calls it with lock_timeout 50 ms and calls it again when the row is free. Or set one well under deadlock_timeout.';
+  end if;
+end $$;
+
+
+--
+-- Name: FUNCTION _check_callback_lock_timeout(p_fn regprocedure, p_what text, p_errcode text); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._check_callback_lock_timeout(p_fn regprocedure, p_what text, p_errcode text) IS 'Internal: raises p_errcode (EI027, ES021) when a callback''s own SET clause gives it lock_timeout 0 or deadlock_timeout or more, which would replace cloud.callback_lock_timeout() for its body.';
+
+
+--
 -- Name: _check_egress_hosts(text, text, text[], boolean); Type: FUNCTION; Schema: cloud
 --
 
@@ -1485,6 +1539,22 @@ $$;
 --
 
 COMMENT ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone) IS 'Attempts per endpoint and minute between p_since and p_now from cloud.log: delivered (answered ok) and failed (any other outcome). Reads only the partitions and blocks of that time range.';
+
+
+--
+-- Name: callback_lock_timeout(); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud.callback_lock_timeout() RETURNS text
+    LANGUAGE sql STABLE PARALLEL SAFE
+    RETURN CASE WHEN (((current_setting('lock_timeout'::text))::interval > '00:00:00'::interval) AND ((current_setting('lock_timeout'::text))::interval < '00:00:00.05'::interval)) THEN current_setting('lock_timeout'::text) ELSE '50ms'::text END;
+
+
+--
+-- Name: FUNCTION callback_lock_timeout(); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud.callback_lock_timeout() IS 'The lock_timeout a source''s callback runs under: 50 ms, or the caller''s own when that is shorter. Far below deadlock_timeout (1 s), so a callback waiting on a row an ERP transaction holds, while that transaction waits for erp-cloud, gives way before PostgreSQL picks a transaction to abort.';
 
 
 --
@@ -3118,6 +3188,22 @@ COMMENT ON FUNCTION cloud.skip_message_from_console(p_request_id uuid, p_reason 
 
 
 --
+-- Name: sqlstate_is_lock_conflict(text); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud.sqlstate_is_lock_conflict(p_sqlstate text) RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN (p_sqlstate = ANY (ARRAY['55P03'::text, '40P01'::text, '40001'::text]));
+
+
+--
+-- Name: FUNCTION sqlstate_is_lock_conflict(p_sqlstate text); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud.sqlstate_is_lock_conflict(p_sqlstate text) IS 'Whether an error is a lock conflict rather than a fault: 55P03 lock_not_available (a lock_timeout ran out), 40P01 deadlock_detected, 40001 serialization_failure. A callback that failed with one gave way to another transaction and is called again by replay_deferred_callbacks.';
+
+
+--
 -- Name: provider_token; Type: TABLE; Schema: cloud
 --
 
@@ -4321,6 +4407,20 @@ REVOKE ALL ON FUNCTION cloud._audit_console_action(p_user cloud.console_user, p_
 
 
 --
+-- Name: FUNCTION _callback_lock_timeout_ms(p_fn regprocedure); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._callback_lock_timeout_ms(p_fn regprocedure) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _check_callback_lock_timeout(p_fn regprocedure, p_what text, p_errcode text); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._check_callback_lock_timeout(p_fn regprocedure, p_what text, p_errcode text) FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION _check_egress_hosts(p_endpoint text, p_what text, p_hosts text[], p_allow_private boolean); Type: ACL; Schema: cloud
 --
 
@@ -4670,6 +4770,13 @@ GRANT ALL ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone
 
 
 --
+-- Name: FUNCTION callback_lock_timeout(); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud.callback_lock_timeout() FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION claim_messages(p_worker text, p_limit integer, p_endpoints text[], p_lease_margin interval, p_now timestamp with time zone); Type: ACL; Schema: cloud
 --
 
@@ -5012,6 +5119,13 @@ GRANT ALL ON FUNCTION cloud.skip_message(p_request_id uuid, p_reason text, p_act
 
 REVOKE ALL ON FUNCTION cloud.skip_message_from_console(p_request_id uuid, p_reason text) FROM PUBLIC;
 GRANT ALL ON FUNCTION cloud.skip_message_from_console(p_request_id uuid, p_reason text) TO erp_cloud_console_operator;
+
+
+--
+-- Name: FUNCTION sqlstate_is_lock_conflict(p_sqlstate text); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud.sqlstate_is_lock_conflict(p_sqlstate text) FROM PUBLIC;
 
 
 --

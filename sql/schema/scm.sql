@@ -351,11 +351,12 @@ CREATE FUNCTION scm._call_source(p_event text, p_object_id bigint) RETURNS boole
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 declare
-  v_source text;
-  v_fn     regprocedure;
-  v_call   text;
-  v_state  text;
-  v_msg    text;
+  v_source  text;
+  v_fn      regprocedure;
+  v_call    text;
+  v_timeout text := current_setting('lock_timeout');
+  v_state   text;
+  v_msg     text;
 begin
   if p_event = 'order' then
     select po.source, s.on_order into v_source, v_fn from scm.purchase_order po join scm.source s on s.name = po.source where po.id = p_object_id;
@@ -369,6 +370,7 @@ begin
   end if;
   select format('select %I.%I($1)', n.nspname, p.proname) into v_call
     from pg_proc p join pg_namespace n on n.oid = p.pronamespace where p.oid = v_fn;
+  perform set_config('lock_timeout', cloud.callback_lock_timeout(), true);
   begin
     if p_event = 'order' then
       execute v_call using scm._order_result(p_object_id);
@@ -378,17 +380,27 @@ begin
   exception when others then
     -- the callback's own writes are rolled back; the transaction that called it goes on
     get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
-    insert into scm.callback_failure (source, event, object_id, sqlstate, message) values (v_source, p_event, p_object_id, v_state, v_msg);
+    perform set_config('lock_timeout', v_timeout, true);
+    perform scm._keep_callback_failure(v_source, p_event, p_object_id, v_state, v_msg);
     if p_event = 'asn' then
       update scm.asn set delivery_error = left(v_state || ': ' || v_msg, 1000) where id = p_object_id;
     end if;
-    raise warning 'on_% of source % failed for % % : % %', p_event, v_source, p_event, p_object_id, v_state, v_msg
-      using hint = 'The change is committed without the callback''s writes; fix the callback and run scm.replay_callbacks.';
+    if cloud.sqlstate_is_lock_conflict(v_state) then
+      raise warning 'on_% of source % gave way to a lock for % % : % %', p_event, v_source, p_event, p_object_id, v_state, v_msg
+        using hint = 'Another transaction held a row the callback writes; scm.replay_deferred_callbacks (the listener''s maintenance) calls it again.';
+    else
+      raise warning 'on_% of source % failed for % % : % %', p_event, v_source, p_event, p_object_id, v_state, v_msg
+        using hint = 'The change is committed without the callback''s writes; fix the callback and run scm.replay_callbacks.';
+    end if;
     return false;
   end;
+  perform set_config('lock_timeout', v_timeout, true);
   if p_event = 'asn' then
     update scm.asn set delivered_at = now(), delivery_error = null where id = p_object_id;
   end if;
+  -- the call delivered the object's whole current state: what waited for a lock is delivered too
+  update scm.callback_failure f set replayed_at = now()
+   where f.object_id = p_object_id and f.event = p_event and f.replayed_at is null and cloud.sqlstate_is_lock_conflict(f.sqlstate);
   return true;
 end $_$;
 
@@ -397,7 +409,7 @@ end $_$;
 -- Name: FUNCTION _call_source(p_event text, p_object_id bigint); Type: COMMENT; Schema: scm
 --
 
-COMMENT ON FUNCTION scm._call_source(p_event text, p_object_id bigint) IS 'Internal: calls the on_order (event order) or on_asn (event asn: an accepted ASN, which is then marked delivered) of the source the order belongs to; an error is caught (only the callback''s writes are undone), kept in scm.callback_failure (and as the ASN''s delivery_error) with a WARNING, and false returned. No callback registered: nothing happens.';
+COMMENT ON FUNCTION scm._call_source(p_event text, p_object_id bigint) IS 'Internal: calls the on_order (event order) or on_asn (event asn: an accepted ASN, which is then marked delivered) of the source the order belongs to, under cloud.callback_lock_timeout(); an error is caught (only the callback''s writes are undone), kept in scm.callback_failure (and as the ASN''s delivery_error) with a WARNING, and false returned. A call that goes through marks the object''s lock conflicts replayed. No callback registered: nothing happens.';
 
 
 --
@@ -491,6 +503,7 @@ begin
     raise exception using errcode = 'ES021', message = format('%s %s is owned by a superuser', p_what, p_fn),
       hint = 'Make the ERP''s own role its owner (ALTER FUNCTION … OWNER TO), so it runs with the ERP''s rights, not the migrator''s.';
   end if;
+  perform cloud._check_callback_lock_timeout(p_fn, p_what, 'ES021');
 end $$;
 
 
@@ -498,7 +511,7 @@ end $$;
 -- Name: FUNCTION _check_callback(p_fn regprocedure, p_arg regtype, p_what text); Type: COMMENT; Schema: scm
 --
 
-COMMENT ON FUNCTION scm._check_callback(p_fn regprocedure, p_arg regtype, p_what text) IS 'Internal: ES021 unless a function a source registers takes the contract''s type and returns void, is SECURITY DEFINER with a search_path, and is not owned by a superuser.';
+COMMENT ON FUNCTION scm._check_callback(p_fn regprocedure, p_arg regtype, p_what text) IS 'Internal: ES021 unless a function a source registers takes the contract''s type and returns void, is SECURITY DEFINER with a search_path, is not owned by a superuser, and sets no lock_timeout of 0 or of deadlock_timeout or more.';
 
 
 --
@@ -670,6 +683,35 @@ $$;
 --
 
 COMMENT ON FUNCTION scm._is_shipment(p_doc jsonb) IS 'Internal: whether an ASN''s delivery status (reference 4.4) is a shipment: everything but 0 待发布, 4 拒签, 9 正在发布, 10 发布失败.';
+
+
+--
+-- Name: _keep_callback_failure(text, text, bigint, text, text); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm._keep_callback_failure(p_source text, p_event text, p_object_id bigint, p_sqlstate text, p_message text) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+begin
+  if cloud.sqlstate_is_lock_conflict(p_sqlstate) then
+    update scm.callback_failure f
+       set attempts = f.attempts + 1, last_attempt_at = now(), sqlstate = p_sqlstate, message = p_message
+     where f.object_id = p_object_id and f.event = p_event and f.replayed_at is null
+       and cloud.sqlstate_is_lock_conflict(f.sqlstate);
+    if found then
+      return;
+    end if;
+  end if;
+  insert into scm.callback_failure (source, event, object_id, sqlstate, message) values (p_source, p_event, p_object_id, p_sqlstate, p_message);
+end $$;
+
+
+--
+-- Name: FUNCTION _keep_callback_failure(p_source text, p_event text, p_object_id bigint, p_sqlstate text, p_message text); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm._keep_callback_failure(p_source text, p_event text, p_object_id bigint, p_sqlstate text, p_message text) IS 'Internal: keeps a failed on_order / on_asn call in scm.callback_failure: a lock conflict adds a try to the object''s and event''s waiting row, if there is one; anything else is a new row.';
 
 
 --
@@ -2124,6 +2166,43 @@ COMMENT ON FUNCTION scm.replay_callbacks(p_source text, p_since timestamp with t
 
 
 --
+-- Name: replay_deferred_callbacks(timestamp with time zone, integer); Type: FUNCTION; Schema: scm
+--
+
+CREATE FUNCTION scm.replay_deferred_callbacks(p_now timestamp with time zone DEFAULT clock_timestamp(), p_limit integer DEFAULT 100) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v record;
+  n integer := 0;
+begin
+  for v in
+    select f.id, f.event, f.object_id from scm.callback_failure f
+     where f.replayed_at is null and cloud.sqlstate_is_lock_conflict(f.sqlstate)
+       and f.last_attempt_at <= p_now - make_interval(secs => 5 * least(f.attempts - 1, 12))
+     order by f.id limit p_limit
+       for update skip locked
+  loop
+    -- a call that gives way again counts a try on the row; one that goes through (or finds no callback
+    -- registered any more) is the replay
+    if scm._call_source(v.event, v.object_id) then
+      update scm.callback_failure set replayed_at = now() where id = v.id and replayed_at is null;
+      n := n + 1;
+    end if;
+  end loop;
+  return n;
+end $$;
+
+
+--
+-- Name: FUNCTION replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer); Type: COMMENT; Schema: scm
+--
+
+COMMENT ON FUNCTION scm.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) IS 'Calls on_order / on_asn again, with the current state, for up to p_limit orders and ASNs whose callback gave way to a lock (cloud.sqlstate_is_lock_conflict) and whose next try is due: at once after the first, then 5 s more per try, at most a minute apart. Rows another call is replaying are skipped. Returns how many calls went through. The listener calls it in every maintenance round.';
+
+
+--
 -- Name: schedule_jobs(); Type: FUNCTION; Schema: scm
 --
 
@@ -2423,6 +2502,8 @@ CREATE TABLE scm.callback_failure (
     message text NOT NULL,
     failed_at timestamp with time zone DEFAULT now() NOT NULL,
     replayed_at timestamp with time zone,
+    attempts integer DEFAULT 1 NOT NULL,
+    last_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT callback_failure_event CHECK ((event = ANY (ARRAY['order'::text, 'asn'::text])))
 );
 
@@ -2431,7 +2512,7 @@ CREATE TABLE scm.callback_failure (
 -- Name: TABLE callback_failure; Type: COMMENT; Schema: scm
 --
 
-COMMENT ON TABLE scm.callback_failure IS 'A source''s on_order or on_asn that raised: its own writes were rolled back, the transaction that called it committed. scm.replay_callbacks calls it again.';
+COMMENT ON TABLE scm.callback_failure IS 'A source''s on_order or on_asn that raised: its own writes were rolled back, the transaction that called it committed. A lock conflict is called again by scm.replay_deferred_callbacks (the listener''s maintenance), any other failure by the operator''s scm.replay_callbacks.';
 
 
 --
@@ -2452,7 +2533,21 @@ COMMENT ON COLUMN scm.callback_failure.object_id IS 'The order (event order) or 
 -- Name: COLUMN callback_failure.replayed_at; Type: COMMENT; Schema: scm
 --
 
-COMMENT ON COLUMN scm.callback_failure.replayed_at IS 'When scm.replay_callbacks called the source again for this failure (null: not yet).';
+COMMENT ON COLUMN scm.callback_failure.replayed_at IS 'When the source was called again for this failure (scm.replay_callbacks, or for a lock conflict scm.replay_deferred_callbacks or a later call for the object that went through); null: not yet.';
+
+
+--
+-- Name: COLUMN callback_failure.attempts; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.callback_failure.attempts IS 'How many calls failed: 1 for a fault; for a lock conflict (cloud.sqlstate_is_lock_conflict), the tries of scm.replay_deferred_callbacks so far.';
+
+
+--
+-- Name: COLUMN callback_failure.last_attempt_at; Type: COMMENT; Schema: scm
+--
+
+COMMENT ON COLUMN scm.callback_failure.last_attempt_at IS 'When the last of those calls failed (failed_at: the first).';
 
 
 --
@@ -2874,6 +2969,13 @@ COMMENT ON INDEX scm.asn_quarantine_pushed_event IS 'A pushed event is kept once
 --
 
 CREATE INDEX asn_supplier ON scm.asn USING btree (supplier_id);
+
+
+--
+-- Name: callback_failure_deferred; Type: INDEX; Schema: scm
+--
+
+CREATE INDEX callback_failure_deferred ON scm.callback_failure USING btree (object_id) WHERE ((replayed_at IS NULL) AND cloud.sqlstate_is_lock_conflict(sqlstate));
 
 
 --
@@ -3349,6 +3451,13 @@ REVOKE ALL ON FUNCTION scm._is_shipment(p_doc jsonb) FROM PUBLIC;
 
 
 --
+-- Name: FUNCTION _keep_callback_failure(p_source text, p_event text, p_object_id bigint, p_sqlstate text, p_message text); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm._keep_callback_failure(p_source text, p_event text, p_object_id bigint, p_sqlstate text, p_message text) FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION _malformed(p_ctx scm.validation_context, p_path text, p_problem text, p_hint text, p_line_no integer); Type: ACL; Schema: scm
 --
 
@@ -3660,6 +3769,15 @@ GRANT ALL ON FUNCTION scm.register_shared_portal_login(p_login_role name) TO erp
 
 REVOKE ALL ON FUNCTION scm.replay_callbacks(p_source text, p_since timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION scm.replay_callbacks(p_source text, p_since timestamp with time zone) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer); Type: ACL; Schema: scm
+--
+
+REVOKE ALL ON FUNCTION scm.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION scm.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) TO erp_cloud_listener;
+GRANT ALL ON FUNCTION scm.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) TO erp_cloud_operator;
 
 
 --

@@ -276,10 +276,11 @@ CREATE FUNCTION tax._call_source(p_invoice_id bigint, p_event text) RETURNS bool
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 declare
-  v_res   tax.invoice_result := tax._invoice_result(p_invoice_id, p_event);
-  v_call  text;
-  v_state text;
-  v_msg   text;
+  v_res     tax.invoice_result := tax._invoice_result(p_invoice_id, p_event);
+  v_call    text;
+  v_timeout text := current_setting('lock_timeout');
+  v_state   text;
+  v_msg     text;
 begin
   select format('select %I.%I($1)', n.nspname, p.proname) into v_call
     from tax.source s join pg_proc p on p.oid = s.on_invoice join pg_namespace n on n.oid = p.pronamespace
@@ -287,16 +288,27 @@ begin
   if v_call is null then
     return true;
   end if;
+  perform set_config('lock_timeout', cloud.callback_lock_timeout(), true);
   begin
     execute v_call using v_res;
   exception when others then
     -- the callback's own writes are rolled back; the write-back that called it goes on
     get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
-    insert into tax.callback_failure (source, invoice_id, event, sqlstate, message) values (v_res.source, p_invoice_id, p_event, v_state, v_msg);
-    raise warning 'on_invoice of source % failed for invoice % (%): % %', v_res.source, p_invoice_id, p_event, v_state, v_msg
-      using hint = 'The change is committed without the callback''s writes; fix the callback and run tax.replay_callbacks.';
+    perform set_config('lock_timeout', v_timeout, true);
+    perform tax._keep_callback_failure(v_res.source, p_invoice_id, p_event, v_state, v_msg);
+    if cloud.sqlstate_is_lock_conflict(v_state) then
+      raise warning 'on_invoice of source % gave way to a lock for invoice % (%): % %', v_res.source, p_invoice_id, p_event, v_state, v_msg
+        using hint = 'Another transaction held a row the callback writes; tax.replay_deferred_callbacks (the listener''s maintenance) calls it again.';
+    else
+      raise warning 'on_invoice of source % failed for invoice % (%): % %', v_res.source, p_invoice_id, p_event, v_state, v_msg
+        using hint = 'The change is committed without the callback''s writes; fix the callback and run tax.replay_callbacks.';
+    end if;
     return false;
   end;
+  perform set_config('lock_timeout', v_timeout, true);
+  -- the call delivered the invoice's whole current state: what waited for a lock is delivered too
+  update tax.callback_failure f set replayed_at = now()
+   where f.invoice_id = p_invoice_id and f.replayed_at is null and cloud.sqlstate_is_lock_conflict(f.sqlstate);
   return true;
 end $_$;
 
@@ -305,7 +317,7 @@ end $_$;
 -- Name: FUNCTION _call_source(p_invoice_id bigint, p_event text); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax._call_source(p_invoice_id bigint, p_event text) IS 'Internal: calls the on_invoice of the invoice''s source with its current state; an error is caught (only the callback''s writes are undone), kept in tax.callback_failure with a WARNING, and false returned.';
+COMMENT ON FUNCTION tax._call_source(p_invoice_id bigint, p_event text) IS 'Internal: calls the on_invoice of the invoice''s source with its current state, under cloud.callback_lock_timeout(); an error is caught (only the callback''s writes are undone), kept in tax.callback_failure with a WARNING, and false returned. A call that goes through marks the invoice''s lock conflicts replayed.';
 
 
 --
@@ -332,6 +344,9 @@ begin
     raise exception using errcode = 'EI027', message = format('%s %s is owned by a superuser', p_what, p_fn),
       hint = 'Make the ERP''s own role its owner (ALTER FUNCTION … OWNER TO), so it runs with the ERP''s rights, not the migrator''s.';
   end if;
+  if p_what <> 'refresh_buyer' then  -- refresh_buyer reads, in the caller's own transaction
+    perform cloud._check_callback_lock_timeout(p_fn, p_what, 'EI027');
+  end if;
 end $$;
 
 
@@ -339,7 +354,7 @@ end $$;
 -- Name: FUNCTION _check_callback(p_fn regprocedure, p_arg regtype, p_result regtype, p_what text); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax._check_callback(p_fn regprocedure, p_arg regtype, p_result regtype, p_what text) IS 'Internal: EI027 unless a function a source registers has the contract''s signature, is SECURITY DEFINER with a search_path, and is not owned by a superuser.';
+COMMENT ON FUNCTION tax._check_callback(p_fn regprocedure, p_arg regtype, p_result regtype, p_what text) IS 'Internal: EI027 unless a function a source registers has the contract''s signature, is SECURITY DEFINER with a search_path, is not owned by a superuser, and (on_invoice) sets no lock_timeout of 0 or of deadlock_timeout or more.';
 
 
 --
@@ -839,6 +854,35 @@ $$;
 --
 
 COMMENT ON FUNCTION tax._issue_refused(m cloud.outbox, e jsonb) IS 'Internal: whether a failed tax.issue / tax.red_confirm proves the platform created nothing: a permanent error when no earlier attempt of the request_id reached the network (cloud.log, not the attempt counter a replay resets), or a business refusal of this orderNo (never a 070… gateway / credential code). Timeouts and 5xx until the attempts ran out (status dead) prove nothing.';
+
+
+--
+-- Name: _keep_callback_failure(text, bigint, text, text, text); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax._keep_callback_failure(p_source text, p_invoice_id bigint, p_event text, p_sqlstate text, p_message text) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+begin
+  if cloud.sqlstate_is_lock_conflict(p_sqlstate) then
+    -- one waiting row per invoice: the call gives the whole current state, so only the latest event matters
+    update tax.callback_failure f
+       set event = p_event, attempts = f.attempts + 1, last_attempt_at = now(), sqlstate = p_sqlstate, message = p_message
+     where f.invoice_id = p_invoice_id and f.replayed_at is null and cloud.sqlstate_is_lock_conflict(f.sqlstate);
+    if found then
+      return;
+    end if;
+  end if;
+  insert into tax.callback_failure (source, invoice_id, event, sqlstate, message) values (p_source, p_invoice_id, p_event, p_sqlstate, p_message);
+end $$;
+
+
+--
+-- Name: FUNCTION _keep_callback_failure(p_source text, p_invoice_id bigint, p_event text, p_sqlstate text, p_message text); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax._keep_callback_failure(p_source text, p_invoice_id bigint, p_event text, p_sqlstate text, p_message text) IS 'Internal: keeps a failed on_invoice call in tax.callback_failure: a lock conflict adds a try to the invoice''s waiting row, if there is one, and makes its event the latest (the call always gives the current state); anything else is a new row.';
 
 
 --
@@ -2482,6 +2526,43 @@ COMMENT ON FUNCTION tax.replay_callbacks(p_source text, p_since timestamp with t
 
 
 --
+-- Name: replay_deferred_callbacks(timestamp with time zone, integer); Type: FUNCTION; Schema: tax
+--
+
+CREATE FUNCTION tax.replay_deferred_callbacks(p_now timestamp with time zone DEFAULT clock_timestamp(), p_limit integer DEFAULT 100) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v record;
+  n integer := 0;
+begin
+  for v in
+    select f.id, f.invoice_id, f.event from tax.callback_failure f
+     where f.replayed_at is null and cloud.sqlstate_is_lock_conflict(f.sqlstate)
+       and f.last_attempt_at <= p_now - make_interval(secs => 5 * least(f.attempts - 1, 12))
+     order by f.id limit p_limit
+       for update skip locked
+  loop
+    -- a call that gives way again counts a try on the row; one that goes through (or finds no callback
+    -- registered any more) is the replay
+    if tax._call_source(v.invoice_id, v.event) then
+      update tax.callback_failure set replayed_at = now() where id = v.id and replayed_at is null;
+      n := n + 1;
+    end if;
+  end loop;
+  return n;
+end $$;
+
+
+--
+-- Name: FUNCTION replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer); Type: COMMENT; Schema: tax
+--
+
+COMMENT ON FUNCTION tax.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) IS 'Calls on_invoice again, with the current state, for up to p_limit invoices whose callback gave way to a lock (cloud.sqlstate_is_lock_conflict) and whose next try is due: at once after the first, then 5 s more per try, at most a minute apart. Rows another call is replaying are skipped. Returns how many calls went through. The listener calls it in every maintenance round.';
+
+
+--
 -- Name: requery_invoice(bigint); Type: FUNCTION; Schema: tax
 --
 
@@ -3036,7 +3117,9 @@ CREATE TABLE tax.callback_failure (
     sqlstate text NOT NULL,
     message text NOT NULL,
     failed_at timestamp with time zone DEFAULT now() NOT NULL,
-    replayed_at timestamp with time zone
+    replayed_at timestamp with time zone,
+    attempts integer DEFAULT 1 NOT NULL,
+    last_attempt_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
 
@@ -3044,7 +3127,7 @@ CREATE TABLE tax.callback_failure (
 -- Name: TABLE callback_failure; Type: COMMENT; Schema: tax
 --
 
-COMMENT ON TABLE tax.callback_failure IS 'A source''s on_invoice that raised: its own writes were rolled back, the write-back that called it committed. tax.replay_callbacks calls it again.';
+COMMENT ON TABLE tax.callback_failure IS 'A source''s on_invoice that raised: its own writes were rolled back, the write-back that called it committed. A lock conflict is called again by tax.replay_deferred_callbacks (the listener''s maintenance), any other failure by the operator''s tax.replay_callbacks.';
 
 
 --
@@ -3058,7 +3141,21 @@ COMMENT ON COLUMN tax.callback_failure.event IS 'The event the callback was give
 -- Name: COLUMN callback_failure.replayed_at; Type: COMMENT; Schema: tax
 --
 
-COMMENT ON COLUMN tax.callback_failure.replayed_at IS 'When tax.replay_callbacks called the source again for this failure (null: not yet).';
+COMMENT ON COLUMN tax.callback_failure.replayed_at IS 'When the source was called again for this failure (tax.replay_callbacks, or for a lock conflict tax.replay_deferred_callbacks or a later call for the invoice that went through); null: not yet.';
+
+
+--
+-- Name: COLUMN callback_failure.attempts; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.callback_failure.attempts IS 'How many calls failed: 1 for a fault; for a lock conflict (cloud.sqlstate_is_lock_conflict), the tries of tax.replay_deferred_callbacks so far.';
+
+
+--
+-- Name: COLUMN callback_failure.last_attempt_at; Type: COMMENT; Schema: tax
+--
+
+COMMENT ON COLUMN tax.callback_failure.last_attempt_at IS 'When the last of those calls failed (failed_at: the first).';
 
 
 --
@@ -3619,6 +3716,13 @@ ALTER TABLE ONLY tax.text_limit
 
 
 --
+-- Name: callback_failure_deferred; Type: INDEX; Schema: tax
+--
+
+CREATE INDEX callback_failure_deferred ON tax.callback_failure USING btree (invoice_id) WHERE ((replayed_at IS NULL) AND cloud.sqlstate_is_lock_conflict(sqlstate));
+
+
+--
 -- Name: callback_failure_unreplayed; Type: INDEX; Schema: tax
 --
 
@@ -3979,6 +4083,13 @@ REVOKE ALL ON FUNCTION tax._issue_refused(m cloud.outbox, e jsonb) FROM PUBLIC;
 
 
 --
+-- Name: FUNCTION _keep_callback_failure(p_source text, p_invoice_id bigint, p_event text, p_sqlstate text, p_message text); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax._keep_callback_failure(p_source text, p_invoice_id bigint, p_event text, p_sqlstate text, p_message text) FROM PUBLIC;
+
+
+--
 -- Name: FUNCTION _keep_stale_answer(m cloud.outbox, r jsonb); Type: ACL; Schema: tax
 --
 
@@ -4326,6 +4437,15 @@ GRANT ALL ON FUNCTION tax.reissue_invoices(p_source text, p_reference text, p_bu
 
 REVOKE ALL ON FUNCTION tax.replay_callbacks(p_source text, p_since timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION tax.replay_callbacks(p_source text, p_since timestamp with time zone) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer); Type: ACL; Schema: tax
+--
+
+REVOKE ALL ON FUNCTION tax.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION tax.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) TO erp_cloud_listener;
+GRANT ALL ON FUNCTION tax.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) TO erp_cloud_operator;
 
 
 --

@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import type pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SqlState } from '../../listener/kernel/errors.js';
-import { createTestDb, inTransaction, sqlstateOf, urlFor, type TestDb } from '../helpers/db.js';
+import { createTestDb, inTransaction, sqlstateOf, urlFor, waitFor, type TestDb } from '../helpers/db.js';
 import { configureTax, OATS, SOFTWARE, USCC_OK } from '../helpers/invoicing.js';
 
 let db: TestDb;
@@ -308,6 +308,63 @@ describe("reversal (红冲) by the caller's reference: red and blue are keyed ap
     expect((await refusal(db.pool.query(`select tax.enqueue_reversal('shop', 'no-such', 'HC-x', 'error')`))).code).toBe(SqlState.invoiceDocumentUnknown);
     expect((await refusal(db.pool.query(`select tax.enqueue_reversal('shop', $1, 'HC-y', '2')`, [ref]))).code).toBe(SqlState.reversalReasonInvalid);
     expect((await db.pool.query(`select count(*)::int n from tax.reversal r join tax.invoice i on i.id = r.invoice_id where i.id in ($1, $2)`, [a, b])).rows[0].n).toBe(0);
+  });
+});
+
+describe("a callback gives way to the ERP: it never makes PostgreSQL abort the ERP's transaction", () => {
+  it("the ERP asks for a reversal while a write-back calls on_invoice on a table the ERP holds: the reversal commits, the callback is kept as deferred and called again", async () => {
+    const ref = newRef();
+    const [a, b] = await enqueue(ref, document());
+    await answer(a!, `invoice_status = 'issued', invoice_no = '26330000000000000021'`);
+    await answer(b!, `invoice_status = 'issued', invoice_no = '26330000000000000022'`);
+    const erp = await db.pool.connect();
+    const writeBack = await db.pool.connect();
+    let reversal: number[] = [];
+    try {
+      const erpPid = (await erp.query('select pg_backend_pid() pid')).rows[0].pid as number;
+      await writeBack.query('begin');
+      await writeBack.query('select 1 from tax.invoice where id = any($1) for update', [[a, b]]);
+      await erp.query('begin');
+      await erp.query('lock table shop.result in share row exclusive mode'); // an ERP job: nobody else writes it now
+      const asked = erp.query(`select tax.enqueue_reversal('shop', $1, $2, 'error', '{30}') ids`, [ref, `HC-${ref}`]);
+      await waitFor(async () => (await db.pool.query(`select 1 from pg_stat_activity where pid = $1 and wait_event_type = 'Lock'`, [erpPid])).rowCount,
+        { what: 'the ERP waiting for the invoice' });
+      // the write-back's callback now needs the ERP's table: the two wait for each other, the ERP since first
+      await writeBack.query(`update tax.invoice set error_code = 'W01', updated_at = now() where id = $1`, [a]);
+      await writeBack.query('commit');
+      reversal = (await asked).rows[0].ids.map(Number);
+      await erp.query('commit');
+    } finally {
+      await erp.query('rollback').catch(() => undefined);
+      await writeBack.query('rollback').catch(() => undefined);
+      erp.release();
+      writeBack.release();
+    }
+    expect(reversal).toHaveLength(1);
+    const kept = () => db.pool.query(`select event, sqlstate, attempts, replayed_at is not null replayed from tax.callback_failure where invoice_id = $1`, [a])
+      .then((r) => r.rows);
+    expect(await kept()).toEqual([{ event: 'changed', sqlstate: '55P03', attempts: 1, replayed: false }]);
+    expect((await db.pool.query(`select count(*)::int n from shop.result where invoice_id = $1 and event = 'changed'`, [a])).rows[0].n).toBe(0);
+    expect((await db.pool.query(`select tax.replay_deferred_callbacks() n`)).rows[0].n).toBeGreaterThanOrEqual(1);
+    expect((await db.pool.query(`select status, invoice_no from shop.result where invoice_id = $1 and event = 'changed'`, [a])).rows)
+      .toEqual([{ status: 'issued', invoice_no: '26330000000000000021' }]);
+    expect(await kept()).toEqual([{ event: 'changed', sqlstate: '55P03', attempts: 1, replayed: true }]);
+  });
+
+  it('an on_invoice that sets its own lock_timeout of deadlock_timeout or more is refused with EI027; a refresh_buyer may (it reads, in the caller\'s transaction)', async () => {
+    await db.pool.query(`create or replace function shop.patient(r tax.invoice_result) returns void language sql security definer set search_path = '' set lock_timeout = '1s' as $$ select $$`);
+    await db.pool.query(`create or replace function shop.patient_buyer(p text) returns jsonb language sql stable security definer set search_path = '' set lock_timeout = '2s' as $$ select '{}'::jsonb $$`);
+    await db.pool.query(`alter function shop.patient(tax.invoice_result) owner to ${owner}`);
+    await db.pool.query(`alter function shop.patient_buyer(text) owner to ${owner}`);
+    const e = await refusal(db.pool.query(`select tax.put_source('shop', p_on_invoice => 'shop.patient(tax.invoice_result)')`));
+    expect(e).toMatchObject({ code: SqlState.invoiceSourceRegistrationInvalid });
+    expect(e.message).toContain('on_invoice shop.patient(tax.invoice_result) sets lock_timeout 1000 ms');
+    expect(e.detail).toContain('deadlock_timeout is 1s');
+    expect((await db.pool.query(`select on_invoice::text from tax.source where name = 'shop'`)).rows[0].on_invoice).toBe('shop.on_invoice(tax.invoice_result)');
+    const before = (await db.pool.query(`select refresh_buyer::text from tax.source where name = 'shop'`)).rows[0].refresh_buyer;
+    await db.pool.query(`select tax.put_source('shop', p_refresh_buyer => 'shop.patient_buyer(text)')`);
+    if (before) await db.pool.query(`select tax.put_source('shop', p_refresh_buyer => $1::regprocedure)`, [before]);
+    else await db.pool.query(`select tax.put_source('shop', p_unset => '{refresh_buyer}')`);
   });
 });
 

@@ -10,7 +10,7 @@ import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SqlState } from '../../listener/kernel/errors.js';
-import { createTestDb, inTransaction, urlFor, type TestDb } from '../helpers/db.js';
+import { createTestDb, inTransaction, urlFor, waitFor, type TestDb } from '../helpers/db.js';
 
 let db: TestDb;
 const owner = `buy_owner_${randomBytes(4).toString('hex')}`;
@@ -330,6 +330,152 @@ describe('results come back by (source, reference), and through on_order in the 
     expect(await resultOf(ref)).toMatchObject({ cloud_status: 'published', cloud_ref: 'YC-88', calls: 1 });
     expect((await db.pool.query(`select count(*)::int n from scm.callback_failure where object_id = $1 and replayed_at is null`, [pub.order_id])).rows[0].n).toBe(0);
     expect((await db.pool.query(`select scm.replay_callbacks('buy') n`)).rows[0].n).toBe(0); // nothing left to replay
+  });
+});
+
+/** Waits (bounded) until the backend with this pid waits for a lock. */
+const waitsForLock = (pid: number) => waitFor(async () => (await db.pool.query(
+  `select 1 from pg_stat_activity where pid = $1 and wait_event_type = 'Lock'`, [pid])).rowCount, { what: `backend ${pid} waiting for a lock` });
+const deferredOf = async (orderId: string) => (await db.pool.query(
+  `select sqlstate, attempts, replayed_at is not null as replayed from scm.callback_failure where object_id = $1 and event = 'order' order by id`, [orderId])).rows;
+
+describe('a callback gives way to the ERP: it never makes PostgreSQL abort the ERP\'s transaction', () => {
+  /** An order published, delivered (so buy.result has its row) and revised: the revision's answer is still to come. */
+  async function revisedOrder() {
+    const ref = newRef();
+    const pub = await enqueue(ref, order({ poNo: `PO-${ref}` }));
+    await delivered(pub.request_id!, 'YC-5');
+    await markSent(pub.request_id!);
+    const rev = await enqueue(ref, order({ poNo: `PO-${ref}`, note: '改期' }));
+    return { ref, orderId: pub.order_id, rev: rev.request_id! };
+  }
+
+  it("the ERP closes an order while the write-back of its revision calls on_order on the ERP's row: the close commits, the callback is kept as deferred, and called again with the current state", async () => {
+    const { ref, orderId, rev } = await revisedOrder();
+    const erp = await db.pool.connect();
+    const writeBack = await db.pool.connect();
+    try {
+      const erpPid = (await erp.query('select pg_backend_pid() pid')).rows[0].pid as number;
+      await writeBack.query('begin');
+      // the write-back has erp-cloud's order row …
+      await writeBack.query('select 1 from scm.purchase_order where id = $1 for update', [orderId]);
+      // … the ERP has its own row and, closing the order, waits for erp-cloud's
+      await erp.query('begin');
+      await erp.query('select 1 from buy.result where reference = $1 for update', [ref]);
+      const closing = erp.query(`select scm.enqueue_order_close('buy', $1) id`, [ref]);
+      await waitsForLock(erpPid);
+      // the write-back's callback now needs the ERP's row: the two wait for each other, the ERP since first
+      await writeBack.query(`select scm.record_po_delivered(o, $2) from cloud.outbox o where request_id = $1`,
+        [rev, JSON.stringify({ code: '200', data: { orderId: 'YC-5' } })]);
+      await writeBack.query('commit');
+      expect((await closing).rows[0].id).toBeTruthy();
+      await erp.query('commit');
+    } finally {
+      await erp.query('rollback').catch(() => undefined);
+      await writeBack.query('rollback').catch(() => undefined);
+      erp.release();
+      writeBack.release();
+    }
+    expect(await statusOf(ref)).toMatchObject({ state: 'closed', operation: 'close', cloud_status: 'queued' });
+    expect(await deferredOf(orderId)).toEqual([{ sqlstate: '55P03', attempts: 1, replayed: false }]);
+    expect(await resultOf(ref)).toMatchObject({ operation: 'publish', revision: 0, calls: 1 }); // the ERP's row as it was
+    expect((await db.pool.query(`select scm.replay_deferred_callbacks() n`)).rows[0].n).toBe(1);
+    expect(await resultOf(ref)).toMatchObject({ state: 'closed', operation: 'close', cloud_status: 'queued', revision: 2, calls: 2 });
+    expect(await deferredOf(orderId)).toEqual([{ sqlstate: '55P03', attempts: 1, replayed: true }]);
+    expect((await db.pool.query(`select scm.replay_deferred_callbacks() n`)).rows[0].n).toBe(0);
+  });
+
+  it('while the ERP still holds its row, each try gives way again on the same row, counted, no sooner than due; once the row is free the next try goes through', async () => {
+    const { ref, orderId, rev } = await revisedOrder();
+    const erp = await db.pool.connect();
+    try {
+      await erp.query('begin');
+      await erp.query('select 1 from buy.result where reference = $1 for update', [ref]);
+      await delivered(rev);
+      expect(await deferredOf(orderId)).toEqual([{ sqlstate: '55P03', attempts: 1, replayed: false }]);
+      // "now" for each try is the row's own last try plus so many ms: the test does not depend on the clock
+      const replayAfter = (ms: number) => db.pool.query(`select scm.replay_deferred_callbacks(f.last_attempt_at + $2 * interval '1 ms') n
+                                                            from scm.callback_failure f where f.object_id = $1`, [orderId, ms]).then((r) => r.rows[0].n);
+      expect(await replayAfter(0)).toBe(0); // the first try is due at once: it gives way again
+      expect(await deferredOf(orderId)).toEqual([{ sqlstate: '55P03', attempts: 2, replayed: false }]);
+      expect(await replayAfter(4_999)).toBe(0); // the next is due 5 s after that: asked earlier, nothing is called
+      expect(await deferredOf(orderId)).toEqual([{ sqlstate: '55P03', attempts: 2, replayed: false }]);
+      expect(await replayAfter(5_000)).toBe(0); // due: it gives way again, on the same row
+      expect(await deferredOf(orderId)).toEqual([{ sqlstate: '55P03', attempts: 3, replayed: false }]);
+      expect(await replayAfter(9_999)).toBe(0); // then 10 s
+      await erp.query('commit');
+      expect(await replayAfter(10_000)).toBe(1);
+    } finally {
+      await erp.query('rollback').catch(() => undefined);
+      erp.release();
+    }
+    expect(await deferredOf(orderId)).toEqual([{ sqlstate: '55P03', attempts: 3, replayed: true }]);
+    expect(await resultOf(ref)).toMatchObject({ operation: 'revise', cloud_status: 'revised', revision: 1, calls: 2 });
+  });
+
+  it('a later call for the order that goes through delivers the whole state: the deferred one is done, never called after it', async () => {
+    const { ref, orderId, rev } = await revisedOrder();
+    const erp = await db.pool.connect();
+    try {
+      await erp.query('begin');
+      await erp.query('select 1 from buy.result where reference = $1 for update', [ref]);
+      await delivered(rev);
+    } finally {
+      await erp.query('rollback');
+      erp.release();
+    }
+    expect(await deferredOf(orderId)).toEqual([{ sqlstate: '55P03', attempts: 1, replayed: false }]);
+    await db.pool.query(`update scm.purchase_order set supplier_confirmed_at = '2026-12-08T09:00:00Z' where id = $1`, [orderId]);
+    expect(await resultOf(ref)).toMatchObject({ operation: 'revise', cloud_status: 'revised', calls: 2 });
+    expect(await deferredOf(orderId)).toEqual([{ sqlstate: '55P03', attempts: 1, replayed: true }]);
+    await db.pool.query(`select scm.replay_deferred_callbacks()`);
+    expect((await resultOf(ref)).calls).toBe(2);
+  });
+
+  it('a fault of the callback is not called again by itself: it waits for the operator', async () => {
+    const ref = newRef();
+    const pub = await enqueue(ref, order({ poNo: `PO-${ref}` }));
+    await db.pool.query(`update buy.switch set fail = true`);
+    try {
+      await delivered(pub.request_id!, 'YC-6');
+    } finally {
+      await db.pool.query(`update buy.switch set fail = false`);
+    }
+    expect(await deferredOf(pub.order_id)).toEqual([{ sqlstate: 'P0001', attempts: 1, replayed: false }]);
+    expect((await db.pool.query(`select scm.replay_deferred_callbacks() n`)).rows[0].n).toBe(0);
+    expect(await resultOf(ref)).toBeUndefined();
+    expect(await deferredOf(pub.order_id)).toEqual([{ sqlstate: 'P0001', attempts: 1, replayed: false }]);
+    await db.pool.query(`select scm.replay_callbacks('buy')`);
+    expect(await resultOf(ref)).toMatchObject({ cloud_ref: 'YC-6' });
+  });
+
+  it("the callback waits for a lock 50 ms, or the caller's shorter lock_timeout, and the caller's setting is as it was after it", async () => {
+    const { ref, rev } = await revisedOrder();
+    await inTransaction(db.pool, async (c) => {
+      expect((await c.query(`select cloud.callback_lock_timeout() t`)).rows[0].t).toBe('50ms');
+      await c.query(`set local lock_timeout = '10ms'`);
+      expect((await c.query(`select cloud.callback_lock_timeout() t`)).rows[0].t).toBe('10ms');
+      await c.query(`set local lock_timeout = '3s'`);
+      expect((await c.query(`select cloud.callback_lock_timeout() t`)).rows[0].t).toBe('50ms');
+      await c.query(`select scm.record_po_delivered(o, '{"code": "200"}') from cloud.outbox o where request_id = $1`, [rev]);
+      expect((await c.query(`select current_setting('lock_timeout') t`)).rows[0].t).toBe('3s');
+    });
+    expect(await resultOf(ref)).toMatchObject({ operation: 'revise', cloud_status: 'revised' });
+  });
+
+  it.each([
+    ['2s', '2000 ms'], ['0', '0 (no limit)'], ['1000', '1000 ms'], ['5min', '300000 ms'],
+  ])('an on_order that sets its own lock_timeout %s is refused with ES021 (it would give the deadlock back to the ERP); under deadlock_timeout it is accepted', async (value, shown) => {
+    await db.pool.query(`create or replace function buy.patient(r scm.order_result) returns void language sql security definer set search_path = '' set lock_timeout = '${value}' as $$ select $$`);
+    await db.pool.query(`alter function buy.patient(scm.order_result) owner to ${owner}`);
+    const e = await refusal(db.pool.query(`select scm.put_source('buy', p_on_order => 'buy.patient(scm.order_result)')`));
+    expect(e).toMatchObject({ code: SqlState.procurementSourceInvalid });
+    expect(e.message).toContain(`on_order buy.patient(scm.order_result) sets lock_timeout ${shown}`);
+    expect(e.hint).toContain('Leave lock_timeout out');
+    expect((await db.pool.query(`select on_order::text from scm.source where name = 'buy'`)).rows[0].on_order).toBe('buy.on_order(scm.order_result)');
+    await db.pool.query(`alter function buy.patient(scm.order_result) set lock_timeout = '200ms'`);
+    await db.pool.query(`select scm.put_source('buy', p_on_order => 'buy.patient(scm.order_result)')`);
+    await db.pool.query(`select scm.put_source('buy', p_on_order => 'buy.on_order(scm.order_result)')`);
   });
 });
 

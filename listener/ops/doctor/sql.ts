@@ -7,14 +7,14 @@ export const doctorSql = {
   server: `select current_setting('server_version_num')::int as num, current_setting('server_version') as version, current_database() as database, current_user as role`,
   /** erp-cloud's migration history (listener/kernel/migrations.ts), schema-qualified: never a table the search path finds. */
   migrationsTable: `select pg_catalog.to_regclass('erp_cloud.migration') is not null as present`,
-  /** callbacks of ERP sources (on_invoice, on_order, on_asn) that failed and wait for a replay, per source */
+  /** callbacks of ERP sources (on_invoice, on_order, on_asn) that failed and wait for a replay, per source; one that gave way to a lock only once it has waited over a minute (the listener calls those again) */
   callbackFailures: `
     select 'tax' as domain, f.source, count(*)::int as failures, min(f.failed_at) as since,
            (array_agg(f.sqlstate || ' ' || f.message order by f.failed_at desc))[1] as last
-      from tax.callback_failure f where f.replayed_at is null group by f.source
+      from tax.callback_failure f where f.replayed_at is null and (not cloud.sqlstate_is_lock_conflict(f.sqlstate) or f.failed_at < now() - interval '1 minute') group by f.source
     union all
     select 'scm', f.source, count(*)::int, min(f.failed_at), (array_agg(f.sqlstate || ' ' || f.message order by f.failed_at desc))[1]
-      from scm.callback_failure f where f.replayed_at is null group by f.source
+      from scm.callback_failure f where f.replayed_at is null and (not cloud.sqlstate_is_lock_conflict(f.sqlstate) or f.failed_at < now() - interval '1 minute') group by f.source
     order by 1, 2`,
   migrationRows: 'select id, name, sha256 from erp_cloud.migration order by id',
   cronScheduled: 'select cloud.cron_jobs_scheduled() as scheduled',

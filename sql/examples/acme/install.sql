@@ -104,10 +104,12 @@ create or replace trigger so_red_head_500_reverse after insert or update of zt o
   when (new.zt = '1') execute function acme.tg_so_red_head__500_reverse();
 
 -- Callback: erp-cloud calls it in the transaction that changed an invoice, with its whole current state
--- (so a second call is harmless). Short, no network, and a lock wait gives up after 2 s: a failure is
--- kept in tax.callback_failure and tax.replay_callbacks('acme') calls it again.
+-- (so a second call is harmless). Short and no network. No lock_timeout of its own: erp-cloud calls it
+-- with 50 ms, and when an acme job holds the rows it writes, the call gives way (kept in
+-- tax.callback_failure) and the listener calls it again once they are free. A fault it raises waits for
+-- tax.replay_callbacks('acme').
 create or replace function acme.on_invoice(r tax.invoice_result) returns void
-  language plpgsql security definer set search_path = '' set lock_timeout = '2s' as $$
+  language plpgsql security definer set search_path = '' as $$
 declare
   v_kpzt constant jsonb := '{"pending": "Q", "issuing": "K", "issued": "Y", "failed": "S", "reversed": "H", "partially_reversed": "B"}';
 begin
@@ -190,7 +192,7 @@ create constraint trigger po_line_500_publish after insert or update or delete o
 
 -- Callbacks: the order's cloud state into po_head; each accepted ASN's lines into dh_inbox (a replay adds nothing).
 create or replace function acme.on_order(r scm.order_result) returns void
-  language sql security definer set search_path = '' set lock_timeout = '2s' as $$
+  language sql security definer set search_path = '' as $$
   update acme.po_head
      set yzt = '{"queued": "Q", "published": "F", "revised": "B", "closed": "G", "rejected": "J", "undeliverable": "S"}'::jsonb ->> r.cloud_status,
          yddh = r.cloud_ref, ycw = r.cloud_error
@@ -198,7 +200,7 @@ create or replace function acme.on_order(r scm.order_result) returns void
 comment on function acme.on_order(scm.order_result) is
   'erp-cloud''s order callback for source acme: writes the cloud state (yzt), the cloud''s order id (yddh) and its refusal (ycw) into po_head.';
 create or replace function acme.on_asn(d scm.asn_delivery) returns void
-  language sql security definer set search_path = '' set lock_timeout = '2s' as $$
+  language sql security definer set search_path = '' as $$
   insert into acme.dh_inbox (gysbh, fhdh, hh, cgdh, cghh, wlbm, sl, ph, scrq, fhrq, yjdh, cys, ydh, qd)
   select d.supplier_code, d.asn_no, l.line_no, d.order_reference, l.po_line_no, l.material_code, l.quantity, l.batch_no,
          l.production_date, d.ship_date, d.eta, d.carrier, d.tracking_no, d.received_via
