@@ -16,10 +16,10 @@
  *
  * Quick mode (BENCH_QUICK=1) keeps the shape but not the proportions: 200
  * messages per run, the rate limit and the stream's offer at 150/s, the timeout
- * 500 ms (faults held 1.5 s), the backoff 100 ms doubling to a 5-s cap and the
- * circuit's cool-down 3 s instead of its default 30 s (one opening would
- * otherwise be most of a quick run), so the four runs take about 10 s instead
- * of two minutes. The retry tail (the
+ * 300 ms (faults held 1 s), the backoff 50 ms doubling to a 2-s cap and the
+ * circuit's cool-down 2 s instead of its default 30 s (one opening would
+ * otherwise be most of a quick run), so the four runs take well under 10 s
+ * instead of two minutes. The retry tail (the
  * unluckiest chains of retries, a few backoffs long whatever the run's size) is
  * then a much larger share of a 2-s run than of a 60-s one, so quick mode's
  * faults_delivery_ratio and faults_stream_ratio are NOT comparable with the full
@@ -76,11 +76,11 @@ type Params = typeof FULL;
 const QUICK: Params = {
   messages: 200,
   timeoutMs: 120_000,
-  endpoint: { timeout_ms: 500, max_attempts: 10, backoff_base_ms: 100, backoff_cap_ms: 5_000 },
+  endpoint: { timeout_ms: 300, max_attempts: 10, backoff_base_ms: 50, backoff_cap_ms: 2_000 },
   limits: { rate_per_s: 150, burst: 5 },
   offerPerS: 150,
-  faults: { fail: 0.3, timeoutShare: 0.5, seed: 14, holdMs: 1500 },
-  circuitCooldownMs: 3000,
+  faults: { fail: 0.3, timeoutShare: 0.5, seed: 14, holdMs: 1000 },
+  circuitCooldownMs: 2000,
 };
 
 export interface FaultRun {
@@ -376,7 +376,7 @@ export async function faultsFigure(ctx: BenchContext): Promise<FaultsResult> {
     faults: {
       messages: n,
       quick_not_comparable: ctx.quick
-        ? `quick mode: ${n} messages at ${OFFER_PER_S}/s with halved time constants and a 3-s circuit cool-down; the retry tail weighs far more than in the full run, so its ratios are not comparable with the full run's`
+        ? `quick mode: ${n} messages at ${OFFER_PER_S}/s with a 300-ms timeout, a 50-ms backoff doubling to 2 s and a 2-s circuit cool-down; the retry tail weighs far more than in the full run, so its ratios are not comparable with the full run's`
         : null,
       time_bound_s: timeoutMs / 1000,
       endpoint: {
