@@ -8,7 +8,7 @@
  *
  * More than enough messages (50/s × duration × 1.5) are enqueued first, so the
  * queue never runs dry; the listeners start, and from the first request the
- * simulator answered 200, for exactly `duration` seconds (20, quick 3), the
+ * simulator answered 200, for exactly `duration` seconds (20, quick 5), the
  * 200s the simulator received are counted by their arrival times:
  *   rate_limit_delivered_per_s = 200s in the window ÷ duration
  *   rate_limit_accuracy        = delivered_per_s ÷ 50 (target within [0.95, 1 + 1/(50 × duration)]:
