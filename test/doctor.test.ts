@@ -125,6 +125,23 @@ describe('erp-cloud doctor', () => {
     expect(one((await doctor()).checks, 'source callbacks')).toMatchObject({ target: 'every source', status: 'ok' });
   });
 
+  it('a registered callback whose own lock_timeout could let PostgreSQL abort the ERP (registered before put_source refused it) is a warning naming the function and the fix', async () => {
+    expect(one((await doctor()).checks, 'callback lock_timeout')).toMatchObject({ target: 'every source', status: 'ok' });
+    await db.pool.query(`create schema if not exists doctor_erp`);
+    await db.pool.query(`create function doctor_erp.on_order(r scm.order_result) returns void language sql security definer set search_path = '' set lock_timeout = '2s' as $$ select $$`);
+    // as a registration of an earlier release left it: written directly, past today's put_source
+    await db.pool.query(`insert into scm.source (name, on_order) values ('doctor-patient', 'doctor_erp.on_order(scm.order_result)')`);
+    const warned = one((await doctor()).checks, 'callback lock_timeout');
+    expect(warned).toMatchObject({ target: 'doctor-patient:on_order', status: 'warn' });
+    expect(warned.detail).toContain('doctor_erp.on_order(scm.order_result) sets lock_timeout 2000 ms');
+    expect(warned.detail).toContain('ALTER FUNCTION doctor_erp.on_order(scm.order_result) RESET lock_timeout');
+    await db.pool.query(`alter function doctor_erp.on_order(scm.order_result) set lock_timeout = '0'`);
+    expect(one((await doctor()).checks, 'callback lock_timeout').detail).toContain('sets lock_timeout 0 (no limit)');
+    await db.pool.query(`alter function doctor_erp.on_order(scm.order_result) set lock_timeout = '200ms'`);
+    expect(one((await doctor()).checks, 'callback lock_timeout')).toMatchObject({ target: 'every source', status: 'ok' });
+    await db.pool.query(`delete from scm.source where name = 'doctor-patient'`);
+  });
+
   it('a healthy setup exits 0: database, migrations, roles and grants are ok, and a local endpoint passes DNS, allowlist, TCP and circuit', async () => {
     await endpoint('hook', `http://127.0.0.1:${httpPort}/webhook`);
     await db.pool.query(`insert into cloud.listener (worker_id) values ('doctor-test')`); // a live heartbeat

@@ -50,7 +50,7 @@
 -- migration 0034_lease_without_waiting_for_the_flush.sql sha256 330ee8c9bf7bc926c7d550de64273967490dde2184aeaaf54bf5ec7f96cb644b
 -- migration 0035_idle_flag_without_row_versions.sql sha256 50c7f11901a703c81f30e4545ee2a76a87925c0f52114af18b4613d066be40a3
 -- migration 0036_intake_drains_in_bounded_steps.sql sha256 c61e7bd6ecc99941fa2e21cd405ea80d2dbffa1a246abbdb966d455ca488b8be
--- migration 0037_callbacks_give_way_to_the_erp.sql sha256 02e3e2ff53583ca19c15fbdd0228496db9ed235e9436652f8cd97108de887f64
+-- migration 0037_callbacks_give_way_to_the_erp.sql sha256 fe052c4cfb922ae4fbfa137b828c278e91ad0ab713f1376aec076c4c5629e55a
 
 set local check_function_bodies = false;
 set local standard_conforming_strings = on;

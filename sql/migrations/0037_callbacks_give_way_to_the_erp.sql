@@ -370,3 +370,23 @@ end $$;
 
 comment on function scm._check_callback(regprocedure, regtype, text) is
   'Internal: ES021 unless a function a source registers takes the contract''s type and returns void, is SECURITY DEFINER with a search_path, is not owned by a superuser, and sets no lock_timeout of 0 or of deadlock_timeout or more.';
+
+-- A callback registered before this migration may already set a lock_timeout that put_source now
+-- refuses (the acme example set 2 s): it keeps working, so say so here; erp-cloud doctor says it too.
+do $$
+declare
+  v record;
+begin
+  for v in
+    select c.what, c.source, c.fn, cloud._callback_lock_timeout_ms(c.fn) ms
+      from (select 'on_invoice' what, s.name source, s.on_invoice fn from tax.source s
+            union all select 'on_order', s.name, s.on_order from scm.source s
+            union all select 'on_asn', s.name, s.on_asn from scm.source s) c
+     where c.fn is not null
+       and (cloud._callback_lock_timeout_ms(c.fn) = 0
+            or cloud._callback_lock_timeout_ms(c.fn) >= extract(epoch from current_setting('deadlock_timeout')::interval) * 1000)
+  loop
+    raise warning '% of source % (%) sets lock_timeout % ms, which lets it wait until PostgreSQL aborts your ERP''s transaction', v.what, v.source, v.fn, v.ms
+      using hint = format('ALTER FUNCTION %s RESET lock_timeout; erp-cloud calls it with lock_timeout 50 ms.', v.fn);
+  end loop;
+end $$;

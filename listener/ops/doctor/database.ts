@@ -45,9 +45,29 @@ async function checkCallbacks(c: pg.Client): Promise<CheckLine[]> {
   } catch (err) {
     return [line(name, 'tax.callback_failure, scm.callback_failure', 'warn', `cannot read them: ${errText(err)}`)];
   }
-  if (!rows.length) return [line(name, 'every source', 'ok', 'no failed callback waits for a replay')];
-  return rows.map((r) => line(name, `${r.domain}:${r.source}`, 'warn',
-    `${r.failures} failed callback(s) since ${iso(r.since)}, the last ${r.last}: the ERP's own columns lag behind; fix the callback, then select ${r.domain}.replay_callbacks('${r.source}')`));
+  const out = rows.length
+    ? rows.map((r) => line(name, `${r.domain}:${r.source}`, 'warn',
+      `${r.failures} failed callback(s) since ${iso(r.since)}, the last ${r.last}: the ERP's own columns lag behind; fix the callback, then select ${r.domain}.replay_callbacks('${r.source}')`))
+    : [line(name, 'every source', 'ok', 'no failed callback waits for a replay')];
+  return [...out, ...(await checkCallbackLockTimeouts(c))];
+}
+
+/**
+ * A callback whose own SET lock_timeout is 0 or at least deadlock_timeout replaces the 50 ms erp-cloud calls it
+ * with (0037): waiting on a row the ERP holds while the ERP waits for erp-cloud, it lets PostgreSQL abort the ERP's
+ * transaction. put_source refuses such a callback; one registered before 0037 is named here.
+ */
+async function checkCallbackLockTimeouts(c: pg.Client): Promise<CheckLine[]> {
+  const name = 'callback lock_timeout';
+  let rows: Array<{ what: string; source: string; fn: string; ms: number; deadlock_timeout: string }>;
+  try {
+    rows = (await c.query(q.callbackLockTimeouts)).rows;
+  } catch (err) {
+    return [line(name, 'tax.source, scm.source', 'warn', `cannot read them: ${errText(err)}`)];
+  }
+  if (!rows.length) return [line(name, 'every source', 'ok', 'no callback sets a lock_timeout that could deadlock the ERP')];
+  return rows.map((r) => line(name, `${r.source}:${r.what}`, 'warn',
+    `${r.fn} sets lock_timeout ${r.ms === 0 ? '0 (no limit)' : `${r.ms} ms`}, not under deadlock_timeout ${r.deadlock_timeout}: a wait on your ERP's row while your ERP waits for erp-cloud can abort your ERP's transaction; ALTER FUNCTION ${r.fn} RESET lock_timeout (erp-cloud calls it with 50 ms)`));
 }
 
 async function checkMigrations(c: pg.Client, database: string): Promise<CheckLine> {
