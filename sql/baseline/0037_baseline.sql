@@ -50,7 +50,7 @@
 -- migration 0034_lease_without_waiting_for_the_flush.sql sha256 330ee8c9bf7bc926c7d550de64273967490dde2184aeaaf54bf5ec7f96cb644b
 -- migration 0035_idle_flag_without_row_versions.sql sha256 50c7f11901a703c81f30e4545ee2a76a87925c0f52114af18b4613d066be40a3
 -- migration 0036_intake_drains_in_bounded_steps.sql sha256 c61e7bd6ecc99941fa2e21cd405ea80d2dbffa1a246abbdb966d455ca488b8be
--- migration 0037_callbacks_give_way_to_the_erp.sql sha256 fe052c4cfb922ae4fbfa137b828c278e91ad0ab713f1376aec076c4c5629e55a
+-- migration 0037_callbacks_give_way_to_the_erp.sql sha256 7c97f0b880b837236549dca5e30ac5ac6b28205d1637dacf98d52bdb2fa0e55d
 
 set local check_function_bodies = false;
 set local standard_conforming_strings = on;
@@ -2110,6 +2110,23 @@ $$;
 --
 
 COMMENT ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone) IS 'Attempts per endpoint and minute between p_since and p_now from cloud.log: delivered (answered ok) and failed (any other outcome). Reads only the partitions and blocks of that time range.';
+
+
+--
+-- Name: callback_gave_way(); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud.callback_gave_way() RETURNS boolean
+    LANGUAGE sql STABLE PARALLEL SAFE
+    RETURN (COALESCE(current_setting('erp_cloud.callback_gave_way'::text, true), ''::text) = 'on'::text);
+
+
+
+--
+-- Name: FUNCTION callback_gave_way(); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud.callback_gave_way() IS 'Whether a source''s callback has given way to a lock in this transaction (set by tax._call_source / scm._call_source): then the transaction''s later callbacks are not called but kept for replay_deferred_callbacks, so it waits on the ERP''s locks at most once.';
 
 
 --
@@ -4372,22 +4389,30 @@ begin
   end if;
   select format('select %I.%I($1)', n.nspname, p.proname) into v_call
     from pg_proc p join pg_namespace n on n.oid = p.pronamespace where p.oid = v_fn;
-  perform set_config('lock_timeout', cloud.callback_lock_timeout(), true);
-  begin
-    if p_event = 'order' then
-      execute v_call using scm._order_result(p_object_id);
-    else
-      execute v_call using scm._asn_delivery(p_object_id);
-    end if;
-  exception when others then
-    -- the callback's own writes are rolled back; the transaction that called it goes on
-    get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
+  if cloud.callback_gave_way() then
+    v_state := '55P03';
+    v_msg := 'not called: a callback earlier in this transaction gave way to a lock';
+  else
+    perform set_config('lock_timeout', cloud.callback_lock_timeout(), true);
+    begin
+      if p_event = 'order' then
+        execute v_call using scm._order_result(p_object_id);
+      else
+        execute v_call using scm._asn_delivery(p_object_id);
+      end if;
+    exception when others then
+      -- the callback's own writes are rolled back; the transaction that called it goes on
+      get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
+    end;
     perform set_config('lock_timeout', v_timeout, true);
+  end if;
+  if v_state is not null then
     perform scm._keep_callback_failure(v_source, p_event, p_object_id, v_state, v_msg);
     if p_event = 'asn' then
       update scm.asn set delivery_error = left(v_state || ': ' || v_msg, 1000) where id = p_object_id;
     end if;
     if cloud.sqlstate_is_lock_conflict(v_state) then
+      perform set_config('erp_cloud.callback_gave_way', 'on', true);
       raise warning 'on_% of source % gave way to a lock for % % : % %', p_event, v_source, p_event, p_object_id, v_state, v_msg
         using hint = 'Another transaction held a row the callback writes; scm.replay_deferred_callbacks (the listener''s maintenance) calls it again.';
     else
@@ -4395,8 +4420,7 @@ begin
         using hint = 'The change is committed without the callback''s writes; fix the callback and run scm.replay_callbacks.';
     end if;
     return false;
-  end;
-  perform set_config('lock_timeout', v_timeout, true);
+  end if;
   if p_event = 'asn' then
     update scm.asn set delivered_at = now(), delivery_error = null where id = p_object_id;
   end if;
@@ -4412,7 +4436,7 @@ end $_$;
 -- Name: FUNCTION _call_source(p_event text, p_object_id bigint); Type: COMMENT; Schema: scm
 --
 
-COMMENT ON FUNCTION scm._call_source(p_event text, p_object_id bigint) IS 'Internal: calls the on_order (event order) or on_asn (event asn: an accepted ASN, which is then marked delivered) of the source the order belongs to, under cloud.callback_lock_timeout(); an error is caught (only the callback''s writes are undone), kept in scm.callback_failure (and as the ASN''s delivery_error) with a WARNING, and false returned. A call that goes through marks the object''s lock conflicts replayed. No callback registered: nothing happens.';
+COMMENT ON FUNCTION scm._call_source(p_event text, p_object_id bigint) IS 'Internal: calls the on_order (event order) or on_asn (event asn: an accepted ASN, which is then marked delivered) of the source the order belongs to, under cloud.callback_lock_timeout() (not at all once a callback of this transaction gave way: cloud.callback_gave_way()); an error is caught (only the callback''s writes are undone), kept in scm.callback_failure (and as the ASN''s delivery_error) with a WARNING, and false returned. A call that goes through marks the object''s lock conflicts replayed. No callback registered: nothing happens.';
 
 
 --
@@ -4714,6 +4738,10 @@ begin
     if found then
       return;
     end if;
+  else
+    -- a fault now stands for the object: the operator's replay calls it with the current state
+    update scm.callback_failure f set replayed_at = now()
+     where f.object_id = p_object_id and f.event = p_event and f.replayed_at is null and cloud.sqlstate_is_lock_conflict(f.sqlstate);
   end if;
   insert into scm.callback_failure (source, event, object_id, sqlstate, message) values (p_source, p_event, p_object_id, p_sqlstate, p_message);
 end $$;
@@ -4724,7 +4752,7 @@ end $$;
 -- Name: FUNCTION _keep_callback_failure(p_source text, p_event text, p_object_id bigint, p_sqlstate text, p_message text); Type: COMMENT; Schema: scm
 --
 
-COMMENT ON FUNCTION scm._keep_callback_failure(p_source text, p_event text, p_object_id bigint, p_sqlstate text, p_message text) IS 'Internal: keeps a failed on_order / on_asn call in scm.callback_failure: a lock conflict adds a try to the object''s and event''s waiting row, if there is one; anything else is a new row.';
+COMMENT ON FUNCTION scm._keep_callback_failure(p_source text, p_event text, p_object_id bigint, p_sqlstate text, p_message text) IS 'Internal: keeps a failed on_order / on_asn call in scm.callback_failure: a lock conflict adds a try to the object''s and event''s waiting row, if there is one; any other failure is a new row, which the operator''s replay_callbacks answers, and ends the object''s waiting row.';
 
 
 --
@@ -6237,6 +6265,8 @@ begin
      order by f.id limit p_limit
        for update skip locked
   loop
+    -- one that gives way ends the round (the rest would not be called: cloud.callback_gave_way)
+    exit when cloud.callback_gave_way();
     -- a call that gives way again counts a try on the row; one that goes through (or finds no callback
     -- registered any more) is the replay
     if scm._call_source(v.event, v.object_id) then
@@ -6253,7 +6283,7 @@ end $$;
 -- Name: FUNCTION replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer); Type: COMMENT; Schema: scm
 --
 
-COMMENT ON FUNCTION scm.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) IS 'Calls on_order / on_asn again, with the current state, for up to p_limit orders and ASNs whose callback gave way to a lock (cloud.sqlstate_is_lock_conflict) and whose next try is due: at once after the first, then 5 s more per try, at most a minute apart. Rows another call is replaying are skipped. Returns how many calls went through. The listener calls it in every maintenance round.';
+COMMENT ON FUNCTION scm.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) IS 'Calls on_order / on_asn again, with the current state, for up to p_limit orders and ASNs whose callback gave way to a lock (cloud.sqlstate_is_lock_conflict) and whose next try is due: at once after the first, then 5 s more per try, at most a minute apart; the first that gives way again ends the round. Rows another call is replaying are skipped. Returns how many calls went through. The listener calls it in every maintenance round.';
 
 
 --
@@ -7710,15 +7740,23 @@ begin
   if v_call is null then
     return true;
   end if;
-  perform set_config('lock_timeout', cloud.callback_lock_timeout(), true);
-  begin
-    execute v_call using v_res;
-  exception when others then
-    -- the callback's own writes are rolled back; the write-back that called it goes on
-    get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
+  if cloud.callback_gave_way() then
+    v_state := '55P03';
+    v_msg := 'not called: a callback earlier in this transaction gave way to a lock';
+  else
+    perform set_config('lock_timeout', cloud.callback_lock_timeout(), true);
+    begin
+      execute v_call using v_res;
+    exception when others then
+      -- the callback's own writes are rolled back; the write-back that called it goes on
+      get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
+    end;
     perform set_config('lock_timeout', v_timeout, true);
+  end if;
+  if v_state is not null then
     perform tax._keep_callback_failure(v_res.source, p_invoice_id, p_event, v_state, v_msg);
     if cloud.sqlstate_is_lock_conflict(v_state) then
+      perform set_config('erp_cloud.callback_gave_way', 'on', true);
       raise warning 'on_invoice of source % gave way to a lock for invoice % (%): % %', v_res.source, p_invoice_id, p_event, v_state, v_msg
         using hint = 'Another transaction held a row the callback writes; tax.replay_deferred_callbacks (the listener''s maintenance) calls it again.';
     else
@@ -7726,8 +7764,7 @@ begin
         using hint = 'The change is committed without the callback''s writes; fix the callback and run tax.replay_callbacks.';
     end if;
     return false;
-  end;
-  perform set_config('lock_timeout', v_timeout, true);
+  end if;
   -- the call delivered the invoice's whole current state: what waited for a lock is delivered too
   update tax.callback_failure f set replayed_at = now()
    where f.invoice_id = p_invoice_id and f.replayed_at is null and cloud.sqlstate_is_lock_conflict(f.sqlstate);
@@ -7740,7 +7777,7 @@ end $_$;
 -- Name: FUNCTION _call_source(p_invoice_id bigint, p_event text); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax._call_source(p_invoice_id bigint, p_event text) IS 'Internal: calls the on_invoice of the invoice''s source with its current state, under cloud.callback_lock_timeout(); an error is caught (only the callback''s writes are undone), kept in tax.callback_failure with a WARNING, and false returned. A call that goes through marks the invoice''s lock conflicts replayed.';
+COMMENT ON FUNCTION tax._call_source(p_invoice_id bigint, p_event text) IS 'Internal: calls the on_invoice of the invoice''s source with its current state, under cloud.callback_lock_timeout() (not at all once a callback of this transaction gave way: cloud.callback_gave_way()); an error is caught (only the callback''s writes are undone), kept in tax.callback_failure with a WARNING, and false returned. A call that goes through marks the invoice''s lock conflicts replayed.';
 
 
 --
@@ -8311,6 +8348,10 @@ begin
     if found then
       return;
     end if;
+  else
+    -- a fault now stands for the invoice: the operator's replay calls it with the current state
+    update tax.callback_failure f set replayed_at = now()
+     where f.invoice_id = p_invoice_id and f.replayed_at is null and cloud.sqlstate_is_lock_conflict(f.sqlstate);
   end if;
   insert into tax.callback_failure (source, invoice_id, event, sqlstate, message) values (p_source, p_invoice_id, p_event, p_sqlstate, p_message);
 end $$;
@@ -8321,7 +8362,7 @@ end $$;
 -- Name: FUNCTION _keep_callback_failure(p_source text, p_invoice_id bigint, p_event text, p_sqlstate text, p_message text); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax._keep_callback_failure(p_source text, p_invoice_id bigint, p_event text, p_sqlstate text, p_message text) IS 'Internal: keeps a failed on_invoice call in tax.callback_failure: a lock conflict adds a try to the invoice''s waiting row, if there is one, and makes its event the latest (the call always gives the current state); anything else is a new row.';
+COMMENT ON FUNCTION tax._keep_callback_failure(p_source text, p_invoice_id bigint, p_event text, p_sqlstate text, p_message text) IS 'Internal: keeps a failed on_invoice call in tax.callback_failure: a lock conflict adds a try to the invoice''s waiting row, if there is one, and makes its event the latest (the call always gives the current state); any other failure is a new row, which the operator''s replay_callbacks answers, and ends the invoice''s waiting row.';
 
 
 --
@@ -10027,6 +10068,8 @@ begin
      order by f.id limit p_limit
        for update skip locked
   loop
+    -- one that gives way ends the round (the rest would not be called: cloud.callback_gave_way)
+    exit when cloud.callback_gave_way();
     -- a call that gives way again counts a try on the row; one that goes through (or finds no callback
     -- registered any more) is the replay
     if tax._call_source(v.invoice_id, v.event) then
@@ -10043,7 +10086,7 @@ end $$;
 -- Name: FUNCTION replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) IS 'Calls on_invoice again, with the current state, for up to p_limit invoices whose callback gave way to a lock (cloud.sqlstate_is_lock_conflict) and whose next try is due: at once after the first, then 5 s more per try, at most a minute apart. Rows another call is replaying are skipped. Returns how many calls went through. The listener calls it in every maintenance round.';
+COMMENT ON FUNCTION tax.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) IS 'Calls on_invoice again, with the current state, for up to p_limit invoices whose callback gave way to a lock (cloud.sqlstate_is_lock_conflict) and whose next try is due: at once after the first, then 5 s more per try, at most a minute apart; the first that gives way again ends the round. Rows another call is replaying are skipped. Returns how many calls went through. The listener calls it in every maintenance round.';
 
 
 --
@@ -13417,6 +13460,13 @@ REVOKE ALL ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zon
 GRANT ALL ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone) TO erp_cloud_console_finance;
 GRANT ALL ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone) TO erp_cloud_console_operator;
 GRANT ALL ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION callback_gave_way(); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud.callback_gave_way() FROM PUBLIC;
 
 
 --

@@ -32,7 +32,12 @@
 -- * a later call for the same object that goes through delivers the whole current state, so it marks
 --   the object's deferred failures replayed: an older event is never called after a newer one.
 --
--- A callback that raises anything else is kept as before, for the operator (replay_callbacks).
+-- * once one callback of a transaction has given way, its later callbacks are not called but kept the
+--   same way (cloud.callback_gave_way): a transaction waits on the ERP's locks 50 ms at most in all, not
+--   50 ms per order of an ERP transaction closing fifty.
+--
+-- A callback that raises anything else is kept as before, for the operator (replay_callbacks); it ends
+-- the object's waiting row, if any (the operator's replay gives the current state too).
 -- A lock_timeout in the callback's own SET clause replaces the 50 ms for its body (PostgreSQL applies
 -- a function's SET on entry): put_source now refuses one of 0 or of deadlock_timeout or more
 -- (EI027 / ES021), which would give the deadlock back to the ERP.
@@ -97,12 +102,16 @@ begin
     if found then
       return;
     end if;
+  else
+    -- a fault now stands for the invoice: the operator's replay calls it with the current state
+    update tax.callback_failure f set replayed_at = now()
+     where f.invoice_id = p_invoice_id and f.replayed_at is null and cloud.sqlstate_is_lock_conflict(f.sqlstate);
   end if;
   insert into tax.callback_failure (source, invoice_id, event, sqlstate, message) values (p_source, p_invoice_id, p_event, p_sqlstate, p_message);
 end $$;
 
 comment on function tax._keep_callback_failure(text, bigint, text, text, text) is
-  'Internal: keeps a failed on_invoice call in tax.callback_failure: a lock conflict adds a try to the invoice''s waiting row, if there is one, and makes its event the latest (the call always gives the current state); anything else is a new row.';
+  'Internal: keeps a failed on_invoice call in tax.callback_failure: a lock conflict adds a try to the invoice''s waiting row, if there is one, and makes its event the latest (the call always gives the current state); any other failure is a new row, which the operator''s replay_callbacks answers, and ends the invoice''s waiting row.';
 
 create function scm._keep_callback_failure(p_source text, p_event text, p_object_id bigint, p_sqlstate text, p_message text)
 returns void language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -115,17 +124,33 @@ begin
     if found then
       return;
     end if;
+  else
+    -- a fault now stands for the object: the operator's replay calls it with the current state
+    update scm.callback_failure f set replayed_at = now()
+     where f.object_id = p_object_id and f.event = p_event and f.replayed_at is null and cloud.sqlstate_is_lock_conflict(f.sqlstate);
   end if;
   insert into scm.callback_failure (source, event, object_id, sqlstate, message) values (p_source, p_event, p_object_id, p_sqlstate, p_message);
 end $$;
 
 comment on function scm._keep_callback_failure(text, text, bigint, text, text) is
-  'Internal: keeps a failed on_order / on_asn call in scm.callback_failure: a lock conflict adds a try to the object''s and event''s waiting row, if there is one; anything else is a new row.';
+  'Internal: keeps a failed on_order / on_asn call in scm.callback_failure: a lock conflict adds a try to the object''s and event''s waiting row, if there is one; any other failure is a new row, which the operator''s replay_callbacks answers, and ends the object''s waiting row.';
 
 revoke all on function tax._keep_callback_failure(text, bigint, text, text, text) from public;
 revoke all on function scm._keep_callback_failure(text, text, bigint, text, text) from public;
 
 -- ─── calling a source ────────────────────────────────────────────────────────
+--
+-- Once one callback of a transaction has given way, the transaction's later callbacks are not called
+-- at all (kept as lock conflicts, 'not called: …'): a write-back of 50 orders an ERP transaction is
+-- closing would otherwise wait 50 ms on each, and PostgreSQL's one deadlock check of the ERP's wait
+-- would likely fall in one of those waits. So a transaction waits on the ERP for 50 ms at most in all.
+
+create function cloud.callback_gave_way() returns boolean
+language sql stable parallel safe
+return coalesce(current_setting('erp_cloud.callback_gave_way', true), '') = 'on';
+
+comment on function cloud.callback_gave_way() is
+  'Whether a source''s callback has given way to a lock in this transaction (set by tax._call_source / scm._call_source): then the transaction''s later callbacks are not called but kept for replay_deferred_callbacks, so it waits on the ERP''s locks at most once.';
 
 create or replace function tax._call_source(p_invoice_id bigint, p_event text) returns boolean
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -142,15 +167,23 @@ begin
   if v_call is null then
     return true;
   end if;
-  perform set_config('lock_timeout', cloud.callback_lock_timeout(), true);
-  begin
-    execute v_call using v_res;
-  exception when others then
-    -- the callback's own writes are rolled back; the write-back that called it goes on
-    get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
+  if cloud.callback_gave_way() then
+    v_state := '55P03';
+    v_msg := 'not called: a callback earlier in this transaction gave way to a lock';
+  else
+    perform set_config('lock_timeout', cloud.callback_lock_timeout(), true);
+    begin
+      execute v_call using v_res;
+    exception when others then
+      -- the callback's own writes are rolled back; the write-back that called it goes on
+      get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
+    end;
     perform set_config('lock_timeout', v_timeout, true);
+  end if;
+  if v_state is not null then
     perform tax._keep_callback_failure(v_res.source, p_invoice_id, p_event, v_state, v_msg);
     if cloud.sqlstate_is_lock_conflict(v_state) then
+      perform set_config('erp_cloud.callback_gave_way', 'on', true);
       raise warning 'on_invoice of source % gave way to a lock for invoice % (%): % %', v_res.source, p_invoice_id, p_event, v_state, v_msg
         using hint = 'Another transaction held a row the callback writes; tax.replay_deferred_callbacks (the listener''s maintenance) calls it again.';
     else
@@ -158,8 +191,7 @@ begin
         using hint = 'The change is committed without the callback''s writes; fix the callback and run tax.replay_callbacks.';
     end if;
     return false;
-  end;
-  perform set_config('lock_timeout', v_timeout, true);
+  end if;
   -- the call delivered the invoice's whole current state: what waited for a lock is delivered too
   update tax.callback_failure f set replayed_at = now()
    where f.invoice_id = p_invoice_id and f.replayed_at is null and cloud.sqlstate_is_lock_conflict(f.sqlstate);
@@ -167,7 +199,7 @@ begin
 end $$;
 
 comment on function tax._call_source(bigint, text) is
-  'Internal: calls the on_invoice of the invoice''s source with its current state, under cloud.callback_lock_timeout(); an error is caught (only the callback''s writes are undone), kept in tax.callback_failure with a WARNING, and false returned. A call that goes through marks the invoice''s lock conflicts replayed.';
+  'Internal: calls the on_invoice of the invoice''s source with its current state, under cloud.callback_lock_timeout() (not at all once a callback of this transaction gave way: cloud.callback_gave_way()); an error is caught (only the callback''s writes are undone), kept in tax.callback_failure with a WARNING, and false returned. A call that goes through marks the invoice''s lock conflicts replayed.';
 
 create or replace function scm._call_source(p_event text, p_object_id bigint) returns boolean
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -191,22 +223,30 @@ begin
   end if;
   select format('select %I.%I($1)', n.nspname, p.proname) into v_call
     from pg_proc p join pg_namespace n on n.oid = p.pronamespace where p.oid = v_fn;
-  perform set_config('lock_timeout', cloud.callback_lock_timeout(), true);
-  begin
-    if p_event = 'order' then
-      execute v_call using scm._order_result(p_object_id);
-    else
-      execute v_call using scm._asn_delivery(p_object_id);
-    end if;
-  exception when others then
-    -- the callback's own writes are rolled back; the transaction that called it goes on
-    get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
+  if cloud.callback_gave_way() then
+    v_state := '55P03';
+    v_msg := 'not called: a callback earlier in this transaction gave way to a lock';
+  else
+    perform set_config('lock_timeout', cloud.callback_lock_timeout(), true);
+    begin
+      if p_event = 'order' then
+        execute v_call using scm._order_result(p_object_id);
+      else
+        execute v_call using scm._asn_delivery(p_object_id);
+      end if;
+    exception when others then
+      -- the callback's own writes are rolled back; the transaction that called it goes on
+      get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
+    end;
     perform set_config('lock_timeout', v_timeout, true);
+  end if;
+  if v_state is not null then
     perform scm._keep_callback_failure(v_source, p_event, p_object_id, v_state, v_msg);
     if p_event = 'asn' then
       update scm.asn set delivery_error = left(v_state || ': ' || v_msg, 1000) where id = p_object_id;
     end if;
     if cloud.sqlstate_is_lock_conflict(v_state) then
+      perform set_config('erp_cloud.callback_gave_way', 'on', true);
       raise warning 'on_% of source % gave way to a lock for % % : % %', p_event, v_source, p_event, p_object_id, v_state, v_msg
         using hint = 'Another transaction held a row the callback writes; scm.replay_deferred_callbacks (the listener''s maintenance) calls it again.';
     else
@@ -214,8 +254,7 @@ begin
         using hint = 'The change is committed without the callback''s writes; fix the callback and run scm.replay_callbacks.';
     end if;
     return false;
-  end;
-  perform set_config('lock_timeout', v_timeout, true);
+  end if;
   if p_event = 'asn' then
     update scm.asn set delivered_at = now(), delivery_error = null where id = p_object_id;
   end if;
@@ -226,7 +265,7 @@ begin
 end $$;
 
 comment on function scm._call_source(text, bigint) is
-  'Internal: calls the on_order (event order) or on_asn (event asn: an accepted ASN, which is then marked delivered) of the source the order belongs to, under cloud.callback_lock_timeout(); an error is caught (only the callback''s writes are undone), kept in scm.callback_failure (and as the ASN''s delivery_error) with a WARNING, and false returned. A call that goes through marks the object''s lock conflicts replayed. No callback registered: nothing happens.';
+  'Internal: calls the on_order (event order) or on_asn (event asn: an accepted ASN, which is then marked delivered) of the source the order belongs to, under cloud.callback_lock_timeout() (not at all once a callback of this transaction gave way: cloud.callback_gave_way()); an error is caught (only the callback''s writes are undone), kept in scm.callback_failure (and as the ASN''s delivery_error) with a WARNING, and false returned. A call that goes through marks the object''s lock conflicts replayed. No callback registered: nothing happens.';
 
 -- ─── calling deferred callbacks again ────────────────────────────────────────
 
@@ -243,6 +282,8 @@ begin
      order by f.id limit p_limit
        for update skip locked
   loop
+    -- one that gives way ends the round (the rest would not be called: cloud.callback_gave_way)
+    exit when cloud.callback_gave_way();
     -- a call that gives way again counts a try on the row; one that goes through (or finds no callback
     -- registered any more) is the replay
     if tax._call_source(v.invoice_id, v.event) then
@@ -254,7 +295,7 @@ begin
 end $$;
 
 comment on function tax.replay_deferred_callbacks(timestamptz, integer) is
-  'Calls on_invoice again, with the current state, for up to p_limit invoices whose callback gave way to a lock (cloud.sqlstate_is_lock_conflict) and whose next try is due: at once after the first, then 5 s more per try, at most a minute apart. Rows another call is replaying are skipped. Returns how many calls went through. The listener calls it in every maintenance round.';
+  'Calls on_invoice again, with the current state, for up to p_limit invoices whose callback gave way to a lock (cloud.sqlstate_is_lock_conflict) and whose next try is due: at once after the first, then 5 s more per try, at most a minute apart; the first that gives way again ends the round. Rows another call is replaying are skipped. Returns how many calls went through. The listener calls it in every maintenance round.';
 
 create function scm.replay_deferred_callbacks(p_now timestamptz default clock_timestamp(), p_limit integer default 100)
 returns integer language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -269,6 +310,8 @@ begin
      order by f.id limit p_limit
        for update skip locked
   loop
+    -- one that gives way ends the round (the rest would not be called: cloud.callback_gave_way)
+    exit when cloud.callback_gave_way();
     -- a call that gives way again counts a try on the row; one that goes through (or finds no callback
     -- registered any more) is the replay
     if scm._call_source(v.event, v.object_id) then
@@ -280,7 +323,7 @@ begin
 end $$;
 
 comment on function scm.replay_deferred_callbacks(timestamptz, integer) is
-  'Calls on_order / on_asn again, with the current state, for up to p_limit orders and ASNs whose callback gave way to a lock (cloud.sqlstate_is_lock_conflict) and whose next try is due: at once after the first, then 5 s more per try, at most a minute apart. Rows another call is replaying are skipped. Returns how many calls went through. The listener calls it in every maintenance round.';
+  'Calls on_order / on_asn again, with the current state, for up to p_limit orders and ASNs whose callback gave way to a lock (cloud.sqlstate_is_lock_conflict) and whose next try is due: at once after the first, then 5 s more per try, at most a minute apart; the first that gives way again ends the round. Rows another call is replaying are skipped. Returns how many calls went through. The listener calls it in every maintenance round.';
 
 revoke all on function tax.replay_deferred_callbacks(timestamptz, integer) from public;
 revoke all on function scm.replay_deferred_callbacks(timestamptz, integer) from public;

@@ -1542,6 +1542,22 @@ COMMENT ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone, 
 
 
 --
+-- Name: callback_gave_way(); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud.callback_gave_way() RETURNS boolean
+    LANGUAGE sql STABLE PARALLEL SAFE
+    RETURN (COALESCE(current_setting('erp_cloud.callback_gave_way'::text, true), ''::text) = 'on'::text);
+
+
+--
+-- Name: FUNCTION callback_gave_way(); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud.callback_gave_way() IS 'Whether a source''s callback has given way to a lock in this transaction (set by tax._call_source / scm._call_source): then the transaction''s later callbacks are not called but kept for replay_deferred_callbacks, so it waits on the ERP''s locks at most once.';
+
+
+--
 -- Name: callback_lock_timeout(); Type: FUNCTION; Schema: cloud
 --
 
@@ -4767,6 +4783,13 @@ REVOKE ALL ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zon
 GRANT ALL ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone) TO erp_cloud_console_finance;
 GRANT ALL ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone) TO erp_cloud_console_operator;
 GRANT ALL ON FUNCTION cloud.attempts_per_minute(p_since timestamp with time zone, p_now timestamp with time zone) TO erp_cloud_operator;
+
+
+--
+-- Name: FUNCTION callback_gave_way(); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud.callback_gave_way() FROM PUBLIC;
 
 
 --

@@ -370,22 +370,30 @@ begin
   end if;
   select format('select %I.%I($1)', n.nspname, p.proname) into v_call
     from pg_proc p join pg_namespace n on n.oid = p.pronamespace where p.oid = v_fn;
-  perform set_config('lock_timeout', cloud.callback_lock_timeout(), true);
-  begin
-    if p_event = 'order' then
-      execute v_call using scm._order_result(p_object_id);
-    else
-      execute v_call using scm._asn_delivery(p_object_id);
-    end if;
-  exception when others then
-    -- the callback's own writes are rolled back; the transaction that called it goes on
-    get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
+  if cloud.callback_gave_way() then
+    v_state := '55P03';
+    v_msg := 'not called: a callback earlier in this transaction gave way to a lock';
+  else
+    perform set_config('lock_timeout', cloud.callback_lock_timeout(), true);
+    begin
+      if p_event = 'order' then
+        execute v_call using scm._order_result(p_object_id);
+      else
+        execute v_call using scm._asn_delivery(p_object_id);
+      end if;
+    exception when others then
+      -- the callback's own writes are rolled back; the transaction that called it goes on
+      get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
+    end;
     perform set_config('lock_timeout', v_timeout, true);
+  end if;
+  if v_state is not null then
     perform scm._keep_callback_failure(v_source, p_event, p_object_id, v_state, v_msg);
     if p_event = 'asn' then
       update scm.asn set delivery_error = left(v_state || ': ' || v_msg, 1000) where id = p_object_id;
     end if;
     if cloud.sqlstate_is_lock_conflict(v_state) then
+      perform set_config('erp_cloud.callback_gave_way', 'on', true);
       raise warning 'on_% of source % gave way to a lock for % % : % %', p_event, v_source, p_event, p_object_id, v_state, v_msg
         using hint = 'Another transaction held a row the callback writes; scm.replay_deferred_callbacks (the listener''s maintenance) calls it again.';
     else
@@ -393,8 +401,7 @@ begin
         using hint = 'The change is committed without the callback''s writes; fix the callback and run scm.replay_callbacks.';
     end if;
     return false;
-  end;
-  perform set_config('lock_timeout', v_timeout, true);
+  end if;
   if p_event = 'asn' then
     update scm.asn set delivered_at = now(), delivery_error = null where id = p_object_id;
   end if;
@@ -409,7 +416,7 @@ end $_$;
 -- Name: FUNCTION _call_source(p_event text, p_object_id bigint); Type: COMMENT; Schema: scm
 --
 
-COMMENT ON FUNCTION scm._call_source(p_event text, p_object_id bigint) IS 'Internal: calls the on_order (event order) or on_asn (event asn: an accepted ASN, which is then marked delivered) of the source the order belongs to, under cloud.callback_lock_timeout(); an error is caught (only the callback''s writes are undone), kept in scm.callback_failure (and as the ASN''s delivery_error) with a WARNING, and false returned. A call that goes through marks the object''s lock conflicts replayed. No callback registered: nothing happens.';
+COMMENT ON FUNCTION scm._call_source(p_event text, p_object_id bigint) IS 'Internal: calls the on_order (event order) or on_asn (event asn: an accepted ASN, which is then marked delivered) of the source the order belongs to, under cloud.callback_lock_timeout() (not at all once a callback of this transaction gave way: cloud.callback_gave_way()); an error is caught (only the callback''s writes are undone), kept in scm.callback_failure (and as the ASN''s delivery_error) with a WARNING, and false returned. A call that goes through marks the object''s lock conflicts replayed. No callback registered: nothing happens.';
 
 
 --
@@ -702,6 +709,10 @@ begin
     if found then
       return;
     end if;
+  else
+    -- a fault now stands for the object: the operator's replay calls it with the current state
+    update scm.callback_failure f set replayed_at = now()
+     where f.object_id = p_object_id and f.event = p_event and f.replayed_at is null and cloud.sqlstate_is_lock_conflict(f.sqlstate);
   end if;
   insert into scm.callback_failure (source, event, object_id, sqlstate, message) values (p_source, p_event, p_object_id, p_sqlstate, p_message);
 end $$;
@@ -711,7 +722,7 @@ end $$;
 -- Name: FUNCTION _keep_callback_failure(p_source text, p_event text, p_object_id bigint, p_sqlstate text, p_message text); Type: COMMENT; Schema: scm
 --
 
-COMMENT ON FUNCTION scm._keep_callback_failure(p_source text, p_event text, p_object_id bigint, p_sqlstate text, p_message text) IS 'Internal: keeps a failed on_order / on_asn call in scm.callback_failure: a lock conflict adds a try to the object''s and event''s waiting row, if there is one; anything else is a new row.';
+COMMENT ON FUNCTION scm._keep_callback_failure(p_source text, p_event text, p_object_id bigint, p_sqlstate text, p_message text) IS 'Internal: keeps a failed on_order / on_asn call in scm.callback_failure: a lock conflict adds a try to the object''s and event''s waiting row, if there is one; any other failure is a new row, which the operator''s replay_callbacks answers, and ends the object''s waiting row.';
 
 
 --
@@ -2184,6 +2195,8 @@ begin
      order by f.id limit p_limit
        for update skip locked
   loop
+    -- one that gives way ends the round (the rest would not be called: cloud.callback_gave_way)
+    exit when cloud.callback_gave_way();
     -- a call that gives way again counts a try on the row; one that goes through (or finds no callback
     -- registered any more) is the replay
     if scm._call_source(v.event, v.object_id) then
@@ -2199,7 +2212,7 @@ end $$;
 -- Name: FUNCTION replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer); Type: COMMENT; Schema: scm
 --
 
-COMMENT ON FUNCTION scm.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) IS 'Calls on_order / on_asn again, with the current state, for up to p_limit orders and ASNs whose callback gave way to a lock (cloud.sqlstate_is_lock_conflict) and whose next try is due: at once after the first, then 5 s more per try, at most a minute apart. Rows another call is replaying are skipped. Returns how many calls went through. The listener calls it in every maintenance round.';
+COMMENT ON FUNCTION scm.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) IS 'Calls on_order / on_asn again, with the current state, for up to p_limit orders and ASNs whose callback gave way to a lock (cloud.sqlstate_is_lock_conflict) and whose next try is due: at once after the first, then 5 s more per try, at most a minute apart; the first that gives way again ends the round. Rows another call is replaying are skipped. Returns how many calls went through. The listener calls it in every maintenance round.';
 
 
 --

@@ -288,15 +288,23 @@ begin
   if v_call is null then
     return true;
   end if;
-  perform set_config('lock_timeout', cloud.callback_lock_timeout(), true);
-  begin
-    execute v_call using v_res;
-  exception when others then
-    -- the callback's own writes are rolled back; the write-back that called it goes on
-    get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
+  if cloud.callback_gave_way() then
+    v_state := '55P03';
+    v_msg := 'not called: a callback earlier in this transaction gave way to a lock';
+  else
+    perform set_config('lock_timeout', cloud.callback_lock_timeout(), true);
+    begin
+      execute v_call using v_res;
+    exception when others then
+      -- the callback's own writes are rolled back; the write-back that called it goes on
+      get stacked diagnostics v_state = returned_sqlstate, v_msg = message_text;
+    end;
     perform set_config('lock_timeout', v_timeout, true);
+  end if;
+  if v_state is not null then
     perform tax._keep_callback_failure(v_res.source, p_invoice_id, p_event, v_state, v_msg);
     if cloud.sqlstate_is_lock_conflict(v_state) then
+      perform set_config('erp_cloud.callback_gave_way', 'on', true);
       raise warning 'on_invoice of source % gave way to a lock for invoice % (%): % %', v_res.source, p_invoice_id, p_event, v_state, v_msg
         using hint = 'Another transaction held a row the callback writes; tax.replay_deferred_callbacks (the listener''s maintenance) calls it again.';
     else
@@ -304,8 +312,7 @@ begin
         using hint = 'The change is committed without the callback''s writes; fix the callback and run tax.replay_callbacks.';
     end if;
     return false;
-  end;
-  perform set_config('lock_timeout', v_timeout, true);
+  end if;
   -- the call delivered the invoice's whole current state: what waited for a lock is delivered too
   update tax.callback_failure f set replayed_at = now()
    where f.invoice_id = p_invoice_id and f.replayed_at is null and cloud.sqlstate_is_lock_conflict(f.sqlstate);
@@ -317,7 +324,7 @@ end $_$;
 -- Name: FUNCTION _call_source(p_invoice_id bigint, p_event text); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax._call_source(p_invoice_id bigint, p_event text) IS 'Internal: calls the on_invoice of the invoice''s source with its current state, under cloud.callback_lock_timeout(); an error is caught (only the callback''s writes are undone), kept in tax.callback_failure with a WARNING, and false returned. A call that goes through marks the invoice''s lock conflicts replayed.';
+COMMENT ON FUNCTION tax._call_source(p_invoice_id bigint, p_event text) IS 'Internal: calls the on_invoice of the invoice''s source with its current state, under cloud.callback_lock_timeout() (not at all once a callback of this transaction gave way: cloud.callback_gave_way()); an error is caught (only the callback''s writes are undone), kept in tax.callback_failure with a WARNING, and false returned. A call that goes through marks the invoice''s lock conflicts replayed.';
 
 
 --
@@ -873,6 +880,10 @@ begin
     if found then
       return;
     end if;
+  else
+    -- a fault now stands for the invoice: the operator's replay calls it with the current state
+    update tax.callback_failure f set replayed_at = now()
+     where f.invoice_id = p_invoice_id and f.replayed_at is null and cloud.sqlstate_is_lock_conflict(f.sqlstate);
   end if;
   insert into tax.callback_failure (source, invoice_id, event, sqlstate, message) values (p_source, p_invoice_id, p_event, p_sqlstate, p_message);
 end $$;
@@ -882,7 +893,7 @@ end $$;
 -- Name: FUNCTION _keep_callback_failure(p_source text, p_invoice_id bigint, p_event text, p_sqlstate text, p_message text); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax._keep_callback_failure(p_source text, p_invoice_id bigint, p_event text, p_sqlstate text, p_message text) IS 'Internal: keeps a failed on_invoice call in tax.callback_failure: a lock conflict adds a try to the invoice''s waiting row, if there is one, and makes its event the latest (the call always gives the current state); anything else is a new row.';
+COMMENT ON FUNCTION tax._keep_callback_failure(p_source text, p_invoice_id bigint, p_event text, p_sqlstate text, p_message text) IS 'Internal: keeps a failed on_invoice call in tax.callback_failure: a lock conflict adds a try to the invoice''s waiting row, if there is one, and makes its event the latest (the call always gives the current state); any other failure is a new row, which the operator''s replay_callbacks answers, and ends the invoice''s waiting row.';
 
 
 --
@@ -2544,6 +2555,8 @@ begin
      order by f.id limit p_limit
        for update skip locked
   loop
+    -- one that gives way ends the round (the rest would not be called: cloud.callback_gave_way)
+    exit when cloud.callback_gave_way();
     -- a call that gives way again counts a try on the row; one that goes through (or finds no callback
     -- registered any more) is the replay
     if tax._call_source(v.invoice_id, v.event) then
@@ -2559,7 +2572,7 @@ end $$;
 -- Name: FUNCTION replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer); Type: COMMENT; Schema: tax
 --
 
-COMMENT ON FUNCTION tax.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) IS 'Calls on_invoice again, with the current state, for up to p_limit invoices whose callback gave way to a lock (cloud.sqlstate_is_lock_conflict) and whose next try is due: at once after the first, then 5 s more per try, at most a minute apart. Rows another call is replaying are skipped. Returns how many calls went through. The listener calls it in every maintenance round.';
+COMMENT ON FUNCTION tax.replay_deferred_callbacks(p_now timestamp with time zone, p_limit integer) IS 'Calls on_invoice again, with the current state, for up to p_limit invoices whose callback gave way to a lock (cloud.sqlstate_is_lock_conflict) and whose next try is due: at once after the first, then 5 s more per try, at most a minute apart; the first that gives way again ends the round. Rows another call is replaying are skipped. Returns how many calls went through. The listener calls it in every maintenance round.';
 
 
 --

@@ -449,6 +449,61 @@ describe('a callback gives way to the ERP: it never makes PostgreSQL abort the E
     expect(await resultOf(ref)).toMatchObject({ cloud_ref: 'YC-6' });
   });
 
+  it('once a callback of a transaction gave way, its later callbacks are not called: the write-back waits on the ERP once, and both are called again later', async () => {
+    const one = await revisedOrder();
+    const two = await revisedOrder();
+    const erp = await db.pool.connect();
+    try {
+      await erp.query('begin');
+      await erp.query('select 1 from buy.result where reference = any($1) for update', [[one.ref, two.ref]]);
+      await inTransaction(db.pool, async (c) => {
+        for (const o of [one, two]) {
+          await c.query(`select scm.record_po_delivered(o, '{"code": "200"}') from cloud.outbox o where request_id = $1`, [o.rev]);
+        }
+        expect((await c.query(`select cloud.callback_gave_way() g`)).rows[0].g).toBe(true);
+      });
+      expect((await db.pool.query(`select cloud.callback_gave_way() g`)).rows[0].g).toBe(false); // that transaction's, not the session's
+      const kept = await db.pool.query(`select object_id, sqlstate, message from scm.callback_failure where object_id = any($1) and replayed_at is null order by id`,
+        [[one.orderId, two.orderId]]);
+      expect(kept.rows.map((r) => [r.object_id, r.sqlstate])).toEqual([[one.orderId, '55P03'], [two.orderId, '55P03']]);
+      expect(kept.rows[0].message).toMatch(/lock timeout/);
+      expect(kept.rows[1].message).toBe('not called: a callback earlier in this transaction gave way to a lock');
+      // a round that gives way again ends there: the second is not tried, so its tries are not counted
+      await db.pool.query(`select scm.replay_deferred_callbacks(now() + interval '1 hour')`);
+      expect((await db.pool.query(`select object_id, attempts from scm.callback_failure where object_id = any($1) order by id`, [[one.orderId, two.orderId]])).rows
+        .map((r) => r.attempts)).toEqual([2, 1]);
+      await erp.query('commit');
+    } finally {
+      await erp.query('rollback').catch(() => undefined);
+      erp.release();
+    }
+    expect((await db.pool.query(`select scm.replay_deferred_callbacks(now() + interval '1 hour') n`)).rows[0].n).toBe(2);
+    for (const o of [one, two]) expect(await resultOf(o.ref)).toMatchObject({ operation: 'revise', cloud_status: 'revised', calls: 2 });
+  });
+
+  it('a deferred callback that faults when called again is the operator\'s: its waiting row ends, the fault is kept', async () => {
+    const { ref, orderId, rev } = await revisedOrder();
+    const erp = await db.pool.connect();
+    try {
+      await erp.query('begin');
+      await erp.query('select 1 from buy.result where reference = $1 for update', [ref]);
+      await delivered(rev);
+    } finally {
+      await erp.query('rollback');
+      erp.release();
+    }
+    await db.pool.query(`update buy.switch set fail = true`);
+    try {
+      expect((await db.pool.query(`select scm.replay_deferred_callbacks(now() + interval '1 hour') n`)).rows[0].n).toBe(0);
+    } finally {
+      await db.pool.query(`update buy.switch set fail = false`);
+    }
+    expect(await deferredOf(orderId)).toEqual([{ sqlstate: '55P03', attempts: 1, replayed: true }, { sqlstate: 'P0001', attempts: 1, replayed: false }]);
+    expect((await db.pool.query(`select scm.replay_deferred_callbacks(now() + interval '1 hour') n`)).rows[0].n).toBe(0);
+    await db.pool.query(`select scm.replay_callbacks('buy')`);
+    expect(await resultOf(ref)).toMatchObject({ operation: 'revise', cloud_status: 'revised', calls: 2 });
+  });
+
   it("the callback waits for a lock 50 ms, or the caller's shorter lock_timeout, and the caller's setting is as it was after it", async () => {
     const { ref, rev } = await revisedOrder();
     await inTransaction(db.pool, async (c) => {
