@@ -449,6 +449,38 @@ describe('a callback gives way to the ERP: it never makes PostgreSQL abort the E
     expect(await resultOf(ref)).toMatchObject({ cloud_ref: 'YC-6' });
   });
 
+  it('an ERP transaction closing 30 orders while one write-back answers all 30 commits: the write-back waits on the ERP once, not 30 times past the ERP\'s deadlock check', async () => {
+    const orders = [];
+    for (let i = 0; i < 30; i++) orders.push(await revisedOrder());
+    const refs = orders.map((o) => o.ref);
+    const erp = await db.pool.connect();
+    const writeBack = await db.pool.connect();
+    try {
+      const erpPid = (await erp.query('select pg_backend_pid() pid')).rows[0].pid as number;
+      await writeBack.query('begin');
+      await writeBack.query('select 1 from scm.purchase_order where id = any($1) order by id for update', [orders.map((o) => o.orderId)]);
+      await erp.query('begin');
+      await erp.query('select 1 from buy.result where reference = any($1) order by reference for update', [refs]);
+      const closing = erp.query(`select count(scm.enqueue_order_close('buy', r))::int n from unnest($1::text[]) r`, [refs]);
+      await waitsForLock(erpPid);
+      await writeBack.query(`select count(scm.record_po_delivered(o, '{"code": "200"}')) from cloud.outbox o where request_id = any($1)`, [orders.map((o) => o.rev)]);
+      await writeBack.query('commit');
+      expect((await closing).rows[0].n).toBe(30);
+      await erp.query('commit');
+    } finally {
+      await erp.query('rollback').catch(() => undefined);
+      await writeBack.query('rollback').catch(() => undefined);
+      erp.release();
+      writeBack.release();
+    }
+    for (const ref of refs) expect(await statusOf(ref)).toMatchObject({ state: 'closed' });
+    const kept = await db.pool.query(`select count(*)::int n, count(*) filter (where message like 'not called:%')::int not_called
+                                        from scm.callback_failure where object_id = any($1) and replayed_at is null`, [orders.map((o) => o.orderId)]);
+    expect(kept.rows[0]).toEqual({ n: 30, not_called: 29 });
+    for (let round = 0; round < 3; round++) await db.pool.query(`select scm.replay_deferred_callbacks(now() + interval '1 hour', 10)`);
+    for (const ref of refs) expect(await resultOf(ref)).toMatchObject({ state: 'closed', calls: 2 });
+  });
+
   it('once a callback of a transaction gave way, its later callbacks are not called: the write-back waits on the ERP once, and both are called again later', async () => {
     const one = await revisedOrder();
     const two = await revisedOrder();
