@@ -5,7 +5,7 @@
  * answered 503 (no Retry-After) and half held unanswered past the endpoint's
  * 1-s timeout (then their connection is dropped). A fault never has an effect.
  *
- * Workload: N messages (3,000; quick 200) enqueued up front for endpoint
+ * Workload: N messages (3,000; quick 150) enqueued up front for endpoint
  * 'sink', set as a flaky cloud would be: timeout 1 s, 10 attempts, backoff
  * 200 ms doubling to a 10-s cap, rate limit 50/s with a burst of 5, and the
  * circuit breaker as cloud.put_endpoint_limits leaves it by default (the
@@ -14,7 +14,7 @@
  * message is pending or in flight (bounded: 10 min, quick 3; a run that times
  * out reports what was sent by then and the rate so far).
  *
- * Quick mode (BENCH_QUICK=1) keeps the shape but not the proportions: 200
+ * Quick mode (BENCH_QUICK=1) keeps the shape but not the proportions: 150
  * messages per run, the rate limit and the stream's offer at 150/s, the timeout
  * 300 ms (faults held 1 s), the backoff 50 ms doubling to a 2-s cap and the
  * circuit's cool-down 2 s instead of its default 30 s (one opening would
@@ -74,7 +74,7 @@ const FULL = {
 type Params = typeof FULL;
 /** Quick mode: fewer messages, a higher rate, time constants halved (see the header: its ratios are not the full run's). */
 const QUICK: Params = {
-  messages: 200,
+  messages: 150,
   timeoutMs: 120_000,
   endpoint: { timeout_ms: 300, max_attempts: 10, backoff_base_ms: 50, backoff_cap_ms: 2_000 },
   limits: { rate_per_s: 150, burst: 5 },

@@ -26,10 +26,10 @@
  * makes the claim round trip grow (index_walk_ratio).
  *
  * held_snapshot_ratio = delivered/s held ÷ delivered/s quiet.
- * quick: quiet 3 s, held 30 s, 2 s after release; full: quiet 60 s, held 180 s, 20 s after.
+ * quick: quiet 2 s, held 30 s, 2 s after release; full: quiet 60 s, held 180 s, 20 s after.
  * Every figure of a phase is a rate or a mean over that phase (delivered/s,
  * inserts/s, mean latencies), so the quiet baseline need not be as long as the
- * held phase: in the quick run it is 3 s (about 3,000 messages), which keeps the
+ * held phase: in the quick run it is 2 s (about 2,000 messages), which keeps the
  * quick run within its budget while the hold keeps the 30 s the issue asks for.
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -192,7 +192,7 @@ function walkOf(quiet: PhaseResult, held: PhaseResult): { index: string | null; 
 const ratio = (a: number | null, b: number | null) => (a === null || b === null || b === 0 ? null : round(a / b, 3));
 
 export async function heldSnapshotFigure(ctx: BenchContext): Promise<HeldSnapshotResult> {
-  const quietS = ctx.quick ? 3 : 60;
+  const quietS = ctx.quick ? 2 : 60;
   const heldS = ctx.quick ? 30 : 180;
   const bin = findPgbench();
   progress(`figure 9: held snapshot, ERP inserts at ${RATE}/s through one listener; quiet ${quietS} s, then a REPEATABLE READ snapshot held ${heldS} s`);
