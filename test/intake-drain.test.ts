@@ -9,7 +9,8 @@
  */
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { createTestDb, type TestDb } from './helpers/db.js';
+import { createTestDb, waitFor, type TestDb } from './helpers/db.js';
+import { startListener } from './helpers/listener.js';
 import { resetProductState } from './helpers/reset.js';
 import { reportDelivered, whereMessages } from './helpers/outbox.js';
 
@@ -224,5 +225,50 @@ describe('the intake drains in bounded steps, whatever waits in it', () => {
       }
     }
     expect([...seen.keys()].sort()).toEqual([...mineIds, ...theirIds].sort());
+  });
+});
+
+describe('a listener whose claim leased nothing looks again at once while the intake holds work it may take (0038)', () => {
+  /** cloud.next_due_at for these endpoints at the claim's "now", as seconds after that now (null: none). */
+  const dueIn = async (endpoints: string[] | null, laterS = 0) => {
+    const at = await nowAfter(laterS);
+    const r = (await q<{ s: number | null }>(`select extract(epoch from cloud.next_due_at($1, $2::timestamptz) - $2::timestamptz)::float8 as s`,
+      [endpoints, at])).rows[0]!.s;
+    return r === null ? null : Math.round(r * 1000) / 1000;
+  };
+
+  it('in 50 ms while its own messages or ones waiting over a second are in the intake; not for another listener\'s fresh ones, nor an empty intake', async () => {
+    expect(await dueIn(['mine'])).toBeNull();
+    await enqueue('theirs', 10);
+    expect(await dueIn(['mine'])).toBeNull(); // theirs are fresh: their own listener's to take
+    expect(await dueIn(null)).toBe(0.05); // a listener of every endpoint takes them
+    expect(await dueIn(['mine'], 2)).toBe(0.05); // waited over a second: any claim moves them
+    await enqueue('mine', 1);
+    expect(await dueIn(['mine'])).toBe(0.05);
+    // a claim that takes the intake empty: nothing to look again for (theirs now wait in the hot table for their own listener)
+    expect(await claim('w1', 10, ['mine'], 2)).toHaveLength(1);
+    expect(await where()).toEqual({ 'cloud.outbox pending': 10, 'cloud.outbox in_flight': 1 });
+    expect(await dueIn(['mine'], 2)).toBeNull();
+  });
+
+  it('an idle listener sends its own message from behind 2,500 of another listener\'s that have waited, without waiting for its poll', async () => {
+    // their listener has its own wake channel (as a split usually does): their enqueues and the maintenance's wake are not ours
+    await q(`select cloud.put_endpoint('theirs', 'http://127.0.0.1:9/theirs', p_wake_channel => 'theirs_wake')`);
+    // polls and maintenance a minute apart: after its start, only a NOTIFY on its channel or its own look-ahead make it claim
+    const listener = await startListener(db.url, { ERP_CLOUD_ENDPOINTS: 'mine', ERP_CLOUD_POLL_MS: '60000', ERP_CLOUD_MAINTENANCE_MS: '60000' });
+    try {
+      await waitFor(async () => listener.worker.health().listen, { what: 'the listener listening' });
+      await new Promise((r) => setTimeout(r, 300)); // its start-up claims are over (a later one would only make this test pass for the wrong reason)
+      await enqueue('theirs', 2500);
+      await q(`update cloud.outbox_intake set created_at = created_at - interval '2 seconds'`);
+      // the NOTIFY of this enqueue makes it claim: that claim moves 2,000 of theirs and leases nothing; what sends
+      // the message is the claim again 50 ms later
+      const [mine] = await enqueue('mine', 1);
+      await waitFor(async () => (await q(`select 1 from cloud.log where request_id = $1`, [mine])).rowCount, { what: 'the attempt of the message behind the backlog' });
+    } finally {
+      await listener.stop();
+    }
+    expect((await q<{ n: number }>(`select count(*)::int n from cloud.outbox_intake`)).rows[0]!.n).toBe(0);
+    expect((await q<{ n: number }>(`select count(*)::int n from cloud.outbox where endpoint = 'theirs' and status = 'pending' and attempts = 0`)).rows[0]!.n).toBe(2500);
   });
 });

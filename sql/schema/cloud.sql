@@ -2180,6 +2180,11 @@ begin
       union all
       -- messages behind the delivery fence (0034): when it lifts
       select f.fence_until from cloud.delivery_fence f
+      union all
+      -- work in the intake this listener's claim would read (0036's filter): claim again shortly
+      select p_now + interval '50 milliseconds'
+       where exists (select from cloud.outbox_intake i
+                      where p_endpoints is null or i.endpoint = any (p_endpoints) or i.created_at < p_now - interval '1 second')
     ) s
     where t > p_now);
 end $$;
@@ -2189,7 +2194,7 @@ end $$;
 -- Name: FUNCTION next_due_at(p_endpoints text[], p_now timestamp with time zone); Type: COMMENT; Schema: cloud
 --
 
-COMMENT ON FUNCTION cloud.next_due_at(p_endpoints text[], p_now timestamp with time zone) IS 'When the listener should look again: the earliest retry not yet due, the moment a rate limit, 429 pause or open circuit lets a waiting message go, or the end of the delivery fence after a crash.';
+COMMENT ON FUNCTION cloud.next_due_at(p_endpoints text[], p_now timestamp with time zone) IS 'When the listener should look again: the earliest retry not yet due, the moment a rate limit, 429 pause or open circuit lets a waiting message go, the end of the delivery fence after a crash, or in 50 ms while cloud.outbox_intake holds a row this listener''s claim would read (of its endpoints, or waiting over a second).';
 
 
 --
