@@ -50,7 +50,7 @@
 -- migration 0034_lease_without_waiting_for_the_flush.sql sha256 330ee8c9bf7bc926c7d550de64273967490dde2184aeaaf54bf5ec7f96cb644b
 -- migration 0035_idle_flag_without_row_versions.sql sha256 50c7f11901a703c81f30e4545ee2a76a87925c0f52114af18b4613d066be40a3
 -- migration 0036_intake_drains_in_bounded_steps.sql sha256 c61e7bd6ecc99941fa2e21cd405ea80d2dbffa1a246abbdb966d455ca488b8be
--- migration 0037_callbacks_give_way_to_the_erp.sql sha256 7c97f0b880b837236549dca5e30ac5ac6b28205d1637dacf98d52bdb2fa0e55d
+-- migration 0037_callbacks_give_way_to_the_erp.sql sha256 cd9b206b7b850ae5a7e8c4a7d6f8fb56969958e809449171adb7d11af77cc890
 -- migration 0038_claim_again_while_the_intake_has_work.sql sha256 1583eb9de4c43abd6b3d2815eb30c07f76ed106b67e37d61fdad320859a93878
 
 set local check_function_bodies = false;
@@ -745,6 +745,52 @@ COMMENT ON FUNCTION cloud._callback_lock_timeout_ms(p_fn regprocedure) IS 'Inter
 
 
 --
+-- Name: _callback_lock_timeout_too_long(regprocedure); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._callback_lock_timeout_too_long(p_fn regprocedure) RETURNS boolean
+    LANGUAGE sql STABLE PARALLEL SAFE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  select coalesce(ms = 0 or ms >= extract(epoch from current_setting('deadlock_timeout')::interval) * 1000, false)
+    from (select cloud._callback_lock_timeout_ms(p_fn) as ms) s
+$$;
+
+
+
+--
+-- Name: FUNCTION _callback_lock_timeout_too_long(p_fn regprocedure); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._callback_lock_timeout_too_long(p_fn regprocedure) IS 'Internal: whether a function''s own SET lock_timeout is 0 (no limit) or deadlock_timeout or more: as a callback it would replace cloud.callback_lock_timeout() and could wait on the ERP''s row until PostgreSQL aborts one of the two transactions. False when it sets none.';
+
+
+--
+-- Name: _callbacks_with_long_lock_timeout(); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._callbacks_with_long_lock_timeout() RETURNS TABLE(what text, source text, fn regprocedure, ms bigint)
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  select c.what, c.source, c.fn, cloud._callback_lock_timeout_ms(c.fn)
+    from (select 'on_invoice' as what, s.name as source, s.on_invoice as fn from tax.source s
+          union all select 'on_order', s.name, s.on_order from scm.source s
+          union all select 'on_asn', s.name, s.on_asn from scm.source s) c
+   where c.fn is not null and cloud._callback_lock_timeout_too_long(c.fn)
+   order by 2, 1
+$$;
+
+
+
+--
+-- Name: FUNCTION _callbacks_with_long_lock_timeout(); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._callbacks_with_long_lock_timeout() IS 'Internal: the registered callbacks (tax.source.on_invoice, scm.source.on_order / on_asn) that cloud._callback_lock_timeout_too_long names: registered before put_source refused them (0037). Read by this migration''s warning and by erp-cloud doctor.';
+
+
+--
 -- Name: _check_callback_lock_timeout(regprocedure, text, text); Type: FUNCTION; Schema: cloud
 --
 
@@ -753,10 +799,9 @@ CREATE FUNCTION cloud._check_callback_lock_timeout(p_fn regprocedure, p_what tex
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 declare
-  v_ms       bigint := cloud._callback_lock_timeout_ms(p_fn);
-  v_deadlock bigint := (extract(epoch from current_setting('deadlock_timeout')::interval) * 1000)::bigint;
+  v_ms bigint := cloud._callback_lock_timeout_ms(p_fn);
 begin
-  if v_ms is not null and (v_ms = 0 or v_ms >= v_deadlock) then
+  if cloud._callback_lock_timeout_too_long(p_fn) then
     raise exception using errcode = p_errcode,
       message = format('%s %s sets lock_timeout %s, which lets it wait on your ERP''s rows until PostgreSQL aborts one of the two transactions',
                        p_what, p_fn, case when v_ms = 0 then '0 (no limit)' else v_ms || ' ms' end),
@@ -13110,6 +13155,20 @@ REVOKE ALL ON FUNCTION cloud._audit_console_action(p_user cloud.console_user, p_
 --
 
 REVOKE ALL ON FUNCTION cloud._callback_lock_timeout_ms(p_fn regprocedure) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _callback_lock_timeout_too_long(p_fn regprocedure); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._callback_lock_timeout_too_long(p_fn regprocedure) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _callbacks_with_long_lock_timeout(); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._callbacks_with_long_lock_timeout() FROM PUBLIC;
 
 
 --

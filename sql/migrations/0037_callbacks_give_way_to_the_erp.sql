@@ -345,13 +345,35 @@ $$;
 comment on function cloud._callback_lock_timeout_ms(regprocedure) is
   'Internal: the lock_timeout (ms) a function sets in its own SET clause (0: no limit), or null when it sets none.';
 
+create function cloud._callback_lock_timeout_too_long(p_fn regprocedure) returns boolean
+language sql stable parallel safe set search_path = pg_catalog, pg_temp as $$
+  select coalesce(ms = 0 or ms >= extract(epoch from current_setting('deadlock_timeout')::interval) * 1000, false)
+    from (select cloud._callback_lock_timeout_ms(p_fn) as ms) s
+$$;
+
+comment on function cloud._callback_lock_timeout_too_long(regprocedure) is
+  'Internal: whether a function''s own SET lock_timeout is 0 (no limit) or deadlock_timeout or more: as a callback it would replace cloud.callback_lock_timeout() and could wait on the ERP''s row until PostgreSQL aborts one of the two transactions. False when it sets none.';
+
+create function cloud._callbacks_with_long_lock_timeout()
+returns table (what text, source text, fn regprocedure, ms bigint)
+language sql stable set search_path = pg_catalog, pg_temp as $$
+  select c.what, c.source, c.fn, cloud._callback_lock_timeout_ms(c.fn)
+    from (select 'on_invoice' as what, s.name as source, s.on_invoice as fn from tax.source s
+          union all select 'on_order', s.name, s.on_order from scm.source s
+          union all select 'on_asn', s.name, s.on_asn from scm.source s) c
+   where c.fn is not null and cloud._callback_lock_timeout_too_long(c.fn)
+   order by 2, 1
+$$;
+
+comment on function cloud._callbacks_with_long_lock_timeout() is
+  'Internal: the registered callbacks (tax.source.on_invoice, scm.source.on_order / on_asn) that cloud._callback_lock_timeout_too_long names: registered before put_source refused them (0037). Read by this migration''s warning and by erp-cloud doctor.';
+
 create function cloud._check_callback_lock_timeout(p_fn regprocedure, p_what text, p_errcode text) returns void
 language plpgsql stable set search_path = pg_catalog, pg_temp as $$
 declare
-  v_ms       bigint := cloud._callback_lock_timeout_ms(p_fn);
-  v_deadlock bigint := (extract(epoch from current_setting('deadlock_timeout')::interval) * 1000)::bigint;
+  v_ms bigint := cloud._callback_lock_timeout_ms(p_fn);
 begin
-  if v_ms is not null and (v_ms = 0 or v_ms >= v_deadlock) then
+  if cloud._callback_lock_timeout_too_long(p_fn) then
     raise exception using errcode = p_errcode,
       message = format('%s %s sets lock_timeout %s, which lets it wait on your ERP''s rows until PostgreSQL aborts one of the two transactions',
                        p_what, p_fn, case when v_ms = 0 then '0 (no limit)' else v_ms || ' ms' end),
@@ -420,15 +442,7 @@ do $$
 declare
   v record;
 begin
-  for v in
-    select c.what, c.source, c.fn, cloud._callback_lock_timeout_ms(c.fn) ms
-      from (select 'on_invoice' what, s.name source, s.on_invoice fn from tax.source s
-            union all select 'on_order', s.name, s.on_order from scm.source s
-            union all select 'on_asn', s.name, s.on_asn from scm.source s) c
-     where c.fn is not null
-       and (cloud._callback_lock_timeout_ms(c.fn) = 0
-            or cloud._callback_lock_timeout_ms(c.fn) >= extract(epoch from current_setting('deadlock_timeout')::interval) * 1000)
-  loop
+  for v in select * from cloud._callbacks_with_long_lock_timeout() loop
     raise warning '% of source % (%) sets lock_timeout % ms, which lets it wait until PostgreSQL aborts your ERP''s transaction', v.what, v.source, v.fn, v.ms
       using hint = format('ALTER FUNCTION %s RESET lock_timeout; erp-cloud calls it with lock_timeout 50 ms.', v.fn);
   end loop;

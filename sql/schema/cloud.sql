@@ -207,6 +207,50 @@ COMMENT ON FUNCTION cloud._callback_lock_timeout_ms(p_fn regprocedure) IS 'Inter
 
 
 --
+-- Name: _callback_lock_timeout_too_long(regprocedure); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._callback_lock_timeout_too_long(p_fn regprocedure) RETURNS boolean
+    LANGUAGE sql STABLE PARALLEL SAFE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  select coalesce(ms = 0 or ms >= extract(epoch from current_setting('deadlock_timeout')::interval) * 1000, false)
+    from (select cloud._callback_lock_timeout_ms(p_fn) as ms) s
+$$;
+
+
+--
+-- Name: FUNCTION _callback_lock_timeout_too_long(p_fn regprocedure); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._callback_lock_timeout_too_long(p_fn regprocedure) IS 'Internal: whether a function''s own SET lock_timeout is 0 (no limit) or deadlock_timeout or more: as a callback it would replace cloud.callback_lock_timeout() and could wait on the ERP''s row until PostgreSQL aborts one of the two transactions. False when it sets none.';
+
+
+--
+-- Name: _callbacks_with_long_lock_timeout(); Type: FUNCTION; Schema: cloud
+--
+
+CREATE FUNCTION cloud._callbacks_with_long_lock_timeout() RETURNS TABLE(what text, source text, fn regprocedure, ms bigint)
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  select c.what, c.source, c.fn, cloud._callback_lock_timeout_ms(c.fn)
+    from (select 'on_invoice' as what, s.name as source, s.on_invoice as fn from tax.source s
+          union all select 'on_order', s.name, s.on_order from scm.source s
+          union all select 'on_asn', s.name, s.on_asn from scm.source s) c
+   where c.fn is not null and cloud._callback_lock_timeout_too_long(c.fn)
+   order by 2, 1
+$$;
+
+
+--
+-- Name: FUNCTION _callbacks_with_long_lock_timeout(); Type: COMMENT; Schema: cloud
+--
+
+COMMENT ON FUNCTION cloud._callbacks_with_long_lock_timeout() IS 'Internal: the registered callbacks (tax.source.on_invoice, scm.source.on_order / on_asn) that cloud._callback_lock_timeout_too_long names: registered before put_source refused them (0037). Read by this migration''s warning and by erp-cloud doctor.';
+
+
+--
 -- Name: _check_callback_lock_timeout(regprocedure, text, text); Type: FUNCTION; Schema: cloud
 --
 
@@ -215,10 +259,9 @@ CREATE FUNCTION cloud._check_callback_lock_timeout(p_fn regprocedure, p_what tex
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 declare
-  v_ms       bigint := cloud._callback_lock_timeout_ms(p_fn);
-  v_deadlock bigint := (extract(epoch from current_setting('deadlock_timeout')::interval) * 1000)::bigint;
+  v_ms bigint := cloud._callback_lock_timeout_ms(p_fn);
 begin
-  if v_ms is not null and (v_ms = 0 or v_ms >= v_deadlock) then
+  if cloud._callback_lock_timeout_too_long(p_fn) then
     raise exception using errcode = p_errcode,
       message = format('%s %s sets lock_timeout %s, which lets it wait on your ERP''s rows until PostgreSQL aborts one of the two transactions',
                        p_what, p_fn, case when v_ms = 0 then '0 (no limit)' else v_ms || ' ms' end),
@@ -4432,6 +4475,20 @@ REVOKE ALL ON FUNCTION cloud._audit_console_action(p_user cloud.console_user, p_
 --
 
 REVOKE ALL ON FUNCTION cloud._callback_lock_timeout_ms(p_fn regprocedure) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _callback_lock_timeout_too_long(p_fn regprocedure); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._callback_lock_timeout_too_long(p_fn regprocedure) FROM PUBLIC;
+
+
+--
+-- Name: FUNCTION _callbacks_with_long_lock_timeout(); Type: ACL; Schema: cloud
+--
+
+REVOKE ALL ON FUNCTION cloud._callbacks_with_long_lock_timeout() FROM PUBLIC;
 
 
 --

@@ -18,14 +18,8 @@ export const doctorSql = {
     order by 1, 2`,
   /** registered callbacks whose own SET lock_timeout is 0 or at least deadlock_timeout (0037: put_source refuses them now; older ones stay) */
   callbackLockTimeouts: `
-    select c.what, c.source, c.fn::text as fn, cloud._callback_lock_timeout_ms(c.fn)::int as ms, current_setting('deadlock_timeout') as deadlock_timeout
-      from (select 'on_invoice' as what, s.name as source, s.on_invoice as fn from tax.source s
-            union all select 'on_order', s.name, s.on_order from scm.source s
-            union all select 'on_asn', s.name, s.on_asn from scm.source s) c
-     where c.fn is not null
-       and (cloud._callback_lock_timeout_ms(c.fn) = 0
-            or cloud._callback_lock_timeout_ms(c.fn) >= extract(epoch from current_setting('deadlock_timeout')::interval) * 1000)
-     order by 2, 1`,
+    select what, source, fn::text as fn, ms::int as ms, current_setting('deadlock_timeout') as deadlock_timeout
+      from cloud._callbacks_with_long_lock_timeout()`,
   migrationRows: 'select id, name, sha256 from erp_cloud.migration order by id',
   cronScheduled: 'select cloud.cron_jobs_scheduled() as scheduled',
   cronJobs: `
