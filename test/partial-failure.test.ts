@@ -443,6 +443,8 @@ describe('listeners that disappear and come back', () => {
       expect(sent).toHaveLength(1);
       expect(sent[0]!.attempt).toBeGreaterThanOrEqual(2);
       expect(sim.requests().filter((r) => r.path === '/webhook')).toHaveLength(1);
+      // its log line comes through a pipe, after the give-back's commit: waited for, not assumed to be there already
+      await waitFor(async () => /given back unsent: its lease could end before the answer/.test(child.output()), { timeoutMs: 30_000, what: 'the log line of giving back' });
       expect(child.output()).toMatch(/given back unsent: its lease could end before the answer/);
     } finally {
       await blocker.query('rollback').catch(() => undefined);
