@@ -26,7 +26,7 @@ import { runMigrations, Logger } from 'graphile-worker';
 import pg from 'pg';
 import type { BenchContext } from '../lib/context.js';
 import { benchPool, type DbRegistry } from '../lib/db.js';
-import { cpuMark, cpuSince, type CpuMark, type CpuScope, type CpuUse } from '../lib/cpu.js';
+import { cpuMark, cpuSince, procCpuSeconds, type CpuMark, type CpuScope, type CpuUse } from '../lib/cpu.js';
 import { listenerSettings, profileArgs, spawnListener, stopListener, type ListenerProc } from '../lib/listeners.js';
 import { enqueueBenchMessages, putSinkEndpoint } from '../lib/outbox.js';
 import { phase } from '../lib/phases.js';
@@ -36,6 +36,8 @@ import { epochMs, progress, round, textTable, waitFor } from '../lib/util.js';
 const here = path.dirname(fileURLToPath(import.meta.url));
 /** The graphile-worker child; BENCH_GRAPHILE_CHILD=path (an A/B aid, with BENCH_LISTENER_CLI) runs another build's. */
 const graphileChild = process.env.BENCH_GRAPHILE_CHILD || path.join(here, '..', 'graphile-child.js');
+/** The delivery ceiling's child: the same HTTP call from memory, no database (bench/ceiling-child.ts). */
+const ceilingChild = path.join(here, '..', 'ceiling-child.js');
 const CHUNK = 5000;
 /** ANALYZE both queues after loading them (BENCH_NO_ANALYZE=1 skips it, to see plans without statistics). */
 const ANALYZE = process.env.BENCH_NO_ANALYZE !== '1';
@@ -68,6 +70,28 @@ export interface RunResult {
   config: Record<string, unknown>;
 }
 
+/**
+ * The ceiling at one process count: the same HTTP call made from memory by that many processes (no
+ * database, no queue), at its best concurrency of the sweep. A queue only adds work to the call, so no
+ * system measured here can deliver faster on this machine; what each system spends per message above
+ * the ceiling's CPU is what its queue costs (worker and database together).
+ */
+export interface CeilingRow {
+  processes: number;
+  /** null in the quick run, which leaves the ceiling out. */
+  best_per_s: number | null;
+  best_concurrency: number | null;
+  /** The ceiling process(es)' CPU per message, steady (from the first request at the sink). */
+  worker_ms_per_msg_steady: number | null;
+  erp_cloud_of_ceiling: number | null;
+  graphile_worker_of_ceiling: number | null;
+  /** The issue's goal (1.3 × graphile-worker) as a share of the ceiling: above 1, no queue reaches it here. */
+  goal_of_ceiling: number | null;
+  /** Steady CPU per message above the ceiling's: the queue's own cost (worker + database), each system at its best run. */
+  erp_cloud_queue_ms_per_msg: number | null;
+  graphile_worker_queue_ms_per_msg: number | null;
+}
+
 export interface SweepRow {
   processes: number;
   erp_cloud_best_per_s: number;
@@ -94,7 +118,13 @@ export interface DeliveryResult {
   msgs_per_cpu_s_ratio: number | null;
   msgs_per_cpu_s_steady_ratio: number | null;
   delivery_best_config: Record<string, unknown>;
-  delivery: { sweep: SweepRow[]; sweep_text: string; erp_cloud_concurrencies: number[]; graphile_worker_concurrencies: number[]; messages_per_run: number };
+  /** The ceiling's headline at one process: 1.3 × graphile-worker's best ÷ the ceiling's best (null in the quick run). */
+  delivery_goal_of_ceiling_x1: number | null;
+  delivery_goal_of_ceiling_x2: number | null;
+  delivery: {
+    sweep: SweepRow[]; sweep_text: string; ceiling: CeilingRow[]; ceiling_concurrencies: number[];
+    erp_cloud_concurrencies: number[]; graphile_worker_concurrencies: number[]; messages_per_run: number;
+  };
   runs: RunResult[];
 }
 
@@ -279,6 +309,97 @@ async function graphileRun(ctx: BenchContext, tpl: Templates, n: number, process
   }
 }
 
+/** CPU of the ceiling's children since `start` (their pids → CPU seconds then): no database to count. */
+function ceilingCpu(children: Child[], start: Map<number, number>, sinkStart: number | null, sinkPid: number | undefined, messages: number): CpuUse {
+  let worker = 0;
+  for (const c of children) {
+    const pid = c.proc.pid;
+    const now = pid ? procCpuSeconds(pid) : null;
+    if (pid && now !== null) worker += now - (start.get(pid) ?? 0);
+  }
+  const sinkNow = procCpuSeconds(sinkPid);
+  return {
+    worker_s: round(worker, 2),
+    worker_ms_per_msg: messages > 0 ? round((worker * 1000) / messages, 3) : null,
+    db_backends_s: 0,
+    db_ms_per_msg: 0,
+    sink_s: sinkNow !== null && sinkStart !== null ? round(sinkNow - sinkStart, 2) : null,
+    msgs_per_cpu_s: worker > 0 ? Math.round(messages / worker) : null,
+    machine_busy_pct: null,
+  };
+}
+
+/**
+ * The ceiling at `processes` processes and `concurrency` calls at once per process: `n` messages split
+ * among them, made from memory (bench/ceiling-child.ts); timed from the spawn, like the other runs, to
+ * the last answer.
+ */
+async function ceilingRun(ctx: BenchContext, n: number, processes: number, concurrency: number, timeoutMs: number): Promise<RunResult> {
+  phase('ceiling set-up');
+  await ctx.sink.reset();
+  const children: Child[] = [];
+  const sinkPid = ctx.sink.child.proc.pid;
+  try {
+    phase('ceiling spawn to first request');
+    const sinkStart = procCpuSeconds(sinkPid);
+    const t0 = epochMs();
+    let done = 0;
+    const per = Math.ceil(n / processes);
+    for (let i = 0; i < processes; i++) {
+      const count = Math.min(per, n - i * per);
+      const child = forkChild(`ceiling ${i + 1}`, ceilingChild, {
+        execArgv: profileArgs(`ceiling-${i + 1}`),
+        env: { PATH: process.env.PATH, SINK_URL: ctx.sink.url, CEIL_MESSAGES: String(count), CEIL_CONCURRENCY: String(concurrency), CEIL_FIRST: String(1 + i * per) },
+      });
+      child.proc.on('message', (m: { done?: number }) => {
+        if (typeof m.done === 'number') done += m.done;
+      });
+      children.push(child);
+    }
+    const alive = () => {
+      for (const c of children) if (c.proc.exitCode !== null) throw new Error(`ceiling child exited (${c.proc.exitCode}): ${c.output()}`);
+    };
+    const start = new Map<number, number>(children.map((c) => [c.proc.pid ?? 0, 0]));
+    const steadyAt = await waitFor(
+      async () => {
+        alive();
+        return (await ctx.sink.stats()).count;
+      },
+      { timeoutMs: 60_000, intervalMs: 5, what: 'the first request at the sink' },
+    );
+    const steadyStart = new Map<number, number>(children.map((c) => [c.proc.pid ?? 0, procCpuSeconds(c.proc.pid) ?? 0]));
+    const steadySink = procCpuSeconds(sinkPid);
+    phase('ceiling delivering');
+    await waitFor(
+      () => {
+        alive();
+        return Promise.resolve(done >= n);
+      },
+      { timeoutMs, intervalMs: 5, what: `${n} answered calls of the ceiling` },
+    );
+    const seconds = (epochMs() - t0) / 1000;
+    const cpu = ceilingCpu(children, start, sinkStart, sinkPid, n);
+    const cpuSteady = ceilingCpu(children, steadyStart, steadySink, sinkPid, n - steadyAt);
+    const result: RunResult = {
+      system: `ceiling x${processes}`,
+      processes,
+      concurrency,
+      messages: n,
+      seconds: round(seconds, 3),
+      per_s: round(n / seconds, 1),
+      ...(await sinkRates(ctx, n)),
+      cpu,
+      cpu_steady: cpuSteady,
+      config: { concurrency, task: 'attemptDelivery (listener/delivery/http.ts), provider webhook, from memory: no database' },
+    };
+    progress(`  ${result.system} c${concurrency}: ${result.per_s}/s (sink window ${result.sink_window_per_s}/s), ${cpu.msgs_per_cpu_s} msgs per CPU s (worker ${cpu.worker_ms_per_msg} ms/msg); steady ${cpuSteady.msgs_per_cpu_s} (${cpuSteady.worker_ms_per_msg})`);
+    return result;
+  } finally {
+    phase('teardown');
+    await Promise.all(children.map((c) => stopChild(c, 5_000, () => c.proc.send({ cmd: 'stop' }))));
+  }
+}
+
 /**
  * This run's graphile-worker template: a database with graphile-worker's schema, migrated once (the runner
  * asks for it beside the erp-cloud templates, before the first figure); every graphile-worker run copies it.
@@ -298,21 +419,58 @@ async function templates(ctx: BenchContext): Promise<Templates> {
 
 const best = (runs: RunResult[]): RunResult => runs.reduce((a, b) => (b.per_s > a.per_s ? b : a));
 
+/** Steady CPU per message of a run, worker and database together (null without /proc). */
+function steadyMs(r: RunResult): number | null {
+  const w = r.cpu_steady.worker_ms_per_msg;
+  const d = r.cpu_steady.db_ms_per_msg;
+  return w === null || d === null ? null : w + d;
+}
+
+/** The ceiling's row at one process count, against each system's best run there (`e`, `g`); all null without ceiling runs. */
+function ceilingRow(processes: number, e: RunResult, g: RunResult, runs: RunResult[]): CeilingRow {
+  if (runs.length === 0) {
+    return { processes, best_per_s: null, best_concurrency: null, worker_ms_per_msg_steady: null, erp_cloud_of_ceiling: null,
+      graphile_worker_of_ceiling: null, goal_of_ceiling: null, erp_cloud_queue_ms_per_msg: null, graphile_worker_queue_ms_per_msg: null };
+  }
+  const c = best(runs);
+  const floor = c.cpu_steady.worker_ms_per_msg;
+  const above = (r: RunResult) => {
+    const ms = steadyMs(r);
+    return ms === null || floor === null ? null : round(ms - floor, 3);
+  };
+  return {
+    processes,
+    best_per_s: c.per_s,
+    best_concurrency: c.concurrency,
+    worker_ms_per_msg_steady: floor,
+    erp_cloud_of_ceiling: round(e.per_s / c.per_s, 3),
+    graphile_worker_of_ceiling: round(g.per_s / c.per_s, 3),
+    goal_of_ceiling: round((1.3 * g.per_s) / c.per_s, 3),
+    erp_cloud_queue_ms_per_msg: above(e),
+    graphile_worker_queue_ms_per_msg: above(g),
+  };
+}
+
 export async function deliveryFigure(ctx: BenchContext): Promise<DeliveryResult> {
   const n = ctx.quick ? 1200 : 10_000;
   const erpC = ctx.quick ? [32, 128] : [8, 16, 32, 64, 128];
   const gwC = ctx.quick ? [10, 40] : [5, 10, 20, 40, 80];
+  // the ceiling is left out of the quick run (its 90 s have no room for it)
+  const ceilC = ctx.quick ? [] : [10, 20, 40, 80, 128];
   const timeoutMs = ctx.quick ? 60_000 : 180_000;
-  progress(`figure 1: delivery throughput and CPU, ${n} messages per run; 1 and 2 processes; concurrency erp-cloud ${erpC.join('/')}, graphile-worker ${gwC.join('/')}`);
+  progress(`figure 1: delivery throughput and CPU, ${n} messages per run; 1 and 2 processes; concurrency erp-cloud ${erpC.join('/')}, graphile-worker ${gwC.join('/')}` +
+    (ceilC.length > 0 ? `, ceiling (the same call from memory) ${ceilC.join('/')}` : ''));
   phase('templates');
   const tpl = await templates(ctx);
   const runs: RunResult[] = [];
   const sweep: SweepRow[] = [];
+  const ceiling: CeilingRow[] = [];
   for (const procs of [1, 2]) {
-    // interleaved so that machine drift hits both systems alike
-    for (let i = 0; i < Math.max(erpC.length, gwC.length); i++) {
+    // interleaved so that machine drift hits every system alike
+    for (let i = 0; i < Math.max(erpC.length, gwC.length, ceilC.length); i++) {
       if (erpC[i] !== undefined) runs.push(await erpCloudRun(ctx, tpl, n, procs, erpC[i]!, timeoutMs));
       if (gwC[i] !== undefined) runs.push(await graphileRun(ctx, tpl, n, procs, gwC[i]!, timeoutMs));
+      if (ceilC[i] !== undefined) runs.push(await ceilingRun(ctx, n, procs, ceilC[i]!, timeoutMs));
     }
     const e = best(runs.filter((r) => r.processes === procs && r.system.startsWith('erp-cloud')));
     const g = best(runs.filter((r) => r.processes === procs && r.system.startsWith('graphile-worker')));
@@ -332,7 +490,10 @@ export async function deliveryFigure(ctx: BenchContext): Promise<DeliveryResult>
       graphile_worker_msgs_per_cpu_s_steady: g.cpu_steady.msgs_per_cpu_s,
       cpu_ratio_steady: e.cpu_steady.msgs_per_cpu_s && g.cpu_steady.msgs_per_cpu_s ? round(e.cpu_steady.msgs_per_cpu_s / g.cpu_steady.msgs_per_cpu_s, 3) : null,
     });
+    ceiling.push(ceilingRow(procs, e, g, runs.filter((r) => r.processes === procs && r.system.startsWith('ceiling'))));
   }
+  const c1 = ceiling.find((r) => r.processes === 1)!;
+  const c2 = ceiling.find((r) => r.processes === 2)!;
   const all = best(runs.filter((r) => r.system.startsWith('erp-cloud')));
   const gwAll = best(runs.filter((r) => r.system.startsWith('graphile-worker')));
   const x1 = sweep.find((r) => r.processes === 1)!;
@@ -354,7 +515,12 @@ export async function deliveryFigure(ctx: BenchContext): Promise<DeliveryResult>
     msgs_per_cpu_s_ratio: x1.cpu_ratio,
     msgs_per_cpu_s_steady_ratio: x1.cpu_ratio_steady,
     delivery_best_config: all.config,
-    delivery: { sweep, sweep_text: sweepText, erp_cloud_concurrencies: erpC, graphile_worker_concurrencies: gwC, messages_per_run: n },
+    delivery_goal_of_ceiling_x1: c1.goal_of_ceiling,
+    delivery_goal_of_ceiling_x2: c2.goal_of_ceiling,
+    delivery: {
+      sweep, sweep_text: sweepText, ceiling, ceiling_concurrencies: ceilC,
+      erp_cloud_concurrencies: erpC, graphile_worker_concurrencies: gwC, messages_per_run: n,
+    },
     runs,
   };
 }
