@@ -12,7 +12,7 @@
  *      busy listener in both), erp_insert_ratio_vs_quiet_baseline,
  *      naive_notify_ratio (figures/erp-insert.ts)
  *   4. claim_after_1m_ratio                      (figures/claim.ts)
- *   5. rate_limit_accuracy, rate_limit_429s      (figures/rate-limit.ts)
+ *   5. rate_limit_send_accuracy, rate_limit_429s (figures/rate-limit.ts)
  *   6. invoices_per_s, approval_to_pdf_p50_ms    (figures/invoicing.ts)
  *   7. asn_search_speedup, asn_search_p50_ms     (figures/asn-search.ts)
  *   8. faults_delivery_ratio, faults_lost, faults_second_effects,
@@ -130,10 +130,10 @@ const rateWindow = (r: Results): { w: number; limit: number } => {
 };
 
 /**
- * Rate-limit accuracy band. The window opens at the first 200 and lasts w s; the token bucket (burst 1)
- * spends its one stored token on that first request and earns limit × w more during the window, so an
- * exact bucket lets limit × w + 1 requests in: accuracy 1 + 1/(limit × w) (1.0033 in a 6-s window,
- * 1.001 in 20 s). Anything above that is a real overshoot; the resolution is one message.
+ * Rate-limit accuracy band. The window opens at the first send cloud.log records and lasts w s; the
+ * token bucket (burst 1) spends its one stored token on that first send and earns limit × w more during
+ * the window, so an exact bucket lets limit × w + 1 go: accuracy 1 + 1/(limit × w) (1.004 in the quick
+ * run's 5-s window, 1.001 in 20 s). Anything above that is a real overshoot; the resolution is one message.
  */
 const rateBand = (r: Results): [number, number] => {
   const { w, limit } = rateWindow(r);
@@ -172,7 +172,9 @@ const TARGETS: Target[] = [
   { key: 'claim_after_1m_ratio', label: (r) => `claim cycle after ${count(r, 'claim.pushed_messages', '?')} messages / fresh (target is for 1M)`, op: '>=', target: 0.9, unit: '', fullOnly: true },
   { key: 'claim_after_1m_vs_analyzed_ratio', label: (r) => `claim cycle after ${count(r, 'claim.pushed_messages', '?')} messages / fresh+ANALYZE (control)`, op: '>=', target: null, unit: '' },
   { key: 'rate_limit_delivered_per_s', label: 'delivered rate, 3 listeners, endpoint limited to 50/s', op: '>=', target: null, unit: 'req/s' },
-  { key: 'rate_limit_accuracy', label: (r) => `rate-limit accuracy (delivered rate / 50 over ${rateWindow(r).w} s; one message = ${Math.round(1_000_000 / (rateWindow(r).limit * rateWindow(r).w)) / 1_000_000})`, op: 'in', target: rateBand, unit: '' },
+  { key: 'rate_limit_send_accuracy', label: (r) => `rate-limit accuracy (sends in cloud.log / 50 over ${rateWindow(r).w} s; one message = ${Math.round(1_000_000 / (rateWindow(r).limit * rateWindow(r).w)) / 1_000_000})`, op: 'in', target: rateBand, unit: '' },
+  { key: 'rate_limit_accuracy', label: 'the same by arrival at the simulator, the window opening at the first 200 (context: a few ms of arrival jitter move a message across an edge)', op: '>=', target: null, unit: '' },
+  { key: 'rate_limit.span_rate_per_s', label: 'mean rate between the first and the last arrival in that window', op: '<=', target: null, unit: 'req/s' },
   { key: 'rate_limit_429s', label: '429s seen by the simulator (gateway 55/s, burst 5)', op: '=', target: 0, unit: '' },
   { key: 'invoices_per_s', label: 'e-invoices issued end to end through the Nuonuo simulator (PDF attached)', op: '>=', target: null, unit: 'inv/s' },
   { key: 'approval_to_pdf_p50_ms', label: 'settlement approval to PDF attached, p50 (first poll 200 ms, issuing 100 ms)', op: '<=', target: null, unit: 'ms' },
