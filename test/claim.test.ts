@@ -6,6 +6,8 @@
  */
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { sql } from '../listener/delivery/queries.js';
+import { withEndpointSettings } from '../listener/delivery/worker.js';
 import { createTestDb, inTransaction, type TestDb } from './helpers/db.js';
 import { resetProductState } from './helpers/reset.js';
 
@@ -222,5 +224,50 @@ describe('the claim on its cheap paths', () => {
       await holder.query('rollback').catch(() => undefined);
       await Promise.all([holder.end(), claimer.end()]);
     }
+  });
+});
+
+describe('the listener’s claim statement', () => {
+  it('sends each endpoint’s settings once per run of its rows, and every message gets them back with its send_by', async () => {
+    await q(`select cloud.put_endpoint_allowlist('fast', '{api.example.com}', '{203.0.113.0/24}', false)`);
+    await q(`select cloud.put_endpoint('slow', 'http://127.0.0.1:9/slow', p_config => '{"tenant": "t1"}')`);
+    await q(`select cloud.put_endpoint_limits('slow', 10, 3)`); // 10/s, a bucket of 3
+    const fast = await enqueueMany('fast', 5);
+    const slow = (await q<{ id: string }>(`select cloud.enqueue_message('slow', 'demo.ping', jsonb_build_object('n', g)) as id from generate_series(1, 3) g order by g`)).rows.map((r) => r.id);
+    // due now (enqueueMany's are due in 2030): the listener's statement claims at clock_timestamp()
+    await q(`update cloud.outbox set next_attempt_at = now() where request_id = any ($1::uuid[])`, [fast]);
+
+    const { rows } = await q(sql.claim, ['w1', 100, null, 5000]);
+    const runs = rows.filter((r) => r.settings).length;
+    expect(rows).toHaveLength(8);
+    // one row per run of an endpoint's rows carries its settings; the others carry none
+    expect(runs).toBe(rows.filter((r, i) => i === 0 || rows[i - 1].endpoint !== r.endpoint).length);
+    expect(runs).toBeLessThan(rows.length);
+    for (const r of rows.filter((x) => !x.settings)) {
+      expect([r.provider, r.base_url, r.timeout_ms, r.endpoint_config, r.allow_hosts, r.allow_cidrs, r.allow_private, r.download_hosts, r.send_grace_ms])
+        .toEqual([null, null, null, null, null, null, null, null, null]);
+    }
+
+    const got = withEndpointSettings(rows);
+    expect(got.map((m) => m.request_id).sort()).toEqual([...fast, ...slow].sort());
+    const settings = (await q(`select name, provider, base_url, timeout_ms, config, allow_hosts, allow_cidrs::text[] as allow_cidrs, allow_private, download_hosts
+                                 from cloud.endpoint where name in ('fast', 'slow')`)).rows;
+    for (const m of got) {
+      const e = settings.find((x) => x.name === m.endpoint)!;
+      expect(m).toMatchObject({ provider: e.provider, base_url: e.base_url, timeout_ms: e.timeout_ms, endpoint_config: e.config,
+        allow_hosts: e.allow_hosts, allow_cidrs: e.allow_cidrs, allow_private: e.allow_private, download_hosts: e.download_hosts });
+      if (m.endpoint === 'fast') expect(m.send_by).toBeNull(); // no limit: no grace
+      else expect(m.send_by!.getTime() - m.send_at.getTime()).toBe(50); // cloud.send_grace(10/s): half a token's spacing, at most 50 ms
+    }
+    expect(got.filter((m) => m.endpoint === 'fast').map((m) => m.allow_hosts)).toEqual(Array(5).fill(['api.example.com']));
+  });
+
+  it('refuses a row whose endpoint no row before it described, rather than send it with another endpoint’s settings', () => {
+    const row = {
+      request_id: 'r1', endpoint: 'fast', operation: 'demo.ping', payload: {}, attempt: 1, aggregate_type: null, aggregate_id: null, ordering_key: null,
+      locked_until: new Date(), send_at: new Date(), settings: false, provider: null, base_url: null, timeout_ms: null, endpoint_config: null,
+      allow_hosts: null, allow_cidrs: null, allow_private: null, download_hosts: null, send_grace_ms: null,
+    };
+    expect(() => withEndpointSettings([row])).toThrow(/message r1 came without the settings of endpoint fast/);
   });
 });
