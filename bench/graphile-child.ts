@@ -8,11 +8,9 @@
  * Env: DATABASE_URL, SINK_URL, GW_CONCURRENCY, GW_LOCAL_QUEUE, GW_COMPLETE_DELAY.
  * IPC: sends {ready: true} once the runner is up; {cmd: 'stop'} stops it.
  */
-import { randomUUID } from 'node:crypto';
 import { Logger, run, type Runner, type Task } from 'graphile-worker';
-import { closeAgents, policyOf, type EgressPolicy } from '../listener/delivery/egress.js';
-import { attemptDelivery } from '../listener/delivery/http.js';
-import type { ClaimedMessage } from '../listener/providers/index.js';
+import { closeAgents } from '../listener/delivery/egress.js';
+import { sinkCaller } from './lib/sink-call.js';
 
 const env = (k: string, d?: string): string => {
   const v = process.env[k] ?? d;
@@ -21,33 +19,13 @@ const env = (k: string, d?: string): string => {
 };
 
 const sinkUrl = env('SINK_URL');
-/** The same egress check the listener makes, with the sink's loopback address allowed as the bench endpoint allows it. */
-const SINK_POLICY: EgressPolicy = policyOf({ name: 'sink', base_url: `${sinkUrl}/webhook`, allow_hosts: [], allow_cidrs: [], allow_private: true });
+const callSink = sinkCaller(sinkUrl);
 const quiet = new Logger(() => (level, message) => {
   if (level === 'error') process.stderr.write(`graphile-worker ${level}: ${message}\n`);
 });
 
 const deliver: Task = async (payload, helpers) => {
-  const msg: ClaimedMessage = {
-    request_id: randomUUID(),
-    endpoint: 'sink',
-    operation: 'bench.ping',
-    payload,
-    attempt: helpers.job.attempts,
-    aggregate_type: null,
-    aggregate_id: null,
-    ordering_key: null,
-    provider: 'webhook',
-    allow_hosts: [],
-    allow_cidrs: [],
-    allow_private: true,
-    base_url: `${sinkUrl}/webhook`,
-    timeout_ms: 10_000,
-    endpoint_config: {},
-    locked_until: new Date(Date.now() + 15_000),
-    send_at: new Date(),
-  };
-  const result = await attemptDelivery(msg, { logBodyBytes: 64 * 1024, policy: SINK_POLICY });
+  const result = await callSink(payload, helpers.job.attempts);
   if (result.outcome !== 'ok') throw new Error(`${result.error_class}: ${result.error_message}`);
 };
 

@@ -159,14 +159,19 @@ interface Templates { erp: string; gw: string }
  * their start-up in the whole-run figure; this one leaves it out for both.
  */
 async function steadyMark(ctx: BenchContext, scope: CpuScope, alive: () => void): Promise<{ mark: CpuMark; delivered: number }> {
-  const delivered = await waitFor(
+  const delivered = await firstRequests(ctx, alive);
+  return { mark: await cpuMark(scope), delivered };
+}
+
+/** Waits (bounded) for the sink's first request; returns how many it has seen by then. */
+function firstRequests(ctx: BenchContext, alive: () => void): Promise<number> {
+  return waitFor(
     async () => {
       alive();
       return (await ctx.sink.stats()).count;
     },
     { timeoutMs: 60_000, intervalMs: 5, what: 'the first request at the sink' },
   );
-  return { mark: await cpuMark(scope), delivered };
 }
 
 async function erpCloudRun(ctx: BenchContext, tpl: Templates, n: number, listeners: number, concurrency: number, timeoutMs: number): Promise<RunResult> {
@@ -360,13 +365,7 @@ async function ceilingRun(ctx: BenchContext, n: number, processes: number, concu
       for (const c of children) if (c.proc.exitCode !== null) throw new Error(`ceiling child exited (${c.proc.exitCode}): ${c.output()}`);
     };
     const start = new Map<number, number>(children.map((c) => [c.proc.pid ?? 0, 0]));
-    const steadyAt = await waitFor(
-      async () => {
-        alive();
-        return (await ctx.sink.stats()).count;
-      },
-      { timeoutMs: 60_000, intervalMs: 5, what: 'the first request at the sink' },
-    );
+    const steadyAt = await firstRequests(ctx, alive);
     const steadyStart = new Map<number, number>(children.map((c) => [c.proc.pid ?? 0, procCpuSeconds(c.proc.pid) ?? 0]));
     const steadySink = procCpuSeconds(sinkPid);
     phase('ceiling delivering');
