@@ -31,7 +31,9 @@
  *                 30 s: about 34 s with set-up; its 2 s after release and its
  *                 teardown run while the next figure, console, seeds its own
  *                 database and signs in), every other figure shrinks around it
- *                 (pgbench -T 2, smaller seeds and pushes, 200 fault-run messages at 150/s).
+ *                 (pgbench -T 2, smaller seeds and pushes, 150 fault-run messages at 150/s;
+ *                 delivery at one concurrency per system, its best in every full run;
+ *                 the claim push 10,000 messages, the ASN search 50,000 lines).
  *                 Fixed waits cut for the budget: the idle CPU samples 2 × 1 → 2 × 0.5 s;
  *                 the migrated templates (erp-cloud, with the reference ERP, graphile-worker's)
  *                 made side by side while the sink starts, before the first figure
@@ -185,7 +187,7 @@ const TARGETS: Target[] = [
   { key: 'rate_limit.log_max_1s', label: 'most sends in cloud.log in any 1-s sliding window', op: '<=', target: null, unit: '' },
   { key: 'healthy_delivered_per_s', label: (r) => `delivered rate, healthy sink (2 listeners, ${count(r, 'faults.endpoint.rate_per_s', '?')}/s, timeout ${count(r, 'faults.endpoint.timeout_ms', '?')} ms)`, op: '>=', target: null, unit: 'msg/s' },
   { key: 'faults_delivered_per_s', label: 'delivered rate, same workload, 30 % faults (503 and timeouts)', op: '>=', target: null, unit: 'msg/s' },
-  { key: 'faults_delivery_ratio', label: (r) => `delivered rate under 30 % faults / healthy (${r.quick ? `quick: ${count(r, 'faults.messages', '?')} messages, 2-s circuit cool-down, not comparable with the full run` : 'default circuit'})`, op: '>=', target: 0.6, unit: '', fullOnly: true },
+  { key: 'faults_delivery_ratio', label: (r) => `delivered rate under 30 % faults / healthy (${r.quick ? `quick: ${count(r, 'faults.messages', '?')} messages, 1-s circuit cool-down, not comparable with the full run` : 'default circuit'})`, op: '>=', target: 0.6, unit: '', fullOnly: true },
   { key: 'faults_lost', label: 'messages lost under faults (unsent, or sent without a 2xx)', op: '=', target: 0, unit: '' },
   { key: 'faults_second_effects', label: 'keys with more than one 2xx under faults', op: '=', target: 0, unit: '' },
   { key: 'faults_circuit_open_share', label: 'share of the faulty run with the circuit open (250-ms samples)', op: '<=', target: null, unit: '' },

@@ -1,6 +1,6 @@
 /**
  * Figure 6: the ASN search. 1,000,000 ASN lines (100,000 ASNs of 10 lines;
- * quick: 100,000 lines) are generated set-based in SQL, then
+ * quick: 50,000 lines) are generated set-based in SQL, then
  * scm.search_asn_lines(material, batch) — a containment search on
  * scm.asn.detail — is timed with the GIN index (jsonb_path_ops) and
  * without it (the index dropped, the same queries). asn_search_speedup is
@@ -32,7 +32,7 @@ const LINES_PER_DOC = 10;
 const MATERIALS = 5000;
 
 export async function asnSearchFigure(ctx: BenchContext): Promise<AsnSearchResult> {
-  const docs = ctx.quick ? 10_000 : 100_000;
+  const docs = ctx.quick ? 5_000 : 100_000;
   const chunk = 10_000;
   const budgetMs = ctx.quick ? 30_000 : 180_000;
   progress(`figure 6: ASN search over ${(docs * LINES_PER_DOC).toLocaleString('en')} lines, GIN index vs none`);

@@ -16,8 +16,8 @@
  *
  * Quick mode (BENCH_QUICK=1) keeps the shape but not the proportions: 150
  * messages per run, the rate limit and the stream's offer at 150/s, the timeout
- * 300 ms (faults held 1 s), the backoff 50 ms doubling to a 2-s cap and the
- * circuit's cool-down 2 s instead of its default 30 s (one opening would
+ * 300 ms (faults held 1 s), the backoff 50 ms doubling to a 1-s cap and the
+ * circuit's cool-down 1 s instead of its default 30 s (one opening would
  * otherwise be most of a quick run), so the four runs take well under 10 s
  * instead of two minutes. The retry tail (the
  * unluckiest chains of retries, a few backoffs long whatever the run's size) is
@@ -76,11 +76,11 @@ type Params = typeof FULL;
 const QUICK: Params = {
   messages: 150,
   timeoutMs: 120_000,
-  endpoint: { timeout_ms: 300, max_attempts: 10, backoff_base_ms: 50, backoff_cap_ms: 2_000 },
+  endpoint: { timeout_ms: 300, max_attempts: 10, backoff_base_ms: 50, backoff_cap_ms: 1_000 },
   limits: { rate_per_s: 150, burst: 5 },
   offerPerS: 150,
   faults: { fail: 0.3, timeoutShare: 0.5, seed: 14, holdMs: 1000 },
-  circuitCooldownMs: 2000,
+  circuitCooldownMs: 1000,
 };
 
 export interface FaultRun {
@@ -376,7 +376,7 @@ export async function faultsFigure(ctx: BenchContext): Promise<FaultsResult> {
     faults: {
       messages: n,
       quick_not_comparable: ctx.quick
-        ? `quick mode: ${n} messages at ${OFFER_PER_S}/s with a 300-ms timeout, a 50-ms backoff doubling to 2 s and a 2-s circuit cool-down; the retry tail weighs far more than in the full run, so its ratios are not comparable with the full run's`
+        ? `quick mode: ${n} messages at ${OFFER_PER_S}/s with a 300-ms timeout, a 50-ms backoff doubling to ${P.endpoint.backoff_cap_ms / 1000} s and a ${(P.circuitCooldownMs ?? 0) / 1000}-s circuit cool-down; the retry tail weighs far more than in the full run, so its ratios are not comparable with the full run's`
         : null,
       time_bound_s: timeoutMs / 1000,
       endpoint: {
