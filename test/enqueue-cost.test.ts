@@ -11,7 +11,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { SqlState } from '../listener/kernel/errors.js';
 import { createTestDb, sqlstateOf, statusCounts, type TestDb } from './helpers/db.js';
 import { resetProductState } from './helpers/reset.js';
-import { reportDelivered, whereMessages } from './helpers/outbox.js';
+import { keepAutovacuumOffTheQueue, reportDelivered, whereMessages } from './helpers/outbox.js';
 
 let db: TestDb;
 let q: pg.Pool['query'];
@@ -19,6 +19,7 @@ let q: pg.Pool['query'];
 beforeAll(async () => {
   db = await createTestDb('enqueue_cost');
   q = db.pool.query.bind(db.pool) as pg.Pool['query'];
+  await keepAutovacuumOffTheQueue(db.pool);  // a test here asserts what one rotation did
 });
 afterAll(() => db.drop());
 

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { SqlState } from '../listener/kernel/errors.js';
 import { createTestDb, rolledBack, sqlstateOf, statusCounts, type TestDb } from './helpers/db.js';
 import { resetProductState } from './helpers/reset.js';
-import { reportDelivered, whereMessages } from './helpers/outbox.js';
+import { keepAutovacuumOffTheQueue, reportDelivered, whereMessages } from './helpers/outbox.js';
 
 let db: TestDb;
 let q: pg.Pool['query'];
@@ -18,6 +18,8 @@ let q: pg.Pool['query'];
 beforeAll(async () => {
   db = await createTestDb('rotation');
   q = db.pool.query.bind(db.pool) as pg.Pool['query'];
+  // every test here asserts what one rotation did (and counts dead tuples autovacuum would remove)
+  await keepAutovacuumOffTheQueue(db.pool);
 });
 afterAll(() => db.drop());
 
@@ -199,8 +201,6 @@ describe('no bloat while a snapshot is held', () => {
   it('a backlog the claims have mostly worked through goes with the rotation: the intake\'s dead tuples stay bounded by what waits in it', async () => {
     const claimer = await db.pool.connect();
     try {
-      // autovacuum would remove the dead tuples this test counts on (as nothing may while a snapshot is held)
-      await claimer.query(`alter table cloud.outbox_intake set (autovacuum_enabled = false)`);
       await enqueueMany(4000);
       const take = async (n: number) => {
         const claimed = (await claimer.query(`select * from cloud.claim_messages('w1', $1)`, [n])).rows;
@@ -215,7 +215,6 @@ describe('no bloat while a snapshot is held', () => {
       expect(await where()).toEqual({ 'cloud.outbox pending': 1500, 'cloud.outbox_archive sent': 2500 });
       expect((await q(`select pg_relation_size('cloud.outbox_intake')::int as bytes`)).rows[0].bytes).toBe(0);
     } finally {
-      await claimer.query(`alter table cloud.outbox_intake reset (autovacuum_enabled)`).catch(() => undefined);
       claimer.release();
     }
   });

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { startSim, webhookRoutes, type SimServer } from '../listener/sim/index.js';
 import { createTestDb, statusCounts, waitFor, type TestDb } from './helpers/db.js';
 import { resetProductState } from './helpers/reset.js';
-import { reportDelivered } from './helpers/outbox.js';
+import { keepAutovacuumOffTheQueue, reportDelivered } from './helpers/outbox.js';
 import { startListener, type InProcessListener } from './helpers/listener.js';
 
 let db: TestDb;
@@ -19,6 +19,7 @@ let listener: InProcessListener | null = null;
 
 beforeAll(async () => {
   db = await createTestDb('rotation_tick');
+  await keepAutovacuumOffTheQueue(db.pool);  // a test here asserts what one rotation did
   sim = await startSim({ routes: webhookRoutes() });
 });
 afterAll(async () => {
