@@ -27,7 +27,7 @@
  * informational: the exit code is non-zero only when something failed.
  *
  * BENCH_QUICK=1   a reduced version of every figure (same keys) with a 90-s budget
- *                 (issue 15); held_snapshot keeps its 30-s hold (quiet 3 s + held
+ *                 (issue 15); held_snapshot keeps its 30-s hold (quiet 2 s + held
  *                 30 s: about 34 s with set-up; its 2 s after release and its
  *                 teardown run while the next figure, console, seeds its own
  *                 database and signs in), every other figure shrinks around it
@@ -38,7 +38,7 @@
  *                 the migrated templates (erp-cloud, with the reference ERP, graphile-worker's)
  *                 made side by side while the sink starts, before the first figure
  *                 (delivery copies its runs from them); no autovacuum wait in claim;
- *                 held_snapshot's quiet phase 10 → 3 s and its bystander table made
+ *                 held_snapshot's quiet phase 2 s and its bystander table made
  *                 while its listener starts; the two tax platforms side by side; no
  *                 sampler sits out its interval after its work ended (erp_insert's sink
  *                 sampler, the foreign-activity monitor); delivery's runs ANALYZE the
