@@ -82,7 +82,9 @@ async function productSchemas(url: string): Promise<string[]> {
 }
 
 /** scripts/dump-schema.sh on `url`: the schema files and the baseline it would make from that database, by file name. */
-async function dumpOf(url: string, label: string): Promise<{ schema: Map<string, string>; baseline: Map<string, string> }> {
+interface Dump { schema: Map<string, string>; baseline: Map<string, string> }
+
+async function dumpOf(url: string, label: string): Promise<Dump> {
   const dir = tempDir(label);
   await run('bash', ['scripts/dump-schema.sh', '--from', url, '--out', path.join(dir, 'schema'), '--baseline', path.join(dir, 'baseline')], { timeout: 120_000 });
   const read = (d: string) => new Map(readdirSync(path.join(dir, d)).sort().map((f) => [f, readFileSync(path.join(dir, d, f), 'utf8')]));
@@ -203,24 +205,34 @@ describe.runIf(baseline)('the baseline', () => {
     expect((await bySteps.db.pool.query(`select count(*)::int n, count(copied_from)::int copied from erp_cloud.migration`)).rows[0]).toEqual({ n: files.length, copied: 0 });
   });
 
+  /**
+   * Both databases dumped once (scripts/dump-schema.sh: the product schemas and the baseline made from each), for
+   * the two tests that compare them. Each dump may take up to its own 120 s on a loaded machine (it took 8–20 s
+   * alone, 30–40 s beside a second suite and two busy loops), so these tests are bounded by that, not by the
+   * suite's 60-s default, which one such run exceeded while dumping the same two databases a second time.
+   */
+  let dumps: Promise<[Dump, Dump]> | null = null;
+  const dumpsOfBoth = () => (dumps ??= (async (): Promise<[Dump, Dump]> => [await dumpOf(bySteps.db.url, 'dump-steps'), await dumpOf(fromBaseline.db.url, 'dump-baseline')])());
+  const DUMPS_TIMEOUT_MS = 2 * 120_000 + 30_000;
+
   it('installs the same product schemas as the files one by one: pg_dump of each is the same byte for byte (but for the parentheses pg_dump\'s own round trip drops)', async () => {
     const schemas = await productSchemas(bySteps.db.url);
     expect(await productSchemas(fromBaseline.db.url)).toEqual(schemas);
-    const [a, b] = [await dumpOf(bySteps.db.url, 'dump-steps'), await dumpOf(fromBaseline.db.url, 'dump-baseline')];
+    const [a, b] = await dumpsOfBoth();
     expect([...b.schema.keys()]).toEqual([...a.schema.keys()]);
     expect([...a.schema.keys()]).toEqual(schemas.map((s) => `${s}.sql`));
     const differ: string[] = [];
     for (const [f, text] of a.schema) differ.push(...compareLines(`sql/schema/${f}`, text, b.schema.get(f)!).differ);
     expect(differ, `the baseline installs other definitions than the migration files:\n${differ.slice(0, 20).join('\n')}`).toEqual([]);
-  });
+  }, DUMPS_TIMEOUT_MS);
 
   it('makes the same roles, grants, default privileges, extension grants and seeded rows: the baseline made from it is the baseline made from the files one by one', async () => {
-    const [a, b] = [await dumpOf(bySteps.db.url, 'again-steps'), await dumpOf(fromBaseline.db.url, 'again-baseline')];
+    const [a, b] = await dumpsOfBoth();
     expect([...b.baseline.keys()]).toEqual([baseline!.name.replace(/^\d{4}/, String(files.length).padStart(4, '0'))]);
     const name = [...a.baseline.keys()][0]!;
     const { differ } = compareLines(name, a.baseline.get(name)!, b.baseline.get(name)!);
     expect(differ, differ.slice(0, 20).join('\n')).toEqual([]);
-  });
+  }, DUMPS_TIMEOUT_MS);
 
   it('holds the same rows in every table (seeded configuration alike, data tables empty alike; clock columns aside) and the same sequence values', async () => {
     const schemas = await productSchemas(bySteps.db.url);
